@@ -1,0 +1,359 @@
+//! The flow header: the bytes that open every flow stream from a workspace to the egress proxy.
+//!
+//! Hop in the data path: the guest's netstack accepts a TCP connection to any destination, opens
+//! one stream to the host (vsock in a VM, a Unix socket in the namespace backend) and writes one
+//! [`FlowHeader`] before the first payload byte. The egress proxy reads it, decides, and from
+//! then on the stream carries only payload.
+//!
+//! ```text
+//! offset size field
+//! 0      4    magic "MFH" + version (0x01)
+//! 4      2    total header length in bytes, big endian (24..=MAX_HEADER_LEN)
+//! 6      1    transport (1 = TCP)
+//! 7      1    address family (4 or 6)
+//! 8      8    flow id, big endian
+//! 16     2    destination port, big endian
+//! 18     4|16 destination address
+//! ..     1    hostname length (0 = no hostname)
+//! ..     n    hostname, lowercase ASCII letters, digits, '-' and '.'
+//! ```
+//!
+//! Invariants: no I/O and no unsafe code; decoding never reads past the declared length, never
+//! allocates more than [`MAX_HEADER_LEN`] bytes, and refuses anything it does not fully
+//! understand (unknown version, transport or family, a length that disagrees with the fields,
+//! a hostname that is not a plain DNS name). The header is *claims by the guest*: the proxy
+//! never trusts the address for a named flow, it resolves the hostname itself.
+//! The format is documented in `docs/flow-header.md`.
+
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// The magic that opens every header: "MFH" then the version byte.
+pub const MAGIC: [u8; 3] = *b"MFH";
+/// The only version this crate speaks.
+pub const VERSION: u8 = 1;
+/// Longest header accepted: the fixed part, an IPv6 address and a 253-byte hostname, rounded up.
+pub const MAX_HEADER_LEN: usize = 320;
+/// Longest hostname accepted (RFC 1035, without the trailing dot).
+pub const MAX_HOSTNAME_LEN: usize = 253;
+
+const FIXED_LEN: usize = 18;
+
+/// Transport of the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// A TCP connection: the stream carries its bytes both ways.
+    Tcp,
+}
+
+impl Transport {
+    fn code(self) -> u8 {
+        match self {
+            Transport::Tcp => 1,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Transport::Tcp),
+            _ => None,
+        }
+    }
+}
+
+/// The header that opens one flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowHeader {
+    /// Identifier chosen by the guest, unique within the workspace while the flow lives.
+    pub flow_id: u64,
+    /// Transport of the flow.
+    pub transport: Transport,
+    /// The destination the agent connected to (a fake address for named flows).
+    pub destination: SocketAddr,
+    /// The name the guest resolved `destination` from, when there is one.
+    pub hostname: Option<Hostname>,
+}
+
+/// A hostname as carried in the header: 1..=253 bytes of lowercase `a-z`, `0-9`, `-` and `.`,
+/// no empty labels, no trailing dot. Internationalised names travel in their ASCII (punycode)
+/// form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Hostname(String);
+
+impl Hostname {
+    /// Parses a hostname in the header's canonical form.
+    pub fn new(name: &str) -> Result<Self, Error> {
+        if name.is_empty() || name.len() > MAX_HOSTNAME_LEN {
+            return Err(Error::BadHostname);
+        }
+        let labels_ok = name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+        if !labels_ok {
+            return Err(Error::BadHostname);
+        }
+        Ok(Hostname(name.to_owned()))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Hostname {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a header was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The stream does not start with the header magic.
+    #[error("stream does not start with a flow header")]
+    BadMagic,
+    /// The version byte names a version this crate does not speak.
+    #[error("unsupported flow header version {0}")]
+    UnsupportedVersion(u8),
+    /// The declared length is below the minimum or above [`MAX_HEADER_LEN`].
+    #[error("flow header length {0} is out of bounds")]
+    BadLength(usize),
+    /// The transport byte is unknown.
+    #[error("unknown transport {0}")]
+    UnknownTransport(u8),
+    /// The address family byte is neither 4 nor 6.
+    #[error("unknown address family {0}")]
+    UnknownFamily(u8),
+    /// The fields do not add up to the declared length.
+    #[error("flow header fields disagree with its declared length")]
+    LengthMismatch,
+    /// The hostname is not a plain lowercase DNS name.
+    #[error("hostname in flow header is malformed")]
+    BadHostname,
+}
+
+impl FlowHeader {
+    /// Encodes the header. Never fails: every [`FlowHeader`] value is encodable.
+    pub fn encode(&self) -> Vec<u8> {
+        let addr_len = match self.destination.ip() {
+            IpAddr::V4(_) => 4,
+            IpAddr::V6(_) => 16,
+        };
+        let host = self.hostname.as_ref().map_or("", Hostname::as_str);
+        let total = FIXED_LEN + addr_len + 1 + host.len();
+        let mut out = Vec::with_capacity(total);
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        // total <= 18 + 16 + 1 + 253, far below u16::MAX.
+        out.extend_from_slice(&u16::try_from(total).unwrap_or(u16::MAX).to_be_bytes());
+        out.push(self.transport.code());
+        match self.destination.ip() {
+            IpAddr::V4(_) => out.push(4),
+            IpAddr::V6(_) => out.push(6),
+        }
+        out.extend_from_slice(&self.flow_id.to_be_bytes());
+        out.extend_from_slice(&self.destination.port().to_be_bytes());
+        match self.destination.ip() {
+            IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+            IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+        }
+        // host.len() <= MAX_HOSTNAME_LEN (253), enforced by Hostname::new.
+        out.push(u8::try_from(host.len()).unwrap_or(0));
+        out.extend_from_slice(host.as_bytes());
+        out
+    }
+
+    /// Decodes a header from the start of `buf`.
+    ///
+    /// Returns `Ok(None)` when `buf` is a valid prefix that needs more bytes, and
+    /// `Ok(Some((header, consumed)))` once a whole header is present; bytes after `consumed`
+    /// are payload. Errors are final: the stream must be closed.
+    pub fn decode(buf: &[u8]) -> Result<Option<(FlowHeader, usize)>, Error> {
+        // Check what we have of the magic and version first, so garbage is refused early.
+        let have = buf.len().min(MAGIC.len());
+        if buf[..have] != MAGIC[..have] {
+            return Err(Error::BadMagic);
+        }
+        if let Some(&version) = buf.get(3) {
+            if version != VERSION {
+                return Err(Error::UnsupportedVersion(version));
+            }
+        }
+        let Some(len_bytes) = buf.get(4..6) else {
+            return Ok(None);
+        };
+        let total = usize::from(u16::from_be_bytes([len_bytes[0], len_bytes[1]]));
+        if !(FIXED_LEN + 4 + 1..=MAX_HEADER_LEN).contains(&total) {
+            return Err(Error::BadLength(total));
+        }
+        let Some(h) = buf.get(..total) else {
+            return Ok(None);
+        };
+        let transport = Transport::from_code(h[6]).ok_or(Error::UnknownTransport(h[6]))?;
+        let addr_len = match h[7] {
+            4 => 4,
+            6 => 16,
+            other => return Err(Error::UnknownFamily(other)),
+        };
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&h[8..16]);
+        let flow_id = u64::from_be_bytes(id);
+        let port = u16::from_be_bytes([h[16], h[17]]);
+        let addr_end = FIXED_LEN + addr_len;
+        let addr_bytes = h.get(FIXED_LEN..addr_end).ok_or(Error::LengthMismatch)?;
+        let ip = if addr_len == 4 {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(addr_bytes);
+            IpAddr::V4(Ipv4Addr::from(a))
+        } else {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(addr_bytes);
+            IpAddr::V6(Ipv6Addr::from(a))
+        };
+        let host_len = usize::from(*h.get(addr_end).ok_or(Error::LengthMismatch)?);
+        if addr_end + 1 + host_len != total {
+            return Err(Error::LengthMismatch);
+        }
+        let hostname = if host_len == 0 {
+            None
+        } else {
+            let raw = &h[addr_end + 1..total];
+            let name = std::str::from_utf8(raw).map_err(|_| Error::BadHostname)?;
+            Some(Hostname::new(name)?)
+        };
+        let header = FlowHeader {
+            flow_id,
+            transport,
+            destination: SocketAddr::new(ip, port),
+            hostname,
+        };
+        Ok(Some((header, total)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn named(host: &str) -> FlowHeader {
+        FlowHeader {
+            flow_id: 0x0102_0304_0506_0708,
+            transport: Transport::Tcp,
+            destination: "198.18.0.7:443".parse().unwrap(),
+            hostname: Some(Hostname::new(host).unwrap()),
+        }
+    }
+
+    #[test]
+    fn ipv4_named_header_round_trips() {
+        let h = named("api.github.com");
+        let bytes = h.encode();
+        assert_eq!(FlowHeader::decode(&bytes), Ok(Some((h, bytes.len()))));
+    }
+
+    #[test]
+    fn ipv6_literal_header_round_trips() {
+        let h = FlowHeader {
+            flow_id: u64::MAX,
+            transport: Transport::Tcp,
+            destination: "[2001:db8::1]:8443".parse().unwrap(),
+            hostname: None,
+        };
+        let bytes = h.encode();
+        assert_eq!(FlowHeader::decode(&bytes), Ok(Some((h, bytes.len()))));
+    }
+
+    #[test]
+    fn longest_hostname_round_trips_within_bound() {
+        let label = "a".repeat(63);
+        let host = format!("{label}.{label}.{label}.{}", "b".repeat(61));
+        assert_eq!(host.len(), MAX_HOSTNAME_LEN);
+        let mut h = named(&host);
+        h.destination = "[::1]:1".parse().unwrap();
+        let bytes = h.encode();
+        assert!(bytes.len() <= MAX_HEADER_LEN);
+        assert_eq!(FlowHeader::decode(&bytes), Ok(Some((h, bytes.len()))));
+    }
+
+    #[test]
+    fn payload_after_header_is_left_alone() {
+        let mut bytes = named("example.com").encode();
+        let len = bytes.len();
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let (_, consumed) = FlowHeader::decode(&bytes).unwrap().unwrap();
+        assert_eq!(consumed, len);
+    }
+
+    #[test]
+    fn every_truncation_asks_for_more_bytes() {
+        let bytes = named("example.com").encode();
+        for cut in 0..bytes.len() {
+            assert_eq!(FlowHeader::decode(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn unknown_version_is_refused() {
+        let mut bytes = named("example.com").encode();
+        bytes[3] = 2;
+        assert_eq!(FlowHeader::decode(&bytes), Err(Error::UnsupportedVersion(2)));
+    }
+
+    #[test]
+    fn garbage_is_refused_at_the_first_byte() {
+        assert_eq!(FlowHeader::decode(b"G"), Err(Error::BadMagic));
+        assert_eq!(
+            FlowHeader::decode(b"GET / HTTP/1.1\r\n"),
+            Err(Error::BadMagic)
+        );
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_the_bytes_arrive() {
+        let mut bytes = named("example.com").encode();
+        bytes[4..6].copy_from_slice(&1000u16.to_be_bytes());
+        assert_eq!(FlowHeader::decode(&bytes[..6]), Err(Error::BadLength(1000)));
+    }
+
+    #[test]
+    fn length_that_disagrees_with_fields_is_refused() {
+        let mut bytes = named("example.com").encode();
+        let declared = u16::try_from(bytes.len() + 1).unwrap();
+        bytes[4..6].copy_from_slice(&declared.to_be_bytes());
+        bytes.push(b'x');
+        assert_eq!(FlowHeader::decode(&bytes), Err(Error::LengthMismatch));
+    }
+
+    #[test]
+    fn unknown_transport_and_family_are_refused() {
+        let mut bytes = named("example.com").encode();
+        bytes[6] = 9;
+        assert_eq!(FlowHeader::decode(&bytes), Err(Error::UnknownTransport(9)));
+        let mut bytes = named("example.com").encode();
+        bytes[7] = 5;
+        assert_eq!(FlowHeader::decode(&bytes), Err(Error::UnknownFamily(5)));
+    }
+
+    #[test]
+    fn non_canonical_hostnames_are_refused() {
+        for bad in ["Example.com", "example.com.", "a..b", "exa mple.com", "é.com", ""] {
+            assert_eq!(Hostname::new(bad), Err(Error::BadHostname), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hostname_with_bad_bytes_on_the_wire_is_refused() {
+        let mut bytes = named("example.com").encode();
+        let last = bytes.len() - 1;
+        bytes[last] = b'/';
+        assert_eq!(FlowHeader::decode(&bytes), Err(Error::BadHostname));
+    }
+}
