@@ -181,10 +181,10 @@ impl FlowHeader {
         if buf[..have] != MAGIC[..have] {
             return Err(Error::BadMagic);
         }
-        if let Some(&version) = buf.get(3) {
-            if version != VERSION {
-                return Err(Error::UnsupportedVersion(version));
-            }
+        if let Some(&version) = buf.get(3)
+            && version != VERSION
+        {
+            return Err(Error::UnsupportedVersion(version));
         }
         let Some(len_bytes) = buf.get(4..6) else {
             return Ok(None);
@@ -304,7 +304,10 @@ mod tests {
     fn unknown_version_is_refused() {
         let mut bytes = named("example.com").encode();
         bytes[3] = 2;
-        assert_eq!(FlowHeader::decode(&bytes), Err(Error::UnsupportedVersion(2)));
+        assert_eq!(
+            FlowHeader::decode(&bytes),
+            Err(Error::UnsupportedVersion(2))
+        );
     }
 
     #[test]
@@ -344,7 +347,14 @@ mod tests {
 
     #[test]
     fn non_canonical_hostnames_are_refused() {
-        for bad in ["Example.com", "example.com.", "a..b", "exa mple.com", "é.com", ""] {
+        for bad in [
+            "Example.com",
+            "example.com.",
+            "a..b",
+            "exa mple.com",
+            "é.com",
+            "",
+        ] {
             assert_eq!(Hostname::new(bad), Err(Error::BadHostname), "{bad:?}");
         }
     }

@@ -1,0 +1,426 @@
+//! moat's egress policy: the signed profile, and the decisions it makes.
+//!
+//! Hop in the data path: the egress proxy asks this crate two questions about every flow.
+//!
+//! ```text
+//!  flow header (hostname?, address, port)
+//!        |
+//!        v
+//!  Policy::decide ------> Deny(reason)          first matching rule wins; no rule = deny
+//!        | Allow(rule)
+//!        v
+//!  proxy resolves the hostname on the host
+//!        |
+//!        v
+//!  Rule::check_address(each resolved address) --> Deny(non-public class)
+//!        | ok
+//!        v
+//!  protocol check (TLS SNI / HTTP Host) against the rule's protocols, then connect
+//! ```
+//!
+//! Invariants: deny by default; names are normalised once ([`host::normalize`]) before any
+//! comparison; IP-literal destinations and non-public addresses are reachable only through a
+//! rule's `cidrs`; a profile is enforced only after its signature verifies
+//! ([`signing::load_verified`]). No I/O, no unsafe code.
+
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod host;
+pub mod profile;
+pub mod signing;
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub use addr::{AddrClass, classify};
+pub use host::{HostPattern, normalize};
+
+/// What an allowing rule does with the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Action {
+    /// Connect to the destination and splice bytes both ways, after the protocol checks.
+    Passthrough,
+}
+
+impl Action {
+    /// Stable name for audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// The application protocols a rule lets through, as recognised from the first client bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// TLS whose ClientHello names the flow's hostname in SNI.
+    Tls,
+    /// Plaintext HTTP/1.x whose Host header names the flow's hostname.
+    Http,
+    /// Any bytes at all, unchecked (SSH to a git host, say). Must be named explicitly.
+    Tcp,
+}
+
+/// One compiled rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Unique name, quoted in audit records and by `explain`.
+    pub name: String,
+    /// Host patterns this rule matches.
+    pub hosts: Vec<HostPattern>,
+    /// Destination ports this rule matches.
+    pub ports: Vec<u16>,
+    /// What to do with a matching flow.
+    pub action: Action,
+    /// Protocols allowed on a matching flow.
+    pub protocols: Vec<Protocol>,
+    /// Address ranges reachable through this rule: IP-literal destinations, and non-public
+    /// addresses that this rule's hosts may resolve to. Canonical form.
+    pub cidrs: Vec<IpNet>,
+}
+
+impl Rule {
+    fn covers(&self, addr: IpAddr) -> bool {
+        self.cidrs.iter().any(|net| net.contains(&addr))
+    }
+
+    /// Checks one address a named flow resolved to (or an IP literal's address): public
+    /// addresses pass; any other class passes only inside one of the rule's `cidrs`.
+    pub fn check_address(&self, addr: IpAddr) -> Result<IpAddr, AddrClass> {
+        let canon = addr::canonical(addr);
+        match classify(canon) {
+            AddrClass::Public => Ok(canon),
+            _ if self.covers(canon) => Ok(canon),
+            class => Err(class),
+        }
+    }
+
+    /// Does this rule allow `protocol`?
+    pub fn allows_protocol(&self, protocol: Protocol) -> bool {
+        self.protocols.contains(&protocol)
+    }
+}
+
+/// A compiled, verified policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The profile's name.
+    pub name: String,
+    /// Rules in profile order; the first match decides.
+    pub rules: Vec<Rule>,
+}
+
+/// The destination of a flow as the guest claims it.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    /// The normalised hostname the guest resolved the address from, if any.
+    pub hostname: Option<&'a str>,
+    /// The address the guest connected to (a fake address for named flows).
+    pub addr: IpAddr,
+    /// The destination port.
+    pub port: u16,
+}
+
+/// Why the policy denied a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DenyReason {
+    /// No rule names this host and port.
+    NoRule,
+    /// A rule names the host, but not this port.
+    PortNotAllowed,
+    /// The destination is an IP literal no rule's `cidrs` covers.
+    IpLiteral,
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DenyReason::NoRule => "no rule allows this host",
+            DenyReason::PortNotAllowed => "no rule allows this port for this host",
+            DenyReason::IpLiteral => "IP-literal destination not named by any rule's cidrs",
+        })
+    }
+}
+
+/// The policy's first answer about a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<'p> {
+    /// Allowed by this rule (address and protocol checks still follow).
+    Allow(&'p Rule),
+    /// Denied.
+    Deny(DenyReason),
+}
+
+impl Policy {
+    /// Decides a flow by its claimed destination. Named flows match on hostname and port;
+    /// hostname-less flows match only on a rule's `cidrs`.
+    pub fn decide(&self, dest: Destination<'_>) -> Decision<'_> {
+        match dest.hostname {
+            Some(host) => {
+                let mut host_matched = false;
+                for rule in &self.rules {
+                    if rule.hosts.iter().any(|p| p.matches(host)) {
+                        if rule.ports.contains(&dest.port) {
+                            return Decision::Allow(rule);
+                        }
+                        host_matched = true;
+                    }
+                }
+                Decision::Deny(if host_matched {
+                    DenyReason::PortNotAllowed
+                } else {
+                    DenyReason::NoRule
+                })
+            }
+            None => {
+                let canon = addr::canonical(dest.addr);
+                self.rules
+                    .iter()
+                    .find(|r| r.ports.contains(&dest.port) && r.covers(canon))
+                    .map_or(Decision::Deny(DenyReason::IpLiteral), Decision::Allow)
+            }
+        }
+    }
+
+    /// Looks a rule up by name.
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const PROFILE: &str = r#"
+version = 1
+name = "test"
+
+[[rules]]
+name = "github"
+hosts = ["github.com", "*.GitHub.com."]
+ports = [443]
+action = "passthrough"
+
+[[rules]]
+name = "internal-db"
+hosts = ["db.corp.test"]
+ports = [5432]
+action = "passthrough"
+protocols = ["tcp"]
+cidrs = ["10.1.2.0/24"]
+
+[[rules]]
+name = "lab-literal"
+ports = [8080]
+action = "passthrough"
+cidrs = ["::ffff:192.168.7.0/120"]
+"#;
+
+    fn policy() -> Policy {
+        profile::parse(PROFILE).unwrap()
+    }
+
+    fn named(host: &str, port: u16) -> Destination<'_> {
+        Destination {
+            hostname: Some(host),
+            addr: "198.18.0.1".parse().unwrap(),
+            port,
+        }
+    }
+
+    fn rule_name(d: Decision<'_>) -> String {
+        match d {
+            Decision::Allow(r) => r.name.clone(),
+            Decision::Deny(reason) => format!("deny: {reason}"),
+        }
+    }
+
+    #[test]
+    fn listed_host_and_port_is_allowed_by_its_rule() {
+        assert_eq!(
+            rule_name(policy().decide(named("api.github.com", 443))),
+            "github"
+        );
+    }
+
+    #[test]
+    fn unlisted_host_is_denied_by_default() {
+        assert_eq!(
+            policy().decide(named("example.com", 443)),
+            Decision::Deny(DenyReason::NoRule)
+        );
+    }
+
+    #[test]
+    fn listed_host_on_other_port_is_denied() {
+        assert_eq!(
+            policy().decide(named("github.com", 80)),
+            Decision::Deny(DenyReason::PortNotAllowed)
+        );
+    }
+
+    #[test]
+    fn ip_literal_is_denied_unless_a_rule_names_its_range() {
+        let p = policy();
+        let lit = |a: &str, port| Destination {
+            hostname: None,
+            addr: a.parse().unwrap(),
+            port,
+        };
+        assert_eq!(
+            p.decide(lit("140.82.112.3", 443)),
+            Decision::Deny(DenyReason::IpLiteral)
+        );
+        assert_eq!(rule_name(p.decide(lit("192.168.7.9", 8080))), "lab-literal");
+        assert_eq!(
+            rule_name(p.decide(lit("::ffff:192.168.7.9", 8080))),
+            "lab-literal"
+        );
+        assert_eq!(
+            p.decide(lit("192.168.7.9", 443)),
+            Decision::Deny(DenyReason::IpLiteral)
+        );
+    }
+
+    #[test]
+    fn resolved_private_address_needs_the_rules_cidrs() {
+        let p = policy();
+        let github = p.rule("github").unwrap();
+        let db = p.rule("internal-db").unwrap();
+        assert_eq!(
+            github.check_address("10.1.2.3".parse().unwrap()),
+            Err(AddrClass::Private)
+        );
+        assert!(db.check_address("10.1.2.3".parse().unwrap()).is_ok());
+        assert_eq!(
+            db.check_address("10.9.9.9".parse().unwrap()),
+            Err(AddrClass::Private)
+        );
+        assert_eq!(
+            github.check_address("::ffff:169.254.169.254".parse().unwrap()),
+            Err(AddrClass::LinkLocal)
+        );
+        assert!(
+            github
+                .check_address("140.82.112.3".parse().unwrap())
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn default_protocols_are_tls_and_http_and_tcp_must_be_named() {
+        let p = policy();
+        let github = p.rule("github").unwrap();
+        assert!(github.allows_protocol(Protocol::Tls));
+        assert!(github.allows_protocol(Protocol::Http));
+        assert!(!github.allows_protocol(Protocol::Tcp));
+        assert!(
+            p.rule("internal-db")
+                .unwrap()
+                .allows_protocol(Protocol::Tcp)
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let bad = PROFILE.replace(
+            "action = \"passthrough\"\n\n[[rules]]\nname = \"internal-db\"",
+            "action = \"passthrough\"\nallow_all = true\n\n[[rules]]\nname = \"internal-db\"",
+        );
+        assert!(matches!(
+            profile::parse(&bad),
+            Err(profile::ProfileError::Syntax(_))
+        ));
+        let top = format!("mode = \"open\"\n{PROFILE}");
+        assert!(matches!(
+            profile::parse(&top),
+            Err(profile::ProfileError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_profiles_are_refused_with_a_reason() {
+        let cases = [
+            ("version = 2\nname = \"x\"\n", "version"),
+            (
+                "version = 1\nname = \"x\"\n[[rules]]\nname = \"a\"\nports = [443]\naction = \"passthrough\"\n",
+                "neither",
+            ),
+            (
+                "version = 1\nname = \"x\"\n[[rules]]\nname = \"a\"\nhosts = [\"a.com\"]\nports = [0]\naction = \"passthrough\"\n",
+                "ports",
+            ),
+            (
+                "version = 1\nname = \"x\"\n[[rules]]\nname = \"a\"\nhosts = [\"a.*.com\"]\nports = [1]\naction = \"passthrough\"\n",
+                "host pattern",
+            ),
+            (
+                "version = 1\nname = \"x\"\n[[rules]]\nname = \"a\"\nhosts = [\"a.com\"]\nports = [1]\naction = \"allow-everything\"\n",
+                "not valid",
+            ),
+            (
+                "version = 1\nname = \"x\"\n[[rules]]\nname = \"a\"\nhosts = [\"a.com\"]\nports = [1]\naction = \"passthrough\"\n[[rules]]\nname = \"a\"\nhosts = [\"b.com\"]\nports = [1]\naction = \"passthrough\"\n",
+                "twice",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = profile::parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn signed_profile_verifies_and_altered_or_foreign_signatures_do_not() {
+        let key = signing::generate("").unwrap();
+        let other = signing::generate("").unwrap();
+        let pk = signing::parse_public_key(&key.public).unwrap();
+        let sig = signing::sign(PROFILE.as_bytes(), &key.secret, "").unwrap();
+        assert_eq!(
+            signing::load_verified(PROFILE.as_bytes(), &sig, &pk)
+                .unwrap()
+                .name,
+            "test"
+        );
+
+        let altered = PROFILE.replace("[443]", "[443, 22]");
+        assert!(matches!(
+            signing::load_verified(altered.as_bytes(), &sig, &pk),
+            Err(signing::SignError::BadSignature(_))
+        ));
+        let foreign = signing::sign(PROFILE.as_bytes(), &other.secret, "").unwrap();
+        assert!(matches!(
+            signing::load_verified(PROFILE.as_bytes(), &foreign, &pk),
+            Err(signing::SignError::BadSignature(_))
+        ));
+        assert!(matches!(
+            signing::load_verified(PROFILE.as_bytes(), "not a signature", &pk),
+            Err(signing::SignError::SignatureFormat(_))
+        ));
+    }
+
+    #[test]
+    fn encrypted_secret_key_needs_its_password() {
+        let key = signing::generate("hunter2").unwrap();
+        assert!(signing::sign(PROFILE.as_bytes(), &key.secret, "wrong").is_err());
+        assert!(signing::sign(PROFILE.as_bytes(), &key.secret, "hunter2").is_ok());
+    }
+
+    #[test]
+    fn invalid_profile_cannot_be_signed() {
+        let key = signing::generate("").unwrap();
+        assert!(matches!(
+            signing::sign(b"version = 1\n", &key.secret, ""),
+            Err(signing::SignError::Profile(_))
+        ));
+    }
+}
