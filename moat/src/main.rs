@@ -1,1 +1,61 @@
-fn main() {}
+//! `moat`: the command-line entry point. Thin: every command is a call into a library crate.
+
+mod connect;
+mod policy_cmd;
+mod proxy_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Secure workspaces for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "moat", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, sign, verify and query egress policy profiles.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+    /// Run the host egress proxy for one workspace.
+    Proxy(proxy_cmd::ProxyArgs),
+    /// Open one flow through the proxy, like `nc` (stdin/stdout, or a local TCP listener).
+    Connect(connect::ConnectArgs),
+    /// Run a workspace with an agent shell on the best backend this host supports.
+    Run(proxy_cmd::RunArgs),
+}
+
+/// The development profile and key shipped in the repository (DEVELOPMENT ONLY).
+pub(crate) fn dev_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policy/dev")
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Proxy(args) => proxy_cmd::run_proxy(args),
+        Command::Connect(args) => connect::run(args),
+        Command::Run(args) => proxy_cmd::run_workspace(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One chain printer for the binary: "error: outer: cause: root cause".
+            eprintln!("error: {}", moat_egress::error_chain(e.as_ref()));
+            ExitCode::from(1)
+        }
+    }
+}

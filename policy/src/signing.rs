@@ -6,7 +6,9 @@
 
 use std::io::Cursor;
 
-use minisign::{KeyPair, PublicKey, PublicKeyBox, SecretKeyBox, SignatureBox};
+/// A trusted minisign public key.
+pub use minisign::PublicKey;
+use minisign::{KeyPair, PublicKeyBox, SecretKeyBox, SignatureBox};
 
 use crate::Policy;
 use crate::profile::{self, ProfileError};

@@ -1,0 +1,329 @@
+//! One flow, from accept to close: header -> policy -> sniff -> resolve -> connect -> splice.
+//! Every exit path writes exactly one terminal audit record and counts one reason.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use moat_flow_header::FlowHeader;
+use moat_policy::{Decision, DenyReason, Destination, Protocol, Rule};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::audit::{Activity, Event, FlowInfo};
+use crate::outcome::Reason;
+use crate::policy_store::LiveFlow;
+use crate::sniff::{self, MAX_SNIFF, Sniffed};
+use crate::splice::{Counters, SpliceLimits, splice};
+
+/// A refusal or failure before the flow was opened.
+struct Stop {
+    reason: Reason,
+    rule: Option<String>,
+    detail: Option<String>,
+}
+
+impl Stop {
+    fn new(reason: Reason) -> Self {
+        Stop {
+            reason,
+            rule: None,
+            detail: None,
+        }
+    }
+    fn rule(mut self, rule: &Rule) -> Self {
+        self.rule = Some(rule.name.clone());
+        self
+    }
+    fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// A flow that passed every check and is connected upstream.
+struct Admitted {
+    upstream: TcpStream,
+    upstream_addr: SocketAddr,
+    rule: String,
+    protocol: Protocol,
+    /// Client bytes read while deciding, to be sent upstream first.
+    pending: Vec<u8>,
+}
+
+/// Handles one accepted flow stream to completion.
+pub(crate) async fn handle(shared: Arc<Shared>, agent: UnixStream) {
+    let uid = shared.next_uid.fetch_add(1, Ordering::Relaxed);
+    let mut info = FlowInfo {
+        uid: format!("{}-{uid}", shared.workspace),
+        started: Some(SystemTime::now()),
+        ..FlowInfo::default()
+    };
+    shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+    let Ok(_permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
+        finish_early(&shared, &info, Stop::new(Reason::TooManyFlows));
+        return;
+    };
+    let mut agent = agent;
+    match admit(&shared, &mut agent, &mut info).await {
+        Err(stop) => finish_early(&shared, &info, stop),
+        Ok(admitted) => run(&shared, uid, agent, admitted, &info).await,
+    }
+}
+
+fn finish_early(shared: &Shared, info: &FlowInfo, stop: Stop) {
+    let activity = match stop.reason {
+        Reason::ResolveFailed | Reason::ConnectFailed | Reason::ProxyResources => Activity::Fail,
+        _ => Activity::Refuse,
+    };
+    tracing::debug!(flow = %info.uid, reason = %stop.reason, detail = ?stop.detail, "flow stopped");
+    shared.metrics.ended(stop.reason);
+    shared.audit.emit(&Event {
+        activity,
+        flow: info,
+        rule: stop.rule.as_deref(),
+        upstream: None,
+        reason: Some(stop.reason),
+        detail: stop.detail,
+        bytes: None,
+        allowed: activity == Activity::Fail,
+    });
+}
+
+/// Reads more bytes into `buf`, bounded by `deadline`. `Ok(false)` on EOF.
+async fn read_more<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<bool, ()> {
+    match timeout_at(deadline, r.read_buf(buf)).await {
+        Ok(Ok(0)) => Ok(false),
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(_)) | Err(_) => Err(()),
+    }
+}
+
+async fn admit(
+    shared: &Shared,
+    agent: &mut UnixStream,
+    info: &mut FlowInfo,
+) -> Result<Admitted, Stop> {
+    let limits = &shared.limits;
+
+    // 1. The flow header: bounded in size by the decoder, in time by the deadline.
+    let mut buf = Vec::with_capacity(2048);
+    let deadline = Instant::now() + limits.header_timeout;
+    let (header, consumed) = loop {
+        match FlowHeader::decode(&buf) {
+            Ok(Some(done)) => break done,
+            Ok(None) => {}
+            Err(e) => return Err(Stop::new(Reason::HeaderInvalid).detail(e.to_string())),
+        }
+        match read_more(agent, &mut buf, deadline).await {
+            Ok(true) => {}
+            Ok(false) => return Err(Stop::new(Reason::HeaderTruncated)),
+            Err(()) => return Err(Stop::new(Reason::HeaderTimeout)),
+        }
+    };
+    buf.drain(..consumed);
+    info.guest_flow_id = Some(header.flow_id);
+    info.claimed = Some(header.destination);
+    info.hostname = header.hostname.as_ref().map(|h| h.as_str().to_owned());
+    let port = header.destination.port();
+    let claimed_ip = moat_policy::addr::canonical(header.destination.ip());
+
+    // 2. The policy decision, on the claimed destination.
+    let policy = shared.policy.current();
+    let hostname = info.hostname.as_deref();
+    let rule = match policy.decide(Destination {
+        hostname,
+        addr: claimed_ip,
+        port,
+    }) {
+        Decision::Allow(rule) => rule.clone(),
+        Decision::Deny(reason) => {
+            let reason = match reason {
+                DenyReason::NoRule => Reason::NoRule,
+                DenyReason::PortNotAllowed => Reason::PortNotAllowed,
+                DenyReason::IpLiteral => Reason::IpLiteral,
+            };
+            return Err(Stop::new(reason));
+        }
+    };
+    drop(policy);
+
+    // 3. The protocol: the name the agent uses must be the name the policy allowed.
+    let protocol = if rule.allows_protocol(Protocol::Tcp) {
+        Protocol::Tcp
+    } else {
+        let deadline = Instant::now() + limits.sniff_timeout;
+        let sniffed = loop {
+            match sniff::sniff(&buf) {
+                Ok(Some(s)) => break s,
+                Ok(None) if buf.len() >= MAX_SNIFF => {
+                    return Err(Stop::new(Reason::TlsMalformed)
+                        .rule(&rule)
+                        .detail("too large"));
+                }
+                Ok(None) => {}
+                Err(reason) => return Err(Stop::new(reason).rule(&rule)),
+            }
+            match read_more(agent, &mut buf, deadline).await {
+                Ok(true) => {}
+                Ok(false) | Err(()) => return Err(Stop::new(Reason::SniffTimeout).rule(&rule)),
+            }
+        };
+        if !rule.allows_protocol(sniffed.protocol()) {
+            return Err(Stop::new(Reason::ProtocolNotAllowed).rule(&rule));
+        }
+        if let Err(reason) = sniff::check(&sniffed, hostname, port) {
+            let detail = match &sniffed {
+                Sniffed::Tls(Some(n)) | Sniffed::Http(n, _) => format!("client named {n}"),
+                _ => String::new(),
+            };
+            return Err(Stop::new(reason).rule(&rule).detail(detail));
+        }
+        sniffed.protocol()
+    };
+
+    // 4. Where to connect: resolved on the host for named flows, every address classified.
+    let addrs: Vec<IpAddr> = match hostname {
+        Some(host) => {
+            let deadline = Instant::now() + limits.resolve_timeout;
+            let resolved = match timeout_at(deadline, shared.resolver.resolve(host)).await {
+                Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
+                Ok(Ok(_)) => return Err(Stop::new(Reason::ResolveFailed).rule(&rule)),
+                Ok(Err(e)) => {
+                    return Err(Stop::new(Reason::ResolveFailed)
+                        .rule(&rule)
+                        .detail(e.to_string()));
+                }
+                Err(_) => {
+                    return Err(Stop::new(Reason::ResolveFailed)
+                        .rule(&rule)
+                        .detail("timed out"));
+                }
+            };
+            let mut checked = Vec::with_capacity(resolved.len());
+            for addr in resolved {
+                match rule.check_address(addr) {
+                    Ok(canon) => checked.push(canon),
+                    Err(class) => {
+                        return Err(Stop::new(Reason::NonPublicAddress)
+                            .rule(&rule)
+                            .detail(format!("{host} resolved to {addr} ({class})")));
+                    }
+                }
+            }
+            checked
+        }
+        None => match rule.check_address(claimed_ip) {
+            Ok(canon) => vec![canon],
+            Err(class) => {
+                return Err(Stop::new(Reason::NonPublicAddress)
+                    .rule(&rule)
+                    .detail(format!("{claimed_ip} ({class})")));
+            }
+        },
+    };
+
+    // 5. Connect, in order, each attempt bounded.
+    let mut last_err: Option<io::Error> = None;
+    for ip in addrs {
+        let target = SocketAddr::new(ip, port);
+        let deadline = Instant::now() + limits.connect_timeout;
+        match timeout_at(deadline, TcpStream::connect(target)).await {
+            Ok(Ok(upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                return Ok(Admitted {
+                    upstream,
+                    upstream_addr: target,
+                    rule: rule.name.clone(),
+                    protocol,
+                    pending: buf,
+                });
+            }
+            Ok(Err(e)) => last_err = Some(e),
+            Err(_) => last_err = Some(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        }
+    }
+    let err = last_err.unwrap_or_else(|| io::Error::other("no address"));
+    // Running out of descriptors is our fault, not the upstream's.
+    let reason = match err.raw_os_error() {
+        Some(code) if code == 24 || code == 23 => Reason::ProxyResources,
+        _ => Reason::ConnectFailed,
+    };
+    Err(Stop::new(reason).rule(&rule).detail(err.to_string()))
+}
+
+async fn run(shared: &Shared, uid: u64, agent: UnixStream, admitted: Admitted, info: &FlowInfo) {
+    let Admitted {
+        mut upstream,
+        upstream_addr,
+        rule,
+        protocol,
+        pending,
+    } = admitted;
+    let cancel = CancellationToken::new();
+    let claimed = info.claimed.unwrap_or(upstream_addr);
+    shared.policy.register(
+        uid,
+        LiveFlow {
+            hostname: info.hostname.clone(),
+            claimed: SocketAddr::new(moat_policy::addr::canonical(claimed.ip()), claimed.port()),
+            upstream: upstream_addr.ip(),
+            protocol,
+            cancel: cancel.clone(),
+        },
+    );
+    shared.metrics.opened.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.active.fetch_add(1, Ordering::Relaxed);
+    shared.audit.emit(&Event {
+        activity: Activity::Open,
+        flow: info,
+        rule: Some(&rule),
+        upstream: Some(upstream_addr),
+        reason: None,
+        detail: None,
+        bytes: None,
+        allowed: true,
+    });
+
+    let counters = Arc::new(Counters::default());
+    let reason = if upstream.write_all(&pending).await.is_err() {
+        Reason::UpstreamError
+    } else {
+        counters
+            .out
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        let limits = SpliceLimits {
+            idle: shared.limits.idle_timeout,
+            total: shared.limits.total_timeout,
+            buffer: shared.limits.splice_buffer,
+        };
+        splice(agent, upstream, limits, Arc::clone(&counters), cancel).await
+    };
+
+    shared.policy.unregister(uid);
+    let out = counters.out.load(Ordering::Relaxed);
+    let inb = counters.r#in.load(Ordering::Relaxed);
+    shared.metrics.active.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.bytes_out.fetch_add(out, Ordering::Relaxed);
+    shared.metrics.bytes_in.fetch_add(inb, Ordering::Relaxed);
+    shared.metrics.ended(reason);
+    shared.audit.emit(&Event {
+        activity: Activity::Close,
+        flow: info,
+        rule: Some(&rule),
+        upstream: Some(upstream_addr),
+        reason: Some(reason),
+        detail: None,
+        bytes: Some((out, inb)),
+        allowed: reason != Reason::Revoked,
+    });
+}

@@ -1,0 +1,358 @@
+//! moat-egress: the host egress proxy. Every flow leaving a workspace is decided here.
+//!
+//! Hop in the data path: a guest flow stream arrives on the Unix socket `<uds>_<port>`
+//! (Firecracker's host-side vsock convention, so the VMM and the namespace backend both land
+//! here), and leaves as a TCP connection to an upstream the signed policy allows.
+//!
+//! ```text
+//!  <uds>_<port> accept      listen (this file)
+//!    -> flow header         flow.rs: size- and time-bounded read (moat-flow-header)
+//!    -> policy decision     moat-policy: deny by default, first matching rule
+//!    -> protocol sniff      sniff/: TLS SNI or HTTP Host must equal the flow's hostname
+//!    -> host-side resolve   resolve.rs: the guest's address is never trusted for a name
+//!    -> address classes     moat-policy::addr: non-public refused unless a rule's cidrs allow
+//!    -> connect + splice    splice.rs: backpressure, half-close, idle/total timeouts
+//!  audit.rs: OCSF 4001 record per event   metrics.rs + admin.rs: Prometheus on admin socket
+//!  policy_store.rs: verified hot reload; live flows the new policy denies are cut at once
+//! ```
+//!
+//! Invariants: no flow reaches an upstream without an `Allow` from the policy in force and
+//! passing every check above; every flow ends with exactly one terminal audit record; nothing a
+//! guest sends can crash the proxy (no panics on guest input, every read bounded).
+
+#![forbid(unsafe_code)]
+
+mod admin;
+pub mod audit;
+mod flow;
+pub mod metrics;
+pub mod outcome;
+pub mod policy_store;
+pub mod resolve;
+pub mod sniff;
+pub mod splice;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use notify::Watcher;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::Audit;
+use crate::metrics::Metrics;
+use crate::policy_store::{LoadError, PolicySource, PolicyStore};
+use crate::resolve::Resolver;
+
+/// The vsock port guest flows use: a guest connection to it arrives on `<uds>_1025`.
+pub const EGRESS_VSOCK_PORT: u32 = 1025;
+
+/// Bounds on every flow.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time allowed for the whole flow header to arrive.
+    pub header_timeout: Duration,
+    /// Time allowed for the ClientHello or request head to arrive.
+    pub sniff_timeout: Duration,
+    /// Time allowed for host-side resolution.
+    pub resolve_timeout: Duration,
+    /// Time allowed for each upstream connect attempt.
+    pub connect_timeout: Duration,
+    /// A flow with no bytes moving for this long is closed.
+    pub idle_timeout: Duration,
+    /// A flow is closed after this long, whatever it is doing.
+    pub total_timeout: Duration,
+    /// Concurrent flows per workspace; more are refused.
+    pub max_flows: usize,
+    /// Bytes buffered per direction per flow.
+    pub splice_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_timeout: Duration::from_secs(5),
+            sniff_timeout: Duration::from_secs(10),
+            resolve_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            total_timeout: Duration::from_secs(24 * 3600),
+            max_flows: 2048,
+            splice_buffer: 32 * 1024,
+        }
+    }
+}
+
+/// State shared by every flow of one proxy (one workspace).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    workspace: String,
+    policy: PolicyStore,
+    resolver: Box<dyn Resolver>,
+    audit: Audit,
+    metrics: Metrics,
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    next_uid: AtomicU64,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The initial policy did not load: the proxy never runs without a verified policy.
+    #[error("initial policy refused")]
+    Policy(#[source] LoadError),
+    /// A socket could not be bound.
+    #[error("cannot listen on {}", .path.display())]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy files could not be watched.
+    #[error("cannot watch policy files")]
+    Watch(#[source] notify::Error),
+}
+
+/// Configuration of one proxy instance (one workspace).
+#[derive(Debug)]
+pub struct Config {
+    /// The workspace's name, in audit records.
+    pub workspace: String,
+    /// The vsock Unix-socket base path `<uds>`; the proxy listens on `<uds>_<port>`.
+    pub uds: PathBuf,
+    /// The vsock port served.
+    pub port: u32,
+    /// Admin socket for metrics, if any.
+    pub admin: Option<PathBuf>,
+    /// Where the policy comes from.
+    pub source: PolicySource,
+    /// Watch the policy files and reload on change (SIGHUP always reloads).
+    pub watch: bool,
+    /// Bounds.
+    pub limits: Limits,
+}
+
+/// The listening path for `port` under base `uds`: `<uds>_<port>`.
+pub fn port_path(uds: &Path, port: u32) -> PathBuf {
+    let mut p = uds.as_os_str().to_owned();
+    p.push(format!("_{port}"));
+    PathBuf::from(p)
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    source: PolicySource,
+    shutdown: CancellationToken,
+    listen_path: PathBuf,
+}
+
+impl Proxy {
+    /// Verifies the initial policy, binds the listener and starts serving in the background
+    /// (on the current tokio runtime).
+    pub fn start(
+        config: Config,
+        resolver: Box<dyn Resolver>,
+        audit: Audit,
+    ) -> Result<Arc<Proxy>, StartError> {
+        let policy = config.source.load().map_err(StartError::Policy)?;
+        let listen_path = port_path(&config.uds, config.port);
+        let _ = std::fs::remove_file(&listen_path);
+        let listener = UnixListener::bind(&listen_path).map_err(|source| StartError::Listen {
+            path: listen_path.clone(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            workspace: config.workspace,
+            policy: PolicyStore::new(policy),
+            resolver,
+            audit,
+            metrics: Metrics::default(),
+            permits: Arc::new(Semaphore::new(config.limits.max_flows)),
+            limits: config.limits,
+            next_uid: AtomicU64::new(1),
+        });
+        let shutdown = CancellationToken::new();
+        let proxy = Arc::new(Proxy {
+            shared: Arc::clone(&shared),
+            source: config.source,
+            shutdown: shutdown.clone(),
+            listen_path,
+        });
+        tokio::spawn(accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
+        if let Some(admin) = config.admin {
+            let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = admin::serve(shared, &admin, shutdown).await {
+                    tracing::error!(error = %e, path = %admin.display(), "admin socket failed");
+                }
+            });
+        }
+        if config.watch {
+            proxy.spawn_watcher()?;
+        }
+        proxy.spawn_sighup();
+        Ok(proxy)
+    }
+
+    /// Where flows are accepted (`<uds>_<port>`).
+    pub fn listen_path(&self) -> &Path {
+        &self.listen_path
+    }
+
+    /// The metrics, for tests and embedding.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Live flows right now.
+    pub fn live_flows(&self) -> usize {
+        self.shared.policy.live()
+    }
+
+    /// The name of the policy in force.
+    pub fn policy_name(&self) -> String {
+        self.shared.policy.current().name.clone()
+    }
+
+    /// Re-reads and verifies the policy. On success swaps it in and cuts live flows it denies
+    /// (returning how many); on failure keeps the policy in force and says why.
+    pub fn reload(&self) -> Result<usize, LoadError> {
+        match self.source.load() {
+            Ok(policy) => {
+                let name = policy.name.clone();
+                let cut = self.shared.policy.replace(policy);
+                self.shared
+                    .metrics
+                    .reloads_applied
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(policy = %name, flows_cut = cut, "policy reloaded");
+                Ok(cut)
+            }
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .reloads_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    error = %error_chain(&e),
+                    "policy reload refused; keeping the policy in force"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops accepting flows (live flows run on to their end).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+        let _ = std::fs::remove_file(&self.listen_path);
+    }
+
+    fn spawn_sighup(self: &Arc<Self>) {
+        let proxy = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                tracing::warn!("cannot listen for SIGHUP; reload on file change only");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let Some(proxy) = proxy.upgrade() else { return };
+                let _ = proxy.reload();
+            }
+        });
+    }
+
+    /// Watches the profile's and signature's directories (editors and `mv` replace files, so
+    /// watching the files themselves would miss changes) and reloads on any change to either.
+    fn spawn_watcher(self: &Arc<Self>) -> Result<(), StartError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let watched = [self.source.profile.clone(), self.source.signature.clone()];
+        let names: Vec<_> = watched
+            .iter()
+            .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+            .collect();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(event) = res
+                && event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)))
+            {
+                let _ = tx.try_send(());
+            }
+        })
+        .map_err(StartError::Watch)?;
+        for path in &watched {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            watcher
+                .watch(dir, notify::RecursiveMode::NonRecursive)
+                .map_err(StartError::Watch)?;
+        }
+        let proxy = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    r = rx.recv() => if r.is_none() { return },
+                    () = shutdown.cancelled() => return,
+                }
+                // Let a burst of writes (profile, then signature) settle before reading.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while rx.try_recv().is_ok() {}
+                let Some(proxy) = proxy.upgrade() else { return };
+                let _ = proxy.reload();
+            }
+        });
+        Ok(())
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: UnixListener, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(flow::handle(Arc::clone(&shared), stream));
+            }
+            Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Formats an error and its sources as one line: `outer: cause: root cause`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,121 @@
+//! How a flow ends, and who is to blame: the vocabulary shared by audit records, metrics and
+//! logs. Every refusal and every close has exactly one [`Reason`], and every reason one [`Blame`].
+
+use std::fmt;
+
+/// Who caused an outcome (pingora's `ErrorSource`): the workspace's agent, the upstream
+/// server or network, or the proxy itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The agent (or anything else in the workspace) sent something the policy refuses or a
+    /// protocol error.
+    Agent,
+    /// The upstream: resolution failed, connection refused, reset, timed out.
+    Upstream,
+    /// The proxy: a local resource ran out, or an operator's policy change.
+    Proxy,
+    /// Nobody: the flow finished normally.
+    None,
+}
+
+impl Blame {
+    /// Stable lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blame::Agent => "agent",
+            Blame::Upstream => "upstream",
+            Blame::Proxy => "proxy",
+            Blame::None => "none",
+        }
+    }
+}
+
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $variant:ident => $code:literal, $blame:ident; )*) => {
+        /// Why a flow was refused, failed or closed. `code()` is stable: audit records and
+        /// metric labels use it.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl Reason {
+            /// Every reason, in declaration order (metrics keep one counter per reason).
+            pub const ALL: &'static [Reason] = &[ $( Reason::$variant, )* ];
+
+            /// Stable snake_case code.
+            pub fn code(self) -> &'static str {
+                match self { $( Reason::$variant => $code, )* }
+            }
+
+            /// Who is to blame.
+            pub fn blame(self) -> Blame {
+                match self { $( Reason::$variant => Blame::$blame, )* }
+            }
+
+            /// Position in [`Reason::ALL`].
+            pub fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+reasons! {
+    /// The flow header was malformed, of an unknown version or too long.
+    HeaderInvalid => "header_invalid", Agent;
+    /// The flow header did not arrive in time.
+    HeaderTimeout => "header_timeout", Agent;
+    /// The stream closed before a whole header arrived.
+    HeaderTruncated => "header_truncated", Agent;
+    /// The workspace already has the maximum number of concurrent flows.
+    TooManyFlows => "too_many_flows", Agent;
+    /// No rule allows this hostname.
+    NoRule => "no_rule", Agent;
+    /// A rule names the host but not this port.
+    PortNotAllowed => "port_not_allowed", Agent;
+    /// An IP-literal destination that no rule's cidrs cover.
+    IpLiteral => "ip_literal", Agent;
+    /// The hostname resolved to an address of a refused class (private, loopback, metadata...).
+    NonPublicAddress => "non_public_address", Agent;
+    /// TLS without a server_name.
+    SniMissing => "sni_missing", Agent;
+    /// TLS whose server_name differs from the flow's hostname.
+    SniMismatch => "sni_mismatch", Agent;
+    /// A ClientHello that does not parse, or names several servers.
+    TlsMalformed => "tls_malformed", Agent;
+    /// Plain HTTP without a Host header.
+    HostMissing => "host_missing", Agent;
+    /// Plain HTTP whose Host (or absolute URI) differs from the flow's hostname.
+    HostMismatch => "host_mismatch", Agent;
+    /// A request head that does not parse, or is too large.
+    HttpMalformed => "http_malformed", Agent;
+    /// The first bytes are a protocol the rule does not allow.
+    ProtocolNotAllowed => "protocol_not_allowed", Agent;
+    /// The first bytes did not arrive in time.
+    SniffTimeout => "sniff_timeout", Agent;
+    /// The hostname did not resolve.
+    ResolveFailed => "resolve_failed", Upstream;
+    /// No resolved address accepted a connection.
+    ConnectFailed => "connect_failed", Upstream;
+    /// The proxy could not accept or connect for lack of local resources.
+    ProxyResources => "proxy_resources", Proxy;
+    /// Both sides finished normally.
+    Finished => "finished", None;
+    /// No bytes moved for the idle timeout.
+    IdleTimeout => "idle_timeout", Agent;
+    /// The flow reached its maximum lifetime.
+    TotalTimeout => "total_timeout", Agent;
+    /// A policy reload denies this flow: it was cut.
+    Revoked => "revoked", Proxy;
+    /// The agent side failed (reset, error) while splicing.
+    AgentError => "agent_error", Agent;
+    /// The upstream side failed (reset, error) while splicing.
+    UpstreamError => "upstream_error", Upstream;
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}

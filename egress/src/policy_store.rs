@@ -1,0 +1,189 @@
+//! The live policy: loaded from a signed profile, swapped atomically on reload, and the sweep
+//! that cuts live flows a new policy denies.
+//!
+//! Reload order matters: the new policy is *verified* first (a bad one changes nothing), then
+//! swapped in, then every live flow is re-decided. A flow registers itself before checking the
+//! current policy once more, so no flow can slip between a swap and its sweep.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use moat_policy::signing::PublicKey;
+use moat_policy::signing::{self, SignError};
+use moat_policy::{Decision, Destination, Policy, Protocol};
+use tokio_util::sync::CancellationToken;
+
+/// Where a policy comes from: a profile, its detached signature, and the trusted key.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    /// The TOML profile.
+    pub profile: PathBuf,
+    /// Its minisign signature (conventionally `<profile>.minisig`).
+    pub signature: PathBuf,
+    /// The only key whose signatures are accepted.
+    pub key: PublicKey,
+}
+
+/// Why a policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file could not be read.
+    #[error("cannot read {}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Verification or parsing failed.
+    #[error("policy {} refused", .path.display())]
+    Refused {
+        /// The profile.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: SignError,
+    },
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl PolicySource {
+    /// `profile`, `<profile>.minisig`, and the key file at `key_path`.
+    pub fn new(profile: &Path, key_path: &Path) -> Result<Self, LoadError> {
+        let key_text = String::from_utf8_lossy(&read(key_path)?).into_owned();
+        let key = signing::parse_public_key(&key_text).map_err(|source| LoadError::Refused {
+            path: key_path.to_owned(),
+            source,
+        })?;
+        let mut sig = profile.as_os_str().to_owned();
+        sig.push(".minisig");
+        Ok(PolicySource {
+            profile: profile.to_owned(),
+            signature: PathBuf::from(sig),
+            key,
+        })
+    }
+
+    /// Reads and verifies the profile. Nothing is parsed before the signature checks out.
+    pub fn load(&self) -> Result<Policy, LoadError> {
+        let profile = read(&self.profile)?;
+        let sig = read(&self.signature)?;
+        let sig = String::from_utf8_lossy(&sig);
+        signing::load_verified(&profile, &sig, &self.key).map_err(|source| LoadError::Refused {
+            path: self.profile.clone(),
+            source,
+        })
+    }
+}
+
+/// What the sweep needs to know about a live flow to re-decide it.
+#[derive(Debug, Clone)]
+pub struct LiveFlow {
+    /// The flow's normalised hostname.
+    pub hostname: Option<String>,
+    /// The destination the guest claimed (the port is what was decided on).
+    pub claimed: SocketAddr,
+    /// The address actually connected to.
+    pub upstream: IpAddr,
+    /// The protocol recognised (`Tcp` when the rule let bytes through unchecked).
+    pub protocol: Protocol,
+    /// Cancelling this cuts the flow.
+    pub cancel: CancellationToken,
+}
+
+impl LiveFlow {
+    /// Would `policy` still allow this flow, exactly as it is?
+    pub fn allowed_by(&self, policy: &Policy) -> bool {
+        let dest = Destination {
+            hostname: self.hostname.as_deref(),
+            addr: self.claimed.ip(),
+            port: self.claimed.port(),
+        };
+        match policy.decide(dest) {
+            Decision::Allow(rule) => {
+                rule.check_address(self.upstream).is_ok()
+                    && (rule.allows_protocol(self.protocol) || rule.allows_protocol(Protocol::Tcp))
+            }
+            Decision::Deny(_) => false,
+        }
+    }
+}
+
+/// The current policy and the live flows it governs.
+#[derive(Debug)]
+pub struct PolicyStore {
+    current: RwLock<Arc<Policy>>,
+    flows: Mutex<HashMap<u64, LiveFlow>>,
+}
+
+impl PolicyStore {
+    /// Starts with `policy`.
+    pub fn new(policy: Policy) -> Self {
+        PolicyStore {
+            current: RwLock::new(Arc::new(policy)),
+            flows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> Arc<Policy> {
+        match self.current.read() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Swaps in `policy` and cuts every live flow it denies. Returns how many were cut.
+    pub fn replace(&self, policy: Policy) -> usize {
+        let policy = Arc::new(policy);
+        match self.current.write() {
+            Ok(mut p) => *p = Arc::clone(&policy),
+            Err(poisoned) => *poisoned.into_inner() = Arc::clone(&policy),
+        }
+        let flows = self.lock_flows();
+        let mut cut = 0;
+        for flow in flows.values() {
+            if !flow.allowed_by(&policy) {
+                flow.cancel.cancel();
+                cut += 1;
+            }
+        }
+        cut
+    }
+
+    /// Registers a live flow, then re-checks it against the policy in force *now*, so a reload
+    /// that raced with its admission still cuts it.
+    pub fn register(&self, uid: u64, flow: LiveFlow) {
+        let check = flow.clone();
+        self.lock_flows().insert(uid, flow);
+        if !check.allowed_by(&self.current()) {
+            check.cancel.cancel();
+        }
+    }
+
+    /// Forgets a flow that ended.
+    pub fn unregister(&self, uid: u64) {
+        self.lock_flows().remove(&uid);
+    }
+
+    /// Number of live flows.
+    pub fn live(&self) -> usize {
+        self.lock_flows().len()
+    }
+
+    fn lock_flows(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveFlow>> {
+        match self.flows.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! `moat policy ...`: keys, signatures, checks and explanations.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use moat_policy::signing;
+use moat_policy::{Decision, Destination, Policy, normalize, profile};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Generate a signing key pair: <out>.pub (give to proxies) and <out>.key (keep secret).
+    /// The secret key is encrypted with $MOAT_POLICY_KEY_PASSWORD (unencrypted if unset).
+    Keygen {
+        /// Path prefix for the two files.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a profile: writes <profile>.minisig (readable by `minisign -V`).
+    Sign {
+        /// The secret key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The profile to sign.
+        profile: PathBuf,
+    },
+    /// Verify a profile's signature against a trusted public key, then check it.
+    Verify {
+        /// The trusted public key file.
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// The profile (its signature is <profile>.minisig).
+        profile: PathBuf,
+    },
+    /// Check a profile's syntax and rules without any signature.
+    Check {
+        /// The profile.
+        profile: PathBuf,
+    },
+    /// Say which rule decides a destination, and why.
+    Explain {
+        /// The profile (default: the development profile). Its signature is verified.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// The trusted public key (default: the development key).
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// host:port, or ip:port for an IP literal ([v6]:port).
+        destination: String,
+    },
+}
+
+fn password() -> String {
+    std::env::var("MOAT_POLICY_KEY_PASSWORD").unwrap_or_default()
+}
+
+fn sig_path(profile: &Path) -> PathBuf {
+    let mut p = profile.as_os_str().to_owned();
+    p.push(".minisig");
+    PathBuf::from(p)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn load_verified(profile: &Path, pubkey: &Path) -> Result<Policy> {
+    let key = signing::parse_public_key(&String::from_utf8_lossy(&read(pubkey)?))
+        .with_context(|| format!("cannot use {}", pubkey.display()))?;
+    let sig = String::from_utf8_lossy(&read(&sig_path(profile))?).into_owned();
+    signing::load_verified(&read(profile)?, &sig, &key)
+        .with_context(|| format!("{} refused", profile.display()))
+}
+
+fn summary(policy: &Policy) {
+    println!("profile {:?}: {} rule(s)", policy.name, policy.rules.len());
+    for rule in &policy.rules {
+        let hosts: Vec<String> = rule.hosts.iter().map(ToString::to_string).collect();
+        let cidrs: Vec<String> = rule.cidrs.iter().map(ToString::to_string).collect();
+        println!(
+            "  {:<20} {} ports {:?} hosts [{}]{}",
+            rule.name,
+            rule.action.as_str(),
+            rule.ports,
+            hosts.join(", "),
+            if cidrs.is_empty() {
+                String::new()
+            } else {
+                format!(" cidrs [{}]", cidrs.join(", "))
+            }
+        );
+    }
+}
+
+pub(crate) fn run(cmd: PolicyCommand) -> Result<ExitCode> {
+    match cmd {
+        PolicyCommand::Keygen { out } => {
+            let pass = password();
+            let key = signing::generate(&pass)?;
+            let mut pub_path = out.as_os_str().to_owned();
+            pub_path.push(".pub");
+            let mut key_path = out.as_os_str().to_owned();
+            key_path.push(".key");
+            write_new(Path::new(&key_path), key.secret.as_bytes(), 0o600)?;
+            write_new(Path::new(&pub_path), key.public.as_bytes(), 0o644)?;
+            if pass.is_empty() {
+                eprintln!(
+                    "warning: secret key is not encrypted (set MOAT_POLICY_KEY_PASSWORD to encrypt it)"
+                );
+            }
+            println!(
+                "wrote {} and {}",
+                Path::new(&pub_path).display(),
+                Path::new(&key_path).display()
+            );
+        }
+        PolicyCommand::Sign { key, profile } => {
+            let secret = String::from_utf8_lossy(&read(&key)?).into_owned();
+            let sig = signing::sign(&read(&profile)?, &secret, &password())
+                .with_context(|| format!("cannot sign {}", profile.display()))?;
+            let out = sig_path(&profile);
+            std::fs::write(&out, sig).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
+        PolicyCommand::Verify { pubkey, profile } => {
+            let policy = load_verified(&profile, &pubkey)?;
+            println!("signature OK");
+            summary(&policy);
+        }
+        PolicyCommand::Check { profile } => {
+            let text = String::from_utf8(read(&profile)?).context("profile is not UTF-8")?;
+            let policy = profile::parse(&text)
+                .with_context(|| format!("{} is invalid", profile.display()))?;
+            summary(&policy);
+        }
+        PolicyCommand::Explain {
+            profile,
+            pubkey,
+            destination,
+        } => {
+            let profile = profile.unwrap_or_else(|| crate::dev_dir().join("profile.toml"));
+            let pubkey = pubkey.unwrap_or_else(|| crate::dev_dir().join("dev.pub"));
+            let policy = load_verified(&profile, &pubkey)?;
+            return explain(&policy, &destination);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Splits `host:port` / `ip:port` / `[v6]:port`.
+pub(crate) fn parse_destination(text: &str) -> Result<(Option<String>, std::net::IpAddr, u16)> {
+    if let Ok(sa) = text.parse::<std::net::SocketAddr>() {
+        return Ok((None, sa.ip(), sa.port()));
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        bail!("{text:?} is not host:port");
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{port:?} is not a port"))?;
+    let host = normalize(host)?;
+    Ok((Some(host), std::net::Ipv4Addr::UNSPECIFIED.into(), port))
+}
+
+fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
+    let (host, addr, port) = parse_destination(destination)?;
+    let dest = Destination {
+        hostname: host.as_deref(),
+        addr,
+        port,
+    };
+    match policy.decide(dest) {
+        Decision::Allow(rule) => {
+            println!(
+                "allow: rule {:?} ({}) in profile {:?}",
+                rule.name,
+                rule.action.as_str(),
+                policy.name
+            );
+            let protos: Vec<&str> = rule
+                .protocols
+                .iter()
+                .map(|p| match p {
+                    moat_policy::Protocol::Tls => "tls (SNI must match)",
+                    moat_policy::Protocol::Http => "http (Host must match)",
+                    moat_policy::Protocol::Tcp => "tcp (unchecked)",
+                })
+                .collect();
+            println!("  protocols: {}", protos.join(", "));
+            if host.is_some() {
+                let cidrs: Vec<String> = rule.cidrs.iter().map(ToString::to_string).collect();
+                println!(
+                    "  resolved addresses must be public{}",
+                    if cidrs.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" or inside {}", cidrs.join(", "))
+                    }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Decision::Deny(reason) => {
+            println!("deny: {reason} (default deny, profile {:?})", policy.name);
+            Ok(ExitCode::from(3))
+        }
+    }
+}
