@@ -82,8 +82,9 @@ pub struct Rule {
     pub action: Action,
     /// Protocols allowed on a matching flow.
     pub protocols: Vec<Protocol>,
-    /// Address ranges reachable through this rule: IP-literal destinations, and non-public
-    /// addresses that this rule's hosts may resolve to. Canonical form.
+    /// Address ranges reachable through this rule, canonical form. On a rule with hosts: the
+    /// non-public addresses those hosts may resolve to. On a rule without hosts: the IP-literal
+    /// destinations it allows.
     pub cidrs: Vec<IpNet>,
 }
 
@@ -161,7 +162,7 @@ pub enum Decision<'p> {
 
 impl Policy {
     /// Decides a flow by its claimed destination. Named flows match on hostname and port;
-    /// hostname-less flows match only on a rule's `cidrs`.
+    /// hostname-less (IP-literal) flows match only rules that name no hosts, on their `cidrs`.
     pub fn decide(&self, dest: Destination<'_>) -> Decision<'_> {
         match dest.hostname {
             Some(host) => {
@@ -184,7 +185,7 @@ impl Policy {
                 let canon = addr::canonical(dest.addr);
                 self.rules
                     .iter()
-                    .find(|r| r.ports.contains(&dest.port) && r.covers(canon))
+                    .find(|r| r.hosts.is_empty() && r.ports.contains(&dest.port) && r.covers(canon))
                     .map_or(Decision::Deny(DenyReason::IpLiteral), Decision::Allow)
             }
         }
@@ -224,6 +225,13 @@ name = "lab-literal"
 ports = [8080]
 action = "passthrough"
 cidrs = ["::ffff:192.168.7.0/120"]
+
+[[rules]]
+name = "named-only"
+hosts = ["lab.test"]
+ports = [8443]
+action = "passthrough"
+cidrs = ["192.168.8.0/24"]
 "#;
 
     fn policy() -> Policy {

@@ -10,7 +10,13 @@
 //! ports = [443]
 //! action = "passthrough"
 //! # protocols = ["tls", "http"]    # default; "tcp" (unchecked bytes) must be named
-//! # cidrs = ["10.1.2.0/24"]        # the only way to reach IP literals and non-public addresses
+//! # cidrs = ["10.1.2.0/24"]        # non-public addresses these hosts may resolve to
+//!
+//! [[rules]]
+//! name = "lab"                      # a rule without hosts matches IP literals in its cidrs
+//! cidrs = ["192.0.2.0/24"]
+//! ports = [8080]
+//! action = "passthrough"
 //! ```
 
 use std::collections::HashSet;
