@@ -1,1 +1,62 @@
-fn main() {}
+//! `cargo xtask <verb>`: the one entry point for developers and CI. One file per verb.
+
+mod bench;
+mod fuzz;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <verb>
+
+verbs:
+  test              install the test tools (OCSF validator venv) and run every test
+  bench [--quick]   egress proxy benchmarks beside direct loopback and squid (table + JSON)
+  fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (verb, rest) = args
+        .split_first()
+        .map_or(("", &[][..]), |(v, r)| (v.as_str(), r));
+    match verb {
+        "test" => test::run(rest),
+        "bench" => bench::run(rest),
+        "fuzz" => fuzz::run(rest),
+        "" | "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown verb {other:?}\n\n{USAGE}"),
+    }
+}
+
+/// The workspace root.
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Runs a command, echoing it, failing on a non-zero status.
+pub(crate) fn run_cmd(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}

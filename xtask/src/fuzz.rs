@@ -1,0 +1,49 @@
+//! `cargo xtask fuzz [SECONDS]`: runs every cargo-fuzz target for a bounded time each.
+//!
+//! Targets (fuzz/fuzz_targets): the flow header, the TLS ClientHello/SNI reader, the HTTP
+//! request-head reader and the policy profile parser. Seeds live in fuzz/seeds/<target>.
+//! The machine has only the stable toolchain; cargo-fuzz needs nightly flags, so this sets
+//! RUSTC_BOOTSTRAP=1 for the fuzz build only.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{root, run_cmd};
+
+const TARGETS: &[&str] = &["flow_header", "client_hello", "http_head", "policy_profile"];
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let seconds: u64 = match args.first() {
+        Some(s) => s
+            .parse()
+            .with_context(|| format!("{s:?} is not a number of seconds"))?,
+        None => 60,
+    };
+    let have = Command::new(env!("CARGO"))
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        bail!("cargo-fuzz is not installed: run `cargo install cargo-fuzz --locked`");
+    }
+    let fuzz_dir = root().join("fuzz");
+    for target in TARGETS {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        run_cmd(
+            Command::new(env!("CARGO"))
+                .current_dir(&fuzz_dir)
+                .env("RUSTC_BOOTSTRAP", "1")
+                .args(["fuzz", "run", "--sanitizer", "none", target])
+                .arg(&corpus)
+                .arg(fuzz_dir.join("seeds").join(target))
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .arg("-rss_limit_mb=2048"),
+        )?;
+    }
+    eprintln!("xtask: every fuzz target ran {seconds} s without a finding");
+    Ok(())
+}

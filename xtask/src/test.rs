@@ -1,0 +1,54 @@
+//! `cargo xtask test`: make sure the test tools exist, then run every test in the workspace.
+//!
+//! The egress tests validate audit records with a published OCSF validator (Python packages
+//! pinned in egress/tests/ocsf/requirements.txt), installed into `.venv-ocsf` at the root.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::{root, run_cmd};
+
+/// Creates `.venv-ocsf` with the pinned validator if it is missing or stale; returns its python.
+pub(crate) fn ocsf_venv() -> Result<PathBuf> {
+    let root = root();
+    let venv = root.join(".venv-ocsf");
+    let python = venv.join("bin/python");
+    let reqs = root.join("egress/tests/ocsf/requirements.txt");
+    let stamp = venv.join("requirements.installed");
+    let wanted = std::fs::read_to_string(&reqs)?;
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing the OCSF validator into {}",
+        venv.display()
+    );
+    run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run_cmd(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&reqs),
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let python = ocsf_venv()?;
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(root())
+            .args(["test", "--workspace", "--locked"])
+            .args(args)
+            .env("MOAT_OCSF_PYTHON", python),
+    )
+}
