@@ -1,3 +1,583 @@
-pub(crate) fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("bench: not yet")
+//! `cargo xtask bench [--quick]`: the egress proxy measured beside a direct loopback connection
+//! and squid (CONNECT, with the equivalent allowlist), in one run, interleaved, medians of 5.
+//!
+//! Setup (all on loopback, in a temporary directory): nginx serves HTTPS with an ECDSA P-256
+//! certificate from an rcgen test CA, as in ../shared/design/BENCHMARKS.md. One client (this
+//! program, built in release) drives every path the same way: rustls over
+//!   direct: TCP to nginx;
+//!   moat:   the proxy's Unix socket `<uds>_1025` + a flow header (exactly what the guest's
+//!           netstack does), the proxy then checks SNI, resolves and splices;
+//!   squid:  TCP to squid, `CONNECT bench.test:<port>`, then TLS through the tunnel.
+//! Workloads: bulk download (MB/s), small requests on one kept-alive connection (req/s), and
+//! a new TLS connection per request, one at a time (conn/s). Beside every ratio: the proxy's
+//! own CPU per GB, per request and per new connection (from /proc/<pid>/stat).
+//!
+//! Needs `nginx` and `squid` (Debian: nginx-light, squid-openssl). Results: a table on stdout
+//! and JSON in bench-results/egress-latest.json.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use moat_flow_header::{FlowHeader, Hostname, Transport};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::{root, run_cmd};
+
+const HOST: &str = "bench.test";
+const REPS: usize = 5;
+
+struct Sizes {
+    bulk_bytes: u64,
+    keepalive_requests: usize,
+    new_conns: usize,
+}
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    // The client must be optimised like the proxies it measures: re-run in release.
+    if cfg!(debug_assertions) {
+        return run_cmd(
+            Command::new(env!("CARGO"))
+                .current_dir(root())
+                .args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "--package",
+                    "xtask",
+                    "--",
+                    "bench",
+                ])
+                .args(args),
+        );
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let sizes = if quick {
+        Sizes {
+            bulk_bytes: 256 << 20,
+            keepalive_requests: 2000,
+            new_conns: 100,
+        }
+    } else {
+        Sizes {
+            bulk_bytes: 1 << 30,
+            keepalive_requests: 5000,
+            new_conns: 300,
+        }
+    };
+    for tool in ["nginx", "squid"] {
+        if which(tool).is_none() {
+            bail!("{tool} is not installed: apt-get install nginx-light squid-openssl");
+        }
+    }
+    run_cmd(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "--package",
+        "moat",
+    ]))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(&sizes))
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    [
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+        "/usr/local/bin",
+        "/usr/local/sbin",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join(tool))
+    .find(|p| p.exists())
+}
+
+/// Kills and reaps a child on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// CPU of `pid` and all its descendants (squid may fork helpers).
+fn tree_cpu(pid: u32) -> f64 {
+    let mut total = cpu_seconds(pid);
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            total += tree_cpu(c);
+        }
+    }
+    total
+}
+
+async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    for _ in 0..200 {
+        if ready() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{what} did not come up")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path3 {
+    Direct,
+    Moat,
+    Squid,
+}
+
+impl Path3 {
+    const ALL: [Path3; 3] = [Path3::Direct, Path3::Moat, Path3::Squid];
+    fn name(self) -> &'static str {
+        match self {
+            Path3::Direct => "direct",
+            Path3::Moat => "moat",
+            Path3::Squid => "squid",
+        }
+    }
+}
+
+struct Env {
+    nginx: SocketAddr,
+    squid: SocketAddr,
+    moat_sock: PathBuf,
+    tls: tokio_rustls::TlsConnector,
+    moat_pid: u32,
+    squid_pid: u32,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Env {
+    async fn connect(&self, path: Path3) -> Result<Box<dyn Io>> {
+        let stream: Box<dyn Io> = match path {
+            Path3::Direct => {
+                let s = TcpStream::connect(self.nginx).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            Path3::Moat => {
+                let mut s = UnixStream::connect(&self.moat_sock).await?;
+                let header = FlowHeader {
+                    flow_id: 1,
+                    transport: Transport::Tcp,
+                    destination: SocketAddr::new([198, 18, 0, 1].into(), self.nginx.port()),
+                    hostname: Some(Hostname::new(HOST)?),
+                };
+                s.write_all(&header.encode()).await?;
+                Box::new(s)
+            }
+            Path3::Squid => {
+                let mut s = TcpStream::connect(self.squid).await?;
+                s.set_nodelay(true)?;
+                let port = self.nginx.port();
+                s.write_all(
+                    format!("CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await?;
+                let head = read_head(&mut s).await?;
+                if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+                    bail!(
+                        "squid refused CONNECT: {}",
+                        head.lines().next().unwrap_or("")
+                    );
+                }
+                Box::new(s)
+            }
+        };
+        let tls = self
+            .tls
+            .connect(ServerName::try_from(HOST)?, stream)
+            .await
+            .context("TLS handshake")?;
+        Ok(Box::new(tls))
+    }
+
+    fn proxy_cpu(&self, path: Path3) -> f64 {
+        match path {
+            Path3::Direct => 0.0,
+            Path3::Moat => cpu_seconds(self.moat_pid),
+            Path3::Squid => tree_cpu(self.squid_pid),
+        }
+    }
+}
+
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> Result<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 {
+            bail!("connection closed in response head");
+        }
+        head.push(byte[0]);
+        if head.len() > 16 * 1024 {
+            bail!("response head too large");
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Sends GET `path` and reads the whole response body; returns its length.
+async fn get(s: &mut Box<dyn Io>, path: &str, close: bool) -> Result<u64> {
+    let conn = if close { "close" } else { "keep-alive" };
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: {conn}\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let head = read_head(s).await?;
+    let len: u64 = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .context("response without Content-Length")?;
+    let mut left = len;
+    let mut buf = vec![0u8; 256 * 1024];
+    while left > 0 {
+        let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = s.read(&mut buf[..want]).await?;
+        if n == 0 {
+            bail!("connection closed with {left} body bytes left");
+        }
+        left -= n as u64;
+    }
+    Ok(len)
+}
+
+/// One measurement: units of work done, wall seconds, proxy CPU seconds.
+struct Sample {
+    units: f64,
+    secs: f64,
+    cpu: f64,
+}
+
+async fn bulk(env: &Env, path: Path3) -> Result<Sample> {
+    let cpu0 = env.proxy_cpu(path);
+    let t = Instant::now();
+    let mut s = env.connect(path).await?;
+    let n = get(&mut s, "/bulk", true).await?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok(Sample {
+        units: n as f64 / 1e6,
+        secs,
+        cpu: env.proxy_cpu(path) - cpu0,
+    })
+}
+
+async fn keepalive(env: &Env, path: Path3, requests: usize) -> Result<Sample> {
+    let mut s = env.connect(path).await?;
+    get(&mut s, "/small", false).await?;
+    let cpu0 = env.proxy_cpu(path);
+    let t = Instant::now();
+    for _ in 0..requests {
+        get(&mut s, "/small", false).await?;
+    }
+    Ok(Sample {
+        units: requests as f64,
+        secs: t.elapsed().as_secs_f64(),
+        cpu: env.proxy_cpu(path) - cpu0,
+    })
+}
+
+async fn new_conns(env: &Env, path: Path3, conns: usize) -> Result<Sample> {
+    let cpu0 = env.proxy_cpu(path);
+    let t = Instant::now();
+    for _ in 0..conns {
+        let mut s = env.connect(path).await?;
+        get(&mut s, "/small", true).await?;
+    }
+    Ok(Sample {
+        units: conns as f64,
+        secs: t.elapsed().as_secs_f64(),
+        cpu: env.proxy_cpu(path) - cpu0,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+async fn bench(sizes: &Sizes) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("moat-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let result = bench_in(&dir, sizes).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+
+    // Test PKI: ECDSA P-256 (rcgen's default), like the reference nginx setup.
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+    let leaf_key = rcgen::KeyPair::generate()?;
+    let leaf = rcgen::CertificateParams::new(vec![HOST.to_owned()])?.signed_by(&leaf_key, &ca)?;
+    std::fs::write(dir.join("cert.pem"), leaf.pem())?;
+    std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem())?;
+    let bulk_file = dir.join("bulk");
+    std::fs::File::create(&bulk_file)?.set_len(sizes.bulk_bytes)?;
+
+    // nginx upstream.
+    let nginx_port = free_port()?;
+    let conf = format!(
+        "daemon off;\nworker_processes 1;\nuser nobody nogroup;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+           server {{\n    listen 127.0.0.1:{nginx_port} ssl;\n    server_name {HOST};\n\
+             ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
+             ssl_protocols TLSv1.3;\n    ssl_session_tickets off;\n\
+             location = /bulk {{ alias {d}/bulk; default_type application/octet-stream; }}\n\
+             location = /small {{ default_type text/plain; return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    let nginx = Guard(
+        Command::new(which("nginx").context("nginx")?)
+            .args(["-p"])
+            .arg(dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
+    wait_for("nginx", || std::net::TcpStream::connect(nginx_addr).is_ok()).await?;
+
+    // squid, allowing exactly CONNECT to bench.test:<nginx_port>.
+    let squid_port = free_port()?;
+    std::fs::write(dir.join("hosts"), format!("127.0.0.1 {HOST}\n"))?;
+    let squid_conf = format!(
+        "http_port 127.0.0.1:{squid_port}\nhosts_file {d}/hosts\npid_filename {d}/squid.pid\n\
+         cache_log {d}/squid.log\naccess_log none\ncache deny all\ncache_mem 8 MB\n\
+         shutdown_lifetime 0 seconds\ndns_nameservers 127.0.0.1\n\
+         acl bench_host dstdomain {HOST}\nacl bench_port port {nginx_port}\nacl CONNECT method CONNECT\n\
+         http_access allow CONNECT bench_host bench_port\nhttp_access deny all\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("squid.conf"), squid_conf)?;
+    let squid = Guard(
+        Command::new(which("squid").context("squid")?)
+            .args(["-N", "-f"])
+            .arg(dir.join("squid.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let squid_addr: SocketAddr = ([127, 0, 0, 1], squid_port).into();
+    wait_for("squid", || std::net::TcpStream::connect(squid_addr).is_ok()).await?;
+
+    // moat proxy with the equivalent signed allowlist.
+    let moat = root().join("target/release/moat");
+    let profile = dir.join("bench.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "version = 1\nname = \"bench\"\n\n[[rules]]\nname = \"bench\"\nhosts = [\"{HOST}\"]\n\
+             ports = [{nginx_port}]\naction = \"passthrough\"\nprotocols = [\"tls\"]\n\
+             # The upstream is on loopback: named explicitly.\ncidrs = [\"127.0.0.0/8\"]\n"
+        ),
+    )?;
+    run_cmd(
+        Command::new(&moat)
+            .args(["policy", "keygen", "--out"])
+            .arg(dir.join("bench"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    run_cmd(
+        Command::new(&moat)
+            .args(["policy", "sign", "--key"])
+            .arg(dir.join("bench.key"))
+            .arg(&profile)
+            .stdout(Stdio::null()),
+    )?;
+    let uds = dir.join("v.sock");
+    let moat_proxy = Guard(
+        Command::new(&moat)
+            .arg("proxy")
+            .arg("--uds")
+            .arg(&uds)
+            .arg("--profile")
+            .arg(&profile)
+            .arg("--pubkey")
+            .arg(dir.join("bench.pub"))
+            .arg("--audit")
+            .arg(dir.join("audit.jsonl"))
+            .arg("--resolve")
+            .arg(format!("{HOST}=127.0.0.1"))
+            .arg("--no-watch")
+            .env("MOAT_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let moat_sock = moat_egress::port_path(&uds, moat_egress::EGRESS_VSOCK_PORT);
+    wait_for("moat proxy", || moat_sock.exists()).await?;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.der().to_vec()))?;
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let env = Env {
+        nginx: nginx_addr,
+        squid: squid_addr,
+        moat_sock,
+        tls: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        moat_pid: moat_proxy.0.id(),
+        squid_pid: squid.0.id(),
+    };
+    // Warm up every path once (and prove each works) before measuring.
+    for p in Path3::ALL {
+        new_conns(&env, p, 3)
+            .await
+            .with_context(|| format!("{} path does not work", p.name()))?;
+    }
+
+    struct Row {
+        name: &'static str,
+        unit: &'static str,
+        cpu_unit: &'static str,
+        cpu_scale: f64,
+        samples: Vec<Vec<Sample>>,
+    }
+    let mut rows = vec![
+        Row {
+            name: "bulk HTTPS download",
+            unit: "MB/s",
+            cpu_unit: "s/GB",
+            cpu_scale: 1000.0,
+            samples: vec![],
+        },
+        Row {
+            name: "small requests, 1 kept-alive conn",
+            unit: "req/s",
+            cpu_unit: "µs/req",
+            cpu_scale: 1e6,
+            samples: vec![],
+        },
+        Row {
+            name: "new TLS connection per request",
+            unit: "conn/s",
+            cpu_unit: "µs/conn",
+            cpu_scale: 1e6,
+            samples: vec![],
+        },
+    ];
+    for row in &mut rows {
+        row.samples = Path3::ALL.iter().map(|_| Vec::new()).collect();
+    }
+    for rep in 0..REPS {
+        eprintln!("xtask bench: round {}/{REPS}", rep + 1);
+        for (i, p) in Path3::ALL.iter().enumerate() {
+            rows[0].samples[i].push(bulk(&env, *p).await?);
+            rows[1].samples[i].push(keepalive(&env, *p, sizes.keepalive_requests).await?);
+            rows[2].samples[i].push(new_conns(&env, *p, sizes.new_conns).await?);
+        }
+    }
+    drop((moat_proxy, squid, nginx));
+
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| test | direct | moat | squid | moat CPU | squid CPU |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    let mut json_rows = Vec::new();
+    for row in &rows {
+        let rate = |i: usize| median(row.samples[i].iter().map(|s| s.units / s.secs).collect());
+        let cpu = |i: usize| {
+            median(
+                row.samples[i]
+                    .iter()
+                    .map(|s| s.cpu / s.units * row.cpu_scale)
+                    .collect(),
+            )
+        };
+        let (d, m, s) = (rate(0), rate(1), rate(2));
+        let _ = writeln!(
+            table,
+            "| {} ({}) | {d:.0} (1.00) | {m:.0} ({:.2}) | {s:.0} ({:.2}) | {:.3} {} | {:.3} {} |",
+            row.name,
+            row.unit,
+            m / d,
+            s / d,
+            cpu(1),
+            row.cpu_unit,
+            cpu(2),
+            row.cpu_unit
+        );
+        json_rows.push(serde_json::json!({
+            "test": row.name, "unit": row.unit,
+            "direct": d, "moat": m, "squid": s,
+            "moat_ratio": m / d, "squid_ratio": s / d,
+            "moat_cpu": cpu(1), "squid_cpu": cpu(2), "cpu_unit": row.cpu_unit,
+        }));
+    }
+    println!("{table}");
+    let out_dir = root().join("bench-results");
+    std::fs::create_dir_all(&out_dir)?;
+    let json = serde_json::json!({
+        "bench": "egress",
+        "reps": REPS,
+        "bulk_bytes": sizes.bulk_bytes,
+        "keepalive_requests": sizes.keepalive_requests,
+        "new_conns": sizes.new_conns,
+        "rows": json_rows,
+    });
+    std::fs::write(
+        out_dir.join("egress-latest.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    std::fs::write(out_dir.join("egress-latest.md"), &table)?;
+    eprintln!("xtask bench: wrote bench-results/egress-latest.json");
+    Ok(())
 }
