@@ -123,19 +123,33 @@ pub(crate) fn run_proxy(args: ProxyArgs) -> Result<ExitCode> {
 /// `moat run`: picks the backend and says which and why. Only the egress proxy exists so far;
 /// this says so plainly instead of pretending to start a workspace.
 pub(crate) fn run_workspace(args: RunArgs) -> Result<ExitCode> {
-    let kvm = std::path::Path::new("/dev/kvm").exists();
-    let pvm = std::fs::read_to_string("/proc/modules")
-        .map(|m| m.lines().any(|l| l.starts_with("kvm_pvm ")))
-        .unwrap_or(false);
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    // Which KVM module provides /dev/kvm: kvm_intel/kvm_amd use hardware virtualization;
+    // kvm_pvm is nested PVM, where a Linux guest's user space cannot run.
+    let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+    let pvm = module("kvm_pvm");
     let (choice, why) = match args.backend.as_str() {
         "vm" => ("vm", "requested with --backend vm".to_owned()),
         "namespace" => ("namespace", "requested with --backend namespace".to_owned()),
-        "auto" if kvm && !pvm => ("vm", "/dev/kvm has hardware virtualization".to_owned()),
-        "auto" if pvm => (
+        "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => {
+            ("vm", "/dev/kvm has hardware virtualization".to_owned())
+        }
+        "auto" if kvm && pvm => (
             "namespace",
             "/dev/kvm is nested PVM, where a Linux guest's user space cannot run".to_owned(),
         ),
-        "auto" => ("namespace", "/dev/kvm is not available".to_owned()),
+        "auto" if kvm => (
+            "namespace",
+            "/dev/kvm is neither kvm_intel, kvm_amd nor kvm_pvm".to_owned(),
+        ),
+        "auto" => (
+            "namespace",
+            "/dev/kvm is not available to this user".to_owned(),
+        ),
         other => anyhow::bail!("unknown backend {other:?} (auto, vm or namespace)"),
     };
     eprintln!("moat run: backend {choice} ({why})");
