@@ -1,4 +1,78 @@
-//! moat-guest-init: PID 1 in the guest and in the namespace backend (issue 4).
+//! moat-guest-init: PID 1 of a workspace, in the VM and in the namespace backend.
 //!
-//! Not implemented yet: it will mount the guest's filesystems, start the netstack, install the
-//! workspace CA and launch the agent through `moat-guest-sandbox`.
+//! Hop in the data path: it brings up the workspace's only network interface (a TUN device)
+//! and runs the netstack that turns every TCP connection into a flow stream to the host; then
+//! it launches the agent, confined, and reaps it.
+//!
+//! Namespace backend sequence ([`run_namespace`]):
+//! 1. `unshare` user, mount, pid, net, ipc and uts namespaces; map the caller's uid/gid to root
+//!    inside (so the host user needs no privilege).
+//! 2. fork: the child is PID 1 of the new pid namespace; the parent only waits and relays the
+//!    exit status.
+//! 3. As PID 1: a new root: the host's root bound recursively and made read-only (every
+//!    submount too), fresh tmpfs on /tmp, /run and /home with the agent's home bound writable
+//!    at /home/agent, the workspace's resolv.conf (the virtual DNS) over /etc/resolv.conf, a
+//!    fresh /proc; then pivot_root into it, so nothing of the host is writable or reachable
+//!    by path but what was bound in.
+//! 4. TUN up (default route through it, loopback up), netstack thread started.
+//! 5. The agent is started with its environment (HOME, CA variables), confined by
+//!    `moat-guest-sandbox` between fork and exec; PID 1 reaps every child, and when the agent
+//!    exits, exits with its status: the kernel then kills whatever is left in the namespace.
+//!
+//! Invariants: never panics on bad input; if the network or the sandbox cannot be set up, the
+//! agent is not started.
+
+mod launch;
+mod namespace;
+mod sys;
+
+use std::path::PathBuf;
+
+pub use launch::{AgentSpec, exit_code};
+pub use namespace::run_namespace;
+
+/// Why a workspace could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A namespace could not be created or entered.
+    #[error("cannot create the workspace namespaces")]
+    Unshare(#[source] nix::Error),
+    /// The uid/gid maps could not be written.
+    #[error("cannot map the user into the workspace")]
+    IdMap(#[source] std::io::Error),
+    /// fork failed.
+    #[error("cannot fork the workspace init")]
+    Fork(#[source] nix::Error),
+    /// A mount failed.
+    #[error("cannot mount {what}")]
+    Mount {
+        /// What was being mounted.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// The TUN device could not be set up.
+    #[error("cannot set up the workspace network")]
+    Network(#[source] std::io::Error),
+    /// The agent could not be started (including a sandbox that could not be applied).
+    #[error("cannot start the agent")]
+    Agent(#[source] std::io::Error),
+    /// A file the workspace needs could not be written.
+    #[error("cannot write {}", .0.display())]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
+/// What the workspace runs and how it reaches the host.
+#[derive(Debug, Clone)]
+pub struct WorkspaceConfig {
+    /// The egress proxy's flow socket (`<uds>_1025`), reachable from inside.
+    pub flow_socket: PathBuf,
+    /// A directory for the workspace's own files (flow socket, resolv.conf, the new root's
+    /// mount point), on the host and outside the agent's view.
+    pub run_dir: PathBuf,
+    /// The workspace hostname.
+    pub hostname: String,
+    /// The agent.
+    pub agent: AgentSpec,
+}

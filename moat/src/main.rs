@@ -3,6 +3,7 @@
 mod connect;
 mod policy_cmd;
 mod proxy_cmd;
+mod run_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +28,10 @@ enum Command {
     /// Open one flow through the proxy, like `nc` (stdin/stdout, or a local TCP listener).
     Connect(connect::ConnectArgs),
     /// Run a workspace with an agent shell on the best backend this host supports.
-    Run(proxy_cmd::RunArgs),
+    Run(run_cmd::RunArgs),
+    /// The namespace backend's PID 1 (started by `moat run`, not by hand).
+    #[command(name = "__guest-init", hide = true)]
+    GuestInit(run_cmd::GuestInitArgs),
 }
 
 /// The development profile and key shipped in the repository (DEVELOPMENT ONLY).
@@ -48,7 +52,8 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Proxy(args) => proxy_cmd::run_proxy(args),
         Command::Connect(args) => connect::run(args),
-        Command::Run(args) => proxy_cmd::run_workspace(args),
+        Command::Run(args) => run_cmd::run(args),
+        Command::GuestInit(args) => run_cmd::guest_init(args),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,6 @@
 //! `moat proxy` and `moat run`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,6 +19,19 @@ pub(crate) struct ProxyArgs {
     /// The vsock port served.
     #[arg(long, default_value_t = EGRESS_VSOCK_PORT)]
     port: u32,
+    /// Admin socket serving /metrics and /healthz.
+    #[arg(long)]
+    admin: Option<PathBuf>,
+    /// Do not watch the policy files (SIGHUP still reloads).
+    #[arg(long)]
+    no_watch: bool,
+    #[command(flatten)]
+    opts: ProxyOpts,
+}
+
+/// Policy, resolution and audit options shared by `moat proxy` and `moat run`.
+#[derive(Debug, Args)]
+pub(crate) struct ProxyOpts {
     /// Policy profile (default: the DEVELOPMENT profile). Its signature is <profile>.minisig.
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -26,11 +39,8 @@ pub(crate) struct ProxyArgs {
     #[arg(long)]
     pubkey: Option<PathBuf>,
     /// Audit log (OCSF JSON Lines); "-" for stdout.
-    #[arg(long, default_value = "-")]
-    audit: String,
-    /// Admin socket serving /metrics and /healthz.
     #[arg(long)]
-    admin: Option<PathBuf>,
+    audit: Option<String>,
     /// Resolve names from this static map instead of the system resolver (repeatable,
     /// host=address). For development and tests.
     #[arg(long = "resolve", value_name = "HOST=ADDR")]
@@ -38,9 +48,6 @@ pub(crate) struct ProxyArgs {
     /// The workspace's name in audit records.
     #[arg(long, default_value = "workspace")]
     workspace: String,
-    /// Do not watch the policy files (SIGHUP still reloads).
-    #[arg(long)]
-    no_watch: bool,
     /// Maximum concurrent flows.
     #[arg(long, default_value_t = Limits::default().max_flows)]
     max_flows: usize,
@@ -49,54 +56,70 @@ pub(crate) struct ProxyArgs {
     idle_timeout: u64,
 }
 
-#[derive(Debug, Args)]
-pub(crate) struct RunArgs {
-    /// Backend: auto, vm or namespace.
-    #[arg(long, default_value = "auto")]
-    backend: String,
-    /// Command to run in the workspace instead of an interactive shell.
-    #[arg(last = true)]
-    command: Vec<String>,
+impl ProxyOpts {
+    /// Where audit records go: the flag, or `default`.
+    pub(crate) fn audit_path(&self, default: &Path) -> PathBuf {
+        self.audit
+            .as_ref()
+            .map_or_else(|| default.to_owned(), PathBuf::from)
+    }
+
+    /// The proxy configuration for a workspace served on `uds`.
+    pub(crate) fn build(
+        &self,
+        uds: PathBuf,
+        default_audit: &Path,
+    ) -> Result<(Config, Box<dyn Resolver>, Audit)> {
+        let dev = crate::dev_dir();
+        let using_dev = self.profile.is_none();
+        let profile = self
+            .profile
+            .clone()
+            .unwrap_or_else(|| dev.join("profile.toml"));
+        let pubkey = self.pubkey.clone().unwrap_or_else(|| dev.join("dev.pub"));
+        if using_dev {
+            tracing::warn!("using the DEVELOPMENT policy profile and key; never in production");
+        }
+        let source = PolicySource::new(&profile, &pubkey)?;
+        let resolver: Box<dyn Resolver> = if self.resolve.is_empty() {
+            Box::new(SystemResolver)
+        } else {
+            let mut map = StaticResolver::new();
+            for spec in &self.resolve {
+                map.insert_spec(spec).map_err(anyhow::Error::msg)?;
+            }
+            Box::new(map)
+        };
+        let audit_path = self.audit_path(default_audit);
+        let audit = if audit_path.as_os_str() == "-" {
+            Audit::to_writer(Box::new(std::io::stdout()), &self.workspace)
+        } else {
+            Audit::to_file(&audit_path, &self.workspace)
+                .with_context(|| format!("cannot open audit log {}", audit_path.display()))?
+        };
+        let limits = Limits {
+            max_flows: self.max_flows,
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            ..Limits::default()
+        };
+        let config = Config {
+            workspace: self.workspace.clone(),
+            uds,
+            port: EGRESS_VSOCK_PORT,
+            admin: None,
+            source,
+            watch: true,
+            limits,
+        };
+        Ok((config, resolver, audit))
+    }
 }
 
 fn build(args: ProxyArgs) -> Result<(Config, Box<dyn Resolver>, Audit)> {
-    let dev = crate::dev_dir();
-    let using_dev = args.profile.is_none();
-    let profile = args.profile.unwrap_or_else(|| dev.join("profile.toml"));
-    let pubkey = args.pubkey.unwrap_or_else(|| dev.join("dev.pub"));
-    if using_dev {
-        tracing::warn!("using the DEVELOPMENT policy profile and key; never in production");
-    }
-    let source = PolicySource::new(&profile, &pubkey)?;
-    let resolver: Box<dyn Resolver> = if args.resolve.is_empty() {
-        Box::new(SystemResolver)
-    } else {
-        let mut map = StaticResolver::new();
-        for spec in &args.resolve {
-            map.insert_spec(spec).map_err(anyhow::Error::msg)?;
-        }
-        Box::new(map)
-    };
-    let audit = if args.audit == "-" {
-        Audit::to_writer(Box::new(std::io::stdout()), &args.workspace)
-    } else {
-        Audit::to_file(args.audit.as_ref(), &args.workspace)
-            .with_context(|| format!("cannot open audit log {}", args.audit))?
-    };
-    let limits = Limits {
-        max_flows: args.max_flows,
-        idle_timeout: Duration::from_secs(args.idle_timeout),
-        ..Limits::default()
-    };
-    let config = Config {
-        workspace: args.workspace,
-        uds: args.uds,
-        port: args.port,
-        admin: args.admin,
-        source,
-        watch: !args.no_watch,
-        limits,
-    };
+    let (mut config, resolver, audit) = args.opts.build(args.uds, Path::new("-"))?;
+    config.port = args.port;
+    config.admin = args.admin;
+    config.watch = !args.no_watch;
     Ok((config, resolver, audit))
 }
 
@@ -118,48 +141,4 @@ pub(crate) fn run_proxy(args: ProxyArgs) -> Result<ExitCode> {
         proxy.shutdown();
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// `moat run`: picks the backend and says which and why. Only the egress proxy exists so far;
-/// this says so plainly instead of pretending to start a workspace.
-pub(crate) fn run_workspace(args: RunArgs) -> Result<ExitCode> {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    // Which KVM module provides /dev/kvm: kvm_intel/kvm_amd use hardware virtualization;
-    // kvm_pvm is nested PVM, where a Linux guest's user space cannot run.
-    let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
-    let pvm = module("kvm_pvm");
-    let (choice, why) = match args.backend.as_str() {
-        "vm" => ("vm", "requested with --backend vm".to_owned()),
-        "namespace" => ("namespace", "requested with --backend namespace".to_owned()),
-        "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => {
-            ("vm", "/dev/kvm has hardware virtualization".to_owned())
-        }
-        "auto" if kvm && pvm => (
-            "namespace",
-            "/dev/kvm is nested PVM, where a Linux guest's user space cannot run".to_owned(),
-        ),
-        "auto" if kvm => (
-            "namespace",
-            "/dev/kvm is neither kvm_intel, kvm_amd nor kvm_pvm".to_owned(),
-        ),
-        "auto" => (
-            "namespace",
-            "/dev/kvm is not available to this user".to_owned(),
-        ),
-        other => anyhow::bail!("unknown backend {other:?} (auto, vm or namespace)"),
-    };
-    eprintln!("moat run: backend {choice} ({why})");
-    eprintln!(
-        "moat run: the {choice} backend is not built yet: today moat has the host egress proxy \
-         (`moat proxy`), its policy tools (`moat policy`) and a client (`moat connect`). \
-         See README.md \"Try the egress proxy\"."
-    );
-    if !args.command.is_empty() {
-        eprintln!("moat run: not running {:?}", args.command.join(" "));
-    }
-    Ok(ExitCode::from(2))
 }

@@ -1,0 +1,81 @@
+//! Starting the agent and reaping it, as PID 1.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// The agent process to run.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// argv; empty means an interactive login shell.
+    pub command: Vec<String>,
+    /// The agent's home (writable).
+    pub home: PathBuf,
+    /// Extra environment (CA bundle variables, credential placeholders).
+    pub env: Vec<(String, String)>,
+}
+
+/// The shell's convention: the exit code, or 128 + the signal that killed it.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+/// Starts the agent with a clean environment and waits for it, reaping every other child that
+/// ends meanwhile (orphans re-parented to PID 1). Returns the agent's exit status.
+pub(crate) fn run_agent(spec: &AgentSpec) -> std::io::Result<ExitStatus> {
+    let (program, args) = match spec.command.split_first() {
+        Some((p, a)) => (p.clone(), a.to_vec()),
+        None => ("/bin/bash".to_owned(), vec!["-l".to_owned()]),
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("HOME", &spec.home)
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("MOAT_WORKSPACE", "1")
+        .current_dir(&spec.home);
+    for key in ["TERM", "LANG", "COLORTERM"] {
+        if let Ok(v) = std::env::var(key) {
+            cmd.env(key, v);
+        }
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    // SAFETY: the closure runs in the forked child before exec; it only calls prctl(2), which
+    // is async-signal-safe, and allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| {
+            // No privilege gained through exec (setuid binaries, file capabilities).
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    let agent = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == agent => {
+                return Ok(ExitStatus::from_raw((code & 0xff) << 8));
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == agent => {
+                return Ok(ExitStatus::from_raw(sig as i32));
+            }
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

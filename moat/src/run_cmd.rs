@@ -1,0 +1,168 @@
+//! `moat run`: a workspace with an agent shell, on the best backend this host supports.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use moat_egress::Proxy;
+
+use crate::proxy_cmd::ProxyOpts;
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Backend: auto, vm or namespace.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// The agent's home directory (default: a fresh one, removed at exit).
+    #[arg(long)]
+    home: Option<PathBuf>,
+    #[command(flatten)]
+    proxy: ProxyOpts,
+    /// Command to run in the workspace instead of an interactive shell.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// Arguments of the hidden `__guest-init` command: the namespace backend's PID 1.
+#[derive(Debug, Args)]
+pub(crate) struct GuestInitArgs {
+    #[arg(long)]
+    flow_socket: PathBuf,
+    #[arg(long)]
+    run_dir: PathBuf,
+    #[arg(long)]
+    home: PathBuf,
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn choose_backend(requested: &str) -> Result<(&'static str, String)> {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    // Which KVM module provides /dev/kvm: kvm_intel/kvm_amd use hardware virtualization;
+    // kvm_pvm is nested PVM, where a Linux guest's user space cannot run.
+    let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+    let pvm = module("kvm_pvm");
+    Ok(match requested {
+        "vm" => ("vm", "requested with --backend vm".to_owned()),
+        "namespace" => ("namespace", "requested with --backend namespace".to_owned()),
+        "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => {
+            ("vm", "/dev/kvm has hardware virtualization".to_owned())
+        }
+        "auto" if kvm && pvm => (
+            "namespace",
+            "/dev/kvm is nested PVM, where a Linux guest's user space cannot run".to_owned(),
+        ),
+        "auto" if kvm => (
+            "namespace",
+            "/dev/kvm is neither kvm_intel, kvm_amd nor kvm_pvm".to_owned(),
+        ),
+        "auto" => (
+            "namespace",
+            "/dev/kvm is not available to this user".to_owned(),
+        ),
+        other => bail!("unknown backend {other:?} (auto, vm or namespace)"),
+    })
+}
+
+pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
+    let (backend, why) = choose_backend(&args.backend)?;
+    eprintln!("moat: backend {backend} ({why})");
+    if backend == "vm" {
+        eprintln!(
+            "moat: the vm backend is not built yet (issues 5 and 6); run with --backend namespace"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    eprintln!(
+        "moat: the namespace backend shares the host kernel: isolation is weaker than a VM's"
+    );
+
+    let run_dir = std::env::temp_dir().join(format!("moat-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let result = run_in(&args, &run_dir);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    result
+}
+
+fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))?;
+    let home = match &args.home {
+        Some(h) => h.clone(),
+        None => {
+            let h = run_dir.join("home");
+            std::fs::create_dir_all(&h)?;
+            h
+        }
+    };
+    let uds = run_dir.join("vsock");
+    let default_audit = run_dir.join("audit.jsonl");
+    let (config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
+    eprintln!(
+        "moat: egress proxy up (policy {:?}), audit: {}",
+        proxy.policy_name(),
+        args.proxy.audit_path(&default_audit).display()
+    );
+
+    let exe = std::env::current_exe().context("cannot find the moat binary")?;
+    let mut child = Command::new(exe)
+        .arg("__guest-init")
+        .arg("--flow-socket")
+        .arg(proxy.listen_path())
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--home")
+        .arg(&home)
+        .arg("--")
+        .args(&args.command)
+        .spawn()
+        .context("cannot start the workspace")?;
+    let child_pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    // Ctrl-C belongs to the agent's shell; SIGTERM tears the workspace down.
+    rt.spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {
+                    let _ = nix::sys::signal::kill(child_pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    });
+    let status = child.wait()?;
+    proxy.shutdown();
+    drop(rt);
+    let code = moat_guest_init::exit_code(status);
+    eprintln!("moat: workspace exited with status {code}");
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
+    // Dies with `moat run`, so no workspace outlives its proxy.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    let config = moat_guest_init::WorkspaceConfig {
+        flow_socket: args.flow_socket,
+        run_dir: args.run_dir,
+        hostname: "workspace".into(),
+        agent: moat_guest_init::AgentSpec {
+            command: args.command,
+            home: args.home,
+            env: Vec::new(),
+        },
+    };
+    let code = moat_guest_init::run_namespace(&config)?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}

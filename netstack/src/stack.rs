@@ -1,0 +1,553 @@
+//! The userspace network stack: packets from the workspace's TUN device go through smoltcp;
+//! every TCP connection becomes one flow stream to the host, opened with a flow header.
+//!
+//! ```text
+//!  TUN fd --read--> inspect (SYN? DNS? drop) --> smoltcp Interface (any-ip) --> TCP sockets
+//!                                                                      |  pump (backpressure)
+//!  TUN fd <-write-- smoltcp egress <------------------------------------+--> flow streams
+//! ```
+//!
+//! A SYN to a destination not seen before gets a fresh listening socket bound to exactly that
+//! destination, before smoltcp sees the SYN; so the stack accepts TCP to any address while
+//! every socket still belongs to one connection. UDP to the virtual DNS address is answered
+//! locally; every other UDP datagram, ICMP and anything else is dropped and counted.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use moat_flow_header::{FlowHeader, Hostname, Transport as WireTransport};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+    UdpPacket,
+};
+
+use crate::dns;
+use crate::pool::FakePool;
+use crate::transport::FlowTransport;
+
+/// The netstack's own address on the workspace network (gateway and DNS server).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+/// The workspace kernel's address on its TUN interface.
+pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// MTU of the TUN interface.
+pub const MTU: usize = 1500;
+/// Bytes of socket buffer per direction per TCP flow.
+const TCP_BUFFER: usize = 256 * 1024;
+
+/// Bounds of the stack.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Concurrent TCP flows; SYNs beyond it are answered with RST.
+    pub max_flows: usize,
+    /// Packets read from the device per step.
+    pub rx_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_flows: 1024,
+            rx_batch: 128,
+        }
+    }
+}
+
+/// Counters, readable from other threads.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// TCP flows accepted and handed to the host.
+    pub flows_opened: AtomicU64,
+    /// SYNs refused because the flow limit was reached.
+    pub flows_over_limit: AtomicU64,
+    /// Flow streams that could not be opened to the host.
+    pub transport_errors: AtomicU64,
+    /// DNS queries answered.
+    pub dns_queries: AtomicU64,
+    /// UDP datagrams dropped (anything but DNS to the gateway).
+    pub dropped_udp: AtomicU64,
+    /// ICMP packets dropped.
+    pub dropped_icmp: AtomicU64,
+    /// Other packets dropped (IPv6, unknown protocols, malformed).
+    pub dropped_other: AtomicU64,
+}
+
+/// Where packets come from and go to: the TUN device, or a simulated wire in tests.
+pub trait PacketIo {
+    /// Reads one packet into `buf`; `Ok(None)` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+    /// Sends one packet (best effort: a drop is retransmitted by TCP).
+    fn send(&mut self, packet: &[u8]);
+}
+
+/// A TUN device as [`PacketIo`].
+#[derive(Debug)]
+pub struct Tun(pub OwnedFd);
+
+impl PacketIo for Tun {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        crate::sys::read_packet(&self.0, buf)
+    }
+    fn send(&mut self, packet: &[u8]) {
+        let _ = crate::sys::write_packet(&self.0, packet);
+    }
+}
+
+/// smoltcp's view of the device: received packets come from a queue filled (and inspected)
+/// by the stack; transmitted packets go straight to the [`PacketIo`].
+struct QueueDevice<'a, P: PacketIo> {
+    rx: &'a mut VecDeque<Vec<u8>>,
+    io: &'a mut P,
+}
+
+struct RxToken(Vec<u8>);
+struct TxToken<'a, P: PacketIo>(&'a mut P);
+
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl<P: PacketIo> phy::TxToken for TxToken<'_, P> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.send(&buf);
+        r
+    }
+}
+
+impl<P: PacketIo> Device for QueueDevice<'_, P> {
+    type RxToken<'b>
+        = RxToken
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxToken<'b, P>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _now: Instant) -> Option<(RxToken, TxToken<'_, P>)> {
+        let packet = self.rx.pop_front()?;
+        Some((RxToken(packet), TxToken(self.io)))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_, P>> {
+        Some(TxToken(self.io))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = MTU;
+        caps
+    }
+}
+
+/// One TCP connection and its stream to the host.
+struct Flow {
+    /// (agent address, destination) of the connection.
+    key: (SocketAddrV4, SocketAddrV4),
+    stream: Option<UnixStream>,
+    /// Bytes for the host not yet written (the header, at first).
+    to_host: Vec<u8>,
+    /// We shut down writing towards the host (agent sent FIN).
+    host_write_closed: bool,
+    /// The host side ended (EOF or error); the TCP side is closing.
+    host_done: bool,
+    /// Bytes received from the host so far.
+    from_host: u64,
+}
+
+/// The stack.
+pub struct Stack<P: PacketIo> {
+    io: P,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dns: SocketHandle,
+    flows: HashMap<SocketHandle, Flow>,
+    keys: HashMap<(SocketAddrV4, SocketAddrV4), SocketHandle>,
+    rx: VecDeque<Vec<u8>>,
+    pool: FakePool,
+    transport: Box<dyn FlowTransport>,
+    limits: Limits,
+    next_flow_id: u64,
+    counters: Arc<Counters>,
+}
+
+impl<P: PacketIo> std::fmt::Debug for Stack<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("flows", &self.flows.len())
+            .finish()
+    }
+}
+
+impl<P: PacketIo> Stack<P> {
+    /// A stack on `io`, sending flows through `transport`.
+    pub fn new(mut io: P, transport: Box<dyn FlowTransport>, limits: Limits, now: Instant) -> Self {
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = now.total_millis().unsigned_abs();
+        let mut rx = VecDeque::new();
+        let mut iface = Interface::new(
+            config,
+            &mut QueueDevice {
+                rx: &mut rx,
+                io: &mut io,
+            },
+            now,
+        );
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(GATEWAY), 24));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(GATEWAY);
+        iface.set_any_ip(true);
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut dns = udp::Socket::new(
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 * 1024]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 * 1024]),
+        );
+        let _ = dns.bind(IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(GATEWAY)),
+            port: 53,
+        });
+        let dns = sockets.add(dns);
+        Stack {
+            io,
+            iface,
+            sockets,
+            dns,
+            flows: HashMap::new(),
+            keys: HashMap::new(),
+            rx,
+            pool: FakePool::default(),
+            transport,
+            limits,
+            next_flow_id: 1,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// The device, for registering with a poller.
+    pub fn io(&self) -> &P {
+        &self.io
+    }
+
+    /// Live flows.
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Flow streams, for registering with a poller.
+    pub fn streams(&self) -> impl Iterator<Item = &UnixStream> {
+        self.flows.values().filter_map(|f| f.stream.as_ref())
+    }
+
+    /// One round: read packets, accept new connections, run smoltcp, answer DNS, move bytes
+    /// between sockets and flow streams, and send what smoltcp produced. Returns how long the
+    /// caller may sleep before the next round if nothing wakes it earlier.
+    pub fn step(&mut self, now: Instant) -> Option<smoltcp::time::Duration> {
+        self.read_packets();
+        self.poll(now);
+        self.serve_dns();
+        self.pump_flows();
+        self.poll(now);
+        self.reap();
+        self.iface.poll_delay(now, &self.sockets)
+    }
+
+    fn poll(&mut self, now: Instant) {
+        let mut dev = QueueDevice {
+            rx: &mut self.rx,
+            io: &mut self.io,
+        };
+        let _ = self.iface.poll(now, &mut dev, &mut self.sockets);
+    }
+
+    fn read_packets(&mut self) {
+        let mut buf = vec![0u8; MTU + 64];
+        for _ in 0..self.limits.rx_batch {
+            let n = match self.io.recv(&mut buf) {
+                Ok(Some(n)) => n,
+                Ok(None) | Err(_) => break,
+            };
+            let packet = &buf[..n];
+            if self.admit(packet) {
+                self.rx.push_back(packet.to_vec());
+            }
+        }
+    }
+
+    /// Decides what to do with one packet from the workspace: true to hand it to smoltcp.
+    fn admit(&mut self, packet: &[u8]) -> bool {
+        let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+            self.counters.dropped_other.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        match ip.next_header() {
+            IpProtocol::Tcp => {
+                let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+                    self.counters.dropped_other.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                };
+                if tcp.syn() && !tcp.ack() {
+                    let src = SocketAddrV4::new(ip.src_addr(), tcp.src_port());
+                    let dst = SocketAddrV4::new(ip.dst_addr(), tcp.dst_port());
+                    self.listen_for(src, dst);
+                }
+                true
+            }
+            IpProtocol::Udp => {
+                let is_dns = UdpPacket::new_checked(ip.payload())
+                    .is_ok_and(|u| u.dst_port() == 53 && ip.dst_addr() == GATEWAY);
+                if !is_dns {
+                    self.counters.dropped_udp.fetch_add(1, Ordering::Relaxed);
+                }
+                is_dns
+            }
+            IpProtocol::Icmp => {
+                self.counters.dropped_icmp.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            _ => {
+                self.counters.dropped_other.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Makes sure a socket is listening for the connection `src -> dst`.
+    fn listen_for(&mut self, src: SocketAddrV4, dst: SocketAddrV4) {
+        if self.keys.contains_key(&(src, dst)) {
+            return; // A retransmitted SYN.
+        }
+        if *dst.ip() == GATEWAY || self.flows.len() >= self.limits.max_flows {
+            // No listener: smoltcp answers the SYN with RST.
+            if *dst.ip() != GATEWAY {
+                self.counters
+                    .flows_over_limit
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        socket.set_nagle_enabled(false);
+        if socket
+            .listen(IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(*dst.ip())),
+                port: dst.port(),
+            })
+            .is_err()
+        {
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        self.keys.insert((src, dst), handle);
+        self.flows.insert(
+            handle,
+            Flow {
+                key: (src, dst),
+                stream: None,
+                to_host: Vec::new(),
+                host_write_closed: false,
+                host_done: false,
+                from_host: 0,
+            },
+        );
+    }
+
+    fn serve_dns(&mut self) {
+        let socket = self.sockets.get_mut::<udp::Socket<'_>>(self.dns);
+        let mut replies = Vec::new();
+        while let Ok((query, meta)) = socket.recv() {
+            if let Some(reply) = dns::answer(query, &mut self.pool) {
+                replies.push((reply, meta.endpoint));
+            }
+        }
+        for (reply, to) in replies {
+            self.counters.dns_queries.fetch_add(1, Ordering::Relaxed);
+            let _ = socket.send_slice(&reply, to);
+        }
+    }
+
+    /// Opens the host stream for a flow whose TCP handshake completed.
+    fn open(&mut self, handle: SocketHandle) {
+        let Some(flow) = self.flows.get_mut(&handle) else {
+            return;
+        };
+        let (_, dst) = flow.key;
+        let hostname = if FakePool::contains(*dst.ip()) {
+            self.pool
+                .name_of(*dst.ip())
+                .and_then(|n| Hostname::new(n).ok())
+        } else {
+            None
+        };
+        let header = FlowHeader {
+            flow_id: self.next_flow_id,
+            transport: WireTransport::Tcp,
+            destination: SocketAddr::V4(dst),
+            hostname,
+        };
+        self.next_flow_id += 1;
+        match self.transport.connect() {
+            Ok(stream) => {
+                flow.to_host = header.encode();
+                flow.stream = Some(stream);
+                self.counters.flows_opened.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open flow stream to the host");
+                self.counters
+                    .transport_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                self.sockets.get_mut::<tcp::Socket<'_>>(handle).abort();
+                flow.host_done = true;
+            }
+        }
+    }
+
+    fn pump_flows(&mut self) {
+        let handles: Vec<SocketHandle> = self.flows.keys().copied().collect();
+        for handle in handles {
+            let (established, stream_open) = {
+                let s = self.sockets.get::<tcp::Socket<'_>>(handle);
+                let flow = &self.flows[&handle];
+                (
+                    matches!(s.state(), tcp::State::Established | tcp::State::CloseWait),
+                    flow.stream.is_some() || flow.host_done,
+                )
+            };
+            if established && !stream_open {
+                self.open(handle);
+            }
+            let socket = self.sockets.get_mut::<tcp::Socket<'_>>(handle);
+            let Some(flow) = self.flows.get_mut(&handle) else {
+                continue;
+            };
+            pump(flow, socket);
+        }
+    }
+
+    /// Forgets flows whose TCP socket has fully closed.
+    fn reap(&mut self) {
+        let mut done = Vec::new();
+        for (handle, flow) in &self.flows {
+            let s = self.sockets.get::<tcp::Socket<'_>>(*handle);
+            if s.state() == tcp::State::Closed || s.state() == tcp::State::TimeWait {
+                done.push((*handle, flow.key));
+            }
+        }
+        for (handle, key) in done {
+            self.flows.remove(&handle);
+            self.keys.remove(&key);
+            self.sockets.remove(handle);
+        }
+    }
+}
+
+/// Moves bytes both ways between one TCP socket and its host stream, as far as both sides'
+/// buffers allow (backpressure: nothing is buffered beyond the two socket buffers).
+fn pump(flow: &mut Flow, socket: &mut tcp::Socket<'_>) {
+    let Some(stream) = flow.stream.as_mut() else {
+        return;
+    };
+    // Pending header bytes first.
+    while !flow.to_host.is_empty() {
+        match stream.write(&flow.to_host) {
+            Ok(n) => {
+                flow.to_host.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) => {
+                socket.abort();
+                flow.host_done = true;
+                return;
+            }
+        }
+    }
+    // Agent -> host.
+    let mut host_failed = false;
+    while socket.can_recv() {
+        let r = socket.recv(|buf| match stream.write(buf) {
+            Ok(n) => (n, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, 0),
+            Err(_) => {
+                host_failed = true;
+                (0, 0)
+            }
+        });
+        if !matches!(r, Ok(n) if n > 0) {
+            break;
+        }
+    }
+    if host_failed {
+        socket.abort();
+        flow.host_done = true;
+        return;
+    }
+    if !socket.may_recv() && socket.recv_queue() == 0 && !flow.host_write_closed {
+        // The agent sent FIN and we passed on everything before it: half-close towards host.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        flow.host_write_closed = true;
+    }
+    // Host -> agent.
+    if flow.host_done {
+        return;
+    }
+    while socket.can_send() {
+        let mut eof = false;
+        let mut err = false;
+        let r = socket.send(|buf| match stream.read(buf) {
+            Ok(0) => {
+                eof = true;
+                (0, 0)
+            }
+            Ok(n) => (n, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, 0),
+            Err(_) => {
+                err = true;
+                (0, 0)
+            }
+        });
+        if let Ok(n) = r {
+            flow.from_host += n as u64;
+        }
+        if eof {
+            flow.host_done = true;
+            if flow.from_host == 0 {
+                // The host closed without a byte: the proxy refused this flow. Reset, so the
+                // agent sees "connection reset" at once rather than an empty reply.
+                socket.abort();
+            } else {
+                socket.close();
+            }
+            return;
+        }
+        if err {
+            flow.host_done = true;
+            socket.abort();
+            return;
+        }
+        if !matches!(r, Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
