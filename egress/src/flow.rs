@@ -19,7 +19,7 @@ use crate::audit::{Activity, Event, FlowInfo};
 use crate::outcome::Reason;
 use crate::policy_store::LiveFlow;
 use crate::sniff::{self, MAX_SNIFF, Sniffed};
-use crate::splice::{Counters, SpliceLimits, splice};
+use crate::splice::{Counters, Halves, SpliceLimits, splice};
 
 /// A refusal or failure before the flow was opened.
 struct Stop {
@@ -261,7 +261,13 @@ async fn admit(
     Err(Stop::new(reason).rule(&rule).detail(err.to_string()))
 }
 
-async fn run(shared: &Shared, uid: u64, agent: UnixStream, admitted: Admitted, info: &FlowInfo) {
+async fn run(
+    shared: &Shared,
+    uid: u64,
+    mut agent: UnixStream,
+    admitted: Admitted,
+    info: &FlowInfo,
+) {
     let Admitted {
         mut upstream,
         upstream_addr,
@@ -305,6 +311,16 @@ async fn run(shared: &Shared, uid: u64, agent: UnixStream, admitted: Admitted, i
             idle: shared.limits.idle_timeout,
             total: shared.limits.total_timeout,
             buffer: shared.limits.splice_buffer,
+        };
+        let (ar, aw) = agent.split();
+        let (ur, uw) = upstream.split();
+        let agent = Halves {
+            read: ar,
+            write: aw,
+        };
+        let upstream = Halves {
+            read: ur,
+            write: uw,
         };
         splice(agent, upstream, limits, Arc::clone(&counters), cancel).await
     };

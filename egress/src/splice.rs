@@ -73,22 +73,34 @@ where
     }
 }
 
+/// The two halves of one side of a flow (borrowed halves from `TcpStream::split` and
+/// `UnixStream::split` cost nothing, unlike the locking `tokio::io::split`).
+#[derive(Debug)]
+pub struct Halves<R, W> {
+    /// Reading half.
+    pub read: R,
+    /// Writing half.
+    pub write: W,
+}
+
 /// Splices `agent` and `upstream` until both directions finish or something ends the flow.
 /// Returns why it ended.
-pub async fn splice<A, U>(
-    agent: A,
-    upstream: U,
+pub async fn splice<AR, AW, UR, UW>(
+    agent: Halves<AR, AW>,
+    upstream: Halves<UR, UW>,
     limits: SpliceLimits,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> Reason
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    AR: AsyncRead + Unpin,
+    AW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let (agent_r, agent_w) = tokio::io::split(agent);
-    let (up_r, up_w) = tokio::io::split(upstream);
+    let (agent_r, agent_w) = (agent.read, agent.write);
+    let (up_r, up_w) = (upstream.read, upstream.write);
     let c = &*counters;
     let out = one_way(agent_r, up_w, Side::Agent, &c.out, c, start, limits.buffer);
     let inb = one_way(

@@ -50,9 +50,10 @@ fn choose_backend(requested: &str) -> Result<(&'static str, String)> {
     Ok(match requested {
         "vm" => ("vm", "requested with --backend vm".to_owned()),
         "namespace" => ("namespace", "requested with --backend namespace".to_owned()),
-        "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => {
-            ("vm", "/dev/kvm has hardware virtualization".to_owned())
-        }
+        "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => (
+            "namespace",
+            "/dev/kvm has hardware virtualization, but the vm backend is not built yet".to_owned(),
+        ),
         "auto" if kvm && pvm => (
             "namespace",
             "/dev/kvm is nested PVM, where a Linux guest's user space cannot run".to_owned(),

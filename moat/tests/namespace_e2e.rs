@@ -1,0 +1,345 @@
+//! End to end through the namespace backend with real programs: `moat run --backend
+//! namespace -- <command>` runs curl, git and a shell inside the workspace; their traffic goes
+//! through the virtual DNS, the TUN device, the netstack, the flow header and the egress proxy
+//! to a TLS server on the host's loopback (rcgen test CA). Needs unprivileged user namespaces
+//! and /dev/net/tun (both present on our CI machines), curl, git and python3.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A static HTTPS file server on 127.0.0.1 for `allowed.test` and `denied.test`, serving
+/// `/hello` and the files under `root` (a dumb-HTTP git repository, for instance).
+struct Upstream {
+    port: u16,
+    ca_pem: String,
+}
+
+fn start_upstream(root: PathBuf) -> Upstream {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // OpenSSL (curl, git) needs distinct names to tell the CA from the leaf.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "moat e2e CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf_params =
+        CertificateParams::new(vec!["allowed.test".into(), "denied.test".into()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "allowed.test");
+    let leaf = leaf_params.signed_by(&key, &ca).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            let (config, root) = (Arc::clone(&config), root.clone());
+            std::thread::spawn(move || serve(tcp, config, &root));
+        }
+    });
+    Upstream {
+        port,
+        ca_pem: ca.pem(),
+    }
+}
+
+fn serve(mut tcp: std::net::TcpStream, config: Arc<rustls::ServerConfig>, root: &Path) {
+    let Ok(mut conn) = rustls::ServerConnection::new(config) else {
+        return;
+    };
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        while !head.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        head.clear();
+        let target = text.split_whitespace().nth(1).unwrap_or("/");
+        // Dumb HTTP: `info/refs?service=...` is answered with the plain file.
+        let path = target.split('?').next().unwrap_or("/").to_owned();
+        let body = if path == "/hello" {
+            Some(b"hello from upstream\n".to_vec())
+        } else {
+            let rel = path.trim_start_matches('/');
+            (!rel.contains(".."))
+                .then(|| std::fs::read(root.join(rel)).ok())
+                .flatten()
+        };
+        let resp = match body {
+            Some(b) => [
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b.len()).into_bytes(),
+                b,
+            ]
+            .concat(),
+            None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        };
+        if tls.write_all(&resp).is_err() {
+            return;
+        }
+    }
+}
+
+/// A workspace setup: signed policy, agent home with the CA, audit log.
+struct Workspace {
+    dir: tempfile::TempDir,
+    upstream: Upstream,
+}
+
+impl Workspace {
+    fn new() -> Workspace {
+        let dir = tempfile::tempdir().unwrap();
+        let repo_root = dir.path().join("srv");
+        std::fs::create_dir_all(&repo_root).unwrap();
+        let upstream = start_upstream(repo_root);
+        let key = moat_policy::signing::generate("").unwrap();
+        std::fs::write(dir.path().join("policy.pub"), &key.public).unwrap();
+        let profile = format!(
+            "version = 1\nname = \"e2e\"\n\n[[rules]]\nname = \"allowed\"\nhosts = [\"allowed.test\"]\n\
+             ports = [{}]\naction = \"passthrough\"\n# The test upstream is on loopback: named explicitly.\n\
+             cidrs = [\"127.0.0.0/8\"]\n",
+            upstream.port
+        );
+        let sig = moat_policy::signing::sign(profile.as_bytes(), &key.secret, "").unwrap();
+        std::fs::write(dir.path().join("policy.toml"), &profile).unwrap();
+        std::fs::write(dir.path().join("policy.toml.minisig"), sig).unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(home.join("ca.pem"), &upstream.ca_pem).unwrap();
+        Workspace { dir, upstream }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn reasons(&self) -> Vec<String> {
+        self.audit()
+            .iter()
+            .filter_map(|r| r["unmapped"]["moat"]["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Runs `script` with sh inside the workspace.
+    fn run(&self, script: &str) -> Output {
+        let d = self.dir.path();
+        Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(["run", "--backend", "namespace"])
+            .arg("--profile")
+            .arg(d.join("policy.toml"))
+            .arg("--pubkey")
+            .arg(d.join("policy.pub"))
+            .arg("--audit")
+            .arg(d.join("audit.jsonl"))
+            .arg("--home")
+            .arg(self.home())
+            .args([
+                "--resolve",
+                "allowed.test=127.0.0.1",
+                "--resolve",
+                "denied.test=127.0.0.1",
+            ])
+            .args(["--", "sh", "-c", script])
+            .env("MOAT_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.upstream.port)
+    }
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+#[test]
+fn curl_reaches_an_allowed_host_through_the_whole_path() {
+    let ws = Workspace::new();
+    let out = ws.run(&format!(
+        "curl -sS --cacert ~/ca.pem {}",
+        ws.url("allowed.test", "/hello")
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        "hello from upstream\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(out.status.success());
+    let open = ws
+        .audit()
+        .into_iter()
+        .find(|r| r["activity_id"] == 1)
+        .unwrap();
+    assert_eq!(open["dst_endpoint"]["hostname"], "allowed.test");
+    assert_eq!(open["firewall_rule"]["name"], "allowed");
+}
+
+#[test]
+fn denied_host_fails_with_an_error_the_agent_can_read() {
+    let ws = Workspace::new();
+    let out = ws.run(&format!(
+        "curl -sS --cacert ~/ca.pem {}",
+        ws.url("denied.test", "/hello")
+    ));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("reset"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        ws.reasons().contains(&"no_rule".to_owned()),
+        "audit: {:?}",
+        ws.reasons()
+    );
+}
+
+#[test]
+fn ip_literal_fails() {
+    let ws = Workspace::new();
+    // (127.0.0.1 would be the workspace's own loopback; any other literal goes to the host.)
+    let out = ws.run("curl -sS -k https://192.0.2.10/hello");
+    assert!(!out.status.success());
+    assert!(ws.reasons().contains(&"ip_literal".to_owned()));
+}
+
+#[test]
+fn names_resolve_to_the_virtual_pool_and_no_dns_query_leaves() {
+    let ws = Workspace::new();
+    // A lookup answers from the fake pool (198.18.0.0/15); a datagram to a real resolver is
+    // dropped by the netstack, so the query times out.
+    let out = ws.run(
+        "getent hosts anything.example && python3 -c \"import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.sendto(b'q', ('8.8.8.8', 53)); s.recv(64)\"",
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("198.18."), "stdout: {stdout}");
+    assert!(
+        text(&out.stderr).contains("timed out"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(!out.status.success());
+}
+
+#[test]
+fn git_clones_over_https_through_the_proxy() {
+    let ws = Workspace::new();
+    // A dumb-HTTP repository served by the upstream.
+    let src = ws.dir.path().join("src");
+    let git = |args: &[&str], dir: &Path| {
+        let st = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .status()
+            .unwrap();
+        assert!(st.success(), "git {args:?}");
+    };
+    std::fs::create_dir_all(&src).unwrap();
+    git(&["init", "-q", "-b", "main"], &src);
+    std::fs::write(src.join("README"), "cloned through moat\n").unwrap();
+    git(&["add", "README"], &src);
+    git(&["commit", "-q", "-m", "init"], &src);
+    let bare = ws.dir.path().join("srv/repo.git");
+    git(
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            src.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+        ws.dir.path(),
+    );
+    git(&["update-server-info"], &bare);
+
+    let out = ws.run(&format!(
+        "GIT_SSL_CAINFO=$HOME/ca.pem git clone -q {} repo && cat repo/README",
+        ws.url("allowed.test", "/repo.git")
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        "cloned through moat\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(ws.home().join("repo/README").exists());
+}
+
+#[test]
+fn only_home_and_tmp_are_writable() {
+    let ws = Workspace::new();
+    let out = ws.run("touch /etc/moat-e2e; echo etc=$?; touch /usr/moat-e2e; echo usr=$?; touch /tmp/x; echo tmp=$?; touch ~/made-inside; echo home=$?");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("etc=1") && stdout.contains("usr=1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tmp=0") && stdout.contains("home=0"),
+        "{stdout}"
+    );
+    assert!(ws.home().join("made-inside").exists());
+    assert!(!Path::new("/etc/moat-e2e").exists());
+}
+
+#[test]
+fn exit_status_of_the_command_is_the_workspaces() {
+    let ws = Workspace::new();
+    let out = ws.run("exit 7");
+    assert_eq!(out.status.code(), Some(7));
+    assert!(text(&out.stderr).contains("backend namespace"));
+}
+
+#[test]
+fn the_workspace_sees_only_its_own_processes_and_leaves_none_behind() {
+    let ws = Workspace::new();
+    let out = ws.run("sleep 300 & ps -e -o pid= | wc -l");
+    // init, sh, sleep, ps, wc: nothing of the host's.
+    let n: usize = text(&out.stdout).trim().parse().unwrap();
+    assert!(n <= 6, "{n} processes visible");
+    let leftover = Command::new("pgrep")
+        .args(["-f", &ws.home().to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "left behind: {}",
+        text(&leftover.stdout)
+    );
+}
