@@ -42,7 +42,7 @@ struct Wire {
     now: i64,
     rng: Rng,
     loss: u64,
-    max_delay: i64,
+    max_delay: u64,
     to_stack: Lane,
     to_client: Lane,
 }
@@ -53,7 +53,8 @@ impl Wire {
             return;
         }
         // A random delay per packet reorders packets too.
-        let at = self.now + 1 + (self.rng.next() % (self.max_delay as u64 + 1)) as i64;
+        let jitter = i64::try_from(self.rng.next() % (self.max_delay + 1)).unwrap_or(0);
+        let at = self.now + 1 + jitter;
         let lane = if to_stack {
             &mut self.to_stack
         } else {
@@ -163,10 +164,11 @@ impl Host {
             self.header = Some(h);
             self.buf.drain(..used);
         }
-        if self.header.is_some() && !self.buf.is_empty() {
-            if let Ok(n) = s.write(&self.buf) {
-                self.buf.drain(..n);
-            }
+        if self.header.is_some()
+            && !self.buf.is_empty()
+            && let Ok(n) = s.write(&self.buf)
+        {
+            self.buf.drain(..n);
         }
         // Echo everything, then pass the end of stream back.
         if self.eof && self.buf.is_empty() && !self.shut {
@@ -181,7 +183,7 @@ impl Host {
 fn echo_through_stack(
     seed: u64,
     loss: u64,
-    max_delay: i64,
+    max_delay: u64,
     total: usize,
 ) -> (Vec<u8>, FlowHeader, usize) {
     let wire = Rc::new(RefCell::new(Wire {
@@ -226,7 +228,9 @@ fn echo_through_stack(
         )
         .unwrap();
 
-    let payload: Vec<u8> = (0..total).map(|i| (i * 7 % 251) as u8).collect();
+    let payload: Vec<u8> = (0..total)
+        .map(|i| u8::try_from(i * 7 % 251).unwrap())
+        .collect();
     let (mut sent, mut got) = (0usize, Vec::new());
     let mut hosts: Vec<Host> = Vec::new();
     for ms in 0..600_000i64 {
@@ -273,7 +277,9 @@ fn echo_through_stack(
 }
 
 fn expected(total: usize) -> Vec<u8> {
-    (0..total).map(|i| (i * 7 % 251) as u8).collect()
+    (0..total)
+        .map(|i| u8::try_from(i * 7 % 251).unwrap())
+        .collect()
 }
 
 /// Compares without printing megabytes: the lengths, then the first differing offset.
