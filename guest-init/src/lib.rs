@@ -73,6 +73,8 @@ pub struct WorkspaceConfig {
     pub run_dir: PathBuf,
     /// The workspace hostname.
     pub hostname: String,
+    /// Extra CA certificates (PEM) the workspace trusts, added to the system trust store.
+    pub extra_ca: Option<PathBuf>,
     /// The agent.
     pub agent: AgentSpec,
 }

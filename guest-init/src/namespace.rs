@@ -1,6 +1,6 @@
 //! The namespace backend: guest-init on the host, in fresh namespaces, with its own TUN.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
@@ -114,6 +114,38 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Where the agent's home appears inside the workspace.
 pub const AGENT_HOME: &str = "/home/agent";
 
+/// The system trust store (Debian's layout), replaced inside the workspace by one that also
+/// holds the workspace's CA.
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The variables that point TLS clients at the trust store.
+pub fn ca_env() -> Vec<(String, String)> {
+    [
+        "SSL_CERT_FILE",
+        "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+        "PIP_CERT",
+    ]
+    .iter()
+    .map(|k| ((*k).to_owned(), CA_BUNDLE.to_owned()))
+    .collect()
+}
+
+/// Writes `<run_dir>/ca-bundle.crt`: the host's trust store plus `extra` (PEM).
+fn write_bundle(run_dir: &Path, extra: &Path) -> Result<PathBuf, InitError> {
+    let mut bundle = std::fs::read(CA_BUNDLE).unwrap_or_default();
+    let ca = std::fs::read(extra).map_err(|e| InitError::Write(extra.to_owned(), e))?;
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(&ca);
+    let out = run_dir.join("ca-bundle.crt");
+    std::fs::write(&out, bundle).map_err(|e| InitError::Write(out.clone(), e))?;
+    Ok(out)
+}
+
 fn mkdir(path: &Path) -> Result<(), InitError> {
     std::fs::create_dir_all(path).map_err(|e| InitError::Write(path.to_owned(), e))
 }
@@ -206,6 +238,19 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
         MsFlags::MS_BIND,
         None,
     )?;
+    if let Some(extra) = &config.extra_ca {
+        let bundle = write_bundle(&config.run_dir, extra)?;
+        let bundle = bundle.to_string_lossy();
+        let target = root.join(CA_BUNDLE.trim_start_matches('/'));
+        mount_or(
+            "the trust store",
+            Some(&bundle),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
     nix::unistd::chdir(&root).map_err(|source| InitError::Mount {
         what: "the new root",
         source,
@@ -280,6 +325,7 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
 
     let mut agent = config.agent.clone();
     agent.home = AGENT_HOME.into();
+    agent.env.extend(ca_env());
     let status = run_agent(&agent).map_err(InitError::Agent)?;
     Ok(exit_code(status))
 }

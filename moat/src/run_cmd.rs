@@ -17,6 +17,9 @@ pub(crate) struct RunArgs {
     /// The agent's home directory (default: a fresh one, removed at exit).
     #[arg(long)]
     home: Option<PathBuf>,
+    /// Extra CA certificates (PEM) the workspace trusts, added to its system trust store.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
@@ -33,6 +36,8 @@ pub(crate) struct GuestInitArgs {
     run_dir: PathBuf,
     #[arg(long)]
     home: PathBuf,
+    #[arg(long)]
+    ca: Option<PathBuf>,
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -122,6 +127,11 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
         .arg(run_dir)
         .arg("--home")
         .arg(&home)
+        .args(
+            args.ca
+                .iter()
+                .flat_map(|c| [std::ffi::OsStr::new("--ca"), c.as_os_str()]),
+        )
         .arg("--")
         .args(&args.command)
         .spawn()
@@ -158,6 +168,7 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
         flow_socket: args.flow_socket,
         run_dir: args.run_dir,
         hostname: "workspace".into(),
+        extra_ca: args.ca,
         agent: moat_guest_init::AgentSpec {
             command: args.command,
             home: args.home,

@@ -126,7 +126,7 @@ impl Workspace {
         std::fs::write(dir.path().join("policy.toml.minisig"), sig).unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
-        std::fs::write(home.join("ca.pem"), &upstream.ca_pem).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &upstream.ca_pem).unwrap();
         Workspace { dir, upstream }
     }
 
@@ -162,6 +162,8 @@ impl Workspace {
             .arg(d.join("audit.jsonl"))
             .arg("--home")
             .arg(self.home())
+            .arg("--ca")
+            .arg(self.dir.path().join("ca.pem"))
             .args([
                 "--resolve",
                 "allowed.test=127.0.0.1",
@@ -187,7 +189,7 @@ fn text(out: &[u8]) -> String {
 fn curl_reaches_an_allowed_host_through_the_whole_path() {
     let ws = Workspace::new();
     let out = ws.run(&format!(
-        "curl -sS --cacert ~/ca.pem {}",
+        "curl -sS {}",
         ws.url("allowed.test", "/hello")
     ));
     assert_eq!(
@@ -210,7 +212,7 @@ fn curl_reaches_an_allowed_host_through_the_whole_path() {
 fn denied_host_fails_with_an_error_the_agent_can_read() {
     let ws = Workspace::new();
     let out = ws.run(&format!(
-        "curl -sS --cacert ~/ca.pem {}",
+        "curl -sS {}",
         ws.url("denied.test", "/hello")
     ));
     assert!(!out.status.success());
@@ -289,7 +291,7 @@ fn git_clones_over_https_through_the_proxy() {
     git(&["update-server-info"], &bare);
 
     let out = ws.run(&format!(
-        "GIT_SSL_CAINFO=$HOME/ca.pem git clone -q {} repo && cat repo/README",
+        "git clone -q {} repo && cat repo/README",
         ws.url("allowed.test", "/repo.git")
     ));
     assert_eq!(
@@ -316,6 +318,26 @@ fn only_home_and_tmp_are_writable() {
     );
     assert!(ws.home().join("made-inside").exists());
     assert!(!Path::new("/etc/moat-e2e").exists());
+}
+
+#[test]
+fn tls_clients_are_pointed_at_the_workspace_trust_store() {
+    let ws = Workspace::new();
+    let out = ws.run("echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $GIT_SSL_CAINFO; grep -c 'BEGIN CERTIFICATE' $SSL_CERT_FILE");
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        ["/etc/ssl/certs/ca-certificates.crt"; 4].join(" ")
+    );
+    let host_count = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
+        .unwrap_or_default()
+        .matches("BEGIN CERTIFICATE")
+        .count();
+    assert_eq!(
+        lines.next().unwrap().parse::<usize>().unwrap(),
+        host_count + 1
+    );
 }
 
 #[test]
