@@ -188,10 +188,7 @@ fn text(out: &[u8]) -> String {
 #[test]
 fn curl_reaches_an_allowed_host_through_the_whole_path() {
     let ws = Workspace::new();
-    let out = ws.run(&format!(
-        "curl -sS {}",
-        ws.url("allowed.test", "/hello")
-    ));
+    let out = ws.run(&format!("curl -sS {}", ws.url("allowed.test", "/hello")));
     assert_eq!(
         text(&out.stdout),
         "hello from upstream\n",
@@ -211,10 +208,7 @@ fn curl_reaches_an_allowed_host_through_the_whole_path() {
 #[test]
 fn denied_host_fails_with_an_error_the_agent_can_read() {
     let ws = Workspace::new();
-    let out = ws.run(&format!(
-        "curl -sS {}",
-        ws.url("denied.test", "/hello")
-    ));
+    let out = ws.run(&format!("curl -sS {}", ws.url("denied.test", "/hello")));
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("reset"),
