@@ -99,6 +99,11 @@ impl std::fmt::Debug for Audit {
     }
 }
 
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_millis() -> u64 {
+    millis(SystemTime::now())
+}
+
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -234,10 +239,20 @@ impl Audit {
         rec
     }
 
+    /// The workspace these records are about.
+    pub fn workspace(&self) -> &str {
+        &self.workspace
+    }
+
     /// Writes the record for `event`. Failures are logged, never propagated: audit must not
     /// be a way for a flow to crash the proxy.
     pub fn emit(&self, event: &Event<'_>) {
-        let mut line = match serde_json::to_vec(&self.record(event)) {
+        self.emit_value(&self.record(event));
+    }
+
+    /// Writes one record, as one line in one write.
+    pub fn emit_value(&self, record: &Value) {
+        let mut line = match serde_json::to_vec(record) {
             Ok(line) => line,
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialise audit record");

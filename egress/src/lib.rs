@@ -25,6 +25,7 @@
 mod admin;
 pub mod audit;
 mod flow;
+pub mod guest_audit;
 pub mod metrics;
 pub mod outcome;
 pub mod policy_store;

@@ -7,6 +7,8 @@ use std::process::{Command, ExitStatus};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::report::Reporter;
+
 /// The agent process to run.
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
@@ -28,11 +30,13 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 
 /// Starts the agent with a clean environment and waits for it, reaping every other child that
 /// ends meanwhile (orphans re-parented to PID 1). Returns the agent's exit status.
-pub(crate) fn run_agent(spec: &AgentSpec) -> std::io::Result<ExitStatus> {
-    let (program, args) = match spec.command.split_first() {
-        Some((p, a)) => (p.clone(), a.to_vec()),
-        None => ("/bin/bash".to_owned(), vec!["-l".to_owned()]),
+pub(crate) fn run_agent(spec: &AgentSpec, report: &Reporter) -> std::io::Result<ExitStatus> {
+    let argv: Vec<String> = if spec.command.is_empty() {
+        vec!["/bin/bash".to_owned(), "-l".to_owned()]
+    } else {
+        spec.command.clone()
     };
+    let (program, args) = (argv[0].clone(), argv[1..].to_vec());
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -64,18 +68,21 @@ pub(crate) fn run_agent(spec: &AgentSpec) -> std::io::Result<ExitStatus> {
         });
     }
     let child = cmd.spawn()?;
+    report.launch(child.id(), &argv);
     let agent = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
-    loop {
+    let status = loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == agent => {
-                return Ok(ExitStatus::from_raw((code & 0xff) << 8));
+                break ExitStatus::from_raw((code & 0xff) << 8);
             }
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == agent => {
-                return Ok(ExitStatus::from_raw(sig as i32));
+                break ExitStatus::from_raw(sig as i32);
             }
             Ok(_) => {}
             Err(nix::Error::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
-    }
+    };
+    report.terminate(child.id(), exit_code(status));
+    Ok(status)
 }

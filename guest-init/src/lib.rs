@@ -24,6 +24,7 @@
 
 mod launch;
 mod namespace;
+mod report;
 mod sys;
 
 use std::path::PathBuf;
@@ -66,8 +67,10 @@ pub enum InitError {
 /// What the workspace runs and how it reaches the host.
 #[derive(Debug, Clone)]
 pub struct WorkspaceConfig {
-    /// The egress proxy's flow socket (`<uds>_1025`), reachable from inside.
+    /// The egress proxy's flow socket (`<uds>_1025`), in `run_dir`.
     pub flow_socket: PathBuf,
+    /// The host's socket for process events (`<uds>_1026`), in `run_dir`, if any.
+    pub audit_socket: Option<PathBuf>,
     /// A directory for the workspace's own files (flow socket, resolv.conf, the new root's
     /// mount point), on the host and outside the agent's view.
     pub run_dir: PathBuf,

@@ -305,10 +305,17 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
     enter_root(config, resolv)?;
     // Nobody else in the workspace may open our descriptors through /proc/1/fd.
     let _ = nix::sys::prctl::set_dumpable(false);
-    let socket_name = config.flow_socket.file_name().unwrap_or_default();
-    let flow_socket = Path::new("/proc/self/fd")
-        .join(std::os::fd::AsRawFd::as_raw_fd(&run_dir).to_string())
-        .join(socket_name);
+    // The host's sockets, through the kept handle on the run directory.
+    let host_dir =
+        Path::new("/proc/self/fd").join(std::os::fd::AsRawFd::as_raw_fd(&run_dir).to_string());
+    let flow_socket = host_dir.join(config.flow_socket.file_name().unwrap_or_default());
+    let reporter = crate::report::Reporter::new(
+        config
+            .audit_socket
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|name| host_dir.join(name)),
+    );
     let _ = sethostname(&config.hostname);
 
     let transport = moat_netstack::UnixTransport { path: flow_socket };
@@ -326,6 +333,6 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
     let mut agent = config.agent.clone();
     agent.home = AGENT_HOME.into();
     agent.env.extend(ca_env());
-    let status = run_agent(&agent).map_err(InitError::Agent)?;
+    let status = run_agent(&agent, &reporter).map_err(InitError::Agent)?;
     Ok(exit_code(status))
 }

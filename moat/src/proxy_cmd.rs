@@ -57,6 +57,11 @@ pub(crate) struct ProxyOpts {
 }
 
 impl ProxyOpts {
+    /// The workspace's name in audit records.
+    pub(crate) fn workspace(&self) -> &str {
+        &self.workspace
+    }
+
     /// Where audit records go: the flag, or `default`.
     pub(crate) fn audit_path(&self, default: &Path) -> PathBuf {
         self.audit

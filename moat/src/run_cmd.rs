@@ -5,7 +5,11 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use std::sync::Arc;
+
 use moat_egress::Proxy;
+use moat_egress::audit::Audit;
+use moat_egress::guest_audit::{self, GUEST_AUDIT_VSOCK_PORT};
 
 use crate::proxy_cmd::ProxyOpts;
 
@@ -32,6 +36,8 @@ pub(crate) struct RunArgs {
 pub(crate) struct GuestInitArgs {
     #[arg(long)]
     flow_socket: PathBuf,
+    #[arg(long)]
+    audit_socket: Option<PathBuf>,
     #[arg(long)]
     run_dir: PathBuf,
     #[arg(long)]
@@ -112,6 +118,24 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
     let (config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
+    // Process events from guest-init go to the same audit log, as OCSF Process Activity.
+    let audit_path = args.proxy.audit_path(&default_audit);
+    let process_audit = if audit_path.as_os_str() == "-" {
+        Audit::to_writer(Box::new(std::io::stdout()), args.proxy.workspace())
+    } else {
+        Audit::to_file(&audit_path, args.proxy.workspace())
+            .with_context(|| format!("cannot open audit log {}", audit_path.display()))?
+    };
+    let audit_socket = moat_egress::port_path(&uds, GUEST_AUDIT_VSOCK_PORT);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    {
+        let (path, shutdown) = (audit_socket.clone(), shutdown.clone());
+        rt.spawn(async move {
+            if let Err(e) = guest_audit::serve(&path, Arc::new(process_audit), shutdown).await {
+                tracing::error!(error = %e, "process audit socket failed");
+            }
+        });
+    }
     eprintln!(
         "moat: egress proxy up (policy {:?}), audit: {}",
         proxy.policy_name(),
@@ -123,6 +147,8 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
         .arg("__guest-init")
         .arg("--flow-socket")
         .arg(proxy.listen_path())
+        .arg("--audit-socket")
+        .arg(&audit_socket)
         .arg("--run-dir")
         .arg(run_dir)
         .arg("--home")
@@ -155,6 +181,7 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
     });
     let status = child.wait()?;
     proxy.shutdown();
+    shutdown.cancel();
     drop(rt);
     let code = moat_guest_init::exit_code(status);
     eprintln!("moat: workspace exited with status {code}");
@@ -166,6 +193,7 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let config = moat_guest_init::WorkspaceConfig {
         flow_socket: args.flow_socket,
+        audit_socket: args.audit_socket,
         run_dir: args.run_dir,
         hostname: "workspace".into(),
         extra_ca: args.ca,

@@ -199,7 +199,7 @@ fn curl_reaches_an_allowed_host_through_the_whole_path() {
     let open = ws
         .audit()
         .into_iter()
-        .find(|r| r["activity_id"] == 1)
+        .find(|r| r["class_uid"] == 4001 && r["activity_id"] == 1)
         .unwrap();
     assert_eq!(open["dst_endpoint"]["hostname"], "allowed.test");
     assert_eq!(open["firewall_rule"]["name"], "allowed");
@@ -332,6 +332,57 @@ fn tls_clients_are_pointed_at_the_workspace_trust_store() {
         lines.next().unwrap().parse::<usize>().unwrap(),
         host_count + 1
     );
+}
+
+#[test]
+fn audit_shows_the_flows_and_the_agent_process_and_validates_as_ocsf() {
+    let ws = Workspace::new();
+    let out = ws.run(&format!(
+        "curl -sS {} ; curl -sS {} ; exit 3",
+        ws.url("allowed.test", "/hello"),
+        ws.url("denied.test", "/hello")
+    ));
+    assert_eq!(out.status.code(), Some(3));
+    let records = ws.audit();
+    let class = |uid: u64, activity: u64| {
+        records
+            .iter()
+            .filter(|r| r["class_uid"] == uid && r["activity_id"] == activity)
+            .count()
+    };
+    assert_eq!(class(1007, 1), 1, "one launch: {records:?}");
+    assert_eq!(class(1007, 2), 1, "one terminate");
+    let exit = records
+        .iter()
+        .find(|r| r["class_uid"] == 1007 && r["activity_id"] == 2)
+        .unwrap();
+    assert_eq!(exit["exit_code"], 3);
+    assert_eq!(class(4001, 1), 1, "one flow opened");
+    assert_eq!(class(4001, 5), 1, "one flow refused");
+
+    let python = std::env::var("MOAT_OCSF_PYTHON").map_or_else(
+        |_| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../.venv-ocsf/bin/python"
+            ))
+        },
+        PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "OCSF validator missing: run `cargo xtask test`"
+    );
+    let v = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../egress/tests/ocsf/validate.py"
+        ))
+        .arg(ws.dir.path().join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", text(&v.stdout));
+    assert!(text(&v.stdout).contains(&format!("{} valid, 0 invalid", records.len())));
 }
 
 #[test]
