@@ -19,7 +19,8 @@ mod sys;
 pub mod transport;
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -30,44 +31,59 @@ pub use transport::{FlowTransport, UnixTransport, VsockTransport};
 
 /// Name of the workspace's TUN interface.
 pub const TUN_NAME: &str = "moat0";
+/// Packets the kernel may queue towards the netstack.
+pub const TUN_TX_QUEUE: u32 = 8192;
 
 /// Creates the TUN interface, gives the workspace side its address with the default route
 /// through it, and brings up loopback. Needs CAP_NET_ADMIN in the network namespace.
 pub fn setup_tun() -> io::Result<Tun> {
     let fd = sys::open_tun(TUN_NAME)?;
+    // A long queue towards the netstack: under a burst (100 parallel downloads) the kernel
+    // must not drop packets (DNS queries, ACKs) while the netstack is busy.
     sys::configure(
         TUN_NAME,
         Some((GUEST_ADDR, 24)),
         Some(u32::try_from(MTU).unwrap_or(1500)),
+        Some(TUN_TX_QUEUE),
     )?;
     sys::add_default_route(TUN_NAME, GATEWAY)?;
-    sys::configure("lo", None, None)?;
+    sys::configure("lo", None, None, None)?;
     Ok(Tun(fd))
 }
 
+/// Packets queued between the TUN reader thread and the stack.
+const RX_QUEUE: usize = 16 * 1024;
+
 /// Runs the stack on a TUN device forever (until an I/O error on the poller).
+///
+/// A reader thread drains the TUN device into a queue as fast as the kernel fills it (the
+/// kernel's own queue is short and would drop DNS queries and ACKs whenever the stack is busy
+/// writing); the stack thread takes packets from that queue, runs smoltcp and moves bytes.
 pub fn run(tun: Tun, transport: Box<dyn FlowTransport>, limits: Limits) -> io::Result<()> {
+    let fd = Arc::new(tun.0);
     let mut poll = Poll::new()?;
-    let tun_fd = tun.0.as_raw_fd();
-    poll.registry()
-        .register(&mut SourceFd(&tun_fd), Token(0), Interest::READABLE)?;
-    let mut stack = Stack::new(tun, transport, limits, smoltcp::time::Instant::now());
-    let mut registered: std::collections::HashSet<i32> = std::collections::HashSet::new();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0))?);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(RX_QUEUE);
+    {
+        let (fd, waker) = (Arc::clone(&fd), Arc::clone(&waker));
+        std::thread::Builder::new()
+            .name("tun-reader".into())
+            .spawn(move || read_tun(&fd, &tx, &waker))?;
+    }
+    let io = QueuedTun { rx, fd };
+    let mut stack = Stack::new(io, transport, limits, smoltcp::time::Instant::now());
     let mut events = Events::with_capacity(1024);
     loop {
         let delay = stack.step(smoltcp::time::Instant::now());
-        // (Re)register flow streams: edge-triggered wakeups; every step pumps every flow, so a
-        // missed edge only delays, never loses, bytes.
-        let live: std::collections::HashSet<i32> =
-            stack.streams().map(AsRawFd::as_raw_fd).collect();
-        for fd in live.difference(&registered) {
+        // Edge-triggered wakeups for new flow streams; every step pumps every flow, so a
+        // missed edge only delays, never loses, bytes. Closed streams leave epoll by themselves.
+        for fd in stack.take_new_streams() {
             let _ = poll.registry().register(
-                &mut SourceFd(fd),
+                &mut SourceFd(&fd),
                 Token(1),
                 Interest::READABLE | Interest::WRITABLE,
             );
         }
-        registered = live;
         let timeout = delay
             .map(|d| Duration::from_micros(d.total_micros()))
             .unwrap_or(Duration::from_millis(500))
@@ -77,5 +93,67 @@ pub fn run(tun: Tun, transport: Box<dyn FlowTransport>, limits: Limits) -> io::R
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The reader thread: blocks until the TUN device is readable, reads everything waiting,
+/// queues it and wakes the stack. Packets that find the queue full are dropped (as a NIC
+/// drops when its ring is full); TCP retransmits them.
+fn read_tun(fd: &OwnedFd, tx: &std::sync::mpsc::SyncSender<Vec<u8>>, waker: &mio::Waker) {
+    let Ok(mut poll) = Poll::new() else { return };
+    let raw = fd.as_raw_fd();
+    if poll
+        .registry()
+        .register(&mut SourceFd(&raw), Token(0), Interest::READABLE)
+        .is_err()
+    {
+        return;
+    }
+    let mut events = Events::with_capacity(4);
+    let mut buf = vec![0u8; MTU + 64];
+    loop {
+        loop {
+            match sys::read_packet(fd, &mut buf) {
+                Ok(Some(n)) => {
+                    if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) =
+                        tx.try_send(buf[..n].to_vec())
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+        let _ = waker.wake();
+        if let Err(e) = poll.poll(&mut events, None)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return;
+        }
+    }
+}
+
+/// The stack's side of the TUN device: packets from the reader thread's queue, writes
+/// straight to the device.
+#[derive(Debug)]
+struct QueuedTun {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    fd: Arc<OwnedFd>,
+}
+
+impl PacketIo for QueuedTun {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match self.rx.try_recv() {
+            Ok(p) => {
+                let n = p.len().min(buf.len());
+                buf[..n].copy_from_slice(&p[..n]);
+                Ok(Some(n))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+    fn send(&mut self, packet: &[u8]) {
+        let _ = sys::write_packet(&self.fd, packet);
     }
 }

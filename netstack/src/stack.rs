@@ -56,7 +56,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_flows: 1024,
-            rx_batch: 128,
+            rx_batch: 1024,
         }
     }
 }
@@ -88,18 +88,9 @@ pub trait PacketIo {
     fn send(&mut self, packet: &[u8]);
 }
 
-/// A TUN device as [`PacketIo`].
+/// An open, configured TUN device (see [`crate::setup_tun`] and [`crate::run`]).
 #[derive(Debug)]
 pub struct Tun(pub OwnedFd);
-
-impl PacketIo for Tun {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        crate::sys::read_packet(&self.0, buf)
-    }
-    fn send(&mut self, packet: &[u8]) {
-        let _ = crate::sys::write_packet(&self.0, packet);
-    }
-}
 
 /// smoltcp's view of the device: received packets come from a queue filled (and inspected)
 /// by the stack; transmitted packets go straight to the [`PacketIo`].
@@ -177,6 +168,7 @@ pub struct Stack<P: PacketIo> {
     flows: HashMap<SocketHandle, Flow>,
     keys: HashMap<(SocketAddrV4, SocketAddrV4), SocketHandle>,
     rx: VecDeque<Vec<u8>>,
+    new_streams: Vec<std::os::fd::RawFd>,
     pool: FakePool,
     transport: Box<dyn FlowTransport>,
     limits: Limits,
@@ -213,8 +205,8 @@ impl<P: PacketIo> Stack<P> {
         iface.set_any_ip(true);
         let mut sockets = SocketSet::new(Vec::new());
         let mut dns = udp::Socket::new(
-            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 * 1024]),
-            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 * 1024]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 512], vec![0; 256 * 1024]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 512], vec![0; 256 * 1024]),
         );
         let _ = dns.bind(IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(GATEWAY)),
@@ -229,6 +221,7 @@ impl<P: PacketIo> Stack<P> {
             flows: HashMap::new(),
             keys: HashMap::new(),
             rx,
+            new_streams: Vec::new(),
             pool: FakePool::default(),
             transport,
             limits,
@@ -242,19 +235,15 @@ impl<P: PacketIo> Stack<P> {
         Arc::clone(&self.counters)
     }
 
-    /// The device, for registering with a poller.
-    pub fn io(&self) -> &P {
-        &self.io
-    }
-
     /// Live flows.
     pub fn flows(&self) -> usize {
         self.flows.len()
     }
 
-    /// Flow streams, for registering with a poller.
-    pub fn streams(&self) -> impl Iterator<Item = &UnixStream> {
-        self.flows.values().filter_map(|f| f.stream.as_ref())
+    /// Descriptors of the flow streams opened since the last call, for registering with a
+    /// poller.
+    pub fn take_new_streams(&mut self) -> Vec<std::os::fd::RawFd> {
+        std::mem::take(&mut self.new_streams)
     }
 
     /// One round: read packets, accept new connections, run smoltcp, answer DNS, move bytes
@@ -263,10 +252,13 @@ impl<P: PacketIo> Stack<P> {
     pub fn step(&mut self, now: Instant) -> Option<smoltcp::time::Duration> {
         self.read_packets();
         self.poll(now);
-        self.serve_dns();
+        let dns_waiting = self.serve_dns();
         self.pump_flows();
         self.poll(now);
         self.reap();
+        if dns_waiting || !self.rx.is_empty() {
+            return Some(smoltcp::time::Duration::ZERO);
+        }
         self.iface.poll_delay(now, &self.sockets)
     }
 
@@ -373,18 +365,23 @@ impl<P: PacketIo> Stack<P> {
         );
     }
 
-    fn serve_dns(&mut self) {
+    /// Answers queued DNS queries, as many as there is room to reply to: a query is only
+    /// taken off the receive queue when its answer can be queued, so a burst of lookups (100
+    /// parallel curls ask 200 questions at once) is answered over several rounds, not dropped.
+    /// Returns whether queries are still waiting.
+    fn serve_dns(&mut self) -> bool {
         let socket = self.sockets.get_mut::<udp::Socket<'_>>(self.dns);
-        let mut replies = Vec::new();
-        while let Ok((query, meta)) = socket.recv() {
-            if let Some(reply) = dns::answer(query, &mut self.pool) {
-                replies.push((reply, meta.endpoint));
+        while socket.can_send() {
+            let Ok((query, meta)) = socket.recv() else {
+                break;
+            };
+            let (query, to) = (query.to_vec(), meta.endpoint);
+            if let Some(reply) = dns::answer(&query, &mut self.pool) {
+                self.counters.dns_queries.fetch_add(1, Ordering::Relaxed);
+                let _ = socket.send_slice(&reply, to);
             }
         }
-        for (reply, to) in replies {
-            self.counters.dns_queries.fetch_add(1, Ordering::Relaxed);
-            let _ = socket.send_slice(&reply, to);
-        }
+        socket.can_recv()
     }
 
     /// Opens the host stream for a flow whose TCP handshake completed.
@@ -409,6 +406,8 @@ impl<P: PacketIo> Stack<P> {
         self.next_flow_id += 1;
         match self.transport.connect() {
             Ok(stream) => {
+                self.new_streams
+                    .push(std::os::fd::AsRawFd::as_raw_fd(&stream));
                 flow.to_host = header.encode();
                 flow.stream = Some(stream);
                 self.counters.flows_opened.fetch_add(1, Ordering::Relaxed);

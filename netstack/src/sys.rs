@@ -81,9 +81,14 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-/// Gives interface `name` the address `addr/prefix` and MTU `mtu` (when given), and brings it
-/// up.
-pub fn configure(name: &str, addr: Option<(Ipv4Addr, u8)>, mtu: Option<u32>) -> io::Result<()> {
+/// Gives interface `name` the address `addr/prefix`, MTU and transmit queue length (each when
+/// given), and brings it up.
+pub fn configure(
+    name: &str,
+    addr: Option<(Ipv4Addr, u8)>,
+    mtu: Option<u32>,
+    txqueuelen: Option<u32>,
+) -> io::Result<()> {
     let sock = inet_socket()?;
     let fd = sock.as_raw_fd();
     if let Some((addr, prefix)) = addr {
@@ -106,6 +111,16 @@ pub fn configure(name: &str, addr: Option<(Ipv4Addr, u8)>, mtu: Option<u32>) -> 
         req.ifr_ifru.ifru_mtu = libc::c_int::try_from(mtu).map_err(io::Error::other)?;
         // SAFETY: SIOCSIFMTU reads an ifreq holding an int; `req` is valid.
         check(unsafe { libc::ioctl(fd, libc::SIOCSIFMTU, &mut req) })?;
+    }
+    if let Some(qlen) = txqueuelen {
+        let mut req = ifreq(name)?;
+        req.ifr_ifru.ifru_metric = libc::c_int::try_from(qlen).map_err(io::Error::other)?;
+        // SAFETY: SIOCSIFTXQLEN reads an ifreq holding an int (ifr_qlen shares the union
+        // with ifru_metric); `req` is valid.
+        // Best effort: some kernels refuse it inside a user namespace.
+        if let Err(e) = check(unsafe { libc::ioctl(fd, libc::SIOCSIFTXQLEN, &mut req) }) {
+            tracing::debug!(error = %e, "cannot lengthen the TUN queue");
+        }
     }
     let mut req = ifreq(name)?;
     // SAFETY: SIOCGIFFLAGS writes the flags into `req`, a valid ifreq.

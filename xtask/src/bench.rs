@@ -35,6 +35,8 @@ const REPS: usize = 5;
 
 struct Sizes {
     bulk_bytes: u64,
+    /// Size of each of the 100 concurrent netstack downloads.
+    chunk_bytes: u64,
     keepalive_requests: usize,
     new_conns: usize,
 }
@@ -61,12 +63,14 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let sizes = if quick {
         Sizes {
             bulk_bytes: 256 << 20,
+            chunk_bytes: 4 << 20,
             keepalive_requests: 2000,
             new_conns: 100,
         }
     } else {
         Sizes {
             bulk_bytes: 1 << 30,
+            chunk_bytes: 20 << 20,
             keepalive_requests: 5000,
             new_conns: 300,
         }
@@ -366,8 +370,10 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     let bulk_file = dir.join("bulk");
     std::fs::File::create(&bulk_file)?.set_len(sizes.bulk_bytes)?;
 
-    // nginx upstream.
+    std::fs::File::create(dir.join("chunk"))?.set_len(sizes.chunk_bytes)?;
+    // nginx upstream: HTTPS for the proxy rows, plain HTTP for the netstack rows.
     let nginx_port = free_port()?;
+    let plain_port = free_port()?;
     let conf = format!(
         "daemon off;\nworker_processes 1;\nuser nobody nogroup;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\n\
          events {{ worker_connections 4096; }}\n\
@@ -376,7 +382,10 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
              ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
              ssl_protocols TLSv1.3;\n    ssl_session_tickets off;\n\
              location = /bulk {{ alias {d}/bulk; default_type application/octet-stream; }}\n\
-             location = /small {{ default_type text/plain; return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+             location = /small {{ default_type text/plain; return 200 \"ok\\n\"; }}\n  }}\n\
+           server {{\n    listen 127.0.0.1:{plain_port};\n    server_name {HOST};\n\
+             location = /bulk {{ alias {d}/bulk; default_type application/octet-stream; }}\n\
+             location = /chunk {{ alias {d}/chunk; default_type application/octet-stream; }}\n  }}\n}}\n",
         d = dir.display()
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
@@ -524,7 +533,9 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
             rows[2].samples[i].push(new_conns(&env, *p, sizes.new_conns).await?);
         }
     }
-    drop((moat_proxy, squid, nginx));
+    drop((moat_proxy, squid));
+    let ns_rows = netstack_rows(dir, plain_port, sizes)?;
+    drop(nginx);
 
     let mut table = String::new();
     let _ = writeln!(
@@ -562,6 +573,20 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
             "moat_cpu": cpu(1), "squid_cpu": cpu(2), "cpu_unit": row.cpu_unit,
         }));
     }
+    let _ = writeln!(
+        table,
+        "\n| netstack test | plain loopback TCP | moat namespace (TUN, netstack, proxy) |\n| --- | --- | --- |"
+    );
+    for (name, d, m) in &ns_rows {
+        let _ = writeln!(
+            table,
+            "| {name} (Gbit/s) | {d:.2} (1.00) | {m:.2} ({:.2}) |",
+            m / d
+        );
+        json_rows.push(serde_json::json!({
+            "test": name, "unit": "Gbit/s", "direct": d, "moat": m, "moat_ratio": m / d,
+        }));
+    }
     println!("{table}");
     let out_dir = root().join("bench-results");
     std::fs::create_dir_all(&out_dir)?;
@@ -580,4 +605,91 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     std::fs::write(out_dir.join("egress-latest.md"), &table)?;
     eprintln!("xtask bench: wrote bench-results/egress-latest.json");
     Ok(())
+}
+
+/// Bulk throughput through the workspace's own network path (TUN, netstack, flow header,
+/// egress proxy) beside plain loopback TCP, measured by curl over plain HTTP in both cases:
+/// one flow, and 100 concurrent flows. Returns (test, direct Gbit/s, moat Gbit/s).
+fn netstack_rows(dir: &Path, port: u16, sizes: &Sizes) -> Result<Vec<(&'static str, f64, f64)>> {
+    let moat = root().join("target/release/moat");
+    let profile = dir.join("ns.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "version = 1\nname = \"bench-ns\"\n\n[[rules]]\nname = \"bench\"\nhosts = [\"{HOST}\"]\n\
+             ports = [{port}]\naction = \"passthrough\"\nprotocols = [\"http\"]\ncidrs = [\"127.0.0.0/8\"]\n"
+        ),
+    )?;
+    run_cmd(
+        Command::new(&moat)
+            .args(["policy", "sign", "--key"])
+            .arg(dir.join("bench.key"))
+            .arg(&profile)
+            .stdout(Stdio::null()),
+    )?;
+    // Prints the elapsed nanoseconds of the downloads.
+    let one = |host: &str| {
+        format!(
+            "s=$(date +%s%N); curl -sf -o /dev/null http://{host}:{port}/bulk || exit 9; e=$(date +%s%N); echo $((e-s))"
+        )
+    };
+    let many = |host: &str| {
+        format!(
+            "s=$(date +%s%N); seq 100 | xargs -P 100 -I{{}} curl -sf -o /dev/null http://{host}:{port}/chunk || exit 9; e=$(date +%s%N); echo $((e-s))"
+        )
+    };
+    let run = |script: String, inside: bool| -> Result<f64> {
+        let mut cmd = if inside {
+            let mut c = Command::new(&moat);
+            c.args(["run", "--backend", "namespace", "--profile"])
+                .arg(&profile)
+                .arg("--pubkey")
+                .arg(dir.join("bench.pub"))
+                .arg("--audit")
+                .arg(dir.join("ns-audit.jsonl"))
+                .args([
+                    "--resolve",
+                    &format!("{HOST}=127.0.0.1"),
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
+                .env("MOAT_LOG", "error");
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        };
+        let out = cmd.stderr(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!("netstack bench run failed ({}): {script}", out.status);
+        }
+        let nanos: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("elapsed")?;
+        Ok(nanos / 1e9)
+    };
+    let gbit = |bytes: u64, secs: f64| bytes as f64 * 8.0 / secs / 1e9;
+    let (mut d1, mut m1, mut d100, mut m100) = (vec![], vec![], vec![], vec![]);
+    for rep in 0..3 {
+        eprintln!("xtask bench: netstack round {}/3", rep + 1);
+        d1.push(gbit(sizes.bulk_bytes, run(one("127.0.0.1"), false)?));
+        m1.push(gbit(sizes.bulk_bytes, run(one(HOST), true)?));
+        d100.push(gbit(
+            100 * sizes.chunk_bytes,
+            run(many("127.0.0.1"), false)?,
+        ));
+        m100.push(gbit(100 * sizes.chunk_bytes, run(many(HOST), true)?));
+    }
+    Ok(vec![
+        ("netstack: 1 flow, bulk HTTP", median(d1), median(m1)),
+        (
+            "netstack: 100 concurrent flows, bulk HTTP",
+            median(d100),
+            median(m100),
+        ),
+    ])
 }
