@@ -173,3 +173,53 @@ impl Prepared {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rights each kind of path gets at ABI 7 (this project's build machines), listed bit
+    /// by bit so that a change in the crate or in `from_all` shows up here.
+    #[test]
+    fn rights_at_abi_7_are_exactly_these() {
+        assert_eq!(
+            readable_rights(ABI::V7),
+            make_bitflags!(AccessFs::{Execute | ReadFile | ReadDir})
+        );
+        assert_eq!(
+            writable_rights(ABI::V7),
+            make_bitflags!(AccessFs::{
+                Execute | ReadFile | ReadDir | WriteFile | RemoveDir | RemoveFile | MakeDir
+                    | MakeReg | MakeSock | MakeFifo | MakeSym | Refer | Truncate
+            })
+        );
+        assert_eq!(
+            device_rights(ABI::V7),
+            make_bitflags!(AccessFs::{ReadFile | WriteFile | Truncate | IoctlDev})
+        );
+    }
+
+    #[test]
+    fn abi_9_adds_unix_socket_connect_to_writable_paths_only() {
+        assert!(writable_rights(ABI::V9).contains(AccessFs::ResolveUnix));
+        assert!(!readable_rights(ABI::V9).contains(AccessFs::ResolveUnix));
+        assert!(!device_rights(ABI::V9).contains(AccessFs::ResolveUnix));
+    }
+
+    #[test]
+    fn readable_paths_never_get_a_write_right() {
+        for abi in [ABI::V1, ABI::V3, ABI::V5, ABI::V7, ABI::V9] {
+            assert_eq!(
+                readable_rights(abi) & AccessFs::from_write(abi),
+                BitFlags::EMPTY
+            );
+        }
+    }
+
+    #[test]
+    fn no_path_may_create_device_nodes() {
+        let devices = make_bitflags!(AccessFs::{MakeChar | MakeBlock});
+        let granted = writable_rights(ABI::V9) | readable_rights(ABI::V9) | device_rights(ABI::V9);
+        assert_eq!(granted & devices, BitFlags::EMPTY);
+    }
+}

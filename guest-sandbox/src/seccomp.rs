@@ -377,3 +377,96 @@ pub(crate) fn compile() -> Result<BpfProgram, SandboxError> {
 pub(crate) fn install(program: &BpfProgram) -> Result<(), SandboxError> {
     seccompiler::apply_filter(program).map_err(SandboxError::SeccompInstall)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+    use super::*;
+
+    /// The calls the design (issue 4 and the crate brief) names must each have a rule.
+    #[test]
+    fn every_named_escape_route_has_a_rule() {
+        let required = [
+            "socket",
+            "socketpair",
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
+            "mount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "bpf",
+            "kexec_load",
+            "kexec_file_load",
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "keyctl",
+            "add_key",
+            "request_key",
+            "userfaultfd",
+            "io_uring_setup",
+            "io_uring_enter",
+            "io_uring_register",
+            "perf_event_open",
+            "unshare",
+            "setns",
+            "clone",
+            "clone3",
+            "open_by_handle_at",
+            "name_to_handle_at",
+            "swapon",
+            "swapoff",
+            "reboot",
+            "acct",
+            "quotactl",
+            "personality",
+            "syslog",
+        ];
+        let missing: Vec<_> = required
+            .iter()
+            .filter(|name| !deny_rules().any(|r| r.syscall == **name))
+            .collect();
+        assert!(missing.is_empty(), "no rule for {missing:?}");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x86_only_escape_routes_have_a_rule() {
+        for name in ["iopl", "ioperm", "lookup_dcookie"] {
+            assert!(deny_rules().any(|r| r.syscall == name), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_rule_has_a_reason_and_a_clean_errno() {
+        for rule in deny_rules() {
+            assert!(rule.reason.len() > 10, "{}", rule.syscall);
+            assert!(
+                [libc::EPERM, libc::ENOSYS].contains(&rule.errno),
+                "{}",
+                rule.syscall
+            );
+            assert!(rule.when.iter().all(|c| c.index < 6), "{}", rule.syscall);
+        }
+    }
+
+    #[test]
+    fn the_filter_compiles_and_starts_with_the_arch_check() {
+        let program = compile().expect("compile");
+        assert!(program.len() < 4096);
+        assert_eq!(program[0], stmt(BPF_LD_W_ABS, DATA_ARCH));
+        assert_eq!(program[1], jump(BPF_JEQ_K, AUDIT_ARCH, 1, 0));
+        assert_eq!(program[2], stmt(BPF_RET_K, RET_KILL_PROCESS));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_prefix_refuses_x32_before_the_table() {
+        let program = compile().expect("compile");
+        assert_eq!(program[3], stmt(BPF_LD_W_ABS, DATA_NR));
+        assert_eq!(program[4], jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1));
+        assert_eq!(program[5], stmt(BPF_RET_K, RET_ERRNO | 1));
+    }
+}
