@@ -233,6 +233,36 @@ fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
             print_file("/proc/self/limits")?;
             Ok(0)
         }
+        "report" => {
+            let report = confine(&cfg).map_err(|_| CONFINE_FAILED)?;
+            println!("<<<BEGIN\n{report:?}\nEND>>>");
+            Ok(0)
+        }
+        // A real shell: fork, exec (glibc tries clone3 first and falls back to clone),
+        // redirections, and a write refused by Landlock.
+        "shell" => {
+            let dir = writable.ok_or(BAD_PROBE)?;
+            let outside = fields.next().ok_or(BAD_PROBE)?;
+            confine_child(&cfg)?;
+            let script = format!(
+                "echo agent > '{}/file' && cat /etc/hostname > /dev/null && \
+                 ! (echo x > '{outside}') 2>/dev/null && test \"$(cat '{}/file')\" = agent",
+                dir.display(),
+                dir.display()
+            );
+            let status = Command::new("/bin/sh").arg("-c").arg(script).status();
+            Ok(match status {
+                Ok(status) => status.code().unwrap_or(BAD_PROBE),
+                Err(e) => e.raw_os_error().unwrap_or(BAD_PROBE),
+            })
+        }
+        "thread" => {
+            confine_child(&cfg)?;
+            Ok(match std::thread::spawn(|| 7).join() {
+                Ok(7) => 0,
+                _ => BAD_PROBE,
+            })
+        }
         "drop_user" => {
             let mut cfg = cfg;
             cfg.uid_gid = Some((65_534, 65_534));
@@ -708,6 +738,43 @@ fn limit_fields<'a>(limits: &'a str, name: &str) -> Vec<&'a str> {
         .unwrap_or_default()
 }
 
+// --- the agent's own work still runs --------------------------------------------------------
+
+#[test]
+fn a_shell_runs_writes_home_and_is_refused_outside() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let file = outside.path().join("file");
+    assert_eq!(probe(&format!("shell:{}", file.display())), 0);
+    assert!(!file.exists());
+}
+
+#[test]
+fn threads_can_still_be_created() {
+    assert_eq!(probe("thread"), 0);
+}
+
+#[test]
+fn the_report_names_the_landlock_abi_and_full_enforcement() {
+    let kernel_abi = support::landlock_abi();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_child("report", Some(dir.path()));
+    assert!(out.ran() && out.code == Some(0), "{out:?}");
+    let report = out.printed();
+    let abi = kernel_abi.min(moat_guest_sandbox::NEWEST_VETTED_ABI);
+    let expected = [
+        format!("kernel_abi: {kernel_abi}, abi: {abi}, enforcement: Full"),
+        "bounding_set_cleared: true".to_owned(),
+        "securebits_locked: true".to_owned(),
+        "rlimits_set: 6".to_owned(),
+        format!("seccomp_rules: {}", deny_rules().count()),
+    ];
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|e| !report.contains(e.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "{missing:?} not in {report}");
+}
+
 // --- configuration ---------------------------------------------------------------------------
 
 #[test]
@@ -727,6 +794,18 @@ fn relative_paths_are_refused() {
         moat_guest_sandbox::Sandbox::new(&cfg),
         Err(SandboxError::InvalidConfig(_))
     ));
+}
+
+#[test]
+fn missing_device_paths_are_skipped_and_reported() {
+    let mut cfg = moat_guest_sandbox::agent_config(Path::new("/tmp"));
+    cfg.devices.push(PathBuf::from("/dev/moat-no-such-device"));
+    let sandbox = moat_guest_sandbox::Sandbox::new(&cfg).expect("sandbox");
+    assert!(
+        sandbox
+            .missing_devices()
+            .contains(&PathBuf::from("/dev/moat-no-such-device"))
+    );
 }
 
 #[test]
