@@ -20,6 +20,9 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+    /// Entering the agent's namespaces or making the mounts read-only failed.
+    #[error("cannot isolate the agent: {0}")]
+    Namespaces(&'static str, #[source] io::Error),
     /// Reading or setting a resource limit failed.
     #[error("cannot set resource limit {0}")]
     Rlimit(&'static str, #[source] io::Error),

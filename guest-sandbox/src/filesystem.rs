@@ -1,4 +1,4 @@
-//! Step 6: Landlock.
+//! Step 7: Landlock.
 //!
 //! The ruleset is built before `fork` (paths are opened then), at the best ABI the kernel
 //! offers up to the newest one this crate has vetted ([`NEWEST_VETTED_ABI`]). In the child it

@@ -16,23 +16,25 @@
 //!
 //! 1. **rlimits**, lowered only (never raised), soft and hard alike; done first while nothing
 //!    else can interfere.
-//! 2. **capability bounding set emptied and securebits locked**, while `CAP_SETPCAP` is still
-//!    held: both need it, and the id change of step 3 drops it. (The task's outline put the
+//! 2. **namespaces and read-only mounts** ([`Isolation`]): own mount, IPC and UTS namespaces;
+//!    every mount read-only and nosuid except the writable paths. Needs `CAP_SYS_ADMIN`, so
+//!    it comes before any capability is dropped.
+//! 3. **capability bounding set emptied and securebits locked**, while `CAP_SETPCAP` is still
+//!    held: both need it, and the id change of step 4 drops it. (The task's outline put the
 //!    capability drop after the id change; the bounding set cannot be emptied from there.)
-//! 3. **supplementary groups cleared, gid, then uid** changed, if the config asks (gid first:
+//! 4. **supplementary groups cleared, gid, then uid** changed, if the config asks (gid first:
 //!    after the uid change there is no right left to change it). Checked afterwards, including
 //!    that uid 0 cannot be regained.
-//! 4. **every remaining capability dropped**: ambient, inheritable, permitted, effective;
+//! 5. **every remaining capability dropped**: ambient, inheritable, permitted, effective;
 //!    checked with `capget`.
-//! 5. **`PR_SET_NO_NEW_PRIVS`**: no later `execve` of a setuid or file-capability binary grants
+//! 6. **`PR_SET_NO_NEW_PRIVS`**: no later `execve` of a setuid or file-capability binary grants
 //!    anything; Landlock and seccomp also require it of an unprivileged thread.
-//! 6. **Landlock** at the best ABI the kernel has (capped at [`NEWEST_VETTED_ABI`]): writable,
+//! 7. **Landlock** at the best ABI the kernel has (capped at [`NEWEST_VETTED_ABI`]): writable,
 //!    readable and device paths, plus signal and abstract-Unix-socket scoping from ABI 6. The
 //!    report says which ABI and whether it was fully enforced. Network rights are not
 //!    restricted with Landlock; the reason is in the `filesystem` module.
-//! 7. **seccomp last**, so that the earlier steps may use any system call (`mount`-free as they
-//!    are, they still call `prctl`, `capset`, `setresuid`, `landlock_*`), and so that nothing
-//!    after it runs but `execve`.
+//! 8. **seccomp last**, so that the earlier steps may use the calls it refuses (`unshare`,
+//!    `mount`, `mount_setattr`), and so that nothing after it runs but `execve`.
 //!
 //! Any failure is an error; the caller must then not start the agent.
 //!
@@ -54,13 +56,17 @@
 //!   per-thread. After `fork` the child has a single thread, which is what this expects.
 //! - Close every file descriptor the agent must not inherit (mark them `O_CLOEXEC`): Landlock
 //!   checks paths at `open`, not descriptors that are already open.
-//! - Put the agent in its own mount, PID, IPC and UTS namespaces and make the root read-only
-//!   before calling this (guest-init's and the namespace backend's job; this crate then
-//!   forbids the agent from leaving or creating namespaces).
+//! - Create the agent's process in a new PID namespace (`clone` flags; a PID namespace only
+//!   applies to children, so this crate cannot enter one for the calling process). Mount, IPC
+//!   and UTS namespaces are entered here (step 2); the agent can then create or join none.
+//! - With `uid_gid`, the target ids must be mapped in the caller's user namespace (namespace
+//!   backend), or step 4 fails.
 //!
 //! # What is not covered
 //!
-//! - Namespace creation and read-only mounts (see above).
+//! - The PID namespace (see above).
+//! - `ptrace` is refused, so debuggers and `strace` do not work inside; `io_uring` is
+//!   refused, and the runtimes that try it (libuv, tokio-uring) fall back on `EPERM`.
 //! - Pathname Unix sockets under readable paths can be connected to below Landlock ABI 9
 //!   (Linux 7.1); above it, they are refused outside the writable paths.
 //! - Landlock does not restrict TCP destinations (that is the egress proxy's job), nor
@@ -72,6 +78,7 @@
 
 mod error;
 mod filesystem;
+mod namespaces;
 mod privileges;
 mod rlimits;
 mod seccomp;
@@ -81,6 +88,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::SandboxError;
 pub use filesystem::{Enforcement, LandlockReport, NEWEST_VETTED_ABI};
+pub use namespaces::Isolation;
 pub use rlimits::Rlimits;
 pub use seccomp::{ArgCheck, Cmp, DenyRule, deny_rules};
 
@@ -96,6 +104,9 @@ pub struct SandboxConfig {
     pub devices: Vec<PathBuf>,
     /// Resource limits.
     pub rlimits: Rlimits,
+    /// The agent's own mount (read-only), IPC and UTS namespaces. Needs `CAP_SYS_ADMIN` (in
+    /// the caller's user namespace).
+    pub isolation: Isolation,
     /// Drop to this (uid, gid) with no supplementary groups. Must not be uid 0. Strongly
     /// recommended: an agent left at uid 0 without capabilities still owns root's files.
     pub uid_gid: Option<(u32, u32)>,
@@ -106,13 +117,14 @@ pub struct SandboxConfig {
 
 impl SandboxConfig {
     /// A configuration with the given writable and readable paths, the default device list,
-    /// default rlimits, no id change and Landlock ABI 3 at least.
+    /// default rlimits, full isolation, no id change and Landlock ABI 3 at least.
     pub fn new(writable: Vec<PathBuf>, readable: Vec<PathBuf>) -> Self {
         Self {
             writable,
             readable,
             devices: Self::default_devices(),
             rlimits: Rlimits::default(),
+            isolation: Isolation::full(),
             uid_gid: None,
             min_landlock_abi: 3,
         }
@@ -141,6 +153,8 @@ impl SandboxConfig {
 pub struct Report {
     /// How many resource limits were set.
     pub rlimits_set: u32,
+    /// Whether new namespaces were entered (and, if configured, the mounts made read-only).
+    pub isolated: bool,
     /// The real, effective and saved uid afterwards.
     pub uid: u32,
     /// The real, effective and saved gid afterwards.
@@ -161,6 +175,7 @@ pub struct Report {
 #[derive(Debug)]
 pub struct Sandbox {
     limits: [Option<rlimits::Limit>; 8],
+    isolation: namespaces::Prepared,
     uid_gid: Option<(u32, u32)>,
     landlock: filesystem::Prepared,
     seccomp: seccompiler::BpfProgram,
@@ -196,6 +211,7 @@ impl Sandbox {
         let seccomp = seccomp::compile()?;
         Ok(Self {
             limits: cfg.rlimits.resolve(),
+            isolation: namespaces::prepare(&cfg.isolation, &cfg.writable)?,
             uid_gid: cfg.uid_gid,
             landlock,
             seccomp,
@@ -213,6 +229,7 @@ impl Sandbox {
     /// confined; the caller must not start the agent.
     pub fn apply(&self) -> Result<Report, SandboxError> {
         let rlimits_set = rlimits::apply(&self.limits)?;
+        let isolated = self.isolation.apply()?;
         let bounding = privileges::drop_bounding_set()?;
         let ids_changed = match self.uid_gid {
             Some((uid, gid)) => privileges::drop_identity(uid, gid)?,
@@ -231,6 +248,7 @@ impl Sandbox {
         let (gid, _, _) = sys::gids().map_err(|e| SandboxError::Identity("getresgid", e))?;
         Ok(Report {
             rlimits_set,
+            isolated,
             uid,
             gid,
             ids_changed,

@@ -1,8 +1,8 @@
-//! Steps 2 to 4: capability bounding set and securebits, user and group ids, then every
+//! Steps 3 to 5: capability bounding set and securebits, user and group ids, then every
 //! remaining capability.
 //!
 //! The bounding set and the securebits can only be changed while `CAP_SETPCAP` is held, so
-//! they go first, before the id change drops it. Without `CAP_SETPCAP` (an already
+//! they go first, before the id change (step 4) drops it. Without `CAP_SETPCAP` (an already
 //! unprivileged caller) they are left as they are and the report says so; `no_new_privs`
 //! then keeps `execve` from granting anything the bounding set still allows.
 
@@ -32,7 +32,7 @@ pub(crate) const SECUREBITS: u32 = (1 << 0) // SECBIT_NOROOT
     | (1 << 6) // SECBIT_NO_CAP_AMBIENT_RAISE
     | (1 << 7); // SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
 
-/// What the privileged part of step 2 did.
+/// What step 3 did.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BoundingOutcome {
     pub(crate) bounding_set_cleared: bool,
@@ -58,7 +58,7 @@ fn bounding_set_empty() -> Result<bool, SandboxError> {
     Ok(true)
 }
 
-/// Step 2: empties the bounding set and locks the securebits, where `CAP_SETPCAP` allows.
+/// Step 3: empties the bounding set and locks the securebits, where `CAP_SETPCAP` allows.
 pub(crate) fn drop_bounding_set() -> Result<BoundingOutcome, SandboxError> {
     if !has_effective(CAP_SETPCAP)? {
         return Ok(BoundingOutcome {
@@ -88,7 +88,7 @@ pub(crate) fn drop_bounding_set() -> Result<BoundingOutcome, SandboxError> {
     })
 }
 
-/// Step 3: drops to `uid`/`gid` with no supplementary groups, and checks that it stuck.
+/// Step 4: drops to `uid`/`gid` with no supplementary groups, and checks that it stuck.
 ///
 /// Returns whether the ids were changed (false when they already were the target ids).
 pub(crate) fn drop_identity(uid: u32, gid: u32) -> Result<bool, SandboxError> {
@@ -133,7 +133,7 @@ pub(crate) fn drop_identity(uid: u32, gid: u32) -> Result<bool, SandboxError> {
     Ok(true)
 }
 
-/// Step 4: empties the ambient, inheritable, permitted and effective sets and checks it.
+/// Step 5: empties the ambient, inheritable, permitted and effective sets and checks it.
 pub(crate) fn drop_capabilities() -> Result<(), SandboxError> {
     sys::ambient_clear().map_err(|e| SandboxError::Capabilities("PR_CAP_AMBIENT_CLEAR_ALL", e))?;
     sys::capset_empty().map_err(|e| SandboxError::Capabilities("capset", e))?;

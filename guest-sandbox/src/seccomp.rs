@@ -1,4 +1,4 @@
-//! Step 7 (last): the seccomp filter.
+//! Step 8 (last): the seccomp filter.
 //!
 //! # Why a deny list
 //!

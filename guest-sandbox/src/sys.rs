@@ -258,3 +258,85 @@ pub(crate) fn landlock_abi() -> Option<u32> {
     };
     u32::try_from(rc).ok().filter(|v| *v > 0)
 }
+
+/// `unshare(2)` with the given `CLONE_NEW*` flags.
+pub(crate) fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: integer argument only.
+    check(unsafe { libc::unshare(flags) })?;
+    Ok(())
+}
+
+/// `mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL)`: no mount event propagates out of (or
+/// into) the calling thread's mount namespace from now on.
+pub(crate) fn make_mounts_private() -> io::Result<()> {
+    // SAFETY: the target is a static NUL-terminated string; source, type and data are null,
+    // which a propagation change ignores.
+    check(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// `mount(path, path, NULL, MS_BIND | MS_REC, NULL)`: makes `path` a mount point of its own.
+pub(crate) fn bind_onto_itself(path: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: `path` is a NUL-terminated string borrowed for the whole call; type and data
+    // are null, which a bind mount ignores.
+    check(unsafe {
+        libc::mount(
+            path.as_ptr(),
+            path.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// `MOUNT_ATTR_RDONLY`.
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// `MOUNT_ATTR_NOSUID`.
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+
+/// `struct mount_attr` (`MOUNT_ATTR_SIZE_VER0`).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `mount_setattr(AT_FDCWD, path, AT_RECURSIVE, {set, clear})` on the mount at `path` and
+/// every mount beneath it.
+pub(crate) fn set_mount_attrs_recursive(
+    path: &std::ffi::CStr,
+    set: u64,
+    clear: u64,
+) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` is a valid VER0 `mount_attr` whose size is
+    // passed; both outlive the call and the kernel only reads them.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })?;
+    Ok(())
+}

@@ -25,7 +25,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use moat_guest_sandbox::{Cmp, SandboxConfig, SandboxError, confine, deny_rules};
+use moat_guest_sandbox::{Cmp, Isolation, SandboxConfig, SandboxError, confine, deny_rules};
 
 const PROBE_ENV: &str = "MOAT_SANDBOX_PROBE";
 const WRITABLE_ENV: &str = "MOAT_SANDBOX_WRITABLE";
@@ -75,11 +75,18 @@ fn io_code<T>(result: std::io::Result<T>) -> i32 {
     }
 }
 
-fn child_config(writable: Option<&Path>) -> SandboxConfig {
-    SandboxConfig::new(
+/// The child's configuration: the default one, with the writable directory of the test, `/`
+/// readable, and namespaces only when the probe asks (`ro+` prefix), so that the Landlock
+/// probes prove Landlock alone.
+fn child_config(writable: Option<&Path>, isolate: bool) -> SandboxConfig {
+    let mut cfg = SandboxConfig::new(
         writable.into_iter().map(Path::to_path_buf).collect(),
         vec![PathBuf::from("/")],
-    )
+    );
+    if !isolate {
+        cfg.isolation = Isolation::none();
+    }
+    cfg
 }
 
 fn confine_child(cfg: &SandboxConfig) -> Result<(), i32> {
@@ -119,9 +126,13 @@ fn run_probe(probe: &str, writable: Option<&Path>) -> i32 {
 }
 
 fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
+    let (isolate, probe) = match probe.strip_prefix("ro+") {
+        Some(rest) => (true, rest),
+        None => (false, probe),
+    };
     let mut fields = probe.split(':');
     let kind = fields.next().ok_or(BAD_PROBE)?;
-    let cfg = child_config(writable);
+    let cfg = child_config(writable, isolate);
     match kind {
         // Any system call with zero arguments, behind the sentinel.
         "syscall" => {
@@ -226,6 +237,24 @@ fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
         "status" => {
             confine_child(&cfg)?;
             print_file("/proc/thread-self/status")?;
+            Ok(0)
+        }
+        "mountinfo" => {
+            confine_child(&cfg)?;
+            print_file("/proc/thread-self/mountinfo")?;
+            Ok(0)
+        }
+        "namespaces" => {
+            confine_child(&cfg)?;
+            let links: Vec<String> = ["mnt", "ipc", "uts"]
+                .iter()
+                .map(|ns| {
+                    std::fs::read_link(format!("/proc/thread-self/ns/{ns}"))
+                        .map(|l| l.display().to_string())
+                        .unwrap_or_default()
+                })
+                .collect();
+            println!("<<<BEGIN\n{}\nEND>>>", links.join("\n"));
             Ok(0)
         }
         "limits" => {
@@ -641,6 +670,91 @@ fn connecting_to_an_abstract_socket_outside_is_refused() {
     let addr = SocketAddr::from_abstract_name(&name).expect("name");
     let _listener = UnixListener::bind_addr(&addr).expect("bind abstract");
     assert_eq!(probe(&format!("abstract_connect:{name}")), libc::EPERM);
+}
+
+// --- namespaces and read-only mounts ---------------------------------------------------------
+
+/// The mount options of `/` in a mountinfo table.
+fn root_mount_options(mountinfo: &str) -> String {
+    mountinfo
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.get(4) == Some(&"/"))
+        .filter_map(|f| f.get(5).map(|o| (*o).to_owned()))
+        .next_back()
+        .unwrap_or_default()
+}
+
+#[test]
+fn read_only_mounts_refuse_writes_outside_with_erofs() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let file = outside.path().join("file");
+    assert_eq!(probe(&format!("ro+write:{}", file.display())), libc::EROFS);
+}
+
+#[test]
+fn read_only_mounts_keep_the_writable_paths_writable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("file");
+    assert_eq!(
+        probe_in(&format!("ro+write:{}", file.display()), dir.path()),
+        0
+    );
+    assert_eq!(std::fs::read(&file).expect("written file"), b"moat");
+}
+
+#[test]
+fn read_only_mounts_keep_dev_null_writable() {
+    assert_eq!(probe("ro+dev_null"), 0);
+}
+
+#[test]
+fn the_root_is_read_only_for_the_agent_and_unchanged_for_everyone_else() {
+    let ours = || std::fs::read_to_string("/proc/self/mountinfo").expect("our mountinfo");
+    let before = root_mount_options(&ours());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_child("ro+mountinfo", Some(dir.path()));
+    assert!(out.ran() && out.code == Some(0), "{out:?}");
+    let agent = root_mount_options(out.printed());
+    assert!(agent.split(',').any(|o| o == "ro"), "agent's / is {agent}");
+    assert!(
+        agent.split(',').any(|o| o == "nosuid"),
+        "agent's / is {agent}"
+    );
+    assert_eq!(root_mount_options(&ours()), before);
+}
+
+#[test]
+fn the_agent_gets_its_own_mount_ipc_and_uts_namespaces() {
+    let ours: Vec<String> = ["mnt", "ipc", "uts"]
+        .iter()
+        .map(|ns| {
+            std::fs::read_link(format!("/proc/self/ns/{ns}"))
+                .map(|l| l.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_child("ro+namespaces", Some(dir.path()));
+    assert!(out.ran() && out.code == Some(0), "{out:?}");
+    let agent: Vec<&str> = out.printed().lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(agent.len(), 3, "{out:?}");
+    let shared: Vec<_> = agent
+        .iter()
+        .filter(|ns| ours.contains(&(**ns).to_owned()))
+        .collect();
+    assert!(
+        shared.is_empty(),
+        "namespaces shared with the parent: {shared:?}"
+    );
+}
+
+#[test]
+fn a_shell_runs_with_full_isolation() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let file = outside.path().join("file");
+    assert_eq!(probe(&format!("ro+shell:{}", file.display())), 0);
+    assert!(!file.exists());
 }
 
 // --- capabilities, no_new_privs, ids, rlimits ------------------------------------------------
