@@ -62,6 +62,33 @@
 //! - With `uid_gid`, the target ids must be mapped in the caller's user namespace (namespace
 //!   backend), or step 4 fails.
 //!
+//! ```no_run
+//! use std::os::unix::process::CommandExt as _;
+//! use std::path::Path;
+//! use std::process::Command;
+//!
+//! use moat_guest_sandbox::{Sandbox, agent_config};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut cfg = agent_config(Path::new("/home/agent"));
+//! cfg.uid_gid = Some((1000, 1000));
+//! // In the parent: opens the paths, creates the Landlock ruleset, compiles the filter.
+//! let sandbox = Sandbox::new(&cfg)?;
+//! let mut agent = Command::new("/bin/sh");
+//! // SAFETY: runs in the forked child; `apply` only makes system calls (no allocation, no
+//! // lock) until it succeeds. On failure the child exits and the agent never starts.
+//! unsafe {
+//!     agent.pre_exec(move || sandbox.apply().map(drop).map_err(std::io::Error::other));
+//! }
+//! let status = agent.status()?;
+//! # let _ = status;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The [`Report`] is produced in the child; a caller that wants to log it writes it to a pipe
+//! before `execve`, or confines a probe child the same way first.
+//!
 //! # What is not covered
 //!
 //! - The PID namespace (see above).
