@@ -96,6 +96,10 @@
 //!   refused, and the runtimes that try it (libuv, tokio-uring) fall back on `EPERM`.
 //! - Pathname Unix sockets under readable paths can be connected to below Landlock ABI 9
 //!   (Linux 7.1); above it, they are refused outside the writable paths.
+//! - Landlock (up to ABI 7 at least) does not restrict `chmod`, `chown`, `utimes` or extended
+//!   attributes: outside the writable paths the read-only mounts (step 2) refuse them, and
+//!   the unprivileged uid does through file ownership. Without either (an agent left at uid 0
+//!   with [`Isolation::none`]) they are open.
 //! - Landlock does not restrict TCP destinations (that is the egress proxy's job), nor
 //!   `ioctl` on non-device files, nor reading `/proc` of processes the agent already may see.
 //! - A deny list cannot know about system calls added to kernels after it was written; new

@@ -203,6 +203,13 @@ fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
             confine_child(&cfg)?;
             Ok(io_code(std::fs::OpenOptions::new().write(true).open(path)))
         }
+        "chmod" => {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = fields.next().ok_or(BAD_PROBE)?;
+            confine_child(&cfg)?;
+            let mode = std::fs::Permissions::from_mode(0o777);
+            Ok(io_code(std::fs::set_permissions(path, mode)))
+        }
         "mkdir" => {
             let path = fields.next().ok_or(BAD_PROBE)?;
             confine_child(&cfg)?;
@@ -701,6 +708,15 @@ fn read_only_mounts_keep_the_writable_paths_writable() {
         0
     );
     assert_eq!(std::fs::read(&file).expect("written file"), b"moat");
+}
+
+#[test]
+fn chmod_outside_is_refused_by_the_read_only_mounts() {
+    // Landlock (ABI 7) does not cover chmod, chown, utimes or xattrs: the mounts do.
+    let outside = tempfile::tempdir().expect("tempdir");
+    let file = outside.path().join("file");
+    std::fs::write(&file, b"x").expect("write");
+    assert_eq!(probe(&format!("ro+chmod:{}", file.display())), libc::EROFS);
 }
 
 #[test]
