@@ -75,8 +75,8 @@
 //! // In the parent: opens the paths, creates the Landlock ruleset, compiles the filter.
 //! let sandbox = Sandbox::new(&cfg)?;
 //! let mut agent = Command::new("/bin/sh");
-//! // SAFETY: runs in the forked child; `apply` only makes system calls (no allocation, no
-//! // lock) until it succeeds. On failure the child exits and the agent never starts.
+//! // SAFETY: runs in the forked child; on its success path `apply` only makes system calls
+//! // and does not allocate. On failure the child exits and the agent never starts.
 //! unsafe {
 //!     agent.pre_exec(move || sandbox.apply().map(drop).map_err(std::io::Error::other));
 //! }
@@ -93,7 +93,8 @@
 //!
 //! - The PID namespace (see above).
 //! - `ptrace` is refused, so debuggers and `strace` do not work inside; `io_uring` is
-//!   refused, and the runtimes that try it (libuv, tokio-uring) fall back on `EPERM`.
+//!   refused: libuv (node) falls back to its thread pool on `EPERM`, programs built only on
+//!   io_uring fail.
 //! - Pathname Unix sockets under readable paths can be connected to below Landlock ABI 9
 //!   (Linux 7.1); above it, they are refused outside the writable paths.
 //! - Landlock (up to ABI 7 at least) does not restrict `chmod`, `chown`, `utimes` or extended

@@ -25,7 +25,9 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use moat_guest_sandbox::{Cmp, Isolation, SandboxConfig, SandboxError, confine, deny_rules};
+use moat_guest_sandbox::{
+    Cmp, Isolation, Sandbox, SandboxConfig, SandboxError, confine, deny_rules,
+};
 
 const PROBE_ENV: &str = "MOAT_SANDBOX_PROBE";
 const WRITABLE_ENV: &str = "MOAT_SANDBOX_WRITABLE";
@@ -37,6 +39,42 @@ const BAD_PROBE: i32 = 202;
 /// Printed by the child once its probe ran, so that a child that never reached the probe
 /// (and exited 0 from the test harness) cannot pass for "the operation succeeded".
 const PROBE_RAN: &str = "moat-probe-ran";
+
+/// Counts the allocations of the current thread, to prove that `Sandbox::apply` makes none.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: every method forwards to the system allocator unchanged; the counter is a
+// const-initialised thread-local `Cell` without destructor, which never allocates.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: forwarded with the caller's layout, as the caller's contract requires.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` was allocated by `System` with this layout (see `alloc`).
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: `ptr` was allocated by `System` with this layout (see `alloc`).
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(std::cell::Cell::get)
+}
 
 const AF_VSOCK: i32 = 40;
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -298,6 +336,18 @@ fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
                 Ok(7) => 0,
                 _ => BAD_PROBE,
             })
+        }
+        "apply_allocations" => {
+            let mut cfg = cfg;
+            cfg.uid_gid = Some((65_534, 65_534));
+            let start = allocations();
+            let sandbox = Sandbox::new(&cfg).map_err(|_| CONFINE_FAILED)?;
+            let built = allocations();
+            let result = sandbox.apply();
+            let applied = allocations();
+            result.map_err(|_| CONFINE_FAILED)?;
+            println!("<<<BEGIN\n{} {}\nEND>>>", built - start, applied - built);
+            Ok(0)
         }
         "drop_user" => {
             let mut cfg = cfg;
@@ -905,6 +955,23 @@ fn the_report_names_the_landlock_abi_and_full_enforcement() {
     assert!(missing.is_empty(), "{missing:?} not in {report}");
 }
 
+#[test]
+fn apply_does_not_allocate_so_it_can_run_between_fork_and_exec() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_child("ro+apply_allocations", Some(dir.path()));
+    assert!(out.ran() && out.code == Some(0), "{out:?}");
+    let counts: Vec<usize> = out
+        .printed()
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    // `new` allocates (which shows the counter works); `apply` must not.
+    assert!(
+        matches!(counts[..], [built, 0] if built > 0),
+        "allocations: {counts:?}"
+    );
+}
+
 // --- configuration ---------------------------------------------------------------------------
 
 #[test]
@@ -912,7 +979,7 @@ fn uid_0_as_the_agent_user_is_refused() {
     let mut cfg = SandboxConfig::new(vec![], vec![PathBuf::from("/")]);
     cfg.uid_gid = Some((0, 0));
     assert!(matches!(
-        moat_guest_sandbox::Sandbox::new(&cfg),
+        Sandbox::new(&cfg),
         Err(SandboxError::InvalidConfig(_))
     ));
 }
@@ -921,7 +988,7 @@ fn uid_0_as_the_agent_user_is_refused() {
 fn relative_paths_are_refused() {
     let cfg = SandboxConfig::new(vec![PathBuf::from("home")], vec![PathBuf::from("/")]);
     assert!(matches!(
-        moat_guest_sandbox::Sandbox::new(&cfg),
+        Sandbox::new(&cfg),
         Err(SandboxError::InvalidConfig(_))
     ));
 }
@@ -930,7 +997,7 @@ fn relative_paths_are_refused() {
 fn missing_device_paths_are_skipped_and_reported() {
     let mut cfg = moat_guest_sandbox::agent_config(Path::new("/tmp"));
     cfg.devices.push(PathBuf::from("/dev/moat-no-such-device"));
-    let sandbox = moat_guest_sandbox::Sandbox::new(&cfg).expect("sandbox");
+    let sandbox = Sandbox::new(&cfg).expect("sandbox");
     assert!(
         sandbox
             .missing_devices()
@@ -944,8 +1011,5 @@ fn missing_writable_path_is_an_error() {
         vec![PathBuf::from("/nonexistent/moat-home")],
         vec![PathBuf::from("/")],
     );
-    assert!(matches!(
-        moat_guest_sandbox::Sandbox::new(&cfg),
-        Err(SandboxError::Path { .. })
-    ));
+    assert!(matches!(Sandbox::new(&cfg), Err(SandboxError::Path { .. })));
 }
