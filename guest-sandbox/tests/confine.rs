@@ -40,42 +40,6 @@ const BAD_PROBE: i32 = 202;
 /// (and exited 0 from the test harness) cannot pass for "the operation succeeded".
 const PROBE_RAN: &str = "moat-probe-ran";
 
-/// Counts the allocations of the current thread, to prove that `Sandbox::apply` makes none.
-struct CountingAllocator;
-
-thread_local! {
-    static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-// SAFETY: every method forwards to the system allocator unchanged; the counter is a
-// const-initialised thread-local `Cell` without destructor, which never allocates.
-#[allow(unsafe_code)]
-unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        // SAFETY: forwarded with the caller's layout, as the caller's contract requires.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: `ptr` was allocated by `System` with this layout (see `alloc`).
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
-        ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        // SAFETY: `ptr` was allocated by `System` with this layout (see `alloc`).
-        unsafe { std::alloc::System.realloc(ptr, layout, size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-fn allocations() -> usize {
-    ALLOCATIONS.with(std::cell::Cell::get)
-}
-
 const AF_VSOCK: i32 = 40;
 const NETLINK_SOCK_DIAG: i32 = 4;
 const NETLINK_AUDIT: i32 = 9;
@@ -340,11 +304,11 @@ fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
         "apply_allocations" => {
             let mut cfg = cfg;
             cfg.uid_gid = Some((65_534, 65_534));
-            let start = allocations();
+            let start = support::allocations();
             let sandbox = Sandbox::new(&cfg).map_err(|_| CONFINE_FAILED)?;
-            let built = allocations();
+            let built = support::allocations();
             let result = sandbox.apply();
-            let applied = allocations();
+            let applied = support::allocations();
             result.map_err(|_| CONFINE_FAILED)?;
             println!("<<<BEGIN\n{} {}\nEND>>>", built - start, applied - built);
             Ok(0)

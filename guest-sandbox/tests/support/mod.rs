@@ -1,5 +1,5 @@
-//! Test-only probes: the raw system calls the tests attempt after confinement, and the
-//! sentinel seccomp filter.
+//! Test-only probes: the raw system calls the tests attempt after confinement, the sentinel
+//! seccomp filter, and an allocation counter.
 //!
 //! The only `unsafe` of the test tree lives here. Every probe passes integers or null
 //! pointers only: the sentinel (below) guarantees that the refused calls never reach the
@@ -134,4 +134,39 @@ pub fn landlock_abi() -> u32 {
         .ok()
         .and_then(|v| u32::try_from(v).ok())
         .unwrap_or(0)
+}
+
+/// Counts the allocations of the current thread, to prove that `Sandbox::apply` makes none.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: every method forwards to the system allocator unchanged; the counter is a
+// const-initialised thread-local `Cell` without destructor, which never allocates.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: forwarded with the caller's layout, as the caller's contract requires.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` was allocated by `System` with this layout (see `alloc`).
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: `ptr` was allocated by `System` with this layout (see `alloc`).
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+pub fn allocations() -> usize {
+    ALLOCATIONS.with(std::cell::Cell::get)
 }
