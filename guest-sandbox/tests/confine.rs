@@ -31,6 +31,7 @@ use moat_guest_sandbox::{
 
 const PROBE_ENV: &str = "MOAT_SANDBOX_PROBE";
 const WRITABLE_ENV: &str = "MOAT_SANDBOX_WRITABLE";
+const SCRIPT_ENV: &str = "MOAT_SANDBOX_SCRIPT";
 
 /// Exit codes of the child that are not errnos.
 const CONFINE_FAILED: i32 = 200;
@@ -294,6 +295,16 @@ fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
                 Err(e) => e.raw_os_error().unwrap_or(BAD_PROBE),
             })
         }
+        // A shell script from the environment (so it may contain colons).
+        "script" => {
+            let script = std::env::var(SCRIPT_ENV).map_err(|_| BAD_PROBE)?;
+            confine_child(&cfg)?;
+            let status = Command::new("/bin/sh").arg("-c").arg(script).status();
+            Ok(match status {
+                Ok(status) => status.code().unwrap_or(BAD_PROBE),
+                Err(e) => e.raw_os_error().unwrap_or(BAD_PROBE),
+            })
+        }
         "thread" => {
             confine_child(&cfg)?;
             Ok(match std::thread::spawn(|| 7).join() {
@@ -392,7 +403,35 @@ fn probe(probe: &str) -> i32 {
 }
 
 fn probe_in(probe: &str, writable: &Path) -> i32 {
-    let out = run_child(probe, Some(writable));
+    check_outcome(run_child(probe, Some(writable)))
+}
+
+/// Runs a shell script in a confined child and returns its exit code.
+fn script(probe: &str, script: &str) -> i32 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = Command::new(exe)
+        .args([
+            "probe_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PROBE_ENV, probe)
+        .env(WRITABLE_ENV, dir.path())
+        .env(SCRIPT_ENV, script)
+        .output()
+        .expect("run the probe child");
+    check_outcome(Outcome {
+        code: out.status.code(),
+        signal: out.status.signal(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn check_outcome(out: Outcome) -> i32 {
     assert_ne!(out.code, Some(CONFINE_FAILED), "confine failed: {out:?}");
     assert_ne!(out.code, Some(SETUP_FAILED), "probe setup failed: {out:?}");
     assert_ne!(out.code, Some(BAD_PROBE), "bad probe: {out:?}");
@@ -890,6 +929,17 @@ fn a_shell_runs_writes_home_and_is_refused_outside() {
     let file = outside.path().join("file");
     assert_eq!(probe(&format!("shell:{}", file.display())), 0);
     assert!(!file.exists());
+}
+
+#[test]
+fn a_terminal_works_with_full_isolation() {
+    // `script` allocates a pseudo-terminal (/dev/ptmx, /dev/pts) and `stty` changes its modes
+    // with ioctls: the device rule's IoctlDev right, under read-only mounts.
+    let code = script(
+        "ro+script",
+        "script -qec 'tty && stty -echo && stty echo' /dev/null",
+    );
+    assert_eq!(code, 0);
 }
 
 #[test]
