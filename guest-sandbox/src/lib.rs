@@ -299,10 +299,14 @@ pub fn confine(cfg: &SandboxConfig) -> Result<Report, SandboxError> {
     Sandbox::new(cfg)?.apply()
 }
 
-/// The default configuration for an agent: `home` and `/tmp` writable, `/` readable.
+/// The default configuration for an agent: `home`, `/tmp` and (where it exists) `/dev/shm`
+/// writable, `/` readable. `/dev/shm` holds POSIX shared memory and semaphores (Python's
+/// multiprocessing, Chromium).
 pub fn agent_config(home: &Path) -> SandboxConfig {
-    SandboxConfig::new(
-        vec![home.to_path_buf(), PathBuf::from("/tmp")],
-        vec![PathBuf::from("/")],
-    )
+    let mut writable = vec![home.to_path_buf(), PathBuf::from("/tmp")];
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        writable.push(shm.to_path_buf());
+    }
+    SandboxConfig::new(writable, vec![PathBuf::from("/")])
 }

@@ -78,12 +78,17 @@ fn io_code<T>(result: std::io::Result<T>) -> i32 {
     }
 }
 
-/// The child's configuration: the default one, with the writable directory of the test, `/`
-/// readable, and namespaces only when the probe asks (`ro+` prefix), so that the Landlock
-/// probes prove Landlock alone.
+/// The child's configuration: the default one, with the writable directory of the test (and
+/// `/dev/shm`), `/` readable, and namespaces only when the probe asks (`ro+` prefix), so that
+/// the Landlock probes prove Landlock alone.
 fn child_config(writable: Option<&Path>, isolate: bool) -> SandboxConfig {
+    let shm = Path::new("/dev/shm");
     let mut cfg = SandboxConfig::new(
-        writable.into_iter().map(Path::to_path_buf).collect(),
+        writable
+            .into_iter()
+            .chain(shm.is_dir().then_some(shm))
+            .map(Path::to_path_buf)
+            .collect(),
         vec![PathBuf::from("/")],
     );
     if !isolate {
@@ -718,6 +723,45 @@ fn writing_dev_null_works() {
     assert_eq!(probe("dev_null"), 0);
 }
 
+/// A `sleep` at our uid with no capabilities at all, so that only Landlock can stand between
+/// it and the agent (with capabilities it would be protected by the capability check).
+struct CaplessSleeper(std::process::Child);
+
+impl CaplessSleeper {
+    fn start() -> Self {
+        let child = Command::new("setpriv")
+            .args(["--bounding-set=-all", "--inh-caps=-all", "sleep", "30"])
+            .env("MOAT_SECRET", "placeholder")
+            .spawn()
+            .expect("setpriv (util-linux) runs sleep");
+        Self(child)
+    }
+}
+
+impl Drop for CaplessSleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn reading_the_environment_of_a_process_outside_is_refused() {
+    // Landlock forbids ptrace-mode access across domains: guest-init's environment (and any
+    // secret in it) is out of the agent's reach even at the same uid.
+    let sleeper = CaplessSleeper::start();
+    // Wait until setpriv has exec'd sleep (its comm changes).
+    let comm = format!("/proc/{}/comm", sleeper.0.id());
+    for _ in 0..200 {
+        if std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let environ = format!("/proc/{}/environ", sleeper.0.id());
+    assert_eq!(probe(&format!("read:{environ}")), libc::EACCES);
+}
+
 #[test]
 fn signalling_a_process_outside_the_sandbox_is_refused() {
     // Landlock scope (ABI 6): the parent test process is outside the child's domain.
@@ -938,6 +982,17 @@ fn a_terminal_works_with_full_isolation() {
     let code = script(
         "ro+script",
         "script -qec 'tty && stty -echo && stty echo' /dev/null",
+    );
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn git_and_python_multiprocessing_work_with_full_isolation() {
+    let code = script(
+        "ro+script",
+        "cd \"$MOAT_SANDBOX_WRITABLE\" && export HOME=\"$PWD\" && git init -q repo && \
+         git -C repo -c user.email=a@example.com -c user.name=agent commit -q --allow-empty -m x && \
+         python3 -c 'import multiprocessing as m; assert m.Pool(2).map(abs, [-1, -2]) == [1, 2]'",
     );
     assert_eq!(code, 0);
 }
