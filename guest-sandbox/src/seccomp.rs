@@ -144,7 +144,7 @@ static COMMON_RULES: &[DenyRule] = &[
     ], "only Unix, IPv4, IPv6 and netlink families: AF_VSOCK would bypass the netstack to the host, AF_PACKET sniffs and forges frames, the rest is unused kernel surface"),
     when("socket", libc::SYS_socket, &[
         arg(0, Cmp::Ne(AF_NETLINK)), arg(1, Cmp::MaskedEq { mask: SOCK_TYPE_MASK, value: SOCK_RAW }),
-    ], "SOCK_RAW (IPv4/IPv6) forges packets and bypasses TCP; netlink, which is always raw, is ruled below"),
+    ], "SOCK_RAW (IPv4/IPv6) forges packets and bypasses TCP; netlink, conventionally SOCK_RAW, is ruled below"),
     when("socket", libc::SYS_socket, &[
         arg(0, Cmp::Eq(AF_NETLINK)), arg(2, Cmp::Ne(NETLINK_ROUTE)),
     ], "netlink other than NETLINK_ROUTE (audit, uevent, sock_diag, xfrm, netfilter...) leaks host state or reaches privileged subsystems"),
