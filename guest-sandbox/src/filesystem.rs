@@ -32,18 +32,18 @@ use crate::sys;
 pub const NEWEST_VETTED_ABI: u32 = 9;
 
 /// Rights of a readable path: read files, list directories, execute.
-pub fn readable_rights(abi: ABI) -> BitFlags<AccessFs> {
+pub(crate) fn readable_rights(abi: ABI) -> BitFlags<AccessFs> {
     AccessFs::from_all(abi) & make_bitflags!(AccessFs::{Execute | ReadFile | ReadDir})
 }
 
 /// Rights of a writable path: everything except creating device nodes and device ioctls.
-pub fn writable_rights(abi: ABI) -> BitFlags<AccessFs> {
+pub(crate) fn writable_rights(abi: ABI) -> BitFlags<AccessFs> {
     AccessFs::from_all(abi) & !make_bitflags!(AccessFs::{MakeChar | MakeBlock | IoctlDev})
 }
 
 /// Rights of a device path (`/dev/null`, `/dev/tty`, `/dev/pts`): read, write, truncate
 /// (`> /dev/null` opens with `O_TRUNC`) and device ioctls (terminal modes).
-pub fn device_rights(abi: ABI) -> BitFlags<AccessFs> {
+pub(crate) fn device_rights(abi: ABI) -> BitFlags<AccessFs> {
     AccessFs::from_all(abi) & make_bitflags!(AccessFs::{ReadFile | WriteFile | Truncate | IoctlDev})
 }
 
