@@ -1,0 +1,342 @@
+//! Thin wrappers over the raw system calls the sandbox needs: rlimits, credentials,
+//! capabilities, `prctl` and the Landlock version query.
+//!
+//! This is the only module of the crate that may use `unsafe`. Every wrapper passes plain
+//! integers, or pointers to locals that live for the whole call, and turns the C return
+//! convention into an [`io::Result`]. None of them allocates, so [`crate::Sandbox::apply`] can
+//! run between `fork` and `exec` of a multi-threaded parent.
+#![allow(unsafe_code)]
+
+use std::io;
+
+/// Maps a `-1`-on-error return value to the thread's `errno`.
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Maps a `-1`-on-error `syscall(2)` return value to the thread's `errno`.
+fn check_long(rc: libc::c_long) -> io::Result<libc::c_long> {
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The resource argument type of `getrlimit`/`setrlimit`, which differs between glibc and musl.
+#[cfg(target_env = "gnu")]
+pub(crate) type Resource = libc::__rlimit_resource_t;
+/// The resource argument type of `getrlimit`/`setrlimit`, which differs between glibc and musl.
+#[cfg(not(target_env = "gnu"))]
+pub(crate) type Resource = libc::c_int;
+
+/// `getrlimit(2)`: the current (soft, hard) limit of `resource`.
+pub(crate) fn getrlimit(resource: Resource) -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable `rlimit` that outlives the call; the kernel writes at
+    // most `size_of::<rlimit>()` bytes into it.
+    check(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// `setrlimit(2)`: sets the (soft, hard) limit of `resource`.
+pub(crate) fn setrlimit(resource: Resource, soft: u64, hard: u64) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid `rlimit` that outlives the call; the kernel only reads it.
+    check(unsafe { libc::setrlimit(resource, &lim) })?;
+    Ok(())
+}
+
+/// `setgroups(0, NULL)`: clears the supplementary groups.
+pub(crate) fn clear_groups() -> io::Result<()> {
+    // SAFETY: a zero-length list with a null pointer is the documented way to clear the groups;
+    // the kernel reads nothing through the pointer.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    Ok(())
+}
+
+/// `getgroups(0, NULL)`: how many supplementary groups the thread has.
+pub(crate) fn group_count() -> io::Result<usize> {
+    // SAFETY: with a size of zero the kernel only returns the count and writes nothing.
+    let n = check(unsafe { libc::getgroups(0, std::ptr::null_mut()) })?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// `setresgid(2)` with the same id for real, effective and saved.
+pub(crate) fn set_all_gids(gid: u32) -> io::Result<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    Ok(())
+}
+
+/// `setresuid(2)` with the same id for real, effective and saved.
+pub(crate) fn set_all_uids(uid: u32) -> io::Result<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresuid(uid, uid, uid) })?;
+    Ok(())
+}
+
+/// `getresuid(2)`: (real, effective, saved) user ids.
+pub(crate) fn uids() -> io::Result<(u32, u32, u32)> {
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: the three pointers are to distinct locals that outlive the call.
+    check(unsafe { libc::getresuid(&mut r, &mut e, &mut s) })?;
+    Ok((r, e, s))
+}
+
+/// `getresgid(2)`: (real, effective, saved) group ids.
+pub(crate) fn gids() -> io::Result<(u32, u32, u32)> {
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: the three pointers are to distinct locals that outlive the call.
+    check(unsafe { libc::getresgid(&mut r, &mut e, &mut s) })?;
+    Ok((r, e, s))
+}
+
+/// `prctl(2)` with integer arguments only.
+fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<libc::c_int> {
+    // SAFETY: every option this crate passes (capability bounding set, ambient set, securebits,
+    // no_new_privs) takes integer arguments only; unused arguments are zero as the man page asks.
+    check(unsafe { libc::prctl(option, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong, 0) })
+}
+
+/// `PR_CAPBSET_READ`: whether `cap` is in the bounding set; `Err(EINVAL)` past the last cap.
+pub(crate) fn bounding_has(cap: u32) -> io::Result<bool> {
+    Ok(prctl(libc::PR_CAPBSET_READ, libc::c_ulong::from(cap))? == 1)
+}
+
+/// `PR_CAPBSET_DROP`: removes `cap` from the bounding set (needs `CAP_SETPCAP`).
+pub(crate) fn bounding_drop(cap: u32) -> io::Result<()> {
+    prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)).map(drop)
+}
+
+/// `PR_CAP_AMBIENT_CLEAR_ALL`: empties the ambient set (always permitted).
+pub(crate) fn ambient_clear() -> io::Result<()> {
+    // SAFETY: integer arguments only; PR_CAP_AMBIENT takes a sub-command and zeroes.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })
+    .map(drop)
+}
+
+/// `PR_CAP_AMBIENT_IS_SET`: whether `cap` is in the ambient set.
+pub(crate) fn ambient_has(cap: u32) -> io::Result<bool> {
+    // SAFETY: integer arguments only.
+    let rc = check(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_IS_SET as libc::c_ulong,
+            libc::c_ulong::from(cap),
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })?;
+    Ok(rc == 1)
+}
+
+/// `PR_SET_SECUREBITS` (needs `CAP_SETPCAP`).
+pub(crate) fn set_securebits(bits: u32) -> io::Result<()> {
+    prctl(libc::PR_SET_SECUREBITS, libc::c_ulong::from(bits)).map(drop)
+}
+
+/// `PR_GET_SECUREBITS`.
+pub(crate) fn securebits() -> io::Result<u32> {
+    prctl(libc::PR_GET_SECUREBITS, 0).map(|b| u32::try_from(b).unwrap_or(0))
+}
+
+/// `PR_SET_NO_NEW_PRIVS`: from now on `execve` never grants privileges (irreversible).
+pub(crate) fn set_no_new_privs() -> io::Result<()> {
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map(drop)
+}
+
+/// `PR_GET_NO_NEW_PRIVS`.
+pub(crate) fn no_new_privs() -> io::Result<bool> {
+    Ok(prctl(libc::PR_GET_NO_NEW_PRIVS, 0)? == 1)
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two 32-bit words.
+const CAP_V3: u32 = 0x2008_0522;
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The calling thread's capability sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CapSets {
+    pub(crate) effective: u64,
+    pub(crate) permitted: u64,
+    pub(crate) inheritable: u64,
+}
+
+/// `capget(2)` for the calling thread.
+pub(crate) fn capget() -> io::Result<CapSets> {
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: `header` is a valid v3 header and `data` has the two elements a v3 call writes;
+    // both outlive the call.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    })?;
+    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    Ok(CapSets {
+        effective: join(data[0].effective, data[1].effective),
+        permitted: join(data[0].permitted, data[1].permitted),
+        inheritable: join(data[0].inheritable, data[1].inheritable),
+    })
+}
+
+/// `capset(2)`: empties the effective, permitted and inheritable sets of the calling thread.
+/// Dropping capabilities is always permitted.
+pub(crate) fn capset_empty() -> io::Result<()> {
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: `header` is a valid v3 header and `data` holds the two elements a v3 call reads;
+    // both outlive the call.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    })?;
+    Ok(())
+}
+
+/// `LANDLOCK_CREATE_RULESET_VERSION`.
+const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+
+/// The Landlock ABI version of the running kernel, or `None` when Landlock is not built in
+/// or not enabled.
+pub(crate) fn landlock_abi() -> Option<u32> {
+    // SAFETY: with a null attribute, a zero size and the VERSION flag the kernel only returns
+    // the ABI version and reads nothing.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0 as libc::size_t,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(rc).ok().filter(|v| *v > 0)
+}
+
+/// `unshare(2)` with the given `CLONE_NEW*` flags.
+pub(crate) fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: integer argument only.
+    check(unsafe { libc::unshare(flags) })?;
+    Ok(())
+}
+
+/// `mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL)`: no mount event propagates out of (or
+/// into) the calling thread's mount namespace from now on.
+pub(crate) fn make_mounts_private() -> io::Result<()> {
+    // SAFETY: the target is a static NUL-terminated string; source, type and data are null,
+    // which a propagation change ignores.
+    check(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// `mount(path, path, NULL, MS_BIND | MS_REC, NULL)`: makes `path` a mount point of its own.
+pub(crate) fn bind_onto_itself(path: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: `path` is a NUL-terminated string borrowed for the whole call; type and data
+    // are null, which a bind mount ignores.
+    check(unsafe {
+        libc::mount(
+            path.as_ptr(),
+            path.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// `MOUNT_ATTR_RDONLY`.
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// `MOUNT_ATTR_NOSUID`.
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+
+/// `struct mount_attr` (`MOUNT_ATTR_SIZE_VER0`).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `mount_setattr(AT_FDCWD, path, AT_RECURSIVE, {set, clear})` on the mount at `path` and
+/// every mount beneath it.
+pub(crate) fn set_mount_attrs_recursive(
+    path: &std::ffi::CStr,
+    set: u64,
+    clear: u64,
+) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: clear,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` is a valid VER0 `mount_attr` whose size is
+    // passed; both outlive the call and the kernel only reads them.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })?;
+    Ok(())
+}
