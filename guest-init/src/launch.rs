@@ -55,19 +55,37 @@ pub(crate) fn run_agent(spec: &AgentSpec, report: &Reporter) -> std::io::Result<
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    // SAFETY: the closure runs in the forked child before exec; it only calls prctl(2), which
-    // is async-signal-safe, and allocates nothing.
+    // Everything that allocates (opening paths, building the Landlock ruleset, compiling the
+    // seccomp filter) happens here, in PID 1; the child only applies it.
+    let sandbox = moat_guest_sandbox::Sandbox::new(&moat_guest_sandbox::agent_config(&spec.home))
+        .map_err(|e| std::io::Error::other(format!("cannot prepare the sandbox: {e}")))?;
+    // SAFETY: the closure runs in the forked child before exec. `Sandbox::apply` makes no
+    // allocation and only issues system calls (a test in moat-guest-sandbox proves it), and
+    // the error is built from a raw errno without allocating: so it is safe even though PID 1
+    // has other threads (the netstack) at fork time.
+    // The sandbox stacks new mounts over the agent's paths: enter the home again afterwards,
+    // or the working directory would stay on the mount underneath.
+    let home = std::ffi::CString::new(spec.home.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(|| {
-            // No privilege gained through exec (setuid binaries, file capabilities).
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+        cmd.pre_exec(move || {
+            if sandbox.apply().is_err() {
+                // If the sandbox cannot be applied the agent does not start.
+                return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+            }
+            if libc::chdir(home.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
+    let child = cmd.spawn().map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot start the agent inside its sandbox: {e}"),
+        )
+    })?;
     report.launch(child.id(), &argv);
     let agent = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let status = loop {

@@ -389,6 +389,26 @@ fn audit_shows_the_flows_and_the_agent_process_and_validates_as_ocsf() {
 }
 
 #[test]
+fn the_agent_runs_confined_and_raw_sockets_and_ptrace_fail() {
+    let ws = Workspace::new();
+    let out = ws.run(concat!(
+        "grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status; ",
+        "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)' 2>/dev/null; echo raw=$?; ",
+        "python3 -c 'import ctypes,sys; c=ctypes.CDLL(None, use_errno=True); r=c.ptrace(0,0,0,0); sys.exit(ctypes.get_errno() if r<0 else 0)'; echo ptrace=$?",
+    ));
+    let stdout = text(&out.stdout);
+    for want in [
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+        "CapEff:\t0000000000000000",
+        "raw=1",
+        "ptrace=1",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+}
+
+#[test]
 fn exit_status_of_the_command_is_the_workspaces() {
     let ws = Workspace::new();
     let out = ws.run("exit 7");
