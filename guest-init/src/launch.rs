@@ -59,14 +59,14 @@ pub(crate) fn run_agent(spec: &AgentSpec, report: &Reporter) -> std::io::Result<
     // seccomp filter) happens here, in PID 1; the child only applies it.
     let sandbox = moat_guest_sandbox::Sandbox::new(&moat_guest_sandbox::agent_config(&spec.home))
         .map_err(|e| std::io::Error::other(format!("cannot prepare the sandbox: {e}")))?;
-    // SAFETY: the closure runs in the forked child before exec. `Sandbox::apply` makes no
-    // allocation and only issues system calls (a test in moat-guest-sandbox proves it), and
-    // the error is built from a raw errno without allocating: so it is safe even though PID 1
-    // has other threads (the netstack) at fork time.
     // The sandbox stacks new mounts over the agent's paths: enter the home again afterwards,
     // or the working directory would stay on the mount underneath.
     let home = std::ffi::CString::new(spec.home.as_os_str().as_encoded_bytes())
         .map_err(std::io::Error::other)?;
+    // SAFETY: the closure runs in the forked child before exec. `Sandbox::apply` makes no
+    // allocation and only issues system calls (a test in moat-guest-sandbox proves it), and
+    // the error is built from a raw errno without allocating: so it is safe even though PID 1
+    // has other threads (the netstack) at fork time.
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
