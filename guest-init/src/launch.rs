@@ -89,6 +89,7 @@ pub(crate) fn run_agent(spec: &AgentSpec, report: &Reporter) -> std::io::Result<
     report.launch(child.id(), &argv);
     let agent = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let status = loop {
+        crate::signals::forward_pending(agent);
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == agent => {
                 break ExitStatus::from_raw((code & 0xff) << 8);

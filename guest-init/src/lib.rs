@@ -25,6 +25,7 @@
 mod launch;
 mod namespace;
 mod report;
+mod signals;
 mod sys;
 
 use std::path::PathBuf;

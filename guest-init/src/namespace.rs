@@ -53,15 +53,14 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
     )
     .map_err(InitError::Unshare)?;
     map_ids(uid, gid)?;
-    // Ctrl-C at an interactive shell is for the shell: this process and PID 1 only wait.
-    // A handler (not SIG_IGN) so that exec resets it and the agent gets the default action.
-    ignore_interrupts();
+    crate::signals::install();
 
     // SAFETY: the caller guarantees the process is single-threaded, so the child may run
     // arbitrary code after fork.
     #[allow(unsafe_code)]
     match unsafe { fork() }.map_err(InitError::Fork)? {
         ForkResult::Parent { child } => loop {
+            crate::signals::forward_pending(child);
             match waitpid(child, None) {
                 Ok(WaitStatus::Exited(_, code)) => return Ok(code),
                 Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
@@ -81,22 +80,6 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
             };
             std::process::exit(code);
         }
-    }
-}
-
-extern "C" fn on_interrupt(_: libc::c_int) {}
-
-fn ignore_interrupts() {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(
-        SigHandler::Handler(on_interrupt),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGQUIT] {
-        // SAFETY: the handler does nothing, so it is trivially async-signal-safe.
-        #[allow(unsafe_code)]
-        let _ = unsafe { sigaction(sig, &action) };
     }
 }
 

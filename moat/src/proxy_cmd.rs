@@ -33,7 +33,7 @@ pub(crate) struct ProxyArgs {
 #[derive(Debug, Args)]
 pub(crate) struct ProxyOpts {
     /// Policy profile (default: the DEVELOPMENT profile). Its signature is <profile>.minisig.
-    #[arg(long)]
+    #[arg(long, visible_alias = "policy")]
     profile: Option<PathBuf>,
     /// Trusted public key for the profile (default: the DEVELOPMENT key).
     #[arg(long)]

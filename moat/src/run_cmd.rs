@@ -174,7 +174,13 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {
-                    let _ = nix::sys::signal::kill(child_pid, nix::sys::signal::Signal::SIGKILL);
+                    // Orderly first: SIGTERM travels to the agent; whatever is left after the
+                    // grace period is killed with the namespace.
+                    let _ = nix::sys::signal::kill(child_pid, nix::sys::signal::Signal::SIGTERM);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        let _ = nix::sys::signal::kill(child_pid, nix::sys::signal::Signal::SIGKILL);
+                    });
                 }
             }
         }

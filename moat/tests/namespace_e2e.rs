@@ -151,9 +151,14 @@ impl Workspace {
 
     /// Runs `script` with sh inside the workspace.
     fn run(&self, script: &str) -> Output {
+        self.command(script).output().unwrap()
+    }
+
+    /// The `moat run` command for `script`.
+    fn command(&self, script: &str) -> Command {
         let d = self.dir.path();
-        Command::new(env!("CARGO_BIN_EXE_moat"))
-            .args(["run", "--backend", "namespace"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+        cmd.args(["run", "--backend", "namespace"])
             .arg("--profile")
             .arg(d.join("policy.toml"))
             .arg("--pubkey")
@@ -171,9 +176,8 @@ impl Workspace {
                 "denied.test=127.0.0.1",
             ])
             .args(["--", "sh", "-c", script])
-            .env("MOAT_LOG", "warn")
-            .output()
-            .unwrap()
+            .env("MOAT_LOG", "warn");
+        cmd
     }
 
     fn url(&self, host: &str, path: &str) -> String {
@@ -406,6 +410,35 @@ fn the_agent_runs_confined_and_raw_sockets_and_ptrace_fail() {
     ] {
         assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
     }
+}
+
+#[test]
+fn sigterm_reaches_the_agent_for_an_orderly_shutdown() {
+    use std::io::BufRead;
+    let ws = Workspace::new();
+    let mut child = ws
+        .command("trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.1; done")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = i32::try_from(child.id()).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(status.code(), Some(42));
 }
 
 #[test]
