@@ -257,6 +257,32 @@ fn names_resolve_to_the_virtual_pool_and_no_dns_query_leaves() {
 }
 
 #[test]
+fn dns_over_tcp_is_answered_by_the_virtual_dns() {
+    let ws = Workspace::new();
+    let script = r#"python3 - <<'EOF'
+import socket, struct
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(l)]) + l.encode() for l in "tcp.example".split(".")) + b"\0"
+q += struct.pack(">HH", 1, 1)
+s = socket.create_connection(("10.200.0.1", 53), timeout=5)
+s.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", s.recv(2))[0]
+r = b""
+while len(r) < n:
+    r += s.recv(n - len(r))
+assert r[:2] == b"\x12\x34", r
+print(".".join(str(b) for b in r[-4:]))
+EOF"#;
+    let out = ws.run(script);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("198.18."),
+        "stdout: {stdout} stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn git_clones_over_https_through_the_proxy() {
     let ws = Workspace::new();
     // A dumb-HTTP repository served by the upstream.

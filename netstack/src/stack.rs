@@ -42,6 +42,8 @@ pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 pub const MTU: usize = 1500;
 /// Bytes of socket buffer per direction per TCP flow.
 const TCP_BUFFER: usize = 256 * 1024;
+/// Bytes of socket buffer per direction for a DNS-over-TCP connection (one largest message).
+const DNS_TCP_BUFFER: usize = 64 * 1024 + 2;
 
 /// Bounds of the stack.
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +148,8 @@ impl<P: PacketIo> Device for QueueDevice<'_, P> {
 
 /// One TCP connection and its stream to the host.
 struct Flow {
+    /// DNS over TCP to the gateway: answered here, never sent to the host.
+    dns: bool,
     /// (agent address, destination) of the connection.
     key: (SocketAddrV4, SocketAddrV4),
     stream: Option<UnixStream>,
@@ -327,7 +331,8 @@ impl<P: PacketIo> Stack<P> {
         if self.keys.contains_key(&(src, dst)) {
             return; // A retransmitted SYN.
         }
-        if *dst.ip() == GATEWAY || self.flows.len() >= self.limits.max_flows {
+        let dns = dst == SocketAddrV4::new(GATEWAY, 53);
+        if (*dst.ip() == GATEWAY && !dns) || self.flows.len() >= self.limits.max_flows {
             // No listener: smoltcp answers the SYN with RST.
             if *dst.ip() != GATEWAY {
                 self.counters
@@ -336,9 +341,10 @@ impl<P: PacketIo> Stack<P> {
             }
             return;
         }
+        let buffer = if dns { DNS_TCP_BUFFER } else { TCP_BUFFER };
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; buffer]),
+            tcp::SocketBuffer::new(vec![0; buffer]),
         );
         socket.set_nagle_enabled(false);
         if socket
@@ -355,6 +361,7 @@ impl<P: PacketIo> Stack<P> {
         self.flows.insert(
             handle,
             Flow {
+                dns,
                 key: (src, dst),
                 stream: None,
                 to_host: Vec::new(),
@@ -434,14 +441,21 @@ impl<P: PacketIo> Stack<P> {
                     flow.stream.is_some() || flow.host_done,
                 )
             };
-            if established && !stream_open {
+            let is_dns = self.flows.get(&handle).is_some_and(|f| f.dns);
+            if established && !stream_open && !is_dns {
                 self.open(handle);
             }
             let socket = self.sockets.get_mut::<tcp::Socket<'_>>(handle);
             let Some(flow) = self.flows.get_mut(&handle) else {
                 continue;
             };
-            pump(flow, socket);
+            if is_dns {
+                if pump_dns(flow, socket, &mut self.pool) {
+                    self.counters.dns_queries.fetch_add(1, Ordering::Relaxed);
+                }
+            } else {
+                pump(flow, socket);
+            }
         }
     }
 
@@ -460,6 +474,53 @@ impl<P: PacketIo> Stack<P> {
             self.sockets.remove(handle);
         }
     }
+}
+
+/// Answers DNS over TCP (RFC 7766: each message prefixed with its 16-bit length) on one
+/// connection to the gateway. Queries wait in `flow.to_host` until their answer fits in the
+/// send buffer. Returns whether a query was answered.
+fn pump_dns(flow: &mut Flow, socket: &mut tcp::Socket<'_>, pool: &mut FakePool) -> bool {
+    while socket.can_recv() && flow.to_host.len() < DNS_TCP_BUFFER {
+        let room = DNS_TCP_BUFFER - flow.to_host.len();
+        let buf = &mut flow.to_host;
+        let r = socket.recv(|data| {
+            let n = data.len().min(room);
+            buf.extend_from_slice(&data[..n]);
+            (n, n)
+        });
+        if !matches!(r, Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let mut answered = false;
+    while flow.to_host.len() >= 2 {
+        let len = usize::from(u16::from_be_bytes([flow.to_host[0], flow.to_host[1]]));
+        if flow.to_host.len() < 2 + len {
+            break;
+        }
+        let reply = dns::answer(&flow.to_host[2..2 + len], pool);
+        let Some(reply) = reply else {
+            // Not a query we answer: close rather than guess at the stream's framing.
+            socket.close();
+            flow.to_host.clear();
+            return answered;
+        };
+        let Ok(reply_len) = u16::try_from(reply.len()) else {
+            socket.abort();
+            return answered;
+        };
+        if socket.send_capacity() - socket.send_queue() < reply.len() + 2 {
+            break;
+        }
+        let _ = socket.send_slice(&reply_len.to_be_bytes());
+        let _ = socket.send_slice(&reply);
+        flow.to_host.drain(..2 + len);
+        answered = true;
+    }
+    if !socket.may_recv() && flow.to_host.is_empty() && socket.may_send() {
+        socket.close();
+    }
+    answered
 }
 
 /// Moves bytes both ways between one TCP socket and its host stream, as far as both sides'
