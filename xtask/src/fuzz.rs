@@ -1,7 +1,8 @@
 //! `cargo xtask fuzz [SECONDS]`: runs every cargo-fuzz target for a bounded time each.
 //!
 //! Targets (fuzz/fuzz_targets): the flow header, the TLS ClientHello/SNI reader, the HTTP
-//! request-head reader and the policy profile parser. Seeds live in fuzz/seeds/<target>.
+//! request-head reader, the policy profile parser, the virtual DNS (guest datagrams) and the
+//! host's parser of guest-init's process events. Seeds live in fuzz/seeds/<target>.
 //! The machine has only the stable toolchain; cargo-fuzz needs nightly flags, so this sets
 //! RUSTC_BOOTSTRAP=1 for the fuzz build only.
 
@@ -11,7 +12,14 @@ use anyhow::{Context, Result, bail};
 
 use crate::{root, run_cmd};
 
-const TARGETS: &[&str] = &["flow_header", "client_hello", "http_head", "policy_profile"];
+const TARGETS: &[&str] = &[
+    "flow_header",
+    "client_hello",
+    "http_head",
+    "policy_profile",
+    "dns_query",
+    "guest_event",
+];
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let seconds: u64 = match args.first() {
