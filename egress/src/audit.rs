@@ -1,8 +1,11 @@
-//! Audit: one OCSF Network Activity (class 4001) record per flow event, as JSON Lines.
+//! Audit: one OCSF Network Activity (class 4001) record per flow event, and one OCSF HTTP
+//! Activity (class 4002) record per intercepted request, as JSON Lines.
 //!
 //! Every flow produces either one `Refuse`/`Fail` record, or an `Open` record followed by a
 //! `Close` record with bytes and duration. Records carry names, addresses, ports, the deciding
-//! rule and the reason; never payload bytes, so never a secret.
+//! rule and the reason; never payload bytes, so never a secret. HTTP records carry the method,
+//! host, path (the query is redacted), status and the *names* of the secrets injected; never a
+//! header value.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -270,6 +273,159 @@ impl Audit {
     }
 }
 
+/// One intercepted request, for its OCSF HTTP Activity record.
+#[derive(Debug, Clone)]
+pub struct HttpEvent<'a> {
+    /// The flow it travelled on.
+    pub flow: &'a FlowInfo,
+    /// The rule that allowed the flow.
+    pub rule: &'a str,
+    /// The upstream address the flow is pinned to.
+    pub upstream: SocketAddr,
+    /// The request method.
+    pub method: &'a str,
+    /// The flow's hostname (requests naming another are refused).
+    pub host: &'a str,
+    /// The request path, without its query.
+    pub path: &'a str,
+    /// Whether the request had a query (its value is never recorded).
+    pub query: bool,
+    /// The HTTP version, e.g. `HTTP/1.1`.
+    pub version: &'a str,
+    /// The status sent to the agent.
+    pub status: u16,
+    /// Why the proxy refused or failed the request, if it did.
+    pub reason: Option<Reason>,
+    /// Human-readable detail (never a header value).
+    pub detail: Option<String>,
+    /// Names of the secrets injected into the request.
+    pub secrets: Vec<String>,
+}
+
+fn http_activity(method: &str) -> (u32, &'static str) {
+    match method {
+        "CONNECT" => (1, "Connect"),
+        "DELETE" => (2, "Delete"),
+        "GET" => (3, "Get"),
+        "HEAD" => (4, "Head"),
+        "OPTIONS" => (5, "Options"),
+        "POST" => (6, "Post"),
+        "PUT" => (7, "Put"),
+        "TRACE" => (8, "Trace"),
+        "PATCH" => (9, "Patch"),
+        _ => (99, "Other"),
+    }
+}
+
+impl Audit {
+    /// Builds the OCSF HTTP Activity (4002) record for `event`.
+    pub fn http_record(&self, event: &HttpEvent<'_>) -> Value {
+        let now = SystemTime::now();
+        let f = event.flow;
+        let (activity_id, activity) = http_activity(event.method);
+        let refused = event
+            .reason
+            .is_some_and(|r| r.blame() == crate::outcome::Blame::Agent);
+        let (action_id, action, disposition_id, disposition) = if refused {
+            (2, "Denied", 2, "Blocked")
+        } else {
+            (1, "Allowed", 1, "Allowed")
+        };
+        let (status_id, status) = if event.reason.is_some() {
+            (2, "Failure")
+        } else {
+            (1, "Success")
+        };
+        let (severity_id, severity) = if refused {
+            (3, "Medium")
+        } else if event.reason.is_some() {
+            (2, "Low")
+        } else {
+            (1, "Informational")
+        };
+        let mut url = json!({
+            "hostname": event.host,
+            "path": event.path,
+            "port": event.upstream.port(),
+            "scheme": "https",
+        });
+        if event.query {
+            url["query_string"] = json!("[redacted]");
+        }
+        let mut rec = json!({
+            "class_uid": 4002,
+            "class_name": "HTTP Activity",
+            "category_uid": 4,
+            "category_name": "Network Activity",
+            "activity_id": activity_id,
+            "activity_name": activity,
+            "type_uid": 400200 + activity_id,
+            "type_name": format!("HTTP Activity: {activity}"),
+            "severity_id": severity_id,
+            "severity": severity,
+            "time": millis(now),
+            "status_id": status_id,
+            "status": status,
+            "action_id": action_id,
+            "action": action,
+            "disposition_id": disposition_id,
+            "disposition": disposition,
+            "metadata": {
+                "version": OCSF_VERSION,
+                "uid": format!("{}-{}", f.uid, millis(now)),
+                "correlation_uid": f.uid,
+                "log_name": "egress",
+                "profiles": ["security_control"],
+                "product": {
+                    "name": "moat egress proxy",
+                    "vendor_name": "moat",
+                    "version": env!("CARGO_PKG_VERSION"),
+                },
+            },
+            "src_endpoint": { "uid": self.workspace, "name": "workspace" },
+            "dst_endpoint": {
+                "hostname": event.host,
+                "ip": event.upstream.ip().to_string(),
+                "port": event.upstream.port(),
+            },
+            "http_request": {
+                "http_method": event.method,
+                "url": url,
+                "version": event.version,
+            },
+            "http_response": { "code": event.status },
+            "firewall_rule": { "name": event.rule, "uid": event.rule },
+        });
+        let mut unmapped = serde_json::Map::new();
+        unmapped.insert("flow_uid".into(), json!(f.uid));
+        if !event.secrets.is_empty() {
+            unmapped.insert("secrets_injected".into(), json!(event.secrets));
+        }
+        let reason = event.reason.map_or(String::new(), |r| format!(" ({r})"));
+        if let Some(r) = event.reason {
+            rec["status_detail"] = json!(r.code());
+            unmapped.insert("reason".into(), json!(r.code()));
+            unmapped.insert("blame".into(), json!(r.blame().as_str()));
+        }
+        let detail = event
+            .detail
+            .as_deref()
+            .map_or(String::new(), |d| format!(": {d}"));
+        let verb = if refused { "refused" } else { "forwarded" };
+        rec["message"] = json!(format!(
+            "{verb} {} https://{}{} -> {}{reason}{detail}",
+            event.method, event.host, event.path, event.status
+        ));
+        rec["unmapped"] = json!({ "moat": Value::Object(unmapped) });
+        rec
+    }
+
+    /// Writes the HTTP Activity record for `event`.
+    pub fn emit_http(&self, event: &HttpEvent<'_>) {
+        self.emit_value(&self.http_record(event));
+    }
+}
+
 fn message(event: &Event<'_>) -> String {
     let f = event.flow;
     let dest = match (&f.hostname, f.claimed) {
@@ -285,7 +441,7 @@ fn message(event: &Event<'_>) -> String {
         .map_or(String::new(), |d| format!(": {d}"));
     match event.activity {
         Activity::Open => format!("opened flow to {dest}"),
-        Activity::Close => format!("closed flow to {dest}{reason}"),
+        Activity::Close => format!("closed flow to {dest}{reason}{detail}"),
         Activity::Refuse => format!("refused flow to {dest}{reason}{detail}"),
         Activity::Fail => format!("failed flow to {dest}{reason}{detail}"),
     }

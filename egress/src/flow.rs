@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use moat_flow_header::FlowHeader;
-use moat_policy::{Decision, DenyReason, Destination, Protocol, Rule};
+use moat_policy::{Action, Decision, DenyReason, Destination, Protocol, Rule};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{Instant, timeout_at};
@@ -51,6 +51,7 @@ struct Admitted {
     upstream: TcpStream,
     upstream_addr: SocketAddr,
     rule: String,
+    action: Action,
     protocol: Protocol,
     /// Client bytes read while deciding, to be sent upstream first.
     pending: Vec<u8>,
@@ -188,6 +189,18 @@ async fn admit(
             };
             return Err(Stop::new(reason).rule(&rule).detail(detail));
         }
+        // A placeholder in the first plaintext request head is never bound (secrets are only
+        // injected over intercepted TLS): refuse rather than let it leave.
+        if let Sniffed::Http(..) = sniffed
+            && let Some(spec) = shared.secrets().placeholder_in(&buf)
+        {
+            return Err(Stop::new(Reason::PlaceholderUnbound)
+                .rule(&rule)
+                .detail(format!(
+                    "placeholder of secret {:?} in plain HTTP",
+                    spec.name
+                )));
+        }
         sniffed.protocol()
     };
 
@@ -244,6 +257,7 @@ async fn admit(
                     upstream,
                     upstream_addr: target,
                     rule: rule.name.clone(),
+                    action: rule.action,
                     protocol,
                     pending: buf,
                 });
@@ -262,7 +276,7 @@ async fn admit(
 }
 
 async fn run(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     uid: u64,
     mut agent: UnixStream,
     admitted: Admitted,
@@ -272,6 +286,7 @@ async fn run(
         mut upstream,
         upstream_addr,
         rule,
+        action,
         protocol,
         pending,
     } = admitted;
@@ -284,6 +299,7 @@ async fn run(
             claimed: SocketAddr::new(moat_policy::addr::canonical(claimed.ip()), claimed.port()),
             upstream: upstream_addr.ip(),
             protocol,
+            action,
             cancel: cancel.clone(),
         },
     );
@@ -301,7 +317,28 @@ async fn run(
     });
 
     let counters = Arc::new(Counters::default());
-    let reason = if upstream.write_all(&pending).await.is_err() {
+    let mut detail = None;
+    let reason = if action == Action::Intercept {
+        let flow = crate::intercept::Intercepted {
+            info: info.clone(),
+            hostname: info.hostname.clone().unwrap_or_default(),
+            port: upstream_addr.port(),
+            rule: rule.clone(),
+            upstream_addr,
+        };
+        let (reason, d) = crate::intercept::serve(
+            Arc::clone(shared),
+            flow,
+            agent,
+            pending,
+            upstream,
+            Arc::clone(&counters),
+            cancel,
+        )
+        .await;
+        detail = d;
+        reason
+    } else if upstream.write_all(&pending).await.is_err() {
         Reason::UpstreamError
     } else {
         counters
@@ -338,7 +375,7 @@ async fn run(
         rule: Some(&rule),
         upstream: Some(upstream_addr),
         reason: Some(reason),
-        detail: None,
+        detail,
         bytes: Some((out, inb)),
         allowed: reason != Reason::Revoked,
     });

@@ -12,7 +12,14 @@
 //!    -> host-side resolve   resolve.rs: the guest's address is never trusted for a name
 //!    -> address classes     moat-policy::addr: non-public refused unless a rule's cidrs allow
 //!    -> connect + splice    splice.rs: backpressure, half-close, idle/total timeouts
-//!  audit.rs: OCSF 4001 record per event   metrics.rs + admin.rs: Prometheus on admin socket
+//!    or, for a rule whose action is `intercept`:
+//!    -> intercept/          upstream TLS (verified) -> agent TLS with a leaf of the workspace
+//!                           CA (intercept/ca.rs) -> HTTP/1.1 per request: authority re-check,
+//!                           placeholder check, credential injection (intercept/inject.rs) ->
+//!                           forward (intercept/http.rs)
+//!  secrets.rs: secret values, read on the host at start and reload, never logged
+//!  audit.rs: OCSF 4001 record per flow event, 4002 per intercepted request
+//!  metrics.rs + admin.rs: Prometheus on admin socket
 //!  policy_store.rs: verified hot reload; live flows the new policy denies are cut at once
 //! ```
 //!
@@ -26,16 +33,18 @@ mod admin;
 pub mod audit;
 mod flow;
 pub mod guest_audit;
+pub mod intercept;
 pub mod metrics;
 pub mod outcome;
 pub mod policy_store;
 pub mod resolve;
+pub mod secrets;
 pub mod sniff;
 pub mod splice;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use notify::Watcher;
@@ -43,10 +52,14 @@ use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use rustls::pki_types::CertificateDer;
+
 use crate::audit::Audit;
+use crate::intercept::ca::{CaError, WorkspaceCa};
 use crate::metrics::Metrics;
 use crate::policy_store::{LoadError, PolicySource, PolicyStore};
 use crate::resolve::Resolver;
+use crate::secrets::{SecretError, Secrets};
 
 /// The vsock port guest flows use: a guest connection to it arrives on `<uds>_1025`.
 pub const EGRESS_VSOCK_PORT: u32 = 1025;
@@ -98,6 +111,29 @@ pub(crate) struct Shared {
     limits: Limits,
     permits: Arc<Semaphore>,
     next_uid: AtomicU64,
+    /// The interception CA (its key never leaves this process).
+    ca: WorkspaceCa,
+    /// How intercepted flows verify their upstreams.
+    upstream_tls: Arc<rustls::ClientConfig>,
+    /// The secrets of the policy in force, with their values.
+    secrets: RwLock<Arc<Secrets>>,
+}
+
+impl Shared {
+    /// The secrets in force now.
+    pub(crate) fn secrets(&self) -> Arc<Secrets> {
+        match self.secrets.read() {
+            Ok(s) => Arc::clone(&s),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn set_secrets(&self, secrets: Arc<Secrets>) {
+        match self.secrets.write() {
+            Ok(mut s) => *s = secrets,
+            Err(poisoned) => *poisoned.into_inner() = secrets,
+        }
+    }
 }
 
 /// Why the proxy could not start.
@@ -118,6 +154,15 @@ pub enum StartError {
     /// The policy files could not be watched.
     #[error("cannot watch policy files")]
     Watch(#[source] notify::Error),
+    /// A secret the policy declares could not be read.
+    #[error("initial policy's secrets refused")]
+    Secrets(#[source] SecretError),
+    /// The interception CA could not be generated.
+    #[error("cannot create the workspace CA")]
+    Ca(#[source] CaError),
+    /// An extra upstream trust anchor was refused.
+    #[error("extra upstream CA certificate refused")]
+    UpstreamRoots(#[source] rustls::Error),
 }
 
 /// Configuration of one proxy instance (one workspace).
@@ -137,6 +182,9 @@ pub struct Config {
     pub watch: bool,
     /// Bounds.
     pub limits: Limits,
+    /// Trust anchors intercepted flows accept for upstreams, on top of the webpki roots
+    /// (a corporate TLS-inspection CA; a test PKI).
+    pub upstream_roots: Vec<CertificateDer<'static>>,
 }
 
 /// The listening path for `port` under base `uds`: `<uds>_<port>`.
@@ -164,6 +212,10 @@ impl Proxy {
         audit: Audit,
     ) -> Result<Arc<Proxy>, StartError> {
         let policy = config.source.load().map_err(StartError::Policy)?;
+        let secrets = Secrets::load(&policy.secrets).map_err(StartError::Secrets)?;
+        let ca = WorkspaceCa::generate(&config.workspace).map_err(StartError::Ca)?;
+        let upstream_tls = intercept::upstream_tls_config(&config.upstream_roots)
+            .map_err(StartError::UpstreamRoots)?;
         let listen_path = port_path(&config.uds, config.port);
         let _ = std::fs::remove_file(&listen_path);
         let listener = UnixListener::bind(&listen_path).map_err(|source| StartError::Listen {
@@ -179,6 +231,9 @@ impl Proxy {
             permits: Arc::new(Semaphore::new(config.limits.max_flows)),
             limits: config.limits,
             next_uid: AtomicU64::new(1),
+            ca,
+            upstream_tls,
+            secrets: RwLock::new(secrets),
         });
         let shutdown = CancellationToken::new();
         let proxy = Arc::new(Proxy {
@@ -218,16 +273,33 @@ impl Proxy {
         self.shared.policy.live()
     }
 
+    /// The workspace CA certificate (PEM), for guest-init to add to the workspace's trust
+    /// store. Never the key.
+    pub fn ca_pem(&self) -> &str {
+        self.shared.ca.cert_pem()
+    }
+
+    /// The workspace CA certificate (DER).
+    pub fn ca_der(&self) -> CertificateDer<'static> {
+        self.shared.ca.cert_der()
+    }
+
     /// The name of the policy in force.
     pub fn policy_name(&self) -> String {
         self.shared.policy.current().name.clone()
     }
 
-    /// Re-reads and verifies the policy. On success swaps it in and cuts live flows it denies
-    /// (returning how many); on failure keeps the policy in force and says why.
+    /// Re-reads and verifies the policy and reads its secrets. On success swaps both in and
+    /// cuts live flows the policy denies (returning how many); on failure keeps the policy and
+    /// secrets in force and says why.
     pub fn reload(&self) -> Result<usize, LoadError> {
-        match self.source.load() {
-            Ok(policy) => {
+        let loaded = self.source.load().and_then(|policy| {
+            let secrets = Secrets::load(&policy.secrets).map_err(LoadError::Secrets)?;
+            Ok((policy, secrets))
+        });
+        match loaded {
+            Ok((policy, secrets)) => {
+                self.shared.set_secrets(secrets);
                 let name = policy.name.clone();
                 let cut = self.shared.policy.replace(policy);
                 self.shared

@@ -94,6 +94,20 @@ reasons! {
     ProtocolNotAllowed => "protocol_not_allowed", Agent;
     /// The first bytes did not arrive in time.
     SniffTimeout => "sniff_timeout", Agent;
+    /// A secret's placeholder was sent to a host, port or path it is not bound to.
+    PlaceholderUnbound => "placeholder_unbound", Agent;
+    /// An intercepted request named another authority than the flow's (Host or :authority
+    /// switched on a kept-alive connection, or an absolute URI for another host).
+    AuthorityMismatch => "authority_mismatch", Agent;
+    /// An intercepted request the proxy does not forward (CONNECT, an upgrade).
+    RequestRefused => "request_refused", Agent;
+    /// The agent's TLS handshake with the workspace CA's leaf failed (the agent does not
+    /// trust the workspace CA, or spoke something else).
+    AgentTls => "agent_tls", Agent;
+    /// The upstream's TLS handshake failed or its certificate did not verify.
+    UpstreamTls => "upstream_tls", Upstream;
+    /// The proxy could not set interception up (a leaf could not be minted).
+    InterceptSetup => "intercept_setup", Proxy;
     /// The hostname did not resolve.
     ResolveFailed => "resolve_failed", Upstream;
     /// No resolved address accepted a connection.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use moat_policy::signing::PublicKey;
 use moat_policy::signing::{self, SignError};
-use moat_policy::{Decision, Destination, Policy, Protocol};
+use moat_policy::{Action, Decision, Destination, Policy, Protocol};
 use tokio_util::sync::CancellationToken;
 
 /// Where a policy comes from: a profile, its detached signature, and the trusted key.
@@ -38,6 +38,9 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// A secret the policy declares could not be read.
+    #[error("policy secrets refused")]
+    Secrets(#[source] crate::secrets::SecretError),
     /// Verification or parsing failed.
     #[error("policy {} refused", .path.display())]
     Refused {
@@ -96,6 +99,9 @@ pub struct LiveFlow {
     pub upstream: IpAddr,
     /// The protocol recognised (`Tcp` when the rule let bytes through unchecked).
     pub protocol: Protocol,
+    /// What the allowing rule did with it (a flow whose rule changes action is cut: an
+    /// intercepted flow must not carry on as passthrough, nor the reverse).
+    pub action: Action,
     /// Cancelling this cuts the flow.
     pub cancel: CancellationToken,
 }
@@ -111,6 +117,7 @@ impl LiveFlow {
         match policy.decide(dest) {
             Decision::Allow(rule) => {
                 rule.check_address(self.upstream).is_ok()
+                    && rule.action == self.action
                     && (rule.allows_protocol(self.protocol) || rule.allows_protocol(Protocol::Tcp))
             }
             Decision::Deny(_) => false,

@@ -115,6 +115,7 @@ impl ProxyOpts {
             source,
             watch: true,
             limits,
+            upstream_roots: Vec::new(),
         };
         Ok((config, resolver, audit))
     }

@@ -28,6 +28,7 @@
 pub mod addr;
 pub mod host;
 pub mod profile;
+pub mod secret;
 pub mod signing;
 
 use std::fmt;
@@ -38,6 +39,7 @@ use serde::Deserialize;
 
 pub use addr::{AddrClass, classify};
 pub use host::{HostPattern, normalize};
+pub use secret::{Presentation, SecretSource, SecretSpec};
 
 /// What an allowing rule does with the flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -46,6 +48,9 @@ pub use host::{HostPattern, normalize};
 pub enum Action {
     /// Connect to the destination and splice bytes both ways, after the protocol checks.
     Passthrough,
+    /// Terminate the agent's TLS with a leaf of the workspace CA, check every HTTP request,
+    /// inject the secrets bound to the host, and forward over verified TLS. TLS only.
+    Intercept,
 }
 
 impl Action {
@@ -53,6 +58,7 @@ impl Action {
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Passthrough => "passthrough",
+            Action::Intercept => "intercept",
         }
     }
 }
@@ -117,6 +123,8 @@ pub struct Policy {
     pub name: String,
     /// Rules in profile order; the first match decides.
     pub rules: Vec<Rule>,
+    /// Secrets the proxy injects on intercepted flows, in profile order.
+    pub secrets: Vec<SecretSpec>,
 }
 
 /// The destination of a flow as the guest claims it.

@@ -17,6 +17,19 @@
 //! cidrs = ["192.0.2.0/24"]
 //! ports = [8080]
 //! action = "passthrough"
+//!
+//! [[rules]]
+//! name = "openai"                   # TLS terminated with the workspace CA, secrets injected
+//! hosts = ["api.openai.com"]
+//! ports = [443]
+//! action = "intercept"              # protocols default to, and may only be, ["tls"]
+//!
+//! [[secrets]]                       # see crate::secret for every field
+//! name = "openai"
+//! source = { env = "OPENAI_API_KEY" }
+//! placeholder = "sk-moat-placeholder-openai"
+//! hosts = ["api.openai.com"]
+//! presentation = "authorization_bearer"
 //! ```
 
 use std::collections::HashSet;
@@ -25,7 +38,11 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::host::{HostError, HostPattern};
+use crate::secret::{Presentation, RESERVED_HEADERS, SecretSource, SecretSpec, is_token};
 use crate::{Action, Policy, Protocol, Rule};
+
+/// The shortest placeholder accepted: shorter ones could occur by chance in a request.
+pub const MIN_PLACEHOLDER_LEN: usize = 12;
 
 /// The only profile format version this build understands.
 pub const PROFILE_VERSION: u32 = 1;
@@ -60,6 +77,29 @@ pub enum ProfileError {
     /// A rule with an empty protocol list.
     #[error("rule {0:?} allows no protocol")]
     NoProtocol(String),
+    /// An intercept rule that allows something other than TLS.
+    #[error("rule {0:?} intercepts, so it may only allow protocol \"tls\"")]
+    InterceptNotTls(String),
+    /// An intercept rule without hosts: interception needs a name for its certificate.
+    #[error("rule {0:?} intercepts, so it must name hosts")]
+    InterceptWithoutHosts(String),
+    /// A secret declaration that is not valid; names the secret, never a value.
+    #[error("secret {name:?} is not valid: {why}")]
+    Secret {
+        /// The secret's name (or its position when it has none).
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A secret declaration with an unknown field, a missing field or a wrong type.
+    #[error("secret {name:?} is not valid")]
+    SecretSyntax {
+        /// The secret's name (or its position when it has none).
+        name: String,
+        /// The parser's complaint.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +109,27 @@ struct ProfileFile {
     name: String,
     #[serde(default)]
     rules: Vec<RuleFile>,
+    /// Parsed one by one, so that an error can name the secret.
+    #[serde(default)]
+    secrets: Vec<toml::Table>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretFile {
+    name: String,
+    source: SecretSource,
+    placeholder: String,
+    hosts: Vec<String>,
+    #[serde(default = "default_secret_ports")]
+    ports: Vec<u16>,
+    #[serde(default)]
+    paths: Vec<String>,
+    presentation: Presentation,
+}
+
+fn default_secret_ports() -> Vec<u16> {
+    vec![443]
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,14 +140,17 @@ struct RuleFile {
     hosts: Vec<String>,
     ports: Vec<u16>,
     action: Action,
-    #[serde(default = "default_protocols")]
-    protocols: Vec<Protocol>,
+    #[serde(default)]
+    protocols: Option<Vec<Protocol>>,
     #[serde(default)]
     cidrs: Vec<IpNet>,
 }
 
-fn default_protocols() -> Vec<Protocol> {
-    vec![Protocol::Tls, Protocol::Http]
+fn default_protocols(action: Action) -> Vec<Protocol> {
+    match action {
+        Action::Intercept => vec![Protocol::Tls],
+        _ => vec![Protocol::Tls, Protocol::Http],
+    }
 }
 
 /// Parses and compiles a profile. Does not check any signature: use
@@ -108,8 +172,15 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
         if r.ports.is_empty() || r.ports.contains(&0) {
             return Err(ProfileError::BadPorts(r.name));
         }
-        if r.protocols.is_empty() {
+        let protocols = r.protocols.unwrap_or_else(|| default_protocols(r.action));
+        if protocols.is_empty() {
             return Err(ProfileError::NoProtocol(r.name));
+        }
+        if r.action == Action::Intercept && protocols.iter().any(|p| *p != Protocol::Tls) {
+            return Err(ProfileError::InterceptNotTls(r.name));
+        }
+        if r.action == Action::Intercept && r.hosts.is_empty() {
+            return Err(ProfileError::InterceptWithoutHosts(r.name));
         }
         let hosts = r
             .hosts
@@ -140,12 +211,269 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             hosts,
             ports: r.ports,
             action: r.action,
-            protocols: r.protocols,
+            protocols,
             cidrs,
         });
+    }
+    let mut secrets: Vec<SecretSpec> = Vec::with_capacity(file.secrets.len());
+    for (i, table) in file.secrets.into_iter().enumerate() {
+        let name = match table.get("name").and_then(|v| v.as_str()) {
+            Some(n) => n.to_owned(),
+            None => format!("#{}", i + 1),
+        };
+        let raw = SecretFile::deserialize(toml::Value::Table(table)).map_err(|source| {
+            ProfileError::SecretSyntax {
+                name: name.clone(),
+                source: Box::new(source),
+            }
+        })?;
+        let spec = compile_secret(raw)?;
+        check_secret_against_others(&spec, &secrets)?;
+        secrets.push(spec);
     }
     Ok(Policy {
         name: file.name,
         rules,
+        secrets,
     })
+}
+
+fn compile_secret(raw: SecretFile) -> Result<SecretSpec, ProfileError> {
+    let bad = |why: String| ProfileError::Secret {
+        name: raw.name.clone(),
+        why,
+    };
+    if raw.name.is_empty()
+        || !raw
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(bad("the name must be letters, digits, '-' or '_'".into()));
+    }
+    match &raw.source {
+        SecretSource::Env(var) if var.is_empty() || var.contains('=') => {
+            return Err(bad("source env must name a variable".into()));
+        }
+        SecretSource::File(path) if !path.is_absolute() => {
+            return Err(bad("source file must be an absolute path".into()));
+        }
+        SecretSource::Command(argv) if argv.first().is_none_or(String::is_empty) => {
+            return Err(bad("source command must name a program".into()));
+        }
+        _ => {}
+    }
+    let p = &raw.placeholder;
+    if p.len() < MIN_PLACEHOLDER_LEN || !p.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad(format!(
+            "the placeholder must be at least {MIN_PLACEHOLDER_LEN} visible ASCII characters"
+        )));
+    }
+    if raw.hosts.is_empty() {
+        return Err(bad("it must be bound to at least one host".into()));
+    }
+    let hosts = raw
+        .hosts
+        .iter()
+        .map(|h| HostPattern::parse(h))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if raw.ports.is_empty() || raw.ports.contains(&0) {
+        return Err(bad("ports must be between 1 and 65535".into()));
+    }
+    if let Some(path) = raw.paths.iter().find(|p| !p.starts_with('/')) {
+        return Err(bad(format!("path prefix {path:?} must start with '/'")));
+    }
+    if let Presentation::Header(h) = &raw.presentation
+        && (!is_token(h) || RESERVED_HEADERS.contains(&h.to_ascii_lowercase().as_str()))
+    {
+        return Err(bad(format!("{h:?} cannot carry a credential")));
+    }
+    Ok(SecretSpec {
+        name: raw.name,
+        source: raw.source,
+        placeholder: raw.placeholder,
+        hosts,
+        ports: raw.ports,
+        paths: raw.paths,
+        presentation: raw.presentation,
+    })
+}
+
+/// Names and placeholders are unique, and no placeholder contains another (a request that
+/// holds the longer one would also hold the shorter one).
+fn check_secret_against_others(
+    spec: &SecretSpec,
+    others: &[SecretSpec],
+) -> Result<(), ProfileError> {
+    for o in others {
+        let why = if o.name == spec.name {
+            "the name is used twice"
+        } else if o.placeholder.contains(&spec.placeholder)
+            || spec.placeholder.contains(&o.placeholder)
+        {
+            "its placeholder overlaps another secret's"
+        } else {
+            continue;
+        };
+        return Err(ProfileError::Secret {
+            name: spec.name.clone(),
+            why: why.into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const BASE: &str = r#"
+version = 1
+name = "inject"
+
+[[rules]]
+name = "openai"
+hosts = ["api.openai.com"]
+ports = [443]
+action = "intercept"
+"#;
+
+    const SECRET: &str = r#"
+[[secrets]]
+name = "openai"
+source = { env = "OPENAI_API_KEY" }
+placeholder = "sk-moat-placeholder-openai"
+hosts = ["api.openai.com"]
+paths = ["/v1/"]
+presentation = "authorization_bearer"
+"#;
+
+    fn with(extra: &str) -> Result<Policy, ProfileError> {
+        parse(&format!("{BASE}{extra}"))
+    }
+
+    #[test]
+    fn intercept_rule_defaults_to_tls_only() {
+        let p = with("").unwrap();
+        assert_eq!(p.rules[0].action, Action::Intercept);
+        assert_eq!(p.rules[0].protocols, vec![Protocol::Tls]);
+    }
+
+    #[test]
+    fn intercept_rule_allowing_plain_http_is_refused() {
+        let text = BASE.replace(
+            "action = \"intercept\"",
+            "action = \"intercept\"\nprotocols = [\"tls\", \"http\"]",
+        );
+        assert!(matches!(
+            parse(&text),
+            Err(ProfileError::InterceptNotTls(_))
+        ));
+    }
+
+    #[test]
+    fn secret_declaration_compiles_with_defaults() {
+        let p = with(SECRET).unwrap();
+        let s = &p.secrets[0];
+        assert_eq!(s.name, "openai");
+        assert_eq!(s.source, SecretSource::Env("OPENAI_API_KEY".into()));
+        assert_eq!(s.ports, vec![443]);
+        assert_eq!(s.paths, vec!["/v1/".to_owned()]);
+        assert_eq!(s.presentation, Presentation::AuthorizationBearer);
+    }
+
+    #[test]
+    fn every_source_and_presentation_form_parses() {
+        let text = r#"
+[[secrets]]
+name = "a"
+source = { file = "/run/secrets/a" }
+placeholder = "moat-placeholder-a"
+hosts = ["*.a.test"]
+presentation = "x_api_key"
+
+[[secrets]]
+name = "b"
+source = { command = ["vault", "read", "-field=token", "secret/b"] }
+placeholder = "moat-placeholder-b"
+hosts = ["b.test"]
+ports = [8443]
+presentation = { header = "X-Auth-Token" }
+
+[[secrets]]
+name = "c"
+source = { env = "C" }
+placeholder = "moat-placeholder-c"
+hosts = ["c.test"]
+presentation = "authorization_basic"
+"#;
+        let p = with(text).unwrap();
+        assert_eq!(
+            p.secrets[1].presentation,
+            Presentation::Header("X-Auth-Token".into())
+        );
+        assert_eq!(p.secrets[1].presentation.header_name(), "x-auth-token");
+        assert_eq!(p.secrets[2].presentation.header_name(), "authorization");
+    }
+
+    #[test]
+    fn unknown_field_in_a_secret_is_an_error_naming_it() {
+        let err = with(&SECRET.replace("paths", "value = \"sk-real\"\npaths"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secret \"openai\""), "{err}");
+    }
+
+    #[test]
+    fn malformed_secrets_are_refused_naming_the_secret() {
+        let cases = [
+            (
+                "placeholder = \"sk-moat-placeholder-openai\"",
+                "placeholder = \"short\"",
+                "placeholder",
+            ),
+            ("hosts = [\"api.openai.com\"]", "hosts = []", "host"),
+            (
+                "hosts = [\"api.openai.com\"]",
+                "hosts = [\"api.*.com\"]",
+                "host pattern",
+            ),
+            (
+                "paths = [\"/v1/\"]",
+                "paths = [\"v1\"]",
+                "must start with '/'",
+            ),
+            (
+                "source = { env = \"OPENAI_API_KEY\" }",
+                "source = { file = \"relative\" }",
+                "absolute",
+            ),
+            (
+                "source = { env = \"OPENAI_API_KEY\" }",
+                "source = { command = [] }",
+                "program",
+            ),
+            (
+                "presentation = \"authorization_bearer\"",
+                "presentation = { header = \"Content-Length\" }",
+                "cannot carry",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let err = with(&SECRET.replace(from, to)).unwrap_err().to_string();
+            assert!(err.contains("secret \"openai\""), "{err}");
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn overlapping_placeholders_are_refused() {
+        let second = SECRET
+            .replace("name = \"openai\"", "name = \"other\"")
+            .replace("sk-moat-placeholder-openai", "sk-moat-placeholder-openai-2");
+        let err = with(&format!("{SECRET}{second}")).unwrap_err().to_string();
+        assert!(err.contains("overlaps"), "{err}");
+    }
 }

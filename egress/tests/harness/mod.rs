@@ -205,6 +205,7 @@ impl TestProxy {
             source: PolicySource::new(&profile, &pubkey).unwrap(),
             watch: true,
             limits,
+            upstream_roots: vec![pki().ca.clone()],
         };
         let proxy = Proxy::start(config, Box::new(resolver), audit).unwrap();
         TestProxy {

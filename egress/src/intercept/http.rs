@@ -1,0 +1,354 @@
+//! One intercepted flow: both TLS handshakes, then an HTTP/1.1 server for the agent whose
+//! every request is checked (inject.rs), audited, and forwarded on a hyper client connection
+//! to the pinned upstream address. Bodies stream; nothing is buffered whole.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use super::inject::{self, Refusal};
+use super::io::AgentIo;
+use crate::Shared;
+use crate::audit::{FlowInfo, HttpEvent};
+use crate::outcome::Reason;
+use crate::splice::Counters;
+
+/// Largest request head (request line and headers) accepted; more is answered 431.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// What an intercepted flow knows once admitted.
+#[derive(Debug, Clone)]
+pub(crate) struct Intercepted {
+    pub(crate) info: FlowInfo,
+    pub(crate) hostname: String,
+    pub(crate) port: u16,
+    pub(crate) rule: String,
+    pub(crate) upstream_addr: SocketAddr,
+}
+
+/// The client side of the upstream connection, re-dialled to the same pinned address when the
+/// upstream closes it between requests.
+#[derive(Default)]
+struct Upstream {
+    sender: Option<SendRequest<Incoming>>,
+    driver: Option<JoinHandle<()>>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(d) = self.driver.take() {
+            d.abort();
+        }
+    }
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    flow: Intercepted,
+    upstream: tokio::sync::Mutex<Upstream>,
+    /// The first reason a request was refused or failed, for the flow's Close record.
+    first_problem: Mutex<Option<Reason>>,
+}
+
+fn text(status: StatusCode, msg: String, close: bool) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(msg)).map_err(|n| match n {}).boxed());
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if close {
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+async fn tls_to_upstream(
+    shared: &Shared,
+    tcp: TcpStream,
+    host: &str,
+) -> Result<TlsStream<TcpStream>, String> {
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&shared.upstream_tls));
+    match timeout(shared.limits.connect_timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("TLS handshake timed out".into()),
+    }
+}
+
+impl Ctx {
+    fn note(&self, reason: Reason) {
+        let mut p = match self.first_problem.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        p.get_or_insert(reason);
+    }
+
+    /// The upstream sender, ready for a request; re-dials the pinned address if needed.
+    async fn ready(&self, up: &mut Upstream) -> Result<(), (Reason, String)> {
+        if let Some(sender) = up.sender.as_mut()
+            && sender.ready().await.is_ok()
+        {
+            return Ok(());
+        }
+        up.sender = None;
+        let addr = self.flow.upstream_addr;
+        let tcp = match timeout(self.shared.limits.connect_timeout, TcpStream::connect(addr)).await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err((Reason::ConnectFailed, e.to_string())),
+            Err(_) => return Err((Reason::ConnectFailed, "connect timed out".into())),
+        };
+        let _ = tcp.set_nodelay(true);
+        let tls = tls_to_upstream(&self.shared, tcp, &self.flow.hostname)
+            .await
+            .map_err(|e| (Reason::UpstreamTls, e))?;
+        self.attach(up, tls).await
+    }
+
+    async fn attach(
+        &self,
+        up: &mut Upstream,
+        tls: TlsStream<TcpStream>,
+    ) -> Result<(), (Reason, String)> {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| (Reason::UpstreamError, e.to_string()))?;
+        if let Some(old) = up.driver.take() {
+            old.abort();
+        }
+        up.driver = Some(tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        }));
+        up.sender = Some(sender);
+        Ok(())
+    }
+
+    fn audit(
+        &self,
+        head: &Head,
+        status: StatusCode,
+        reason: Option<Reason>,
+        detail: Option<String>,
+        secrets: Vec<String>,
+    ) {
+        self.shared.audit.emit_http(&HttpEvent {
+            flow: &self.flow.info,
+            rule: &self.flow.rule,
+            upstream: self.flow.upstream_addr,
+            method: &head.method,
+            host: &self.flow.hostname,
+            path: &head.path,
+            query: head.query,
+            version: head.version,
+            status: status.as_u16(),
+            reason,
+            detail,
+            secrets,
+        });
+    }
+
+    fn refuse(&self, head: &Head, r: Refusal) -> Response<Body> {
+        tracing::debug!(flow = %self.flow.info.uid, reason = %r.reason, detail = %r.detail, "request refused");
+        self.note(r.reason);
+        self.audit(
+            head,
+            r.status,
+            Some(r.reason),
+            Some(r.detail.clone()),
+            Vec::new(),
+        );
+        text(
+            r.status,
+            format!("moat: request refused ({}): {}\n", r.reason, r.detail),
+            true,
+        )
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let head = Head {
+            method: req.method().as_str().to_owned(),
+            path: req.uri().path().to_owned(),
+            query: req.uri().query().is_some(),
+            version: match req.version() {
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+        };
+        let (host, port) = (self.flow.hostname.as_str(), self.flow.port);
+        let (mut parts, body) = req.into_parts();
+        if let Err(r) = inject::check_authority(&parts.headers, &parts.uri, host, port) {
+            return self.refuse(&head, r);
+        }
+        if parts.method == http::Method::CONNECT
+            || parts.headers.contains_key(http::header::UPGRADE)
+        {
+            let r = Refusal {
+                status: StatusCode::NOT_IMPLEMENTED,
+                reason: Reason::RequestRefused,
+                detail: "CONNECT and protocol upgrades are not forwarded on intercepted flows"
+                    .into(),
+            };
+            return self.refuse(&head, r);
+        }
+        let secrets = self.shared.secrets();
+        let injected =
+            match inject::apply_secrets(&mut parts.headers, &parts.uri, &secrets, host, port) {
+                Ok(names) => names,
+                Err(r) => return self.refuse(&head, r),
+            };
+        drop(secrets);
+        inject::strip_hop_by_hop(&mut parts.headers);
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .and_then(|pq| pq.as_str().parse().ok())
+            .unwrap_or_else(|| http::Uri::from_static("/"));
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body);
+
+        let sent = {
+            let mut up = self.upstream.lock().await;
+            match self.ready(&mut up).await {
+                Err(e) => Err(e),
+                Ok(()) => match up.sender.as_mut() {
+                    None => Err((Reason::UpstreamError, "no upstream connection".into())),
+                    Some(sender) => {
+                        let wait = self.shared.limits.idle_timeout;
+                        match timeout(wait, sender.send_request(req)).await {
+                            Ok(Ok(resp)) => Ok(resp),
+                            Ok(Err(e)) => Err((Reason::UpstreamError, e.to_string())),
+                            Err(_) => Err((Reason::UpstreamError, "no response in time".into())),
+                        }
+                    }
+                },
+            }
+        };
+        match sent {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                inject::strip_hop_by_hop(&mut parts.headers);
+                self.audit(&head, parts.status, None, None, injected);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err((reason, detail)) => {
+                tracing::debug!(flow = %self.flow.info.uid, %reason, %detail, "forward failed");
+                self.note(reason);
+                let status = StatusCode::BAD_GATEWAY;
+                self.audit(&head, status, Some(reason), Some(detail), injected);
+                text(status, format!("moat: upstream failed ({reason})\n"), true)
+            }
+        }
+    }
+}
+
+struct Head {
+    method: String,
+    path: String,
+    query: bool,
+    version: &'static str,
+}
+
+/// Runs an admitted intercepted flow to its end. Returns the reason it ended and a detail.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    flow: Intercepted,
+    agent: UnixStream,
+    pending: Vec<u8>,
+    upstream: TcpStream,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+) -> (Reason, Option<String>) {
+    // 1. Upstream TLS first: an upstream that does not verify fails the agent's handshake.
+    let up_tls = match tls_to_upstream(&shared, upstream, &flow.hostname).await {
+        Ok(tls) => tls,
+        Err(e) => return (Reason::UpstreamTls, Some(e)),
+    };
+    // 2. The agent's TLS, with a leaf for the flow's hostname (already equal to the SNI).
+    let config = match shared.ca.server_config(&flow.hostname) {
+        Ok(c) => c,
+        Err(e) => return (Reason::InterceptSetup, Some(crate::error_chain(&e))),
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let agent = AgentIo::new(pending, agent, counters);
+    let agent_tls = match timeout(shared.limits.sniff_timeout, acceptor.accept(agent)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return (Reason::AgentTls, Some(e.to_string())),
+        Err(_) => return (Reason::AgentTls, Some("TLS handshake timed out".into())),
+    };
+
+    let ctx = Arc::new(Ctx {
+        shared: Arc::clone(&shared),
+        flow,
+        upstream: tokio::sync::Mutex::new(Upstream::default()),
+        first_problem: Mutex::new(None),
+    });
+    {
+        let mut up = ctx.upstream.lock().await;
+        if let Err((reason, detail)) = ctx.attach(&mut up, up_tls).await {
+            return (reason, Some(detail));
+        }
+    }
+
+    // 3. HTTP/1.1 to the agent, every request through Ctx::handle.
+    let service_ctx = Arc::clone(&ctx);
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = Arc::clone(&service_ctx);
+        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.idle_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .serve_connection(TokioIo::new(agent_tls), service);
+    let total = shared.limits.total_timeout;
+    let ended = tokio::select! {
+        r = conn => match r {
+            Ok(()) => None,
+            Err(e) if e.is_timeout() => Some((Reason::IdleTimeout, None)),
+            Err(e) if e.is_parse() || e.is_parse_too_large() => {
+                Some((Reason::HttpMalformed, Some(e.to_string())))
+            }
+            Err(e) if e.is_incomplete_message() || e.is_canceled() => None,
+            Err(e) => Some((Reason::AgentError, Some(e.to_string()))),
+        },
+        () = cancel.cancelled() => Some((Reason::Revoked, None)),
+        () = tokio::time::sleep(total.max(Duration::from_millis(1))) => Some((Reason::TotalTimeout, None)),
+    };
+    let problem = match ctx.first_problem.lock() {
+        Ok(p) => *p,
+        Err(poisoned) => *poisoned.into_inner(),
+    };
+    ctx.upstream.lock().await.sender = None;
+    match (ended, problem) {
+        (Some((Reason::Revoked, d)), _) => (Reason::Revoked, d),
+        (_, Some(reason)) => (reason, None),
+        (Some(end), None) => end,
+        (None, None) => (Reason::Finished, None),
+    }
+}

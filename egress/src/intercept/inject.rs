@@ -1,0 +1,388 @@
+//! The rules applied to every intercepted request, before it is forwarded. Pure functions on
+//! the request head, so each rule is unit-tested on its own.
+//!
+//! In order:
+//! 1. Authority: exactly one Host header, naming the flow's hostname (and port, if it names
+//!    one); an absolute-form target must name it too. The name was already held to the policy
+//!    and to the TLS SNI when the flow opened, and the upstream address is pinned, so a request
+//!    that names another host (a switch on a kept-alive connection) is refused, never routed.
+//! 2. Placeholders: a placeholder anywhere in the head (target, header names or values) for a
+//!    host, port or path its secret is not bound to is refused. Fail closed.
+//! 3. Credentials: if any secret is bound to the host, every agent-supplied credential header
+//!    (`authorization`, `proxy-authorization`, `x-api-key` and each bound secret's header) is
+//!    removed, never forwarded; then each secret bound to the host, port *and path* is set in
+//!    its presentation header (the first in profile order wins a header).
+//! 4. Hop-by-hop headers are removed (those `Connection` names, `keep-alive`, `upgrade`, ...).
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use moat_policy::Presentation;
+
+use crate::outcome::Reason;
+use crate::secrets::{Secrets, contains};
+
+/// Why a request is not forwarded: the status the agent gets, and the audited reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) reason: Reason,
+    pub(crate) detail: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: Reason, detail: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Headers that carry credentials; an agent's own are never forwarded to a bound host.
+const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key"];
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded. `transfer-encoding` stays: the
+/// forwarding side frames the body by it.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Splits `host[:port]` (a Host header or URI authority) and normalises the name.
+fn parse_authority(value: &str) -> Option<(String, Option<u16>)> {
+    if value.contains('@') || value.starts_with('[') {
+        return None;
+    }
+    let (name, port) = match value.rsplit_once(':') {
+        Some((n, p)) => (n, Some(p.parse::<u16>().ok()?)),
+        None => (value, None),
+    };
+    Some((moat_policy::normalize(name).ok()?, port))
+}
+
+/// Rule 1: the request names the flow's host (and port).
+pub(crate) fn check_authority(
+    headers: &HeaderMap,
+    uri: &Uri,
+    host: &str,
+    port: u16,
+) -> Result<(), Refusal> {
+    let mismatch = |named: &str| {
+        Refusal::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            Reason::AuthorityMismatch,
+            format!("request names {named}, flow is for {host}:{port}"),
+        )
+    };
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (Some(value), None) = (hosts.next(), hosts.next()) else {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Reason::HostMissing,
+            "a request needs exactly one Host header",
+        ));
+    };
+    let value = value.to_str().map_err(|_| mismatch("an unreadable Host"))?;
+    let ok = |(name, p): (String, Option<u16>)| name == host && p.is_none_or(|p| p == port);
+    if !parse_authority(value).is_some_and(ok) {
+        return Err(mismatch(value));
+    }
+    if let Some(authority) = uri.authority()
+        && !parse_authority(authority.as_str()).is_some_and(ok)
+    {
+        return Err(mismatch(authority.as_str()));
+    }
+    if uri.scheme().is_some_and(|s| s != &http::uri::Scheme::HTTPS) {
+        return Err(mismatch("a non-https scheme"));
+    }
+    Ok(())
+}
+
+/// Rules 2 and 3: refuses misplaced placeholders, then replaces credentials. Returns the names
+/// of the secrets injected.
+pub(crate) fn apply_secrets(
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    secrets: &Secrets,
+    host: &str,
+    port: u16,
+) -> Result<Vec<String>, Refusal> {
+    let path = uri.path();
+    let target = uri
+        .path_and_query()
+        .map_or(uri.path(), |pq| pq.as_str())
+        .as_bytes();
+    for (spec, _) in secrets.iter() {
+        let needle = spec.placeholder.as_bytes();
+        let present = contains(target, needle)
+            || headers.iter().any(|(n, v)| {
+                contains(n.as_str().as_bytes(), needle) || contains(v.as_bytes(), needle)
+            });
+        if present && !spec.binds(host, port, path) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                Reason::PlaceholderUnbound,
+                format!(
+                    "placeholder of secret {:?} is not bound to this request",
+                    spec.name
+                ),
+            ));
+        }
+    }
+    let bound: Vec<_> = secrets
+        .iter()
+        .filter(|(spec, _)| spec.binds_host(host, port))
+        .collect();
+    if bound.is_empty() {
+        return Ok(Vec::new());
+    }
+    for name in CREDENTIAL_HEADERS {
+        headers.remove(*name);
+    }
+    for (spec, _) in &bound {
+        headers.remove(spec.presentation.header_name().as_str());
+    }
+    let mut injected = Vec::new();
+    for (spec, value) in bound {
+        if !spec.binds(host, port, path) {
+            continue;
+        }
+        let Ok(name) = HeaderName::from_bytes(spec.presentation.header_name().as_bytes()) else {
+            continue;
+        };
+        if headers.contains_key(&name) {
+            continue;
+        }
+        let text = match spec.presentation {
+            Presentation::AuthorizationBearer => format!("Bearer {}", value.expose()),
+            Presentation::AuthorizationBasic => {
+                format!("Basic {}", base64(value.expose().as_bytes()))
+            }
+            Presentation::XApiKey | Presentation::Header(_) => value.expose().to_owned(),
+        };
+        let Ok(mut v) = HeaderValue::from_str(&text) else {
+            continue;
+        };
+        v.set_sensitive(true);
+        headers.insert(name, v);
+        injected.push(spec.name.clone());
+    }
+    Ok(injected)
+}
+
+/// Rule 4: removes hop-by-hop headers, and any header the `Connection` header names.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        // Never let `Connection` remove the framing of the message.
+        if name != header::TRANSFER_ENCODING && name != header::CONTENT_LENGTH {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Standard base64 with padding (for `Authorization: Basic`).
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn secrets(profile_secrets: &str) -> std::sync::Arc<Secrets> {
+        let text = format!("version = 1\nname = \"t\"\n{profile_secrets}");
+        let policy = moat_policy::profile::parse(&text).unwrap();
+        Secrets::load(&policy.secrets).unwrap()
+    }
+
+    const BEARER: &str = r#"
+[[secrets]]
+name = "api"
+source = { command = ["printf", "sk-real-api"] }
+placeholder = "sk-moat-placeholder-api"
+hosts = ["api.test"]
+presentation = "authorization_bearer"
+"#;
+
+    #[test]
+    fn base64_matches_the_rfc_4648_vectors() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+        ] {
+            assert_eq!(base64(input.as_bytes()), want);
+        }
+    }
+
+    #[test]
+    fn host_naming_the_flow_passes_with_or_without_its_port() {
+        let uri: Uri = "/x".parse().unwrap();
+        assert!(check_authority(&headers(&[("host", "API.test")]), &uri, "api.test", 443).is_ok());
+        assert!(
+            check_authority(&headers(&[("host", "api.test:443")]), &uri, "api.test", 443).is_ok()
+        );
+    }
+
+    #[test]
+    fn host_naming_another_host_or_port_is_misdirected() {
+        let uri: Uri = "/x".parse().unwrap();
+        for host in [
+            "other.test",
+            "api.test:8443",
+            "api.test.evil.test",
+            "user@api.test",
+        ] {
+            let err =
+                check_authority(&headers(&[("host", host)]), &uri, "api.test", 443).unwrap_err();
+            assert_eq!(err.reason, Reason::AuthorityMismatch, "{host}");
+        }
+    }
+
+    #[test]
+    fn two_host_headers_are_refused() {
+        let uri: Uri = "/x".parse().unwrap();
+        let h = headers(&[("host", "api.test"), ("host", "api.test")]);
+        assert_eq!(
+            check_authority(&h, &uri, "api.test", 443)
+                .unwrap_err()
+                .reason,
+            Reason::HostMissing
+        );
+    }
+
+    #[test]
+    fn absolute_target_for_another_host_is_misdirected() {
+        let uri: Uri = "https://other.test/x".parse().unwrap();
+        let err =
+            check_authority(&headers(&[("host", "api.test")]), &uri, "api.test", 443).unwrap_err();
+        assert_eq!(err.reason, Reason::AuthorityMismatch);
+    }
+
+    #[test]
+    fn bound_request_gets_the_secret_in_place_of_the_agents_credentials() {
+        let s = secrets(BEARER);
+        let mut h = headers(&[
+            ("authorization", "Bearer sk-moat-placeholder-api"),
+            ("x-api-key", "mine"),
+        ]);
+        let injected = apply_secrets(&mut h, &"/v1".parse().unwrap(), &s, "api.test", 443).unwrap();
+        assert_eq!(injected, vec!["api".to_owned()]);
+        assert_eq!(h.get_all("authorization").iter().count(), 1);
+        assert_eq!(h["authorization"], "Bearer sk-real-api");
+        assert!(h.get("x-api-key").is_none());
+    }
+
+    #[test]
+    fn placeholder_for_an_unbound_host_is_refused() {
+        let s = secrets(BEARER);
+        let mut h = headers(&[("x-note", "key=sk-moat-placeholder-api")]);
+        let err = apply_secrets(&mut h, &"/".parse().unwrap(), &s, "other.test", 443).unwrap_err();
+        assert_eq!(err.reason, Reason::PlaceholderUnbound);
+        assert_eq!(err.status, StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn placeholder_in_the_query_for_an_unbound_host_is_refused() {
+        let s = secrets(BEARER);
+        let uri: Uri = "/?k=sk-moat-placeholder-api".parse().unwrap();
+        let err = apply_secrets(&mut HeaderMap::new(), &uri, &s, "other.test", 443).unwrap_err();
+        assert_eq!(err.reason, Reason::PlaceholderUnbound);
+    }
+
+    #[test]
+    fn unbound_host_keeps_its_own_credentials() {
+        let s = secrets(BEARER);
+        let mut h = headers(&[("authorization", "Bearer theirs")]);
+        apply_secrets(&mut h, &"/".parse().unwrap(), &s, "other.test", 443).unwrap();
+        assert_eq!(h["authorization"], "Bearer theirs");
+    }
+
+    #[test]
+    fn basic_presentation_encodes_user_and_password() {
+        let s = secrets(
+            &BEARER
+                .replace("authorization_bearer", "authorization_basic")
+                .replace("sk-real-api", "u:p"),
+        );
+        let mut h = HeaderMap::new();
+        apply_secrets(&mut h, &"/".parse().unwrap(), &s, "api.test", 443).unwrap();
+        assert_eq!(h["authorization"], "Basic dTpw");
+    }
+
+    #[test]
+    fn path_outside_the_prefix_gets_no_secret_and_loses_the_agents_credential() {
+        let s = secrets(&BEARER.replace("presentation", "paths = [\"/v1/\"]\npresentation"));
+        let mut h = headers(&[("authorization", "Bearer mine")]);
+        let injected =
+            apply_secrets(&mut h, &"/admin".parse().unwrap(), &s, "api.test", 443).unwrap();
+        assert!(injected.is_empty());
+        assert!(h.get("authorization").is_none());
+    }
+
+    #[test]
+    fn connection_named_and_hop_by_hop_headers_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.get("x-private").is_none()
+                && h.get("upgrade").is_none()
+                && h.get("connection").is_none()
+        );
+        assert!(h.get("transfer-encoding").is_some() && h.get("x-kept").is_some());
+    }
+}

@@ -1,0 +1,260 @@
+//! Secret values, read on the host at proxy start and on every reload, from the sources the
+//! profile declares (environment, file, command). Never from or into the guest.
+//!
+//! Invariants: a value is never logged, never written to an audit record and never shown by
+//! `Debug`; errors name the secret and its source, never the value; a value that could not be
+//! sent in an HTTP header (empty, control characters) is refused at load time.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use moat_policy::{SecretSource, SecretSpec};
+
+/// A secret's value. `Debug` and `Display` print nothing of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(String);
+
+impl SecretValue {
+    /// The value, for the one place that injects it into a request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretValue(<redacted>)")
+    }
+}
+
+/// Why a secret's value could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The environment variable is not set or not UTF-8.
+    #[error("secret {name:?}: environment variable {var} is not set")]
+    Env {
+        /// The secret.
+        name: String,
+        /// The variable.
+        var: String,
+    },
+    /// The file could not be read.
+    #[error("secret {name:?}: cannot read {}", .path.display())]
+    File {
+        /// The secret.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command could not be started.
+    #[error("secret {name:?}: cannot run {program}")]
+    CommandStart {
+        /// The secret.
+        name: String,
+        /// argv\[0\].
+        program: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command failed.
+    #[error("secret {name:?}: {program} exited with {status}")]
+    CommandFailed {
+        /// The secret.
+        name: String,
+        /// argv\[0\].
+        program: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
+    /// The value is empty, not UTF-8, or holds characters a header cannot carry.
+    #[error("secret {name:?}: the value from {from} is empty or not a valid header value")]
+    BadValue {
+        /// The secret.
+        name: String,
+        /// Where it came from (never the value).
+        from: String,
+    },
+}
+
+/// The secrets of one policy, with their values. Cheap to share.
+#[derive(Debug, Default)]
+pub struct Secrets {
+    entries: Vec<(SecretSpec, SecretValue)>,
+}
+
+impl Secrets {
+    /// Reads every declared secret. Any failure refuses the whole set, so a policy is never
+    /// enforced with some of its secrets missing.
+    pub fn load(specs: &[SecretSpec]) -> Result<Arc<Secrets>, SecretError> {
+        let mut entries = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let value = read(spec)?;
+            entries.push((spec.clone(), value));
+        }
+        Ok(Arc::new(Secrets { entries }))
+    }
+
+    /// Every secret, in profile order.
+    pub fn iter(&self) -> impl Iterator<Item = (&SecretSpec, &SecretValue)> {
+        self.entries.iter().map(|(s, v)| (s, v))
+    }
+
+    /// Is there no secret at all?
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The first secret whose placeholder occurs in `bytes`.
+    pub fn placeholder_in(&self, bytes: &[u8]) -> Option<&SecretSpec> {
+        self.entries
+            .iter()
+            .map(|(s, _)| s)
+            .find(|s| contains(bytes, s.placeholder.as_bytes()))
+    }
+}
+
+/// Does `haystack` contain `needle`?
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn trim_newline(mut s: String) -> String {
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    s
+}
+
+fn read(spec: &SecretSpec) -> Result<SecretValue, SecretError> {
+    let name = spec.name.clone();
+    let (raw, from) = match &spec.source {
+        SecretSource::Env(var) => {
+            let v = std::env::var(var).map_err(|_| SecretError::Env {
+                name: name.clone(),
+                var: var.clone(),
+            })?;
+            (v, format!("environment variable {var}"))
+        }
+        SecretSource::File(path) => {
+            let bytes = std::fs::read(path).map_err(|source| SecretError::File {
+                name: name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            let from = format!("file {}", path.display());
+            let text = String::from_utf8(bytes).map_err(|_| SecretError::BadValue {
+                name: name.clone(),
+                from: from.clone(),
+            })?;
+            (trim_newline(text), from)
+        }
+        SecretSource::Command(argv) => {
+            let program = argv.first().cloned().unwrap_or_default();
+            let out = Command::new(&program)
+                .args(argv.iter().skip(1))
+                .stdin(Stdio::null())
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|source| SecretError::CommandStart {
+                    name: name.clone(),
+                    program: program.clone(),
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(SecretError::CommandFailed {
+                    name,
+                    program,
+                    status: out.status,
+                });
+            }
+            let from = format!("command {program}");
+            let text = String::from_utf8(out.stdout).map_err(|_| SecretError::BadValue {
+                name: name.clone(),
+                from: from.clone(),
+            })?;
+            (trim_newline(text), from)
+        }
+    };
+    let valid = !raw.is_empty()
+        && raw
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+    if !valid {
+        return Err(SecretError::BadValue { name, from });
+    }
+    Ok(SecretValue(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spec(source: SecretSource) -> SecretSpec {
+        SecretSpec {
+            name: "t".into(),
+            source,
+            placeholder: "moat-placeholder-t".into(),
+            hosts: vec![moat_policy::HostPattern::parse("a.test").unwrap()],
+            ports: vec![443],
+            paths: vec![],
+            presentation: moat_policy::Presentation::XApiKey,
+        }
+    }
+
+    #[test]
+    fn file_source_is_read_without_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "sk-real-1\n").unwrap();
+        let s = Secrets::load(&[spec(SecretSource::File(path))]).unwrap();
+        assert_eq!(s.iter().next().unwrap().1.expose(), "sk-real-1");
+    }
+
+    #[test]
+    fn command_source_is_its_standard_output() {
+        let argv = vec!["printf".into(), "sk-from-vault\n".into()];
+        let s = Secrets::load(&[spec(SecretSource::Command(argv))]).unwrap();
+        assert_eq!(s.iter().next().unwrap().1.expose(), "sk-from-vault");
+    }
+
+    #[test]
+    fn env_source_reads_the_proxy_environment() {
+        let s = Secrets::load(&[spec(SecretSource::Env("PATH".into()))]).unwrap();
+        assert_eq!(
+            s.iter().next().unwrap().1.expose(),
+            std::env::var("PATH").unwrap()
+        );
+    }
+
+    #[test]
+    fn failing_command_is_an_error_naming_the_secret() {
+        let argv = vec!["false".into()];
+        let err = Secrets::load(&[spec(SecretSource::Command(argv))]).unwrap_err();
+        assert!(err.to_string().contains("secret \"t\""), "{err}");
+    }
+
+    #[test]
+    fn value_with_a_line_break_inside_is_refused_without_showing_it() {
+        let argv = vec!["printf".into(), "sk-a\r\nX-Evil: 1".into()];
+        let err = Secrets::load(&[spec(SecretSource::Command(argv))]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("not a valid header value"), "{text}");
+        assert!(!text.contains("sk-a"), "{text}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_value() {
+        let v = SecretValue("sk-real-2".into());
+        assert!(!format!("{v:?}").contains("sk-real-2"));
+    }
+}
