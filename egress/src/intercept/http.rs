@@ -325,6 +325,7 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.idle_timeout)
         .max_buf_size(MAX_REQUEST_HEAD)
+        .max_header_size(MAX_REQUEST_HEAD)
         .serve_connection(TokioIo::new(agent_tls), service);
     let total = shared.limits.total_timeout;
     let ended = tokio::select! {

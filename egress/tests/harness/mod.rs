@@ -25,7 +25,129 @@ pub const CERT_NAMES: &[&str] = &[
     "www.allowed.test",
     "other.test",
     "private.test",
+    "api.inject.test",
+    "other.inject.test",
 ];
+
+/// The real secret value the intercept tests bind to `api.inject.test`.
+pub const SECRET_VALUE: &str = "sk-real-SECRET-4f9a1c";
+/// Its placeholder, as the agent sees it.
+pub const PLACEHOLDER: &str = "sk-moat-placeholder-api";
+
+/// What the recording HTTPS upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub host: Option<String>,
+    pub authorization: Vec<String>,
+    pub x_api_key: Option<String>,
+    pub body: Vec<u8>,
+}
+
+pub type SeenLog = Arc<std::sync::Mutex<Vec<Seen>>>;
+
+/// An HTTPS upstream (hyper + rustls, test PKI) that records every request it receives and
+/// answers `200 ok <path>`.
+pub async fn http_upstream() -> (SocketAddr, SeenLog) {
+    use http_body_util::BodyExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let p = pki();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p.leaf_key.clone()));
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![p.leaf.clone()], key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let seen: SeenLog = Arc::default();
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = Arc::clone(&log);
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            let h = |n: &str| {
+                                parts
+                                    .headers
+                                    .get(n)
+                                    .map(|v| v.to_str().unwrap_or("?").to_owned())
+                            };
+                            log.lock().unwrap().push(Seen {
+                                method: parts.method.to_string(),
+                                path: parts.uri.to_string(),
+                                host: h("host"),
+                                authorization: parts
+                                    .headers
+                                    .get_all("authorization")
+                                    .iter()
+                                    .map(|v| v.to_str().unwrap_or("?").to_owned())
+                                    .collect(),
+                                x_api_key: h("x-api-key"),
+                                body,
+                            });
+                            let reply = format!("ok {}", parts.uri.path());
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(reply)),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Profile text for the intercept tests: two intercepted hosts on the recording upstream's
+/// port, and one secret bound to the first.
+pub fn intercept_rules(http: u16, secret_file: &Path) -> String {
+    format!(
+        r#"
+[[rules]]
+name = "api"
+hosts = ["api.inject.test"]
+ports = [{http}]
+action = "intercept"
+cidrs = ["127.0.0.0/8"]
+
+[[rules]]
+name = "other-api"
+hosts = ["other.inject.test"]
+ports = [{http}]
+action = "intercept"
+cidrs = ["127.0.0.0/8"]
+
+[[secrets]]
+name = "api-key"
+source = {{ file = "{}" }}
+placeholder = "{PLACEHOLDER}"
+hosts = ["api.inject.test"]
+ports = [{http}]
+presentation = "authorization_bearer"
+"#,
+        secret_file.display()
+    )
+}
 
 pub struct Pki {
     pub ca: CertificateDer<'static>,
@@ -122,6 +244,11 @@ pub struct TestProxy {
     pub profile: PathBuf,
     pub tls: SocketAddr,
     pub plain: SocketAddr,
+    /// The recording HTTPS upstream, and what it saw.
+    pub http: SocketAddr,
+    pub seen: SeenLog,
+    /// The file the `api-key` secret is read from.
+    pub secret_file: PathBuf,
 }
 
 /// The test profile. `{tls}` and `{plain}` are the upstreams' ports.
@@ -168,17 +295,40 @@ impl TestProxy {
     }
 
     pub async fn start_with(limits: Limits) -> TestProxy {
+        Self::start_full(limits, vec![pki().ca.clone()]).await
+    }
+
+    /// A proxy whose intercepted upstreams are verified against `upstream_roots` (plus the
+    /// webpki roots).
+    pub async fn start_full(
+        limits: Limits,
+        upstream_roots: Vec<CertificateDer<'static>>,
+    ) -> TestProxy {
         let tls = upstream(true).await;
         let plain = upstream(false).await;
+        let (http, seen) = http_upstream().await;
         let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("api-key");
+        std::fs::write(&secret_file, format!("{SECRET_VALUE}\n")).unwrap();
         let key = signing::generate("").unwrap();
         let pubkey = dir.path().join("policy.pub");
         std::fs::write(&pubkey, &key.public).unwrap();
         let profile = dir.path().join("profile.toml");
-        let text = profile_text(tls.port(), plain.port(), "");
+        let text = profile_text(
+            tls.port(),
+            plain.port(),
+            &intercept_rules(http.port(), &secret_file),
+        );
         write_signed(&profile, &text, &key.secret);
         let mut resolver = StaticResolver::new();
-        for name in ["allowed.test", "www.allowed.test", "other.test", "raw.test"] {
+        for name in [
+            "allowed.test",
+            "www.allowed.test",
+            "other.test",
+            "raw.test",
+            "api.inject.test",
+            "other.inject.test",
+        ] {
             resolver.insert(name, "127.0.0.1".parse().unwrap()).unwrap();
         }
         resolver
@@ -205,7 +355,7 @@ impl TestProxy {
             source: PolicySource::new(&profile, &pubkey).unwrap(),
             watch: true,
             limits,
-            upstream_roots: vec![pki().ca.clone()],
+            upstream_roots,
         };
         let proxy = Proxy::start(config, Box::new(resolver), audit).unwrap();
         TestProxy {
@@ -218,7 +368,45 @@ impl TestProxy {
             profile,
             tls,
             plain,
+            http,
+            seen,
+            secret_file,
         }
+    }
+
+    /// The profile text this proxy started with, plus `extra`.
+    pub fn profile_with(&self, extra: &str) -> String {
+        profile_text(
+            self.tls.port(),
+            self.plain.port(),
+            &format!(
+                "{}{extra}",
+                intercept_rules(self.http.port(), &self.secret_file)
+            ),
+        )
+    }
+
+    /// A TLS connection to `host` on the recording upstream's port, through the proxy, from a
+    /// client that trusts only the workspace CA (as the guest does once guest-init installed it).
+    pub async fn intercepted(
+        &self,
+        host: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
+        let stream = self.named(host, self.http.port()).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.proxy.ca_der()).unwrap();
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name(host), stream)
+            .await
+    }
+
+    /// What the recording upstream has seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
     }
 
     /// Opens a flow stream and writes a header for `host` (or an IP literal) and `port`.

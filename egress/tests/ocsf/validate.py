@@ -38,8 +38,9 @@ import json
 import sys
 
 SCHEMA_VERSION = "1.8.0"
-# The classes moat writes: egress flows, and process events reported by guest-init.
-CLASSES = {4001: "network_activity", 1007: "process_activity"}
+# The classes moat writes: egress flows, intercepted HTTP requests, and process events
+# reported by guest-init.
+CLASSES = {4001: "network_activity", 4002: "http_activity", 1007: "process_activity"}
 OTHER_ID = 99  # OCSF "Other": the sibling caption is source specific.
 
 USAGE = "usage: python3 validate.py FILE.jsonl   (or '-' for stdin)"

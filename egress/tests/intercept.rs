@@ -1,0 +1,428 @@
+//! In-process integration tests of credential injection: a real proxy, the workspace CA, a
+//! real HTTPS upstream (hyper + rustls) that records what it received. One behaviour per test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::*;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use moat_egress::Limits;
+use tokio::io::AsyncWriteExt;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+type Sender = SendRequest<Empty<bytes::Bytes>>;
+
+/// An HTTP/1.1 client on an intercepted TLS connection to `host`.
+async fn client(tp: &TestProxy, host: &str) -> Sender {
+    let tls = tp.intercepted(host).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Sends one request; returns the status and body.
+async fn send(
+    sender: &mut Sender,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut req = Request::get(path).header("host", host);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Writes raw bytes on a fresh intercepted connection and returns everything read back.
+async fn raw(tp: &TestProxy, host: &str, bytes: &[u8]) -> String {
+    let mut tls = tp.intercepted(host).await.unwrap();
+    tls.write_all(bytes).await.unwrap();
+    String::from_utf8_lossy(&read_all(&mut tls, WAIT).await).into_owned()
+}
+
+async fn http_record(tp: &TestProxy, path: &str) -> serde_json::Value {
+    tp.wait_record(|r| r["class_uid"] == 4002 && r["http_request"]["url"]["path"] == path)
+        .await
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[tokio::test]
+async fn placeholder_becomes_the_secret_on_its_bound_host() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    let (status, body) = send(
+        &mut c,
+        "api.inject.test",
+        "/v1/models",
+        &[("authorization", &bearer(PLACEHOLDER))],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "ok /v1/models"));
+    assert_eq!(tp.seen()[0].authorization, vec![bearer(SECRET_VALUE)]);
+}
+
+#[tokio::test]
+async fn agents_own_credentials_for_a_bound_host_are_replaced() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    send(
+        &mut c,
+        "api.inject.test",
+        "/v1/models",
+        &[
+            ("authorization", "Bearer agent-own-token"),
+            ("x-api-key", "agent-key"),
+        ],
+    )
+    .await;
+    let seen = &tp.seen()[0];
+    assert_eq!(seen.authorization, vec![bearer(SECRET_VALUE)]);
+    assert_eq!(seen.x_api_key, None);
+}
+
+#[tokio::test]
+async fn secret_is_injected_when_the_agent_sends_no_credential() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/v1/models", &[]).await;
+    assert_eq!(tp.seen()[0].authorization, vec![bearer(SECRET_VALUE)]);
+}
+
+#[tokio::test]
+async fn placeholder_sent_to_an_unbound_intercepted_host_is_refused_and_audited() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "other.inject.test").await;
+    let (status, _) = send(
+        &mut c,
+        "other.inject.test",
+        "/collect",
+        &[("authorization", &bearer(PLACEHOLDER))],
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(tp.seen().is_empty());
+    let rec = http_record(&tp, "/collect").await;
+    assert_eq!(rec["unmapped"]["moat"]["reason"], "placeholder_unbound");
+    assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
+    assert_eq!(rec["disposition"], "Blocked");
+    assert_eq!(rec["firewall_rule"]["name"], "other-api");
+}
+
+#[tokio::test]
+async fn placeholder_hidden_in_the_query_to_an_unbound_host_is_refused() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "other.inject.test").await;
+    let path = format!("/collect?k={PLACEHOLDER}");
+    let (status, _) = send(&mut c, "other.inject.test", &path, &[]).await;
+    assert_eq!(status, 403);
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn placeholder_in_plain_http_to_a_passthrough_host_is_refused() {
+    let tp = TestProxy::start().await;
+    let mut s = tp.named("allowed.test", tp.plain.port()).await;
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: allowed.test:{}\r\nAuthorization: Bearer {PLACEHOLDER}\r\n\r\n",
+        tp.plain.port()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    // The echo upstream would send the request back had it been forwarded.
+    assert!(read_all(&mut s, WAIT).await.is_empty());
+    let rec = tp.refused("placeholder_unbound").await;
+    assert_eq!(rec["firewall_rule"]["name"], "allowed");
+}
+
+#[tokio::test]
+async fn host_switch_on_a_kept_alive_connection_is_refused() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    let (first, _) = send(&mut c, "api.inject.test", "/one", &[]).await;
+    let (second, _) = send(&mut c, "other.inject.test", "/two", &[]).await;
+    assert_eq!((first, second), (200, 421));
+    let paths: Vec<_> = tp.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, vec!["/one"]);
+    let rec = http_record(&tp, "/two").await;
+    assert_eq!(rec["unmapped"]["moat"]["reason"], "authority_mismatch");
+}
+
+#[tokio::test]
+async fn absolute_uri_for_another_host_is_refused() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"GET https://other.inject.test/x HTTP/1.1\r\nHost: api.inject.test\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 421"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn pipelined_requests_each_get_the_secret_in_order() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"GET /a HTTP/1.1\r\nHost: api.inject.test\r\n\r\n\
+          GET /b HTTP/1.1\r\nHost: api.inject.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        got.find("ok /a").unwrap() < got.find("ok /b").unwrap(),
+        "{got}"
+    );
+    let seen = tp.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter()
+            .all(|s| s.authorization == vec![bearer(SECRET_VALUE)])
+    );
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+    let tp = TestProxy::start().await;
+    // hyper drops Content-Length, reads the chunked body, and closes after the response: the
+    // bytes after the chunked body are never parsed as a second request.
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /first HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 40\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /smuggled HTTP/1.1\r\nHost: api.inject.test\r\n\r\n",
+    )
+    .await;
+    assert!(!got.contains("ok /smuggled"), "{got}");
+    let paths: Vec<_> = tp.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, vec!["/first"]);
+}
+
+#[tokio::test]
+async fn conflicting_content_lengths_are_refused_with_400() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /x HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn signed_content_length_is_refused_with_400() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /x HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: +3\r\n\r\nabc",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn transfer_encoding_other_than_chunked_is_refused_with_400() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /x HTTP/1.1\r\nHost: api.inject.test\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn oversized_request_head_is_refused_with_431() {
+    let tp = TestProxy::start().await;
+    let big = "a".repeat(100 * 1024);
+    let req = format!("GET /x HTTP/1.1\r\nHost: api.inject.test\r\nX-Big: {big}\r\n\r\n");
+    let got = raw(&tp, "api.inject.test", req.as_bytes()).await;
+    assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn upgrade_requests_are_not_forwarded() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"GET /ws HTTP/1.1\r\nHost: api.inject.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 501"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn request_body_streams_to_the_upstream() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /up HTTP/1.1\r\nHost: api.inject.test\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(got.contains("ok /up"), "{got}");
+    assert_eq!(tp.seen()[0].body, b"hello world");
+}
+
+#[tokio::test]
+async fn agent_trusting_only_the_test_pki_cannot_complete_an_intercepted_handshake() {
+    let tp = TestProxy::start().await;
+    // The leaf comes from the workspace CA, not from the upstream's own PKI.
+    let stream = tp.named("api.inject.test", tp.http.port()).await;
+    assert!(tls_client(stream, name("api.inject.test")).await.is_err());
+    let close = tp.wait_record(|r| r["activity_id"] == 2).await;
+    assert_eq!(close["unmapped"]["moat"]["reason"], "agent_tls");
+}
+
+#[tokio::test]
+async fn upstream_that_does_not_verify_is_never_sent_a_request() {
+    let tp = TestProxy::start_full(Limits::default(), Vec::new()).await;
+    assert!(tp.intercepted("api.inject.test").await.is_err());
+    let close = tp.wait_record(|r| r["activity_id"] == 2).await;
+    assert_eq!(close["unmapped"]["moat"]["reason"], "upstream_tls");
+    assert_eq!(close["unmapped"]["moat"]["blame"], "upstream");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn query_is_redacted_in_the_http_record() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/v1/search?q=private-words", &[]).await;
+    let rec = http_record(&tp, "/v1/search").await;
+    assert_eq!(rec["http_request"]["url"]["query_string"], "[redacted]");
+    assert_eq!(rec["http_response"]["code"], 200);
+    assert_eq!(rec["unmapped"]["moat"]["secrets_injected"][0], "api-key");
+    assert!(!rec.to_string().contains("private-words"));
+}
+
+#[tokio::test]
+async fn reloaded_secret_is_injected_on_the_next_request() {
+    let tp = TestProxy::start().await;
+    std::fs::write(&tp.secret_file, "sk-real-ROTATED\n").unwrap();
+    tp.rewrite_profile(&tp.profile_with("\n# rotated\n"));
+    tp.proxy.reload().unwrap();
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/v1/models", &[]).await;
+    assert_eq!(tp.seen()[0].authorization, vec![bearer("sk-real-ROTATED")]);
+}
+
+#[tokio::test]
+async fn unreadable_secret_refuses_the_reload_and_keeps_the_old_one() {
+    let tp = TestProxy::start().await;
+    std::fs::remove_file(&tp.secret_file).unwrap();
+    tp.rewrite_profile(&tp.profile_with("\n# no secret file\n"));
+    let err = tp.proxy.reload().unwrap_err();
+    assert!(moat_egress::error_chain(&err).contains("secret \"api-key\""));
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/v1/models", &[]).await;
+    assert_eq!(tp.seen()[0].authorization, vec![bearer(SECRET_VALUE)]);
+}
+
+#[tokio::test]
+async fn secret_never_appears_in_audit_records_or_in_what_the_agent_receives() {
+    let tp = TestProxy::start().await;
+    let mut received = String::new();
+    let mut c = client(&tp, "api.inject.test").await;
+    for path in ["/v1/a", "/v1/b?x=1"] {
+        let (_, body) = send(
+            &mut c,
+            "api.inject.test",
+            path,
+            &[("authorization", &bearer(PLACEHOLDER))],
+        )
+        .await;
+        received.push_str(&body);
+    }
+    let mut o = client(&tp, "other.inject.test").await;
+    let (_, body) = send(
+        &mut o,
+        "other.inject.test",
+        "/x",
+        &[("x-api-key", PLACEHOLDER)],
+    )
+    .await;
+    received.push_str(&body);
+    received.push_str(
+        &raw(
+            &tp,
+            "api.inject.test",
+            b"GET /r HTTP/1.1\r\nHost: api.inject.test\r\nConnection: close\r\n\r\n",
+        )
+        .await,
+    );
+    drop((c, o));
+    tp.wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .await;
+    let log = std::fs::read_to_string(&tp.audit_path).unwrap();
+    assert!(log.contains("\"class_uid\":4002"));
+    assert!(!log.contains(SECRET_VALUE));
+    assert!(!received.contains(SECRET_VALUE));
+}
+
+#[tokio::test]
+async fn http_records_validate_against_the_ocsf_schema() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/v1/a?q=1", &[]).await;
+    let (_, _) = send(&mut c, "api.inject.test", "/v1/b", &[("x", "y")]).await;
+    let mut o = client(&tp, "other.inject.test").await;
+    send(
+        &mut o,
+        "other.inject.test",
+        "/x",
+        &[("authorization", &bearer(PLACEHOLDER))],
+    )
+    .await;
+    drop((c, o));
+    http_record(&tp, "/x").await;
+    tp.wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .await;
+
+    let out = std::process::Command::new(ocsf_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/ocsf/validate.py"
+        ))
+        .arg(&tp.audit_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "OCSF validation failed:\n{stdout}");
+    let http = tp
+        .records()
+        .iter()
+        .filter(|r| r["class_uid"] == 4002)
+        .count();
+    assert_eq!(http, 3);
+}
