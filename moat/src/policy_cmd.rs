@@ -91,6 +91,40 @@ fn summary(policy: &Policy) {
             }
         );
     }
+    if !policy.secrets.is_empty() {
+        println!(
+            "{} secret(s) (values are read by the proxy, never shown):",
+            policy.secrets.len()
+        );
+    }
+    for secret in &policy.secrets {
+        println!("  {}", describe_secret(secret));
+    }
+}
+
+/// One line about a secret: where it comes from, where it is bound, how it is presented.
+fn describe_secret(s: &moat_policy::SecretSpec) -> String {
+    let hosts: Vec<String> = s.hosts.iter().map(ToString::to_string).collect();
+    let source = match &s.source {
+        moat_policy::SecretSource::Env(v) => format!("env {v}"),
+        moat_policy::SecretSource::File(p) => format!("file {}", p.display()),
+        moat_policy::SecretSource::Command(argv) => {
+            format!("command {}", argv.first().map_or("", String::as_str))
+        }
+    };
+    let paths = if s.paths.is_empty() {
+        String::new()
+    } else {
+        format!(" paths [{}]", s.paths.join(", "))
+    };
+    format!(
+        "{:<20} from {source}, placeholder {:?}, bound to [{}] ports {:?}{paths}, as {}",
+        s.name,
+        s.placeholder,
+        hosts.join(", "),
+        s.ports,
+        s.presentation.header_name()
+    )
 }
 
 pub(crate) fn run(cmd: PolicyCommand) -> Result<ExitCode> {
@@ -201,6 +235,16 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
                 })
                 .collect();
             println!("  protocols: {}", protos.join(", "));
+            if let Some(h) = host.as_deref() {
+                for secret in policy.secrets.iter().filter(|s| s.binds_host(h, port)) {
+                    let note = if rule.action == moat_policy::Action::Intercept {
+                        "injected"
+                    } else {
+                        "NOT injected: the rule does not intercept"
+                    };
+                    println!("  secret ({note}): {}", describe_secret(secret));
+                }
+            }
             if host.is_some() {
                 let cidrs: Vec<String> = rule.cidrs.iter().map(ToString::to_string).collect();
                 println!(

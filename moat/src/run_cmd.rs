@@ -21,7 +21,8 @@ pub(crate) struct RunArgs {
     /// The agent's home directory (default: a fresh one, removed at exit).
     #[arg(long)]
     home: Option<PathBuf>,
-    /// Extra CA certificates (PEM) the workspace trusts, added to its system trust store.
+    /// Extra CA certificates (PEM) the workspace trusts, added to its system trust store
+    /// (the egress proxy's workspace CA is always added).
     #[arg(long)]
     ca: Option<PathBuf>,
     #[command(flatten)]
@@ -142,6 +143,19 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
         args.proxy.audit_path(&default_audit).display()
     );
 
+    // The workspace trusts the proxy's interception CA (certificate only; the key stays in
+    // this process), plus any --ca the user gave.
+    let ca_bundle = run_dir.join("workspace-ca.pem");
+    let mut pem = proxy.ca_pem().to_owned();
+    if let Some(extra) = &args.ca {
+        let text = std::fs::read_to_string(extra)
+            .with_context(|| format!("cannot read {}", extra.display()))?;
+        pem.push('\n');
+        pem.push_str(&text);
+    }
+    std::fs::write(&ca_bundle, pem)
+        .with_context(|| format!("cannot write {}", ca_bundle.display()))?;
+
     let exe = std::env::current_exe().context("cannot find the moat binary")?;
     let mut child = Command::new(exe)
         .arg("__guest-init")
@@ -153,11 +167,8 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
         .arg(run_dir)
         .arg("--home")
         .arg(&home)
-        .args(
-            args.ca
-                .iter()
-                .flat_map(|c| [std::ffi::OsStr::new("--ca"), c.as_os_str()]),
-        )
+        .arg("--ca")
+        .arg(&ca_bundle)
         .arg("--")
         .args(&args.command)
         .spawn()
