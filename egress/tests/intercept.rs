@@ -153,6 +153,23 @@ async fn placeholder_in_plain_http_to_a_passthrough_host_is_refused() {
 }
 
 #[tokio::test]
+async fn placeholder_split_across_body_chunks_to_an_unbound_host_is_refused() {
+    let tp = TestProxy::start().await;
+    let (a, b) = PLACEHOLDER.split_at(10);
+    let req = format!(
+        "POST /paste HTTP/1.1\r\nHost: other.inject.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    let got = raw(&tp, "other.inject.test", req.as_bytes()).await;
+    assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+    assert!(tp.seen().is_empty());
+    let rec = http_record(&tp, "/paste").await;
+    assert_eq!(rec["unmapped"]["moat"]["reason"], "placeholder_unbound");
+}
+
+#[tokio::test]
 async fn host_switch_on_a_kept_alive_connection_is_refused() {
     let tp = TestProxy::start().await;
     let mut c = client(&tp, "api.inject.test").await;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::inject::{self, Refusal};
 use super::io::AgentIo;
+use super::scan::{Found, ScanBody};
 use crate::Shared;
 use crate::audit::{FlowInfo, HttpEvent};
 use crate::outcome::Reason;
@@ -47,7 +48,7 @@ pub(crate) struct Intercepted {
 /// upstream closes it between requests.
 #[derive(Default)]
 struct Upstream {
-    sender: Option<SendRequest<Incoming>>,
+    sender: Option<SendRequest<ScanBody<Incoming>>>,
     driver: Option<JoinHandle<()>>,
 }
 
@@ -222,6 +223,13 @@ impl Ctx {
                 Ok(names) => names,
                 Err(r) => return self.refuse(&head, r),
             };
+        let found = Found::default();
+        let body = ScanBody::new(
+            body,
+            &secrets,
+            |spec| spec.binds(host, port, &head.path),
+            Arc::clone(&found),
+        );
         drop(secrets);
         inject::strip_hop_by_hop(&mut parts.headers);
         parts.uri = parts
@@ -249,6 +257,20 @@ impl Ctx {
                 },
             }
         };
+        let in_body = match found.lock() {
+            Ok(f) => f.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        if let Some(name) = in_body {
+            let r = Refusal {
+                status: StatusCode::FORBIDDEN,
+                reason: Reason::PlaceholderUnbound,
+                detail: format!(
+                    "placeholder of secret {name:?} in the body is not bound to this request"
+                ),
+            };
+            return self.refuse(&head, r);
+        }
         match sent {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();

@@ -9,6 +9,7 @@
 //!    -> agent TLS         ca.rs: leaf minted for the hostname, ALPN http/1.1
 //!    -> HTTP/1.1 server   hyper: keep-alive, pipelining (in order), chunked; bounded head
 //!    -> per request       inject.rs: authority, placeholders, credentials, hop-by-hop
+//!                         scan.rs: placeholders in the streamed body, across frames
 //!    -> forward           http.rs: hyper client on the pinned connection (re-dialled to the
 //!                         same address when the upstream closes it); bodies stream both ways
 //!    -> audit             one OCSF HTTP Activity record per request
@@ -22,6 +23,7 @@ pub mod ca;
 mod http;
 mod inject;
 mod io;
+mod scan;
 
 use std::sync::Arc;
 

@@ -78,11 +78,15 @@ pub async fn http_upstream() -> (SocketAddr, SeenLog) {
                         let log = Arc::clone(&log);
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes().to_vec())
-                                .unwrap_or_default();
+                            // A body that fails (the proxy aborted it) is never a request.
+                            let Ok(body) = body.collect().await.map(|b| b.to_bytes().to_vec())
+                            else {
+                                let mut bad = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::new(),
+                                ));
+                                *bad.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                                return Ok::<_, std::convert::Infallible>(bad);
+                            };
                             let h = |n: &str| {
                                 parts
                                     .headers

@@ -1,0 +1,164 @@
+//! Placeholders in request bodies. A body is streamed, never buffered whole, so a placeholder
+//! can arrive split across reads, chunks or frames: the scanner keeps the last few bytes of
+//! each frame (one less than the longest placeholder) and searches them together with the
+//! next frame. A frame that completes a placeholder not bound to the request is never
+//! forwarded: the body fails instead, which aborts the upstream request before it is whole.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::secrets::{Secrets, contains};
+
+/// The error a body fails with when it carries a misplaced placeholder.
+#[derive(Debug, thiserror::Error)]
+#[error("request body carries the placeholder of secret {0:?}, which is not bound to it")]
+pub(crate) struct PlaceholderInBody(pub(crate) String);
+
+/// Where a refusal is reported back to the request handler.
+pub(crate) type Found = Arc<Mutex<Option<String>>>;
+
+/// A request body that refuses to carry placeholders not bound to its request.
+pub(crate) struct ScanBody<B> {
+    inner: B,
+    /// Placeholders that must not pass, with their secrets' names.
+    refused: Vec<(Vec<u8>, String)>,
+    keep: usize,
+    tail: Vec<u8>,
+    found: Found,
+}
+
+impl<B> ScanBody<B> {
+    /// Wraps `inner`, refusing every placeholder of `secrets` whose secret `bound` rejects.
+    pub(crate) fn new(
+        inner: B,
+        secrets: &Secrets,
+        bound: impl Fn(&moat_policy::SecretSpec) -> bool,
+        found: Found,
+    ) -> Self {
+        let refused: Vec<(Vec<u8>, String)> = secrets
+            .iter()
+            .filter(|(spec, _)| !bound(spec))
+            .map(|(spec, _)| (spec.placeholder.as_bytes().to_vec(), spec.name.clone()))
+            .collect();
+        let keep = refused
+            .iter()
+            .map(|(p, _)| p.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        ScanBody {
+            inner,
+            refused,
+            keep,
+            tail: Vec::new(),
+            found,
+        }
+    }
+
+    fn check(&mut self, data: &[u8]) -> Result<(), PlaceholderInBody> {
+        if self.refused.is_empty() {
+            return Ok(());
+        }
+        let mut window = std::mem::take(&mut self.tail);
+        window.extend_from_slice(data);
+        if let Some((_, name)) = self.refused.iter().find(|(p, _)| contains(&window, p)) {
+            if let Ok(mut f) = self.found.lock() {
+                *f = Some(name.clone());
+            }
+            return Err(PlaceholderInBody(name.clone()));
+        }
+        let from = window.len().saturating_sub(self.keep);
+        self.tail = window.split_off(from);
+        Ok(())
+    }
+}
+
+impl<B> Body for ScanBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let data = data.clone();
+                    this.check(&data)?;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    for (name, value) in trailers {
+                        this.tail.clear();
+                        this.check(name.as_str().as_bytes())?;
+                        this.tail.clear();
+                        this.check(value.as_bytes())?;
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http_body_util::Empty;
+
+    fn scanner(bound: bool) -> ScanBody<Empty<Bytes>> {
+        let text = r#"
+version = 1
+name = "t"
+[[secrets]]
+name = "api"
+source = { command = ["printf", "sk-real"] }
+placeholder = "sk-moat-placeholder-api"
+hosts = ["api.test"]
+presentation = "x_api_key"
+"#;
+        let secrets = Secrets::load(&moat_policy::profile::parse(text).unwrap().secrets).unwrap();
+        ScanBody::new(Empty::new(), &secrets, |_| bound, Found::default())
+    }
+
+    #[test]
+    fn placeholder_split_across_frames_is_found() {
+        let mut s = scanner(false);
+        assert!(s.check(b"{\"key\": \"sk-moat-pla").is_ok());
+        assert!(s.check(b"c").is_ok());
+        assert!(s.check(b"eholder-api\"}").is_err());
+        assert_eq!(s.found.lock().unwrap().as_deref(), Some("api"));
+    }
+
+    #[test]
+    fn body_without_placeholder_passes() {
+        let mut s = scanner(false);
+        assert!(s.check(b"sk-moat-placeholder-ap").is_ok());
+        assert!(s.check(b"I").is_ok());
+    }
+
+    #[test]
+    fn bound_placeholder_is_not_refused() {
+        let mut s = scanner(true);
+        assert!(s.check(b"sk-moat-placeholder-api").is_ok());
+    }
+}
