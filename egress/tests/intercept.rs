@@ -170,6 +170,33 @@ async fn placeholder_split_across_body_chunks_to_an_unbound_host_is_refused() {
 }
 
 #[tokio::test]
+async fn redirect_to_another_host_never_carries_the_secret() {
+    let tp = TestProxy::start().await;
+    let auth = bearer(PLACEHOLDER);
+    let mut c = client(&tp, "api.inject.test").await;
+    let (status, _) = send(
+        &mut c,
+        "api.inject.test",
+        "/redirect",
+        &[("authorization", &auth)],
+    )
+    .await;
+    // The proxy does not follow the redirect; an agent that follows it with the placeholder
+    // opens a new flow to a host the secret is not bound to.
+    let mut o = client(&tp, "other.inject.test").await;
+    let (followed, _) = send(
+        &mut o,
+        "other.inject.test",
+        "/landed",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!((status, followed), (302, 403));
+    let paths: Vec<_> = tp.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, vec!["/redirect"]);
+}
+
+#[tokio::test]
 async fn host_switch_on_a_kept_alive_connection_is_refused() {
     let tp = TestProxy::start().await;
     let mut c = client(&tp, "api.inject.test").await;

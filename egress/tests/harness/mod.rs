@@ -107,9 +107,17 @@ pub async fn http_upstream() -> (SocketAddr, SeenLog) {
                                 body,
                             });
                             let reply = format!("ok {}", parts.uri.path());
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from(reply)),
-                            ))
+                            let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(reply),
+                            ));
+                            // `/redirect` sends the client to the other intercepted host.
+                            if parts.uri.path() == "/redirect" {
+                                *resp.status_mut() = hyper::StatusCode::FOUND;
+                                let to =
+                                    format!("https://other.inject.test:{}/landed", addr.port());
+                                resp.headers_mut().insert("location", to.parse().unwrap());
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
                         }
                     },
                 );
