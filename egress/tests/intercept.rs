@@ -18,6 +18,41 @@ use tokio::io::AsyncWriteExt;
 const WAIT: Duration = Duration::from_secs(5);
 
 type Sender = SendRequest<Empty<bytes::Bytes>>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>;
+
+/// An HTTP/2 client (ALPN h2) on an intercepted TLS connection to `host`.
+async fn h2_client(tp: &TestProxy, host: &str) -> H2Sender {
+    let tls = tp.intercepted_alpn(host, &[b"h2"]).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Sends one HTTP/2 request to `https://{authority}{path}`; returns the status.
+async fn h2_send(
+    sender: &mut H2Sender,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> u16 {
+    let mut req = Request::get(format!("https://{authority}{path}"));
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
 
 /// An HTTP/1.1 client on an intercepted TLS connection to `host`.
 async fn client(tp: &TestProxy, host: &str) -> Sender {
@@ -469,4 +504,46 @@ async fn http_records_validate_against_the_ocsf_schema() {
         .filter(|r| r["class_uid"] == 4002)
         .count();
     assert_eq!(http, 3);
+}
+
+#[tokio::test]
+async fn http2_request_gets_the_secret() {
+    let tp = TestProxy::start().await;
+    let authority = format!("api.inject.test:{}", tp.http.port());
+    let mut c = h2_client(&tp, "api.inject.test").await;
+    let status = h2_send(
+        &mut c,
+        &authority,
+        "/v1/models",
+        &[("authorization", &bearer(PLACEHOLDER))],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = &tp.seen()[0];
+    assert_eq!(seen.authorization, vec![bearer(SECRET_VALUE)]);
+    assert_eq!(seen.host.as_deref(), Some(authority.as_str()));
+}
+
+#[tokio::test]
+async fn http2_authority_switch_on_the_same_connection_is_refused() {
+    let tp = TestProxy::start().await;
+    let port = tp.http.port();
+    let mut c = h2_client(&tp, "api.inject.test").await;
+    let first = h2_send(&mut c, &format!("api.inject.test:{port}"), "/one", &[]).await;
+    let second = h2_send(&mut c, &format!("other.inject.test:{port}"), "/two", &[]).await;
+    assert_eq!((first, second), (200, 421));
+    let paths: Vec<_> = tp.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, vec!["/one"]);
+}
+
+#[tokio::test]
+async fn http2_placeholder_to_an_unbound_host_is_refused() {
+    let tp = TestProxy::start().await;
+    let authority = format!("other.inject.test:{}", tp.http.port());
+    let mut c = h2_client(&tp, "other.inject.test").await;
+    let status = h2_send(&mut c, &authority, "/x", &[("x-api-key", PLACEHOLDER)]).await;
+    assert_eq!(status, 403);
+    assert!(tp.seen().is_empty());
+    let rec = http_record(&tp, "/x").await;
+    assert_eq!(rec["http_request"]["version"], "HTTP/2");
 }

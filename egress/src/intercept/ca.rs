@@ -122,7 +122,7 @@ impl WorkspaceCa {
     }
 
     /// The TLS server configuration presenting a leaf for `name` (normalised, already held to
-    /// the policy), minted on first use and cached. ALPN: HTTP/1.1 only.
+    /// the policy), minted on first use and cached. ALPN: h2, then http/1.1.
     pub fn server_config(&self, name: &str) -> Result<Arc<ServerConfig>, CaError> {
         {
             let cache = self.lock();
@@ -176,7 +176,7 @@ impl WorkspaceCa {
                 .with_no_client_auth()
                 .with_single_cert(vec![leaf.der().clone(), self.cert_der()], key)
                 .map_err(config_err)?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
 

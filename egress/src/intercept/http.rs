@@ -1,6 +1,8 @@
-//! One intercepted flow: both TLS handshakes, then an HTTP/1.1 server for the agent whose
-//! every request is checked (inject.rs), audited, and forwarded on a hyper client connection
-//! to the pinned upstream address. Bodies stream; nothing is buffered whole.
+//! One intercepted flow: both TLS handshakes, then an HTTP server for the agent (HTTP/2 when
+//! the agent's ALPN chose `h2`, else HTTP/1.1) whose every request is checked (inject.rs),
+//! audited, and forwarded on a hyper HTTP/1.1 client connection to the pinned upstream
+//! address. HTTP/2 streams take turns on that one upstream connection. Bodies stream; nothing
+//! is buffered whole.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::task::JoinHandle;
@@ -31,6 +33,8 @@ use crate::splice::Counters;
 
 /// Largest request head (request line and headers) accepted; more is answered 431.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Concurrent HTTP/2 streams per intercepted connection.
+pub const MAX_H2_STREAMS: u32 = 100;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -175,6 +179,9 @@ impl Ctx {
     }
 
     fn refuse(&self, head: &Head, r: Refusal) -> Response<Body> {
+        // HTTP/1.1: close the connection after the refusal. HTTP/2: refuse the stream (a
+        // `Connection` header is not allowed there); other streams are checked on their own.
+        let close = head.version != "HTTP/2";
         tracing::debug!(flow = %self.flow.info.uid, reason = %r.reason, detail = %r.detail, "request refused");
         self.note(r.reason);
         self.audit(
@@ -187,7 +194,7 @@ impl Ctx {
         text(
             r.status,
             format!("moat: request refused ({}): {}\n", r.reason, r.detail),
-            true,
+            close,
         )
     }
 
@@ -198,6 +205,7 @@ impl Ctx {
             query: req.uri().query().is_some(),
             version: match req.version() {
                 Version::HTTP_10 => "HTTP/1.0",
+                Version::HTTP_2 => "HTTP/2",
                 _ => "HTTP/1.1",
             },
         };
@@ -232,6 +240,17 @@ impl Ctx {
         );
         drop(secrets);
         inject::strip_hop_by_hop(&mut parts.headers);
+        // The upstream speaks HTTP/1.1: an HTTP/2 request's :authority becomes its Host.
+        if !parts.headers.contains_key(http::header::HOST) {
+            let authority = if port == 443 {
+                host.to_owned()
+            } else {
+                format!("{host}:{port}")
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&authority) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
         parts.uri = parts
             .uri
             .path_and_query()
@@ -343,12 +362,27 @@ pub(crate) async fn serve(
         let ctx = Arc::clone(&service_ctx);
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.limits.idle_timeout)
-        .max_buf_size(MAX_REQUEST_HEAD)
-        .max_header_size(MAX_REQUEST_HEAD)
-        .serve_connection(TokioIo::new(agent_tls), service);
+    let h2 = agent_tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let io = TokioIo::new(agent_tls);
+    let conn = async {
+        if h2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(MAX_REQUEST_HEAD).unwrap_or(u32::MAX))
+                .max_concurrent_streams(MAX_H2_STREAMS)
+                .keep_alive_interval(None)
+                .serve_connection(io, service)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(shared.limits.idle_timeout)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .max_header_size(MAX_REQUEST_HEAD)
+                .serve_connection(io, service)
+                .await
+        }
+    };
     let total = shared.limits.total_timeout;
     let ended = tokio::select! {
         r = conn => match r {

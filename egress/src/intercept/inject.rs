@@ -2,8 +2,8 @@
 //! the request head, so each rule is unit-tested on its own.
 //!
 //! In order:
-//! 1. Authority: exactly one Host header, naming the flow's hostname (and port, if it names
-//!    one); an absolute-form target must name it too. The name was already held to the policy
+//! 1. Authority: at most one Host header and an HTTP/2 `:authority` (absolute target), at
+//!    least one of them, each naming the flow's hostname (and port, if it names one). The name was already held to the policy
 //!    and to the TLS SNI when the flow opened, and the upstream address is pinned, so a request
 //!    that names another host (a switch on a kept-alive connection) is refused, never routed.
 //! 2. Placeholders: a placeholder anywhere in the head (target, header names or values) for a
@@ -82,17 +82,22 @@ pub(crate) fn check_authority(
         )
     };
     let mut hosts = headers.get_all(header::HOST).iter();
-    let (Some(value), None) = (hosts.next(), hosts.next()) else {
+    let (first, second) = (hosts.next(), hosts.next());
+    // HTTP/1.1 names the authority in Host; HTTP/2 in :authority (the URI), Host optional.
+    // Whichever are present must all name the flow's host.
+    if second.is_some() || (first.is_none() && uri.authority().is_none()) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             Reason::HostMissing,
-            "a request needs exactly one Host header",
+            "a request needs exactly one Host header (or an HTTP/2 :authority)",
         ));
-    };
-    let value = value.to_str().map_err(|_| mismatch("an unreadable Host"))?;
+    }
     let ok = |(name, p): (String, Option<u16>)| name == host && p.is_none_or(|p| p == port);
-    if !parse_authority(value).is_some_and(ok) {
-        return Err(mismatch(value));
+    if let Some(value) = first {
+        let value = value.to_str().map_err(|_| mismatch("an unreadable Host"))?;
+        if !parse_authority(value).is_some_and(ok) {
+            return Err(mismatch(value));
+        }
     }
     if let Some(authority) = uri.authority()
         && !parse_authority(authority.as_str()).is_some_and(ok)
@@ -297,6 +302,21 @@ presentation = "authorization_bearer"
                 .reason,
             Reason::HostMissing
         );
+    }
+
+    #[test]
+    fn http2_authority_alone_names_the_host() {
+        let uri: Uri = "https://api.test/x".parse().unwrap();
+        assert!(check_authority(&HeaderMap::new(), &uri, "api.test", 443).is_ok());
+        let other: Uri = "https://other.test/x".parse().unwrap();
+        assert!(check_authority(&HeaderMap::new(), &other, "api.test", 443).is_err());
+    }
+
+    #[test]
+    fn request_without_any_authority_is_refused() {
+        let uri: Uri = "/x".parse().unwrap();
+        let err = check_authority(&HeaderMap::new(), &uri, "api.test", 443).unwrap_err();
+        assert_eq!(err.reason, Reason::HostMissing);
     }
 
     #[test]

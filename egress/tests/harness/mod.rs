@@ -404,13 +404,22 @@ impl TestProxy {
         &self,
         host: &str,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
+        self.intercepted_alpn(host, &[b"http/1.1"]).await
+    }
+
+    /// As [`Self::intercepted`], offering `alpn`.
+    pub async fn intercepted_alpn(
+        &self,
+        host: &str,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
         let stream = self.named(host, self.http.port()).await;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.proxy.ca_der()).unwrap();
         let mut config = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name(host), stream)
             .await
