@@ -6,9 +6,11 @@
 //! sent in an HTTP header (empty, control characters) is refused at load time.
 
 use std::fmt;
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use moat_policy::{SecretSource, SecretSpec};
 
@@ -134,6 +136,46 @@ fn trim_newline(mut s: String) -> String {
     s
 }
 
+/// How long a secret command may run: a hung vault client must not hang a reload.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes read from a secret command's output.
+const MAX_COMMAND_OUTPUT: u64 = 64 * 1024;
+
+/// Runs `program args` with no input, its output bounded in size and its run in time.
+fn run_bounded(program: &str, args: &[String]) -> std::io::Result<(ExitStatus, Vec<u8>)> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        if let Some(s) = stdout {
+            let _ = s.take(MAX_COMMAND_OUTPUT).read_to_end(&mut out);
+        }
+        out
+    });
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {COMMAND_TIMEOUT:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = reader.join().unwrap_or_default();
+    Ok((status, out))
+}
+
 fn read(spec: &SecretSpec) -> Result<SecretValue, SecretError> {
     let name = spec.name.clone();
     let (raw, from) = match &spec.source {
@@ -159,25 +201,21 @@ fn read(spec: &SecretSpec) -> Result<SecretValue, SecretError> {
         }
         SecretSource::Command(argv) => {
             let program = argv.first().cloned().unwrap_or_default();
-            let out = Command::new(&program)
-                .args(argv.iter().skip(1))
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit())
-                .output()
-                .map_err(|source| SecretError::CommandStart {
+            let (status, stdout) =
+                run_bounded(&program, &argv[1..]).map_err(|source| SecretError::CommandStart {
                     name: name.clone(),
                     program: program.clone(),
                     source,
                 })?;
-            if !out.status.success() {
+            if !status.success() {
                 return Err(SecretError::CommandFailed {
                     name,
                     program,
-                    status: out.status,
+                    status,
                 });
             }
             let from = format!("command {program}");
-            let text = String::from_utf8(out.stdout).map_err(|_| SecretError::BadValue {
+            let text = String::from_utf8(stdout).map_err(|_| SecretError::BadValue {
                 name: name.clone(),
                 from: from.clone(),
             })?;

@@ -54,6 +54,16 @@ pub(crate) struct ProxyOpts {
     /// Idle timeout in seconds.
     #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs())]
     idle_timeout: u64,
+    /// Extra CA certificates (PEM) trusted for intercepted flows' upstreams, on top of the
+    /// webpki roots (a corporate TLS-inspection CA).
+    #[arg(long, value_name = "PEM")]
+    upstream_ca: Option<PathBuf>,
+}
+
+/// The certificates of a PEM bundle.
+fn read_pem_certs(path: &Path) -> Result<Vec<moat_egress::intercept::Certificate>> {
+    moat_egress::intercept::read_pem_certs(path)
+        .with_context(|| format!("cannot read CA certificates from {}", path.display()))
 }
 
 impl ProxyOpts {
@@ -115,7 +125,10 @@ impl ProxyOpts {
             source,
             watch: true,
             limits,
-            upstream_roots: Vec::new(),
+            upstream_roots: match &self.upstream_ca {
+                Some(path) => read_pem_certs(path)?,
+                None => Vec::new(),
+            },
         };
         Ok((config, resolver, audit))
     }

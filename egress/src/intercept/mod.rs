@@ -31,6 +31,25 @@ use rustls::pki_types::CertificateDer;
 
 pub(crate) use self::http::{Intercepted, serve};
 
+/// A DER certificate (a trust anchor for upstreams).
+pub type Certificate = CertificateDer<'static>;
+
+/// Reads every certificate of a PEM bundle (for `Config::upstream_roots`). A bundle holding
+/// none is an error.
+pub fn read_pem_certs(path: &std::path::Path) -> std::io::Result<Vec<Certificate>> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no PEM certificate in the file",
+        ));
+    }
+    Ok(certs)
+}
+
 /// The TLS client configuration for upstreams: the webpki roots plus `extra` trust anchors,
 /// ALPN http/1.1.
 pub fn upstream_tls_config(
@@ -39,6 +58,7 @@ pub fn upstream_tls_config(
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in extra {
+        // A bundle's anchors are added one by one: a bad one is an error, never skipped.
         roots.add(cert.clone())?;
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -49,4 +69,33 @@ pub fn upstream_tls_config(
     .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn pem_bundle_reads_back_the_workspace_ca() {
+        let ca = ca::WorkspaceCa::generate("t").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, ca.cert_pem()).unwrap();
+        assert_eq!(read_pem_certs(&path).unwrap(), vec![ca.cert_der()]);
+    }
+
+    #[test]
+    fn file_without_a_certificate_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.pem");
+        std::fs::write(&path, "nothing here\n").unwrap();
+        assert!(read_pem_certs(&path).is_err());
+    }
+
+    #[test]
+    fn extra_roots_are_accepted_alongside_the_webpki_roots() {
+        let ca = ca::WorkspaceCa::generate("t").unwrap();
+        assert!(upstream_tls_config(&[ca.cert_der()]).is_ok());
+    }
 }
