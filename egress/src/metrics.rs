@@ -24,8 +24,14 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     /// Policy reloads applied.
     pub reloads_applied: AtomicU64,
-    /// Policy reloads refused (bad signature, invalid profile, unreadable file).
+    /// Policy reloads refused (bad signature, invalid profile, unreadable file or secret).
     pub reloads_rejected: AtomicU64,
+    /// Intercepted requests forwarded upstream.
+    pub http_forwarded: AtomicU64,
+    /// Intercepted requests refused or failed, by reason, indexed by `Reason::index`.
+    http_stopped: Vec<AtomicU64>,
+    /// Secrets written into forwarded requests (one per secret per request).
+    pub secrets_injected: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -39,6 +45,9 @@ impl Default for Metrics {
             bytes_in: AtomicU64::new(0),
             reloads_applied: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
+            http_forwarded: AtomicU64::new(0),
+            http_stopped: Reason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            secrets_injected: AtomicU64::new(0),
         }
     }
 }
@@ -54,6 +63,20 @@ impl Metrics {
     /// How many flows ended for `reason` so far.
     pub fn ended_count(&self, reason: Reason) -> u64 {
         self.ended
+            .get(reason.index())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Counts one intercepted request refused or failed for `reason`.
+    pub fn http_stopped(&self, reason: Reason) {
+        if let Some(c) = self.http_stopped.get(reason.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many intercepted requests were refused or failed for `reason` so far.
+    pub fn http_stopped_count(&self, reason: Reason) -> u64 {
+        self.http_stopped
             .get(reason.index())
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
@@ -88,6 +111,32 @@ impl Metrics {
             "Payload bytes from upstreams to the workspace.",
             self.bytes_in.load(r),
         );
+        counter(
+            "moat_egress_http_requests_forwarded_total",
+            "Intercepted requests forwarded upstream.",
+            self.http_forwarded.load(r),
+        );
+        counter(
+            "moat_egress_secrets_injected_total",
+            "Secrets written into forwarded requests.",
+            self.secrets_injected.load(r),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP moat_egress_http_requests_stopped_total Intercepted requests refused or failed, by reason and blame.\n\
+             # TYPE moat_egress_http_requests_stopped_total counter"
+        );
+        for reason in Reason::ALL {
+            let n = self.http_stopped_count(*reason);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "moat_egress_http_requests_stopped_total{{reason=\"{}\",blame=\"{}\"}} {n}",
+                    reason.code(),
+                    reason.blame().as_str(),
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP moat_egress_flows_ended_total Flows refused, failed or closed, by reason and blame.\n\

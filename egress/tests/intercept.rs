@@ -547,3 +547,30 @@ async fn http2_placeholder_to_an_unbound_host_is_refused() {
     let rec = http_record(&tp, "/x").await;
     assert_eq!(rec["http_request"]["version"], "HTTP/2");
 }
+
+#[tokio::test]
+async fn metrics_count_forwarded_requests_injections_and_refusals() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/v1/a", &[]).await;
+    let mut o = client(&tp, "other.inject.test").await;
+    send(
+        &mut o,
+        "other.inject.test",
+        "/x",
+        &[("x-api-key", PLACEHOLDER)],
+    )
+    .await;
+    let body = tp.admin_get("/metrics").await;
+    assert!(
+        body.contains("moat_egress_http_requests_forwarded_total 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("moat_egress_secrets_injected_total 1"),
+        "{body}"
+    );
+    assert!(body.contains(
+        "moat_egress_http_requests_stopped_total{reason=\"placeholder_unbound\",blame=\"agent\"} 1"
+    ));
+}

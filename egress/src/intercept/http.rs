@@ -105,6 +105,7 @@ async fn tls_to_upstream(
 
 impl Ctx {
     fn note(&self, reason: Reason) {
+        self.shared.metrics.http_stopped(reason);
         let mut p = match self.first_problem.lock() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
@@ -294,6 +295,13 @@ impl Ctx {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 inject::strip_hop_by_hop(&mut parts.headers);
+                let m = &self.shared.metrics;
+                m.http_forwarded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                m.secrets_injected.fetch_add(
+                    u64::try_from(injected.len()).unwrap_or(u64::MAX),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 self.audit(&head, parts.status, None, None, injected);
                 Response::from_parts(parts, body.boxed())
             }
