@@ -31,8 +31,12 @@ fn start_upstream(root: PathBuf) -> Upstream {
         .push(DnType::CommonName, "moat e2e CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
-    let mut leaf_params =
-        CertificateParams::new(vec!["allowed.test".into(), "denied.test".into()]).unwrap();
+    let mut leaf_params = CertificateParams::new(vec![
+        "allowed.test".into(),
+        "denied.test".into(),
+        "api.test".into(),
+    ])
+    .unwrap();
     leaf_params
         .distinguished_name
         .push(DnType::CommonName, "allowed.test");
@@ -81,6 +85,17 @@ fn serve(mut tcp: std::net::TcpStream, config: Arc<rustls::ServerConfig>, root: 
         let path = target.split('?').next().unwrap_or("/").to_owned();
         let body = if path == "/hello" {
             Some(b"hello from upstream\n".to_vec())
+        } else if path == "/auth" {
+            // Says whether the real secret arrived, never echoing what did.
+            let want = format!("\r\nauthorization: Bearer {E2E_SECRET}\r\n");
+            let ok = text
+                .to_ascii_lowercase()
+                .contains(&want.to_ascii_lowercase());
+            Some(if ok {
+                b"auth: ok\n".to_vec()
+            } else {
+                b"auth: wrong\n".to_vec()
+            })
         } else {
             let rel = path.trim_start_matches('/');
             (!rel.contains(".."))
@@ -101,6 +116,11 @@ fn serve(mut tcp: std::net::TcpStream, config: Arc<rustls::ServerConfig>, root: 
     }
 }
 
+/// The secret the egress proxy injects for `api.test`, read from a file on the host.
+const E2E_SECRET: &str = "sk-e2e-REAL-7d3e";
+/// What the agent is given instead.
+const E2E_PLACEHOLDER: &str = "sk-moat-placeholder-e2e";
+
 /// A workspace setup: signed policy, agent home with the CA, audit log.
 struct Workspace {
     dir: tempfile::TempDir,
@@ -118,9 +138,17 @@ impl Workspace {
         let profile = format!(
             "version = 1\nname = \"e2e\"\n\n[[rules]]\nname = \"allowed\"\nhosts = [\"allowed.test\"]\n\
              ports = [{}]\naction = \"passthrough\"\n# The test upstream is on loopback: named explicitly.\n\
-             cidrs = [\"127.0.0.0/8\"]\n",
-            upstream.port
+             cidrs = [\"127.0.0.0/8\"]\n\n\
+             [[rules]]\nname = \"api\"\nhosts = [\"api.test\"]\nports = [{port}]\naction = \"intercept\"\n\
+             cidrs = [\"127.0.0.0/8\"]\n\n\
+             [[secrets]]\nname = \"api\"\nsource = {{ file = \"{secret}\" }}\n\
+             placeholder = \"{E2E_PLACEHOLDER}\"\nhosts = [\"api.test\"]\nports = [{port}]\n\
+             presentation = \"authorization_bearer\"\n",
+            upstream.port,
+            port = upstream.port,
+            secret = dir.path().join("secret").display(),
         );
+        std::fs::write(dir.path().join("secret"), format!("{E2E_SECRET}\n")).unwrap();
         let sig = moat_policy::signing::sign(profile.as_bytes(), &key.secret, "").unwrap();
         std::fs::write(dir.path().join("policy.toml"), &profile).unwrap();
         std::fs::write(dir.path().join("policy.toml.minisig"), sig).unwrap();
@@ -169,7 +197,11 @@ impl Workspace {
             .arg(self.home())
             .arg("--ca")
             .arg(self.dir.path().join("ca.pem"))
+            .arg("--upstream-ca")
+            .arg(self.dir.path().join("ca.pem"))
             .args([
+                "--resolve",
+                "api.test=127.0.0.1",
                 "--resolve",
                 "allowed.test=127.0.0.1",
                 "--resolve",
@@ -207,6 +239,41 @@ fn curl_reaches_an_allowed_host_through_the_whole_path() {
         .unwrap();
     assert_eq!(open["dst_endpoint"]["hostname"], "allowed.test");
     assert_eq!(open["firewall_rule"]["name"], "allowed");
+}
+
+#[test]
+fn curl_with_the_placeholder_gets_the_secret_injected_through_the_whole_path() {
+    let ws = Workspace::new();
+    let out = ws.run(&format!(
+        "curl -sS -H 'Authorization: Bearer {E2E_PLACEHOLDER}' {}",
+        ws.url("api.test", "/auth")
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        "auth: ok\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let log = std::fs::read_to_string(ws.dir.path().join("audit.jsonl")).unwrap();
+    assert!(log.contains("\"class_uid\":4002"));
+    assert!(!log.contains(E2E_SECRET));
+}
+
+#[test]
+fn python_urllib_gets_the_secret_injected_through_the_whole_path() {
+    let ws = Workspace::new();
+    let out = ws.run(&format!(
+        "python3 -c \"import urllib.request as u; \
+         r = u.Request('{}', headers={{'Authorization': 'Bearer {E2E_PLACEHOLDER}'}}); \
+         print(u.urlopen(r).read().decode(), end='')\"",
+        ws.url("api.test", "/auth")
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        "auth: ok\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -361,9 +428,10 @@ fn tls_clients_are_pointed_at_the_workspace_trust_store() {
         .unwrap_or_default()
         .matches("BEGIN CERTIFICATE")
         .count();
+    // The host's roots, the egress proxy's workspace CA, and the --ca given.
     assert_eq!(
         lines.next().unwrap().parse::<usize>().unwrap(),
-        host_count + 1
+        host_count + 2
     );
 }
 
