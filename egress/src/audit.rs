@@ -284,8 +284,10 @@ pub struct HttpEvent<'a> {
     pub upstream: SocketAddr,
     /// The request method.
     pub method: &'a str,
-    /// The flow's hostname (requests naming another are refused).
+    /// The upstream's hostname (the flow's, or a routed rule's route).
     pub host: &'a str,
+    /// The in-workspace name the agent used, when a routed rule sent it elsewhere.
+    pub routed_from: Option<&'a str>,
     /// The request path, without its query.
     pub path: &'a str,
     /// Whether the request had a query (its value is never recorded).
@@ -400,6 +402,9 @@ impl Audit {
         unmapped.insert("flow_uid".into(), json!(f.uid));
         if !event.secrets.is_empty() {
             unmapped.insert("secrets_injected".into(), json!(event.secrets));
+        }
+        if let Some(from) = event.routed_from {
+            unmapped.insert("routed_from".into(), json!(from));
         }
         let reason = event.reason.map_or(String::new(), |r| format!(" ({r})"));
         if let Some(r) = event.reason {

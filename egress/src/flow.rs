@@ -50,6 +50,8 @@ impl Stop {
 struct Admitted {
     upstream: TcpStream,
     upstream_addr: SocketAddr,
+    /// The name connected to: the flow's hostname, or a routed rule's host.
+    upstream_host: Option<String>,
     rule: String,
     action: Action,
     protocol: Protocol,
@@ -204,7 +206,11 @@ async fn admit(
         sniffed.protocol()
     };
 
-    // 4. Where to connect: resolved on the host for named flows, every address classified.
+    // 4. Where to connect: resolved on the host for named flows, every address classified. A
+    //    routed rule connects to its route's host and port instead of the flow's.
+    let route = rule.route.clone();
+    let port = route.as_ref().map_or(port, |r| r.port);
+    let hostname = route.as_ref().map_or(hostname, |r| Some(r.host.as_str()));
     let addrs: Vec<IpAddr> = match hostname {
         Some(host) => {
             let deadline = Instant::now() + limits.resolve_timeout;
@@ -256,6 +262,7 @@ async fn admit(
                 return Ok(Admitted {
                     upstream,
                     upstream_addr: target,
+                    upstream_host: hostname.map(str::to_owned),
                     rule: rule.name.clone(),
                     action: rule.action,
                     protocol,
@@ -285,6 +292,7 @@ async fn run(
     let Admitted {
         mut upstream,
         upstream_addr,
+        upstream_host,
         rule,
         action,
         protocol,
@@ -322,8 +330,9 @@ async fn run(
         let flow = crate::intercept::Intercepted {
             info: info.clone(),
             hostname: info.hostname.clone().unwrap_or_default(),
-            port: upstream_addr.port(),
+            port: claimed.port(),
             rule: rule.clone(),
+            upstream_host: upstream_host.unwrap_or_default(),
             upstream_addr,
         };
         let (reason, d) = crate::intercept::serve(

@@ -574,3 +574,65 @@ async fn metrics_count_forwarded_requests_injections_and_refusals() {
         "moat_egress_http_requests_stopped_total{reason=\"placeholder_unbound\",blame=\"agent\"} 1"
     ));
 }
+
+/// An HTTP/1.1 client on an intercepted connection to `host:443` (a routed name).
+async fn routed_client(tp: &TestProxy, host: &str) -> Sender {
+    let tls = tp.intercepted_at(host, 443, &[b"http/1.1"]).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test]
+async fn routed_name_reaches_its_provider_with_the_providers_secret() {
+    let tp = TestProxy::start().await;
+    let mut c = routed_client(&tp, "inference.local").await;
+    let (status, body) = send(
+        &mut c,
+        "inference.local",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer anything")],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "ok /v1/chat/completions"));
+    let seen = &tp.seen()[0];
+    assert_eq!(seen.authorization, vec![bearer(SECRET_VALUE)]);
+    assert_eq!(
+        seen.host.as_deref(),
+        Some(format!("api.inject.test:{}", tp.http.port()).as_str())
+    );
+    let rec = http_record(&tp, "/v1/chat/completions").await;
+    assert_eq!(rec["unmapped"]["moat"]["routed_from"], "inference.local");
+    assert_eq!(rec["firewall_rule"]["name"], "inference");
+}
+
+#[tokio::test]
+async fn routed_request_drops_the_agents_own_credentials() {
+    let tp = TestProxy::start().await;
+    let mut c = routed_client(&tp, "models.local").await;
+    send(
+        &mut c,
+        "models.local",
+        "/v1/models",
+        &[
+            ("authorization", "Bearer agent-own"),
+            ("x-api-key", "agent-key"),
+        ],
+    )
+    .await;
+    let seen = &tp.seen()[0];
+    assert!(seen.authorization.is_empty());
+    assert_eq!(seen.x_api_key, None);
+}
+
+#[tokio::test]
+async fn routed_name_holds_requests_to_the_name_the_agent_used() {
+    let tp = TestProxy::start().await;
+    let mut c = routed_client(&tp, "inference.local").await;
+    let host = format!("api.inject.test:{}", tp.http.port());
+    let (status, _) = send(&mut c, &host, "/v1/models", &[]).await;
+    assert_eq!(status, 421);
+    assert!(tp.seen().is_empty());
+}

@@ -235,7 +235,18 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
                 })
                 .collect();
             println!("  protocols: {}", protos.join(", "));
-            if let Some(h) = host.as_deref() {
+            if let Some(route) = &rule.route {
+                println!(
+                    "  routed to {}:{} (resolved, classified and verified as that name)",
+                    route.host, route.port
+                );
+            }
+            let upstream = rule
+                .route
+                .as_ref()
+                .map(|r| (Some(r.host.clone()), r.port))
+                .unwrap_or((host.clone(), port));
+            if let (Some(h), port) = (upstream.0.as_deref(), upstream.1) {
                 for secret in policy.secrets.iter().filter(|s| s.binds_host(h, port)) {
                     let note = if rule.action == moat_policy::Action::Intercept {
                         "injected"

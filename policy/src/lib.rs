@@ -92,6 +92,19 @@ pub struct Rule {
     /// non-public addresses those hosts may resolve to. On a rule without hosts: the IP-literal
     /// destinations it allows.
     pub cidrs: Vec<IpNet>,
+    /// Routed (intercept rules only): requests for the rule's hosts go to this upstream
+    /// instead, e.g. a stable in-workspace name `inference.local` routed to a model provider.
+    pub route: Option<Route>,
+}
+
+/// Where a routed rule sends its requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The upstream host (normalised): resolved on the host, its addresses classified, its
+    /// certificate verified, and the `Host` of forwarded requests.
+    pub host: String,
+    /// The upstream port.
+    pub port: u16,
 }
 
 impl Rule {

@@ -39,7 +39,7 @@ use serde::Deserialize;
 
 use crate::host::{HostError, HostPattern};
 use crate::secret::{Presentation, RESERVED_HEADERS, SecretSource, SecretSpec, is_token};
-use crate::{Action, Policy, Protocol, Rule};
+use crate::{Action, Policy, Protocol, Route, Rule};
 
 /// The shortest placeholder accepted: shorter ones could occur by chance in a request.
 pub const MIN_PLACEHOLDER_LEN: usize = 12;
@@ -80,6 +80,14 @@ pub enum ProfileError {
     /// An intercept rule that allows something other than TLS.
     #[error("rule {0:?} intercepts, so it may only allow protocol \"tls\"")]
     InterceptNotTls(String),
+    /// A route on a rule that does not intercept, or to a malformed host or port 0.
+    #[error("rule {rule:?} has a bad route: {why}")]
+    BadRoute {
+        /// The rule's name.
+        rule: String,
+        /// What is wrong.
+        why: String,
+    },
     /// An intercept rule without hosts: interception needs a name for its certificate.
     #[error("rule {0:?} intercepts, so it must name hosts")]
     InterceptWithoutHosts(String),
@@ -144,6 +152,20 @@ struct RuleFile {
     protocols: Option<Vec<Protocol>>,
     #[serde(default)]
     cidrs: Vec<IpNet>,
+    #[serde(default)]
+    route: Option<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    host: String,
+    #[serde(default = "default_route_port")]
+    port: u16,
+}
+
+fn default_route_port() -> u16 {
+    443
 }
 
 fn default_protocols(action: Action) -> Vec<Protocol> {
@@ -206,6 +228,26 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             })
             .map(|n| n.trunc())
             .collect();
+        let route = match r.route {
+            None => None,
+            Some(route) => {
+                let bad = |why: String| ProfileError::BadRoute {
+                    rule: r.name.clone(),
+                    why,
+                };
+                if r.action != Action::Intercept {
+                    return Err(bad("only intercept rules can route".into()));
+                }
+                if route.port == 0 {
+                    return Err(bad("port 0".into()));
+                }
+                let host = crate::host::normalize(&route.host).map_err(|e| bad(e.to_string()))?;
+                Some(Route {
+                    host,
+                    port: route.port,
+                })
+            }
+        };
         rules.push(Rule {
             name: r.name,
             hosts,
@@ -213,6 +255,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             action: r.action,
             protocols,
             cidrs,
+            route,
         });
     }
     let mut secrets: Vec<SecretSpec> = Vec::with_capacity(file.secrets.len());
@@ -359,6 +402,28 @@ presentation = "authorization_bearer"
         let p = with("").unwrap();
         assert_eq!(p.rules[0].action, Action::Intercept);
         assert_eq!(p.rules[0].protocols, vec![Protocol::Tls]);
+    }
+
+    #[test]
+    fn routed_rule_names_its_upstream() {
+        let text = BASE.replace(
+            "action = \"intercept\"",
+            "action = \"intercept\"\nroute = { host = \"API.Provider.test\" }",
+        );
+        let route = parse(&text).unwrap().rules[0].route.clone().unwrap();
+        assert_eq!(
+            (route.host.as_str(), route.port),
+            ("api.provider.test", 443)
+        );
+    }
+
+    #[test]
+    fn route_on_a_passthrough_rule_is_refused() {
+        let text = BASE.replace(
+            "action = \"intercept\"",
+            "action = \"passthrough\"\nroute = { host = \"api.provider.test\" }",
+        );
+        assert!(matches!(parse(&text), Err(ProfileError::BadRoute { .. })));
     }
 
     #[test]

@@ -42,10 +42,21 @@ type Body = BoxBody<Bytes, hyper::Error>;
 #[derive(Debug, Clone)]
 pub(crate) struct Intercepted {
     pub(crate) info: FlowInfo,
+    /// The flow's hostname and port, as the agent named them (held to SNI and Host).
     pub(crate) hostname: String,
     pub(crate) port: u16,
     pub(crate) rule: String,
+    /// The upstream's name: the flow's hostname, or a routed rule's host. Secrets are bound,
+    /// and the upstream certificate verified, against this name.
+    pub(crate) upstream_host: String,
     pub(crate) upstream_addr: SocketAddr,
+}
+
+impl Intercepted {
+    /// Does this flow go somewhere else than the name the agent used (a routed rule)?
+    fn routed(&self) -> bool {
+        self.upstream_host != self.hostname || self.upstream_addr.port() != self.port
+    }
 }
 
 /// The client side of the upstream connection, re-dialled to the same pinned address when the
@@ -129,7 +140,7 @@ impl Ctx {
             Err(_) => return Err((Reason::ConnectFailed, "connect timed out".into())),
         };
         let _ = tcp.set_nodelay(true);
-        let tls = tls_to_upstream(&self.shared, tcp, &self.flow.hostname)
+        let tls = tls_to_upstream(&self.shared, tcp, &self.flow.upstream_host)
             .await
             .map_err(|e| (Reason::UpstreamTls, e))?;
         self.attach(up, tls).await
@@ -168,7 +179,8 @@ impl Ctx {
             rule: &self.flow.rule,
             upstream: self.flow.upstream_addr,
             method: &head.method,
-            host: &self.flow.hostname,
+            host: &self.flow.upstream_host,
+            routed_from: self.flow.routed().then_some(self.flow.hostname.as_str()),
             path: &head.path,
             query: head.query,
             version: head.version,
@@ -226,12 +238,25 @@ impl Ctx {
             };
             return self.refuse(&head, r);
         }
+        // From here on, names are the upstream's: a routed rule's secrets are bound to its
+        // route (the provider), not to the in-workspace name.
+        let routed = self.flow.routed();
+        let (host, port) = (
+            self.flow.upstream_host.as_str(),
+            self.flow.upstream_addr.port(),
+        );
         let secrets = self.shared.secrets();
-        let injected =
-            match inject::apply_secrets(&mut parts.headers, &parts.uri, &secrets, host, port) {
-                Ok(names) => names,
-                Err(r) => return self.refuse(&head, r),
-            };
+        let injected = match inject::apply_secrets(
+            &mut parts.headers,
+            &parts.uri,
+            &secrets,
+            host,
+            port,
+            routed,
+        ) {
+            Ok(names) => names,
+            Err(r) => return self.refuse(&head, r),
+        };
         let found = Found::default();
         let body = ScanBody::new(
             body,
@@ -241,8 +266,9 @@ impl Ctx {
         );
         drop(secrets);
         inject::strip_hop_by_hop(&mut parts.headers);
-        // The upstream speaks HTTP/1.1: an HTTP/2 request's :authority becomes its Host.
-        if !parts.headers.contains_key(http::header::HOST) {
+        // The upstream speaks HTTP/1.1: an HTTP/2 request's :authority becomes its Host; a
+        // routed request names its route.
+        if routed || !parts.headers.contains_key(http::header::HOST) {
             let authority = if port == 443 {
                 host.to_owned()
             } else {
@@ -334,7 +360,7 @@ pub(crate) async fn serve(
     cancel: CancellationToken,
 ) -> (Reason, Option<String>) {
     // 1. Upstream TLS first: an upstream that does not verify fails the agent's handshake.
-    let up_tls = match tls_to_upstream(&shared, upstream, &flow.hostname).await {
+    let up_tls = match tls_to_upstream(&shared, upstream, &flow.upstream_host).await {
         Ok(tls) => tls,
         Err(e) => return (Reason::UpstreamTls, Some(e)),
     };

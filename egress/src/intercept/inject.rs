@@ -110,14 +110,17 @@ pub(crate) fn check_authority(
     Ok(())
 }
 
-/// Rules 2 and 3: refuses misplaced placeholders, then replaces credentials. Returns the names
-/// of the secrets injected.
+/// Rules 2 and 3: refuses misplaced placeholders, then replaces credentials. `host` and `port`
+/// are the upstream's (a routed rule's route). `strip_always` drops the agent's credential
+/// headers even when no secret is bound (routed inference). Returns the names of the secrets
+/// injected.
 pub(crate) fn apply_secrets(
     headers: &mut HeaderMap,
     uri: &Uri,
     secrets: &Secrets,
     host: &str,
     port: u16,
+    strip_always: bool,
 ) -> Result<Vec<String>, Refusal> {
     let path = uri.path();
     let target = uri
@@ -145,7 +148,7 @@ pub(crate) fn apply_secrets(
         .iter()
         .filter(|(spec, _)| spec.binds_host(host, port))
         .collect();
-    if bound.is_empty() {
+    if bound.is_empty() && !strip_always {
         return Ok(Vec::new());
     }
     for name in CREDENTIAL_HEADERS {
@@ -334,7 +337,8 @@ presentation = "authorization_bearer"
             ("authorization", "Bearer sk-moat-placeholder-api"),
             ("x-api-key", "mine"),
         ]);
-        let injected = apply_secrets(&mut h, &"/v1".parse().unwrap(), &s, "api.test", 443).unwrap();
+        let injected =
+            apply_secrets(&mut h, &"/v1".parse().unwrap(), &s, "api.test", 443, false).unwrap();
         assert_eq!(injected, vec!["api".to_owned()]);
         assert_eq!(h.get_all("authorization").iter().count(), 1);
         assert_eq!(h["authorization"], "Bearer sk-real-api");
@@ -345,7 +349,8 @@ presentation = "authorization_bearer"
     fn placeholder_for_an_unbound_host_is_refused() {
         let s = secrets(BEARER);
         let mut h = headers(&[("x-note", "key=sk-moat-placeholder-api")]);
-        let err = apply_secrets(&mut h, &"/".parse().unwrap(), &s, "other.test", 443).unwrap_err();
+        let err =
+            apply_secrets(&mut h, &"/".parse().unwrap(), &s, "other.test", 443, false).unwrap_err();
         assert_eq!(err.reason, Reason::PlaceholderUnbound);
         assert_eq!(err.status, StatusCode::FORBIDDEN);
     }
@@ -354,7 +359,8 @@ presentation = "authorization_bearer"
     fn placeholder_in_the_query_for_an_unbound_host_is_refused() {
         let s = secrets(BEARER);
         let uri: Uri = "/?k=sk-moat-placeholder-api".parse().unwrap();
-        let err = apply_secrets(&mut HeaderMap::new(), &uri, &s, "other.test", 443).unwrap_err();
+        let err =
+            apply_secrets(&mut HeaderMap::new(), &uri, &s, "other.test", 443, false).unwrap_err();
         assert_eq!(err.reason, Reason::PlaceholderUnbound);
     }
 
@@ -362,7 +368,7 @@ presentation = "authorization_bearer"
     fn unbound_host_keeps_its_own_credentials() {
         let s = secrets(BEARER);
         let mut h = headers(&[("authorization", "Bearer theirs")]);
-        apply_secrets(&mut h, &"/".parse().unwrap(), &s, "other.test", 443).unwrap();
+        apply_secrets(&mut h, &"/".parse().unwrap(), &s, "other.test", 443, false).unwrap();
         assert_eq!(h["authorization"], "Bearer theirs");
     }
 
@@ -374,7 +380,7 @@ presentation = "authorization_bearer"
                 .replace("sk-real-api", "u:p"),
         );
         let mut h = HeaderMap::new();
-        apply_secrets(&mut h, &"/".parse().unwrap(), &s, "api.test", 443).unwrap();
+        apply_secrets(&mut h, &"/".parse().unwrap(), &s, "api.test", 443, false).unwrap();
         assert_eq!(h["authorization"], "Basic dTpw");
     }
 
@@ -382,8 +388,15 @@ presentation = "authorization_bearer"
     fn path_outside_the_prefix_gets_no_secret_and_loses_the_agents_credential() {
         let s = secrets(&BEARER.replace("presentation", "paths = [\"/v1/\"]\npresentation"));
         let mut h = headers(&[("authorization", "Bearer mine")]);
-        let injected =
-            apply_secrets(&mut h, &"/admin".parse().unwrap(), &s, "api.test", 443).unwrap();
+        let injected = apply_secrets(
+            &mut h,
+            &"/admin".parse().unwrap(),
+            &s,
+            "api.test",
+            443,
+            false,
+        )
+        .unwrap();
         assert!(injected.is_empty());
         assert!(h.get("authorization").is_none());
     }

@@ -149,6 +149,23 @@ ports = [{http}]
 action = "intercept"
 cidrs = ["127.0.0.0/8"]
 
+# Routed: a stable in-workspace name sent to a provider (here the recording upstream).
+[[rules]]
+name = "inference"
+hosts = ["inference.local"]
+ports = [443]
+action = "intercept"
+route = {{ host = "api.inject.test", port = {http} }}
+cidrs = ["127.0.0.0/8"]
+
+[[rules]]
+name = "models"
+hosts = ["models.local"]
+ports = [443]
+action = "intercept"
+route = {{ host = "other.inject.test", port = {http} }}
+cidrs = ["127.0.0.0/8"]
+
 [[secrets]]
 name = "api-key"
 source = {{ file = "{}" }}
@@ -413,7 +430,17 @@ impl TestProxy {
         host: &str,
         alpn: &[&[u8]],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
-        let stream = self.named(host, self.http.port()).await;
+        self.intercepted_at(host, self.http.port(), alpn).await
+    }
+
+    /// As [`Self::intercepted`], to `port`, offering `alpn`.
+    pub async fn intercepted_at(
+        &self,
+        host: &str,
+        port: u16,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
+        let stream = self.named(host, port).await;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.proxy.ca_der()).unwrap();
         let mut config = rustls::ClientConfig::builder()
