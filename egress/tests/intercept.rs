@@ -636,3 +636,50 @@ async fn routed_name_holds_requests_to_the_name_the_agent_used() {
     assert_eq!(status, 421);
     assert!(tp.seen().is_empty());
 }
+
+#[tokio::test]
+async fn streamed_response_reaches_the_agent_before_it_ends() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    let req = Request::get("/stream")
+        .header("host", "api.inject.test")
+        .body(Empty::new())
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    // The second event comes 3 s later: the first must arrive long before that.
+    let first = tokio::time::timeout(Duration::from_secs(1), body.frame())
+        .await
+        .expect("first event was held back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"data: 1\n\n");
+}
+
+#[tokio::test]
+async fn placeholder_split_across_http2_data_frames_to_an_unbound_host_is_refused() {
+    let tp = TestProxy::start().await;
+    let tls = tp
+        .intercepted_alpn("other.inject.test", &[b"h2"])
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (mut tx, body) = http_body_util::Channel::<bytes::Bytes>::new(4);
+    let url = format!("https://other.inject.test:{}/paste", tp.http.port());
+    let req = Request::post(url).body(body).unwrap();
+    let response = tokio::spawn(async move { sender.send_request(req).await });
+    let (a, b) = PLACEHOLDER.split_at(12);
+    tx.send_data(bytes::Bytes::from(a)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = tx.send_data(bytes::Bytes::from(b)).await;
+    drop(tx);
+    let status = response.await.unwrap().unwrap().status().as_u16();
+    assert_eq!(status, 403);
+    assert!(tp.seen().is_empty());
+}

@@ -81,9 +81,9 @@ pub async fn http_upstream() -> (SocketAddr, SeenLog) {
                             // A body that fails (the proxy aborted it) is never a request.
                             let Ok(body) = body.collect().await.map(|b| b.to_bytes().to_vec())
                             else {
-                                let mut bad = hyper::Response::new(http_body_util::Full::new(
-                                    bytes::Bytes::new(),
-                                ));
+                                let mut bad = hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::new()).boxed(),
+                                );
                                 *bad.status_mut() = hyper::StatusCode::BAD_REQUEST;
                                 return Ok::<_, std::convert::Infallible>(bad);
                             };
@@ -107,9 +107,22 @@ pub async fn http_upstream() -> (SocketAddr, SeenLog) {
                                 body,
                             });
                             let reply = format!("ok {}", parts.uri.path());
-                            let mut resp = hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from(reply),
-                            ));
+                            let mut resp = hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(reply)).boxed(),
+                            );
+                            // `/stream` sends one event now and the next after 3 s, like a
+                            // model streaming server-sent events.
+                            if parts.uri.path() == "/stream" {
+                                let (mut tx, body) = http_body_util::Channel::new(2);
+                                tokio::spawn(async move {
+                                    let _ = tx.send_data(bytes::Bytes::from("data: 1\n\n")).await;
+                                    tokio::time::sleep(Duration::from_secs(3)).await;
+                                    let _ = tx.send_data(bytes::Bytes::from("data: 2\n\n")).await;
+                                });
+                                *resp.body_mut() = body.boxed();
+                                resp.headers_mut()
+                                    .insert("content-type", "text/event-stream".parse().unwrap());
+                            }
                             // `/redirect` sends the client to the other intercepted host.
                             if parts.uri.path() == "/redirect" {
                                 *resp.status_mut() = hyper::StatusCode::FOUND;
