@@ -683,3 +683,40 @@ async fn placeholder_split_across_http2_data_frames_to_an_unbound_host_is_refuse
     assert_eq!(status, 403);
     assert!(tp.seen().is_empty());
 }
+
+#[tokio::test]
+async fn reload_that_drops_an_intercepted_host_cuts_its_connection() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    let (first, _) = send(&mut c, "api.inject.test", "/one", &[]).await;
+    let without = tp.profile_with("").replace(
+        "hosts = [\"api.inject.test\"]\nports",
+        "hosts = [\"gone.inject.test\"]\nports",
+    );
+    tp.rewrite_profile(&without);
+    tp.proxy.reload().unwrap();
+    let close = tp
+        .wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .await;
+    assert_eq!(first, 200);
+    assert_eq!(close["unmapped"]["moat"]["reason"], "revoked");
+    assert!(c.ready().await.is_err());
+}
+
+#[tokio::test]
+async fn http2_streamed_response_reaches_the_agent_before_it_ends() {
+    let tp = TestProxy::start().await;
+    let mut c = h2_client(&tp, "api.inject.test").await;
+    let url = format!("https://api.inject.test:{}/stream", tp.http.port());
+    let resp = c
+        .send_request(Request::get(url).body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(1), body.frame())
+        .await
+        .expect("first event was held back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"data: 1\n\n");
+}
