@@ -248,6 +248,7 @@ impl Ctx {
         let secrets = self.shared.secrets();
         let injected = match inject::apply_secrets(
             &mut parts.headers,
+            parts.method.as_str(),
             &parts.uri,
             &secrets,
             host,

@@ -6,7 +6,7 @@
 //!    least one of them, each naming the flow's hostname (and port, if it names one). The name was already held to the policy
 //!    and to the TLS SNI when the flow opened, and the upstream address is pinned, so a request
 //!    that names another host (a switch on a kept-alive connection) is refused, never routed.
-//! 2. Placeholders: a placeholder anywhere in the head (target, header names or values) for a
+//! 2. Placeholders: a placeholder anywhere in the head (method, target, header names or values) for a
 //!    host, port or path its secret is not bound to is refused. Fail closed.
 //! 3. Credentials: if any secret is bound to the host, every agent-supplied credential header
 //!    (`authorization`, `proxy-authorization`, `x-api-key` and each bound secret's header) is
@@ -23,10 +23,13 @@ use crate::secrets::{Secrets, contains};
 
 /// Why a request is not forwarded: the status the agent gets, and the audited reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Refusal {
-    pub(crate) status: StatusCode,
-    pub(crate) reason: Reason,
-    pub(crate) detail: String,
+pub struct Refusal {
+    /// The status the agent is answered with.
+    pub status: StatusCode,
+    /// The audited reason.
+    pub reason: Reason,
+    /// Human-readable detail (never a header value).
+    pub detail: String,
 }
 
 impl Refusal {
@@ -68,7 +71,7 @@ fn parse_authority(value: &str) -> Option<(String, Option<u16>)> {
 }
 
 /// Rule 1: the request names the flow's host (and port).
-pub(crate) fn check_authority(
+pub fn check_authority(
     headers: &HeaderMap,
     uri: &Uri,
     host: &str,
@@ -114,8 +117,9 @@ pub(crate) fn check_authority(
 /// are the upstream's (a routed rule's route). `strip_always` drops the agent's credential
 /// headers even when no secret is bound (routed inference). Returns the names of the secrets
 /// injected.
-pub(crate) fn apply_secrets(
+pub fn apply_secrets(
     headers: &mut HeaderMap,
+    method: &str,
     uri: &Uri,
     secrets: &Secrets,
     host: &str,
@@ -123,13 +127,13 @@ pub(crate) fn apply_secrets(
     strip_always: bool,
 ) -> Result<Vec<String>, Refusal> {
     let path = uri.path();
-    let target = uri
-        .path_and_query()
-        .map_or(uri.path(), |pq| pq.as_str())
-        .as_bytes();
+    // The whole target, authority included (an absolute-form target can carry one there).
+    let target = uri.to_string();
+    let target = target.as_bytes();
     for (spec, _) in secrets.iter() {
         let needle = spec.placeholder.as_bytes();
         let present = contains(target, needle)
+            || contains(method.as_bytes(), needle)
             || headers.iter().any(|(n, v)| {
                 contains(n.as_str().as_bytes(), needle) || contains(v.as_bytes(), needle)
             });
@@ -186,7 +190,7 @@ pub(crate) fn apply_secrets(
 }
 
 /// Rule 4: removes hop-by-hop headers, and any header the `Connection` header names.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -337,8 +341,16 @@ presentation = "authorization_bearer"
             ("authorization", "Bearer sk-moat-placeholder-api"),
             ("x-api-key", "mine"),
         ]);
-        let injected =
-            apply_secrets(&mut h, &"/v1".parse().unwrap(), &s, "api.test", 443, false).unwrap();
+        let injected = apply_secrets(
+            &mut h,
+            "GET",
+            &"/v1".parse().unwrap(),
+            &s,
+            "api.test",
+            443,
+            false,
+        )
+        .unwrap();
         assert_eq!(injected, vec!["api".to_owned()]);
         assert_eq!(h.get_all("authorization").iter().count(), 1);
         assert_eq!(h["authorization"], "Bearer sk-real-api");
@@ -349,8 +361,16 @@ presentation = "authorization_bearer"
     fn placeholder_for_an_unbound_host_is_refused() {
         let s = secrets(BEARER);
         let mut h = headers(&[("x-note", "key=sk-moat-placeholder-api")]);
-        let err =
-            apply_secrets(&mut h, &"/".parse().unwrap(), &s, "other.test", 443, false).unwrap_err();
+        let err = apply_secrets(
+            &mut h,
+            "GET",
+            &"/".parse().unwrap(),
+            &s,
+            "other.test",
+            443,
+            false,
+        )
+        .unwrap_err();
         assert_eq!(err.reason, Reason::PlaceholderUnbound);
         assert_eq!(err.status, StatusCode::FORBIDDEN);
     }
@@ -359,16 +379,63 @@ presentation = "authorization_bearer"
     fn placeholder_in_the_query_for_an_unbound_host_is_refused() {
         let s = secrets(BEARER);
         let uri: Uri = "/?k=sk-moat-placeholder-api".parse().unwrap();
-        let err =
-            apply_secrets(&mut HeaderMap::new(), &uri, &s, "other.test", 443, false).unwrap_err();
+        let err = apply_secrets(
+            &mut HeaderMap::new(),
+            "GET",
+            &uri,
+            &s,
+            "other.test",
+            443,
+            false,
+        )
+        .unwrap_err();
         assert_eq!(err.reason, Reason::PlaceholderUnbound);
+    }
+
+    #[test]
+    fn placeholder_in_the_method_or_an_absolute_authority_is_refused() {
+        let s = secrets(BEARER);
+        let plain: Uri = "/".parse().unwrap();
+        let method = "POSTsk-moat-placeholder-api";
+        let err = apply_secrets(
+            &mut HeaderMap::new(),
+            method,
+            &plain,
+            &s,
+            "other.test",
+            443,
+            false,
+        );
+        assert_eq!(err.unwrap_err().reason, Reason::PlaceholderUnbound);
+        let absolute: Uri = "https://sk-moat-placeholder-api.other.test/"
+            .parse()
+            .unwrap();
+        let err = apply_secrets(
+            &mut HeaderMap::new(),
+            "GET",
+            &absolute,
+            &s,
+            "other.test",
+            443,
+            false,
+        );
+        assert_eq!(err.unwrap_err().reason, Reason::PlaceholderUnbound);
     }
 
     #[test]
     fn unbound_host_keeps_its_own_credentials() {
         let s = secrets(BEARER);
         let mut h = headers(&[("authorization", "Bearer theirs")]);
-        apply_secrets(&mut h, &"/".parse().unwrap(), &s, "other.test", 443, false).unwrap();
+        apply_secrets(
+            &mut h,
+            "GET",
+            &"/".parse().unwrap(),
+            &s,
+            "other.test",
+            443,
+            false,
+        )
+        .unwrap();
         assert_eq!(h["authorization"], "Bearer theirs");
     }
 
@@ -380,7 +447,16 @@ presentation = "authorization_bearer"
                 .replace("sk-real-api", "u:p"),
         );
         let mut h = HeaderMap::new();
-        apply_secrets(&mut h, &"/".parse().unwrap(), &s, "api.test", 443, false).unwrap();
+        apply_secrets(
+            &mut h,
+            "GET",
+            &"/".parse().unwrap(),
+            &s,
+            "api.test",
+            443,
+            false,
+        )
+        .unwrap();
         assert_eq!(h["authorization"], "Basic dTpw");
     }
 
@@ -390,6 +466,7 @@ presentation = "authorization_bearer"
         let mut h = headers(&[("authorization", "Bearer mine")]);
         let injected = apply_secrets(
             &mut h,
+            "GET",
             &"/admin".parse().unwrap(),
             &s,
             "api.test",

@@ -21,7 +21,7 @@
 
 pub mod ca;
 mod http;
-mod inject;
+pub mod inject;
 mod io;
 mod scan;
 
