@@ -52,6 +52,8 @@ struct Admitted {
     upstream_addr: SocketAddr,
     /// The name connected to: the flow's hostname, or a routed rule's host.
     upstream_host: Option<String>,
+    /// A routed rule's model rewrite.
+    model: Option<String>,
     rule: String,
     action: Action,
     protocol: Protocol,
@@ -263,6 +265,7 @@ async fn admit(
                     upstream,
                     upstream_addr: target,
                     upstream_host: hostname.map(str::to_owned),
+                    model: route.as_ref().and_then(|r| r.model.clone()),
                     rule: rule.name.clone(),
                     action: rule.action,
                     protocol,
@@ -293,6 +296,7 @@ async fn run(
         mut upstream,
         upstream_addr,
         upstream_host,
+        model,
         rule,
         action,
         protocol,
@@ -334,6 +338,7 @@ async fn run(
             rule: rule.clone(),
             upstream_host: upstream_host.unwrap_or_default(),
             upstream_addr,
+            model,
         };
         let (reason, d) = crate::intercept::serve(
             Arc::clone(shared),

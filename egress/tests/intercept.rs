@@ -720,3 +720,24 @@ async fn http2_streamed_response_reaches_the_agent_before_it_ends() {
         .unwrap();
     assert_eq!(first.data_ref().unwrap().as_ref(), b"data: 1\n\n");
 }
+
+#[tokio::test]
+async fn routed_json_request_gets_the_configured_model() {
+    let tp = TestProxy::start().await;
+    let body = r#"{"model":"gpt-anything","messages":[{"role":"user","content":"hi"}]}"#;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: inference.local\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut tls = tp
+        .intercepted_at("inference.local", 443, &[b"http/1.1"])
+        .await
+        .unwrap();
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let got = String::from_utf8_lossy(&read_all(&mut tls, WAIT).await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let sent: serde_json::Value = serde_json::from_slice(&tp.seen()[0].body).unwrap();
+    assert_eq!(sent["model"], "served-model");
+    assert_eq!(sent["messages"][0]["content"], "hi");
+}

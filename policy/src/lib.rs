@@ -105,6 +105,9 @@ pub struct Route {
     pub host: String,
     /// The upstream port.
     pub port: u16,
+    /// If set, the `model` field of JSON request bodies is rewritten to this (the agent asks
+    /// for any model; the provider serves this one).
+    pub model: Option<String>,
 }
 
 impl Rule {

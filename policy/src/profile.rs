@@ -162,6 +162,8 @@ struct RouteFile {
     host: String,
     #[serde(default = "default_route_port")]
     port: u16,
+    #[serde(default)]
+    model: Option<String>,
 }
 
 fn default_route_port() -> u16 {
@@ -242,9 +244,13 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
                     return Err(bad("port 0".into()));
                 }
                 let host = crate::host::normalize(&route.host).map_err(|e| bad(e.to_string()))?;
+                if route.model.as_deref().is_some_and(str::is_empty) {
+                    return Err(bad("an empty model name".into()));
+                }
                 Some(Route {
                     host,
                     port: route.port,
+                    model: route.model,
                 })
             }
         };

@@ -37,6 +37,12 @@ pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 pub const MAX_H2_STREAMS: u32 = 100;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body on its way upstream: streamed (scanned), or rewritten whole.
+type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest JSON body buffered to rewrite its model; a larger one is refused (413).
+pub const MAX_REWRITE_BODY: usize = 1024 * 1024;
 
 /// What an intercepted flow knows once admitted.
 #[derive(Debug, Clone)]
@@ -50,6 +56,8 @@ pub(crate) struct Intercepted {
     /// and the upstream certificate verified, against this name.
     pub(crate) upstream_host: String,
     pub(crate) upstream_addr: SocketAddr,
+    /// A routed rule's model rewrite for JSON bodies.
+    pub(crate) model: Option<String>,
 }
 
 impl Intercepted {
@@ -63,7 +71,7 @@ impl Intercepted {
 /// upstream closes it between requests.
 #[derive(Default)]
 struct Upstream {
-    sender: Option<SendRequest<ScanBody<Incoming>>>,
+    sender: Option<SendRequest<UpBody>>,
     driver: Option<JoinHandle<()>>,
 }
 
@@ -285,6 +293,42 @@ impl Ctx {
             .and_then(|pq| pq.as_str().parse().ok())
             .unwrap_or_else(|| http::Uri::from_static("/"));
         parts.version = Version::HTTP_11;
+        let body = match self.flow.model.as_deref() {
+            Some(model) if is_json(&parts.headers) => {
+                let limited = http_body_util::Limited::new(body, MAX_REWRITE_BODY);
+                let bytes = match limited.collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(e) => {
+                        let in_body = found.lock().ok().and_then(|f| f.clone());
+                        let r = match in_body {
+                            Some(name) => Refusal {
+                                status: StatusCode::FORBIDDEN,
+                                reason: Reason::PlaceholderUnbound,
+                                detail: format!(
+                                    "placeholder of secret {name:?} in the body is not bound to this request"
+                                ),
+                            },
+                            None => Refusal {
+                                status: StatusCode::PAYLOAD_TOO_LARGE,
+                                reason: Reason::RequestRefused,
+                                detail: format!(
+                                    "body unreadable or over {MAX_REWRITE_BODY} bytes: {e}"
+                                ),
+                            },
+                        };
+                        return self.refuse(&head, r);
+                    }
+                };
+                let bytes = inject::rewrite_model(&bytes, model).map_or(bytes, Bytes::from);
+                parts.headers.remove(http::header::TRANSFER_ENCODING);
+                parts.headers.insert(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from(bytes.len()),
+                );
+                Full::new(bytes).map_err(|n| match n {}).boxed_unsync()
+            }
+            _ => body.boxed_unsync(),
+        };
         let req = Request::from_parts(parts, body);
 
         let sent = {
@@ -341,6 +385,17 @@ impl Ctx {
             }
         }
     }
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
 }
 
 struct Head {

@@ -209,6 +209,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Rewrites the `model` field of a JSON object body to `model`. `None` when the body is not a
+/// JSON object with a string `model` (it is then forwarded as it is).
+pub fn rewrite_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let field = value.as_object_mut()?.get_mut("model")?;
+    if !field.is_string() {
+        return None;
+    }
+    *field = serde_json::Value::String(model.to_owned());
+    serde_json::to_vec(&value).ok()
+}
+
 /// Standard base64 with padding (for `Authorization: Basic`).
 fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -261,6 +273,21 @@ placeholder = "sk-moat-placeholder-api"
 hosts = ["api.test"]
 presentation = "authorization_bearer"
 "#;
+
+    #[test]
+    fn model_field_is_rewritten_and_everything_else_kept() {
+        let out = rewrite_model(br#"{"model":"gpt-x","stream":true}"#, "served").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "served");
+        assert_eq!(v["stream"], true);
+    }
+
+    #[test]
+    fn body_without_a_model_string_is_left_alone() {
+        assert!(rewrite_model(br#"{"messages":[]}"#, "served").is_none());
+        assert!(rewrite_model(br#"[1,2]"#, "served").is_none());
+        assert!(rewrite_model(b"not json", "served").is_none());
+    }
 
     #[test]
     fn base64_matches_the_rfc_4648_vectors() {

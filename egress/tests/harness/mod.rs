@@ -168,7 +168,7 @@ name = "inference"
 hosts = ["inference.local"]
 ports = [443]
 action = "intercept"
-route = {{ host = "api.inject.test", port = {http} }}
+route = {{ host = "api.inject.test", port = {http}, model = "served-model" }}
 cidrs = ["127.0.0.0/8"]
 
 [[rules]]
