@@ -25,6 +25,10 @@ pub(crate) struct ProxyArgs {
     /// Do not watch the policy files (SIGHUP still reloads).
     #[arg(long)]
     no_watch: bool,
+    /// Write the workspace CA certificate (PEM; never the key) here once the proxy is up, for
+    /// the workspace's trust store.
+    #[arg(long, value_name = "PEM")]
+    ca_out: Option<PathBuf>,
     #[command(flatten)]
     opts: ProxyOpts,
 }
@@ -134,19 +138,23 @@ impl ProxyOpts {
     }
 }
 
-fn build(args: ProxyArgs) -> Result<(Config, Box<dyn Resolver>, Audit)> {
-    let (mut config, resolver, audit) = args.opts.build(args.uds, Path::new("-"))?;
+fn build(args: &ProxyArgs) -> Result<(Config, Box<dyn Resolver>, Audit)> {
+    let (mut config, resolver, audit) = args.opts.build(args.uds.clone(), Path::new("-"))?;
     config.port = args.port;
-    config.admin = args.admin;
+    config.admin = args.admin.clone();
     config.watch = !args.no_watch;
     Ok((config, resolver, audit))
 }
 
 pub(crate) fn run_proxy(args: ProxyArgs) -> Result<ExitCode> {
-    let (config, resolver, audit) = build(args)?;
+    let (config, resolver, audit) = build(&args)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let proxy = Proxy::start(config, resolver, audit)?;
+        if let Some(path) = &args.ca_out {
+            std::fs::write(path, proxy.ca_pem())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
         tracing::info!(
             listen = %proxy.listen_path().display(),
             policy = %proxy.policy_name(),
