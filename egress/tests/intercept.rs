@@ -741,3 +741,19 @@ async fn routed_json_request_gets_the_configured_model() {
     assert_eq!(sent["model"], "served-model");
     assert_eq!(sent["messages"][0]["content"], "hi");
 }
+
+#[tokio::test]
+async fn placeholder_split_across_reads_of_the_request_head_is_refused() {
+    let tp = TestProxy::start().await;
+    let mut tls = tp.intercepted("other.inject.test").await.unwrap();
+    let head =
+        format!("GET /x HTTP/1.1\r\nHost: other.inject.test\r\nX-Key: {PLACEHOLDER}\r\n\r\n");
+    // One TLS record per byte: the proxy sees the placeholder arrive over many reads.
+    for byte in head.as_bytes() {
+        tls.write_all(std::slice::from_ref(byte)).await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    let got = String::from_utf8_lossy(&read_all(&mut tls, WAIT).await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+    assert!(tp.seen().is_empty());
+}
