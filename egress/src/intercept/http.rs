@@ -1,8 +1,8 @@
 //! One intercepted flow: both TLS handshakes, then an HTTP server for the agent (HTTP/2 when
 //! the agent's ALPN chose `h2`, else HTTP/1.1) whose every request is checked (inject.rs),
-//! audited, and forwarded on a hyper HTTP/1.1 client connection to the pinned upstream
-//! address. HTTP/2 streams take turns on that one upstream connection. Bodies stream; nothing
-//! is buffered whole.
+//! audited, and forwarded on a hyper client connection to the pinned upstream address (HTTP/2
+//! when the upstream's ALPN chose `h2`, else HTTP/1.1, where requests take turns). Bodies
+//! stream; nothing is buffered whole (except a JSON body whose model a route rewrites).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -71,8 +71,24 @@ impl Intercepted {
 /// upstream closes it between requests.
 #[derive(Default)]
 struct Upstream {
-    sender: Option<SendRequest<UpBody>>,
+    sender: Option<Sender>,
     driver: Option<JoinHandle<()>>,
+}
+
+/// The client side of one upstream connection: HTTP/2 when the upstream's ALPN chose `h2`
+/// (requests run concurrently), else HTTP/1.1 (one request at a time).
+enum Sender {
+    H1(SendRequest<UpBody>),
+    H2(hyper::client::conn::http2::SendRequest<UpBody>),
+}
+
+impl Sender {
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
 }
 
 impl Drop for Upstream {
@@ -159,17 +175,32 @@ impl Ctx {
         up: &mut Upstream,
         tls: TlsStream<TcpStream>,
     ) -> Result<(), (Reason, String)> {
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| (Reason::UpstreamError, e.to_string()))?;
-        if let Some(old) = up.driver.take() {
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        let io = TokioIo::new(tls);
+        let (sender, driver) = if h2 {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| (Reason::UpstreamError, e.to_string()))?;
+            let driver = tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+            (Sender::H2(sender), driver)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| (Reason::UpstreamError, e.to_string()))?;
+            let driver = tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+            (Sender::H1(sender), driver)
+        };
+        if let Some(old) = up.driver.replace(driver) {
             old.abort();
         }
-        up.driver = Some(tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        }));
         up.sender = Some(sender);
         Ok(())
     }
@@ -329,20 +360,41 @@ impl Ctx {
             }
             _ => body.boxed_unsync(),
         };
-        let req = Request::from_parts(parts, body);
-
+        let wait = self.shared.limits.idle_timeout;
+        let answer = |r: Result<Result<Response<Incoming>, hyper::Error>, _>| match r {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err((Reason::UpstreamError, e.to_string())),
+            Err(_) => Err((Reason::UpstreamError, "no response in time".into())),
+        };
         let sent = {
             let mut up = self.upstream.lock().await;
             match self.ready(&mut up).await {
                 Err(e) => Err(e),
                 Ok(()) => match up.sender.as_mut() {
                     None => Err((Reason::UpstreamError, "no upstream connection".into())),
-                    Some(sender) => {
-                        let wait = self.shared.limits.idle_timeout;
-                        match timeout(wait, sender.send_request(req)).await {
-                            Ok(Ok(resp)) => Ok(resp),
-                            Ok(Err(e)) => Err((Reason::UpstreamError, e.to_string())),
-                            Err(_) => Err((Reason::UpstreamError, "no response in time".into())),
+                    // HTTP/1.1: one request at a time, holding the connection.
+                    Some(Sender::H1(sender)) => {
+                        let req = Request::from_parts(parts, body);
+                        answer(timeout(wait, sender.send_request(req)).await)
+                    }
+                    // HTTP/2: streams run side by side; the lock is released first.
+                    Some(Sender::H2(sender)) => {
+                        let mut sender = sender.clone();
+                        drop(up);
+                        let authority = parts
+                            .headers
+                            .remove(http::header::HOST)
+                            .and_then(|h| h.to_str().ok().map(str::to_owned))
+                            .unwrap_or_else(|| host.to_owned());
+                        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                        match format!("https://{authority}{target}").parse() {
+                            Ok(uri) => {
+                                parts.uri = uri;
+                                parts.version = Version::HTTP_2;
+                                let req = Request::from_parts(parts, body);
+                                answer(timeout(wait, sender.send_request(req)).await)
+                            }
+                            Err(_) => Err((Reason::UpstreamError, "bad upstream URI".into())),
                         }
                     }
                 },

@@ -6,12 +6,14 @@
 //! ```text
 //!  flow admitted (policy, SNI == flow hostname, resolved + classified address, connected)
 //!    -> upstream TLS      verified: webpki roots + Config::upstream_roots; SNI = hostname
-//!    -> agent TLS         ca.rs: leaf minted for the hostname, ALPN http/1.1
-//!    -> HTTP/1.1 server   hyper: keep-alive, pipelining (in order), chunked; bounded head
+//!    -> agent TLS         ca.rs: leaf minted for the hostname, ALPN h2 or http/1.1
+//!    -> HTTP server       hyper: HTTP/2, or HTTP/1.1 keep-alive, pipelining (in order),
+//!                         chunked; bounded heads
 //!    -> per request       inject.rs: authority, placeholders, credentials, hop-by-hop
 //!                         scan.rs: placeholders in the streamed body, across frames
-//!    -> forward           http.rs: hyper client on the pinned connection (re-dialled to the
-//!                         same address when the upstream closes it); bodies stream both ways
+//!    -> forward           http.rs: hyper client (h2 or HTTP/1.1 by ALPN) on the pinned
+//!                         connection (re-dialled to the same address when the upstream closes
+//!                         it); bodies stream both ways
 //!    -> audit             one OCSF HTTP Activity record per request
 //! ```
 //!
@@ -51,7 +53,7 @@ pub fn read_pem_certs(path: &std::path::Path) -> std::io::Result<Vec<Certificate
 }
 
 /// The TLS client configuration for upstreams: the webpki roots plus `extra` trust anchors,
-/// ALPN http/1.1.
+/// ALPN h2 then http/1.1.
 pub fn upstream_tls_config(
     extra: &[CertificateDer<'static>],
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
@@ -67,7 +69,7 @@ pub fn upstream_tls_config(
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

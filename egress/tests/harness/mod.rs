@@ -38,6 +38,7 @@ pub const PLACEHOLDER: &str = "sk-moat-placeholder-api";
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub method: String,
+    pub version: String,
     pub path: String,
     pub host: Option<String>,
     pub authorization: Vec<String>,
@@ -49,7 +50,7 @@ pub type SeenLog = Arc<std::sync::Mutex<Vec<Seen>>>;
 
 /// An HTTPS upstream (hyper + rustls, test PKI) that records every request it receives and
 /// answers `200 ok <path>`.
-pub async fn http_upstream() -> (SocketAddr, SeenLog) {
+pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
     use http_body_util::BodyExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -59,7 +60,11 @@ pub async fn http_upstream() -> (SocketAddr, SeenLog) {
         .with_no_client_auth()
         .with_single_cert(vec![p.leaf.clone()], key)
         .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if h2 {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let seen: SeenLog = Arc::default();
     let log = Arc::clone(&seen);
@@ -95,6 +100,7 @@ pub async fn http_upstream() -> (SocketAddr, SeenLog) {
                             };
                             log.lock().unwrap().push(Seen {
                                 method: parts.method.to_string(),
+                                version: format!("{:?}", parts.version),
                                 path: parts.uri.to_string(),
                                 host: h("host"),
                                 authorization: parts
@@ -134,9 +140,18 @@ pub async fn http_upstream() -> (SocketAddr, SeenLog) {
                         }
                     },
                 );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                let io = hyper_util::rt::TokioIo::new(tls);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, service)
                     .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
             });
         }
     });
@@ -337,7 +352,7 @@ impl TestProxy {
     }
 
     pub async fn start_with(limits: Limits) -> TestProxy {
-        Self::start_full(limits, vec![pki().ca.clone()]).await
+        Self::start_full(limits, vec![pki().ca.clone()], false).await
     }
 
     /// A proxy whose intercepted upstreams are verified against `upstream_roots` (plus the
@@ -345,10 +360,11 @@ impl TestProxy {
     pub async fn start_full(
         limits: Limits,
         upstream_roots: Vec<CertificateDer<'static>>,
+        h2_upstream: bool,
     ) -> TestProxy {
         let tls = upstream(true).await;
         let plain = upstream(false).await;
-        let (http, seen) = http_upstream().await;
+        let (http, seen) = http_upstream(h2_upstream).await;
         let dir = tempfile::tempdir().unwrap();
         let secret_file = dir.path().join("api-key");
         std::fs::write(&secret_file, format!("{SECRET_VALUE}\n")).unwrap();
