@@ -302,6 +302,8 @@ pub struct HttpEvent<'a> {
     pub detail: Option<String>,
     /// Names of the secrets injected into the request.
     pub secrets: Vec<String>,
+    /// Body bytes agent -> upstream and upstream -> agent, once the response has ended.
+    pub bytes: Option<(u64, u64)>,
 }
 
 fn http_activity(method: &str) -> (u32, &'static str) {
@@ -402,6 +404,9 @@ impl Audit {
         unmapped.insert("flow_uid".into(), json!(f.uid));
         if !event.secrets.is_empty() {
             unmapped.insert("secrets_injected".into(), json!(event.secrets));
+        }
+        if let Some((out, inb)) = event.bytes {
+            rec["traffic"] = json!({ "bytes_out": out, "bytes_in": inb, "bytes": out + inb });
         }
         if let Some(from) = event.routed_from {
             unmapped.insert("routed_from".into(), json!(from));

@@ -786,3 +786,19 @@ async fn concurrent_http2_streams_all_reach_an_http2_upstream() {
     }
     assert_eq!(tp.seen().len(), 8);
 }
+
+#[tokio::test]
+async fn http_record_counts_body_bytes_both_ways() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /count HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 11\r\n\
+          Connection: close\r\n\r\nhello world",
+    )
+    .await;
+    assert!(got.contains("ok /count"), "{got}");
+    let rec = http_record(&tp, "/count").await;
+    assert_eq!(rec["traffic"]["bytes_out"], 11);
+    assert_eq!(rec["traffic"]["bytes_in"], "ok /count".len());
+}

@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -212,6 +213,7 @@ impl Ctx {
         reason: Option<Reason>,
         detail: Option<String>,
         secrets: Vec<String>,
+        bytes: Option<(u64, u64)>,
     ) {
         self.shared.audit.emit_http(&HttpEvent {
             flow: &self.flow.info,
@@ -227,6 +229,7 @@ impl Ctx {
             reason,
             detail,
             secrets,
+            bytes,
         });
     }
 
@@ -242,6 +245,7 @@ impl Ctx {
             Some(r.reason),
             Some(r.detail.clone()),
             Vec::new(),
+            None,
         );
         text(
             r.status,
@@ -298,11 +302,13 @@ impl Ctx {
             Err(r) => return self.refuse(&head, r),
         };
         let found = Found::default();
+        let body_out = Arc::new(AtomicU64::new(0));
         let body = ScanBody::new(
             body,
             &secrets,
             |spec| spec.binds(host, port, &head.path),
             Arc::clone(&found),
+            Arc::clone(&body_out),
         );
         drop(secrets);
         inject::strip_hop_by_hop(&mut parts.headers);
@@ -425,14 +431,25 @@ impl Ctx {
                     u64::try_from(injected.len()).unwrap_or(u64::MAX),
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                self.audit(&head, parts.status, None, None, injected);
+                // The record is written when the response body ends, with both byte counts.
+                let status = parts.status;
+                let ctx = Arc::clone(&self);
+                let done = move |received: u64| {
+                    let out = body_out.load(Ordering::Relaxed);
+                    ctx.audit(&head, status, None, None, injected, Some((out, received)));
+                };
+                let body = Audited {
+                    inner: body,
+                    bytes: 0,
+                    done: Some(Box::new(done)),
+                };
                 Response::from_parts(parts, body.boxed())
             }
             Err((reason, detail)) => {
                 tracing::debug!(flow = %self.flow.info.uid, %reason, %detail, "forward failed");
                 self.note(reason);
                 let status = StatusCode::BAD_GATEWAY;
-                self.audit(&head, status, Some(reason), Some(detail), injected);
+                self.audit(&head, status, Some(reason), Some(detail), injected, None);
                 text(status, format!("moat: upstream failed ({reason})\n"), true)
             }
         }
@@ -450,6 +467,60 @@ fn is_json(headers: &http::HeaderMap) -> bool {
         })
 }
 
+/// A response body that counts its bytes and calls `done` once when it ends, fails or is
+/// dropped (the agent went away).
+struct Audited {
+    inner: Incoming,
+    bytes: u64,
+    done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl Audited {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes);
+        }
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Audited {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(_) => this.finish(),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[derive(Clone)]
 struct Head {
     method: String,
     path: String,

@@ -5,6 +5,7 @@
 //! forwarded: the body fails instead, which aborts the upstream request before it is whole.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -29,6 +30,8 @@ pub(crate) struct ScanBody<B> {
     keep: usize,
     tail: Vec<u8>,
     found: Found,
+    /// Body bytes passed on so far.
+    sent: Arc<AtomicU64>,
 }
 
 impl<B> ScanBody<B> {
@@ -38,6 +41,7 @@ impl<B> ScanBody<B> {
         secrets: &Secrets,
         bound: impl Fn(&moat_policy::SecretSpec) -> bool,
         found: Found,
+        sent: Arc<AtomicU64>,
     ) -> Self {
         let refused: Vec<(Vec<u8>, String)> = secrets
             .iter()
@@ -55,6 +59,7 @@ impl<B> ScanBody<B> {
             keep,
             tail: Vec::new(),
             found,
+            sent,
         }
     }
 
@@ -94,6 +99,7 @@ where
                 if let Some(data) = frame.data_ref() {
                     let data = data.clone();
                     this.check(&data)?;
+                    this.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     for (name, value) in trailers {
                         this.tail.clear();
@@ -137,7 +143,13 @@ hosts = ["api.test"]
 presentation = "x_api_key"
 "#;
         let secrets = Secrets::load(&moat_policy::profile::parse(text).unwrap().secrets).unwrap();
-        ScanBody::new(Empty::new(), &secrets, |_| bound, Found::default())
+        ScanBody::new(
+            Empty::new(),
+            &secrets,
+            |_| bound,
+            Found::default(),
+            Arc::default(),
+        )
     }
 
     #[test]
