@@ -802,3 +802,26 @@ async fn http_record_counts_body_bytes_both_ways() {
     assert_eq!(rec["traffic"]["bytes_out"], 11);
     assert_eq!(rec["traffic"]["bytes_in"], "ok /count".len());
 }
+
+#[tokio::test]
+async fn upstream_closing_its_connection_is_redialled_for_the_next_request() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    let (first, _) = send(&mut c, "api.inject.test", "/close", &[]).await;
+    let (second, _) = send(&mut c, "api.inject.test", "/after", &[]).await;
+    assert_eq!((first, second), (200, 200));
+    let seen = tp.seen();
+    assert_eq!(seen[1].authorization, vec![bearer(SECRET_VALUE)]);
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_http_close_the_intercepted_flow() {
+    let tp = TestProxy::start().await;
+    let got = raw(&tp, "api.inject.test", b"\x00\x01 not http at all\r\n\r\n").await;
+    assert!(got.is_empty() || got.starts_with("HTTP/1.1 400"), "{got}");
+    let close = tp
+        .wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .await;
+    assert_eq!(close["unmapped"]["moat"]["reason"], "http_malformed");
+    assert!(tp.seen().is_empty());
+}

@@ -129,6 +129,11 @@ pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
                                 resp.headers_mut()
                                     .insert("content-type", "text/event-stream".parse().unwrap());
                             }
+                            // `/close` answers, then closes the connection.
+                            if parts.uri.path() == "/close" {
+                                resp.headers_mut()
+                                    .insert("connection", "close".parse().unwrap());
+                            }
                             // `/redirect` sends the client to the other intercepted host.
                             if parts.uri.path() == "/redirect" {
                                 *resp.status_mut() = hyper::StatusCode::FOUND;
