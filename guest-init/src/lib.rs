@@ -26,7 +26,6 @@ mod launch;
 mod namespace;
 mod report;
 mod signals;
-mod sys;
 
 use std::path::PathBuf;
 

@@ -139,7 +139,7 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
     mkdir(&root)?;
     let rec_bind = MsFlags::MS_BIND | MsFlags::MS_REC;
     mount_or("the root", Some("/"), &root, None, rec_bind, None)?;
-    crate::sys::make_tree_readonly(&root).map_err(|e| InitError::Mount {
+    moat_guest_sandbox::make_tree_read_only(&root).map_err(|e| InitError::Mount {
         what: "the root read-only",
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
     })?;
