@@ -168,6 +168,15 @@ impl TestProxy {
     }
 
     pub async fn start_with(limits: Limits) -> TestProxy {
+        Self::start_full(limits, true).await
+    }
+
+    /// A proxy that reloads only on SIGHUP (or an explicit `reload`), not on file changes.
+    pub async fn start_unwatched() -> TestProxy {
+        Self::start_full(Limits::default(), false).await
+    }
+
+    async fn start_full(limits: Limits, watch: bool) -> TestProxy {
         let tls = upstream(true).await;
         let plain = upstream(false).await;
         let dir = tempfile::tempdir().unwrap();
@@ -203,7 +212,7 @@ impl TestProxy {
             port: moat_egress::EGRESS_VSOCK_PORT,
             admin: Some(admin.clone()),
             source: PolicySource::new(&profile, &pubkey).unwrap(),
-            watch: true,
+            watch,
             limits,
         };
         let proxy = Proxy::start(config, Box::new(resolver), audit).unwrap();
