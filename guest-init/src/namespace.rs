@@ -49,7 +49,8 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS,
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(InitError::Unshare)?;
     map_ids(uid, gid)?;
@@ -258,6 +259,25 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
         Path::new("/proc"),
         Some("proc"),
         nosuid | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    // The workspace's own sysfs (its network namespace's devices, not the host's) and its
+    // own cgroup tree, both read-only for everything inside.
+    let ro = nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    mount_or(
+        "/sys",
+        Some("sysfs"),
+        Path::new("/sys"),
+        Some("sysfs"),
+        ro,
+        None,
+    )?;
+    mount_or(
+        "/sys/fs/cgroup",
+        Some("cgroup2"),
+        Path::new("/sys/fs/cgroup"),
+        Some("cgroup2"),
+        ro,
         None,
     )
 }
