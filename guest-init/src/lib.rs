@@ -54,6 +54,12 @@ pub enum InitError {
         #[source]
         source: nix::Error,
     },
+    /// /dev/net/tun could not be opened.
+    #[error(
+        "cannot open /dev/net/tun: this user needs read and write access to it (most \
+         distributions ship it as mode 0666; here it may be root-only)"
+    )]
+    TunAccess(#[source] std::io::Error),
     /// The TUN device could not be set up.
     #[error("cannot set up the workspace network")]
     Network(#[source] std::io::Error),

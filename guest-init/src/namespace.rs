@@ -304,7 +304,12 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
         source,
     })?;
     // The TUN device is opened while the host's /dev is still in view.
-    let tun = moat_netstack::setup_tun().map_err(InitError::Network)?;
+    let tun = moat_netstack::setup_tun().map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied if e.raw_os_error() == Some(libc::EACCES) => {
+            InitError::TunAccess(e)
+        }
+        _ => InitError::Network(e),
+    })?;
     enter_root(config, resolv)?;
     // Nobody else in the workspace may open our descriptors through /proc/1/fd.
     let _ = nix::sys::prctl::set_dumpable(false);
