@@ -54,9 +54,23 @@ pub(crate) struct ProxyOpts {
     /// Idle timeout in seconds.
     #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs())]
     idle_timeout: u64,
+    /// Proxy worker threads. One serves a workspace's flows with the fewest context switches
+    /// (measured: less CPU per request and per connection than two on a 2-core machine).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 impl ProxyOpts {
+    /// The async runtime the proxy runs on.
+    pub(crate) fn runtime(&self) -> Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.threads.max(1))
+            .thread_name("moat-proxy")
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+    }
+
     /// The workspace's name in audit records.
     pub(crate) fn workspace(&self) -> &str {
         &self.workspace
@@ -129,8 +143,8 @@ fn build(args: ProxyArgs) -> Result<(Config, Box<dyn Resolver>, Audit)> {
 }
 
 pub(crate) fn run_proxy(args: ProxyArgs) -> Result<ExitCode> {
+    let rt = args.opts.runtime()?;
     let (config, resolver, audit) = build(args)?;
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let proxy = Proxy::start(config, resolver, audit)?;
         tracing::info!(
