@@ -1,5 +1,31 @@
-//! moat-vmm: the KVM microVM monitor (issue 5).
+//! moat-vmm: the KVM microVM monitor.
 //!
 //! Hop in the data path: guest virtio-vsock -> this VMM -> host Unix socket `<uds>_<port>`,
-//! where the egress proxy listens. Nothing is implemented here yet; this crate holds its place
-//! in the tree so the layout matches ARCHITECTURE.md. It does not pretend to boot anything.
+//! where the egress proxy listens. The VMM moves bytes and runs the guest; it holds no policy.
+//!
+//! ```text
+//!  config.rs (TOML + flags, parsed once)
+//!      |
+//!  vmm.rs: guest memory (vm-memory) -> boot.rs (linux-loader, PVH) -> kvm/ (VM, irqchip, vCPUs)
+//!      |                                                                   | KVM_RUN exits
+//!      +-> devices/bus.rs: COM1 (vm-superio) | i8042 reset | virtio-mmio windows
+//! ```
+//!
+//! Invariants:
+//! - `unsafe` lives only in `kvm/` (memory-slot registration); everything else is safe code.
+//! - Nothing the guest writes chooses a host path, port or identity.
+//! - A guest-caused error resets a device or closes a connection and is logged rate-limited;
+//!   it never panics the VMM.
+
+#![deny(unsafe_code)]
+
+pub mod boot;
+pub mod config;
+pub mod cpuid;
+pub mod devices;
+pub mod exit;
+#[allow(unsafe_code)]
+pub mod kvm;
+pub mod layout;
+pub mod ratelimit;
+pub mod vmm;

@@ -1,0 +1,125 @@
+//! `moat-vmm`: boots one microVM from a TOML config and/or flags. Exit codes: see
+//! `moat_vmm::exit`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use moat_vmm::config::{FileConfig, SerialFile, Toggle, VmConfig, VsockFile};
+use moat_vmm::exit::EXIT_CONFIG;
+
+/// Boot a moat microVM.
+#[derive(Debug, Parser)]
+#[command(name = "moat-vmm", version)]
+struct Args {
+    /// TOML config file (unknown fields are refused); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel: an ELF with a PVH entry note (vmlinux with CONFIG_PVH, or the probe guest).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    mem: Option<u64>,
+    /// vCPU count.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Host Unix socket for the vsock device (guest port P connects to `<uds>_P`).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Guest CID of the vsock device.
+    #[arg(long)]
+    vsock_cid: Option<u64>,
+    /// Write the serial console to this file instead of stdout.
+    #[arg(long)]
+    serial_out: Option<PathBuf>,
+    /// Most bytes of serial output kept.
+    #[arg(long)]
+    serial_cap: Option<u64>,
+    /// Nested-PVM CPUID workarounds.
+    #[arg(long, value_enum)]
+    pvm_workarounds: Option<Toggle>,
+    /// Stop the VM after this many seconds (exit code 4).
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
+fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::error::Error>> {
+    let mut f = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    f.kernel = args.kernel.or(f.kernel);
+    f.cmdline = args.cmdline.or(f.cmdline);
+    f.initrd = args.initrd.or(f.initrd);
+    f.mem_mib = args.mem.or(f.mem_mib);
+    f.vcpus = args.vcpus.or(f.vcpus);
+    f.serial = SerialFile {
+        out: args.serial_out.or(f.serial.out),
+        cap_bytes: args.serial_cap.or(f.serial.cap_bytes),
+    };
+    if let Some(uds) = args.vsock_uds {
+        let cid = args
+            .vsock_cid
+            .or(f.vsock.as_ref().and_then(|v| v.guest_cid));
+        f.vsock = Some(VsockFile {
+            uds,
+            guest_cid: cid,
+        });
+    }
+    if let Some(t) = args.pvm_workarounds {
+        f.cpu.pvm_workarounds = t;
+    }
+    Ok((f, args.timeout.map(Duration::from_secs)))
+}
+
+/// Prints an error and its chain of causes.
+fn print_chain(err: &dyn std::error::Error) {
+    eprintln!("moat-vmm: {err}");
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        eprintln!("  caused by: {c}");
+        cause = c.source();
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOAT_VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = match merged(args).and_then(|(f, t)| Ok((VmConfig::from_file(f)?, t))) {
+        Ok(c) => c,
+        Err(e) => {
+            print_chain(e.as_ref());
+            return ExitCode::from(u8::try_from(EXIT_CONFIG).unwrap_or(2));
+        }
+    };
+    let (cfg, timeout) = cfg;
+    let code = match moat_vmm::vmm::run(&cfg, timeout) {
+        Ok(exit) => {
+            tracing::info!(?exit, "VM stopped");
+            if exit.code() != 0 {
+                eprintln!("moat-vmm: {exit:?}");
+            }
+            exit.code()
+        }
+        Err(e) => {
+            print_chain(&e);
+            1
+        }
+    };
+    // vCPU threads may still sit in KVM_RUN; leave without unwinding them.
+    std::process::exit(code)
+}

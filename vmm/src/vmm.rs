@@ -1,0 +1,117 @@
+//! Putting the machine together: memory, kernel, KVM, devices, vCPU threads; then waiting for
+//! the first reason to stop.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::boot::{self, BootSpec};
+use crate::config::{Toggle, VmConfig};
+use crate::cpuid;
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{I8042, ResetLine};
+use crate::devices::serial::{self, IrqLine, SerialDevice};
+use crate::exit::{ExitSender, VmExit};
+use crate::kvm::{self, Vm};
+use crate::layout;
+
+/// Errors that stop the VMM before or while it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Guest memory could not be mapped.
+    #[error("cannot map {0} bytes of guest memory")]
+    GuestMemory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// The kernel could not be loaded.
+    #[error("cannot boot the kernel")]
+    Boot(#[source] boot::Error),
+    /// KVM setup failed.
+    #[error("cannot set up KVM")]
+    Kvm(#[source] kvm::Error),
+    /// An eventfd could not be made.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The console sink could not be opened.
+    #[error("cannot open the serial console output")]
+    Console(#[source] std::io::Error),
+    /// A thread could not be started.
+    #[error("cannot start thread {0}")]
+    Thread(String, #[source] std::io::Error),
+}
+
+/// Boots `cfg` and runs it until the guest stops, the VMM fails or `timeout` passes.
+pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.mem_bytes)
+        .into_iter()
+        .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
+        .collect();
+    let mem = Arc::new(
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(cfg.mem_bytes, e))?,
+    );
+
+    let cmdline = cfg.cmdline.clone();
+    let entry = boot::load(
+        &mem,
+        &BootSpec {
+            kernel: &cfg.kernel,
+            cmdline: &cmdline,
+            initrd: cfg.initrd.as_deref(),
+            mem_bytes: cfg.mem_bytes,
+        },
+    )
+    .map_err(Error::Boot)?;
+
+    let vm = Vm::new(&mem).map_err(Error::Kvm)?;
+    let (exits, exit_rx) = ExitSender::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+        .map_err(Error::Kvm)?;
+    let console =
+        serial::console_out(cfg.serial_out.as_deref(), cfg.serial_cap).map_err(Error::Console)?;
+    let serial = SerialDevice::new(IrqLine(serial_irq), console);
+    let i8042 = I8042::new(ResetLine::new(exits.clone(), stop.clone()));
+    let bus = Arc::new(Bus::new(serial, i8042));
+
+    let pvm = match cfg.pvm_workarounds {
+        Toggle::On => true,
+        Toggle::Off => false,
+        Toggle::Auto => cpuid::host_is_nested_pvm(),
+    };
+    tracing::info!(pvm_workarounds = pvm, entry = entry.entry, "booting");
+    for index in 0..cfg.vcpus {
+        let vcpu = vm
+            .create_vcpu(index, cfg.vcpus, entry, pvm)
+            .map_err(Error::Kvm)?;
+        let (bus, exits, stop, mem) = (bus.clone(), exits.clone(), stop.clone(), mem.clone());
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                vcpu.run(bus.as_ref(), &exits, &stop);
+                // Guest memory stays mapped while any vCPU thread lives.
+                drop(mem);
+            })
+            .map_err(|e| Error::Thread(format!("vcpu{index}"), e))?;
+    }
+
+    let exit = match timeout {
+        Some(t) => match exit_rx.recv_timeout(t) {
+            Ok(e) => e,
+            Err(mpsc::RecvTimeoutError::Timeout) => VmExit::Timeout,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                VmExit::VmmError("every vCPU thread ended without a reason".to_owned())
+            }
+        },
+        None => exit_rx
+            .recv()
+            .unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended".to_owned())),
+    };
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    // Keep the VM and memory alive: vCPU threads may still be inside KVM_RUN; the caller exits
+    // the process.
+    std::mem::forget(vm);
+    Ok(exit)
+}
