@@ -2,7 +2,7 @@
 //! the first reason to stop.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -14,6 +14,9 @@ use crate::cpuid;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{I8042, ResetLine};
 use crate::devices::serial::{self, IrqLine, SerialDevice};
+use crate::devices::virtio::Interrupt;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
 use crate::exit::{ExitSender, VmExit};
 use crate::kvm::{self, Vm};
 use crate::layout;
@@ -36,6 +39,12 @@ pub enum Error {
     /// The console sink could not be opened.
     #[error("cannot open the serial console output")]
     Console(#[source] std::io::Error),
+    /// The vsock device could not be created.
+    #[error("cannot create the vsock device")]
+    Vsock(#[source] crate::devices::virtio::vsock::Error),
+    /// A virtio transport could not be created.
+    #[error("cannot create a virtio-mmio transport")]
+    Transport(#[source] crate::devices::virtio::mmio::Error),
     /// A thread could not be started.
     #[error("cannot start thread {0}")]
     Thread(String, #[source] std::io::Error),
@@ -51,7 +60,16 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
         GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(cfg.mem_bytes, e))?,
     );
 
-    let cmdline = cfg.cmdline.clone();
+    let mut cmdline = cfg.cmdline.clone();
+    let mut next_mmio = 0u64;
+    let vsock_slot = cfg.vsock.as_ref().map(|_| {
+        let slot = mmio_slot(next_mmio);
+        next_mmio += 1;
+        slot
+    });
+    for slot in vsock_slot.iter() {
+        cmdline.push_str(&slot.cmdline());
+    }
     let entry = boot::load(
         &mem,
         &BootSpec {
@@ -74,7 +92,16 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
         serial::console_out(cfg.serial_out.as_deref(), cfg.serial_cap).map_err(Error::Console)?;
     let serial = SerialDevice::new(IrqLine(serial_irq), console);
     let i8042 = I8042::new(ResetLine::new(exits.clone(), stop.clone()));
-    let bus = Arc::new(Bus::new(serial, i8042));
+    let mut bus = Bus::new(serial, i8042);
+    if let (Some(v), Some(slot)) = (&cfg.vsock, vsock_slot) {
+        let dev = Vsock::new(v.cid, &v.uds).map_err(Error::Vsock)?;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&irq, slot.irq).map_err(Error::Kvm)?;
+        let t = MmioTransport::new(Box::new(dev), mem.clone(), Interrupt::new(irq))
+            .map_err(Error::Transport)?;
+        bus.add_mmio(slot.base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)));
+    }
+    let bus = Arc::new(bus);
 
     let pvm = match cfg.pvm_workarounds {
         Toggle::On => true,
@@ -113,5 +140,34 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
     // Keep the VM and memory alive: vCPU threads may still be inside KVM_RUN; the caller exits
     // the process.
     std::mem::forget(vm);
+    if let Some(v) = &cfg.vsock {
+        let _ = std::fs::remove_file(&v.uds);
+    }
     Ok(exit)
+}
+
+/// Where a virtio-mmio device sits and how the kernel learns of it.
+#[derive(Debug, Clone, Copy)]
+struct MmioSlot {
+    base: u64,
+    irq: u32,
+}
+
+impl MmioSlot {
+    /// ` virtio_mmio.device=4K@0x...:IRQ`, as Linux's virtio-mmio driver parses it.
+    fn cmdline(&self) -> String {
+        format!(
+            " virtio_mmio.device={}K@{:#x}:{}",
+            layout::VIRTIO_MMIO_SIZE >> 10,
+            self.base,
+            self.irq
+        )
+    }
+}
+
+fn mmio_slot(index: u64) -> MmioSlot {
+    MmioSlot {
+        base: layout::VIRTIO_MMIO_BASE + index * layout::VIRTIO_MMIO_SIZE,
+        irq: layout::VIRTIO_FIRST_IRQ + u32::try_from(index).unwrap_or(0),
+    }
 }

@@ -5,3 +5,4 @@
 pub mod bus;
 pub mod legacy;
 pub mod serial;
+pub mod virtio;

@@ -1,0 +1,144 @@
+//! virtio-vsock in user space (device id 19), bridged to host Unix sockets.
+//!
+//! - `packet`: the wire header and the one-time copy of TX chains out of guest memory.
+//! - `muxer`: connections, the Unix-socket convention, credit flow control.
+//! - `worker`: the device thread's epoll loop and queue processing.
+//!
+//! The listener on `<uds>` is bound when the VMM starts, so host clients may connect before the
+//! guest driver is up; it survives device resets (each activation gets a duplicate of it).
+
+pub mod muxer;
+pub mod packet;
+pub mod worker;
+
+#[cfg(test)]
+mod tests;
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::{ActivateError, Activation, VirtioDevice, read_config_bytes};
+use crate::config::GuestCid;
+
+/// virtio device id of vsock.
+pub const DEVICE_ID: u32 = 19;
+/// Queue size offered for each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+
+/// Errors creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Something that is not a socket is in the way of the listener.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    PathInUse(PathBuf),
+    /// The listener could not be bound.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: GuestCid,
+    uds: PathBuf,
+    listener: UnixListener,
+    running: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl Vsock {
+    /// Binds `uds` (replacing a stale socket there, never another kind of file).
+    pub fn new(cid: GuestCid, uds: &Path) -> Result<Self, Error> {
+        if let Ok(meta) = std::fs::symlink_metadata(uds) {
+            if !meta.file_type().is_socket() {
+                return Err(Error::PathInUse(uds.to_owned()));
+            }
+            let _ = std::fs::remove_file(uds);
+        }
+        let listener = UnixListener::bind(uds).map_err(|source| Error::Bind {
+            path: uds.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            cid,
+            uds: uds.to_owned(),
+            listener,
+            running: None,
+        })
+    }
+
+    fn start(&mut self, act: Activation) -> std::io::Result<()> {
+        let listener = self.listener.try_clone()?;
+        let epoll = Epoll::new()?;
+        let muxer = muxer::Muxer::new(self.cid.get(), &self.uds, listener, epoll)?;
+        let kill = EventFd::new(EFD_NONBLOCK)?;
+        let worker = worker::Worker::new(
+            act.mem,
+            act.queues,
+            act.queue_evts,
+            kill.try_clone()?,
+            act.interrupt,
+            muxer,
+        )?;
+        let handle = std::thread::Builder::new()
+            .name("vsock".to_owned())
+            .spawn(move || {
+                let _ = worker.run();
+            })?;
+        self.running = Some((kill, handle));
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn device_features(&self) -> u64 {
+        super::VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.cid.get().to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, act: Activation) -> Result<(), ActivateError> {
+        if act.queues.len() != 3 {
+            return Err(ActivateError::QueueCount(act.queues.len()));
+        }
+        self.reset();
+        self.start(act).map_err(ActivateError::Backend)
+    }
+
+    fn reset(&mut self) {
+        if let Some((kill, handle)) = self.running.take() {
+            let _ = kill.write(1);
+            if handle.join().is_err() {
+                tracing::error!("vsock worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.reset();
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
