@@ -20,6 +20,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Too many virtio devices for the MMIO window.
+    #[error("{0} virtio devices is more than 16")]
+    TooManyDevices(usize),
     /// The config file is not valid TOML for this schema.
     #[error("cannot parse config file {path}")]
     Parse {
@@ -103,6 +106,22 @@ pub struct FileConfig {
     /// CPU model choices.
     #[serde(default)]
     pub cpu: CpuFile,
+    /// Disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub block: Vec<BlockFile>,
+    /// Offer a virtio-rng device.
+    pub rng: Option<bool>,
+}
+
+/// `[[block]]` in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockFile {
+    /// Disk image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// `[serial]` in the file.
@@ -182,6 +201,10 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Nested-PVM workarounds.
     pub pvm_workarounds: Toggle,
+    /// Disks.
+    pub disks: Vec<BlockFile>,
+    /// virtio-rng.
+    pub rng: bool,
 }
 
 /// A checked vsock device configuration.
@@ -210,6 +233,11 @@ impl VmConfig {
         if !(1..=32).contains(&vcpus) {
             return Err(Error::VcpuCount(vcpus));
         }
+        let count =
+            usize::from(f.vsock.is_some()) + f.block.len() + usize::from(f.rng == Some(true));
+        if count > 16 {
+            return Err(Error::TooManyDevices(count));
+        }
         let vsock = match f.vsock {
             Some(v) => Some(VsockConfig {
                 uds: v.uds,
@@ -227,6 +255,8 @@ impl VmConfig {
             serial_cap: f.serial.cap_bytes.unwrap_or(DEFAULT_SERIAL_CAP),
             vsock,
             pvm_workarounds: f.cpu.pvm_workarounds,
+            disks: f.block,
+            rng: f.rng.unwrap_or(false),
         })
     }
 }
@@ -243,6 +273,7 @@ mod tests {
             cmdline = "console=ttyS0"
             mem_mib = 128
             vcpus = 2
+            rng = true
             [serial]
             out = "/tmp/s"
             cap_bytes = 1024
@@ -251,8 +282,14 @@ mod tests {
             guest_cid = 7
             [cpu]
             pvm_workarounds = "on"
+            [[block]]
+            path = "/root.img"
+            read_only = true
+            [[block]]
+            path = "/home.img"
             "#,
         );
+        assert!(f.is_ok(), "{f:?}");
         let c = VmConfig::from_file(f.unwrap_or_default());
         let c = c.ok();
         assert_eq!(c.as_ref().map(|c| c.mem_bytes), Some(128 << 20));

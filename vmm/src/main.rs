@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use moat_vmm::config::{FileConfig, SerialFile, Toggle, VmConfig, VsockFile};
+use moat_vmm::config::{BlockFile, FileConfig, SerialFile, Toggle, VmConfig, VsockFile};
 use moat_vmm::exit::EXIT_CONFIG;
 
 /// Boot a moat microVM.
@@ -43,6 +43,16 @@ struct Args {
     /// Most bytes of serial output kept.
     #[arg(long)]
     serial_cap: Option<u64>,
+    /// Add a read-write disk (repeatable). Guest order: config-file disks, then --block-ro,
+    /// then --block.
+    #[arg(long = "block")]
+    block: Vec<PathBuf>,
+    /// Add a read-only disk (repeatable).
+    #[arg(long = "block-ro")]
+    block_ro: Vec<PathBuf>,
+    /// Offer a virtio-rng device fed from the host's /dev/urandom.
+    #[arg(long)]
+    rng: bool,
     /// Nested-PVM CPUID workarounds.
     #[arg(long, value_enum)]
     pvm_workarounds: Option<Toggle>,
@@ -73,6 +83,21 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
             uds,
             guest_cid: cid,
         });
+    }
+    for path in args.block_ro {
+        f.block.push(BlockFile {
+            path,
+            read_only: true,
+        });
+    }
+    for path in args.block {
+        f.block.push(BlockFile {
+            path,
+            read_only: false,
+        });
+    }
+    if args.rng {
+        f.rng = Some(true);
     }
     if let Some(t) = args.pvm_workarounds {
         f.cpu.pvm_workarounds = t;

@@ -14,9 +14,11 @@ use crate::cpuid;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{I8042, ResetLine};
 use crate::devices::serial::{self, IrqLine, SerialDevice};
-use crate::devices::virtio::Interrupt;
+use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmExit};
 use crate::kvm::{self, Vm};
 use crate::layout;
@@ -42,6 +44,12 @@ pub enum Error {
     /// The vsock device could not be created.
     #[error("cannot create the vsock device")]
     Vsock(#[source] crate::devices::virtio::vsock::Error),
+    /// A disk could not be opened.
+    #[error("cannot open a disk")]
+    Disk(#[source] crate::devices::virtio::block::Error),
+    /// The host entropy source could not be opened.
+    #[error("cannot open the host entropy source")]
+    Entropy(#[source] std::io::Error),
     /// A virtio transport could not be created.
     #[error("cannot create a virtio-mmio transport")]
     Transport(#[source] crate::devices::virtio::mmio::Error),
@@ -60,14 +68,22 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
         GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(cfg.mem_bytes, e))?,
     );
 
+    // Devices first: their host resources (sockets, disks, entropy) are opened before the
+    // guest exists, and their MMIO slots go on the command line in this order.
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(v) = &cfg.vsock {
+        devices.push(Box::new(Vsock::new(v.cid, &v.uds).map_err(Error::Vsock)?));
+    }
+    for d in &cfg.disks {
+        let disk = Disk::open(&d.path, d.read_only).map_err(Error::Disk)?;
+        devices.push(Box::new(Block::new(disk)));
+    }
+    if cfg.rng {
+        devices.push(Box::new(Rng::new().map_err(Error::Entropy)?));
+    }
+    let slots: Vec<MmioSlot> = (0u64..).zip(&devices).map(|(i, _)| mmio_slot(i)).collect();
     let mut cmdline = cfg.cmdline.clone();
-    let mut next_mmio = 0u64;
-    let vsock_slot = cfg.vsock.as_ref().map(|_| {
-        let slot = mmio_slot(next_mmio);
-        next_mmio += 1;
-        slot
-    });
-    for slot in vsock_slot.iter() {
+    for slot in &slots {
         cmdline.push_str(&slot.cmdline());
     }
     let entry = boot::load(
@@ -93,12 +109,11 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
     let serial = SerialDevice::new(IrqLine(serial_irq), console);
     let i8042 = I8042::new(ResetLine::new(exits.clone(), stop.clone()));
     let mut bus = Bus::new(serial, i8042);
-    if let (Some(v), Some(slot)) = (&cfg.vsock, vsock_slot) {
-        let dev = Vsock::new(v.cid, &v.uds).map_err(Error::Vsock)?;
+    for (dev, slot) in devices.into_iter().zip(&slots) {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&irq, slot.irq).map_err(Error::Kvm)?;
-        let t = MmioTransport::new(Box::new(dev), mem.clone(), Interrupt::new(irq))
-            .map_err(Error::Transport)?;
+        let t =
+            MmioTransport::new(dev, mem.clone(), Interrupt::new(irq)).map_err(Error::Transport)?;
         bus.add_mmio(slot.base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)));
     }
     let bus = Arc::new(bus);

@@ -13,9 +13,12 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod entry;
 mod io;
 mod pvh;
+mod rng;
+mod virtio;
 mod vsock;
 
 use core::fmt::Write;
@@ -66,13 +69,24 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
         let _ = writeln!(out, "probe: hanging on purpose");
         io::hang();
     }
+    if param(cmdline, "probe.rng=").is_some() {
+        let (slot, base) = virtio::find(cmdline, 4, 0).ok_or("no rng device found")?;
+        rng::test(out, slot, base)?;
+    }
+    if param(cmdline, "probe.block=").is_some() {
+        for nth in 0..2 {
+            if let Some((slot, base)) = virtio::find(cmdline, 2, nth) {
+                blk::test(out, nth, slot, base)?;
+            }
+        }
+    }
     if let Some(port) = param(cmdline, "probe.vsock_echo=") {
-        let base = vsock_base(cmdline).ok_or("no virtio_mmio.device on the command line")?;
+        let (slot, base) = virtio::find(cmdline, 19, 0).ok_or("no vsock device found")?;
         let port: u32 = port.parse().map_err(|_| "bad probe.vsock_echo port")?;
         let bytes = param(cmdline, "probe.vsock_bytes=")
             .and_then(|v| v.parse().ok())
             .unwrap_or(4096usize);
-        vsock::echo_test(out, base, port, bytes)?;
+        vsock::echo_test(out, slot, base, port, bytes)?;
     }
     Ok(())
 }
@@ -80,15 +94,6 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
 /// The value of `key` (which ends in `=`) on the command line.
 fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline.split(' ').find_map(|word| word.strip_prefix(key))
-}
-
-/// Base address of the first `virtio_mmio.device=<size>@<base>:<irq>` on the command line.
-fn vsock_base(cmdline: &str) -> Option<u64> {
-    let spec = param(cmdline, "virtio_mmio.device=")?;
-    let (_, rest) = spec.split_once('@')?;
-    let (base, _) = rest.split_once(':')?;
-    let hex = base.strip_prefix("0x")?;
-    u64::from_str_radix(hex, 16).ok()
 }
 
 #[panic_handler]

@@ -3,14 +3,12 @@
 //! probe owns (its image ends well below). Every wait is bounded; a timeout is a FAIL line.
 
 use core::fmt::Write;
-use core::sync::atomic::{Ordering, fence};
 
 use crate::io::Serial;
+use crate::virtio::{self, QSIZE, Vq, r8, r16, r32, reg, w8, w16, w32, w64};
 
-const QSIZE: u16 = 8;
 const HDR: usize = 44;
 const RX_BUF_LEN: u32 = 4096 + HDR as u32;
-const QUEUE_BASE: u64 = 0x20_0000;
 const RX_BUFS: u64 = 0x21_0000;
 const TX_BUFS: u64 = 0x23_0000;
 const BUF_STRIDE: u64 = 0x2000;
@@ -28,84 +26,6 @@ const HOST_CID: u64 = 2;
 const GUEST_PORT: u32 = 5000;
 /// Port the host connects to with `CONNECT 6000`.
 pub const LISTEN_PORT: u32 = 6000;
-
-fn r32(a: u64) -> u32 {
-    // SAFETY: MMIO register or identity-mapped RAM owned by this driver.
-    unsafe { core::ptr::read_volatile(a as *const u32) }
-}
-fn w32(a: u64, v: u32) {
-    // SAFETY: as for `r32`.
-    unsafe { core::ptr::write_volatile(a as *mut u32, v) }
-}
-fn r16(a: u64) -> u16 {
-    // SAFETY: as for `r32`.
-    unsafe { core::ptr::read_volatile(a as *const u16) }
-}
-fn w16(a: u64, v: u16) {
-    // SAFETY: as for `r32`.
-    unsafe { core::ptr::write_volatile(a as *mut u16, v) }
-}
-fn w64(a: u64, v: u64) {
-    // SAFETY: as for `r32`.
-    unsafe { core::ptr::write_volatile(a as *mut u64, v) }
-}
-fn w8(a: u64, v: u8) {
-    // SAFETY: as for `r32`.
-    unsafe { core::ptr::write_volatile(a as *mut u8, v) }
-}
-fn r8(a: u64) -> u8 {
-    // SAFETY: as for `r32`.
-    unsafe { core::ptr::read_volatile(a as *const u8) }
-}
-
-struct Vq {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    last_used: u16,
-}
-
-impl Vq {
-    fn new(index: u64) -> Self {
-        let base = QUEUE_BASE + index * 0x1000;
-        Self {
-            desc: base,
-            avail: base + 0x100,
-            used: base + 0x200,
-            avail_idx: 0,
-            last_used: 0,
-        }
-    }
-
-    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16) {
-        let d = self.desc + 16 * u64::from(i);
-        w64(d, addr);
-        w32(d + 8, len);
-        w16(d + 12, flags);
-        w16(d + 14, 0);
-    }
-
-    fn publish(&mut self, head: u16) {
-        w16(self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE), head);
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        w16(self.avail + 2, self.avail_idx);
-        fence(Ordering::SeqCst);
-    }
-
-    fn pop_used(&mut self) -> Option<(u16, u32)> {
-        let idx = r16(self.used + 2);
-        if idx == self.last_used {
-            return None;
-        }
-        fence(Ordering::SeqCst);
-        let e = self.used + 4 + 8 * u64::from(self.last_used % QSIZE);
-        self.last_used = self.last_used.wrapping_add(1);
-        let id = r32(e) as u16;
-        Some((id, r32(e + 4)))
-    }
-}
 
 #[derive(Clone, Copy)]
 struct Pkt {
@@ -125,80 +45,16 @@ struct Dev {
     fwd_cnt: u32,
 }
 
-mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG: u64 = 0x100;
-}
-
 impl Dev {
-    fn init(base: u64) -> Result<Self, &'static str> {
-        if r32(base + reg::MAGIC) != 0x7472_6976 || r32(base + reg::VERSION) != 2 {
-            return Err("no virtio-mmio v2 device at the declared address");
-        }
-        if r32(base + reg::DEVICE_ID) != 19 {
-            return Err("virtio device is not vsock");
-        }
-        w32(base + reg::STATUS, 0);
-        w32(base + reg::STATUS, 1);
-        w32(base + reg::STATUS, 1 | 2);
-        w32(base + reg::DEVICE_FEATURES_SEL, 1);
-        if r32(base + reg::DEVICE_FEATURES) & 1 == 0 {
-            return Err("device does not offer VERSION_1");
-        }
-        w32(base + reg::DRIVER_FEATURES_SEL, 0);
-        w32(base + reg::DRIVER_FEATURES, 0);
-        w32(base + reg::DRIVER_FEATURES_SEL, 1);
-        w32(base + reg::DRIVER_FEATURES, 1);
-        w32(base + reg::STATUS, 1 | 2 | 8);
-        if r32(base + reg::STATUS) & 8 == 0 {
-            return Err("device refused FEATURES_OK");
-        }
-        for q in 0..3u64 {
-            let vq = Vq::new(q);
-            w32(base + reg::QUEUE_SEL, q as u32);
-            if r32(base + reg::QUEUE_NUM_MAX) < u32::from(QSIZE) {
-                return Err("queue too small");
-            }
-            w32(base + reg::QUEUE_NUM, u32::from(QSIZE));
-            for (lo, hi, a) in [
-                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, vq.desc),
-                (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, vq.avail),
-                (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, vq.used),
-            ] {
-                w32(base + lo, a as u32);
-                w32(base + hi, (a >> 32) as u32);
-            }
-            w32(base + reg::QUEUE_READY, 1);
-        }
-        w32(base + reg::STATUS, 1 | 2 | 8 | 4);
-        if r32(base + reg::STATUS) & 0x40 != 0 {
-            return Err("device needs reset after DRIVER_OK");
-        }
+    fn init(slot: u64, base: u64) -> Result<Self, &'static str> {
+        virtio::init(slot, base, 3)?;
         let cid =
             u64::from(r32(base + reg::CONFIG)) | (u64::from(r32(base + reg::CONFIG + 4)) << 32);
         let mut dev = Self {
             base,
             cid,
-            rx: Vq::new(0),
-            tx: Vq::new(1),
+            rx: Vq::new(slot, 0),
+            tx: Vq::new(slot, 1),
             tx_slot: 0,
             fwd_cnt: 0,
         };
@@ -273,8 +129,14 @@ impl Dev {
 /// Connects to host `port`, sends `bytes` of a pattern, expects them echoed back, closes; then
 /// accepts one host-initiated connection on [`LISTEN_PORT`] and echoes what it receives until
 /// the host closes.
-pub fn echo_test(out: &mut Serial, base: u64, port: u32, bytes: usize) -> Result<(), &'static str> {
-    let mut dev = Dev::init(base)?;
+pub fn echo_test(
+    out: &mut Serial,
+    slot: u64,
+    base: u64,
+    port: u32,
+    bytes: usize,
+) -> Result<(), &'static str> {
+    let mut dev = Dev::init(slot, base)?;
     let _ = writeln!(out, "probe: vsock ready cid {}", dev.cid);
 
     // Guest-initiated: connect, echo, close.

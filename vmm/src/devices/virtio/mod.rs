@@ -6,7 +6,10 @@
 //! that owns them from then on. A reset (status 0) stops the worker and takes them back. The
 //! only state both sides share is the interrupt status word and the needs-reset flag.
 
+pub mod block;
 pub mod mmio;
+pub mod queue_worker;
+pub mod rng;
 pub mod vsock;
 
 #[cfg(test)]
