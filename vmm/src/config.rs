@@ -111,6 +111,8 @@ pub struct FileConfig {
     pub block: Vec<BlockFile>,
     /// Offer a virtio-rng device.
     pub rng: Option<bool>,
+    /// Per-thread seccomp filters (on unless set to false; off only for debugging).
+    pub seccomp: Option<bool>,
 }
 
 /// `[[block]]` in the file.
@@ -205,6 +207,8 @@ pub struct VmConfig {
     pub disks: Vec<BlockFile>,
     /// virtio-rng.
     pub rng: bool,
+    /// Per-thread seccomp filters.
+    pub seccomp: bool,
 }
 
 /// A checked vsock device configuration.
@@ -257,6 +261,7 @@ impl VmConfig {
             pvm_workarounds: f.cpu.pvm_workarounds,
             disks: f.block,
             rng: f.rng.unwrap_or(false),
+            seccomp: f.seccomp.unwrap_or(true),
         })
     }
 }

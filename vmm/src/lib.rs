@@ -28,4 +28,5 @@ pub mod exit;
 pub mod kvm;
 pub mod layout;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod vmm;

@@ -53,6 +53,9 @@ struct Args {
     /// Offer a virtio-rng device fed from the host's /dev/urandom.
     #[arg(long)]
     rng: bool,
+    /// Run without seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Nested-PVM CPUID workarounds.
     #[arg(long, value_enum)]
     pvm_workarounds: Option<Toggle>,
@@ -95,6 +98,9 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
             path,
             read_only: false,
         });
+    }
+    if args.no_seccomp {
+        f.seccomp = Some(false);
     }
     if args.rng {
         f.rng = Some(true);

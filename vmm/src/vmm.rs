@@ -22,6 +22,7 @@ use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmExit};
 use crate::kvm::{self, Vm};
 use crate::layout;
+use crate::seccomp::{self, Role};
 
 /// Errors that stop the VMM before or while it runs.
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +47,16 @@ pub enum Error {
     Vsock(#[source] crate::devices::virtio::vsock::Error),
     /// A disk could not be opened.
     #[error("cannot open a disk")]
-    Disk(#[source] crate::devices::virtio::block::Error),
+    Disk(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The host entropy source could not be opened.
     #[error("cannot open the host entropy source")]
     Entropy(#[source] std::io::Error),
     /// A virtio transport could not be created.
     #[error("cannot create a virtio-mmio transport")]
     Transport(#[source] crate::devices::virtio::mmio::Error),
+    /// A seccomp filter could not be installed.
+    #[error("cannot confine the main thread")]
+    Seccomp(#[source] seccomp::Error),
     /// A thread could not be started.
     #[error("cannot start thread {0}")]
     Thread(String, #[source] std::io::Error),
@@ -72,14 +76,18 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
     // guest exists, and their MMIO slots go on the command line in this order.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(v) = &cfg.vsock {
-        devices.push(Box::new(Vsock::new(v.cid, &v.uds).map_err(Error::Vsock)?));
+        devices.push(Box::new(
+            Vsock::new(v.cid, &v.uds, cfg.seccomp).map_err(Error::Vsock)?,
+        ));
     }
     for d in &cfg.disks {
-        let disk = Disk::open(&d.path, d.read_only).map_err(Error::Disk)?;
-        devices.push(Box::new(Block::new(disk)));
+        let disk = Disk::open(&d.path, d.read_only).map_err(|e| Error::Disk(Box::new(e)))?;
+        devices.push(Box::new(
+            Block::new(disk, cfg.seccomp).map_err(|e| Error::Disk(Box::new(e)))?,
+        ));
     }
     if cfg.rng {
-        devices.push(Box::new(Rng::new().map_err(Error::Entropy)?));
+        devices.push(Box::new(Rng::new(cfg.seccomp).map_err(Error::Entropy)?));
     }
     let slots: Vec<MmioSlot> = (0u64..).zip(&devices).map(|(i, _)| mmio_slot(i)).collect();
     let mut cmdline = cfg.cmdline.clone();
@@ -129,9 +137,14 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
             .create_vcpu(index, cfg.vcpus, entry, pvm)
             .map_err(Error::Kvm)?;
         let (bus, exits, stop, mem) = (bus.clone(), exits.clone(), stop.clone(), mem.clone());
+        let confine = cfg.seccomp;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                if confine && let Err(e) = seccomp::install(Role::Vcpu) {
+                    exits.send(VmExit::VmmError(format!("vCPU {index}: {e}")));
+                    return;
+                }
                 vcpu.run(bus.as_ref(), &exits, &stop);
                 // Guest memory stays mapped while any vCPU thread lives.
                 drop(mem);
@@ -139,6 +152,9 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
             .map_err(|e| Error::Thread(format!("vcpu{index}"), e))?;
     }
 
+    if cfg.seccomp {
+        seccomp::install(Role::Main).map_err(Error::Seccomp)?;
+    }
     let exit = match timeout {
         Some(t) => match exit_rx.recv_timeout(t) {
             Ok(e) => e,

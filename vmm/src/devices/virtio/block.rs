@@ -15,9 +15,10 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::queue_worker::QueueWorker;
+use super::queue_worker::{DeviceThread, run_queue_loop};
 use super::{ActivateError, Activation, Interrupt, VirtioDevice, read_config_bytes};
 use crate::guest_warn;
+use crate::seccomp::Role;
 
 /// virtio device id of the block device.
 pub const DEVICE_ID: u32 = 2;
@@ -74,7 +75,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Block {
     disk: Arc<Disk>,
-    worker: Option<QueueWorker>,
+    thread: DeviceThread,
 }
 
 /// The host side of a disk.
@@ -130,12 +131,34 @@ impl Disk {
 }
 
 impl Block {
-    /// A block device over `disk`.
-    pub fn new(disk: Disk) -> Self {
-        Self {
-            disk: Arc::new(disk),
-            worker: None,
-        }
+    /// A block device over `disk`, with its thread (confined when `seccomp`).
+    pub fn new(disk: Disk, seccomp: bool) -> std::io::Result<Self> {
+        let disk = Arc::new(disk);
+        let d = disk.clone();
+        let thread =
+            DeviceThread::spawn("block", seccomp.then_some(Role::Block), move |act, kill| {
+                let Activation {
+                    mem,
+                    mut queues,
+                    queue_evts,
+                    interrupt,
+                    ..
+                } = act;
+                let Some(queue) = queues.first_mut() else {
+                    return;
+                };
+                let mut broken = false;
+                let result = run_queue_loop(&queue_evts, kill, |_| {
+                    if !broken {
+                        broken = !process(&mem, queue, &d, &interrupt);
+                    }
+                });
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "block device loop failed");
+                    interrupt.signal_needs_reset();
+                }
+            })?;
+        Ok(Self { disk, thread })
     }
 }
 
@@ -271,33 +294,14 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, act: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            mem,
-            mut queues,
-            queue_evts,
-            interrupt,
-            ..
-        } = act;
-        let Some(mut queue) = queues.pop().filter(|_| queues.is_empty()) else {
-            return Err(ActivateError::QueueCount(queues.len() + 1));
-        };
-        self.reset();
-        let disk = self.disk.clone();
-        let mut broken = false;
-        let worker = QueueWorker::spawn("block", queue_evts, move |_| {
-            if !broken {
-                broken = !process(&mem, &mut queue, &disk, &interrupt);
-            }
-        })
-        .map_err(ActivateError::Backend)?;
-        self.worker = Some(worker);
-        Ok(())
+        if act.queues.len() != 1 {
+            return Err(ActivateError::QueueCount(act.queues.len()));
+        }
+        self.thread.activate(act)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.thread.reset();
     }
 }
 
@@ -460,7 +464,7 @@ mod tests {
     #[test]
     fn capacity_is_in_config_space() {
         let t = setup("config", true);
-        let b = Block::new(Disk::open(&t.path, true).unwrap());
+        let b = Block::new(Disk::open(&t.path, true).unwrap(), false).unwrap();
         let mut d = [0u8; 8];
         b.read_config(0, &mut d);
         assert_eq!(u64::from_le_bytes(d), 8);

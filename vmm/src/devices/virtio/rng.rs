@@ -9,9 +9,10 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::queue_worker::QueueWorker;
+use super::queue_worker::{DeviceThread, run_queue_loop};
 use super::{ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::guest_warn;
+use crate::seccomp::Role;
 
 /// virtio device id of the entropy device.
 pub const DEVICE_ID: u32 = 4;
@@ -22,22 +23,41 @@ const QUEUE_SIZES: [u16; 1] = [256];
 /// The entropy device.
 #[derive(Debug)]
 pub struct Rng {
-    source: Arc<File>,
-    worker: Option<QueueWorker>,
+    thread: DeviceThread,
 }
 
 impl Rng {
-    /// Opens the host entropy source.
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Self::with_source(File::open("/dev/urandom")?))
+    /// Opens the host entropy source and starts the device thread (confined when `seccomp`).
+    pub fn new(seccomp: bool) -> std::io::Result<Self> {
+        Self::with_source(File::open("/dev/urandom")?, seccomp)
     }
 
-    /// Uses `source` as the entropy source (tests).
-    pub fn with_source(source: File) -> Self {
-        Self {
-            source: Arc::new(source),
-            worker: None,
-        }
+    /// Uses `source` as the entropy source.
+    pub fn with_source(source: File, seccomp: bool) -> std::io::Result<Self> {
+        let source = Arc::new(source);
+        let thread = DeviceThread::spawn("rng", seccomp.then_some(Role::Rng), move |act, kill| {
+            let Activation {
+                mem,
+                mut queues,
+                queue_evts,
+                interrupt,
+                ..
+            } = act;
+            let Some(queue) = queues.first_mut() else {
+                return;
+            };
+            let mut broken = false;
+            let result = run_queue_loop(&queue_evts, kill, |_| {
+                if !broken {
+                    broken = !process(&mem, queue, &source, &interrupt);
+                }
+            });
+            if let Err(e) = result {
+                tracing::error!(error = %e, "rng device loop failed");
+                interrupt.signal_needs_reset();
+            }
+        })?;
+        Ok(Self { thread })
     }
 }
 
@@ -102,33 +122,14 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, act: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            mem,
-            mut queues,
-            queue_evts,
-            interrupt,
-            ..
-        } = act;
-        let Some(mut queue) = queues.pop().filter(|_| queues.is_empty()) else {
-            return Err(ActivateError::QueueCount(queues.len() + 1));
-        };
-        self.reset();
-        let source = self.source.clone();
-        let mut broken = false;
-        let worker = QueueWorker::spawn("rng", queue_evts, move |_| {
-            if !broken {
-                broken = !process(&mem, &mut queue, &source, &interrupt);
-            }
-        })
-        .map_err(ActivateError::Backend)?;
-        self.worker = Some(worker);
-        Ok(())
+        if act.queues.len() != 1 {
+            return Err(ActivateError::QueueCount(act.queues.len()));
+        }
+        self.thread.activate(act)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.thread.reset();
     }
 }
 

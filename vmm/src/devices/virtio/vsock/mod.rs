@@ -17,13 +17,13 @@ mod tests;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
-
 use vmm_sys_util::epoll::Epoll;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::queue_worker::DeviceThread;
 use super::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::config::GuestCid;
+use crate::seccomp::Role;
 
 /// virtio device id of vsock.
 pub const DEVICE_ID: u32 = 19;
@@ -37,6 +37,9 @@ pub enum Error {
     /// Something that is not a socket is in the way of the listener.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     PathInUse(PathBuf),
+    /// The device thread could not start.
+    #[error("cannot start the vsock device thread")]
+    Thread(#[source] std::io::Error),
     /// The listener could not be bound.
     #[error("cannot listen on {path}")]
     Bind {
@@ -53,13 +56,12 @@ pub enum Error {
 pub struct Vsock {
     cid: GuestCid,
     uds: PathBuf,
-    listener: UnixListener,
-    running: Option<(EventFd, JoinHandle<()>)>,
+    thread: DeviceThread,
 }
 
 impl Vsock {
     /// Binds `uds` (replacing a stale socket there, never another kind of file).
-    pub fn new(cid: GuestCid, uds: &Path) -> Result<Self, Error> {
+    pub fn new(cid: GuestCid, uds: &Path, seccomp: bool) -> Result<Self, Error> {
         if let Ok(meta) = std::fs::symlink_metadata(uds) {
             if !meta.file_type().is_socket() {
                 return Err(Error::PathInUse(uds.to_owned()));
@@ -70,35 +72,44 @@ impl Vsock {
             path: uds.to_owned(),
             source,
         })?;
+        let path = uds.to_owned();
+        let guest_cid = cid.get();
+        let thread =
+            DeviceThread::spawn("vsock", seccomp.then_some(Role::Vsock), move |act, kill| {
+                let interrupt = act.interrupt.clone();
+                if let Err(e) = run(act, kill, &listener, guest_cid, &path) {
+                    tracing::error!(error = %e, "vsock device failed to start");
+                    interrupt.signal_needs_reset();
+                }
+            })
+            .map_err(Error::Thread)?;
         Ok(Self {
             cid,
             uds: uds.to_owned(),
-            listener,
-            running: None,
+            thread,
         })
     }
+}
 
-    fn start(&mut self, act: Activation) -> std::io::Result<()> {
-        let listener = self.listener.try_clone()?;
-        let epoll = Epoll::new()?;
-        let muxer = muxer::Muxer::new(self.cid.get(), &self.uds, listener, epoll)?;
-        let kill = EventFd::new(EFD_NONBLOCK)?;
-        let worker = worker::Worker::new(
-            act.mem,
-            act.queues,
-            act.queue_evts,
-            kill.try_clone()?,
-            act.interrupt,
-            muxer,
-        )?;
-        let handle = std::thread::Builder::new()
-            .name("vsock".to_owned())
-            .spawn(move || {
-                let _ = worker.run();
-            })?;
-        self.running = Some((kill, handle));
-        Ok(())
-    }
+/// One activation of the device, on its thread.
+fn run(
+    act: Activation,
+    kill: &EventFd,
+    listener: &UnixListener,
+    guest_cid: u64,
+    uds: &Path,
+) -> std::io::Result<()> {
+    let muxer = muxer::Muxer::new(guest_cid, uds, listener.try_clone()?, Epoll::new()?)?;
+    let worker = worker::Worker::new(
+        act.mem,
+        act.queues,
+        act.queue_evts,
+        kill.try_clone()?,
+        act.interrupt,
+        muxer,
+    )?;
+    let _ = worker.run();
+    Ok(())
 }
 
 impl VirtioDevice for Vsock {
@@ -122,17 +133,11 @@ impl VirtioDevice for Vsock {
         if act.queues.len() != 3 {
             return Err(ActivateError::QueueCount(act.queues.len()));
         }
-        self.reset();
-        self.start(act).map_err(ActivateError::Backend)
+        self.thread.activate(act)
     }
 
     fn reset(&mut self) {
-        if let Some((kill, handle)) = self.running.take() {
-            let _ = kill.write(1);
-            if handle.join().is_err() {
-                tracing::error!("vsock worker panicked");
-            }
-        }
+        self.thread.reset();
     }
 }
 
