@@ -12,7 +12,8 @@ pub mod queue_worker;
 pub mod rng;
 pub mod vsock;
 
-#[cfg(test)]
+/// The driver simulator: unit tests, benchmarks and fuzz targets (feature `test-utils`).
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 use std::sync::Arc;
