@@ -29,4 +29,5 @@ pub mod kvm;
 pub mod layout;
 pub mod ratelimit;
 pub mod seccomp;
+pub mod stats;
 pub mod vmm;

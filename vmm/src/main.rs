@@ -59,6 +59,9 @@ struct Args {
     /// Nested-PVM CPUID workarounds.
     #[arg(long, value_enum)]
     pvm_workarounds: Option<Toggle>,
+    /// Print a cost report (time and CPU to the first KVM_RUN, memory) on stderr at exit.
+    #[arg(long)]
+    stats: bool,
     /// Stop the VM after this many seconds (exit code 4).
     #[arg(long)]
     timeout: Option<u64>,
@@ -122,6 +125,7 @@ fn print_chain(err: &dyn std::error::Error) {
 }
 
 fn main() -> ExitCode {
+    let t0 = std::time::Instant::now();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOAT_VMM_LOG")
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let stats = args.stats.then_some(t0);
     let cfg = match merged(args).and_then(|(f, t)| Ok((VmConfig::from_file(f)?, t))) {
         Ok(c) => c,
         Err(e) => {
@@ -138,7 +143,7 @@ fn main() -> ExitCode {
         }
     };
     let (cfg, timeout) = cfg;
-    let code = match moat_vmm::vmm::run(&cfg, timeout) {
+    let code = match moat_vmm::vmm::run(&cfg, timeout, stats) {
         Ok(exit) => {
             tracing::info!(?exit, "VM stopped");
             if exit.code() != 0 {

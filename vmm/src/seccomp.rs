@@ -138,6 +138,10 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
     match role {
         Role::Main => {
             rules.push(any(libc::SYS_unlink, "removing the vsock socket at exit"));
+            rules.push(any(
+                libc::SYS_lseek,
+                "--stats re-reads /proc/self files opened earlier",
+            ));
         }
         Role::Vcpu => {
             rules.push(arg_eq(

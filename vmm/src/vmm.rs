@@ -3,9 +3,11 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{self, BootSpec};
@@ -62,8 +64,13 @@ pub enum Error {
     Thread(String, #[source] std::io::Error),
 }
 
-/// Boots `cfg` and runs it until the guest stops, the VMM fails or `timeout` passes.
-pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
+/// Boots `cfg` and runs it until the guest stops, the VMM fails or `timeout` passes. With
+/// `stats` (the instant `main()` started) a cost report is printed on stderr at exit.
+pub fn run(
+    cfg: &VmConfig,
+    timeout: Option<Duration>,
+    stats: Option<Instant>,
+) -> Result<VmExit, Error> {
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.mem_bytes)
         .into_iter()
         .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
@@ -132,18 +139,23 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
         Toggle::Auto => cpuid::host_is_nested_pvm(),
     };
     tracing::info!(pvm_workarounds = pvm, entry = entry.entry, "booting");
+    let (started_tx, started_rx) = mpsc::channel::<Instant>();
     for index in 0..cfg.vcpus {
         let vcpu = vm
             .create_vcpu(index, cfg.vcpus, entry, pvm)
             .map_err(Error::Kvm)?;
         let (bus, exits, stop, mem) = (bus.clone(), exits.clone(), stop.clone(), mem.clone());
         let confine = cfg.seccomp;
+        let started = (index == 0).then(|| started_tx.clone());
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 if confine && let Err(e) = seccomp::install(Role::Vcpu) {
                     exits.send(VmExit::VmmError(format!("vCPU {index}: {e}")));
                     return;
+                }
+                if let Some(s) = started {
+                    let _ = s.send(Instant::now());
                 }
                 vcpu.run(bus.as_ref(), &exits, &stop);
                 // Guest memory stays mapped while any vCPU thread lives.
@@ -152,6 +164,23 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
             .map_err(|e| Error::Thread(format!("vcpu{index}"), e))?;
     }
 
+    let mut report = None;
+    if let Some(t0) = stats {
+        let first = started_rx
+            .recv_timeout(Duration::from_secs(10))
+            .ok()
+            .map(|t| t.duration_since(t0));
+        let cpu = crate::stats::cpu_ns_all_threads().unwrap_or(0);
+        let guest = mem
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some((host as u64, r.len()))
+            })
+            .collect();
+        let probe = crate::stats::ExitProbe::open(guest).map_err(Error::Console)?;
+        report = Some((first, cpu, probe));
+    }
     if cfg.seccomp {
         seccomp::install(Role::Main).map_err(Error::Seccomp)?;
     }
@@ -173,6 +202,9 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<VmExit, Error> {
     std::mem::forget(vm);
     if let Some(v) = &cfg.vsock {
         let _ = std::fs::remove_file(&v.uds);
+    }
+    if let Some((first, cpu, mut probe)) = report {
+        eprintln!("{}", crate::stats::line(first, cpu, probe.memory()));
     }
     Ok(exit)
 }
