@@ -150,3 +150,82 @@ fn serial_output_is_capped() {
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert_eq!(run.serial.len(), 20, "{:?}", run.serial);
 }
+
+#[test]
+fn stats_report_the_cost_of_a_boot() {
+    require_kvm!();
+    let run = common::run_vmm("stats", &["--kernel", &probe(), "--stats"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let line = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("moat-vmm stats: "))
+        .expect("a stats line on stderr");
+    for key in [
+        "main_to_first_kvm_run_us",
+        "cpu_us_at_first_kvm_run",
+        "overhead_kib",
+    ] {
+        let v: i64 = line
+            .split(&format!("\"{key}\":"))
+            .nth(1)
+            .and_then(|r| r.split([',', '}']).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1);
+        assert!(v > 0, "{key} in {line}");
+    }
+}
+
+#[test]
+fn every_thread_of_a_running_vmm_is_confined_by_seccomp() {
+    require_kvm!();
+    let dir = common::scratch("confined");
+    let uds = dir.join("v.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .args([
+            "--kernel",
+            &probe(),
+            "--cmdline",
+            "probe.hang=1",
+            "--timeout",
+            "20",
+            "--rng",
+        ])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--serial-out")
+        .arg(dir.join("serial.log"))
+        .spawn()
+        .unwrap();
+    // Wait until the guest is running (its serial line is out), then look at every thread.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !std::fs::read_to_string(dir.join("serial.log"))
+        .unwrap_or_default()
+        .contains("hanging on purpose")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let tasks = format!("/proc/{}/task", child.id());
+    let mut threads = Vec::new();
+    for t in std::fs::read_dir(&tasks).unwrap() {
+        let path = t.unwrap().path();
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(str::trim)
+            .unwrap_or("?")
+            .to_owned();
+        threads.push((name.trim().to_owned(), mode));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(threads.len() >= 4, "{threads:?}");
+    assert!(threads.iter().all(|(_, mode)| mode == "2"), "{threads:?}");
+}
