@@ -24,6 +24,8 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
 #[allow(unsafe_code)]
 pub mod kvm;
 pub mod layout;
