@@ -61,6 +61,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The initramfs size could not be read.
+    #[error("cannot read the initramfs size")]
+    InitrdSize(#[source] std::io::Error),
     /// The initramfs does not fit between the kernel and the top of low RAM.
     #[error("initramfs of {0} bytes does not fit in guest memory")]
     InitrdTooBig(u64),
@@ -87,26 +90,38 @@ pub struct BootEntry {
 /// What to boot.
 #[derive(Debug)]
 pub struct BootSpec<'a> {
-    /// Kernel ELF.
-    pub kernel: &'a Path,
+    /// Kernel ELF, already open (see [`open_kernel`]).
+    pub kernel: &'a mut File,
     /// Full command line.
     pub cmdline: &'a str,
-    /// Initramfs.
-    pub initrd: Option<&'a Path>,
+    /// Initramfs, already open (see [`open_initrd`]).
+    pub initrd: Option<&'a mut File>,
     /// Guest RAM size in bytes.
     pub mem_bytes: u64,
 }
 
-/// Loads the kernel and writes every boot structure; returns where the vCPU starts.
-pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, Error> {
-    let mut kernel = File::open(spec.kernel).map_err(|source| Error::OpenKernel {
-        path: spec.kernel.to_owned(),
+/// Opens the kernel image (before any jail: the guest never names a host path).
+pub fn open_kernel(path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|source| Error::OpenKernel {
+        path: path.to_owned(),
         source,
-    })?;
+    })
+}
+
+/// Opens the initramfs.
+pub fn open_initrd(path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|source| Error::ReadInitrd {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Loads the kernel and writes every boot structure; returns where the vCPU starts.
+pub fn load(mem: &GuestMemoryMmap, spec: BootSpec<'_>) -> Result<BootEntry, Error> {
     let loaded = Elf::load(
         mem,
         None,
-        &mut kernel,
+        spec.kernel,
         Some(GuestAddress(layout::HIMEM_START)),
     )
     .map_err(Error::LoadKernel)?;
@@ -120,8 +135,8 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, Err
 
     let low_ram_end = spec.mem_bytes.min(layout::MMIO_GAP_START);
     let mut modules = Vec::new();
-    if let Some(path) = spec.initrd {
-        let m = load_initrd(mem, path, loaded.kernel_end, low_ram_end)?;
+    if let Some(file) = spec.initrd {
+        let m = load_initrd(mem, file, loaded.kernel_end, low_ram_end)?;
         modules.push(m);
     }
 
@@ -160,23 +175,18 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, Err
 /// Copies the initramfs to the top of low RAM, page aligned, above the kernel.
 fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    file: &mut File,
     kernel_end: u64,
     low_ram_end: u64,
 ) -> Result<hvm_modlist_entry, Error> {
-    let read_err = |source| Error::ReadInitrd {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
+    let size = file.metadata().map_err(Error::InitrdSize)?.len();
     let addr = low_ram_end
         .checked_sub(size)
         .map(|a| a & !0xfff)
         .filter(|a| *a >= kernel_end.max(layout::HIMEM_START))
         .ok_or(Error::InitrdTooBig(size))?;
     let len = usize::try_from(size).map_err(|_| Error::InitrdTooBig(size))?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+    mem.read_exact_volatile_from(GuestAddress(addr), file, len)
         .map_err(Error::GuestMemory)?;
     Ok(hvm_modlist_entry {
         paddr: addr,
@@ -268,13 +278,16 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let k = dir.join("not-elf");
         assert!(std::fs::write(&k, b"MZ this is not an ELF").is_ok());
+        let Ok(mut f) = open_kernel(&k) else {
+            panic!("cannot open the test kernel")
+        };
         let spec = BootSpec {
-            kernel: &k,
+            kernel: &mut f,
             cmdline: "",
             initrd: None,
             mem_bytes: 16 << 20,
         };
-        assert!(matches!(load(&mem, &spec), Err(Error::LoadKernel(_))));
+        assert!(matches!(load(&mem, spec), Err(Error::LoadKernel(_))));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,6 +1,7 @@
 //! Putting the machine together: memory, kernel, KVM, devices, vCPU threads; then waiting for
 //! the first reason to stop.
 
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -64,6 +65,63 @@ pub enum Error {
     Thread(String, #[source] std::io::Error),
 }
 
+/// Every host resource the VM needs, opened up front so a jailed VMM needs no host paths:
+/// the kernel, initramfs, disks, entropy, console, /dev/kvm and the vsock listener.
+pub struct Resources {
+    kernel: std::fs::File,
+    initrd: Option<std::fs::File>,
+    kvm: kvm_ioctls::Kvm,
+    disks: Vec<Disk>,
+    entropy: Option<std::fs::File>,
+    console: serial::ConsoleOut,
+    vsock: Option<UnixListener>,
+}
+
+impl std::fmt::Debug for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resources")
+            .field("disks", &self.disks.len())
+            .field("vsock", &self.vsock.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Resources {
+    /// Opens everything `cfg` names.
+    pub fn open(cfg: &VmConfig) -> Result<Self, Error> {
+        let kernel = boot::open_kernel(&cfg.kernel).map_err(Error::Boot)?;
+        let initrd = match &cfg.initrd {
+            Some(p) => Some(boot::open_initrd(p).map_err(Error::Boot)?),
+            None => None,
+        };
+        let mut disks = Vec::new();
+        for d in &cfg.disks {
+            disks.push(Disk::open(&d.path, d.read_only).map_err(|e| Error::Disk(Box::new(e)))?);
+        }
+        let entropy = if cfg.rng {
+            Some(std::fs::File::open("/dev/urandom").map_err(Error::Entropy)?)
+        } else {
+            None
+        };
+        let console = serial::console_out(cfg.serial_out.as_deref(), cfg.serial_cap)
+            .map_err(Error::Console)?;
+        let vsock = match &cfg.vsock {
+            Some(v) => Some(crate::devices::virtio::vsock::bind(&v.uds).map_err(Error::Vsock)?),
+            None => None,
+        };
+        let kvm = Vm::open_kvm().map_err(Error::Kvm)?;
+        Ok(Self {
+            kernel,
+            initrd,
+            kvm,
+            disks,
+            entropy,
+            console,
+            vsock,
+        })
+    }
+}
+
 /// Boots `cfg` and runs it until the guest stops, the VMM fails or `timeout` passes. With
 /// `stats` (the instant `main()` started) a cost report is printed on stderr at exit.
 pub fn run(
@@ -71,6 +129,29 @@ pub fn run(
     timeout: Option<Duration>,
     stats: Option<Instant>,
 ) -> Result<VmExit, Error> {
+    let res = Resources::open(cfg)?;
+    run_with(cfg, res, None, timeout, stats)
+}
+
+/// Runs `cfg` from resources opened earlier. `uds_inside` is the vsock socket's path as this
+/// process now sees it (a jail moves it); `None` keeps `cfg`'s path.
+pub fn run_with(
+    cfg: &VmConfig,
+    res: Resources,
+    uds_inside: Option<std::path::PathBuf>,
+    timeout: Option<Duration>,
+    stats: Option<Instant>,
+) -> Result<VmExit, Error> {
+    let Resources {
+        mut kernel,
+        mut initrd,
+        kvm,
+        disks,
+        entropy,
+        console,
+        vsock,
+    } = res;
+    let uds = uds_inside.or_else(|| cfg.vsock.as_ref().map(|v| v.uds.clone()));
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.mem_bytes)
         .into_iter()
         .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
@@ -82,19 +163,20 @@ pub fn run(
     // Devices first: their host resources (sockets, disks, entropy) are opened before the
     // guest exists, and their MMIO slots go on the command line in this order.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    if let Some(v) = &cfg.vsock {
+    if let (Some(v), Some(listener), Some(uds)) = (&cfg.vsock, vsock, &uds) {
         devices.push(Box::new(
-            Vsock::new(v.cid, &v.uds, cfg.seccomp).map_err(Error::Vsock)?,
+            Vsock::with_listener(v.cid, listener, uds, cfg.seccomp).map_err(Error::Vsock)?,
         ));
     }
-    for d in &cfg.disks {
-        let disk = Disk::open(&d.path, d.read_only).map_err(|e| Error::Disk(Box::new(e)))?;
+    for disk in disks {
         devices.push(Box::new(
             Block::new(disk, cfg.seccomp).map_err(|e| Error::Disk(Box::new(e)))?,
         ));
     }
-    if cfg.rng {
-        devices.push(Box::new(Rng::new(cfg.seccomp).map_err(Error::Entropy)?));
+    if let Some(source) = entropy {
+        devices.push(Box::new(
+            Rng::with_source(source, cfg.seccomp).map_err(Error::Entropy)?,
+        ));
     }
     let slots: Vec<MmioSlot> = (0u64..).zip(&devices).map(|(i, _)| mmio_slot(i)).collect();
     let mut cmdline = cfg.cmdline.clone();
@@ -103,24 +185,24 @@ pub fn run(
     }
     let entry = boot::load(
         &mem,
-        &BootSpec {
-            kernel: &cfg.kernel,
+        BootSpec {
+            kernel: &mut kernel,
             cmdline: &cmdline,
-            initrd: cfg.initrd.as_deref(),
+            initrd: initrd.as_mut(),
             mem_bytes: cfg.mem_bytes,
         },
     )
     .map_err(Error::Boot)?;
+    drop(kernel);
+    drop(initrd);
 
-    let vm = Vm::new(&mem).map_err(Error::Kvm)?;
+    let vm = Vm::new(kvm, &mem).map_err(Error::Kvm)?;
     let (exits, exit_rx) = ExitSender::channel();
     let stop = Arc::new(AtomicBool::new(false));
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
         .map_err(Error::Kvm)?;
-    let console =
-        serial::console_out(cfg.serial_out.as_deref(), cfg.serial_cap).map_err(Error::Console)?;
     let serial = SerialDevice::new(IrqLine(serial_irq), console);
     let i8042 = I8042::new(ResetLine::new(exits.clone(), stop.clone()));
     let mut bus = Bus::new(serial, i8042);
@@ -200,8 +282,8 @@ pub fn run(
     // Keep the VM and memory alive: vCPU threads may still be inside KVM_RUN; the caller exits
     // the process.
     std::mem::forget(vm);
-    if let Some(v) = &cfg.vsock {
-        let _ = std::fs::remove_file(&v.uds);
+    if let Some(uds) = &uds {
+        let _ = std::fs::remove_file(uds);
     }
     if let Some((first, cpu, mut probe)) = report {
         eprintln!("{}", crate::stats::line(first, cpu, probe.memory()));

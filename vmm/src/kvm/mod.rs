@@ -70,9 +70,13 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens /dev/kvm, creates the VM, its irqchip and PIT, and registers `mem`.
-    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, Error> {
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    /// Opens /dev/kvm (done before any jail; the fd is all the VMM keeps).
+    pub fn open_kvm() -> Result<Kvm, Error> {
+        Kvm::new().map_err(Error::OpenKvm)
+    }
+
+    /// Creates the VM on `kvm`, its irqchip and PIT, and registers `mem`.
+    pub fn new(kvm: Kvm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
         let tss = usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX);
         fd.set_tss_address(tss).map_err(Error::SetTss)?;

@@ -60,18 +60,20 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// Binds `uds` (replacing a stale socket there, never another kind of file).
+    /// Binds `uds` and starts the device.
     pub fn new(cid: GuestCid, uds: &Path, seccomp: bool) -> Result<Self, Error> {
-        if let Ok(meta) = std::fs::symlink_metadata(uds) {
-            if !meta.file_type().is_socket() {
-                return Err(Error::PathInUse(uds.to_owned()));
-            }
-            let _ = std::fs::remove_file(uds);
-        }
-        let listener = UnixListener::bind(uds).map_err(|source| Error::Bind {
-            path: uds.to_owned(),
-            source,
-        })?;
+        let listener = bind(uds)?;
+        Self::with_listener(cid, listener, uds, seccomp)
+    }
+
+    /// Starts the device on a listener bound earlier; guest connections to port P go to
+    /// `<uds>_P`, where `uds` is the socket's path as this process sees it (inside the jail).
+    pub fn with_listener(
+        cid: GuestCid,
+        listener: UnixListener,
+        uds: &Path,
+        seccomp: bool,
+    ) -> Result<Self, Error> {
         let path = uds.to_owned();
         let guest_cid = cid.get();
         let thread =
@@ -89,6 +91,20 @@ impl Vsock {
             thread,
         })
     }
+}
+
+/// Binds the host listener on `uds`, replacing a stale socket there, never another kind of file.
+pub fn bind(uds: &Path) -> Result<UnixListener, Error> {
+    if let Ok(meta) = std::fs::symlink_metadata(uds) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::PathInUse(uds.to_owned()));
+        }
+        let _ = std::fs::remove_file(uds);
+    }
+    UnixListener::bind(uds).map_err(|source| Error::Bind {
+        path: uds.to_owned(),
+        source,
+    })
 }
 
 /// One activation of the device, on its thread.
