@@ -113,6 +113,20 @@ pub struct FileConfig {
     pub rng: Option<bool>,
     /// Per-thread seccomp filters (on unless set to false; off only for debugging).
     pub seccomp: Option<bool>,
+    /// Run jailed (needs root).
+    pub jail: Option<JailFile>,
+}
+
+/// `[jail]` in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailFile {
+    /// Directory that becomes the VMM's root (created if missing, must be empty).
+    pub dir: PathBuf,
+    /// Unprivileged uid (default 65534).
+    pub uid: Option<u32>,
+    /// Unprivileged gid (default 65534).
+    pub gid: Option<u32>,
 }
 
 /// `[[block]]` in the file.
@@ -209,6 +223,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Per-thread seccomp filters.
     pub seccomp: bool,
+    /// The jail, if any.
+    pub jail: Option<JailFile>,
 }
 
 /// A checked vsock device configuration.
@@ -262,6 +278,7 @@ impl VmConfig {
             disks: f.block,
             rng: f.rng.unwrap_or(false),
             seccomp: f.seccomp.unwrap_or(true),
+            jail: f.jail,
         })
     }
 }

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Invariants:
-//! - `unsafe` lives only in `kvm/` (memory-slot registration); everything else is safe code.
+//! - `unsafe` lives only in `kvm/` (memory-slot registration) and `jail/sys.rs` (namespaces,
+//!   mounts, privilege drop); everything else is safe code.
 //! - Nothing the guest writes chooses a host path, port or identity.
 //! - A guest-caused error resets a device or closes a connection and is logged rate-limited;
 //!   it never panics the VMM.
@@ -26,6 +27,7 @@ pub mod devices;
 pub mod exit;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzzing;
+pub mod jail;
 #[allow(unsafe_code)]
 pub mod kvm;
 pub mod layout;

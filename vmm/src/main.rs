@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use moat_vmm::config::{BlockFile, FileConfig, SerialFile, Toggle, VmConfig, VsockFile};
+use moat_vmm::config::{BlockFile, FileConfig, JailFile, SerialFile, Toggle, VmConfig, VsockFile};
 use moat_vmm::exit::EXIT_CONFIG;
+use moat_vmm::jail::{self, JailSpec};
 
 /// Boot a moat microVM.
 #[derive(Debug, Parser)]
@@ -53,6 +54,15 @@ struct Args {
     /// Offer a virtio-rng device fed from the host's /dev/urandom.
     #[arg(long)]
     rng: bool,
+    /// Jail the VMM (needs root): this empty directory becomes its root.
+    #[arg(long)]
+    jail_dir: Option<PathBuf>,
+    /// Unprivileged uid inside the jail.
+    #[arg(long, default_value_t = 65534)]
+    jail_uid: u32,
+    /// Unprivileged gid inside the jail.
+    #[arg(long, default_value_t = 65534)]
+    jail_gid: u32,
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -102,6 +112,13 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
             read_only: false,
         });
     }
+    if let Some(dir) = args.jail_dir {
+        f.jail = Some(JailFile {
+            dir,
+            uid: Some(args.jail_uid),
+            gid: Some(args.jail_gid),
+        });
+    }
     if args.no_seccomp {
         f.seccomp = Some(false);
     }
@@ -112,6 +129,35 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
         f.cpu.pvm_workarounds = t;
     }
     Ok((f, args.timeout.map(Duration::from_secs)))
+}
+
+/// Runs the VM, jailed when the config asks for it.
+fn run(
+    cfg: &VmConfig,
+    timeout: Option<Duration>,
+    stats: Option<std::time::Instant>,
+) -> Result<moat_vmm::exit::VmExit, Box<dyn std::error::Error>> {
+    let Some(j) = &cfg.jail else {
+        return Ok(moat_vmm::vmm::run(cfg, timeout, stats)?);
+    };
+    jail::close_inherited_fds()?;
+    let exposed = std::iter::once(&cfg.kernel)
+        .chain(cfg.initrd.iter())
+        .chain(cfg.disks.iter().map(|d| &d.path));
+    for path in exposed {
+        jail::check_exposed(path)?;
+    }
+    let res = moat_vmm::vmm::Resources::open(cfg)?;
+    let inside = jail::enter(&JailSpec {
+        dir: j.dir.clone(),
+        uid: j.uid.unwrap_or(65534),
+        gid: j.gid.unwrap_or(65534),
+        uds: cfg.vsock.as_ref().map(|v| v.uds.clone()),
+        max_files: 4096,
+    })?;
+    Ok(moat_vmm::vmm::run_with(
+        cfg, res, inside.uds, timeout, stats,
+    )?)
 }
 
 /// Prints an error and its chain of causes.
@@ -143,7 +189,7 @@ fn main() -> ExitCode {
         }
     };
     let (cfg, timeout) = cfg;
-    let code = match moat_vmm::vmm::run(&cfg, timeout, stats) {
+    let code = match run(&cfg, timeout, stats) {
         Ok(exit) => {
             tracing::info!(?exit, "VM stopped");
             if exit.code() != 0 {
@@ -152,7 +198,7 @@ fn main() -> ExitCode {
             exit.code()
         }
         Err(e) => {
-            print_chain(&e);
+            print_chain(e.as_ref());
             1
         }
     };
