@@ -169,3 +169,53 @@ pub fn clear_env() {
         unsafe { std::env::remove_var(k) };
     }
 }
+
+/// Landlock ABI version the kernel offers (0 when Landlock is unavailable).
+pub fn landlock_abi() -> i64 {
+    // SAFETY: with a NULL attribute, size 0 and the VERSION flag, the call only returns the ABI
+    // version; no memory is read or written.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32, // LANDLOCK_CREATE_RULESET_VERSION
+        )
+    };
+    v.max(0)
+}
+
+/// Creates a ruleset handling `fs`, `net` and `scoped` (the attribute truncated to what `abi`
+/// knows) with no rules at all, and restricts the calling thread (and its future threads) by
+/// it: every handled access is then denied.
+pub fn landlock_deny_all(abi: i64, fs: u64, net: u64, scoped: u64) -> io::Result<()> {
+    let attr: [u64; 3] = [fs, net, scoped];
+    let size = match abi {
+        i64::MIN..=3 => 8usize,
+        4 | 5 => 16,
+        _ => 24,
+    };
+    // SAFETY: `attr` is a live, properly aligned array of at least `size` bytes laid out as
+    // struct landlock_ruleset_attr (three u64 fields in order).
+    let fd = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, attr.as_ptr(), size, 0u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("ruleset fd out of range"))?;
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only; Landlock requires it.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    let result = if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: `fd` is the ruleset descriptor just created; flags 0.
+        let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) };
+        if r == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: `fd` is owned here and closed exactly once.
+    unsafe { libc::close(fd) };
+    result
+}
