@@ -25,8 +25,8 @@ pub(crate) fn probe_guest() -> Result<PathBuf> {
             .args(["build", "--release", "--target", "x86_64-unknown-none"]),
     )
     .context("building the probe guest needs `rustup target add x86_64-unknown-none`")?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| dir.join("target"), PathBuf::from);
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| dir.join("target"), PathBuf::from);
     Ok(target_dir.join("x86_64-unknown-none/release/moat-probe-guest"))
 }
 
@@ -47,15 +47,21 @@ fn median(mut v: Vec<i64>) -> i64 {
 /// `cargo xtask bench` part for the VMM.
 pub(crate) fn bench() -> Result<()> {
     let probe = probe_guest()?;
-    run_cmd(
-        Command::new(env!("CARGO"))
-            .current_dir(root())
-            .args(["build", "--release", "-p", "moat-vmm"]),
-    )?;
+    run_cmd(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "moat-vmm",
+    ]))?;
     let target_dir =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let vmm = target_dir.join("release/moat-vmm");
-    if std::fs::File::options().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         eprintln!("xtask: SKIPPED VMM boot cost: /dev/kvm is not usable here");
     } else {
         let (mut time, mut cpu, mut mem) = (Vec::new(), Vec::new(), Vec::new());
@@ -63,7 +69,15 @@ pub(crate) fn bench() -> Result<()> {
             let out = Command::new(&vmm)
                 .arg("--kernel")
                 .arg(&probe)
-                .args(["--mem", "256", "--stats", "--timeout", "30", "--serial-out", "/dev/null"])
+                .args([
+                    "--mem",
+                    "256",
+                    "--stats",
+                    "--timeout",
+                    "30",
+                    "--serial-out",
+                    "/dev/null",
+                ])
                 .output()
                 .context("cannot run moat-vmm")?;
             if !out.status.success() {
@@ -81,9 +95,18 @@ pub(crate) fn bench() -> Result<()> {
         let (t, c, m) = (median(time), median(cpu), median(mem));
         println!("| VMM metric (median of 10 probe boots) | value | Firecracker budget |");
         println!("| --- | --- | --- |");
-        println!("| main() to first KVM_RUN, wall | {:.2} ms | - |", t as f64 / 1000.0);
-        println!("| CPU until first KVM_RUN | {:.2} ms | 8 ms |", c as f64 / 1000.0);
-        println!("| memory beyond touched guest RAM | {:.2} MiB | 5 MiB |", m as f64 / 1024.0);
+        println!(
+            "| main() to first KVM_RUN, wall | {:.2} ms | - |",
+            t as f64 / 1000.0
+        );
+        println!(
+            "| CPU until first KVM_RUN | {:.2} ms | 8 ms |",
+            c as f64 / 1000.0
+        );
+        println!(
+            "| memory beyond touched guest RAM | {:.2} MiB | 5 MiB |",
+            m as f64 / 1024.0
+        );
     }
     run_cmd(Command::new(env!("CARGO")).current_dir(root()).args([
         "bench",
