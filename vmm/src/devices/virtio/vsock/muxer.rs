@@ -22,6 +22,7 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -40,6 +41,9 @@ pub const MAX_PENDING_ACCEPTS: usize = 64;
 pub const MAX_CONTROL: usize = 2048;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// How long the guest gets to answer a REQUEST or finish a close, and a host client to send
+/// its CONNECT line (Firecracker uses 2 s for the same waits).
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// First host port handed out for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -81,6 +85,8 @@ struct Conn {
     credit_update_queued: bool,
     /// Shut the host stream's write half once `pending` drains.
     shut_write_when_drained: bool,
+    /// When a Connecting or Closing connection gives up on the guest.
+    deadline: Option<Instant>,
 }
 
 impl Conn {
@@ -98,6 +104,7 @@ impl Conn {
             last_fwd_cnt_sent: Wrapping(0),
             credit_update_queued: false,
             shut_write_when_drained: false,
+            deadline: None,
         }
     }
 
@@ -141,6 +148,7 @@ impl Conn {
 struct PendingAccept {
     stream: UnixStream,
     line: Vec<u8>,
+    deadline: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -174,6 +182,7 @@ pub struct Muxer {
     next_local_port: u32,
     scratch: Vec<u8>,
     max_conns: usize,
+    timeout: Duration,
 }
 
 fn fd_token(fd: RawFd) -> u64 {
@@ -207,7 +216,52 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             scratch: vec![0u8; usize::try_from(MAX_PKT_PAYLOAD).unwrap_or(65536)],
             max_conns: MAX_CONNS,
+            timeout: PEER_TIMEOUT,
         })
+    }
+
+    /// Changes how long the guest (or a host client) gets to answer (tests).
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    /// The earliest deadline of any waiting connection or host client.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let conns = self.conns.values().filter_map(|c| c.deadline);
+        let accepts = self.accepts.values().map(|a| a.deadline);
+        conns.chain(accepts).min()
+    }
+
+    /// Gives up on everything whose deadline passed: host clients that never finished their
+    /// CONNECT line are closed; connections the guest never accepted are closed on the host and
+    /// reset towards the guest; connections the guest never finished closing are reset.
+    pub fn expire(&mut self, now: Instant) {
+        let stale: Vec<RawFd> = self
+            .accepts
+            .iter()
+            .filter(|(_, a)| a.deadline <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            self.accepts.remove(&fd);
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        let late: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in late {
+            guest_warn!(
+                host_port = key.0,
+                guest_port = key.1,
+                "vsock peer timed out; resetting"
+            );
+            self.reset(key);
+        }
     }
 
     /// Lowers the connection limit (tests).
@@ -324,6 +378,7 @@ impl Muxer {
         match (conn.state, h.op) {
             (State::Connecting, op::RESPONSE) => {
                 conn.state = State::Established;
+                conn.deadline = None;
                 let line = format!("OK {}\n", key.0);
                 if conn.stream.write_all(line.as_bytes()).is_err() {
                     self.reset(key);
@@ -451,6 +506,7 @@ impl Muxer {
                 PendingAccept {
                     stream,
                     line: Vec::new(),
+                    deadline: Instant::now() + self.timeout,
                 },
             );
         }
@@ -523,6 +579,7 @@ impl Muxer {
         let key = (local, port);
         let mut conn = Conn::new(p.stream, State::Connecting);
         conn.readable = false;
+        conn.deadline = Some(Instant::now() + self.timeout);
         if self.register_stream(key, conn, true).is_err() {
             let _ = self
                 .epoll
@@ -600,6 +657,7 @@ impl Muxer {
             Ok(0) => {
                 conn.readable = false;
                 conn.state = State::Closing;
+                conn.deadline = Some(Instant::now() + self.timeout);
                 let hdr = self.header(key, op::SHUTDOWN, shutdown::RCV | shutdown::SEND);
                 Ok(buf.write(hdr, &[]))
             }

@@ -60,8 +60,8 @@ impl Harness {
         Self::build(name, |_| {})
     }
 
-    fn new_with(f: impl FnOnce(&mut Muxer)) -> Self {
-        Self::build("limits", f)
+    fn new_with(name: &str, f: impl FnOnce(&mut Muxer)) -> Self {
+        Self::build(name, f)
     }
 
     fn build(name: &str, f: impl FnOnce(&mut Muxer)) -> Self {
@@ -494,8 +494,50 @@ fn rx_buffer_smaller_than_a_header_is_skipped() {
 }
 
 #[test]
+fn host_connect_the_guest_never_answers_times_out() {
+    let mut h = Harness::new_with("custom1", |m| m.set_timeout(Duration::from_millis(50)));
+    h.post_rx(4, RX_BUF);
+    let mut c = UnixStream::connect(&h.uds).unwrap();
+    c.write_all(b"CONNECT 52\n").unwrap();
+    let req = h.recv_op(op::REQUEST);
+    // The guest stays silent: the client is closed and the guest told to forget it.
+    let rst = h.recv_op(op::RST);
+    assert_eq!((rst.src_port, rst.dst_port), (req.src_port, 52));
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(c.read(&mut buf).unwrap(), 0);
+    assert_eq!(h.worker.muxer().connection_count(), 0);
+}
+
+#[test]
+fn close_the_guest_never_finishes_times_out() {
+    let mut h = Harness::new_with("custom2", |m| m.set_timeout(Duration::from_millis(50)));
+    let s = h.established(8400);
+    drop(s);
+    let mut ops = Vec::new();
+    h.pump_until(|h| {
+        ops.extend(h.recv().into_iter().map(|p| p.0.op));
+        ops.contains(&op::RST).then_some(())
+    });
+    assert_eq!(ops, vec![op::SHUTDOWN, op::RST]);
+    assert_eq!(h.worker.muxer().connection_count(), 0);
+}
+
+#[test]
+fn host_client_that_never_sends_its_line_is_dropped() {
+    let mut h = Harness::new_with("custom3", |m| m.set_timeout(Duration::from_millis(50)));
+    let mut c = UnixStream::connect(&h.uds).unwrap();
+    c.write_all(b"CONN").unwrap();
+    c.set_nonblocking(true).unwrap();
+    h.pump_until(|_| {
+        let mut buf = [0u8; 1];
+        matches!(c.read(&mut buf), Ok(0)).then_some(())
+    });
+}
+
+#[test]
 fn connection_requests_beyond_the_limit_are_refused() {
-    let mut h = Harness::new_with(|m| m.set_max_conns(4));
+    let mut h = Harness::new_with("custom4", |m| m.set_max_conns(4));
     let _l = h.host_listen(1);
     h.post_rx(16, RX_BUF);
     for port in 0..6 {

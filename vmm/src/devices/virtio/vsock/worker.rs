@@ -4,6 +4,7 @@
 use std::num::Wrapping;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -101,7 +102,14 @@ impl Worker {
     /// Runs until killed.
     pub fn run(mut self) -> Stop {
         loop {
-            let timeout = if self.rx_more { 0 } else { -1 };
+            let timeout = if self.rx_more {
+                0
+            } else {
+                self.muxer.next_deadline().map_or(-1, |d| {
+                    let ms = d.saturating_duration_since(Instant::now()).as_millis();
+                    i32::try_from(ms).unwrap_or(i32::MAX).saturating_add(1)
+                })
+            };
             if let Some(stop) = self.turn(timeout) {
                 return stop;
             }
@@ -133,6 +141,7 @@ impl Worker {
                 _ => {}
             }
         }
+        self.muxer.expire(Instant::now());
         self.process_tx();
         self.rx_more = self.process_rx();
         None
