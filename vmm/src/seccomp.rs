@@ -16,6 +16,8 @@ use seccompiler::{
 
 /// `ioctl(vcpu, KVM_RUN)`.
 const KVM_RUN: u64 = 0xae80;
+/// `ioctl(vcpu, KVM_GET_REGS)`: `_IOR(KVMIO, 0x81, struct kvm_regs)` (144 bytes).
+const KVM_GET_REGS: u64 = 0x8090_ae81;
 /// `ioctl(fd, FIONBIO)`.
 const FIONBIO: u64 = 0x5421;
 
@@ -148,7 +150,13 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
                 libc::SYS_ioctl,
                 1,
                 KVM_RUN,
-                "KVM_RUN, nothing else",
+                "KVM_RUN (and KVM_GET_REGS below), nothing else",
+            )?);
+            rules.push(arg_eq(
+                libc::SYS_ioctl,
+                1,
+                KVM_GET_REGS,
+                "KVM_GET_REGS: the guest RIP in a crash report",
             )?);
             rules.push(arg_eq(
                 libc::SYS_fcntl,

@@ -229,3 +229,60 @@ fn every_thread_of_a_running_vmm_is_confined_by_seccomp() {
     assert!(threads.len() >= 4, "{threads:?}");
     assert!(threads.iter().all(|(_, mode)| mode == "2"), "{threads:?}");
 }
+
+fn cpuid_line(run: &common::Run) -> String {
+    run.serial
+        .lines()
+        .find(|l| l.starts_with("probe: cpuid "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn leaf1_ecx(line: &str) -> u32 {
+    line.split("leaf1.ecx 0x")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn pvm_workarounds_report_intel_and_hide_cx16_from_the_guest() {
+    require_kvm!();
+    let run = common::run_vmm(
+        "cpuid-on",
+        &[
+            "--kernel",
+            &probe(),
+            "--cmdline",
+            "probe.cpuid=1",
+            "--pvm-workarounds",
+            "on",
+        ],
+    );
+    let line = cpuid_line(&run);
+    assert!(line.contains("vendor GenuineIntel"), "{line}");
+    assert_eq!(
+        leaf1_ecx(&line) & (1 << 13),
+        0,
+        "CX16 must be hidden: {line}"
+    );
+}
+
+#[test]
+fn without_pvm_workarounds_the_guest_sees_cx16() {
+    require_kvm!();
+    let run = common::run_vmm(
+        "cpuid-off",
+        &[
+            "--kernel",
+            &probe(),
+            "--cmdline",
+            "probe.cpuid=1",
+            "--pvm-workarounds",
+            "off",
+        ],
+    );
+    let line = cpuid_line(&run);
+    assert_ne!(leaf1_ecx(&line) & (1 << 13), 0, "{line}");
+}

@@ -61,6 +61,20 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
             m.paddr, m.size, sum
         );
     }
+    if param(cmdline, "probe.cpuid=").is_some() {
+        let (_, _, ecx1, _) = io::cpuid(1, 0);
+        let (_, ebx7, ecx7, _) = io::cpuid(7, 0);
+        let (_, b0, c0, d0) = io::cpuid(0, 0);
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&b0.to_le_bytes());
+        vendor[4..8].copy_from_slice(&d0.to_le_bytes());
+        vendor[8..].copy_from_slice(&c0.to_le_bytes());
+        let _ = writeln!(
+            out,
+            "probe: cpuid vendor {} leaf1.ecx {ecx1:#010x} leaf7.ebx {ebx7:#010x} leaf7.ecx {ecx7:#010x}",
+            core::str::from_utf8(&vendor).unwrap_or("?")
+        );
+    }
     if param(cmdline, "probe.crash=").is_some() {
         let _ = writeln!(out, "probe: crashing on purpose");
         io::triple_fault();

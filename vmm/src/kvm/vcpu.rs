@@ -102,7 +102,8 @@ impl Vcpu {
                     "vCPU {index}: entry failed, reason {reason:#x} on host cpu {cpu}"
                 ))),
                 Ok(VcpuExit::InternalError) => Some(VmExit::GuestCrashed(format!(
-                    "vCPU {index}: KVM internal error (an instruction KVM could not emulate)"
+                    "vCPU {index}: KVM internal error (an instruction KVM could not emulate): {}",
+                    self.internal_error_detail()
                 ))),
                 Ok(VcpuExit::SystemEvent(kind, _)) => Some(VmExit::GuestReset(format!(
                     "vCPU {index}: system event {kind}"
@@ -120,6 +121,31 @@ impl Vcpu {
                 return;
             }
         }
+    }
+}
+
+impl Vcpu {
+    /// Suberror, KVM's data words and the guest RIP, for a KVM_EXIT_INTERNAL_ERROR report.
+    fn internal_error_detail(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM filled the `internal` member of the exit union: this is called only right
+        // after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, and nothing ran on this vCPU since.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = usize::try_from(internal.ndata)
+            .unwrap_or(0)
+            .min(internal.data.len());
+        let data: Vec<String> = internal
+            .data
+            .iter()
+            .take(n)
+            .map(|d| format!("{d:#x}"))
+            .collect();
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        format!(
+            "suberror {} data [{}] rip {rip:#x}",
+            internal.suberror,
+            data.join(", ")
+        )
     }
 }
 
