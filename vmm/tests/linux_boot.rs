@@ -45,7 +45,7 @@ fn tiny_init() -> Vec<u8> {
 fn cpio(entries: &[(&str, u32, u32, u32, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     let pad = |out: &mut Vec<u8>| {
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     };
