@@ -118,3 +118,36 @@ pub(crate) fn bench() -> Result<()> {
         "vsock_throughput",
     ]))
 }
+
+/// Builds the test kernel (vmm/tests/linux/build-kernel.sh, about 8 minutes on 2 cores) and
+/// runs the Linux boot test through real KVM with it.
+pub(crate) fn linux_boot_test() -> Result<()> {
+    let script = root().join("vmm/tests/linux/build-kernel.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run build-kernel.sh")?;
+    if !out.status.success() {
+        bail!("building the test kernel failed");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let kernel = stdout
+        .lines()
+        .last()
+        .context("build-kernel.sh printed no path")?;
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(root())
+            .env("MOAT_LINUX_KERNEL", kernel)
+            .args([
+                "test",
+                "-p",
+                "moat-vmm",
+                "--test",
+                "linux_boot",
+                "--",
+                "--nocapture",
+            ]),
+    )
+}
