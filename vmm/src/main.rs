@@ -175,7 +175,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOAT_VMM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // virtio-queue logs through `log` without throttling; our own rate-limited
+                // warnings cover what it would say.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,virtio_queue=off")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -274,6 +274,33 @@ impl MmioTransport {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Ring {
+    Desc,
+    Avail,
+    Used,
+}
+
+/// Sets half of a ring address, refusing (rate-limited) a misaligned result.
+fn set_ring(q: &mut Queue, ring: Ring, low: Option<u32>, high: Option<u32>) {
+    let cur = match ring {
+        Ring::Desc => q.desc_table(),
+        Ring::Avail => q.avail_ring(),
+        Ring::Used => q.used_ring(),
+    };
+    let lo = low.map_or(cur & 0xffff_ffff, u64::from);
+    let hi = high.map_or(cur >> 32, u64::from);
+    let addr = vm_memory::GuestAddress((hi << 32) | lo);
+    let r = match ring {
+        Ring::Desc => q.try_set_desc_table_address(addr),
+        Ring::Avail => q.try_set_avail_ring_address(addr),
+        Ring::Used => q.try_set_used_ring_address(addr),
+    };
+    if r.is_err() {
+        guest_warn!(?ring, addr = addr.0, "misaligned ring address refused");
+    }
+}
+
 fn read_u32(data: &[u8]) -> Option<u32> {
     let b: [u8; 4] = data.try_into().ok()?;
     Some(u32::from_le_bytes(b))
@@ -348,19 +375,23 @@ impl MmioDevice for MmioTransport {
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM => {
-                let size = u16::try_from(v).unwrap_or(0);
-                self.with_queue(|q| q.set_size(size));
-            }
+            // The `try_` setters: virtio-queue's plain setters log every refusal unthrottled,
+            // which a guest could turn into a log flood; ours are rate-limited.
+            reg::QUEUE_NUM => self.with_queue(|q| {
+                if q.try_set_size(u16::try_from(v).unwrap_or(0)).is_err() {
+                    guest_warn!(
+                        size = v,
+                        "queue size refused (zero, too big or not a power of 2)"
+                    );
+                }
+            }),
             reg::QUEUE_READY => self.with_queue(|q| q.set_ready(v == 1)),
-            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            reg::QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            reg::QUEUE_DRIVER_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            reg::QUEUE_DRIVER_HIGH => {
-                self.with_queue(|q| q.set_avail_ring_address(None, Some(v)));
-            }
-            reg::QUEUE_DEVICE_LOW => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            reg::QUEUE_DEVICE_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            reg::QUEUE_DESC_LOW => self.with_queue(|q| set_ring(q, Ring::Desc, Some(v), None)),
+            reg::QUEUE_DESC_HIGH => self.with_queue(|q| set_ring(q, Ring::Desc, None, Some(v))),
+            reg::QUEUE_DRIVER_LOW => self.with_queue(|q| set_ring(q, Ring::Avail, Some(v), None)),
+            reg::QUEUE_DRIVER_HIGH => self.with_queue(|q| set_ring(q, Ring::Avail, None, Some(v))),
+            reg::QUEUE_DEVICE_LOW => self.with_queue(|q| set_ring(q, Ring::Used, Some(v), None)),
+            reg::QUEUE_DEVICE_HIGH => self.with_queue(|q| set_ring(q, Ring::Used, None, Some(v))),
             reg::QUEUE_NOTIFY => self.notify(v),
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.set_status(v),
@@ -513,6 +544,18 @@ mod tests {
         w(&mut t, reg::QUEUE_NUM, 1000);
         w(&mut t, reg::STATUS, ALL_OK);
         // The size stayed 16 (valid), so the device could start.
+        assert_eq!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn misaligned_ring_address_is_refused() {
+        let (mut t, _, mem) = transport();
+        negotiate(&mut t, 1);
+        setup_queues(&mut t, &mem);
+        w(&mut t, reg::QUEUE_SEL, 0);
+        w(&mut t, reg::QUEUE_DESC_LOW, 0x1001);
+        assert_eq!(t.queues[0].desc_table(), 0x1000);
+        w(&mut t, reg::STATUS, ALL_OK);
         assert_eq!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     }
 
