@@ -31,6 +31,7 @@ pub mod jail;
 #[allow(unsafe_code)]
 pub mod kvm;
 pub mod layout;
+pub mod mptable;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod stats;

@@ -57,6 +57,9 @@ pub enum Error {
     /// A virtio transport could not be created.
     #[error("cannot create a virtio-mmio transport")]
     Transport(#[source] crate::devices::virtio::mmio::Error),
+    /// The MP table could not be written.
+    #[error("cannot write the MP table")]
+    MpTable(#[source] crate::mptable::Error),
     /// A seccomp filter could not be installed.
     #[error("cannot confine the main thread")]
     Seccomp(#[source] seccomp::Error),
@@ -195,6 +198,7 @@ pub fn run_with(
     .map_err(Error::Boot)?;
     drop(kernel);
     drop(initrd);
+    crate::mptable::write(&mem, cfg.vcpus).map_err(Error::MpTable)?;
 
     let vm = Vm::new(kvm, &mem).map_err(Error::Kvm)?;
     let (exits, exit_rx) = ExitSender::channel();

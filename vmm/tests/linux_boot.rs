@@ -144,6 +144,16 @@ fn linux_boots_to_init_with_our_virtio_devices() {
         "{}",
         run.serial
     );
+    assert!(
+        has("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]"),
+        "{}",
+        run.serial
+    );
+    assert!(
+        has("IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23"),
+        "{}",
+        run.serial
+    );
     assert!(has("Run /init as init process"), "{}", run.serial);
     assert_eq!(
         run.code,
