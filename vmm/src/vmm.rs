@@ -18,7 +18,7 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::{I8042, ResetLine};
 use crate::devices::serial::{self, IrqLine, SerialDevice};
 use crate::devices::virtio::block::{Block, Disk};
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -215,6 +215,10 @@ pub fn run_with(
         vm.register_irqfd(&irq, slot.irq).map_err(Error::Kvm)?;
         let t =
             MmioTransport::new(dev, mem.clone(), Interrupt::new(irq)).map_err(Error::Transport)?;
+        for (q, evt) in (0u32..).zip(t.queue_notifiers()) {
+            vm.register_ioevent(evt, slot.base + QUEUE_NOTIFY_OFFSET, q)
+                .map_err(Error::Kvm)?;
+        }
         bus.add_mmio(slot.base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)));
     }
     let bus = Arc::new(bus);

@@ -51,6 +51,15 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM_IOEVENTFD failed.
+    #[error("cannot register ioeventfd at {addr:#x}")]
+    RegisterIoevent {
+        /// The MMIO address.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// A vCPU could not be created or configured.
     #[error("cannot set up vCPU {index}")]
     Vcpu {
@@ -119,6 +128,14 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|source| Error::RegisterIrqfd { gsi, source })
+    }
+
+    /// Has KVM itself signal `evt` when the guest writes the 32-bit value `datamatch` to MMIO
+    /// address `addr`: a queue notification then never leaves the kernel.
+    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), Error> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|source| Error::RegisterIoevent { addr, source })
     }
 
     /// Creates and configures vCPU `index` to start at `entry`.

@@ -82,7 +82,17 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
 }
 
+/// Offset of the QueueNotify register in a device window.
+pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
+
 impl MmioTransport {
+    /// The per-queue notification eventfds, to register as KVM ioeventfds on
+    /// `base + QUEUE_NOTIFY_OFFSET` with the queue index as data: the device's thread then
+    /// wakes without the vCPU leaving the kernel. They live as long as the transport.
+    pub fn queue_notifiers(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
     /// Wraps `device`, raising its interrupts through `interrupt`.
     pub fn new(
         device: Box<dyn VirtioDevice>,
