@@ -42,6 +42,12 @@ pub fn probe_guest() -> PathBuf {
         let dir = repo_root().join("tests/probe-guest");
         let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("probe-guest");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        // Idempotent and offline when the target is already installed; a fresh CI machine
+        // gets it here (rustup reaches its distribution server there).
+        let _ = Command::new("rustup")
+            .current_dir(&dir)
+            .args(["target", "add", "x86_64-unknown-none"])
+            .status();
         let status = Command::new(cargo)
             .current_dir(&dir)
             .env_remove("RUSTFLAGS")
