@@ -14,6 +14,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
+use crate::devices::metrics::DeviceMetrics;
+
 /// Sum of on-CPU nanoseconds over every thread of this process.
 pub fn cpu_ns_all_threads() -> std::io::Result<u64> {
     let mut total = 0u64;
@@ -108,14 +110,25 @@ pub fn guest_rss_kib(smaps: &str, guest: &[(u64, u64)]) -> u64 {
 }
 
 /// The report line.
-pub fn line(first_run: Option<Duration>, cpu_ns: u64, mem: (u64, u64, u64)) -> String {
+pub fn line(
+    first_run: Option<Duration>,
+    cpu_ns: u64,
+    mem: (u64, u64, u64),
+    devices: &[(String, std::sync::Arc<dyn DeviceMetrics>)],
+) -> String {
     let (rss, hwm, guest) = mem;
+    let devs: Vec<String> = devices
+        .iter()
+        .map(|(name, m)| format!("\"{name}\":{}", m.json()))
+        .collect();
     format!(
         "moat-vmm stats: {{\"main_to_first_kvm_run_us\":{},\"cpu_us_at_first_kvm_run\":{},\
-         \"rss_kib\":{rss},\"hwm_kib\":{hwm},\"guest_rss_kib\":{guest},\"overhead_kib\":{}}}",
+         \"rss_kib\":{rss},\"hwm_kib\":{hwm},\"guest_rss_kib\":{guest},\"overhead_kib\":{},\
+         \"devices\":{{{}}}}}",
         first_run.map_or(-1, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
         cpu_ns / 1000,
         rss.saturating_sub(guest),
+        devs.join(","),
     )
 }
 

@@ -16,6 +16,7 @@ use crate::config::{Toggle, VmConfig};
 use crate::cpuid;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{I8042, ResetLine};
+use crate::devices::metrics::DeviceMetrics;
 use crate::devices::serial::{self, IrqLine, SerialDevice};
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -166,20 +167,22 @@ pub fn run_with(
     // Devices first: their host resources (sockets, disks, entropy) are opened before the
     // guest exists, and their MMIO slots go on the command line in this order.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut metrics: Vec<(String, Arc<dyn DeviceMetrics>)> = Vec::new();
     if let (Some(v), Some(listener), Some(uds)) = (&cfg.vsock, vsock, &uds) {
-        devices.push(Box::new(
-            Vsock::with_listener(v.cid, listener, uds, cfg.seccomp).map_err(Error::Vsock)?,
-        ));
+        let dev = Vsock::with_listener(v.cid, listener, uds, cfg.seccomp).map_err(Error::Vsock)?;
+        metrics.push(("vsock".to_owned(), dev.metrics()));
+        devices.push(Box::new(dev));
     }
-    for disk in disks {
+    for (i, disk) in disks.into_iter().enumerate() {
+        metrics.push((format!("block{i}"), disk.metrics()));
         devices.push(Box::new(
             Block::new(disk, cfg.seccomp).map_err(|e| Error::Disk(Box::new(e)))?,
         ));
     }
     if let Some(source) = entropy {
-        devices.push(Box::new(
-            Rng::with_source(source, cfg.seccomp).map_err(Error::Entropy)?,
-        ));
+        let dev = Rng::with_source(source, cfg.seccomp).map_err(Error::Entropy)?;
+        metrics.push(("rng".to_owned(), dev.metrics()));
+        devices.push(Box::new(dev));
     }
     let slots: Vec<MmioSlot> = (0u64..).zip(&devices).map(|(i, _)| mmio_slot(i)).collect();
     let mut cmdline = cfg.cmdline.clone();
@@ -296,7 +299,10 @@ pub fn run_with(
         let _ = std::fs::remove_file(uds);
     }
     if let Some((first, cpu, mut probe)) = report {
-        eprintln!("{}", crate::stats::line(first, cpu, probe.memory()));
+        eprintln!(
+            "{}",
+            crate::stats::line(first, cpu, probe.memory(), &metrics)
+        );
     }
     Ok(exit)
 }

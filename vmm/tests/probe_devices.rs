@@ -65,3 +65,44 @@ fn probe_guest_reads_and_writes_disks_and_read_only_is_enforced() {
     assert!(rw_img[512..].starts_with(b"written by the moat probe"));
     assert!(std::fs::read(&ro).unwrap().iter().all(|b| *b == 0));
 }
+
+#[test]
+fn stats_count_what_the_devices_did() {
+    require_kvm!();
+    let dir = common::scratch("metrics-data");
+    let rw = dir.join("rw.img");
+    std::fs::write(&rw, vec![0u8; 8 * 512]).unwrap();
+    let probe = common::probe_guest();
+    let run = common::run_vmm(
+        "metrics",
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--rng",
+            "--block",
+            rw.to_str().unwrap(),
+            "--stats",
+            "--cmdline",
+            "probe.rng=1 probe.block=1",
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("moat-vmm stats: "))
+        .unwrap_or_default();
+    // The probe: one 64-byte entropy request; reads of sectors 0 and 1, a write of sector 1,
+    // and one read past the end.
+    assert!(
+        line.contains("\"rng\":{\"requests\":1,\"bytes\":64}"),
+        "{line}"
+    );
+    assert!(
+        line.contains(
+            "\"block0\":{\"reads\":2,\"writes\":1,\"flushes\":0,\"read_bytes\":1024,\
+             \"write_bytes\":512,\"errors\":1}"
+        ),
+        "{line}"
+    );
+}

@@ -4,5 +4,6 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod metrics;
 pub mod serial;
 pub mod virtio;

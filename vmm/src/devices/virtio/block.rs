@@ -17,8 +17,10 @@ use vm_memory::GuestMemoryMmap;
 
 use super::queue_worker::{DeviceThread, run_queue_loop};
 use super::{ActivateError, Activation, Interrupt, VirtioDevice, read_config_bytes};
+use crate::devices::metrics::{DeviceMetrics, add, render};
 use crate::guest_warn;
 use crate::seccomp::Role;
+use std::sync::atomic::AtomicU64;
 
 /// virtio device id of the block device.
 pub const DEVICE_ID: u32 = 2;
@@ -84,6 +86,37 @@ pub struct Disk {
     file: File,
     sectors: u64,
     read_only: bool,
+    metrics: Arc<BlockMetrics>,
+}
+
+/// Counters of a block device.
+#[derive(Debug, Default)]
+pub struct BlockMetrics {
+    /// Read requests served.
+    pub reads: AtomicU64,
+    /// Write requests served.
+    pub writes: AtomicU64,
+    /// Flushes served.
+    pub flushes: AtomicU64,
+    /// Bytes read from the disk.
+    pub read_bytes: AtomicU64,
+    /// Bytes written to the disk.
+    pub write_bytes: AtomicU64,
+    /// Requests answered IOERR or UNSUPP (out of bounds, read-only, unknown type, I/O error).
+    pub errors: AtomicU64,
+}
+
+impl DeviceMetrics for BlockMetrics {
+    fn json(&self) -> String {
+        render(&[
+            ("reads", &self.reads),
+            ("writes", &self.writes),
+            ("flushes", &self.flushes),
+            ("read_bytes", &self.read_bytes),
+            ("write_bytes", &self.write_bytes),
+            ("errors", &self.errors),
+        ])
+    }
 }
 
 impl Disk {
@@ -111,7 +144,13 @@ impl Disk {
             file,
             sectors: len / SECTOR,
             read_only,
+            metrics: Arc::default(),
         })
+    }
+
+    /// The disk's counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
     }
 
     /// Capacity in sectors.
@@ -202,6 +241,27 @@ fn execute(
 }
 
 fn serve(h: Header, reader: &mut Reader<'_, ()>, writer: &mut Writer<'_, ()>, disk: &Disk) -> u8 {
+    let m = &disk.metrics;
+    let st = serve_inner(h, reader, writer, disk);
+    if st == status::OK {
+        match h.type_ {
+            req::IN => add(&m.reads, 1),
+            req::OUT => add(&m.writes, 1),
+            req::FLUSH => add(&m.flushes, 1),
+            _ => {}
+        }
+    } else {
+        add(&m.errors, 1);
+    }
+    st
+}
+
+fn serve_inner(
+    h: Header,
+    reader: &mut Reader<'_, ()>,
+    writer: &mut Writer<'_, ()>,
+    disk: &Disk,
+) -> u8 {
     match h.type_ {
         req::IN => {
             let len = writer.available_bytes();
@@ -213,6 +273,7 @@ fn serve(h: Header, reader: &mut Reader<'_, ()>, writer: &mut Writer<'_, ()>, di
             if disk.file.read_exact_at(&mut buf, off).is_err() || writer.write_all(&buf).is_err() {
                 return status::IOERR;
             }
+            add(&disk.metrics.read_bytes, buf.len() as u64);
             status::OK
         }
         req::OUT => {
@@ -228,6 +289,7 @@ fn serve(h: Header, reader: &mut Reader<'_, ()>, writer: &mut Writer<'_, ()>, di
             if reader.read_exact(&mut buf).is_err() || disk.file.write_all_at(&buf, off).is_err() {
                 return status::IOERR;
             }
+            add(&disk.metrics.write_bytes, buf.len() as u64);
             status::OK
         }
         req::FLUSH => {

@@ -11,8 +11,10 @@ use vm_memory::GuestMemoryMmap;
 
 use super::queue_worker::{DeviceThread, run_queue_loop};
 use super::{ActivateError, Activation, Interrupt, VirtioDevice};
+use crate::devices::metrics::{DeviceMetrics, add, render};
 use crate::guest_warn;
 use crate::seccomp::Role;
+use std::sync::atomic::AtomicU64;
 
 /// virtio device id of the entropy device.
 pub const DEVICE_ID: u32 = 4;
@@ -24,6 +26,22 @@ const QUEUE_SIZES: [u16; 1] = [256];
 #[derive(Debug)]
 pub struct Rng {
     thread: DeviceThread,
+    metrics: Arc<RngMetrics>,
+}
+
+/// Counters of the entropy device.
+#[derive(Debug, Default)]
+pub struct RngMetrics {
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Bytes of entropy handed to the guest.
+    pub bytes: AtomicU64,
+}
+
+impl DeviceMetrics for RngMetrics {
+    fn json(&self) -> String {
+        render(&[("requests", &self.requests), ("bytes", &self.bytes)])
+    }
 }
 
 impl Rng {
@@ -35,6 +53,8 @@ impl Rng {
     /// Uses `source` as the entropy source.
     pub fn with_source(source: File, seccomp: bool) -> std::io::Result<Self> {
         let source = Arc::new(source);
+        let metrics = Arc::new(RngMetrics::default());
+        let m = metrics.clone();
         let thread = DeviceThread::spawn("rng", seccomp.then_some(Role::Rng), move |act, kill| {
             let Activation {
                 mem,
@@ -49,7 +69,7 @@ impl Rng {
             let mut broken = false;
             let result = run_queue_loop(&queue_evts, kill, |_| {
                 if !broken {
-                    broken = !process(&mem, queue, &source, &interrupt);
+                    broken = !process(&mem, queue, &source, &interrupt, &m);
                 }
             });
             if let Err(e) = result {
@@ -57,7 +77,12 @@ impl Rng {
                 interrupt.signal_needs_reset();
             }
         })?;
-        Ok(Self { thread })
+        Ok(Self { thread, metrics })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<RngMetrics> {
+        self.metrics.clone()
     }
 }
 
@@ -67,6 +92,7 @@ pub fn process(
     queue: &mut Queue,
     mut source: &File,
     interrupt: &Interrupt,
+    metrics: &RngMetrics,
 ) -> bool {
     let mut scratch = [0u8; 4096];
     let mut used = false;
@@ -85,6 +111,8 @@ pub fn process(
                     }
                     left -= n;
                 }
+                add(&metrics.requests, 1);
+                add(&metrics.bytes, w.bytes_written() as u64);
                 u32::try_from(w.bytes_written()).unwrap_or(0)
             }
             Err(_) => {
@@ -159,7 +187,7 @@ mod tests {
         let (mem, mut dq, mut q, irq) = setup();
         dq.add_chain(&mem, &[(0x10_0000, 64, true)]);
         let src = File::open("/dev/urandom").unwrap();
-        assert!(process(&mem, &mut q, &src, &irq));
+        assert!(process(&mem, &mut q, &src, &irq, &RngMetrics::default()));
         assert_eq!(dq.take_used(&mem), vec![(0, 64)]);
         let mut buf = [0u8; 64];
         mem.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();
@@ -172,7 +200,7 @@ mod tests {
         let (mem, mut dq, mut q, irq) = setup();
         dq.add_chain(&mem, &[(0x10_0000, 2 << 20, true)]);
         let src = File::open("/dev/zero").unwrap();
-        assert!(process(&mem, &mut q, &src, &irq));
+        assert!(process(&mem, &mut q, &src, &irq, &RngMetrics::default()));
         assert_eq!(dq.take_used(&mem), vec![(0, MAX_PER_REQUEST as u32)]);
     }
 
@@ -181,7 +209,7 @@ mod tests {
         let (mem, mut dq, mut q, irq) = setup();
         dq.add_chain(&mem, &[(0x7fff_0000_0000, 64, true)]);
         let src = File::open("/dev/urandom").unwrap();
-        assert!(process(&mem, &mut q, &src, &irq));
+        assert!(process(&mem, &mut q, &src, &irq, &RngMetrics::default()));
         assert_eq!(dq.take_used(&mem), vec![(0, 0)]);
     }
 
@@ -190,7 +218,7 @@ mod tests {
         let (mem, mut dq, mut q, irq) = setup();
         dq.add_chain(&mem, &[(0x10_0000, 64, false)]);
         let src = File::open("/dev/urandom").unwrap();
-        assert!(process(&mem, &mut q, &src, &irq));
+        assert!(process(&mem, &mut q, &src, &irq, &RngMetrics::default()));
         assert_eq!(dq.take_used(&mem), vec![(0, 0)]);
     }
 }

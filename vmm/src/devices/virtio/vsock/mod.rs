@@ -7,6 +7,7 @@
 //! The listener on `<uds>` is bound when the VMM starts, so host clients may connect before the
 //! guest driver is up; it survives device resets (each activation gets a duplicate of it).
 
+pub mod metrics;
 pub mod muxer;
 pub mod packet;
 pub mod worker;
@@ -17,6 +18,8 @@ mod tests;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -57,6 +60,7 @@ pub struct Vsock {
     cid: GuestCid,
     uds: PathBuf,
     thread: DeviceThread,
+    metrics: Arc<metrics::VsockMetrics>,
 }
 
 impl Vsock {
@@ -76,10 +80,12 @@ impl Vsock {
     ) -> Result<Self, Error> {
         let path = uds.to_owned();
         let guest_cid = cid.get();
+        let metrics = Arc::new(metrics::VsockMetrics::default());
+        let m = metrics.clone();
         let thread =
             DeviceThread::spawn("vsock", seccomp.then_some(Role::Vsock), move |act, kill| {
                 let interrupt = act.interrupt.clone();
-                if let Err(e) = run(act, kill, &listener, guest_cid, &path) {
+                if let Err(e) = run(act, kill, &listener, guest_cid, &path, &m) {
                     tracing::error!(error = %e, "vsock device failed to start");
                     interrupt.signal_needs_reset();
                 }
@@ -89,6 +95,7 @@ impl Vsock {
             cid,
             uds: uds.to_owned(),
             thread,
+            metrics,
         })
     }
 }
@@ -114,8 +121,10 @@ fn run(
     listener: &UnixListener,
     guest_cid: u64,
     uds: &Path,
+    metrics: &Arc<metrics::VsockMetrics>,
 ) -> std::io::Result<()> {
-    let muxer = muxer::Muxer::new(guest_cid, uds, listener.try_clone()?, Epoll::new()?)?;
+    let mut muxer = muxer::Muxer::new(guest_cid, uds, listener.try_clone()?, Epoll::new()?)?;
+    muxer.set_metrics(metrics.clone());
     let worker = worker::Worker::new(
         act.mem,
         act.queues,
@@ -126,6 +135,13 @@ fn run(
     )?;
     let _ = worker.run();
     Ok(())
+}
+
+impl Vsock {
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<metrics::VsockMetrics> {
+        self.metrics.clone()
+    }
 }
 
 impl VirtioDevice for Vsock {

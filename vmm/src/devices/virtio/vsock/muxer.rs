@@ -26,10 +26,14 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::metrics::VsockMetrics;
 use super::packet::{
     HOST_CID, Header, MAX_PKT_PAYLOAD, RxBuffer, TYPE_STREAM, TxPacket, op, shutdown,
 };
+use crate::devices::metrics::add;
 use crate::guest_warn;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 /// Per-connection buffer for guest-to-host bytes, and so the credit granted to the guest.
 pub const CONN_BUF: u32 = 256 * 1024;
@@ -121,14 +125,15 @@ impl Conn {
             && self.peer_credit() > 0
     }
 
-    /// Writes as much of `pending` as the host stream takes.
-    fn flush(&mut self) -> std::io::Result<()> {
+    /// Writes as much of `pending` as the host stream takes; counts the bytes into `written`.
+    fn flush(&mut self, written: &AtomicU64) -> std::io::Result<()> {
         while !self.pending.is_empty() {
             let (a, _) = self.pending.as_slices();
             match self.stream.write(a) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.pending.drain(..n);
+                    add(written, n as u64);
                     self.fwd_cnt += Wrapping(u32::try_from(n).unwrap_or(u32::MAX));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -183,6 +188,7 @@ pub struct Muxer {
     scratch: Vec<u8>,
     max_conns: usize,
     timeout: Duration,
+    metrics: Arc<VsockMetrics>,
 }
 
 fn fd_token(fd: RawFd) -> u64 {
@@ -217,7 +223,13 @@ impl Muxer {
             scratch: vec![0u8; usize::try_from(MAX_PKT_PAYLOAD).unwrap_or(65536)],
             max_conns: MAX_CONNS,
             timeout: PEER_TIMEOUT,
+            metrics: Arc::default(),
         })
+    }
+
+    /// Counts into `metrics` (shared with the device, read by `--stats`).
+    pub fn set_metrics(&mut self, metrics: Arc<VsockMetrics>) {
+        self.metrics = metrics;
     }
 
     /// Changes how long the guest (or a host client) gets to answer (tests).
@@ -260,7 +272,7 @@ impl Muxer {
                 guest_port = key.1,
                 "vsock peer timed out; resetting"
             );
-            self.reset(key);
+            self.fail(key);
         }
     }
 
@@ -308,6 +320,12 @@ impl Muxer {
         let hdr = self.header(key, op, flags);
         let key = (op != op::RST).then_some(key);
         self.control.push_back(Control { hdr, key });
+    }
+
+    /// Resets a connection because something went wrong (counted).
+    fn fail(&mut self, key: ConnKey) {
+        add(&self.metrics.resets, 1);
+        self.reset(key);
     }
 
     /// Drops a connection and tells the guest (RST).
@@ -361,7 +379,7 @@ impl Muxer {
         let key = (h.dst_port, h.src_port);
         if h.type_ != TYPE_STREAM {
             if h.op != op::RST {
-                self.reset(key);
+                self.fail(key);
             }
             return;
         }
@@ -377,11 +395,12 @@ impl Muxer {
         conn.peer_fwd_cnt = Wrapping(h.fwd_cnt);
         match (conn.state, h.op) {
             (State::Connecting, op::RESPONSE) => {
+                add(&self.metrics.host_connects, 1);
                 conn.state = State::Established;
                 conn.deadline = None;
                 let line = format!("OK {}\n", key.0);
                 if conn.stream.write_all(line.as_bytes()).is_err() {
-                    self.reset(key);
+                    self.fail(key);
                 }
             }
             (State::Established, op::RW) => {
@@ -389,12 +408,12 @@ impl Muxer {
                     > usize::try_from(CONN_BUF).unwrap_or(usize::MAX);
                 if too_much {
                     guest_warn!(port = key.1, "guest sent past its vsock credit; resetting");
-                    self.reset(key);
+                    self.fail(key);
                     return;
                 }
                 conn.pending.extend(pkt.payload.iter());
-                if conn.flush().is_err() {
-                    self.reset(key);
+                if conn.flush(&self.metrics.tx_bytes).is_err() {
+                    self.fail(key);
                     return;
                 }
                 self.maybe_credit_update(key);
@@ -410,8 +429,8 @@ impl Muxer {
                 }
                 if h.flags & shutdown::SEND != 0 {
                     conn.shut_write_when_drained = true;
-                    if conn.flush().is_err() {
-                        self.reset(key);
+                    if conn.flush(&self.metrics.tx_bytes).is_err() {
+                        self.fail(key);
                     }
                 }
             }
@@ -423,19 +442,20 @@ impl Muxer {
                     op = other,
                     "unexpected vsock op for this connection; resetting"
                 );
-                self.reset(key);
+                self.fail(key);
             }
         }
     }
 
     /// A guest packet that could not be parsed: reset the connection it names, if any.
     pub fn handle_bad_packet(&mut self, h: Option<Header>) {
+        add(&self.metrics.bad_packets, 1);
         if let Some(h) = h
             && h.src_cid == self.guest_cid
             && h.dst_cid == HOST_CID
         {
             let key = (h.dst_port, h.src_port);
-            self.reset(key);
+            self.fail(key);
         }
     }
 
@@ -452,6 +472,7 @@ impl Muxer {
     fn guest_connect(&mut self, key: ConnKey, h: &Header) {
         if self.conns.len() >= self.max_conns {
             guest_warn!("vsock connection limit reached; refusing");
+            add(&self.metrics.guest_refused, 1);
             self.push_control(key, op::RST, 0);
             return;
         }
@@ -461,6 +482,7 @@ impl Muxer {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(port = key.0, error = %e, "no host listener for guest connection");
+                add(&self.metrics.guest_refused, 1);
                 self.push_control(key, op::RST, 0);
                 return;
             }
@@ -472,6 +494,7 @@ impl Muxer {
             self.push_control(key, op::RST, 0);
             return;
         }
+        add(&self.metrics.guest_connects, 1);
         self.push_control(key, op::RESPONSE, 0);
     }
 
@@ -534,12 +557,12 @@ impl Muxer {
             conn.readable = true;
         }
         if events.contains(EventSet::ERROR) {
-            self.reset(key);
+            self.fail(key);
             return;
         }
         if events.contains(EventSet::OUT) {
-            if conn.flush().is_err() {
-                self.reset(key);
+            if conn.flush(&self.metrics.tx_bytes).is_err() {
+                self.fail(key);
                 return;
             }
             self.maybe_credit_update(key);
@@ -662,6 +685,7 @@ impl Muxer {
                 Ok(buf.write(hdr, &[]))
             }
             Ok(k) => {
+                add(&self.metrics.rx_bytes, k as u64);
                 conn.rx_cnt += Wrapping(u32::try_from(k).unwrap_or(0));
                 conn.last_fwd_cnt_sent = conn.fwd_cnt;
                 let hdr = self.header(key, op::RW, 0);
