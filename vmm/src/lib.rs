@@ -6,15 +6,19 @@
 //! ```text
 //!  config.rs (TOML + flags, parsed once)
 //!      |
-//!  vmm.rs: guest memory (vm-memory) -> boot.rs (linux-loader, PVH) -> kvm/ (VM, irqchip, vCPUs)
-//!      |                                                                   | KVM_RUN exits
+//!  vmm.rs: Resources::open (every host fd) -> jail/ (optional) -> guest memory (vm-memory)
+//!      -> boot.rs (linux-loader, PVH) + mptable.rs -> kvm/ (VM, irqchip, PIT, vCPUs + cpuid.rs)
+//!      |                                                             | KVM_RUN exits
 //!      +-> devices/bus.rs: COM1 (vm-superio) | i8042 reset | virtio-mmio windows
+//!            devices/virtio/mmio.rs -> vsock/ (packet -> muxer -> Unix sockets), block, rng,
+//!            each on its own thread (queue_worker.rs), every thread under seccomp.rs
 //! ```
 //!
 //! Invariants:
-//! - `unsafe` lives only in `kvm/` (memory-slot registration) and `jail/sys.rs` (namespaces,
-//!   mounts, privilege drop); everything else is safe code.
-//! - Nothing the guest writes chooses a host path, port or identity.
+//! - `unsafe` lives only in `kvm/` (memory slots, the internal-error report) and `jail/sys.rs`
+//!   (namespaces, mounts, privilege drop, Landlock); everything else is safe code.
+//! - The guest chooses only vsock port numbers, which map to `<uds>_P` under the operator's
+//!   socket path; nothing it sends names any other host path, port or identity.
 //! - A guest-caused error resets a device or closes a connection and is logged rate-limited;
 //!   it never panics the VMM.
 
