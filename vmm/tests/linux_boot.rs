@@ -80,16 +80,7 @@ fn cpio(entries: &[(&str, u32, u32, u32, &[u8])]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn linux_boots_to_init_with_our_virtio_devices() {
-    require_kvm!();
-    let Some(kernel) = std::env::var_os("MOAT_LINUX_KERNEL").map(PathBuf::from) else {
-        eprintln!(
-            "SKIPPED: set MOAT_LINUX_KERNEL to a vmlinux from vmm/tests/linux/build-kernel.sh"
-        );
-        return;
-    };
-    let dir = common::scratch("linux");
+fn initramfs(dir: &std::path::Path) -> PathBuf {
     let init = tiny_init();
     let initrd = dir.join("initrd.cpio");
     std::fs::write(
@@ -101,11 +92,65 @@ fn linux_boots_to_init_with_our_virtio_devices() {
         ]),
     )
     .unwrap();
+    initrd
+}
+
+/// The Linux boots run one at a time: each keeps a host CPU busy emulating guest kernel code.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const PVM_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=smap,smep,fsgsbase,pcid,invpcid,popcnt";
+
+#[test]
+fn smp_linux_brings_up_every_vcpu_from_our_mp_table() {
+    require_kvm!();
+    let Some(kernel) = std::env::var_os("MOAT_LINUX_SMP_KERNEL").map(PathBuf::from) else {
+        eprintln!(
+            "SKIPPED: set MOAT_LINUX_SMP_KERNEL to a vmlinux from \
+             SMP=1 vmm/tests/linux/build-kernel.sh (this boot takes about 100 s here)"
+        );
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = common::scratch("linux-smp");
+    let initrd = initramfs(&dir);
+    let run = common::run_vmm_with_timeout(
+        "linux-smp-run",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--cmdline",
+            PVM_CMDLINE,
+        ],
+        300,
+    );
+    let has = |s: &str| run.serial.contains(s);
+    assert!(has("smp: Brought up 1 node, 2 CPUs"), "{}", run.serial);
+    assert!(has("Run /init as init process"), "{}", run.serial);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+}
+
+#[test]
+fn linux_boots_to_init_with_our_virtio_devices() {
+    require_kvm!();
+    let Some(kernel) = std::env::var_os("MOAT_LINUX_KERNEL").map(PathBuf::from) else {
+        eprintln!(
+            "SKIPPED: set MOAT_LINUX_KERNEL to a vmlinux from vmm/tests/linux/build-kernel.sh"
+        );
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = common::scratch("linux");
+    let initrd = initramfs(&dir);
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let uds = dir.join("v.sock");
     let start = std::time::Instant::now();
-    let run = common::run_vmm(
+    let run = common::run_vmm_with_timeout(
         "linux-run",
         &[
             "--kernel",
@@ -120,9 +165,9 @@ fn linux_boots_to_init_with_our_virtio_devices() {
             "--vsock-uds",
             uds.to_str().unwrap(),
             "--cmdline",
-            "console=ttyS0 reboot=k panic=-1 noxsave \
-             clearcpuid=smap,smep,fsgsbase,pcid,invpcid,popcnt",
+            PVM_CMDLINE,
         ],
+        180,
     );
     eprintln!(
         "Linux boot through moat-vmm: {:.1} s wall",

@@ -90,13 +90,19 @@ impl Run {
 
 /// Runs moat-vmm with `args` plus a serial file and a 60 s timeout.
 pub fn run_vmm(name: &str, args: &[&str]) -> Run {
+    run_vmm_with_timeout(name, args, 60)
+}
+
+/// Runs moat-vmm with `args` plus a serial file and a `secs` timeout.
+pub fn run_vmm_with_timeout(name: &str, args: &[&str], secs: u64) -> Run {
     let dir = scratch(name);
     let serial = dir.join("serial.log");
     let out: Output = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
         .args(args)
         .arg("--serial-out")
         .arg(&serial)
-        .args(["--timeout", "60"])
+        .arg("--timeout")
+        .arg(secs.to_string())
         .output()
         .expect("run moat-vmm");
     Run {

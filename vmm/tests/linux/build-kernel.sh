@@ -3,6 +3,7 @@
 # the path printed at the end). Debian's linux-source-6.12, tinyconfig + fragment.config, and a
 # one-line patch that skips int3_selftest() (int3 at guest CPL0 fails emulation on nested PVM).
 # About 8 minutes on 2 cores. Usage: build-kernel.sh [WORKDIR] (default /tmp/moat-guest-kernel).
+# With SMP=1 in the environment the kernel is built with CONFIG_SMP (for MOAT_LINUX_SMP_KERNEL).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${1:-/tmp/moat-guest-kernel}"
@@ -18,6 +19,10 @@ fi
 cd linux-source-6.12
 make -s tinyconfig
 scripts/kconfig/merge_config.sh -m .config "$here/fragment.config" >/dev/null
+if [ "${SMP:-0}" = 1 ]; then
+  printf 'CONFIG_SMP=y\nCONFIG_NR_CPUS=8\n' > smp.config
+  scripts/kconfig/merge_config.sh -m .config smp.config >/dev/null
+fi
 make -s olddefconfig
 if ! grep -q "moat: int3" arch/x86/kernel/alternative.c; then
   python3 - <<'PY'
