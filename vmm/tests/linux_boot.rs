@@ -166,6 +166,7 @@ fn linux_boots_to_init_with_our_virtio_devices() {
             uds.to_str().unwrap(),
             "--cmdline",
             PVM_CMDLINE,
+            "--stats",
         ],
         180,
     );
@@ -206,4 +207,24 @@ fn linux_boots_to_init_with_our_virtio_devices() {
         "panic=-1 resets through the i8042: {}",
         run.stderr
     );
+    // Linux's drivers really used the devices: the partition scan read the disk, and the
+    // hw_random virtio driver pulled entropy.
+    let stats = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("moat-vmm stats: "))
+        .unwrap_or_default();
+    let counter = |dev: &str, name: &str| -> u64 {
+        stats
+            .split(&format!("\"{dev}\":{{"))
+            .nth(1)
+            .and_then(|r| r.split(&format!("\"{name}\":")).nth(1))
+            .and_then(|r| r.split([',', '}']).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(counter("block0", "reads") > 0, "{stats}");
+    assert!(counter("rng", "requests") > 0, "{stats}");
+    assert_eq!(counter("block0", "errors"), 0, "{stats}");
+    eprintln!("{stats}");
 }
