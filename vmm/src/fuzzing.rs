@@ -173,9 +173,7 @@ pub fn vsock_packets(data: &[u8]) {
         worker.process_rx();
     }
     let _ = worker.turn(0);
-    assert!(
-        worker.muxer().buffered_bytes() <= crate::devices::virtio::vsock::muxer::CONN_BUF as usize
-    );
+    assert!(worker.muxer().buffered_bytes() <= crate::devices::virtio::vsock::muxer::MAX_BUFFERED);
     drop(worker);
     let _ = std::fs::remove_dir_all(&dir);
 }
