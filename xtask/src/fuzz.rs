@@ -2,7 +2,8 @@
 //!
 //! Targets (fuzz/fuzz_targets): the flow header, the TLS ClientHello/SNI reader, the HTTP
 //! request-head reader, the policy profile parser, the virtual DNS (guest datagrams) and the
-//! host's parser of guest-init's process events. Seeds live in fuzz/seeds/<target>.
+//! host's parser of guest-init's process events, and moat-vmm's virtio descriptor chains,
+//! vsock packets and block requests. Seeds live in fuzz/seeds/<target>.
 //! The machine has only the stable toolchain; cargo-fuzz needs nightly flags, so this sets
 //! RUSTC_BOOTSTRAP=1 for the fuzz build only.
 
@@ -19,6 +20,9 @@ const TARGETS: &[&str] = &[
     "policy_profile",
     "dns_query",
     "guest_event",
+    "vmm_descriptor_chain",
+    "vmm_vsock_packet",
+    "vmm_block_request",
 ];
 
 pub(crate) fn run(args: &[String]) -> Result<()> {

@@ -3,6 +3,7 @@
 mod bench;
 mod fuzz;
 mod test;
+mod vmm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +15,9 @@ const USAGE: &str = "usage: cargo xtask <verb>
 verbs:
   test              install the test tools (OCSF validator venv) and run every test
   bench [--quick]   egress proxy benchmarks beside direct loopback and squid (table + JSON)
-  fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)";
+  fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
+  vmm-bench         moat-vmm: start-up cost, memory overhead and vsock device throughput
+  linux-boot        moat-vmm: boot a real Linux kernel to `Run /init` (MOAT_LINUX_KERNEL)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,6 +28,8 @@ fn main() -> Result<()> {
         "test" => test::run(rest),
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
+        "vmm-bench" => vmm::bench(),
+        "linux-boot" => vmm::linux_boot_test(),
         "" | "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
