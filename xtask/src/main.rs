@@ -14,9 +14,10 @@ const USAGE: &str = "usage: cargo xtask <verb>
 
 verbs:
   test              install the test tools (OCSF validator venv) and run every test
-  bench [--quick]   egress proxy benchmarks beside direct loopback and squid (table + JSON)
+  bench [--quick] [egress|vmm]
+                    egress proxy and netstack beside direct loopback and squid, then moat-vmm
+                    (start-up, memory, vsock throughput); tables + JSON in bench-results/
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
-  vmm-bench         moat-vmm: start-up cost, memory overhead and vsock device throughput
   linux-boot        moat-vmm: boot a real Linux kernel to `Run /init` (MOAT_LINUX_KERNEL)";
 
 fn main() -> Result<()> {
@@ -26,9 +27,18 @@ fn main() -> Result<()> {
         .map_or(("", &[][..]), |(v, r)| (v.as_str(), r));
     match verb {
         "test" => test::run(rest),
-        "bench" => bench::run(rest),
+        "bench" => {
+            let only = |what: &str| rest.iter().any(|a| a == what);
+            let all = !only("egress") && !only("vmm");
+            if all || only("egress") {
+                bench::run(rest)?;
+            }
+            if all || only("vmm") {
+                vmm::bench()?;
+            }
+            Ok(())
+        }
         "fuzz" => fuzz::run(rest),
-        "vmm-bench" => vmm::bench(),
         "linux-boot" => vmm::linux_boot_test(),
         "" | "help" | "--help" | "-h" => {
             println!("{USAGE}");
