@@ -385,7 +385,7 @@ async fn agent_trusting_only_the_test_pki_cannot_complete_an_intercepted_handsha
 
 #[tokio::test]
 async fn upstream_that_does_not_verify_is_never_sent_a_request() {
-    let tp = TestProxy::start_full(Limits::default(), Vec::new(), false).await;
+    let tp = TestProxy::start_full(Limits::default(), Vec::new(), false, true).await;
     assert!(tp.intercepted("api.inject.test").await.is_err());
     let close = tp.wait_record(|r| r["activity_id"] == 2).await;
     assert_eq!(close["unmapped"]["moat"]["reason"], "upstream_tls");
@@ -760,7 +760,7 @@ async fn placeholder_split_across_reads_of_the_request_head_is_refused() {
 
 #[tokio::test]
 async fn upstream_offering_http2_is_spoken_to_in_http2_with_the_secret() {
-    let tp = TestProxy::start_full(Limits::default(), vec![pki().ca.clone()], true).await;
+    let tp = TestProxy::start_full(Limits::default(), vec![pki().ca.clone()], true, true).await;
     let mut c = client(&tp, "api.inject.test").await;
     let (status, body) = send(&mut c, "api.inject.test", "/v1/models", &[]).await;
     assert_eq!((status, body.as_str()), (200, "ok /v1/models"));
@@ -771,7 +771,7 @@ async fn upstream_offering_http2_is_spoken_to_in_http2_with_the_secret() {
 
 #[tokio::test]
 async fn concurrent_http2_streams_all_reach_an_http2_upstream() {
-    let tp = TestProxy::start_full(Limits::default(), vec![pki().ca.clone()], true).await;
+    let tp = TestProxy::start_full(Limits::default(), vec![pki().ca.clone()], true, true).await;
     let authority = format!("api.inject.test:{}", tp.http.port());
     let c = h2_client(&tp, "api.inject.test").await;
     let mut tasks = Vec::new();

@@ -356,6 +356,35 @@ async fn reload_that_drops_a_host_cuts_its_live_flow_within_a_second() {
 }
 
 #[tokio::test]
+async fn sighup_reloads_the_policy() {
+    let tp = TestProxy::start_unwatched().await;
+    let renamed = harness::profile_text(tp.tls.port(), tp.plain.port(), "")
+        .replace("name = \"test\"", "name = \"after-hup\"");
+    tp.rewrite_profile(&renamed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        tp.proxy.policy_name(),
+        "test",
+        "unwatched proxy reloaded on its own"
+    );
+    let pid = std::process::id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for _ in 0..100 {
+        if tp.proxy.policy_name() == "after-hup" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tp.proxy.policy_name(), "after-hup");
+}
+
+#[tokio::test]
 async fn reload_keeps_flows_the_new_policy_still_allows() {
     let tp = TestProxy::start().await;
     let mut s = tp.named("raw.test", tp.plain.port()).await;

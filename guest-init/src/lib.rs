@@ -5,7 +5,7 @@
 //! it launches the agent, confined, and reaps it.
 //!
 //! Namespace backend sequence ([`run_namespace`]):
-//! 1. `unshare` user, mount, pid, net, ipc and uts namespaces; map the caller's uid/gid to root
+//! 1. `unshare` user, mount, pid, net, ipc, uts and cgroup namespaces; map the caller's uid/gid to root
 //!    inside (so the host user needs no privilege).
 //! 2. fork: the child is PID 1 of the new pid namespace; the parent only waits and relays the
 //!    exit status.
@@ -13,7 +13,8 @@
 //!    submount too), fresh tmpfs on /tmp, /run and /home with the agent's home bound writable
 //!    at /home/agent, the workspace's resolv.conf (the virtual DNS) over /etc/resolv.conf, a
 //!    fresh /proc; then pivot_root into it, so nothing of the host is writable or reachable
-//!    by path but what was bound in.
+//!    by path but what was bound in; then a fresh /proc, the workspace's own sysfs and cgroup2
+//!    tree (read-only).
 //! 4. TUN up (default route through it, loopback up), netstack thread started.
 //! 5. The agent is started with its environment (HOME, CA variables), confined by
 //!    `moat-guest-sandbox` between fork and exec; PID 1 reaps every child, and when the agent
@@ -26,7 +27,6 @@ mod launch;
 mod namespace;
 mod report;
 mod signals;
-mod sys;
 
 use std::path::PathBuf;
 
@@ -54,6 +54,12 @@ pub enum InitError {
         #[source]
         source: nix::Error,
     },
+    /// /dev/net/tun could not be opened.
+    #[error(
+        "cannot open /dev/net/tun: this user needs read and write access to it (most \
+         distributions ship it as mode 0666; here it may be root-only)"
+    )]
+    TunAccess(#[source] std::io::Error),
     /// The TUN device could not be set up.
     #[error("cannot set up the workspace network")]
     Network(#[source] std::io::Error),

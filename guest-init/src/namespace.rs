@@ -49,7 +49,8 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS,
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(InitError::Unshare)?;
     map_ids(uid, gid)?;
@@ -139,7 +140,7 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
     mkdir(&root)?;
     let rec_bind = MsFlags::MS_BIND | MsFlags::MS_REC;
     mount_or("the root", Some("/"), &root, None, rec_bind, None)?;
-    crate::sys::make_tree_readonly(&root).map_err(|e| InitError::Mount {
+    moat_guest_sandbox::make_tree_read_only(&root).map_err(|e| InitError::Mount {
         what: "the root read-only",
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
     })?;
@@ -259,6 +260,25 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
         Some("proc"),
         nosuid | MsFlags::MS_NOEXEC,
         None,
+    )?;
+    // The workspace's own sysfs (its network namespace's devices, not the host's) and its
+    // own cgroup tree, both read-only for everything inside.
+    let ro = nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    mount_or(
+        "/sys",
+        Some("sysfs"),
+        Path::new("/sys"),
+        Some("sysfs"),
+        ro,
+        None,
+    )?;
+    mount_or(
+        "/sys/fs/cgroup",
+        Some("cgroup2"),
+        Path::new("/sys/fs/cgroup"),
+        Some("cgroup2"),
+        ro,
+        None,
     )
 }
 
@@ -284,7 +304,12 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
         source,
     })?;
     // The TUN device is opened while the host's /dev is still in view.
-    let tun = moat_netstack::setup_tun().map_err(InitError::Network)?;
+    let tun = moat_netstack::setup_tun().map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied if e.raw_os_error() == Some(libc::EACCES) => {
+            InitError::TunAccess(e)
+        }
+        _ => InitError::Network(e),
+    })?;
     enter_root(config, resolv)?;
     // Nobody else in the workspace may open our descriptors through /proc/1/fd.
     let _ = nix::sys::prctl::set_dumpable(false);

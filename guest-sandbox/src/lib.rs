@@ -299,6 +299,20 @@ pub fn confine(cfg: &SandboxConfig) -> Result<Report, SandboxError> {
     Sandbox::new(cfg)?.apply()
 }
 
+/// Makes the mount at `path` and every mount beneath it read-only, nosuid and nodev
+/// (mount_setattr with AT_RECURSIVE, Linux 5.12+; a plain `MS_REMOUNT|MS_RDONLY` would leave
+/// submounts writable). guest-init uses it for the workspace's root.
+pub fn make_tree_read_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    sys::set_mount_attrs_recursive(
+        &c_path,
+        sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+        0,
+    )
+}
+
 /// The default configuration for an agent: `home`, `/tmp` and (where it exists) `/dev/shm`
 /// writable, `/` readable. `/dev/shm` holds POSIX shared memory and semaphores (Python's
 /// multiprocessing, Chromium).

@@ -58,6 +58,10 @@ pub(crate) struct ProxyOpts {
     /// Idle timeout in seconds.
     #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs())]
     idle_timeout: u64,
+    /// Proxy worker threads. One serves a workspace's flows with the fewest context switches
+    /// (measured: less CPU per request and per connection than two on a 2-core machine).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Extra CA certificates (PEM) trusted for intercepted flows' upstreams, on top of the
     /// webpki roots (a corporate TLS-inspection CA).
     #[arg(long, value_name = "PEM")]
@@ -71,6 +75,16 @@ fn read_pem_certs(path: &Path) -> Result<Vec<moat_egress::intercept::Certificate
 }
 
 impl ProxyOpts {
+    /// The async runtime the proxy runs on.
+    pub(crate) fn runtime(&self) -> Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.threads.max(1))
+            .thread_name("moat-proxy")
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+    }
+
     /// The workspace's name in audit records.
     pub(crate) fn workspace(&self) -> &str {
         &self.workspace
@@ -147,8 +161,8 @@ fn build(args: &ProxyArgs) -> Result<(Config, Box<dyn Resolver>, Audit)> {
 }
 
 pub(crate) fn run_proxy(args: ProxyArgs) -> Result<ExitCode> {
+    let rt = args.opts.runtime()?;
     let (config, resolver, audit) = build(&args)?;
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let proxy = Proxy::start(config, resolver, audit)?;
         if let Some(path) = &args.ca_out {

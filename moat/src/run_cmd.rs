@@ -117,7 +117,7 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
     let uds = run_dir.join("vsock");
     let default_audit = run_dir.join("audit.jsonl");
     let (config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let rt = args.proxy.runtime()?;
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
     // Process events from guest-init go to the same audit log, as OCSF Process Activity.
     let audit_path = args.proxy.audit_path(&default_audit);

@@ -38,8 +38,10 @@ use crate::transport::FlowTransport;
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 /// The workspace kernel's address on its TUN interface.
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
-/// MTU of the TUN interface.
-pub const MTU: usize = 1500;
+/// MTU of the TUN interface: as large as loopback's, so the workspace kernel sends 64 KiB TCP
+/// segments and every packet costs one system call for 64 KiB instead of 1.5 KiB
+/// (measured: 2.6 -> 5.7 Gbit/s for one flow).
+pub const MTU: usize = 65520;
 /// Bytes of socket buffer per direction per TCP flow.
 const TCP_BUFFER: usize = 256 * 1024;
 /// Bytes of socket buffer per direction for a DNS-over-TCP connection (one largest message).

@@ -1,5 +1,42 @@
-//! moat-vmm: the KVM microVM monitor (issue 5).
+//! moat-vmm: the KVM microVM monitor.
 //!
 //! Hop in the data path: guest virtio-vsock -> this VMM -> host Unix socket `<uds>_<port>`,
-//! where the egress proxy listens. Nothing is implemented here yet; this crate holds its place
-//! in the tree so the layout matches ARCHITECTURE.md. It does not pretend to boot anything.
+//! where the egress proxy listens. The VMM moves bytes and runs the guest; it holds no policy.
+//!
+//! ```text
+//!  config.rs (TOML + flags, parsed once)
+//!      |
+//!  vmm.rs: Resources::open (every host fd) -> jail/ (optional) -> guest memory (vm-memory)
+//!      -> boot.rs (linux-loader, PVH) + mptable.rs -> kvm/ (VM, irqchip, PIT, vCPUs + cpuid.rs)
+//!      |                                                             | KVM_RUN exits
+//!      +-> devices/bus.rs: COM1 (vm-superio) | i8042 reset | virtio-mmio windows
+//!            devices/virtio/mmio.rs -> vsock/ (packet -> muxer -> Unix sockets), block, rng,
+//!            each on its own thread (queue_worker.rs), every thread under seccomp.rs
+//! ```
+//!
+//! Invariants:
+//! - `unsafe` lives only in `kvm/` (memory slots, the internal-error report) and `jail/sys.rs`
+//!   (namespaces, mounts, privilege drop, Landlock); everything else is safe code.
+//! - The guest chooses only vsock port numbers, which map to `<uds>_P` under the operator's
+//!   socket path; nothing it sends names any other host path, port or identity.
+//! - A guest-caused error resets a device or closes a connection and is logged rate-limited;
+//!   it never panics the VMM.
+
+#![deny(unsafe_code)]
+
+pub mod boot;
+pub mod config;
+pub mod cpuid;
+pub mod devices;
+pub mod exit;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
+pub mod jail;
+#[allow(unsafe_code)]
+pub mod kvm;
+pub mod layout;
+pub mod mptable;
+pub mod ratelimit;
+pub mod seccomp;
+pub mod stats;
+pub mod vmm;

@@ -3,6 +3,7 @@
 mod bench;
 mod fuzz;
 mod test;
+mod vmm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,8 +14,11 @@ const USAGE: &str = "usage: cargo xtask <verb>
 
 verbs:
   test              install the test tools (OCSF validator venv) and run every test
-  bench [--quick]   egress proxy benchmarks beside direct loopback and squid (table + JSON)
-  fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)";
+  bench [--quick] [egress|vmm]
+                    egress proxy and netstack beside direct loopback and squid, then moat-vmm
+                    (start-up, memory, vsock throughput); tables + JSON in bench-results/
+  fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
+  linux-boot        moat-vmm: boot a real Linux kernel to `Run /init` (MOAT_LINUX_KERNEL)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,8 +27,19 @@ fn main() -> Result<()> {
         .map_or(("", &[][..]), |(v, r)| (v.as_str(), r));
     match verb {
         "test" => test::run(rest),
-        "bench" => bench::run(rest),
+        "bench" => {
+            let only = |what: &str| rest.iter().any(|a| a == what);
+            let all = !only("egress") && !only("vmm");
+            if all || only("egress") {
+                bench::run(rest)?;
+            }
+            if all || only("vmm") {
+                vmm::bench()?;
+            }
+            Ok(())
+        }
         "fuzz" => fuzz::run(rest),
+        "linux-boot" => vmm::linux_boot_test(),
         "" | "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())

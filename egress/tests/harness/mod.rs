@@ -357,15 +357,22 @@ impl TestProxy {
     }
 
     pub async fn start_with(limits: Limits) -> TestProxy {
-        Self::start_full(limits, vec![pki().ca.clone()], false).await
+        Self::start_full(limits, vec![pki().ca.clone()], false, true).await
+    }
+
+    /// A proxy that reloads only on SIGHUP (or an explicit `reload`), not on file changes.
+    pub async fn start_unwatched() -> TestProxy {
+        Self::start_full(Limits::default(), vec![pki().ca.clone()], false, false).await
     }
 
     /// A proxy whose intercepted upstreams are verified against `upstream_roots` (plus the
-    /// webpki roots).
+    /// webpki roots), with an HTTP/2-only recording upstream if `h2_upstream`, watching its
+    /// policy files if `watch`.
     pub async fn start_full(
         limits: Limits,
         upstream_roots: Vec<CertificateDer<'static>>,
         h2_upstream: bool,
+        watch: bool,
     ) -> TestProxy {
         let tls = upstream(true).await;
         let plain = upstream(false).await;
@@ -416,7 +423,7 @@ impl TestProxy {
             port: moat_egress::EGRESS_VSOCK_PORT,
             admin: Some(admin.clone()),
             source: PolicySource::new(&profile, &pubkey).unwrap(),
-            watch: true,
+            watch,
             limits,
             upstream_roots,
         };

@@ -1,0 +1,6 @@
+//! moat-vmm: block requests from arbitrary guest bytes (see moat_vmm::fuzzing).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    moat_vmm::fuzzing::block_requests(data);
+});

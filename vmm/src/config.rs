@@ -1,0 +1,361 @@
+//! VM configuration: a TOML file (unknown fields refused) overlaid by command-line flags.
+//! Everything is parsed once here into types that cannot hold an invalid value; nothing the
+//! guest sends later can choose a host path, port or identity.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::layout::CMDLINE_MAX;
+
+/// Errors from reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Too many virtio devices for the MMIO window.
+    #[error("{0} virtio devices is more than 16")]
+    TooManyDevices(usize),
+    /// The config file is not valid TOML for this schema.
+    #[error("cannot parse config file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// No kernel was given.
+    #[error("no kernel given (set `kernel` in the config or pass --kernel)")]
+    NoKernel,
+    /// Memory size outside what the VMM supports.
+    #[error("guest memory of {0} MiB is outside 16..=65536 MiB")]
+    MemSize(u64),
+    /// vCPU count outside what the VMM supports.
+    #[error("{0} vCPUs is outside 1..=32")]
+    VcpuCount(u8),
+    /// The command line does not fit its slot.
+    #[error("kernel command line is {0} bytes, longer than {max}", max = CMDLINE_MAX - 1)]
+    CmdlineTooLong(usize),
+    /// A reserved or out-of-range guest CID.
+    #[error("guest CID {0} is reserved or out of range (3..=0xfffffffe)")]
+    GuestCid(u64),
+}
+
+/// A guest context id for vsock; 0, 1, 2 and `u32::MAX` are reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestCid(u32);
+
+impl GuestCid {
+    /// The CID as the wire carries it.
+    pub fn get(self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
+impl TryFrom<u64> for GuestCid {
+    type Error = Error;
+    fn try_from(v: u64) -> Result<Self, Error> {
+        match u32::try_from(v) {
+            Ok(c) if (3..u32::MAX).contains(&c) => Ok(Self(c)),
+            _ => Err(Error::GuestCid(v)),
+        }
+    }
+}
+
+/// Whether to apply the nested-PVM workarounds (hide CX16, XSAVE, SMAP and friends; report an
+/// Intel vendor). `auto` applies them when the host's KVM is the `kvm_pvm` module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    /// Decide from the host.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+/// The file form of the configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Kernel (ELF with a PVH entry note).
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+    /// Initramfs, handed to the guest as PVH module 0.
+    pub initrd: Option<PathBuf>,
+    /// Guest memory in MiB.
+    pub mem_mib: Option<u64>,
+    /// vCPU count.
+    pub vcpus: Option<u8>,
+    /// Serial console.
+    #[serde(default)]
+    pub serial: SerialFile,
+    /// vsock device.
+    pub vsock: Option<VsockFile>,
+    /// CPU model choices.
+    #[serde(default)]
+    pub cpu: CpuFile,
+    /// Disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub block: Vec<BlockFile>,
+    /// Offer a virtio-rng device.
+    pub rng: Option<bool>,
+    /// Per-thread seccomp filters (on unless set to false; off only for debugging).
+    pub seccomp: Option<bool>,
+    /// Run jailed (needs root).
+    pub jail: Option<JailFile>,
+}
+
+/// `[jail]` in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailFile {
+    /// Directory that becomes the VMM's root (created if missing, must be empty).
+    pub dir: PathBuf,
+    /// Unprivileged uid (default 65534).
+    pub uid: Option<u32>,
+    /// Unprivileged gid (default 65534).
+    pub gid: Option<u32>,
+}
+
+/// `[[block]]` in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockFile {
+    /// Disk image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `[serial]` in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialFile {
+    /// File to write the console to; stdout when absent.
+    pub out: Option<PathBuf>,
+    /// Most bytes of console output kept.
+    pub cap_bytes: Option<u64>,
+}
+
+/// `[vsock]` in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockFile {
+    /// Host Unix socket path (Firecracker's convention).
+    pub uds: PathBuf,
+    /// Guest CID.
+    pub guest_cid: Option<u64>,
+}
+
+/// `[cpu]` in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuFile {
+    /// Nested-PVM workarounds.
+    #[serde(default)]
+    pub pvm_workarounds: Toggle,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| Error::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Parses config text.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+/// Default console cap: enough for a kernel boot log, small enough that a chatty guest
+/// cannot fill the host disk.
+pub const DEFAULT_SERIAL_CAP: u64 = 16 << 20;
+/// Default guest memory.
+pub const DEFAULT_MEM_MIB: u64 = 256;
+/// Default guest CID.
+pub const DEFAULT_CID: u64 = 3;
+
+/// The checked configuration the VMM runs from.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Command line given by the operator (device declarations are appended by the VMM).
+    pub cmdline: String,
+    /// Initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Guest memory in bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Console file, stdout when `None`.
+    pub serial_out: Option<PathBuf>,
+    /// Console cap in bytes.
+    pub serial_cap: u64,
+    /// vsock device.
+    pub vsock: Option<VsockConfig>,
+    /// Nested-PVM workarounds.
+    pub pvm_workarounds: Toggle,
+    /// Disks.
+    pub disks: Vec<BlockFile>,
+    /// virtio-rng.
+    pub rng: bool,
+    /// Per-thread seccomp filters.
+    pub seccomp: bool,
+    /// The jail, if any.
+    pub jail: Option<JailFile>,
+}
+
+/// A checked vsock device configuration.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    /// Host Unix socket path.
+    pub uds: PathBuf,
+    /// Guest CID.
+    pub cid: GuestCid,
+}
+
+impl VmConfig {
+    /// Checks a file config (already overlaid with flags) into a `VmConfig`.
+    pub fn from_file(f: FileConfig) -> Result<Self, Error> {
+        let kernel = f.kernel.ok_or(Error::NoKernel)?;
+        let cmdline = f.cmdline.unwrap_or_default();
+        // Leave room for the device declarations the VMM appends.
+        if cmdline.len() >= CMDLINE_MAX - 512 {
+            return Err(Error::CmdlineTooLong(cmdline.len()));
+        }
+        let mem_mib = f.mem_mib.unwrap_or(DEFAULT_MEM_MIB);
+        if !(16..=65536).contains(&mem_mib) {
+            return Err(Error::MemSize(mem_mib));
+        }
+        let vcpus = f.vcpus.unwrap_or(1);
+        if !(1..=32).contains(&vcpus) {
+            return Err(Error::VcpuCount(vcpus));
+        }
+        let count =
+            usize::from(f.vsock.is_some()) + f.block.len() + usize::from(f.rng == Some(true));
+        if count > 16 {
+            return Err(Error::TooManyDevices(count));
+        }
+        let vsock = match f.vsock {
+            Some(v) => Some(VsockConfig {
+                uds: v.uds,
+                cid: GuestCid::try_from(v.guest_cid.unwrap_or(DEFAULT_CID))?,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            kernel,
+            cmdline,
+            initrd: f.initrd,
+            mem_bytes: mem_mib << 20,
+            vcpus,
+            serial_out: f.serial.out,
+            serial_cap: f.serial.cap_bytes.unwrap_or(DEFAULT_SERIAL_CAP),
+            vsock,
+            pvm_workarounds: f.cpu.pvm_workarounds,
+            disks: f.block,
+            rng: f.rng.unwrap_or(false),
+            seccomp: f.seccomp.unwrap_or(true),
+            jail: f.jail,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let f = FileConfig::parse(
+            r#"
+            kernel = "/k"
+            cmdline = "console=ttyS0"
+            mem_mib = 128
+            vcpus = 2
+            rng = true
+            [serial]
+            out = "/tmp/s"
+            cap_bytes = 1024
+            [vsock]
+            uds = "/tmp/v.sock"
+            guest_cid = 7
+            [cpu]
+            pvm_workarounds = "on"
+            [[block]]
+            path = "/root.img"
+            read_only = true
+            [[block]]
+            path = "/home.img"
+            "#,
+        );
+        assert!(f.is_ok(), "{f:?}");
+        let c = VmConfig::from_file(f.unwrap_or_default());
+        let c = c.ok();
+        assert_eq!(c.as_ref().map(|c| c.mem_bytes), Some(128 << 20));
+        assert_eq!(
+            c.as_ref()
+                .and_then(|c| c.vsock.as_ref())
+                .map(|v| v.cid.get()),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        assert!(FileConfig::parse("kernel = \"/k\"\nmemory = 5\n").is_err());
+    }
+
+    #[test]
+    fn unknown_nested_field_is_refused() {
+        assert!(FileConfig::parse("[vsock]\nuds = \"/x\"\nport = 5\n").is_err());
+    }
+
+    #[test]
+    fn reserved_cids_are_refused() {
+        for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
+            assert!(GuestCid::try_from(cid).is_err(), "cid {cid}");
+        }
+        assert!(GuestCid::try_from(3).is_ok());
+    }
+
+    #[test]
+    fn missing_kernel_is_refused() {
+        assert!(matches!(
+            VmConfig::from_file(FileConfig::default()),
+            Err(Error::NoKernel)
+        ));
+    }
+
+    #[test]
+    fn tiny_memory_is_refused() {
+        let f = FileConfig {
+            kernel: Some("/k".into()),
+            mem_mib: Some(8),
+            ..FileConfig::default()
+        };
+        assert!(matches!(VmConfig::from_file(f), Err(Error::MemSize(8))));
+    }
+}

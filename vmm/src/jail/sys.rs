@@ -1,0 +1,221 @@
+//! The raw system calls the jail needs, each wrapped once. This module and `kvm` are the only
+//! places in the VMM that hold `unsafe`; every block states the invariant it relies on.
+
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+/// Marks every descriptor from 3 up close-on-exec and closes them: nothing inherited survives.
+pub fn close_inherited_fds() -> io::Result<()> {
+    // SAFETY: close_range only closes descriptors; called at start-up before this process has
+    // opened anything of its own above 2, so no live Rust object owns one of them.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `unshare(flags)`.
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare takes no pointers; it only changes this process's namespaces.
+    check(unsafe { libc::unshare(flags) })
+}
+
+/// What `fork` returned.
+#[derive(Debug)]
+pub enum Fork {
+    /// In the parent, with the child's pid.
+    Parent(libc::pid_t),
+    /// In the child.
+    Child,
+}
+
+/// `fork()`. The caller must be single-threaded (checked: it refuses otherwise).
+pub fn fork() -> io::Result<Fork> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(
+            "fork refused: the process has more than one thread",
+        ));
+    }
+    // SAFETY: the process is single-threaded (checked above), so the child gets a consistent
+    // copy of every lock and allocator state.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Fork::Child),
+        p => Ok(Fork::Parent(p)),
+    }
+}
+
+/// Waits for `pid`; returns its exit code, or 128 + the signal that killed it.
+pub fn wait(pid: libc::pid_t) -> io::Result<i32> {
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: `status` is a valid, writable c_int for the duration of the call.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == -1 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if libc::WIFEXITED(status) {
+            return Ok(libc::WEXITSTATUS(status));
+        }
+        if libc::WIFSIGNALED(status) {
+            return Ok(128 + libc::WTERMSIG(status));
+        }
+    }
+}
+
+/// Asks the kernel to kill this process with SIGKILL when its parent dies.
+pub fn die_with_parent() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number, no pointers.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })
+}
+
+/// Makes this process non-dumpable (no core dumps, no ptrace by same-uid processes).
+pub fn not_dumpable() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) })
+}
+
+/// `mount(source, target, NULL, flags, NULL)`.
+pub fn mount(source: Option<&Path>, target: &Path, flags: libc::c_ulong) -> io::Result<()> {
+    let src = source.map(cstr).transpose()?;
+    let tgt = cstr(target)?;
+    let src_ptr = src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: both strings are NUL-terminated and outlive the call; fstype and data are NULL,
+    // which mount(2) accepts for bind, remount and propagation changes.
+    check(unsafe {
+        libc::mount(
+            src_ptr,
+            tgt.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// `pivot_root(new_root, put_old)`.
+pub fn pivot_root(new_root: &Path, put_old: &Path) -> io::Result<()> {
+    let n = cstr(new_root)?;
+    let o = cstr(put_old)?;
+    // SAFETY: both strings are NUL-terminated and outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, n.as_ptr(), o.as_ptr()) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `umount2(target, MNT_DETACH)`.
+pub fn detach(target: &Path) -> io::Result<()> {
+    let t = cstr(target)?;
+    // SAFETY: the string is NUL-terminated and outlives the call.
+    check(unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) })
+}
+
+/// Sets the UTS namespace's host name.
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Sets a resource limit (soft and hard).
+pub fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: `lim` is a valid rlimit that outlives the call.
+    check(unsafe { libc::setrlimit(resource, &lim) })
+}
+
+/// Drops every supplementary group, then switches real, effective and saved ids.
+pub fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: a zero-length list with a NULL pointer is valid for setgroups.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresuid(uid, uid, uid) })
+}
+
+/// Removes every environment variable.
+pub fn clear_env() {
+    let keys: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
+    for k in keys {
+        // SAFETY: called while the process is single-threaded (the jail runs before any thread
+        // is spawned), so no other thread can be reading the environment.
+        unsafe { std::env::remove_var(k) };
+    }
+}
+
+/// Landlock ABI version the kernel offers (0 when Landlock is unavailable).
+pub fn landlock_abi() -> i64 {
+    // SAFETY: with a NULL attribute, size 0 and the VERSION flag, the call only returns the ABI
+    // version; no memory is read or written.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32, // LANDLOCK_CREATE_RULESET_VERSION
+        )
+    };
+    v.max(0)
+}
+
+/// Creates a ruleset handling `fs`, `net` and `scoped` (the attribute truncated to what `abi`
+/// knows) with no rules at all, and restricts the calling thread (and its future threads) by
+/// it: every handled access is then denied.
+pub fn landlock_deny_all(abi: i64, fs: u64, net: u64, scoped: u64) -> io::Result<()> {
+    let attr: [u64; 3] = [fs, net, scoped];
+    let size = match abi {
+        i64::MIN..=3 => 8usize,
+        4 | 5 => 16,
+        _ => 24,
+    };
+    // SAFETY: `attr` is a live, properly aligned array of at least `size` bytes laid out as
+    // struct landlock_ruleset_attr (three u64 fields in order).
+    let fd = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, attr.as_ptr(), size, 0u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("ruleset fd out of range"))?;
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only; Landlock requires it.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    let result = if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: `fd` is the ruleset descriptor just created; flags 0.
+        let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) };
+        if r == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: `fd` is owned here and closed exactly once.
+    unsafe { libc::close(fd) };
+    result
+}

@@ -1,0 +1,152 @@
+//! The KVM side: the VM file descriptor, guest memory registration, the in-kernel interrupt
+//! controller and timer, and vCPUs. This module and its children are the only places in the
+//! VMM allowed `unsafe` (KVM memory-slot registration hands the kernel a host pointer).
+//!
+//! Interrupts and timers: the VM gets KVM's in-kernel irqchip (a PIC, an IOAPIC and a local
+//! APIC per vCPU) and the in-kernel PIT. Devices raise interrupts through irqfds (an eventfd
+//! per GSI), so a device thread never takes a vCPU lock to interrupt the guest. The in-kernel
+//! choice keeps HLT, the APIC timer and EOIs inside KVM: on a nested host every exit to user
+//! space is expensive. The PIT is there because Linux calibrates its TSC and APIC timer against
+//! it when no other reference is offered (Firecracker makes the same choice).
+
+pub mod vcpu;
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::layout;
+
+/// Errors from KVM setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_VM failed.
+    #[error("cannot create the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// KVM_SET_TSS_ADDR or KVM_SET_IDENTITY_MAP_ADDR failed.
+    #[error("cannot place KVM's TSS or identity map")]
+    SetTss(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_IRQCHIP failed.
+    #[error("cannot create the in-kernel interrupt controller")]
+    CreateIrqchip(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_PIT2 failed.
+    #[error("cannot create the in-kernel PIT")]
+    CreatePit(#[source] kvm_ioctls::Error),
+    /// A guest memory region has no host address.
+    #[error("guest memory region has no host mapping")]
+    HostAddress(#[source] vm_memory::GuestMemoryError),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("cannot register guest memory with KVM")]
+    SetMemoryRegion(#[source] kvm_ioctls::Error),
+    /// KVM_IRQFD failed.
+    #[error("cannot register irqfd for GSI {gsi}")]
+    RegisterIrqfd {
+        /// The GSI.
+        gsi: u32,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_IOEVENTFD failed.
+    #[error("cannot register ioeventfd at {addr:#x}")]
+    RegisterIoevent {
+        /// The MMIO address.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU could not be created or configured.
+    #[error("cannot set up vCPU {index}")]
+    Vcpu {
+        /// Which vCPU.
+        index: u8,
+        /// Why.
+        #[source]
+        source: vcpu::Error,
+    },
+}
+
+/// A KVM virtual machine with its memory registered and its interrupt controller created.
+#[derive(Debug)]
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Opens /dev/kvm (done before any jail; the fd is all the VMM keeps).
+    pub fn open_kvm() -> Result<Kvm, Error> {
+        Kvm::new().map_err(Error::OpenKvm)
+    }
+
+    /// Creates the VM on `kvm`, its irqchip and PIT, and registers `mem`.
+    pub fn new(kvm: Kvm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
+        let fd = kvm.create_vm().map_err(Error::CreateVm)?;
+        let tss = usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX);
+        fd.set_tss_address(tss).map_err(Error::SetTss)?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+            .map_err(Error::SetTss)?;
+        fd.create_irq_chip().map_err(Error::CreateIrqchip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(Error::CreatePit)?;
+        let vm = Self { kvm, fd };
+        vm.register_memory(mem)?;
+        Ok(vm)
+    }
+
+    fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+        for (slot, region) in (0u32..).zip(mem.iter()) {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(Error::HostAddress)?;
+            let r = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by
+            // `mem`. The caller keeps `mem` alive for as long as the VM runs (the Vmm holds
+            // both, and the process exits rather than dropping the memory under a vCPU), and
+            // slots are distinct and never overlap because vm-memory refuses overlapping regions.
+            unsafe { self.fd.set_user_memory_region(r) }.map_err(Error::SetMemoryRegion)?;
+        }
+        Ok(())
+    }
+
+    /// Routes `evt` to guest interrupt `gsi` through the in-kernel irqchip.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), Error> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| Error::RegisterIrqfd { gsi, source })
+    }
+
+    /// Has KVM itself signal `evt` when the guest writes the 32-bit value `datamatch` to MMIO
+    /// address `addr`: a queue notification then never leaves the kernel.
+    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), Error> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|source| Error::RegisterIoevent { addr, source })
+    }
+
+    /// Creates and configures vCPU `index` to start at `entry`.
+    pub fn create_vcpu(
+        &self,
+        index: u8,
+        count: u8,
+        entry: crate::boot::BootEntry,
+        pvm_workarounds: bool,
+    ) -> Result<vcpu::Vcpu, Error> {
+        vcpu::Vcpu::new(&self.kvm, &self.fd, index, count, entry, pvm_workarounds)
+            .map_err(|source| Error::Vcpu { index, source })
+    }
+}

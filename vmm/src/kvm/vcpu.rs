@@ -1,0 +1,230 @@
+//! One vCPU: its boot state (the PVH entry state: 32-bit protected mode, paging off), its
+//! CPUID, its local APIC wiring, and the KVM_RUN loop that hands port and MMIO exits to the
+//! device bus.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::boot::BootEntry;
+use crate::cpuid::{self, CpuidPolicy};
+use crate::devices::bus::IoBus;
+use crate::exit::{ExitSender, VmExit};
+use crate::layout;
+
+/// Errors from vCPU setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create the vCPU")]
+    Create(#[source] kvm_ioctls::Error),
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("cannot read the CPUID KVM supports")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// KVM_SET_CPUID2 failed.
+    #[error("cannot set CPUID")]
+    SetCpuid(#[source] kvm_ioctls::Error),
+    /// Register setup failed.
+    #[error("cannot set registers")]
+    Registers(#[source] kvm_ioctls::Error),
+    /// Local APIC setup failed.
+    #[error("cannot set up the local APIC")]
+    Lapic(#[source] kvm_ioctls::Error),
+}
+
+/// A configured vCPU, ready to run on its own thread.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+impl Vcpu {
+    pub(super) fn new(
+        kvm: &Kvm,
+        vm: &VmFd,
+        index: u8,
+        count: u8,
+        entry: BootEntry,
+        pvm_workarounds: bool,
+    ) -> Result<Self, Error> {
+        let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Create)?;
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::SupportedCpuid)?;
+        cpuid::filter(
+            cpuid.as_mut_slice(),
+            CpuidPolicy {
+                vcpu_index: index,
+                vcpu_count: count,
+                pvm_workarounds,
+            },
+        );
+        fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
+        set_lint(&fd)?;
+        set_pvh_state(&fd, entry)?;
+        Ok(Self { fd, index })
+    }
+
+    /// Runs the guest until it resets, crashes or `stop` is set; reports why on `exits`.
+    pub fn run(mut self, bus: &dyn IoBus, exits: &ExitSender, stop: &Arc<AtomicBool>) {
+        let index = self.index;
+        while !stop.load(Ordering::Acquire) {
+            let outcome = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    bus.pio_read(port, data);
+                    None
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    bus.pio_write(port, data);
+                    None
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    bus.mmio_read(addr, data);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    bus.mmio_write(addr, data);
+                    None
+                }
+                Ok(VcpuExit::Hlt) => Some(VmExit::GuestHalted),
+                Ok(VcpuExit::Shutdown) => Some(VmExit::GuestCrashed(format!(
+                    "vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN)"
+                ))),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::GuestCrashed(format!(
+                    "vCPU {index}: entry failed, reason {reason:#x} on host cpu {cpu}"
+                ))),
+                Ok(VcpuExit::InternalError) => Some(VmExit::GuestCrashed(format!(
+                    "vCPU {index}: KVM internal error (an instruction KVM could not emulate): {}",
+                    self.internal_error_detail()
+                ))),
+                Ok(VcpuExit::SystemEvent(kind, _)) => Some(VmExit::GuestReset(format!(
+                    "vCPU {index}: system event {kind}"
+                ))),
+                Ok(other) => Some(VmExit::GuestCrashed(format!(
+                    "vCPU {index}: unhandled exit {other:?}"
+                ))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(VmExit::VmmError(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}"
+                ))),
+            };
+            if let Some(exit) = outcome {
+                exits.send(exit);
+                return;
+            }
+        }
+    }
+}
+
+impl Vcpu {
+    /// Suberror, KVM's data words and the guest RIP, for a KVM_EXIT_INTERNAL_ERROR report.
+    fn internal_error_detail(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM filled the `internal` member of the exit union: this is called only right
+        // after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, and nothing ran on this vCPU since.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = usize::try_from(internal.ndata)
+            .unwrap_or(0)
+            .min(internal.data.len());
+        let data: Vec<String> = internal
+            .data
+            .iter()
+            .take(n)
+            .map(|d| format!("{d:#x}"))
+            .collect();
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        format!(
+            "suberror {} data [{}] rip {rip:#x}",
+            internal.suberror,
+            data.join(", ")
+        )
+    }
+}
+
+/// Wires LINT0 as ExtINT (the PIC) and LINT1 as NMI, as a PC's firmware would.
+fn set_lint(fd: &VcpuFd) -> Result<(), Error> {
+    let mut lapic = fd.get_lapic().map_err(Error::Lapic)?;
+    for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let bytes = lapic
+            .regs
+            .get_mut(reg..reg + 4)
+            .ok_or(Error::Lapic(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let mut raw = [0u8; 4];
+        for (d, s) in raw.iter_mut().zip(bytes.iter()) {
+            *d = s.to_ne_bytes()[0];
+        }
+        let value = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
+        for (d, s) in bytes.iter_mut().zip(value.to_le_bytes()) {
+            *d = i8::from_ne_bytes([s]);
+        }
+    }
+    fd.set_lapic(&lapic).map_err(Error::Lapic)
+}
+
+fn segment(selector: u16, type_: u8, s: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// The PVH entry state: flat 32-bit segments from the GDT at `GDT_ADDR`, CR0.PE only, paging
+/// off, `%ebx` = `hvm_start_info`, `%eip` = the PVH entry.
+fn set_pvh_state(fd: &VcpuFd, entry: BootEntry) -> Result<(), Error> {
+    let mut sregs = fd.get_sregs().map_err(Error::Registers)?;
+    sregs.cs = segment(0x08, 0xb, 1);
+    let data = segment(0x10, 0x3, 1);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    let mut tr = segment(0x18, 0xb, 0);
+    tr.limit = 0x67;
+    tr.g = 0;
+    tr.db = 0;
+    sregs.tr = tr;
+    sregs.gdt.base = layout::GDT_ADDR;
+    sregs.gdt.limit = u16::try_from(crate::boot::GDT.len() * 8 - 1).unwrap_or(u16::MAX);
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = 0x1; // PE: protected mode, no paging.
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    fd.set_sregs(&sregs).map_err(Error::Registers)?;
+
+    let regs = kvm_regs {
+        rip: entry.entry,
+        rbx: entry.start_info,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    fd.set_regs(&regs).map_err(Error::Registers)?;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    fd.set_fpu(&fpu).map_err(Error::Registers)
+}

@@ -1,0 +1,86 @@
+//! The guest physical address map. One place, so the boot code, the device manager and the
+//! probe guest's expectations agree.
+//!
+//! ```text
+//! 0x0000_0500  GDT (4 entries) used by the PVH entry state
+//! 0x0000_6000  hvm_start_info (PVH), followed by the module list at 0x6040
+//! 0x0000_7000  PVH memory map (e820-style entries)
+//! 0x0002_0000  kernel command line (NUL terminated, at most CMDLINE_MAX bytes)
+//! 0x0009_fc00  end of low RAM (EBDA and legacy hole above, reserved)
+//! 0x0010_0000  kernel (ELF segments at their physical addresses)
+//! ...          initramfs at the top of RAM below the MMIO gap, page aligned
+//! 0xc000_0000  MMIO gap: virtio-mmio devices from 0xd000_0000, 4 KiB each
+//! 0x1_0000_0000 RAM above 4 GiB when the guest has more than 3 GiB
+//! ```
+
+/// Where the GDT lives.
+pub const GDT_ADDR: u64 = 0x500;
+/// PVH `hvm_start_info`.
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+/// PVH module list (the initramfs), right after `hvm_start_info`.
+pub const PVH_MODLIST_ADDR: u64 = 0x6040;
+/// PVH memory map.
+pub const PVH_MEMMAP_ADDR: u64 = 0x7000;
+/// Most memory-map entries that fit before the next structure.
+pub const PVH_MEMMAP_MAX: usize = 0x1000 / 24;
+/// Kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// Longest command line accepted, NUL included.
+pub const CMDLINE_MAX: usize = 4096;
+/// End of the low RAM the memory map reports (start of the EBDA).
+pub const EBDA_START: u64 = 0x9_fc00;
+/// Start of high memory, where kernels load.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the MMIO gap below 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the MMIO gap.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// First virtio-mmio device window.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// GSI of the first virtio-mmio device; the serial port uses 4.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// GSI of the serial port (COM1).
+pub const SERIAL_IRQ: u32 = 4;
+/// The TSS KVM needs on Intel hosts, in the top of the 32-bit space (not RAM, not MMIO).
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+/// The identity map page KVM needs on Intel hosts, just below the TSS.
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+// The virtio windows (up to 16 devices) sit inside the MMIO gap, below KVM's private pages.
+const _: () = assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START);
+const _: () = assert!(VIRTIO_MMIO_BASE + 16 * VIRTIO_MMIO_SIZE < KVM_IDENTITY_MAP_ADDR);
+
+/// The RAM ranges for a guest of `mem_bytes`: low RAM up to the MMIO gap, the rest above 4 GiB.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+    if mem_bytes <= MMIO_GAP_START {
+        vec![(0, mem_bytes)]
+    } else {
+        vec![
+            (0, MMIO_GAP_START),
+            (MMIO_GAP_END, mem_bytes - MMIO_GAP_START),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_one_ram_range() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+    }
+
+    #[test]
+    fn big_guest_skips_the_mmio_gap() {
+        assert_eq!(
+            ram_ranges(4 << 30),
+            vec![
+                (0, MMIO_GAP_START),
+                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
+            ]
+        );
+    }
+}

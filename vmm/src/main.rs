@@ -1,0 +1,209 @@
+//! `moat-vmm`: boots one microVM from a TOML config and/or flags. Exit codes: see
+//! `moat_vmm::exit`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use moat_vmm::config::{BlockFile, FileConfig, JailFile, SerialFile, Toggle, VmConfig, VsockFile};
+use moat_vmm::exit::EXIT_CONFIG;
+use moat_vmm::jail::{self, JailSpec};
+
+/// Boot a moat microVM.
+#[derive(Debug, Parser)]
+#[command(name = "moat-vmm", version)]
+struct Args {
+    /// TOML config file (unknown fields are refused); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel: an ELF with a PVH entry note (vmlinux with CONFIG_PVH, or the probe guest).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    mem: Option<u64>,
+    /// vCPU count.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Host Unix socket for the vsock device (guest port P connects to `<uds>_P`).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Guest CID of the vsock device.
+    #[arg(long)]
+    vsock_cid: Option<u64>,
+    /// Write the serial console to this file instead of stdout.
+    #[arg(long)]
+    serial_out: Option<PathBuf>,
+    /// Most bytes of serial output kept.
+    #[arg(long)]
+    serial_cap: Option<u64>,
+    /// Add a read-write disk (repeatable). Guest order: config-file disks, then --block-ro,
+    /// then --block.
+    #[arg(long = "block")]
+    block: Vec<PathBuf>,
+    /// Add a read-only disk (repeatable).
+    #[arg(long = "block-ro")]
+    block_ro: Vec<PathBuf>,
+    /// Offer a virtio-rng device fed from the host's /dev/urandom.
+    #[arg(long)]
+    rng: bool,
+    /// Jail the VMM (needs root): this empty directory becomes its root.
+    #[arg(long)]
+    jail_dir: Option<PathBuf>,
+    /// Unprivileged uid inside the jail.
+    #[arg(long, default_value_t = 65534)]
+    jail_uid: u32,
+    /// Unprivileged gid inside the jail.
+    #[arg(long, default_value_t = 65534)]
+    jail_gid: u32,
+    /// Run without seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Nested-PVM CPUID workarounds.
+    #[arg(long, value_enum)]
+    pvm_workarounds: Option<Toggle>,
+    /// Print a cost report (time and CPU to the first KVM_RUN, memory) on stderr at exit.
+    #[arg(long)]
+    stats: bool,
+    /// Stop the VM after this many seconds (exit code 4).
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
+fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::error::Error>> {
+    let mut f = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    f.kernel = args.kernel.or(f.kernel);
+    f.cmdline = args.cmdline.or(f.cmdline);
+    f.initrd = args.initrd.or(f.initrd);
+    f.mem_mib = args.mem.or(f.mem_mib);
+    f.vcpus = args.vcpus.or(f.vcpus);
+    f.serial = SerialFile {
+        out: args.serial_out.or(f.serial.out),
+        cap_bytes: args.serial_cap.or(f.serial.cap_bytes),
+    };
+    if let Some(uds) = args.vsock_uds {
+        let cid = args
+            .vsock_cid
+            .or(f.vsock.as_ref().and_then(|v| v.guest_cid));
+        f.vsock = Some(VsockFile {
+            uds,
+            guest_cid: cid,
+        });
+    }
+    for path in args.block_ro {
+        f.block.push(BlockFile {
+            path,
+            read_only: true,
+        });
+    }
+    for path in args.block {
+        f.block.push(BlockFile {
+            path,
+            read_only: false,
+        });
+    }
+    if let Some(dir) = args.jail_dir {
+        f.jail = Some(JailFile {
+            dir,
+            uid: Some(args.jail_uid),
+            gid: Some(args.jail_gid),
+        });
+    }
+    if args.no_seccomp {
+        f.seccomp = Some(false);
+    }
+    if args.rng {
+        f.rng = Some(true);
+    }
+    if let Some(t) = args.pvm_workarounds {
+        f.cpu.pvm_workarounds = t;
+    }
+    Ok((f, args.timeout.map(Duration::from_secs)))
+}
+
+/// Runs the VM, jailed when the config asks for it.
+fn run(
+    cfg: &VmConfig,
+    timeout: Option<Duration>,
+    stats: Option<std::time::Instant>,
+) -> Result<moat_vmm::exit::VmExit, Box<dyn std::error::Error>> {
+    let Some(j) = &cfg.jail else {
+        return Ok(moat_vmm::vmm::run(cfg, timeout, stats)?);
+    };
+    jail::close_inherited_fds()?;
+    let exposed = std::iter::once(&cfg.kernel)
+        .chain(cfg.initrd.iter())
+        .chain(cfg.disks.iter().map(|d| &d.path));
+    for path in exposed {
+        jail::check_exposed(path)?;
+    }
+    let res = moat_vmm::vmm::Resources::open(cfg)?;
+    let inside = jail::enter(&JailSpec {
+        dir: j.dir.clone(),
+        uid: j.uid.unwrap_or(65534),
+        gid: j.gid.unwrap_or(65534),
+        uds: cfg.vsock.as_ref().map(|v| v.uds.clone()),
+        max_files: 4096,
+    })?;
+    Ok(moat_vmm::vmm::run_with(
+        cfg, res, inside.uds, timeout, stats,
+    )?)
+}
+
+/// Prints an error and its chain of causes.
+fn print_chain(err: &dyn std::error::Error) {
+    eprintln!("moat-vmm: {err}");
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        eprintln!("  caused by: {c}");
+        cause = c.source();
+    }
+}
+
+fn main() -> ExitCode {
+    let t0 = std::time::Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOAT_VMM_LOG")
+                // virtio-queue logs through `log` without throttling; our own rate-limited
+                // warnings cover what it would say.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,virtio_queue=off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let stats = args.stats.then_some(t0);
+    let cfg = match merged(args).and_then(|(f, t)| Ok((VmConfig::from_file(f)?, t))) {
+        Ok(c) => c,
+        Err(e) => {
+            print_chain(e.as_ref());
+            return ExitCode::from(u8::try_from(EXIT_CONFIG).unwrap_or(2));
+        }
+    };
+    let (cfg, timeout) = cfg;
+    let code = match run(&cfg, timeout, stats) {
+        Ok(exit) => {
+            tracing::info!(?exit, "VM stopped");
+            if exit.code() != 0 {
+                eprintln!("moat-vmm: {exit:?}");
+            }
+            exit.code()
+        }
+        Err(e) => {
+            print_chain(e.as_ref());
+            1
+        }
+    };
+    // vCPU threads may still sit in KVM_RUN; leave without unwinding them.
+    std::process::exit(code)
+}

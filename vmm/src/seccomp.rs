@@ -1,0 +1,284 @@
+//! Per-thread seccomp filters: every thread role gets its own allow-list, installed by the
+//! thread itself before it touches guest data (vCPU threads before their first KVM_RUN, device
+//! threads before they accept their first activation, the main thread once the machine runs).
+//! Anything else kills the process with SIGSYS.
+//!
+//! Each allowed syscall carries a one-line reason. Filters stack: a thread created after its
+//! parent installed a filter inherits it, so device threads are created by the main thread at
+//! start-up, before any filter exists.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// `ioctl(vcpu, KVM_RUN)`.
+const KVM_RUN: u64 = 0xae80;
+/// `ioctl(vcpu, KVM_GET_REGS)`: `_IOR(KVMIO, 0x81, struct kvm_regs)` (144 bytes).
+const KVM_GET_REGS: u64 = 0x8090_ae81;
+/// `ioctl(fd, FIONBIO)`.
+const FIONBIO: u64 = 0x5421;
+
+/// Errors building or installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The rules do not compile.
+    #[error("cannot build the seccomp filter for {0:?}")]
+    Build(Role, #[source] seccompiler::BackendError),
+    /// The filter does not translate to BPF.
+    #[error("cannot compile the seccomp filter for {0:?}")]
+    Compile(Role, #[source] seccompiler::BackendError),
+    /// The kernel refused the filter.
+    #[error("cannot install the seccomp filter for {0:?}")]
+    Install(Role, #[source] seccompiler::Error),
+}
+
+/// Thread roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The main thread once the VM runs: waits for an exit reason, cleans up, exits.
+    Main,
+    /// A vCPU thread: KVM_RUN and device register emulation.
+    Vcpu,
+    /// The vsock device thread: epoll, Unix sockets.
+    Vsock,
+    /// A block device thread: positioned reads and writes on its disk.
+    Block,
+    /// The rng device thread: reads from the entropy file it was given.
+    Rng,
+}
+
+impl Role {
+    /// Every role, for tests.
+    pub const ALL: [Role; 5] = [Role::Main, Role::Vcpu, Role::Vsock, Role::Block, Role::Rng];
+}
+
+/// A syscall, the conditions on it (empty: any arguments) and why it is allowed.
+type Allow = (i64, Vec<SeccompRule>, &'static str);
+
+fn any(nr: i64, why: &'static str) -> Allow {
+    (nr, Vec::new(), why)
+}
+
+fn arg_eq(
+    nr: i64,
+    arg: u8,
+    value: u64,
+    why: &'static str,
+) -> Result<Allow, seccompiler::BackendError> {
+    let cond = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?;
+    Ok((nr, vec![SeccompRule::new(vec![cond])?], why))
+}
+
+/// What every thread needs to live and die in a Rust process.
+fn common() -> Vec<Allow> {
+    vec![
+        any(libc::SYS_futex, "mutexes, channels, thread joins"),
+        any(libc::SYS_read, "eventfds (and the rng's entropy file)"),
+        any(
+            libc::SYS_write,
+            "eventfds, irqfds, logs on stderr, the serial console",
+        ),
+        any(libc::SYS_close, "dropping fds"),
+        any(libc::SYS_mmap, "the allocator"),
+        any(libc::SYS_munmap, "the allocator, thread exit"),
+        any(libc::SYS_mremap, "the allocator"),
+        any(libc::SYS_brk, "the allocator"),
+        any(libc::SYS_madvise, "the allocator, thread exit"),
+        any(libc::SYS_rt_sigreturn, "returning from a signal handler"),
+        any(libc::SYS_rt_sigprocmask, "thread exit"),
+        any(
+            libc::SYS_sigaltstack,
+            "thread exit tears down the signal stack",
+        ),
+        any(libc::SYS_sched_yield, "spin loops in std"),
+        any(
+            libc::SYS_clock_gettime,
+            "timestamps when the vDSO is unavailable",
+        ),
+        any(libc::SYS_restart_syscall, "restarted futex waits"),
+        any(libc::SYS_exit, "thread exit"),
+        any(libc::SYS_exit_group, "process exit"),
+    ]
+}
+
+/// `fcntl(fd, F_GETFD)`: std's debug builds check an fd is open before closing it.
+fn fcntl_getfd() -> Result<Allow, seccompiler::BackendError> {
+    arg_eq(
+        libc::SYS_fcntl,
+        1,
+        u64::try_from(libc::F_GETFD).unwrap_or(1),
+        "F_GETFD: std checks fds before closing them",
+    )
+}
+
+fn epoll() -> Vec<Allow> {
+    vec![
+        any(
+            libc::SYS_epoll_create1,
+            "each activation builds its own epoll",
+        ),
+        any(
+            libc::SYS_epoll_ctl,
+            "registering queue, kill and socket fds",
+        ),
+        any(libc::SYS_epoll_wait, "the device loop"),
+        any(
+            libc::SYS_epoll_pwait,
+            "the device loop (libc may use pwait)",
+        ),
+    ]
+}
+
+fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
+    let mut rules = common();
+    if role != Role::Vsock {
+        rules.push(fcntl_getfd()?);
+    }
+    match role {
+        Role::Main => {
+            rules.push(any(libc::SYS_unlink, "removing the vsock socket at exit"));
+            rules.push(any(
+                libc::SYS_lseek,
+                "--stats re-reads /proc/self files opened earlier",
+            ));
+        }
+        Role::Vcpu => {
+            rules.push(arg_eq(
+                libc::SYS_ioctl,
+                1,
+                KVM_RUN,
+                "KVM_RUN (and KVM_GET_REGS below), nothing else",
+            )?);
+            rules.push(arg_eq(
+                libc::SYS_ioctl,
+                1,
+                KVM_GET_REGS,
+                "KVM_GET_REGS: the guest RIP in a crash report",
+            )?);
+            rules.push(arg_eq(
+                libc::SYS_fcntl,
+                1,
+                u64::try_from(libc::F_DUPFD_CLOEXEC).unwrap_or(0),
+                "DRIVER_OK: the transport hands the device duplicates of its queue eventfds",
+            )?);
+        }
+        Role::Vsock => {
+            rules.extend(epoll());
+            rules.push(arg_eq(
+                libc::SYS_socket,
+                0,
+                u64::try_from(libc::AF_UNIX).unwrap_or(1),
+                "Unix sockets only: guest connections to <uds>_P",
+            )?);
+            rules.push(any(libc::SYS_connect, "connecting to <uds>_P"));
+            rules.push(any(libc::SYS_accept4, "host clients on <uds>"));
+            rules.push(any(libc::SYS_shutdown, "half-closing host streams"));
+            rules.push(any(libc::SYS_sendto, "writing host streams"));
+            rules.push(any(libc::SYS_recvfrom, "reading host streams"));
+            rules.push(any(libc::SYS_sendmsg, "writing host streams"));
+            rules.push(any(libc::SYS_recvmsg, "reading host streams"));
+            rules.push(arg_eq(
+                libc::SYS_ioctl,
+                1,
+                FIONBIO,
+                "making sockets non-blocking",
+            )?);
+            rules.push(any(
+                libc::SYS_fcntl,
+                "duplicating the listener, socket flags",
+            ));
+            rules.push(any(
+                libc::SYS_getrandom,
+                "hash map seeds in the connection table",
+            ));
+        }
+        Role::Block => {
+            rules.extend(epoll());
+            rules.push(any(libc::SYS_pread64, "reading the disk"));
+            rules.push(any(libc::SYS_pwrite64, "writing the disk"));
+            rules.push(any(libc::SYS_fdatasync, "FLUSH"));
+        }
+        Role::Rng => {
+            rules.extend(epoll());
+        }
+    }
+    Ok(rules)
+}
+
+/// The documented allow-list of `role`: (syscall number, reason).
+pub fn allow_list(role: Role) -> Vec<(i64, &'static str)> {
+    role_rules(role)
+        .map(|r| r.into_iter().map(|(nr, _, why)| (nr, why)).collect())
+        .unwrap_or_default()
+}
+
+/// The compiled filter of `role`.
+pub fn filter(role: Role) -> Result<BpfProgram, Error> {
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (nr, rules, _) in role_rules(role).map_err(|e| Error::Build(role, e))? {
+        map.entry(nr).or_default().extend(rules);
+    }
+    let f = SeccompFilter::new(
+        map,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| Error::Build(role, e))?;
+    f.try_into().map_err(|e| Error::Compile(role, e))
+}
+
+/// Installs `role`'s filter on the calling thread.
+pub fn install(role: Role) -> Result<(), Error> {
+    let prog = filter(role)?;
+    seccompiler::apply_filter(&prog).map_err(|e| Error::Install(role, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_role_compiles() {
+        for role in Role::ALL {
+            assert!(filter(role).is_ok(), "{role:?}");
+        }
+    }
+
+    #[test]
+    fn every_allowed_syscall_has_a_reason() {
+        for role in Role::ALL {
+            assert!(allow_list(role).iter().all(|(_, why)| !why.is_empty()));
+        }
+    }
+
+    #[test]
+    fn only_the_vsock_thread_may_open_sockets() {
+        for role in Role::ALL {
+            let has = allow_list(role)
+                .iter()
+                .any(|(nr, _)| *nr == libc::SYS_socket);
+            assert_eq!(has, role == Role::Vsock, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn no_role_may_open_files_or_exec() {
+        for role in Role::ALL {
+            for nr in [
+                libc::SYS_open,
+                libc::SYS_openat,
+                libc::SYS_execve,
+                libc::SYS_fork,
+            ] {
+                assert!(
+                    !allow_list(role).iter().any(|(n, _)| *n == nr),
+                    "{role:?} {nr}"
+                );
+            }
+        }
+    }
+}

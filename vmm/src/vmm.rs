@@ -1,0 +1,334 @@
+//! Putting the machine together: memory, kernel, KVM, devices, vCPU threads; then waiting for
+//! the first reason to stop.
+
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::boot::{self, BootSpec};
+use crate::config::{Toggle, VmConfig};
+use crate::cpuid;
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{I8042, ResetLine};
+use crate::devices::metrics::DeviceMetrics;
+use crate::devices::serial::{self, IrqLine, SerialDevice};
+use crate::devices::virtio::block::{Block, Disk};
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::exit::{ExitSender, VmExit};
+use crate::kvm::{self, Vm};
+use crate::layout;
+use crate::seccomp::{self, Role};
+
+/// Errors that stop the VMM before or while it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Guest memory could not be mapped.
+    #[error("cannot map {0} bytes of guest memory")]
+    GuestMemory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// The kernel could not be loaded.
+    #[error("cannot boot the kernel")]
+    Boot(#[source] boot::Error),
+    /// KVM setup failed.
+    #[error("cannot set up KVM")]
+    Kvm(#[source] kvm::Error),
+    /// An eventfd could not be made.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The console sink could not be opened.
+    #[error("cannot open the serial console output")]
+    Console(#[source] std::io::Error),
+    /// The vsock device could not be created.
+    #[error("cannot create the vsock device")]
+    Vsock(#[source] crate::devices::virtio::vsock::Error),
+    /// A disk could not be opened.
+    #[error("cannot open a disk")]
+    Disk(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The host entropy source could not be opened.
+    #[error("cannot open the host entropy source")]
+    Entropy(#[source] std::io::Error),
+    /// A virtio transport could not be created.
+    #[error("cannot create a virtio-mmio transport")]
+    Transport(#[source] crate::devices::virtio::mmio::Error),
+    /// The MP table could not be written.
+    #[error("cannot write the MP table")]
+    MpTable(#[source] crate::mptable::Error),
+    /// A seccomp filter could not be installed.
+    #[error("cannot confine the main thread")]
+    Seccomp(#[source] seccomp::Error),
+    /// A thread could not be started.
+    #[error("cannot start thread {0}")]
+    Thread(String, #[source] std::io::Error),
+}
+
+/// Every host resource the VM needs, opened up front so a jailed VMM needs no host paths:
+/// the kernel, initramfs, disks, entropy, console, /dev/kvm and the vsock listener.
+pub struct Resources {
+    kernel: std::fs::File,
+    initrd: Option<std::fs::File>,
+    kvm: kvm_ioctls::Kvm,
+    disks: Vec<Disk>,
+    entropy: Option<std::fs::File>,
+    console: serial::ConsoleOut,
+    vsock: Option<UnixListener>,
+}
+
+impl std::fmt::Debug for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resources")
+            .field("disks", &self.disks.len())
+            .field("vsock", &self.vsock.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Resources {
+    /// Opens everything `cfg` names.
+    pub fn open(cfg: &VmConfig) -> Result<Self, Error> {
+        let kernel = boot::open_kernel(&cfg.kernel).map_err(Error::Boot)?;
+        let initrd = match &cfg.initrd {
+            Some(p) => Some(boot::open_initrd(p).map_err(Error::Boot)?),
+            None => None,
+        };
+        let mut disks = Vec::new();
+        for d in &cfg.disks {
+            disks.push(Disk::open(&d.path, d.read_only).map_err(|e| Error::Disk(Box::new(e)))?);
+        }
+        let entropy = if cfg.rng {
+            Some(std::fs::File::open("/dev/urandom").map_err(Error::Entropy)?)
+        } else {
+            None
+        };
+        let console = serial::console_out(cfg.serial_out.as_deref(), cfg.serial_cap)
+            .map_err(Error::Console)?;
+        let vsock = match &cfg.vsock {
+            Some(v) => Some(crate::devices::virtio::vsock::bind(&v.uds).map_err(Error::Vsock)?),
+            None => None,
+        };
+        let kvm = Vm::open_kvm().map_err(Error::Kvm)?;
+        Ok(Self {
+            kernel,
+            initrd,
+            kvm,
+            disks,
+            entropy,
+            console,
+            vsock,
+        })
+    }
+}
+
+/// Boots `cfg` and runs it until the guest stops, the VMM fails or `timeout` passes. With
+/// `stats` (the instant `main()` started) a cost report is printed on stderr at exit.
+pub fn run(
+    cfg: &VmConfig,
+    timeout: Option<Duration>,
+    stats: Option<Instant>,
+) -> Result<VmExit, Error> {
+    let res = Resources::open(cfg)?;
+    run_with(cfg, res, None, timeout, stats)
+}
+
+/// Runs `cfg` from resources opened earlier. `uds_inside` is the vsock socket's path as this
+/// process now sees it (a jail moves it); `None` keeps `cfg`'s path.
+pub fn run_with(
+    cfg: &VmConfig,
+    res: Resources,
+    uds_inside: Option<std::path::PathBuf>,
+    timeout: Option<Duration>,
+    stats: Option<Instant>,
+) -> Result<VmExit, Error> {
+    let Resources {
+        mut kernel,
+        mut initrd,
+        kvm,
+        disks,
+        entropy,
+        console,
+        vsock,
+    } = res;
+    let uds = uds_inside.or_else(|| cfg.vsock.as_ref().map(|v| v.uds.clone()));
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.mem_bytes)
+        .into_iter()
+        .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
+        .collect();
+    let mem = Arc::new(
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(cfg.mem_bytes, e))?,
+    );
+
+    // Devices first: their host resources (sockets, disks, entropy) are opened before the
+    // guest exists, and their MMIO slots go on the command line in this order.
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut metrics: Vec<(String, Arc<dyn DeviceMetrics>)> = Vec::new();
+    if let (Some(v), Some(listener), Some(uds)) = (&cfg.vsock, vsock, &uds) {
+        let dev = Vsock::with_listener(v.cid, listener, uds, cfg.seccomp).map_err(Error::Vsock)?;
+        metrics.push(("vsock".to_owned(), dev.metrics()));
+        devices.push(Box::new(dev));
+    }
+    for (i, disk) in disks.into_iter().enumerate() {
+        metrics.push((format!("block{i}"), disk.metrics()));
+        devices.push(Box::new(
+            Block::new(disk, cfg.seccomp).map_err(|e| Error::Disk(Box::new(e)))?,
+        ));
+    }
+    if let Some(source) = entropy {
+        let dev = Rng::with_source(source, cfg.seccomp).map_err(Error::Entropy)?;
+        metrics.push(("rng".to_owned(), dev.metrics()));
+        devices.push(Box::new(dev));
+    }
+    let slots: Vec<MmioSlot> = (0u64..).zip(&devices).map(|(i, _)| mmio_slot(i)).collect();
+    let mut cmdline = cfg.cmdline.clone();
+    for slot in &slots {
+        cmdline.push_str(&slot.cmdline());
+    }
+    let entry = boot::load(
+        &mem,
+        BootSpec {
+            kernel: &mut kernel,
+            cmdline: &cmdline,
+            initrd: initrd.as_mut(),
+            mem_bytes: cfg.mem_bytes,
+        },
+    )
+    .map_err(Error::Boot)?;
+    drop(kernel);
+    drop(initrd);
+    crate::mptable::write(&mem, cfg.vcpus).map_err(Error::MpTable)?;
+
+    let vm = Vm::new(kvm, &mem).map_err(Error::Kvm)?;
+    let (exits, exit_rx) = ExitSender::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+        .map_err(Error::Kvm)?;
+    let serial = SerialDevice::new(IrqLine(serial_irq), console);
+    let i8042 = I8042::new(ResetLine::new(exits.clone(), stop.clone()));
+    let mut bus = Bus::new(serial, i8042);
+    for (dev, slot) in devices.into_iter().zip(&slots) {
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&irq, slot.irq).map_err(Error::Kvm)?;
+        let t =
+            MmioTransport::new(dev, mem.clone(), Interrupt::new(irq)).map_err(Error::Transport)?;
+        for (q, evt) in (0u32..).zip(t.queue_notifiers()) {
+            vm.register_ioevent(evt, slot.base + QUEUE_NOTIFY_OFFSET, q)
+                .map_err(Error::Kvm)?;
+        }
+        bus.add_mmio(slot.base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)));
+    }
+    let bus = Arc::new(bus);
+
+    let pvm = match cfg.pvm_workarounds {
+        Toggle::On => true,
+        Toggle::Off => false,
+        Toggle::Auto => cpuid::host_is_nested_pvm(),
+    };
+    tracing::info!(pvm_workarounds = pvm, entry = entry.entry, "booting");
+    let (started_tx, started_rx) = mpsc::channel::<Instant>();
+    for index in 0..cfg.vcpus {
+        let vcpu = vm
+            .create_vcpu(index, cfg.vcpus, entry, pvm)
+            .map_err(Error::Kvm)?;
+        let (bus, exits, stop, mem) = (bus.clone(), exits.clone(), stop.clone(), mem.clone());
+        let confine = cfg.seccomp;
+        let started = (index == 0).then(|| started_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                if confine && let Err(e) = seccomp::install(Role::Vcpu) {
+                    exits.send(VmExit::VmmError(format!("vCPU {index}: {e}")));
+                    return;
+                }
+                if let Some(s) = started {
+                    let _ = s.send(Instant::now());
+                }
+                vcpu.run(bus.as_ref(), &exits, &stop);
+                // Guest memory stays mapped while any vCPU thread lives.
+                drop(mem);
+            })
+            .map_err(|e| Error::Thread(format!("vcpu{index}"), e))?;
+    }
+
+    let mut report = None;
+    if let Some(t0) = stats {
+        let first = started_rx
+            .recv_timeout(Duration::from_secs(10))
+            .ok()
+            .map(|t| t.duration_since(t0));
+        let cpu = crate::stats::cpu_ns_all_threads().unwrap_or(0);
+        let guest = mem
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some((host as u64, r.len()))
+            })
+            .collect();
+        match crate::stats::ExitProbe::open(guest) {
+            Ok(probe) => report = Some((first, cpu, probe)),
+            Err(e) => tracing::warn!(error = %e, "--stats needs /proc, which a jail hides"),
+        }
+    }
+    if cfg.seccomp {
+        seccomp::install(Role::Main).map_err(Error::Seccomp)?;
+    }
+    let exit = match timeout {
+        Some(t) => match exit_rx.recv_timeout(t) {
+            Ok(e) => e,
+            Err(mpsc::RecvTimeoutError::Timeout) => VmExit::Timeout,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                VmExit::VmmError("every vCPU thread ended without a reason".to_owned())
+            }
+        },
+        None => exit_rx
+            .recv()
+            .unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended".to_owned())),
+    };
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    // Keep the VM and memory alive: vCPU threads may still be inside KVM_RUN; the caller exits
+    // the process.
+    std::mem::forget(vm);
+    if let Some(uds) = &uds {
+        let _ = std::fs::remove_file(uds);
+    }
+    if let Some((first, cpu, mut probe)) = report {
+        eprintln!(
+            "{}",
+            crate::stats::line(first, cpu, probe.memory(), &metrics)
+        );
+    }
+    Ok(exit)
+}
+
+/// Where a virtio-mmio device sits and how the kernel learns of it.
+#[derive(Debug, Clone, Copy)]
+struct MmioSlot {
+    base: u64,
+    irq: u32,
+}
+
+impl MmioSlot {
+    /// ` virtio_mmio.device=4K@0x...:IRQ`, as Linux's virtio-mmio driver parses it.
+    fn cmdline(&self) -> String {
+        format!(
+            " virtio_mmio.device={}K@{:#x}:{}",
+            layout::VIRTIO_MMIO_SIZE >> 10,
+            self.base,
+            self.irq
+        )
+    }
+}
+
+fn mmio_slot(index: u64) -> MmioSlot {
+    MmioSlot {
+        base: layout::VIRTIO_MMIO_BASE + index * layout::VIRTIO_MMIO_SIZE,
+        irq: layout::VIRTIO_FIRST_IRQ + u32::try_from(index).unwrap_or(0),
+    }
+}

@@ -1,0 +1,113 @@
+//! Shared helpers for the VM tests: building the probe guest and running moat-vmm on it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Why KVM tests cannot run here, or `None` when /dev/kvm is usable.
+pub fn kvm_unavailable() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm is not usable ({e})")),
+    }
+}
+
+/// Skips the calling test with a plain reason when KVM is unavailable.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if let Some(why) = common::kvm_unavailable() {
+            eprintln!("SKIPPED: {why}; this test needs real KVM");
+            return;
+        }
+    };
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The probe guest ELF: `MOAT_PROBE_GUEST` if set (xtask builds it), else built here once.
+pub fn probe_guest() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MOAT_PROBE_GUEST") {
+            return PathBuf::from(p);
+        }
+        let dir = repo_root().join("tests/probe-guest");
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("probe-guest");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        // Idempotent and offline when the target is already installed; a fresh CI machine
+        // gets it here (rustup reaches its distribution server there).
+        let _ = Command::new("rustup")
+            .current_dir(&dir)
+            .args(["target", "add", "x86_64-unknown-none"])
+            .status();
+        let status = Command::new(cargo)
+            .current_dir(&dir)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["build", "--release", "--target", "x86_64-unknown-none"])
+            .status()
+            .expect("run cargo to build the probe guest");
+        assert!(
+            status.success(),
+            "building the probe guest failed (needs `rustup target add x86_64-unknown-none`)"
+        );
+        target.join("x86_64-unknown-none/release/moat-probe-guest")
+    })
+    .clone()
+}
+
+/// A scratch directory unique to one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vmm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The result of one VM run: exit code and the serial console.
+pub struct Run {
+    pub code: Option<i32>,
+    pub serial: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn has_line(&self, line: &str) -> bool {
+        self.serial.lines().any(|l| l == line)
+    }
+}
+
+/// Runs moat-vmm with `args` plus a serial file and a 60 s timeout.
+pub fn run_vmm(name: &str, args: &[&str]) -> Run {
+    run_vmm_with_timeout(name, args, 60)
+}
+
+/// Runs moat-vmm with `args` plus a serial file and a `secs` timeout.
+pub fn run_vmm_with_timeout(name: &str, args: &[&str], secs: u64) -> Run {
+    let dir = scratch(name);
+    let serial = dir.join("serial.log");
+    let out: Output = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .args(args)
+        .arg("--serial-out")
+        .arg(&serial)
+        .arg("--timeout")
+        .arg(secs.to_string())
+        .output()
+        .expect("run moat-vmm");
+    Run {
+        code: out.status.code(),
+        serial: std::fs::read_to_string(&serial).unwrap_or_default(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -1,0 +1,271 @@
+//! The jail through real KVM: the probe guest runs (vsock both ways included) inside a VMM that
+//! forked into new namespaces, pivoted into an empty root and dropped to nobody; and the jail's
+//! refusals. Skipped with a printed reason without /dev/kvm or without root.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn not_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+}
+
+macro_rules! require_root_and_kvm {
+    () => {
+        require_kvm!();
+        if not_root() {
+            eprintln!("SKIPPED: the jail needs root (namespaces, pivot_root, setuid)");
+            return;
+        }
+    };
+}
+
+/// A private copy of the probe: cargo hard-links its outputs, and the jail refuses hard links.
+fn probe_copy(dir: &Path) -> PathBuf {
+    let p = dir.join("probe.elf");
+    std::fs::copy(common::probe_guest(), &p).unwrap();
+    p
+}
+
+fn wait_for(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(what)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what:?} never appeared in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn jailed_vmm_runs_the_probe_with_vsock_both_ways() {
+    require_root_and_kvm!();
+    let dir = common::scratch("jail-vsock");
+    let socks = dir.join("socks");
+    std::fs::create_dir_all(&socks).unwrap();
+    let uds = socks.join("v.sock");
+    let serial = dir.join("serial.log");
+    let listener = UnixListener::bind(format!("{}_7000", uds.display())).unwrap();
+    // The jailed VMM runs as nobody: the proxy's socket must let it connect.
+    let sock = PathBuf::from(format!("{}_7000", uds.display()));
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+            s.write_all(&buf[..n]).unwrap();
+        }
+        total
+    });
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(probe_copy(&dir))
+        .arg("--jail-dir")
+        .arg(dir.join("root"))
+        .args(["--mem", "64", "--timeout", "60"])
+        .args(["--cmdline", "probe.vsock_echo=7000 probe.vsock_bytes=4096"])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--serial-out")
+        .arg(&serial)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match UnixStream::connect(&uds) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("vsock socket never appeared: {e}"),
+        }
+    };
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    client.write_all(b"CONNECT 6000\n").unwrap();
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line:?}");
+    client.write_all(b"from outside the jail").unwrap();
+    let mut back = [0u8; 21];
+    reader.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"from outside the jail");
+    drop(reader);
+    drop(client);
+    let status = vmm.wait().unwrap();
+    let out = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "serial:\n{out}");
+    assert_eq!(echo.join().unwrap(), 4096);
+    assert!(
+        out.lines().any(|l| l == "probe: vsock echo ok 4096 bytes"),
+        "{out}"
+    );
+    assert!(
+        !uds.exists(),
+        "the parent removes the socket after the jailed child exits"
+    );
+}
+
+#[test]
+fn jailed_vmm_runs_as_nobody_in_its_own_namespaces_and_root() {
+    require_root_and_kvm!();
+    let dir = common::scratch("jail-confined");
+    let root = dir.join("root");
+    let serial = dir.join("serial.log");
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(probe_copy(&dir))
+        .arg("--jail-dir")
+        .arg(&root)
+        .args(["--cmdline", "probe.hang=1", "--timeout", "30"])
+        .arg("--serial-out")
+        .arg(&serial)
+        .spawn()
+        .unwrap();
+    wait_for(&serial, "hanging on purpose");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", vmm.id()))
+        .unwrap_or_default();
+    let child: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    // What the VMM sees as `/`: the jail directory, empty (no vsock asked for).
+    let root_entries: Vec<_> = std::fs::read_dir(format!("/proc/{child}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+
+    assert_eq!(field("Uid:"), vec!["65534"; 4]);
+    assert_eq!(field("Gid:"), vec!["65534"; 4]);
+    assert_eq!(field("Groups:"), Vec::<&str>::new());
+    assert_eq!(field("NSpid:").len(), 2, "a PID namespace of its own");
+    assert_eq!(field("NSpid:").last(), Some(&"1"));
+    assert_eq!(field("Seccomp:"), vec!["2"]);
+    assert_eq!(field("CapEff:"), vec!["0000000000000000"]);
+    for kind in ["net", "mnt", "ipc", "uts", "pid"] {
+        assert_ne!(
+            ns(&child.to_string(), kind),
+            ns("self", kind),
+            "{kind} namespace"
+        );
+    }
+    assert!(root_entries.is_empty(), "{root_entries:?}");
+    assert!(root.is_dir());
+}
+
+#[test]
+fn jail_refuses_a_hard_linked_kernel() {
+    let dir = common::scratch("jail-hardlink");
+    let k = dir.join("k");
+    std::fs::write(&k, b"not even a kernel").unwrap();
+    std::fs::hard_link(&k, dir.join("k2")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(&k)
+        .arg("--jail-dir")
+        .arg(dir.join("root"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hard links"));
+}
+
+#[test]
+fn jail_refuses_a_symlinked_disk() {
+    let dir = common::scratch("jail-symlink");
+    let k = dir.join("k");
+    std::fs::write(&k, b"not even a kernel").unwrap();
+    std::fs::write(dir.join("disk"), vec![0u8; 512]).unwrap();
+    std::os::unix::fs::symlink(dir.join("disk"), dir.join("disk-link")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(&k)
+        .arg("--block")
+        .arg(dir.join("disk-link"))
+        .arg("--jail-dir")
+        .arg(dir.join("root"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("symbolic link"));
+}
+
+#[test]
+fn jail_refuses_a_non_empty_root() {
+    let dir = common::scratch("jail-nonempty");
+    let k = dir.join("k");
+    std::fs::write(&k, b"x").unwrap();
+    std::fs::create_dir_all(dir.join("root")).unwrap();
+    std::fs::write(dir.join("root/stray"), b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(&k)
+        .arg("--jail-dir")
+        .arg(dir.join("root"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be an empty directory"));
+}
+
+#[test]
+fn jailed_vmm_dies_with_its_parent() {
+    require_root_and_kvm!();
+    let dir = common::scratch("jail-pdeath");
+    let serial = dir.join("serial.log");
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(probe_copy(&dir))
+        .arg("--jail-dir")
+        .arg(dir.join("root"))
+        .args(["--cmdline", "probe.hang=1", "--timeout", "30"])
+        .arg("--serial-out")
+        .arg(&serial)
+        .spawn()
+        .unwrap();
+    wait_for(&serial, "hanging on purpose");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", vmm.id()))
+        .unwrap_or_default();
+    let child: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{child}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the jailed VMM outlived its parent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
