@@ -345,7 +345,8 @@ impl Proxy {
                     () = shutdown.cancelled() => return,
                 }
                 let Some(proxy) = proxy.upgrade() else { return };
-                let _ = proxy.reload();
+                // Off the async workers: a secret's command may take seconds.
+                let _ = tokio::task::spawn_blocking(move || proxy.reload()).await;
             }
         });
     }
@@ -392,7 +393,8 @@ impl Proxy {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while rx.try_recv().is_ok() {}
                 let Some(proxy) = proxy.upgrade() else { return };
-                let _ = proxy.reload();
+                // Off the async workers: a secret's command may take seconds.
+                let _ = tokio::task::spawn_blocking(move || proxy.reload()).await;
             }
         });
         Ok(())
