@@ -169,6 +169,10 @@ enum Path3 {
     Direct,
     Moat,
     Squid,
+    /// moat intercepting TLS and injecting a credential.
+    MoatIntercept,
+    /// mitmproxy doing the same header injection.
+    Mitm,
 }
 
 impl Path3 {
@@ -178,6 +182,8 @@ impl Path3 {
             Path3::Direct => "direct",
             Path3::Moat => "moat",
             Path3::Squid => "squid",
+            Path3::MoatIntercept => "moat intercept",
+            Path3::Mitm => "mitmproxy",
         }
     }
 }
@@ -189,6 +195,18 @@ struct Env {
     tls: tokio_rustls::TlsConnector,
     moat_pid: u32,
     squid_pid: u32,
+    intercept: Option<InterceptEnv>,
+}
+
+/// The interception paths: a second moat proxy with an intercept rule and a secret, and
+/// mitmdump injecting the same header.
+struct InterceptEnv {
+    moat_sock: PathBuf,
+    moat_tls: tokio_rustls::TlsConnector,
+    moat_pid: u32,
+    mitm: SocketAddr,
+    mitm_tls: tokio_rustls::TlsConnector,
+    mitm_pid: u32,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -212,6 +230,39 @@ impl Env {
                 };
                 s.write_all(&header.encode()).await?;
                 Box::new(s)
+            }
+            Path3::MoatIntercept => {
+                let i = self.intercept.as_ref().context("no interception setup")?;
+                let mut s = UnixStream::connect(&i.moat_sock).await?;
+                let header = FlowHeader {
+                    flow_id: 1,
+                    transport: Transport::Tcp,
+                    destination: SocketAddr::new([198, 18, 0, 1].into(), self.nginx.port()),
+                    hostname: Some(Hostname::new(HOST)?),
+                };
+                s.write_all(&header.encode()).await?;
+                let tls = i.moat_tls.connect(ServerName::try_from(HOST)?, s).await?;
+                return Ok(Box::new(tls));
+            }
+            Path3::Mitm => {
+                let i = self.intercept.as_ref().context("no interception setup")?;
+                let mut s = TcpStream::connect(i.mitm).await?;
+                s.set_nodelay(true)?;
+                // mitmproxy resolves names itself; the address keeps it on loopback.
+                let target = self.nginx;
+                s.write_all(
+                    format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+                )
+                .await?;
+                let head = read_head(&mut s).await?;
+                if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+                    bail!(
+                        "mitmproxy refused CONNECT: {}",
+                        head.lines().next().unwrap_or("")
+                    );
+                }
+                let tls = i.mitm_tls.connect(ServerName::try_from(HOST)?, s).await?;
+                return Ok(Box::new(tls));
             }
             Path3::Squid => {
                 let mut s = TcpStream::connect(self.squid).await?;
@@ -240,11 +291,29 @@ impl Env {
         Ok(Box::new(tls))
     }
 
+    /// The Host header for `path`: mitmproxy was given the upstream by address (it resolves
+    /// names itself, and bench.test exists only in our static maps), so its requests name
+    /// the address too, or it would dial a new upstream per request.
+    fn host_header(&self, path: Path3) -> String {
+        match path {
+            Path3::Mitm => self.nginx.to_string(),
+            _ => HOST.to_owned(),
+        }
+    }
+
     fn proxy_cpu(&self, path: Path3) -> f64 {
         match path {
             Path3::Direct => 0.0,
             Path3::Moat => cpu_seconds(self.moat_pid),
             Path3::Squid => tree_cpu(self.squid_pid),
+            Path3::MoatIntercept => self
+                .intercept
+                .as_ref()
+                .map_or(0.0, |i| cpu_seconds(i.moat_pid)),
+            Path3::Mitm => self
+                .intercept
+                .as_ref()
+                .map_or(0.0, |i| tree_cpu(i.mitm_pid)),
         }
     }
 }
@@ -265,13 +334,18 @@ async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> Result<String> {
 }
 
 /// Sends GET `path` and reads the whole response body; returns its length.
-async fn get(s: &mut Box<dyn Io>, path: &str, close: bool) -> Result<u64> {
+async fn get(s: &mut Box<dyn Io>, host: &str, path: &str, close: bool) -> Result<u64> {
     let conn = if close { "close" } else { "keep-alive" };
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: {conn}\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {conn}\r\n\r\n").as_bytes(),
     )
     .await?;
+    s.flush().await?;
     let head = read_head(s).await?;
+    // A proxy's error page is not a measurement.
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{}", head.lines().next().unwrap_or("empty response"));
+    }
     let len: u64 = head
         .lines()
         .find_map(|l| {
@@ -304,7 +378,7 @@ async fn bulk(env: &Env, path: Path3) -> Result<Sample> {
     let cpu0 = env.proxy_cpu(path);
     let t = Instant::now();
     let mut s = env.connect(path).await?;
-    let n = get(&mut s, "/bulk", true).await?;
+    let n = get(&mut s, &env.host_header(path), "/bulk", true).await?;
     let secs = t.elapsed().as_secs_f64();
     Ok(Sample {
         units: n as f64 / 1e6,
@@ -315,11 +389,14 @@ async fn bulk(env: &Env, path: Path3) -> Result<Sample> {
 
 async fn keepalive(env: &Env, path: Path3, requests: usize) -> Result<Sample> {
     let mut s = env.connect(path).await?;
-    get(&mut s, "/small", false).await?;
+    let host = env.host_header(path);
+    get(&mut s, &host, "/small", false).await?;
     let cpu0 = env.proxy_cpu(path);
     let t = Instant::now();
-    for _ in 0..requests {
-        get(&mut s, "/small", false).await?;
+    for i in 0..requests {
+        get(&mut s, &host, "/small", false)
+            .await
+            .with_context(|| format!("request {i}"))?;
     }
     Ok(Sample {
         units: requests as f64,
@@ -333,7 +410,7 @@ async fn new_conns(env: &Env, path: Path3, conns: usize) -> Result<Sample> {
     let t = Instant::now();
     for _ in 0..conns {
         let mut s = env.connect(path).await?;
-        get(&mut s, "/small", true).await?;
+        get(&mut s, &env.host_header(path), "/small", true).await?;
     }
     Ok(Sample {
         units: conns as f64,
@@ -364,10 +441,22 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // OpenSSL (nginx, mitmproxy) needs distinct names to tell the CA from the leaf.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "moat bench CA");
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
     let leaf_key = rcgen::KeyPair::generate()?;
-    let leaf = rcgen::CertificateParams::new(vec![HOST.to_owned()])?.signed_by(&leaf_key, &ca)?;
+    // The address too: mitmproxy verifies the upstream against the CONNECT target, which is
+    // the address (it resolves names itself, and bench.test exists only in our static maps).
+    let mut leaf_params =
+        rcgen::CertificateParams::new(vec![HOST.to_owned(), "127.0.0.1".to_owned()])?;
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, HOST);
+    let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
     std::fs::write(dir.join("cert.pem"), leaf.pem())?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
     std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem())?;
     let bulk_file = dir.join("bulk");
     std::fs::File::create(&bulk_file)?.set_len(sizes.bulk_bytes)?;
@@ -476,9 +565,13 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca.der().to_vec()))?;
-    let client = rustls::ClientConfig::builder()
+    let mut client = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every new connection is a full handshake, as for curl run once per request: session
+    // resumption would hide most of a new connection's cost (and mitmproxy mishandles
+    // resumed sessions on kept-alive connections).
+    client.resumption = rustls::client::Resumption::disabled();
     let env = Env {
         nginx: nginx_addr,
         squid: squid_addr,
@@ -486,6 +579,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
         tls: tokio_rustls::TlsConnector::from(Arc::new(client)),
         moat_pid: moat_proxy.0.id(),
         squid_pid: squid.0.id(),
+        intercept: None,
     };
     // Warm up every path once (and prove each works) before measuring.
     for p in Path3::ALL {
@@ -530,12 +624,23 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     for rep in 0..REPS {
         eprintln!("xtask bench: round {}/{REPS}", rep + 1);
         for (i, p) in Path3::ALL.iter().enumerate() {
-            rows[0].samples[i].push(bulk(&env, *p).await?);
-            rows[1].samples[i].push(keepalive(&env, *p, sizes.keepalive_requests).await?);
-            rows[2].samples[i].push(new_conns(&env, *p, sizes.new_conns).await?);
+            let what = |w: &str| format!("{} path, {w}", p.name());
+            rows[0].samples[i].push(bulk(&env, *p).await.with_context(|| what("bulk"))?);
+            rows[1].samples[i].push(
+                keepalive(&env, *p, sizes.keepalive_requests)
+                    .await
+                    .with_context(|| what("kept-alive requests"))?,
+            );
+            rows[2].samples[i].push(
+                new_conns(&env, *p, sizes.new_conns)
+                    .await
+                    .with_context(|| what("new connections"))?,
+            );
         }
     }
     drop((moat_proxy, squid));
+    let mut env = env;
+    let intercept_rows = intercept_rows(&mut env, dir, sizes).await?;
     let ns_rows = netstack_rows(dir, plain_port, sizes)?;
     drop(nginx);
 
@@ -573,6 +678,33 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
             "direct": d, "moat": m, "squid": s,
             "moat_ratio": m / d, "squid_ratio": s / d,
             "moat_cpu": cpu(1), "squid_cpu": cpu(2), "cpu_unit": row.cpu_unit,
+        }));
+    }
+    let _ = writeln!(
+        table,
+        "\n| interception + injection | direct | moat intercept | mitmproxy | moat CPU | mitmproxy CPU | CPU per unit, mitmproxy / moat |\n| --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for r in &intercept_rows {
+        let _ = writeln!(
+            table,
+            "| {} ({}) | {:.0} (1.00) | {:.0} ({:.2}) | {:.0} ({:.3}) | {:.3} {} | {:.3} {} | {:.1}x |",
+            r.name,
+            r.unit,
+            r.direct,
+            r.moat,
+            r.moat / r.direct,
+            r.mitm,
+            r.mitm / r.direct,
+            r.moat_cpu,
+            r.cpu_unit,
+            r.mitm_cpu,
+            r.cpu_unit,
+            r.mitm_cpu / r.moat_cpu
+        );
+        json_rows.push(serde_json::json!({
+            "test": format!("intercept: {}", r.name), "unit": r.unit,
+            "direct": r.direct, "moat": r.moat, "mitmproxy": r.mitm,
+            "moat_cpu": r.moat_cpu, "mitmproxy_cpu": r.mitm_cpu, "cpu_unit": r.cpu_unit,
         }));
     }
     let _ = writeln!(
@@ -694,4 +826,250 @@ fn netstack_rows(dir: &Path, port: u16, sizes: &Sizes) -> Result<Vec<(&'static s
             median(m100),
         ),
     ])
+}
+
+/// One interception row: medians of rate and proxy CPU per unit.
+struct InterceptRow {
+    name: &'static str,
+    unit: &'static str,
+    cpu_unit: &'static str,
+    direct: f64,
+    moat: f64,
+    mitm: f64,
+    moat_cpu: f64,
+    mitm_cpu: f64,
+}
+
+/// Installs mitmproxy from PyPI into `.venv-bench` if it is not there; returns mitmdump.
+fn mitmdump() -> Result<PathBuf> {
+    let venv = root().join(".venv-bench");
+    let bin = venv.join("bin/mitmdump");
+    if !bin.exists() {
+        eprintln!("xtask bench: installing mitmproxy into {}", venv.display());
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run_cmd(Command::new(venv.join("bin/python")).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "mitmproxy",
+        ]))?;
+    }
+    Ok(bin)
+}
+
+fn tls_trusting(pem_path: &Path) -> Result<tokio_rustls::TlsConnector> {
+    let pem = std::fs::read_to_string(pem_path)
+        .with_context(|| format!("cannot read {}", pem_path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for block in pem
+        .split("-----END CERTIFICATE-----")
+        .filter(|b| b.contains("BEGIN CERTIFICATE"))
+    {
+        let b64: String = block
+            .lines()
+            .filter(|l| !l.starts_with("-----") && !l.trim().is_empty())
+            .collect();
+        let der = base64_decode(&b64).context("certificate is not base64")?;
+        roots.add(CertificateDer::from(der))?;
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        })
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|b| *b != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            acc |= val(*c)? << (18 - 6 * i);
+        }
+        let n = chunk.len().saturating_sub(1);
+        for i in 0..n {
+            out.push(u8::try_from((acc >> (16 - 8 * i)) & 0xff).ok()?);
+        }
+    }
+    Some(out)
+}
+
+/// Interception with credential injection: moat (intercept rule, a secret bound to the
+/// upstream, injected as `Authorization: Bearer`) beside mitmdump with an addon setting the
+/// same header, both verifying the upstream against the bench CA, interleaved, medians of 5.
+async fn intercept_rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec<InterceptRow>> {
+    let mitmdump = mitmdump()?;
+    let moat = root().join("target/release/moat");
+    let port = env.nginx.port();
+    let profile = dir.join("intercept.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "version = 1\nname = \"bench-intercept\"\n\n[[rules]]\nname = \"bench\"\nhosts = [\"{HOST}\"]\n\
+             ports = [{port}]\naction = \"intercept\"\ncidrs = [\"127.0.0.0/8\"]\n\n\
+             [[secrets]]\nname = \"bench\"\nsource = {{ env = \"MOAT_BENCH_SECRET\" }}\n\
+             placeholder = \"sk-moat-placeholder-bench\"\nhosts = [\"{HOST}\"]\nports = [{port}]\n\
+             presentation = \"authorization_bearer\"\n"
+        ),
+    )?;
+    run_cmd(
+        Command::new(&moat)
+            .args(["policy", "sign", "--key"])
+            .arg(dir.join("bench.key"))
+            .arg(&profile)
+            .stdout(Stdio::null()),
+    )?;
+    let uds = dir.join("vi.sock");
+    let moat_proxy = Guard(
+        Command::new(&moat)
+            .arg("proxy")
+            .arg("--uds")
+            .arg(&uds)
+            .arg("--profile")
+            .arg(&profile)
+            .arg("--pubkey")
+            .arg(dir.join("bench.pub"))
+            .arg("--audit")
+            .arg(dir.join("intercept-audit.jsonl"))
+            .args(["--resolve", &format!("{HOST}=127.0.0.1"), "--no-watch"])
+            .arg("--upstream-ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--ca-out")
+            .arg(dir.join("moat-ca.pem"))
+            .env("MOAT_BENCH_SECRET", "bench-secret-value")
+            .env("MOAT_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let moat_sock = moat_egress::port_path(&uds, moat_egress::EGRESS_VSOCK_PORT);
+    wait_for("moat intercepting proxy", || {
+        moat_sock.exists() && dir.join("moat-ca.pem").exists()
+    })
+    .await?;
+
+    let mitm_port = free_port()?;
+    std::fs::write(
+        dir.join("inject.py"),
+        "def request(flow):\n    flow.request.headers[\"authorization\"] = \"Bearer bench-secret-value\"\n",
+    )?;
+    let confdir = dir.join("mitm");
+    let mitm = Guard(
+        Command::new(&mitmdump)
+            .args([
+                "-q",
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                &mitm_port.to_string(),
+            ])
+            .arg("--set")
+            .arg(format!("confdir={}", confdir.display()))
+            .arg("--set")
+            .arg(format!(
+                "ssl_verify_upstream_trusted_ca={}",
+                dir.join("ca.pem").display()
+            ))
+            .args(["--set", "stream_large_bodies=1m", "-s"])
+            .arg(dir.join("inject.py"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let mitm_addr: SocketAddr = ([127, 0, 0, 1], mitm_port).into();
+    let mitm_ca = confdir.join("mitmproxy-ca-cert.pem");
+    wait_for("mitmdump", || {
+        std::net::TcpStream::connect(mitm_addr).is_ok() && mitm_ca.exists()
+    })
+    .await?;
+
+    env.intercept = Some(InterceptEnv {
+        moat_sock,
+        moat_tls: tls_trusting(&dir.join("moat-ca.pem"))?,
+        moat_pid: moat_proxy.0.id(),
+        mitm: mitm_addr,
+        mitm_tls: tls_trusting(&mitm_ca)?,
+        mitm_pid: mitm.0.id(),
+    });
+    let paths = [Path3::Direct, Path3::MoatIntercept, Path3::Mitm];
+    for p in paths {
+        new_conns(env, p, 3)
+            .await
+            .with_context(|| format!("{} path does not work", p.name()))?;
+    }
+    // mitmproxy is two orders of magnitude slower per request: smaller runs keep it in minutes.
+    let requests = (sizes.keepalive_requests / 5).max(200);
+    let conns = (sizes.new_conns / 2).max(50);
+    let mut samples: Vec<Vec<Vec<Sample>>> = (0..3)
+        .map(|_| paths.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for rep in 0..REPS {
+        eprintln!("xtask bench: interception round {}/{REPS}", rep + 1);
+        for (i, p) in paths.iter().enumerate() {
+            let what = |w: &str| format!("{} path, {w}", p.name());
+            samples[0][i].push(bulk(env, *p).await.with_context(|| what("bulk"))?);
+            match keepalive(env, *p, requests).await {
+                Ok(sample) => samples[1][i].push(sample),
+                // mitmproxy 11 resets our kept-alive connections after the first response
+                // (a Python client keeps them; see docs/benchmarks.md): the row says so.
+                Err(e) if *p == Path3::Mitm => {
+                    eprintln!("xtask bench: mitmproxy kept-alive run failed: {e:#}");
+                }
+                Err(e) => return Err(e.context(what("kept-alive requests"))),
+            }
+            samples[2][i].push(
+                new_conns(env, *p, conns)
+                    .await
+                    .with_context(|| what("new connections"))?,
+            );
+        }
+    }
+    drop((moat_proxy, mitm));
+    env.intercept = None;
+    let names = [
+        ("bulk HTTPS download", "MB/s", "s/GB", 1000.0),
+        ("small requests, 1 kept-alive conn", "req/s", "µs/req", 1e6),
+        ("new TLS connection per request", "conn/s", "µs/conn", 1e6),
+    ];
+    Ok(names
+        .iter()
+        .zip(samples)
+        .map(|((name, unit, cpu_unit, scale), s)| {
+            // NaN marks a path that could not be measured (printed as NaN in the table).
+            let rate = |i: usize| {
+                if s[i].is_empty() {
+                    return f64::NAN;
+                }
+                median(s[i].iter().map(|x| x.units / x.secs).collect())
+            };
+            let cpu = |i: usize| {
+                if s[i].is_empty() {
+                    return f64::NAN;
+                }
+                median(s[i].iter().map(|x| x.cpu / x.units * scale).collect())
+            };
+            InterceptRow {
+                name,
+                unit,
+                cpu_unit,
+                direct: rate(0),
+                moat: rate(1),
+                mitm: rate(2),
+                moat_cpu: cpu(1),
+                mitm_cpu: cpu(2),
+            }
+        })
+        .collect())
 }
