@@ -15,7 +15,8 @@ const USAGE: &str = "usage: cargo xtask <verb>
 verbs:
   test              install the test tools (OCSF validator venv) and run every test
   bench [--quick] [egress|vmm]
-                    egress proxy and netstack beside direct loopback and squid, then moat-vmm
+                    egress proxy beside direct loopback and squid, interception beside
+                    mitmproxy, the netstack beside loopback TCP, then moat-vmm
                     (start-up, memory, vsock throughput); tables + JSON in bench-results/
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
   linux-boot        moat-vmm: boot a real Linux kernel to `Run /init` (MOAT_LINUX_KERNEL)";
