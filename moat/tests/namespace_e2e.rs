@@ -83,14 +83,17 @@ fn serve(mut tcp: std::net::TcpStream, config: Arc<rustls::ServerConfig>, root: 
         let target = text.split_whitespace().nth(1).unwrap_or("/");
         // Dumb HTTP: `info/refs?service=...` is answered with the plain file.
         let path = target.split('?').next().unwrap_or("/").to_owned();
+        // Whether the real secret arrived (never echoed back).
+        let want = format!("\r\nauthorization: Bearer {E2E_SECRET}\r\n");
+        let ok = text
+            .to_ascii_lowercase()
+            .contains(&want.to_ascii_lowercase());
         let body = if path == "/hello" {
             Some(b"hello from upstream\n".to_vec())
+        } else if path.starts_with("/private/") && !ok {
+            // Files under /private/ are served only to the real secret.
+            None
         } else if path == "/auth" {
-            // Says whether the real secret arrived, never echoing what did.
-            let want = format!("\r\nauthorization: Bearer {E2E_SECRET}\r\n");
-            let ok = text
-                .to_ascii_lowercase()
-                .contains(&want.to_ascii_lowercase());
             Some(if ok {
                 b"auth: ok\n".to_vec()
             } else {
@@ -256,6 +259,88 @@ fn curl_with_the_placeholder_gets_the_secret_injected_through_the_whole_path() {
     );
     let log = std::fs::read_to_string(ws.dir.path().join("audit.jsonl")).unwrap();
     assert!(log.contains("\"class_uid\":4002"));
+    assert!(!log.contains(E2E_SECRET));
+}
+
+#[test]
+fn python_requests_gets_the_secret_injected_through_the_whole_path() {
+    let ws = Workspace::new();
+    let out = ws.run(&format!(
+        "python3 -c \"import requests; \
+         r = requests.get('{}', headers={{'Authorization': 'Bearer {E2E_PLACEHOLDER}'}}); \
+         print(r.text, end='')\"",
+        ws.url("api.test", "/auth")
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        "auth: ok\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn git_clones_a_private_repository_with_the_injected_credential() {
+    let ws = Workspace::new();
+    let src = ws.dir.path().join("src-private");
+    let git = |args: &[&str], dir: &Path| {
+        let st = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .status()
+            .unwrap();
+        assert!(st.success(), "git {args:?}");
+    };
+    std::fs::create_dir_all(&src).unwrap();
+    git(&["init", "-q", "-b", "main"], &src);
+    std::fs::write(
+        src.join("SECRET-PROJECT"),
+        "private, cloned with an injected credential\n",
+    )
+    .unwrap();
+    git(&["add", "SECRET-PROJECT"], &src);
+    git(&["commit", "-q", "-m", "init"], &src);
+    let bare = ws.dir.path().join("srv/private/repo.git");
+    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+    git(
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            src.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+        ws.dir.path(),
+    );
+    git(&["update-server-info"], &bare);
+
+    // The upstream serves /private/ only to the real secret, which git never holds: through
+    // allowed.test (passthrough, no secret bound) the clone fails; through api.test it works
+    // because the proxy presents the secret bound to api.test.
+    let control = ws.run(&format!(
+        "git clone -q {} control 2>/dev/null; echo status=$?",
+        ws.url("allowed.test", "/private/repo.git")
+    ));
+    assert!(
+        !text(&control.stdout).contains("status=0"),
+        "{}",
+        text(&control.stdout)
+    );
+    let out = ws.run(&format!(
+        "git clone -q {} repo && cat repo/SECRET-PROJECT",
+        ws.url("api.test", "/private/repo.git")
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        "private, cloned with an injected credential\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let log = std::fs::read_to_string(ws.dir.path().join("audit.jsonl")).unwrap();
     assert!(!log.contains(E2E_SECRET));
 }
 
