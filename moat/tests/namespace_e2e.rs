@@ -215,6 +215,34 @@ impl Workspace {
         cmd
     }
 
+    /// Makes a one-commit repository holding `file` and serves it from the upstream at
+    /// `/<rel>` over dumb HTTP (a bare clone with `update-server-info`).
+    fn serve_repo(&self, rel: &str, file: &str, content: &str) {
+        let git = |args: &[&str], dir: &Path| {
+            let st = Command::new("git")
+                .args(args)
+                .current_dir(dir)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@t")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@t")
+                .status()
+                .unwrap();
+            assert!(st.success(), "git {args:?}");
+        };
+        let src = self.dir.path().join("src").join(rel);
+        std::fs::create_dir_all(&src).unwrap();
+        git(&["init", "-q", "-b", "main"], &src);
+        std::fs::write(src.join(file), content).unwrap();
+        git(&["add", file], &src);
+        git(&["commit", "-q", "-m", "init"], &src);
+        let bare = self.dir.path().join("srv").join(rel);
+        std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+        let (src, bare_s) = (src.to_str().unwrap(), bare.to_str().unwrap());
+        git(&["clone", "-q", "--bare", src, bare_s], self.dir.path());
+        git(&["update-server-info"], &bare);
+    }
+
     fn url(&self, host: &str, path: &str) -> String {
         format!("https://{host}:{}{path}", self.upstream.port)
     }
@@ -282,41 +310,11 @@ fn python_requests_gets_the_secret_injected_through_the_whole_path() {
 #[test]
 fn git_clones_a_private_repository_with_the_injected_credential() {
     let ws = Workspace::new();
-    let src = ws.dir.path().join("src-private");
-    let git = |args: &[&str], dir: &Path| {
-        let st = Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@t")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@t")
-            .status()
-            .unwrap();
-        assert!(st.success(), "git {args:?}");
-    };
-    std::fs::create_dir_all(&src).unwrap();
-    git(&["init", "-q", "-b", "main"], &src);
-    std::fs::write(
-        src.join("SECRET-PROJECT"),
+    ws.serve_repo(
+        "private/repo.git",
+        "SECRET-PROJECT",
         "private, cloned with an injected credential\n",
-    )
-    .unwrap();
-    git(&["add", "SECRET-PROJECT"], &src);
-    git(&["commit", "-q", "-m", "init"], &src);
-    let bare = ws.dir.path().join("srv/private/repo.git");
-    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
-    git(
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            src.to_str().unwrap(),
-            bare.to_str().unwrap(),
-        ],
-        ws.dir.path(),
     );
-    git(&["update-server-info"], &bare);
 
     // The upstream serves /private/ only to the real secret, which git never holds: through
     // allowed.test (passthrough, no secret bound) the clone fails; through api.test it works
@@ -437,37 +435,7 @@ EOF"#;
 #[test]
 fn git_clones_over_https_through_the_proxy() {
     let ws = Workspace::new();
-    // A dumb-HTTP repository served by the upstream.
-    let src = ws.dir.path().join("src");
-    let git = |args: &[&str], dir: &Path| {
-        let st = Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@t")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@t")
-            .status()
-            .unwrap();
-        assert!(st.success(), "git {args:?}");
-    };
-    std::fs::create_dir_all(&src).unwrap();
-    git(&["init", "-q", "-b", "main"], &src);
-    std::fs::write(src.join("README"), "cloned through moat\n").unwrap();
-    git(&["add", "README"], &src);
-    git(&["commit", "-q", "-m", "init"], &src);
-    let bare = ws.dir.path().join("srv/repo.git");
-    git(
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            src.to_str().unwrap(),
-            bare.to_str().unwrap(),
-        ],
-        ws.dir.path(),
-    );
-    git(&["update-server-info"], &bare);
+    ws.serve_repo("repo.git", "README", "cloned through moat\n");
 
     let out = ws.run(&format!(
         "git clone -q {} repo && cat repo/README",
