@@ -517,7 +517,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     wait_for("squid", || std::net::TcpStream::connect(squid_addr).is_ok()).await?;
 
     // moat proxy with the equivalent signed allowlist.
-    let moat = root().join("target/release/moat");
+    let moat = moat_bin();
     let profile = dir.join("bench.toml");
     std::fs::write(
         &profile,
@@ -534,32 +534,9 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )?;
-    run_cmd(
-        Command::new(&moat)
-            .args(["policy", "sign", "--key"])
-            .arg(dir.join("bench.key"))
-            .arg(&profile)
-            .stdout(Stdio::null()),
-    )?;
-    let uds = dir.join("v.sock");
-    let moat_proxy = Guard(
-        Command::new(&moat)
-            .arg("proxy")
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--profile")
-            .arg(&profile)
-            .arg("--pubkey")
-            .arg(dir.join("bench.pub"))
-            .arg("--audit")
-            .arg(dir.join("audit.jsonl"))
-            .arg("--resolve")
-            .arg(format!("{HOST}=127.0.0.1"))
-            .arg("--no-watch")
-            .env("MOAT_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    sign_profile(dir, &profile)?;
+    let uds = dir.join("passthrough.sock");
+    let moat_proxy = Guard(moat_proxy(dir, "passthrough", &profile).spawn()?);
     let moat_sock = moat_egress::port_path(&uds, moat_egress::EGRESS_VSOCK_PORT);
     wait_for("moat proxy", || moat_sock.exists()).await?;
 
@@ -745,7 +722,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
 /// egress proxy) beside plain loopback TCP, measured by curl over plain HTTP in both cases:
 /// one flow, and 100 concurrent flows. Returns (test, direct Gbit/s, moat Gbit/s).
 fn netstack_rows(dir: &Path, port: u16, sizes: &Sizes) -> Result<Vec<(&'static str, f64, f64)>> {
-    let moat = root().join("target/release/moat");
+    let moat = moat_bin();
     let profile = dir.join("ns.toml");
     std::fs::write(
         &profile,
@@ -754,13 +731,7 @@ fn netstack_rows(dir: &Path, port: u16, sizes: &Sizes) -> Result<Vec<(&'static s
              ports = [{port}]\naction = \"passthrough\"\nprotocols = [\"http\"]\ncidrs = [\"127.0.0.0/8\"]\n"
         ),
     )?;
-    run_cmd(
-        Command::new(&moat)
-            .args(["policy", "sign", "--key"])
-            .arg(dir.join("bench.key"))
-            .arg(&profile)
-            .stdout(Stdio::null()),
-    )?;
+    sign_profile(dir, &profile)?;
     // Prints the elapsed nanoseconds of the downloads.
     let one = |host: &str| {
         format!(
@@ -826,6 +797,41 @@ fn netstack_rows(dir: &Path, port: u16, sizes: &Sizes) -> Result<Vec<(&'static s
             median(m100),
         ),
     ])
+}
+
+/// The release `moat` binary the benchmarks run.
+fn moat_bin() -> PathBuf {
+    root().join("target/release/moat")
+}
+
+/// Signs `profile` with the bench key (made by `moat policy keygen` at setup).
+fn sign_profile(dir: &Path, profile: &Path) -> Result<()> {
+    run_cmd(
+        Command::new(moat_bin())
+            .args(["policy", "sign", "--key"])
+            .arg(dir.join("bench.key"))
+            .arg(profile)
+            .stdout(Stdio::null()),
+    )
+}
+
+/// `moat proxy` serving `<dir>/<name>.sock` under `profile`, resolving bench.test to loopback,
+/// auditing to `<dir>/<name>-audit.jsonl`. The caller adds flags and spawns it.
+fn moat_proxy(dir: &Path, name: &str, profile: &Path) -> Command {
+    let mut cmd = Command::new(moat_bin());
+    cmd.arg("proxy")
+        .arg("--uds")
+        .arg(dir.join(format!("{name}.sock")))
+        .arg("--profile")
+        .arg(profile)
+        .arg("--pubkey")
+        .arg(dir.join("bench.pub"))
+        .arg("--audit")
+        .arg(dir.join(format!("{name}-audit.jsonl")))
+        .args(["--resolve", &format!("{HOST}=127.0.0.1"), "--no-watch"])
+        .env("MOAT_LOG", "warn")
+        .stdout(Stdio::null());
+    cmd
 }
 
 /// One interception row: medians of rate and proxy CPU per unit.
@@ -912,7 +918,6 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// same header, both verifying the upstream against the bench CA, interleaved, medians of 5.
 async fn intercept_rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec<InterceptRow>> {
     let mitmdump = mitmdump()?;
-    let moat = root().join("target/release/moat");
     let port = env.nginx.port();
     let profile = dir.join("intercept.toml");
     std::fs::write(
@@ -925,33 +930,15 @@ async fn intercept_rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec<
              presentation = \"authorization_bearer\"\n"
         ),
     )?;
-    run_cmd(
-        Command::new(&moat)
-            .args(["policy", "sign", "--key"])
-            .arg(dir.join("bench.key"))
-            .arg(&profile)
-            .stdout(Stdio::null()),
-    )?;
-    let uds = dir.join("vi.sock");
+    sign_profile(dir, &profile)?;
+    let uds = dir.join("intercept.sock");
     let moat_proxy = Guard(
-        Command::new(&moat)
-            .arg("proxy")
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--profile")
-            .arg(&profile)
-            .arg("--pubkey")
-            .arg(dir.join("bench.pub"))
-            .arg("--audit")
-            .arg(dir.join("intercept-audit.jsonl"))
-            .args(["--resolve", &format!("{HOST}=127.0.0.1"), "--no-watch"])
+        moat_proxy(dir, "intercept", &profile)
             .arg("--upstream-ca")
             .arg(dir.join("ca.pem"))
             .arg("--ca-out")
             .arg(dir.join("moat-ca.pem"))
             .env("MOAT_BENCH_SECRET", "bench-secret-value")
-            .env("MOAT_LOG", "warn")
-            .stdout(Stdio::null())
             .spawn()?,
     );
     let moat_sock = moat_egress::port_path(&uds, moat_egress::EGRESS_VSOCK_PORT);
