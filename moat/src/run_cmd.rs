@@ -115,7 +115,9 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
         }
     };
     let uds = run_dir.join("vsock");
-    let default_audit = run_dir.join("audit.jsonl");
+    // Beside the run directory, not in it: the audit log outlives the workspace.
+    let default_audit =
+        std::env::temp_dir().join(format!("moat-{}-audit.jsonl", std::process::id()));
     let (config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
     let rt = args.proxy.runtime()?;
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
@@ -201,7 +203,14 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
     shutdown.cancel();
     drop(rt);
     let code = moat_guest_init::exit_code(status);
-    eprintln!("moat: workspace exited with status {code}");
+    let m = proxy.metrics();
+    let accepted = m.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let opened = m.opened.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "moat: workspace exited with status {code}; {opened} of {accepted} flows allowed \
+         (audit: {})",
+        args.proxy.audit_path(&default_audit).display()
+    );
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
