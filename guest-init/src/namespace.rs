@@ -95,6 +95,14 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// Host files bound over with /dev/null inside the workspace.
+const SECRET_FILES: &[&str] = &[
+    "/etc/shadow",
+    "/etc/gshadow",
+    "/etc/shadow-",
+    "/etc/gshadow-",
+];
+
 /// Where the agent's home appears inside the workspace.
 pub const AGENT_HOME: &str = "/home/agent";
 
@@ -145,7 +153,14 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
     })?;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    for (dir, what) in [("tmp", "/tmp"), ("run", "/run"), ("home", "/home")] {
+    // Fresh, empty directories over the host's: /tmp and /run (sockets, other sessions), /home
+    // and /root (people's keys and credentials, readable by a workspace mapped to host root).
+    for (dir, what) in [
+        ("tmp", "/tmp"),
+        ("run", "/run"),
+        ("home", "/home"),
+        ("root", "/root"),
+    ] {
         let mode = if dir == "tmp" {
             "mode=1777"
         } else {
@@ -159,6 +174,37 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
             nosuid,
             Some(mode),
         )?;
+    }
+    // Files only root may read on the host (password hashes, SSH host keys) are hidden too, for
+    // the case where the workspace runs as the host's root.
+    for secret in SECRET_FILES {
+        let target = root.join(secret.trim_start_matches('/'));
+        if target.is_file() {
+            mount_or(
+                "/dev/null over a host secret",
+                Some("/dev/null"),
+                &target,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(root.join("etc/ssh")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("ssh_host_") && name.ends_with("_key") {
+                mount_or(
+                    "/dev/null over an SSH host key",
+                    Some("/dev/null"),
+                    &entry.path(),
+                    None,
+                    MsFlags::MS_BIND,
+                    None,
+                )?;
+            }
+        }
     }
     // A /dev of our own with only harmless devices: the host's /dev would hand the agent raw
     // disks and every terminal.

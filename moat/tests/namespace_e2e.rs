@@ -589,6 +589,19 @@ fn sigterm_reaches_the_agent_for_an_orderly_shutdown() {
 }
 
 #[test]
+fn host_secrets_are_not_visible_inside() {
+    let ws = Workspace::new();
+    let out = ws.run(
+        "ls -A /root | wc -l; wc -c < /etc/shadow; cat /etc/ssh/ssh_host_*_key 2>/dev/null | wc -c",
+    );
+    let lines: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .collect();
+    assert_eq!(lines, ["0", "0", "0"], "stderr: {}", text(&out.stderr));
+}
+
+#[test]
 fn exit_status_of_the_command_is_the_workspaces() {
     let ws = Workspace::new();
     let out = ws.run("exit 7");
