@@ -12,10 +12,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::queue_worker::{DeviceThread, run_queue_loop};
+use super::queue_worker::{DeviceThread, run_queue_loop, serve_chains};
 use super::{ActivateError, Activation, Interrupt, VirtioDevice, read_config_bytes};
 use crate::devices::metrics::{DeviceMetrics, add, render};
 use crate::guest_warn;
@@ -318,23 +318,12 @@ pub fn process(
     disk: &Disk,
     interrupt: &Interrupt,
 ) -> bool {
-    let mut used = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let len = execute(mem, chain, disk).unwrap_or_else(|| {
+    serve_chains(mem, queue, interrupt, |chain| {
+        execute(mem, chain, disk).unwrap_or_else(|| {
             guest_warn!("block request chain unusable");
             0
-        });
-        if queue.add_used(mem, head, len).is_err() {
-            interrupt.signal_needs_reset();
-            return false;
-        }
-        used = true;
-    }
-    if used && queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used();
-    }
-    true
+        })
+    })
 }
 
 impl VirtioDevice for Block {

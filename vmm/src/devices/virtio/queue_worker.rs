@@ -12,10 +12,39 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{ActivateError, Activation};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{ActivateError, Activation, Interrupt};
 use crate::seccomp::{self, Role};
 
 const TOKEN_KILL: u64 = u64::MAX;
+
+/// Serves every available descriptor chain of `queue` with `handle` (which returns how many
+/// bytes it wrote into the chain), returns each chain to the used ring and signals the guest
+/// once if it asked to be. Returns false if the device must be reset (a chain could not be
+/// returned: the guest broke the ring).
+pub fn serve_chains<'m>(
+    mem: &'m GuestMemoryMmap,
+    queue: &mut Queue,
+    interrupt: &Interrupt,
+    mut handle: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
+) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let len = handle(chain);
+        if queue.add_used(mem, head, len).is_err() {
+            interrupt.signal_needs_reset();
+            return false;
+        }
+        used = true;
+    }
+    if used && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used();
+    }
+    true
+}
 
 /// A device's thread.
 #[derive(Debug)]

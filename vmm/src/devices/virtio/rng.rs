@@ -6,10 +6,10 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT, Writer};
+use virtio_queue::{Queue, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::queue_worker::{DeviceThread, run_queue_loop};
+use super::queue_worker::{DeviceThread, run_queue_loop, serve_chains};
 use super::{ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::devices::metrics::{DeviceMetrics, add, render};
 use crate::guest_warn;
@@ -95,10 +95,8 @@ pub fn process(
     metrics: &RngMetrics,
 ) -> bool {
     let mut scratch = [0u8; 4096];
-    let mut used = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let written = match Writer::<()>::new(mem, chain) {
+    serve_chains(mem, queue, interrupt, |chain| {
+        match Writer::<()>::new(mem, chain) {
             Ok(mut w) => {
                 let mut left = w.available_bytes().min(MAX_PER_REQUEST);
                 while left > 0 {
@@ -119,17 +117,8 @@ pub fn process(
                 guest_warn!("rng request outside guest memory");
                 0
             }
-        };
-        if queue.add_used(mem, head, written).is_err() {
-            interrupt.signal_needs_reset();
-            return false;
         }
-        used = true;
-    }
-    if used && queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used();
-    }
-    true
+    })
 }
 
 impl VirtioDevice for Rng {
