@@ -801,7 +801,9 @@ fn netstack_rows(dir: &Path, port: u16, sizes: &Sizes) -> Result<Vec<(&'static s
 
 /// The release `moat` binary the benchmarks run.
 fn moat_bin() -> PathBuf {
-    root().join("target/release/moat")
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), PathBuf::from)
+        .join("release/moat")
 }
 
 /// Signs `profile` with the bench key (made by `moat policy keygen` at setup).
