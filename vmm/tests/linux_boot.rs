@@ -2,7 +2,7 @@
 //! virtio-blk, virtio-rng and vsock drivers probing our devices. On nested PVM guest user space
 //! cannot run, so /init faults, the kernel panics and `panic=-1` resets the machine (exit 0).
 //!
-//! Needs a vmlinux built by tests/linux/build-kernel.sh, named by MOAT_LINUX_KERNEL; skipped
+//! Needs the vmlinux `cargo xtask images kernel` builds, named by MOAT_LINUX_KERNEL; skipped
 //! with a printed reason otherwise (or without /dev/kvm). About 20 s on the nested PVM host.
 #![allow(
     clippy::unwrap_used,
@@ -106,8 +106,8 @@ fn smp_linux_brings_up_every_vcpu_from_our_mp_table() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_SMP_KERNEL").map(PathBuf::from) else {
         eprintln!(
-            "SKIPPED: set MOAT_LINUX_SMP_KERNEL to a vmlinux from \
-             SMP=1 vmm/tests/linux/build-kernel.sh (this boot takes about 100 s here)"
+            "SKIPPED: set MOAT_LINUX_SMP_KERNEL to a vmlinux built like `cargo xtask images \
+             kernel` with CONFIG_SMP=y added (this boot takes about 100 s here)"
         );
         return;
     };
@@ -139,7 +139,7 @@ fn linux_boots_to_init_with_our_virtio_devices() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_KERNEL").map(PathBuf::from) else {
         eprintln!(
-            "SKIPPED: set MOAT_LINUX_KERNEL to a vmlinux from vmm/tests/linux/build-kernel.sh"
+            "SKIPPED: set MOAT_LINUX_KERNEL to the vmlinux `cargo xtask images kernel` builds"
         );
         return;
     };
