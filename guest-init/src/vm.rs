@@ -3,7 +3,7 @@
 //! Sequence ([`run_vm`]):
 //! 1. devtmpfs, proc and sysfs in the initramfs.
 //! 2. The control stream to the host (vsock port 1027): one line, the [`VmWorkspace`] to run.
-//! 3. The root disk (`/dev/vda`, the root image: ext4 or erofs) mounted read-only at
+//! 3. The root disk (`/dev/vda`, the root image, ext4) mounted read-only at
 //!    `/mnt/root`; the home disk (`/dev/vdb`, ext4) read-write, nosuid, nodev at
 //!    `/home/agent` in it; fresh tmpfs on `/tmp` and `/run`; the virtual DNS over
 //!    `/etc/resolv.conf` and a trust store with the workspace CA over the system one; `/dev`,
@@ -188,16 +188,14 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
 fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
-    if mount(Some(ROOT_DISK), NEW_ROOT, Some("ext4"), ro, None::<&str>).is_err() {
-        mount_or(
-            "the root disk",
-            Some(ROOT_DISK),
-            NEW_ROOT,
-            Some("erofs"),
-            ro,
-            None,
-        )?;
-    }
+    mount_or(
+        "the root disk",
+        Some(ROOT_DISK),
+        NEW_ROOT,
+        Some("ext4"),
+        ro,
+        None,
+    )?;
     let at = |p: &str| format!("{NEW_ROOT}{p}");
     mount_or(
         "the home disk",

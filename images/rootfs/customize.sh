@@ -8,6 +8,7 @@ mkdir -p "$root/home/agent" "$root/run" "$root/tmp" "$root/mnt"
 chmod 1777 "$root/tmp"
 # Bound over by guest-init: the virtual DNS and the trust store with the workspace CA.
 : > "$root/etc/resolv.conf"
+chmod 0644 "$root/etc/resolv.conf"
 echo workspace > "$root/etc/hostname"
 # No SSH host keys baked into a shared image: sshd's keys are made per workspace.
 rm -f "$root"/etc/ssh/ssh_host_*

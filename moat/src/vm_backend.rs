@@ -216,9 +216,22 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         .arg(&home)
         .arg("--rng");
     tracing::debug!(?cmd, "starting moat-vmm");
-    let status = cmd
-        .status()
+    let mut vmm = cmd
+        .spawn()
         .with_context(|| format!("cannot start {}", run.vmm.display()))?;
+    // SIGTERM to moat stops the VM: nothing in it may outlive its egress proxy.
+    let vmm_pid = nix::unistd::Pid::from_raw(i32::try_from(vmm.id()).unwrap_or(i32::MAX));
+    rt.spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        if term.recv().await.is_some() {
+            let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+    let status = vmm.wait()?;
     let reported = outcome.lock().ok().and_then(|mut o| o.take());
     match reported {
         Some(VmOutcome::Exited { code }) => Ok(code),

@@ -579,3 +579,61 @@ fn write_current() -> Result<()> {
     eprintln!("xtask images: {}", path.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn initramfs_holds_init_and_console_and_is_reproducible() {
+        let init = b"\x7fELF not really".to_vec();
+        let a = write_initramfs(&init, Vec::new()).unwrap();
+        let b = write_initramfs(&init, Vec::new()).unwrap();
+        assert_eq!(a, b, "the same binary gives the same archive");
+        let mut rest = &a[..];
+        let mut seen = Vec::new();
+        loop {
+            let mut r = cpio::NewcReader::new(rest).unwrap();
+            if r.entry().is_trailer() {
+                break;
+            }
+            let e = r.entry();
+            let name = e.name().to_owned();
+            seen.push((name.clone(), e.mode(), e.uid(), e.mtime()));
+            if name == "dev/console" {
+                assert_eq!((e.rdev_major(), e.rdev_minor()), (5, 1));
+            }
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut r, &mut data).unwrap();
+            if name == "init" {
+                assert_eq!(data, init);
+            }
+            rest = r.finish().unwrap();
+        }
+        assert!(
+            seen.contains(&("init".to_owned(), 0o100_755, 0, 0)),
+            "{seen:?}"
+        );
+        assert!(
+            seen.contains(&("dev/console".to_owned(), 0o020_600, 0, 0)),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|(n, ..)| n == "mnt/root"), "{seen:?}");
+    }
+
+    #[test]
+    fn a_dropped_config_option_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("xtask-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join(".config");
+        std::fs::write(&config, "CONFIG_VSOCKETS=y\nCONFIG_TUN=y\n").unwrap();
+        assert!(check_config(&config, "CONFIG_TUN=y\n# comment\nCONFIG_VSOCKETS=y\n").is_ok());
+        let err = check_config(&config, "CONFIG_TUN=y\nCONFIG_VIRTIO_VSOCKETS=y\n").unwrap_err();
+        assert!(
+            err.to_string().contains("CONFIG_VIRTIO_VSOCKETS=y"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
