@@ -84,12 +84,30 @@ pub enum Toggle {
     Off,
 }
 
+/// The kernel image's format, and so its boot protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelFormat {
+    /// Read it from the file: ELF magic, or a bzImage's `HdrS` setup header.
+    #[default]
+    Auto,
+    /// An ELF with a PVH entry note, booted by the PVH protocol.
+    Elf,
+    /// A bzImage, booted by the Linux 64-bit boot protocol.
+    #[serde(rename = "bzimage")]
+    #[value(name = "bzimage")]
+    BzImage,
+}
+
 /// The file form of the configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// Kernel (ELF with a PVH entry note).
+    /// Kernel: an ELF with a PVH entry note, or a bzImage.
     pub kernel: Option<PathBuf>,
+    /// The kernel's format (`auto` reads it from the file).
+    #[serde(default)]
+    pub kernel_format: KernelFormat,
     /// Kernel command line.
     pub cmdline: Option<String>,
     /// Initramfs, handed to the guest as PVH module 0.
@@ -201,6 +219,8 @@ pub const DEFAULT_CID: u64 = 3;
 pub struct VmConfig {
     /// Kernel image.
     pub kernel: PathBuf,
+    /// Its format.
+    pub kernel_format: KernelFormat,
     /// Command line given by the operator (device declarations are appended by the VMM).
     pub cmdline: String,
     /// Initramfs.
@@ -267,6 +287,7 @@ impl VmConfig {
         };
         Ok(Self {
             kernel,
+            kernel_format: f.kernel_format,
             cmdline,
             initrd: f.initrd,
             mem_bytes: mem_mib << 20,
@@ -292,6 +313,7 @@ mod tests {
         let f = FileConfig::parse(
             r#"
             kernel = "/k"
+            kernel_format = "bzimage"
             cmdline = "console=ttyS0"
             mem_mib = 128
             vcpus = 2
@@ -316,6 +338,10 @@ mod tests {
         let c = c.ok();
         assert_eq!(c.as_ref().map(|c| c.mem_bytes), Some(128 << 20));
         assert_eq!(
+            c.as_ref().map(|c| c.kernel_format),
+            Some(KernelFormat::BzImage)
+        );
+        assert_eq!(
             c.as_ref()
                 .and_then(|c| c.vsock.as_ref())
                 .map(|v| v.cid.get()),
@@ -326,6 +352,11 @@ mod tests {
     #[test]
     fn unknown_field_is_refused() {
         assert!(FileConfig::parse("kernel = \"/k\"\nmemory = 5\n").is_err());
+    }
+
+    #[test]
+    fn unknown_kernel_format_is_refused() {
+        assert!(FileConfig::parse("kernel = \"/k\"\nkernel_format = \"pe\"\n").is_err());
     }
 
     #[test]

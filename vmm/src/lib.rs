@@ -7,7 +7,7 @@
 //!  config.rs (TOML + flags, parsed once)
 //!      |
 //!  vmm.rs: Resources::open (every host fd) -> jail/ (optional) -> guest memory (vm-memory)
-//!      -> boot.rs (linux-loader, PVH) + mptable.rs -> kvm/ (VM, irqchip, PIT, vCPUs + cpuid.rs)
+//!      -> boot/ (linux-loader: PVH ELF or bzImage) + mptable.rs -> kvm/ (VM, irqchip, PIT, vCPUs)
 //!      |                                                             | KVM_RUN exits
 //!      +-> devices/bus.rs: COM1 (vm-superio) | i8042 reset | virtio-mmio windows
 //!            devices/virtio/mmio.rs -> vsock/ (packet -> muxer -> Unix sockets), block, rng,

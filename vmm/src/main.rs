@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use moat_vmm::config::{BlockFile, FileConfig, JailFile, SerialFile, Toggle, VmConfig, VsockFile};
+use moat_vmm::config::{
+    BlockFile, FileConfig, JailFile, KernelFormat, SerialFile, Toggle, VmConfig, VsockFile,
+};
 use moat_vmm::exit::EXIT_CONFIG;
 use moat_vmm::jail::{self, JailSpec};
 
@@ -17,9 +19,13 @@ struct Args {
     /// TOML config file (unknown fields are refused); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Kernel: an ELF with a PVH entry note (vmlinux with CONFIG_PVH, or the probe guest).
+    /// Kernel: an ELF with a PVH entry note (vmlinux with CONFIG_PVH, or the probe guest), or
+    /// a bzImage (Linux 64-bit boot protocol).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// The kernel's format; `auto` reads it from the file.
+    #[arg(long, value_enum)]
+    kernel_format: Option<KernelFormat>,
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
@@ -83,6 +89,9 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
         None => FileConfig::default(),
     };
     f.kernel = args.kernel.or(f.kernel);
+    if let Some(k) = args.kernel_format {
+        f.kernel_format = k;
+    }
     f.cmdline = args.cmdline.or(f.cmdline);
     f.initrd = args.initrd.or(f.initrd);
     f.mem_mib = args.mem.or(f.mem_mib);

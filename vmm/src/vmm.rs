@@ -193,6 +193,7 @@ pub fn run_with(
         &mem,
         BootSpec {
             kernel: &mut kernel,
+            format: cfg.kernel_format,
             cmdline: &cmdline,
             initrd: initrd.as_mut(),
             mem_bytes: cfg.mem_bytes,
@@ -231,7 +232,7 @@ pub fn run_with(
         Toggle::Off => false,
         Toggle::Auto => cpuid::host_is_nested_pvm(),
     };
-    tracing::info!(pvm_workarounds = pvm, entry = entry.entry, "booting");
+    tracing::info!(pvm_workarounds = pvm, entry = entry.entry(), "booting");
     let (started_tx, started_rx) = mpsc::channel::<Instant>();
     for index in 0..cfg.vcpus {
         let vcpu = vm
