@@ -42,7 +42,7 @@ pub enum Role {
     Main,
     /// A vCPU thread: KVM_RUN and device register emulation.
     Vcpu,
-    /// The vsock device thread: epoll, Unix sockets.
+    /// The vsock device thread: its event loop, Unix sockets.
     Vsock,
     /// A block device thread: positioned reads and writes on its disk.
     Block,
@@ -114,11 +114,12 @@ fn fcntl_getfd() -> Result<Allow, seccompiler::BackendError> {
     )
 }
 
-fn epoll() -> Vec<Allow> {
+/// What a device thread's event-manager loop needs.
+fn event_loop() -> Vec<Allow> {
     vec![
         any(
             libc::SYS_epoll_create1,
-            "each activation builds its own epoll",
+            "each activation builds its own EventManager (an epoll set)",
         ),
         any(
             libc::SYS_epoll_ctl,
@@ -128,6 +129,10 @@ fn epoll() -> Vec<Allow> {
         any(
             libc::SYS_epoll_pwait,
             "the device loop (libc may use pwait)",
+        ),
+        any(
+            libc::SYS_getrandom,
+            "hash map seeds: EventManager's fd and subscriber maps, vsock's connection table",
         ),
     ]
 }
@@ -166,7 +171,7 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
             )?);
         }
         Role::Vsock => {
-            rules.extend(epoll());
+            rules.extend(event_loop());
             rules.push(arg_eq(
                 libc::SYS_socket,
                 0,
@@ -190,19 +195,15 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
                 libc::SYS_fcntl,
                 "duplicating the listener, socket flags",
             ));
-            rules.push(any(
-                libc::SYS_getrandom,
-                "hash map seeds in the connection table",
-            ));
         }
         Role::Block => {
-            rules.extend(epoll());
+            rules.extend(event_loop());
             rules.push(any(libc::SYS_pread64, "reading the disk"));
             rules.push(any(libc::SYS_pwrite64, "writing the disk"));
             rules.push(any(libc::SYS_fdatasync, "FLUSH"));
         }
         Role::Rng => {
-            rules.extend(epoll());
+            rules.extend(event_loop());
         }
     }
     Ok(rules)
