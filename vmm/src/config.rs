@@ -131,7 +131,7 @@ pub struct FileConfig {
     pub rng: Option<bool>,
     /// Per-thread seccomp filters (on unless set to false; off only for debugging).
     pub seccomp: Option<bool>,
-    /// Run jailed (needs root).
+    /// Run jailed (as root, or unprivileged through a user namespace).
     pub jail: Option<JailFile>,
 }
 
@@ -145,6 +145,9 @@ pub struct JailFile {
     pub uid: Option<u32>,
     /// Unprivileged gid (default 65534).
     pub gid: Option<u32>,
+    /// A user namespace first: `auto` (when not root), `on`, `off` (root only).
+    #[serde(default)]
+    pub user_namespace: Toggle,
 }
 
 /// `[[block]]` in the file.

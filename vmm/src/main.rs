@@ -60,7 +60,8 @@ struct Args {
     /// Offer a virtio-rng device fed from the host's /dev/urandom.
     #[arg(long)]
     rng: bool,
-    /// Jail the VMM (needs root): this empty directory becomes its root.
+    /// Jail the VMM (as root, or unprivileged in a user namespace): this empty directory
+    /// becomes its root.
     #[arg(long)]
     jail_dir: Option<PathBuf>,
     /// Unprivileged uid inside the jail.
@@ -69,6 +70,9 @@ struct Args {
     /// Unprivileged gid inside the jail.
     #[arg(long, default_value_t = 65534)]
     jail_gid: u32,
+    /// Create a user namespace for the jail: auto (when not root), on, off.
+    #[arg(long, value_enum)]
+    jail_userns: Option<Toggle>,
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -126,7 +130,10 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
             dir,
             uid: Some(args.jail_uid),
             gid: Some(args.jail_gid),
+            user_namespace: args.jail_userns.unwrap_or_default(),
         });
+    } else if let (Some(j), Some(t)) = (f.jail.as_mut(), args.jail_userns) {
+        j.user_namespace = t;
     }
     if args.no_seccomp {
         f.seccomp = Some(false);
@@ -163,6 +170,11 @@ fn run(
         gid: j.gid.unwrap_or(65534),
         uds: cfg.vsock.as_ref().map(|v| v.uds.clone()),
         max_files: 4096,
+        user_ns: match j.user_namespace {
+            Toggle::On => true,
+            Toggle::Off => false,
+            Toggle::Auto => !jail::is_root(),
+        },
     })?;
     Ok(moat_vmm::vmm::run_with(
         cfg, res, inside.uds, timeout, stats,
