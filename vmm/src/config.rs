@@ -44,6 +44,9 @@ pub enum Error {
     /// The command line does not fit its slot.
     #[error("kernel command line is {0} bytes, longer than {max}", max = CMDLINE_MAX - 1)]
     CmdlineTooLong(usize),
+    /// Console input asked for with the console going to a file.
+    #[error("serial input needs the console on stdout (it is refused with serial out)")]
+    SerialInputNeedsStdout,
     /// A reserved or out-of-range guest CID.
     #[error("guest CID {0} is reserved or out of range (3..=0xfffffffe)")]
     GuestCid(u64),
@@ -169,6 +172,10 @@ pub struct SerialFile {
     pub out: Option<PathBuf>,
     /// Most bytes of console output kept.
     pub cap_bytes: Option<u64>,
+    /// Feed stdin to the guest's COM1: `auto` (when the console is stdout and stdin is
+    /// open), `on` (refused with `out`), `off`.
+    #[serde(default)]
+    pub input: Toggle,
 }
 
 /// `[vsock]` in the file.
@@ -236,6 +243,8 @@ pub struct VmConfig {
     pub serial_out: Option<PathBuf>,
     /// Console cap in bytes.
     pub serial_cap: u64,
+    /// Console input from stdin (never with `serial_out`).
+    pub serial_in: Toggle,
     /// vsock device.
     pub vsock: Option<VsockConfig>,
     /// Nested-PVM workarounds.
@@ -288,6 +297,11 @@ impl VmConfig {
             }),
             None => None,
         };
+        let serial_in = match (f.serial.input, &f.serial.out) {
+            (Toggle::On, Some(_)) => return Err(Error::SerialInputNeedsStdout),
+            (_, Some(_)) => Toggle::Off,
+            (t, None) => t,
+        };
         Ok(Self {
             kernel,
             kernel_format: f.kernel_format,
@@ -297,6 +311,7 @@ impl VmConfig {
             vcpus,
             serial_out: f.serial.out,
             serial_cap: f.serial.cap_bytes.unwrap_or(DEFAULT_SERIAL_CAP),
+            serial_in,
             vsock,
             pvm_workarounds: f.cpu.pvm_workarounds,
             disks: f.block,
@@ -373,6 +388,22 @@ mod tests {
             assert!(GuestCid::try_from(cid).is_err(), "cid {cid}");
         }
         assert!(GuestCid::try_from(3).is_ok());
+    }
+
+    #[test]
+    fn serial_input_with_a_console_file_is_refused() {
+        let f = FileConfig::parse("kernel = \"/k\"\n[serial]\nout = \"/c\"\ninput = \"on\"\n");
+        assert!(matches!(
+            VmConfig::from_file(f.unwrap_or_default()),
+            Err(Error::SerialInputNeedsStdout)
+        ));
+    }
+
+    #[test]
+    fn serial_input_is_off_when_the_console_is_a_file() {
+        let f = FileConfig::parse("kernel = \"/k\"\n[serial]\nout = \"/c\"\n");
+        let c = VmConfig::from_file(f.unwrap_or_default()).ok();
+        assert_eq!(c.map(|c| c.serial_in), Some(Toggle::Off));
     }
 
     #[test]

@@ -50,6 +50,10 @@ struct Args {
     /// Most bytes of serial output kept.
     #[arg(long)]
     serial_cap: Option<u64>,
+    /// Feed stdin to the guest's serial port: auto (when the console is stdout and stdin is
+    /// open), on, off. The host terminal goes to raw mode while the VM runs if stdin is one.
+    #[arg(long, value_enum)]
+    serial_in: Option<Toggle>,
     /// Add a read-write disk (repeatable). Guest order: config-file disks, then --block-ro,
     /// then --block.
     #[arg(long = "block")]
@@ -103,6 +107,7 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
     f.serial = SerialFile {
         out: args.serial_out.or(f.serial.out),
         cap_bytes: args.serial_cap.or(f.serial.cap_bytes),
+        input: args.serial_in.unwrap_or(f.serial.input),
     };
     if let Some(uds) = args.vsock_uds {
         let cid = args
@@ -208,6 +213,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             print_chain(e.as_ref());
+            // Nothing touched the terminal yet.
             return ExitCode::from(u8::try_from(EXIT_CONFIG).unwrap_or(2));
         }
     };
@@ -225,6 +231,7 @@ fn main() -> ExitCode {
             1
         }
     };
+    moat_vmm::terminal::restore();
     // vCPU threads may still sit in KVM_RUN; leave without unwinding them.
     std::process::exit(code)
 }

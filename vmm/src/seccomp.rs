@@ -18,6 +18,10 @@ use seccompiler::{
 const KVM_RUN: u64 = 0xae80;
 /// `ioctl(vcpu, KVM_GET_REGS)`: `_IOR(KVMIO, 0x81, struct kvm_regs)` (144 bytes).
 const KVM_GET_REGS: u64 = 0x8090_ae81;
+/// `ioctl(fd, TCGETS)`: `tcgetattr`.
+const TCGETS: u64 = 0x5401;
+/// `ioctl(fd, TCSETS)`: `tcsetattr(TCSANOW)`.
+const TCSETS: u64 = 0x5402;
 /// `ioctl(fd, FIONBIO)`.
 const FIONBIO: u64 = 0x5421;
 
@@ -48,11 +52,20 @@ pub enum Role {
     Block,
     /// The rng device thread: reads from the entropy file it was given.
     Rng,
+    /// The console input thread: reads stdin into COM1's receive FIFO.
+    SerialIn,
 }
 
 impl Role {
     /// Every role, for tests.
-    pub const ALL: [Role; 5] = [Role::Main, Role::Vcpu, Role::Vsock, Role::Block, Role::Rng];
+    pub const ALL: [Role; 6] = [
+        Role::Main,
+        Role::Vcpu,
+        Role::Vsock,
+        Role::Block,
+        Role::Rng,
+        Role::SerialIn,
+    ];
 }
 
 /// A syscall, the conditions on it (empty: any arguments) and why it is allowed.
@@ -149,6 +162,18 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
                 libc::SYS_lseek,
                 "--stats re-reads /proc/self files opened earlier",
             ));
+            rules.push(arg_eq(
+                libc::SYS_ioctl,
+                1,
+                TCSETS,
+                "TCSETS: restoring the host terminal's mode at exit (raw console only)",
+            )?);
+            rules.push(arg_eq(
+                libc::SYS_ioctl,
+                1,
+                TCGETS,
+                "TCGETS: glibc's tcsetattr reads the mode back to check it",
+            )?);
         }
         Role::Vcpu => {
             rules.push(arg_eq(
@@ -203,6 +228,10 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
             rules.push(any(libc::SYS_fdatasync, "FLUSH"));
         }
         Role::Rng => {
+            rules.extend(event_loop());
+        }
+        Role::SerialIn => {
+            // read (stdin, its eventfd) and write (COM1's irqfd) are in `common`.
             rules.extend(event_loop());
         }
     }

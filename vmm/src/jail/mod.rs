@@ -150,7 +150,11 @@ pub fn enter(spec: &JailSpec) -> Result<Inside, Error> {
     sys::unshare(libc::CLONE_NEWPID).map_err(|e| Error::Step("new PID namespace", e))?;
     match sys::fork().map_err(|e| Error::Step("fork into the PID namespace", e))? {
         sys::Fork::Parent(pid) => {
+            // The parent only waits: it takes the exit signals (which restore a raw terminal)
+            // like any main thread.
+            let _ = crate::terminal::unblock_exit_signals();
             let code = sys::wait(pid).unwrap_or(1);
+            crate::terminal::restore();
             if let Some(uds) = &spec.uds {
                 let _ = std::fs::remove_file(uds);
             }
