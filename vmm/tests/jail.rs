@@ -57,8 +57,19 @@ fn wait_for(path: &Path, what: &str) {
 fn jailed_vmm_runs_the_probe_with_vsock_both_ways() {
     require_root_and_kvm!();
     let dir = common::scratch("jail-vsock");
+    let probe = probe_copy(&dir);
+    let vmm = Command::new(env!("CARGO_BIN_EXE_moat-vmm"));
+    vsock_both_ways_through_the_jail(vmm, &dir, &probe);
+}
+
+/// The probe's vsock echo to a host listener on `<uds>_7000`, then a host `CONNECT 6000`
+/// echoed back, through `vmm` jailed in `dir`; the socket is gone afterwards.
+fn vsock_both_ways_through_the_jail(mut vmm: Command, dir: &Path, probe: &Path) {
     let socks = dir.join("socks");
     std::fs::create_dir_all(&socks).unwrap();
+    // The jail uid binds nothing here, but must reach the proxy's sockets; unprivileged,
+    // the VMM also binds <uds> in it.
+    std::os::unix::fs::chown(&socks, Some(65534), Some(65534)).unwrap();
     let uds = socks.join("v.sock");
     let serial = dir.join("serial.log");
     let listener = UnixListener::bind(format!("{}_7000", uds.display())).unwrap();
@@ -78,9 +89,9 @@ fn jailed_vmm_runs_the_probe_with_vsock_both_ways() {
         }
         total
     });
-    let mut vmm = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+    let mut vmm = vmm
         .arg("--kernel")
-        .arg(probe_copy(&dir))
+        .arg(probe)
         .arg("--jail-dir")
         .arg(dir.join("root"))
         .args(["--mem", "64", "--timeout", "60"])
@@ -344,6 +355,13 @@ fn unprivileged_scratch(name: &str) -> (PathBuf, PathBuf) {
     let probe = probe_copy(&dir);
     std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
     (dir, probe)
+}
+
+#[test]
+fn unprivileged_jail_runs_the_probe_with_vsock_both_ways() {
+    require_unprivileged_jail!();
+    let (dir, probe) = unprivileged_scratch("jail-userns-vsock");
+    vsock_both_ways_through_the_jail(unprivileged_vmm(&dir), &dir, &probe);
 }
 
 #[test]
