@@ -222,7 +222,9 @@ pub fn load(mem: &GuestMemoryMmap, spec: BootSpec<'_>) -> Result<BootEntry, Erro
         let initrd = match spec.initrd {
             Some(file) => {
                 let top = low_ram_end.min(u64::from(header.initrd_addr_max).saturating_add(1));
-                Some(load_initrd(mem, file, kernel.reserved_end, top)?)
+                // Above the compressed image and what it decompresses into.
+                let floor = kernel.reserved_end.max(loaded.kernel_end);
+                Some(load_initrd(mem, file, floor, top)?)
             }
             None => None,
         };
@@ -398,6 +400,91 @@ mod tests {
             mem_bytes: 16 << 20,
         };
         assert!(matches!(load(&mem, spec), Err(Error::LoadKernel(_))));
+    }
+
+    /// A minimal bzImage: one setup sector after the boot sector, the setup header of a
+    /// relocatable 64-bit kernel, and `payload` as the protected-mode part.
+    fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
+        use linux_loader::loader::bootparam::setup_header;
+        use vm_memory::ByteValued;
+        let hdr = setup_header {
+            setup_sects: 1,
+            boot_flag: 0xaa55,
+            header: 0x5372_6448,
+            version: 0x020f,
+            loadflags: 1, // LOADED_HIGH
+            code32_start: 0x10_0000,
+            initrd_addr_max: 0x7fff_ffff,
+            kernel_alignment: 0x20_0000,
+            relocatable_kernel: 1,
+            xloadflags: 1, // XLF_KERNEL_64
+            cmdline_size: 255,
+            pref_address: 0x100_0000,
+            init_size: 0x40_0000,
+            ..Default::default()
+        };
+        let mut img = vec![0u8; 1024];
+        img[0x1f1..0x1f1 + hdr.as_slice().len()].copy_from_slice(hdr.as_slice());
+        img.extend_from_slice(payload);
+        img
+    }
+
+    #[test]
+    fn bzimage_boots_by_the_64_bit_protocol_with_our_zero_page() {
+        use linux_loader::loader::bootparam::boot_params;
+        let mem = test_mem(64 << 20);
+        let mut kernel = temp_file("bzimage", &fake_bzimage(&[0xf4; 4096]));
+        let mut initrd = temp_file("bz-initrd", &[0x5a; 5000]);
+        let entry = load(
+            &mem,
+            BootSpec {
+                kernel: &mut kernel,
+                format: KernelFormat::Auto,
+                cmdline: "console=ttyS0",
+                initrd: Some(&mut initrd),
+                mem_bytes: 64 << 20,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            entry,
+            BootEntry::Linux64 {
+                entry: 0x10_0200,
+                boot_params: layout::ZERO_PAGE_ADDR
+            }
+        );
+        // The protected-mode part sits at 1 MiB.
+        let first: u8 = mem.read_obj(GuestAddress(layout::HIMEM_START)).unwrap();
+        assert_eq!(first, 0xf4);
+        let zp: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        let initrd_addr = ((64u64 << 20) - 5000) & !0xfff;
+        assert_eq!(u64::from(zp.hdr.ramdisk_image), initrd_addr);
+        assert_eq!({ zp.hdr.ramdisk_size }, 5000);
+        assert_eq!(usize::from(zp.e820_entries), memory_map(64 << 20).len());
+        let byte: u8 = mem.read_obj(GuestAddress(initrd_addr)).unwrap();
+        assert_eq!(byte, 0x5a);
+        let mut line = [0u8; 14];
+        mem.read_slice(&mut line, GuestAddress(layout::CMDLINE_ADDR))
+            .unwrap();
+        assert_eq!(&line, b"console=ttyS0\0");
+    }
+
+    #[test]
+    fn bzimage_whose_kernel_does_not_fit_is_refused() {
+        let mem = test_mem(16 << 20);
+        let mut kernel = temp_file("bzimage-big", &fake_bzimage(&[0; 512]));
+        let spec = BootSpec {
+            kernel: &mut kernel,
+            format: KernelFormat::BzImage,
+            cmdline: "",
+            initrd: None,
+            mem_bytes: 16 << 20,
+        };
+        // It would decompress into [16 MiB, 20 MiB): past the end of 16 MiB of RAM.
+        assert!(matches!(
+            load(&mem, spec),
+            Err(Error::KernelTooBig(0x140_0000))
+        ));
     }
 
     #[test]
