@@ -1,5 +1,5 @@
 //! The vsock device thread's event loop: an event-manager [`EventManager`] whose one
-//! subscriber ([`Handler`]) owns the queues and the muxer from activation until reset. It
+//! subscriber (`Handler`) owns the queues and the muxer from activation until reset. It
 //! watches the kill eventfd, the three queue eventfds and the muxer's own epoll set (the
 //! listener and every host stream, which come and go with connections), as Firecracker's vsock
 //! device nests its muxer's epoll. After each turn the handler moves packets: expired
