@@ -32,6 +32,7 @@ const KERNEL_BUILD_DEPS: &[&str] = &[
     "make",
     "gcc",
     "patch",
+    "lz4",
 ];
 
 /// The musl target guest-init is built for: one static binary, no loader, no libc in the
