@@ -166,7 +166,16 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
             h
         }
     };
-    let uds = run_dir.join("vsock");
+    // The vm backend's sockets get a directory of their own: moat-vmm's jail sees only it.
+    let uds = match &backend {
+        Backend::Vm(..) => {
+            let dir = run_dir.join("sock");
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            dir.join("vsock")
+        }
+        Backend::Namespace => run_dir.join("vsock"),
+    };
     // Beside the run directory, not in it: the audit log outlives the workspace.
     let default_audit =
         std::env::temp_dir().join(format!("moat-{}-audit.jsonl", std::process::id()));

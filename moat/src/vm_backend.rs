@@ -161,6 +161,32 @@ async fn serve_control(
     }
 }
 
+/// The uid and gid moat-vmm's jail runs as when started by root (its default).
+const JAIL_ID: u32 = 65534;
+
+/// As root, the jailed VMM (uid 65534) must reach the host-side sockets its guest connects to:
+/// the socket directory and the proxy's, the audit and the control sockets are handed to the
+/// jail uid. The run directory above stays 0700 root, so no one else on the host reaches them.
+fn hand_sockets_to_jail(uds: &Path, control: &Path) -> Result<()> {
+    let dir = uds.parent().context("socket path without a directory")?;
+    let audit = moat_egress::port_path(uds, moat_guest_init::control::AUDIT_VSOCK_PORT);
+    // The audit socket is bound by its server task: give it a moment to appear.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !audit.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let egress = moat_egress::port_path(uds, moat_guest_init::control::EGRESS_VSOCK_PORT);
+    let owner = (
+        Some(nix::unistd::Uid::from_raw(JAIL_ID)),
+        Some(nix::unistd::Gid::from_raw(JAIL_ID)),
+    );
+    for path in [dir, egress.as_path(), audit.as_path(), control] {
+        nix::unistd::chown(path, owner.0, owner.1)
+            .with_context(|| format!("cannot hand {} to the VMM's jail", path.display()))?;
+    }
+    Ok(())
+}
+
 /// What moat-vmm's exit code means (vmm/src/exit.rs).
 fn vmm_exit_meaning(code: Option<i32>) -> &'static str {
     match code {
@@ -196,8 +222,16 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         run.workspace.clone(),
         Arc::clone(&outcome),
     ));
+    let jail_dir = run.run_dir.join("jail");
+    if nix::unistd::geteuid().is_root() {
+        hand_sockets_to_jail(run.uds, &control_path)?;
+    }
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     let mut cmd = Command::new(&run.vmm);
+    // The jail (vmm/README.md): moat-vmm opens the kernel, disks and its vsock listener, then
+    // lives in an empty read-only root holding only the socket directory, as an unprivileged
+    // uid (65534 when we are root; our own uid in a user namespace otherwise), under Landlock.
+    cmd.arg("--jail-dir").arg(&jail_dir);
     cmd.arg("--kernel")
         .arg(&run.images.kernel)
         .arg("--initrd")
