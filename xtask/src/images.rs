@@ -166,6 +166,16 @@ pub(crate) fn kernel() -> Result<Kernel> {
     // The source tree is extracted and patched once per (package version, patches); the object
     // tree beside it survives config changes and interruptions (make is incremental).
     let work = cache.join("kernel-work");
+    std::fs::create_dir_all(&work)?;
+    // One kernel build at a time in the shared work tree (`cargo xtask test` beside `run-vm`).
+    let lock = std::fs::File::create(work.join("lock"))?;
+    if lock.try_lock().is_err() {
+        eprintln!("xtask images: waiting for another kernel build to finish");
+        lock.lock()?;
+        if kernel.vmlinux.exists() && kernel.bzimage.exists() {
+            return Ok(kernel);
+        }
+    }
     let src_key = format!("{version} {}", hex(&patch_hash.finalize()));
     let src = work.join("src");
     let src_stamp = work.join("src.stamp");
