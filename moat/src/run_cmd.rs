@@ -234,7 +234,10 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
                 workspace: VmWorkspace {
                     hostname: "workspace".into(),
                     command: args.command.clone(),
-                    env: Vec::new(),
+                    // The terminal type of the console the agent's shell will drive.
+                    env: std::env::var("TERM")
+                        .map(|t| vec![("TERM".to_owned(), t)])
+                        .unwrap_or_default(),
                     ca_pem: std::fs::read_to_string(&ca_bundle)?,
                     interactive: args.command.is_empty(),
                 },
