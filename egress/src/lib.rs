@@ -56,6 +56,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::audit::Audit;
 use crate::intercept::ca::{CaError, WorkspaceCa};
+use crate::intercept::pool::UpstreamPool;
 use crate::metrics::Metrics;
 use crate::policy_store::{LoadError, PolicySource, PolicyStore};
 use crate::resolve::Resolver;
@@ -117,6 +118,8 @@ pub(crate) struct Shared {
     upstream_tls: Arc<rustls::ClientConfig>,
     /// The secrets of the policy in force, with their values.
     secrets: RwLock<Arc<Secrets>>,
+    /// Idle verified upstream connections of intercepted flows, emptied on every reload.
+    pool: UpstreamPool,
 }
 
 impl Shared {
@@ -234,6 +237,7 @@ impl Proxy {
             ca,
             upstream_tls,
             secrets: RwLock::new(secrets),
+            pool: UpstreamPool::default(),
         });
         let shutdown = CancellationToken::new();
         let proxy = Arc::new(Proxy {
@@ -243,6 +247,7 @@ impl Proxy {
             listen_path,
         });
         tokio::spawn(accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
+        tokio::spawn(sweep_pool(Arc::clone(&shared), shutdown.clone()));
         if let Some(admin) = config.admin {
             let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
             tokio::spawn(async move {
@@ -284,6 +289,11 @@ impl Proxy {
         self.shared.ca.cert_der()
     }
 
+    /// Idle upstream connections pooled for intercepted flows right now.
+    pub fn pooled_upstreams(&self) -> usize {
+        self.shared.pool.idle()
+    }
+
     /// The name of the policy in force.
     pub fn policy_name(&self) -> String {
         self.shared.policy.current().name.clone()
@@ -302,6 +312,8 @@ impl Proxy {
                 self.shared.set_secrets(secrets);
                 let name = policy.name.clone();
                 let cut = self.shared.policy.replace(policy);
+                // After the swap: a flow that still saw the old generation is not pooled.
+                self.shared.pool.clear();
                 self.shared
                     .metrics
                     .reloads_applied
@@ -416,6 +428,17 @@ async fn accept_loop(shared: Arc<Shared>, listener: UnixListener, shutdown: Canc
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+}
+
+/// Closes idle upstream connections past their idle time, until shutdown.
+async fn sweep_pool(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(intercept::pool::IDLE_TIMEOUT / 2);
+    loop {
+        tokio::select! {
+            _ = every.tick() => shared.pool.sweep(),
+            () = shutdown.cancelled() => return,
         }
     }
 }

@@ -825,3 +825,105 @@ async fn bytes_that_are_not_http_close_the_intercepted_flow() {
     assert_eq!(close["unmapped"]["moat"]["reason"], "http_malformed");
     assert!(tp.seen().is_empty());
 }
+
+/// Waits until the proxy holds `n` idle upstream connections.
+async fn pooled(tp: &TestProxy, n: usize) {
+    for _ in 0..200 {
+        if tp.proxy.pooled_upstreams() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} pooled upstream connections, not {n}",
+        tp.proxy.pooled_upstreams()
+    );
+}
+
+/// One request on a new intercepted connection to `host`, which is then closed.
+async fn one_request(tp: &TestProxy, host: &str, path: &str) -> u16 {
+    let mut c = client(tp, host).await;
+    let (status, _) = send(&mut c, host, path, &[("connection", "close")]).await;
+    status
+}
+
+#[tokio::test]
+async fn new_agent_connection_reuses_the_idle_verified_upstream_connection() {
+    let tp = TestProxy::start().await;
+    assert_eq!(one_request(&tp, "api.inject.test", "/first").await, 200);
+    pooled(&tp, 1).await;
+    assert_eq!(one_request(&tp, "api.inject.test", "/second").await, 200);
+    let seen = tp.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].conn, seen[1].conn);
+    assert!(
+        seen.iter()
+            .all(|s| s.authorization == vec![bearer(SECRET_VALUE)])
+    );
+    assert_eq!(
+        tp.proxy
+            .metrics()
+            .upstream_reused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn pooled_upstream_connection_never_carries_a_request_for_another_host() {
+    let tp = TestProxy::start().await;
+    one_request(&tp, "api.inject.test", "/a").await;
+    pooled(&tp, 1).await;
+    // Same upstream address, another name: a connection of its own, opened with its own SNI.
+    one_request(&tp, "other.inject.test", "/b").await;
+    pooled(&tp, 2).await;
+    one_request(&tp, "api.inject.test", "/c").await;
+    let seen = tp.seen();
+    assert_eq!(seen.len(), 3);
+    assert_ne!(seen[0].conn, seen[1].conn);
+    assert_eq!(seen[0].conn, seen[2].conn);
+    for s in &seen {
+        assert_eq!(s.named_host(), s.sni, "{} on connection {}", s.path, s.conn);
+    }
+    assert!(seen[1].authorization.is_empty());
+}
+
+#[tokio::test]
+async fn reload_closes_the_pooled_upstream_connections() {
+    let tp = TestProxy::start_unwatched().await;
+    one_request(&tp, "api.inject.test", "/before").await;
+    pooled(&tp, 1).await;
+    tp.rewrite_profile(&tp.profile_with("\n# reloaded\n"));
+    tp.proxy.reload().unwrap();
+    assert_eq!(tp.proxy.pooled_upstreams(), 0);
+    one_request(&tp, "api.inject.test", "/after").await;
+    let seen = tp.seen();
+    assert_ne!(seen[0].conn, seen[1].conn);
+}
+
+#[tokio::test]
+async fn flow_open_across_a_reload_does_not_return_its_connection_to_the_pool() {
+    let tp = TestProxy::start_unwatched().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/during", &[]).await;
+    tp.rewrite_profile(&tp.profile_with("\n# reloaded\n"));
+    tp.proxy.reload().unwrap();
+    drop(c);
+    tp.wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(tp.proxy.pooled_upstreams(), 0);
+}
+
+#[tokio::test]
+async fn upstream_connection_the_upstream_closes_is_not_pooled() {
+    let tp = TestProxy::start().await;
+    assert_eq!(one_request(&tp, "api.inject.test", "/close").await, 200);
+    tp.wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(tp.proxy.pooled_upstreams(), 0);
+    assert_eq!(one_request(&tp, "api.inject.test", "/next").await, 200);
+    let seen = tp.seen();
+    assert_ne!(seen[0].conn, seen[1].conn);
+}

@@ -169,14 +169,16 @@ impl WorkspaceCa {
             name: name.to_owned(),
             source,
         };
-        let mut config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(config_err)?
-                .with_no_client_auth()
-                .with_single_cert(vec![leaf.der().clone(), self.cert_der()], key)
-                .map_err(config_err)?;
+        let mut config = ServerConfig::builder_with_provider(super::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(config_err)?
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone(), self.cert_der()], key)
+            .map_err(config_err)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // The agent runs on this machine, so the suite cheapest here (see crypto_provider) is
+        // the cheapest for it too.
+        config.ignore_client_order = true;
         Ok(config)
     }
 

@@ -63,20 +63,33 @@ impl<B> ScanBody<B> {
         }
     }
 
+    /// Scans the next `data` of the body. Only what can hold a placeholder split at the frame
+    /// boundary is copied: the kept tail (at most `keep` bytes) and as much of `data`; the
+    /// frame itself is searched in place.
     fn check(&mut self, data: &[u8]) -> Result<(), PlaceholderInBody> {
         if self.refused.is_empty() {
             return Ok(());
         }
-        let mut window = std::mem::take(&mut self.tail);
-        window.extend_from_slice(data);
-        if let Some((_, name)) = self.refused.iter().find(|(p, _)| contains(&window, p)) {
+        let head = &data[..data.len().min(self.keep)];
+        self.tail.extend_from_slice(head);
+        let found = self
+            .refused
+            .iter()
+            .find(|(p, _)| contains(&self.tail, p) || contains(data, p));
+        if let Some((_, name)) = found {
             if let Ok(mut f) = self.found.lock() {
                 *f = Some(name.clone());
             }
             return Err(PlaceholderInBody(name.clone()));
         }
-        let from = window.len().saturating_sub(self.keep);
-        self.tail = window.split_off(from);
+        // Keep the last `keep` bytes of the body so far.
+        if data.len() >= self.keep {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - self.keep..]);
+        } else {
+            let excess = self.tail.len().saturating_sub(self.keep);
+            self.tail.drain(..excess);
+        }
         Ok(())
     }
 }
@@ -97,8 +110,7 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let data = data.clone();
-                    this.check(&data)?;
+                    this.check(data)?;
                     this.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     for (name, value) in trailers {
@@ -166,6 +178,25 @@ presentation = "x_api_key"
         let mut s = scanner(false);
         assert!(s.check(b"sk-moat-placeholder-ap").is_ok());
         assert!(s.check(b"I").is_ok());
+    }
+
+    #[test]
+    fn placeholder_inside_a_large_frame_is_found() {
+        let mut s = scanner(false);
+        let mut frame = vec![b'x'; 64 * 1024];
+        frame[40_000..40_023].copy_from_slice(b"sk-moat-placeholder-api");
+        assert!(s.check(b"prefix").is_ok());
+        assert!(s.check(&frame).is_err());
+    }
+
+    #[test]
+    fn placeholder_split_after_many_one_byte_frames_is_found() {
+        let mut s = scanner(false);
+        for b in b"noise sk-moat-placeholder-a" {
+            assert!(s.check(&[*b]).is_ok());
+        }
+        assert!(s.tail.len() <= s.keep);
+        assert!(s.check(b"pi").is_err());
     }
 
     #[test]

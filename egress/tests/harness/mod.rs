@@ -44,6 +44,30 @@ pub struct Seen {
     pub authorization: Vec<String>,
     pub x_api_key: Option<String>,
     pub body: Vec<u8>,
+    /// The upstream connection it arrived on (numbered from 1 in accept order), and the SNI
+    /// that connection's TLS session was opened with.
+    pub conn: usize,
+    pub sni: Option<String>,
+}
+
+impl Seen {
+    /// The host the request named (Host, or the HTTP/2 `:authority`), without its port.
+    pub fn named_host(&self) -> Option<String> {
+        let authority = match &self.host {
+            Some(h) => h.clone(),
+            None => self
+                .path
+                .parse::<http::Uri>()
+                .ok()?
+                .authority()?
+                .to_string(),
+        };
+        Some(
+            authority
+                .rsplit_once(':')
+                .map_or(authority.clone(), |(h, _)| h.to_owned()),
+        )
+    }
 }
 
 pub type SeenLog = Arc<std::sync::Mutex<Vec<Seen>>>;
@@ -69,18 +93,22 @@ pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
     let seen: SeenLog = Arc::default();
     let log = Arc::clone(&seen);
     tokio::spawn(async move {
+        let mut accepted = 0;
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            accepted += 1;
+            let conn = accepted;
             let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let sni = tls.get_ref().1.server_name().map(str::to_owned);
                 let service = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let log = Arc::clone(&log);
+                        let (log, sni) = (Arc::clone(&log), sni.clone());
                         async move {
                             let (parts, body) = req.into_parts();
                             // A body that fails (the proxy aborted it) is never a request.
@@ -111,6 +139,8 @@ pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
                                     .collect(),
                                 x_api_key: h("x-api-key"),
                                 body,
+                                conn,
+                                sni,
                             });
                             let reply = format!("ok {}", parts.uri.path());
                             let mut resp = hyper::Response::new(
