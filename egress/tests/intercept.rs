@@ -280,10 +280,8 @@ async fn pipelined_requests_each_get_the_secret_in_order() {
 }
 
 #[tokio::test]
-async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+async fn content_length_with_transfer_encoding_is_refused_with_400() {
     let tp = TestProxy::start().await;
-    // hyper drops Content-Length, reads the chunked body, and closes after the response: the
-    // bytes after the chunked body are never parsed as a second request.
     let got = raw(
         &tp,
         "api.inject.test",
@@ -292,9 +290,44 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
           GET /smuggled HTTP/1.1\r\nHost: api.inject.test\r\n\r\n",
     )
     .await;
-    assert!(!got.contains("ok /smuggled"), "{got}");
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(!got.contains("ok /"), "{got}");
+    assert!(tp.seen().is_empty());
+    let rec = http_record(&tp, "/first").await;
+    assert_eq!(rec["unmapped"]["moat"]["reason"], "ambiguous_framing");
+    assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
+}
+
+#[tokio::test]
+async fn transfer_encoding_before_content_length_is_refused_with_400() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /first HTTP/1.1\r\nHost: api.inject.test\r\nTransfer-Encoding: chunked\r\n\
+          Content-Length: 5\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn smuggling_request_after_a_clean_one_on_a_kept_alive_connection_is_refused() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /clean HTTP/1.1\r\nHost: api.inject.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+          4\r\nbody\r\n0\r\n\r\n\
+          POST /smuggler HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 3\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(got.contains("ok /clean"), "{got}");
+    assert!(got.contains("HTTP/1.1 400"), "{got}");
     let paths: Vec<_> = tp.seen().into_iter().map(|s| s.path).collect();
-    assert_eq!(paths, vec!["/first"]);
+    assert_eq!(paths, vec!["/clean"]);
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@ use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use super::framing::{Followed, Head as Framed, Heads};
 use super::inject::{self, Refusal};
 use super::io::AgentIo;
 use super::pool::{Connection, PoolKey, Sender};
@@ -105,6 +106,8 @@ struct Ctx {
     upstream: tokio::sync::Mutex<Option<Connection>>,
     /// The first reason a request was refused or failed, for the flow's Close record.
     first_problem: Mutex<Option<Reason>>,
+    /// HTTP/1.1: how each request head was framed as the agent sent it, in order.
+    heads: Arc<Heads>,
 }
 
 fn text(status: StatusCode, msg: String, close: bool) -> Response<Body> {
@@ -314,6 +317,22 @@ impl Ctx {
                 _ => "HTTP/1.1",
             },
         };
+        // HTTP/1.1: one framing record per request, taken first whatever happens next.
+        if req.version() != Version::HTTP_2 {
+            let detail = match self.heads.next() {
+                Framed::Clean => None,
+                Framed::LengthAndChunked => Some("Content-Length together with Transfer-Encoding"),
+                Framed::Lost => Some("the connection's request framing could not be followed"),
+            };
+            if let Some(detail) = detail {
+                let r = Refusal {
+                    status: StatusCode::BAD_REQUEST,
+                    reason: Reason::AmbiguousFraming,
+                    detail: detail.into(),
+                };
+                return self.refuse(&head, r);
+            }
+        }
         let (host, port) = (self.flow.hostname.as_str(), self.flow.port);
         let (mut parts, body) = req.into_parts();
         if let Err(r) = inject::check_authority(&parts.headers, &parts.uri, host, port) {
@@ -621,6 +640,7 @@ pub(crate) async fn serve(
         flow,
         upstream: tokio::sync::Mutex::new(Some(up)),
         first_problem: Mutex::new(None),
+        heads: Arc::default(),
     });
 
     // 3. HTTP/1.1 to the agent, every request through Ctx::handle.
@@ -630,9 +650,9 @@ pub(crate) async fn serve(
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
     let h2 = agent_tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    let io = TokioIo::new(agent_tls);
     let conn = async {
         if h2 {
+            let io = TokioIo::new(agent_tls);
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(MAX_REQUEST_HEAD).unwrap_or(u32::MAX))
@@ -641,6 +661,7 @@ pub(crate) async fn serve(
                 .serve_connection(io, service)
                 .await
         } else {
+            let io = TokioIo::new(Followed::new(agent_tls, Arc::clone(&ctx.heads)));
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(shared.limits.idle_timeout)

@@ -22,6 +22,7 @@
 //! refused; the CA key never leaves this process.
 
 pub mod ca;
+pub mod framing;
 mod http;
 pub mod inject;
 mod io;
