@@ -344,6 +344,19 @@ async fn conflicting_content_lengths_are_refused_with_400() {
 }
 
 #[tokio::test]
+async fn repeated_equal_content_lengths_are_refused_with_400() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /x HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
 async fn signed_content_length_is_refused_with_400() {
     let tp = TestProxy::start().await;
     let got = raw(

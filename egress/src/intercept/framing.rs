@@ -40,6 +40,8 @@ pub enum Head {
     Clean,
     /// Carried both `Content-Length` and `Transfer-Encoding`.
     LengthAndChunked,
+    /// Carried `Content-Length` more than once (hyper keeps one when they agree).
+    DuplicateLength,
     /// The framing of this connection's bytes could not be followed.
     Lost,
 }
@@ -302,6 +304,7 @@ fn hex(b: u8) -> u8 {
 /// when hyper would refuse the head.
 fn body_of(req: &httparse::Request<'_, '_>) -> Option<(State, Head)> {
     let mut length: Option<u64> = None;
+    let mut lengths = 0;
     let mut chunked: Option<bool> = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -318,10 +321,13 @@ fn body_of(req: &httparse::Request<'_, '_>) -> Option<(State, Head)> {
                 return None;
             }
             length = Some(n);
+            lengths += 1;
         }
     }
     let head = if chunked.is_some() && length.is_some() {
         Head::LengthAndChunked
+    } else if lengths > 1 {
+        Head::DuplicateLength
     } else {
         Head::Clean
     };
@@ -489,6 +495,12 @@ mod tests {
             let pieces: Vec<&[u8]> = s.chunks(size).collect();
             assert_eq!(follow(&pieces), whole, "reads of {size} bytes");
         }
+    }
+
+    #[test]
+    fn repeated_content_length_is_recorded() {
+        let s = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        assert_eq!(follow(&[s]), vec![Head::DuplicateLength]);
     }
 
     #[test]

@@ -322,6 +322,7 @@ impl Ctx {
             let detail = match self.heads.next() {
                 Framed::Clean => None,
                 Framed::LengthAndChunked => Some("Content-Length together with Transfer-Encoding"),
+                Framed::DuplicateLength => Some("Content-Length given more than once"),
                 Framed::Lost => Some("the connection's request framing could not be followed"),
             };
             if let Some(detail) = detail {
