@@ -973,3 +973,41 @@ async fn upstream_connection_the_upstream_closes_is_not_pooled() {
     let seen = tp.seen();
     assert_ne!(seen[0].conn, seen[1].conn);
 }
+
+#[tokio::test]
+async fn placeholder_in_the_body_after_the_upstream_answered_is_refused_and_audited() {
+    let tp = TestProxy::start().await;
+    let mut tls = tp.intercepted("other.inject.test").await.unwrap();
+    tls.write_all(
+        b"POST /early HTTP/1.1\r\nHost: other.inject.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nclean\r\n",
+    )
+    .await
+    .unwrap();
+    // The upstream answers before the body is whole.
+    let mut head = Vec::new();
+    while !head.ends_with(b"ok /early") {
+        let mut byte = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut tls, &mut byte)
+            .await
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let rest = format!("{:x}\r\n{PLACEHOLDER}\r\n0\r\n\r\n", PLACEHOLDER.len());
+    tls.write_all(rest.as_bytes()).await.unwrap();
+    let rec = tp
+        .wait_record(|r| {
+            r["class_uid"] == 4002 && r["unmapped"]["moat"]["reason"] == "placeholder_unbound"
+        })
+        .await;
+    assert_eq!(rec["http_request"]["url"]["path"], "/early");
+    assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
+    assert_eq!(rec["disposition"], "Blocked");
+    assert_eq!(rec["http_response"]["code"], 200);
+    assert_eq!(
+        tp.proxy
+            .metrics()
+            .http_stopped_count(moat_egress::outcome::Reason::PlaceholderUnbound),
+        1
+    );
+}

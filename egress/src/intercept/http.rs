@@ -285,6 +285,19 @@ impl Ctx {
         });
     }
 
+    /// Audits a body aborted for a misplaced placeholder after the upstream had answered
+    /// (`status` is what the agent was answered with; the body's rest was never sent).
+    fn refused_late(&self, head: &Head, status: StatusCode, name: &str) {
+        let reason = Reason::PlaceholderUnbound;
+        let detail = format!(
+            "placeholder of secret {name:?} in the body is not bound to this request; \
+             found after the upstream answered, the rest of the body was not sent"
+        );
+        tracing::debug!(flow = %self.flow.info.uid, %reason, %detail, "request body refused");
+        self.note(reason);
+        self.audit(head, status, Some(reason), Some(detail), Vec::new(), None);
+    }
+
     fn refuse(&self, head: &Head, r: Refusal) -> Response<Body> {
         // HTTP/1.1: close the connection after the refusal. HTTP/2: refuse the stream (a
         // `Connection` header is not allowed there); other streams are checked on their own.
@@ -405,7 +418,7 @@ impl Ctx {
                 let bytes = match limited.collect().await {
                     Ok(c) => c.to_bytes(),
                     Err(e) => {
-                        let in_body = found.lock().ok().and_then(|f| f.clone());
+                        let in_body = found.name();
                         let r = match in_body {
                             Some(name) => Refusal {
                                 status: StatusCode::FORBIDDEN,
@@ -436,11 +449,16 @@ impl Ctx {
             _ => body.boxed_unsync(),
         };
         let sent = self.forward(Request::from_parts(parts, body)).await;
-        let in_body = match found.lock() {
-            Ok(f) => f.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+        // A placeholder found from here on (the upstream answered before the body was all
+        // sent) aborts the rest of the body; it is audited as a refusal of its own.
+        let late = {
+            let (ctx, head) = (Arc::clone(&self), head.clone());
+            let status = sent
+                .as_ref()
+                .map_or(StatusCode::BAD_GATEWAY, Response::status);
+            Box::new(move |name: &str| ctx.refused_late(&head, status, name))
         };
-        if let Some(name) = in_body {
+        if let Some(name) = found.look_or_report_later(late) {
             let r = Refusal {
                 status: StatusCode::FORBIDDEN,
                 reason: Reason::PlaceholderUnbound,

@@ -111,6 +111,16 @@ pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
                         let (log, sni) = (Arc::clone(&log), sni.clone());
                         async move {
                             let (parts, body) = req.into_parts();
+                            // `/early` answers at once and reads the body afterwards (an
+                            // upstream refusing an upload before it is whole does this).
+                            if parts.uri.path() == "/early" {
+                                tokio::spawn(body.collect());
+                                let resp = hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from("ok /early"))
+                                        .boxed(),
+                                );
+                                return Ok::<_, std::convert::Infallible>(resp);
+                            }
                             // A body that fails (the proxy aborted it) is never a request.
                             let Ok(body) = body.collect().await.map(|b| b.to_bytes().to_vec())
                             else {
