@@ -7,98 +7,13 @@ mod harness;
 
 use std::time::Duration;
 
+use harness::client::*;
 use harness::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use moat_egress::Limits;
 use tokio::io::AsyncWriteExt;
-
-const WAIT: Duration = Duration::from_secs(5);
-
-type Sender = SendRequest<Empty<bytes::Bytes>>;
-type H2Sender = hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>;
-
-/// An HTTP/2 client (ALPN h2) on an intercepted TLS connection to `host`.
-async fn h2_client(tp: &TestProxy, host: &str) -> H2Sender {
-    let tls = tp.intercepted_alpn(host, &[b"h2"]).await.unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-/// Sends one HTTP/2 request to `https://{authority}{path}`; returns the status.
-async fn h2_send(
-    sender: &mut H2Sender,
-    authority: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> u16 {
-    let mut req = Request::get(format!("https://{authority}{path}"));
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    status
-}
-
-/// An HTTP/1.1 client on an intercepted TLS connection to `host`.
-async fn client(tp: &TestProxy, host: &str) -> Sender {
-    let tls = tp.intercepted(host).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-/// Sends one request; returns the status and body.
-async fn send(
-    sender: &mut Sender,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, String) {
-    let mut req = Request::get(path).header("host", host);
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-/// Writes raw bytes on a fresh intercepted connection and returns everything read back.
-async fn raw(tp: &TestProxy, host: &str, bytes: &[u8]) -> String {
-    let mut tls = tp.intercepted(host).await.unwrap();
-    tls.write_all(bytes).await.unwrap();
-    String::from_utf8_lossy(&read_all(&mut tls, WAIT).await).into_owned()
-}
-
-async fn http_record(tp: &TestProxy, path: &str) -> serde_json::Value {
-    tp.wait_record(|r| r["class_uid"] == 4002 && r["http_request"]["url"]["path"] == path)
-        .await
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
 
 #[tokio::test]
 async fn placeholder_becomes_the_secret_on_its_bound_host() {
@@ -454,12 +369,15 @@ async fn query_is_redacted_in_the_http_record() {
 #[tokio::test]
 async fn reloaded_secret_is_injected_on_the_next_request() {
     let tp = TestProxy::start().await;
-    std::fs::write(&tp.secret_file, "sk-real-ROTATED\n").unwrap();
+    std::fs::write(&tp.secret_file, format!("{}\n", leak::ROTATED_SECRET_VALUE)).unwrap();
     tp.rewrite_profile(&tp.profile_with("\n# rotated\n"));
     tp.proxy.reload().unwrap();
     let mut c = client(&tp, "api.inject.test").await;
     send(&mut c, "api.inject.test", "/v1/models", &[]).await;
-    assert_eq!(tp.seen()[0].authorization, vec![bearer("sk-real-ROTATED")]);
+    assert_eq!(
+        tp.seen()[0].authorization,
+        vec![bearer(leak::ROTATED_SECRET_VALUE)]
+    );
 }
 
 #[tokio::test]
