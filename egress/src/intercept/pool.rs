@@ -230,3 +230,96 @@ impl UpstreamPool {
         drop(drained);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::DuplexStream;
+
+    fn key(host: &str) -> PoolKey {
+        PoolKey {
+            host: host.to_owned(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 443)),
+        }
+    }
+
+    /// An idle HTTP/1.1 client connection over an in-memory pipe (its far end returned, to be
+    /// kept open).
+    async fn idle(host: &str, generation: u64) -> (Connection, DuplexStream) {
+        let (near, far) = tokio::io::duplex(1024);
+        let (sender, conn) = http1::handshake(TokioIo::new(near)).await.unwrap();
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut c = Connection::new(key(host), Sender::H1(sender), driver, generation);
+        c.sender.ready().await.unwrap();
+        (c, far)
+    }
+
+    #[tokio::test]
+    async fn connection_is_only_handed_out_for_its_own_name_and_address() {
+        let pool = UpstreamPool::default();
+        let (c, _far) = idle("a.test", pool.generation()).await;
+        pool.put(c);
+        assert!(pool.take(&key("b.test")).is_none());
+        let other_port = PoolKey {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            ..key("a.test")
+        };
+        assert!(pool.take(&other_port).is_none());
+        assert_eq!(pool.take(&key("a.test")).unwrap().key, key("a.test"));
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn connection_of_an_older_generation_is_not_taken_back() {
+        let pool = UpstreamPool::default();
+        let (c, _far) = idle("a.test", pool.generation()).await;
+        pool.clear();
+        pool.put(c);
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn clear_closes_every_idle_connection() {
+        let pool = UpstreamPool::default();
+        let (c, _far) = idle("a.test", pool.generation()).await;
+        pool.put(c);
+        pool.clear();
+        assert_eq!(pool.idle(), 0);
+        assert!(pool.take(&key("a.test")).is_none());
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_bounded_per_upstream() {
+        let pool = UpstreamPool::default();
+        let mut fars = Vec::new();
+        for _ in 0..MAX_IDLE_PER_KEY + 2 {
+            let (c, far) = idle("a.test", pool.generation()).await;
+            fars.push(far);
+            pool.put(c);
+        }
+        assert_eq!(pool.idle(), MAX_IDLE_PER_KEY);
+    }
+
+    #[tokio::test]
+    async fn connection_closed_by_its_upstream_is_not_pooled() {
+        let pool = UpstreamPool::default();
+        let (c, far) = idle("a.test", pool.generation()).await;
+        drop(far);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pool.put(c);
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn sweep_closes_connections_idle_past_the_timeout() {
+        let pool = UpstreamPool::default();
+        let (c, _far) = idle("a.test", pool.generation()).await;
+        pool.put(c);
+        pool.lock().sweep(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(pool.idle(), 0);
+    }
+}
