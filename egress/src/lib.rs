@@ -13,8 +13,9 @@
 //!    -> address classes     moat-policy::addr: non-public refused unless a rule's cidrs allow
 //!    -> connect + splice    splice.rs: backpressure, half-close, idle/total timeouts
 //!    or, for a rule whose action is `intercept`:
-//!    -> intercept/          upstream TLS (verified) -> agent TLS with a leaf of the workspace
-//!                           CA (intercept/ca.rs) -> HTTP/1.1 per request: authority re-check,
+//!    -> intercept/          upstream TLS (verified, or pooled: intercept/pool.rs) -> agent
+//!                           TLS with a leaf of the workspace CA (intercept/ca.rs) -> HTTP per
+//!                           request: framing (intercept/framing.rs), authority re-check,
 //!                           placeholder check, credential injection (intercept/inject.rs) ->
 //!                           forward (intercept/http.rs)
 //!  secrets.rs: secret values, read on the host at start and reload, never logged
@@ -216,7 +217,8 @@ impl Proxy {
     ) -> Result<Arc<Proxy>, StartError> {
         let policy = config.source.load().map_err(StartError::Policy)?;
         let secrets = Secrets::load(&policy.secrets).map_err(StartError::Secrets)?;
-        let ca = WorkspaceCa::generate(&config.workspace).map_err(StartError::Ca)?;
+        let scope = intercept::ca::intercept_scope(&policy);
+        let ca = WorkspaceCa::generate(&config.workspace, &scope).map_err(StartError::Ca)?;
         let upstream_tls = intercept::upstream_tls_config(&config.upstream_roots)
             .map_err(StartError::UpstreamRoots)?;
         let listen_path = port_path(&config.uds, config.port);
@@ -304,6 +306,19 @@ impl Proxy {
     /// secrets in force and says why.
     pub fn reload(&self) -> Result<usize, LoadError> {
         let loaded = self.source.load().and_then(|policy| {
+            // The CA's name constraints were fixed at start: a host outside them could not be
+            // intercepted (no leaf is minted there, and clients would refuse one).
+            let outside = policy
+                .rules
+                .iter()
+                .filter(|r| r.action == moat_policy::Action::Intercept)
+                .flat_map(|r| &r.hosts)
+                .find(|h| !self.shared.ca.covers(h));
+            if let Some(host) = outside {
+                return Err(LoadError::OutsideCaScope {
+                    host: host.to_string(),
+                });
+            }
             let secrets = Secrets::load(&policy.secrets).map_err(LoadError::Secrets)?;
             Ok((policy, secrets))
         });

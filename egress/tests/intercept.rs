@@ -655,7 +655,7 @@ async fn reload_that_drops_an_intercepted_host_cuts_its_connection() {
     let (first, _) = send(&mut c, "api.inject.test", "/one", &[]).await;
     let without = tp.profile_with("").replace(
         "hosts = [\"api.inject.test\"]\nports",
-        "hosts = [\"gone.inject.test\"]\nports",
+        "hosts = [\"other.inject.test\"]\nports",
     );
     tp.rewrite_profile(&without);
     tp.proxy.reload().unwrap();
@@ -928,4 +928,34 @@ async fn placeholder_in_the_body_after_the_upstream_answered_is_refused_and_audi
             .http_stopped_count(moat_egress::outcome::Reason::PlaceholderUnbound),
         1
     );
+}
+
+#[tokio::test]
+async fn reload_intercepting_a_host_outside_the_ca_name_constraints_is_refused() {
+    let tp = TestProxy::start_unwatched().await;
+    let wider = tp.profile_with("").replace(
+        "hosts = [\"api.inject.test\"]\nports",
+        "hosts = [\"api.inject.test\", \"bank.example\"]\nports",
+    );
+    tp.rewrite_profile(&wider);
+    let err = tp.proxy.reload().unwrap_err();
+    assert!(
+        moat_egress::error_chain(&err).contains("bank.example"),
+        "{err}"
+    );
+    // The policy in force is kept.
+    let mut c = client(&tp, "api.inject.test").await;
+    assert_eq!(send(&mut c, "api.inject.test", "/still", &[]).await.0, 200);
+}
+
+#[tokio::test]
+async fn reload_intercepting_a_host_inside_the_ca_name_constraints_is_applied() {
+    let tp = TestProxy::start_unwatched().await;
+    // models.local is intercepted from the start (routed); a second rule naming it is in scope.
+    let same = tp.profile_with("").replace(
+        "hosts = [\"other.inject.test\"]\nports",
+        "hosts = [\"other.inject.test\", \"models.local\"]\nports",
+    );
+    tp.rewrite_profile(&same);
+    tp.proxy.reload().unwrap();
 }

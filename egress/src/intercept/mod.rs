@@ -4,9 +4,11 @@
 //! address the flow was pinned to. Everything else stays passthrough.
 //!
 //! ```text
-//!  flow admitted (policy, SNI == flow hostname, resolved + classified address, connected)
+//!  flow admitted (policy, SNI == flow hostname, resolved + classified address, connected,
+//!  or an idle connection for the same name and address taken from pool.rs)
 //!    -> upstream TLS      verified: webpki roots + Config::upstream_roots; SNI = hostname
 //!    -> agent TLS         ca.rs: leaf minted for the hostname, ALPN h2 or http/1.1
+//!    -> HTTP/1.1 framing  framing.rs: each request head seen as sent (CL with TE refused)
 //!    -> HTTP server       hyper: HTTP/2, or HTTP/1.1 keep-alive, pipelining (in order),
 //!                         chunked; bounded heads
 //!    -> per request       inject.rs: authority, placeholders, credentials, hop-by-hop
@@ -15,11 +17,14 @@
 //!                         connection (re-dialled to the same address when the upstream closes
 //!                         it); bodies stream both ways
 //!    -> audit             one OCSF HTTP Activity record per request
+//!    -> flow end          pool.rs: the idle upstream connection kept for the next flow
 //! ```
 //!
 //! Invariants: a secret is only ever written into a request whose TLS SNI, pinned address and
 //! Host all name a host the secret is bound to; a placeholder for any other destination is
-//! refused; the CA key never leaves this process.
+//! refused; the CA key never leaves this process; a pooled upstream connection only ever
+//! carries requests for the name and address it was verified for, under the policy in force
+//! when it was opened.
 
 pub mod ca;
 pub mod framing;
@@ -99,7 +104,7 @@ mod tests {
 
     #[test]
     fn pem_bundle_reads_back_the_workspace_ca() {
-        let ca = ca::WorkspaceCa::generate("t").unwrap();
+        let ca = ca::WorkspaceCa::generate("t", &[]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, ca.cert_pem()).unwrap();
@@ -131,7 +136,7 @@ mod tests {
 
     #[test]
     fn extra_roots_are_accepted_alongside_the_webpki_roots() {
-        let ca = ca::WorkspaceCa::generate("t").unwrap();
+        let ca = ca::WorkspaceCa::generate("t", &[]).unwrap();
         assert!(upstream_tls_config(&[ca.cert_der()]).is_ok());
     }
 }
