@@ -68,7 +68,7 @@ fn base64(input: &[u8]) -> String {
     if n > 0 {
         out.push(char::from(A[((bits << (6 - n)) & 63) as usize]));
     }
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push('=');
     }
     out

@@ -224,10 +224,9 @@ impl Framing {
         let next = match (at, b) {
             (Chunk::Size { .. }, b) if b.is_ascii_hexdigit() => {
                 let digit = u64::from(hex(b));
-                match size.checked_mul(16).and_then(|s| s.checked_add(digit)) {
-                    Some(size) => Some((Chunk::Size { digits: true }, size)),
-                    None => None,
-                }
+                size.checked_mul(16)
+                    .and_then(|s| s.checked_add(digit))
+                    .map(|size| (Chunk::Size { digits: true }, size))
             }
             (Chunk::Size { digits: true } | Chunk::SizeLws, b' ' | b'\t') => {
                 Some((Chunk::SizeLws, size))

@@ -238,7 +238,7 @@ impl Ctx {
                 // HTTP/1.1: one request at a time, holding the connection.
                 Sender::H1(sender) => timeout(wait, sender.try_send_request(req))
                     .await
-                    .map(|r| r.map_err(|mut e| (e.take_message(), e.into_error()))),
+                    .map(|r| Attempt::of(r, |req| req)),
                 // HTTP/2: streams run side by side; the lock is released first.
                 Sender::H2(sender) => {
                     let mut sender = sender.clone();
@@ -246,13 +246,15 @@ impl Ctx {
                     let req = to_h2(req, &self.flow.upstream_host)?;
                     timeout(wait, sender.try_send_request(req))
                         .await
-                        .map(|r| r.map_err(|mut e| (e.take_message().map(to_h1), e.into_error())))
+                        .map(|r| Attempt::of(r, to_h1))
                 }
             };
             match sent {
-                Ok(Ok(resp)) => return Ok(resp),
-                Ok(Err((Some(unsent), _))) if attempts < 2 => req = unsent,
-                Ok(Err((_, e))) => return Err((Reason::UpstreamError, e.to_string())),
+                Ok(Attempt::Answered(resp)) => return Ok(resp),
+                Ok(Attempt::Unsent(unsent, _)) if attempts < 2 => req = unsent,
+                Ok(Attempt::Unsent(_, e) | Attempt::Failed(e)) => {
+                    return Err((Reason::UpstreamError, e.to_string()));
+                }
                 Err(_) => return Err((Reason::UpstreamError, "no response in time".into())),
             }
         }
@@ -500,6 +502,31 @@ impl Ctx {
                 self.audit(&head, status, Some(reason), Some(detail), injected, None);
                 text(status, format!("moat: upstream failed ({reason})\n"), true)
             }
+        }
+    }
+}
+
+/// What one attempt to send a request upstream came to.
+enum Attempt {
+    /// The response head arrived.
+    Answered(Response<Incoming>),
+    /// The connection gave the request back unsent (HTTP/1.1 form again).
+    Unsent(Request<UpBody>, hyper::Error),
+    /// It failed after (part of) the request was sent.
+    Failed(hyper::Error),
+}
+
+impl Attempt {
+    fn of(
+        sent: Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpBody>>>,
+        back: fn(Request<UpBody>) -> Request<UpBody>,
+    ) -> Self {
+        match sent {
+            Ok(resp) => Attempt::Answered(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Attempt::Unsent(back(req), e.into_error()),
+                None => Attempt::Failed(e.into_error()),
+            },
         }
     }
 }
