@@ -9,7 +9,8 @@
 //! it, and only a connection idle between messages (its last response read to the end) is
 //! kept. A policy reload empties the pool, and a connection checked out before a reload is not
 //! taken back after it ([`UpstreamPool::clear`]), so no connection outlives the policy that
-//! allowed it. The pool is bounded in size and in idle time.
+//! allowed it. The pool is bounded in size and in idle time, and belongs to one proxy, so to
+//! one workspace: no connection is ever shared between workspaces.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
