@@ -203,8 +203,9 @@ impl Framing {
         self.head.clear();
         self.searched = 0;
         self.state = next;
-        // Bytes of this read past the head belong to the body (or the next head).
-        &bytes[end - before..]
+        // Bytes of this read past the head belong to the body (or the next head). The head
+        // ends in this read (an end within earlier reads was found then).
+        bytes.get(end.saturating_sub(before)..).unwrap_or(&[])
     }
 
     fn feed_chunked<'a>(&mut self, at: Chunk, size: u64, line: usize, bytes: &'a [u8]) -> &'a [u8] {
