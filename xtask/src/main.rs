@@ -16,10 +16,11 @@ const USAGE: &str = "usage: cargo xtask <verb>
 
 verbs:
   test              install the test tools (OCSF validator venv) and run every test
-  bench [--quick] [egress|vmm]
+  bench [--quick] [--intercept-only] [egress|vmm]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
-                    (start-up, memory, vsock throughput); tables + JSON in bench-results/
+                    (start-up, memory, vsock throughput); tables + JSON in bench-results/;
+                    --intercept-only: only the interception rows
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
   images [kernel|initramfs|rootfs|all]
                     build the VM images (cached in target/moat-images by a hash of their
