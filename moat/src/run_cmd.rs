@@ -35,8 +35,9 @@ pub(crate) struct RunArgs {
     /// vm backend: guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     mem: u64,
-    /// vm backend: vCPUs.
-    #[arg(long, default_value_t = 2)]
+    /// vm backend: vCPUs (the guest kernel is built without SMP for now: more than one is
+    /// not used).
+    #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// vm backend: show the guest kernel's boot messages on the console.
     #[arg(long)]
@@ -147,9 +148,11 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         }
     }
 
-    let run_dir = std::env::temp_dir().join(format!("moat-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    // mkdtemp: a fresh directory with an unpredictable name, ours alone (0700); a directory
+    // someone else prepared under a guessable name would be theirs to fill with symlinks.
+    let template = std::env::temp_dir().join("moat-XXXXXX");
+    let run_dir = nix::unistd::mkdtemp(&template)
+        .with_context(|| format!("cannot create a run directory like {}", template.display()))?;
     let result = run_in(&args, backend, &run_dir);
     let _ = std::fs::remove_dir_all(&run_dir);
     result
@@ -177,8 +180,8 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
         Backend::Namespace => run_dir.join("vsock"),
     };
     // Beside the run directory, not in it: the audit log outlives the workspace.
-    let default_audit =
-        std::env::temp_dir().join(format!("moat-{}-audit.jsonl", std::process::id()));
+    // (The run directory's name is random, so this name cannot be prepared by anyone else.)
+    let default_audit = run_dir.with_extension("audit.jsonl");
     let (config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
     let rt = args.proxy.runtime()?;
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
@@ -220,29 +223,35 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
         .with_context(|| format!("cannot write {}", ca_bundle.display()))?;
 
     let code = match backend {
-        Backend::Vm(images, vmm) => vm_backend::run(
-            &rt,
-            vm_backend::VmRun {
-                images,
-                vmm,
-                run_dir,
-                uds: &uds,
-                home_disk: args.home_disk.clone(),
-                mem_mib: args.mem,
-                vcpus: args.vcpus,
-                boot_log: args.boot_log,
-                workspace: VmWorkspace {
-                    hostname: "workspace".into(),
-                    command: args.command.clone(),
-                    // The terminal type of the console the agent's shell will drive.
-                    env: std::env::var("TERM")
-                        .map(|t| vec![("TERM".to_owned(), t)])
-                        .unwrap_or_default(),
-                    ca_pem: std::fs::read_to_string(&ca_bundle)?,
-                    interactive: args.command.is_empty(),
+        Backend::Vm(images, vmm) => {
+            let (rows, cols) = vm_backend::terminal_size();
+            vm_backend::run(
+                &rt,
+                vm_backend::VmRun {
+                    images,
+                    vmm,
+                    run_dir,
+                    uds: &uds,
+                    home_disk: args.home_disk.clone(),
+                    mem_mib: args.mem,
+                    vcpus: args.vcpus,
+                    boot_log: args.boot_log,
+                    workspace: VmWorkspace {
+                        hostname: "workspace".into(),
+                        command: args.command.clone(),
+                        // The terminal the agent's shell will drive, and the language it speaks.
+                        env: ["TERM", "LANG", "COLORTERM"]
+                            .iter()
+                            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+                            .collect(),
+                        ca_pem: std::fs::read_to_string(&ca_bundle)?,
+                        interactive: std::io::IsTerminal::is_terminal(&std::io::stdin()),
+                        rows,
+                        cols,
+                    },
                 },
-            },
-        )?,
+            )?
+        }
         Backend::Namespace => {
             run_namespace(args, &rt, &proxy, &audit_socket, run_dir, &home, &ca_bundle)?
         }
