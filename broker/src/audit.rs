@@ -259,6 +259,8 @@ impl Audit {
             },
         });
         if let Some(session) = event.session {
+            // `actor` belongs to the host profile in SSH Activity.
+            rec["metadata"]["profiles"] = json!(["host"]);
             rec["actor"] =
                 json!({ "user": user(&session.identity), "session": session_object(session) });
             rec["connection_info"]["uid"] = json!(session.id);
