@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{RemoteEvent, SshActivity};
 use crate::config::WorkspaceName;
-use crate::oidc::Identity;
+use crate::oidc::{Identity, OidcError};
 use crate::server::{Broker, Counted};
 use crate::session::{LoginStatus, Session};
 use crate::ssh_ca::Grant;
@@ -216,7 +216,11 @@ async fn callback(broker: &Broker, req: Request<Incoming>, peer: SocketAddr) -> 
         Ok(identity) => identity,
         Err(e) => {
             tracing::warn!("sign-in failed: {}", crate::error_chain(&e));
-            return refuse(None, "the ID token was refused");
+            let reason = match e {
+                OidcError::Token(_) => "the ID token was refused",
+                _ => "the identity provider did not complete the sign-in",
+            };
+            return refuse(None, reason);
         }
     };
     if let Err(reason) = entitlement(broker, &identity, &workspace) {

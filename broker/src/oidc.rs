@@ -323,20 +323,19 @@ fn find_key<'a>(
 
 fn key_family_fits(k: &Jwk, alg: Algorithm) -> bool {
     use jsonwebtoken::jwk::AlgorithmParameters as P;
-    match (&k.algorithm, alg) {
+    matches!(
+        (&k.algorithm, alg),
         (
             P::RSA(_),
             Algorithm::RS256
-            | Algorithm::RS384
-            | Algorithm::RS512
-            | Algorithm::PS256
-            | Algorithm::PS384
-            | Algorithm::PS512,
-        ) => true,
-        (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384) => true,
-        (P::OctetKeyPair(_), Algorithm::EdDSA) => true,
-        _ => false,
-    }
+                | Algorithm::RS384
+                | Algorithm::RS512
+                | Algorithm::PS256
+                | Algorithm::PS384
+                | Algorithm::PS512,
+        ) | (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384)
+            | (P::OctetKeyPair(_), Algorithm::EdDSA)
+    )
 }
 
 /// The provider, discovered: endpoints, current keys and the validator.

@@ -264,6 +264,40 @@ fn keygen(path: &Path) {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// The broker's configuration: API on `api`, tunnels on `tunnel`, trusting `issuer`; ws1 for the
+/// `eng` group, logged into as the test's own user.
+fn broker_config(dir: &Path, api: u16, tunnel: u16, issuer: &str) -> Config {
+    std::fs::write(dir.join("client-secret"), "e2e-client-secret\n").unwrap();
+    let toml = format!(
+        r#"
+listen = "127.0.0.1:{api}"
+tunnel_listen = "127.0.0.1:{tunnel}"
+public_url = "https://127.0.0.1:{api}"
+server_names = ["127.0.0.1"]
+state_dir = "{dir}/state"
+admin_socket = "{dir}/admin.sock"
+audit = "{dir}/audit.jsonl"
+session_ttl_secs = 300
+
+[oidc]
+issuer = "{issuer}"
+client_id = "{CLIENT_ID}"
+client_secret_file = "{dir}/client-secret"
+ca_file = "{dir}/idp-ca.pem"
+
+[[workspaces]]
+name = "ws1"
+groups = ["eng"]
+ssh_user = "{user}"
+"#,
+        dir = dir.display(),
+        user = whoami(),
+    );
+    let config: Config = toml::from_str(&toml).unwrap();
+    config.check().unwrap();
+    config
+}
+
 /// The whole setup: provider, broker, tunnel connector, workspace.
 struct World {
     dir: tempfile::TempDir,
@@ -294,35 +328,7 @@ impl World {
             &format!("{public_url}/v1/callback"),
             r#"{"alice": ["eng"], "bob": ["sales"]}"#,
         );
-        std::fs::write(dir.path().join("client-secret"), "e2e-client-secret\n").unwrap();
-        let toml = format!(
-            r#"
-listen = "127.0.0.1:{api}"
-tunnel_listen = "127.0.0.1:{tunnel}"
-public_url = "{public_url}"
-server_names = ["127.0.0.1"]
-state_dir = "{dir}/state"
-admin_socket = "{dir}/admin.sock"
-audit = "{dir}/audit.jsonl"
-session_ttl_secs = 300
-
-[oidc]
-issuer = "{issuer}"
-client_id = "{CLIENT_ID}"
-client_secret_file = "{dir}/client-secret"
-ca_file = "{dir}/idp-ca.pem"
-
-[[workspaces]]
-name = "ws1"
-groups = ["eng"]
-ssh_user = "{user}"
-"#,
-            dir = dir.path().display(),
-            issuer = idp.issuer,
-            user = whoami(),
-        );
-        let config: Config = toml::from_str(&toml).unwrap();
-        config.check().unwrap();
+        let config = broker_config(dir.path(), api, tunnel, &idp.issuer);
         let broker = RunningBroker::start(&config);
         std::fs::write(
             dir.path().join("broker-ca.pem"),
@@ -762,4 +768,30 @@ fn a_restarted_broker_gets_its_workspace_back_and_no_session_survives_it() {
     .0;
     assert!(fresh.status.success(), "{}", text(&fresh.stderr));
     assert_eq!(text(&fresh.stdout), "again\n");
+}
+
+#[test]
+fn a_provider_whose_discovery_document_names_another_issuer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, tunnel) = (free_port(), free_port());
+    let idp = start_idp(
+        dir.path(),
+        &format!("https://127.0.0.1:{api}/v1/callback"),
+        "{}",
+    );
+    // The same provider, named differently: its discovery document and tokens say `issuer`.
+    let config = broker_config(dir.path(), api, tunnel, &format!("{}/", idp.issuer));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let started = rt.block_on(Broker::new(
+        config,
+        Audit::to_writer(Box::new(std::io::sink())),
+    ));
+
+    let err = started.unwrap_err();
+    assert!(
+        moat_broker::error_chain(&err).contains("names issuer"),
+        "{}",
+        moat_broker::error_chain(&err)
+    );
 }
