@@ -2,9 +2,9 @@
 //!
 //! | request | who | what |
 //! | --- | --- | --- |
-//! | `POST /v1/login` `{"workspace"}` | anyone | starts a sign-in: `{"login_id", "authorize_url"}` |
-//! | `GET /v1/callback?code&state` | the browser, from the provider | finishes it |
-//! | `POST /v1/login/poll` `{"login_id"}` | the client that started it | 202 pending, 200 session (once), 403 refused |
+//! | `POST /v1/login` `{"workspace", "loopback_port"}` | anyone | starts a sign-in: `{"login_id", "authorize_url"}` |
+//! | `GET /v1/callback?code&state` | the browser, from the provider | finishes it; sends the browser to `http://127.0.0.1:<loopback_port>/?handoff=...` |
+//! | `POST /v1/login/complete` `{"login_id", "handoff"}` | the client that started it, on the browser's machine | 200 session (once), 403 refused |
 //! | `POST /v1/ssh/certificate` `{"workspace", "public_key"}` | bearer session | a user certificate ending with the session |
 //! | `GET /v1/workspaces/<name>/connect`, `Upgrade: moat-stream` | bearer session | 101, then the stream to the workspace's sshd |
 //!
@@ -105,7 +105,7 @@ pub async fn handle(
     match (req.method().clone(), path.as_str()) {
         (Method::POST, "/v1/login") => login(&broker, req).await,
         (Method::GET, "/v1/callback") => callback(&broker, req, peer).await,
-        (Method::POST, "/v1/login/poll") => poll(&broker, req).await,
+        (Method::POST, "/v1/login/complete") => complete(&broker, req).await,
         (Method::POST, "/v1/ssh/certificate") => certificate(&broker, req).await,
         (Method::GET, p) => match p
             .strip_prefix("/v1/workspaces/")
@@ -125,6 +125,7 @@ pub async fn handle(
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
     workspace: WorkspaceName,
+    loopback_port: u16,
 }
 
 async fn login(broker: &Broker, req: Request<Incoming>) -> Reply {
@@ -134,7 +135,13 @@ async fn login(broker: &Broker, req: Request<Incoming>) -> Reply {
     };
     // Whether the workspace exists and whether this person may reach it is decided after
     // sign-in: an unauthenticated caller learns nothing about which workspaces exist.
-    let (login_id, state, nonce, challenge) = match broker.sessions.begin_sign_in(body.workspace) {
+    if body.loopback_port == 0 {
+        return error(StatusCode::BAD_REQUEST, "loopback_port must be a port");
+    }
+    let (login_id, state, nonce, challenge) = match broker
+        .sessions
+        .begin_sign_in(body.workspace, body.loopback_port)
+    {
         Ok(v) => v,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
@@ -190,14 +197,13 @@ async fn callback(broker: &Broker, req: Request<Incoming>, peer: SocketAddr) -> 
     };
     let workspace = pending.workspace.clone();
     let refuse = |identity: Option<&Identity>, reason: &str| {
-        broker.sessions.refuse_sign_in(&pending, reason);
         broker
             .audit
             .sign_in(identity, &workspace, peer, Err(reason));
-        page(
-            StatusCode::FORBIDDEN,
-            &format!("Sign-in refused: {reason}."),
-        )
+        match broker.sessions.refuse_sign_in(&pending, reason) {
+            Ok(handoff) => to_loopback(pending.loopback_port, &handoff),
+            Err(e) => page(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
     };
     let code = match (code, idp_error) {
         (Some(code), None) => code,
@@ -227,33 +233,40 @@ async fn callback(broker: &Broker, req: Request<Incoming>, peer: SocketAddr) -> 
         return refuse(Some(&identity), reason);
     }
     match broker.sessions.establish(&pending, identity.clone()) {
-        Ok(session) => {
+        Ok((session, handoff)) => {
             broker
                 .audit
                 .sign_in(Some(&identity), &workspace, peer, Ok(&session));
-            page(
-                StatusCode::OK,
-                &format!("Signed in to {workspace}. You can close this window."),
-            )
+            to_loopback(pending.loopback_port, &handoff)
         }
         Err(e) => refuse(Some(&identity), &e.to_string()),
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PollRequest {
-    login_id: String,
+/// Sends the browser on to the client's loopback listener with the one-time handoff.
+fn to_loopback(port: u16, handoff: &str) -> Reply {
+    let mut r = page(StatusCode::SEE_OTHER, "Returning to moat login...");
+    let location = format!("http://127.0.0.1:{port}/?handoff={handoff}");
+    if let Ok(v) = header::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
 }
 
-async fn poll(broker: &Broker, req: Request<Incoming>) -> Reply {
-    let body: PollRequest = match json_body(req).await {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteRequest {
+    login_id: String,
+    handoff: String,
+}
+
+async fn complete(broker: &Broker, req: Request<Incoming>) -> Reply {
+    let body: CompleteRequest = match json_body(req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    match broker.sessions.poll(&body.login_id) {
+    match broker.sessions.complete(&body.login_id, &body.handoff) {
         None => error(StatusCode::NOT_FOUND, "unknown or finished sign-in"),
-        Some(LoginStatus::Pending) => reply(StatusCode::ACCEPTED, json!({ "status": "pending" })),
         Some(LoginStatus::Done {
             token,
             session_id,

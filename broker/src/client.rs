@@ -19,9 +19,6 @@ use crate::api::UPGRADE;
 use crate::https::{self, HttpsError, Target};
 use crate::session::SIGN_IN_TIMEOUT;
 
-/// How often a waiting `moat login` asks whether the browser has finished.
-const POLL_INTERVAL: Duration = Duration::from_millis(500);
-
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -138,13 +135,14 @@ pub struct BrokerClient {
     http: https::Client,
 }
 
-/// What `login` prints while it waits.
-#[derive(Debug, Clone)]
+/// A sign-in in progress: where the browser must go, and the loopback listener where it ends.
+#[derive(Debug)]
 pub struct SignIn {
-    /// The login's polling handle.
-    pub login_id: String,
+    /// The login handle (a secret of this client).
+    login_id: String,
     /// Where the person's browser must go.
     pub authorize_url: String,
+    loopback: tokio::net::TcpListener,
 }
 
 fn refused(status: StatusCode, body: &[u8]) -> ClientError {
@@ -202,10 +200,24 @@ impl BrokerClient {
         Ok((response.status(), response.into_body()))
     }
 
-    /// Starts a sign-in to `workspace`.
+    /// Starts a sign-in to `workspace`, listening on a loopback port for the browser's return.
     pub async fn begin_login(&self, workspace: &str) -> Result<SignIn, ClientError> {
+        let loopback = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(|source| ClientError::File {
+                path: PathBuf::from("127.0.0.1:0"),
+                source,
+            })?;
+        let port = loopback
+            .local_addr()
+            .map_err(|_| ClientError::Protocol)?
+            .port();
         let (status, body) = self
-            .post_json("/v1/login", json!({ "workspace": workspace }), None)
+            .post_json(
+                "/v1/login",
+                json!({ "workspace": workspace, "loopback_port": port }),
+                None,
+            )
             .await?;
         if status != StatusCode::OK {
             return Err(refused(status, &body));
@@ -219,14 +231,15 @@ impl BrokerClient {
         Ok(SignIn {
             login_id: s.login_id,
             authorize_url: s.authorize_url,
+            loopback,
         })
     }
 
-    /// Waits until the browser part of `sign_in` has finished; returns the session.
+    /// Waits for the browser to come back to the loopback listener, then collects the session.
     pub async fn finish_login(
         &self,
         workspace: &str,
-        sign_in: &SignIn,
+        sign_in: SignIn,
     ) -> Result<SessionFile, ClientError> {
         #[derive(Deserialize)]
         struct Done {
@@ -234,36 +247,28 @@ impl BrokerClient {
             session_id: String,
             expires_at: u64,
         }
-        let give_up = tokio::time::Instant::now() + SIGN_IN_TIMEOUT;
-        loop {
-            let (status, body) = self
-                .post_json(
-                    "/v1/login/poll",
-                    json!({ "login_id": sign_in.login_id }),
-                    None,
-                )
-                .await?;
-            match status {
-                StatusCode::ACCEPTED => {}
-                StatusCode::OK => {
-                    let d: Done =
-                        serde_json::from_slice(&body).map_err(|_| ClientError::Protocol)?;
-                    return Ok(SessionFile {
-                        broker: self.base.clone(),
-                        broker_ca: self.ca_pem.clone(),
-                        workspace: workspace.to_owned(),
-                        token: d.token,
-                        session_id: d.session_id,
-                        expires_at: d.expires_at,
-                    });
-                }
-                _ => return Err(refused(status, &body)),
-            }
-            if tokio::time::Instant::now() >= give_up {
-                return Err(ClientError::Timeout(SIGN_IN_TIMEOUT));
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
+        let handoff = tokio::time::timeout(SIGN_IN_TIMEOUT, wait_for_handoff(sign_in.loopback))
+            .await
+            .map_err(|_| ClientError::Timeout(SIGN_IN_TIMEOUT))??;
+        let (status, body) = self
+            .post_json(
+                "/v1/login/complete",
+                json!({ "login_id": sign_in.login_id, "handoff": handoff }),
+                None,
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Err(refused(status, &body));
         }
+        let d: Done = serde_json::from_slice(&body).map_err(|_| ClientError::Protocol)?;
+        Ok(SessionFile {
+            broker: self.base.clone(),
+            broker_ca: self.ca_pem.clone(),
+            workspace: workspace.to_owned(),
+            token: d.token,
+            session_id: d.session_id,
+            expires_at: d.expires_at,
+        })
     }
 
     /// Has the broker certify `public_key` (one OpenSSH line) for `session`.
@@ -321,6 +326,53 @@ impl BrokerClient {
         hyper::upgrade::on(response)
             .await
             .map_err(|e| ClientError::Https(HttpsError::Http(e)))
+    }
+}
+
+/// Serves the loopback listener until a browser brings `GET /?handoff=...`; returns it.
+async fn wait_for_handoff(listener: tokio::net::TcpListener) -> Result<String, ClientError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
+    let accept = async {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let handoff = req.uri().query().and_then(|q| {
+                                form_urlencoded::parse(q.as_bytes())
+                                    .find(|(k, _)| k == "handoff")
+                                    .map(|(_, v)| v.into_owned())
+                            });
+                            let (status, text) = match handoff {
+                                Some(h) => {
+                                    let _ = tx.send(h).await;
+                                    (StatusCode::OK, "Sign-in finished: return to your terminal.")
+                                }
+                                None => (StatusCode::NOT_FOUND, "Not a moat sign-in."),
+                            };
+                            let mut r = http::Response::new(Full::new(Bytes::from(format!(
+                                "<!doctype html><meta charset=utf-8><title>moat</title><p>{text}</p>"
+                            ))));
+                            *r.status_mut() = status;
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    };
+    tokio::select! {
+        h = rx.recv() => h.ok_or(ClientError::Protocol),
+        () = accept => Err(ClientError::Protocol),
     }
 }
 

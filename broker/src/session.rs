@@ -7,6 +7,13 @@
 //! session's [`CancellationToken`], so revoking the session, its person or its workspace ends the
 //! stream at once. Revoked people and workspaces are written to the state directory and survive a
 //! restart; sessions do not (a restarted broker has none: everyone signs in again).
+//!
+//! A sign-in is bound to the machine whose browser finished it, not only to whoever started it:
+//! the broker's callback sends the browser on to the client's loopback listener
+//! (`http://127.0.0.1:<port>/?handoff=...`, RFC 8252's native-app pattern) and the session is
+//! handed out only for the login handle *and* that one-time handoff. A sign-in URL sent to a
+//! victim by someone else therefore yields them nothing: the handoff lands on the victim's own
+//! loopback.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -66,7 +73,7 @@ pub struct Session {
 /// A sign-in between `POST /v1/login` and the provider's redirect back.
 #[derive(Debug)]
 pub struct PendingSignIn {
-    /// Which login (the client's polling handle, hashed).
+    /// Which login (the client's login handle, hashed).
     login: [u8; 32],
     /// The workspace asked for.
     pub workspace: WorkspaceName,
@@ -74,14 +81,14 @@ pub struct PendingSignIn {
     pub nonce: String,
     /// PKCE.
     pub pkce: Pkce,
+    /// The client's loopback listener, where the browser goes last.
+    pub loopback_port: u16,
     started: Instant,
 }
 
-/// What a polling client learns.
+/// What the client that started a sign-in learns, once, for its handoff.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoginStatus {
-    /// Still waiting for the browser.
-    Pending,
     /// Signed in: the bearer token (handed out once) and the session.
     Done {
         /// The bearer token.
@@ -105,7 +112,8 @@ struct Revoked {
 struct Inner {
     sessions: HashMap<[u8; 32], Arc<Session>>,
     pending: HashMap<String, PendingSignIn>,
-    logins: HashMap<[u8; 32], (LoginStatus, Instant)>,
+    /// Finished sign-ins by login handle: the outcome, the handoff's hash, when.
+    logins: HashMap<[u8; 32], (LoginStatus, [u8; 32], Instant)>,
     revoked: Revoked,
 }
 
@@ -197,11 +205,12 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts a sign-in for `workspace`: returns the client's polling handle, the `state` for the
+    /// Starts a sign-in for `workspace`: returns the client's login handle, the `state` for the
     /// authorization request, and the pending record's nonce and PKCE challenge.
     pub fn begin_sign_in(
         &self,
         workspace: WorkspaceName,
+        loopback_port: u16,
     ) -> Result<(String, String, String, String), SessionError> {
         let login = random_token().map_err(|_| SessionError::Random)?;
         let state = random_token().map_err(|_| SessionError::Random)?;
@@ -214,7 +223,7 @@ impl Sessions {
             .retain(|_, p| p.started.elapsed() < SIGN_IN_TIMEOUT);
         inner
             .logins
-            .retain(|_, (_, at)| at.elapsed() < SIGN_IN_TIMEOUT);
+            .retain(|_, (_, _, at)| at.elapsed() < SIGN_IN_TIMEOUT);
         if inner.pending.len() >= MAX_PENDING || inner.logins.len() >= MAX_PENDING {
             return Err(SessionError::Busy);
         }
@@ -225,12 +234,10 @@ impl Sessions {
                 workspace,
                 nonce: nonce.clone(),
                 pkce,
+                loopback_port,
                 started: Instant::now(),
             },
         );
-        inner
-            .logins
-            .insert(hash(&login), (LoginStatus::Pending, Instant::now()));
         Ok((login, state, nonce, challenge))
     }
 
@@ -243,12 +250,23 @@ impl Sessions {
         }
     }
 
-    /// Records a refused sign-in for its polling client.
-    pub fn refuse_sign_in(&self, pending: &PendingSignIn, reason: &str) {
-        let mut inner = self.lock();
-        if let Some(entry) = inner.logins.get_mut(&pending.login) {
-            entry.0 = LoginStatus::Refused(reason.to_owned());
-        }
+    /// Records the outcome of `pending` for its client; returns the one-time handoff the
+    /// browser carries to the client's loopback listener.
+    fn finish(&self, pending: &PendingSignIn, status: LoginStatus) -> Result<String, SessionError> {
+        let handoff = random_token().map_err(|_| SessionError::Random)?;
+        self.lock()
+            .logins
+            .insert(pending.login, (status, hash(&handoff), Instant::now()));
+        Ok(handoff)
+    }
+
+    /// Records a refused sign-in; returns its handoff.
+    pub fn refuse_sign_in(
+        &self,
+        pending: &PendingSignIn,
+        reason: &str,
+    ) -> Result<String, SessionError> {
+        self.finish(pending, LoginStatus::Refused(reason.to_owned()))
     }
 
     /// Whether `subject` is revoked.
@@ -261,12 +279,13 @@ impl Sessions {
         self.lock().revoked.workspaces.contains(workspace.as_str())
     }
 
-    /// Creates the session for a finished sign-in (the caller has checked the entitlement).
+    /// Creates the session for a finished sign-in (the caller has checked the entitlement);
+    /// returns it and the handoff for the browser.
     pub fn establish(
         &self,
         pending: &PendingSignIn,
         identity: Identity,
-    ) -> Result<Arc<Session>, SessionError> {
+    ) -> Result<(Arc<Session>, String), SessionError> {
         let token = random_token().map_err(|_| SessionError::Random)?;
         let id = random_token().map_err(|_| SessionError::Random)?;
         let id = id.get(..16).unwrap_or(&id).to_owned();
@@ -280,29 +299,32 @@ impl Sessions {
             deadline: Instant::now() + self.ttl,
             cancel: CancellationToken::new(),
         });
-        let mut inner = self.lock();
-        let now_i = Instant::now();
-        inner.sessions.retain(|_, s| s.deadline > now_i);
-        inner.sessions.insert(hash(&token), Arc::clone(&session));
-        if let Some(entry) = inner.logins.get_mut(&pending.login) {
-            entry.0 = LoginStatus::Done {
+        {
+            let mut inner = self.lock();
+            let now_i = Instant::now();
+            inner.sessions.retain(|_, s| s.deadline > now_i);
+            inner.sessions.insert(hash(&token), Arc::clone(&session));
+        }
+        let handoff = self.finish(
+            pending,
+            LoginStatus::Done {
                 token,
                 session_id: id,
                 expires_at: unix(session.expires),
-            };
-        }
-        Ok(session)
+            },
+        )?;
+        Ok((session, handoff))
     }
 
-    /// What the client polling with `login` learns; a final answer is handed out once.
-    pub fn poll(&self, login: &str) -> Option<LoginStatus> {
+    /// The outcome of sign-in `login`, for the client that shows its `handoff`; handed out once.
+    pub fn complete(&self, login: &str, handoff: &str) -> Option<LoginStatus> {
         let mut inner = self.lock();
         let key = hash(login);
-        let (status, _) = inner.logins.get(&key)?;
-        if *status == LoginStatus::Pending {
-            return Some(LoginStatus::Pending);
+        let (_, expected, at) = inner.logins.get(&key)?;
+        if *expected != hash(handoff) || at.elapsed() >= SIGN_IN_TIMEOUT {
+            return None;
         }
-        inner.logins.remove(&key).map(|(s, _)| s)
+        inner.logins.remove(&key).map(|(status, _, _)| status)
     }
 
     /// The live session for bearer `token`, which must be for `workspace`.
@@ -396,10 +418,10 @@ mod tests {
 
     /// Signs alice in to `workspace`; returns her bearer token and session.
     fn signed_in(store: &Sessions, workspace: &str) -> (String, Arc<Session>) {
-        let (login, state, _, _) = store.begin_sign_in(ws(workspace)).unwrap();
+        let (login, state, _, _) = store.begin_sign_in(ws(workspace), 1).unwrap();
         let pending = store.take_sign_in(&state).unwrap();
-        let session = store.establish(&pending, alice()).unwrap();
-        let Some(LoginStatus::Done { token, .. }) = store.poll(&login) else {
+        let (session, handoff) = store.establish(&pending, alice()).unwrap();
+        let Some(LoginStatus::Done { token, .. }) = store.complete(&login, &handoff) else {
             panic!("sign-in not done")
         };
         (token, session)
@@ -419,7 +441,7 @@ mod tests {
     #[test]
     fn a_state_is_accepted_once() {
         let store = Sessions::new(Duration::from_secs(60), None).unwrap();
-        let (_, state, _, _) = store.begin_sign_in(ws("ws1")).unwrap();
+        let (_, state, _, _) = store.begin_sign_in(ws("ws1"), 1).unwrap();
         assert!(store.take_sign_in(&state).is_ok());
         assert_eq!(
             store.take_sign_in(&state).unwrap_err(),
@@ -428,13 +450,17 @@ mod tests {
     }
 
     #[test]
-    fn the_token_is_handed_out_once() {
+    fn the_token_is_handed_out_once_and_only_for_the_handoff() {
         let store = Sessions::new(Duration::from_secs(60), None).unwrap();
-        let (login, state, _, _) = store.begin_sign_in(ws("ws1")).unwrap();
+        let (login, state, _, _) = store.begin_sign_in(ws("ws1"), 1).unwrap();
         let pending = store.take_sign_in(&state).unwrap();
-        store.establish(&pending, alice()).unwrap();
-        assert!(matches!(store.poll(&login), Some(LoginStatus::Done { .. })));
-        assert_eq!(store.poll(&login), None);
+        let (_, handoff) = store.establish(&pending, alice()).unwrap();
+        assert_eq!(store.complete(&login, "another-handoff"), None);
+        assert!(matches!(
+            store.complete(&login, &handoff),
+            Some(LoginStatus::Done { .. })
+        ));
+        assert_eq!(store.complete(&login, &handoff), None);
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
             "Open this URL in your browser to sign in to {}:\n\n  {}\n",
             args.workspace, sign_in.authorize_url
         );
-        let session = client.finish_login(&args.workspace, &sign_in).await?;
+        let session = client.finish_login(&args.workspace, sign_in).await?;
         session.save(&path)?;
         eprintln!(
             "signed in to {} (session {}, {} s left); session kept in {}",

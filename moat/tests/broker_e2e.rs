@@ -424,7 +424,10 @@ impl World {
                 break format!("https://{url}");
             }
         };
-        let page = self.browser(&url, login);
+        let page = match self.browser(&url, login) {
+            Ok(handoff_url) => plain_get(&handoff_url),
+            Err(page) => page,
+        };
         let mut rest = String::new();
         stderr.read_to_string(&mut rest).unwrap();
         let mut out = child.wait_with_output().unwrap();
@@ -433,8 +436,9 @@ impl World {
     }
 
     /// A browser: follows redirects, keeps cookies, fills the provider's login form with
-    /// `login` (any password), and returns the broker's final page.
-    fn browser(&self, start: &str, login: &str) -> String {
+    /// `login` (any password), and stops where the broker sends it on to a client's loopback
+    /// listener: `Ok(that URL)`, or `Err(page)` if a broker page ends the journey instead.
+    fn browser(&self, start: &str, login: &str) -> Result<String, String> {
         let mut roots = std::fs::read(self.path("idp-ca.pem")).unwrap();
         roots.extend(std::fs::read(self.path("broker-ca.pem")).unwrap());
         let client = Client::new(roots_from_pem(&roots, false).unwrap()).unwrap();
@@ -474,12 +478,15 @@ impl World {
             }
             if response.status().is_redirection() {
                 let location = response.headers()["location"].to_str().unwrap();
+                if location.starts_with("http://127.0.0.1:") {
+                    return Ok(location.to_owned());
+                }
                 url = absolute(&target, location);
                 continue;
             }
             let page = text(response.body());
             if url.starts_with(&self.api_url()) {
-                return page;
+                return Err(page);
             }
             // The provider's development login page: a form with `login` and `password`.
             assert!(page.contains("name=\"login\""), "unexpected page: {page}");
@@ -541,6 +548,21 @@ impl World {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
+}
+
+/// A plain HTTP GET of a loopback URL (the client's listener); returns the body.
+fn plain_get(url: &str) -> String {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let mut tcp = std::net::TcpStream::connect(authority).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    response
 }
 
 /// `link` (absolute or a path) as seen from a page of `target`.
@@ -794,4 +816,47 @@ fn a_provider_whose_discovery_document_names_another_issuer_is_refused() {
         "{}",
         moat_broker::error_chain(&err)
     );
+}
+
+#[test]
+fn a_sign_in_url_finished_in_someone_elses_browser_gives_its_starter_nothing() {
+    let world = World::new();
+    let mut roots = std::fs::read(world.path("broker-ca.pem")).unwrap();
+    roots.extend(std::fs::read(world.path("idp-ca.pem")).unwrap());
+    let client = Client::new(roots_from_pem(&roots, false).unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let post = |path: &str, body: serde_json::Value| {
+        let target = Target::parse(&format!("{}{path}", world.api_url())).unwrap();
+        let request = http::Request::post(target.path())
+            .header("host", target.authority())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = rt.block_on(client.send(&target, request)).unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            serde_json::from_slice::<serde_json::Value>(response.body()).unwrap(),
+        )
+    };
+    // Someone starts a sign-in (they hold its login handle) and sends its URL to alice.
+    let (_, started) = post(
+        "/v1/login",
+        serde_json::json!({"workspace": "ws1", "loopback_port": 9}),
+    );
+
+    // Alice's browser finishes it and goes on to *her* loopback, not theirs.
+    let landed = world
+        .browser(started["authorize_url"].as_str().unwrap(), "alice")
+        .unwrap();
+    let (status, _) = post(
+        "/v1/login/complete",
+        serde_json::json!({"login_id": started["login_id"], "handoff": "a-guess"}),
+    );
+
+    assert!(
+        landed.starts_with("http://127.0.0.1:9/?handoff="),
+        "{landed}"
+    );
+    assert_eq!(status, 404, "no session without the handoff");
 }
