@@ -5,6 +5,8 @@
 //! | `POST /v1/login` `{"workspace", "loopback_port"}` | anyone | starts a sign-in: `{"login_id", "authorize_url"}` |
 //! | `GET /v1/callback?code&state` | the browser, from the provider | finishes it; sends the browser to `http://127.0.0.1:<loopback_port>/?handoff=...` |
 //! | `POST /v1/login/complete` `{"login_id", "handoff"}` | the client that started it, on the browser's machine | 200 session (once), 403 refused |
+//! | `POST /v1/login/device` `{"workspace"}` | anyone (a terminal without a browser) | starts a device-flow sign-in: `{"login_id", "user_code", "verification_uri", ...}` |
+//! | `POST /v1/login/device/poll` `{"login_id"}` | the client that started it | 202 pending, 200 session (once), 403 refused |
 //! | `POST /v1/ssh/certificate` `{"workspace", "public_key"}` | bearer session | a user certificate ending with the session |
 //! | `GET /v1/workspaces/<name>/connect`, `Upgrade: moat-stream` | bearer session | 101, then the stream to the workspace's sshd |
 //!
@@ -106,6 +108,8 @@ pub async fn handle(
         (Method::POST, "/v1/login") => login(&broker, req).await,
         (Method::GET, "/v1/callback") => callback(&broker, req, peer).await,
         (Method::POST, "/v1/login/complete") => complete(&broker, req).await,
+        (Method::POST, "/v1/login/device") => device(broker, req, peer).await,
+        (Method::POST, "/v1/login/device/poll") => device_poll(&broker, req).await,
         (Method::POST, "/v1/ssh/certificate") => certificate(&broker, req).await,
         (Method::GET, p) => match p
             .strip_prefix("/v1/workspaces/")
@@ -265,8 +269,13 @@ async fn complete(broker: &Broker, req: Request<Incoming>) -> Reply {
         Ok(b) => b,
         Err(r) => return r,
     };
-    match broker.sessions.complete(&body.login_id, &body.handoff) {
+    status_reply(broker.sessions.complete(&body.login_id, &body.handoff))
+}
+
+fn status_reply(status: Option<LoginStatus>) -> Reply {
+    match status {
         None => error(StatusCode::NOT_FOUND, "unknown or finished sign-in"),
+        Some(LoginStatus::Pending) => reply(StatusCode::ACCEPTED, json!({ "status": "pending" })),
         Some(LoginStatus::Done {
             token,
             session_id,
@@ -282,6 +291,123 @@ async fn complete(broker: &Broker, req: Request<Incoming>) -> Reply {
             json!({ "status": "refused", "error": reason }),
         ),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceRequest {
+    workspace: WorkspaceName,
+}
+
+/// Starts a device-flow sign-in (RFC 8628): the provider shows the person a user code to
+/// approve on any device; the broker polls the provider, the client polls the broker.
+async fn device(broker: Arc<Broker>, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+    let body: DeviceRequest = match json_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let login = match broker.sessions.begin_device() {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let authorization = match broker.provider.device_authorization().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!("device authorization failed: {}", crate::error_chain(&e));
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "the identity provider did not start a device sign-in",
+            );
+        }
+    };
+    let answer = json!({
+        "login_id": login,
+        "user_code": authorization.user_code,
+        "verification_uri": authorization.verification_uri,
+        "verification_uri_complete": authorization.verification_uri_complete,
+        "expires_in": authorization.expires_in,
+    });
+    tokio::spawn(device_wait(
+        broker,
+        login,
+        body.workspace,
+        authorization,
+        peer,
+    ));
+    reply(StatusCode::OK, answer)
+}
+
+/// Polls the provider for one device sign-in until approved, refused or expired.
+async fn device_wait(
+    broker: Arc<Broker>,
+    login: String,
+    workspace: WorkspaceName,
+    authorization: crate::oidc::DeviceAuthorization,
+    peer: SocketAddr,
+) {
+    use crate::oidc::DevicePoll;
+    let expires = tokio::time::Instant::now()
+        + Duration::from_secs(authorization.expires_in).min(crate::session::SIGN_IN_TIMEOUT);
+    let mut interval = Duration::from_secs(authorization.interval.clamp(1, 60));
+    let refuse = |identity: Option<&Identity>, reason: &str| {
+        broker
+            .audit
+            .sign_in(identity, &workspace, peer, Err(reason));
+        broker.sessions.refuse_device(&login, reason);
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        if tokio::time::Instant::now() >= expires {
+            return refuse(None, "the device code expired");
+        }
+        match broker
+            .provider
+            .device_poll(&authorization.device_code)
+            .await
+        {
+            Ok(DevicePoll::Pending) => {}
+            Ok(DevicePoll::SlowDown) => interval += Duration::from_secs(5),
+            Ok(DevicePoll::Done(identity)) => {
+                if let Err(reason) = entitlement(&broker, &identity, &workspace) {
+                    return refuse(Some(&identity), reason);
+                }
+                match broker
+                    .sessions
+                    .establish_device(&login, workspace.clone(), identity.clone())
+                {
+                    Ok(session) => {
+                        broker
+                            .audit
+                            .sign_in(Some(&identity), &workspace, peer, Ok(&session));
+                    }
+                    Err(e) => refuse(Some(&identity), &e.to_string()),
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("device sign-in failed: {}", crate::error_chain(&e));
+                let reason = match e {
+                    OidcError::Token(_) => "the ID token was refused",
+                    _ => "the identity provider did not complete the sign-in",
+                };
+                return refuse(None, reason);
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicePollRequest {
+    login_id: String,
+}
+
+async fn device_poll(broker: &Broker, req: Request<Incoming>) -> Reply {
+    let body: DevicePollRequest = match json_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    status_reply(broker.sessions.poll_device(&body.login_id))
 }
 
 #[derive(Deserialize)]

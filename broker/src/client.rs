@@ -145,6 +145,22 @@ pub struct SignIn {
     loopback: tokio::net::TcpListener,
 }
 
+/// A device-flow sign-in in progress (RFC 8628): the person approves `user_code` at
+/// `verification_uri`, on any device.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeviceSignIn {
+    login_id: String,
+    /// What the person types.
+    pub user_code: String,
+    /// Where.
+    pub verification_uri: String,
+    /// The same with the code filled in, if the provider offers it.
+    pub verification_uri_complete: Option<String>,
+}
+
+/// How often a device-flow client asks the broker whether the person has approved.
+const DEVICE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
 fn refused(status: StatusCode, body: &[u8]) -> ClientError {
     let message = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -269,6 +285,61 @@ impl BrokerClient {
             session_id: d.session_id,
             expires_at: d.expires_at,
         })
+    }
+
+    /// Starts a device-flow sign-in to `workspace`, for a terminal without a browser.
+    pub async fn begin_device_login(&self, workspace: &str) -> Result<DeviceSignIn, ClientError> {
+        let (status, body) = self
+            .post_json("/v1/login/device", json!({ "workspace": workspace }), None)
+            .await?;
+        if status != StatusCode::OK {
+            return Err(refused(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|_| ClientError::Protocol)
+    }
+
+    /// Waits until the person has approved `sign_in` (or it was refused or expired).
+    pub async fn finish_device_login(
+        &self,
+        workspace: &str,
+        sign_in: &DeviceSignIn,
+    ) -> Result<SessionFile, ClientError> {
+        #[derive(Deserialize)]
+        struct Done {
+            token: String,
+            session_id: String,
+            expires_at: u64,
+        }
+        let give_up = tokio::time::Instant::now() + SIGN_IN_TIMEOUT;
+        loop {
+            let (status, body) = self
+                .post_json(
+                    "/v1/login/device/poll",
+                    json!({ "login_id": sign_in.login_id }),
+                    None,
+                )
+                .await?;
+            match status {
+                StatusCode::ACCEPTED => {}
+                StatusCode::OK => {
+                    let d: Done =
+                        serde_json::from_slice(&body).map_err(|_| ClientError::Protocol)?;
+                    return Ok(SessionFile {
+                        broker: self.base.clone(),
+                        broker_ca: self.ca_pem.clone(),
+                        workspace: workspace.to_owned(),
+                        token: d.token,
+                        session_id: d.session_id,
+                        expires_at: d.expires_at,
+                    });
+                }
+                _ => return Err(refused(status, &body)),
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(ClientError::Timeout(SIGN_IN_TIMEOUT));
+            }
+            tokio::time::sleep(DEVICE_POLL_INTERVAL).await;
+        }
     }
 
     /// Has the broker certify `public_key` (one OpenSSH line) for `session`.

@@ -7,7 +7,9 @@
 //! of the provider's JWKS whose type fits that algorithm; the signature verifies; `iss` is the
 //! configured issuer exactly, which the discovery document must also state; `aud` contains our
 //! client id (and `azp` is our client id when there are several audiences); `exp` is in the future
-//! and `iat` not in the future (30 s leeway); `nonce` equals the one this sign-in sent.
+//! and `iat` not in the future (30 s leeway); `nonce` equals the one this sign-in sent (the
+//! device flow, RFC 8628, has no nonce: its ID token comes straight from the token endpoint to
+//! the broker over TLS, so there is nothing to replay it into).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -116,6 +118,41 @@ pub struct Discovery {
     pub token_endpoint: String,
     /// The provider's public keys.
     pub jwks_uri: String,
+    /// Where a device flow starts (RFC 8628), if the provider offers it.
+    pub device_authorization_endpoint: Option<String>,
+}
+
+/// The provider's answer to a device authorization request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeviceAuthorization {
+    /// The broker's secret for polling; never leaves the broker.
+    pub device_code: String,
+    /// What the person types at `verification_uri`.
+    pub user_code: String,
+    /// Where the person goes, on any device.
+    pub verification_uri: String,
+    /// The same, with the code filled in.
+    pub verification_uri_complete: Option<String>,
+    /// Seconds until the codes expire.
+    pub expires_in: u64,
+    /// Seconds between polls.
+    #[serde(default = "default_interval")]
+    pub interval: u64,
+}
+
+fn default_interval() -> u64 {
+    5
+}
+
+/// One poll's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevicePoll {
+    /// Not approved yet.
+    Pending,
+    /// Poll less often (RFC 8628 section 3.5: add 5 seconds).
+    SlowDown,
+    /// Approved: the validated identity.
+    Done(Identity),
 }
 
 /// PKCE (RFC 7636) with S256.
@@ -220,12 +257,13 @@ impl IdTokenValidator {
         })
     }
 
-    /// Validates `token` against `keys`, expecting `nonce`, at Unix time `now`.
+    /// Validates `token` against `keys`, expecting `nonce` (`None`: device flow), at Unix time
+    /// `now`.
     pub fn validate(
         &self,
         token: &str,
         keys: &JwkSet,
-        nonce: &str,
+        nonce: Option<&str>,
         now: u64,
     ) -> Result<Identity, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
@@ -268,7 +306,7 @@ impl IdTokenValidator {
         {
             return Err(TokenError::Audience);
         }
-        if claims.nonce.as_deref() != Some(nonce) {
+        if nonce.is_some() && claims.nonce.as_deref() != nonce {
             return Err(TokenError::Nonce);
         }
         if claims.sub.is_empty() {
@@ -379,10 +417,14 @@ impl Provider {
             )));
         }
         for endpoint in [
-            &discovery.authorization_endpoint,
-            &discovery.token_endpoint,
-            &discovery.jwks_uri,
-        ] {
+            Some(&discovery.authorization_endpoint),
+            Some(&discovery.token_endpoint),
+            Some(&discovery.jwks_uri),
+            discovery.device_authorization_endpoint.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if !endpoint.starts_with("https://") {
                 return Err(OidcError::Discovery(format!("{endpoint:?} is not https")));
             }
@@ -457,11 +499,81 @@ impl Provider {
                 what: "token response",
                 source,
             })?;
-        self.validate(&tokens.id_token, nonce).await
+        self.validate(&tokens.id_token, Some(nonce)).await
+    }
+
+    /// Starts a device authorization (RFC 8628) at the provider.
+    pub async fn device_authorization(&self) -> Result<DeviceAuthorization, OidcError> {
+        let endpoint = self
+            .discovery
+            .device_authorization_endpoint
+            .as_deref()
+            .ok_or_else(|| OidcError::Discovery("no device_authorization_endpoint".into()))?;
+        let response = self
+            .http
+            .post_form(
+                endpoint,
+                &[("scope", "openid email groups")],
+                Some((&self.config.client_id, &self.client_secret)),
+            )
+            .await
+            .map_err(OidcError::Https)?;
+        if !response.status().is_success() {
+            return Err(OidcError::Status {
+                what: "the device authorization request",
+                status: response.status().as_u16(),
+            });
+        }
+        serde_json::from_slice(response.body()).map_err(|source| OidcError::Document {
+            what: "device authorization response",
+            source,
+        })
+    }
+
+    /// Asks the token endpoint once whether the person has approved `device_code`.
+    pub async fn device_poll(&self, device_code: &str) -> Result<DevicePoll, OidcError> {
+        let response = self
+            .http
+            .post_form(
+                &self.discovery.token_endpoint,
+                &[
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                    ("device_code", device_code),
+                ],
+                Some((&self.config.client_id, &self.client_secret)),
+            )
+            .await
+            .map_err(OidcError::Https)?;
+        if response.status().is_success() {
+            let tokens: TokenResponse =
+                serde_json::from_slice(response.body()).map_err(|source| OidcError::Document {
+                    what: "token response",
+                    source,
+                })?;
+            return self
+                .validate(&tokens.id_token, None)
+                .await
+                .map(DevicePoll::Done);
+        }
+        #[derive(Deserialize)]
+        struct ErrorResponse {
+            error: String,
+        }
+        let error = serde_json::from_slice::<ErrorResponse>(response.body())
+            .map(|e| e.error)
+            .unwrap_or_default();
+        match error.as_str() {
+            "authorization_pending" => Ok(DevicePoll::Pending),
+            "slow_down" => Ok(DevicePoll::SlowDown),
+            _ => Err(OidcError::Status {
+                what: "the device token request",
+                status: response.status().as_u16(),
+            }),
+        }
     }
 
     /// Validates an ID token, fetching the JWKS again (rate-limited) if its key is unknown.
-    pub async fn validate(&self, token: &str, nonce: &str) -> Result<Identity, OidcError> {
+    pub async fn validate(&self, token: &str, nonce: Option<&str>) -> Result<Identity, OidcError> {
         let now = unix_now();
         let first = {
             let jwks = self.lock_jwks();
@@ -573,7 +685,7 @@ mod tests {
         let k = key("k1");
         let now = unix_now();
         let id = validator()
-            .validate(&sign(&k, "k1", &claims(now)), &k.jwks, NONCE, now)
+            .validate(&sign(&k, "k1", &claims(now)), &k.jwks, Some(NONCE), now)
             .unwrap();
         assert_eq!(
             id,
@@ -591,7 +703,7 @@ mod tests {
         let now = unix_now();
         let mut c = claims(now - 3600);
         c["exp"] = json!(now - 60);
-        let err = validator().validate(&sign(&k, "k1", &c), &k.jwks, NONCE, now);
+        let err = validator().validate(&sign(&k, "k1", &c), &k.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::Expired));
     }
 
@@ -601,7 +713,7 @@ mod tests {
         let forger = key("k1");
         let now = unix_now();
         let forged = sign(&forger, "k1", &claims(now));
-        let err = validator().validate(&forged, &provider.jwks, NONCE, now);
+        let err = validator().validate(&forged, &provider.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::Signature));
     }
 
@@ -615,7 +727,7 @@ mod tests {
         c["groups"] = json!(["admins"]);
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap());
         let tampered = format!("{}.{}.{}", parts[0], payload, parts[2]);
-        let err = validator().validate(&tampered, &k.jwks, NONCE, now);
+        let err = validator().validate(&tampered, &k.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::Signature));
     }
 
@@ -625,7 +737,7 @@ mod tests {
         let now = unix_now();
         let mut c = claims(now);
         c["aud"] = json!("another-client");
-        let err = validator().validate(&sign(&k, "k1", &c), &k.jwks, NONCE, now);
+        let err = validator().validate(&sign(&k, "k1", &c), &k.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::Audience));
     }
 
@@ -635,7 +747,7 @@ mod tests {
         let now = unix_now();
         let mut c = claims(now);
         c["aud"] = json!([CLIENT, "another-client"]);
-        let err = validator().validate(&sign(&k, "k1", &c), &k.jwks, NONCE, now);
+        let err = validator().validate(&sign(&k, "k1", &c), &k.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::Audience));
     }
 
@@ -645,7 +757,7 @@ mod tests {
         let now = unix_now();
         let mut c = claims(now);
         c["iss"] = json!("https://evil.test");
-        let err = validator().validate(&sign(&k, "k1", &c), &k.jwks, NONCE, now);
+        let err = validator().validate(&sign(&k, "k1", &c), &k.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::Issuer));
     }
 
@@ -653,8 +765,18 @@ mod tests {
     fn a_token_with_another_sign_ins_nonce_is_refused() {
         let k = key("k1");
         let now = unix_now();
-        let err = validator().validate(&sign(&k, "k1", &claims(now)), &k.jwks, "other", now);
+        let err = validator().validate(&sign(&k, "k1", &claims(now)), &k.jwks, Some("other"), now);
         assert_eq!(err, Err(TokenError::Nonce));
+    }
+
+    #[test]
+    fn a_device_flow_token_is_checked_without_a_nonce() {
+        let k = key("k1");
+        let now = unix_now();
+        let mut c = claims(now);
+        c.as_object_mut().unwrap().remove("nonce");
+        let id = validator().validate(&sign(&k, "k1", &c), &k.jwks, None, now);
+        assert_eq!(id.unwrap().subject, "alice");
     }
 
     #[test]
@@ -663,7 +785,7 @@ mod tests {
         let now = unix_now();
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","kid":"k1"}"#);
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(now)).unwrap());
-        let err = validator().validate(&format!("{header}.{payload}."), &k.jwks, NONCE, now);
+        let err = validator().validate(&format!("{header}.{payload}."), &k.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::Malformed));
     }
 
@@ -679,7 +801,7 @@ mod tests {
             &EncodingKey::from_secret(k.x.as_bytes()),
         )
         .unwrap();
-        let err = validator().validate(&token, &k.jwks, NONCE, now);
+        let err = validator().validate(&token, &k.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::Algorithm("HS256".into())));
     }
 
@@ -687,7 +809,7 @@ mod tests {
     fn a_token_whose_kid_is_not_in_the_jwks_is_refused() {
         let k = key("k1");
         let now = unix_now();
-        let err = validator().validate(&sign(&k, "k2", &claims(now)), &k.jwks, NONCE, now);
+        let err = validator().validate(&sign(&k, "k2", &claims(now)), &k.jwks, Some(NONCE), now);
         assert_eq!(err, Err(TokenError::UnknownKey));
     }
 

@@ -89,6 +89,8 @@ pub struct PendingSignIn {
 /// What the client that started a sign-in learns, once, for its handoff.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoginStatus {
+    /// A device-flow sign-in the person has not approved yet.
+    Pending,
     /// Signed in: the bearer token (handed out once) and the session.
     Done {
         /// The bearer token.
@@ -108,12 +110,18 @@ struct Revoked {
     workspaces: HashSet<String>,
 }
 
+/// A SHA-256 of a secret (token, login handle, handoff).
+type Digest = [u8; 32];
+/// A sign-in's outcome, the hash of its handoff (if it has one), and when it was recorded.
+type Outcome = (LoginStatus, Option<Digest>, Instant);
+
 #[derive(Debug, Default)]
 struct Inner {
     sessions: HashMap<[u8; 32], Arc<Session>>,
     pending: HashMap<String, PendingSignIn>,
-    /// Finished sign-ins by login handle: the outcome, the handoff's hash, when.
-    logins: HashMap<[u8; 32], (LoginStatus, [u8; 32], Instant)>,
+    /// Sign-ins by login handle: the outcome, the handoff's hash (none for the device flow,
+    /// where the person typing the user code is the binding), when.
+    logins: HashMap<Digest, Outcome>,
     revoked: Revoked,
 }
 
@@ -254,9 +262,10 @@ impl Sessions {
     /// browser carries to the client's loopback listener.
     fn finish(&self, pending: &PendingSignIn, status: LoginStatus) -> Result<String, SessionError> {
         let handoff = random_token().map_err(|_| SessionError::Random)?;
-        self.lock()
-            .logins
-            .insert(pending.login, (status, hash(&handoff), Instant::now()));
+        self.lock().logins.insert(
+            pending.login,
+            (status, Some(hash(&handoff)), Instant::now()),
+        );
         Ok(handoff)
     }
 
@@ -286,6 +295,17 @@ impl Sessions {
         pending: &PendingSignIn,
         identity: Identity,
     ) -> Result<(Arc<Session>, String), SessionError> {
+        let (session, done) = self.create(pending.workspace.clone(), identity)?;
+        let handoff = self.finish(pending, done)?;
+        Ok((session, handoff))
+    }
+
+    /// A new session and the status that hands its token out.
+    fn create(
+        &self,
+        workspace: WorkspaceName,
+        identity: Identity,
+    ) -> Result<(Arc<Session>, LoginStatus), SessionError> {
         let token = random_token().map_err(|_| SessionError::Random)?;
         let id = random_token().map_err(|_| SessionError::Random)?;
         let id = id.get(..16).unwrap_or(&id).to_owned();
@@ -293,27 +313,71 @@ impl Sessions {
         let session = Arc::new(Session {
             id: id.clone(),
             identity,
-            workspace: pending.workspace.clone(),
+            workspace,
             created: now,
             expires: now + self.ttl,
             deadline: Instant::now() + self.ttl,
             cancel: CancellationToken::new(),
         });
-        {
-            let mut inner = self.lock();
-            let now_i = Instant::now();
-            inner.sessions.retain(|_, s| s.deadline > now_i);
-            inner.sessions.insert(hash(&token), Arc::clone(&session));
+        let mut inner = self.lock();
+        let now_i = Instant::now();
+        inner.sessions.retain(|_, s| s.deadline > now_i);
+        inner.sessions.insert(hash(&token), Arc::clone(&session));
+        let done = LoginStatus::Done {
+            token,
+            session_id: id,
+            expires_at: unix(session.expires),
+        };
+        Ok((session, done))
+    }
+
+    /// Starts a device-flow sign-in: returns the client's login handle.
+    pub fn begin_device(&self) -> Result<String, SessionError> {
+        let login = random_token().map_err(|_| SessionError::Random)?;
+        let mut inner = self.lock();
+        inner
+            .logins
+            .retain(|_, (_, _, at)| at.elapsed() < SIGN_IN_TIMEOUT);
+        if inner.logins.len() >= MAX_PENDING {
+            return Err(SessionError::Busy);
         }
-        let handoff = self.finish(
-            pending,
-            LoginStatus::Done {
-                token,
-                session_id: id,
-                expires_at: unix(session.expires),
-            },
-        )?;
-        Ok((session, handoff))
+        inner
+            .logins
+            .insert(hash(&login), (LoginStatus::Pending, None, Instant::now()));
+        Ok(login)
+    }
+
+    /// Finishes device-flow sign-in `login` with a session for `identity` on `workspace`.
+    pub fn establish_device(
+        &self,
+        login: &str,
+        workspace: WorkspaceName,
+        identity: Identity,
+    ) -> Result<Arc<Session>, SessionError> {
+        let (session, done) = self.create(workspace, identity)?;
+        if let Some(entry) = self.lock().logins.get_mut(&hash(login)) {
+            entry.0 = done;
+        }
+        Ok(session)
+    }
+
+    /// Records a refused device-flow sign-in.
+    pub fn refuse_device(&self, login: &str, reason: &str) {
+        if let Some(entry) = self.lock().logins.get_mut(&hash(login)) {
+            entry.0 = LoginStatus::Refused(reason.to_owned());
+        }
+    }
+
+    /// What the device-flow client polling with `login` learns; a final answer is handed out
+    /// once.
+    pub fn poll_device(&self, login: &str) -> Option<LoginStatus> {
+        let mut inner = self.lock();
+        let key = hash(login);
+        match inner.logins.get(&key) {
+            Some((LoginStatus::Pending, None, _)) => Some(LoginStatus::Pending),
+            Some((_, None, _)) => inner.logins.remove(&key).map(|(status, _, _)| status),
+            _ => None,
+        }
     }
 
     /// The outcome of sign-in `login`, for the client that shows its `handoff`; handed out once.
@@ -321,7 +385,7 @@ impl Sessions {
         let mut inner = self.lock();
         let key = hash(login);
         let (_, expected, at) = inner.logins.get(&key)?;
-        if *expected != hash(handoff) || at.elapsed() >= SIGN_IN_TIMEOUT {
+        if *expected != Some(hash(handoff)) || at.elapsed() >= SIGN_IN_TIMEOUT {
             return None;
         }
         inner.logins.remove(&key).map(|(status, _, _)| status)

@@ -22,6 +22,9 @@ pub struct LoginArgs {
     /// is written beside it (`id_ed25519-cert.pub`), where ssh finds it, and ends with the session.
     #[arg(long)]
     ssh_key: Option<PathBuf>,
+    /// Sign in on another device (OAuth device flow): for a terminal without a browser.
+    #[arg(long)]
+    device: bool,
     /// The workspace.
     workspace: String,
 }
@@ -52,12 +55,28 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let client = BrokerClient::new(&args.broker, ca)?;
-        let sign_in = client.begin_login(&args.workspace).await?;
-        eprintln!(
-            "Open this URL in your browser to sign in to {}:\n\n  {}\n",
-            args.workspace, sign_in.authorize_url
-        );
-        let session = client.finish_login(&args.workspace, sign_in).await?;
+        let session = if args.device {
+            let sign_in = client.begin_device_login(&args.workspace).await?;
+            eprintln!(
+                "To sign in to {}, open this URL on any device and enter the code {}:\n\n  {}\n",
+                args.workspace,
+                sign_in.user_code,
+                sign_in
+                    .verification_uri_complete
+                    .as_deref()
+                    .unwrap_or(&sign_in.verification_uri)
+            );
+            client
+                .finish_device_login(&args.workspace, &sign_in)
+                .await?
+        } else {
+            let sign_in = client.begin_login(&args.workspace).await?;
+            eprintln!(
+                "Open this URL in your browser to sign in to {}:\n\n  {}\n",
+                args.workspace, sign_in.authorize_url
+            );
+            client.finish_login(&args.workspace, sign_in).await?
+        };
         session.save(&path)?;
         eprintln!(
             "signed in to {} (session {}, {} s left); session kept in {}",

@@ -402,8 +402,15 @@ impl World {
 
     /// `moat login` as `login`, the browser part driven through the provider's pages.
     fn login(&self, login: &str) -> Output {
+        self.login_with(login, &[])
+    }
+
+    /// The same, with more `moat login` flags.
+    fn login_with(&self, login: &str, flags: &[&str]) -> Output {
         let mut child = Command::new(MOAT)
-            .args(["login", "--broker", &self.api_url(), "--broker-ca"])
+            .arg("login")
+            .args(flags)
+            .args(["--broker", &self.api_url(), "--broker-ca"])
             .arg(self.path("broker-ca.pem"))
             .arg("--session")
             .arg(self.path("session.json"))
@@ -488,17 +495,22 @@ impl World {
             if url.starts_with(&self.api_url()) {
                 return Err(page);
             }
-            // The provider's development login page: a form with `login` and `password`.
-            assert!(page.contains("name=\"login\""), "unexpected page: {page}");
-            let action = page
-                .split("action=\"")
-                .nth(1)
-                .unwrap()
-                .split('"')
-                .next()
-                .unwrap();
-            url = absolute(&target, action);
-            form = Some(format!("prompt=login&login={login}&password=any"));
+            // The provider's pages: a form to submit (the development login page, the device
+            // flow's confirmation), or the end of the journey (the device flow's success page).
+            let Some(action) = page.split("action=\"").nth(1) else {
+                return Err(page);
+            };
+            url = absolute(&target, action.split('"').next().unwrap());
+            let mut fields = form_inputs(&page);
+            if page.contains("name=\"login\"") {
+                fields.push(("login".into(), login.into()));
+                fields.push(("password".into(), "any".into()));
+            }
+            form = Some(
+                form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(fields)
+                    .finish(),
+            );
         }
         panic!("sign-in did not finish");
     }
@@ -548,6 +560,22 @@ impl World {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
+}
+
+/// The `name="..." value="..."` pairs of a page's inputs.
+fn form_inputs(page: &str) -> Vec<(String, String)> {
+    let attr = |tag: &str, name: &str| {
+        tag.split(&format!("{name}=\""))
+            .nth(1)
+            .map(|v| v.split('"').next().unwrap().to_owned())
+    };
+    page.split("<input")
+        .skip(1)
+        .filter_map(|tag| {
+            let tag = tag.split('>').next().unwrap();
+            Some((attr(tag, "name")?, attr(tag, "value")?))
+        })
+        .collect()
 }
 
 /// A plain HTTP GET of a loopback URL (the client's listener); returns the body.
@@ -859,4 +887,29 @@ fn a_sign_in_url_finished_in_someone_elses_browser_gives_its_starter_nothing() {
         "{landed}"
     );
     assert_eq!(status, 404, "no session without the handoff");
+}
+
+#[test]
+fn a_person_signs_in_with_the_device_flow_from_a_terminal_without_a_browser() {
+    let world = World::new();
+
+    let login = world.login_with("alice", &["--device"]);
+    let out = wait_exit(
+        world.ssh("echo by-device"),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+
+    assert!(login.status.success(), "{}", text(&login.stderr));
+    assert!(
+        text(&login.stderr).contains("enter the code"),
+        "{}",
+        text(&login.stderr)
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "by-device\n");
+    let records = world.audit();
+    assert_eq!(records[0]["class_uid"], 3002);
+    assert_eq!(records[0]["user"]["uid"], "alice");
 }

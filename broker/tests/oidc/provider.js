@@ -30,7 +30,7 @@ server.listen(0, '127.0.0.1', () => {
       client_id: env('IDP_CLIENT_ID'),
       client_secret: env('IDP_CLIENT_SECRET'),
       redirect_uris: [env('IDP_REDIRECT_URI')],
-      grant_types: ['authorization_code'],
+      grant_types: ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
     }],
@@ -39,7 +39,7 @@ server.listen(0, '127.0.0.1', () => {
     claims: { openid: ['sub'], email: ['email', 'email_verified'], groups: ['groups'] },
     // The broker reads the claims from the ID token; it never calls userinfo.
     conformIdTokenClaims: false,
-    features: { devInteractions: { enabled: true } },
+    features: { devInteractions: { enabled: true }, deviceFlow: { enabled: true } },
     ttl: { IdToken: Number(process.env.IDP_ID_TOKEN_TTL || 300) },
     cookies: { keys: ['moat-broker-test-only-cookie-key'] },
     async findAccount(ctx, id) {
