@@ -490,6 +490,13 @@ async fn connect(
             "workspace no longer configured",
         );
     };
+    let Ok(permit) = Arc::clone(&broker.relays).try_acquire_owned() else {
+        return refuse(
+            Some(&session),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many sessions",
+        );
+    };
     let stream = match broker.tunnels.open(&workspace, port).await {
         Ok(s) => s,
         Err(e) => {
@@ -500,7 +507,10 @@ async fn connect(
             );
         }
     };
-    tokio::spawn(relay(broker, req, stream, session, peer, shutdown));
+    tokio::spawn(async move {
+        relay(broker, req, stream, session, peer, shutdown).await;
+        drop(permit);
+    });
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     r.headers_mut()

@@ -25,6 +25,14 @@ use crate::{admin, api, https};
 
 /// A TLS handshake must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many people's HTTP connections at once; more are closed on accept. (A relayed
+/// session leaves this count when its connection is upgraded, and is bounded by
+/// [`MAX_RELAYS`].)
+pub const MAX_API_CONNECTIONS: usize = 4096;
+/// At most this many remote sessions relayed at once; more are refused (503).
+pub const MAX_RELAYS: usize = 4096;
+/// At most this many tunnel connections at once (connected workspaces and handshakes).
+pub const MAX_TUNNELS: usize = 4096;
 
 /// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +77,8 @@ pub struct Broker {
     pub pki: Pki,
     /// The audit log.
     pub audit: Audit,
+    /// One permit per relayed remote session.
+    pub relays: Arc<tokio::sync::Semaphore>,
 }
 
 impl Broker {
@@ -113,6 +123,7 @@ impl Broker {
             ssh_ca,
             pki,
             audit,
+            relays: Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS)),
         }))
     }
 
@@ -155,13 +166,19 @@ impl Broker {
         tls: tokio_rustls::TlsAcceptor,
         shutdown: CancellationToken,
     ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::warn!(%peer, "connection refused: {MAX_API_CONNECTIONS} already open");
+                continue;
+            };
             let (broker, tls, shutdown) = (Arc::clone(&self), tls.clone(), shutdown.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
                 else {
                     return;
@@ -191,14 +208,20 @@ impl Broker {
         tls: tokio_rustls::TlsAcceptor,
         shutdown: CancellationToken,
     ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS));
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::warn!(%peer, "tunnel refused: {MAX_TUNNELS} already open");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (broker, tls, shutdown) = (Arc::clone(&self), tls.clone(), shutdown.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {

@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_HOST, vsock};
+use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS, STREAM_HOST, vsock};
 
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -161,6 +161,7 @@ impl Connector {
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .max_concurrent_streams(MAX_STREAMS)
             .serve_connection(TokioIo::new(tls), service)
             .await?;
         Ok(())

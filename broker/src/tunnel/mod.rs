@@ -18,5 +18,8 @@ use std::time::Duration;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// ...and drop the tunnel when one is not answered within this time.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The host side accepts this many concurrent streams on one tunnel (the broker relays at most
+/// as many sessions in all, `server::MAX_RELAYS`).
+pub const MAX_STREAMS: u32 = 4096;
 /// The authority of a tunnel stream names the workspace port: `workspace:<port>`.
 pub const STREAM_HOST: &str = "workspace";
