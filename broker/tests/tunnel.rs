@@ -98,14 +98,14 @@ fn raise_fd_limit(n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tunnel_holds_a_thousand_concurrent_sessions_in_bounded_memory() {
-    const SESSIONS: usize = 1000;
-    raise_fd_limit(4 * SESSIONS as u64 + 256);
+    const SESSIONS: u32 = 1000;
+    raise_fd_limit(4 * u64::from(SESSIONS) + 256);
     let dir = tempfile::tempdir().unwrap();
     let (tunnels, ws, stop) = tunnel(dir.path()).await;
     let before = rss_kib();
     let started = Instant::now();
 
-    let mut open = Vec::with_capacity(SESSIONS);
+    let mut open = Vec::with_capacity(SESSIONS as usize);
     for i in 0..SESSIONS {
         let mut stream = hyper_util::rt::TokioIo::new(tunnels.open(&ws, 22).await.unwrap());
         let msg = format!("session {i}\n");
@@ -120,11 +120,11 @@ async fn one_tunnel_holds_a_thousand_concurrent_sessions_in_bounded_memory() {
     eprintln!(
         "{SESSIONS} concurrent tunnelled sessions: opened in {took:?} ({:?} each), \
          {grown} KiB more resident memory ({} KiB per session, both tunnel ends and the guest)",
-        took / SESSIONS as u32,
-        grown / SESSIONS as u64
+        took / SESSIONS,
+        grown / u64::from(SESSIONS)
     );
 
-    assert_eq!(open.len(), SESSIONS);
+    assert_eq!(open.len(), SESSIONS as usize);
     assert!(
         grown / (SESSIONS as u64) < 256,
         "{grown} KiB for {SESSIONS} sessions"
