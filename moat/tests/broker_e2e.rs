@@ -517,6 +517,15 @@ impl World {
 
     /// Runs `command` in the workspace over real OpenSSH through `moat ssh`.
     fn ssh(&self, command: &str) -> Child {
+        let proxy = format!(
+            "{MOAT} ssh --session {} ws1",
+            self.path("session.json").display()
+        );
+        self.ssh_via(&proxy, command)
+    }
+
+    /// Runs `command` over real OpenSSH with `proxy` as its ProxyCommand.
+    fn ssh_via(&self, proxy: &str, command: &str) -> Child {
         Command::new("ssh")
             .args([
                 "-F",
@@ -540,10 +549,7 @@ impl World {
             ))
             .args(["-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=ws1"])
             .arg("-o")
-            .arg(format!(
-                "ProxyCommand={MOAT} ssh --session {} ws1",
-                self.path("session.json").display()
-            ))
+            .arg(format!("ProxyCommand={proxy}"))
             .arg(format!("{}@ws1", whoami()))
             .arg(command)
             .stdin(Stdio::null())
@@ -912,4 +918,56 @@ fn a_person_signs_in_with_the_device_flow_from_a_terminal_without_a_browser() {
     let records = world.audit();
     assert_eq!(records[0]["class_uid"], 3002);
     assert_eq!(records[0]["user"]["uid"], "alice");
+}
+
+/// Runs `child` to its end; returns how long it took and how many bytes it wrote.
+fn timed(mut child: Child) -> (Duration, u64) {
+    let started = Instant::now();
+    let mut stdout = child.stdout.take().unwrap();
+    let bytes = std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    (started.elapsed(), bytes)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "benchmark: cargo test -p moat --test broker_e2e -- --ignored --nocapture"]
+fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
+    const RUNS: usize = 10;
+    const BYTES: u64 = 256 << 20;
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    // The baseline: the same sshd, started by ssh itself over a pipe (no broker, no tunnel).
+    let direct = format!(
+        "/usr/sbin/sshd -i -f {} -E {}",
+        world.path("sshd_config").display(),
+        world.path("sshd.log").display()
+    );
+    let broker = format!(
+        "{MOAT} ssh --session {} ws1",
+        world.path("session.json").display()
+    );
+    let mut report = String::new();
+    for (name, proxy) in [
+        ("direct ssh (sshd -i on a pipe)", &direct),
+        ("through broker and tunnel", &broker),
+    ] {
+        let setup = median(
+            (0..RUNS)
+                .map(|_| timed(world.ssh_via(proxy, "true")).0)
+                .collect(),
+        );
+        let (took, bytes) = timed(world.ssh_via(proxy, &format!("head -c {BYTES} /dev/zero")));
+        assert_eq!(bytes, BYTES);
+        let mib_s = (BYTES >> 20) as f64 / took.as_secs_f64();
+        report.push_str(&format!(
+            "{name:32} session setup (ssh true, median of {RUNS}) {setup:>10.1?}   throughput {mib_s:>7.0} MiB/s\n"
+        ));
+    }
+    eprintln!("\n{report}");
 }

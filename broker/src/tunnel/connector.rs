@@ -162,6 +162,7 @@ impl Connector {
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .max_concurrent_streams(MAX_STREAMS)
+            .adaptive_window(true)
             .serve_connection(TokioIo::new(tls), service)
             .await?;
         Ok(())

@@ -25,6 +25,9 @@ pub enum TunnelError {
     /// The HTTP/2 handshake with the host side failed.
     #[error("the tunnel handshake failed")]
     Handshake(#[source] hyper::Error),
+    /// The established tunnel failed (keepalive timeout, reset, unclean close).
+    #[error("the tunnel connection failed")]
+    Connection(#[source] hyper::Error),
     /// Opening a stream failed.
     #[error("cannot open a stream on the tunnel")]
     Stream(#[source] hyper::Error),
@@ -71,6 +74,7 @@ impl Tunnels {
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
+            .adaptive_window(true)
             .handshake(TokioIo::new(io))
             .await
             .map_err(TunnelError::Handshake)?;
@@ -89,7 +93,7 @@ impl Tunnels {
         }
         tracing::info!(%workspace, "tunnel up");
         let result = tokio::select! {
-            r = connection => r.map_err(TunnelError::Handshake),
+            r = connection => r.map_err(TunnelError::Connection),
             () = cancel.cancelled() => Ok(()),
         };
         let mut map = self.lock();
