@@ -379,10 +379,9 @@ impl BrokerClient {
             .header(header::UPGRADE, UPGRADE)
             .body(Full::new(Bytes::new()))
             .map_err(|_| ClientError::Protocol)?;
-        let response = self
-            .http
-            .open(&target, request)
+        let response = tokio::time::timeout(https::TIMEOUT, self.http.open(&target, request))
             .await
+            .map_err(|_| ClientError::Https(HttpsError::Timeout(https::TIMEOUT)))?
             .map_err(ClientError::Https)?;
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = response.status();
