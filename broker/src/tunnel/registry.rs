@@ -14,6 +14,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_HOST};
+
+/// Opening a stream (the host side connecting the guest port included) must finish within this
+/// time, so a tunnel that died silently cannot hold a person's request until keepalive notices.
+pub const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::config::WorkspaceName;
 
 /// Errors of the broker's side of a tunnel.
@@ -37,6 +41,9 @@ pub enum TunnelError {
     /// The request could not be built.
     #[error("invalid stream request")]
     Request(#[source] http::Error),
+    /// No answer within [`OPEN_TIMEOUT`].
+    #[error("the workspace host did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 #[derive(Debug)]
@@ -108,8 +115,18 @@ impl Tunnels {
         result
     }
 
-    /// Opens a stream to guest `port` of `workspace`.
+    /// Opens a stream to guest `port` of `workspace`, within [`OPEN_TIMEOUT`].
     pub async fn open(
+        &self,
+        workspace: &WorkspaceName,
+        port: u32,
+    ) -> Result<Upgraded, TunnelError> {
+        tokio::time::timeout(OPEN_TIMEOUT, self.open_unbounded(workspace, port))
+            .await
+            .map_err(|_| TunnelError::Timeout(OPEN_TIMEOUT))?
+    }
+
+    async fn open_unbounded(
         &self,
         workspace: &WorkspaceName,
         port: u32,
