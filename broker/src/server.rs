@@ -20,7 +20,7 @@ use crate::oidc::{OidcError, Provider};
 use crate::pki::{Pki, PkiError, workspace_of};
 use crate::session::Sessions;
 use crate::ssh_ca::{SshCa, SshCaError};
-use crate::tunnel::registry::Tunnels;
+use crate::tunnel::registry::{Sever, Tunnels};
 use crate::{admin, api, https};
 
 /// A TLS handshake must finish within this time.
@@ -219,6 +219,9 @@ impl Broker {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
+            let Ok(sever) = Sever::new(&tcp) else {
+                continue;
+            };
             let (broker, tls, shutdown) = (Arc::clone(&self), tls.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let _slot = slot;
@@ -250,7 +253,7 @@ impl Broker {
                 }
                 if let Err(e) = broker
                     .tunnels
-                    .serve(stream, workspace.clone(), shutdown.child_token())
+                    .serve(stream, sever, workspace.clone(), shutdown.child_token())
                     .await
                 {
                     tracing::info!(%peer, %workspace, "tunnel ended: {}", crate::error_chain(&e));

@@ -46,6 +46,27 @@ pub enum TunnelError {
     Timeout(std::time::Duration),
 }
 
+/// A duplicate of a tunnel's TCP socket, kept to cut the tunnel for certain. hyper drives an
+/// HTTP/2 client connection on a task of its own and keeps it, and its socket, open while any
+/// stream on it is alive; dropping our handles is a graceful shutdown, not a cut. Shutting the
+/// socket down is: both ends see it at once and every stream on it fails.
+#[derive(Debug)]
+pub struct Sever(std::net::TcpStream);
+
+impl Sever {
+    /// Keeps a duplicate of `tcp`'s socket.
+    pub fn new(tcp: &tokio::net::TcpStream) -> std::io::Result<Self> {
+        use std::os::fd::AsFd;
+        let fd = tcp.as_fd().try_clone_to_owned()?;
+        Ok(Sever(std::net::TcpStream::from(fd)))
+    }
+
+    /// Shuts the socket down in both directions.
+    pub fn sever(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     sender: SendRequest<Empty<Bytes>>,
@@ -66,10 +87,11 @@ impl Tunnels {
     }
 
     /// Serves one authenticated tunnel connection until it ends, `cancel` fires, or a newer
-    /// tunnel for the same workspace replaces it.
+    /// tunnel for the same workspace replaces it; then cuts its socket through `sever`.
     pub async fn serve<IO>(
         &self,
         io: IO,
+        sever: Sever,
         workspace: WorkspaceName,
         cancel: CancellationToken,
     ) -> Result<(), TunnelError>
@@ -103,6 +125,7 @@ impl Tunnels {
             r = connection => r.map_err(TunnelError::Connection),
             () = cancel.cancelled() => Ok(()),
         };
+        sever.sever();
         let mut map = self.lock();
         if map
             .get(&workspace)
