@@ -102,7 +102,10 @@ pub fn revoke(broker: &Broker, target: &Target) -> Response<Full<Bytes>> {
         broker.audit.logoff(session, "revoked by an administrator");
     }
     let tunnel_dropped = match target {
-        Target::Workspace(ws) => broker.tunnels.disconnect(ws),
+        Target::Workspace(ws) => {
+            broker.egress.disconnect(ws);
+            broker.tunnels.disconnect(ws)
+        }
         _ => false,
     };
     tracing::info!(?target, sessions = ended.len(), tunnel_dropped, "revoked");

@@ -1,6 +1,8 @@
 //! Audit: OCSF JSON Lines. Sign-ins, and sessions revoked or expired, are Authentication (class
 //! 3002) Logon/Logoff records; each remote session (one stream through a tunnel) is SSH Activity
-//! (class 4007): Open, then Close with bytes and duration, or a single Refuse.
+//! (class 4007): Open, then Close with bytes and duration, or a single Refuse. Each corporate
+//! egress flow (a workspace reaching a corporate service through the broker) is Network Activity
+//! (class 4001), like the egress proxy's flows.
 //!
 //! Records say who (subject, email, groups), when, from where, to which workspace, how long and
 //! how many bytes. They never hold a token, an authorization code, a key or payload.
@@ -65,6 +67,117 @@ pub struct RemoteEvent<'a> {
     pub bytes: Option<(u64, u64)>,
     /// When the stream opened (Close only).
     pub started: Option<SystemTime>,
+}
+
+/// The Network Activity activities of a corporate egress flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowActivity {
+    /// Connected to the service.
+    Open,
+    /// Ended.
+    Close,
+    /// The service could not be connected.
+    Fail,
+    /// Refused (not a service this workspace may reach).
+    Refuse,
+}
+
+impl FlowActivity {
+    fn id(self) -> u32 {
+        match self {
+            FlowActivity::Open => 1,
+            FlowActivity::Close => 2,
+            FlowActivity::Fail => 4,
+            FlowActivity::Refuse => 5,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            FlowActivity::Open => "Open",
+            FlowActivity::Close => "Close",
+            FlowActivity::Fail => "Fail",
+            FlowActivity::Refuse => "Refuse",
+        }
+    }
+}
+
+/// One corporate egress flow's record.
+#[derive(Debug)]
+pub struct CorporateEvent<'a> {
+    activity: FlowActivity,
+    workspace: &'a WorkspaceName,
+    service: &'a str,
+    address: Option<&'a str>,
+    peer: Option<SocketAddr>,
+    bytes: Option<(u64, u64)>,
+    started: Option<SystemTime>,
+    detail: Option<&'a str>,
+}
+
+impl<'a> CorporateEvent<'a> {
+    fn new(activity: FlowActivity, workspace: &'a WorkspaceName, service: &'a str) -> Self {
+        CorporateEvent {
+            activity,
+            workspace,
+            service,
+            address: None,
+            peer: None,
+            bytes: None,
+            started: None,
+            detail: None,
+        }
+    }
+
+    /// `requested` was refused because `why`.
+    pub fn refuse(workspace: &'a WorkspaceName, requested: &'a str, why: &'a str) -> Self {
+        CorporateEvent {
+            detail: Some(why),
+            ..Self::new(FlowActivity::Refuse, workspace, requested)
+        }
+    }
+
+    /// `service` at `address` could not be connected.
+    pub fn fail(workspace: &'a WorkspaceName, service: &'a str, address: &'a str) -> Self {
+        CorporateEvent {
+            address: Some(address),
+            detail: Some("cannot connect to the service"),
+            ..Self::new(FlowActivity::Fail, workspace, service)
+        }
+    }
+
+    /// A flow to `service` opened.
+    pub fn open(
+        workspace: &'a WorkspaceName,
+        service: &'a str,
+        address: &'a str,
+        peer: Option<SocketAddr>,
+    ) -> Self {
+        CorporateEvent {
+            address: Some(address),
+            peer,
+            ..Self::new(FlowActivity::Open, workspace, service)
+        }
+    }
+
+    /// A flow to `service` closed, with bytes (workspace -> service, back) and why.
+    pub fn close(
+        workspace: &'a WorkspaceName,
+        service: &'a str,
+        address: &'a str,
+        peer: Option<SocketAddr>,
+        bytes: (u64, u64),
+        started: SystemTime,
+        why: &'a str,
+    ) -> Self {
+        CorporateEvent {
+            address: Some(address),
+            peer,
+            bytes: Some(bytes),
+            started: Some(started),
+            detail: Some(why),
+            ..Self::new(FlowActivity::Close, workspace, service)
+        }
+    }
 }
 
 /// The sink.
@@ -280,6 +393,62 @@ impl Audit {
             event.workspace,
             event.activity.name().to_lowercase()
         ));
+        self.emit(&rec);
+    }
+
+    /// One corporate egress flow event.
+    pub fn corporate(&self, event: &CorporateEvent<'_>) {
+        let ok = matches!(event.activity, FlowActivity::Open | FlowActivity::Close);
+        let (status_id, status, severity_id, severity) = status(ok);
+        let now = SystemTime::now();
+        let mut dst = json!({ "svc_name": event.service });
+        if let Some(peer) = event.peer {
+            dst["ip"] = json!(peer.ip().to_string());
+            dst["port"] = json!(peer.port());
+        }
+        let mut rec = json!({
+            "class_uid": 4001,
+            "class_name": "Network Activity",
+            "category_uid": 4,
+            "category_name": "Network Activity",
+            "activity_id": event.activity.id(),
+            "activity_name": event.activity.name(),
+            "type_uid": 400100 + event.activity.id(),
+            "type_name": format!("Network Activity: {}", event.activity.name()),
+            "severity_id": severity_id,
+            "severity": severity,
+            "time": millis(now),
+            "status_id": status_id,
+            "status": status,
+            "metadata": metadata(),
+            "src_endpoint": { "uid": event.workspace.as_str(), "name": "workspace" },
+            "dst_endpoint": dst,
+            "connection_info": {
+                "protocol_name": "tcp",
+                "protocol_num": 6,
+                "direction_id": 2,
+                "direction": "Outbound",
+            },
+            "message": format!(
+                "corporate flow from {} to {} {}",
+                event.workspace,
+                event.service,
+                event.activity.name().to_lowercase()
+            ),
+        });
+        if let Some(detail) = event.detail {
+            rec["status_detail"] = json!(detail);
+        }
+        if let Some(address) = event.address {
+            rec["unmapped"] = json!({ "moat": { "service_address": address } });
+        }
+        if let (Some((out, back)), Some(start)) = (event.bytes, event.started) {
+            rec["traffic"] = json!({ "bytes_out": out, "bytes_in": back, "bytes": out + back });
+            let duration = now.duration_since(start).unwrap_or(Duration::ZERO);
+            rec["start_time"] = json!(millis(start));
+            rec["end_time"] = json!(millis(now));
+            rec["duration"] = json!(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
+        }
         self.emit(&rec);
     }
 

@@ -69,6 +69,40 @@ impl<'de> Deserialize<'de> for WorkspaceName {
     }
 }
 
+/// A corporate service's name, with the same rules as a workspace's: what a workspace asks the
+/// broker for instead of an address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for ServiceName {
+    type Error = ConfigError;
+    fn try_from(s: &str) -> Result<Self, ConfigError> {
+        WorkspaceName::try_from(s)
+            .map(|n| ServiceName(n.0))
+            .map_err(|_| ConfigError::Invalid(format!("{s:?} is not a service name")))
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ServiceName::try_from(s.as_str()).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl serde::Serialize for WorkspaceName {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.0)
@@ -108,6 +142,19 @@ pub struct Config {
     /// The workspaces people may reach, and who may reach them.
     #[serde(default)]
     pub workspaces: Vec<WorkspaceConfig>,
+    /// Corporate services workspaces may reach through the broker (and no other way).
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One corporate service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Its name, as workspaces ask for it.
+    pub name: ServiceName,
+    /// Where the broker connects: `host:port`, resolved by the broker.
+    pub address: String,
 }
 
 fn default_session_ttl() -> u64 {
@@ -157,6 +204,9 @@ pub struct WorkspaceConfig {
     /// The vsock port the workspace's sshd answers on.
     #[serde(default = "default_ssh_port")]
     pub ssh_port: u32,
+    /// The corporate services this workspace may reach (names from `[[services]]`).
+    #[serde(default)]
+    pub services: Vec<ServiceName>,
 }
 
 fn default_ssh_user() -> String {
@@ -204,7 +254,32 @@ impl Config {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError::Invalid("a workspace is listed twice".into()));
         }
+        for service in &self.services {
+            let port = service
+                .address
+                .rsplit_once(':')
+                .map(|(_, p)| p.parse::<u16>());
+            if !matches!(port, Some(Ok(p)) if p != 0) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {}: address {:?} is not host:port",
+                    service.name, service.address
+                )));
+            }
+        }
+        for ws in &self.workspaces {
+            if let Some(s) = ws.services.iter().find(|s| self.service(s).is_none()) {
+                return Err(ConfigError::Invalid(format!(
+                    "workspace {} names service {s}, which is not configured",
+                    ws.name
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The service called `name`, if configured.
+    pub fn service(&self, name: &ServiceName) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| &s.name == name)
     }
 
     /// The workspace called `name`, if configured.

@@ -30,6 +30,7 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod corporate;
 pub mod https;
 pub mod oidc;
 pub mod pki;

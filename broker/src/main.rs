@@ -73,6 +73,9 @@ enum Command {
         /// Guest ports the broker may open.
         #[arg(long = "port", default_value = "22")]
         ports: Vec<u32>,
+        /// A Unix socket where this host's egress proxy asks for corporate services.
+        #[arg(long)]
+        egress_uds: Option<PathBuf>,
     },
     /// Revoke a session, a person or a workspace (live sessions drop at once).
     Revoke {
@@ -157,6 +160,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             broker_ca,
             uds,
             ports,
+            egress_uds,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -177,6 +181,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 broker_ca_pem: read(&broker_ca)?,
                 uds,
                 ports,
+                egress_uds,
             })?;
             let shutdown = CancellationToken::new();
             let stop = shutdown.clone();

@@ -213,8 +213,8 @@ impl Pki {
         Ok(Arc::new(config))
     }
 
-    /// The tunnel listener's configuration: TLS 1.3, HTTP/2, a client certificate of the
-    /// workspace CA required.
+    /// The tunnel listener's configuration: TLS 1.3, a client certificate of the workspace CA
+    /// required; ALPN `h2` for the tunnel, `moat-egress` for corporate egress.
     pub fn tunnel_server_config(&self) -> Result<Arc<rustls::ServerConfig>, PkiError> {
         let mut roots = rustls::RootCertStore::empty();
         roots
@@ -234,7 +234,7 @@ impl Pki {
                 PrivateKeyDer::Pkcs8(self.server_key.clone_key()),
             )
             .map_err(PkiError::Tls)?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), crate::corporate::ALPN.to_vec()];
         Ok(Arc::new(config))
     }
 }

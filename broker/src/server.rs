@@ -79,6 +79,8 @@ pub struct Broker {
     pub audit: Audit,
     /// One permit per relayed remote session.
     pub relays: Arc<tokio::sync::Semaphore>,
+    /// Live corporate egress connections.
+    pub egress: crate::corporate::Egress,
 }
 
 impl Broker {
@@ -124,6 +126,7 @@ impl Broker {
             pki,
             audit,
             relays: Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS)),
+            egress: crate::corporate::Egress::default(),
         }))
     }
 
@@ -249,6 +252,17 @@ impl Broker {
                 }
                 if broker.sessions.workspace_revoked(&workspace) {
                     tracing::warn!(%peer, %workspace, "tunnel refused: workspace revoked");
+                    return;
+                }
+                if stream.get_ref().1.alpn_protocol() == Some(crate::corporate::ALPN) {
+                    crate::corporate::serve(
+                        Arc::clone(&broker),
+                        stream,
+                        sever,
+                        workspace,
+                        shutdown,
+                    )
+                    .await;
                     return;
                 }
                 if let Err(e) = broker

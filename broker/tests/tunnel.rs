@@ -70,6 +70,7 @@ async fn tunnel(dir: &Path) -> (Arc<Tunnels>, WorkspaceName, CancellationToken) 
         broker_ca_pem: enrolment.broker_ca_pem,
         uds,
         ports: vec![22],
+        egress_uds: None,
     })
     .unwrap();
     let connector_stop = stop.clone();
@@ -216,6 +217,7 @@ async fn fifty_workspaces_under_load_come_back_after_a_broker_restart_and_their_
             broker_ca_pem: enrolment.broker_ca_pem,
             uds: uds.clone(),
             ports: vec![22],
+            egress_uds: None,
         })
         .unwrap();
         let hosts = hosts.clone();

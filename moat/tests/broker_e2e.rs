@@ -255,6 +255,23 @@ fn serve_vsock(mut stream: StdUnixStream, config: &Path, log: &Path) {
         .status();
 }
 
+/// The corporate test service: a TCP echo server on loopback. The workspace has no route to it
+/// but the broker.
+fn start_corporate_echo() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut back = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut conn, &mut back);
+            });
+        }
+    });
+    port
+}
+
 fn keygen(path: &Path) {
     let out = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -266,7 +283,7 @@ fn keygen(path: &Path) {
 
 /// The broker's configuration: API on `api`, tunnels on `tunnel`, trusting `issuer`; ws1 for the
 /// `eng` group, logged into as the test's own user.
-fn broker_config(dir: &Path, api: u16, tunnel: u16, issuer: &str) -> Config {
+fn broker_config(dir: &Path, api: u16, tunnel: u16, issuer: &str, corp: u16) -> Config {
     std::fs::write(dir.join("client-secret"), "e2e-client-secret\n").unwrap();
     let toml = format!(
         r#"
@@ -289,6 +306,15 @@ ca_file = "{dir}/idp-ca.pem"
 name = "ws1"
 groups = ["eng"]
 ssh_user = "{user}"
+services = ["corp-echo"]
+
+[[services]]
+name = "corp-echo"
+address = "127.0.0.1:{corp}"
+
+[[services]]
+name = "corp-other"
+address = "127.0.0.1:{corp}"
 "#,
         dir = dir.display(),
         user = whoami(),
@@ -301,6 +327,8 @@ ssh_user = "{user}"
 /// The whole setup: provider, broker, tunnel connector, workspace.
 struct World {
     dir: tempfile::TempDir,
+    /// The corporate test service (an echo server on loopback, reached through the broker).
+    corp_port: u16,
     config: Config,
     broker: Option<RunningBroker>,
     _idp: Idp,
@@ -328,7 +356,8 @@ impl World {
             &format!("{public_url}/v1/callback"),
             r#"{"alice": ["eng"], "bob": ["sales"]}"#,
         );
-        let config = broker_config(dir.path(), api, tunnel, &idp.issuer);
+        let corp_port = start_corporate_echo();
+        let config = broker_config(dir.path(), api, tunnel, &idp.issuer, corp_port);
         let broker = RunningBroker::start(&config);
         std::fs::write(
             dir.path().join("broker-ca.pem"),
@@ -349,6 +378,7 @@ impl World {
             broker_ca_pem: enrolment.broker_ca_pem,
             uds: workspace.uds.clone(),
             ports: vec![22],
+            egress_uds: Some(dir.path().join("egress.sock")),
         })
         .unwrap();
         let connector_stop = CancellationToken::new();
@@ -363,6 +393,7 @@ impl World {
         });
         let world = World {
             dir,
+            corp_port,
             config,
             broker: Some(broker),
             _idp: idp,
@@ -557,6 +588,26 @@ impl World {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
+    }
+
+    /// Asks for a corporate service as the host's egress proxy would; returns the broker's
+    /// answer line and the stream (retrying while the egress connection is still coming up).
+    fn corporate(&self, target: &str) -> (String, StdUnixStream) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut stream = StdUnixStream::connect(self.path("egress.sock")).unwrap();
+            writeln!(stream, "CONNECT {target}").unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            let line = text(&line);
+            if line != "ERR broker not connected" || Instant::now() > deadline {
+                return (line, stream);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn audit(&self) -> Vec<serde_json::Value> {
@@ -836,7 +887,7 @@ fn a_provider_whose_discovery_document_names_another_issuer_is_refused() {
         "{}",
     );
     // The same provider, named differently: its discovery document and tokens say `issuer`.
-    let config = broker_config(dir.path(), api, tunnel, &format!("{}/", idp.issuer));
+    let config = broker_config(dir.path(), api, tunnel, &format!("{}/", idp.issuer), 9);
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     let started = rt.block_on(Broker::new(
@@ -970,4 +1021,52 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
         ));
     }
     eprintln!("\n{report}");
+}
+
+#[test]
+fn a_corporate_service_is_reached_from_the_workspace_host_through_the_broker() {
+    let world = World::new();
+
+    let (answer, mut stream) = world.corporate(&format!("corp-echo:{}", world.corp_port));
+    stream.write_all(b"hello corp\n").unwrap();
+    let mut back = [0u8; 11];
+    stream.read_exact(&mut back).unwrap();
+    drop(stream);
+
+    assert_eq!(answer, "OK");
+    assert_eq!(&back, b"hello corp\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&world.audit(), 4001, 2) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no Close record: {:?}",
+            world.audit()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let records = world.audit();
+    assert_eq!(count(&records, 4001, 1), 1, "one corporate flow opened");
+    let close = records
+        .iter()
+        .find(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .unwrap();
+    assert_eq!(close["traffic"]["bytes_out"], 11);
+    assert_eq!(close["src_endpoint"]["uid"], "ws1");
+    validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn a_workspace_reaches_no_corporate_service_it_is_not_given_nor_any_address() {
+    let world = World::new();
+    let port = world.corp_port;
+
+    let other = world.corporate(&format!("corp-other:{port}")).0;
+    let address = world.corporate(&format!("127.0.0.1:{port}")).0;
+    let wrong_port = world.corporate("corp-echo:1").0;
+
+    assert_eq!(other, "ERR 403");
+    assert_eq!(address, "ERR 403");
+    assert_eq!(wrong_port, "ERR 403");
+    assert_eq!(count(&world.audit(), 4001, 5), 3, "three refusals audited");
+    validate_ocsf(&world.path("audit.jsonl"));
 }

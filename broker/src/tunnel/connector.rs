@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -63,12 +64,30 @@ pub struct ConnectorConfig {
     pub uds: PathBuf,
     /// The guest ports the broker may open.
     pub ports: Vec<u32>,
+    /// Where this host's egress proxy asks for corporate services (`CONNECT <service>:<port>\n`
+    /// -> `OK\n`), if anywhere.
+    pub egress_uds: Option<PathBuf>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The current corporate egress connection's request handle, if it is up.
+#[derive(Debug, Default, Clone)]
+struct EgressSender(Arc<std::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>>);
+
+impl EgressSender {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<SendRequest<Empty<Bytes>>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A prepared connector.
 pub struct Connector {
     config: ConnectorConfig,
     tls: tokio_rustls::TlsConnector,
+    egress_tls: tokio_rustls::TlsConnector,
     server_name: ServerName<'static>,
 }
 
@@ -102,27 +121,56 @@ impl Connector {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(ConnectorError::Tls)?;
+        let mut egress_tls = tls.clone();
         tls.alpn_protocols = vec![b"h2".to_vec()];
+        egress_tls.alpn_protocols = vec![crate::corporate::ALPN.to_vec()];
         let server_name = ServerName::try_from(config.server_name.clone())
             .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;
         Ok(Connector {
             config,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            egress_tls: tokio_rustls::TlsConnector::from(Arc::new(egress_tls)),
             server_name,
         })
     }
 
-    /// Keeps the tunnel up until `shutdown`.
+    /// Keeps the tunnel (and, if configured, the corporate egress connection) up until
+    /// `shutdown`.
     pub async fn run(&self, shutdown: CancellationToken) {
+        let tunnel = self.keep_up("tunnel", &shutdown, || self.once());
+        match &self.config.egress_uds {
+            None => tunnel.await,
+            Some(uds) => {
+                let sender = EgressSender::default();
+                let listener = match tokio::net::UnixListener::bind(uds) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(uds = %uds.display(), "cannot listen for egress: {e}");
+                        return tunnel.await;
+                    }
+                };
+                let dial = self.keep_up("egress", &shutdown, || self.egress_once(&sender));
+                let serve = serve_egress(listener, &sender, &shutdown);
+                tokio::join!(tunnel, dial, serve);
+            }
+        }
+    }
+
+    /// Runs `connect` again and again with capped, jittered exponential backoff.
+    async fn keep_up<F, Fut>(&self, what: &str, shutdown: &CancellationToken, mut connect: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), BoxError>>,
+    {
         let mut delay = BACKOFF_MIN;
         loop {
             let started = Instant::now();
             tokio::select! {
-                r = self.once() => match r {
-                    Ok(()) => tracing::info!(broker = %self.config.broker, "tunnel closed"),
+                r = connect() => match r {
+                    Ok(()) => tracing::info!(broker = %self.config.broker, "{what} closed"),
                     Err(e) => tracing::warn!(
                         broker = %self.config.broker,
-                        "tunnel: {}", crate::error_chain(&*e)
+                        "{what}: {}", crate::error_chain(&*e)
                     ),
                 },
                 () = shutdown.cancelled() => return,
@@ -131,7 +179,7 @@ impl Connector {
                 delay = BACKOFF_MIN;
             }
             let wait = jitter(delay);
-            tracing::debug!(?wait, "reconnecting");
+            tracing::debug!(?wait, "{what}: reconnecting");
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = shutdown.cancelled() => return,
@@ -140,16 +188,41 @@ impl Connector {
         }
     }
 
-    /// One tunnel connection, served until it ends.
-    async fn once(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// TCP and TLS to the broker with `tls`.
+    async fn dial(
+        &self,
+        tls: &tokio_rustls::TlsConnector,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, BoxError> {
         let dial = async {
             let tcp = TcpStream::connect(&self.config.broker).await?;
             let _ = tcp.set_nodelay(true);
-            self.tls.connect(self.server_name.clone(), tcp).await
+            tls.connect(self.server_name.clone(), tcp).await
         };
-        let tls = tokio::time::timeout(DIAL_TIMEOUT, dial)
+        Ok(tokio::time::timeout(DIAL_TIMEOUT, dial)
             .await
-            .map_err(|_| "dial timed out")??;
+            .map_err(|_| "dial timed out")??)
+    }
+
+    /// One corporate egress connection (HTTP/2 client, ALPN moat-egress), kept until it ends.
+    async fn egress_once(&self, sender: &EgressSender) -> Result<(), BoxError> {
+        let tls = self.dial(&self.egress_tls).await?;
+        let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await?;
+        tracing::info!(broker = %self.config.broker, "egress connected");
+        *sender.lock() = Some(send);
+        let result = connection.await;
+        *sender.lock() = None;
+        Ok(result?)
+    }
+
+    /// One tunnel connection, served until it ends.
+    async fn once(&self) -> Result<(), BoxError> {
+        let tls = self.dial(&self.tls).await?;
         tracing::info!(broker = %self.config.broker, "tunnel connected");
         let uds = Arc::new(self.config.uds.clone());
         let ports = Arc::new(self.config.ports.clone());
@@ -210,6 +283,87 @@ async fn stream(
         }
     });
     empty(StatusCode::OK)
+}
+
+/// The longest egress request line (`CONNECT <63-byte name>:<port>\n` fits easily).
+const MAX_EGRESS_LINE: usize = 128;
+
+/// Accepts the egress proxy's requests on `listener` until `shutdown`.
+async fn serve_egress(
+    listener: tokio::net::UnixListener,
+    sender: &EgressSender,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            if let Err(e) = egress_request(stream, sender).await {
+                tracing::info!("egress request: {e}");
+            }
+        });
+    }
+}
+
+/// One request: read `CONNECT <service>:<port>\n` (bounded), ask the broker, answer `OK\n` or
+/// `ERR <status>\n`, then splice.
+async fn egress_request(
+    mut stream: tokio::net::UnixStream,
+    sender: EgressSender,
+) -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut line = Vec::new();
+    let read = async {
+        loop {
+            let b = stream.read_u8().await?;
+            if b == b'\n' {
+                return Ok::<_, std::io::Error>(());
+            }
+            if line.len() == MAX_EGRESS_LINE {
+                return Err(std::io::ErrorKind::InvalidData.into());
+            }
+            line.push(b);
+        }
+    };
+    tokio::time::timeout(vsock::HANDSHAKE_TIMEOUT, read)
+        .await
+        .map_err(|_| "request line too slow")??;
+    let target = std::str::from_utf8(&line)
+        .ok()
+        .and_then(|l| l.strip_prefix("CONNECT "))
+        .and_then(|t| t.parse::<http::uri::Authority>().ok());
+    let Some(target) = target else {
+        stream.write_all(b"ERR bad request\n").await?;
+        return Ok(());
+    };
+    let current = sender.lock().clone();
+    let Some(mut send) = current else {
+        stream.write_all(b"ERR broker not connected\n").await?;
+        return Ok(());
+    };
+    send.ready().await?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.as_str())
+        .body(Empty::new())?;
+    let response = send.send_request(request).await?;
+    if response.status() != StatusCode::OK {
+        stream
+            .write_all(format!("ERR {}\n", response.status().as_u16()).as_bytes())
+            .await?;
+        return Ok(());
+    }
+    let upgraded = hyper::upgrade::on(response).await?;
+    stream.write_all(b"OK\n").await?;
+    let mut upgraded = TokioIo::new(upgraded);
+    tokio::io::copy_bidirectional(&mut stream, &mut upgraded).await?;
+    Ok(())
 }
 
 /// `delay` with equal jitter: between half and all of it, so many workspaces do not reconnect
