@@ -9,6 +9,9 @@
 //!                       one CONNECT stream per session ─────────────────────▶ vsock.rs: `CONNECT 22`
 //!                                                                              ▶ sshd in the workspace
 //!  admin (Unix socket) ──▶ admin.rs: revoke session | person | workspace ──▶ cancel live relays
+//!
+//!  workspace host's egress ── TLS (workspace cert, ALPN moat-egress) + HTTP/2 ──▶ corporate.rs
+//!      CONNECT <service>:<port> ──▶ only services listed for that workspace ──▶ corporate network
 //! ```
 //!
 //! Invariants:
@@ -20,8 +23,10 @@
 //! - Nothing reaches a workspace except through its tunnel, which the workspace's host side dials
 //!   out with a client certificate from the broker's workspace CA. Every relayed stream belongs to
 //!   a live session; revoking the session, the person or the workspace cancels it at once.
-//! - Every sign-in and every remote session is audited as OCSF JSON Lines ([`audit`]); no record
-//!   holds a token, a code or a key.
+//! - A workspace reaches the corporate network only through [`corporate`], by service name, and
+//!   only the services its configuration lists.
+//! - Every sign-in, every remote session and every corporate flow is audited as OCSF JSON Lines
+//!   ([`audit`]); no record holds a token, a code or a key.
 
 #![forbid(unsafe_code)]
 
