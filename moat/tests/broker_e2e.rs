@@ -1070,3 +1070,63 @@ fn a_workspace_reaches_no_corporate_service_it_is_not_given_nor_any_address() {
     assert_eq!(count(&world.audit(), 4001, 5), 3, "three refusals audited");
     validate_ocsf(&world.path("audit.jsonl"));
 }
+
+#[test]
+fn the_workspaces_sshd_refuses_a_key_without_a_broker_certificate() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    std::fs::remove_file(world.path("id_ed25519-cert.pub")).unwrap();
+
+    let out = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(30)).0;
+
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn the_workspaces_sshd_refuses_a_certificate_from_another_ca() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    let rogue = world.path("rogue_ca");
+    keygen(&rogue);
+    let signed = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&rogue)
+        .args(["-I", "rogue", "-n", &whoami(), "-V", "-1m:+5m"])
+        .arg(world.path("id_ed25519.pub"))
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "{}", text(&signed.stderr));
+
+    let out = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(30)).0;
+
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn moat_ssh_without_a_session_says_to_sign_in() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = Command::new(MOAT)
+        .args(["ssh", "--session"])
+        .arg(dir.path().join("none.json"))
+        .arg("ws1")
+        .output()
+        .unwrap();
+
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not signed in to ws1 (run `moat login`)"),
+        "{}",
+        text(&out.stderr)
+    );
+}
