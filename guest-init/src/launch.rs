@@ -1,5 +1,6 @@
 //! Starting the agent and reaping it, as PID 1.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
@@ -28,9 +29,16 @@ pub fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-/// Starts the agent with a clean environment and waits for it, reaping every other child that
-/// ends meanwhile (orphans re-parented to PID 1). Returns the agent's exit status.
-pub(crate) fn run_agent(spec: &AgentSpec, report: &Reporter) -> std::io::Result<ExitStatus> {
+/// Starts the agent with a clean environment, confined by `sandbox`, and waits for it, reaping
+/// every other child that ends meanwhile (orphans re-parented to PID 1). With `tty`, the agent
+/// leads a new session with that terminal as its controlling terminal and standard streams.
+/// Returns the agent's exit status.
+pub(crate) fn run_agent(
+    spec: &AgentSpec,
+    sandbox: &moat_guest_sandbox::SandboxConfig,
+    tty: Option<OwnedFd>,
+    report: &Reporter,
+) -> std::io::Result<ExitStatus> {
     let argv: Vec<String> = if spec.command.is_empty() {
         vec!["/bin/bash".to_owned(), "-l".to_owned()]
     } else {
@@ -57,8 +65,9 @@ pub(crate) fn run_agent(spec: &AgentSpec, report: &Reporter) -> std::io::Result<
     }
     // Everything that allocates (opening paths, building the Landlock ruleset, compiling the
     // seccomp filter) happens here, in PID 1; the child only applies it.
-    let sandbox = moat_guest_sandbox::Sandbox::new(&moat_guest_sandbox::agent_config(&spec.home))
+    let sandbox = moat_guest_sandbox::Sandbox::new(sandbox)
         .map_err(|e| std::io::Error::other(format!("cannot prepare the sandbox: {e}")))?;
+    let tty_fd = tty.as_ref().map(AsRawFd::as_raw_fd);
     // The sandbox stacks new mounts over the agent's paths: enter the home again afterwards,
     // or the working directory would stay on the mount underneath.
     let home = std::ffi::CString::new(spec.home.as_os_str().as_encoded_bytes())
@@ -70,6 +79,18 @@ pub(crate) fn run_agent(spec: &AgentSpec, report: &Reporter) -> std::io::Result<
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = tty_fd {
+                // A session of its own with the terminal as its controlling terminal (taken
+                // over if the console was someone's: PID 1 still holds CAP_SYS_ADMIN here).
+                if libc::setsid() < 0
+                    || libc::ioctl(fd, libc::TIOCSCTTY, 1) < 0
+                    || libc::dup2(fd, 0) < 0
+                    || libc::dup2(fd, 1) < 0
+                    || libc::dup2(fd, 2) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if sandbox.apply().is_err() {
                 // If the sandbox cannot be applied the agent does not start.
                 return Err(std::io::Error::from_raw_os_error(libc::EPERM));
@@ -86,6 +107,7 @@ pub(crate) fn run_agent(spec: &AgentSpec, report: &Reporter) -> std::io::Result<
             format!("cannot start the agent inside its sandbox: {e}"),
         )
     })?;
+    drop(tty);
     report.launch(child.id(), &argv);
     let agent = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let status = loop {

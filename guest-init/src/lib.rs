@@ -4,6 +4,9 @@
 //! and runs the netstack that turns every TCP connection into a flow stream to the host; then
 //! it launches the agent, confined, and reaps it.
 //!
+//! The VM backend's sequence is in [`vm`] (PID 1 of the kernel, started from the initramfs as
+//! the `moat-guest-init` binary); the namespace backend's:
+//!
 //! Namespace backend sequence ([`run_namespace`]):
 //! 1. `unshare` user, mount, pid, net, ipc, uts and cgroup namespaces; map the caller's uid/gid to root
 //!    inside (so the host user needs no privilege).
@@ -23,15 +26,30 @@
 //! Invariants: never panics on bad input; if the network or the sandbox cannot be set up, the
 //! agent is not started.
 
+pub mod control;
 mod launch;
 mod namespace;
 mod report;
 mod signals;
+pub mod vm;
 
 use std::path::PathBuf;
 
 pub use launch::{AgentSpec, exit_code};
 pub use namespace::run_namespace;
+pub use vm::run_vm;
+
+/// An error and its causes, on one line.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 /// Why a workspace could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +84,9 @@ pub enum InitError {
     /// The agent could not be started (including a sandbox that could not be applied).
     #[error("cannot start the agent")]
     Agent(#[source] std::io::Error),
+    /// The VM's control stream to the host failed (vsock port 1027).
+    #[error("cannot get the workspace from the host (vsock control stream)")]
+    Control(#[source] std::io::Error),
     /// A file the workspace needs could not be written.
     #[error("cannot write {}", .0.display())]
     Write(PathBuf, #[source] std::io::Error),

@@ -8,10 +8,10 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Uid, fork, sethostname};
 
 use crate::launch::{exit_code, run_agent};
-use crate::{InitError, WorkspaceConfig};
+use crate::{InitError, WorkspaceConfig, chain};
 
 /// The virtual DNS, as the workspace's resolver configuration.
-fn resolv_conf() -> String {
+pub(crate) fn resolv_conf() -> String {
     format!(
         "# moat workspace: the virtual DNS (no query leaves the workspace)\nnameserver {}\noptions edns0\n",
         moat_netstack::GATEWAY
@@ -82,17 +82,6 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
             std::process::exit(code);
         }
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Host files bound over with /dev/null inside the workspace.
@@ -368,7 +357,9 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
             .audit_socket
             .as_ref()
             .and_then(|p| p.file_name())
-            .map(|name| host_dir.join(name)),
+            .map_or(crate::report::Sink::None, |name| {
+                crate::report::Sink::Unix(host_dir.join(name))
+            }),
     );
     let _ = sethostname(&config.hostname);
 
@@ -387,6 +378,7 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
     let mut agent = config.agent.clone();
     agent.home = AGENT_HOME.into();
     agent.env.extend(ca_env());
-    let status = run_agent(&agent, &reporter).map_err(InitError::Agent)?;
+    let sandbox = moat_guest_sandbox::agent_config(&agent.home);
+    let status = run_agent(&agent, &sandbox, None, &reporter).map_err(InitError::Agent)?;
     Ok(exit_code(status))
 }

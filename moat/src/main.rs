@@ -5,6 +5,7 @@ mod connect;
 mod policy_cmd;
 mod proxy_cmd;
 mod run_cmd;
+mod vm_backend;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

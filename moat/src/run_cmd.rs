@@ -11,7 +11,10 @@ use moat_egress::Proxy;
 use moat_egress::audit::Audit;
 use moat_egress::guest_audit::{self, GUEST_AUDIT_VSOCK_PORT};
 
+use moat_guest_init::control::VmWorkspace;
+
 use crate::proxy_cmd::ProxyOpts;
+use crate::vm_backend::{self, VmImages};
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
@@ -25,6 +28,19 @@ pub(crate) struct RunArgs {
     /// (the egress proxy's workspace CA is always added).
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// vm backend: the agent's home disk (an ext4 image, kept; default: a fresh one, removed
+    /// at exit).
+    #[arg(long)]
+    home_disk: Option<PathBuf>,
+    /// vm backend: guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    mem: u64,
+    /// vm backend: vCPUs.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u8,
+    /// vm backend: show the guest kernel's boot messages on the console.
+    #[arg(long)]
+    boot_log: bool,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
@@ -49,7 +65,13 @@ pub(crate) struct GuestInitArgs {
     command: Vec<String>,
 }
 
-fn choose_backend(requested: &str) -> Result<(&'static str, String)> {
+/// Which backend runs the workspace.
+enum Backend {
+    Vm(VmImages, PathBuf),
+    Namespace,
+}
+
+fn choose_backend(requested: &str) -> Result<(Backend, String)> {
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -59,23 +81,47 @@ fn choose_backend(requested: &str) -> Result<(&'static str, String)> {
     // kvm_pvm is nested PVM, where a Linux guest's user space cannot run.
     let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
     let pvm = module("kvm_pvm");
+    let vm_parts = || -> Result<(VmImages, PathBuf), String> {
+        Ok((vm_backend::find_images()?, vm_backend::find_vmm()?))
+    };
     Ok(match requested {
-        "vm" => ("vm", "requested with --backend vm".to_owned()),
-        "namespace" => ("namespace", "requested with --backend namespace".to_owned()),
-        "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => (
-            "namespace",
-            "/dev/kvm has hardware virtualization, but the vm backend is not built yet".to_owned(),
+        "vm" => {
+            let (images, vmm) = vm_parts().map_err(|why| anyhow::anyhow!("--backend vm: {why}"))?;
+            if !kvm {
+                bail!("--backend vm: /dev/kvm is not available to this user");
+            }
+            let why = if pvm {
+                "requested with --backend vm; /dev/kvm is nested PVM here, where the guest \
+                 kernel boots but its user space cannot run"
+            } else {
+                "requested with --backend vm"
+            };
+            (Backend::Vm(images, vmm), why.to_owned())
+        }
+        "namespace" => (
+            Backend::Namespace,
+            "requested with --backend namespace".to_owned(),
         ),
+        "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => match vm_parts() {
+            Ok((images, vmm)) => (
+                Backend::Vm(images, vmm),
+                "/dev/kvm has hardware virtualization".to_owned(),
+            ),
+            Err(why) => (
+                Backend::Namespace,
+                format!("/dev/kvm has hardware virtualization, but {why}"),
+            ),
+        },
         "auto" if kvm && pvm => (
-            "namespace",
+            Backend::Namespace,
             "/dev/kvm is nested PVM, where a Linux guest's user space cannot run".to_owned(),
         ),
         "auto" if kvm => (
-            "namespace",
+            Backend::Namespace,
             "/dev/kvm is neither kvm_intel, kvm_amd nor kvm_pvm".to_owned(),
         ),
         "auto" => (
-            "namespace",
+            Backend::Namespace,
             "/dev/kvm is not available to this user".to_owned(),
         ),
         other => bail!("unknown backend {other:?} (auto, vm or namespace)"),
@@ -84,26 +130,32 @@ fn choose_backend(requested: &str) -> Result<(&'static str, String)> {
 
 pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     let (backend, why) = choose_backend(&args.backend)?;
-    eprintln!("moat: backend {backend} ({why})");
-    if backend == "vm" {
-        eprintln!(
-            "moat: the vm backend is not built yet (issues 5 and 6); run with --backend namespace"
-        );
-        return Ok(ExitCode::from(2));
+    match &backend {
+        Backend::Vm(..) => {
+            eprintln!("moat: backend vm ({why})");
+            if args.home.is_some() {
+                bail!(
+                    "--home is a directory of the namespace backend; the vm backend takes --home-disk"
+                );
+            }
+        }
+        Backend::Namespace => {
+            eprintln!("moat: backend namespace ({why})");
+            eprintln!(
+                "moat: the namespace backend shares the host kernel: isolation is weaker than a VM's"
+            );
+        }
     }
-    eprintln!(
-        "moat: the namespace backend shares the host kernel: isolation is weaker than a VM's"
-    );
 
     let run_dir = std::env::temp_dir().join(format!("moat-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let result = run_in(&args, &run_dir);
+    let result = run_in(&args, backend, &run_dir);
     let _ = std::fs::remove_dir_all(&run_dir);
     result
 }
 
-fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
+fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result<ExitCode> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))?;
     let home = match &args.home {
@@ -114,7 +166,16 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
             h
         }
     };
-    let uds = run_dir.join("vsock");
+    // The vm backend's sockets get a directory of their own: moat-vmm's jail sees only it.
+    let uds = match &backend {
+        Backend::Vm(..) => {
+            let dir = run_dir.join("sock");
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            dir.join("vsock")
+        }
+        Backend::Namespace => run_dir.join("vsock"),
+    };
     // Beside the run directory, not in it: the audit log outlives the workspace.
     let default_audit =
         std::env::temp_dir().join(format!("moat-{}-audit.jsonl", std::process::id()));
@@ -158,19 +219,71 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
     std::fs::write(&ca_bundle, pem)
         .with_context(|| format!("cannot write {}", ca_bundle.display()))?;
 
+    let code = match backend {
+        Backend::Vm(images, vmm) => vm_backend::run(
+            &rt,
+            vm_backend::VmRun {
+                images,
+                vmm,
+                run_dir,
+                uds: &uds,
+                home_disk: args.home_disk.clone(),
+                mem_mib: args.mem,
+                vcpus: args.vcpus,
+                boot_log: args.boot_log,
+                workspace: VmWorkspace {
+                    hostname: "workspace".into(),
+                    command: args.command.clone(),
+                    // The terminal type of the console the agent's shell will drive.
+                    env: std::env::var("TERM")
+                        .map(|t| vec![("TERM".to_owned(), t)])
+                        .unwrap_or_default(),
+                    ca_pem: std::fs::read_to_string(&ca_bundle)?,
+                    interactive: args.command.is_empty(),
+                },
+            },
+        )?,
+        Backend::Namespace => {
+            run_namespace(args, &rt, &proxy, &audit_socket, run_dir, &home, &ca_bundle)?
+        }
+    };
+    proxy.shutdown();
+    shutdown.cancel();
+    drop(rt);
+    let m = proxy.metrics();
+    let accepted = m.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let opened = m.opened.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "moat: workspace exited with status {code}; {opened} of {accepted} flows allowed \
+         (audit: {})",
+        args.proxy.audit_path(&default_audit).display()
+    );
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// The namespace backend: `moat __guest-init` in fresh namespaces; returns the agent's exit code.
+fn run_namespace(
+    args: &RunArgs,
+    rt: &tokio::runtime::Runtime,
+    proxy: &Proxy,
+    audit_socket: &std::path::Path,
+    run_dir: &std::path::Path,
+    home: &std::path::Path,
+    ca_bundle: &std::path::Path,
+) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot find the moat binary")?;
     let mut child = Command::new(exe)
         .arg("__guest-init")
         .arg("--flow-socket")
         .arg(proxy.listen_path())
         .arg("--audit-socket")
-        .arg(&audit_socket)
+        .arg(audit_socket)
         .arg("--run-dir")
         .arg(run_dir)
         .arg("--home")
-        .arg(&home)
+        .arg(home)
         .arg("--ca")
-        .arg(&ca_bundle)
+        .arg(ca_bundle)
         .arg("--")
         .args(&args.command)
         .spawn()
@@ -199,19 +312,7 @@ fn run_in(args: &RunArgs, run_dir: &std::path::Path) -> Result<ExitCode> {
         }
     });
     let status = child.wait()?;
-    proxy.shutdown();
-    shutdown.cancel();
-    drop(rt);
-    let code = moat_guest_init::exit_code(status);
-    let m = proxy.metrics();
-    let accepted = m.accepted.load(std::sync::atomic::Ordering::Relaxed);
-    let opened = m.opened.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!(
-        "moat: workspace exited with status {code}; {opened} of {accepted} flows allowed \
-         (audit: {})",
-        args.proxy.audit_path(&default_audit).display()
-    );
-    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+    Ok(moat_guest_init::exit_code(status))
 }
 
 pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {

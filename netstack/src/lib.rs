@@ -27,7 +27,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 pub use stack::{Counters, GATEWAY, GUEST_ADDR, Limits, MTU, PacketIo, Stack, Tun};
+pub use sys::vsock_connect;
 pub use transport::{FlowTransport, UnixTransport, VsockTransport};
+
+/// The host's vsock context id, as every guest sees it.
+pub const HOST_CID: u32 = 2;
 
 /// Name of the workspace's TUN interface.
 pub const TUN_NAME: &str = "moat0";

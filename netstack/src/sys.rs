@@ -57,6 +57,13 @@ pub fn open_tun(name: &str) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// An ioctl request number as `ioctl(2)` takes it: `c_ulong` in glibc, `c_int` in musl (the
+/// static guest-init of the VM). Every request used here fits in 31 bits.
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+fn request(r: libc::c_ulong) -> libc::Ioctl {
+    r as libc::Ioctl
+}
+
 fn inet_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call with constant arguments.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -95,7 +102,7 @@ pub fn configure(
         let mut req = ifreq(name)?;
         req.ifr_ifru.ifru_addr = sockaddr(addr);
         // SAFETY: SIOCSIFADDR reads an ifreq holding a sockaddr_in; `req` is valid.
-        check(unsafe { libc::ioctl(fd, libc::SIOCSIFADDR, &mut req) })?;
+        check(unsafe { libc::ioctl(fd, request(libc::SIOCSIFADDR), &mut req) })?;
         let mask = if prefix == 0 {
             0
         } else {
@@ -104,13 +111,13 @@ pub fn configure(
         let mut req = ifreq(name)?;
         req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
         // SAFETY: SIOCSIFNETMASK reads an ifreq holding a sockaddr_in; `req` is valid.
-        check(unsafe { libc::ioctl(fd, libc::SIOCSIFNETMASK, &mut req) })?;
+        check(unsafe { libc::ioctl(fd, request(libc::SIOCSIFNETMASK), &mut req) })?;
     }
     if let Some(mtu) = mtu {
         let mut req = ifreq(name)?;
         req.ifr_ifru.ifru_mtu = libc::c_int::try_from(mtu).map_err(io::Error::other)?;
         // SAFETY: SIOCSIFMTU reads an ifreq holding an int; `req` is valid.
-        check(unsafe { libc::ioctl(fd, libc::SIOCSIFMTU, &mut req) })?;
+        check(unsafe { libc::ioctl(fd, request(libc::SIOCSIFMTU), &mut req) })?;
     }
     if let Some(qlen) = txqueuelen {
         let mut req = ifreq(name)?;
@@ -118,18 +125,18 @@ pub fn configure(
         // SAFETY: SIOCSIFTXQLEN reads an ifreq holding an int (ifr_qlen shares the union
         // with ifru_metric); `req` is valid.
         // Best effort: some kernels refuse it inside a user namespace.
-        if let Err(e) = check(unsafe { libc::ioctl(fd, libc::SIOCSIFTXQLEN, &mut req) }) {
+        if let Err(e) = check(unsafe { libc::ioctl(fd, request(libc::SIOCSIFTXQLEN), &mut req) }) {
             tracing::debug!(error = %e, "cannot lengthen the TUN queue");
         }
     }
     let mut req = ifreq(name)?;
     // SAFETY: SIOCGIFFLAGS writes the flags into `req`, a valid ifreq.
-    check(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) })?;
+    check(unsafe { libc::ioctl(fd, request(libc::SIOCGIFFLAGS), &mut req) })?;
     // SAFETY: the kernel just initialised ifru_flags.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads the flags from `req`, a valid ifreq.
-    check(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req) })
+    check(unsafe { libc::ioctl(fd, request(libc::SIOCSIFFLAGS), &mut req) })
 }
 
 /// Reads one packet into `buf`; `Ok(None)` when none is waiting.
@@ -220,7 +227,7 @@ pub fn add_default_route(dev: &str, gateway: Ipv4Addr) -> io::Result<()> {
     check(unsafe {
         libc::ioctl(
             sock.as_raw_fd(),
-            libc::SIOCADDRT,
+            request(libc::SIOCADDRT),
             std::ptr::addr_of_mut!(rt),
         )
     })

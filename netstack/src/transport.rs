@@ -38,7 +38,7 @@ pub struct VsockTransport {
 
 impl FlowTransport for VsockTransport {
     fn connect(&self) -> io::Result<UnixStream> {
-        let s = crate::sys::vsock_connect(2, self.port)?;
+        let s = crate::sys::vsock_connect(crate::HOST_CID, self.port)?;
         s.set_nonblocking(true)?;
         Ok(s)
     }

@@ -44,6 +44,9 @@ pub enum Error {
     /// The command line does not fit its slot.
     #[error("kernel command line is {0} bytes, longer than {max}", max = CMDLINE_MAX - 1)]
     CmdlineTooLong(usize),
+    /// Console input asked for with the console going to a file.
+    #[error("serial input needs the console on stdout (it is refused with serial out)")]
+    SerialInputNeedsStdout,
     /// A reserved or out-of-range guest CID.
     #[error("guest CID {0} is reserved or out of range (3..=0xfffffffe)")]
     GuestCid(u64),
@@ -84,12 +87,30 @@ pub enum Toggle {
     Off,
 }
 
+/// The kernel image's format, and so its boot protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelFormat {
+    /// Read it from the file: ELF magic, or a bzImage's `HdrS` setup header.
+    #[default]
+    Auto,
+    /// An ELF with a PVH entry note, booted by the PVH protocol.
+    Elf,
+    /// A bzImage, booted by the Linux 64-bit boot protocol.
+    #[serde(rename = "bzimage")]
+    #[value(name = "bzimage")]
+    BzImage,
+}
+
 /// The file form of the configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// Kernel (ELF with a PVH entry note).
+    /// Kernel: an ELF with a PVH entry note, or a bzImage.
     pub kernel: Option<PathBuf>,
+    /// The kernel's format (`auto` reads it from the file).
+    #[serde(default)]
+    pub kernel_format: KernelFormat,
     /// Kernel command line.
     pub cmdline: Option<String>,
     /// Initramfs, handed to the guest as PVH module 0.
@@ -113,7 +134,7 @@ pub struct FileConfig {
     pub rng: Option<bool>,
     /// Per-thread seccomp filters (on unless set to false; off only for debugging).
     pub seccomp: Option<bool>,
-    /// Run jailed (needs root).
+    /// Run jailed (as root, or unprivileged through a user namespace).
     pub jail: Option<JailFile>,
 }
 
@@ -127,6 +148,9 @@ pub struct JailFile {
     pub uid: Option<u32>,
     /// Unprivileged gid (default 65534).
     pub gid: Option<u32>,
+    /// A user namespace first: `auto` (when not root), `on`, `off` (root only).
+    #[serde(default)]
+    pub user_namespace: Toggle,
 }
 
 /// `[[block]]` in the file.
@@ -148,6 +172,10 @@ pub struct SerialFile {
     pub out: Option<PathBuf>,
     /// Most bytes of console output kept.
     pub cap_bytes: Option<u64>,
+    /// Feed stdin to the guest's COM1: `auto` (when the console is stdout and stdin is
+    /// open), `on` (refused with `out`), `off`.
+    #[serde(default)]
+    pub input: Toggle,
 }
 
 /// `[vsock]` in the file.
@@ -201,6 +229,8 @@ pub const DEFAULT_CID: u64 = 3;
 pub struct VmConfig {
     /// Kernel image.
     pub kernel: PathBuf,
+    /// Its format.
+    pub kernel_format: KernelFormat,
     /// Command line given by the operator (device declarations are appended by the VMM).
     pub cmdline: String,
     /// Initramfs.
@@ -213,6 +243,8 @@ pub struct VmConfig {
     pub serial_out: Option<PathBuf>,
     /// Console cap in bytes.
     pub serial_cap: u64,
+    /// Console input from stdin (never with `serial_out`).
+    pub serial_in: Toggle,
     /// vsock device.
     pub vsock: Option<VsockConfig>,
     /// Nested-PVM workarounds.
@@ -265,14 +297,21 @@ impl VmConfig {
             }),
             None => None,
         };
+        let serial_in = match (f.serial.input, &f.serial.out) {
+            (Toggle::On, Some(_)) => return Err(Error::SerialInputNeedsStdout),
+            (_, Some(_)) => Toggle::Off,
+            (t, None) => t,
+        };
         Ok(Self {
             kernel,
+            kernel_format: f.kernel_format,
             cmdline,
             initrd: f.initrd,
             mem_bytes: mem_mib << 20,
             vcpus,
             serial_out: f.serial.out,
             serial_cap: f.serial.cap_bytes.unwrap_or(DEFAULT_SERIAL_CAP),
+            serial_in,
             vsock,
             pvm_workarounds: f.cpu.pvm_workarounds,
             disks: f.block,
@@ -292,6 +331,7 @@ mod tests {
         let f = FileConfig::parse(
             r#"
             kernel = "/k"
+            kernel_format = "bzimage"
             cmdline = "console=ttyS0"
             mem_mib = 128
             vcpus = 2
@@ -316,6 +356,10 @@ mod tests {
         let c = c.ok();
         assert_eq!(c.as_ref().map(|c| c.mem_bytes), Some(128 << 20));
         assert_eq!(
+            c.as_ref().map(|c| c.kernel_format),
+            Some(KernelFormat::BzImage)
+        );
+        assert_eq!(
             c.as_ref()
                 .and_then(|c| c.vsock.as_ref())
                 .map(|v| v.cid.get()),
@@ -329,6 +373,11 @@ mod tests {
     }
 
     #[test]
+    fn unknown_kernel_format_is_refused() {
+        assert!(FileConfig::parse("kernel = \"/k\"\nkernel_format = \"pe\"\n").is_err());
+    }
+
+    #[test]
     fn unknown_nested_field_is_refused() {
         assert!(FileConfig::parse("[vsock]\nuds = \"/x\"\nport = 5\n").is_err());
     }
@@ -339,6 +388,22 @@ mod tests {
             assert!(GuestCid::try_from(cid).is_err(), "cid {cid}");
         }
         assert!(GuestCid::try_from(3).is_ok());
+    }
+
+    #[test]
+    fn serial_input_with_a_console_file_is_refused() {
+        let f = FileConfig::parse("kernel = \"/k\"\n[serial]\nout = \"/c\"\ninput = \"on\"\n");
+        assert!(matches!(
+            VmConfig::from_file(f.unwrap_or_default()),
+            Err(Error::SerialInputNeedsStdout)
+        ));
+    }
+
+    #[test]
+    fn serial_input_is_off_when_the_console_is_a_file() {
+        let f = FileConfig::parse("kernel = \"/k\"\n[serial]\nout = \"/c\"\n");
+        let c = VmConfig::from_file(f.unwrap_or_default()).ok();
+        assert_eq!(c.map(|c| c.serial_in), Some(Toggle::Off));
     }
 
     #[test]

@@ -2,12 +2,16 @@
 //! probe guest's expectations agree.
 //!
 //! ```text
-//! 0x0000_0500  GDT (4 entries) used by the PVH entry state
+//! 0x0000_0500  GDT: 32-bit segments for the PVH entry, 64-bit ones for the Linux 64-bit entry
+//! 0x0000_3000  Linux zero page (`boot_params`), 64-bit boot protocol only
+//! 0x0000_4000  boot stack of the 64-bit entry (grows down from 0x5000)
 //! 0x0000_6000  hvm_start_info (PVH), followed by the module list at 0x6040
 //! 0x0000_7000  PVH memory map (e820-style entries)
+//! 0x0000_9000  page tables of the 64-bit entry: PML4, PDPT at 0xa000, 4 PDs at 0xb000..0xf000
 //! 0x0002_0000  kernel command line (NUL terminated, at most CMDLINE_MAX bytes)
 //! 0x0009_fc00  end of low RAM (EBDA and legacy hole above, reserved)
-//! 0x0010_0000  kernel (ELF segments at their physical addresses)
+//! 0x0010_0000  kernel (ELF segments at their physical addresses, or a bzImage's protected-mode
+//!              part, which decompresses itself to its preferred address, usually 16 MiB)
 //! ...          initramfs at the top of RAM below the MMIO gap, page aligned
 //! 0xc000_0000  MMIO gap: virtio-mmio devices from 0xd000_0000, 4 KiB each
 //! 0x1_0000_0000 RAM above 4 GiB when the guest has more than 3 GiB
@@ -15,6 +19,16 @@
 
 /// Where the GDT lives.
 pub const GDT_ADDR: u64 = 0x500;
+/// Linux `boot_params` (the zero page) for the 64-bit boot protocol.
+pub const ZERO_PAGE_ADDR: u64 = 0x3000;
+/// Initial stack pointer of the 64-bit entry (the kernel sets up its own stack at once).
+pub const BOOT_STACK_TOP: u64 = 0x5000;
+/// PML4 of the 64-bit entry's identity map.
+pub const PML4_ADDR: u64 = 0x9000;
+/// The one PDPT under the PML4.
+pub const PDPT_ADDR: u64 = 0xa000;
+/// First of four page directories (2 MiB pages), which identity-map the low 4 GiB.
+pub const PD_ADDR: u64 = 0xb000;
 /// PVH `hvm_start_info`.
 pub const PVH_INFO_ADDR: u64 = 0x6000;
 /// PVH module list (the initramfs), right after `hvm_start_info`.
@@ -51,6 +65,12 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 // The virtio windows (up to 16 devices) sit inside the MMIO gap, below KVM's private pages.
 const _: () = assert!(VIRTIO_MMIO_BASE >= MMIO_GAP_START);
 const _: () = assert!(VIRTIO_MMIO_BASE + 16 * VIRTIO_MMIO_SIZE < KVM_IDENTITY_MAP_ADDR);
+// The boot structures of the low 64 KiB do not overlap one another.
+const _: () = assert!(GDT_ADDR + 8 * 8 <= ZERO_PAGE_ADDR);
+const _: () = assert!(ZERO_PAGE_ADDR + 0x1000 <= BOOT_STACK_TOP - 0x1000);
+const _: () = assert!(BOOT_STACK_TOP <= PVH_INFO_ADDR);
+const _: () = assert!(PVH_MEMMAP_ADDR + 0x1000 <= PML4_ADDR);
+const _: () = assert!(PD_ADDR + 4 * 0x1000 <= CMDLINE_ADDR);
 
 /// The RAM ranges for a guest of `mem_bytes`: low RAM up to the MMIO gap, the rest above 4 GiB.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {

@@ -7,16 +7,18 @@
 //!  config.rs (TOML + flags, parsed once)
 //!      |
 //!  vmm.rs: Resources::open (every host fd) -> jail/ (optional) -> guest memory (vm-memory)
-//!      -> boot.rs (linux-loader, PVH) + mptable.rs -> kvm/ (VM, irqchip, PIT, vCPUs + cpuid.rs)
+//!      -> boot/ (linux-loader: PVH ELF or bzImage) + mptable.rs -> kvm/ (VM, irqchip, PIT, vCPUs)
 //!      |                                                             | KVM_RUN exits
-//!      +-> devices/bus.rs: COM1 (vm-superio) | i8042 reset | virtio-mmio windows
+//!      +-> devices/bus.rs: COM1 (vm-superio; stdin fed by its serial-in thread) | i8042 reset
+//!            | virtio-mmio windows
 //!            devices/virtio/mmio.rs -> vsock/ (packet -> muxer -> Unix sockets), block, rng,
 //!            each on its own thread (queue_worker.rs), every thread under seccomp.rs
 //! ```
 //!
 //! Invariants:
-//! - `unsafe` lives only in `kvm/` (memory slots, the internal-error report) and `jail/sys.rs`
-//!   (namespaces, mounts, privilege drop, Landlock); everything else is safe code.
+//! - `unsafe` lives only in `kvm/` (memory slots, the internal-error report), `jail/sys.rs`
+//!   (namespaces, mounts, privilege drop, Landlock) and `terminal.rs` (termios, the exit
+//!   signals' handler and mask); everything else is safe code.
 //! - The guest chooses only vsock port numbers, which map to `<uds>_P` under the operator's
 //!   socket path; nothing it sends names any other host path, port or identity.
 //! - A guest-caused error resets a device or closes a connection and is logged rate-limited;
@@ -39,4 +41,6 @@ pub mod mptable;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod stats;
+#[allow(unsafe_code)]
+pub mod terminal;
 pub mod vmm;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use moat_vmm::config::{BlockFile, FileConfig, JailFile, SerialFile, Toggle, VmConfig, VsockFile};
+use moat_vmm::config::{
+    BlockFile, FileConfig, JailFile, KernelFormat, SerialFile, Toggle, VmConfig, VsockFile,
+};
 use moat_vmm::exit::EXIT_CONFIG;
 use moat_vmm::jail::{self, JailSpec};
 
@@ -17,9 +19,13 @@ struct Args {
     /// TOML config file (unknown fields are refused); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Kernel: an ELF with a PVH entry note (vmlinux with CONFIG_PVH, or the probe guest).
+    /// Kernel: an ELF with a PVH entry note (vmlinux with CONFIG_PVH, or the probe guest), or
+    /// a bzImage (Linux 64-bit boot protocol).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// The kernel's format; `auto` reads it from the file.
+    #[arg(long, value_enum)]
+    kernel_format: Option<KernelFormat>,
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
@@ -44,6 +50,10 @@ struct Args {
     /// Most bytes of serial output kept.
     #[arg(long)]
     serial_cap: Option<u64>,
+    /// Feed stdin to the guest's serial port: auto (when the console is stdout and stdin is
+    /// open), on, off. The host terminal goes to raw mode while the VM runs if stdin is one.
+    #[arg(long, value_enum)]
+    serial_in: Option<Toggle>,
     /// Add a read-write disk (repeatable). Guest order: config-file disks, then --block-ro,
     /// then --block.
     #[arg(long = "block")]
@@ -54,7 +64,8 @@ struct Args {
     /// Offer a virtio-rng device fed from the host's /dev/urandom.
     #[arg(long)]
     rng: bool,
-    /// Jail the VMM (needs root): this empty directory becomes its root.
+    /// Jail the VMM (as root, or unprivileged in a user namespace): this empty directory
+    /// becomes its root.
     #[arg(long)]
     jail_dir: Option<PathBuf>,
     /// Unprivileged uid inside the jail.
@@ -63,6 +74,9 @@ struct Args {
     /// Unprivileged gid inside the jail.
     #[arg(long, default_value_t = 65534)]
     jail_gid: u32,
+    /// Create a user namespace for the jail: auto (when not root), on, off.
+    #[arg(long, value_enum)]
+    jail_userns: Option<Toggle>,
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -83,6 +97,9 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
         None => FileConfig::default(),
     };
     f.kernel = args.kernel.or(f.kernel);
+    if let Some(k) = args.kernel_format {
+        f.kernel_format = k;
+    }
     f.cmdline = args.cmdline.or(f.cmdline);
     f.initrd = args.initrd.or(f.initrd);
     f.mem_mib = args.mem.or(f.mem_mib);
@@ -90,6 +107,7 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
     f.serial = SerialFile {
         out: args.serial_out.or(f.serial.out),
         cap_bytes: args.serial_cap.or(f.serial.cap_bytes),
+        input: args.serial_in.unwrap_or(f.serial.input),
     };
     if let Some(uds) = args.vsock_uds {
         let cid = args
@@ -117,7 +135,10 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
             dir,
             uid: Some(args.jail_uid),
             gid: Some(args.jail_gid),
+            user_namespace: args.jail_userns.unwrap_or_default(),
         });
+    } else if let (Some(j), Some(t)) = (f.jail.as_mut(), args.jail_userns) {
+        j.user_namespace = t;
     }
     if args.no_seccomp {
         f.seccomp = Some(false);
@@ -154,6 +175,11 @@ fn run(
         gid: j.gid.unwrap_or(65534),
         uds: cfg.vsock.as_ref().map(|v| v.uds.clone()),
         max_files: 4096,
+        user_ns: match j.user_namespace {
+            Toggle::On => true,
+            Toggle::Off => false,
+            Toggle::Auto => !jail::is_root(),
+        },
     })?;
     Ok(moat_vmm::vmm::run_with(
         cfg, res, inside.uds, timeout, stats,
@@ -187,6 +213,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             print_chain(e.as_ref());
+            // Nothing touched the terminal yet.
             return ExitCode::from(u8::try_from(EXIT_CONFIG).unwrap_or(2));
         }
     };
@@ -204,6 +231,7 @@ fn main() -> ExitCode {
             1
         }
     };
+    moat_vmm::terminal::restore();
     // vCPU threads may still sit in KVM_RUN; leave without unwinding them.
     std::process::exit(code)
 }

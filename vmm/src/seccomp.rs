@@ -18,6 +18,10 @@ use seccompiler::{
 const KVM_RUN: u64 = 0xae80;
 /// `ioctl(vcpu, KVM_GET_REGS)`: `_IOR(KVMIO, 0x81, struct kvm_regs)` (144 bytes).
 const KVM_GET_REGS: u64 = 0x8090_ae81;
+/// `ioctl(fd, TCGETS)`: `tcgetattr`.
+const TCGETS: u64 = 0x5401;
+/// `ioctl(fd, TCSETS)`: `tcsetattr(TCSANOW)`.
+const TCSETS: u64 = 0x5402;
 /// `ioctl(fd, FIONBIO)`.
 const FIONBIO: u64 = 0x5421;
 
@@ -42,17 +46,26 @@ pub enum Role {
     Main,
     /// A vCPU thread: KVM_RUN and device register emulation.
     Vcpu,
-    /// The vsock device thread: epoll, Unix sockets.
+    /// The vsock device thread: its event loop, Unix sockets.
     Vsock,
     /// A block device thread: positioned reads and writes on its disk.
     Block,
     /// The rng device thread: reads from the entropy file it was given.
     Rng,
+    /// The console input thread: reads stdin into COM1's receive FIFO.
+    SerialIn,
 }
 
 impl Role {
     /// Every role, for tests.
-    pub const ALL: [Role; 5] = [Role::Main, Role::Vcpu, Role::Vsock, Role::Block, Role::Rng];
+    pub const ALL: [Role; 6] = [
+        Role::Main,
+        Role::Vcpu,
+        Role::Vsock,
+        Role::Block,
+        Role::Rng,
+        Role::SerialIn,
+    ];
 }
 
 /// A syscall, the conditions on it (empty: any arguments) and why it is allowed.
@@ -114,11 +127,12 @@ fn fcntl_getfd() -> Result<Allow, seccompiler::BackendError> {
     )
 }
 
-fn epoll() -> Vec<Allow> {
+/// What a device thread's event-manager loop needs.
+fn event_loop() -> Vec<Allow> {
     vec![
         any(
             libc::SYS_epoll_create1,
-            "each activation builds its own epoll",
+            "each activation builds its own EventManager (an epoll set)",
         ),
         any(
             libc::SYS_epoll_ctl,
@@ -128,6 +142,10 @@ fn epoll() -> Vec<Allow> {
         any(
             libc::SYS_epoll_pwait,
             "the device loop (libc may use pwait)",
+        ),
+        any(
+            libc::SYS_getrandom,
+            "hash map seeds: EventManager's fd and subscriber maps, vsock's connection table",
         ),
     ]
 }
@@ -144,6 +162,18 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
                 libc::SYS_lseek,
                 "--stats re-reads /proc/self files opened earlier",
             ));
+            rules.push(arg_eq(
+                libc::SYS_ioctl,
+                1,
+                TCSETS,
+                "TCSETS: restoring the host terminal's mode at exit (raw console only)",
+            )?);
+            rules.push(arg_eq(
+                libc::SYS_ioctl,
+                1,
+                TCGETS,
+                "TCGETS: glibc's tcsetattr reads the mode back to check it",
+            )?);
         }
         Role::Vcpu => {
             rules.push(arg_eq(
@@ -166,7 +196,7 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
             )?);
         }
         Role::Vsock => {
-            rules.extend(epoll());
+            rules.extend(event_loop());
             rules.push(arg_eq(
                 libc::SYS_socket,
                 0,
@@ -190,19 +220,19 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
                 libc::SYS_fcntl,
                 "duplicating the listener, socket flags",
             ));
-            rules.push(any(
-                libc::SYS_getrandom,
-                "hash map seeds in the connection table",
-            ));
         }
         Role::Block => {
-            rules.extend(epoll());
+            rules.extend(event_loop());
             rules.push(any(libc::SYS_pread64, "reading the disk"));
             rules.push(any(libc::SYS_pwrite64, "writing the disk"));
             rules.push(any(libc::SYS_fdatasync, "FLUSH"));
         }
         Role::Rng => {
-            rules.extend(epoll());
+            rules.extend(event_loop());
+        }
+        Role::SerialIn => {
+            // read (stdin, its eventfd) and write (COM1's irqfd) are in `common`.
+            rules.extend(event_loop());
         }
     }
     Ok(rules)

@@ -17,7 +17,7 @@ use crate::cpuid;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{I8042, ResetLine};
 use crate::devices::metrics::DeviceMetrics;
-use crate::devices::serial::{self, IrqLine, SerialDevice};
+use crate::devices::serial::{self, IrqLine};
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::rng::Rng;
@@ -46,6 +46,9 @@ pub enum Error {
     /// The console sink could not be opened.
     #[error("cannot open the serial console output")]
     Console(#[source] std::io::Error),
+    /// Console input (stdin, the terminal, its thread) could not be set up.
+    #[error("cannot set up console input")]
+    ConsoleInput(#[source] std::io::Error),
     /// The vsock device could not be created.
     #[error("cannot create the vsock device")]
     Vsock(#[source] crate::devices::virtio::vsock::Error),
@@ -78,6 +81,7 @@ pub struct Resources {
     disks: Vec<Disk>,
     entropy: Option<std::fs::File>,
     console: serial::ConsoleOut,
+    console_in: Option<std::fs::File>,
     vsock: Option<UnixListener>,
 }
 
@@ -109,6 +113,7 @@ impl Resources {
         };
         let console = serial::console_out(cfg.serial_out.as_deref(), cfg.serial_cap)
             .map_err(Error::Console)?;
+        let console_in = console_input(cfg.serial_in)?;
         let vsock = match &cfg.vsock {
             Some(v) => Some(crate::devices::virtio::vsock::bind(&v.uds).map_err(Error::Vsock)?),
             None => None,
@@ -121,9 +126,41 @@ impl Resources {
             disks,
             entropy,
             console,
+            console_in,
             vsock,
         })
     }
+}
+
+/// Stdin for console input, duplicated (so the input thread owns a plain file), or `None` when
+/// input is off or (`auto`) stdin is closed or cannot be polled (a regular file, `/dev/null`:
+/// epoll refuses those). When stdin is a terminal it goes to raw mode here, before any thread
+/// exists (see [`crate::terminal`]).
+fn console_input(toggle: Toggle) -> Result<Option<std::fs::File>, Error> {
+    use std::os::fd::AsFd;
+    if toggle == Toggle::Off {
+        return Ok(None);
+    }
+    let stdin = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(_) if toggle == Toggle::Auto => return Ok(None),
+        Err(e) => return Err(Error::ConsoleInput(e)),
+    };
+    if toggle == Toggle::Auto && !pollable(&stdin) {
+        return Ok(None);
+    }
+    crate::terminal::enter_raw_mode().map_err(Error::ConsoleInput)?;
+    Ok(Some(stdin))
+}
+
+/// Whether epoll can watch `f`: a terminal, a pipe or a socket.
+fn pollable(f: &std::fs::File) -> bool {
+    use std::io::IsTerminal;
+    use std::os::unix::fs::FileTypeExt;
+    f.is_terminal()
+        || f.metadata()
+            .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+            .unwrap_or(false)
 }
 
 /// Boots `cfg` and runs it until the guest stops, the VMM fails or `timeout` passes. With
@@ -153,6 +190,7 @@ pub fn run_with(
         disks,
         entropy,
         console,
+        console_in,
         vsock,
     } = res;
     let uds = uds_inside.or_else(|| cfg.vsock.as_ref().map(|v| v.uds.clone()));
@@ -193,6 +231,7 @@ pub fn run_with(
         &mem,
         BootSpec {
             kernel: &mut kernel,
+            format: cfg.kernel_format,
             cmdline: &cmdline,
             initrd: initrd.as_mut(),
             mem_bytes: cfg.mem_bytes,
@@ -210,7 +249,18 @@ pub fn run_with(
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
         .map_err(Error::Kvm)?;
-    let serial = SerialDevice::new(IrqLine(serial_irq), console);
+    let input_ready = match console_in {
+        Some(_) => Some(serial::input_ready_eventfd().map_err(Error::ConsoleInput)?),
+        None => None,
+    };
+    let serial = Arc::new(Mutex::new(
+        serial::serial_device(IrqLine(serial_irq), input_ready.as_ref(), console)
+            .map_err(Error::EventFd)?,
+    ));
+    if let (Some(input), Some(ready)) = (console_in, input_ready) {
+        serial::spawn_input_thread(input, ready, serial.clone(), cfg.seccomp)
+            .map_err(|e| Error::Thread("serial-in".to_owned(), e))?;
+    }
     let i8042 = I8042::new(ResetLine::new(exits.clone(), stop.clone()));
     let mut bus = Bus::new(serial, i8042);
     for (dev, slot) in devices.into_iter().zip(&slots) {
@@ -231,7 +281,7 @@ pub fn run_with(
         Toggle::Off => false,
         Toggle::Auto => cpuid::host_is_nested_pvm(),
     };
-    tracing::info!(pvm_workarounds = pvm, entry = entry.entry, "booting");
+    tracing::info!(pvm_workarounds = pvm, entry = entry.entry(), "booting");
     let (started_tx, started_rx) = mpsc::channel::<Instant>();
     for index in 0..cfg.vcpus {
         let vcpu = vm
@@ -276,6 +326,9 @@ pub fn run_with(
             Err(e) => tracing::warn!(error = %e, "--stats needs /proc, which a jail hides"),
         }
     }
+    // Every other thread runs (with the exit signals blocked): from now on the main thread
+    // alone takes them, under its own seccomp role.
+    crate::terminal::unblock_exit_signals().map_err(Error::ConsoleInput)?;
     if cfg.seccomp {
         seccomp::install(Role::Main).map_err(Error::Seccomp)?;
     }

@@ -2,7 +2,7 @@
 //! virtio-blk, virtio-rng and vsock drivers probing our devices. On nested PVM guest user space
 //! cannot run, so /init faults, the kernel panics and `panic=-1` resets the machine (exit 0).
 //!
-//! Needs a vmlinux built by tests/linux/build-kernel.sh, named by MOAT_LINUX_KERNEL; skipped
+//! Needs the vmlinux `cargo xtask images kernel` builds, named by MOAT_LINUX_KERNEL; skipped
 //! with a printed reason otherwise (or without /dev/kvm). About 20 s on the nested PVM host.
 #![allow(
     clippy::unwrap_used,
@@ -106,8 +106,8 @@ fn smp_linux_brings_up_every_vcpu_from_our_mp_table() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_SMP_KERNEL").map(PathBuf::from) else {
         eprintln!(
-            "SKIPPED: set MOAT_LINUX_SMP_KERNEL to a vmlinux from \
-             SMP=1 vmm/tests/linux/build-kernel.sh (this boot takes about 100 s here)"
+            "SKIPPED: set MOAT_LINUX_SMP_KERNEL to a vmlinux built like `cargo xtask images \
+             kernel` with CONFIG_SMP=y added (this boot takes about 100 s here)"
         );
         return;
     };
@@ -135,11 +135,59 @@ fn smp_linux_brings_up_every_vcpu_from_our_mp_table() {
 }
 
 #[test]
+fn linux_bzimage_boots_to_init_through_the_64_bit_boot_protocol() {
+    require_kvm!();
+    let Some(kernel) = std::env::var_os("MOAT_LINUX_BZIMAGE").map(PathBuf::from) else {
+        eprintln!(
+            "SKIPPED: set MOAT_LINUX_BZIMAGE to a bzImage from \
+             `cargo xtask images kernel` (LZ4; this boot takes about 80 s here)"
+        );
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = common::scratch("linux-bzimage");
+    let initrd = initramfs(&dir);
+    let start = std::time::Instant::now();
+    let run = common::run_vmm_with_timeout(
+        "linux-bzimage-run",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--mem",
+            "256",
+            "--cmdline",
+            PVM_CMDLINE,
+        ],
+        300,
+    );
+    eprintln!(
+        "bzImage boot through moat-vmm: {:.1} s wall",
+        start.elapsed().as_secs_f64()
+    );
+    let has = |s: &str| run.serial.contains(s);
+    // Our zero page: the command line, the e820 table, the initramfs.
+    assert!(
+        has(&format!("Command line: {PVM_CMDLINE}")),
+        "{}",
+        run.serial
+    );
+    assert!(
+        has("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
+        "{}",
+        run.serial
+    );
+    assert!(has("Run /init as init process"), "{}", run.serial);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+}
+
+#[test]
 fn linux_boots_to_init_with_our_virtio_devices() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_KERNEL").map(PathBuf::from) else {
         eprintln!(
-            "SKIPPED: set MOAT_LINUX_KERNEL to a vmlinux from vmm/tests/linux/build-kernel.sh"
+            "SKIPPED: set MOAT_LINUX_KERNEL to the vmlinux `cargo xtask images kernel` builds"
         );
         return;
     };

@@ -86,6 +86,41 @@ case!(
     open_unix_socket
 );
 
+case!(
+    main_may_read_the_terminal_mode_to_restore_it,
+    Role::Main,
+    allowed,
+    || {
+        // TCGETS on stdin, as glibc's tcsetattr does after TCSETS.
+        let _ = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    }
+);
+
+case!(
+    serial_in_may_run_an_event_manager,
+    Role::SerialIn,
+    allowed,
+    || {
+        let em = event_manager::EventManager::<Box<dyn event_manager::MutEventSubscriber>>::new();
+        assert!(em.is_ok());
+    }
+);
+case!(
+    serial_in_may_not_open_files,
+    Role::SerialIn,
+    killed,
+    open_a_file
+);
+case!(serial_in_may_not_use_ioctls, Role::SerialIn, killed, || {
+    let _ = std::io::IsTerminal::is_terminal(&std::io::stdin());
+});
+case!(
+    serial_in_may_not_open_sockets,
+    Role::SerialIn,
+    killed,
+    open_unix_socket
+);
+
 case!(vcpu_may_signal_eventfds, Role::Vcpu, allowed, || {});
 case!(vcpu_may_not_open_files, Role::Vcpu, killed, open_a_file);
 case!(vcpu_may_not_use_other_ioctls, Role::Vcpu, killed, || {

@@ -2,6 +2,8 @@
 
 mod bench;
 mod fuzz;
+mod images;
+mod run_vm;
 mod test;
 mod vmm;
 
@@ -14,12 +16,19 @@ const USAGE: &str = "usage: cargo xtask <verb>
 
 verbs:
   test              install the test tools (OCSF validator venv) and run every test
-  bench [--quick] [egress|vmm]
+  bench [--quick] [--intercept-only] [egress|vmm]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
-                    (start-up, memory, vsock throughput); tables + JSON in bench-results/
+                    (start-up, memory, vsock throughput); tables + JSON in bench-results/;
+                    --intercept-only: only the interception rows
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
-  linux-boot        moat-vmm: boot a real Linux kernel to `Run /init` (MOAT_LINUX_KERNEL)";
+  images [kernel|initramfs|rootfs|all]
+                    build the VM images (cached in target/moat-images by a hash of their
+                    recipes in images/; an interrupted build resumes)
+  run-vm [-- command]
+                    build what is missing, then boot the workspace VM with the development
+                    policy: an interactive shell, or the command and its exit status
+  linux-boot        moat-vmm: boot our Linux kernel and initramfs to `Run /init`";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,6 +49,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         "fuzz" => fuzz::run(rest),
+        "images" => images::run(rest),
+        "run-vm" => run_vm::run(rest),
         "linux-boot" => vmm::linux_boot_test(),
         "" | "help" | "--help" | "-h" => {
             println!("{USAGE}");

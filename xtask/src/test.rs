@@ -1,4 +1,5 @@
-//! `cargo xtask test`: make sure the test tools exist, then run every test in the workspace.
+//! `cargo xtask test`: make sure the test tools and the guest images exist, then run every
+//! test in the workspace.
 //!
 //! The egress tests validate audit records with a published OCSF validator (Python packages
 //! pinned in egress/tests/ocsf/requirements.txt), installed into `.venv-ocsf` at the root. The
@@ -65,11 +66,18 @@ fn oidc_provider() -> Result<()> {
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let python = ocsf_venv()?;
     oidc_provider()?;
+    // The Linux boot tests (moat-vmm's, and the vm backend's) boot our kernel and initramfs:
+    // built here, or found in the cache (the first build takes about 8 minutes on 2 cores).
+    let kernel = crate::images::kernel()?;
+    let initramfs = crate::images::initramfs()?;
     run_cmd(
         Command::new(env!("CARGO"))
             .current_dir(root())
             .args(["test", "--workspace", "--locked"])
             .args(args)
-            .env("MOAT_OCSF_PYTHON", python),
+            .env("MOAT_OCSF_PYTHON", python)
+            .env("MOAT_LINUX_KERNEL", &kernel.vmlinux)
+            .env("MOAT_LINUX_BZIMAGE", &kernel.bzimage)
+            .env("MOAT_LINUX_INITRAMFS", &initramfs),
     )
 }

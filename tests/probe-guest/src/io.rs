@@ -1,10 +1,22 @@
-//! Port I/O: the 16550 serial port at 0x3f8 (polled) and the i8042 reset line.
+//! Port I/O: the 16550 serial port at 0x3f8 (polled, both ways) and the i8042 reset line.
 
 use core::arch::asm;
 
 const COM1: u16 = 0x3f8;
 const LSR: u16 = COM1 + 5;
 const LSR_THR_EMPTY: u8 = 0x20;
+const LSR_DATA_READY: u8 = 0x01;
+
+/// One byte from COM1's receive buffer, polling the data-ready bit at most `max_polls` times
+/// (each poll is a port exit: the VMM's console input thread fills the FIFO meanwhile).
+pub fn read_byte(max_polls: u32) -> Option<u8> {
+    for _ in 0..max_polls {
+        if inb(LSR) & LSR_DATA_READY != 0 {
+            return Some(inb(COM1));
+        }
+    }
+    None
+}
 
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O in a guest we own; the VMM decides what the port does.

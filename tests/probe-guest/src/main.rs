@@ -83,6 +83,9 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
         let _ = writeln!(out, "probe: hanging on purpose");
         io::hang();
     }
+    if param(cmdline, "probe.serial_echo=").is_some() {
+        serial_echo(out)?;
+    }
     if param(cmdline, "probe.rng=").is_some() {
         let (slot, base) = virtio::find(cmdline, 4, 0).ok_or("no rng device found")?;
         rng::test(out, slot, base)?;
@@ -102,6 +105,26 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
             .unwrap_or(4096usize);
         vsock::echo_test(out, slot, base, port, bytes)?;
     }
+    Ok(())
+}
+
+/// Reads one line from COM1 and echoes it upper-cased: `probe: serial echo <LINE>`.
+fn serial_echo(out: &mut Serial) -> Result<(), &'static str> {
+    let _ = writeln!(out, "probe: serial echo ready");
+    let mut line = [0u8; 64];
+    let mut len = 0;
+    loop {
+        let b = io::read_byte(50_000_000).ok_or("no serial input")?;
+        if b == b'\n' || b == b'\r' {
+            break;
+        }
+        if let Some(slot) = line.get_mut(len) {
+            *slot = b.to_ascii_uppercase();
+            len += 1;
+        }
+    }
+    let text = core::str::from_utf8(&line[..len]).unwrap_or("?");
+    let _ = writeln!(out, "probe: serial echo {text}");
     Ok(())
 }
 

@@ -37,7 +37,7 @@ struct Window {
 
 /// The machine's devices.
 pub struct Bus {
-    serial: Mutex<SerialDevice>,
+    serial: Arc<Mutex<SerialDevice>>,
     i8042: Mutex<I8042>,
     mmio: Vec<Window>,
 }
@@ -51,10 +51,11 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// A bus with the legacy devices and no MMIO windows yet.
-    pub fn new(serial: SerialDevice, i8042: I8042) -> Self {
+    /// A bus with the legacy devices and no MMIO windows yet. COM1 is shared with the
+    /// console input thread, when there is one.
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, i8042: I8042) -> Self {
         Self {
-            serial: Mutex::new(serial),
+            serial,
             i8042: Mutex::new(i8042),
             mmio: Vec::new(),
         }

@@ -1,12 +1,25 @@
 //! The serial console: a 16550 (vm-superio) on COM1 whose output goes to stdout or a file,
-//! with a byte cap so a chatty or hostile guest cannot fill the host disk.
+//! with a byte cap so a chatty or hostile guest cannot fill the host disk; and, for an
+//! interactive console, its input: a thread that feeds the VMM's stdin into the receive FIFO.
+//!
+//! Input flow control: the thread reads stdin only while it holds no bytes the FIFO refused.
+//! When the FIFO (64 bytes) is full it stops watching stdin until the guest empties the FIFO,
+//! which vm-superio reports through [`SerialEvents::in_buffer_empty`] ([`InputReady`], an
+//! eventfd). So at most [`INPUT_CHUNK`] bytes of input wait in the VMM, whatever the guest does.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::devices::virtio::queue_worker::event_error;
+use crate::seccomp::{self, Role};
 
 /// First COM1 port.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -90,10 +103,198 @@ pub fn console_out(path: Option<&Path>, cap: u64) -> io::Result<ConsoleOut> {
 }
 
 /// The COM1 device.
-pub type SerialDevice = Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleOut>;
+pub type SerialDevice = Serial<IrqLine, InputReady, ConsoleOut>;
+
+/// Most stdin bytes read at once (and so held while the guest has not taken them).
+pub const INPUT_CHUNK: usize = 256;
+
+/// vm-superio's events of COM1: when the guest empties the receive FIFO, wake the input thread
+/// (if there is one).
+#[derive(Debug)]
+pub struct InputReady(Option<EventFd>);
+
+impl InputReady {
+    /// No console input: nobody to wake.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl SerialEvents for InputReady {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Some(evt) = &self.0 {
+            // Only fails if the counter would overflow: the thread is then awake anyway.
+            let _ = evt.write(1);
+        }
+    }
+}
+
+/// COM1 with its events: `ready`, when console input is on, is written whenever the guest
+/// empties the receive FIFO.
+pub fn serial_device(
+    irq: IrqLine,
+    ready: Option<&EventFd>,
+    out: ConsoleOut,
+) -> io::Result<SerialDevice> {
+    let events = match ready {
+        Some(e) => InputReady(Some(e.try_clone()?)),
+        None => InputReady::none(),
+    };
+    Ok(Serial::with_events(irq, events, out))
+}
+
+/// Event data of the input thread's sources.
+const DATA_INPUT: u32 = 0;
+const DATA_READY: u32 = 1;
+
+/// Feeds host input into COM1's receive FIFO, at the guest's pace.
+struct ConsoleInput {
+    input: File,
+    ready: EventFd,
+    serial: Arc<Mutex<SerialDevice>>,
+    pending: Vec<u8>,
+    watching_input: bool,
+    eof: bool,
+    init_error: Option<event_manager::Error>,
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        for ev in [
+            Events::with_data(&self.input, DATA_INPUT, EventSet::IN),
+            Events::with_data(&self.ready, DATA_READY, EventSet::IN),
+        ] {
+            if let Err(e) = ops.add(ev) {
+                self.init_error.get_or_insert(e);
+            }
+        }
+        self.watching_input = self.init_error.is_none();
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
+        match events.data() {
+            DATA_INPUT => self.read_input(),
+            DATA_READY => {
+                let _ = self.ready.read();
+            }
+            _ => {}
+        }
+        self.push();
+        // Watch stdin only while nothing waits for room in the FIFO.
+        let want = self.pending.is_empty() && !self.eof;
+        if want != self.watching_input {
+            let ev = Events::with_data(&self.input, DATA_INPUT, EventSet::IN);
+            let r = if want { ops.add(ev) } else { ops.remove(ev) };
+            match r {
+                Ok(()) => self.watching_input = want,
+                Err(e) => {
+                    tracing::warn!(error = %event_error(e), "console input: cannot (un)watch stdin")
+                }
+            }
+        }
+    }
+}
+
+impl ConsoleInput {
+    fn read_input(&mut self) {
+        let mut buf = [0u8; INPUT_CHUNK];
+        match self.input.read(&mut buf) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self
+                .pending
+                .extend_from_slice(buf.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "console input failed; no more input");
+                self.eof = true;
+            }
+        }
+    }
+
+    /// Moves pending bytes into the FIFO as far as it has room.
+    fn push(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let Ok(mut serial) = self.serial.lock() else {
+            return;
+        };
+        if serial.fifo_capacity() == 0 {
+            return;
+        }
+        match serial.enqueue_raw_bytes(&self.pending) {
+            // Room, but nothing taken: the guest put the UART in loopback mode, where it
+            // receives nothing from outside. A real UART drops such input too.
+            Ok(0) => self.pending.clear(),
+            Ok(n) => {
+                self.pending.drain(..n.min(self.pending.len()));
+            }
+            Err(e) => {
+                tracing::warn!("console input: cannot raise the COM1 interrupt: {e:?}");
+                self.pending.clear();
+            }
+        }
+    }
+}
+
+/// The console input thread, started before any seccomp filter exists (like device threads);
+/// it installs the [`Role::SerialIn`] filter first.
+pub fn spawn_input_thread(
+    input: File,
+    ready: EventFd,
+    serial: Arc<Mutex<SerialDevice>>,
+    confine: bool,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("serial-in".to_owned())
+        .spawn(move || {
+            if confine && let Err(e) = seccomp::install(Role::SerialIn) {
+                tracing::error!(error = %e, "console input thread cannot confine itself; no input");
+                return;
+            }
+            if let Err(e) = run_input(input, ready, serial) {
+                tracing::warn!(error = %e, "console input stopped");
+            }
+        })
+        .map(drop)
+}
+
+fn run_input(input: File, ready: EventFd, serial: Arc<Mutex<SerialDevice>>) -> io::Result<()> {
+    let mut em = EventManager::new_with_capacity(2).map_err(event_error)?;
+    let id = em.add_subscriber(ConsoleInput {
+        input,
+        ready,
+        serial,
+        pending: Vec::with_capacity(INPUT_CHUNK),
+        watching_input: false,
+        eof: false,
+        init_error: None,
+    });
+    if let Some(e) = em
+        .subscriber_mut(id)
+        .map_err(event_error)?
+        .init_error
+        .take()
+    {
+        return Err(event_error(e));
+    }
+    loop {
+        em.run().map_err(event_error)?;
+    }
+}
+
+/// A new eventfd for [`InputReady`].
+pub fn input_ready_eventfd() -> io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK)
+}
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -102,6 +303,69 @@ mod tests {
         assert!(w.write_all(b"hello world\n").is_ok());
         assert!(w.flush().is_ok());
         assert_eq!(w.get_ref().as_slice(), b"hello");
+    }
+
+    /// COM1 with a pipe as console input: (the input state, the pipe's write end, COM1).
+    fn console_rig() -> (ConsoleInput, std::io::PipeWriter, Arc<Mutex<SerialDevice>>) {
+        let (r, w) = std::io::pipe().unwrap();
+        let ready = input_ready_eventfd().unwrap();
+        let irq = IrqLine(EventFd::new(EFD_NONBLOCK).unwrap());
+        let out = CappedWriter::new(Box::new(io::sink()) as Box<dyn Write + Send>, 0);
+        let serial = Arc::new(Mutex::new(serial_device(irq, Some(&ready), out).unwrap()));
+        let input = ConsoleInput {
+            input: File::from(std::os::fd::OwnedFd::from(r)),
+            ready,
+            serial: serial.clone(),
+            pending: Vec::new(),
+            watching_input: true,
+            eof: false,
+            init_error: None,
+        };
+        (input, w, serial)
+    }
+
+    /// What the guest reads from COM1's data register while the line status says data ready.
+    fn guest_reads(serial: &Arc<Mutex<SerialDevice>>) -> Vec<u8> {
+        let mut s = serial.lock().unwrap();
+        let mut got = Vec::new();
+        while s.read(5) & 1 != 0 {
+            got.push(s.read(0));
+        }
+        got
+    }
+
+    #[test]
+    fn console_input_holds_what_the_fifo_cannot_take_until_the_guest_empties_it() {
+        let (mut input, mut w, serial) = console_rig();
+        w.write_all(&[b'a'; 100]).unwrap();
+        input.read_input();
+        input.push();
+        assert_eq!(input.pending.len(), 100 - 64, "the FIFO holds 64 bytes");
+        assert_eq!(guest_reads(&serial).len(), 64);
+        // Emptying the FIFO woke the input thread.
+        assert_eq!(input.ready.read().unwrap(), 1);
+        input.push();
+        assert!(input.pending.is_empty());
+        assert_eq!(guest_reads(&serial).len(), 36);
+    }
+
+    #[test]
+    fn console_input_sees_the_end_of_stdin() {
+        let (mut input, w, _serial) = console_rig();
+        drop(w);
+        input.read_input();
+        assert!(input.eof);
+    }
+
+    #[test]
+    fn console_input_is_dropped_while_the_uart_is_in_loopback() {
+        let (mut input, mut w, serial) = console_rig();
+        // MCR (offset 4) bit 4: loopback.
+        serial.lock().unwrap().write(4, 0x10).unwrap();
+        w.write_all(b"lost").unwrap();
+        input.read_input();
+        input.push();
+        assert!(input.pending.is_empty());
     }
 
     #[test]

@@ -3,18 +3,26 @@
 //!
 //! 1. Refuse symlinks and hard links for every file the VM is given (kernel, initramfs, disks),
 //!    and for the jail directory and the vsock socket's directory.
-//! 2. New PID namespace: fork; the parent waits and reports the child's exit code (and removes
+//! 2. With a user namespace (always when the VMM is not root; by choice when it is): a new
+//!    user namespace in which the jail uid/gid are the only ids, mapped to the caller's own
+//!    effective ids. It owns the namespaces that follow, which is what lets an unprivileged
+//!    process create them, mount and pivot_root. Unprivileged, it comes first; root by choice
+//!    forks into the PID namespace, then the child switches to the jail ids and maps them to
+//!    themselves, so the jailed process is never host root.
+//! 3. New PID namespace: fork; the parent waits and reports the child's exit code (and removes
 //!    the vsock socket); the child, PID 1 of the namespace, dies with its parent.
-//! 3. New mount, IPC, UTS and network namespaces (the VMM needs no network: vsock goes through
+//! 4. New mount, IPC, UTS and network namespaces (the VMM needs no network: vsock goes through
 //!    Unix sockets in the filesystem).
-//! 4. The jail directory becomes the root (pivot_root), read-only, holding only `/vsock`: a
+//! 5. The jail directory becomes the root (pivot_root), read-only, holding only `/vsock`: a
 //!    bind mount of the vsock socket's directory, where `<uds>_P` sockets live.
-//! 5. rlimits (open files, no core dumps), non-dumpable, environment cleared, then every group
-//!    dropped and the uid/gid switched to the unprivileged ones given.
+//! 6. rlimits (open files, no core dumps; only ever lowered), non-dumpable, environment
+//!    cleared, the capability bounding set emptied, every group dropped (impossible inside an
+//!    unprivileged user namespace, where `setgroups` is denied: the caller's own groups stay),
+//!    the uid/gid switched to the unprivileged ones given, every capability cleared, and
+//!    Landlock on the process.
 //!
 //! Inherited descriptors are closed at start-up ([`close_inherited_fds`]), before anything is
-//! opened. The jail needs root (as Firecracker's jailer does); per-thread seccomp comes after it.
-//! Not built: a user namespace for unprivileged use, cgroups, and Landlock on the VMM.
+//! opened. Per-thread seccomp comes after it. Not built: cgroups.
 
 #[allow(unsafe_code)]
 mod sys;
@@ -37,6 +45,9 @@ pub enum Error {
     /// The jail directory is unusable.
     #[error("jail directory {0} must be an empty directory")]
     JailDir(PathBuf),
+    /// Not root, and no user namespace asked for.
+    #[error("an unprivileged jail needs a user namespace (jail user_namespace = auto or on)")]
+    NeedsRoot,
     /// A jail step failed.
     #[error("jail step failed: {0}")]
     Step(&'static str, #[source] std::io::Error),
@@ -55,6 +66,8 @@ pub struct JailSpec {
     pub uds: Option<PathBuf>,
     /// RLIMIT_NOFILE.
     pub max_files: u64,
+    /// Create a user namespace first (needed when not root).
+    pub user_ns: bool,
 }
 
 /// Where things are once inside.
@@ -118,10 +131,30 @@ pub fn enter(spec: &JailSpec) -> Result<Inside, Error> {
         }
         None => None,
     };
+    let (euid, egid) = sys::effective_ids();
+    let root = euid == 0;
+    if !root && !spec.user_ns {
+        return Err(Error::NeedsRoot);
+    }
+    if root {
+        sys::clear_groups().map_err(|e| Error::Step("drop supplementary groups", e))?;
+        if spec.user_ns {
+            // The child sets the jail up as the jail uid: the root must be its own.
+            std::os::unix::fs::chown(&spec.dir, Some(spec.uid), Some(spec.gid))
+                .map_err(|e| Error::Step("hand the jail directory to the jail uid", e))?;
+        }
+    } else {
+        // Unprivileged: the user namespace comes first, so that it owns the PID namespace.
+        enter_user_ns(spec, euid, egid)?;
+    }
     sys::unshare(libc::CLONE_NEWPID).map_err(|e| Error::Step("new PID namespace", e))?;
     match sys::fork().map_err(|e| Error::Step("fork into the PID namespace", e))? {
         sys::Fork::Parent(pid) => {
+            // The parent only waits: it takes the exit signals (which restore a raw terminal)
+            // like any main thread.
+            let _ = crate::terminal::unblock_exit_signals();
             let code = sys::wait(pid).unwrap_or(1);
+            crate::terminal::restore();
             if let Some(uds) = &spec.uds {
                 let _ = std::fs::remove_file(uds);
             }
@@ -131,6 +164,18 @@ pub fn enter(spec: &JailSpec) -> Result<Inside, Error> {
         sys::Fork::Child => {}
     }
     sys::die_with_parent().map_err(|e| Error::Step("die with the parent", e))?;
+    if root && spec.user_ns {
+        // Root by choice: become the jail uid first (the kernel clears every capability), then
+        // map it to itself in a user namespace, as an unprivileged caller would. The parent
+        // stays root to clean up after the child.
+        sys::switch_ids(spec.uid, spec.gid)
+            .map_err(|e| Error::Step("drop to the jail uid and gid", e))?;
+        // A credential change makes the process non-dumpable, which hands /proc/self/*_map
+        // to root; and clears the parent-death signal.
+        sys::set_dumpable(true).map_err(|e| Error::Step("reclaim /proc/self", e))?;
+        sys::die_with_parent().map_err(|e| Error::Step("die with the parent", e))?;
+        enter_user_ns(spec, spec.uid, spec.gid)?;
+    }
     sys::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET)
         .map_err(|e| Error::Step("new mount, IPC, UTS and network namespaces", e))?;
     let _ = sys::set_hostname("moat-vmm");
@@ -153,19 +198,60 @@ pub fn enter(spec: &JailSpec) -> Result<Inside, Error> {
     sys::mount(
         None,
         Path::new("/"),
-        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC,
     )
     .map_err(|e| Error::Step("make the root read-only", e))?;
-    sys::set_rlimit(libc::RLIMIT_NOFILE, spec.max_files)
+    sys::lower_rlimit(libc::RLIMIT_NOFILE, spec.max_files)
         .map_err(|e| Error::Step("limit open files", e))?;
-    sys::set_rlimit(libc::RLIMIT_CORE, 0).map_err(|e| Error::Step("forbid core dumps", e))?;
+    sys::lower_rlimit(libc::RLIMIT_CORE, 0).map_err(|e| Error::Step("forbid core dumps", e))?;
     sys::not_dumpable().map_err(|e| Error::Step("make the process non-dumpable", e))?;
     sys::clear_env();
-    sys::drop_to(spec.uid, spec.gid).map_err(|e| Error::Step("drop to the jail uid and gid", e))?;
+    sys::drop_bounding_set().map_err(|e| Error::Step("empty the capability bounding set", e))?;
+    sys::switch_ids(spec.uid, spec.gid)
+        .map_err(|e| Error::Step("drop to the jail uid and gid", e))?;
+    sys::clear_capabilities().map_err(|e| Error::Step("clear capabilities", e))?;
     // A credential change clears the parent-death signal: set it again.
     sys::die_with_parent().map_err(|e| Error::Step("die with the parent", e))?;
     landlock_deny_all().map_err(|e| Error::Step("Landlock", e))?;
     Ok(inside)
+}
+
+/// Creates a user namespace in which the jail ids are the only ids, mapped to `outer_uid` and
+/// `outer_gid` (the caller's own effective ids: all an unprivileged process may map).
+fn enter_user_ns(spec: &JailSpec, outer_uid: u32, outer_gid: u32) -> Result<(), Error> {
+    sys::unshare(libc::CLONE_NEWUSER).map_err(|e| Error::Step("new user namespace", e))?;
+    write_id_maps(spec.uid, outer_uid, spec.gid, outer_gid)
+        .map_err(|e| Error::Step("map the jail uid and gid", e))
+}
+
+/// Makes `inside_uid`/`inside_gid` the only ids of the new user namespace, mapped to the
+/// outer ids. `setgroups` is denied first: the kernel requires it before an unprivileged
+/// process may write its gid map, and the jail never needs it afterwards.
+fn write_id_maps(
+    inside_uid: u32,
+    outer_uid: u32,
+    inside_gid: u32,
+    outer_gid: u32,
+) -> std::io::Result<()> {
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write(
+        "/proc/self/gid_map",
+        format!("{inside_gid} {outer_gid} 1\n"),
+    )?;
+    std::fs::write(
+        "/proc/self/uid_map",
+        format!("{inside_uid} {outer_uid} 1\n"),
+    )
+}
+
+/// Whether this process is root (the jail then needs no user namespace).
+pub fn is_root() -> bool {
+    sys::effective_ids().0 == 0
 }
 
 /// Landlock filesystem rights by the ABI that introduced them: 1 has bits 0..=12, 2 adds

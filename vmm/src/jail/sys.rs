@@ -92,8 +92,13 @@ pub fn die_with_parent() -> io::Result<()> {
 
 /// Makes this process non-dumpable (no core dumps, no ptrace by same-uid processes).
 pub fn not_dumpable() -> io::Result<()> {
-    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
-    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) })
+    set_dumpable(false)
+}
+
+/// Sets or clears the dumpable flag (which also decides who owns `/proc/self/*`).
+pub fn set_dumpable(on: bool) -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0 or 1) takes no pointers.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, libc::c_ulong::from(on)) })
 }
 
 /// `mount(source, target, NULL, flags, NULL)`.
@@ -140,8 +145,16 @@ pub fn set_hostname(name: &str) -> io::Result<()> {
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
 }
 
-/// Sets a resource limit (soft and hard).
-pub fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+/// Sets a resource limit (soft and hard) to `value`, or to the current hard limit if that is
+/// lower: a limit is only ever lowered (raising one needs privilege the VMM may lack).
+pub fn lower_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `cur` is a valid, writable rlimit for the duration of the call.
+    check(unsafe { libc::getrlimit(resource, &mut cur) })?;
+    let value = value.min(cur.rlim_max);
     let lim = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,
@@ -150,14 +163,70 @@ pub fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result
     check(unsafe { libc::setrlimit(resource, &lim) })
 }
 
-/// Drops every supplementary group, then switches real, effective and saved ids.
-pub fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
+/// The effective uid and gid.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid and getegid take no arguments and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// Drops every supplementary group.
+pub fn clear_groups() -> io::Result<()> {
     // SAFETY: a zero-length list with a NULL pointer is valid for setgroups.
-    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })
+}
+
+/// Switches real, effective and saved gid, then uid.
+pub fn switch_ids(uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: plain integer arguments.
     check(unsafe { libc::setresgid(gid, gid, gid) })?;
     // SAFETY: plain integer arguments.
     check(unsafe { libc::setresuid(uid, uid, uid) })
+}
+
+/// Empties the capability bounding set (needs CAP_SETPCAP in the current user namespace, so
+/// call it before the uid switch).
+pub fn drop_bounding_set() -> io::Result<()> {
+    for cap in 0..64 {
+        // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes integers only.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if rc == -1 {
+            let e = io::Error::last_os_error();
+            // EINVAL: past the kernel's last capability.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Clears the effective, permitted, inheritable and ambient capability sets. A uid switch
+/// away from root does this by itself; inside a user namespace, where the jail uid is the
+/// mapped uid the process already has, it does not.
+pub fn clear_capabilities() -> io::Result<()> {
+    // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) takes integers only.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    })?;
+    /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit data words per set.
+    const VERSION_3: u32 = 0x2008_0522;
+    let header: [u32; 2] = [VERSION_3, 0]; // version, pid 0 = this thread
+    let data = [0u32; 6]; // {effective, permitted, inheritable} x 2
+    // SAFETY: `header` is laid out as struct __user_cap_header_struct and `data` as two
+    // struct __user_cap_data_struct; both live across the call, which only reads them.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Removes every environment variable.

@@ -1,6 +1,6 @@
-//! One vCPU: its boot state (the PVH entry state: 32-bit protected mode, paging off), its
-//! CPUID, its local APIC wiring, and the KVM_RUN loop that hands port and MMIO exits to the
-//! device bus.
+//! One vCPU: its boot state (the PVH entry state: 32-bit protected mode, paging off; or the
+//! Linux 64-bit entry state: long mode on an identity map), its CPUID, its local APIC wiring,
+//! and the KVM_RUN loop that hands port and MMIO exits to the device bus.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
-use crate::boot::BootEntry;
+use crate::boot::{self, BootEntry};
 use crate::cpuid::{self, CpuidPolicy};
 use crate::devices::bus::IoBus;
 use crate::exit::{ExitSender, VmExit};
@@ -69,7 +69,12 @@ impl Vcpu {
         );
         fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
         set_lint(&fd)?;
-        set_pvh_state(&fd, entry)?;
+        match entry {
+            BootEntry::Pvh { entry, start_info } => set_pvh_state(&fd, entry, start_info)?,
+            BootEntry::Linux64 { entry, boot_params } => {
+                set_long_mode_state(&fd, entry, boot_params)?;
+            }
+        }
         Ok(Self { fd, index })
     }
 
@@ -169,6 +174,19 @@ fn set_lint(fd: &VcpuFd) -> Result<(), Error> {
     fd.set_lapic(&lapic).map_err(Error::Lapic)
 }
 
+/// CR0: protected mode.
+const CR0_PE: u64 = 1;
+/// CR0: extension type (hard-wired to 1 on every CPU since the 486).
+const CR0_ET: u64 = 1 << 4;
+/// CR0: paging.
+const CR0_PG: u64 = 1 << 31;
+/// CR4: physical address extension (required for long mode).
+const CR4_PAE: u64 = 1 << 5;
+/// EFER: long mode enable.
+const EFER_LME: u64 = 1 << 8;
+/// EFER: long mode active.
+const EFER_LMA: u64 = 1 << 10;
+
 fn segment(selector: u16, type_: u8, s: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -189,7 +207,7 @@ fn segment(selector: u16, type_: u8, s: u8) -> kvm_segment {
 
 /// The PVH entry state: flat 32-bit segments from the GDT at `GDT_ADDR`, CR0.PE only, paging
 /// off, `%ebx` = `hvm_start_info`, `%eip` = the PVH entry.
-fn set_pvh_state(fd: &VcpuFd, entry: BootEntry) -> Result<(), Error> {
+fn set_pvh_state(fd: &VcpuFd, entry: u64, start_info: u64) -> Result<(), Error> {
     let mut sregs = fd.get_sregs().map_err(Error::Registers)?;
     sregs.cs = segment(0x08, 0xb, 1);
     let data = segment(0x10, 0x3, 1);
@@ -198,29 +216,80 @@ fn set_pvh_state(fd: &VcpuFd, entry: BootEntry) -> Result<(), Error> {
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    let mut tr = segment(0x18, 0xb, 0);
-    tr.limit = 0x67;
-    tr.g = 0;
-    tr.db = 0;
-    sregs.tr = tr;
+    sregs.tr = tss(0x18);
     sregs.gdt.base = layout::GDT_ADDR;
-    sregs.gdt.limit = u16::try_from(crate::boot::GDT.len() * 8 - 1).unwrap_or(u16::MAX);
+    sregs.gdt.limit = gdt_limit(boot::pvh::GDT.len());
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cr0 = 0x1; // PE: protected mode, no paging.
+    sregs.cr0 = CR0_PE; // protected mode, no paging.
     sregs.cr3 = 0;
     sregs.cr4 = 0;
     sregs.efer = 0;
     fd.set_sregs(&sregs).map_err(Error::Registers)?;
 
     let regs = kvm_regs {
-        rip: entry.entry,
-        rbx: entry.start_info,
+        rip: entry,
+        rbx: start_info,
         rflags: 0x2,
         ..Default::default()
     };
     fd.set_regs(&regs).map_err(Error::Registers)?;
+    set_fpu(fd)
+}
 
+/// The Linux 64-bit entry state (boot protocol 2.12+): long mode with paging on the identity
+/// map at `PML4_ADDR`, `__BOOT_CS` a 64-bit code segment, `__BOOT_DS` flat data, interrupts
+/// off, `%rsi` = the zero page, `%rip` = `startup_64`.
+fn set_long_mode_state(fd: &VcpuFd, entry: u64, boot_params: u64) -> Result<(), Error> {
+    let mut sregs = fd.get_sregs().map_err(Error::Registers)?;
+    let mut code = segment(boot::linux::BOOT_CS, 0xb, 1);
+    code.l = 1;
+    code.db = 0;
+    sregs.cs = code;
+    let data = segment(boot::linux::BOOT_DS, 0x3, 1);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss(boot::linux::BOOT_TSS);
+    sregs.gdt.base = layout::GDT_ADDR;
+    sregs.gdt.limit = gdt_limit(boot::linux::GDT.len());
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+    sregs.cr3 = layout::PML4_ADDR;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+    fd.set_sregs(&sregs).map_err(Error::Registers)?;
+
+    let regs = kvm_regs {
+        rip: entry,
+        rsi: boot_params,
+        rsp: layout::BOOT_STACK_TOP,
+        rbp: layout::BOOT_STACK_TOP,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    fd.set_regs(&regs).map_err(Error::Registers)?;
+    set_fpu(fd)
+}
+
+/// A 32-bit available TSS descriptor's state (KVM requires a usable TR).
+fn tss(selector: u16) -> kvm_segment {
+    let mut tr = segment(selector, 0xb, 0);
+    tr.limit = 0x67;
+    tr.g = 0;
+    tr.db = 0;
+    tr
+}
+
+fn gdt_limit(entries: usize) -> u16 {
+    u16::try_from(entries * 8 - 1).unwrap_or(u16::MAX)
+}
+
+/// x87 and SSE control words at their reset values.
+fn set_fpu(fd: &VcpuFd) -> Result<(), Error> {
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,

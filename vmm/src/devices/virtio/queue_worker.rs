@@ -1,15 +1,16 @@
 //! Device threads.
 //!
-//! Each device owns one thread, created with the device at start-up (so before any seccomp
-//! filter exists to be inherited). The thread installs its role's filter first, then waits for
+//! Each device owns one thread; each activation runs on its own event-manager
+//! [`EventManager`] (an epoll set dispatching to a `MutEventSubscriber`). The thread is
+//! created with the device at start-up (so before any seccomp filter exists to be inherited). The thread installs its role's filter first, then waits for
 //! activations; each activation runs until the transport resets the device (the kill eventfd),
 //! and the thread reports back before the transport touches the queues again.
 
-use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -17,8 +18,6 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{ActivateError, Activation, Interrupt};
 use crate::seccomp::{self, Role};
-
-const TOKEN_KILL: u64 = u64::MAX;
 
 /// Serves every available descriptor chain of `queue` with `handle` (which returns how many
 /// bytes it wrote into the chain), returns each chain to the used ring and signals the guest
@@ -129,48 +128,82 @@ impl Drop for DeviceThread {
     }
 }
 
-/// The loop of a single-purpose device: calls `on_notify(i)` for each notified queue `i` (and
-/// once per queue at start, for notifications sent before we listened) until `kill` fires.
+/// Turns an event-manager error into the I/O error device threads report.
+pub fn event_error(e: event_manager::Error) -> std::io::Error {
+    match e {
+        event_manager::Error::Epoll(errno) => std::io::Error::from_raw_os_error(errno.errno()),
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// Event data of the kill eventfd; queue eventfds carry their queue index.
+const DATA_KILL: u32 = u32::MAX;
+
+/// The event subscriber of a single-purpose device: its queue eventfds and the kill eventfd.
+struct QueueEvents<'a, F> {
+    evts: &'a [EventFd],
+    kill: &'a EventFd,
+    on_notify: F,
+    killed: bool,
+    init_error: Option<event_manager::Error>,
+}
+
+impl<F: FnMut(usize)> MutEventSubscriber for QueueEvents<'_, F> {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        let mut add = |ev| {
+            if let Err(e) = ops.add(ev) {
+                self.init_error.get_or_insert(e);
+            }
+        };
+        add(Events::with_data(self.kill, DATA_KILL, EventSet::IN));
+        for (i, e) in (0u32..).zip(self.evts) {
+            add(Events::with_data(e, i, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
+        let data = events.data();
+        if data == DATA_KILL {
+            self.killed = true;
+            return;
+        }
+        let Ok(i) = usize::try_from(data) else { return };
+        if let Some(e) = self.evts.get(i) {
+            let _ = e.read();
+            (self.on_notify)(i);
+        }
+    }
+}
+
+/// The loop of a single-purpose device, on an [`EventManager`]: calls `on_notify(i)` for each
+/// notified queue `i` (and once per queue at start, for notifications sent before we
+/// listened) until `kill` fires.
 pub fn run_queue_loop(
     evts: &[EventFd],
     kill: &EventFd,
-    mut on_notify: impl FnMut(usize),
+    on_notify: impl FnMut(usize),
 ) -> std::io::Result<()> {
-    let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        kill.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, TOKEN_KILL),
-    )?;
-    for (i, e) in (0u64..).zip(evts.iter()) {
-        epoll.ctl(
-            ControlOperation::Add,
-            e.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, i),
-        )?;
+    let mut em = EventManager::new_with_capacity(evts.len() + 1).map_err(event_error)?;
+    let id = em.add_subscriber(QueueEvents {
+        evts,
+        kill,
+        on_notify,
+        killed: false,
+        init_error: None,
+    });
+    {
+        let sub = em.subscriber_mut(id).map_err(event_error)?;
+        if let Some(e) = sub.init_error.take() {
+            return Err(event_error(e));
+        }
+        for i in 0..evts.len() {
+            (sub.on_notify)(i);
+        }
     }
-    for i in 0..evts.len() {
-        on_notify(i);
-    }
-    let mut events = [EpollEvent::default(); 8];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        for ev in events.iter().take(n) {
-            let token = ev.data();
-            if token == TOKEN_KILL {
-                return Ok(());
-            }
-            let Ok(i) = usize::try_from(token) else {
-                continue;
-            };
-            if let Some(e) = evts.get(i) {
-                let _ = e.read();
-                on_notify(i);
-            }
+        em.run().map_err(event_error)?;
+        if em.subscriber_mut(id).map_err(event_error)?.killed {
+            return Ok(());
         }
     }
 }

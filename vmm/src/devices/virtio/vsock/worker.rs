@@ -1,19 +1,27 @@
-//! The vsock device thread: one epoll loop over the queue notifications, the listener and every
-//! host stream; it owns the queues and the muxer from activation until reset.
+//! The vsock device thread's event loop: an event-manager [`EventManager`] whose one
+//! subscriber (`Handler`) owns the queues and the muxer from activation until reset. It
+//! watches the kill eventfd, the three queue eventfds and the muxer's own epoll set (the
+//! listener and every host stream, which come and go with connections), as Firecracker's vsock
+//! device nests its muxer's epoll. After each turn the handler moves packets: expired
+//! connections, then TX, then RX.
 
+use std::cell::{Ref, RefCell};
 use std::num::Wrapping;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{Fill, Muxer, TOKEN_FD_BASE, TOKEN_LISTENER};
 use super::packet::{RxBuffer, read_tx};
 use crate::devices::virtio::Interrupt;
+use crate::devices::virtio::queue_worker::event_error;
 use crate::guest_warn;
 
 /// Queue indexes.
@@ -23,27 +31,24 @@ pub const TXQ: usize = 1;
 /// Event queue.
 pub const EVQ: usize = 2;
 
-const TOKEN_KILL: u64 = 0;
-const TOKEN_RXQ: u64 = 1;
-const TOKEN_TXQ: u64 = 2;
-const TOKEN_EVQ: u64 = 3;
+/// Event data of each source the event manager watches.
+const DATA_KILL: u32 = 0;
+const DATA_RXQ: u32 = 1;
+const DATA_TXQ: u32 = 2;
+const DATA_EVQ: u32 = 3;
+const DATA_MUXER: u32 = 4;
+
+/// Most muxer events (host sockets) taken per wake-up; more stay pending in its epoll.
+const MUXER_EVENTS: usize = 64;
 
 /// Most RX buffers filled per loop turn before other events get a look.
 const RX_BUDGET: usize = 256;
 
-/// The device's running state.
+/// The event loop of one activation.
 #[derive(Debug)]
 pub struct Worker {
-    mem: Arc<GuestMemoryMmap>,
-    rxq: Queue,
-    txq: Queue,
-    evts: Vec<EventFd>,
-    // Held so the fd registered in epoll stays open for the worker's life.
-    _kill: EventFd,
-    interrupt: Interrupt,
-    muxer: Muxer,
-    broken: bool,
-    rx_more: bool,
+    em: EventManager<Rc<RefCell<Handler>>>,
+    handler: Rc<RefCell<Handler>>,
 }
 
 /// Why the loop ended.
@@ -54,7 +59,7 @@ pub enum Stop {
 }
 
 impl Worker {
-    /// Builds the worker and registers its eventfds in the muxer's epoll.
+    /// Builds the handler and registers its event sources with a fresh event manager.
     pub fn new(
         mem: Arc<GuestMemoryMmap>,
         mut queues: Vec<Queue>,
@@ -68,83 +73,149 @@ impl Worker {
         }
         let txq = queues.remove(TXQ);
         let rxq = queues.remove(RXQ);
-        let ep = muxer.epoll();
-        ep.ctl(
-            ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(&kill),
-            EpollEvent::new(EventSet::IN, TOKEN_KILL),
-        )?;
-        for (e, token) in evts.iter().zip([TOKEN_RXQ, TOKEN_TXQ, TOKEN_EVQ]) {
-            ep.ctl(
-                ControlOperation::Add,
-                std::os::fd::AsRawFd::as_raw_fd(e),
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        Ok(Self {
+        let handler = Rc::new(RefCell::new(Handler {
             mem,
             rxq,
             txq,
             evts,
-            _kill: kill,
+            kill,
             interrupt,
             muxer,
             broken: false,
             rx_more: false,
-        })
+            killed: false,
+            init_error: None,
+        }));
+        let mut em = EventManager::new_with_capacity(8).map_err(event_error)?;
+        em.add_subscriber(handler.clone());
+        if let Some(e) = handler.borrow_mut().init_error.take() {
+            return Err(event_error(e));
+        }
+        Ok(Self { em, handler })
     }
 
     /// The muxer (for tests and metrics).
-    pub fn muxer(&self) -> &Muxer {
-        &self.muxer
+    pub fn muxer(&self) -> Ref<'_, Muxer> {
+        Ref::map(self.handler.borrow(), |h| &h.muxer)
     }
 
     /// Runs until killed.
     pub fn run(mut self) -> Stop {
         loop {
-            let timeout = if self.rx_more {
-                0
-            } else {
-                self.muxer.next_deadline().map_or(-1, |d| {
-                    let ms = d.saturating_duration_since(Instant::now()).as_millis();
-                    i32::try_from(ms).unwrap_or(i32::MAX).saturating_add(1)
-                })
-            };
+            let timeout = self.handler.borrow().timeout_ms();
             if let Some(stop) = self.turn(timeout) {
                 return stop;
             }
         }
     }
 
-    /// One turn of the loop: wait up to `timeout_ms` for events, handle them, move packets.
+    /// One turn of the loop: wait up to `timeout_ms` for events, dispatch them, move packets.
     pub fn turn(&mut self, timeout_ms: i32) -> Option<Stop> {
-        let mut events = [EpollEvent::default(); 64];
-        let n = match self.muxer.epoll().wait(timeout_ms, &mut events) {
+        if let Err(e) = self.em.run_with_timeout(timeout_ms) {
+            tracing::error!(error = %event_error(e), "vsock event loop failed");
+            return Some(Stop::Killed);
+        }
+        let mut h = self.handler.borrow_mut();
+        if h.killed {
+            return Some(Stop::Killed);
+        }
+        h.muxer.expire(Instant::now());
+        h.process_tx();
+        h.rx_more = h.process_rx();
+        None
+    }
+
+    /// Moves every packet the guest queued on TX into the muxer.
+    pub fn process_tx(&mut self) {
+        self.handler.borrow_mut().process_tx();
+    }
+
+    /// Fills RX buffers; returns whether it stopped on its budget with work left.
+    pub fn process_rx(&mut self) -> bool {
+        self.handler.borrow_mut().process_rx()
+    }
+}
+
+/// The device's running state: the event manager's subscriber.
+#[derive(Debug)]
+struct Handler {
+    mem: Arc<GuestMemoryMmap>,
+    rxq: Queue,
+    txq: Queue,
+    evts: Vec<EventFd>,
+    kill: EventFd,
+    interrupt: Interrupt,
+    muxer: Muxer,
+    broken: bool,
+    rx_more: bool,
+    killed: bool,
+    init_error: Option<event_manager::Error>,
+}
+
+impl MutEventSubscriber for Handler {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        let mut sources = vec![Events::with_data(&self.kill, DATA_KILL, EventSet::IN)];
+        for (e, data) in self.evts.iter().zip([DATA_RXQ, DATA_TXQ, DATA_EVQ]) {
+            sources.push(Events::with_data(e, data, EventSet::IN));
+        }
+        sources.push(Events::with_data(
+            self.muxer.epoll(),
+            DATA_MUXER,
+            EventSet::IN,
+        ));
+        for ev in sources {
+            if let Err(e) = ops.add(ev) {
+                self.init_error.get_or_insert(e);
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
+        match events.data() {
+            DATA_KILL => self.killed = true,
+            d @ (DATA_RXQ | DATA_TXQ | DATA_EVQ) => {
+                let i = usize::try_from(d - DATA_RXQ).unwrap_or(0);
+                if let Some(e) = self.evts.get(i) {
+                    let _ = e.read();
+                }
+            }
+            DATA_MUXER => self.muxer_events(),
+            _ => {}
+        }
+    }
+}
+
+impl Handler {
+    /// How long the next turn may sleep: not at all while RX work is left over, else until the
+    /// muxer's next deadline (or forever).
+    fn timeout_ms(&self) -> i32 {
+        if self.rx_more {
+            return 0;
+        }
+        self.muxer.next_deadline().map_or(-1, |d| {
+            let ms = d.saturating_duration_since(Instant::now()).as_millis();
+            i32::try_from(ms).unwrap_or(i32::MAX).saturating_add(1)
+        })
+    }
+
+    /// Takes what is ready in the muxer's epoll set: the listener, host streams.
+    fn muxer_events(&mut self) {
+        let mut events = [EpollEvent::default(); MUXER_EVENTS];
+        let n = match self.muxer.epoll().wait(0, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
             Err(e) => {
-                tracing::error!(error = %e, "vsock epoll failed");
-                return Some(Stop::Killed);
+                tracing::error!(error = %e, "vsock muxer epoll failed");
+                0
             }
         };
         for ev in events.iter().take(n) {
             match ev.data() {
-                TOKEN_KILL => return Some(Stop::Killed),
-                t @ (TOKEN_RXQ | TOKEN_TXQ | TOKEN_EVQ) => {
-                    let i = usize::try_from(t - TOKEN_RXQ).unwrap_or(0);
-                    if let Some(e) = self.evts.get(i) {
-                        let _ = e.read();
-                    }
-                }
                 TOKEN_LISTENER => self.muxer.accept(),
                 t if t >= TOKEN_FD_BASE => self.muxer.stream_event(t, ev.event_set()),
                 _ => {}
             }
         }
-        self.muxer.expire(Instant::now());
-        self.process_tx();
-        self.rx_more = self.process_rx();
-        None
     }
 
     /// Whether `q`'s available index is believable: never more than `size` ahead of us.

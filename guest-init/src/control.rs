@@ -1,0 +1,156 @@
+//! The VM backend's control stream, on vsock port [`CONTROL_VSOCK_PORT`] (on the host
+//! `<uds>_1027`, served by `moat run`). Guest-init connects once at boot; the host writes one
+//! JSON line, the [`VmWorkspace`] to run; when the agent is done guest-init writes one JSON
+//! line back, the [`VmOutcome`], and powers the VM off.
+//!
+//! The host is trusted here (it boots the VM); the guest's answer is only a status the host
+//! reports, never a path, port or identity it acts on.
+
+use std::io::{self, BufRead};
+
+use serde::{Deserialize, Serialize};
+
+/// Host vsock port of egress flows (the egress proxy's `<uds>_1025`).
+pub const EGRESS_VSOCK_PORT: u32 = 1025;
+/// Host vsock port of process events (`<uds>_1026`).
+pub const AUDIT_VSOCK_PORT: u32 = 1026;
+/// Host vsock port of the control stream (`<uds>_1027`).
+pub const CONTROL_VSOCK_PORT: u32 = 1027;
+/// Longest control line either side accepts.
+pub const MAX_LINE: usize = 256 * 1024;
+
+/// What the host asks the VM to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmWorkspace {
+    /// The workspace hostname.
+    pub hostname: String,
+    /// argv of the agent; empty means an interactive login shell.
+    pub command: Vec<String>,
+    /// Extra environment for the agent (credential placeholders and the like).
+    pub env: Vec<(String, String)>,
+    /// CA certificates (PEM) the workspace trusts besides the root image's: always the egress
+    /// proxy's workspace CA.
+    pub ca_pem: String,
+    /// The agent gets the serial console as its controlling terminal.
+    pub interactive: bool,
+}
+
+/// How the agent ended, as guest-init reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum VmOutcome {
+    /// The agent exited with this code (128 + signal if a signal ended it).
+    Exited {
+        /// The shell's convention.
+        code: i32,
+    },
+    /// The workspace could not be set up; the agent never ran.
+    Failed {
+        /// Why, for a person.
+        error: String,
+    },
+}
+
+/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes (without the newline).
+///
+/// # Errors
+/// The stream ended first, the line was too long, or reading failed.
+pub fn read_line(r: impl BufRead) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let n = r
+        .take(u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the control stream closed before a line",
+        ));
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control line too long or unterminated",
+        ));
+    }
+    line.pop();
+    Ok(line)
+}
+
+/// Parses one control line as `T`.
+///
+/// # Errors
+/// The line is not the JSON of a `T` (unknown fields are refused).
+pub fn parse<T: for<'de> Deserialize<'de>>(line: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// One control line for `value`.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let w = VmWorkspace {
+            hostname: "workspace".into(),
+            command: vec!["curl".into(), "-sS".into()],
+            env: vec![("OPENAI_API_KEY".into(), "sk-moat-placeholder".into())],
+            ca_pem: "-----BEGIN CERTIFICATE-----\n".into(),
+            interactive: false,
+        };
+        let line = encode(&w);
+        let mut r = io::BufReader::new(&line[..]);
+        assert_eq!(
+            parse::<VmWorkspace>(&read_line(&mut r).unwrap()).unwrap(),
+            w
+        );
+        for o in [
+            VmOutcome::Exited { code: 7 },
+            VmOutcome::Failed {
+                error: "no root disk".into(),
+            },
+        ] {
+            let line = encode(&o);
+            let mut r = io::BufReader::new(&line[..]);
+            assert_eq!(parse::<VmOutcome>(&read_line(&mut r).unwrap()).unwrap(), o);
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_fields_long_lines_and_eof() {
+        assert!(parse::<VmOutcome>(br#"{"exited":{"code":0,"extra":1}}"#).is_err());
+        assert!(
+            parse::<VmWorkspace>(
+                br#"{"hostname":"w","command":[],"env":[],"ca_pem":"","interactive":true,"root":"/"}"#
+            )
+            .is_err()
+        );
+        let long = vec![b'a'; MAX_LINE + 10];
+        assert_eq!(
+            read_line(&mut io::BufReader::new(&long[..]))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidData
+        );
+        assert_eq!(
+            read_line(&mut io::BufReader::new(&b""[..]))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        assert_eq!(
+            read_line(&mut io::BufReader::new(&b"{\"exited\""[..]))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+}

@@ -1,0 +1,303 @@
+//! The VM backend: guest-init as the kernel's PID 1, started from the initramfs.
+//!
+//! Sequence ([`run_vm`]):
+//! 1. devtmpfs, proc and sysfs in the initramfs.
+//! 2. The control stream to the host (vsock port 1027): one line, the [`VmWorkspace`] to run.
+//! 3. The root disk (`/dev/vda`, the root image, ext4) mounted read-only at
+//!    `/mnt/root`; the home disk (`/dev/vdb`, ext4) read-write, nosuid, nodev at
+//!    `/home/agent` in it; fresh tmpfs on `/tmp` and `/run`; the virtual DNS over
+//!    `/etc/resolv.conf` and a trust store with the workspace CA over the system one; `/dev`,
+//!    `/proc` and `/sys` moved across; then the root switched to `/mnt/root`.
+//! 4. TUN up and the netstack started, its flows going to the host over vsock port 1025.
+//! 5. The agent started as uid 1000, confined by `moat-guest-sandbox` (as in the namespace
+//!    backend), with the serial console as its controlling terminal when interactive; PID 1
+//!    reaps every child until the agent exits.
+//! 6. The outcome written back on the control stream, file systems synced, and the VM reset
+//!    (`reboot=k` on the command line: the i8042 reset line, which moat-vmm treats as
+//!    shutdown).
+//!
+//! Invariants: never panics; any failure is reported to the host (console and control stream)
+//! and the VM powers off; the agent never starts on a half-built workspace.
+
+use std::io::{BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::{MsFlags, mount};
+
+use crate::control::{self, VmOutcome, VmWorkspace};
+use crate::launch::{exit_code, run_agent};
+use crate::namespace::{AGENT_HOME, CA_BUNDLE, ca_env};
+use crate::report::{Reporter, Sink};
+use crate::{InitError, chain};
+
+/// The root image's disk (the first virtio-blk device: moat-vmm orders read-only disks first).
+pub const ROOT_DISK: &str = "/dev/vda";
+/// The home disk.
+pub const HOME_DISK: &str = "/dev/vdb";
+/// The serial console, the interactive agent's terminal.
+pub const CONSOLE: &str = "/dev/ttyS0";
+/// The agent's uid and gid inside the VM (the home disk's root directory is owned by it).
+pub const AGENT_ID: u32 = 1000;
+
+const NEW_ROOT: &str = "/mnt/root";
+
+/// Runs the workspace as PID 1 of the VM, then powers the VM off. Never returns.
+pub fn run_vm() -> ! {
+    let mut control = None;
+    let outcome = match init(&mut control) {
+        Ok(code) => VmOutcome::Exited { code },
+        Err(e) => {
+            let error = chain(&e);
+            eprintln!("moat guest-init: {error}");
+            VmOutcome::Failed { error }
+        }
+    };
+    if let Some(mut c) = control
+        && let Err(e) = c.write_all(&control::encode(&outcome))
+    {
+        eprintln!("moat guest-init: cannot report to the host: {e}");
+    }
+    power_off()
+}
+
+/// Syncs and resets the VM (the workspace VM is never rebooted in place: the VMM exits).
+fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Only reached if reboot(2) failed: PID 1 must not exit (the kernel would panic).
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn mount_or(
+    what: &'static str,
+    src: Option<&str>,
+    target: &str,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), InitError> {
+    mount(src, target, fstype, flags, data).map_err(|source| InitError::Mount { what, source })
+}
+
+/// Connects the control stream; vsock is up as soon as the driver probed, but allow the
+/// host a moment.
+fn connect_control() -> Result<UnixStream, InitError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match moat_netstack::vsock_connect(moat_netstack::HOST_CID, control::CONTROL_VSOCK_PORT) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(InitError::Control(e)),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount_or(
+        "/dev",
+        Some("devtmpfs"),
+        "/dev",
+        Some("devtmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755"),
+    )?;
+    mount_or(
+        "/proc",
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        nosuid | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    mount_or(
+        "/sys",
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        nosuid | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+
+    let stream = connect_control()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(InitError::Control)?;
+    *control_out = Some(stream.try_clone().map_err(InitError::Control)?);
+    let line = control::read_line(&mut BufReader::new(&stream)).map_err(InitError::Control)?;
+    let workspace: VmWorkspace = control::parse(&line).map_err(InitError::Control)?;
+
+    enter_root(&workspace)?;
+
+    let tun = moat_netstack::setup_tun().map_err(InitError::Network)?;
+    let transport = moat_netstack::VsockTransport {
+        port: control::EGRESS_VSOCK_PORT,
+    };
+    std::thread::Builder::new()
+        .name("netstack".into())
+        .spawn(move || {
+            if let Err(e) =
+                moat_netstack::run(tun, Box::new(transport), moat_netstack::Limits::default())
+            {
+                eprintln!("moat guest-init: netstack stopped: {e}");
+            }
+        })
+        .map_err(InitError::Network)?;
+    let _ = nix::unistd::sethostname(&workspace.hostname);
+    // Nobody in the workspace may open PID 1's descriptors (the control stream) through /proc.
+    let _ = nix::sys::prctl::set_dumpable(false);
+    crate::signals::install();
+
+    let reporter = Reporter::new(Sink::Vsock(control::AUDIT_VSOCK_PORT));
+    let mut agent = crate::AgentSpec {
+        command: workspace.command.clone(),
+        home: AGENT_HOME.into(),
+        env: workspace.env.clone(),
+    };
+    agent.env.extend(ca_env());
+    let tty = if workspace.interactive {
+        let fd = nix::fcntl::open(
+            CONSOLE,
+            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| InitError::Agent(e.into()))?;
+        // The agent's uid owns its terminal, as login(1) would arrange.
+        nix::unistd::fchown(
+            &fd,
+            Some(nix::unistd::Uid::from_raw(AGENT_ID)),
+            Some(nix::unistd::Gid::from_raw(AGENT_ID)),
+        )
+        .map_err(|e| InitError::Agent(e.into()))?;
+        Some(fd)
+    } else {
+        None
+    };
+    let mut sandbox = moat_guest_sandbox::agent_config(Path::new(AGENT_HOME));
+    sandbox.uid_gid = Some((AGENT_ID, AGENT_ID));
+    sandbox.devices.push(CONSOLE.into());
+    let status = run_agent(&agent, &sandbox, tty, &reporter).map_err(InitError::Agent)?;
+    Ok(exit_code(status))
+}
+
+/// Mounts the disks and tmpfs, installs resolv.conf and the trust store, and switches root.
+fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
+    mount_or(
+        "the root disk",
+        Some(ROOT_DISK),
+        NEW_ROOT,
+        Some("ext4"),
+        ro,
+        None,
+    )?;
+    let at = |p: &str| format!("{NEW_ROOT}{p}");
+    mount_or(
+        "the home disk",
+        Some(HOME_DISK),
+        &at(AGENT_HOME),
+        Some("ext4"),
+        nosuid,
+        None,
+    )?;
+    mount_or(
+        "/tmp",
+        Some("tmpfs"),
+        &at("/tmp"),
+        Some("tmpfs"),
+        nosuid,
+        Some("mode=1777"),
+    )?;
+    mount_or(
+        "/run",
+        Some("tmpfs"),
+        &at("/run"),
+        Some("tmpfs"),
+        nosuid,
+        Some("mode=755"),
+    )?;
+    let moat_dir = at("/run/moat");
+    std::fs::create_dir_all(&moat_dir).map_err(|e| InitError::Write(moat_dir.clone().into(), e))?;
+
+    let resolv = format!("{moat_dir}/resolv.conf");
+    std::fs::write(&resolv, crate::namespace::resolv_conf())
+        .map_err(|e| InitError::Write(resolv.clone().into(), e))?;
+    mount_or(
+        "/etc/resolv.conf",
+        Some(&resolv),
+        &at("/etc/resolv.conf"),
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    let mut bundle = std::fs::read(at(CA_BUNDLE)).unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(workspace.ca_pem.as_bytes());
+    let bundle_path = format!("{moat_dir}/ca-bundle.crt");
+    std::fs::write(&bundle_path, bundle)
+        .map_err(|e| InitError::Write(bundle_path.clone().into(), e))?;
+    mount_or(
+        "the trust store",
+        Some(&bundle_path),
+        &at(CA_BUNDLE),
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+
+    for dir in ["/dev", "/proc", "/sys"] {
+        mount_or(
+            "a kernel file system into the root",
+            Some(dir),
+            &at(dir),
+            None,
+            MsFlags::MS_MOVE,
+            None,
+        )?;
+    }
+    // switch_root: the initramfs cannot be pivoted away, so the new root is moved over "/"
+    // and entered with chroot.
+    let enter = |what: &'static str, r: nix::Result<()>| {
+        r.map_err(|source| InitError::Mount { what, source })
+    };
+    enter("the new root", nix::unistd::chdir(NEW_ROOT))?;
+    mount_or(
+        "the new root over /",
+        Some("."),
+        "/",
+        None,
+        MsFlags::MS_MOVE,
+        None,
+    )?;
+    enter("the new root (chroot)", nix::unistd::chroot("."))?;
+    enter("the new root", nix::unistd::chdir("/"))?;
+
+    let pts = "/dev/pts";
+    std::fs::create_dir_all(pts).map_err(|e| InitError::Write(pts.into(), e))?;
+    mount_or(
+        "/dev/pts",
+        Some("devpts"),
+        pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("ptmxmode=0666,mode=0620"),
+    )?;
+    // Read-only, as in the namespace backend; a kernel without cgroup2 still runs the agent.
+    if let Err(e) = mount(
+        Some("cgroup2"),
+        "/sys/fs/cgroup",
+        Some("cgroup2"),
+        nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
+        eprintln!("moat guest-init: no cgroup2 tree in the workspace: {e}");
+    }
+    Ok(())
+}

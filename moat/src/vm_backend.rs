@@ -1,0 +1,318 @@
+//! The vm backend of `moat run`: the workspace in a microVM booted by moat-vmm.
+//!
+//! The host side: the egress proxy (already up, on `<uds>_1025`), the process-event socket
+//! (`<uds>_1026`) and the control socket (`<uds>_1027`, here) all live in the run directory;
+//! moat-vmm's vsock device maps the guest's connections to host port P onto `<uds>_P`. The
+//! VM gets the kernel and initramfs built by `cargo xtask images`, the root image read-only
+//! and a home disk read-write; its serial console is this terminal.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use moat_guest_init::control::{self, CONTROL_VSOCK_PORT, VmOutcome, VmWorkspace};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// The images the VM boots (`current.toml`, written by `cargo xtask images`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VmImages {
+    pub(crate) kernel: PathBuf,
+    pub(crate) initramfs: PathBuf,
+    pub(crate) rootfs: PathBuf,
+}
+
+/// Where `cargo xtask images` put its images: `$MOAT_IMAGES`, else `target/moat-images` beside
+/// the directory holding this binary (`target/debug/moat` -> `target/moat-images`).
+fn images_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("MOAT_IMAGES") {
+        return Some(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.join("moat-images"))
+}
+
+/// The images to boot, or why there are none.
+pub(crate) fn find_images() -> Result<VmImages, String> {
+    let dir = images_dir().ok_or("cannot tell where the VM images are")?;
+    let current = dir.join("current.toml");
+    let text = std::fs::read_to_string(&current).map_err(|_| {
+        format!(
+            "no VM images in {} (build them with `cargo xtask images`, about 10 minutes)",
+            dir.display()
+        )
+    })?;
+    let images: VmImages = toml::from_str(&text).map_err(|e| {
+        format!(
+            "{} is incomplete (run `cargo xtask images`): {e}",
+            current.display()
+        )
+    })?;
+    for p in [&images.kernel, &images.initramfs, &images.rootfs] {
+        if !p.is_file() {
+            return Err(format!(
+                "VM image {} is missing (run `cargo xtask images`)",
+                p.display()
+            ));
+        }
+    }
+    Ok(images)
+}
+
+/// moat-vmm, beside this binary (`cargo build -p moat-vmm` puts it there).
+pub(crate) fn find_vmm() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let vmm = exe.with_file_name("moat-vmm");
+    if vmm.is_file() {
+        Ok(vmm)
+    } else {
+        Err(format!(
+            "{} is not built (cargo build -p moat-vmm)",
+            vmm.display()
+        ))
+    }
+}
+
+/// The kernel command line. moat-vmm adds its virtio-mmio devices itself.
+pub(crate) fn cmdline(pvm: bool, boot_log: bool) -> String {
+    // reboot=k: guest-init's reboot(2) pulses the i8042 reset line, moat-vmm's shutdown path.
+    // panic=-1: a kernel panic resets at once (and guest-init's missing report says so).
+    let mut c = String::from("console=ttyS0 reboot=k panic=-1 rdinit=/init");
+    if !boot_log {
+        c.push_str(" quiet");
+    }
+    if pvm {
+        // What nested PVM hosts fail to emulate at guest CPL0, and KVM_SET_CPUID2 alone does
+        // not hide there (vmm/README.md, CPUID).
+        c.push_str(" noxsave clearcpuid=smap,smep,fsgsbase,pcid,invpcid,popcnt");
+    }
+    c
+}
+
+/// What the VM run needs from `moat run`.
+pub(crate) struct VmRun<'a> {
+    pub(crate) images: VmImages,
+    pub(crate) vmm: PathBuf,
+    pub(crate) run_dir: &'a Path,
+    pub(crate) uds: &'a Path,
+    pub(crate) home_disk: Option<PathBuf>,
+    pub(crate) mem_mib: u64,
+    pub(crate) vcpus: u8,
+    pub(crate) boot_log: bool,
+    pub(crate) workspace: VmWorkspace,
+}
+
+/// Creates a fresh, sparse ext4 home disk whose root directory belongs to the agent.
+fn make_home_disk(path: &Path, size_mib: u64) -> Result<()> {
+    let id = moat_guest_init::vm::AGENT_ID;
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "moat-home", "-E"])
+        .arg(format!("root_owner={id}:{id}"))
+        .arg(path)
+        .arg(format!("{size_mib}M"))
+        .status()
+        .context("cannot run mkfs.ext4 (Debian: apt-get install e2fsprogs)")?;
+    if !status.success() {
+        bail!("mkfs.ext4 {} failed ({status})", path.display());
+    }
+    Ok(())
+}
+
+/// Serves the control socket: the first guest connection gets the workspace; its one answer
+/// is the outcome. Later connections are closed unanswered.
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    workspace: VmWorkspace,
+    outcome: Arc<Mutex<Option<VmOutcome>>>,
+) {
+    let Ok((stream, _)) = listener.accept().await else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            if let Ok((s, _)) = listener.accept().await {
+                drop(s);
+                tracing::warn!("a second control connection from the guest was refused");
+            }
+        }
+    });
+    let (read, mut write) = stream.into_split();
+    if let Err(e) = write.write_all(&control::encode(&workspace)).await {
+        tracing::warn!(error = %e, "cannot send the workspace to the guest");
+        return;
+    }
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read).take(control::MAX_LINE as u64 + 1);
+    match reader.read_until(b'\n', &mut line).await {
+        Ok(_) if line.last() == Some(&b'\n') => {
+            line.pop();
+            match control::parse::<VmOutcome>(&line) {
+                Ok(o) => {
+                    if let Ok(mut slot) = outcome.lock() {
+                        *slot = Some(o);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "the guest's outcome line is malformed"),
+            }
+        }
+        Ok(_) => tracing::warn!("the guest closed the control stream without an outcome"),
+        Err(e) => tracing::warn!(error = %e, "the control stream failed"),
+    }
+}
+
+/// The uid and gid moat-vmm's jail runs as when started by root (its default).
+const JAIL_ID: u32 = 65534;
+
+/// As root, the jailed VMM (uid 65534) must reach the host-side sockets its guest connects to:
+/// the socket directory and the proxy's, the audit and the control sockets are handed to the
+/// jail uid. The run directory above stays 0700 root, so no one else on the host reaches them.
+fn hand_sockets_to_jail(uds: &Path, control: &Path) -> Result<()> {
+    let dir = uds.parent().context("socket path without a directory")?;
+    let audit = moat_egress::port_path(uds, moat_guest_init::control::AUDIT_VSOCK_PORT);
+    // The audit socket is bound by its server task: give it a moment to appear.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !audit.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let egress = moat_egress::port_path(uds, moat_guest_init::control::EGRESS_VSOCK_PORT);
+    let owner = (
+        Some(nix::unistd::Uid::from_raw(JAIL_ID)),
+        Some(nix::unistd::Gid::from_raw(JAIL_ID)),
+    );
+    for path in [dir, egress.as_path(), audit.as_path(), control] {
+        nix::unistd::chown(path, owner.0, owner.1)
+            .with_context(|| format!("cannot hand {} to the VMM's jail", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What moat-vmm's exit code means (vmm/src/exit.rs).
+fn vmm_exit_meaning(code: Option<i32>) -> &'static str {
+    match code {
+        Some(0) => "the guest reset the machine",
+        Some(1) => "a VMM error",
+        Some(2) => "bad VMM arguments",
+        Some(3) => "the guest crashed",
+        Some(4) => "the VMM's time limit",
+        Some(5) => "the guest halted",
+        _ => "killed by a signal",
+    }
+}
+
+/// Boots the workspace VM and waits for it; returns the agent's exit code.
+pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
+    let home = match &run.home_disk {
+        Some(p) => p.clone(),
+        None => {
+            let p = run.run_dir.join("home.ext4");
+            make_home_disk(&p, 2048)?;
+            p
+        }
+    };
+    let outcome = Arc::new(Mutex::new(None));
+    let control_path = moat_egress::port_path(run.uds, CONTROL_VSOCK_PORT);
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(&control_path)
+            .with_context(|| format!("cannot listen on {}", control_path.display()))?
+    };
+    rt.spawn(serve_control(
+        listener,
+        run.workspace.clone(),
+        Arc::clone(&outcome),
+    ));
+    let jail_dir = run.run_dir.join("jail");
+    if nix::unistd::geteuid().is_root() {
+        hand_sockets_to_jail(run.uds, &control_path)?;
+    }
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let mut cmd = Command::new(&run.vmm);
+    // The jail (vmm/README.md): moat-vmm opens the kernel, disks and its vsock listener, then
+    // lives in an empty read-only root holding only the socket directory, as an unprivileged
+    // uid (65534 when we are root; our own uid in a user namespace otherwise), under Landlock.
+    cmd.arg("--jail-dir").arg(&jail_dir);
+    cmd.arg("--kernel")
+        .arg(&run.images.kernel)
+        .arg("--initrd")
+        .arg(&run.images.initramfs)
+        .arg("--cmdline")
+        .arg(cmdline(pvm, run.boot_log))
+        .arg("--mem")
+        .arg(run.mem_mib.to_string())
+        .arg("--vcpus")
+        .arg(run.vcpus.to_string())
+        .arg("--vsock-uds")
+        .arg(run.uds)
+        .arg("--block-ro")
+        .arg(&run.images.rootfs)
+        .arg("--block")
+        .arg(&home)
+        .arg("--rng");
+    tracing::debug!(?cmd, "starting moat-vmm");
+    let mut vmm = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", run.vmm.display()))?;
+    // SIGTERM to moat stops the VM: nothing in it may outlive its egress proxy.
+    let vmm_pid = nix::unistd::Pid::from_raw(i32::try_from(vmm.id()).unwrap_or(i32::MAX));
+    rt.spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        if term.recv().await.is_some() {
+            let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+    let status = vmm.wait()?;
+    let reported = outcome.lock().ok().and_then(|mut o| o.take());
+    match reported {
+        Some(VmOutcome::Exited { code }) => Ok(code),
+        Some(VmOutcome::Failed { error }) => {
+            eprintln!("moat: the workspace VM could not start the agent: {error}");
+            Ok(125)
+        }
+        None => {
+            eprintln!(
+                "moat: the workspace VM stopped before guest-init reported an outcome \
+                 (moat-vmm exit {}: {}); rerun with --boot-log to see the kernel's messages",
+                status
+                    .code()
+                    .map_or_else(|| "by signal".to_owned(), |c| c.to_string()),
+                vmm_exit_meaning(status.code())
+            );
+            Ok(125)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cmdline_hides_what_pvm_cannot_emulate_only_on_pvm() {
+        let plain = cmdline(false, false);
+        assert!(plain.contains("reboot=k") && plain.contains("quiet"));
+        assert!(!plain.contains("noxsave"));
+        let pvm = cmdline(true, true);
+        assert!(pvm.contains("noxsave") && pvm.contains("clearcpuid=smap"));
+        assert!(!pvm.contains("quiet"));
+    }
+
+    #[test]
+    fn images_manifest_is_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "kernel = \"/k\"\ninitramfs = \"/i\"\nrootfs = \"/r\"\nextra = 1\n";
+        assert!(toml::from_str::<VmImages>(text).is_err());
+        let text = "kernel = \"/k\"\ninitramfs = \"/i\"\n";
+        assert!(toml::from_str::<VmImages>(text).is_err());
+        let k = dir.path().join("k");
+        std::fs::write(&k, b"").unwrap();
+        let text = format!("kernel = {k:?}\ninitramfs = {k:?}\nrootfs = {k:?}\n");
+        let images: VmImages = toml::from_str(&text).unwrap();
+        assert_eq!(images.rootfs, k);
+    }
+}

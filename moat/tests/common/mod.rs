@@ -1,0 +1,267 @@
+//! What the end-to-end tests of both backends share: a TLS upstream on loopback, a signed
+//! policy naming it, and `moat run` around a shell script.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A static HTTPS file server on 127.0.0.1 for `allowed.test` and `denied.test`, serving
+/// `/hello` and the files under `root` (a dumb-HTTP git repository, for instance).
+pub struct Upstream {
+    pub port: u16,
+    pub ca_pem: String,
+}
+
+fn start_upstream(root: PathBuf) -> Upstream {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // OpenSSL (curl, git) needs distinct names to tell the CA from the leaf.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "moat e2e CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec![
+        "allowed.test".into(),
+        "denied.test".into(),
+        "api.test".into(),
+    ])
+    .unwrap();
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "allowed.test");
+    let leaf = leaf_params.signed_by(&key, &ca).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            let (config, root) = (Arc::clone(&config), root.clone());
+            std::thread::spawn(move || serve(tcp, config, &root));
+        }
+    });
+    Upstream {
+        port,
+        ca_pem: ca.pem(),
+    }
+}
+
+fn serve(mut tcp: std::net::TcpStream, config: Arc<rustls::ServerConfig>, root: &Path) {
+    let Ok(mut conn) = rustls::ServerConnection::new(config) else {
+        return;
+    };
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        while !head.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        head.clear();
+        let target = text.split_whitespace().nth(1).unwrap_or("/");
+        // Dumb HTTP: `info/refs?service=...` is answered with the plain file.
+        let path = target.split('?').next().unwrap_or("/").to_owned();
+        // Whether the real secret arrived (never echoed back).
+        let want = format!("\r\nauthorization: Bearer {E2E_SECRET}\r\n");
+        let ok = text
+            .to_ascii_lowercase()
+            .contains(&want.to_ascii_lowercase());
+        let body = if path == "/hello" {
+            Some(b"hello from upstream\n".to_vec())
+        } else if path.starts_with("/private/") && !ok {
+            // Files under /private/ are served only to the real secret.
+            None
+        } else if path == "/auth" {
+            Some(if ok {
+                b"auth: ok\n".to_vec()
+            } else {
+                b"auth: wrong\n".to_vec()
+            })
+        } else {
+            let rel = path.trim_start_matches('/');
+            (!rel.contains(".."))
+                .then(|| std::fs::read(root.join(rel)).ok())
+                .flatten()
+        };
+        let resp = match body {
+            Some(b) => [
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b.len()).into_bytes(),
+                b,
+            ]
+            .concat(),
+            None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        };
+        if tls.write_all(&resp).is_err() {
+            return;
+        }
+    }
+}
+
+/// The secret the egress proxy injects for `api.test`, read from a file on the host.
+pub const E2E_SECRET: &str = "sk-e2e-REAL-7d3e";
+/// What the agent is given instead.
+pub const E2E_PLACEHOLDER: &str = "sk-moat-placeholder-e2e";
+
+/// A workspace setup: signed policy, agent home with the CA, audit log.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub upstream: Upstream,
+    /// `namespace` or `vm`.
+    pub backend: &'static str,
+    /// vm backend: the images directory (`MOAT_IMAGES`).
+    pub images: Option<PathBuf>,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Self::with_backend("namespace", None)
+    }
+
+    pub fn with_backend(backend: &'static str, images: Option<PathBuf>) -> Workspace {
+        let dir = tempfile::tempdir().unwrap();
+        let repo_root = dir.path().join("srv");
+        std::fs::create_dir_all(&repo_root).unwrap();
+        let upstream = start_upstream(repo_root);
+        let key = moat_policy::signing::generate("").unwrap();
+        std::fs::write(dir.path().join("policy.pub"), &key.public).unwrap();
+        let profile = format!(
+            "version = 1\nname = \"e2e\"\n\n[[rules]]\nname = \"allowed\"\nhosts = [\"allowed.test\"]\n\
+             ports = [{}]\naction = \"passthrough\"\n# The test upstream is on loopback: named explicitly.\n\
+             cidrs = [\"127.0.0.0/8\"]\n\n\
+             [[rules]]\nname = \"api\"\nhosts = [\"api.test\"]\nports = [{port}]\naction = \"intercept\"\n\
+             cidrs = [\"127.0.0.0/8\"]\n\n\
+             [[secrets]]\nname = \"api\"\nsource = {{ file = \"{secret}\" }}\n\
+             placeholder = \"{E2E_PLACEHOLDER}\"\nhosts = [\"api.test\"]\nports = [{port}]\n\
+             presentation = \"authorization_bearer\"\n",
+            upstream.port,
+            port = upstream.port,
+            secret = dir.path().join("secret").display(),
+        );
+        std::fs::write(dir.path().join("secret"), format!("{E2E_SECRET}\n")).unwrap();
+        let sig = moat_policy::signing::sign(profile.as_bytes(), &key.secret, "").unwrap();
+        std::fs::write(dir.path().join("policy.toml"), &profile).unwrap();
+        std::fs::write(dir.path().join("policy.toml.minisig"), sig).unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &upstream.ca_pem).unwrap();
+        Workspace {
+            dir,
+            upstream,
+            backend,
+            images,
+        }
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn reasons(&self) -> Vec<String> {
+        self.audit()
+            .iter()
+            .filter_map(|r| r["unmapped"]["moat"]["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Runs `script` with sh inside the workspace.
+    pub fn run(&self, script: &str) -> Output {
+        self.command(script).output().unwrap()
+    }
+
+    /// The `moat run` command for `script`.
+    pub fn command(&self, script: &str) -> Command {
+        let d = self.dir.path();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+        cmd.args(["run", "--backend", self.backend]);
+        if self.backend == "namespace" {
+            cmd.arg("--home").arg(self.home());
+        }
+        if let Some(images) = &self.images {
+            cmd.env("MOAT_IMAGES", images);
+        }
+        cmd.arg("--profile")
+            .arg(d.join("policy.toml"))
+            .arg("--pubkey")
+            .arg(d.join("policy.pub"))
+            .arg("--audit")
+            .arg(d.join("audit.jsonl"))
+            .arg("--ca")
+            .arg(self.dir.path().join("ca.pem"))
+            .arg("--upstream-ca")
+            .arg(self.dir.path().join("ca.pem"))
+            .args([
+                "--resolve",
+                "api.test=127.0.0.1",
+                "--resolve",
+                "allowed.test=127.0.0.1",
+                "--resolve",
+                "denied.test=127.0.0.1",
+            ])
+            .args(["--", "sh", "-c", script])
+            .env("MOAT_LOG", "warn");
+        cmd
+    }
+
+    /// Makes a one-commit repository holding `file` and serves it from the upstream at
+    /// `/<rel>` over dumb HTTP (a bare clone with `update-server-info`).
+    pub fn serve_repo(&self, rel: &str, file: &str, content: &str) {
+        let git = |args: &[&str], dir: &Path| {
+            let st = Command::new("git")
+                .args(args)
+                .current_dir(dir)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@t")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@t")
+                .status()
+                .unwrap();
+            assert!(st.success(), "git {args:?}");
+        };
+        let src = self.dir.path().join("src").join(rel);
+        std::fs::create_dir_all(&src).unwrap();
+        git(&["init", "-q", "-b", "main"], &src);
+        std::fs::write(src.join(file), content).unwrap();
+        git(&["add", file], &src);
+        git(&["commit", "-q", "-m", "init"], &src);
+        let bare = self.dir.path().join("srv").join(rel);
+        std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+        let (src, bare_s) = (src.to_str().unwrap(), bare.to_str().unwrap());
+        git(&["clone", "-q", "--bare", src, bare_s], self.dir.path());
+        git(&["update-server-info"], &bare);
+    }
+
+    pub fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.upstream.port)
+    }
+}
+
+pub fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}

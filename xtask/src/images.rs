@@ -1,0 +1,650 @@
+//! `cargo xtask images [kernel|initramfs|rootfs|all]`: the workspace VM's images, built from
+//! the recipes in `images/` and cached under `target/moat-images` (or `$MOAT_IMAGES`) by a hash
+//! of everything that goes into them. A build that is interrupted resumes where it stopped:
+//! the kernel tree keeps its objects, the root image keeps its downloaded packages.
+//!
+//! What `moat run --backend vm` boots is named in `<cache>/current.toml`, rewritten after every
+//! build, so `moat` finds the images without knowing where the repository is.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::{describe, root, run_cmd};
+
+/// The Debian package whose tarball the kernel is built from.
+const KERNEL_PACKAGE: &str = "linux-source-6.12";
+/// Bump when the build steps below change in a way the inputs' hash cannot see.
+const KERNEL_RECIPE: &str = "kernel recipe 1: tinyconfig + fragment + patches; vmlinux bzImage";
+/// Packages the kernel build needs on a Debian host.
+const KERNEL_BUILD_DEPS: &[&str] = &[
+    KERNEL_PACKAGE,
+    "flex",
+    "bison",
+    "libelf-dev",
+    "bc",
+    "xz-utils",
+    "make",
+    "gcc",
+    "patch",
+    "lz4",
+];
+
+/// The musl target guest-init is built for: one static binary, no loader, no libc in the
+/// initramfs.
+pub(crate) const GUEST_TARGET: &str = "x86_64-unknown-linux-musl";
+
+pub(crate) fn cache_dir() -> PathBuf {
+    std::env::var_os("MOAT_IMAGES").map_or_else(|| root().join("target/moat-images"), PathBuf::from)
+}
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let what = args.first().map_or("all", String::as_str);
+    match what {
+        "kernel" => {
+            kernel()?;
+        }
+        "initramfs" => {
+            initramfs()?;
+        }
+        "rootfs" => {
+            rootfs()?;
+        }
+        "all" => {
+            kernel()?;
+            initramfs()?;
+            rootfs()?;
+        }
+        other => bail!("unknown image {other:?} (kernel, initramfs, rootfs or all)"),
+    }
+    write_current()?;
+    Ok(())
+}
+
+/// The built kernel: the PVH ELF (what moat-vmm boots) and the bzImage.
+pub(crate) struct Kernel {
+    pub(crate) vmlinux: PathBuf,
+    pub(crate) bzimage: PathBuf,
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest[..8].iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn step(what: &str, n: usize, of: usize, doing: &str) {
+    eprintln!("xtask images: {what} [{n}/{of}] {doing}");
+}
+
+fn missing_packages(packages: &[&str]) -> Vec<String> {
+    packages
+        .iter()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f", "${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .map(|p| (*p).to_owned())
+        .collect()
+}
+
+fn require_packages(what: &str, packages: &[&str]) -> Result<()> {
+    let missing = missing_packages(packages);
+    if !missing.is_empty() {
+        bail!(
+            "the {what} build needs Debian packages that are not installed: {}\n\
+             install them with: apt-get install -y {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn package_version(package: &str) -> Result<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", package])
+        .output()
+        .context("cannot run dpkg-query")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The kernel's patches, in the order they apply.
+fn kernel_patches() -> Result<Vec<PathBuf>> {
+    let dir = root().join("images/kernel/patches");
+    let mut patches: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "patch"))
+        .collect();
+    patches.sort();
+    Ok(patches)
+}
+
+/// Builds the guest kernel unless the cache already holds this exact one.
+pub(crate) fn kernel() -> Result<Kernel> {
+    const STEPS: usize = 5;
+    require_packages("kernel", KERNEL_BUILD_DEPS)?;
+    let version = package_version(KERNEL_PACKAGE)?;
+    let fragment_path = root().join("images/kernel/config.fragment");
+    let fragment = std::fs::read(&fragment_path)
+        .with_context(|| format!("cannot read {}", fragment_path.display()))?;
+    let patches = kernel_patches()?;
+    let mut h = Sha256::new();
+    h.update(KERNEL_RECIPE);
+    h.update(&version);
+    h.update(&fragment);
+    let mut patch_hash = Sha256::new();
+    for p in &patches {
+        let text = std::fs::read(p)?;
+        h.update(&text);
+        patch_hash.update(&text);
+    }
+    let key = hex(&h.finalize());
+    let cache = cache_dir();
+    let out = cache.join(format!("kernel-{key}"));
+    let kernel = Kernel {
+        vmlinux: out.join("vmlinux"),
+        bzimage: out.join("bzImage"),
+    };
+    if kernel.vmlinux.exists() && kernel.bzimage.exists() {
+        eprintln!(
+            "xtask images: kernel {version} cached: {}",
+            kernel.vmlinux.display()
+        );
+        return Ok(kernel);
+    }
+    let started = Instant::now();
+    // The source tree is extracted and patched once per (package version, patches); the object
+    // tree beside it survives config changes and interruptions (make is incremental).
+    let work = cache.join("kernel-work");
+    std::fs::create_dir_all(&work)?;
+    // One kernel build at a time in the shared work tree (`cargo xtask test` beside `run-vm`).
+    let lock = std::fs::File::create(work.join("lock"))?;
+    if lock.try_lock().is_err() {
+        eprintln!("xtask images: waiting for another kernel build to finish");
+        lock.lock()?;
+        if kernel.vmlinux.exists() && kernel.bzimage.exists() {
+            return Ok(kernel);
+        }
+    }
+    let src_key = format!("{version} {}", hex(&patch_hash.finalize()));
+    let src = work.join("src");
+    let src_stamp = work.join("src.stamp");
+    if std::fs::read_to_string(&src_stamp).ok().as_deref() != Some(src_key.as_str()) {
+        step(
+            "kernel",
+            1,
+            STEPS,
+            &format!("extracting {KERNEL_PACKAGE} {version}"),
+        );
+        let _ = std::fs::remove_dir_all(&src);
+        let _ = std::fs::remove_dir_all(work.join("obj"));
+        std::fs::create_dir_all(&src)?;
+        let tarball = format!("/usr/src/{KERNEL_PACKAGE}.tar.xz");
+        run_cmd(
+            Command::new("tar")
+                .args(["-x", "--strip-components=1", "-f", &tarball, "-C"])
+                .arg(&src),
+        )?;
+        step(
+            "kernel",
+            2,
+            STEPS,
+            &format!("applying {} patches", patches.len()),
+        );
+        for p in &patches {
+            run_cmd(
+                Command::new("patch")
+                    .args(["-p1", "--forward", "--quiet", "-d"])
+                    .arg(&src)
+                    .arg("-i")
+                    .arg(p),
+            )?;
+        }
+        std::fs::write(&src_stamp, &src_key)?;
+    } else {
+        step("kernel", 1, STEPS, "source tree already extracted");
+        step("kernel", 2, STEPS, "patches already applied");
+    }
+    let obj = work.join("obj");
+    std::fs::create_dir_all(&obj)?;
+    step(
+        "kernel",
+        3,
+        STEPS,
+        "configuring (tinyconfig + images/kernel/config.fragment)",
+    );
+    let make = |args: &[&str]| {
+        let mut c = Command::new("make");
+        c.arg("-C").arg(&src).arg(format!("O={}", obj.display()));
+        c.args(args);
+        c
+    };
+    let config_stamp = obj.join("moat-config.stamp");
+    if std::fs::read_to_string(&config_stamp).ok().as_deref() != Some(key.as_str()) {
+        run_cmd(make(&["-s", "tinyconfig"]).stdout(Stdio::null()))?;
+        run_cmd(
+            Command::new(src.join("scripts/kconfig/merge_config.sh"))
+                .current_dir(&obj)
+                .args(["-m", "-O"])
+                .arg(&obj)
+                .arg(obj.join(".config"))
+                .arg(&fragment_path)
+                .stdout(Stdio::null()),
+        )?;
+        run_cmd(make(&["-s", "olddefconfig"]).stdout(Stdio::null()))?;
+        check_config(&obj.join(".config"), &String::from_utf8_lossy(&fragment))?;
+        std::fs::write(&config_stamp, &key)?;
+    }
+    let jobs = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    step(
+        "kernel",
+        4,
+        STEPS,
+        &format!(
+            "compiling vmlinux and bzImage with {jobs} jobs (about 7 minutes on 2 cores, cold)"
+        ),
+    );
+    compile_with_progress(make(&[&format!("-j{jobs}"), "vmlinux", "bzImage"]), &obj)?;
+    step("kernel", 5, STEPS, "storing");
+    let tmp = cache.join(format!("kernel-{key}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    std::fs::copy(obj.join("vmlinux"), tmp.join("vmlinux"))?;
+    std::fs::copy(obj.join("arch/x86/boot/bzImage"), tmp.join("bzImage"))?;
+    std::fs::copy(obj.join(".config"), tmp.join("config"))?;
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::rename(&tmp, &out)?;
+    eprintln!(
+        "xtask images: kernel {version} built in {:.0?}: {}",
+        started.elapsed(),
+        kernel.vmlinux.display()
+    );
+    Ok(kernel)
+}
+
+/// Every `CONFIG_X=y` the fragment asks for must have survived `olddefconfig` (a dependency it
+/// silently dropped would give a kernel without, say, vsock).
+fn check_config(config: &Path, fragment: &str) -> Result<()> {
+    let have = std::fs::read_to_string(config)?;
+    let dropped: Vec<&str> = fragment
+        .lines()
+        .filter(|l| l.starts_with("CONFIG_") && l.ends_with("=y"))
+        .filter(|l| !have.lines().any(|h| h == *l))
+        .collect();
+    if !dropped.is_empty() {
+        bail!(
+            "the kernel config dropped options images/kernel/config.fragment asks for \
+             (a missing dependency?): {}",
+            dropped.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Runs make, printing how many files it has built every 15 s (and, when a previous build
+/// left a count, how far along that is). Make's own output goes to `build.log` in `obj`.
+fn compile_with_progress(mut cmd: Command, obj: &Path) -> Result<()> {
+    let log_path = obj.join("build.log");
+    let count_path = obj.join("moat-objects.count");
+    let expected: Option<u64> = std::fs::read_to_string(&count_path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    eprintln!("xtask: {} (log: {})", describe(&cmd), log_path.display());
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run make")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let err_log = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            lines.push(line);
+        }
+        lines
+    });
+    let mut log = std::fs::File::create(&log_path)?;
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let mut built = 0u64;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        let _ = writeln!(log, "{line}");
+        let t = line.trim_start();
+        if ["CC ", "AS ", "LD ", "AR ", "OBJCOPY ", "HOSTCC "]
+            .iter()
+            .any(|p| t.starts_with(p))
+        {
+            built += 1;
+        }
+        if last.elapsed().as_secs() >= 15 {
+            last = Instant::now();
+            let of = expected.map_or_else(String::new, |e| {
+                format!(" of about {e} ({}%)", (built * 100 / e.max(1)).min(99))
+            });
+            eprintln!(
+                "xtask images: kernel compiling: {built}{of} files built, {:.0?}",
+                started.elapsed()
+            );
+        }
+    }
+    let status = child.wait()?;
+    let errors = err_log.join().unwrap_or_default();
+    for l in &errors {
+        let _ = writeln!(log, "{l}");
+    }
+    if !status.success() {
+        let tail: Vec<&String> = errors.iter().rev().take(30).collect();
+        for l in tail.into_iter().rev() {
+            eprintln!("  {l}");
+        }
+        bail!(
+            "the kernel build failed ({status}); full log: {} (run again to resume)",
+            log_path.display()
+        );
+    }
+    // A cold build's count is the one worth keeping (a resumed build counts only the rest).
+    if built > expected.unwrap_or(0) {
+        let _ = std::fs::write(&count_path, built.to_string());
+    }
+    Ok(())
+}
+
+/// The cargo target directory (where the guest-init binary lands).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// Builds the static guest-init and packs it as `/init` of a newc initramfs.
+pub(crate) fn initramfs() -> Result<PathBuf> {
+    step(
+        "initramfs",
+        1,
+        2,
+        &format!("building guest-init for {GUEST_TARGET} (static)"),
+    );
+    // Stripped: the guest kernel copies the initramfs at boot, and on nested PVM hosts
+    // kernel-mode copying is instruction-emulated.
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(root())
+            .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "moat-guest-init",
+                "--bin",
+                "moat-guest-init",
+                "--target",
+                GUEST_TARGET,
+            ]),
+    )?;
+    let bin = target_dir().join(format!("{GUEST_TARGET}/release/moat-guest-init"));
+    let init = std::fs::read(&bin).with_context(|| format!("cannot read {}", bin.display()))?;
+    let key = hex(&Sha256::digest(&init));
+    let cache = cache_dir();
+    std::fs::create_dir_all(&cache)?;
+    let out = cache.join(format!("initramfs-{key}.cpio"));
+    if out.exists() {
+        eprintln!("xtask images: initramfs cached: {}", out.display());
+        return Ok(out);
+    }
+    step("initramfs", 2, 2, "packing /init");
+    let tmp = out.with_extension("tmp");
+    write_initramfs(&init, std::fs::File::create(&tmp)?)?;
+    std::fs::rename(&tmp, &out)?;
+    eprintln!(
+        "xtask images: initramfs ({} KiB of guest-init): {}",
+        init.len() / 1024,
+        out.display()
+    );
+    Ok(out)
+}
+
+/// The initramfs: the directories guest-init mounts on, `/dev/console` (so the kernel can give
+/// init its standard descriptors before devtmpfs is mounted), and `/init`. Owned by root,
+/// every timestamp 0: the same binary always gives the same archive.
+pub(crate) fn write_initramfs<W: Write>(init: &[u8], out: W) -> Result<W> {
+    use cpio::NewcBuilder;
+    let dir = |name: &str| (NewcBuilder::new(name).mode(0o040_755).nlink(2), &[][..]);
+    let entries: Vec<(NewcBuilder, &[u8])> = vec![
+        dir("dev"),
+        (
+            NewcBuilder::new("dev/console")
+                .mode(0o020_600)
+                .rdev_major(5)
+                .rdev_minor(1),
+            &[],
+        ),
+        dir("proc"),
+        dir("sys"),
+        dir("mnt"),
+        dir("mnt/root"),
+        (NewcBuilder::new("init").mode(0o100_755), init),
+    ];
+    let out = cpio::write_cpio(
+        entries
+            .into_iter()
+            .map(|(b, data)| (b.uid(0).gid(0).mtime(0), std::io::Cursor::new(data))),
+        out,
+    )?;
+    Ok(out)
+}
+
+/// Debian suite and mirror of the root image.
+const ROOTFS_SUITE: &str = "bookworm";
+const ROOTFS_MIRROR: &str = "http://deb.debian.org/debian";
+/// Bump when the steps below change in a way the recipe's hash cannot see.
+const ROOTFS_RECIPE: &str = "rootfs recipe 1: mmdebstrap minbase + packages + customize; ext4";
+
+/// Builds the read-only root image from Debian packages (`images/rootfs/packages`, customized by
+/// `images/rootfs/customize.sh`) with mmdebstrap, as an ext4 image.
+pub(crate) fn rootfs() -> Result<PathBuf> {
+    const STEPS: usize = 3;
+    require_packages("root image", &["mmdebstrap", "e2fsprogs"])?;
+    let dir = root().join("images/rootfs");
+    let packages_text = std::fs::read_to_string(dir.join("packages"))
+        .context("cannot read images/rootfs/packages")?;
+    let customize = dir.join("customize.sh");
+    let mut h = Sha256::new();
+    h.update(ROOTFS_RECIPE);
+    h.update(ROOTFS_SUITE);
+    h.update(ROOTFS_MIRROR);
+    h.update(&packages_text);
+    h.update(std::fs::read(&customize).context("cannot read images/rootfs/customize.sh")?);
+    let key = hex(&h.finalize());
+    let cache = cache_dir();
+    let out = cache.join(format!("rootfs-{key}.ext4"));
+    if out.exists() {
+        eprintln!("xtask images: root image cached: {}", out.display());
+        return Ok(out);
+    }
+    let packages: Vec<&str> = packages_text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let debs = cache.join("rootfs-debs");
+    std::fs::create_dir_all(&debs)?;
+    let tree = cache.join(format!("rootfs-{key}.tree"));
+    let _ = std::fs::remove_dir_all(&tree);
+    step(
+        "root image",
+        1,
+        STEPS,
+        &format!(
+            "mmdebstrap {ROOTFS_SUITE} minbase + {} packages (downloads are kept in {} and \
+             reused by the next run)",
+            packages.len(),
+            debs.display()
+        ),
+    );
+    let debs_s = debs.display().to_string();
+    run_cmd(
+        Command::new("mmdebstrap")
+            .args(["--variant=minbase", "--mode=auto", "--format=directory"])
+            .arg(format!("--include={}", packages.join(",")))
+            .arg("--skip=download/empty")
+            .arg("--skip=essential/unlink")
+            .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+            .arg(format!(
+                "--setup-hook=sync-in {debs_s} /var/cache/apt/archives/"
+            ))
+            .arg(format!(
+                "--customize-hook=sync-out /var/cache/apt/archives {debs_s}"
+            ))
+            .arg(format!("--customize-hook={}", customize.display()))
+            .arg("--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb")
+            .arg(ROOTFS_SUITE)
+            .arg(&tree)
+            .arg(ROOTFS_MIRROR),
+    )?;
+    step("root image", 2, STEPS, "sizing");
+    let du = Command::new("du")
+        .args(["-s", "-B", "1M"])
+        .arg(&tree)
+        .output()
+        .context("cannot run du")?;
+    let used: u64 = String::from_utf8_lossy(&du.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .context("cannot read du's answer")?;
+    // Room for ext4's own metadata; the image is mounted read-only, so no more.
+    let size_mib = used + used / 4 + 32;
+    step(
+        "root image",
+        3,
+        STEPS,
+        &format!("writing a {size_mib} MiB ext4 image"),
+    );
+    let tmp = out.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    run_cmd(
+        Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-L",
+                "moat-root",
+                "-O",
+                "^has_journal",
+                "-E",
+                "root_owner=0:0",
+                "-d",
+            ])
+            .arg(&tree)
+            .arg(&tmp)
+            .arg(format!("{size_mib}M")),
+    )?;
+    std::fs::rename(&tmp, &out)?;
+    let _ = std::fs::remove_dir_all(&tree);
+    eprintln!("xtask images: root image: {}", out.display());
+    Ok(out)
+}
+
+/// The newest image of a kind in the cache (by modification time), if any.
+fn newest(prefix: &str, suffix: &str) -> Option<PathBuf> {
+    std::fs::read_dir(cache_dir())
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(prefix) && n.ends_with(suffix)
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
+/// Writes `<cache>/current.toml`: the images `moat run --backend vm` boots.
+fn write_current() -> Result<()> {
+    let mut text =
+        String::from("# Written by `cargo xtask images`: the images moat's vm backend boots.\n");
+    let kernel = newest("kernel-", "")
+        .filter(|p| p.is_dir())
+        .map(|p| p.join("vmlinux"));
+    for (key, path) in [
+        ("kernel", kernel),
+        ("initramfs", newest("initramfs-", ".cpio")),
+        ("rootfs", newest("rootfs-", ".ext4")),
+    ] {
+        if let Some(p) = path.filter(|p| p.exists()) {
+            let _ = writeln!(text, "{key} = {:?}", p.display().to_string());
+        }
+    }
+    let path = cache_dir().join("current.toml");
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("xtask images: {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn initramfs_holds_init_and_console_and_is_reproducible() {
+        let init = b"\x7fELF not really".to_vec();
+        let a = write_initramfs(&init, Vec::new()).unwrap();
+        let b = write_initramfs(&init, Vec::new()).unwrap();
+        assert_eq!(a, b, "the same binary gives the same archive");
+        let mut rest = &a[..];
+        let mut seen = Vec::new();
+        loop {
+            let mut r = cpio::NewcReader::new(rest).unwrap();
+            if r.entry().is_trailer() {
+                break;
+            }
+            let e = r.entry();
+            let name = e.name().to_owned();
+            seen.push((name.clone(), e.mode(), e.uid(), e.mtime()));
+            if name == "dev/console" {
+                assert_eq!((e.rdev_major(), e.rdev_minor()), (5, 1));
+            }
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut r, &mut data).unwrap();
+            if name == "init" {
+                assert_eq!(data, init);
+            }
+            rest = r.finish().unwrap();
+        }
+        assert!(
+            seen.contains(&("init".to_owned(), 0o100_755, 0, 0)),
+            "{seen:?}"
+        );
+        assert!(
+            seen.contains(&("dev/console".to_owned(), 0o020_600, 0, 0)),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|(n, ..)| n == "mnt/root"), "{seen:?}");
+    }
+
+    #[test]
+    fn a_dropped_config_option_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("xtask-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join(".config");
+        std::fs::write(&config, "CONFIG_VSOCKETS=y\nCONFIG_TUN=y\n").unwrap();
+        assert!(check_config(&config, "CONFIG_TUN=y\n# comment\nCONFIG_VSOCKETS=y\n").is_ok());
+        let err = check_config(&config, "CONFIG_TUN=y\nCONFIG_VIRTIO_VSOCKETS=y\n").unwrap_err();
+        assert!(
+            err.to_string().contains("CONFIG_VIRTIO_VSOCKETS=y"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
