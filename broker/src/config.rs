@@ -287,3 +287,72 @@ impl Config {
         self.workspaces.iter().find(|w| &w.name == name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const BASE: &str = r#"
+listen = "127.0.0.1:8443"
+tunnel_listen = "127.0.0.1:8444"
+public_url = "https://broker.test"
+server_names = ["broker.test"]
+state_dir = "/var/lib/moat-broker"
+admin_socket = "/run/moat-broker/admin.sock"
+
+[oidc]
+issuer = "https://idp.test"
+client_id = "moat-broker"
+client_secret_file = "/etc/moat-broker/secret"
+"#;
+
+    /// `BASE` with `top` (top-level keys) before it and `tables` after it.
+    fn parse_with(top: &str, tables: &str) -> Result<Config, String> {
+        let config: Config =
+            toml::from_str(&format!("{top}{BASE}{tables}")).map_err(|e| e.to_string())?;
+        config.check().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    fn parse(tables: &str) -> Result<Config, String> {
+        parse_with("", tables)
+    }
+
+    #[test]
+    fn a_workspace_may_list_only_configured_services() {
+        let err =
+            parse("[[workspaces]]\nname = \"ws1\"\ngroups = [\"eng\"]\nservices = [\"git\"]\n");
+        assert!(err.unwrap_err().contains("names service git"));
+    }
+
+    #[test]
+    fn a_service_address_needs_a_port() {
+        let err = parse("[[services]]\nname = \"git\"\naddress = \"git.corp\"\n");
+        assert!(err.unwrap_err().contains("is not host:port"));
+    }
+
+    #[test]
+    fn workspace_names_are_refused_unless_lowercase_letters_digits_and_dashes() {
+        for bad in ["", "-ws", "WS1", "ws_1", "ws/1", &"a".repeat(64)] {
+            assert!(WorkspaceName::try_from(bad).is_err(), "{bad:?}");
+        }
+        assert!(WorkspaceName::try_from("ws-1").is_ok());
+    }
+
+    #[test]
+    fn an_http_issuer_is_refused() {
+        let config: Config =
+            toml::from_str(&BASE.replace("https://idp.test", "http://idp.test")).unwrap();
+        assert!(config.check().is_err());
+    }
+
+    #[test]
+    fn sessions_last_between_a_minute_and_twelve_hours() {
+        let ttl = |secs: u32| parse_with(&format!("session_ttl_secs = {secs}\n"), "");
+        assert!(ttl(59).unwrap_err().contains("between 60 and 43200"));
+        assert!(ttl(43_201).unwrap_err().contains("between 60 and 43200"));
+        assert_eq!(ttl(900).unwrap().session_ttl_secs, 900);
+    }
+}
