@@ -47,7 +47,7 @@ pub(crate) fn ocsf_venv() -> Result<PathBuf> {
 
 /// Installs the broker tests' OpenID Connect provider (npm, pinned by its package-lock.json)
 /// into broker/tests/oidc/node_modules if it is missing.
-fn oidc_provider() -> Result<()> {
+pub(crate) fn oidc_provider() -> Result<()> {
     let dir = root().join("broker/tests/oidc");
     if dir.join("node_modules/oidc-provider").exists() {
         return Ok(());
