@@ -154,12 +154,12 @@ impl Tunnels {
         workspace: &WorkspaceName,
         port: u32,
     ) -> Result<Upgraded, TunnelError> {
-        let sender = self
+        // Cloned out of the lock: the lock is never held across an await.
+        let mut sender = self
             .lock()
             .get(workspace)
             .map(|e| e.sender.clone())
             .ok_or_else(|| TunnelError::NotConnected(workspace.clone()))?;
-        let mut sender = sender;
         sender.ready().await.map_err(TunnelError::Stream)?;
         let request = Request::builder()
             .method(Method::CONNECT)
