@@ -60,7 +60,10 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                     // Only this part: the caller runs the VMM part itself.
                     "egress",
                 ])
-                .args(args.iter().filter(|a| *a != "egress" && *a != "vmm")),
+                .args(
+                    args.iter()
+                        .filter(|a| *a != "egress" && *a != "vmm" && *a != "broker"),
+                ),
         );
     }
     let quick = args.iter().any(|a| a == "--quick");
