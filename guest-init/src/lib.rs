@@ -111,7 +111,8 @@ pub struct WorkspaceConfig {
     /// The host's socket for process events (`<uds>_1026`), in `run_dir`, if any.
     pub audit_socket: Option<PathBuf>,
     /// A directory for the workspace's own files (flow socket, resolv.conf, the new root's
-    /// mount point), on the host and outside the agent's view.
+    /// mount point), on the host and outside the agent's view. Run by root, its ancestors must
+    /// be searchable by [`ROOT_RUN_ID`] (the temp directory is): PID 1 reaches it by path.
     pub run_dir: PathBuf,
     /// The workspace hostname.
     pub hostname: String,

@@ -79,7 +79,7 @@ struct Prepared {
     home: PathBuf,
 }
 
-/// Hands the mapped uid exactly what PID 1 needs in the run directory: search permission on
+/// Hands the mapped id exactly what PID 1 needs in the run directory: search permission on
 /// the directory and connect permission on the host's two sockets, both through the group
 /// (the owner stays root, so the workspace can change no mode), nothing to other host users.
 fn hand_over_run_dir(config: &WorkspaceConfig) -> Result<(), InitError> {
@@ -109,7 +109,8 @@ fn isolate_as_host_root(config: &WorkspaceConfig) -> Result<Prepared, InitError>
     // the workspace, so they go now.
     nix::unistd::setgroups(&[]).map_err(|e| InitError::IdMap(e.into()))?;
     unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).map_err(InitError::Unshare)?;
-    // Nothing mounted here may reach the host's mount namespace.
+    // Nothing mounted here may reach the host's mount namespace (where `moat run` removes the
+    // run directory recursively at exit: a bound home there would be emptied).
     mount_or(
         "/ (private)",
         None,
@@ -264,15 +265,19 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
     // arbitrary code after fork.
     #[allow(unsafe_code)]
     match unsafe { fork() }.map_err(InitError::Fork)? {
-        ForkResult::Parent { child } => loop {
-            crate::signals::forward_pending(child);
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-                Ok(_) | Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(InitError::Fork(e)),
+        ForkResult::Parent { child } => {
+            // The TUN device is PID 1's alone.
+            drop(prepared);
+            loop {
+                crate::signals::forward_pending(child);
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                    Ok(_) | Err(nix::Error::EINTR) => {}
+                    Err(e) => return Err(InitError::Fork(e)),
+                }
             }
-        },
+        }
         ForkResult::Child => {
             // If the waiting parent dies, PID 1 dies, and the kernel empties the namespace.
             let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
