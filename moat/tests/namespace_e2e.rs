@@ -2,7 +2,9 @@
 //! namespace -- <command>` runs curl, git and a shell inside the workspace; their traffic goes
 //! through the virtual DNS, the TUN device, the netstack, the flow header and the egress proxy
 //! to a TLS server on the host's loopback (rcgen test CA). Needs unprivileged user namespaces
-//! and /dev/net/tun (both present on our CI machines), curl, git and python3.
+//! and /dev/net/tun (both present on our CI machines), curl, git and python3. Run as root (as
+//! on our machines and CI), the `run_by_root_*` tests check that the workspace is then an
+//! unprivileged host uid; as anyone else they pass without checking anything.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -430,7 +432,14 @@ fn run_by_root_a_host_file_only_root_may_read_stays_unreadable_inside() {
         return;
     }
     // Outside /tmp, /home, /root and /run: the workspace sees it in the host's read-only root.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let target_tmp = env!("CARGO_TARGET_TMPDIR");
+    let hidden = ["/tmp/", "/home/", "/root/", "/run/"];
+    let base = if hidden.iter().any(|h| target_tmp.starts_with(h)) {
+        "/var/tmp"
+    } else {
+        target_tmp
+    };
+    let dir = tempfile::tempdir_in(base).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let secret = dir.path().join("root-only");
     std::fs::write(&secret, "ROOT-ONLY-MARKER\n").unwrap();
@@ -519,4 +528,50 @@ fn run_by_root_the_default_home_is_given_to_the_workspace_uid() {
         "stderr: {}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn run_by_root_the_run_directory_is_open_to_the_workspace_gid_only() {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    if !host_root() {
+        return;
+    }
+    let id = moat_guest_init::ROOT_RUN_ID;
+    let ws = Workspace::new();
+    let mut child = ws
+        .command("echo ready; sleep 30")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let run_dir = std::env::temp_dir().join(format!("moat-{}", child.id()));
+    let owner_mode = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    // Root's, the workspace's gid may only search it and connect to the two sockets.
+    let found = [
+        owner_mode(&run_dir),
+        owner_mode(&run_dir.join("vsock_1025")),
+        owner_mode(&run_dir.join("vsock_1026")),
+    ];
+    // Another host user reaches nothing in it.
+    let other = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(run_dir.join("resolv.conf"))
+        .output()
+        .unwrap();
+    // SIGTERM, so that `moat run` removes the run directory.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let _ = child.wait();
+    assert!(!run_dir.exists());
+    assert_eq!(found, [(0, id, 0o710), (0, id, 0o660), (0, id, 0o660)]);
+    assert!(!other.status.success());
+    assert!(text(&other.stderr).contains("Permission denied"));
 }
