@@ -79,6 +79,40 @@ struct Prepared {
     home: PathBuf,
 }
 
+/// Where the host's own files name `id` as a user or group (`/etc/passwd`, `/etc/group`) or
+/// hand it out as a subordinate id (`/etc/subuid`, `/etc/subgid`). Read directly, not through
+/// NSS (whose modules have no place in a process that is about to fork): ids from a directory
+/// service are not seen.
+fn id_in_use(id: u32) -> Option<String> {
+    type Uses = fn(&str, u32) -> bool;
+    let sources: [(&str, Uses); 4] = [
+        ("/etc/passwd", names_id),
+        ("/etc/group", names_id),
+        ("/etc/subuid", hands_out_id),
+        ("/etc/subgid", hands_out_id),
+    ];
+    sources.iter().find_map(|(path, uses)| {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines()
+            .find(|line| uses(line, id))
+            .map(|line| format!("{path}: {line}"))
+    })
+}
+
+/// Whether a passwd or group line's id (third field) is `id`.
+fn names_id(line: &str, id: u32) -> bool {
+    line.split(':').nth(2).and_then(|f| f.parse::<u32>().ok()) == Some(id)
+}
+
+/// Whether a subuid or subgid line (`name:first:count`) covers `id`.
+fn hands_out_id(line: &str, id: u32) -> bool {
+    let mut fields = line.split(':').skip(1).map(|f| f.parse::<u64>().ok());
+    match (fields.next().flatten(), fields.next().flatten()) {
+        (Some(first), Some(count)) => (first..first.saturating_add(count)).contains(&u64::from(id)),
+        _ => false,
+    }
+}
+
 /// Hands the mapped id exactly what PID 1 needs in the run directory: search permission on
 /// the directory and connect permission on the host's two sockets, both through the group
 /// (the owner stays root, so the workspace can change no mode), nothing to other host users.
@@ -251,6 +285,13 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
     mkdir(&config.run_dir.join("root"))?;
 
     let prepared = if Uid::effective().is_root() {
+        // The id is meant to be nobody's: refuse it if the host gives it to someone.
+        if let Some(user) = id_in_use(ROOT_RUN_ID) {
+            return Err(InitError::IdMap(std::io::Error::other(format!(
+                "uid/gid {ROOT_RUN_ID}, which a workspace started by root runs as, is in use \
+                 on this host ({user})"
+            ))));
+        }
         hand_over_run_dir(config)?;
         Some(isolate_as_host_root(config)?)
     } else {
@@ -617,4 +658,22 @@ fn init(
     let sandbox = moat_guest_sandbox::agent_config(&agent.home);
     let status = run_agent(&agent, &sandbox, None, &reporter).map_err(InitError::Agent)?;
     Ok(exit_code(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_named_or_handed_out_is_in_use() {
+        assert!(names_id("ws:x:2000000000:100::/:/bin/sh", ROOT_RUN_ID));
+        assert!(!names_id("nobody:x:65534:65534::/:/bin/sh", ROOT_RUN_ID));
+        assert!(!names_id("broken", ROOT_RUN_ID));
+        assert!(hands_out_id("alice:1999999999:2", ROOT_RUN_ID));
+        assert!(hands_out_id("alice:2000000000:1", ROOT_RUN_ID));
+        assert!(!hands_out_id("alice:1999999999:1", ROOT_RUN_ID));
+        assert!(!hands_out_id("alice:100000:65536", ROOT_RUN_ID));
+        assert!(!hands_out_id("alice:4294967295:4294967295", ROOT_RUN_ID));
+        assert!(!hands_out_id("# comment", ROOT_RUN_ID));
+    }
 }
