@@ -275,14 +275,19 @@ fn run_namespace(
     // Run by root, the workspace's root is host uid ROOT_RUN_ID (see moat-guest-init): the
     // fresh default home is given to it; a --home must already be its (guest-init refuses
     // any other).
-    if nix::unistd::Uid::effective().is_root() && args.home.is_none() {
+    if nix::unistd::Uid::effective().is_root() {
         use std::os::unix::fs::PermissionsExt;
         let id = moat_guest_init::ROOT_RUN_ID;
-        std::os::unix::fs::chown(home, Some(id), Some(id))
-            .and_then(|()| std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)))
-            .with_context(|| format!("cannot give {} to the workspace", home.display()))?;
+        eprintln!("moat: run as root: the workspace's root is host uid and gid {id}, not 0");
+        if args.home.is_none() {
+            std::os::unix::fs::chown(home, Some(id), Some(id))
+                .and_then(|()| {
+                    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700))
+                })
+                .with_context(|| format!("cannot give {} to the workspace", home.display()))?;
+        }
     }
-    // guest-init hands the audit socket to the workspace's uid: it must be bound first (the
+    // guest-init hands the audit socket to the workspace's gid: it must be bound first (the
     // proxy's flow socket is, once Proxy::start returns).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !audit_socket.exists() && std::time::Instant::now() < deadline {
