@@ -565,7 +565,7 @@ fn enter_root(
     // The workspace's own sysfs (its network namespace's devices, not the host's) and its
     // own cgroup tree, both read-only for everything inside.
     // (When the host's root started the workspace, the network namespace is not the
-    // workspace's to mount sysfs for: the sysfs root mounted for it is bound above.)
+    // workspace's to mount sysfs for: the one root mounted for it is bound above.)
     let ro = nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
     if sysfs.is_none() {
         mount_or(
