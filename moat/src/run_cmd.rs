@@ -281,6 +281,27 @@ fn run_namespace(
     ca_bundle: &std::path::Path,
 ) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot find the moat binary")?;
+    // Run by root, the workspace's root is host uid ROOT_RUN_ID (see moat-guest-init): the
+    // fresh default home is given to it; a --home must already be its (guest-init refuses
+    // any other).
+    if nix::unistd::Uid::effective().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let id = moat_guest_init::ROOT_RUN_ID;
+        eprintln!("moat: run as root: the workspace's root is host uid and gid {id}, not 0");
+        if args.home.is_none() {
+            std::os::unix::fs::chown(home, Some(id), Some(id))
+                .and_then(|()| {
+                    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700))
+                })
+                .with_context(|| format!("cannot give {} to the workspace", home.display()))?;
+        }
+    }
+    // guest-init hands the audit socket to the workspace's gid: it must be bound first (the
+    // proxy's flow socket is, once Proxy::start returns).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !audit_socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let mut child = Command::new(exe)
         .arg("__guest-init")
         .arg("--flow-socket")
