@@ -539,8 +539,17 @@ fn run_by_root_the_run_directory_is_open_to_the_workspace_gid_only() {
     }
     let id = moat_guest_init::ROOT_RUN_ID;
     let ws = Workspace::new();
+    // The run directory's name is random (mkdtemp): give this run a temporary directory of its
+    // own, searchable by the workspace uid as /tmp is, and find it there.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let mut child = ws
         .command("echo ready; sleep 30")
+        .env("TMPDIR", tmp.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -549,7 +558,17 @@ fn run_by_root_the_run_directory_is_open_to_the_workspace_gid_only() {
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    let run_dir = std::env::temp_dir().join(format!("moat-{}", child.id()));
+    let run_dir = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("moat-")
+        })
+        .expect("the run directory");
     let owner_mode = |p: &Path| {
         let m = std::fs::symlink_metadata(p).unwrap();
         (m.uid(), m.gid(), m.mode() & 0o7777)
