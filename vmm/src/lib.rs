@@ -43,4 +43,6 @@ pub mod seccomp;
 pub mod stats;
 #[allow(unsafe_code)]
 pub mod terminal;
+#[allow(unsafe_code)]
+pub mod vfio;
 pub mod vmm;
