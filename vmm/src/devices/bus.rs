@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::legacy::{I8042, I8042_COMMAND, I8042_DATA};
-use super::pci::PciDevice;
+use super::pci::BarHit;
 use super::pci::bus::PciRoot;
 use super::serial::{COM1_BASE, COM1_LEN, SerialDevice};
 use crate::guest_warn;
@@ -70,11 +70,10 @@ impl Bus {
         self.pci = Some(Mutex::new(root));
     }
 
-    /// The PCI function whose BAR decodes `addr`, with the BAR index and offset.
-    fn pci_bar(&self, addr: u64) -> Option<(Arc<Mutex<dyn PciDevice>>, u8, u64)> {
+    /// The PCI function whose BAR decodes `addr`, with the BAR and offset.
+    fn pci_bar(&self, addr: u64) -> Option<BarHit> {
         let root = self.pci.as_ref()?.lock().ok()?;
         root.bar_target(addr)
-            .map(|(d, bar, off)| (d, bar.index, off))
     }
 
     /// Adds an MMIO window; windows never overlap (the caller lays them out from `layout`).
@@ -144,7 +143,7 @@ impl IoBus for Bus {
             None => match self.pci_bar(addr) {
                 Some((dev, bar, off)) => {
                     if let Ok(mut d) = dev.lock() {
-                        d.bar_read(bar, off, data);
+                        d.bar_read(bar.index, off, data);
                     }
                 }
                 None => guest_warn!(addr, "MMIO read outside every device"),
@@ -162,7 +161,7 @@ impl IoBus for Bus {
             None => match self.pci_bar(addr) {
                 Some((dev, bar, off)) => {
                     if let Ok(mut d) = dev.lock() {
-                        d.bar_write(bar, off, data);
+                        d.bar_write(bar.index, off, data);
                     }
                 }
                 None => guest_warn!(addr, "MMIO write outside every device"),

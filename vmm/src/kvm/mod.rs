@@ -88,19 +88,10 @@ impl Vm {
         Kvm::new().map_err(Error::OpenKvm)
     }
 
-    /// Creates the VM fd (done before any jail when VFIO devices need it).
-    pub fn create_fd(kvm: &Kvm) -> Result<VmFd, Error> {
-        kvm.create_vm().map_err(Error::CreateVm)
-    }
-
-    /// Creates the VM on `kvm`, its irqchip and PIT, and registers `mem`.
+    /// Creates the VM on `kvm`, its irqchip and PIT, and registers `mem`. This runs after the
+    /// jail: a KVM VM belongs to the address space that created it, and the jail forks.
     pub fn new(kvm: Kvm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
-        let fd = Self::create_fd(&kvm)?;
-        Self::with_fd(kvm, fd, mem)
-    }
-
-    /// Sets up the VM `fd` (from [`Vm::create_fd`]): its irqchip and PIT, and `mem`.
-    pub fn with_fd(kvm: Kvm, fd: VmFd, mem: &GuestMemoryMmap) -> Result<Self, Error> {
+        let fd = kvm.create_vm().map_err(Error::CreateVm)?;
         let tss = usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX);
         fd.set_tss_address(tss).map_err(Error::SetTss)?;
         fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
@@ -123,6 +114,22 @@ impl Vm {
     /// The VM fd, shared with the MSI router and the BAR mapper.
     pub fn fd(&self) -> Arc<VmFd> {
         self.fd.clone()
+    }
+
+    /// The guest's physical address width: CPUID 0x8000_0008 EAX[7:0] as KVM passes it on
+    /// (the host's), 36 if KVM does not say.
+    pub fn guest_phys_bits(&self) -> u8 {
+        self.kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .ok()
+            .and_then(|c| {
+                c.as_slice()
+                    .iter()
+                    .find(|e| e.function == 0x8000_0008)
+                    .and_then(|e| u8::try_from(e.eax & 0xff).ok())
+            })
+            .filter(|b| (32..=57).contains(b))
+            .unwrap_or(36)
     }
 
     /// The first memory slot after guest RAM's.

@@ -480,11 +480,12 @@ impl PciDevice for VfioPciDevice {
             return; // table and PBA locations are read-only.
         }
         let mut bytes = data.to_vec();
-        if reg == COMMAND && shift == 0 {
-            if let Some(b) = bytes.first_mut() {
-                *b &= !u8::try_from(COMMAND_IO).unwrap_or(1);
-                self.memory_enabled = *b & u8::try_from(COMMAND_MEMORY).unwrap_or(2) != 0;
-            }
+        if reg == COMMAND
+            && shift == 0
+            && let Some(b) = bytes.first_mut()
+        {
+            *b &= !u8::try_from(COMMAND_IO).unwrap_or(1);
+            self.memory_enabled = *b & u8::try_from(COMMAND_MEMORY).unwrap_or(2) != 0;
         }
         if let Err(e) = self.backend.config_write(offset, &bytes) {
             guest_warn!("config write failed: {e}");

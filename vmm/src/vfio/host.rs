@@ -1,17 +1,19 @@
 //! The host side of passthrough, through vfio-ioctls: one VFIO container (an IOMMU domain) per
-//! VM, registered with KVM's VFIO device (so KVM knows when DMA may be non-coherent), the
-//! groups of the named devices attached to it, and a device fd per function.
+//! VM, the groups of the named devices attached to it, and a device fd per function.
 //!
 //! Everything here opens files (`/dev/vfio/vfio`, `/dev/vfio/<group>`) and so runs before the
-//! jail, in `vmm::Resources::open`.
+//! jail, in `vmm::Resources::open`. The KVM VM does not exist yet then (it is created after the
+//! jail's fork, since a VM belongs to the address space that created it), so the groups are
+//! not registered with KVM's VFIO pseudo-device. What KVM would learn from it on x86 is
+//! whether device DMA may bypass the CPU caches (then KVM honours the guest's memory types);
+//! instead the container is refused unless the IOMMU enforces cache coherency
+//! (`VFIO_DMA_CC_IOMMU`), so that case never arises.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
-use kvm_ioctls::VmFd;
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps, VfioRegionInfoCap};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::sysfs::{self, PciAddress};
@@ -81,10 +83,9 @@ impl std::fmt::Debug for HostDevice {
     }
 }
 
-/// Opens the container and every device in `addresses` for the VM `vm`, after checking that
-/// each device's IOMMU group is whole (every member bound to vfio-pci and in `addresses`).
+/// Opens the container and every device in `addresses`, after checking that each device's
+/// IOMMU group is whole (every member bound to vfio-pci and in `addresses`).
 pub fn open(
-    vm: &VmFd,
     addresses: &[PciAddress],
     sysfs_root: &Path,
 ) -> Result<(Container, Vec<HostDevice>), Error> {
@@ -94,23 +95,13 @@ pub fn open(
             source,
         })?;
     }
-    let mut kvm_vfio = kvm_create_device {
-        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
-        fd: 0,
-        flags: 0,
-    };
     let all = addresses
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let kvm_dev = vm
-        .create_device(&mut kvm_vfio)
-        .map_err(|e| vfio_err("KVM_CREATE_DEVICE(VFIO)", &all, e))?;
-    let container = Arc::new(
-        VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_dev))))
-            .map_err(|e| vfio_err("container setup", &all, e))?,
-    );
+    let container =
+        Arc::new(VfioContainer::new(None).map_err(|e| vfio_err("container setup", &all, e))?);
     let mut devices = Vec::new();
     for a in addresses {
         let name = a.to_string();
@@ -118,6 +109,20 @@ pub fn open(
         let dev = VfioDevice::new(&sysfs::device_dir(sysfs_root, a), ops, false)
             .map_err(|e| vfio_err("device open", &name, e))?;
         devices.push(HostDevice { dev, name });
+    }
+    // SAFETY: the container fd is owned by `container`, alive for this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(container.as_raw_fd()) };
+    match sys::dma_cache_coherent(fd) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Error::Unsupported {
+                device: all,
+                why: "the IOMMU does not enforce cache-coherent DMA (VFIO_DMA_CC_IOMMU), which \
+                      this VMM requires"
+                    .to_owned(),
+            });
+        }
+        Err(e) => return Err(vfio_err("VFIO_CHECK_EXTENSION(DMA_CC_IOMMU)", &all, e)),
     }
     Ok((Container(container), devices))
 }

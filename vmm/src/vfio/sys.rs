@@ -74,6 +74,22 @@ impl Drop for Mapping {
     }
 }
 
+/// `ioctl(container, VFIO_CHECK_EXTENSION, ext)`: `_IO(VFIO_TYPE, VFIO_BASE + 1)`.
+const VFIO_CHECK_EXTENSION: libc::c_ulong = 0x3b65;
+/// The extension "the IOMMU enforces cache-coherent DMA".
+const VFIO_DMA_CC_IOMMU: libc::c_ulong = 4;
+
+/// Whether the IOMMU behind the container `fd` (with at least one group set) enforces cache
+/// coherency for device DMA.
+pub fn dma_cache_coherent(fd: BorrowedFd<'_>) -> std::io::Result<bool> {
+    // SAFETY: VFIO_CHECK_EXTENSION takes its argument by value and writes no memory.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_CHECK_EXTENSION, VFIO_DMA_CC_IOMMU) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret > 0)
+}
+
 /// Whether `evt` is readable (its counter is non-zero), without consuming it.
 pub fn eventfd_is_signalled(evt: &EventFd) -> bool {
     let mut pfd = libc::pollfd {

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{BarRange, PciDevice, extract};
+use super::{BarHit, PciDevice, extract};
 
 /// Port of CONFIG_ADDRESS.
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -118,7 +118,7 @@ impl PciRoot {
     }
 
     /// The device a BAR access at `addr` goes to, with the BAR and offset.
-    pub fn bar_target(&self, addr: u64) -> Option<(Arc<Mutex<dyn PciDevice>>, BarRange, u64)> {
+    pub fn bar_target(&self, addr: u64) -> Option<BarHit> {
         self.devices.iter().find_map(|d| {
             let bars = d.lock().ok()?.decoded_bars();
             bars.into_iter()
@@ -155,6 +155,7 @@ impl PciRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::pci::BarRange;
 
     /// A device that records configuration accesses and decodes one BAR.
     #[derive(Default)]

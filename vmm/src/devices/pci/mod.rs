@@ -87,6 +87,13 @@ pub trait PciDevice: Send {
     fn bar_write(&mut self, index: u8, offset: u64, data: &[u8]);
 }
 
+/// A BAR access's target: the function, the BAR as it decodes, and the offset into it.
+pub type BarHit = (
+    std::sync::Arc<std::sync::Mutex<dyn PciDevice>>,
+    BarRange,
+    u64,
+);
+
 /// Little-endian value of up to 4 bytes.
 pub fn le_value(data: &[u8]) -> u32 {
     let mut raw = [0u8; 4];

@@ -285,8 +285,8 @@ impl Msix {
 
     fn locate(&self, offset: u64, len: usize) -> Option<(&Vector, u64)> {
         let aligned = match len {
-            4 => offset % 4 == 0,
-            8 => offset % 8 == 0,
+            4 => offset.is_multiple_of(4),
+            8 => offset.is_multiple_of(8),
             _ => false,
         };
         if !aligned {
