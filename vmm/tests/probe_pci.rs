@@ -42,18 +42,15 @@ fn the_probe_sizes_a_64_bit_bar_above_ram_and_a_32_bit_bar_below_4_gib() {
     require_kvm!();
     let run = run_fake_gpu();
     for want in [
-        "probe: pci bar0 64-bit prefetchable true size 0x200000000 addr 0x1000000000",
-        "probe: pci bar2 32-bit prefetchable false size 0x4000 addr 0xc0000000",
-        "probe: pci rom 0x0",
-        "probe: pci interrupt pin 0",
+        "probe: pci 00:01.0 bar0 64-bit prefetchable true size 0x200000000 addr 0x1000000000",
+        "probe: pci 00:01.0 bar2 32-bit prefetchable false size 0x4000 addr 0xc0000000",
+        "probe: pci 00:01.0 rom 0x0",
+        "probe: pci 00:01.0 interrupt pin 0",
     ] {
         assert!(run.has_line(want), "missing {want:?} in:\n{}", run.serial);
     }
-    assert!(!run.serial.contains("probe: pci bar4"), "I/O BAR hidden");
-    assert!(
-        !run.serial.contains("probe: pci bar1"),
-        "BAR 1 is BAR 0's upper half"
-    );
+    assert!(!run.serial.contains("bar4"), "I/O BAR hidden");
+    assert!(!run.serial.contains("bar1"), "BAR 1 is BAR 0's upper half");
 }
 
 #[test]
@@ -61,7 +58,7 @@ fn the_probe_sees_msi_x_and_power_management_but_not_msi() {
     require_kvm!();
     let run = run_fake_gpu();
     for want in [
-        "probe: pci caps 0x11 0x01",
+        "probe: pci 00:01.0 caps 0x11 0x01",
         "probe: pci msix vectors 4 table bar2 0x2000 pba bar2 0x3000",
     ] {
         assert!(run.has_line(want), "missing {want:?} in:\n{}", run.serial);

@@ -98,8 +98,10 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
             }
         }
     }
-    if param(cmdline, "probe.pci=").is_some() {
-        pci::test(out)?;
+    match param(cmdline, "probe.pci=") {
+        Some("list") => pci::list(out),
+        Some(_) => pci::test(out)?,
+        None => {}
     }
     if let Some(port) = param(cmdline, "probe.vsock_echo=") {
         let (slot, base) = virtio::find(cmdline, 19, 0).ok_or("no vsock device found")?;

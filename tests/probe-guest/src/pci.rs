@@ -99,8 +99,9 @@ fn wait_irr(vector: u32) -> bool {
     (0..20_000).any(|_| irr(vector))
 }
 
-pub fn test(out: &mut Serial) -> Result<(), &'static str> {
-    let mut found = None;
+/// Lists every function on bus 0 (`probe: pci 00:DD.0 id VVVV:DDDD class CCCCCC`) and, for
+/// each one but the host bridge, its BARs, ROM, interrupt pin and capabilities.
+pub fn list(out: &mut Serial) {
     for dev in 0..32 {
         let id = cfg_read(dev, 0);
         if id == u32::MAX {
@@ -113,13 +114,16 @@ pub fn test(out: &mut Serial) -> Result<(), &'static str> {
             id & 0xffff,
             id >> 16
         );
-        if id == FAKE_ID {
-            found = Some(dev);
+        if dev != 0 {
+            describe(out, dev);
         }
     }
-    let dev = found.ok_or("fake PCI device not found")?;
+}
+
+/// BARs (sized), ROM, pin and capability ids of function `dev`.
+fn describe(out: &mut Serial, dev: u32) {
+    let command = cfg_read(dev, 0x04) & 0xffff;
     cfg_write(dev, 0x04, 0);
-    let mut bar2 = 0;
     let mut n = 0;
     while n < 6 {
         let (addr, size, flags) = size_bar(dev, n);
@@ -131,34 +135,56 @@ pub fn test(out: &mut Serial) -> Result<(), &'static str> {
         let n = n - kind / 32;
         let _ = writeln!(
             out,
-            "probe: pci bar{n} {kind}-bit prefetchable {} size {size:#x} addr {addr:#x}",
+            "probe: pci 00:{dev:02x}.0 bar{n} {kind}-bit prefetchable {} size {size:#x} addr {addr:#x}",
             flags & 8 != 0
         );
-        if n == 2 {
-            bar2 = addr;
-        }
     }
+    cfg_write(dev, 0x04, command);
     cfg_write(dev, 0x30, u32::MAX);
-    let _ = writeln!(out, "probe: pci rom {:#x}", cfg_read(dev, 0x30));
+    let _ = writeln!(
+        out,
+        "probe: pci 00:{dev:02x}.0 rom {:#x}",
+        cfg_read(dev, 0x30)
+    );
     let pin = (cfg_read(dev, 0x3c) >> 8) & 0xff;
-    let _ = writeln!(out, "probe: pci interrupt pin {pin}");
-
-    // Capabilities.
-    let mut msix = 0;
+    let _ = writeln!(out, "probe: pci 00:{dev:02x}.0 interrupt pin {pin}");
     let mut ptr = cfg_read(dev, 0x34) & 0xfc;
-    let _ = write!(out, "probe: pci caps");
+    let _ = write!(out, "probe: pci 00:{dev:02x}.0 caps");
     for _ in 0..48 {
         if ptr < 0x40 {
             break;
         }
         let head = cfg_read(dev, ptr);
         let _ = write!(out, " {:#04x}", head & 0xff);
-        if head & 0xff == 0x11 {
-            msix = ptr;
-        }
         ptr = (head >> 8) & 0xfc;
     }
     let _ = writeln!(out);
+}
+
+/// BAR 2's address and the MSI-X capability offset of `dev`, without printing.
+fn describe_quietly(dev: u32) -> (u64, u32) {
+    let bar2 = u64::from(cfg_read(dev, 0x18) & !0xf);
+    let mut ptr = cfg_read(dev, 0x34) & 0xfc;
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            break;
+        }
+        let head = cfg_read(dev, ptr);
+        if head & 0xff == 0x11 {
+            return (bar2, ptr);
+        }
+        ptr = (head >> 8) & 0xfc;
+    }
+    (bar2, 0)
+}
+
+/// Finds the fake device and takes an MSI-X interrupt from it.
+pub fn test(out: &mut Serial) -> Result<(), &'static str> {
+    list(out);
+    let dev = (0..32)
+        .find(|d| cfg_read(*d, 0) == FAKE_ID)
+        .ok_or("fake PCI device not found")?;
+    let (bar2, msix) = describe_quietly(dev);
     if msix == 0 || bar2 == 0 {
         return Err("no MSI-X capability or BAR 2");
     }
