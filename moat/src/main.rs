@@ -1,6 +1,7 @@
 //! `moat`: the command-line entry point. Thin: every command is a call into a library crate.
 
 mod connect;
+mod doctor;
 mod policy_cmd;
 mod proxy_cmd;
 mod run_cmd;
@@ -28,6 +29,8 @@ enum Command {
     Proxy(proxy_cmd::ProxyArgs),
     /// Open one flow through the proxy, like `nc` (stdin/stdout, or a local TCP listener).
     Connect(connect::ConnectArgs),
+    /// Check this host for workspace VMs and GPU passthrough, and say what to fix.
+    Doctor(doctor::DoctorArgs),
     /// Run a workspace with an agent shell on the best backend this host supports.
     Run(run_cmd::RunArgs),
     /// The namespace backend's PID 1 (started by `moat run`, not by hand).
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Proxy(args) => proxy_cmd::run_proxy(args),
         Command::Connect(args) => connect::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run_cmd::run(args),
         Command::GuestInit(args) => run_cmd::guest_init(args),
     };
