@@ -1,7 +1,7 @@
 //! PCI and MSI-X through real KVM: the probe guest enumerates bus 0 through configuration
 //! mechanism #1, finds the fake VFIO device (offered by the test-only `--test-fake-gpu`),
-//! sizes its BARs, walks its capabilities and takes an MSI-X interrupt from its doorbell into
-//! the local APIC. Skipped with a printed reason where /dev/kvm is missing.
+//! sizes its BARs, walks its capabilities and takes MSI-X and MSI interrupts from its doorbell
+//! into the local APIC. Skipped with a printed reason where /dev/kvm is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -54,11 +54,11 @@ fn the_probe_sizes_a_64_bit_bar_above_ram_and_a_32_bit_bar_below_4_gib() {
 }
 
 #[test]
-fn the_probe_sees_msi_x_and_power_management_but_not_msi() {
+fn the_probe_sees_msi_msi_x_and_power_management() {
     require_kvm!();
     let run = run_fake_gpu();
     for want in [
-        "probe: pci 00:01.0 caps 0x11 0x01",
+        "probe: pci 00:01.0 caps 0x05 0x11 0x01",
         "probe: pci msix vectors 4 table bar2 0x2000 pba bar2 0x3000",
     ] {
         assert!(run.has_line(want), "missing {want:?} in:\n{}", run.serial);
@@ -74,6 +74,18 @@ fn an_msi_x_interrupt_reaches_the_lapic_only_once_unmasked_and_follows_a_rewrite
         "probe: pci msix masked doorbell pba 1 irr 0",
         "probe: pci msix unmasked vector 0x40 irr 1 pba 0",
         "probe: pci msix rewritten vector 0x41 irr 1",
+        "probe: done",
+    ] {
+        assert!(run.has_line(want), "missing {want:?} in:\n{}", run.serial);
+    }
+}
+
+#[test]
+fn an_msi_interrupt_reaches_the_lapic_once_msi_x_is_off() {
+    require_kvm!();
+    let run = run_fake_gpu();
+    for want in [
+        "probe: pci msi vector 0x42 irr 1",
         "probe: done",
     ] {
         assert!(run.has_line(want), "missing {want:?} in:\n{}", run.serial);

@@ -25,6 +25,7 @@ const LAPIC_IRR: u64 = LAPIC + 0x200;
 const DOORBELL: u64 = 0;
 const VECTOR: u32 = 0x40;
 const VECTOR2: u32 = 0x41;
+const MSI_VECTOR: u32 = 0x42;
 
 fn outl(port: u16, value: u32) {
     // SAFETY: port I/O in a guest we own; the VMM decides what the port does.
@@ -161,33 +162,14 @@ fn describe(out: &mut Serial, dev: u32) {
     let _ = writeln!(out);
 }
 
-/// BAR 2's address and the MSI-X capability offset of `dev`, without printing.
-fn describe_quietly(dev: u32) -> (u64, u32) {
-    let bar2 = u64::from(cfg_read(dev, 0x18) & !0xf);
-    let mut ptr = cfg_read(dev, 0x34) & 0xfc;
-    for _ in 0..48 {
-        if ptr < 0x40 {
-            break;
-        }
-        let head = cfg_read(dev, ptr);
-        if head & 0xff == 0x11 {
-            return (bar2, ptr);
-        }
-        ptr = (head >> 8) & 0xfc;
-    }
-    (bar2, 0)
-}
-
 /// Finds the fake device and takes an MSI-X interrupt from it.
 pub fn test(out: &mut Serial) -> Result<(), &'static str> {
     list(out);
     let dev = (0..32)
         .find(|d| cfg_read(*d, 0) == FAKE_ID)
         .ok_or("fake PCI device not found")?;
-    let (bar2, msix) = describe_quietly(dev);
-    if msix == 0 || bar2 == 0 {
-        return Err("no MSI-X capability or BAR 2");
-    }
+    let bar2 = u64::from(cfg_read(dev, 0x18) & !0xf);
+    let msix = find_cap(dev, 0x11).ok_or("no MSI-X capability")?;
     let control = cfg_read(dev, msix) >> 16;
     let table = cfg_read(dev, msix + 4);
     let pba = cfg_read(dev, msix + 8);
@@ -245,5 +227,36 @@ pub fn test(out: &mut Serial) -> Result<(), &'static str> {
         "probe: pci msix rewritten vector {VECTOR2:#x} irr {}",
         u32::from(wait_irr(VECTOR2))
     );
+
+    // MSI-X off, MSI on (64-bit: address low 4, high 8, data 12); the doorbell's vector 0 is
+    // MSI's only vector.
+    cfg_write(dev, msix, cfg_read(dev, msix) & 0xffff);
+    let msi = find_cap(dev, 0x05).ok_or("no MSI capability")?;
+    cfg_write(dev, msi + 4, 0xfee0_0000 | apic_id << 12);
+    cfg_write(dev, msi + 8, 0);
+    cfg_write(dev, msi + 12, MSI_VECTOR);
+    cfg_write(dev, msi, cfg_read(dev, msi) | 1 << 16);
+    mmio_write(bar2 + DOORBELL, 0);
+    let _ = writeln!(
+        out,
+        "probe: pci msi vector {MSI_VECTOR:#x} irr {}",
+        u32::from(wait_irr(MSI_VECTOR))
+    );
     Ok(())
+}
+
+/// Offset of the first capability with `id` of function `dev`.
+fn find_cap(dev: u32, id: u32) -> Option<u32> {
+    let mut ptr = cfg_read(dev, 0x34) & 0xfc;
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            return None;
+        }
+        let head = cfg_read(dev, ptr);
+        if head & 0xff == id {
+            return Some(ptr);
+        }
+        ptr = (head >> 8) & 0xfc;
+    }
+    None
 }

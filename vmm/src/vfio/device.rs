@@ -6,7 +6,8 @@
 //! - the expansion ROM BAR: reads as 0, no ROM is offered (there is no guest firmware to run
 //!   one, and a ROM is code from the device);
 //! - MSI-X: the control word, the table and the PBA (`devices/pci/msix.rs`);
-//! - MSI: unlinked from the capability list and read as zeros, so drivers use MSI-X;
+//! - MSI: the whole capability, offered with one vector (multiple-message capable 0), kept as
+//!   a one-entry table of the same MSI-X machinery (address, data, mask bit, pending bit);
 //! - the interrupt line and pin: no INTx (pin 0);
 //! - the I/O space enable bit of the command register (always written as 0).
 //!
@@ -66,6 +67,70 @@ struct MsixCap {
     state: Msix,
 }
 
+/// The MSI capability, virtualised with one vector.
+#[derive(Debug)]
+struct MsiCap {
+    offset: u16,
+    /// Message control bits kept from the device: 64-bit address (7), per-vector masking (8).
+    flags: u16,
+    state: Msix,
+}
+
+impl MsiCap {
+    const CONTROL_ENABLE: u16 = 1;
+    const CONTROL_64BIT: u16 = 1 << 7;
+    const CONTROL_MASKABLE: u16 = 1 << 8;
+
+    fn is64(&self) -> bool {
+        self.flags & Self::CONTROL_64BIT != 0
+    }
+
+    fn len(&self) -> u16 {
+        match (self.is64(), self.flags & Self::CONTROL_MASKABLE != 0) {
+            (false, false) => 12,
+            (true, false) => 16,
+            (false, true) => 20,
+            (true, true) => 24,
+        }
+    }
+
+    /// The one-entry table offset that register `reg` (a dword offset into the capability)
+    /// stands for: address low 0, address high 4, data 8, mask 12; `None` for the pending
+    /// bits (read-only) and anything else.
+    fn table_offset(&self, reg: u16) -> Option<u64> {
+        match (reg, self.is64()) {
+            (4, _) => Some(0),
+            (8, true) => Some(4),
+            (8, false) | (12, true) => Some(8),
+            (12, false) | (16, true) => (self.flags & Self::CONTROL_MASKABLE != 0).then_some(12),
+            _ => None,
+        }
+    }
+
+    fn is_pending_reg(&self, reg: u16) -> bool {
+        self.flags & Self::CONTROL_MASKABLE != 0 && reg == if self.is64() { 20 } else { 16 }
+    }
+
+    fn read(&self, reg: u16, head: u32) -> u32 {
+        if reg == 0 {
+            let enable = u16::from(self.state.enabled());
+            return (head & 0xffff) | u32::from(self.flags | enable) << 16;
+        }
+        if self.is_pending_reg(reg) {
+            let mut d = [0u8; 4];
+            self.state.pba_read(0, &mut d);
+            return u32::from_le_bytes(d);
+        }
+        let Some(at) = self.table_offset(reg) else {
+            return 0;
+        };
+        let mut d = [0u8; 4];
+        self.state.table_read(at, &mut d);
+        let v = u32::from_le_bytes(d);
+        if at == 8 { v & 0xffff } else { v }
+    }
+}
+
 /// A passthrough function on the guest's PCI bus.
 pub struct VfioPciDevice {
     backend: Box<dyn VfioBackend>,
@@ -75,8 +140,7 @@ pub struct VfioPciDevice {
     cap_pointer: u8,
     /// Capability `next` bytes the guest sees differently from the device: (offset, value).
     next_overrides: Vec<(u16, u8)>,
-    /// Configuration ranges read as zero and never written (hidden capabilities).
-    hidden: Vec<(u16, u16)>,
+    msi: Option<MsiCap>,
     msix: Option<MsixCap>,
     mapper: Option<Arc<dyn GuestMapper>>,
 }
@@ -126,7 +190,7 @@ impl VfioPciDevice {
             interrupt_line: 0,
             cap_pointer: 0,
             next_overrides: Vec::new(),
-            hidden: Vec::new(),
+            msi: None,
             msix: None,
             mapper,
         };
@@ -135,8 +199,16 @@ impl VfioPciDevice {
         Ok(dev)
     }
 
-    /// Stops the device: MSI-X off, routes detached, function reset. Called when the VM stops.
+    /// Stops the device: MSI and MSI-X off, routes detached, function reset. Called when the VM stops.
     pub fn shutdown(&mut self) {
+        if let Some(m) = &mut self.msi
+            && m.state.enabled()
+        {
+            m.state.reset();
+            if let Err(e) = self.backend.disable_msi() {
+                tracing::warn!("{e}");
+            }
+        }
         if let Some(m) = &mut self.msix
             && m.state.enabled()
         {
@@ -175,14 +247,20 @@ impl VfioPciDevice {
         for (offset, id) in caps {
             match id {
                 CAP_ID_MSI => {
-                    let control = self.device_dword(offset) >> 16;
-                    let len = match (control & (1 << 7) != 0, control & (1 << 8) != 0) {
-                        (false, false) => 10,
-                        (true, false) => 14,
-                        (false, true) => 20,
-                        (true, true) => 24,
-                    };
-                    self.hidden.push((offset, offset + len));
+                    let control = u16::try_from(self.device_dword(offset) >> 16).unwrap_or(0);
+                    let state = Msix::new(1, router.clone()).map_err(|source| Error::Msix {
+                        device: self.backend.name().to_owned(),
+                        source,
+                    })?;
+                    // Vectors start unmasked in MSI (there may be no mask bit at all).
+                    let mut state = state;
+                    state.table_write(12, &0u32.to_le_bytes());
+                    self.msi = Some(MsiCap {
+                        offset,
+                        flags: control & (MsiCap::CONTROL_64BIT | MsiCap::CONTROL_MASKABLE),
+                        state,
+                    });
+                    kept.push(offset);
                 }
                 CAP_ID_MSIX => {
                     self.msix = Some(self.msix_cap(offset, router.clone())?);
@@ -340,16 +418,6 @@ impl VfioPciDevice {
             INTERRUPT_LINE => return u32::from(self.interrupt_line),
             _ => {}
         }
-        if self.hidden.iter().any(|(s, e)| reg + 4 > *s && reg < *e) {
-            let mut v = self.device_dword(reg).to_le_bytes();
-            for (i, b) in v.iter_mut().enumerate() {
-                let at = reg + u16::try_from(i).unwrap_or(0);
-                if self.hidden.iter().any(|(s, e)| (*s..*e).contains(&at)) {
-                    *b = 0;
-                }
-            }
-            return u32::from_le_bytes(v);
-        }
         let mut value = self.device_dword(reg);
         if reg == COMMAND {
             value &= !u32::from(COMMAND_IO);
@@ -366,7 +434,44 @@ impl VfioPciDevice {
             let control = m.table_size_field | m.state.control_bits();
             value = (value & 0xffff) | (u32::from(control) << 16);
         }
+        if let Some(m) = &self.msi
+            && let Some(rel) = reg.checked_sub(m.offset).filter(|r| *r < m.len())
+        {
+            value = m.read(rel, value);
+        }
         value
+    }
+
+    fn write_msi(&mut self, rel: u16, value: u32) {
+        let msix_on = self.msix.as_ref().is_some_and(|m| m.state.enabled());
+        let Some(m) = &mut self.msi else { return };
+        if rel == 0 {
+            let enable = (value >> 16) & u32::from(MsiCap::CONTROL_ENABLE) != 0;
+            if enable == m.state.enabled() {
+                return;
+            }
+            if enable && msix_on {
+                guest_warn!("MSI enable refused while MSI-X is enabled");
+                return;
+            }
+            m.state
+                .write_control(if enable { msix::CONTROL_ENABLE } else { 0 });
+            let result = if enable {
+                self.backend.enable_msi(&m.state.eventfds())
+            } else {
+                self.backend.disable_msi()
+            };
+            if let Err(e) = result {
+                guest_warn!("MSI enable or disable failed: {e}");
+            }
+        } else if let Some(at) = m.table_offset(rel) {
+            let value = match at {
+                8 => value & 0xffff,
+                12 => value & 1,
+                _ => value,
+            };
+            m.state.table_write(at, &value.to_le_bytes());
+        }
     }
 
     fn write_bar(&mut self, reg: u16, value: u32) {
@@ -385,7 +490,12 @@ impl VfioPciDevice {
     }
 
     fn write_msix_control(&mut self, value: u16) {
+        let msi_on = self.msi.as_ref().is_some_and(|m| m.state.enabled());
         let Some(m) = &mut self.msix else { return };
+        if msi_on && value & msix::CONTROL_ENABLE != 0 && !m.state.enabled() {
+            guest_warn!("MSI-X enable refused while MSI is enabled");
+            return;
+        }
         if !m.state.write_control(value) {
             return;
         }
@@ -455,11 +565,11 @@ impl PciDevice for VfioPciDevice {
             }
             _ => {}
         }
-        if self
-            .hidden
-            .iter()
-            .any(|(s, e)| offset < *e && offset + 4 > *s)
+        if let Some(m) = &self.msi
+            && let Some(rel) = reg.checked_sub(m.offset).filter(|r| *r < m.len())
         {
+            let value = merge_dword(self.virtual_dword(reg), shift, data);
+            self.write_msi(rel, value);
             return;
         }
         if let Some(m) = &self.msix

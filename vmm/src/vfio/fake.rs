@@ -1,8 +1,9 @@
 //! A fake VFIO device for tests (feature `test-utils`; never in a production build): a
 //! "GPU" with a 64-bit prefetchable 8 GiB BAR 0, a 32-bit 16 KiB BAR 2 holding a doorbell, a
-//! scratch register, the MSI-X table (4 vectors) and PBA, an I/O BAR 4, a 64 KiB ROM, and MSI,
-//! MSI-X and power-management capabilities. Writing a vector number to the doorbell makes the
-//! device signal that vector's eventfd, as the kernel does when real hardware raises it.
+//! scratch register, the MSI-X table (4 vectors) and PBA, an I/O BAR 4, a 64 KiB ROM, and MSI
+//! (64-bit, maskable), MSI-X and power-management capabilities. Writing a vector number to the
+//! doorbell makes the device signal that vector's eventfd (MSI has one: 0), as the kernel does
+//! when real hardware raises it.
 //!
 //! Its ids are made up (vendor 0x6d6f "mo", device 0x6174 "at") so no guest driver binds it.
 
@@ -33,9 +34,9 @@ pub const VECTORS: u16 = 4;
 /// Offset of the MSI capability.
 pub const MSI_CAP: u8 = 0x40;
 /// Offset of the MSI-X capability.
-pub const MSIX_CAP: u8 = 0x50;
+pub const MSIX_CAP: u8 = 0x60;
 /// Offset of the power-management capability.
-pub const PM_CAP: u8 = 0x60;
+pub const PM_CAP: u8 = 0x70;
 
 /// What the fake device saw, shared with the test that drives it.
 #[derive(Debug, Default)]
@@ -44,6 +45,8 @@ pub struct FakeLog {
     pub resets: usize,
     /// Whether MSI-X is enabled on the "hardware".
     pub msix_enabled: bool,
+    /// Whether MSI is enabled on the "hardware".
+    pub msi_enabled: bool,
     /// Configuration writes that reached the device: (offset, bytes).
     pub config_writes: Vec<(u16, Vec<u8>)>,
     /// Doorbell rings.
@@ -81,7 +84,7 @@ impl FakeGpu {
         put(&mut c, 0x30, &0xfffe_0000u32.to_le_bytes()); // a ROM the device claims
         put(&mut c, 0x34, &[MSI_CAP]);
         put(&mut c, 0x3d, &[1]); // INTA
-        put(&mut c, MSI_CAP, &[0x05, MSIX_CAP, 0x80, 0x00]); // 64-bit MSI
+        put(&mut c, MSI_CAP, &[0x05, MSIX_CAP, 0x80, 0x01]); // 64-bit, maskable MSI
         put(&mut c, MSIX_CAP, &[0x11, PM_CAP]);
         put(&mut c, MSIX_CAP + 2, &(VECTORS - 1).to_le_bytes());
         put(&mut c, MSIX_CAP + 4, &(MSIX_TABLE | 2).to_le_bytes());
@@ -246,6 +249,21 @@ impl VfioBackend for FakeGpu {
             v.clear();
         }
         self.note(|l| l.msix_enabled = false);
+        Ok(())
+    }
+
+    fn enable_msi(&self, fds: &[&EventFd]) -> Result<(), Error> {
+        self.enable_msix(fds)?;
+        self.note(|l| {
+            l.msix_enabled = false;
+            l.msi_enabled = true;
+        });
+        Ok(())
+    }
+
+    fn disable_msi(&self) -> Result<(), Error> {
+        self.disable_msix()?;
+        self.note(|l| l.msi_enabled = false);
         Ok(())
     }
 

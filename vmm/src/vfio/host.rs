@@ -211,6 +211,18 @@ impl VfioBackend for HostDevice {
             .map_err(|e| vfio_err("MSI-X disable", &self.name, e))
     }
 
+    fn enable_msi(&self, fds: &[&EventFd]) -> Result<(), Error> {
+        self.dev
+            .enable_msi(fds.to_vec())
+            .map_err(|e| vfio_err("MSI enable", &self.name, e))
+    }
+
+    fn disable_msi(&self) -> Result<(), Error> {
+        self.dev
+            .disable_msi()
+            .map_err(|e| vfio_err("MSI disable", &self.name, e))
+    }
+
     fn reset(&self) -> bool {
         // vfio-ioctls issues VFIO_DEVICE_RESET only when the device advertises a reset.
         self.dev.reset();

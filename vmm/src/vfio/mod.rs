@@ -144,6 +144,10 @@ pub trait VfioBackend: Send {
     fn enable_msix(&self, fds: &[&EventFd]) -> Result<(), Error>;
     /// Disables MSI-X on the device.
     fn disable_msix(&self) -> Result<(), Error>;
+    /// Hands the kernel the eventfd of the one MSI vector and enables MSI on the device.
+    fn enable_msi(&self, fds: &[&EventFd]) -> Result<(), Error>;
+    /// Disables MSI on the device.
+    fn disable_msi(&self) -> Result<(), Error>;
     /// Resets the function (FLR or what vfio-pci offers); `false` when it cannot be reset.
     fn reset(&self) -> bool;
 

@@ -141,12 +141,64 @@ fn the_rom_bar_reads_as_absent_and_writes_never_reach_the_device() {
 }
 
 #[test]
-fn msi_is_unlinked_and_reads_as_zero() {
+fn the_capability_list_is_msi_then_msi_x_then_power_management() {
     let mut r = rig();
-    assert_eq!(read32(&mut r.dev, 0x34) & 0xff, u32::from(fake::MSIX_CAP));
-    assert_eq!(read32(&mut r.dev, u16::from(fake::MSI_CAP)), 0);
-    write32(&mut r.dev, u16::from(fake::MSI_CAP), u32::MAX);
-    assert!(log(&r, |l| l.config_writes.is_empty()));
+    assert_eq!(read32(&mut r.dev, 0x34) & 0xff, u32::from(fake::MSI_CAP));
+    let msi = read32(&mut r.dev, u16::from(fake::MSI_CAP));
+    assert_eq!(msi & 0xffff, 0x05 | u32::from(fake::MSIX_CAP) << 8);
+    assert_eq!(msi >> 16, 0x0180, "one vector, 64-bit, maskable, disabled");
+}
+
+fn msi_reg(at: u8) -> u16 {
+    u16::from(fake::MSI_CAP + at)
+}
+
+#[test]
+fn msi_programmed_and_enabled_gets_a_route_and_the_device_its_eventfd() {
+    let mut r = rig();
+    write32(&mut r.dev, msi_reg(4), 0xfee0_1000);
+    write32(&mut r.dev, msi_reg(8), 0);
+    write32(&mut r.dev, msi_reg(12), 0x4049);
+    assert_eq!(r.router.take(), vec![]);
+    r.dev.config_write(msi_reg(2), &[0x01, 0x00]);
+    let msg = MsiMessage {
+        addr: 0xfee0_1000,
+        data: 0x4049,
+    };
+    assert_eq!(
+        r.router.take(),
+        vec![Call::Route(24, msg), Call::Attach(24)]
+    );
+    assert!(log(&r, |l| l.msi_enabled));
+    assert_eq!(read32(&mut r.dev, msi_reg(0)) >> 16, 0x0181);
+    assert_eq!(read32(&mut r.dev, msi_reg(12)), 0x4049);
+    assert!(
+        log(&r, |l| l.config_writes.is_empty()),
+        "MSI never reaches the device"
+    );
+}
+
+#[test]
+fn msi_mask_bit_detaches_and_a_masked_signal_is_pending() {
+    let mut r = rig();
+    write32(&mut r.dev, msi_reg(4), 0xfee0_0000);
+    r.dev.config_write(msi_reg(2), &[0x01, 0x00]);
+    r.router.take();
+    write32(&mut r.dev, msi_reg(16), 1);
+    assert_eq!(r.router.take(), vec![Call::Detach(24)]);
+    r.dev.bar_write(2, fake::DOORBELL, &0u32.to_le_bytes());
+    assert_eq!(read32(&mut r.dev, msi_reg(20)), 1, "pending bit");
+    write32(&mut r.dev, msi_reg(16), 0);
+    assert_eq!(r.router.take(), vec![Call::Attach(24)]);
+}
+
+#[test]
+fn msi_and_msi_x_are_never_enabled_together() {
+    let mut r = rig();
+    enable_msix(&mut r);
+    r.dev.config_write(msi_reg(2), &[0x01, 0x00]);
+    assert!(!log(&r, |l| l.msi_enabled));
+    assert_eq!(read32(&mut r.dev, msi_reg(0)) >> 16, 0x0180);
 }
 
 #[test]
@@ -226,7 +278,7 @@ fn a_programmed_unmasked_vector_gets_a_kvm_route_and_an_irqfd() {
     };
     assert_eq!(
         r.router.take(),
-        vec![Call::Route(25, msg), Call::Attach(25)]
+        vec![Call::Route(26, msg), Call::Attach(26)]
     );
 }
 
