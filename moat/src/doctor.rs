@@ -225,11 +225,20 @@ pub fn gpu(f: &Facts, addr: &PciAddress, all: &[PciAddress]) -> Check {
     match sysfs::check_group(&f.sys, addr, all) {
         Ok(g) => {
             if f.dev.join("vfio").join(g.id.to_string()).exists() {
-                Check::new(
-                    name,
-                    Status::Ok,
-                    format!("bound to vfio-pci, IOMMU group {} whole", g.id),
-                )
+                let found = format!("bound to vfio-pci, IOMMU group {} whole", g.id);
+                // `reset_method` (Linux 5.15+): how vfio-pci can reset the function.
+                match std::fs::read_to_string(dir.join("reset_method")) {
+                    Ok(m) if m.trim().is_empty() => {
+                        Check::new(name, Status::Warn, format!("{found}, but no reset method")).fix(
+                            "without a reset, state (including device memory) can pass from one \
+                         VM to the next: give the GPU to one tenant and scrub it between them",
+                        )
+                    }
+                    Ok(m) => {
+                        Check::new(name, Status::Ok, format!("{found}, reset by {}", m.trim()))
+                    }
+                    Err(_) => Check::new(name, Status::Ok, found),
+                }
             } else {
                 Check::new(
                     name,
@@ -497,6 +506,25 @@ mod tests {
         let all = [addr("41:00.0"), addr("41:00.1")];
         let report = checks(&t.facts(LIMITS_UNLIMITED, 6), &all, 8 << 30);
         assert!(report.iter().all(|c| c.status == Status::Ok), "{report:#?}");
+    }
+
+    #[test]
+    fn a_gpu_without_a_reset_method_is_a_warning() {
+        let t = Tree::vfio_host();
+        add_device(
+            &t.dir.path().join("sys"),
+            "0000:41:00.0",
+            3,
+            Some("vfio-pci"),
+        );
+        t.file("dev/vfio/3", "");
+        let a = addr("41:00.0");
+        t.file("sys/bus/pci/devices/0000:41:00.0/reset_method", "\n");
+        assert_eq!(gpu(&t.facts("", 7), &a, &[a]).status, Status::Warn);
+        t.file("sys/bus/pci/devices/0000:41:00.0/reset_method", "flr bus\n");
+        let c = gpu(&t.facts("", 7), &a, &[a]);
+        assert_eq!(c.status, Status::Ok);
+        assert!(c.found.ends_with("reset by flr bus"), "{c:?}");
     }
 
     #[test]

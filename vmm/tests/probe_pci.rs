@@ -84,10 +84,7 @@ fn an_msi_x_interrupt_reaches_the_lapic_only_once_unmasked_and_follows_a_rewrite
 fn an_msi_interrupt_reaches_the_lapic_once_msi_x_is_off() {
     require_kvm!();
     let run = run_fake_gpu();
-    for want in [
-        "probe: pci msi vector 0x42 irr 1",
-        "probe: done",
-    ] {
+    for want in ["probe: pci msi vector 0x42 irr 1", "probe: done"] {
         assert!(run.has_line(want), "missing {want:?} in:\n{}", run.serial);
     }
 }
