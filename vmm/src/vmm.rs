@@ -32,55 +32,6 @@ use crate::layout;
 use crate::seccomp::{self, Role};
 use crate::vfio::{self, VfioBackend, device::VfioPciDevice};
 
-/// KVM memory slots set aside for mmapped BARs.
-const BAR_SLOTS: u32 = 64;
-
-/// Puts the passthrough devices (and, in test builds, the fake one) on a PCI root bus:
-/// guest RAM DMA-mapped for them, BARs placed, MSI-X routed through KVM. Returns the
-/// devices, which are stopped (MSI-X off, reset) when the VM stops.
-fn attach_pci(
-    cfg: &VmConfig,
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    host: Option<(vfio::host::Container, Vec<vfio::host::HostDevice>)>,
-    bus: &mut Bus,
-) -> Result<Vec<Arc<Mutex<VfioPciDevice>>>, Error> {
-    let mut backends: Vec<Box<dyn VfioBackend>> = Vec::new();
-    if let Some((container, devices)) = host {
-        // The devices hold the container open (and guest RAM mapped for DMA) until exit.
-        vfio::map_guest_memory(&container, mem).map_err(Error::Passthrough)?;
-        backends.extend(
-            devices
-                .into_iter()
-                .map(|d| Box::new(d) as Box<dyn VfioBackend>),
-        );
-    }
-    #[cfg(feature = "test-utils")]
-    if cfg.test_fake_gpu {
-        backends.push(Box::new(vfio::fake::FakeGpu::new().0));
-    }
-    #[cfg(not(feature = "test-utils"))]
-    let _ = cfg;
-    if backends.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ram_end = mem.last_addr().0.saturating_add(1);
-    let mut windows = BarWindows::new(ram_end, vm.guest_phys_bits()).map_err(Error::BarWindows)?;
-    let router = Arc::new(KvmMsiRouter::new(vm.fd()));
-    let mapper = Arc::new(KvmBarMapper::new(vm.fd(), vm.first_free_slot(), BAR_SLOTS));
-    let mut root = PciRoot::new();
-    let mut devices = Vec::new();
-    for backend in backends {
-        let dev = VfioPciDevice::new(backend, &mut windows, router.clone(), Some(mapper.clone()))
-            .map_err(Error::Passthrough)?;
-        let dev = Arc::new(Mutex::new(dev));
-        root.add(dev.clone()).ok_or(Error::PciBusFull)?;
-        devices.push(dev);
-    }
-    bus.set_pci(root);
-    Ok(devices)
-}
-
 /// Errors that stop the VMM before or while it runs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -219,6 +170,55 @@ fn console_input(toggle: Toggle) -> Result<Option<std::fs::File>, Error> {
     };
     crate::terminal::enter_raw_mode().map_err(Error::ConsoleInput)?;
     Ok(Some(stdin))
+}
+
+/// KVM memory slots set aside for mmapped BARs.
+const BAR_SLOTS: u32 = 64;
+
+/// Puts the passthrough devices (and, in test builds, the fake one) on a PCI root bus:
+/// guest RAM DMA-mapped for them, BARs placed, MSI/MSI-X routed through KVM. Returns the
+/// devices, which are stopped (interrupts off, reset) when the VM stops.
+fn attach_pci(
+    cfg: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    host: Option<(vfio::host::Container, Vec<vfio::host::HostDevice>)>,
+    bus: &mut Bus,
+) -> Result<Vec<Arc<Mutex<VfioPciDevice>>>, Error> {
+    let mut backends: Vec<Box<dyn VfioBackend>> = Vec::new();
+    if let Some((container, devices)) = host {
+        // The devices hold the container open (and guest RAM mapped for DMA) until exit.
+        vfio::map_guest_memory(&container, mem).map_err(Error::Passthrough)?;
+        backends.extend(
+            devices
+                .into_iter()
+                .map(|d| Box::new(d) as Box<dyn VfioBackend>),
+        );
+    }
+    #[cfg(feature = "test-utils")]
+    if cfg.test_fake_gpu {
+        backends.push(Box::new(vfio::fake::FakeGpu::new().0));
+    }
+    #[cfg(not(feature = "test-utils"))]
+    let _ = cfg;
+    if backends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ram_end = mem.last_addr().0.saturating_add(1);
+    let mut windows = BarWindows::new(ram_end, vm.guest_phys_bits()).map_err(Error::BarWindows)?;
+    let router = Arc::new(KvmMsiRouter::new(vm.fd()));
+    let mapper = Arc::new(KvmBarMapper::new(vm.fd(), vm.first_free_slot(), BAR_SLOTS));
+    let mut root = PciRoot::new();
+    let mut devices = Vec::new();
+    for backend in backends {
+        let dev = VfioPciDevice::new(backend, &mut windows, router.clone(), Some(mapper.clone()))
+            .map_err(Error::Passthrough)?;
+        let dev = Arc::new(Mutex::new(dev));
+        root.add(dev.clone()).ok_or(Error::PciBusFull)?;
+        devices.push(dev);
+    }
+    bus.set_pci(root);
+    Ok(devices)
 }
 
 /// Boots `cfg` and runs it until the guest stops, the VMM fails or `timeout` passes. With

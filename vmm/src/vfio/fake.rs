@@ -60,6 +60,8 @@ pub struct FakeGpu {
     scratch: Mutex<u32>,
     vectors: Mutex<Vec<EventFd>>,
     log: Arc<Mutex<FakeLog>>,
+    /// Backing for BAR 2 when it is offered as mappable (as VFIO offers most BARs).
+    mappable_bar2: Option<std::fs::File>,
 }
 
 fn put(cfg: &mut [u8; 256], at: u8, bytes: &[u8]) {
@@ -96,8 +98,16 @@ impl FakeGpu {
             scratch: Mutex::new(0),
             vectors: Mutex::new(Vec::new()),
             log: log.clone(),
+            mappable_bar2: None,
         };
         (dev, log)
+    }
+
+    /// Offers BAR 2 as mmappable, backed by `file` (at least [`BAR2_SIZE`] bytes), as VFIO
+    /// offers a BAR whose region allows mmap.
+    pub fn with_mappable_bar2(mut self, file: std::fs::File) -> Self {
+        self.mappable_bar2 = Some(file);
+        self
     }
 
     fn note(&self, f: impl FnOnce(&mut FakeLog)) {
@@ -138,7 +148,10 @@ impl VfioBackend for FakeGpu {
         };
         match index {
             0 => Some(rw(BAR0_SIZE)),
-            2 => Some(rw(BAR2_SIZE)),
+            2 => Some(RegionInfo {
+                mmap: self.mappable_bar2.is_some(),
+                ..rw(BAR2_SIZE)
+            }),
             4 => Some(rw(128)),
             ROM_REGION => Some(RegionInfo {
                 write: false,
@@ -223,8 +236,26 @@ impl VfioBackend for FakeGpu {
         Ok(())
     }
 
-    fn region_mmap(&self, index: u32, _offset: u64, _len: u64) -> Result<sys::Mapping, Error> {
-        Err(oob(index))
+    fn region_mmap(&self, index: u32, offset: u64, len: u64) -> Result<sys::Mapping, Error> {
+        use std::os::fd::AsFd;
+        match (&self.mappable_bar2, index) {
+            (Some(file), 2) => {
+                check(
+                    index,
+                    offset,
+                    usize::try_from(len).unwrap_or(usize::MAX),
+                    BAR2_SIZE,
+                )?;
+                sys::Mapping::map_shared(file.as_fd(), offset, len).map_err(|source| {
+                    Error::Region {
+                        index,
+                        device: "fake".to_owned(),
+                        source,
+                    }
+                })
+            }
+            _ => Err(oob(index)),
+        }
     }
 
     fn enable_msix(&self, fds: &[&EventFd]) -> Result<(), Error> {

@@ -332,3 +332,113 @@ fn mmap_areas_follow_sparse_areas_and_whole_pages() {
         vec![(0x1000, 0x1000), (0x8000, 0x1000), (0xa000, 0x6000)]
     );
 }
+
+/// Records what the device asks of KVM's memory slots.
+#[derive(Debug, Default)]
+struct RecordingMapper {
+    calls: Mutex<Vec<(&'static str, u32, u64, u64)>>,
+    next: Mutex<u32>,
+}
+
+impl RecordingMapper {
+    fn take(&self) -> Vec<(&'static str, u32, u64, u64)> {
+        self.calls
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+    }
+}
+
+impl GuestMapper for RecordingMapper {
+    unsafe fn map(&self, gpa: u64, len: u64, host: *mut u8) -> Result<u32, std::io::Error> {
+        assert!(!host.is_null());
+        let mut next = self
+            .next
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        *next += 1;
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(("map", *next, gpa, len));
+        }
+        Ok(*next)
+    }
+
+    fn unmap(&self, handle: u32) {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(("unmap", handle, 0, 0));
+        }
+    }
+}
+
+fn mappable_rig() -> (VfioPciDevice, Arc<RecordingMapper>) {
+    let file = tempfile_of(fake::BAR2_SIZE);
+    let (gpu, _log) = FakeGpu::new();
+    let gpu = gpu.with_mappable_bar2(file);
+    let mapper = Arc::new(RecordingMapper::default());
+    let mut windows = BarWindows::new(1 << 30, 46).unwrap_or_else(|e| panic!("{e}"));
+    let dev = VfioPciDevice::new(
+        Box::new(gpu),
+        &mut windows,
+        Arc::new(RecordingRouter::default()),
+        Some(mapper.clone()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    (dev, mapper)
+}
+
+fn tempfile_of(len: u64) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!(
+        "moat-fake-bar-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_file(&path);
+    f.set_len(len).unwrap_or_else(|e| panic!("{e}"));
+    f
+}
+
+#[test]
+fn a_mappable_bar_is_mapped_without_its_msix_pages_once_memory_decodes() {
+    let (mut dev, mapper) = mappable_rig();
+    assert_eq!(
+        mapper.take(),
+        vec![],
+        "nothing mapped while decoding is off"
+    );
+    write32(&mut dev, 0x04, u32::from(COMMAND_MEMORY));
+    assert_eq!(
+        mapper.take(),
+        vec![("map", 1, PCI_MMIO32_START, 0x2000)],
+        "BAR 2 minus the table (0x2000) and PBA (0x3000) pages"
+    );
+}
+
+#[test]
+fn moving_a_mapped_bar_moves_its_slot_and_disabling_memory_removes_it() {
+    let (mut dev, mapper) = mappable_rig();
+    write32(&mut dev, 0x04, u32::from(COMMAND_MEMORY));
+    mapper.take();
+    write32(&mut dev, 0x18, 0xc800_0000);
+    assert_eq!(
+        mapper.take(),
+        vec![("unmap", 1, 0, 0), ("map", 2, 0xc800_0000, 0x2000)]
+    );
+    write32(&mut dev, 0x04, 0);
+    assert_eq!(mapper.take(), vec![("unmap", 2, 0, 0)]);
+}
+
+#[test]
+fn the_msix_table_of_a_mapped_bar_is_still_trapped() {
+    let (mut dev, _mapper) = mappable_rig();
+    dev.bar_write(2, u64::from(fake::MSIX_TABLE) + 8, &0x45u32.to_le_bytes());
+    let mut d = [0u8; 4];
+    dev.bar_read(2, u64::from(fake::MSIX_TABLE) + 8, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 0x45);
+}
