@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::audit::{Activity, Event, FlowInfo};
+use crate::intercept::Upstream;
+use crate::intercept::pool::PoolKey;
 use crate::outcome::Reason;
 use crate::policy_store::LiveFlow;
 use crate::sniff::{self, MAX_SNIFF, Sniffed};
@@ -48,7 +50,8 @@ impl Stop {
 
 /// A flow that passed every check and is connected upstream.
 struct Admitted {
-    upstream: TcpStream,
+    /// A new TCP connection, or (intercepted flows only) a pooled verified TLS connection.
+    upstream: Upstream,
     upstream_addr: SocketAddr,
     /// The name connected to: the flow's hostname, or a routed rule's host.
     upstream_host: Option<String>,
@@ -59,6 +62,8 @@ struct Admitted {
     protocol: Protocol,
     /// Client bytes read while deciding, to be sent upstream first.
     pending: Vec<u8>,
+    /// The upstream pool's generation when the flow arrived (before the policy was read).
+    generation: u64,
 }
 
 /// Handles one accepted flow stream to completion.
@@ -119,6 +124,9 @@ async fn admit(
     info: &mut FlowInfo,
 ) -> Result<Admitted, Stop> {
     let limits = &shared.limits;
+    // Read before the policy: a reload between the two makes the flow's connections too old
+    // to be pooled, never the reverse.
+    let generation = shared.pool.generation();
 
     // 1. The flow header: bounded in size by the decoder, in time by the deadline.
     let mut buf = Vec::with_capacity(2048);
@@ -253,7 +261,33 @@ async fn admit(
         },
     };
 
-    // 5. Connect, in order, each attempt bounded.
+    // 5. An intercepted flow first looks for an idle upstream connection verified for the same
+    //    name and one of the addresses just resolved and classified.
+    if rule.action == Action::Intercept
+        && let Some(host) = hostname
+    {
+        for &ip in &addrs {
+            let key = PoolKey {
+                host: host.to_owned(),
+                addr: SocketAddr::new(ip, port),
+            };
+            if let Some(conn) = shared.pool.take(&key) {
+                return Ok(Admitted {
+                    upstream: Upstream::Pooled(conn),
+                    upstream_addr: key.addr,
+                    upstream_host: Some(key.host),
+                    model: route.as_ref().and_then(|r| r.model.clone()),
+                    rule: rule.name.clone(),
+                    action: rule.action,
+                    protocol,
+                    pending: buf,
+                    generation,
+                });
+            }
+        }
+    }
+
+    // 6. Connect, in order, each attempt bounded.
     let mut last_err: Option<io::Error> = None;
     for ip in addrs {
         let target = SocketAddr::new(ip, port);
@@ -262,7 +296,7 @@ async fn admit(
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 return Ok(Admitted {
-                    upstream,
+                    upstream: Upstream::Tcp(upstream),
                     upstream_addr: target,
                     upstream_host: hostname.map(str::to_owned),
                     model: route.as_ref().and_then(|r| r.model.clone()),
@@ -270,6 +304,7 @@ async fn admit(
                     action: rule.action,
                     protocol,
                     pending: buf,
+                    generation,
                 });
             }
             Ok(Err(e)) => last_err = Some(e),
@@ -293,7 +328,7 @@ async fn run(
     info: &FlowInfo,
 ) {
     let Admitted {
-        mut upstream,
+        upstream,
         upstream_addr,
         upstream_host,
         model,
@@ -301,6 +336,7 @@ async fn run(
         action,
         protocol,
         pending,
+        generation,
     } = admitted;
     let cancel = CancellationToken::new();
     let claimed = info.claimed.unwrap_or(upstream_addr);
@@ -330,50 +366,58 @@ async fn run(
 
     let counters = Arc::new(Counters::default());
     let mut detail = None;
-    let reason = if action == Action::Intercept {
-        let flow = crate::intercept::Intercepted {
-            info: info.clone(),
-            hostname: info.hostname.clone().unwrap_or_default(),
-            port: claimed.port(),
-            rule: rule.clone(),
-            upstream_host: upstream_host.unwrap_or_default(),
-            upstream_addr,
-            model,
-        };
-        let (reason, d) = crate::intercept::serve(
-            Arc::clone(shared),
-            flow,
-            agent,
-            pending,
-            upstream,
-            Arc::clone(&counters),
-            cancel,
-        )
-        .await;
-        detail = d;
-        reason
-    } else if upstream.write_all(&pending).await.is_err() {
-        Reason::UpstreamError
-    } else {
-        counters
-            .out
-            .fetch_add(pending.len() as u64, Ordering::Relaxed);
-        let limits = SpliceLimits {
-            idle: shared.limits.idle_timeout,
-            total: shared.limits.total_timeout,
-            buffer: shared.limits.splice_buffer,
-        };
-        let (ar, aw) = agent.split();
-        let (ur, uw) = upstream.split();
-        let agent = Halves {
-            read: ar,
-            write: aw,
-        };
-        let upstream = Halves {
-            read: ur,
-            write: uw,
-        };
-        splice(agent, upstream, limits, Arc::clone(&counters), cancel).await
+    let reason = match (action, upstream) {
+        (Action::Intercept, upstream) => {
+            let flow = crate::intercept::Intercepted {
+                info: info.clone(),
+                hostname: info.hostname.clone().unwrap_or_default(),
+                port: claimed.port(),
+                rule: rule.clone(),
+                upstream_host: upstream_host.unwrap_or_default(),
+                upstream_addr,
+                model,
+                generation,
+            };
+            let (reason, d) = crate::intercept::serve(
+                Arc::clone(shared),
+                flow,
+                agent,
+                pending,
+                upstream,
+                Arc::clone(&counters),
+                cancel,
+            )
+            .await;
+            detail = d;
+            reason
+        }
+        // Admission takes pooled connections for intercepted flows only.
+        (_, Upstream::Pooled(_)) => Reason::ProxyResources,
+        (_, Upstream::Tcp(mut upstream)) => {
+            if upstream.write_all(&pending).await.is_err() {
+                Reason::UpstreamError
+            } else {
+                counters
+                    .out
+                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                let limits = SpliceLimits {
+                    idle: shared.limits.idle_timeout,
+                    total: shared.limits.total_timeout,
+                    buffer: shared.limits.splice_buffer,
+                };
+                let (ar, aw) = agent.split();
+                let (ur, uw) = upstream.split();
+                let agent = Halves {
+                    read: ar,
+                    write: aw,
+                };
+                let upstream = Halves {
+                    read: ur,
+                    write: uw,
+                };
+                splice(agent, upstream, limits, Arc::clone(&counters), cancel).await
+            }
+        }
     };
 
     shared.policy.unregister(uid);

@@ -13,8 +13,9 @@
 //!    -> address classes     moat-policy::addr: non-public refused unless a rule's cidrs allow
 //!    -> connect + splice    splice.rs: backpressure, half-close, idle/total timeouts
 //!    or, for a rule whose action is `intercept`:
-//!    -> intercept/          upstream TLS (verified) -> agent TLS with a leaf of the workspace
-//!                           CA (intercept/ca.rs) -> HTTP/1.1 per request: authority re-check,
+//!    -> intercept/          upstream TLS (verified, or pooled: intercept/pool.rs) -> agent
+//!                           TLS with a leaf of the workspace CA (intercept/ca.rs) -> HTTP per
+//!                           request: framing (intercept/framing.rs), authority re-check,
 //!                           placeholder check, credential injection (intercept/inject.rs) ->
 //!                           forward (intercept/http.rs)
 //!  secrets.rs: secret values, read on the host at start and reload, never logged
@@ -56,6 +57,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::audit::Audit;
 use crate::intercept::ca::{CaError, WorkspaceCa};
+use crate::intercept::pool::UpstreamPool;
 use crate::metrics::Metrics;
 use crate::policy_store::{LoadError, PolicySource, PolicyStore};
 use crate::resolve::Resolver;
@@ -117,6 +119,8 @@ pub(crate) struct Shared {
     upstream_tls: Arc<rustls::ClientConfig>,
     /// The secrets of the policy in force, with their values.
     secrets: RwLock<Arc<Secrets>>,
+    /// Idle verified upstream connections of intercepted flows, emptied on every reload.
+    pool: UpstreamPool,
 }
 
 impl Shared {
@@ -213,7 +217,8 @@ impl Proxy {
     ) -> Result<Arc<Proxy>, StartError> {
         let policy = config.source.load().map_err(StartError::Policy)?;
         let secrets = Secrets::load(&policy.secrets).map_err(StartError::Secrets)?;
-        let ca = WorkspaceCa::generate(&config.workspace).map_err(StartError::Ca)?;
+        let scope = intercept::ca::intercept_scope(&policy);
+        let ca = WorkspaceCa::generate(&config.workspace, &scope).map_err(StartError::Ca)?;
         let upstream_tls = intercept::upstream_tls_config(&config.upstream_roots)
             .map_err(StartError::UpstreamRoots)?;
         let listen_path = port_path(&config.uds, config.port);
@@ -234,6 +239,7 @@ impl Proxy {
             ca,
             upstream_tls,
             secrets: RwLock::new(secrets),
+            pool: UpstreamPool::default(),
         });
         let shutdown = CancellationToken::new();
         let proxy = Arc::new(Proxy {
@@ -243,6 +249,7 @@ impl Proxy {
             listen_path,
         });
         tokio::spawn(accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
+        tokio::spawn(sweep_pool(Arc::clone(&shared), shutdown.clone()));
         if let Some(admin) = config.admin {
             let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
             tokio::spawn(async move {
@@ -284,6 +291,11 @@ impl Proxy {
         self.shared.ca.cert_der()
     }
 
+    /// Idle upstream connections pooled for intercepted flows right now.
+    pub fn pooled_upstreams(&self) -> usize {
+        self.shared.pool.idle()
+    }
+
     /// The name of the policy in force.
     pub fn policy_name(&self) -> String {
         self.shared.policy.current().name.clone()
@@ -294,6 +306,19 @@ impl Proxy {
     /// secrets in force and says why.
     pub fn reload(&self) -> Result<usize, LoadError> {
         let loaded = self.source.load().and_then(|policy| {
+            // The CA's name constraints were fixed at start: a host outside them could not be
+            // intercepted (no leaf is minted there, and clients would refuse one).
+            let outside = policy
+                .rules
+                .iter()
+                .filter(|r| r.action == moat_policy::Action::Intercept)
+                .flat_map(|r| &r.hosts)
+                .find(|h| !self.shared.ca.covers(h));
+            if let Some(host) = outside {
+                return Err(LoadError::OutsideCaScope {
+                    host: host.to_string(),
+                });
+            }
             let secrets = Secrets::load(&policy.secrets).map_err(LoadError::Secrets)?;
             Ok((policy, secrets))
         });
@@ -302,6 +327,8 @@ impl Proxy {
                 self.shared.set_secrets(secrets);
                 let name = policy.name.clone();
                 let cut = self.shared.policy.replace(policy);
+                // After the swap: a flow that still saw the old generation is not pooled.
+                self.shared.pool.clear();
                 self.shared
                     .metrics
                     .reloads_applied
@@ -416,6 +443,17 @@ async fn accept_loop(shared: Arc<Shared>, listener: UnixListener, shutdown: Canc
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+}
+
+/// Closes idle upstream connections past their idle time, until shutdown.
+async fn sweep_pool(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(intercept::pool::IDLE_TIMEOUT / 2);
+    loop {
+        tokio::select! {
+            _ = every.tick() => shared.pool.sweep(),
+            () = shutdown.cancelled() => return,
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct Metrics {
     http_stopped: Vec<AtomicU64>,
     /// Secrets written into forwarded requests (one per secret per request).
     pub secrets_injected: AtomicU64,
+    /// Intercepted flows served on a pooled upstream connection (no new upstream handshake).
+    pub upstream_reused: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -48,6 +50,7 @@ impl Default for Metrics {
             http_forwarded: AtomicU64::new(0),
             http_stopped: Reason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             secrets_injected: AtomicU64::new(0),
+            upstream_reused: AtomicU64::new(0),
         }
     }
 }
@@ -120,6 +123,11 @@ impl Metrics {
             "moat_egress_secrets_injected_total",
             "Secrets written into forwarded requests.",
             self.secrets_injected.load(r),
+        );
+        counter(
+            "moat_egress_upstream_connections_reused_total",
+            "Intercepted flows served on a pooled upstream connection.",
+            self.upstream_reused.load(r),
         );
         let _ = writeln!(
             out,

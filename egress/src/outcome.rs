@@ -90,6 +90,10 @@ reasons! {
     HostMismatch => "host_mismatch", Agent;
     /// A request head that does not parse, or is too large.
     HttpMalformed => "http_malformed", Agent;
+    /// An intercepted HTTP/1.1 request framed both by Content-Length and Transfer-Encoding, or
+    /// with Content-Length repeated (request-smuggling shapes), or on a connection whose
+    /// framing could not be followed.
+    AmbiguousFraming => "ambiguous_framing", Agent;
     /// The first bytes are a protocol the rule does not allow.
     ProtocolNotAllowed => "protocol_not_allowed", Agent;
     /// The first bytes did not arrive in time.

@@ -41,6 +41,15 @@ pub enum LoadError {
     /// A secret the policy declares could not be read.
     #[error("policy secrets refused")]
     Secrets(#[source] crate::secrets::SecretError),
+    /// The policy intercepts a host outside the workspace CA's name constraints (fixed when the
+    /// proxy started, from the policy in force then).
+    #[error(
+        "intercept host {host} is outside the workspace CA's name constraints; restart the workspace to intercept it"
+    )]
+    OutsideCaScope {
+        /// The host pattern.
+        host: String,
+    },
     /// Verification or parsing failed.
     #[error("policy {} refused", .path.display())]
     Refused {

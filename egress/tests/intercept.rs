@@ -7,98 +7,13 @@ mod harness;
 
 use std::time::Duration;
 
+use harness::client::*;
 use harness::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use moat_egress::Limits;
 use tokio::io::AsyncWriteExt;
-
-const WAIT: Duration = Duration::from_secs(5);
-
-type Sender = SendRequest<Empty<bytes::Bytes>>;
-type H2Sender = hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>;
-
-/// An HTTP/2 client (ALPN h2) on an intercepted TLS connection to `host`.
-async fn h2_client(tp: &TestProxy, host: &str) -> H2Sender {
-    let tls = tp.intercepted_alpn(host, &[b"h2"]).await.unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-/// Sends one HTTP/2 request to `https://{authority}{path}`; returns the status.
-async fn h2_send(
-    sender: &mut H2Sender,
-    authority: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> u16 {
-    let mut req = Request::get(format!("https://{authority}{path}"));
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    status
-}
-
-/// An HTTP/1.1 client on an intercepted TLS connection to `host`.
-async fn client(tp: &TestProxy, host: &str) -> Sender {
-    let tls = tp.intercepted(host).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
-/// Sends one request; returns the status and body.
-async fn send(
-    sender: &mut Sender,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, String) {
-    let mut req = Request::get(path).header("host", host);
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-/// Writes raw bytes on a fresh intercepted connection and returns everything read back.
-async fn raw(tp: &TestProxy, host: &str, bytes: &[u8]) -> String {
-    let mut tls = tp.intercepted(host).await.unwrap();
-    tls.write_all(bytes).await.unwrap();
-    String::from_utf8_lossy(&read_all(&mut tls, WAIT).await).into_owned()
-}
-
-async fn http_record(tp: &TestProxy, path: &str) -> serde_json::Value {
-    tp.wait_record(|r| r["class_uid"] == 4002 && r["http_request"]["url"]["path"] == path)
-        .await
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
 
 #[tokio::test]
 async fn placeholder_becomes_the_secret_on_its_bound_host() {
@@ -280,10 +195,8 @@ async fn pipelined_requests_each_get_the_secret_in_order() {
 }
 
 #[tokio::test]
-async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+async fn content_length_with_transfer_encoding_is_refused_with_400() {
     let tp = TestProxy::start().await;
-    // hyper drops Content-Length, reads the chunked body, and closes after the response: the
-    // bytes after the chunked body are never parsed as a second request.
     let got = raw(
         &tp,
         "api.inject.test",
@@ -292,9 +205,44 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
           GET /smuggled HTTP/1.1\r\nHost: api.inject.test\r\n\r\n",
     )
     .await;
-    assert!(!got.contains("ok /smuggled"), "{got}");
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(!got.contains("ok /"), "{got}");
+    assert!(tp.seen().is_empty());
+    let rec = http_record(&tp, "/first").await;
+    assert_eq!(rec["unmapped"]["moat"]["reason"], "ambiguous_framing");
+    assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
+}
+
+#[tokio::test]
+async fn transfer_encoding_before_content_length_is_refused_with_400() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /first HTTP/1.1\r\nHost: api.inject.test\r\nTransfer-Encoding: chunked\r\n\
+          Content-Length: 5\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn smuggling_request_after_a_clean_one_on_a_kept_alive_connection_is_refused() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /clean HTTP/1.1\r\nHost: api.inject.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+          4\r\nbody\r\n0\r\n\r\n\
+          POST /smuggler HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 3\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(got.contains("ok /clean"), "{got}");
+    assert!(got.contains("HTTP/1.1 400"), "{got}");
     let paths: Vec<_> = tp.seen().into_iter().map(|s| s.path).collect();
-    assert_eq!(paths, vec!["/first"]);
+    assert_eq!(paths, vec!["/clean"]);
 }
 
 #[tokio::test]
@@ -304,6 +252,19 @@ async fn conflicting_content_lengths_are_refused_with_400() {
         &tp,
         "api.inject.test",
         b"POST /x HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(tp.seen().is_empty());
+}
+
+#[tokio::test]
+async fn repeated_equal_content_lengths_are_refused_with_400() {
+    let tp = TestProxy::start().await;
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"POST /x HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
     )
     .await;
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
@@ -408,12 +369,15 @@ async fn query_is_redacted_in_the_http_record() {
 #[tokio::test]
 async fn reloaded_secret_is_injected_on_the_next_request() {
     let tp = TestProxy::start().await;
-    std::fs::write(&tp.secret_file, "sk-real-ROTATED\n").unwrap();
+    std::fs::write(&tp.secret_file, format!("{}\n", leak::ROTATED_SECRET_VALUE)).unwrap();
     tp.rewrite_profile(&tp.profile_with("\n# rotated\n"));
     tp.proxy.reload().unwrap();
     let mut c = client(&tp, "api.inject.test").await;
     send(&mut c, "api.inject.test", "/v1/models", &[]).await;
-    assert_eq!(tp.seen()[0].authorization, vec![bearer("sk-real-ROTATED")]);
+    assert_eq!(
+        tp.seen()[0].authorization,
+        vec![bearer(leak::ROTATED_SECRET_VALUE)]
+    );
 }
 
 #[tokio::test]
@@ -691,7 +655,7 @@ async fn reload_that_drops_an_intercepted_host_cuts_its_connection() {
     let (first, _) = send(&mut c, "api.inject.test", "/one", &[]).await;
     let without = tp.profile_with("").replace(
         "hosts = [\"api.inject.test\"]\nports",
-        "hosts = [\"gone.inject.test\"]\nports",
+        "hosts = [\"other.inject.test\"]\nports",
     );
     tp.rewrite_profile(&without);
     tp.proxy.reload().unwrap();
@@ -824,4 +788,174 @@ async fn bytes_that_are_not_http_close_the_intercepted_flow() {
         .await;
     assert_eq!(close["unmapped"]["moat"]["reason"], "http_malformed");
     assert!(tp.seen().is_empty());
+}
+
+/// Waits until the proxy holds `n` idle upstream connections.
+async fn pooled(tp: &TestProxy, n: usize) {
+    for _ in 0..200 {
+        if tp.proxy.pooled_upstreams() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} pooled upstream connections, not {n}",
+        tp.proxy.pooled_upstreams()
+    );
+}
+
+/// One request on a new intercepted connection to `host`, which is then closed.
+async fn one_request(tp: &TestProxy, host: &str, path: &str) -> u16 {
+    let mut c = client(tp, host).await;
+    let (status, _) = send(&mut c, host, path, &[("connection", "close")]).await;
+    status
+}
+
+#[tokio::test]
+async fn new_agent_connection_reuses_the_idle_verified_upstream_connection() {
+    let tp = TestProxy::start().await;
+    assert_eq!(one_request(&tp, "api.inject.test", "/first").await, 200);
+    pooled(&tp, 1).await;
+    assert_eq!(one_request(&tp, "api.inject.test", "/second").await, 200);
+    let seen = tp.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].conn, seen[1].conn);
+    assert!(
+        seen.iter()
+            .all(|s| s.authorization == vec![bearer(SECRET_VALUE)])
+    );
+    assert_eq!(
+        tp.proxy
+            .metrics()
+            .upstream_reused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn pooled_upstream_connection_never_carries_a_request_for_another_host() {
+    let tp = TestProxy::start().await;
+    one_request(&tp, "api.inject.test", "/a").await;
+    pooled(&tp, 1).await;
+    // Same upstream address, another name: a connection of its own, opened with its own SNI.
+    one_request(&tp, "other.inject.test", "/b").await;
+    pooled(&tp, 2).await;
+    one_request(&tp, "api.inject.test", "/c").await;
+    let seen = tp.seen();
+    assert_eq!(seen.len(), 3);
+    assert_ne!(seen[0].conn, seen[1].conn);
+    assert_eq!(seen[0].conn, seen[2].conn);
+    for s in &seen {
+        assert_eq!(s.named_host(), s.sni, "{} on connection {}", s.path, s.conn);
+    }
+    assert!(seen[1].authorization.is_empty());
+}
+
+#[tokio::test]
+async fn reload_closes_the_pooled_upstream_connections() {
+    let tp = TestProxy::start_unwatched().await;
+    one_request(&tp, "api.inject.test", "/before").await;
+    pooled(&tp, 1).await;
+    tp.rewrite_profile(&tp.profile_with("\n# reloaded\n"));
+    tp.proxy.reload().unwrap();
+    assert_eq!(tp.proxy.pooled_upstreams(), 0);
+    one_request(&tp, "api.inject.test", "/after").await;
+    let seen = tp.seen();
+    assert_ne!(seen[0].conn, seen[1].conn);
+}
+
+#[tokio::test]
+async fn flow_open_across_a_reload_does_not_return_its_connection_to_the_pool() {
+    let tp = TestProxy::start_unwatched().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/during", &[]).await;
+    tp.rewrite_profile(&tp.profile_with("\n# reloaded\n"));
+    tp.proxy.reload().unwrap();
+    drop(c);
+    tp.wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(tp.proxy.pooled_upstreams(), 0);
+}
+
+#[tokio::test]
+async fn upstream_connection_the_upstream_closes_is_not_pooled() {
+    let tp = TestProxy::start().await;
+    assert_eq!(one_request(&tp, "api.inject.test", "/close").await, 200);
+    tp.wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(tp.proxy.pooled_upstreams(), 0);
+    assert_eq!(one_request(&tp, "api.inject.test", "/next").await, 200);
+    let seen = tp.seen();
+    assert_ne!(seen[0].conn, seen[1].conn);
+}
+
+#[tokio::test]
+async fn placeholder_in_the_body_after_the_upstream_answered_is_refused_and_audited() {
+    let tp = TestProxy::start().await;
+    let mut tls = tp.intercepted("other.inject.test").await.unwrap();
+    tls.write_all(
+        b"POST /early HTTP/1.1\r\nHost: other.inject.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nclean\r\n",
+    )
+    .await
+    .unwrap();
+    // The upstream answers before the body is whole.
+    let mut head = Vec::new();
+    while !head.ends_with(b"ok /early") {
+        let mut byte = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut tls, &mut byte)
+            .await
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let rest = format!("{:x}\r\n{PLACEHOLDER}\r\n0\r\n\r\n", PLACEHOLDER.len());
+    tls.write_all(rest.as_bytes()).await.unwrap();
+    let rec = tp
+        .wait_record(|r| {
+            r["class_uid"] == 4002 && r["unmapped"]["moat"]["reason"] == "placeholder_unbound"
+        })
+        .await;
+    assert_eq!(rec["http_request"]["url"]["path"], "/early");
+    assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
+    assert_eq!(rec["disposition"], "Blocked");
+    assert_eq!(rec["http_response"]["code"], 200);
+    assert_eq!(
+        tp.proxy
+            .metrics()
+            .http_stopped_count(moat_egress::outcome::Reason::PlaceholderUnbound),
+        1
+    );
+}
+
+#[tokio::test]
+async fn reload_intercepting_a_host_outside_the_ca_name_constraints_is_refused() {
+    let tp = TestProxy::start_unwatched().await;
+    let wider = tp.profile_with("").replace(
+        "hosts = [\"api.inject.test\"]\nports",
+        "hosts = [\"api.inject.test\", \"bank.example\"]\nports",
+    );
+    tp.rewrite_profile(&wider);
+    let err = tp.proxy.reload().unwrap_err();
+    assert!(
+        moat_egress::error_chain(&err).contains("bank.example"),
+        "{err}"
+    );
+    // The policy in force is kept.
+    let mut c = client(&tp, "api.inject.test").await;
+    assert_eq!(send(&mut c, "api.inject.test", "/still", &[]).await.0, 200);
+}
+
+#[tokio::test]
+async fn reload_intercepting_a_host_inside_the_ca_name_constraints_is_applied() {
+    let tp = TestProxy::start_unwatched().await;
+    // models.local is intercepted from the start (routed); a second rule naming it is in scope.
+    let same = tp.profile_with("").replace(
+        "hosts = [\"other.inject.test\"]\nports",
+        "hosts = [\"other.inject.test\", \"models.local\"]\nports",
+    );
+    tp.rewrite_profile(&same);
+    tp.proxy.reload().unwrap();
 }

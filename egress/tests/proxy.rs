@@ -25,7 +25,7 @@ async fn tls_round_trip(tp: &TestProxy, header_host: &str, sni: &str) -> std::io
 }
 
 /// The refused flow's stream is closed by the proxy: reading gives EOF or an error, no bytes.
-async fn assert_closed(mut s: UnixStream) {
+async fn assert_closed<S: tokio::io::AsyncRead + Unpin>(mut s: S) {
     let got = read_all(&mut s, WAIT).await;
     assert!(got.is_empty(), "refused flow returned bytes: {got:?}");
 }

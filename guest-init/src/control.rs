@@ -16,8 +16,8 @@ pub const EGRESS_VSOCK_PORT: u32 = 1025;
 pub const AUDIT_VSOCK_PORT: u32 = 1026;
 /// Host vsock port of the control stream (`<uds>_1027`).
 pub const CONTROL_VSOCK_PORT: u32 = 1027;
-/// Longest control line either side accepts.
-pub const MAX_LINE: usize = 256 * 1024;
+/// Longest control line either side accepts (a corporate CA bundle fits).
+pub const MAX_LINE: usize = 4 * 1024 * 1024;
 
 /// What the host asks the VM to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,8 +32,13 @@ pub struct VmWorkspace {
     /// CA certificates (PEM) the workspace trusts besides the root image's: always the egress
     /// proxy's workspace CA.
     pub ca_pem: String,
-    /// The agent gets the serial console as its controlling terminal.
+    /// The agent gets the serial console as its controlling terminal; otherwise it gets no
+    /// input and its output passes through unchanged.
     pub interactive: bool,
+    /// The host terminal's size (0: unknown).
+    pub rows: u16,
+    /// The host terminal's size (0: unknown).
+    pub cols: u16,
 }
 
 /// How the agent ended, as guest-init reports it.
@@ -105,6 +110,8 @@ mod tests {
             env: vec![("OPENAI_API_KEY".into(), "sk-moat-placeholder".into())],
             ca_pem: "-----BEGIN CERTIFICATE-----\n".into(),
             interactive: false,
+            rows: 50,
+            cols: 132,
         };
         let line = encode(&w);
         let mut r = io::BufReader::new(&line[..]);
@@ -129,7 +136,7 @@ mod tests {
         assert!(parse::<VmOutcome>(br#"{"exited":{"code":0,"extra":1}}"#).is_err());
         assert!(
             parse::<VmWorkspace>(
-                br#"{"hostname":"w","command":[],"env":[],"ca_pem":"","interactive":true,"root":"/"}"#
+                br#"{"hostname":"w","command":[],"env":[],"ca_pem":"","interactive":true,"rows":0,"cols":0,"root":"/"}"#
             )
             .is_err()
         );

@@ -9,7 +9,14 @@
 //!
 //! Namespace backend sequence ([`run_namespace`]):
 //! 1. `unshare` user, mount, pid, net, ipc, uts and cgroup namespaces; map the caller's uid/gid to root
-//!    inside (so the host user needs no privilege).
+//!    inside (so the host user needs no privilege). Run by the host's root, root inside is
+//!    instead the unprivileged host uid/gid [`ROOT_RUN_ID`], never host uid 0: the process
+//!    first drops its supplementary groups, creates the network namespace (owned by the
+//!    initial user namespace, so the workspace cannot reconfigure it), its TUN device and its
+//!    sysfs, binds the agent's home into the run directory (refused unless [`ROOT_RUN_ID`]
+//!    owns it) and hands the mapped gid search permission on the run directory and connect
+//!    permission on its two sockets; then it unshares the rest, a child still host root
+//!    writes the maps, and the process takes root inside.
 //! 2. fork: the child is PID 1 of the new pid namespace; the parent only waits and relays the
 //!    exit status.
 //! 3. As PID 1: a new root: the host's root bound recursively and made read-only (every
@@ -36,7 +43,7 @@ pub mod vm;
 use std::path::PathBuf;
 
 pub use launch::{AgentSpec, exit_code};
-pub use namespace::run_namespace;
+pub use namespace::{ROOT_RUN_ID, run_namespace};
 pub use vm::run_vm;
 
 /// An error and its causes, on one line.
@@ -87,6 +94,10 @@ pub enum InitError {
     /// The VM's control stream to the host failed (vsock port 1027).
     #[error("cannot get the workspace from the host (vsock control stream)")]
     Control(#[source] std::io::Error),
+    /// The agent's home cannot be used (missing, or, when moat runs as root, not owned by
+    /// [`ROOT_RUN_ID`]).
+    #[error("cannot use {} as the agent's home", .0.display())]
+    Home(PathBuf, #[source] std::io::Error),
     /// A file the workspace needs could not be written.
     #[error("cannot write {}", .0.display())]
     Write(PathBuf, #[source] std::io::Error),
@@ -100,7 +111,8 @@ pub struct WorkspaceConfig {
     /// The host's socket for process events (`<uds>_1026`), in `run_dir`, if any.
     pub audit_socket: Option<PathBuf>,
     /// A directory for the workspace's own files (flow socket, resolv.conf, the new root's
-    /// mount point), on the host and outside the agent's view.
+    /// mount point), on the host and outside the agent's view. Run by root, its ancestors must
+    /// be searchable by [`ROOT_RUN_ID`] (the temp directory is): PID 1 reaches it by path.
     pub run_dir: PathBuf,
     /// The workspace hostname.
     pub hostname: String,

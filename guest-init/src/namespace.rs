@@ -1,14 +1,37 @@
 //! The namespace backend: guest-init on the host, in fresh namespaces, with its own TUN.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
+use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Uid, fork, sethostname};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, sethostname};
 
 use crate::launch::{exit_code, run_agent};
 use crate::{InitError, WorkspaceConfig, chain};
+
+/// The host uid and gid of the workspace's root (and so of the agent) when moat runs as the
+/// host's root: an otherwise-unused id, so that nothing in the workspace is host root.
+///
+/// 2,000,000,000 lies in the range systemd documents as unused (1879048192–2147352575): above
+/// the login accounts, the dynamic service users, nobody (65534), the ranges `useradd` hands
+/// out in /etc/subuid (100000 up to about 600 million by default) and systemd-nspawn's
+/// container ranges (524288–1879048191); below the foreign-image range (2147352576) and 2^31
+/// (ids that some tools read as negative). One fixed id, so that a `--home` kept from one run
+/// is the agent's again in the next; every workspace started by root shares it (see the threat
+/// model).
+pub const ROOT_RUN_ID: u32 = 2_000_000_000;
+
+/// The namespaces the workspace's user namespace owns.
+const OWNED_BY_THE_WORKSPACE: CloneFlags = CloneFlags::CLONE_NEWUSER
+    .union(CloneFlags::CLONE_NEWNS)
+    .union(CloneFlags::CLONE_NEWPID)
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS)
+    .union(CloneFlags::CLONE_NEWCGROUP);
 
 /// The virtual DNS, as the workspace's resolver configuration.
 pub(crate) fn resolv_conf() -> String {
@@ -36,43 +59,270 @@ fn mount_or(
     mount(src, target, fstype, flags, data).map_err(|source| InitError::Mount { what, source })
 }
 
+fn tun_error(e: std::io::Error) -> InitError {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied if e.raw_os_error() == Some(libc::EACCES) => {
+            InitError::TunAccess(e)
+        }
+        _ => InitError::Network(e),
+    }
+}
+
+/// What the host's root prepares before giving up its identity: the network namespace (owned
+/// by the host's initial user namespace, so nothing in the workspace can reconfigure it) with
+/// its TUN device, that namespace's sysfs, and the agent's home.
+struct Prepared {
+    tun: moat_netstack::Tun,
+    /// A sysfs of the workspace's network namespace, mounted read-only on `<run_dir>/sys`.
+    sysfs: PathBuf,
+    /// The agent's home, bound on `<run_dir>/agent-home` (and checked there).
+    home: PathBuf,
+}
+
+/// Where the host's own files name `id` as a user or group (`/etc/passwd`, `/etc/group`) or
+/// hand it out as a subordinate id (`/etc/subuid`, `/etc/subgid`). Read directly, not through
+/// NSS (whose modules have no place in a process that is about to fork): ids from a directory
+/// service are not seen.
+fn id_in_use(id: u32) -> Option<String> {
+    type Uses = fn(&str, u32) -> bool;
+    let sources: [(&str, Uses); 4] = [
+        ("/etc/passwd", names_id),
+        ("/etc/group", names_id),
+        ("/etc/subuid", hands_out_id),
+        ("/etc/subgid", hands_out_id),
+    ];
+    sources.iter().find_map(|(path, uses)| {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines()
+            .find(|line| uses(line, id))
+            .map(|line| format!("{path}: {line}"))
+    })
+}
+
+/// Whether a passwd or group line's id (third field) is `id`.
+fn names_id(line: &str, id: u32) -> bool {
+    line.split(':').nth(2).and_then(|f| f.parse::<u32>().ok()) == Some(id)
+}
+
+/// Whether a subuid or subgid line (`name:first:count`) covers `id`.
+fn hands_out_id(line: &str, id: u32) -> bool {
+    let mut fields = line.split(':').skip(1).map(|f| f.parse::<u64>().ok());
+    match (fields.next().flatten(), fields.next().flatten()) {
+        (Some(first), Some(count)) => (first..first.saturating_add(count)).contains(&u64::from(id)),
+        _ => false,
+    }
+}
+
+/// Hands the mapped id exactly what PID 1 needs in the run directory: search permission on
+/// the directory and connect permission on the host's two sockets, both through the group
+/// (the owner stays root, so the workspace can change no mode), nothing to other host users.
+fn hand_over_run_dir(config: &WorkspaceConfig) -> Result<(), InitError> {
+    let gid = Some(ROOT_RUN_ID);
+    let give = |path: &Path, mode: u32| {
+        std::os::unix::fs::lchown(path, None, gid)
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+            .map_err(|e| InitError::Write(path.to_owned(), e))
+    };
+    give(&config.flow_socket, 0o660)?;
+    if let Some(audit) = &config.audit_socket {
+        give(audit, 0o660)?;
+    }
+    give(&config.run_dir, 0o710)
+}
+
+/// The workspace's user namespace when the host's root starts it: root inside is host uid and
+/// gid [`ROOT_RUN_ID`]. The process gives up its supplementary groups, creates the network
+/// namespace and the TUN device while it is still host root, then unshares the workspace's
+/// namespaces; a child it forked before, still host root in the initial user namespace, writes
+/// the maps (writing an id other than one's own needs CAP_SETUID over the parent namespace, in
+/// the writer and in the opener of the map file); then the process takes root inside, that
+/// is, host uid [`ROOT_RUN_ID`].
+fn isolate_as_host_root(config: &WorkspaceConfig) -> Result<Prepared, InitError> {
+    let parent = nix::unistd::getppid();
+    // Host root's groups (0 among them) would survive the id switch: setgroups is denied in
+    // the workspace, so they go now.
+    nix::unistd::setgroups(&[]).map_err(|e| InitError::IdMap(e.into()))?;
+    unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).map_err(InitError::Unshare)?;
+    // Nothing mounted here may reach the host's mount namespace (where `moat run` removes the
+    // run directory recursively at exit: a bound home there would be emptied).
+    mount_or(
+        "/ (private)",
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    let tun = moat_netstack::setup_tun().map_err(tun_error)?;
+    // sysfs shows the network namespace of whoever mounts it, and only a holder of
+    // CAP_SYS_ADMIN over that namespace's owner may mount it: root, now.
+    let sysfs = config.run_dir.join("sys");
+    mkdir(&sysfs)?;
+    mount_or(
+        "sysfs",
+        Some("sysfs"),
+        &sysfs,
+        Some("sysfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        None,
+    )?;
+    let home = bind_home(config)?;
+    switch_ids(parent)?;
+    Ok(Prepared { tun, sysfs, home })
+}
+
+/// Binds the agent's home on `<run_dir>/agent-home` while the process can still reach it
+/// wherever it is, and refuses it there unless [`ROOT_RUN_ID`] owns it: PID 1 binds it from
+/// there, so the directory checked is the directory the agent gets.
+fn bind_home(config: &WorkspaceConfig) -> Result<PathBuf, InitError> {
+    let home = &config.agent.home;
+    let bound = config.run_dir.join("agent-home");
+    mkdir(&bound)?;
+    let err = |e: std::io::Error| InitError::Home(home.clone(), e);
+    mount(
+        Some(home),
+        &bound,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| err(e.into()))?;
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&bound).map_err(err)?);
+    if owner != ROOT_RUN_ID {
+        return Err(err(std::io::Error::other(format!(
+            "it is owned by uid {owner}, and when moat runs as root the agent is host uid \
+             {ROOT_RUN_ID}: give it to that uid (chown -R {ROOT_RUN_ID}:{ROOT_RUN_ID}) or leave \
+             out --home for a fresh one"
+        ))));
+    }
+    Ok(bound)
+}
+
+/// Unshares the workspace's namespaces and becomes its root, host uid [`ROOT_RUN_ID`].
+fn switch_ids(parent: Pid) -> Result<(), InitError> {
+    let this = Pid::this();
+    let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(InitError::Fork)?;
+    // SAFETY: the caller guarantees the process is single-threaded, so the child may run
+    // arbitrary code after fork.
+    #[allow(unsafe_code)]
+    let writer = match unsafe { fork() }.map_err(InitError::Fork)? {
+        ForkResult::Child => {
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            drop(ready_w);
+            let mut byte = [0u8; 1];
+            // EOF (the parent failed, or died) writes nothing.
+            let go = matches!(nix::unistd::read(&ready_r, &mut byte), Ok(1))
+                && nix::unistd::getppid() == this;
+            let code = if go {
+                match write_root_maps(this) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("moat guest-init: cannot map the workspace's root: {e}");
+                        1
+                    }
+                }
+            } else {
+                1
+            };
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(ready_r);
+    let unshared = unshare(OWNED_BY_THE_WORKSPACE).map_err(InitError::Unshare);
+    if unshared.is_ok() {
+        let _ = nix::unistd::write(&ready_w, b"1");
+    }
+    drop(ready_w);
+    let written = loop {
+        match waitpid(writer, None) {
+            Ok(WaitStatus::Exited(_, 0)) => break true,
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break false,
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(InitError::Fork(e)),
+        }
+    };
+    unshared?;
+    if !written {
+        return Err(InitError::IdMap(std::io::Error::other(
+            "the map writer failed",
+        )));
+    }
+    let zero = (Gid::from_raw(0), Uid::from_raw(0));
+    nix::unistd::setresgid(zero.0, zero.0, zero.0).map_err(|e| InitError::IdMap(e.into()))?;
+    nix::unistd::setresuid(zero.1, zero.1, zero.1).map_err(|e| InitError::IdMap(e.into()))?;
+    // The id change cleared the parent-death signal: `moat run`'s death must still end the
+    // workspace.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if nix::unistd::getppid() != parent {
+        return Err(InitError::IdMap(std::io::Error::other("moat run is gone")));
+    }
+    Ok(())
+}
+
+/// Run by the host-root child: the maps of `pid`, whose root becomes host [`ROOT_RUN_ID`],
+/// and no setgroups in it.
+fn write_root_maps(pid: Pid) -> std::io::Result<()> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    std::fs::write(proc.join("setgroups"), "deny")?;
+    std::fs::write(proc.join("uid_map"), format!("0 {ROOT_RUN_ID} 1\n"))?;
+    std::fs::write(proc.join("gid_map"), format!("0 {ROOT_RUN_ID} 1\n"))
+}
+
 /// Creates the namespaces, runs the workspace as PID 1 inside, and returns the agent's exit
 /// code. Must be called while the process is single-threaded (it forks).
+///
+/// Run by the host's root (effective uid 0), the workspace's root is host uid and gid
+/// [`ROOT_RUN_ID`], not 0; otherwise the caller's own uid and gid.
 pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
     let resolv = config.run_dir.join("resolv.conf");
     std::fs::write(&resolv, resolv_conf()).map_err(|e| InitError::Write(resolv.clone(), e))?;
+    // Everything written in the run directory is written now, before any id switch.
+    let bundle = match &config.extra_ca {
+        Some(extra) => Some(write_bundle(&config.run_dir, extra)?),
+        None => None,
+    };
+    mkdir(&config.run_dir.join("root"))?;
 
-    let (uid, gid) = (Uid::current(), Gid::current());
-    unshare(
-        CloneFlags::CLONE_NEWUSER
-            | CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWCGROUP,
-    )
-    .map_err(InitError::Unshare)?;
-    map_ids(uid, gid)?;
+    let prepared = if Uid::effective().is_root() {
+        // The id is meant to be nobody's: refuse it if the host gives it to someone.
+        if let Some(user) = id_in_use(ROOT_RUN_ID) {
+            return Err(InitError::IdMap(std::io::Error::other(format!(
+                "uid/gid {ROOT_RUN_ID}, which a workspace started by root runs as, is in use \
+                 on this host ({user})"
+            ))));
+        }
+        hand_over_run_dir(config)?;
+        Some(isolate_as_host_root(config)?)
+    } else {
+        let (uid, gid) = (Uid::current(), Gid::current());
+        unshare(OWNED_BY_THE_WORKSPACE | CloneFlags::CLONE_NEWNET).map_err(InitError::Unshare)?;
+        map_ids(uid, gid)?;
+        None
+    };
     crate::signals::install();
 
     // SAFETY: the caller guarantees the process is single-threaded, so the child may run
     // arbitrary code after fork.
     #[allow(unsafe_code)]
     match unsafe { fork() }.map_err(InitError::Fork)? {
-        ForkResult::Parent { child } => loop {
-            crate::signals::forward_pending(child);
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-                Ok(_) | Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(InitError::Fork(e)),
+        ForkResult::Parent { child } => {
+            // The TUN device is PID 1's alone.
+            drop(prepared);
+            loop {
+                crate::signals::forward_pending(child);
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                    Ok(_) | Err(nix::Error::EINTR) => {}
+                    Err(e) => return Err(InitError::Fork(e)),
+                }
             }
-        },
+        }
         ForkResult::Child => {
             // If the waiting parent dies, PID 1 dies, and the kernel empties the namespace.
             let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-            let code = match init(config, &resolv) {
+            let code = match init(config, &resolv, bundle.as_deref(), prepared) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("moat guest-init: {}", chain(&e));
@@ -131,10 +381,16 @@ fn mkdir(path: &Path) -> Result<(), InitError> {
     std::fs::create_dir_all(path).map_err(|e| InitError::Write(path.to_owned(), e))
 }
 
-/// Builds the workspace's root under `<run_dir>/root` and pivots into it.
-fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> {
+/// Builds the workspace's root under `<run_dir>/root` and pivots into it. `home` is where the
+/// agent's home is bound from; `sysfs`, a sysfs already mounted (else one is mounted here).
+fn enter_root(
+    config: &WorkspaceConfig,
+    resolv: &Path,
+    bundle: Option<&Path>,
+    home: &Path,
+    sysfs: Option<&Path>,
+) -> Result<(), InitError> {
     let root = config.run_dir.join("root");
-    mkdir(&root)?;
     let rec_bind = MsFlags::MS_BIND | MsFlags::MS_REC;
     mount_or("the root", Some("/"), &root, None, rec_bind, None)?;
     moat_guest_sandbox::make_tree_read_only(&root).map_err(|e| InitError::Mount {
@@ -164,8 +420,8 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
             Some(mode),
         )?;
     }
-    // Files only root may read on the host (password hashes, SSH host keys) are hidden too, for
-    // the case where the workspace runs as the host's root.
+    // Files only root may read on the host (password hashes, SSH host keys) are hidden too:
+    // the workspace is never the host's root (see `ROOT_RUN_ID`), but this does not rest on it.
     for secret in SECRET_FILES {
         let target = root.join(secret.trim_start_matches('/'));
         if target.is_file() {
@@ -237,13 +493,13 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
     ] {
         let _ = std::os::unix::fs::symlink(target, dev.join(link));
     }
-    let home = root.join("home/agent");
-    mkdir(&home)?;
-    let agent_home = config.agent.home.to_string_lossy();
+    let agent_home = root.join("home/agent");
+    mkdir(&agent_home)?;
+    let home = home.to_string_lossy();
     mount_or(
         "the agent's home",
-        Some(&agent_home),
-        &home,
+        Some(&home),
+        &agent_home,
         None,
         MsFlags::MS_BIND,
         None,
@@ -257,8 +513,7 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
         MsFlags::MS_BIND,
         None,
     )?;
-    if let Some(extra) = &config.extra_ca {
-        let bundle = write_bundle(&config.run_dir, extra)?;
+    if let Some(bundle) = bundle {
         let bundle = bundle.to_string_lossy();
         let target = root.join(CA_BUNDLE.trim_start_matches('/'));
         mount_or(
@@ -267,6 +522,17 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
             &target,
             None,
             MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    if let Some(sysfs) = sysfs {
+        let sysfs = sysfs.to_string_lossy();
+        mount_or(
+            "/sys",
+            Some(&sysfs),
+            &root.join("sys"),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
         )?;
     }
@@ -298,15 +564,19 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
     )?;
     // The workspace's own sysfs (its network namespace's devices, not the host's) and its
     // own cgroup tree, both read-only for everything inside.
+    // (When the host's root started the workspace, the network namespace is not the
+    // workspace's to mount sysfs for: the one root mounted for it is bound above.)
     let ro = nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
-    mount_or(
-        "/sys",
-        Some("sysfs"),
-        Path::new("/sys"),
-        Some("sysfs"),
-        ro,
-        None,
-    )?;
+    if sysfs.is_none() {
+        mount_or(
+            "/sys",
+            Some("sysfs"),
+            Path::new("/sys"),
+            Some("sysfs"),
+            ro,
+            None,
+        )?;
+    }
     mount_or(
         "/sys/fs/cgroup",
         Some("cgroup2"),
@@ -318,7 +588,12 @@ fn enter_root(config: &WorkspaceConfig, resolv: &Path) -> Result<(), InitError> 
 }
 
 /// PID 1 of the workspace.
-fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
+fn init(
+    config: &WorkspaceConfig,
+    resolv: &Path,
+    bundle: Option<&Path>,
+    prepared: Option<Prepared>,
+) -> Result<i32, InitError> {
     mount_or(
         "/ (private)",
         None,
@@ -331,21 +606,23 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
     // Keep a handle to it to reach the flow socket.
     let run_dir = nix::fcntl::open(
         &config.run_dir,
-        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
     )
     .map_err(|source| InitError::Mount {
         what: "the run directory",
         source,
     })?;
-    // The TUN device is opened while the host's /dev is still in view.
-    let tun = moat_netstack::setup_tun().map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied if e.raw_os_error() == Some(libc::EACCES) => {
-            InitError::TunAccess(e)
-        }
-        _ => InitError::Network(e),
-    })?;
-    enter_root(config, resolv)?;
+    let (tun, home, sysfs) = match prepared {
+        Some(p) => (p.tun, p.home, Some(p.sysfs)),
+        // The TUN device is opened while the host's /dev is still in view.
+        None => (
+            moat_netstack::setup_tun().map_err(tun_error)?,
+            config.agent.home.clone(),
+            None,
+        ),
+    };
+    enter_root(config, resolv, bundle, &home, sysfs.as_deref())?;
     // Nobody else in the workspace may open our descriptors through /proc/1/fd.
     let _ = nix::sys::prctl::set_dumpable(false);
     // The host's sockets, through the kept handle on the run directory.
@@ -381,4 +658,22 @@ fn init(config: &WorkspaceConfig, resolv: &Path) -> Result<i32, InitError> {
     let sandbox = moat_guest_sandbox::agent_config(&agent.home);
     let status = run_agent(&agent, &sandbox, None, &reporter).map_err(InitError::Agent)?;
     Ok(exit_code(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_named_or_handed_out_is_in_use() {
+        assert!(names_id("ws:x:2000000000:100::/:/bin/sh", ROOT_RUN_ID));
+        assert!(!names_id("nobody:x:65534:65534::/:/bin/sh", ROOT_RUN_ID));
+        assert!(!names_id("broken", ROOT_RUN_ID));
+        assert!(hands_out_id("alice:1999999999:2", ROOT_RUN_ID));
+        assert!(hands_out_id("alice:2000000000:1", ROOT_RUN_ID));
+        assert!(!hands_out_id("alice:1999999999:1", ROOT_RUN_ID));
+        assert!(!hands_out_id("alice:100000:65536", ROOT_RUN_ID));
+        assert!(!hands_out_id("alice:4294967295:4294967295", ROOT_RUN_ID));
+        assert!(!hands_out_id("# comment", ROOT_RUN_ID));
+    }
 }

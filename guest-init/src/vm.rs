@@ -40,6 +40,8 @@ pub const HOME_DISK: &str = "/dev/vdb";
 pub const CONSOLE: &str = "/dev/ttyS0";
 /// The agent's uid and gid inside the VM (the home disk's root directory is owned by it).
 pub const AGENT_ID: u32 = 1000;
+/// The agent's user name (`images/rootfs/customize.sh` creates it with [`AGENT_ID`]).
+pub const AGENT_USER: &str = "agent";
 
 const NEW_ROOT: &str = "/mnt/root";
 
@@ -54,16 +56,75 @@ pub fn run_vm() -> ! {
             VmOutcome::Failed { error }
         }
     };
-    if let Some(mut c) = control
-        && let Err(e) = c.write_all(&control::encode(&outcome))
-    {
-        eprintln!("moat guest-init: cannot report to the host: {e}");
+    stop_everything();
+    if let Some(c) = control {
+        report(c, &outcome);
     }
     power_off()
 }
 
+/// Writes the outcome and waits (at most 3 s) for the host to close the stream: its
+/// acknowledgement. Without it the reset could overtake the bytes still queued in the guest's
+/// vsock transport or in the VMM.
+fn report(mut c: UnixStream, outcome: &VmOutcome) {
+    use std::io::Read;
+    let sent = c
+        .write_all(&control::encode(outcome))
+        .and_then(|()| c.shutdown(std::net::Shutdown::Write))
+        .and_then(|()| c.set_read_timeout(Some(Duration::from_secs(3))));
+    if let Err(e) = sent {
+        eprintln!("moat guest-init: cannot report to the host: {e}");
+        return;
+    }
+    let mut sink = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match c.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Ends every process but PID 1 (SIGTERM, a second's grace, then SIGKILL) and unmounts the
+/// home disk, so nothing writes to it while the VM resets.
+fn stop_everything() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let reap = || loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => {}
+        }
+    };
+    let everyone = nix::unistd::Pid::from_raw(-1);
+    if kill(everyone, Signal::SIGTERM).is_ok() {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            reap();
+            // ESRCH: nobody but PID 1 is left.
+            if kill(everyone, None).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = kill(everyone, Signal::SIGKILL);
+        reap();
+    }
+    nix::unistd::sync();
+    if let Err(e) = nix::mount::umount(AGENT_HOME) {
+        // Not yet switched root (setup failed early), or something still holds it: sync is
+        // what matters, and it ran.
+        if e != nix::Error::EINVAL && e != nix::Error::ENOENT {
+            eprintln!("moat guest-init: cannot unmount the home disk: {e}");
+        }
+    }
+}
+
 /// Syncs and resets the VM (the workspace VM is never rebooted in place: the VMM exits).
 fn power_off() -> ! {
+    // Whatever the console still has to send (the agent's last output) goes out first.
+    let _ = nix::sys::termios::tcdrain(std::io::stderr());
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     // Only reached if reboot(2) failed: PID 1 must not exit (the kernel would panic).
@@ -128,7 +189,16 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(InitError::Control)?;
     *control_out = Some(stream.try_clone().map_err(InitError::Control)?);
-    let line = control::read_line(&mut BufReader::new(&stream)).map_err(InitError::Control)?;
+    let line = control::read_line(&mut BufReader::new(&stream)).map_err(|e| {
+        InitError::Control(if e.kind() == std::io::ErrorKind::WouldBlock {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the host sent no workspace within 10 s",
+            )
+        } else {
+            e
+        })
+    })?;
     let workspace: VmWorkspace = control::parse(&line).map_err(InitError::Control)?;
 
     enter_root(&workspace)?;
@@ -156,9 +226,17 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     let mut agent = crate::AgentSpec {
         command: workspace.command.clone(),
         home: AGENT_HOME.into(),
-        env: workspace.env.clone(),
+        env: vec![
+            ("USER".to_owned(), AGENT_USER.to_owned()),
+            ("LOGNAME".to_owned(), AGENT_USER.to_owned()),
+            ("SHELL".to_owned(), "/bin/bash".to_owned()),
+        ],
     };
+    agent.env.extend(workspace.env.iter().cloned());
     agent.env.extend(ca_env());
+    if !workspace.interactive {
+        batch_console()?;
+    }
     let tty = if workspace.interactive {
         let fd = nix::fcntl::open(
             CONSOLE,
@@ -173,6 +251,7 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
             Some(nix::unistd::Gid::from_raw(AGENT_ID)),
         )
         .map_err(|e| InitError::Agent(e.into()))?;
+        set_window_size(&fd, workspace.rows, workspace.cols);
         Some(fd)
     } else {
         None
@@ -184,10 +263,52 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     Ok(exit_code(status))
 }
 
+/// A command without a terminal: no input (the host sends none), and output passed through
+/// byte for byte (no CR added before each newline).
+fn batch_console() -> Result<(), InitError> {
+    use nix::sys::termios::{OutputFlags, SetArg, tcgetattr, tcsetattr};
+    let null = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| InitError::Agent(e.into()))?;
+    nix::unistd::dup2_stdin(&null).map_err(|e| InitError::Agent(e.into()))?;
+    let out = std::io::stdout();
+    if let Ok(mut t) = tcgetattr(&out) {
+        t.output_flags.remove(OutputFlags::OPOST);
+        let _ = tcsetattr(&out, SetArg::TCSADRAIN, &t);
+    }
+    Ok(())
+}
+
+/// Gives the serial console the host terminal's size (0: unknown, left as it is).
+fn set_window_size(tty: &std::os::fd::OwnedFd, rows: u16, cols: u16) {
+    use std::os::fd::AsRawFd;
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize; `ws` is valid for the call and `tty` is open.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ as _, &ws) };
+    if rc != 0 {
+        eprintln!(
+            "moat guest-init: cannot set the console size: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Mounts the disks and tmpfs, installs resolv.conf and the trust store, and switches root.
 fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
     mount_or(
         "the root disk",
         Some(ROOT_DISK),
@@ -235,7 +356,15 @@ fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
         MsFlags::MS_BIND,
         None,
     )?;
-    let mut bundle = std::fs::read(at(CA_BUNDLE)).unwrap_or_default();
+    let mut bundle = std::fs::read(at(CA_BUNDLE)).map_err(|e| {
+        InitError::Write(
+            at(CA_BUNDLE).into(),
+            std::io::Error::new(
+                e.kind(),
+                format!("the root image has no system trust store to extend: {e}"),
+            ),
+        )
+    })?;
     if !bundle.is_empty() && !bundle.ends_with(b"\n") {
         bundle.push(b'\n');
     }
@@ -247,6 +376,23 @@ fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
         "the trust store",
         Some(&bundle_path),
         &at(CA_BUNDLE),
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+
+    // /etc/hosts: localhost and the workspace's own name stay on the loopback (without it,
+    // they would go to the virtual DNS and out as egress flows).
+    let hosts = format!("{moat_dir}/hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1\tlocalhost\n127.0.1.1\t{}\n", workspace.hostname),
+    )
+    .map_err(|e| InitError::Write(hosts.clone().into(), e))?;
+    mount_or(
+        "/etc/hosts",
+        Some(&hosts),
+        &at("/etc/hosts"),
         None,
         MsFlags::MS_BIND,
         None,
@@ -288,6 +434,25 @@ fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("ptmxmode=0666,mode=0620"),
+    )?;
+    // What udev would have made: the descriptor links bash's process substitution and
+    // `tee /dev/stderr` use, and POSIX shared memory.
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    std::fs::create_dir_all("/dev/shm").map_err(|e| InitError::Write("/dev/shm".into(), e))?;
+    mount_or(
+        "/dev/shm",
+        Some("tmpfs"),
+        "/dev/shm",
+        Some("tmpfs"),
+        nosuid,
+        Some("mode=1777"),
     )?;
     // Read-only, as in the namespace backend; a kernel without cgroup2 still runs the agent.
     if let Err(e) = mount(

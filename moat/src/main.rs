@@ -1,5 +1,6 @@
 //! `moat`: the command-line entry point. Thin: every command is a call into a library crate.
 
+mod broker_cmd;
 mod connect;
 mod doctor;
 mod policy_cmd;
@@ -33,6 +34,10 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Run a workspace with an agent shell on the best backend this host supports.
     Run(run_cmd::RunArgs),
+    /// Sign in to a workspace through the trusted access broker (OIDC in the browser).
+    Login(broker_cmd::LoginArgs),
+    /// Connect stdin/stdout to a workspace's sshd through the broker (an OpenSSH ProxyCommand).
+    Ssh(broker_cmd::SshArgs),
     /// The namespace backend's PID 1 (started by `moat run`, not by hand).
     #[command(name = "__guest-init", hide = true)]
     GuestInit(run_cmd::GuestInitArgs),
@@ -59,6 +64,8 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run_cmd::run(args),
         Command::GuestInit(args) => run_cmd::guest_init(args),
+        Command::Login(args) => broker_cmd::login(args),
+        Command::Ssh(args) => broker_cmd::ssh(args),
     };
     match result {
         Ok(code) => code,

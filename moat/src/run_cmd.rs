@@ -35,8 +35,9 @@ pub(crate) struct RunArgs {
     /// vm backend: guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     mem: u64,
-    /// vm backend: vCPUs.
-    #[arg(long, default_value_t = 2)]
+    /// vm backend: vCPUs (the guest kernel is built without SMP for now: more than one is
+    /// not used).
+    #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// vm backend: show the guest kernel's boot messages on the console.
     #[arg(long)]
@@ -147,9 +148,11 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         }
     }
 
-    let run_dir = std::env::temp_dir().join(format!("moat-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    // mkdtemp: a fresh directory with an unpredictable name, ours alone (0700); a directory
+    // someone else prepared under a guessable name would be theirs to fill with symlinks.
+    let template = std::env::temp_dir().join("moat-XXXXXX");
+    let run_dir = nix::unistd::mkdtemp(&template)
+        .with_context(|| format!("cannot create a run directory like {}", template.display()))?;
     let result = run_in(&args, backend, &run_dir);
     let _ = std::fs::remove_dir_all(&run_dir);
     result
@@ -166,10 +169,19 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
             h
         }
     };
-    let uds = run_dir.join("vsock");
+    // The vm backend's sockets get a directory of their own: moat-vmm's jail sees only it.
+    let uds = match &backend {
+        Backend::Vm(..) => {
+            let dir = run_dir.join("sock");
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            dir.join("vsock")
+        }
+        Backend::Namespace => run_dir.join("vsock"),
+    };
     // Beside the run directory, not in it: the audit log outlives the workspace.
-    let default_audit =
-        std::env::temp_dir().join(format!("moat-{}-audit.jsonl", std::process::id()));
+    // (The run directory's name is random, so this name cannot be prepared by anyone else.)
+    let default_audit = run_dir.with_extension("audit.jsonl");
     let (config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
     let rt = args.proxy.runtime()?;
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
@@ -211,26 +223,35 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
         .with_context(|| format!("cannot write {}", ca_bundle.display()))?;
 
     let code = match backend {
-        Backend::Vm(images, vmm) => vm_backend::run(
-            &rt,
-            vm_backend::VmRun {
-                images,
-                vmm,
-                run_dir,
-                uds: &uds,
-                home_disk: args.home_disk.clone(),
-                mem_mib: args.mem,
-                vcpus: args.vcpus,
-                boot_log: args.boot_log,
-                workspace: VmWorkspace {
-                    hostname: "workspace".into(),
-                    command: args.command.clone(),
-                    env: Vec::new(),
-                    ca_pem: std::fs::read_to_string(&ca_bundle)?,
-                    interactive: args.command.is_empty(),
+        Backend::Vm(images, vmm) => {
+            let (rows, cols) = vm_backend::terminal_size();
+            vm_backend::run(
+                &rt,
+                vm_backend::VmRun {
+                    images,
+                    vmm,
+                    run_dir,
+                    uds: &uds,
+                    home_disk: args.home_disk.clone(),
+                    mem_mib: args.mem,
+                    vcpus: args.vcpus,
+                    boot_log: args.boot_log,
+                    workspace: VmWorkspace {
+                        hostname: "workspace".into(),
+                        command: args.command.clone(),
+                        // The terminal the agent's shell will drive, and the language it speaks.
+                        env: ["TERM", "LANG", "COLORTERM"]
+                            .iter()
+                            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+                            .collect(),
+                        ca_pem: std::fs::read_to_string(&ca_bundle)?,
+                        interactive: std::io::IsTerminal::is_terminal(&std::io::stdin()),
+                        rows,
+                        cols,
+                    },
                 },
-            },
-        )?,
+            )?
+        }
         Backend::Namespace => {
             run_namespace(args, &rt, &proxy, &audit_socket, run_dir, &home, &ca_bundle)?
         }
@@ -260,6 +281,27 @@ fn run_namespace(
     ca_bundle: &std::path::Path,
 ) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot find the moat binary")?;
+    // Run by root, the workspace's root is host uid ROOT_RUN_ID (see moat-guest-init): the
+    // fresh default home is given to it; a --home must already be its (guest-init refuses
+    // any other).
+    if nix::unistd::Uid::effective().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let id = moat_guest_init::ROOT_RUN_ID;
+        eprintln!("moat: run as root: the workspace's root is host uid and gid {id}, not 0");
+        if args.home.is_none() {
+            std::os::unix::fs::chown(home, Some(id), Some(id))
+                .and_then(|()| {
+                    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700))
+                })
+                .with_context(|| format!("cannot give {} to the workspace", home.display()))?;
+        }
+    }
+    // guest-init hands the audit socket to the workspace's gid: it must be bound first (the
+    // proxy's flow socket is, once Proxy::start returns).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !audit_socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let mut child = Command::new(exe)
         .arg("__guest-init")
         .arg("--flow-socket")

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use moat_guest_init::control::{self, CONTROL_VSOCK_PORT, VmOutcome, VmWorkspace};
@@ -103,6 +104,31 @@ pub(crate) struct VmRun<'a> {
     pub(crate) workspace: VmWorkspace,
 }
 
+/// This terminal's size (rows, columns), or (0, 0) when stdin is not a terminal.
+pub(crate) fn terminal_size() -> (u16, u16) {
+    use std::os::fd::AsRawFd;
+    let mut ws = nix::libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which is valid for the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        nix::libc::ioctl(
+            std::io::stdin().as_raw_fd(),
+            nix::libc::TIOCGWINSZ,
+            std::ptr::addr_of_mut!(ws),
+        )
+    };
+    if rc == 0 {
+        (ws.ws_row, ws.ws_col)
+    } else {
+        (0, 0)
+    }
+}
+
 /// Creates a fresh, sparse ext4 home disk whose root directory belongs to the agent.
 fn make_home_disk(path: &Path, size_mib: u64) -> Result<()> {
     let id = moat_guest_init::vm::AGENT_ID;
@@ -161,6 +187,38 @@ async fn serve_control(
     }
 }
 
+/// The uid and gid moat-vmm's jail runs as when started by root (its default).
+const JAIL_ID: u32 = 65534;
+
+/// As root, the jailed VMM (uid and gid 65534) must reach the host-side sockets its guest
+/// connects to. The socket directory and the proxy's, the audit and the control sockets get
+/// the jail's group, with group access only: the jail may traverse the directory and connect,
+/// but neither rename nor remove anything. The run directory above stays 0700 root, so no one
+/// else on the host reaches them.
+fn hand_sockets_to_jail(uds: &Path, control: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = uds.parent().context("socket path without a directory")?;
+    let audit = moat_egress::port_path(uds, moat_guest_init::control::AUDIT_VSOCK_PORT);
+    // The audit socket is bound by its server task: give it a moment to appear.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !audit.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let egress = moat_egress::port_path(uds, moat_guest_init::control::EGRESS_VSOCK_PORT);
+    for (path, mode) in [
+        (dir, 0o710),
+        (egress.as_path(), 0o660),
+        (audit.as_path(), 0o660),
+        (control, 0o660),
+    ] {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(JAIL_ID)))
+            .map_err(std::io::Error::from)
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+            .with_context(|| format!("cannot hand {} to the VMM's jail", path.display()))?;
+    }
+    Ok(())
+}
+
 /// What moat-vmm's exit code means (vmm/src/exit.rs).
 fn vmm_exit_meaning(code: Option<i32>) -> &'static str {
     match code {
@@ -191,13 +249,21 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         tokio::net::UnixListener::bind(&control_path)
             .with_context(|| format!("cannot listen on {}", control_path.display()))?
     };
-    rt.spawn(serve_control(
+    let control = rt.spawn(serve_control(
         listener,
         run.workspace.clone(),
         Arc::clone(&outcome),
     ));
+    let jail_dir = run.run_dir.join("jail");
+    if nix::unistd::geteuid().is_root() {
+        hand_sockets_to_jail(run.uds, &control_path)?;
+    }
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     let mut cmd = Command::new(&run.vmm);
+    // The jail (vmm/README.md): moat-vmm opens the kernel, disks and its vsock listener, then
+    // lives in an empty read-only root holding only the socket directory, as an unprivileged
+    // uid (65534 when we are root; our own uid in a user namespace otherwise), under Landlock.
+    cmd.arg("--jail-dir").arg(&jail_dir);
     cmd.arg("--kernel")
         .arg(&run.images.kernel)
         .arg("--initrd")
@@ -215,24 +281,51 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         .arg("--block")
         .arg(&home)
         .arg("--rng");
+    if !run.workspace.interactive {
+        // A command without a terminal gets no console input (guest-init gives it /dev/null).
+        cmd.args(["--serial-in", "off"]);
+    }
+    // The VM dies with moat, whichever way moat ends: nothing in it may outlive its proxy.
+    // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
     tracing::debug!(?cmd, "starting moat-vmm");
     let mut vmm = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", run.vmm.display()))?;
-    // SIGTERM to moat stops the VM: nothing in it may outlive its egress proxy.
+    // SIGTERM to moat stops the VM: SIGTERM to moat-vmm first (it restores the terminal on
+    // its way out), SIGKILL after a grace period.
     let vmm_pid = nix::unistd::Pid::from_raw(i32::try_from(vmm.id()).unwrap_or(i32::MAX));
-    rt.spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return;
-        };
-        if term.recv().await.is_some() {
-            let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGKILL);
-        }
-    });
+    let terminated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let terminated = Arc::clone(&terminated);
+        rt.spawn(async move {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            if term.recv().await.is_some() {
+                terminated.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGTERM);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        });
+    }
     let status = vmm.wait()?;
+    // The outcome may still be on its way through the VMM's last vsock packets.
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), control).await });
     let reported = outcome.lock().ok().and_then(|mut o| o.take());
+    if reported.is_none() && terminated.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("moat: the workspace VM was stopped (SIGTERM)");
+        return Ok(143);
+    }
     match reported {
         Some(VmOutcome::Exited { code }) => Ok(code),
         Some(VmOutcome::Failed { error }) => {

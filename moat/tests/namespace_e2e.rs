@@ -2,7 +2,9 @@
 //! namespace -- <command>` runs curl, git and a shell inside the workspace; their traffic goes
 //! through the virtual DNS, the TUN device, the netstack, the flow header and the egress proxy
 //! to a TLS server on the host's loopback (rcgen test CA). Needs unprivileged user namespaces
-//! and /dev/net/tun (both present on our CI machines), curl, git and python3.
+//! and /dev/net/tun (both present on our CI machines), curl, git and python3. Run as root (as
+//! on our machines and CI), the `run_by_root_*` tests check that the workspace is then an
+//! unprivileged host uid; as anyone else they pass without checking anything.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -387,4 +389,189 @@ fn the_workspace_sees_only_its_own_processes_and_leaves_none_behind() {
         "left behind: {}",
         text(&leftover.stdout)
     );
+}
+
+/// Whether these tests run as the host's root: then the workspace's root must not be.
+fn host_root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        eprintln!("not root: the workspace maps the caller, nothing to check");
+    }
+    root
+}
+
+#[test]
+fn run_by_root_the_workspace_root_is_an_unprivileged_host_uid() {
+    use std::os::unix::fs::MetadataExt;
+    if !host_root() {
+        return;
+    }
+    let id = moat_guest_init::ROOT_RUN_ID;
+    let ws = Workspace::new();
+    let out = ws.run("cat /proc/self/uid_map /proc/self/gid_map; id -u; echo made > ~/made-inside");
+    let maps: Vec<Vec<String>> = text(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    let want = vec!["0".to_owned(), id.to_string(), "1".to_owned()];
+    assert_eq!(
+        maps,
+        [want.clone(), want, vec!["0".to_owned()]],
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    // What the agent creates is the mapped uid's on the host, not root's.
+    let made = std::fs::metadata(ws.home().join("made-inside")).unwrap();
+    assert_eq!((made.uid(), made.gid()), (id, id));
+}
+
+#[test]
+fn run_by_root_a_host_file_only_root_may_read_stays_unreadable_inside() {
+    use std::os::unix::fs::PermissionsExt;
+    if !host_root() {
+        return;
+    }
+    // Outside /tmp, /home, /root and /run: the workspace sees it in the host's read-only root.
+    let target_tmp = env!("CARGO_TARGET_TMPDIR");
+    let hidden = ["/tmp/", "/home/", "/root/", "/run/"];
+    let base = if hidden.iter().any(|h| target_tmp.starts_with(h)) {
+        "/var/tmp"
+    } else {
+        target_tmp
+    };
+    let dir = tempfile::tempdir_in(base).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = dir.path().join("root-only");
+    std::fs::write(&secret, "ROOT-ONLY-MARKER\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let ws = Workspace::new();
+    // And one in the agent's own home, bound writable into the workspace.
+    let in_home = ws.home().join("root-only");
+    std::fs::write(&in_home, "ROOT-ONLY-MARKER\n").unwrap();
+    std::fs::set_permissions(&in_home, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = ws.run(&format!(
+        "test -f {0} && echo visible; cat {0}; echo host=$?; cat ~/root-only; echo home=$?",
+        secret.display()
+    ));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("visible"), "{stdout}");
+    assert!(!stdout.contains("ROOT-ONLY-MARKER"), "{stdout}");
+    assert!(
+        stdout.contains("host=1") && stdout.contains("home=1"),
+        "{stdout}"
+    );
+    assert!(text(&out.stderr).contains("Permission denied"));
+}
+
+#[test]
+fn run_by_root_the_workspace_network_namespace_is_not_the_workspaces() {
+    if !host_root() {
+        return;
+    }
+    let ws = Workspace::new();
+    // NS_GET_USERNS: the user namespace that owns the network namespace is the host's, not
+    // the workspace's own, so nothing inside holds CAP_NET_ADMIN over its network. (The kernel
+    // answers EPERM for an owner outside the caller's user namespace.)
+    let out = ws.run(
+        "python3 -c \"import fcntl, os\n\
+         try: o = fcntl.ioctl(os.open('/proc/self/ns/net', os.O_RDONLY), 0xb701)\n\
+         except PermissionError: print('owner outside')\n\
+         else: print('owner', 'outside' if os.fstat(o).st_ino != os.stat('/proc/self/ns/user').st_ino else 'inside')\"",
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "owner outside\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn run_by_root_a_home_the_workspace_uid_does_not_own_is_refused() {
+    if !host_root() {
+        return;
+    }
+    let ws = Workspace::new();
+    std::os::unix::fs::chown(ws.home(), Some(0), Some(0)).unwrap();
+    let out = ws.run("echo started");
+    assert!(!out.status.success());
+    assert!(!text(&out.stdout).contains("started"));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("as the agent's home")
+            && stderr.contains(&moat_guest_init::ROOT_RUN_ID.to_string()),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn run_by_root_the_default_home_is_given_to_the_workspace_uid() {
+    if !host_root() {
+        return;
+    }
+    let ws = Workspace::new();
+    // The same command without --home: a fresh home in the run directory.
+    let with_home = ws.command("touch ~/made-inside && stat -c %u:%a ~ && echo home=ok");
+    let mut cmd = Command::new(with_home.get_program());
+    let mut args = with_home.get_args();
+    while let Some(arg) = args.next() {
+        if arg == "--home" {
+            args.next();
+        } else {
+            cmd.arg(arg);
+        }
+    }
+    let out = cmd.env("MOAT_LOG", "warn").output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "0:700\nhome=ok\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn run_by_root_the_run_directory_is_open_to_the_workspace_gid_only() {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    if !host_root() {
+        return;
+    }
+    let id = moat_guest_init::ROOT_RUN_ID;
+    let ws = Workspace::new();
+    let mut child = ws
+        .command("echo ready; sleep 30")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let run_dir = std::env::temp_dir().join(format!("moat-{}", child.id()));
+    let owner_mode = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    // Root's, the workspace's gid may only search it and connect to the two sockets.
+    let found = [
+        owner_mode(&run_dir),
+        owner_mode(&run_dir.join("vsock_1025")),
+        owner_mode(&run_dir.join("vsock_1026")),
+    ];
+    // Another host user reaches nothing in it.
+    let other = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(run_dir.join("resolv.conf"))
+        .output()
+        .unwrap();
+    // SIGTERM, so that `moat run` removes the run directory.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let _ = child.wait();
+    assert!(!run_dir.exists());
+    assert_eq!(found, [(0, id, 0o710), (0, id, 0o660), (0, id, 0o660)]);
+    assert!(!other.status.success());
+    assert!(text(&other.stderr).contains("Permission denied"));
 }

@@ -156,8 +156,9 @@ impl Resources {
 }
 
 /// Stdin for console input, duplicated (so the input thread owns a plain file), or `None` when
-/// input is off or (`auto`) stdin is closed. When stdin is a terminal it goes to raw mode
-/// here, before any thread exists (see [`crate::terminal`]).
+/// input is off or (`auto`) stdin is closed or cannot be polled (a regular file, `/dev/null`:
+/// epoll refuses those). When stdin is a terminal it goes to raw mode here, before any thread
+/// exists (see [`crate::terminal`]).
 fn console_input(toggle: Toggle) -> Result<Option<std::fs::File>, Error> {
     use std::os::fd::AsFd;
     if toggle == Toggle::Off {
@@ -168,8 +169,21 @@ fn console_input(toggle: Toggle) -> Result<Option<std::fs::File>, Error> {
         Err(_) if toggle == Toggle::Auto => return Ok(None),
         Err(e) => return Err(Error::ConsoleInput(e)),
     };
+    if toggle == Toggle::Auto && !pollable(&stdin) {
+        return Ok(None);
+    }
     crate::terminal::enter_raw_mode().map_err(Error::ConsoleInput)?;
     Ok(Some(stdin))
+}
+
+/// Whether epoll can watch `f`: a terminal, a pipe or a socket.
+fn pollable(f: &std::fs::File) -> bool {
+    use std::io::IsTerminal;
+    use std::os::unix::fs::FileTypeExt;
+    f.is_terminal()
+        || f.metadata()
+            .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+            .unwrap_or(false)
 }
 
 /// KVM memory slots set aside for mmapped BARs.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick]`: the egress proxy measured beside a direct loopback connection
+//! `cargo xtask bench [--quick] [--intercept-only]`: the egress proxy measured beside a direct loopback connection
 //! and squid (CONNECT, with the equivalent allowlist), in one run, interleaved, medians of 5.
 //!
 //! Setup (all on loopback, in a temporary directory): nginx serves HTTPS with an ECDSA P-256
@@ -39,6 +39,8 @@ struct Sizes {
     chunk_bytes: u64,
     keepalive_requests: usize,
     new_conns: usize,
+    /// Only the interception rows (`--intercept-only`): moat intercept, mitmproxy, direct.
+    intercept_only: bool,
 }
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
@@ -58,16 +60,21 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                     // Only this part: the caller runs the VMM part itself.
                     "egress",
                 ])
-                .args(args.iter().filter(|a| *a != "egress" && *a != "vmm")),
+                .args(
+                    args.iter()
+                        .filter(|a| *a != "egress" && *a != "vmm" && *a != "broker"),
+                ),
         );
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let intercept_only = args.iter().any(|a| a == "--intercept-only");
     let sizes = if quick {
         Sizes {
             bulk_bytes: 256 << 20,
             chunk_bytes: 4 << 20,
             keepalive_requests: 2000,
             new_conns: 100,
+            intercept_only,
         }
     } else {
         Sizes {
@@ -75,6 +82,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             chunk_bytes: 20 << 20,
             keepalive_requests: 5000,
             new_conns: 300,
+            intercept_only,
         }
     };
     for tool in ["nginx", "squid"] {
@@ -559,7 +567,12 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
         intercept: None,
     };
     // Warm up every path once (and prove each works) before measuring.
-    for p in Path3::ALL {
+    let passthrough_paths: &[Path3] = if sizes.intercept_only {
+        &[]
+    } else {
+        &Path3::ALL
+    };
+    for &p in passthrough_paths {
         new_conns(&env, p, 3)
             .await
             .with_context(|| format!("{} path does not work", p.name()))?;
@@ -598,7 +611,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     for row in &mut rows {
         row.samples = Path3::ALL.iter().map(|_| Vec::new()).collect();
     }
-    for rep in 0..REPS {
+    for rep in (0..REPS).filter(|_| !sizes.intercept_only) {
         eprintln!("xtask bench: round {}/{REPS}", rep + 1);
         for (i, p) in Path3::ALL.iter().enumerate() {
             let what = |w: &str| format!("{} path, {w}", p.name());
@@ -618,7 +631,11 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     drop((moat_proxy, squid));
     let mut env = env;
     let intercept_rows = intercept_rows(&mut env, dir, sizes).await?;
-    let ns_rows = netstack_rows(dir, plain_port, sizes)?;
+    let ns_rows = if sizes.intercept_only {
+        Vec::new()
+    } else {
+        netstack_rows(dir, plain_port, sizes)?
+    };
     drop(nginx);
 
     let mut table = String::new();
@@ -627,7 +644,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
         "| test | direct | moat | squid | moat CPU | squid CPU |\n| --- | --- | --- | --- | --- | --- |"
     );
     let mut json_rows = Vec::new();
-    for row in &rows {
+    for row in rows.iter().filter(|_| !sizes.intercept_only) {
         let rate = |i: usize| median(row.samples[i].iter().map(|s| s.units / s.secs).collect());
         let cpu = |i: usize| {
             median(
@@ -709,12 +726,18 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
         "new_conns": sizes.new_conns,
         "rows": json_rows,
     });
+    // A partial run never overwrites the full run's results.
+    let stem = if sizes.intercept_only {
+        "egress-intercept-latest"
+    } else {
+        "egress-latest"
+    };
     std::fs::write(
-        out_dir.join("egress-latest.json"),
+        out_dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&json)?,
     )?;
-    std::fs::write(out_dir.join("egress-latest.md"), &table)?;
-    eprintln!("xtask bench: wrote bench-results/egress-latest.json");
+    std::fs::write(out_dir.join(format!("{stem}.md")), &table)?;
+    eprintln!("xtask bench: wrote bench-results/{stem}.json");
     Ok(())
 }
 

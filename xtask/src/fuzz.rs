@@ -3,7 +3,8 @@
 //! Targets (fuzz/fuzz_targets): the flow header, the TLS ClientHello/SNI reader, the HTTP
 //! request-head reader, the policy profile parser, the virtual DNS (guest datagrams) and the
 //! host's parser of guest-init's process events, moat-vmm's virtio descriptor chains, vsock
-//! packets and block requests, and the per-request rules of intercepted flows. Seeds live in
+//! packets and block requests, the per-request rules of intercepted flows and their HTTP/1.1
+//! request framing. Seeds live in
 //! fuzz/seeds/<target>.
 //! The machine has only the stable toolchain; cargo-fuzz needs nightly flags, so this sets
 //! RUSTC_BOOTSTRAP=1 for the fuzz build only.
@@ -22,6 +23,7 @@ const TARGETS: &[&str] = &[
     "dns_query",
     "guest_event",
     "intercept_request",
+    "request_framing",
     "vmm_descriptor_chain",
     "vmm_vsock_packet",
     "vmm_block_request",

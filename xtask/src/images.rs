@@ -45,25 +45,20 @@ pub(crate) fn cache_dir() -> PathBuf {
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let what = args.first().map_or("all", String::as_str);
-    match what {
-        "kernel" => {
-            kernel()?;
-        }
-        "initramfs" => {
-            initramfs()?;
-        }
-        "rootfs" => {
-            rootfs()?;
-        }
-        "all" => {
-            kernel()?;
-            initramfs()?;
-            rootfs()?;
-        }
-        other => bail!("unknown image {other:?} (kernel, initramfs, rootfs or all)"),
+    let mut built: Vec<(&str, PathBuf)> = Vec::new();
+    if matches!(what, "kernel" | "all") {
+        built.push(("kernel", kernel()?.vmlinux));
     }
-    write_current()?;
-    Ok(())
+    if matches!(what, "initramfs" | "all") {
+        built.push(("initramfs", initramfs()?));
+    }
+    if matches!(what, "rootfs" | "all") {
+        built.push(("rootfs", rootfs()?));
+    }
+    if built.is_empty() {
+        bail!("unknown image {what:?} (kernel, initramfs, rootfs or all)");
+    }
+    write_current(&built)
 }
 
 /// The built kernel: the PVH ELF (what moat-vmm boots) and the bzImage.
@@ -166,6 +161,16 @@ pub(crate) fn kernel() -> Result<Kernel> {
     // The source tree is extracted and patched once per (package version, patches); the object
     // tree beside it survives config changes and interruptions (make is incremental).
     let work = cache.join("kernel-work");
+    std::fs::create_dir_all(&work)?;
+    // One kernel build at a time in the shared work tree (`cargo xtask test` beside `run-vm`).
+    let lock = std::fs::File::create(work.join("lock"))?;
+    if lock.try_lock().is_err() {
+        eprintln!("xtask images: waiting for another kernel build to finish");
+        lock.lock()?;
+        if kernel.vmlinux.exists() && kernel.bzimage.exists() {
+            return Ok(kernel);
+        }
+    }
     let src_key = format!("{version} {}", hex(&patch_hash.finalize()));
     let src = work.join("src");
     let src_stamp = work.join("src.stamp");
@@ -545,37 +550,26 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The newest image of a kind in the cache (by modification time), if any.
-fn newest(prefix: &str, suffix: &str) -> Option<PathBuf> {
-    std::fs::read_dir(cache_dir())
-        .ok()?
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with(prefix) && n.ends_with(suffix)
-        })
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .map(|e| e.path())
-}
-
-/// Writes `<cache>/current.toml`: the images `moat run --backend vm` boots.
-fn write_current() -> Result<()> {
+/// Updates `<cache>/current.toml`, the images `moat run --backend vm` boots: the ones this run
+/// built (or found cached), and for the others what the file already named.
+fn write_current(built: &[(&str, PathBuf)]) -> Result<()> {
+    let path = cache_dir().join("current.toml");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
     let mut text =
         String::from("# Written by `cargo xtask images`: the images moat's vm backend boots.\n");
-    let kernel = newest("kernel-", "")
-        .filter(|p| p.is_dir())
-        .map(|p| p.join("vmlinux"));
-    for (key, path) in [
-        ("kernel", kernel),
-        ("initramfs", newest("initramfs-", ".cpio")),
-        ("rootfs", newest("rootfs-", ".ext4")),
-    ] {
-        if let Some(p) = path.filter(|p| p.exists()) {
-            let _ = writeln!(text, "{key} = {:?}", p.display().to_string());
+    for key in ["kernel", "initramfs", "rootfs"] {
+        let line = built.iter().find(|(k, _)| *k == key).map_or_else(
+            || {
+                old.lines()
+                    .find(|l| l.starts_with(&format!("{key} = ")))
+                    .map(str::to_owned)
+            },
+            |(_, p)| Some(format!("{key} = {:?}", p.display().to_string())),
+        );
+        if let Some(line) = line {
+            let _ = writeln!(text, "{line}");
         }
     }
-    let path = cache_dir().join("current.toml");
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!("xtask images: {}", path.display());
     Ok(())

@@ -1,6 +1,7 @@
 //! `cargo xtask <verb>`: the one entry point for developers and CI. One file per verb.
 
 mod bench;
+mod broker;
 mod fuzz;
 mod images;
 mod run_vm;
@@ -16,10 +17,13 @@ const USAGE: &str = "usage: cargo xtask <verb>
 
 verbs:
   test              install the test tools (OCSF validator venv) and run every test
-  bench [--quick] [egress|vmm]
+  bench [--quick] [--intercept-only] [egress|vmm|broker]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
-                    (start-up, memory, vsock throughput); tables + JSON in bench-results/
+                    (start-up, memory, vsock throughput); tables + JSON in bench-results/;
+                    --intercept-only: only the interception rows; broker: session setup
+                    and throughput through broker and tunnel beside direct ssh, 1000
+                    sessions on one tunnel
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
   images [kernel|initramfs|rootfs|all]
                     build the VM images (cached in target/moat-images by a hash of their
@@ -38,12 +42,15 @@ fn main() -> Result<()> {
         "test" => test::run(rest),
         "bench" => {
             let only = |what: &str| rest.iter().any(|a| a == what);
-            let all = !only("egress") && !only("vmm");
+            let all = !only("egress") && !only("vmm") && !only("broker");
             if all || only("egress") {
                 bench::run(rest)?;
             }
             if all || only("vmm") {
                 vmm::bench()?;
+            }
+            if all || only("broker") {
+                broker::bench()?;
             }
             Ok(())
         }

@@ -2,7 +2,9 @@
 //! test in the workspace.
 //!
 //! The egress tests validate audit records with a published OCSF validator (Python packages
-//! pinned in egress/tests/ocsf/requirements.txt), installed into `.venv-ocsf` at the root.
+//! pinned in egress/tests/ocsf/requirements.txt), installed into `.venv-ocsf` at the root. The
+//! broker's end-to-end tests sign in at a real OIDC provider, installed from npm into
+//! broker/tests/oidc/node_modules.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -43,8 +45,27 @@ pub(crate) fn ocsf_venv() -> Result<PathBuf> {
     Ok(python)
 }
 
+/// Installs the broker tests' OpenID Connect provider (npm, pinned by its package-lock.json)
+/// into broker/tests/oidc/node_modules if it is missing.
+pub(crate) fn oidc_provider() -> Result<()> {
+    let dir = root().join("broker/tests/oidc");
+    if dir.join("node_modules/oidc-provider").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the test OIDC provider into {}",
+        dir.display()
+    );
+    run_cmd(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--silent"])
+            .current_dir(&dir),
+    )
+}
+
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let python = ocsf_venv()?;
+    oidc_provider()?;
     // The Linux boot tests (moat-vmm's, and the vm backend's) boot our kernel and initramfs:
     // built here, or found in the cache (the first build takes about 8 minutes on 2 cores).
     let kernel = crate::images::kernel()?;

@@ -3,6 +3,11 @@
 //! audited, and forwarded on a hyper client connection to the pinned upstream address (HTTP/2
 //! when the upstream's ALPN chose `h2`, else HTTP/1.1, where requests take turns). Bodies
 //! stream; nothing is buffered whole (except a JSON body whose model a route rewrites).
+//!
+//! The upstream connection comes from the pool (pool.rs) when one to the same name and pinned
+//! address is idle there, and goes back to it when the agent's connection ends cleanly. Reads
+//! under rustls on both sides are buffered (rustls reads at most 4 KiB at a time; the buffer
+//! turns a stream of small reads into one system call per `splice_buffer` bytes).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,22 +19,23 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use tokio::io::BufReader;
 use tokio::net::{TcpStream, UnixStream};
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use super::framing::{Followed, Head as Framed, Heads};
 use super::inject::{self, Refusal};
 use super::io::AgentIo;
+use super::pool::{Connection, PoolKey, Sender};
 use super::scan::{Found, ScanBody};
 use crate::Shared;
 use crate::audit::{FlowInfo, HttpEvent};
-use crate::outcome::Reason;
+use crate::outcome::{Blame, Reason};
 use crate::splice::Counters;
 
 /// Largest request head (request line and headers) accepted; more is answered 431.
@@ -40,7 +46,13 @@ pub const MAX_H2_STREAMS: u32 = 100;
 type Body = BoxBody<Bytes, hyper::Error>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request body on its way upstream: streamed (scanned), or rewritten whole.
-type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub(super) type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// The upstream's transport under TLS: TCP with buffered reads.
+type UpstreamIo = BufReader<TcpStream>;
+
+/// How long a finished flow waits for its upstream connection to be idle before pooling it
+/// (the connection's task may not yet have seen the last response end).
+const POOL_READY_WAIT: Duration = Duration::from_millis(100);
 
 /// Largest JSON body buffered to rewrite its model; a larger one is refused (413).
 pub const MAX_REWRITE_BODY: usize = 1024 * 1024;
@@ -59,6 +71,8 @@ pub(crate) struct Intercepted {
     pub(crate) upstream_addr: SocketAddr,
     /// A routed rule's model rewrite for JSON bodies.
     pub(crate) model: Option<String>,
+    /// The pool generation (policy) the flow was admitted under; connections it opens carry it.
+    pub(crate) generation: u64,
 }
 
 impl Intercepted {
@@ -66,46 +80,34 @@ impl Intercepted {
     fn routed(&self) -> bool {
         self.upstream_host != self.hostname || self.upstream_addr.port() != self.port
     }
-}
 
-/// The client side of the upstream connection, re-dialled to the same pinned address when the
-/// upstream closes it between requests.
-#[derive(Default)]
-struct Upstream {
-    sender: Option<Sender>,
-    driver: Option<JoinHandle<()>>,
-}
-
-/// The client side of one upstream connection: HTTP/2 when the upstream's ALPN chose `h2`
-/// (requests run concurrently), else HTTP/1.1 (one request at a time).
-enum Sender {
-    H1(SendRequest<UpBody>),
-    H2(hyper::client::conn::http2::SendRequest<UpBody>),
-}
-
-impl Sender {
-    async fn ready(&mut self) -> Result<(), hyper::Error> {
-        match self {
-            Sender::H1(s) => s.ready().await,
-            Sender::H2(s) => s.ready().await,
+    /// What the flow's upstream connections are pooled by.
+    fn pool_key(&self) -> PoolKey {
+        PoolKey {
+            host: self.upstream_host.clone(),
+            addr: self.upstream_addr,
         }
     }
 }
 
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        if let Some(d) = self.driver.take() {
-            d.abort();
-        }
-    }
+/// The upstream side of an admitted intercepted flow.
+pub(crate) enum Upstream {
+    /// A new TCP connection to the pinned address; TLS is still to be done.
+    Tcp(TcpStream),
+    /// An idle, verified connection from the pool, for the same name and pinned address.
+    Pooled(Connection),
 }
 
 struct Ctx {
     shared: Arc<Shared>,
     flow: Intercepted,
-    upstream: tokio::sync::Mutex<Upstream>,
+    /// The upstream connection, re-dialled to the same pinned address when the upstream
+    /// closes it between requests.
+    upstream: tokio::sync::Mutex<Option<Connection>>,
     /// The first reason a request was refused or failed, for the flow's Close record.
     first_problem: Mutex<Option<Reason>>,
+    /// HTTP/1.1: how each request head was framed as the agent sent it, in order.
+    heads: Arc<Heads>,
 }
 
 fn text(status: StatusCode, msg: String, close: bool) -> Response<Body> {
@@ -129,10 +131,11 @@ async fn tls_to_upstream(
     shared: &Shared,
     tcp: TcpStream,
     host: &str,
-) -> Result<TlsStream<TcpStream>, String> {
+) -> Result<TlsStream<UpstreamIo>, String> {
     let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::clone(&shared.upstream_tls));
-    match timeout(shared.limits.connect_timeout, connector.connect(name, tcp)).await {
+    let io = BufReader::with_capacity(shared.limits.splice_buffer, tcp);
+    match timeout(shared.limits.connect_timeout, connector.connect(name, io)).await {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("TLS handshake timed out".into()),
@@ -149,14 +152,22 @@ impl Ctx {
         p.get_or_insert(reason);
     }
 
-    /// The upstream sender, ready for a request; re-dials the pinned address if needed.
-    async fn ready(&self, up: &mut Upstream) -> Result<(), (Reason, String)> {
-        if let Some(sender) = up.sender.as_mut()
-            && sender.ready().await.is_ok()
+    /// The upstream connection, ready for a request; re-dials the pinned address if needed.
+    async fn ready<'a>(
+        &self,
+        up: &'a mut Option<Connection>,
+    ) -> Result<&'a mut Connection, (Reason, String)> {
+        if let Some(mut conn) = up.take()
+            && conn.sender.ready().await.is_ok()
         {
-            return Ok(());
+            return Ok(up.insert(conn));
         }
-        up.sender = None;
+        let conn = self.dial().await?;
+        Ok(up.insert(conn))
+    }
+
+    /// A new connection to the pinned address: TCP, verified TLS, HTTP.
+    async fn dial(&self) -> Result<Connection, (Reason, String)> {
         let addr = self.flow.upstream_addr;
         let tcp = match timeout(self.shared.limits.connect_timeout, TcpStream::connect(addr)).await
         {
@@ -168,42 +179,85 @@ impl Ctx {
         let tls = tls_to_upstream(&self.shared, tcp, &self.flow.upstream_host)
             .await
             .map_err(|e| (Reason::UpstreamTls, e))?;
-        self.attach(up, tls).await
+        attach(&self.flow, tls).await
     }
+}
 
-    async fn attach(
+/// Starts HTTP on a verified upstream TLS connection: HTTP/2 when its ALPN chose `h2`, else
+/// HTTP/1.1, driven by a task of its own.
+async fn attach(
+    flow: &Intercepted,
+    tls: TlsStream<UpstreamIo>,
+) -> Result<Connection, (Reason, String)> {
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let io = TokioIo::new(tls);
+    let (sender, driver) = if h2 {
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| (Reason::UpstreamError, e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        (Sender::H2(sender), driver)
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| (Reason::UpstreamError, e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        (Sender::H1(sender), driver)
+    };
+    Ok(Connection::new(
+        flow.pool_key(),
+        sender,
+        driver,
+        flow.generation,
+    ))
+}
+
+impl Ctx {
+    /// Sends `req` (HTTP/1.1 form) upstream and waits for the response head. A request the
+    /// connection gives back unsent (it closed first, as an idle connection may just as it is
+    /// reused) is sent once more, on a new connection: nothing of it left the proxy.
+    async fn forward(
         &self,
-        up: &mut Upstream,
-        tls: TlsStream<TcpStream>,
-    ) -> Result<(), (Reason, String)> {
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-        let io = TokioIo::new(tls);
-        let (sender, driver) = if h2 {
-            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(|e| (Reason::UpstreamError, e.to_string()))?;
-            let driver = tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
+        mut req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, (Reason, String)> {
+        let wait = self.shared.limits.idle_timeout;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut up = self.upstream.lock().await;
+            let conn = self.ready(&mut up).await?;
+            let sent = match &mut conn.sender {
+                // HTTP/1.1: one request at a time, holding the connection.
+                Sender::H1(sender) => timeout(wait, sender.try_send_request(req))
+                    .await
+                    .map(|r| Attempt::of(r, |req| req)),
+                // HTTP/2: streams run side by side; the lock is released first.
+                Sender::H2(sender) => {
+                    let mut sender = sender.clone();
+                    drop(up);
+                    let req = to_h2(req, &self.flow.upstream_host)?;
+                    timeout(wait, sender.try_send_request(req))
+                        .await
+                        .map(|r| Attempt::of(r, to_h1))
                 }
-            });
-            (Sender::H2(sender), driver)
-        } else {
-            let (sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| (Reason::UpstreamError, e.to_string()))?;
-            let driver = tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
+            };
+            match sent {
+                Ok(Attempt::Answered(resp)) => return Ok(resp),
+                Ok(Attempt::Unsent(unsent, _)) if attempts < 2 => req = unsent,
+                Ok(Attempt::Unsent(_, e) | Attempt::Failed(e)) => {
+                    return Err((Reason::UpstreamError, e.to_string()));
                 }
-            });
-            (Sender::H1(sender), driver)
-        };
-        if let Some(old) = up.driver.replace(driver) {
-            old.abort();
+                Err(_) => return Err((Reason::UpstreamError, "no response in time".into())),
+            }
         }
-        up.sender = Some(sender);
-        Ok(())
     }
 
     fn audit(
@@ -231,6 +285,19 @@ impl Ctx {
             secrets,
             bytes,
         });
+    }
+
+    /// Audits a body aborted for a misplaced placeholder after the upstream had answered
+    /// (`status` is what the agent was answered with; the body's rest was never sent).
+    fn refused_late(&self, head: &Head, status: StatusCode, name: &str) {
+        let reason = Reason::PlaceholderUnbound;
+        let detail = format!(
+            "placeholder of secret {name:?} in the body is not bound to this request; \
+             found after the upstream answered, the rest of the body was not sent"
+        );
+        tracing::debug!(flow = %self.flow.info.uid, %reason, %detail, "request body refused");
+        self.note(reason);
+        self.audit(head, status, Some(reason), Some(detail), Vec::new(), None);
     }
 
     fn refuse(&self, head: &Head, r: Refusal) -> Response<Body> {
@@ -265,6 +332,23 @@ impl Ctx {
                 _ => "HTTP/1.1",
             },
         };
+        // HTTP/1.1: one framing record per request, taken first whatever happens next.
+        if req.version() != Version::HTTP_2 {
+            let detail = match self.heads.next() {
+                Framed::Clean => None,
+                Framed::LengthAndChunked => Some("Content-Length together with Transfer-Encoding"),
+                Framed::DuplicateLength => Some("Content-Length given more than once"),
+                Framed::Lost => Some("the connection's request framing could not be followed"),
+            };
+            if let Some(detail) = detail {
+                let r = Refusal {
+                    status: StatusCode::BAD_REQUEST,
+                    reason: Reason::AmbiguousFraming,
+                    detail: detail.into(),
+                };
+                return self.refuse(&head, r);
+            }
+        }
         let (host, port) = (self.flow.hostname.as_str(), self.flow.port);
         let (mut parts, body) = req.into_parts();
         if let Err(r) = inject::check_authority(&parts.headers, &parts.uri, host, port) {
@@ -336,7 +420,7 @@ impl Ctx {
                 let bytes = match limited.collect().await {
                     Ok(c) => c.to_bytes(),
                     Err(e) => {
-                        let in_body = found.lock().ok().and_then(|f| f.clone());
+                        let in_body = found.name();
                         let r = match in_body {
                             Some(name) => Refusal {
                                 status: StatusCode::FORBIDDEN,
@@ -366,51 +450,17 @@ impl Ctx {
             }
             _ => body.boxed_unsync(),
         };
-        let wait = self.shared.limits.idle_timeout;
-        let answer = |r: Result<Result<Response<Incoming>, hyper::Error>, _>| match r {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err((Reason::UpstreamError, e.to_string())),
-            Err(_) => Err((Reason::UpstreamError, "no response in time".into())),
+        let sent = self.forward(Request::from_parts(parts, body)).await;
+        // A placeholder found from here on (the upstream answered before the body was all
+        // sent) aborts the rest of the body; it is audited as a refusal of its own.
+        let late = {
+            let (ctx, head) = (Arc::clone(&self), head.clone());
+            let status = sent
+                .as_ref()
+                .map_or(StatusCode::BAD_GATEWAY, Response::status);
+            Box::new(move |name: &str| ctx.refused_late(&head, status, name))
         };
-        let sent = {
-            let mut up = self.upstream.lock().await;
-            match self.ready(&mut up).await {
-                Err(e) => Err(e),
-                Ok(()) => match up.sender.as_mut() {
-                    None => Err((Reason::UpstreamError, "no upstream connection".into())),
-                    // HTTP/1.1: one request at a time, holding the connection.
-                    Some(Sender::H1(sender)) => {
-                        let req = Request::from_parts(parts, body);
-                        answer(timeout(wait, sender.send_request(req)).await)
-                    }
-                    // HTTP/2: streams run side by side; the lock is released first.
-                    Some(Sender::H2(sender)) => {
-                        let mut sender = sender.clone();
-                        drop(up);
-                        let authority = parts
-                            .headers
-                            .remove(http::header::HOST)
-                            .and_then(|h| h.to_str().ok().map(str::to_owned))
-                            .unwrap_or_else(|| host.to_owned());
-                        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                        match format!("https://{authority}{target}").parse() {
-                            Ok(uri) => {
-                                parts.uri = uri;
-                                parts.version = Version::HTTP_2;
-                                let req = Request::from_parts(parts, body);
-                                answer(timeout(wait, sender.send_request(req)).await)
-                            }
-                            Err(_) => Err((Reason::UpstreamError, "bad upstream URI".into())),
-                        }
-                    }
-                },
-            }
-        };
-        let in_body = match found.lock() {
-            Ok(f) => f.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        if let Some(name) = in_body {
+        if let Some(name) = found.look_or_report_later(late) {
             let r = Refusal {
                 status: StatusCode::FORBIDDEN,
                 reason: Reason::PlaceholderUnbound,
@@ -454,6 +504,64 @@ impl Ctx {
             }
         }
     }
+}
+
+/// What one attempt to send a request upstream came to.
+enum Attempt {
+    /// The response head arrived.
+    Answered(Response<Incoming>),
+    /// The connection gave the request back unsent (HTTP/1.1 form again).
+    Unsent(Request<UpBody>, hyper::Error),
+    /// It failed after (part of) the request was sent.
+    Failed(hyper::Error),
+}
+
+impl Attempt {
+    fn of(
+        sent: Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpBody>>>,
+        back: fn(Request<UpBody>) -> Request<UpBody>,
+    ) -> Self {
+        match sent {
+            Ok(resp) => Attempt::Answered(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Attempt::Unsent(back(req), e.into_error()),
+                None => Attempt::Failed(e.into_error()),
+            },
+        }
+    }
+}
+
+/// The HTTP/2 form of a request prepared for HTTP/1.1: its Host becomes the `:authority`.
+fn to_h2(req: Request<UpBody>, host: &str) -> Result<Request<UpBody>, (Reason, String)> {
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .headers
+        .remove(http::header::HOST)
+        .and_then(|h| h.to_str().ok().map(str::to_owned))
+        .unwrap_or_else(|| host.to_owned());
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = format!("https://{authority}{target}")
+        .parse()
+        .map_err(|_| (Reason::UpstreamError, "bad upstream URI".to_owned()))?;
+    parts.version = Version::HTTP_2;
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The HTTP/1.1 form of a request made by [`to_h2`].
+fn to_h1(req: Request<UpBody>) -> Request<UpBody> {
+    let (mut parts, body) = req.into_parts();
+    if let Some(authority) = parts.uri.authority()
+        && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .and_then(|pq| pq.as_str().parse().ok())
+        .unwrap_or_else(|| http::Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body)
 }
 
 fn is_json(headers: &http::HeaderMap) -> bool {
@@ -534,14 +642,30 @@ pub(crate) async fn serve(
     flow: Intercepted,
     agent: UnixStream,
     pending: Vec<u8>,
-    upstream: TcpStream,
+    upstream: Upstream,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) -> (Reason, Option<String>) {
-    // 1. Upstream TLS first: an upstream that does not verify fails the agent's handshake.
-    let up_tls = match tls_to_upstream(&shared, upstream, &flow.upstream_host).await {
-        Ok(tls) => tls,
-        Err(e) => return (Reason::UpstreamTls, Some(e)),
+    // 1. Upstream TLS first: an upstream that does not verify fails the agent's handshake. A
+    //    pooled connection was verified for this very name and address when it was opened.
+    let up = match upstream {
+        Upstream::Pooled(conn) => {
+            shared
+                .metrics
+                .upstream_reused
+                .fetch_add(1, Ordering::Relaxed);
+            conn
+        }
+        Upstream::Tcp(tcp) => {
+            let tls = match tls_to_upstream(&shared, tcp, &flow.upstream_host).await {
+                Ok(tls) => tls,
+                Err(e) => return (Reason::UpstreamTls, Some(e)),
+            };
+            match attach(&flow, tls).await {
+                Ok(conn) => conn,
+                Err((reason, detail)) => return (reason, Some(detail)),
+            }
+        }
     };
     // 2. The agent's TLS, with a leaf for the flow's hostname (already equal to the SNI).
     let config = match shared.ca.server_config(&flow.hostname) {
@@ -549,6 +673,7 @@ pub(crate) async fn serve(
         Err(e) => return (Reason::InterceptSetup, Some(crate::error_chain(&e))),
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let agent = BufReader::with_capacity(shared.limits.splice_buffer, agent);
     let agent = AgentIo::new(pending, agent, counters);
     let agent_tls = match timeout(shared.limits.sniff_timeout, acceptor.accept(agent)).await {
         Ok(Ok(tls)) => tls,
@@ -559,15 +684,10 @@ pub(crate) async fn serve(
     let ctx = Arc::new(Ctx {
         shared: Arc::clone(&shared),
         flow,
-        upstream: tokio::sync::Mutex::new(Upstream::default()),
+        upstream: tokio::sync::Mutex::new(Some(up)),
         first_problem: Mutex::new(None),
+        heads: Arc::default(),
     });
-    {
-        let mut up = ctx.upstream.lock().await;
-        if let Err((reason, detail)) = ctx.attach(&mut up, up_tls).await {
-            return (reason, Some(detail));
-        }
-    }
 
     // 3. HTTP/1.1 to the agent, every request through Ctx::handle.
     let service_ctx = Arc::clone(&ctx);
@@ -576,9 +696,9 @@ pub(crate) async fn serve(
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
     let h2 = agent_tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    let io = TokioIo::new(agent_tls);
     let conn = async {
         if h2 {
+            let io = TokioIo::new(agent_tls);
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(MAX_REQUEST_HEAD).unwrap_or(u32::MAX))
@@ -587,6 +707,7 @@ pub(crate) async fn serve(
                 .serve_connection(io, service)
                 .await
         } else {
+            let io = TokioIo::new(Followed::new(agent_tls, Arc::clone(&ctx.heads)));
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(shared.limits.idle_timeout)
@@ -614,7 +735,22 @@ pub(crate) async fn serve(
         Ok(p) => *p,
         Err(poisoned) => *poisoned.into_inner(),
     };
-    ctx.upstream.lock().await.sender = None;
+    // The upstream connection goes back to the pool unless the flow was cut or the upstream
+    // misbehaved; the pool takes it only if it is idle between messages and the policy it was
+    // opened under is still in force.
+    let revoked = matches!(ended, Some((Reason::Revoked, _)));
+    let upstream_failed = problem.is_some_and(|r| r.blame() == Blame::Upstream);
+    let conn = ctx.upstream.lock().await.take();
+    if let Some(mut conn) = conn
+        && !revoked
+        && !upstream_failed
+        && matches!(
+            timeout(POOL_READY_WAIT, conn.sender.ready()).await,
+            Ok(Ok(()))
+        )
+    {
+        shared.pool.put(conn);
+    }
     match (ended, problem) {
         (Some((Reason::Revoked, d)), _) => (Reason::Revoked, d),
         (_, Some(reason)) => (reason, None),

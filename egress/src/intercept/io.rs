@@ -1,6 +1,9 @@
 //! The agent's side of an intercepted flow as one stream: the bytes already read while
 //! sniffing (the ClientHello) are replayed first, then the flow stream; every byte is counted
 //! for the flow's Close record.
+//!
+//! Writes are vectored: rustls hands over every TLS record it has ready at once, and they
+//! leave in one `sendmsg`, not one system call (and one wake-up of the reader) per record.
 
 use std::io;
 use std::pin::Pin;
@@ -70,6 +73,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AgentIo<S> {
             this.counters.r#in.fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.counters.r#in.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

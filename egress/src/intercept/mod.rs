@@ -4,9 +4,11 @@
 //! address the flow was pinned to. Everything else stays passthrough.
 //!
 //! ```text
-//!  flow admitted (policy, SNI == flow hostname, resolved + classified address, connected)
+//!  flow admitted (policy, SNI == flow hostname, resolved + classified address, connected,
+//!  or an idle connection for the same name and address taken from pool.rs)
 //!    -> upstream TLS      verified: webpki roots + Config::upstream_roots; SNI = hostname
 //!    -> agent TLS         ca.rs: leaf minted for the hostname, ALPN h2 or http/1.1
+//!    -> HTTP/1.1 framing  framing.rs: each request head seen as sent (CL with TE refused)
 //!    -> HTTP server       hyper: HTTP/2, or HTTP/1.1 keep-alive, pipelining (in order),
 //!                         chunked; bounded heads
 //!    -> per request       inject.rs: authority, placeholders, credentials, hop-by-hop
@@ -15,23 +17,28 @@
 //!                         connection (re-dialled to the same address when the upstream closes
 //!                         it); bodies stream both ways
 //!    -> audit             one OCSF HTTP Activity record per request
+//!    -> flow end          pool.rs: the idle upstream connection kept for the next flow
 //! ```
 //!
 //! Invariants: a secret is only ever written into a request whose TLS SNI, pinned address and
 //! Host all name a host the secret is bound to; a placeholder for any other destination is
-//! refused; the CA key never leaves this process.
+//! refused; the CA key never leaves this process; a pooled upstream connection only ever
+//! carries requests for the name and address it was verified for, under the policy in force
+//! when it was opened.
 
 pub mod ca;
+pub mod framing;
 mod http;
 pub mod inject;
 mod io;
+pub(crate) mod pool;
 mod scan;
 
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 
-pub(crate) use self::http::{Intercepted, serve};
+pub(crate) use self::http::{Intercepted, Upstream, serve};
 
 /// A DER certificate (a trust anchor for upstreams).
 pub type Certificate = CertificateDer<'static>;
@@ -52,6 +59,25 @@ pub fn read_pem_certs(path: &std::path::Path) -> std::io::Result<Vec<Certificate
     Ok(certs)
 }
 
+/// The crypto provider of both TLS sides: ring, with the AES-128-GCM suites first. Every
+/// intercepted byte is decrypted and encrypted again, and AES-128 does ten rounds per block
+/// where AES-256 does fourteen; TLS 1.3's AES-128 suite also hashes with SHA-256, which the
+/// CPU accelerates, where AES-256's uses SHA-384. Both are TLS 1.3's recommended suites (RFC
+/// 8446, 9.1); the set offered and accepted is ring's default, only the order changes.
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    // Stable: otherwise the default order (TLS 1.3 first, then by strength) is kept.
+    provider.cipher_suites.sort_by_key(|suite| {
+        !matches!(
+            suite.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    Arc::new(provider)
+}
+
 /// The TLS client configuration for upstreams: the webpki roots plus `extra` trust anchors,
 /// ALPN h2 then http/1.1.
 pub fn upstream_tls_config(
@@ -63,12 +89,10 @@ pub fn upstream_tls_config(
         // A bundle's anchors are added one by one: a bad one is an error, never skipped.
         roots.add(cert.clone())?;
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -80,7 +104,7 @@ mod tests {
 
     #[test]
     fn pem_bundle_reads_back_the_workspace_ca() {
-        let ca = ca::WorkspaceCa::generate("t").unwrap();
+        let ca = ca::WorkspaceCa::generate("t", &[]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, ca.cert_pem()).unwrap();
@@ -96,8 +120,23 @@ mod tests {
     }
 
     #[test]
+    fn aes_128_gcm_is_preferred_and_no_suite_is_added_or_dropped() {
+        let ours = crypto_provider();
+        let default = rustls::crypto::ring::default_provider();
+        assert_eq!(
+            ours.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        let mut a: Vec<_> = ours.cipher_suites.iter().map(|s| s.suite()).collect();
+        let mut b: Vec<_> = default.cipher_suites.iter().map(|s| s.suite()).collect();
+        a.sort_by_key(|s| u16::from(*s));
+        b.sort_by_key(|s| u16::from(*s));
+        assert_eq!(a, b);
+    }
+
+    #[test]
     fn extra_roots_are_accepted_alongside_the_webpki_roots() {
-        let ca = ca::WorkspaceCa::generate("t").unwrap();
+        let ca = ca::WorkspaceCa::generate("t", &[]).unwrap();
         assert!(upstream_tls_config(&[ca.cert_der()]).is_ok());
     }
 }

@@ -19,8 +19,62 @@ use crate::secrets::{Secrets, contains};
 #[error("request body carries the placeholder of secret {0:?}, which is not bound to it")]
 pub(crate) struct PlaceholderInBody(pub(crate) String);
 
+/// Reports a placeholder found after the handler stopped looking (the secret's name).
+pub(crate) type Late = Box<dyn FnOnce(&str) + Send>;
+
+/// What the scanner found, shared with the request handler. Until the handler has the
+/// upstream's answer it looks here itself and refuses the request; from then on
+/// ([`Finding::look_or_report_later`]) a placeholder found is reported through the handler's
+/// [`Late`] callback, so a body refused after the upstream answered is audited too.
+#[derive(Default)]
+pub(crate) struct Finding {
+    state: Mutex<(Option<String>, Option<Late>)>,
+}
+
+impl Finding {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<String>, Option<Late>)> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The secret whose placeholder was found so far, if any.
+    pub(crate) fn name(&self) -> Option<String> {
+        self.lock().0.clone()
+    }
+
+    /// The secret whose placeholder was found so far; if none, `late` is called with the
+    /// name of the first one found from now on. One step, so nothing is found in between.
+    pub(crate) fn look_or_report_later(&self, late: Late) -> Option<String> {
+        let mut state = self.lock();
+        match &state.0 {
+            Some(name) => Some(name.clone()),
+            None => {
+                state.1 = Some(late);
+                None
+            }
+        }
+    }
+
+    fn found(&self, name: &str) {
+        let late = {
+            let mut state = self.lock();
+            if state.0.is_some() {
+                return;
+            }
+            state.0 = Some(name.to_owned());
+            state.1.take()
+        };
+        // Outside the lock: the report writes an audit record.
+        if let Some(late) = late {
+            late(name);
+        }
+    }
+}
+
 /// Where a refusal is reported back to the request handler.
-pub(crate) type Found = Arc<Mutex<Option<String>>>;
+pub(crate) type Found = Arc<Finding>;
 
 /// A request body that refuses to carry placeholders not bound to its request.
 pub(crate) struct ScanBody<B> {
@@ -63,20 +117,31 @@ impl<B> ScanBody<B> {
         }
     }
 
+    /// Scans the next `data` of the body. Only what can hold a placeholder split at the frame
+    /// boundary is copied: the kept tail (at most `keep` bytes) and as much of `data`; the
+    /// frame itself is searched in place.
     fn check(&mut self, data: &[u8]) -> Result<(), PlaceholderInBody> {
         if self.refused.is_empty() {
             return Ok(());
         }
-        let mut window = std::mem::take(&mut self.tail);
-        window.extend_from_slice(data);
-        if let Some((_, name)) = self.refused.iter().find(|(p, _)| contains(&window, p)) {
-            if let Ok(mut f) = self.found.lock() {
-                *f = Some(name.clone());
-            }
+        let head = &data[..data.len().min(self.keep)];
+        self.tail.extend_from_slice(head);
+        let found = self
+            .refused
+            .iter()
+            .find(|(p, _)| contains(&self.tail, p) || contains(data, p));
+        if let Some((_, name)) = found {
+            self.found.found(name);
             return Err(PlaceholderInBody(name.clone()));
         }
-        let from = window.len().saturating_sub(self.keep);
-        self.tail = window.split_off(from);
+        // Keep the last `keep` bytes of the body so far.
+        if data.len() >= self.keep {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - self.keep..]);
+        } else {
+            let excess = self.tail.len().saturating_sub(self.keep);
+            self.tail.drain(..excess);
+        }
         Ok(())
     }
 }
@@ -97,8 +162,7 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let data = data.clone();
-                    this.check(&data)?;
+                    this.check(data)?;
                     this.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     for (name, value) in trailers {
@@ -158,7 +222,19 @@ presentation = "x_api_key"
         assert!(s.check(b"{\"key\": \"sk-moat-pla").is_ok());
         assert!(s.check(b"c").is_ok());
         assert!(s.check(b"eholder-api\"}").is_err());
-        assert_eq!(s.found.lock().unwrap().as_deref(), Some("api"));
+        assert_eq!(s.found.name().as_deref(), Some("api"));
+    }
+
+    #[test]
+    fn placeholder_found_after_the_handler_looked_is_reported_once() {
+        let mut s = scanner(false);
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let r = Arc::clone(&reported);
+        let late: Late = Box::new(move |name| r.lock().unwrap().push(name.to_owned()));
+        assert_eq!(s.found.look_or_report_later(late), None);
+        assert!(s.check(b"sk-moat-placeholder-api").is_err());
+        assert!(s.check(b"sk-moat-placeholder-api").is_err());
+        assert_eq!(*reported.lock().unwrap(), vec!["api".to_owned()]);
     }
 
     #[test]
@@ -166,6 +242,25 @@ presentation = "x_api_key"
         let mut s = scanner(false);
         assert!(s.check(b"sk-moat-placeholder-ap").is_ok());
         assert!(s.check(b"I").is_ok());
+    }
+
+    #[test]
+    fn placeholder_inside_a_large_frame_is_found() {
+        let mut s = scanner(false);
+        let mut frame = vec![b'x'; 64 * 1024];
+        frame[40_000..40_023].copy_from_slice(b"sk-moat-placeholder-api");
+        assert!(s.check(b"prefix").is_ok());
+        assert!(s.check(&frame).is_err());
+    }
+
+    #[test]
+    fn placeholder_split_after_many_one_byte_frames_is_found() {
+        let mut s = scanner(false);
+        for b in b"noise sk-moat-placeholder-a" {
+            assert!(s.check(&[*b]).is_ok());
+        }
+        assert!(s.tail.len() <= s.keep);
+        assert!(s.check(b"pi").is_err());
     }
 
     #[test]

@@ -3,6 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod client;
+pub mod leak;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -18,6 +21,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixStream};
+
+pub use self::leak::Tapped;
+
+/// The guest's end of a flow stream (every byte it reads is captured for the secret scan).
+pub type GuestStream = Tapped<UnixStream>;
+/// A guest TLS connection through the proxy, captured above TLS.
+pub type GuestTls = Tapped<tokio_rustls::client::TlsStream<UnixStream>>;
 
 /// Names the test PKI's leaf certificate covers.
 pub const CERT_NAMES: &[&str] = &[
@@ -44,6 +54,30 @@ pub struct Seen {
     pub authorization: Vec<String>,
     pub x_api_key: Option<String>,
     pub body: Vec<u8>,
+    /// The upstream connection it arrived on (numbered from 1 in accept order), and the SNI
+    /// that connection's TLS session was opened with.
+    pub conn: usize,
+    pub sni: Option<String>,
+}
+
+impl Seen {
+    /// The host the request named (Host, or the HTTP/2 `:authority`), without its port.
+    pub fn named_host(&self) -> Option<String> {
+        let authority = match &self.host {
+            Some(h) => h.clone(),
+            None => self
+                .path
+                .parse::<http::Uri>()
+                .ok()?
+                .authority()?
+                .to_string(),
+        };
+        Some(
+            authority
+                .rsplit_once(':')
+                .map_or(authority.clone(), |(h, _)| h.to_owned()),
+        )
+    }
 }
 
 pub type SeenLog = Arc<std::sync::Mutex<Vec<Seen>>>;
@@ -69,20 +103,34 @@ pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
     let seen: SeenLog = Arc::default();
     let log = Arc::clone(&seen);
     tokio::spawn(async move {
+        let mut accepted = 0;
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            accepted += 1;
+            let conn = accepted;
             let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let sni = tls.get_ref().1.server_name().map(str::to_owned);
                 let service = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let log = Arc::clone(&log);
+                        let (log, sni) = (Arc::clone(&log), sni.clone());
                         async move {
                             let (parts, body) = req.into_parts();
+                            // `/early` answers at once and reads the body afterwards (an
+                            // upstream refusing an upload before it is whole does this).
+                            if parts.uri.path() == "/early" {
+                                tokio::spawn(body.collect());
+                                let resp = hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from("ok /early"))
+                                        .boxed(),
+                                );
+                                return Ok::<_, std::convert::Infallible>(resp);
+                            }
                             // A body that fails (the proxy aborted it) is never a request.
                             let Ok(body) = body.collect().await.map(|b| b.to_bytes().to_vec())
                             else {
@@ -111,6 +159,8 @@ pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
                                     .collect(),
                                 x_api_key: h("x-api-key"),
                                 body,
+                                conn,
+                                sni,
                             });
                             let reply = format!("ok {}", parts.uri.path());
                             let mut resp = hyper::Response::new(
@@ -414,7 +464,12 @@ impl TestProxy {
             .insert("cgnat.test", "100.64.1.1".parse().unwrap())
             .unwrap();
         let audit_path = dir.path().join("audit.jsonl");
-        let audit = Audit::to_file(&audit_path, "test-ws").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&audit_path)
+            .unwrap();
+        let audit = Audit::to_writer(Box::new(leak::TeeAudit(file)), "test-ws");
         let uds = dir.path().join("v.sock");
         let admin = dir.path().join("admin.sock");
         let config = Config {
@@ -458,19 +513,12 @@ impl TestProxy {
 
     /// A TLS connection to `host` on the recording upstream's port, through the proxy, from a
     /// client that trusts only the workspace CA (as the guest does once guest-init installed it).
-    pub async fn intercepted(
-        &self,
-        host: &str,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
+    pub async fn intercepted(&self, host: &str) -> std::io::Result<GuestTls> {
         self.intercepted_alpn(host, &[b"http/1.1"]).await
     }
 
     /// As [`Self::intercepted`], offering `alpn`.
-    pub async fn intercepted_alpn(
-        &self,
-        host: &str,
-        alpn: &[&[u8]],
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
+    pub async fn intercepted_alpn(&self, host: &str, alpn: &[&[u8]]) -> std::io::Result<GuestTls> {
         self.intercepted_at(host, self.http.port(), alpn).await
     }
 
@@ -480,8 +528,9 @@ impl TestProxy {
         host: &str,
         port: u16,
         alpn: &[&[u8]],
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
-        let stream = self.named(host, port).await;
+    ) -> std::io::Result<GuestTls> {
+        // The TLS bytes themselves are not captured; what the guest reads above TLS is.
+        let stream = self.named(host, port).await.0;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.proxy.ca_der()).unwrap();
         let mut config = rustls::ClientConfig::builder()
@@ -491,6 +540,7 @@ impl TestProxy {
         tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name(host), stream)
             .await
+            .map(Tapped)
     }
 
     /// What the recording upstream has seen so far.
@@ -499,7 +549,7 @@ impl TestProxy {
     }
 
     /// Opens a flow stream and writes a header for `host` (or an IP literal) and `port`.
-    pub async fn flow(&self, host: Option<&str>, addr: IpAddr, port: u16) -> UnixStream {
+    pub async fn flow(&self, host: Option<&str>, addr: IpAddr, port: u16) -> GuestStream {
         let mut s = UnixStream::connect(self.proxy.listen_path()).await.unwrap();
         let header = FlowHeader {
             flow_id: 7,
@@ -508,11 +558,11 @@ impl TestProxy {
             hostname: host.map(|h| Hostname::new(h).unwrap()),
         };
         s.write_all(&header.encode()).await.unwrap();
-        s
+        Tapped(s)
     }
 
     /// A named flow, with a fake guest address as the netstack would claim.
-    pub async fn named(&self, host: &str, port: u16) -> UnixStream {
+    pub async fn named(&self, host: &str, port: u16) -> GuestStream {
         self.flow(Some(host), "198.18.0.5".parse().unwrap(), port)
             .await
     }
@@ -564,6 +614,15 @@ impl TestProxy {
     }
 }
 
+impl Drop for TestProxy {
+    /// The suite-wide scan, over everything every test of this binary captured so far.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            leak::assert_no_leak();
+        }
+    }
+}
+
 pub fn write_signed(profile: &Path, text: &str, secret: &str) {
     let sig = signing::sign(text.as_bytes(), secret, "").unwrap();
     let mut sig_path = profile.as_os_str().to_owned();
@@ -575,9 +634,10 @@ pub fn write_signed(profile: &Path, text: &str, secret: &str) {
 
 /// A TLS client over the flow stream that trusts the test CA and sends `sni` (none for an IP).
 pub async fn tls_client(
-    stream: UnixStream,
+    stream: GuestStream,
     sni: ServerName<'static>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<UnixStream>> {
+) -> std::io::Result<GuestTls> {
+    let stream = stream.0;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki().ca.clone()).unwrap();
     let config = rustls::ClientConfig::builder()
@@ -586,6 +646,7 @@ pub async fn tls_client(
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(sni, stream)
         .await
+        .map(Tapped)
 }
 
 pub fn name(s: &str) -> ServerName<'static> {

@@ -41,7 +41,9 @@ import sys
 SCHEMA_VERSION = "1.8.0"
 # The classes moat writes: egress flows, intercepted HTTP requests, and process events
 # reported by guest-init.
-CLASSES = {4001: "network_activity", 4002: "http_activity", 1007: "process_activity"}
+CLASSES = {4001: "network_activity", 4002: "http_activity", 1007: "process_activity",
+           # The access broker: sign-ins and remote sessions.
+           3002: "authentication", 4007: "ssh_activity"}
 OTHER_ID = 99  # OCSF "Other": the sibling caption is source specific.
 
 USAGE = "usage: python3 validate.py FILE.jsonl   (or '-' for stdin)"

@@ -162,6 +162,12 @@ impl Workspace {
         std::fs::write(dir.path().join("policy.toml.minisig"), sig).unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
+        // Run by root, the namespace backend's agent is host uid ROOT_RUN_ID, and a --home
+        // must be that uid's.
+        if backend == "namespace" && nix::unistd::Uid::effective().is_root() {
+            let id = moat_guest_init::ROOT_RUN_ID;
+            std::os::unix::fs::chown(&home, Some(id), Some(id)).unwrap();
+        }
         std::fs::write(dir.path().join("ca.pem"), &upstream.ca_pem).unwrap();
         Workspace {
             dir,

@@ -1,0 +1,119 @@
+//! The admin API, on a Unix socket (mode 0600: filesystem permission is the access control).
+//!
+//! | request | what |
+//! | --- | --- |
+//! | `POST /v1/revoke` `{"session": id}` \| `{"person": sub}` \| `{"workspace": name}` | ends the matching live sessions at once (their relays are cancelled); a person or workspace stays revoked, and a workspace's tunnel is dropped |
+//! | `GET /v1/sessions` | the live sessions |
+//! | `GET /v1/tunnels` | the connected workspaces |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Broker;
+use crate::session::Target;
+
+const MAX_BODY: usize = 4096;
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Serves the admin socket until `shutdown`.
+pub async fn serve(broker: Arc<Broker>, listener: UnixListener, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let broker = Arc::clone(&broker);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let broker = Arc::clone(&broker);
+                async move { Ok::<_, std::convert::Infallible>(handle(&broker, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(broker: &Broker, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method().clone(), req.uri().path()) {
+        (Method::POST, "/v1/revoke") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return reply(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        json!({"error": "body too large"}),
+                    );
+                }
+            };
+            match serde_json::from_slice::<Target>(&body) {
+                Ok(target) => revoke(broker, &target),
+                Err(e) => reply(StatusCode::BAD_REQUEST, json!({ "error": e.to_string() })),
+            }
+        }
+        (Method::GET, "/v1/sessions") => reply(StatusCode::OK, json!(broker.sessions.list())),
+        (Method::GET, "/v1/tunnels") => {
+            reply(StatusCode::OK, json!({ "connected": broker.tunnels.len() }))
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            json!({ "error": "no such endpoint" }),
+        ),
+    }
+}
+
+/// Revokes `target` and says what ended.
+pub fn revoke(broker: &Broker, target: &Target) -> Response<Full<Bytes>> {
+    let ended = match broker.sessions.revoke(target) {
+        Ok(ended) => ended,
+        Err(e) => {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({ "error": format!("cannot persist the revocation: {e}") }),
+            );
+        }
+    };
+    for session in &ended {
+        broker.audit.logoff(session, "revoked by an administrator");
+    }
+    let tunnel_dropped = match target {
+        Target::Workspace(ws) => {
+            broker.egress.disconnect(ws);
+            broker.tunnels.disconnect(ws)
+        }
+        _ => false,
+    };
+    tracing::info!(?target, sessions = ended.len(), tunnel_dropped, "revoked");
+    reply(
+        StatusCode::OK,
+        json!({
+            "sessions_ended": ended.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+            "tunnel_dropped": tunnel_dropped,
+        }),
+    )
+}

@@ -1,0 +1,358 @@
+//! The broker's configuration file (TOML), parsed once at start and refused if it names anything
+//! unknown.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid configuration.
+    #[error("invalid configuration {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A workspace's name: 1 to 63 of `a-z`, `0-9` and `-`, not starting with `-`. It appears in
+/// certificates, URLs and audit records, so it is parsed once, here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkspaceName(String);
+
+impl WorkspaceName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for WorkspaceName {
+    type Error = ConfigError;
+    fn try_from(s: &str) -> Result<Self, ConfigError> {
+        let ok = (1..=63).contains(&s.len())
+            && !s.starts_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(WorkspaceName(s.to_owned()))
+        } else {
+            Err(ConfigError::Invalid(format!(
+                "{s:?} is not a workspace name (1-63 of a-z, 0-9, '-')"
+            )))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkspaceName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        WorkspaceName::try_from(s.as_str()).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A corporate service's name, with the same rules as a workspace's: what a workspace asks the
+/// broker for instead of an address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for ServiceName {
+    type Error = ConfigError;
+    fn try_from(s: &str) -> Result<Self, ConfigError> {
+        WorkspaceName::try_from(s)
+            .map(|n| ServiceName(n.0))
+            .map_err(|_| ConfigError::Invalid(format!("{s:?} is not a service name")))
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ServiceName::try_from(s.as_str()).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl serde::Serialize for WorkspaceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl fmt::Display for WorkspaceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where people's clients connect (HTTPS).
+    pub listen: SocketAddr,
+    /// Where workspaces' host sides connect their tunnels (TLS with a workspace certificate).
+    pub tunnel_listen: SocketAddr,
+    /// The broker's base URL as people's browsers reach it (the OIDC redirect goes there).
+    pub public_url: String,
+    /// DNS names and IP addresses in the broker's TLS server certificate.
+    pub server_names: Vec<String>,
+    /// Keys and CAs (created on first start, mode 0700).
+    pub state_dir: PathBuf,
+    /// The admin API's Unix socket (mode 0600: whoever can open it may revoke).
+    pub admin_socket: PathBuf,
+    /// OCSF JSON Lines audit log; standard output if absent.
+    pub audit: Option<PathBuf>,
+    /// Session lifetime in seconds (60 to 43200). Also the bound on how long losing an
+    /// entitlement at the identity provider can take to end access: sessions are never renewed.
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl_secs: u64,
+    /// The identity provider.
+    pub oidc: OidcConfig,
+    /// The workspaces people may reach, and who may reach them.
+    #[serde(default)]
+    pub workspaces: Vec<WorkspaceConfig>,
+    /// Corporate services workspaces may reach through the broker (and no other way).
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One corporate service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Its name, as workspaces ask for it.
+    pub name: ServiceName,
+    /// Where the broker connects: `host:port`, resolved by the broker.
+    pub address: String,
+}
+
+fn default_session_ttl() -> u64 {
+    900
+}
+
+/// The OpenID Connect provider and the broker's client registration there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer, exactly as in its discovery document and its ID tokens (https only).
+    pub issuer: String,
+    /// The broker's client id.
+    pub client_id: String,
+    /// A file holding the client secret (never in this file).
+    pub client_secret_file: PathBuf,
+    /// Extra trust anchors (PEM) for the provider's TLS, besides the Web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// The claim that lists a person's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// ID token signature algorithms accepted; asymmetric only (RS256, RS384, RS512, PS256,
+    /// PS384, PS512, ES256, ES384, EdDSA).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+}
+
+fn default_groups_claim() -> String {
+    "groups".to_owned()
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".to_owned(), "ES256".to_owned()]
+}
+
+/// One workspace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceConfig {
+    /// Its name (also the CN of its tunnel certificate).
+    pub name: WorkspaceName,
+    /// Members of any of these groups may reach it.
+    pub groups: Vec<String>,
+    /// The account people log into over SSH (the certificate's only principal).
+    #[serde(default = "default_ssh_user")]
+    pub ssh_user: String,
+    /// The vsock port the workspace's sshd answers on.
+    #[serde(default = "default_ssh_port")]
+    pub ssh_port: u32,
+    /// The corporate services this workspace may reach (names from `[[services]]`).
+    #[serde(default)]
+    pub services: Vec<ServiceName>,
+}
+
+fn default_ssh_user() -> String {
+    "agent".to_owned()
+}
+
+fn default_ssh_port() -> u32 {
+    22
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !(60..=43_200).contains(&self.session_ttl_secs) {
+            return Err(ConfigError::Invalid(
+                "session_ttl_secs must be between 60 and 43200".into(),
+            ));
+        }
+        if !self.oidc.issuer.starts_with("https://") {
+            return Err(ConfigError::Invalid(
+                "oidc.issuer must be an https URL".into(),
+            ));
+        }
+        if !self.public_url.starts_with("https://") {
+            return Err(ConfigError::Invalid(
+                "public_url must be an https URL".into(),
+            ));
+        }
+        let mut names: Vec<&WorkspaceName> = self.workspaces.iter().map(|w| &w.name).collect();
+        names.sort();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid("a workspace is listed twice".into()));
+        }
+        for service in &self.services {
+            let port = service
+                .address
+                .rsplit_once(':')
+                .map(|(_, p)| p.parse::<u16>());
+            if !matches!(port, Some(Ok(p)) if p != 0) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {}: address {:?} is not host:port",
+                    service.name, service.address
+                )));
+            }
+        }
+        for ws in &self.workspaces {
+            if let Some(s) = ws.services.iter().find(|s| self.service(s).is_none()) {
+                return Err(ConfigError::Invalid(format!(
+                    "workspace {} names service {s}, which is not configured",
+                    ws.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The service called `name`, if configured.
+    pub fn service(&self, name: &ServiceName) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| &s.name == name)
+    }
+
+    /// The workspace called `name`, if configured.
+    pub fn workspace(&self, name: &WorkspaceName) -> Option<&WorkspaceConfig> {
+        self.workspaces.iter().find(|w| &w.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const BASE: &str = r#"
+listen = "127.0.0.1:8443"
+tunnel_listen = "127.0.0.1:8444"
+public_url = "https://broker.test"
+server_names = ["broker.test"]
+state_dir = "/var/lib/moat-broker"
+admin_socket = "/run/moat-broker/admin.sock"
+
+[oidc]
+issuer = "https://idp.test"
+client_id = "moat-broker"
+client_secret_file = "/etc/moat-broker/secret"
+"#;
+
+    /// `BASE` with `top` (top-level keys) before it and `tables` after it.
+    fn parse_with(top: &str, tables: &str) -> Result<Config, String> {
+        let config: Config =
+            toml::from_str(&format!("{top}{BASE}{tables}")).map_err(|e| e.to_string())?;
+        config.check().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    fn parse(tables: &str) -> Result<Config, String> {
+        parse_with("", tables)
+    }
+
+    #[test]
+    fn a_workspace_may_list_only_configured_services() {
+        let err =
+            parse("[[workspaces]]\nname = \"ws1\"\ngroups = [\"eng\"]\nservices = [\"git\"]\n");
+        assert!(err.unwrap_err().contains("names service git"));
+    }
+
+    #[test]
+    fn a_service_address_needs_a_port() {
+        let err = parse("[[services]]\nname = \"git\"\naddress = \"git.corp\"\n");
+        assert!(err.unwrap_err().contains("is not host:port"));
+    }
+
+    #[test]
+    fn workspace_names_are_refused_unless_lowercase_letters_digits_and_dashes() {
+        for bad in ["", "-ws", "WS1", "ws_1", "ws/1", &"a".repeat(64)] {
+            assert!(WorkspaceName::try_from(bad).is_err(), "{bad:?}");
+        }
+        assert!(WorkspaceName::try_from("ws-1").is_ok());
+    }
+
+    #[test]
+    fn an_http_issuer_is_refused() {
+        let config: Config =
+            toml::from_str(&BASE.replace("https://idp.test", "http://idp.test")).unwrap();
+        assert!(config.check().is_err());
+    }
+
+    #[test]
+    fn sessions_last_between_a_minute_and_twelve_hours() {
+        let ttl = |secs: u32| parse_with(&format!("session_ttl_secs = {secs}\n"), "");
+        assert!(ttl(59).unwrap_err().contains("between 60 and 43200"));
+        assert!(ttl(43_201).unwrap_err().contains("between 60 and 43200"));
+        assert_eq!(ttl(900).unwrap().session_ttl_secs, 900);
+    }
+}

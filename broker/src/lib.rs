@@ -1,0 +1,57 @@
+//! moat's trusted access broker: the one trust boundary between people and workspaces.
+//!
+//! ```text
+//!  person                           broker (this crate)                  workspace host
+//!  moat login ── HTTPS ──▶ api.rs ──▶ oidc.rs (code + PKCE, ID token) ──▶ session.rs
+//!  moat ssh  ─── HTTPS upgrade ──▶ api.rs: session? entitled? ──┐
+//!                                                               ▼
+//!                       tunnel/registry.rs ◀── TLS (workspace cert) + HTTP/2 ── tunnel/connector.rs
+//!                       one CONNECT stream per session ─────────────────────▶ vsock.rs: `CONNECT 22`
+//!                                                                              ▶ sshd in the workspace
+//!  admin (Unix socket) ──▶ admin.rs: revoke session | person | workspace ──▶ cancel live relays
+//!
+//!  workspace host's egress ── TLS (workspace cert, ALPN moat-egress) + HTTP/2 ──▶ corporate.rs
+//!      CONNECT <service>:<port> ──▶ only services listed for that workspace ──▶ corporate network
+//! ```
+//!
+//! Invariants:
+//! - No local user database: a person exists only as the `sub` of an ID token that passed
+//!   [`oidc::IdTokenValidator`] (issuer, audience, expiry, nonce, allow-listed asymmetric
+//!   algorithm, a key from the provider's JWKS). Group claims decide which workspaces they reach.
+//! - A session is short-lived, bound to one person and one workspace, known to the client only as
+//!   an opaque bearer token (the broker keeps its SHA-256, never the token).
+//! - Nothing reaches a workspace except through its tunnel, which the workspace's host side dials
+//!   out with a client certificate from the broker's workspace CA. Every relayed stream belongs to
+//!   a live session; revoking the session, the person or the workspace cancels it at once.
+//! - A workspace reaches the corporate network only through [`corporate`], by service name, and
+//!   only the services its configuration lists.
+//! - Every sign-in, every remote session and every corporate flow is audited as OCSF JSON Lines
+//!   ([`audit`]); no record holds a token, a code or a key.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod audit;
+pub mod client;
+pub mod config;
+pub mod corporate;
+pub mod https;
+pub mod oidc;
+pub mod pki;
+pub mod server;
+pub mod session;
+pub mod ssh_ca;
+pub mod tunnel;
+
+/// `outer: cause: root cause`, the one way errors are printed.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

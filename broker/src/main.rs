@@ -1,0 +1,289 @@
+//! `moat-broker`: the trusted access broker service, the workspace host's tunnel connector, and
+//! the admin commands. Thin: every command is a call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use moat_broker::audit::Audit;
+use moat_broker::client::admin_request;
+use moat_broker::config::{Config, WorkspaceName};
+use moat_broker::pki::Pki;
+use moat_broker::server::Broker;
+use moat_broker::session::Target;
+use moat_broker::ssh_ca::SshCa;
+use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
+use tokio_util::sync::CancellationToken;
+
+/// moat's trusted access broker.
+#[derive(Debug, Parser)]
+#[command(name = "moat-broker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve {
+        /// The configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Issue a workspace's tunnel identity (certificate, key and the broker's CA) into a directory.
+    Enrol {
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write `<workspace>.crt`, `<workspace>.key` and `broker-ca.pem`.
+        #[arg(long)]
+        out: PathBuf,
+        /// The workspace.
+        workspace: String,
+    },
+    /// Print the SSH user CA's public key (for the workspace sshd's TrustedUserCAKeys).
+    SshCa {
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The workspace host's side: keep the tunnel to the broker up and connect its streams to the
+    /// workspace's vsock socket.
+    Connect {
+        /// The broker's tunnel listener, host:port.
+        #[arg(long)]
+        broker: String,
+        /// The broker's TLS name (default: the host part of --broker).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// The workspace's certificate (PEM), from `enrol`.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// The broker's CA (PEM), from `enrol`.
+        #[arg(long)]
+        broker_ca: PathBuf,
+        /// The workspace's vsock Unix socket.
+        #[arg(long)]
+        uds: PathBuf,
+        /// Guest ports the broker may open.
+        #[arg(long = "port", default_value = "22")]
+        ports: Vec<u32>,
+        /// A Unix socket where this host's egress proxy asks for corporate services.
+        #[arg(long)]
+        egress_uds: Option<PathBuf>,
+    },
+    /// Revoke a session, a person or a workspace (live sessions drop at once).
+    Revoke {
+        /// The admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+        /// A session id.
+        #[arg(long, group = "what")]
+        session: Option<String>,
+        /// A person (their OIDC subject).
+        #[arg(long, group = "what")]
+        person: Option<String>,
+        /// A workspace.
+        #[arg(long, group = "what")]
+        workspace: Option<String>,
+    },
+    /// List live sessions.
+    Sessions {
+        /// The admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", moat_broker::error_chain(e.as_ref()));
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => serve(Config::load(&config)?).await,
+        Command::Enrol {
+            config,
+            out,
+            workspace,
+        } => {
+            let config = Config::load(&config)?;
+            let workspace = WorkspaceName::try_from(workspace.as_str())?;
+            let pki = Pki::load_or_create(&config.state_dir, &config.server_names)?;
+            let enrolment = pki.enrol(&workspace)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let key = out.join(format!("{workspace}.key"));
+            write_secret(&key, enrolment.key_pem.as_bytes())?;
+            std::fs::write(out.join(format!("{workspace}.crt")), enrolment.cert_pem)?;
+            std::fs::write(out.join("broker-ca.pem"), enrolment.broker_ca_pem)?;
+            println!("enrolled {workspace}: {}", out.display());
+            Ok(())
+        }
+        Command::SshCa { config } => {
+            let config = Config::load(&config)?;
+            std::fs::create_dir_all(&config.state_dir)?;
+            let ca = SshCa::load_or_create(&config.state_dir.join("ssh-user-ca"))?;
+            println!("{}", ca.public_key_line());
+            Ok(())
+        }
+        Command::Connect {
+            broker,
+            server_name,
+            cert,
+            key,
+            broker_ca,
+            uds,
+            ports,
+            egress_uds,
+        } => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let server_name = server_name.unwrap_or_else(|| {
+                broker
+                    .rsplit_once(':')
+                    .map_or(broker.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned()
+            });
+            let connector = Connector::new(ConnectorConfig {
+                broker,
+                server_name,
+                cert_pem: read(&cert)?,
+                key_pem: read(&key)?,
+                broker_ca_pem: read(&broker_ca)?,
+                uds,
+                ports,
+                egress_uds,
+            })?;
+            let shutdown = CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                stop.cancel();
+            });
+            connector.run(shutdown).await;
+            Ok(())
+        }
+        Command::Revoke {
+            admin,
+            session,
+            person,
+            workspace,
+        } => {
+            let target = match (session, person, workspace) {
+                (Some(s), None, None) => Target::Session(s),
+                (None, Some(p), None) => Target::Person(p),
+                (None, None, Some(w)) => Target::Workspace(WorkspaceName::try_from(w.as_str())?),
+                _ => anyhow::bail!("name exactly one of --session, --person, --workspace"),
+            };
+            let answer = admin_request(
+                &admin,
+                http::Method::POST,
+                "/v1/revoke",
+                Some(serde_json::to_value(&target)?),
+            )
+            .await?;
+            println!("{answer}");
+            Ok(())
+        }
+        Command::Sessions { admin } => {
+            let answer = admin_request(&admin, http::Method::GET, "/v1/sessions", None).await?;
+            println!("{answer}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let audit = match &config.audit {
+        Some(path) => {
+            Audit::to_file(path).with_context(|| format!("opening {}", path.display()))?
+        }
+        None => Audit::to_writer(Box::new(std::io::stdout())),
+    };
+    let api = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let tunnel = tokio::net::TcpListener::bind(config.tunnel_listen)
+        .await
+        .with_context(|| format!("binding {}", config.tunnel_listen))?;
+    let admin = bind_admin(&config.admin_socket)?;
+    let broker = Broker::new(config, audit).await?;
+    tracing::info!(
+        api = %broker.config.listen,
+        tunnels = %broker.config.tunnel_listen,
+        admin = %broker.config.admin_socket.display(),
+        "moat-broker serving"
+    );
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+    });
+    broker.serve(api, tunnel, admin, shutdown).await?;
+    Ok(())
+}
+
+/// Binds the admin socket with mode 0600, in a directory created 0700 if it is missing (so the
+/// socket is never reachable by others, even between bind and chmod).
+fn bind_admin(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn write_secret(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! The host side's last hop: Firecracker's vsock convention on a Unix socket. The host connects
+//! to the workspace's `<uds>`, writes `CONNECT <port>\n`, and reads `OK <n>\n`; after that the
+//! stream is the guest port's. The namespace backend serves the same convention on a Unix socket.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// How long the guest may take to accept.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest acknowledgement line read (`OK 4294967295\n` is 14 bytes).
+const MAX_ACK: usize = 32;
+
+/// Errors connecting to a guest port.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The Unix socket could not be reached.
+    #[error("cannot connect to the workspace socket {path}")]
+    Connect {
+        /// The socket.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handshake failed on the wire.
+    #[error("vsock handshake failed")]
+    Io(#[source] std::io::Error),
+    /// The guest did not answer `OK` (nothing listens on the port).
+    #[error("the workspace refused port {0}")]
+    Refused(u32),
+    /// No answer in time.
+    #[error("the workspace did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Connects to guest `port` through the vsock Unix socket at `uds`.
+pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, VsockError> {
+    let mut stream = UnixStream::connect(uds)
+        .await
+        .map_err(|source| VsockError::Connect {
+            path: uds.display().to_string(),
+            source,
+        })?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, port))
+        .await
+        .map_err(|_| VsockError::Timeout(HANDSHAKE_TIMEOUT))??;
+    Ok(stream)
+}
+
+async fn handshake(stream: &mut UnixStream, port: u32) -> Result<(), VsockError> {
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(VsockError::Io)?;
+    // One byte at a time: the guest may start talking right after the newline (an SSH banner),
+    // and those bytes belong to the stream, not to us.
+    let mut line = Vec::with_capacity(MAX_ACK);
+    loop {
+        let byte = stream.read_u8().await.map_err(VsockError::Io)?;
+        if byte == b'\n' {
+            break;
+        }
+        if line.len() == MAX_ACK {
+            return Err(VsockError::Refused(port));
+        }
+        line.push(byte);
+    }
+    if line.starts_with(b"OK ") {
+        Ok(())
+    } else {
+        Err(VsockError::Refused(port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use tokio::io::AsyncBufReadExt;
+
+    /// A guest that answers `reply` to the CONNECT line, then writes `after`.
+    async fn guest(
+        reply: &'static [u8],
+        after: &'static [u8],
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            assert_eq!(line, "CONNECT 22\n");
+            stream.get_mut().write_all(reply).await.unwrap();
+            stream.get_mut().write_all(after).await.unwrap();
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn the_bytes_after_ok_belong_to_the_stream() {
+        let (_dir, path) = guest(b"OK 1073741824\n", b"SSH-2.0-x\r\n").await;
+        let mut stream = connect(&path, 22).await.unwrap();
+        let mut banner = String::new();
+        stream.read_to_string(&mut banner).await.unwrap();
+        assert_eq!(banner, "SSH-2.0-x\r\n");
+    }
+
+    #[tokio::test]
+    async fn anything_but_ok_is_a_refusal() {
+        let (_dir, path) = guest(b"NO\n", b"").await;
+        assert!(matches!(
+            connect(&path, 22).await,
+            Err(VsockError::Refused(22))
+        ));
+    }
+}

@@ -1,0 +1,1132 @@
+//! End to end through the trusted access broker with real components: a real OpenID Connect
+//! provider (panva/oidc-provider under Node, `broker/tests/oidc`), the broker (in process, on
+//! loopback), the workspace host's tunnel connector, a real OpenSSH sshd behind the workspace's
+//! vsock Unix-socket convention (`CONNECT 22\n` -> `OK ...\n`, then `sshd -i` on that stream), and
+//! the real `ssh` client with `moat ssh` as its ProxyCommand and a broker-signed certificate.
+//!
+//! What is emulated: the workspace itself. The sshd runs on this host as a child of the test's
+//! vsock socket, not inside a namespace-backend sandbox (guest-init has no inbound session
+//! service yet); everything between a person and that socket is the real path.
+//!
+//! Needs: node with `npm ci` run in broker/tests/oidc, /usr/sbin/sshd (openssh-server), ssh and
+//! ssh-keygen, and root (sshd -i as root logs in the test's own user). `.ci/run` installs them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use moat_broker::audit::Audit;
+use moat_broker::config::{Config, WorkspaceName};
+use moat_broker::https::{Client, Target, roots_from_pem};
+use moat_broker::server::Broker;
+use moat_broker::session::Target as RevokeTarget;
+use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
+use tokio_util::sync::CancellationToken;
+
+const OIDC_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../broker/tests/oidc");
+const MOAT: &str = env!("CARGO_BIN_EXE_moat");
+const CLIENT_ID: &str = "moat-broker";
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn whoami() -> String {
+    text(&Command::new("id").arg("-un").output().unwrap().stdout)
+        .trim()
+        .to_owned()
+}
+
+/// A test CA and a leaf for 127.0.0.1, as PEM: (ca, cert, key).
+fn loopback_tls() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "moat broker e2e IdP CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, "idp");
+    let leaf = leaf.signed_by(&key, &ca).unwrap();
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// The identity provider, a child process; exits when its stdin closes (on drop).
+struct Idp {
+    child: Child,
+    issuer: String,
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_idp(dir: &Path, redirect_uri: &str, groups: &str) -> Idp {
+    assert!(
+        Path::new(OIDC_DIR)
+            .join("node_modules/oidc-provider")
+            .exists(),
+        "the test identity provider is not installed: run `npm ci` in broker/tests/oidc \
+         (.ci/run does)"
+    );
+    let (ca, cert, key) = loopback_tls();
+    std::fs::write(dir.join("idp-ca.pem"), ca).unwrap();
+    std::fs::write(dir.join("idp.crt"), cert).unwrap();
+    std::fs::write(dir.join("idp.key"), key).unwrap();
+    let mut child = Command::new("node")
+        .arg("provider.js")
+        .current_dir(OIDC_DIR)
+        .env("IDP_CERT", dir.join("idp.crt"))
+        .env("IDP_KEY", dir.join("idp.key"))
+        .env("IDP_REDIRECT_URI", redirect_uri)
+        .env("IDP_CLIENT_ID", CLIENT_ID)
+        .env("IDP_CLIENT_SECRET", "e2e-client-secret")
+        .env("IDP_GROUPS", groups)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    // Keep draining, so that the provider never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("provider ready line");
+    Idp {
+        child,
+        issuer: ready["issuer"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// The broker, in its own runtime (so that stopping it is like killing the process).
+struct RunningBroker {
+    runtime: Option<tokio::runtime::Runtime>,
+    shutdown: CancellationToken,
+    broker: Arc<Broker>,
+}
+
+impl RunningBroker {
+    fn start(config: &Config) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let broker = runtime.block_on(async {
+            let audit = Audit::to_file(config.audit.as_ref().unwrap()).unwrap();
+            let broker = Broker::new(config.clone(), audit).await.unwrap();
+            let api = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+            let tunnel = tokio::net::TcpListener::bind(config.tunnel_listen)
+                .await
+                .unwrap();
+            let _ = std::fs::remove_file(&config.admin_socket);
+            let admin = tokio::net::UnixListener::bind(&config.admin_socket).unwrap();
+            tokio::spawn(Arc::clone(&broker).serve(api, tunnel, admin, shutdown.clone()));
+            broker
+        });
+        RunningBroker {
+            runtime: Some(runtime),
+            shutdown,
+            broker,
+        }
+    }
+
+    /// Stops it as a crash would: every socket it holds closes.
+    fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+
+    fn revoke(&self, target: RevokeTarget) -> serde_json::Value {
+        let admin = self.broker.config.admin_socket.clone();
+        self.runtime
+            .as_ref()
+            .unwrap()
+            .block_on(moat_broker::client::admin_request(
+                &admin,
+                http::Method::POST,
+                "/v1/revoke",
+                Some(serde_json::to_value(&target).unwrap()),
+            ))
+            .unwrap()
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The workspace as the broker's host side sees it: its vsock Unix socket, where `CONNECT 22`
+/// starts a real `sshd -i` that trusts only the broker's user CA.
+struct Workspace {
+    uds: PathBuf,
+    host_key_pub: String,
+}
+
+fn start_workspace(dir: &Path, user_ca: &str) -> Workspace {
+    let sshd = Path::new("/usr/sbin/sshd");
+    assert!(
+        sshd.exists(),
+        "sshd missing: apt-get install openssh-server (.ci/run does)"
+    );
+    // sshd's privilege separation directory.
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let host_key = dir.join("ssh_host_ed25519_key");
+    keygen(&host_key);
+    std::fs::write(dir.join("user_ca.pub"), format!("{user_ca}\n")).unwrap();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "HostKey {}\nTrustedUserCAKeys {}\nAuthorizedKeysFile none\n\
+             PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nAllowTcpForwarding no\nAllowAgentForwarding no\n\
+             X11Forwarding no\nPermitTunnel no\nUsePAM no\nPidFile none\nLogLevel VERBOSE\n",
+            host_key.display(),
+            dir.join("user_ca.pub").display()
+        ),
+    )
+    .unwrap();
+    let uds = dir.join("ws1.vsock");
+    let listener = StdUnixListener::bind(&uds).unwrap();
+    let log = dir.join("sshd.log");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (config, log) = (config.clone(), log.clone());
+            std::thread::spawn(move || serve_vsock(stream, &config, &log));
+        }
+    });
+    Workspace {
+        uds,
+        host_key_pub: std::fs::read_to_string(host_key.with_extension("pub")).unwrap(),
+    }
+}
+
+fn serve_vsock(mut stream: StdUnixStream, config: &Path, log: &Path) {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    if line != b"CONNECT 22" {
+        return;
+    }
+    stream.write_all(b"OK 1073741824\n").unwrap();
+    let _ = Command::new("/usr/sbin/sshd")
+        .arg("-i")
+        .arg("-f")
+        .arg(config)
+        .arg("-E")
+        .arg(log)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(
+            stream.try_clone().unwrap(),
+        )))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(stream)))
+        .status();
+}
+
+/// The corporate test service: a TCP echo server on loopback. The workspace has no route to it
+/// but the broker.
+fn start_corporate_echo() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut back = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut conn, &mut back);
+            });
+        }
+    });
+    port
+}
+
+fn keygen(path: &Path) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// The broker's configuration: API on `api`, tunnels on `tunnel`, trusting `issuer`; ws1 for the
+/// `eng` group, logged into as the test's own user.
+fn broker_config(dir: &Path, api: u16, tunnel: u16, issuer: &str, corp: u16) -> Config {
+    std::fs::write(dir.join("client-secret"), "e2e-client-secret\n").unwrap();
+    let toml = format!(
+        r#"
+listen = "127.0.0.1:{api}"
+tunnel_listen = "127.0.0.1:{tunnel}"
+public_url = "https://127.0.0.1:{api}"
+server_names = ["127.0.0.1"]
+state_dir = "{dir}/state"
+admin_socket = "{dir}/admin.sock"
+audit = "{dir}/audit.jsonl"
+session_ttl_secs = 300
+
+[oidc]
+issuer = "{issuer}"
+client_id = "{CLIENT_ID}"
+client_secret_file = "{dir}/client-secret"
+ca_file = "{dir}/idp-ca.pem"
+
+[[workspaces]]
+name = "ws1"
+groups = ["eng"]
+ssh_user = "{user}"
+services = ["corp-echo"]
+
+[[services]]
+name = "corp-echo"
+address = "127.0.0.1:{corp}"
+
+[[services]]
+name = "corp-other"
+address = "127.0.0.1:{corp}"
+"#,
+        dir = dir.display(),
+        user = whoami(),
+    );
+    let config: Config = toml::from_str(&toml).unwrap();
+    config.check().unwrap();
+    config
+}
+
+/// The whole setup: provider, broker, tunnel connector, workspace.
+struct World {
+    dir: tempfile::TempDir,
+    /// The corporate test service (an echo server on loopback, reached through the broker).
+    corp_port: u16,
+    config: Config,
+    broker: Option<RunningBroker>,
+    _idp: Idp,
+    workspace: Workspace,
+    connector_stop: CancellationToken,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.connector_stop.cancel();
+    }
+}
+
+impl World {
+    fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("moat_broker=debug")
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let (api, tunnel) = (free_port(), free_port());
+        let public_url = format!("https://127.0.0.1:{api}");
+        let idp = start_idp(
+            dir.path(),
+            &format!("{public_url}/v1/callback"),
+            r#"{"alice": ["eng"], "bob": ["sales"]}"#,
+        );
+        let corp_port = start_corporate_echo();
+        let config = broker_config(dir.path(), api, tunnel, &idp.issuer, corp_port);
+        let broker = RunningBroker::start(&config);
+        std::fs::write(
+            dir.path().join("broker-ca.pem"),
+            broker.broker.pki.tls_ca_pem(),
+        )
+        .unwrap();
+        let workspace = start_workspace(dir.path(), &broker.broker.ssh_ca.public_key_line());
+        let enrolment = broker
+            .broker
+            .pki
+            .enrol(&WorkspaceName::try_from("ws1").unwrap())
+            .unwrap();
+        let connector = Connector::new(ConnectorConfig {
+            broker: format!("127.0.0.1:{tunnel}"),
+            server_name: "127.0.0.1".into(),
+            cert_pem: enrolment.cert_pem,
+            key_pem: enrolment.key_pem,
+            broker_ca_pem: enrolment.broker_ca_pem,
+            uds: workspace.uds.clone(),
+            ports: vec![22],
+            egress_uds: Some(dir.path().join("egress.sock")),
+        })
+        .unwrap();
+        let connector_stop = CancellationToken::new();
+        let stop = connector_stop.clone();
+        // The workspace host: its own runtime, outliving broker restarts.
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(connector.run(stop));
+        });
+        let world = World {
+            dir,
+            corp_port,
+            config,
+            broker: Some(broker),
+            _idp: idp,
+            workspace,
+            connector_stop,
+        };
+        world.wait_for_tunnel(true);
+        keygen(&world.path("id_ed25519"));
+        std::fs::write(
+            world.path("known_hosts"),
+            format!("ws1 {}", world.workspace.host_key_pub),
+        )
+        .unwrap();
+        world
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn broker(&self) -> &RunningBroker {
+        self.broker.as_ref().unwrap()
+    }
+
+    fn api_url(&self) -> String {
+        self.config.public_url.clone()
+    }
+
+    fn wait_for_tunnel(&self, up: bool) {
+        let ws = WorkspaceName::try_from("ws1").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.broker().broker.tunnels.is_connected(&ws) != up {
+            assert!(Instant::now() < deadline, "tunnel never became up={up}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `moat login` as `login`, the browser part driven through the provider's pages.
+    fn login(&self, login: &str) -> Output {
+        self.login_with(login, &[])
+    }
+
+    /// The same, with more `moat login` flags.
+    fn login_with(&self, login: &str, flags: &[&str]) -> Output {
+        let mut child = Command::new(MOAT)
+            .arg("login")
+            .args(flags)
+            .args(["--broker", &self.api_url(), "--broker-ca"])
+            .arg(self.path("broker-ca.pem"))
+            .arg("--session")
+            .arg(self.path("session.json"))
+            .arg("--ssh-key")
+            .arg(self.path("id_ed25519.pub"))
+            .arg("ws1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        let url = loop {
+            let mut line = String::new();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "no URL: {seen}");
+            seen.push_str(&line);
+            if let Some(url) = line.trim().strip_prefix("https://") {
+                break format!("https://{url}");
+            }
+        };
+        let page = match self.browser(&url, login) {
+            Ok(handoff_url) => plain_get(&handoff_url),
+            Err(page) => page,
+        };
+        let mut rest = String::new();
+        stderr.read_to_string(&mut rest).unwrap();
+        let mut out = child.wait_with_output().unwrap();
+        out.stderr = format!("{seen}{rest}\n(browser saw: {page})").into_bytes();
+        out
+    }
+
+    /// A browser: follows redirects, keeps cookies, fills the provider's login form with
+    /// `login` (any password), and stops where the broker sends it on to a client's loopback
+    /// listener: `Ok(that URL)`, or `Err(page)` if a broker page ends the journey instead.
+    fn browser(&self, start: &str, login: &str) -> Result<String, String> {
+        let mut roots = std::fs::read(self.path("idp-ca.pem")).unwrap();
+        roots.extend(std::fs::read(self.path("broker-ca.pem")).unwrap());
+        let client = Client::new(roots_from_pem(&roots, false).unwrap()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut jar: HashMap<String, String> = HashMap::new();
+        let mut url = start.to_owned();
+        let mut form: Option<String> = None;
+        for _ in 0..20 {
+            let target = Target::parse(&url).unwrap();
+            let cookies = jar
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let (method, body, ctype) = match form.take() {
+                Some(b) => ("POST", b, "application/x-www-form-urlencoded"),
+                None => ("GET", String::new(), "text/plain"),
+            };
+            let request = http::Request::builder()
+                .method(method)
+                .uri(target.path())
+                .header("host", target.authority())
+                .header("cookie", cookies)
+                .header("content-type", ctype)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let response = rt.block_on(client.send(&target, request)).unwrap();
+            for c in response.headers().get_all("set-cookie") {
+                let c = c.to_str().unwrap();
+                let pair = c.split(';').next().unwrap();
+                if let Some((k, v)) = pair.split_once('=') {
+                    jar.insert(k.to_owned(), v.to_owned());
+                }
+            }
+            if response.status().is_redirection() {
+                let location = response.headers()["location"].to_str().unwrap();
+                if location.starts_with("http://127.0.0.1:") {
+                    return Ok(location.to_owned());
+                }
+                url = absolute(&target, location);
+                continue;
+            }
+            let page = text(response.body());
+            if url.starts_with(&self.api_url()) {
+                return Err(page);
+            }
+            // The provider's pages: a form to submit (the development login page, the device
+            // flow's confirmation), or the end of the journey (the device flow's success page).
+            let Some(action) = page.split("action=\"").nth(1) else {
+                return Err(page);
+            };
+            url = absolute(&target, action.split('"').next().unwrap());
+            let mut fields = form_inputs(&page);
+            if page.contains("name=\"login\"") {
+                fields.push(("login".into(), login.into()));
+                fields.push(("password".into(), "any".into()));
+            }
+            form = Some(
+                form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(fields)
+                    .finish(),
+            );
+        }
+        panic!("sign-in did not finish");
+    }
+
+    /// Runs `command` in the workspace over real OpenSSH through `moat ssh`.
+    fn ssh(&self, command: &str) -> Child {
+        let proxy = format!(
+            "{MOAT} ssh --session {} ws1",
+            self.path("session.json").display()
+        );
+        self.ssh_via(&proxy, command)
+    }
+
+    /// Runs `command` over real OpenSSH with `proxy` as its ProxyCommand.
+    fn ssh_via(&self, proxy: &str, command: &str) -> Child {
+        Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg("-i")
+            .arg(self.path("id_ed25519"))
+            .arg("-o")
+            .arg(format!(
+                "CertificateFile={}",
+                self.path("id_ed25519-cert.pub").display()
+            ))
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                self.path("known_hosts").display()
+            ))
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=ws1"])
+            .arg("-o")
+            .arg(format!("ProxyCommand={proxy}"))
+            .arg(format!("{}@ws1", whoami()))
+            .arg(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Asks for a corporate service as the host's egress proxy would; returns the broker's
+    /// answer line and the stream (retrying while the egress connection is still coming up).
+    fn corporate(&self, target: &str) -> (String, StdUnixStream) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut stream = StdUnixStream::connect(self.path("egress.sock")).unwrap();
+            writeln!(stream, "CONNECT {target}").unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            let line = text(&line);
+            if line != "ERR broker not connected" || Instant::now() > deadline {
+                return (line, stream);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// The `name="..." value="..."` pairs of a page's inputs.
+fn form_inputs(page: &str) -> Vec<(String, String)> {
+    let attr = |tag: &str, name: &str| {
+        tag.split(&format!("{name}=\""))
+            .nth(1)
+            .map(|v| v.split('"').next().unwrap().to_owned())
+    };
+    page.split("<input")
+        .skip(1)
+        .filter_map(|tag| {
+            let tag = tag.split('>').next().unwrap();
+            Some((attr(tag, "name")?, attr(tag, "value")?))
+        })
+        .collect()
+}
+
+/// A plain HTTP GET of a loopback URL (the client's listener); returns the body.
+fn plain_get(url: &str) -> String {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let mut tcp = std::net::TcpStream::connect(authority).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// `link` (absolute or a path) as seen from a page of `target`.
+fn absolute(target: &Target, link: &str) -> String {
+    if link.starts_with("https://") {
+        link.to_owned()
+    } else {
+        format!("https://{}{link}", target.authority())
+    }
+}
+
+fn count(records: &[serde_json::Value], class: u64, activity: u64) -> usize {
+    records
+        .iter()
+        .filter(|r| r["class_uid"] == class && r["activity_id"] == activity)
+        .count()
+}
+
+/// Waits for `child` to exit; returns its output and how long it took from `since`.
+fn wait_exit(mut child: Child, since: Instant, within: Duration) -> (Output, Duration) {
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            let took = since.elapsed();
+            return (child.wait_with_output().unwrap(), took);
+        }
+        assert!(since.elapsed() < within, "still running after {within:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn validate_ocsf(file: &Path) {
+    let python = std::env::var("MOAT_OCSF_PYTHON").map_or_else(
+        |_| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../.venv-ocsf/bin/python"
+            ))
+        },
+        PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "OCSF validator missing: run `cargo xtask test`"
+    );
+    let v = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../egress/tests/ocsf/validate.py"
+        ))
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}{}", text(&v.stdout), text(&v.stderr));
+}
+
+#[test]
+fn a_person_signs_in_at_the_real_provider_and_runs_a_command_over_ssh_through_the_tunnel() {
+    let world = World::new();
+
+    let login = world.login("alice");
+    assert!(login.status.success(), "{}", text(&login.stderr));
+    let out = wait_exit(
+        world.ssh("echo through-the-broker; id -un"),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("through-the-broker\n{}\n", whoami())
+    );
+    let records = world.audit();
+    assert_eq!(count(&records, 3002, 1), 1, "one sign-in: {records:?}");
+    assert_eq!(records[0]["user"]["uid"], "alice");
+    assert_eq!(records[0]["status_id"], 1);
+    assert_eq!(count(&records, 4007, 1), 1, "one remote session opened");
+    std::thread::sleep(Duration::from_millis(200));
+    let records = world.audit();
+    assert_eq!(count(&records, 4007, 2), 1, "and closed: {records:?}");
+    validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn a_person_outside_the_workspaces_groups_is_refused_at_sign_in() {
+    let world = World::new();
+
+    let login = world.login("bob");
+
+    assert!(!login.status.success());
+    assert!(
+        text(&login.stderr).contains("not entitled"),
+        "{}",
+        text(&login.stderr)
+    );
+    let records = world.audit();
+    assert_eq!(count(&records, 3002, 1), 1);
+    assert_eq!(records[0]["status_id"], 2);
+    assert_eq!(records[0]["user"]["uid"], "bob");
+    validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn revoking_the_person_drops_a_live_ssh_session_within_two_seconds_and_refuses_new_ones() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    let live = world.ssh("echo ready; sleep 60");
+    // Wait until the session is really open (its Open record).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&world.audit(), 4007, 1) == 0 {
+        assert!(Instant::now() < deadline, "the SSH session never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let revoked_at = Instant::now();
+    let answer = world.broker().revoke(RevokeTarget::Person("alice".into()));
+    let (out, took) = wait_exit(live, revoked_at, Duration::from_secs(10));
+    eprintln!("revocation: the live SSH session ended {took:?} after the revoke request");
+
+    assert_eq!(answer["sessions_ended"].as_array().unwrap().len(), 1);
+    assert!(
+        !out.status.success(),
+        "the session must not finish normally"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let again = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(20)).0;
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("no such session"),
+        "{}",
+        text(&again.stderr)
+    );
+    let relogin = world.login("alice");
+    assert!(
+        !relogin.status.success(),
+        "a revoked person cannot sign in again"
+    );
+    let records = world.audit();
+    assert_eq!(count(&records, 3002, 2), 1, "one logoff: {records:?}");
+    assert_eq!(count(&records, 4007, 5), 1, "one refused session");
+    validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn revoking_the_workspace_drops_its_tunnel_and_refuses_it_when_it_comes_back() {
+    let world = World::new();
+
+    let revoked_at = Instant::now();
+    let answer = world.broker().revoke(RevokeTarget::Workspace(
+        WorkspaceName::try_from("ws1").unwrap(),
+    ));
+    world.wait_for_tunnel(false);
+    let took = revoked_at.elapsed();
+    // The connector retries with backoff (250 ms, then 500 ms...); each try is refused.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    assert_eq!(answer["tunnel_dropped"], true);
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(
+        !world
+            .broker()
+            .broker
+            .tunnels
+            .is_connected(&WorkspaceName::try_from("ws1").unwrap())
+    );
+    let login = world.login("alice");
+    assert!(
+        !login.status.success(),
+        "no new sessions to a revoked workspace"
+    );
+}
+
+#[test]
+fn with_the_broker_down_live_sessions_end_and_new_ones_fail_closed() {
+    let mut world = World::new();
+    assert!(world.login("alice").status.success());
+    let live = world.ssh("echo ready; sleep 60");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&world.audit(), 4007, 1) == 0 {
+        assert!(Instant::now() < deadline, "the SSH session never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let stopped_at = Instant::now();
+    world.broker.take().unwrap().stop();
+    let (out, took) = wait_exit(live, stopped_at, Duration::from_secs(10));
+    eprintln!("broker stopped: the live SSH session ended after {took:?}");
+
+    assert!(!out.status.success());
+    let again = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(20)).0;
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("cannot reach the broker"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+#[test]
+fn a_restarted_broker_gets_its_workspace_back_and_no_session_survives_it() {
+    let mut world = World::new();
+    assert!(world.login("alice").status.success());
+    let first = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(30)).0;
+    assert!(first.status.success(), "{}", text(&first.stderr));
+
+    world.broker.take().unwrap().stop();
+    world.broker = Some(RunningBroker::start(&world.config));
+    let restarted_at = Instant::now();
+    world.wait_for_tunnel(true);
+    eprintln!(
+        "broker restart: the workspace's tunnel was back {:?} after the broker",
+        restarted_at.elapsed()
+    );
+
+    let stale = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(20)).0;
+    assert!(!stale.status.success(), "the old session must not survive");
+    assert!(world.login("alice").status.success());
+    let fresh = wait_exit(
+        world.ssh("echo again"),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+    assert!(fresh.status.success(), "{}", text(&fresh.stderr));
+    assert_eq!(text(&fresh.stdout), "again\n");
+}
+
+#[test]
+fn a_provider_whose_discovery_document_names_another_issuer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, tunnel) = (free_port(), free_port());
+    let idp = start_idp(
+        dir.path(),
+        &format!("https://127.0.0.1:{api}/v1/callback"),
+        "{}",
+    );
+    // The same provider, named differently: its discovery document and tokens say `issuer`.
+    let config = broker_config(dir.path(), api, tunnel, &format!("{}/", idp.issuer), 9);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let started = rt.block_on(Broker::new(
+        config,
+        Audit::to_writer(Box::new(std::io::sink())),
+    ));
+
+    let err = started.unwrap_err();
+    assert!(
+        moat_broker::error_chain(&err).contains("names issuer"),
+        "{}",
+        moat_broker::error_chain(&err)
+    );
+}
+
+#[test]
+fn a_sign_in_url_finished_in_someone_elses_browser_gives_its_starter_nothing() {
+    let world = World::new();
+    let mut roots = std::fs::read(world.path("broker-ca.pem")).unwrap();
+    roots.extend(std::fs::read(world.path("idp-ca.pem")).unwrap());
+    let client = Client::new(roots_from_pem(&roots, false).unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let post = |path: &str, body: serde_json::Value| {
+        let target = Target::parse(&format!("{}{path}", world.api_url())).unwrap();
+        let request = http::Request::post(target.path())
+            .header("host", target.authority())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = rt.block_on(client.send(&target, request)).unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            serde_json::from_slice::<serde_json::Value>(response.body()).unwrap(),
+        )
+    };
+    // Someone starts a sign-in (they hold its login handle) and sends its URL to alice.
+    let (_, started) = post(
+        "/v1/login",
+        serde_json::json!({"workspace": "ws1", "loopback_port": 9}),
+    );
+
+    // Alice's browser finishes it and goes on to *her* loopback, not theirs.
+    let landed = world
+        .browser(started["authorize_url"].as_str().unwrap(), "alice")
+        .unwrap();
+    let (status, _) = post(
+        "/v1/login/complete",
+        serde_json::json!({"login_id": started["login_id"], "handoff": "a-guess"}),
+    );
+
+    assert!(
+        landed.starts_with("http://127.0.0.1:9/?handoff="),
+        "{landed}"
+    );
+    assert_eq!(status, 404, "no session without the handoff");
+}
+
+#[test]
+fn a_person_signs_in_with_the_device_flow_from_a_terminal_without_a_browser() {
+    let world = World::new();
+
+    let login = world.login_with("alice", &["--device"]);
+    let out = wait_exit(
+        world.ssh("echo by-device"),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+
+    assert!(login.status.success(), "{}", text(&login.stderr));
+    assert!(
+        text(&login.stderr).contains("enter the code"),
+        "{}",
+        text(&login.stderr)
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "by-device\n");
+    let records = world.audit();
+    assert_eq!(records[0]["class_uid"], 3002);
+    assert_eq!(records[0]["user"]["uid"], "alice");
+}
+
+/// Runs `child` to its end; returns how long it took and how many bytes it wrote.
+fn timed(mut child: Child) -> (Duration, u64) {
+    let started = Instant::now();
+    let mut stdout = child.stdout.take().unwrap();
+    let bytes = std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    (started.elapsed(), bytes)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "benchmark: cargo test -p moat --test broker_e2e -- --ignored --nocapture"]
+fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
+    const RUNS: usize = 10;
+    const BYTES: u64 = 256 << 20;
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    // The baseline: the same sshd, started by ssh itself over a pipe (no broker, no tunnel).
+    let direct = format!(
+        "/usr/sbin/sshd -i -f {} -E {}",
+        world.path("sshd_config").display(),
+        world.path("sshd.log").display()
+    );
+    let broker = format!(
+        "{MOAT} ssh --session {} ws1",
+        world.path("session.json").display()
+    );
+    let mut report = String::new();
+    for (name, proxy) in [
+        ("direct ssh (sshd -i on a pipe)", &direct),
+        ("through broker and tunnel", &broker),
+    ] {
+        let setup = median(
+            (0..RUNS)
+                .map(|_| timed(world.ssh_via(proxy, "true")).0)
+                .collect(),
+        );
+        let (took, bytes) = timed(world.ssh_via(proxy, &format!("head -c {BYTES} /dev/zero")));
+        assert_eq!(bytes, BYTES);
+        let mib_s = (BYTES >> 20) as f64 / took.as_secs_f64();
+        report.push_str(&format!(
+            "{name:32} session setup (ssh true, median of {RUNS}) {setup:>10.1?}   throughput {mib_s:>7.0} MiB/s\n"
+        ));
+    }
+    eprintln!("\n{report}");
+}
+
+#[test]
+fn a_corporate_service_is_reached_from_the_workspace_host_through_the_broker() {
+    let world = World::new();
+
+    let (answer, mut stream) = world.corporate(&format!("corp-echo:{}", world.corp_port));
+    stream.write_all(b"hello corp\n").unwrap();
+    let mut back = [0u8; 11];
+    stream.read_exact(&mut back).unwrap();
+    drop(stream);
+
+    assert_eq!(answer, "OK");
+    assert_eq!(&back, b"hello corp\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&world.audit(), 4001, 2) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no Close record: {:?}",
+            world.audit()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let records = world.audit();
+    assert_eq!(count(&records, 4001, 1), 1, "one corporate flow opened");
+    let close = records
+        .iter()
+        .find(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
+        .unwrap();
+    assert_eq!(close["traffic"]["bytes_out"], 11);
+    assert_eq!(close["src_endpoint"]["uid"], "ws1");
+    validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn a_workspace_reaches_no_corporate_service_it_is_not_given_nor_any_address() {
+    let world = World::new();
+    let port = world.corp_port;
+
+    let other = world.corporate(&format!("corp-other:{port}")).0;
+    let address = world.corporate(&format!("127.0.0.1:{port}")).0;
+    let wrong_port = world.corporate("corp-echo:1").0;
+
+    assert_eq!(other, "ERR 403");
+    assert_eq!(address, "ERR 403");
+    assert_eq!(wrong_port, "ERR 403");
+    assert_eq!(count(&world.audit(), 4001, 5), 3, "three refusals audited");
+    validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn the_workspaces_sshd_refuses_a_key_without_a_broker_certificate() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    std::fs::remove_file(world.path("id_ed25519-cert.pub")).unwrap();
+
+    let out = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(30)).0;
+
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn the_workspaces_sshd_refuses_a_certificate_from_another_ca() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    let rogue = world.path("rogue_ca");
+    keygen(&rogue);
+    let signed = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&rogue)
+        .args(["-I", "rogue", "-n", &whoami(), "-V", "-1m:+5m"])
+        .arg(world.path("id_ed25519.pub"))
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "{}", text(&signed.stderr));
+
+    let out = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(30)).0;
+
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn moat_ssh_without_a_session_says_to_sign_in() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = Command::new(MOAT)
+        .args(["ssh", "--session"])
+        .arg(dir.path().join("none.json"))
+        .arg("ws1")
+        .output()
+        .unwrap();
+
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not signed in to ws1 (run `moat login`)"),
+        "{}",
+        text(&out.stderr)
+    );
+}

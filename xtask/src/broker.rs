@@ -1,0 +1,42 @@
+//! `cargo xtask bench broker`: the trusted access broker, measured by its own benchmark tests in
+//! release builds: session setup and throughput through broker and tunnel beside the same sshd
+//! reached directly (`moat/tests/broker_e2e.rs`), and 1000 concurrent sessions on one tunnel
+//! with their memory (`broker/tests/tunnel.rs`). Tables on standard error.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::{root, run_cmd};
+
+pub(crate) fn bench() -> Result<()> {
+    crate::test::oidc_provider()?;
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(root())
+            .args([
+                "test",
+                "--release",
+                "--locked",
+                "-p",
+                "moat",
+                "--test",
+                "broker_e2e",
+            ])
+            .args(["bench", "--", "--ignored", "--nocapture"]),
+    )?;
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(root())
+            .args([
+                "test",
+                "--release",
+                "--locked",
+                "-p",
+                "moat-broker",
+                "--test",
+                "tunnel",
+            ])
+            .args(["--", "--nocapture"]),
+    )
+}
