@@ -179,7 +179,39 @@ pub fn iommu(f: &Facts, gpus_wanted: bool) -> Check {
              host whose IOMMU remaps interrupts and leave allow_unsafe_interrupts off",
         );
     }
+    let no_ir: Vec<&String> = units
+        .iter()
+        .filter(|u| u.starts_with("dmar") && !intel_unit_remaps_interrupts(f, u))
+        .collect();
+    if !no_ir.is_empty() {
+        found.push_str(", no interrupt remapping on ");
+        found.push_str(
+            &no_ir
+                .iter()
+                .map(|u| u.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        return Check::new(name, Status::Warn, found).fix(
+            "VFIO refuses devices behind an IOMMU without interrupt remapping (and must not be \
+             told otherwise): enable x2APIC / interrupt remapping in the firmware",
+        );
+    }
     Check::new(name, Status::Ok, found)
+}
+
+/// Whether Intel IOMMU unit `unit` supports interrupt remapping: bit 3 (IR) of its extended
+/// capability register, which sysfs shows in hexadecimal.
+fn intel_unit_remaps_interrupts(f: &Facts, unit: &str) -> bool {
+    std::fs::read_to_string(
+        f.sys
+            .join("class/iommu")
+            .join(unit)
+            .join("intel-iommu/ecap"),
+    )
+    .ok()
+    .and_then(|v| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok())
+    .is_some_and(|ecap| ecap & (1 << 3) != 0)
 }
 
 /// vfio-pci loaded and the container node present.
@@ -396,7 +428,8 @@ mod tests {
             let t = Self::new();
             t.file("dev/kvm", "");
             t.mkdir("sys/module/kvm_intel");
-            t.mkdir("sys/class/iommu/dmar0");
+            // A VT-d extended capability value with IR (bit 3) set.
+            t.file("sys/class/iommu/dmar0/intel-iommu/ecap", "f0205ef\n");
             t.mkdir("sys/bus/pci/drivers/vfio-pci");
             t.file("dev/vfio/vfio", "");
             t
@@ -453,6 +486,24 @@ mod tests {
         let c = iommu(&t.facts("", 7), true);
         assert_eq!(c.status, Status::Ok);
         assert_eq!(c.found, "1 groups, Intel VT-d (DMAR)");
+    }
+
+    #[test]
+    fn an_intel_iommu_without_interrupt_remapping_is_a_warning() {
+        let t = Tree::vfio_host();
+        add_device(
+            &t.dir.path().join("sys"),
+            "0000:41:00.0",
+            3,
+            Some("vfio-pci"),
+        );
+        t.file("sys/class/iommu/dmar0/intel-iommu/ecap", "f0205e7\n");
+        let c = iommu(&t.facts("", 7), true);
+        assert_eq!(c.status, Status::Warn);
+        assert!(
+            c.found.ends_with("no interrupt remapping on dmar0"),
+            "{c:?}"
+        );
     }
 
     #[test]
