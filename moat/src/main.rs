@@ -2,6 +2,7 @@
 
 mod broker_cmd;
 mod connect;
+mod doctor;
 mod policy_cmd;
 mod proxy_cmd;
 mod run_cmd;
@@ -29,6 +30,8 @@ enum Command {
     Proxy(proxy_cmd::ProxyArgs),
     /// Open one flow through the proxy, like `nc` (stdin/stdout, or a local TCP listener).
     Connect(connect::ConnectArgs),
+    /// Check this host for workspace VMs and GPU passthrough, and say what to fix.
+    Doctor(doctor::DoctorArgs),
     /// Run a workspace with an agent shell on the best backend this host supports.
     Run(run_cmd::RunArgs),
     /// Sign in to a workspace through the trusted access broker (OIDC in the browser).
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Proxy(args) => proxy_cmd::run_proxy(args),
         Command::Connect(args) => connect::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run_cmd::run(args),
         Command::GuestInit(args) => run_cmd::guest_init(args),
         Command::Login(args) => broker_cmd::login(args),

@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::layout::CMDLINE_MAX;
+use crate::vfio::sysfs::PciAddress;
+
+/// Most passthrough devices one VM takes.
+pub const MAX_GPUS: usize = 8;
 
 /// Errors from reading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,12 @@ pub enum Error {
     /// Console input asked for with the console going to a file.
     #[error("serial input needs the console on stdout (it is refused with serial out)")]
     SerialInputNeedsStdout,
+    /// The same device named twice.
+    #[error("GPU {0} is given twice")]
+    DuplicateGpu(PciAddress),
+    /// Too many passthrough devices.
+    #[error("{0} GPUs is more than {MAX_GPUS}")]
+    TooManyGpus(usize),
     /// A reserved or out-of-range guest CID.
     #[error("guest CID {0} is reserved or out of range (3..=0xfffffffe)")]
     GuestCid(u64),
@@ -136,6 +146,21 @@ pub struct FileConfig {
     pub seccomp: Option<bool>,
     /// Run jailed (as root, or unprivileged through a user namespace).
     pub jail: Option<JailFile>,
+    /// PCI devices (GPUs) passed through with VFIO, in guest slot order.
+    #[serde(default)]
+    pub gpu: Vec<GpuFile>,
+    /// The fake VFIO device of the tests (never from a file; only the hidden test flag).
+    #[cfg(feature = "test-utils")]
+    #[serde(skip)]
+    pub test_fake_gpu: bool,
+}
+
+/// `[[gpu]]` in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuFile {
+    /// Host PCI address (`0000:41:00.0`), bound to vfio-pci.
+    pub address: PciAddress,
 }
 
 /// `[jail]` in the file.
@@ -257,6 +282,11 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// The jail, if any.
     pub jail: Option<JailFile>,
+    /// Host PCI functions passed through with VFIO (distinct).
+    pub gpus: Vec<PciAddress>,
+    /// Offer the fake VFIO device (tests only).
+    #[cfg(feature = "test-utils")]
+    pub test_fake_gpu: bool,
 }
 
 /// A checked vsock device configuration.
@@ -297,6 +327,16 @@ impl VmConfig {
             }),
             None => None,
         };
+        let mut gpus: Vec<PciAddress> = Vec::new();
+        for g in &f.gpu {
+            if gpus.contains(&g.address) {
+                return Err(Error::DuplicateGpu(g.address));
+            }
+            gpus.push(g.address);
+        }
+        if gpus.len() > MAX_GPUS {
+            return Err(Error::TooManyGpus(gpus.len()));
+        }
         let serial_in = match (f.serial.input, &f.serial.out) {
             (Toggle::On, Some(_)) => return Err(Error::SerialInputNeedsStdout),
             (_, Some(_)) => Toggle::Off,
@@ -318,6 +358,9 @@ impl VmConfig {
             rng: f.rng.unwrap_or(false),
             seccomp: f.seccomp.unwrap_or(true),
             jail: f.jail,
+            gpus,
+            #[cfg(feature = "test-utils")]
+            test_fake_gpu: f.test_fake_gpu,
         })
     }
 }
@@ -365,6 +408,35 @@ mod tests {
                 .map(|v| v.cid.get()),
             Some(7)
         );
+    }
+
+    #[test]
+    fn gpus_parse_in_order() {
+        let f = FileConfig::parse(
+            "kernel = \"/k\"\n[[gpu]]\naddress = \"0000:41:00.0\"\n[[gpu]]\naddress = \"42:00.0\"\n",
+        );
+        let c = VmConfig::from_file(f.unwrap_or_default()).ok();
+        let names: Vec<String> = c
+            .map(|c| c.gpus.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        assert_eq!(names, vec!["0000:41:00.0", "0000:42:00.0"]);
+    }
+
+    #[test]
+    fn unknown_gpu_fields_and_bad_addresses_are_refused() {
+        assert!(FileConfig::parse("[[gpu]]\naddress = \"41:00.0\"\nrom = true\n").is_err());
+        assert!(FileConfig::parse("[[gpu]]\naddress = \"41:00\"\n").is_err());
+    }
+
+    #[test]
+    fn a_gpu_given_twice_is_refused() {
+        let f = FileConfig::parse(
+            "kernel = \"/k\"\n[[gpu]]\naddress = \"41:00.0\"\n[[gpu]]\naddress = \"0000:41:00.0\"\n",
+        );
+        assert!(matches!(
+            VmConfig::from_file(f.unwrap_or_default()),
+            Err(Error::DuplicateGpu(_))
+        ));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Fuzz entry points for the parsers that see guest bytes: descriptor-chain walking, the vsock
-//! packet path (parse, muxer, RX fill) and the block request path. Each takes arbitrary bytes,
+//! packet path (parse, muxer, RX fill), the block request path, and PCI configuration cycles
+//! and BAR accesses to a passthrough function (the fake VFIO device). Each takes arbitrary bytes,
 //! lays them out in a small guest memory as a hostile driver would, and runs the real device
 //! code; the only property checked is that nothing panics, hangs or grows without bound.
 //! cargo-fuzz targets call these (fuzz/fuzz_targets/vmm_*.rs); a deterministic smoke run of
@@ -211,6 +212,80 @@ pub fn block_requests(data: &[u8]) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Configuration cycles (ports 0xCF8/0xCFC) and BAR loads and stores from the input, against a
+/// root bus holding the fake VFIO device: BAR sizing and moves, capability rewrites, MSI and
+/// MSI-X programming, table and PBA accesses, doorbells. Each step is an opcode byte followed
+/// by its operands; a short input simply ends.
+pub fn pci_accesses(data: &[u8]) {
+    use std::sync::Mutex;
+
+    use crate::devices::pci::PciDevice;
+    use crate::devices::pci::bus::{CONFIG_ADDRESS, CONFIG_DATA, PciRoot};
+    use crate::devices::pci::msix::testing::RecordingRouter;
+    use crate::devices::pci::window::BarWindows;
+    use crate::vfio::device::VfioPciDevice;
+    use crate::vfio::fake::FakeGpu;
+
+    let router = Arc::new(RecordingRouter::default());
+    let mut windows = BarWindows::new(1 << 30, 46).unwrap();
+    let dev = VfioPciDevice::new(Box::new(FakeGpu::new().0), &mut windows, router, None).unwrap();
+    let dev = Arc::new(Mutex::new(dev));
+    let mut root = PciRoot::new();
+    root.add(dev.clone()).unwrap();
+    let mut rest = data;
+    let mut take = |n: usize| -> Option<Vec<u8>> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        rest = tail;
+        Some(head.to_vec())
+    };
+    let widths = [1usize, 2, 4, 8];
+    while let Some(op) = take(1).and_then(|o| o.first().copied()) {
+        let width = widths[usize::from(op >> 2) & 3];
+        match op & 3 {
+            0 => {
+                let Some(addr) = take(4) else { break };
+                root.pio_write(CONFIG_ADDRESS, &addr);
+            }
+            1 => {
+                let port = CONFIG_DATA + u16::from(op >> 4 & 3);
+                let Some(value) = take(width.min(4)) else {
+                    break;
+                };
+                if op & 0x40 == 0 {
+                    root.pio_write(port, &value);
+                } else {
+                    let mut out = value;
+                    root.pio_read(port, &mut out);
+                }
+            }
+            _ => {
+                let Some(at) = take(4) else { break };
+                let bars = dev.lock().map(|d| d.decoded_bars()).unwrap_or_default();
+                let Some(bar) = bars.get(usize::from(at[0]) % bars.len().max(1)) else {
+                    continue;
+                };
+                let offset = u64::from(u32::from_le_bytes([at[1], at[2], at[3], 0])) % bar.size;
+                let Some(value) = take(width) else { break };
+                let mut d = dev.lock().unwrap();
+                if op & 1 == 0 {
+                    d.bar_write(bar.index, offset, &value);
+                } else {
+                    let mut out = value;
+                    d.bar_read(bar.index, offset, &mut out);
+                }
+            }
+        }
+    }
+    // Whatever the guest did, the host bridge is still there and no ROM was offered.
+    let mut id = [0u8; 4];
+    root.pio_write(CONFIG_ADDRESS, &(1u32 << 31).to_le_bytes());
+    root.pio_read(CONFIG_DATA, &mut id);
+    assert_eq!(u32::from_le_bytes(id), 0x0008_1b36);
+    let mut rom = [0u8; 4];
+    dev.lock().unwrap().config_read(0x30, &mut rom);
+    assert_eq!(rom, [0; 4]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +318,31 @@ mod tests {
     fn vsock_survives_random_packets() {
         for input in inputs(0xd1b5_4a32_d192_ed03, 200, 2048) {
             vsock_packets(&input);
+        }
+    }
+
+    #[test]
+    fn pci_survives_random_accesses() {
+        for input in inputs(0x6a09_e667_f3bc_c909, 500, 512) {
+            pci_accesses(&input);
+        }
+    }
+
+    /// Random bytes rarely hit the device: also run inputs that select it and enable memory
+    /// decoding and MSI-X first.
+    #[test]
+    fn pci_survives_random_accesses_to_a_decoding_device() {
+        let mut prefix = Vec::new();
+        for (reg, value) in [(0x04u32, 0x6u32), (0x60, 0x8000_0000), (0x40, 0x0001_0000)] {
+            prefix.push(0);
+            prefix.extend((1u32 << 31 | 1 << 11 | reg).to_le_bytes());
+            prefix.push(1 | 2 << 2);
+            prefix.extend(value.to_le_bytes());
+        }
+        for input in inputs(0xbb67_ae85_84ca_a73b, 500, 512) {
+            let mut all = prefix.clone();
+            all.extend(input);
+            pci_accesses(&all);
         }
     }
 

@@ -13,8 +13,11 @@
 //! 0x0010_0000  kernel (ELF segments at their physical addresses, or a bzImage's protected-mode
 //!              part, which decompresses itself to its preferred address, usually 16 MiB)
 //! ...          initramfs at the top of RAM below the MMIO gap, page aligned
-//! 0xc000_0000  MMIO gap: virtio-mmio devices from 0xd000_0000, 4 KiB each
+//! 0xc000_0000  MMIO gap: 32-bit PCI BARs up to 0xd000_0000 (`devices/pci/window.rs`),
+//!              virtio-mmio devices from 0xd000_0000, 4 KiB each; IOAPIC 0xfec0_0000,
+//!              LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM above 4 GiB when the guest has more than 3 GiB
+//! 64 GiB-aligned, above RAM: 64-bit PCI BARs, up to the guest's physical address width
 //! ```
 
 /// Where the GDT lives.

@@ -13,12 +13,16 @@
 //!            | virtio-mmio windows
 //!            devices/virtio/mmio.rs -> vsock/ (packet -> muxer -> Unix sockets), block, rng,
 //!            each on its own thread (queue_worker.rs), every thread under seccomp.rs
+//!            | 0xCF8/0xCFC and BARs
+//!            devices/pci/ (root bus, BAR windows, MSI-X) -> vfio/device.rs (the function the
+//!            guest sees) -> vfio/host.rs (vfio-ioctls) | vfio/fake.rs (tests); kvm/irq.rs
 //! ```
 //!
 //! Invariants:
-//! - `unsafe` lives only in `kvm/` (memory slots, the internal-error report), `jail/sys.rs`
-//!   (namespaces, mounts, privilege drop, Landlock) and `terminal.rs` (termios, the exit
-//!   signals' handler and mask); everything else is safe code.
+//! - `unsafe` lives only in `kvm/` (memory slots, the internal-error report), `vfio/` (BAR
+//!   mmaps, DMA mapping, eventfd polling), `jail/sys.rs` (namespaces, mounts, privilege drop,
+//!   Landlock) and `terminal.rs` (termios, the exit signals' handler and mask); everything else
+//!   is safe code.
 //! - The guest chooses only vsock port numbers, which map to `<uds>_P` under the operator's
 //!   socket path; nothing it sends names any other host path, port or identity.
 //! - A guest-caused error resets a device or closes a connection and is logged rate-limited;
@@ -43,4 +47,6 @@ pub mod seccomp;
 pub mod stats;
 #[allow(unsafe_code)]
 pub mod terminal;
+#[allow(unsafe_code)]
+pub mod vfio;
 pub mod vmm;

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use moat_vmm::config::{
-    BlockFile, FileConfig, JailFile, KernelFormat, SerialFile, Toggle, VmConfig, VsockFile,
+    BlockFile, FileConfig, GpuFile, JailFile, KernelFormat, SerialFile, Toggle, VmConfig, VsockFile,
 };
 use moat_vmm::exit::EXIT_CONFIG;
 use moat_vmm::jail::{self, JailSpec};
+use moat_vmm::vfio::sysfs::PciAddress;
 
 /// Boot a moat microVM.
 #[derive(Debug, Parser)]
@@ -61,6 +62,14 @@ struct Args {
     /// Add a read-only disk (repeatable).
     #[arg(long = "block-ro")]
     block_ro: Vec<PathBuf>,
+    /// Pass a host PCI function (a GPU bound to vfio-pci) through, by address (repeatable;
+    /// every function of its IOMMU group must be given).
+    #[arg(long = "gpu", value_name = "PCI_ADDRESS")]
+    gpu: Vec<PciAddress>,
+    /// Test builds only: offer the fake VFIO device (a doorbell that fires MSI-X vectors).
+    #[cfg(feature = "test-utils")]
+    #[arg(long, hide = true)]
+    test_fake_gpu: bool,
     /// Offer a virtio-rng device fed from the host's /dev/urandom.
     #[arg(long)]
     rng: bool,
@@ -139,6 +148,13 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
         });
     } else if let (Some(j), Some(t)) = (f.jail.as_mut(), args.jail_userns) {
         j.user_namespace = t;
+    }
+    for address in args.gpu {
+        f.gpu.push(GpuFile { address });
+    }
+    #[cfg(feature = "test-utils")]
+    {
+        f.test_fake_gpu = args.test_fake_gpu;
     }
     if args.no_seccomp {
         f.seccomp = Some(false);

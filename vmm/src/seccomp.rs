@@ -24,6 +24,16 @@ const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 /// `ioctl(fd, FIONBIO)`.
 const FIONBIO: u64 = 0x5421;
+/// `ioctl(vm, KVM_SET_GSI_ROUTING)`: `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)` (8 bytes).
+const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
+/// `ioctl(vm, KVM_IRQFD)`: `_IOW(KVMIO, 0x76, struct kvm_irqfd)` (32 bytes).
+const KVM_IRQFD: u64 = 0x4020_ae76;
+/// `ioctl(vm, KVM_SET_USER_MEMORY_REGION)`: `_IOW(KVMIO, 0x46, ...)` (32 bytes).
+const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
+/// `ioctl(device, VFIO_DEVICE_SET_IRQS)`: `_IO(VFIO_TYPE, VFIO_BASE + 10)`.
+const VFIO_DEVICE_SET_IRQS: u64 = 0x3b6e;
+/// `ioctl(device, VFIO_DEVICE_RESET)`: `_IO(VFIO_TYPE, VFIO_BASE + 11)`.
+const VFIO_DEVICE_RESET: u64 = 0x3b6f;
 
 /// Errors building or installing a filter.
 #[derive(Debug, thiserror::Error)]
@@ -150,8 +160,78 @@ fn event_loop() -> Vec<Allow> {
     ]
 }
 
-fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
+/// What a role needs on top when the VM has PCI passthrough devices (VFIO, or the fake one of
+/// the tests). Only vCPU threads (which emulate the devices' registers) and the main thread
+/// (which stops them) get any of it.
+fn passthrough_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
+    Ok(match role {
+        Role::Vcpu => vec![
+            arg_eq(
+                libc::SYS_ioctl,
+                1,
+                KVM_SET_GSI_ROUTING,
+                "KVM_SET_GSI_ROUTING: the guest (re)programs an MSI-X vector",
+            )?,
+            arg_eq(
+                libc::SYS_ioctl,
+                1,
+                KVM_IRQFD,
+                "KVM_IRQFD: masking and unmasking an MSI-X vector detaches and attaches its irqfd",
+            )?,
+            arg_eq(
+                libc::SYS_ioctl,
+                1,
+                KVM_SET_USER_MEMORY_REGION,
+                "KVM_SET_USER_MEMORY_REGION: the guest moves a BAR whose mmap is a memory slot",
+            )?,
+            arg_eq(
+                libc::SYS_ioctl,
+                1,
+                VFIO_DEVICE_SET_IRQS,
+                "VFIO_DEVICE_SET_IRQS: the guest enables or disables MSI-X",
+            )?,
+            any(
+                libc::SYS_pread64,
+                "configuration space and trapped BARs, read through the VFIO device fd",
+            ),
+            any(
+                libc::SYS_pwrite64,
+                "configuration space and trapped BARs, written through the VFIO device fd",
+            ),
+            any(
+                libc::SYS_poll,
+                "the MSI-X PBA: whether a masked vector's eventfd holds a signal",
+            ),
+        ],
+        Role::Main => vec![
+            arg_eq(
+                libc::SYS_ioctl,
+                1,
+                KVM_IRQFD,
+                "KVM_IRQFD: detaching MSI-X irqfds when the VM stops",
+            )?,
+            arg_eq(
+                libc::SYS_ioctl,
+                1,
+                VFIO_DEVICE_SET_IRQS,
+                "VFIO_DEVICE_SET_IRQS: MSI-X off when the VM stops",
+            )?,
+            arg_eq(
+                libc::SYS_ioctl,
+                1,
+                VFIO_DEVICE_RESET,
+                "VFIO_DEVICE_RESET: passthrough devices are reset when the VM stops",
+            )?,
+        ],
+        Role::Vsock | Role::Block | Role::Rng | Role::SerialIn => Vec::new(),
+    })
+}
+
+fn role_rules(role: Role, passthrough: bool) -> Result<Vec<Allow>, seccompiler::BackendError> {
     let mut rules = common();
+    if passthrough {
+        rules.extend(passthrough_rules(role)?);
+    }
     if role != Role::Vsock {
         rules.push(fcntl_getfd()?);
     }
@@ -240,15 +320,25 @@ fn role_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
 
 /// The documented allow-list of `role`: (syscall number, reason).
 pub fn allow_list(role: Role) -> Vec<(i64, &'static str)> {
-    role_rules(role)
+    allow_list_for(role, false)
+}
+
+/// The allow-list of `role` in a VM with (`passthrough`) or without PCI passthrough.
+pub fn allow_list_for(role: Role, passthrough: bool) -> Vec<(i64, &'static str)> {
+    role_rules(role, passthrough)
         .map(|r| r.into_iter().map(|(nr, _, why)| (nr, why)).collect())
         .unwrap_or_default()
 }
 
 /// The compiled filter of `role`.
 pub fn filter(role: Role) -> Result<BpfProgram, Error> {
+    filter_for(role, false)
+}
+
+/// The compiled filter of `role`, with the passthrough additions when `passthrough`.
+pub fn filter_for(role: Role, passthrough: bool) -> Result<BpfProgram, Error> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (nr, rules, _) in role_rules(role).map_err(|e| Error::Build(role, e))? {
+    for (nr, rules, _) in role_rules(role, passthrough).map_err(|e| Error::Build(role, e))? {
         map.entry(nr).or_default().extend(rules);
     }
     let f = SeccompFilter::new(
@@ -263,7 +353,12 @@ pub fn filter(role: Role) -> Result<BpfProgram, Error> {
 
 /// Installs `role`'s filter on the calling thread.
 pub fn install(role: Role) -> Result<(), Error> {
-    let prog = filter(role)?;
+    install_for(role, false)
+}
+
+/// Installs `role`'s filter, with the passthrough additions when the VM has PCI devices.
+pub fn install_for(role: Role, passthrough: bool) -> Result<(), Error> {
+    let prog = filter_for(role, passthrough)?;
     seccompiler::apply_filter(&prog).map_err(|e| Error::Install(role, e))
 }
 
@@ -275,6 +370,53 @@ mod tests {
     fn every_role_compiles() {
         for role in Role::ALL {
             assert!(filter(role).is_ok(), "{role:?}");
+            assert!(filter_for(role, true).is_ok(), "{role:?} with passthrough");
+        }
+    }
+
+    /// `_IOW(type, nr, size)` and `_IO(type, nr)` as the kernel's ioctl.h builds them.
+    fn iow(ty: u64, nr: u64, size: usize) -> u64 {
+        1 << 30 | (size as u64) << 16 | ty << 8 | nr
+    }
+
+    #[test]
+    fn passthrough_ioctl_numbers_match_the_kernel_structures() {
+        use std::mem::size_of;
+        assert_eq!(
+            KVM_SET_GSI_ROUTING,
+            iow(0xae, 0x6a, size_of::<kvm_bindings::kvm_irq_routing>())
+        );
+        assert_eq!(
+            KVM_IRQFD,
+            iow(0xae, 0x76, size_of::<kvm_bindings::kvm_irqfd>())
+        );
+        assert_eq!(
+            KVM_SET_USER_MEMORY_REGION,
+            iow(
+                0xae,
+                0x46,
+                size_of::<kvm_bindings::kvm_userspace_memory_region>()
+            )
+        );
+        assert_eq!(VFIO_DEVICE_SET_IRQS, u64::from(b';') << 8 | (100 + 10));
+        assert_eq!(VFIO_DEVICE_RESET, u64::from(b';') << 8 | (100 + 11));
+    }
+
+    #[test]
+    fn only_vcpu_and_main_threads_gain_anything_with_passthrough() {
+        for role in Role::ALL {
+            let gained = allow_list_for(role, true).len() - allow_list(role).len();
+            let expected = matches!(role, Role::Vcpu | Role::Main);
+            assert_eq!(gained > 0, expected, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn passthrough_never_opens_files() {
+        for role in Role::ALL {
+            for nr in [libc::SYS_open, libc::SYS_openat] {
+                assert!(!allow_list_for(role, true).iter().any(|(n, _)| *n == nr));
+            }
         }
     }
 

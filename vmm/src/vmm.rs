@@ -17,6 +17,8 @@ use crate::cpuid;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{I8042, ResetLine};
 use crate::devices::metrics::DeviceMetrics;
+use crate::devices::pci::bus::PciRoot;
+use crate::devices::pci::window::BarWindows;
 use crate::devices::serial::{self, IrqLine};
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -24,9 +26,11 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::exit::{ExitSender, VmExit};
+use crate::kvm::irq::{KvmBarMapper, KvmMsiRouter};
 use crate::kvm::{self, Vm};
 use crate::layout;
 use crate::seccomp::{self, Role};
+use crate::vfio::{self, VfioBackend, device::VfioPciDevice};
 
 /// Errors that stop the VMM before or while it runs.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,15 @@ pub enum Error {
     /// A seccomp filter could not be installed.
     #[error("cannot confine the main thread")]
     Seccomp(#[source] seccomp::Error),
+    /// A passthrough device could not be set up.
+    #[error("cannot set up PCI passthrough")]
+    Passthrough(#[source] crate::vfio::Error),
+    /// The BAR windows could not be laid out.
+    #[error("cannot lay out PCI BAR windows")]
+    BarWindows(#[source] crate::devices::pci::window::Error),
+    /// The PCI bus is full.
+    #[error("too many PCI devices")]
+    PciBusFull,
     /// A thread could not be started.
     #[error("cannot start thread {0}")]
     Thread(String, #[source] std::io::Error),
@@ -78,6 +91,7 @@ pub struct Resources {
     kernel: std::fs::File,
     initrd: Option<std::fs::File>,
     kvm: kvm_ioctls::Kvm,
+    vfio: Option<(vfio::host::Container, Vec<vfio::host::HostDevice>)>,
     disks: Vec<Disk>,
     entropy: Option<std::fs::File>,
     console: serial::ConsoleOut,
@@ -119,10 +133,19 @@ impl Resources {
             None => None,
         };
         let kvm = Vm::open_kvm().map_err(Error::Kvm)?;
+        let vfio = if cfg.gpus.is_empty() {
+            None
+        } else {
+            Some(
+                vfio::host::open(&cfg.gpus, std::path::Path::new("/sys"))
+                    .map_err(Error::Passthrough)?,
+            )
+        };
         Ok(Self {
             kernel,
             initrd,
             kvm,
+            vfio,
             disks,
             entropy,
             console,
@@ -163,6 +186,55 @@ fn pollable(f: &std::fs::File) -> bool {
             .unwrap_or(false)
 }
 
+/// KVM memory slots set aside for mmapped BARs.
+const BAR_SLOTS: u32 = 64;
+
+/// Puts the passthrough devices (and, in test builds, the fake one) on a PCI root bus:
+/// guest RAM DMA-mapped for them, BARs placed, MSI/MSI-X routed through KVM. Returns the
+/// devices, which are stopped (interrupts off, reset) when the VM stops.
+fn attach_pci(
+    cfg: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    host: Option<(vfio::host::Container, Vec<vfio::host::HostDevice>)>,
+    bus: &mut Bus,
+) -> Result<Vec<Arc<Mutex<VfioPciDevice>>>, Error> {
+    let mut backends: Vec<Box<dyn VfioBackend>> = Vec::new();
+    if let Some((container, devices)) = host {
+        // The devices hold the container open (and guest RAM mapped for DMA) until exit.
+        vfio::map_guest_memory(&container, mem).map_err(Error::Passthrough)?;
+        backends.extend(
+            devices
+                .into_iter()
+                .map(|d| Box::new(d) as Box<dyn VfioBackend>),
+        );
+    }
+    #[cfg(feature = "test-utils")]
+    if cfg.test_fake_gpu {
+        backends.push(Box::new(vfio::fake::FakeGpu::new().0));
+    }
+    #[cfg(not(feature = "test-utils"))]
+    let _ = cfg;
+    if backends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ram_end = mem.last_addr().0.saturating_add(1);
+    let mut windows = BarWindows::new(ram_end, vm.guest_phys_bits()).map_err(Error::BarWindows)?;
+    let router = Arc::new(KvmMsiRouter::new(vm.fd()));
+    let mapper = Arc::new(KvmBarMapper::new(vm.fd(), vm.first_free_slot(), BAR_SLOTS));
+    let mut root = PciRoot::new();
+    let mut devices = Vec::new();
+    for backend in backends {
+        let dev = VfioPciDevice::new(backend, &mut windows, router.clone(), Some(mapper.clone()))
+            .map_err(Error::Passthrough)?;
+        let dev = Arc::new(Mutex::new(dev));
+        root.add(dev.clone()).ok_or(Error::PciBusFull)?;
+        devices.push(dev);
+    }
+    bus.set_pci(root);
+    Ok(devices)
+}
+
 /// Boots `cfg` and runs it until the guest stops, the VMM fails or `timeout` passes. With
 /// `stats` (the instant `main()` started) a cost report is printed on stderr at exit.
 pub fn run(
@@ -187,6 +259,7 @@ pub fn run_with(
         mut kernel,
         mut initrd,
         kvm,
+        vfio,
         disks,
         entropy,
         console,
@@ -274,6 +347,8 @@ pub fn run_with(
         }
         bus.add_mmio(slot.base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)));
     }
+    let passthrough = attach_pci(cfg, &vm, &mem, vfio, &mut bus)?;
+    let pci = !passthrough.is_empty();
     let bus = Arc::new(bus);
 
     let pvm = match cfg.pvm_workarounds {
@@ -293,7 +368,7 @@ pub fn run_with(
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                if confine && let Err(e) = seccomp::install(Role::Vcpu) {
+                if confine && let Err(e) = seccomp::install_for(Role::Vcpu, pci) {
                     exits.send(VmExit::VmmError(format!("vCPU {index}: {e}")));
                     return;
                 }
@@ -330,7 +405,7 @@ pub fn run_with(
     // alone takes them, under its own seccomp role.
     crate::terminal::unblock_exit_signals().map_err(Error::ConsoleInput)?;
     if cfg.seccomp {
-        seccomp::install(Role::Main).map_err(Error::Seccomp)?;
+        seccomp::install_for(Role::Main, pci).map_err(Error::Seccomp)?;
     }
     let exit = match timeout {
         Some(t) => match exit_rx.recv_timeout(t) {
@@ -345,6 +420,11 @@ pub fn run_with(
             .unwrap_or_else(|_| VmExit::VmmError("every vCPU thread ended".to_owned())),
     };
     stop.store(true, std::sync::atomic::Ordering::Release);
+    for dev in &passthrough {
+        if let Ok(mut d) = dev.lock() {
+            d.shutdown();
+        }
+    }
     // Keep the VM and memory alive: vCPU threads may still be inside KVM_RUN; the caller exits
     // the process.
     std::mem::forget(vm);

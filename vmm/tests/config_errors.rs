@@ -51,3 +51,29 @@ fn missing_kernel_file_exits_1() {
     assert_eq!(code, Some(1));
     assert!(err.contains("cannot open kernel"), "{err}");
 }
+
+#[test]
+fn a_malformed_gpu_address_exits_2() {
+    let (code, err) = vmm(&["--kernel", "/k", "--gpu", "41:00"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("not a PCI address"), "{err}");
+}
+
+#[test]
+fn a_gpu_missing_from_the_host_is_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("moat-vmm-gpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("k");
+    std::fs::write(&kernel, b"\x7fELF").unwrap();
+    let (code, err) = vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--gpu",
+        "00ff:1f:1f.7",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no PCI device 00ff:1f:1f.7 on this host"),
+        "{err}"
+    );
+}

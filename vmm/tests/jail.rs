@@ -500,3 +500,42 @@ fn unprivileged_jail_without_a_user_namespace_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn jailed_vmm_delivers_msi_x_from_a_passthrough_device() {
+    require_root_and_kvm!();
+    let dir = common::scratch("jail-pci");
+    let serial = dir.join("serial.log");
+    let out = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(probe_copy(&dir))
+        .arg("--jail-dir")
+        .arg(dir.join("root"))
+        .args([
+            "--test-fake-gpu",
+            "--cmdline",
+            "probe.pci=1",
+            "--timeout",
+            "60",
+        ])
+        .arg("--serial-out")
+        .arg(&serial)
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "probe: pci msix unmasked vector 0x40 irr 1 pba 0",
+        "probe: pci msi vector 0x42 irr 1",
+    ] {
+        assert!(
+            log.lines().any(|l| l == want),
+            "missing {want:?} in:\n{log}"
+        );
+    }
+}

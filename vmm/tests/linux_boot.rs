@@ -4,6 +4,8 @@
 //!
 //! Needs the vmlinux `cargo xtask images kernel` builds, named by MOAT_LINUX_KERNEL; skipped
 //! with a printed reason otherwise (or without /dev/kvm). About 20 s on the nested PVM host.
+//! MOAT_LINUX_PCI_KERNEL (that kernel plus CONFIG_PCI and CONFIG_PCI_MSI) runs the PCI
+//! enumeration test against the fake passthrough device.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -131,6 +133,51 @@ fn smp_linux_brings_up_every_vcpu_from_our_mp_table() {
     let has = |s: &str| run.serial.contains(s);
     assert!(has("smp: Brought up 1 node, 2 CPUs"), "{}", run.serial);
     assert!(has("Run /init as init process"), "{}", run.serial);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+}
+
+#[test]
+fn linux_finds_the_pci_host_bridge_and_keeps_the_bars_we_placed() {
+    require_kvm!();
+    let Some(kernel) = std::env::var_os("MOAT_LINUX_PCI_KERNEL").map(PathBuf::from) else {
+        eprintln!(
+            "SKIPPED: set MOAT_LINUX_PCI_KERNEL to a vmlinux built like `cargo xtask images \
+             kernel` with CONFIG_PCI=y and CONFIG_PCI_MSI=y added (docs/gpu.md)"
+        );
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock();
+    // No initramfs: PCI is probed at subsys_initcall, long before the root mount fails and
+    // panic=-1 resets the machine.
+    let run = common::run_vmm_with_timeout(
+        "linux-pci-run",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--test-fake-gpu",
+            "--cmdline",
+            PVM_CMDLINE,
+        ],
+        180,
+    );
+    for want in [
+        "PCI: Using configuration type 1 for base access",
+        "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",
+        "pci 0000:00:01.0: [6d6f:6174] type 00 class 0x030200",
+        "pci 0000:00:01.0: BAR 0 [mem 0x1000000000-0x11ffffffff 64bit pref]",
+        "pci 0000:00:01.0: BAR 2 [mem 0xc0000000-0xc0003fff]",
+    ] {
+        assert!(
+            run.serial.contains(want),
+            "missing {want:?} in:\n{}",
+            run.serial
+        );
+    }
+    assert!(
+        !run.serial.contains("BAR 0 [mem size") && !run.serial.contains("can't claim"),
+        "Linux reassigned a BAR: {}",
+        run.serial
+    );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
 }
 

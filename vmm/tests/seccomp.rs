@@ -6,7 +6,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
-use moat_vmm::seccomp::{Role, install};
+use moat_vmm::seccomp::{Role, install, install_for};
 use vmm_sys_util::eventfd::EventFd;
 
 const CHILD: &str = "MOAT_SECCOMP_CHILD";
@@ -25,9 +25,15 @@ fn is_child() -> bool {
     std::env::var_os(CHILD).is_some()
 }
 
+/// An eventfd made before any filter is installed (making one is not allowed after).
+fn shared_eventfd() -> &'static EventFd {
+    static EVT: std::sync::OnceLock<EventFd> = std::sync::OnceLock::new();
+    EVT.get_or_init(|| EventFd::new(0).unwrap())
+}
+
 /// In the child: confine this thread as `role`, run `call`, exit 0 if it survived.
 fn child(role: Role, call: impl FnOnce()) {
-    let evt = EventFd::new(0).unwrap();
+    let evt = shared_eventfd();
     install(role).unwrap();
     evt.write(1).unwrap(); // every role may signal an eventfd
     call();
@@ -211,3 +217,64 @@ fn vcpu_may_run_kvm_run() {
     }
     assert_eq!(in_child("vcpu_may_run_kvm_run"), (Some(0), None));
 }
+
+/// In the child: confine this thread as `role` of a VM with PCI passthrough, run `call` with
+/// a file opened before (standing in for a VFIO device fd).
+fn passthrough_child(role: Role, call: impl FnOnce(&std::fs::File)) {
+    let device = std::fs::File::open("/dev/null").unwrap();
+    shared_eventfd();
+    install_for(role, true).unwrap();
+    call(&device);
+    std::process::exit(0);
+}
+
+macro_rules! passthrough_case {
+    ($name:ident, $role:expr, $expect:expr, $call:expr) => {
+        #[test]
+        fn $name() {
+            if is_child() {
+                passthrough_child($role, $call);
+            }
+            assert_eq!(in_child(stringify!($name)), $expect);
+        }
+    };
+}
+
+/// `poll` on an eventfd, as the MSI-X PBA read does.
+fn poll_an_eventfd() {
+    let _ = moat_vmm::vfio::sys::eventfd_is_signalled(shared_eventfd());
+}
+
+passthrough_case!(
+    passthrough_vcpu_may_poll_msix_eventfds,
+    Role::Vcpu,
+    (Some(0), None),
+    |_| poll_an_eventfd()
+);
+case!(
+    vcpu_without_passthrough_may_not_poll,
+    Role::Vcpu,
+    killed,
+    poll_an_eventfd
+);
+passthrough_case!(
+    passthrough_vcpu_may_pread_a_device_fd,
+    Role::Vcpu,
+    (Some(0), None),
+    |device| {
+        let mut b = [0u8; 4];
+        let _ = std::os::unix::fs::FileExt::read_at(device, &mut b, 0);
+    }
+);
+passthrough_case!(
+    passthrough_vcpu_may_not_open_files,
+    Role::Vcpu,
+    (None, Some(libc::SIGSYS)),
+    |_| open_a_file()
+);
+passthrough_case!(
+    passthrough_block_thread_gains_no_poll,
+    Role::Block,
+    (None, Some(libc::SIGSYS)),
+    |_| poll_an_eventfd()
+);

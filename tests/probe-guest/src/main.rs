@@ -16,6 +16,7 @@
 mod blk;
 mod entry;
 mod io;
+mod pci;
 mod pvh;
 mod rng;
 mod virtio;
@@ -96,6 +97,11 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
                 blk::test(out, nth, slot, base)?;
             }
         }
+    }
+    match param(cmdline, "probe.pci=") {
+        Some("list") => pci::list(out),
+        Some(_) => pci::test(out)?,
+        None => {}
     }
     if let Some(port) = param(cmdline, "probe.vsock_echo=") {
         let (slot, base) = virtio::find(cmdline, 19, 0).ok_or("no vsock device found")?;

@@ -1,10 +1,12 @@
-//! Routing vCPU exits to devices. Port I/O: COM1 and the i8042. MMIO: one window per virtio
-//! device. Accesses nobody owns read as all ones and are otherwise ignored (logged, rate-limited):
+//! Routing vCPU exits to devices. Port I/O: COM1, the i8042 and PCI configuration mechanism
+//! #1. MMIO: one window per virtio device, then the BARs of PCI functions. Accesses nobody owns read as all ones and are otherwise ignored (logged, rate-limited):
 //! a guest probing for hardware must never stop the VMM.
 
 use std::sync::{Arc, Mutex};
 
 use super::legacy::{I8042, I8042_COMMAND, I8042_DATA};
+use super::pci::BarHit;
+use super::pci::bus::PciRoot;
 use super::serial::{COM1_BASE, COM1_LEN, SerialDevice};
 use crate::guest_warn;
 
@@ -40,6 +42,7 @@ pub struct Bus {
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Mutex<I8042>,
     mmio: Vec<Window>,
+    pci: Option<Mutex<PciRoot>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -58,7 +61,19 @@ impl Bus {
             serial,
             i8042: Mutex::new(i8042),
             mmio: Vec::new(),
+            pci: None,
         }
+    }
+
+    /// Puts a PCI root bus on the machine: configuration mechanism #1 and its BARs.
+    pub fn set_pci(&mut self, root: PciRoot) {
+        self.pci = Some(Mutex::new(root));
+    }
+
+    /// The PCI function whose BAR decodes `addr`, with the BAR and offset.
+    fn pci_bar(&self, addr: u64) -> Option<BarHit> {
+        let root = self.pci.as_ref()?.lock().ok()?;
+        root.bar_target(addr)
     }
 
     /// Adds an MMIO window; windows never overlap (the caller lays them out from `layout`).
@@ -83,7 +98,11 @@ impl Bus {
 impl IoBus for Bus {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
-        if let Some(off) = Self::com1_offset(port) {
+        if PciRoot::owns_port(port) {
+            if let Some(Ok(mut root)) = self.pci.as_ref().map(|p| p.lock()) {
+                root.pio_read(port, data);
+            }
+        } else if let Some(off) = Self::com1_offset(port) {
             if let (Ok(mut s), Some(d)) = (self.serial.lock(), data.first_mut()) {
                 *d = s.read(off);
             }
@@ -96,7 +115,11 @@ impl IoBus for Bus {
 
     fn pio_write(&self, port: u16, data: &[u8]) {
         let Some(&value) = data.first() else { return };
-        if let Some(off) = Self::com1_offset(port) {
+        if PciRoot::owns_port(port) {
+            if let Some(Ok(mut root)) = self.pci.as_ref().map(|p| p.lock()) {
+                root.pio_write(port, data);
+            }
+        } else if let Some(off) = Self::com1_offset(port) {
             if let Ok(mut s) = self.serial.lock()
                 && let Err(e) = s.write(off, value)
             {
@@ -117,7 +140,14 @@ impl IoBus for Bus {
                     d.read(off, data);
                 }
             }
-            None => guest_warn!(addr, "MMIO read outside every device"),
+            None => match self.pci_bar(addr) {
+                Some((dev, bar, off)) => {
+                    if let Ok(mut d) = dev.lock() {
+                        d.bar_read(bar.index, off, data);
+                    }
+                }
+                None => guest_warn!(addr, "MMIO read outside every device"),
+            },
         }
     }
 
@@ -128,7 +158,14 @@ impl IoBus for Bus {
                     d.write(off, data);
                 }
             }
-            None => guest_warn!(addr, "MMIO write outside every device"),
+            None => match self.pci_bar(addr) {
+                Some((dev, bar, off)) => {
+                    if let Ok(mut d) = dev.lock() {
+                        d.bar_write(bar.index, off, data);
+                    }
+                }
+                None => guest_warn!(addr, "MMIO write outside every device"),
+            },
         }
     }
 }

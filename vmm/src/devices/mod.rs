@@ -5,5 +5,6 @@
 pub mod bus;
 pub mod legacy;
 pub mod metrics;
+pub mod pci;
 pub mod serial;
 pub mod virtio;

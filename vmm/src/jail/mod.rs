@@ -270,6 +270,11 @@ fn landlock_fs_rights(abi: i64) -> u64 {
     bits
 }
 
+/// The Landlock ABI version the kernel offers (0: no Landlock). `moat doctor` reports it.
+pub fn landlock_abi() -> i64 {
+    sys::landlock_abi()
+}
+
 /// Landlock on the calling thread and every thread it starts afterwards: no filesystem access
 /// at all (every file the VM needs is already open; connecting to `<uds>_P` is not a Landlock
 /// filesystem right), no TCP bind or connect (ABI 4+), no abstract Unix sockets and no signals

@@ -9,7 +9,10 @@
 //! space is expensive. The PIT is there because Linux calibrates its TSC and APIC timer against
 //! it when no other reference is offered (Firecracker makes the same choice).
 
+pub mod irq;
 pub mod vcpu;
+
+use std::sync::Arc;
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
@@ -75,7 +78,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
+    ram_slots: u32,
 }
 
 impl Vm {
@@ -84,7 +88,8 @@ impl Vm {
         Kvm::new().map_err(Error::OpenKvm)
     }
 
-    /// Creates the VM on `kvm`, its irqchip and PIT, and registers `mem`.
+    /// Creates the VM on `kvm`, its irqchip and PIT, and registers `mem`. This runs after the
+    /// jail: a KVM VM belongs to the address space that created it, and the jail forks.
     pub fn new(kvm: Kvm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
         let tss = usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX);
@@ -97,12 +102,43 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(Error::CreatePit)?;
-        let vm = Self { kvm, fd };
-        vm.register_memory(mem)?;
+        let mut vm = Self {
+            kvm,
+            fd: Arc::new(fd),
+            ram_slots: 0,
+        };
+        vm.ram_slots = vm.register_memory(mem)?;
         Ok(vm)
     }
 
-    fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    /// The VM fd, shared with the MSI router and the BAR mapper.
+    pub fn fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
+    }
+
+    /// The guest's physical address width: CPUID 0x8000_0008 EAX[7:0] as KVM passes it on
+    /// (the host's), 36 if KVM does not say.
+    pub fn guest_phys_bits(&self) -> u8 {
+        self.kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .ok()
+            .and_then(|c| {
+                c.as_slice()
+                    .iter()
+                    .find(|e| e.function == 0x8000_0008)
+                    .and_then(|e| u8::try_from(e.eax & 0xff).ok())
+            })
+            .filter(|b| (32..=57).contains(b))
+            .unwrap_or(36)
+    }
+
+    /// The first memory slot after guest RAM's.
+    pub fn first_free_slot(&self) -> u32 {
+        self.ram_slots
+    }
+
+    fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<u32, Error> {
+        let mut count = 0;
         for (slot, region) in (0u32..).zip(mem.iter()) {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
@@ -119,8 +155,9 @@ impl Vm {
             // both, and the process exits rather than dropping the memory under a vCPU), and
             // slots are distinct and never overlap because vm-memory refuses overlapping regions.
             unsafe { self.fd.set_user_memory_region(r) }.map_err(Error::SetMemoryRegion)?;
+            count = slot + 1;
         }
-        Ok(())
+        Ok(count)
     }
 
     /// Routes `evt` to guest interrupt `gsi` through the in-kernel irqchip.
