@@ -141,8 +141,8 @@ fn linux_finds_the_pci_host_bridge_and_keeps_the_bars_we_placed() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_PCI_KERNEL").map(PathBuf::from) else {
         eprintln!(
-            "SKIPPED: set MOAT_LINUX_PCI_KERNEL to a vmlinux built like `cargo xtask images \
-             kernel` with CONFIG_PCI=y and CONFIG_PCI_MSI=y added (docs/gpu.md)"
+            "SKIPPED: set MOAT_LINUX_PCI_KERNEL to the vmlinux `cargo xtask images kernel-gpu` \
+             builds (`cargo xtask test` sets it)"
         );
         return;
     };

@@ -27,6 +27,7 @@ const TARGETS: &[&str] = &[
     "vmm_descriptor_chain",
     "vmm_vsock_packet",
     "vmm_block_request",
+    "vmm_pci_access",
 ];
 
 pub(crate) fn run(args: &[String]) -> Result<()> {

@@ -45,6 +45,11 @@ pub(crate) fn cache_dir() -> PathBuf {
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let what = args.first().map_or("all", String::as_str);
+    if what == "kernel-gpu" {
+        // Booted only where a GPU is passed through (docs/gpu.md): not in current.toml.
+        kernel_gpu()?;
+        return Ok(());
+    }
     let mut built: Vec<(&str, PathBuf)> = Vec::new();
     if matches!(what, "kernel" | "all") {
         built.push(("kernel", kernel()?.vmlinux));
@@ -56,7 +61,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         built.push(("rootfs", rootfs()?));
     }
     if built.is_empty() {
-        bail!("unknown image {what:?} (kernel, initramfs, rootfs or all)");
+        bail!("unknown image {what:?} (kernel, kernel-gpu, initramfs, rootfs or all)");
     }
     write_current(&built)
 }
@@ -126,15 +131,35 @@ fn kernel_patches() -> Result<Vec<PathBuf>> {
 
 /// Builds the guest kernel unless the cache already holds this exact one.
 pub(crate) fn kernel() -> Result<Kernel> {
+    build_kernel("kernel", &["config.fragment"])
+}
+
+/// The kernel for VMs with a GPU passed through: the same plus PCI and MSI
+/// (`images/kernel/gpu.fragment`, docs/gpu.md).
+pub(crate) fn kernel_gpu() -> Result<Kernel> {
+    build_kernel("kernel-gpu", &["config.fragment", "gpu.fragment"])
+}
+
+/// Builds kernel `variant` from `images/kernel/<fragments>` on top of tinyconfig.
+fn build_kernel(variant: &str, fragments: &[&str]) -> Result<Kernel> {
     const STEPS: usize = 5;
     require_packages("kernel", KERNEL_BUILD_DEPS)?;
     let version = package_version(KERNEL_PACKAGE)?;
-    let fragment_path = root().join("images/kernel/config.fragment");
-    let fragment = std::fs::read(&fragment_path)
-        .with_context(|| format!("cannot read {}", fragment_path.display()))?;
+    let fragment_paths: Vec<PathBuf> = fragments
+        .iter()
+        .map(|f| root().join("images/kernel").join(f))
+        .collect();
+    let mut fragment = Vec::new();
+    for path in &fragment_paths {
+        fragment.extend(
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        fragment.push(b'\n');
+    }
     let patches = kernel_patches()?;
     let mut h = Sha256::new();
     h.update(KERNEL_RECIPE);
+    h.update(variant);
     h.update(&version);
     h.update(&fragment);
     let mut patch_hash = Sha256::new();
@@ -145,14 +170,14 @@ pub(crate) fn kernel() -> Result<Kernel> {
     }
     let key = hex(&h.finalize());
     let cache = cache_dir();
-    let out = cache.join(format!("kernel-{key}"));
+    let out = cache.join(format!("{variant}-{key}"));
     let kernel = Kernel {
         vmlinux: out.join("vmlinux"),
         bzimage: out.join("bzImage"),
     };
     if kernel.vmlinux.exists() && kernel.bzimage.exists() {
         eprintln!(
-            "xtask images: kernel {version} cached: {}",
+            "xtask images: {variant} {version} cached: {}",
             kernel.vmlinux.display()
         );
         return Ok(kernel);
@@ -176,13 +201,15 @@ pub(crate) fn kernel() -> Result<Kernel> {
     let src_stamp = work.join("src.stamp");
     if std::fs::read_to_string(&src_stamp).ok().as_deref() != Some(src_key.as_str()) {
         step(
-            "kernel",
+            variant,
             1,
             STEPS,
             &format!("extracting {KERNEL_PACKAGE} {version}"),
         );
         let _ = std::fs::remove_dir_all(&src);
-        let _ = std::fs::remove_dir_all(work.join("obj"));
+        for obj in ["obj", "obj-gpu"] {
+            let _ = std::fs::remove_dir_all(work.join(obj));
+        }
         std::fs::create_dir_all(&src)?;
         let tarball = format!("/usr/src/{KERNEL_PACKAGE}.tar.xz");
         run_cmd(
@@ -191,7 +218,7 @@ pub(crate) fn kernel() -> Result<Kernel> {
                 .arg(&src),
         )?;
         step(
-            "kernel",
+            variant,
             2,
             STEPS,
             &format!("applying {} patches", patches.len()),
@@ -207,13 +234,16 @@ pub(crate) fn kernel() -> Result<Kernel> {
         }
         std::fs::write(&src_stamp, &src_key)?;
     } else {
-        step("kernel", 1, STEPS, "source tree already extracted");
-        step("kernel", 2, STEPS, "patches already applied");
+        step(variant, 1, STEPS, "source tree already extracted");
+        step(variant, 2, STEPS, "patches already applied");
     }
-    let obj = work.join("obj");
+    let obj = work.join(format!(
+        "obj{}",
+        variant.strip_prefix("kernel").unwrap_or("")
+    ));
     std::fs::create_dir_all(&obj)?;
     step(
-        "kernel",
+        variant,
         3,
         STEPS,
         "configuring (tinyconfig + images/kernel/config.fragment)",
@@ -233,7 +263,7 @@ pub(crate) fn kernel() -> Result<Kernel> {
                 .args(["-m", "-O"])
                 .arg(&obj)
                 .arg(obj.join(".config"))
-                .arg(&fragment_path)
+                .args(&fragment_paths)
                 .stdout(Stdio::null()),
         )?;
         run_cmd(make(&["-s", "olddefconfig"]).stdout(Stdio::null()))?;
@@ -242,7 +272,7 @@ pub(crate) fn kernel() -> Result<Kernel> {
     }
     let jobs = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     step(
-        "kernel",
+        variant,
         4,
         STEPS,
         &format!(
@@ -250,8 +280,8 @@ pub(crate) fn kernel() -> Result<Kernel> {
         ),
     );
     compile_with_progress(make(&[&format!("-j{jobs}"), "vmlinux", "bzImage"]), &obj)?;
-    step("kernel", 5, STEPS, "storing");
-    let tmp = cache.join(format!("kernel-{key}.tmp"));
+    step(variant, 5, STEPS, "storing");
+    let tmp = cache.join(format!("{variant}-{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     std::fs::copy(obj.join("vmlinux"), tmp.join("vmlinux"))?;
@@ -260,7 +290,7 @@ pub(crate) fn kernel() -> Result<Kernel> {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::rename(&tmp, &out)?;
     eprintln!(
-        "xtask images: kernel {version} built in {:.0?}: {}",
+        "xtask images: {variant} {version} built in {:.0?}: {}",
         started.elapsed(),
         kernel.vmlinux.display()
     );

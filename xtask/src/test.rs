@@ -69,6 +69,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     // The Linux boot tests (moat-vmm's, and the vm backend's) boot our kernel and initramfs:
     // built here, or found in the cache (the first build takes about 8 minutes on 2 cores).
     let kernel = crate::images::kernel()?;
+    let gpu_kernel = crate::images::kernel_gpu()?;
     let initramfs = crate::images::initramfs()?;
     run_cmd(
         Command::new(env!("CARGO"))
@@ -78,6 +79,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             .env("MOAT_OCSF_PYTHON", python)
             .env("MOAT_LINUX_KERNEL", &kernel.vmlinux)
             .env("MOAT_LINUX_BZIMAGE", &kernel.bzimage)
-            .env("MOAT_LINUX_INITRAMFS", &initramfs),
+            .env("MOAT_LINUX_INITRAMFS", &initramfs)
+            .env("MOAT_LINUX_PCI_KERNEL", &gpu_kernel.vmlinux),
     )
 }
