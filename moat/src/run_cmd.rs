@@ -39,6 +39,10 @@ pub(crate) struct RunArgs {
     /// not used).
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// vm backend: pass this host PCI device (a GPU bound to vfio-pci) through to the VM;
+    /// repeatable (every member of its IOMMU group). Check the host with `moat doctor`.
+    #[arg(long = "gpu", value_name = "PCI_ADDRESS")]
+    gpu: Vec<String>,
     /// vm backend: show the guest kernel's boot messages on the console.
     #[arg(long)]
     boot_log: bool,
@@ -141,6 +145,9 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
             }
         }
         Backend::Namespace => {
+            if !args.gpu.is_empty() {
+                bail!("--gpu passes a device through to a VM: it needs the vm backend ({why})");
+            }
             eprintln!("moat: backend namespace ({why})");
             eprintln!(
                 "moat: the namespace backend shares the host kernel: isolation is weaker than a VM's"
@@ -236,6 +243,7 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
                     mem_mib: args.mem,
                     vcpus: args.vcpus,
                     boot_log: args.boot_log,
+                    gpus: args.gpu.clone(),
                     workspace: VmWorkspace {
                         hostname: "workspace".into(),
                         command: args.command.clone(),

@@ -20,6 +20,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 #[serde(deny_unknown_fields)]
 pub(crate) struct VmImages {
     pub(crate) kernel: PathBuf,
+    /// The kernel with PCI and MSI, for VMs with a GPU (`cargo xtask images kernel-gpu`).
+    #[serde(default)]
+    pub(crate) kernel_gpu: Option<PathBuf>,
     pub(crate) initramfs: PathBuf,
     pub(crate) rootfs: PathBuf,
 }
@@ -101,6 +104,8 @@ pub(crate) struct VmRun<'a> {
     pub(crate) mem_mib: u64,
     pub(crate) vcpus: u8,
     pub(crate) boot_log: bool,
+    /// Host PCI devices passed through with VFIO (moat-vmm `--gpu`; docs/gpu.md).
+    pub(crate) gpus: Vec<String>,
     pub(crate) workspace: VmWorkspace,
 }
 
@@ -232,8 +237,23 @@ fn vmm_exit_meaning(code: Option<i32>) -> &'static str {
     }
 }
 
+/// The kernel to boot: the GPU kernel (PCI, MSI) when devices are passed through.
+fn kernel_for(images: &VmImages, gpus: &[String]) -> Result<PathBuf> {
+    if gpus.is_empty() {
+        return Ok(images.kernel.clone());
+    }
+    match &images.kernel_gpu {
+        Some(k) if k.is_file() => Ok(k.clone()),
+        _ => bail!(
+            "--gpu needs the guest kernel with PCI and MSI: build it with \
+             `cargo xtask images kernel-gpu` (and check the host with `moat doctor --gpu ...`)"
+        ),
+    }
+}
+
 /// Boots the workspace VM and waits for it; returns the agent's exit code.
 pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
+    let kernel = kernel_for(&run.images, &run.gpus)?;
     let home = match &run.home_disk {
         Some(p) => p.clone(),
         None => {
@@ -265,7 +285,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
     // uid (65534 when we are root; our own uid in a user namespace otherwise), under Landlock.
     cmd.arg("--jail-dir").arg(&jail_dir);
     cmd.arg("--kernel")
-        .arg(&run.images.kernel)
+        .arg(&kernel)
         .arg("--initrd")
         .arg(&run.images.initramfs)
         .arg("--cmdline")
@@ -281,6 +301,9 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         .arg("--block")
         .arg(&home)
         .arg("--rng");
+    for gpu in &run.gpus {
+        cmd.arg("--gpu").arg(gpu);
+    }
     if !run.workspace.interactive {
         // A command without a terminal gets no console input (guest-init gives it /dev/null).
         cmd.args(["--serial-in", "off"]);
@@ -373,5 +396,18 @@ mod tests {
         let text = format!("kernel = {k:?}\ninitramfs = {k:?}\nrootfs = {k:?}\n");
         let images: VmImages = toml::from_str(&text).unwrap();
         assert_eq!(images.rootfs, k);
+        assert_eq!(kernel_for(&images, &[]).unwrap(), k);
+        // A GPU needs the PCI kernel; without it the error says how to build it.
+        let err = kernel_for(&images, &["0000:41:00.0".into()]).unwrap_err();
+        assert!(
+            err.to_string().contains("cargo xtask images kernel-gpu"),
+            "{err}"
+        );
+        let g = dir.path().join("g");
+        std::fs::write(&g, b"").unwrap();
+        let text =
+            format!("kernel = {k:?}\nkernel_gpu = {g:?}\ninitramfs = {k:?}\nrootfs = {k:?}\n");
+        let images: VmImages = toml::from_str(&text).unwrap();
+        assert_eq!(kernel_for(&images, &["0000:41:00.0".into()]).unwrap(), g);
     }
 }

@@ -46,9 +46,8 @@ pub(crate) fn cache_dir() -> PathBuf {
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let what = args.first().map_or("all", String::as_str);
     if what == "kernel-gpu" {
-        // Booted only where a GPU is passed through (docs/gpu.md): not in current.toml.
-        kernel_gpu()?;
-        return Ok(());
+        // Booted only where a GPU is passed through (`moat run --gpu`, docs/gpu.md).
+        return write_current(&[("kernel_gpu", kernel_gpu()?.vmlinux)]);
     }
     let mut built: Vec<(&str, PathBuf)> = Vec::new();
     if matches!(what, "kernel" | "all") {
@@ -587,7 +586,7 @@ fn write_current(built: &[(&str, PathBuf)]) -> Result<()> {
     let old = std::fs::read_to_string(&path).unwrap_or_default();
     let mut text =
         String::from("# Written by `cargo xtask images`: the images moat's vm backend boots.\n");
-    for key in ["kernel", "initramfs", "rootfs"] {
+    for key in ["kernel", "kernel_gpu", "initramfs", "rootfs"] {
         let line = built.iter().find(|(k, _)| *k == key).map_or_else(
             || {
                 old.lines()
