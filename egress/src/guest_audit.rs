@@ -137,14 +137,18 @@ async fn serve_conn(stream: UnixStream, audit: Arc<Audit>) {
     }
 }
 
-/// Serves guest process events on `path` until `shutdown`.
-pub async fn serve(
-    path: &Path,
-    audit: Arc<Audit>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+/// Binds the process-event socket at `path`, replacing a stale one. Bound before anything
+/// is started that connects to it or changes its permissions. Needs a tokio runtime context.
+///
+/// # Errors
+/// The socket cannot be bound.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    UnixListener::bind(path)
+}
+
+/// Serves guest process events on `listener` (from [`bind`]) until `shutdown`.
+pub async fn serve(listener: UnixListener, audit: Arc<Audit>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -154,7 +158,7 @@ pub async fn serve(
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
             },
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return,
         }
     }
 }

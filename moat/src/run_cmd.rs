@@ -202,14 +202,17 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
     };
     let audit_socket = moat_egress::port_path(&uds, GUEST_AUDIT_VSOCK_PORT);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    {
-        let (path, shutdown) = (audit_socket.clone(), shutdown.clone());
-        rt.spawn(async move {
-            if let Err(e) = guest_audit::serve(&path, Arc::new(process_audit), shutdown).await {
-                tracing::error!(error = %e, "process audit socket failed");
-            }
-        });
-    }
+    // Bound here, before the workspace starts: both backends hand it to the workspace's ids.
+    let audit_listener = {
+        let _guard = rt.enter();
+        guest_audit::bind(&audit_socket)
+            .with_context(|| format!("cannot listen on {}", audit_socket.display()))?
+    };
+    rt.spawn(guest_audit::serve(
+        audit_listener,
+        Arc::new(process_audit),
+        shutdown.clone(),
+    ));
     eprintln!(
         "moat: egress proxy up (policy {:?}), audit: {}",
         proxy.policy_name(),
@@ -303,12 +306,6 @@ fn run_namespace(
                 })
                 .with_context(|| format!("cannot give {} to the workspace", home.display()))?;
         }
-    }
-    // guest-init hands the audit socket to the workspace's gid: it must be bound first (the
-    // proxy's flow socket is, once Proxy::start returns).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !audit_socket.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let mut child = Command::new(exe)
         .arg("__guest-init")

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use moat_guest_init::control::{self, CONTROL_VSOCK_PORT, VmOutcome, VmWorkspace};
@@ -162,9 +162,13 @@ async fn serve_control(
     };
     tokio::spawn(async move {
         loop {
-            if let Ok((s, _)) = listener.accept().await {
-                drop(s);
-                tracing::warn!("a second control connection from the guest was refused");
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    drop(s);
+                    tracing::warn!("a second control connection from the guest was refused");
+                }
+                // Out of descriptors and the like: do not spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     });
@@ -204,11 +208,6 @@ fn hand_sockets_to_jail(uds: &Path, control: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = uds.parent().context("socket path without a directory")?;
     let audit = moat_egress::port_path(uds, moat_guest_init::control::AUDIT_VSOCK_PORT);
-    // The audit socket is bound by its server task: give it a moment to appear.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !audit.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
     let egress = moat_egress::port_path(uds, moat_guest_init::control::EGRESS_VSOCK_PORT);
     for (path, mode) in [
         (dir, 0o710),
