@@ -36,6 +36,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod corporate;
+pub mod enrolment;
 pub mod https;
 pub mod oidc;
 pub mod pki;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use moat_broker::audit::Audit;
 use moat_broker::client::admin_request;
 use moat_broker::config::{Config, WorkspaceName};
+use moat_broker::enrolment;
 use moat_broker::pki::Pki;
 use moat_broker::server::Broker;
 use moat_broker::session::Target;
@@ -32,14 +33,20 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Issue a workspace's tunnel identity (certificate, key and the broker's CA) into a directory.
+    /// Enrol a workspace: write its tunnel identity, the broker's CAs and its SSH host key into
+    /// a directory, for `moat run --tunnel DIR` on the workspace's host.
     Enrol {
         /// The broker's configuration file.
         #[arg(long)]
         config: PathBuf,
-        /// Where to write `<workspace>.crt`, `<workspace>.key` and `broker-ca.pem`.
+        /// The directory to write (tunnel.toml, workspace.crt/.key, broker-ca.pem,
+        /// ssh-user-ca.pub, ssh_host_ed25519_key).
         #[arg(long)]
         out: PathBuf,
+        /// The tunnel listener's address as workspace hosts reach it (default: the first of
+        /// `server_names` with the port of `tunnel_listen`).
+        #[arg(long)]
+        tunnel_address: Option<String>,
         /// The workspace.
         workspace: String,
     },
@@ -131,18 +138,42 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Enrol {
             config,
             out,
+            tunnel_address,
             workspace,
         } => {
             let config = Config::load(&config)?;
-            let workspace = WorkspaceName::try_from(workspace.as_str())?;
+            let name = WorkspaceName::try_from(workspace.as_str())?;
+            let Some(entry) = config.workspaces.iter().find(|w| w.name == name) else {
+                anyhow::bail!("{name} is not a workspace of this broker's configuration");
+            };
+            if entry.ssh_user != enrolment::WORKSPACE_SSH_USER {
+                eprintln!(
+                    "warning: {name}'s ssh_user is {:?}; a moat workspace's account is {:?}",
+                    entry.ssh_user,
+                    enrolment::WORKSPACE_SSH_USER
+                );
+            }
+            let server_name = config
+                .server_names
+                .first()
+                .cloned()
+                .context("the configuration has no server_names")?;
+            let broker = tunnel_address
+                .unwrap_or_else(|| format!("{server_name}:{}", config.tunnel_listen.port()));
             let pki = Pki::load_or_create(&config.state_dir, &config.server_names)?;
-            let enrolment = pki.enrol(&workspace)?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let key = out.join(format!("{workspace}.key"));
-            write_secret(&key, enrolment.key_pem.as_bytes())?;
-            std::fs::write(out.join(format!("{workspace}.crt")), enrolment.cert_pem)?;
-            std::fs::write(out.join("broker-ca.pem"), enrolment.broker_ca_pem)?;
-            println!("enrolled {workspace}: {}", out.display());
+            std::fs::create_dir_all(&config.state_dir)?;
+            let ssh_ca = SshCa::load_or_create(&config.state_dir.join("ssh-user-ca"))?;
+            let identity = pki.enrol(&name)?;
+            let tunnel = enrolment::Tunnel {
+                workspace: name.clone(),
+                broker,
+                server_name,
+            };
+            let known_host =
+                enrolment::write_dir(&out, &tunnel, &identity, &ssh_ca.public_key_line())?;
+            println!("enrolled {name}: {}", out.display());
+            println!("on its host:  moat run --tunnel {}", out.display());
+            println!("its host key, for people's known_hosts:\n{known_host}");
             Ok(())
         }
         Command::SshCa { config } => {
@@ -272,18 +303,4 @@ fn bind_admin(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener
         .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
-}
-
-fn write_secret(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)?;
-    Ok(())
 }

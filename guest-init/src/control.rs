@@ -39,6 +39,10 @@ pub struct VmWorkspace {
     pub rows: u16,
     /// The host terminal's size (0: unknown).
     pub cols: u16,
+    /// SSH sessions through the trusted access broker (vsock port 22), if the workspace takes
+    /// them.
+    #[serde(default)]
+    pub ssh: Option<crate::session::SshService>,
 }
 
 /// How the agent ended, as guest-init reports it.
@@ -112,6 +116,11 @@ mod tests {
             interactive: false,
             rows: 50,
             cols: 132,
+            ssh: Some(crate::session::SshService {
+                user: "agent".into(),
+                host_key: "-----BEGIN OPENSSH PRIVATE KEY-----\n".into(),
+                user_ca: "ssh-ed25519 AAAA ca".into(),
+            }),
         };
         let line = encode(&w);
         let mut r = io::BufReader::new(&line[..]);

@@ -29,6 +29,10 @@ pub fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
+fn pid_u32(pid: Pid) -> u32 {
+    u32::try_from(pid.as_raw()).unwrap_or(0)
+}
+
 /// Starts the agent with a clean environment, confined by `sandbox`, and waits for it, reaping
 /// every other child that ends meanwhile (orphans re-parented to PID 1). With `tty`, the agent
 /// leads a new session with that terminal as its controlling terminal and standard streams.
@@ -119,6 +123,8 @@ pub(crate) fn run_agent(
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == agent => {
                 break ExitStatus::from_raw(sig as i32);
             }
+            Ok(WaitStatus::Exited(pid, code)) => report.reaped(pid_u32(pid), code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => report.reaped(pid_u32(pid), 128 + sig as i32),
             Ok(_) => {}
             Err(nix::Error::EINTR) => {}
             Err(e) => return Err(e.into()),

@@ -37,6 +37,7 @@ pub mod control;
 mod launch;
 mod namespace;
 mod report;
+pub mod session;
 mod signals;
 pub mod vm;
 
@@ -98,6 +99,9 @@ pub enum InitError {
     /// [`ROOT_RUN_ID`]).
     #[error("cannot use {} as the agent's home", .0.display())]
     Home(PathBuf, #[source] std::io::Error),
+    /// The SSH session service could not be set up.
+    #[error("cannot set up SSH sessions")]
+    Session(#[from] session::SessionError),
     /// A file the workspace needs could not be written.
     #[error("cannot write {}", .0.display())]
     Write(PathBuf, #[source] std::io::Error),
@@ -120,4 +124,18 @@ pub struct WorkspaceConfig {
     pub extra_ca: Option<PathBuf>,
     /// The agent.
     pub agent: AgentSpec,
+    /// SSH sessions through the trusted access broker, if the workspace takes them.
+    pub ssh: Option<SshSetup>,
+}
+
+/// The namespace backend's SSH session service ([`session`]).
+#[derive(Debug, Clone)]
+pub struct SshSetup {
+    /// What sshd needs.
+    pub service: session::SshService,
+    /// The workspace's vsock-convention Unix socket (`<uds>`), where the host side connects
+    /// with `CONNECT 22`. Bound before the workspace starts, by the host's user.
+    pub listen: PathBuf,
+    /// sshd's log on the host, if any (opened before the workspace starts).
+    pub log: Option<PathBuf>,
 }

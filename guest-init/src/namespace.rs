@@ -1,6 +1,6 @@
 //! The namespace backend: guest-init on the host, in fresh namespaces, with its own TUN.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
@@ -11,6 +11,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, sethostname};
 
 use crate::launch::{exit_code, run_agent};
+use crate::session::{self, SESSION_ID, Sessions};
 use crate::{InitError, WorkspaceConfig, chain};
 
 /// The host uid and gid of the workspace's root (and so of the agent) when moat runs as the
@@ -282,7 +283,10 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
         Some(extra) => Some(write_bundle(&config.run_dir, extra)?),
         None => None,
     };
+    write_accounts(&config.run_dir)?;
     mkdir(&config.run_dir.join("root"))?;
+    // The session socket and sshd's log, opened by the host's user; PID 1 inherits both.
+    let ssh = config.ssh.as_ref().map(open_session_files).transpose()?;
 
     let prepared = if Uid::effective().is_root() {
         // The id is meant to be nobody's: refuse it if the host gives it to someone.
@@ -307,8 +311,9 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
     #[allow(unsafe_code)]
     match unsafe { fork() }.map_err(InitError::Fork)? {
         ForkResult::Parent { child } => {
-            // The TUN device is PID 1's alone.
+            // The TUN device and the session socket are PID 1's alone.
             drop(prepared);
+            drop(ssh);
             loop {
                 crate::signals::forward_pending(child);
                 match waitpid(child, None) {
@@ -322,7 +327,7 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
         ForkResult::Child => {
             // If the waiting parent dies, PID 1 dies, and the kernel empties the namespace.
             let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-            let code = match init(config, &resolv, bundle.as_deref(), prepared) {
+            let code = match init(config, &resolv, bundle.as_deref(), prepared, ssh) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("moat guest-init: {}", chain(&e));
@@ -332,6 +337,66 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
             std::process::exit(code);
         }
     }
+}
+
+/// The workspace's accounts, bound over the host's `/etc/passwd` and `/etc/group`: its root
+/// (the agent), the account SSH sessions log in as ([`SESSION_ID`], a user namespace of their
+/// own maps the workspace's root to it: see [`session`]), and nobody. The host's own accounts
+/// are none of the workspace's business.
+fn write_accounts(run_dir: &Path) -> Result<(), InitError> {
+    let shell = if Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+    let files = [
+        (
+            "passwd",
+            format!(
+                "root:x:0:0:root:/root:{shell}\n\
+                 agent:x:{SESSION_ID}:{SESSION_ID}:moat agent:{AGENT_HOME}:{shell}\n\
+                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+            ),
+        ),
+        (
+            "group",
+            format!("root:x:0:\nagent:x:{SESSION_ID}:\nnogroup:x:65534:\n"),
+        ),
+    ];
+    for (name, text) in files {
+        let path = run_dir.join(name);
+        std::fs::write(&path, text).map_err(|e| InitError::Write(path.clone(), e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| InitError::Write(path.clone(), e))?;
+    }
+    Ok(())
+}
+
+/// The session service's socket and log, opened before the workspace starts.
+struct SessionFiles {
+    listener: std::os::unix::net::UnixListener,
+    log: Option<std::os::fd::OwnedFd>,
+}
+
+fn open_session_files(setup: &crate::SshSetup) -> Result<SessionFiles, InitError> {
+    setup.service.check()?;
+    let listener = std::os::unix::net::UnixListener::bind(&setup.listen)
+        .map_err(|e| InitError::Write(setup.listen.clone(), e))?;
+    // Only the host side's connector (this user) connects.
+    std::fs::set_permissions(&setup.listen, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| InitError::Write(setup.listen.clone(), e))?;
+    let log = match &setup.log {
+        Some(path) => Some(std::os::fd::OwnedFd::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| InitError::Write(path.clone(), e))?,
+        )),
+        None => None,
+    };
+    Ok(SessionFiles { listener, log })
 }
 
 /// Host files bound over with /dev/null inside the workspace.
@@ -513,6 +578,17 @@ fn enter_root(
         MsFlags::MS_BIND,
         None,
     )?;
+    for name in ["passwd", "group"] {
+        let accounts = config.run_dir.join(name);
+        mount_or(
+            "the workspace's accounts",
+            Some(&*accounts.to_string_lossy()),
+            &root.join("etc").join(name),
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
     if let Some(bundle) = bundle {
         let bundle = bundle.to_string_lossy();
         let target = root.join(CA_BUNDLE.trim_start_matches('/'));
@@ -593,6 +669,7 @@ fn init(
     resolv: &Path,
     bundle: Option<&Path>,
     prepared: Option<Prepared>,
+    ssh: Option<SessionFiles>,
 ) -> Result<i32, InitError> {
     mount_or(
         "/ (private)",
@@ -629,7 +706,7 @@ fn init(
     let host_dir =
         Path::new("/proc/self/fd").join(std::os::fd::AsRawFd::as_raw_fd(&run_dir).to_string());
     let flow_socket = host_dir.join(config.flow_socket.file_name().unwrap_or_default());
-    let reporter = crate::report::Reporter::new(
+    let reporter = std::sync::Arc::new(crate::report::Reporter::new(
         config
             .audit_socket
             .as_ref()
@@ -637,7 +714,7 @@ fn init(
             .map_or(crate::report::Sink::None, |name| {
                 crate::report::Sink::Unix(host_dir.join(name))
             }),
-    );
+    ));
     let _ = sethostname(&config.hostname);
 
     let transport = moat_netstack::UnixTransport { path: flow_socket };
@@ -656,6 +733,28 @@ fn init(
     agent.home = AGENT_HOME.into();
     agent.env.extend(ca_env());
     let sandbox = moat_guest_sandbox::agent_config(&agent.home);
+    if let (Some(files), Some(setup)) = (ssh, &config.ssh) {
+        let mut env = ca_env();
+        env.push(("MOAT_WORKSPACE".into(), "1".into()));
+        let sessions = Sessions {
+            config: session::prepare(&setup.service, &env, None)?,
+            home: agent.home.clone(),
+            sandbox: moat_guest_sandbox::SandboxConfig {
+                user_namespace: Some(
+                    moat_guest_sandbox::UserNamespace::create(SESSION_ID, SESSION_ID)
+                        .map_err(|e| InitError::Agent(std::io::Error::other(e)))?,
+                ),
+                ..sandbox.clone()
+            },
+            log: files.log,
+            report: std::sync::Arc::clone(&reporter),
+        };
+        let listener = files.listener;
+        std::thread::Builder::new()
+            .name("sessions".into())
+            .spawn(move || session::serve_unix(listener, sessions))
+            .map_err(InitError::Agent)?;
+    }
     let status = run_agent(&agent, &sandbox, None, &reporter).map_err(InitError::Agent)?;
     Ok(exit_code(status))
 }

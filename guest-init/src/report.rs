@@ -2,9 +2,11 @@
 //! socket (vsock port 1026 in a VM; in the namespace backend `<uds>_1026`). Best effort: a
 //! workspace whose host stopped listening keeps running, and says so on stderr once.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where the host listens for events.
@@ -23,6 +25,8 @@ pub(crate) enum Sink {
 pub(crate) struct Reporter {
     sink: Sink,
     warned: AtomicBool,
+    /// Processes besides the agent whose end is reported when PID 1 reaps them (SSH sessions).
+    tracked: Mutex<HashSet<u32>>,
 }
 
 impl Reporter {
@@ -30,6 +34,7 @@ impl Reporter {
         Reporter {
             sink,
             warned: AtomicBool::new(false),
+            tracked: Mutex::new(HashSet::new()),
         }
     }
 
@@ -55,6 +60,29 @@ impl Reporter {
             "pid": pid,
             "cmd_line": argv.join(" "),
         }));
+    }
+
+    fn tracked_set(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
+        self.tracked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reports `pid`'s end when [`Reporter::reaped`] sees it.
+    pub(crate) fn track(&self, pid: u32) {
+        self.tracked_set().insert(pid);
+    }
+
+    /// How many tracked processes are alive.
+    pub(crate) fn tracked(&self) -> usize {
+        self.tracked_set().len()
+    }
+
+    /// PID 1 reaped `pid`: reports its end if it was tracked.
+    pub(crate) fn reaped(&self, pid: u32, exit_code: i32) {
+        if self.tracked_set().remove(&pid) {
+            self.terminate(pid, exit_code);
+        }
     }
 
     pub(crate) fn terminate(&self, pid: u32, exit_code: i32) {

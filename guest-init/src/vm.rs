@@ -222,7 +222,7 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     let _ = nix::sys::prctl::set_dumpable(false);
     crate::signals::install();
 
-    let reporter = Reporter::new(Sink::Vsock(control::AUDIT_VSOCK_PORT));
+    let reporter = std::sync::Arc::new(Reporter::new(Sink::Vsock(control::AUDIT_VSOCK_PORT)));
     let mut agent = crate::AgentSpec {
         command: workspace.command.clone(),
         home: AGENT_HOME.into(),
@@ -258,9 +258,39 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     };
     let mut sandbox = moat_guest_sandbox::agent_config(Path::new(AGENT_HOME));
     sandbox.uid_gid = Some((AGENT_ID, AGENT_ID));
+    if let Some(service) = &workspace.ssh {
+        start_sessions(service, &sandbox, &reporter)?;
+    }
     sandbox.devices.push(CONSOLE.into());
     let status = run_agent(&agent, &sandbox, tty, &reporter).map_err(InitError::Agent)?;
     Ok(exit_code(status))
+}
+
+/// SSH sessions through the broker: sshd as the agent's uid on vsock port 22, which moat-vmm
+/// connects the host side's `CONNECT 22` to.
+fn start_sessions(
+    service: &crate::session::SshService,
+    sandbox: &moat_guest_sandbox::SandboxConfig,
+    reporter: &std::sync::Arc<Reporter>,
+) -> Result<(), InitError> {
+    use crate::session::{self, Sessions};
+    let mut env = ca_env();
+    env.push(("MOAT_WORKSPACE".into(), "1".into()));
+    let sessions = Sessions {
+        config: session::prepare(service, &env, Some((AGENT_ID, AGENT_ID)))?,
+        home: AGENT_HOME.into(),
+        sandbox: sandbox.clone(),
+        // sshd's log is dropped: the console is the agent's terminal.
+        log: None,
+        report: std::sync::Arc::clone(reporter),
+    };
+    let listener =
+        moat_netstack::VsockListener::bind(session::SSH_PORT).map_err(InitError::Network)?;
+    std::thread::Builder::new()
+        .name("sessions".into())
+        .spawn(move || session::serve_vsock(listener, sessions))
+        .map_err(InitError::Agent)?;
+    Ok(())
 }
 
 /// A command without a terminal: no input (the host sends none), and output passed through

@@ -20,6 +20,9 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+    /// Making or entering a nested user namespace failed.
+    #[error("cannot use a nested user namespace: {0}")]
+    UserNamespace(&'static str, #[source] io::Error),
     /// Entering the agent's namespaces or making the mounts read-only failed.
     #[error("cannot isolate the agent: {0}")]
     Namespaces(&'static str, #[source] io::Error),

@@ -16,6 +16,12 @@
 //!
 //! 1. **rlimits**, lowered only (never raised), soft and hard alike; done first while nothing
 //!    else can interfere.
+//!
+//!    Then (step 1a), if the config gives one, **a nested user namespace**
+//!    ([`SandboxConfig::user_namespace`], made beforehand by [`UserNamespace::create`]): the
+//!    caller's ids appear there as chosen ones (a non-root uid for a program that must not run
+//!    as root); the process holds every capability of that namespace until steps 3 and 5 drop
+//!    them. See the `userns` module.
 //! 2. **namespaces and read-only mounts** ([`Isolation`]): own mount, IPC and UTS namespaces;
 //!    every mount read-only and nosuid except the writable paths. Needs `CAP_SYS_ADMIN`, so
 //!    it comes before any capability is dropped.
@@ -115,6 +121,7 @@ mod privileges;
 mod rlimits;
 mod seccomp;
 mod sys;
+mod userns;
 
 use std::path::{Path, PathBuf};
 
@@ -123,6 +130,7 @@ pub use filesystem::{Enforcement, LandlockReport, NEWEST_VETTED_ABI};
 pub use namespaces::Isolation;
 pub use rlimits::Rlimits;
 pub use seccomp::{ArgCheck, Cmp, DenyRule, deny_rules};
+pub use userns::UserNamespace;
 
 /// What to confine the agent to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,6 +150,10 @@ pub struct SandboxConfig {
     /// Drop to this (uid, gid) with no supplementary groups. Must not be uid 0. Strongly
     /// recommended: an agent left at uid 0 without capabilities still owns root's files.
     pub uid_gid: Option<(u32, u32)>,
+    /// First enter this nested user namespace, in which the caller's ids appear as other
+    /// ones: for a program that must not see itself as root where the caller's user namespace
+    /// maps no other id to drop to (the namespace backend). Exclusive with `uid_gid`.
+    pub user_namespace: Option<UserNamespace>,
     /// Refuse to confine on a kernel whose Landlock ABI is older than this. The default, 3,
     /// is the first ABI that controls truncation.
     pub min_landlock_abi: u32,
@@ -158,6 +170,7 @@ impl SandboxConfig {
             rlimits: Rlimits::default(),
             isolation: Isolation::full(),
             uid_gid: None,
+            user_namespace: None,
             min_landlock_abi: 3,
         }
     }
@@ -207,6 +220,7 @@ pub struct Report {
 #[derive(Debug)]
 pub struct Sandbox {
     limits: [Option<rlimits::Limit>; 8],
+    user_namespace: Option<UserNamespace>,
     isolation: namespaces::Prepared,
     uid_gid: Option<(u32, u32)>,
     landlock: filesystem::Prepared,
@@ -234,6 +248,11 @@ impl Sandbox {
         if matches!(cfg.uid_gid, Some((0, _))) {
             return Err(SandboxError::InvalidConfig("the agent's uid must not be 0"));
         }
+        if cfg.user_namespace.is_some() && cfg.uid_gid.is_some() {
+            return Err(SandboxError::InvalidConfig(
+                "user_namespace and uid_gid exclude each other",
+            ));
+        }
         let landlock = filesystem::prepare(
             &cfg.writable,
             &cfg.readable,
@@ -243,6 +262,7 @@ impl Sandbox {
         let seccomp = seccomp::compile()?;
         Ok(Self {
             limits: cfg.rlimits.resolve(),
+            user_namespace: cfg.user_namespace.clone(),
             isolation: namespaces::prepare(&cfg.isolation, &cfg.writable)?,
             uid_gid: cfg.uid_gid,
             landlock,
@@ -261,6 +281,9 @@ impl Sandbox {
     /// confined; the caller must not start the agent.
     pub fn apply(&self) -> Result<Report, SandboxError> {
         let rlimits_set = rlimits::apply(&self.limits)?;
+        if let Some(userns) = &self.user_namespace {
+            userns.enter()?;
+        }
         let isolated = self.isolation.apply()?;
         let bounding = privileges::drop_bounding_set()?;
         let ids_changed = match self.uid_gid {

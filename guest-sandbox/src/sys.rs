@@ -8,6 +8,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 /// Maps a `-1`-on-error return value to the thread's `errno`.
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
@@ -340,5 +341,169 @@ pub(crate) fn set_mount_attrs_recursive(
             std::mem::size_of::<MountAttr>(),
         )
     })?;
+    Ok(())
+}
+
+/// Writes all of `data` to the file at `path` (opened write-only, close-on-exec), as one
+/// `write(2)`: the kernel takes `/proc/<pid>/{uid_map,gid_map,setgroups}` in a single write
+/// only.
+pub(crate) fn write_proc_file(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
+    // SAFETY: `path` is a NUL-terminated string borrowed for the whole call.
+    let fd = check(unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: `data` is a live slice of `data.len()` readable bytes for the whole call.
+    let written = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    let result = match usize::try_from(written) {
+        Ok(n) if n == data.len() => Ok(()),
+        Ok(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        Err(_) => Err(io::Error::last_os_error()),
+    };
+    // SAFETY: `fd` was opened above and is closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// `geteuid(2)` and `getegid(2)`.
+pub(crate) fn effective_ids() -> (u32, u32) {
+    // SAFETY: no arguments; these calls cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two ints that outlives the call.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors were just returned by pipe2(2) and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Forks the holder of a nested user namespace ([`crate::UserNamespace::create`]) and returns
+/// its pid. The holder keeps only `ready` open, becomes dumpable (so that it may write its own
+/// maps through `/proc`), unshares a user namespace, writes `setgroups` "deny", `uid_map` and
+/// `gid_map`, reports 0 (or an errno) as one byte on `ready`, and waits to be killed.
+///
+/// The child makes system calls only (no allocation, no lock), so this may be called from a
+/// multi-threaded process.
+pub(crate) fn fork_userns_holder(
+    ready: libc::c_int,
+    uid_map: &[u8],
+    gid_map: &[u8],
+) -> io::Result<libc::pid_t> {
+    // SAFETY: the child runs `userns_holder`, which only makes system calls and never returns.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        0 => userns_holder(ready, uid_map, gid_map),
+        p if p < 0 => Err(io::Error::last_os_error()),
+        p => Ok(p),
+    }
+}
+
+fn userns_holder(ready: libc::c_int, uid_map: &[u8], gid_map: &[u8]) -> ! {
+    let fd = u32::try_from(ready).unwrap_or(0);
+    let result = (|| {
+        // Nothing of the parent's stays open here while this process is dumpable.
+        if fd > 0 {
+            close_range(0, fd - 1)?;
+        }
+        close_range(fd + 1, u32::MAX)?;
+        set_dumpable(true)?;
+        unshare(libc::CLONE_NEWUSER)?;
+        write_proc_file(c"/proc/self/setgroups", b"deny")?;
+        write_proc_file(c"/proc/self/uid_map", uid_map)?;
+        write_proc_file(c"/proc/self/gid_map", gid_map)
+    })();
+    let byte = match result {
+        Ok(()) => 0,
+        Err(e) => u8::try_from(e.raw_os_error().unwrap_or(libc::EIO))
+            .unwrap_or(u8::MAX)
+            .max(1),
+    };
+    if write_byte(ready, byte).is_err() || byte != 0 {
+        exit_now(1);
+    }
+    loop {
+        // SAFETY: no arguments; returns only when a signal was handled.
+        unsafe { libc::pause() };
+    }
+}
+
+/// `close_range(first, last, 0)`: closes every descriptor in the range.
+pub(crate) fn close_range(first: u32, last: u32) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    check_long(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) })?;
+    Ok(())
+}
+
+/// `prctl(PR_SET_DUMPABLE, dumpable)`.
+pub(crate) fn set_dumpable(dumpable: bool) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_SET_DUMPABLE,
+            libc::c_ulong::from(dumpable),
+            0,
+            0,
+            0,
+        )
+    })?;
+    Ok(())
+}
+
+/// Writes one byte to `fd`.
+pub(crate) fn write_byte(fd: libc::c_int, byte: u8) -> io::Result<()> {
+    // SAFETY: one byte from a live local.
+    check_long(unsafe { libc::write(fd, std::ptr::addr_of!(byte).cast(), 1) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Reads one byte from `fd`; `None` at end of file.
+pub(crate) fn read_byte(fd: libc::c_int) -> io::Result<Option<u8>> {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: one byte into a live, writable local.
+        let n = unsafe { libc::read(fd, std::ptr::addr_of_mut!(byte).cast(), 1) };
+        match n {
+            1 => return Ok(Some(byte)),
+            0 => return Ok(None),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// `_exit(2)`.
+fn exit_now(code: libc::c_int) -> ! {
+    // SAFETY: ends the process without running anything else.
+    unsafe { libc::_exit(code) }
+}
+
+/// `kill(pid, SIGKILL)` and `waitpid(pid)`.
+pub(crate) fn kill_and_reap(pid: libc::pid_t) {
+    // SAFETY: integer arguments; `status` is a live, writable local.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(pid, &mut status, 0) < 0
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
+    }
+}
+
+/// Opens `path` read-only, close-on-exec.
+pub(crate) fn open_read(path: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `path` is a NUL-terminated string borrowed for the whole call.
+    let fd = check(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `setns(fd, nstype)`.
+pub(crate) fn setns(fd: libc::c_int, nstype: libc::c_int) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setns(fd, nstype) })?;
     Ok(())
 }

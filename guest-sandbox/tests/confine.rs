@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use moat_guest_sandbox::{
-    Cmp, Isolation, Sandbox, SandboxConfig, SandboxError, confine, deny_rules,
+    Cmp, Isolation, Sandbox, SandboxConfig, SandboxError, UserNamespace, confine, deny_rules,
 };
 
 const PROBE_ENV: &str = "MOAT_SANDBOX_PROBE";
@@ -335,6 +335,41 @@ fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
             confine_child(&cfg)?;
             print_file("/proc/thread-self/status")?;
             Ok(errno_code(support::become_root()))
+        }
+        // A nested user namespace, in which this process is uid/gid 1000. setns
+        // (CLONE_NEWUSER) needs a single-threaded caller, and this probe runs on a thread of
+        // the test harness: so it is applied the way guest-init applies it, between fork and
+        // exec, to `cat` of the status and the uid map.
+        "own_user_namespace" => {
+            use std::os::unix::process::CommandExt as _;
+            let mut cfg = cfg;
+            cfg.user_namespace = Some(UserNamespace::create(1000, 1000).map_err(|e| {
+                eprintln!(
+                    "cannot make the namespace: {e}: {:?}",
+                    std::error::Error::source(&e)
+                );
+                SETUP_FAILED
+            })?);
+            let sandbox = Sandbox::new(&cfg).map_err(|_| CONFINE_FAILED)?;
+            let mut cat = Command::new("/bin/cat");
+            cat.args(["/proc/self/status", "/proc/self/uid_map"]);
+            // SAFETY: `apply` only makes system calls on its success path and builds its error
+            // without allocating; this child runs nothing else before exec.
+            #[allow(unsafe_code)]
+            unsafe {
+                cat.pre_exec(move || {
+                    sandbox
+                        .apply()
+                        .map(drop)
+                        .map_err(|_| std::io::Error::from_raw_os_error(libc::EPERM))
+                });
+            }
+            let out = cat.output().map_err(|_| CONFINE_FAILED)?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            // The uid map is the last line.
+            let (status, map) = text.trim_end().rsplit_once('\n').unwrap_or(("", ""));
+            println!("<<<BEGIN\n{status}\nUidMap:\t{map}\nEND>>>");
+            Ok(out.status.code().unwrap_or(BAD_PROBE))
         }
         _ => Err(BAD_PROBE),
     }
@@ -926,6 +961,52 @@ fn dropping_to_an_unprivileged_user_sticks() {
             String::new()
         )
     );
+}
+
+#[test]
+fn a_nested_user_namespace_shows_the_caller_as_the_chosen_uid_with_nothing_gained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_child("ro+own_user_namespace", Some(dir.path()));
+    assert!(out.ran() && out.code == Some(0), "{out:?}");
+    // SAFETY: no arguments; cannot fail.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    let zero = "0000000000000000".to_owned();
+    assert_eq!(
+        (
+            out.status_field("Uid"),
+            out.status_field("Gid"),
+            out.status_field("UidMap"),
+            out.status_field("CapEff"),
+            out.status_field("CapBnd"),
+            out.status_field("NoNewPrivs"),
+            out.status_field("Seccomp"),
+        ),
+        (
+            "1000 1000 1000 1000".to_owned(),
+            "1000 1000 1000 1000".to_owned(),
+            format!("1000 {euid} 1"),
+            zero.clone(),
+            zero,
+            "1".to_owned(),
+            "2".to_owned(),
+        )
+    );
+}
+
+#[test]
+fn a_nested_user_namespace_refuses_uid_0_and_an_id_change_beside_it() {
+    assert!(matches!(
+        UserNamespace::create(0, 0),
+        Err(SandboxError::InvalidConfig(_))
+    ));
+    let mut cfg = child_config(None, true);
+    cfg.user_namespace = Some(UserNamespace::create(1000, 1000).expect("a nested namespace"));
+    cfg.uid_gid = Some((1000, 1000));
+    assert!(matches!(
+        Sandbox::new(&cfg),
+        Err(SandboxError::InvalidConfig(_))
+    ));
 }
 
 #[test]

@@ -11,7 +11,10 @@ use moat_egress::Proxy;
 use moat_egress::audit::Audit;
 use moat_egress::guest_audit::{self, GUEST_AUDIT_VSOCK_PORT};
 
+use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
 use moat_guest_init::control::VmWorkspace;
+use moat_guest_init::session::SshService;
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::proxy_cmd::ProxyOpts;
 use crate::vm_backend::{self, VmImages};
@@ -46,6 +49,11 @@ pub(crate) struct RunArgs {
     /// vm backend: show the guest kernel's boot messages on the console.
     #[arg(long)]
     boot_log: bool,
+    /// Reach this workspace through the trusted access broker: the enrolment directory
+    /// `moat-broker enrol` wrote (its tunnel identity, the broker's CAs, its SSH host key).
+    /// People then sign in with `moat login` and connect with `ssh` through `moat ssh`.
+    #[arg(long, value_name = "DIR")]
+    tunnel: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
@@ -66,6 +74,13 @@ pub(crate) struct GuestInitArgs {
     home: PathBuf,
     #[arg(long)]
     ca: Option<PathBuf>,
+    #[arg(long, default_value = "workspace")]
+    hostname: String,
+    /// The SSH session service (JSON, 0600: it holds the host key).
+    #[arg(long)]
+    ssh: Option<PathBuf>,
+    #[arg(long)]
+    ssh_log: Option<PathBuf>,
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -232,6 +247,15 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
     std::fs::write(&ca_bundle, pem)
         .with_context(|| format!("cannot write {}", ca_bundle.display()))?;
 
+    // Reached through the broker: the tunnel kept up from here, sessions answered inside.
+    let tunnel = match &args.tunnel {
+        Some(dir) => Some(start_tunnel(dir, &rt, &uds, &shutdown)?),
+        None => None,
+    };
+    let hostname = tunnel
+        .as_ref()
+        .map_or_else(|| "workspace".to_owned(), |t| t.hostname.clone());
+
     let code = match backend {
         Backend::Vm(images, vmm) => {
             let (rows, cols) = vm_backend::terminal_size();
@@ -248,7 +272,7 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
                     boot_log: args.boot_log,
                     gpus: args.gpu.clone(),
                     workspace: VmWorkspace {
-                        hostname: "workspace".into(),
+                        hostname,
                         command: args.command.clone(),
                         // The terminal the agent's shell will drive, and the language it speaks.
                         env: ["TERM", "LANG", "COLORTERM"]
@@ -259,13 +283,22 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
                         interactive: std::io::IsTerminal::is_terminal(&std::io::stdin()),
                         rows,
                         cols,
+                        ssh: tunnel.map(|t| t.service),
                     },
                 },
             )?
         }
-        Backend::Namespace => {
-            run_namespace(args, &rt, &proxy, &audit_socket, run_dir, &home, &ca_bundle)?
-        }
+        Backend::Namespace => run_namespace(
+            args,
+            &rt,
+            &proxy,
+            &audit_socket,
+            run_dir,
+            &home,
+            &ca_bundle,
+            &hostname,
+            tunnel.as_ref(),
+        )?,
     };
     proxy.shutdown();
     shutdown.cancel();
@@ -281,7 +314,57 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
+/// A workspace reached through the broker.
+struct Tunnel {
+    /// The workspace's name at the broker, also its hostname.
+    hostname: String,
+    /// What its sshd needs.
+    service: SshService,
+}
+
+/// Reads the enrolment in `dir` and keeps the workspace's tunnel to the broker up (on `rt`,
+/// until `shutdown`), connecting the broker's streams to the workspace's port 22 through `uds`.
+fn start_tunnel(
+    dir: &std::path::Path,
+    rt: &tokio::runtime::Runtime,
+    uds: &std::path::Path,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<Tunnel> {
+    let enrolment = moat_broker::enrolment::read_dir(dir)
+        .with_context(|| format!("--tunnel {}: not an enrolment directory", dir.display()))?;
+    let connector = Connector::new(ConnectorConfig {
+        broker: enrolment.tunnel.broker.clone(),
+        server_name: enrolment.tunnel.server_name.clone(),
+        cert_pem: enrolment.cert_pem.clone(),
+        key_pem: enrolment.key_pem.clone(),
+        broker_ca_pem: enrolment.broker_ca_pem.clone(),
+        uds: uds.to_owned(),
+        ports: vec![moat_guest_init::session::SSH_PORT],
+        egress_uds: None,
+    })
+    .with_context(|| format!("--tunnel {}", dir.display()))?;
+    let stop = shutdown.clone();
+    rt.spawn(async move { connector.run(stop).await });
+    let workspace = enrolment.tunnel.workspace.as_str().to_owned();
+    eprintln!(
+        "moat: reachable through the broker at {} as {workspace}: \
+         ssh -o ProxyCommand='moat ssh %n' {}@{workspace}",
+        enrolment.tunnel.broker,
+        moat_broker::enrolment::WORKSPACE_SSH_USER,
+    );
+    eprintln!("moat: its host key: {}", enrolment.ssh_host_key_pub);
+    Ok(Tunnel {
+        hostname: workspace,
+        service: SshService {
+            user: moat_broker::enrolment::WORKSPACE_SSH_USER.to_owned(),
+            host_key: enrolment.ssh_host_key,
+            user_ca: enrolment.ssh_user_ca,
+        },
+    })
+}
+
 /// The namespace backend: `moat __guest-init` in fresh namespaces; returns the agent's exit code.
+#[allow(clippy::too_many_arguments)]
 fn run_namespace(
     args: &RunArgs,
     rt: &tokio::runtime::Runtime,
@@ -290,6 +373,8 @@ fn run_namespace(
     run_dir: &std::path::Path,
     home: &std::path::Path,
     ca_bundle: &std::path::Path,
+    hostname: &str,
+    tunnel: Option<&Tunnel>,
 ) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot find the moat binary")?;
     // Run by root, the workspace's root is host uid ROOT_RUN_ID (see moat-guest-init): the
@@ -307,8 +392,32 @@ fn run_namespace(
                 .with_context(|| format!("cannot give {} to the workspace", home.display()))?;
         }
     }
-    let mut child = Command::new(exe)
+    let mut guest_init = Command::new(exe);
+    guest_init
         .arg("__guest-init")
+        .arg("--hostname")
+        .arg(hostname);
+    if let Some(tunnel) = tunnel {
+        // The host key goes through a file only this user can read, not the command line.
+        let service = run_dir.join("ssh-service.json");
+        let json = serde_json::to_vec(&tunnel.service)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&service)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
+            .with_context(|| format!("cannot write {}", service.display()))?;
+        // Beside the audit log, outliving the workspace like it.
+        let log = run_dir.with_extension("sshd.log");
+        eprintln!("moat: sshd's log: {}", log.display());
+        guest_init
+            .arg("--ssh")
+            .arg(&service)
+            .arg("--ssh-log")
+            .arg(log);
+    }
+    let mut child = guest_init
         .arg("--flow-socket")
         .arg(proxy.listen_path())
         .arg("--audit-socket")
@@ -353,11 +462,27 @@ fn run_namespace(
 pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
     // Dies with `moat run`, so no workspace outlives its proxy.
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    let ssh = match &args.ssh {
+        Some(path) => {
+            let json =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let _ = std::fs::remove_file(path);
+            Some(moat_guest_init::SshSetup {
+                service: serde_json::from_slice(&json)
+                    .with_context(|| format!("invalid {}", path.display()))?,
+                // The workspace's vsock-convention socket, as for a VM.
+                listen: args.run_dir.join("vsock"),
+                log: args.ssh_log.clone(),
+            })
+        }
+        None => None,
+    };
     let config = moat_guest_init::WorkspaceConfig {
         flow_socket: args.flow_socket,
         audit_socket: args.audit_socket,
         run_dir: args.run_dir,
-        hostname: "workspace".into(),
+        hostname: args.hostname,
+        ssh,
         extra_ca: args.ca,
         agent: moat_guest_init::AgentSpec {
             command: args.command,

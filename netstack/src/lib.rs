@@ -27,7 +27,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 pub use stack::{Counters, GATEWAY, GUEST_ADDR, Limits, MTU, PacketIo, Stack, Tun};
-pub use sys::vsock_connect;
+pub use sys::{VsockListener, vsock_connect};
 pub use transport::{FlowTransport, UnixTransport, VsockTransport};
 
 /// The host's vsock context id, as every guest sees it.

@@ -185,6 +185,56 @@ pub fn vsock_connect(cid: u32, port: u32) -> io::Result<std::os::unix::net::Unix
     Ok(std::os::unix::net::UnixStream::from(fd))
 }
 
+/// A listening AF_VSOCK stream socket on `port` of this guest (any CID). Only ever called
+/// inside a VM: on a host, AF_VSOCK leads to the machine's own hypervisor.
+#[derive(Debug)]
+pub struct VsockListener(OwnedFd);
+
+impl VsockListener {
+    /// Binds `port` and listens.
+    pub fn bind(port: u32) -> io::Result<Self> {
+        // SAFETY: plain socket(2) call with constant arguments.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain old data; all-zero is valid before we fill it in.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        addr.svm_port = port;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes for the duration of the call.
+        check(unsafe { libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) })?;
+        // SAFETY: integer arguments on a socket we own.
+        check(unsafe { libc::listen(fd.as_raw_fd(), 16) })?;
+        Ok(Self(fd))
+    }
+
+    /// Accepts one connection (close-on-exec). The peer's address is not asked for: on a
+    /// vsock listener of the guest, every peer is the host.
+    pub fn accept(&self) -> io::Result<std::os::unix::net::UnixStream> {
+        // SAFETY: null address and length pointers are allowed by accept4(2).
+        let fd = unsafe {
+            libc::accept4(
+                self.0.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by accept4(2) and is owned by nobody else.
+        Ok(std::os::unix::net::UnixStream::from(unsafe {
+            OwnedFd::from_raw_fd(fd)
+        }))
+    }
+}
+
 /// `struct rtentry` as the kernel defines it (linux/route.h).
 #[repr(C)]
 struct RtEntry {

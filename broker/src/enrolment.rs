@@ -1,0 +1,246 @@
+//! A workspace's enrolment directory: everything its host needs to be reached through the
+//! broker, written by `moat-broker enrol` and read by `moat run --tunnel DIR`.
+//!
+//! ```text
+//! tunnel.toml                  workspace name, the broker's tunnel address and TLS name
+//! workspace.crt, workspace.key the tunnel identity (client certificate of the workspace CA); key 0600
+//! broker-ca.pem                the broker's TLS CA, the only anchor the tunnel trusts
+//! ssh-user-ca.pub              the broker's SSH user CA, the only key the workspace's sshd trusts
+//! ssh_host_ed25519_key(.pub)   the workspace's SSH host key; key 0600
+//! ```
+//!
+//! The host key is made here so that people can pin it (`known_hosts`) before the workspace
+//! first runs, and so that it stays the same across runs.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use ssh_key::rand_core::OsRng;
+use ssh_key::{Algorithm, LineEnding, PrivateKey};
+
+use crate::config::WorkspaceName;
+use crate::pki::Enrolment;
+
+/// The account a moat workspace's sshd logs people into (uid 1000 in the workspace).
+pub const WORKSPACE_SSH_USER: &str = "agent";
+
+const TUNNEL: &str = "tunnel.toml";
+const CERT: &str = "workspace.crt";
+const KEY: &str = "workspace.key";
+const BROKER_CA: &str = "broker-ca.pem";
+const USER_CA: &str = "ssh-user-ca.pub";
+const HOST_KEY: &str = "ssh_host_ed25519_key";
+
+/// Errors reading or writing an enrolment directory.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolmentError {
+    /// A file could not be read or written.
+    #[error("{} {}", .0, .1.display())]
+    Io(&'static str, PathBuf, #[source] std::io::Error),
+    /// `tunnel.toml` is malformed.
+    #[error("invalid {}", .0.display())]
+    Toml(PathBuf, #[source] toml::de::Error),
+    /// A key could not be generated or encoded.
+    #[error("cannot make the workspace's SSH host key")]
+    Key(#[source] ssh_key::Error),
+    /// The private key file is readable by others.
+    #[error("{} is readable by others: chmod 600 it", .0.display())]
+    Exposed(PathBuf),
+}
+
+/// `tunnel.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tunnel {
+    /// The workspace's name at the broker (its certificate's CN).
+    pub workspace: WorkspaceName,
+    /// The broker's tunnel listener, `host:port`.
+    pub broker: String,
+    /// The name the broker's TLS certificate carries.
+    pub server_name: String,
+}
+
+/// An enrolment directory, read.
+pub struct WorkspaceEnrolment {
+    /// Where the broker is and who this workspace is.
+    pub tunnel: Tunnel,
+    /// The tunnel certificate (PEM).
+    pub cert_pem: String,
+    /// Its key (PEM). Secret.
+    pub key_pem: String,
+    /// The broker's TLS CA (PEM).
+    pub broker_ca_pem: String,
+    /// The broker's SSH user CA (one public key line).
+    pub ssh_user_ca: String,
+    /// The workspace's SSH host key (OpenSSH private key). Secret.
+    pub ssh_host_key: String,
+    /// Its public half (one line).
+    pub ssh_host_key_pub: String,
+}
+
+impl std::fmt::Debug for WorkspaceEnrolment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkspaceEnrolment")
+            .field("tunnel", &self.tunnel)
+            .field("ssh_host_key_pub", &self.ssh_host_key_pub)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(dir: &Path, name: &str) -> Result<String, EnrolmentError> {
+    let path = dir.join(name);
+    std::fs::read_to_string(&path).map_err(|e| EnrolmentError::Io("cannot read", path, e))
+}
+
+fn read_secret(dir: &Path, name: &str) -> Result<String, EnrolmentError> {
+    let path = dir.join(name);
+    let meta =
+        std::fs::metadata(&path).map_err(|e| EnrolmentError::Io("cannot read", path.clone(), e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(EnrolmentError::Exposed(path));
+    }
+    read(dir, name)
+}
+
+fn write(dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), EnrolmentError> {
+    let path = dir.join(name);
+    let err = |e| EnrolmentError::Io("cannot write", dir.join(name), e);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&path)
+        .map_err(err)?;
+    file.write_all(text.as_bytes()).map_err(err)?;
+    // An existing file keeps its mode through `open`: set it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+/// Writes the enrolment of `tunnel.workspace` into `dir` (created 0700), with a fresh SSH host
+/// key. Returns the host key's `known_hosts` line (`<workspace> ssh-ed25519 ...`).
+pub fn write_dir(
+    dir: &Path,
+    tunnel: &Tunnel,
+    identity: &Enrolment,
+    ssh_user_ca: &str,
+) -> Result<String, EnrolmentError> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| EnrolmentError::Io("cannot create", dir.to_owned(), e))?;
+    let host_key =
+        PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(EnrolmentError::Key)?;
+    let host_pub = host_key
+        .public_key()
+        .to_openssh()
+        .map_err(EnrolmentError::Key)?;
+    let host_priv = host_key
+        .to_openssh(LineEnding::LF)
+        .map_err(EnrolmentError::Key)?;
+    let toml = toml::to_string(tunnel).map_err(|e| {
+        EnrolmentError::Io("cannot encode", dir.join(TUNNEL), std::io::Error::other(e))
+    })?;
+    write(dir, KEY, &identity.key_pem, 0o600)?;
+    write(dir, HOST_KEY, &host_priv, 0o600)?;
+    write(dir, CERT, &identity.cert_pem, 0o644)?;
+    write(dir, BROKER_CA, &identity.broker_ca_pem, 0o644)?;
+    write(
+        dir,
+        USER_CA,
+        &format!("{}\n", ssh_user_ca.trim_end()),
+        0o644,
+    )?;
+    write(
+        dir,
+        &format!("{HOST_KEY}.pub"),
+        &format!("{host_pub}\n"),
+        0o644,
+    )?;
+    write(dir, TUNNEL, &toml, 0o644)?;
+    Ok(format!("{} {host_pub}", tunnel.workspace))
+}
+
+/// Reads an enrolment directory; refuses private keys others can read.
+pub fn read_dir(dir: &Path) -> Result<WorkspaceEnrolment, EnrolmentError> {
+    let tunnel_path = dir.join(TUNNEL);
+    let tunnel: Tunnel =
+        toml::from_str(&read(dir, TUNNEL)?).map_err(|e| EnrolmentError::Toml(tunnel_path, e))?;
+    Ok(WorkspaceEnrolment {
+        tunnel,
+        cert_pem: read(dir, CERT)?,
+        key_pem: read_secret(dir, KEY)?,
+        broker_ca_pem: read(dir, BROKER_CA)?,
+        ssh_user_ca: read(dir, USER_CA)?.trim_end().to_owned(),
+        ssh_host_key: read_secret(dir, HOST_KEY)?,
+        ssh_host_key_pub: read(dir, &format!("{HOST_KEY}.pub"))?.trim_end().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn tunnel() -> Tunnel {
+        Tunnel {
+            workspace: WorkspaceName::try_from("ws1").unwrap(),
+            broker: "broker.example.com:8444".into(),
+            server_name: "broker.example.com".into(),
+        }
+    }
+
+    fn identity() -> Enrolment {
+        Enrolment {
+            cert_pem: "CERT\n".into(),
+            key_pem: "KEY\n".into(),
+            broker_ca_pem: "CA\n".into(),
+        }
+    }
+
+    #[test]
+    fn a_written_directory_reads_back_with_its_secrets_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ws1");
+        let known = write_dir(&out, &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
+        let read = read_dir(&out).unwrap();
+        assert_eq!(read.tunnel, tunnel());
+        assert_eq!(known, format!("ws1 {}", read.ssh_host_key_pub));
+        assert!(
+            read.ssh_host_key
+                .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
+        );
+        assert_eq!(read.ssh_user_ca, "ssh-ed25519 AAAA ca");
+        for name in [KEY, HOST_KEY] {
+            let mode = std::fs::metadata(out.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        // Two enrolments, two host keys.
+        let other = dir.path().join("again");
+        write_dir(&other, &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
+        assert_ne!(
+            read_dir(&other).unwrap().ssh_host_key_pub,
+            read.ssh_host_key_pub
+        );
+    }
+
+    #[test]
+    fn a_key_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dir(dir.path(), &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
+        std::fs::set_permissions(
+            dir.path().join(HOST_KEY),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(matches!(
+            read_dir(dir.path()),
+            Err(EnrolmentError::Exposed(_))
+        ));
+    }
+}
