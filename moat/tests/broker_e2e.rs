@@ -1,21 +1,20 @@
 //! End to end through the trusted access broker with real components: a real OpenID Connect
 //! provider (panva/oidc-provider under Node, `broker/tests/oidc`), the broker (in process, on
-//! loopback), the workspace host's tunnel connector, a real OpenSSH sshd behind the workspace's
-//! vsock Unix-socket convention (`CONNECT 22\n` -> `OK ...\n`, then `sshd -i` on that stream), and
-//! the real `ssh` client with `moat ssh` as its ProxyCommand and a broker-signed certificate.
+//! loopback), a real namespace-backend workspace (`moat run --backend namespace --tunnel DIR`,
+//! which keeps the workspace's tunnel to the broker up and answers the broker's `CONNECT 22`
+//! with a confined `sshd -i` inside the workspace), and the real `ssh` client with `moat ssh`
+//! as its ProxyCommand and a broker-signed certificate.
 //!
-//! What is emulated: the workspace itself. The sshd runs on this host as a child of the test's
-//! vsock socket, not inside a namespace-backend sandbox (guest-init has no inbound session
-//! service yet); everything between a person and that socket is the real path.
+//! Nothing is emulated between a person and the workspace's shell.
 //!
 //! Needs: node with `npm ci` run in broker/tests/oidc, /usr/sbin/sshd (openssh-server), ssh and
-//! ssh-keygen, and root (sshd -i as root logs in the test's own user). `.ci/run` installs them.
+//! ssh-keygen, and root with /dev/net/tun (the namespace backend). `.ci/run` installs them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -28,7 +27,6 @@ use moat_broker::config::{Config, WorkspaceName};
 use moat_broker::https::{Client, Target, roots_from_pem};
 use moat_broker::server::Broker;
 use moat_broker::session::Target as RevokeTarget;
-use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
 use tokio_util::sync::CancellationToken;
 
 const OIDC_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../broker/tests/oidc");
@@ -185,74 +183,81 @@ impl Drop for RunningBroker {
     }
 }
 
-/// The workspace as the broker's host side sees it: its vsock Unix socket, where `CONNECT 22`
-/// starts a real `sshd -i` that trusts only the broker's user CA.
+/// A real workspace: `moat run --backend namespace --tunnel DIR`, whose agent leaves a file in
+/// its home and waits. Stopped (SIGTERM) when dropped.
 struct Workspace {
-    uds: PathBuf,
+    moat_run: Child,
+    /// The workspace's SSH host key (public line), from its enrolment.
     host_key_pub: String,
+    /// moat run's standard error (where it says where sshd's log is).
+    log: PathBuf,
+    /// The workspace's own audit log (its egress proxy and process events).
+    audit: PathBuf,
 }
 
-fn start_workspace(dir: &Path, user_ca: &str) -> Workspace {
-    let sshd = Path::new("/usr/sbin/sshd");
-    assert!(
-        sshd.exists(),
-        "sshd missing: apt-get install openssh-server (.ci/run does)"
-    );
-    // sshd's privilege separation directory.
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let host_key = dir.join("ssh_host_ed25519_key");
-    keygen(&host_key);
-    std::fs::write(dir.join("user_ca.pub"), format!("{user_ca}\n")).unwrap();
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "HostKey {}\nTrustedUserCAKeys {}\nAuthorizedKeysFile none\n\
-             PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\nAllowTcpForwarding no\nAllowAgentForwarding no\n\
-             X11Forwarding no\nPermitTunnel no\nUsePAM no\nPidFile none\nLogLevel VERBOSE\n",
-            host_key.display(),
-            dir.join("user_ca.pub").display()
-        ),
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.moat_run.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.moat_run.wait();
+    }
+}
+
+impl Workspace {
+    /// sshd's log inside the workspace, as moat run reported where it is.
+    fn sshd_log(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .find_map(|l| l.strip_prefix("moat: sshd's log: "))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Enrols ws1 at `broker` into `dir/ws1` (as `moat-broker enrol` does) and starts it.
+fn start_workspace(dir: &Path, broker: &Broker, tunnel: u16) -> Workspace {
+    let enrolment = dir.join("ws1");
+    let identity = broker
+        .pki
+        .enrol(&WorkspaceName::try_from("ws1").unwrap())
+        .unwrap();
+    moat_broker::enrolment::write_dir(
+        &enrolment,
+        &moat_broker::enrolment::Tunnel {
+            workspace: WorkspaceName::try_from("ws1").unwrap(),
+            broker: format!("127.0.0.1:{tunnel}"),
+            server_name: "127.0.0.1".into(),
+        },
+        &identity,
+        &broker.ssh_ca.public_key_line(),
     )
     .unwrap();
-    let uds = dir.join("ws1.vsock");
-    let listener = StdUnixListener::bind(&uds).unwrap();
-    let log = dir.join("sshd.log");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let (config, log) = (config.clone(), log.clone());
-            std::thread::spawn(move || serve_vsock(stream, &config, &log));
-        }
-    });
+    let log = dir.join("moat-run.log");
+    let audit = dir.join("workspace-audit.jsonl");
+    let moat_run = Command::new(MOAT)
+        .args(["run", "--backend", "namespace", "--tunnel"])
+        .arg(&enrolment)
+        .arg("--audit")
+        .arg(&audit)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo from-the-agent > ~/agent-was-here; exec sleep 3600",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
     Workspace {
-        uds,
-        host_key_pub: std::fs::read_to_string(host_key.with_extension("pub")).unwrap(),
+        moat_run,
+        host_key_pub: moat_broker::enrolment::read_dir(&enrolment)
+            .unwrap()
+            .ssh_host_key_pub,
+        log,
+        audit,
     }
-}
-
-fn serve_vsock(mut stream: StdUnixStream, config: &Path, log: &Path) {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while stream.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    if line != b"CONNECT 22" {
-        return;
-    }
-    stream.write_all(b"OK 1073741824\n").unwrap();
-    let _ = Command::new("/usr/sbin/sshd")
-        .arg("-i")
-        .arg("-f")
-        .arg(config)
-        .arg("-E")
-        .arg(log)
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(
-            stream.try_clone().unwrap(),
-        )))
-        .stdout(Stdio::from(std::os::fd::OwnedFd::from(stream)))
-        .status();
 }
 
 /// The corporate test service: a TCP echo server on loopback. The workspace has no route to it
@@ -305,7 +310,7 @@ ca_file = "{dir}/idp-ca.pem"
 [[workspaces]]
 name = "ws1"
 groups = ["eng"]
-ssh_user = "{user}"
+ssh_user = "agent"
 services = ["corp-echo"]
 
 [[services]]
@@ -317,14 +322,13 @@ name = "corp-other"
 address = "127.0.0.1:{corp}"
 "#,
         dir = dir.display(),
-        user = whoami(),
     );
     let config: Config = toml::from_str(&toml).unwrap();
     config.check().unwrap();
     config
 }
 
-/// The whole setup: provider, broker, tunnel connector, workspace.
+/// The whole setup: provider, broker, workspace.
 struct World {
     dir: tempfile::TempDir,
     /// The corporate test service (an echo server on loopback, reached through the broker).
@@ -333,13 +337,6 @@ struct World {
     broker: Option<RunningBroker>,
     _idp: Idp,
     workspace: Workspace,
-    connector_stop: CancellationToken,
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        self.connector_stop.cancel();
-    }
 }
 
 impl World {
@@ -364,33 +361,7 @@ impl World {
             broker.broker.pki.tls_ca_pem(),
         )
         .unwrap();
-        let workspace = start_workspace(dir.path(), &broker.broker.ssh_ca.public_key_line());
-        let enrolment = broker
-            .broker
-            .pki
-            .enrol(&WorkspaceName::try_from("ws1").unwrap())
-            .unwrap();
-        let connector = Connector::new(ConnectorConfig {
-            broker: format!("127.0.0.1:{tunnel}"),
-            server_name: "127.0.0.1".into(),
-            cert_pem: enrolment.cert_pem,
-            key_pem: enrolment.key_pem,
-            broker_ca_pem: enrolment.broker_ca_pem,
-            uds: workspace.uds.clone(),
-            ports: vec![22],
-            egress_uds: Some(dir.path().join("egress.sock")),
-        })
-        .unwrap();
-        let connector_stop = CancellationToken::new();
-        let stop = connector_stop.clone();
-        // The workspace host: its own runtime, outliving broker restarts.
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(connector.run(stop));
-        });
+        let workspace = start_workspace(dir.path(), &broker.broker, tunnel);
         let world = World {
             dir,
             corp_port,
@@ -398,7 +369,6 @@ impl World {
             broker: Some(broker),
             _idp: idp,
             workspace,
-            connector_stop,
         };
         world.wait_for_tunnel(true);
         keygen(&world.path("id_ed25519"));
@@ -424,9 +394,13 @@ impl World {
 
     fn wait_for_tunnel(&self, up: bool) {
         let ws = WorkspaceName::try_from("ws1").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while self.broker().broker.tunnels.is_connected(&ws) != up {
-            assert!(Instant::now() < deadline, "tunnel never became up={up}");
+            assert!(
+                Instant::now() < deadline,
+                "tunnel never became up={up}; moat run said:\n{}",
+                std::fs::read_to_string(&self.workspace.log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -555,9 +529,28 @@ impl World {
         self.ssh_via(&proxy, command)
     }
 
-    /// Runs `command` over real OpenSSH with `proxy` as its ProxyCommand.
+    /// Runs `command` as agent@ws1 over real OpenSSH with `proxy` as its ProxyCommand.
     fn ssh_via(&self, proxy: &str, command: &str) -> Child {
+        self.ssh_as("agent", proxy, command)
+    }
+
+    /// Runs `command` as `user` over real OpenSSH with `proxy` as its ProxyCommand.
+    fn ssh_as(&self, user: &str, proxy: &str, command: &str) -> Child {
+        self.ssh_full(user, proxy, &[], command)
+    }
+
+    /// Runs `command` through the broker with extra `ssh` options.
+    fn ssh_with(&self, options: &[&str], command: &str) -> Child {
+        let proxy = format!(
+            "{MOAT} ssh --session {} ws1",
+            self.path("session.json").display()
+        );
+        self.ssh_full("agent", &proxy, options, command)
+    }
+
+    fn ssh_full(&self, user: &str, proxy: &str, options: &[&str], command: &str) -> Child {
         Command::new("ssh")
+            .args(options)
             .args([
                 "-F",
                 "/dev/null",
@@ -581,7 +574,7 @@ impl World {
             .args(["-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=ws1"])
             .arg("-o")
             .arg(format!("ProxyCommand={proxy}"))
-            .arg(format!("{}@ws1", whoami()))
+            .arg(format!("{user}@ws1"))
             .arg(command)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -717,10 +710,7 @@ fn a_person_signs_in_at_the_real_provider_and_runs_a_command_over_ssh_through_th
     .0;
 
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(
-        text(&out.stdout),
-        format!("through-the-broker\n{}\n", whoami())
-    );
+    assert_eq!(text(&out.stdout), "through-the-broker\nagent\n");
     let records = world.audit();
     assert_eq!(count(&records, 3002, 1), 1, "one sign-in: {records:?}");
     assert_eq!(records[0]["user"]["uid"], "alice");
@@ -730,6 +720,115 @@ fn a_person_signs_in_at_the_real_provider_and_runs_a_command_over_ssh_through_th
     let records = world.audit();
     assert_eq!(count(&records, 4007, 2), 1, "and closed: {records:?}");
     validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn a_persons_ssh_session_runs_inside_the_workspace_confined_like_its_agent() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+
+    let out = wait_exit(
+        world.ssh(
+            "hostname; cat ~/agent-was-here; id -un; pwd; \
+             grep -E '^(NoNewPrivs|Seccomp|CapEff|CapBnd):' /proc/self/status; \
+             touch /etc/moat-ssh 2>/dev/null || echo root-read-only; \
+             touch ~/from-ssh && echo home-writable; \
+             ls /home; test -e /etc/ssh/ssh_host_ed25519_key && ! test -s /etc/ssh/ssh_host_ed25519_key && echo host-key-hidden; \
+             echo \"$SSL_CERT_FILE\"",
+        ),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+
+    assert!(
+        out.status.success(),
+        "{}\nsshd: {}",
+        text(&out.stderr),
+        world.workspace.sshd_log()
+    );
+    let got = text(&out.stdout);
+    let lines: Vec<&str> = got.lines().map(str::trim).collect();
+    let status = |k: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim_start_matches(':').trim().to_owned())
+            .unwrap_or_default()
+    };
+    // The workspace, not this host: its name, the agent's home and file, its account.
+    assert_eq!(lines[0], "ws1", "{got}");
+    assert_eq!(lines[1], "from-the-agent", "{got}");
+    assert_eq!(lines[2], "agent", "{got}");
+    assert_eq!(lines[3], "/home/agent", "{got}");
+    // Confined like the agent: no privileges, seccomp, read-only root, writable home.
+    assert_eq!(status("NoNewPrivs"), "1", "{got}");
+    assert_eq!(status("Seccomp"), "2", "{got}");
+    assert_eq!(status("CapEff"), "0000000000000000", "{got}");
+    assert_eq!(status("CapBnd"), "0000000000000000", "{got}");
+    for line in [
+        "root-read-only",
+        "home-writable",
+        "agent",
+        "host-key-hidden",
+        "/etc/ssl/certs/ca-certificates.crt",
+    ] {
+        assert!(lines.contains(&line), "{line} missing:\n{got}");
+    }
+    // The workspace's audit log has the session's sshd among its processes.
+    let audit = std::fs::read_to_string(&world.workspace.audit).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"class_uid\":1007") && l.contains("/usr/sbin/sshd -i")),
+        "no process record of the session's sshd:\n{audit}"
+    );
+    validate_ocsf(&world.workspace.audit);
+}
+
+#[test]
+fn a_persons_ssh_session_has_no_network_path_around_the_egress_proxy() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+
+    // A host the workspace's policy does not allow, from inside the session.
+    let curl = wait_exit(
+        world.ssh("curl -sS -m 10 -o /dev/null https://example.com; echo curl=$?"),
+        Instant::now(),
+        Duration::from_secs(40),
+    )
+    .0;
+    // SSH's own forwarding, which would be a path around the proxy: refused by the workspace's
+    // sshd (and by the certificate).
+    let forward = wait_exit(
+        world.ssh_with(&["-W", "example.com:443"], ""),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+
+    assert!(curl.status.success(), "{}", text(&curl.stderr));
+    let said = text(&curl.stdout);
+    assert!(
+        said.trim_end().ends_with("curl=35") || said.trim_end().ends_with("curl=56"),
+        "curl must fail on the refused connection: {said}"
+    );
+    let audit = std::fs::read_to_string(&world.workspace.audit).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("\"class_uid\":4001")
+            && l.contains("\"hostname\":\"example.com\"")
+            && l.contains("\"activity_id\":5")),
+        "the egress proxy must have refused example.com:\n{audit}"
+    );
+    assert!(
+        !forward.status.success(),
+        "stdio forwarding must be refused"
+    );
+    assert!(
+        text(&forward.stderr).contains("prohibited"),
+        "{}",
+        text(&forward.stderr)
+    );
 }
 
 #[test]
@@ -993,27 +1092,50 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
     const BYTES: u64 = 256 << 20;
     let world = World::new();
     assert!(world.login("alice").status.success());
-    // The baseline: the same sshd, started by ssh itself over a pipe (no broker, no tunnel).
+    // The baseline: OpenSSH's sshd on this host, started by ssh itself over a pipe (no broker,
+    // no tunnel, no workspace), with the workspace's host key and the broker's user CA, letting
+    // the certificate's principal in as this host's user.
+    let config = world.path("direct_sshd_config");
+    std::fs::write(world.path("principals"), "agent\n").unwrap();
+    std::fs::write(
+        world.path("user_ca.pub"),
+        world.broker().broker.ssh_ca.public_key_line(),
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "HostKey {}\nTrustedUserCAKeys {}\nAuthorizedPrincipalsFile {}\n\
+             AuthorizedKeysFile none\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n\
+             UsePAM no\nPidFile none\n",
+            world.path("ws1/ssh_host_ed25519_key").display(),
+            world.path("user_ca.pub").display(),
+            world.path("principals").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
     let direct = format!(
         "/usr/sbin/sshd -i -f {} -E {}",
-        world.path("sshd_config").display(),
-        world.path("sshd.log").display()
+        config.display(),
+        world.path("direct_sshd.log").display()
     );
     let broker = format!(
         "{MOAT} ssh --session {} ws1",
         world.path("session.json").display()
     );
     let mut report = String::new();
-    for (name, proxy) in [
-        ("direct ssh (sshd -i on a pipe)", &direct),
-        ("through broker and tunnel", &broker),
+    let me = whoami();
+    for (name, user, proxy) in [
+        ("direct ssh (sshd -i on a pipe)", me.as_str(), &direct),
+        ("through broker and tunnel", "agent", &broker),
     ] {
         let setup = median(
             (0..RUNS)
-                .map(|_| timed(world.ssh_via(proxy, "true")).0)
+                .map(|_| timed(world.ssh_as(user, proxy, "true")).0)
                 .collect(),
         );
-        let (took, bytes) = timed(world.ssh_via(proxy, &format!("head -c {BYTES} /dev/zero")));
+        let (took, bytes) = timed(world.ssh_as(user, proxy, &format!("head -c {BYTES} /dev/zero")));
         assert_eq!(bytes, BYTES);
         let mib_s = (BYTES >> 20) as f64 / took.as_secs_f64();
         report.push_str(&format!(
@@ -1096,7 +1218,7 @@ fn the_workspaces_sshd_refuses_a_certificate_from_another_ca() {
     let signed = Command::new("ssh-keygen")
         .args(["-q", "-s"])
         .arg(&rogue)
-        .args(["-I", "rogue", "-n", &whoami(), "-V", "-1m:+5m"])
+        .args(["-I", "rogue", "-n", "agent", "-V", "-1m:+5m"])
         .arg(world.path("id_ed25519.pub"))
         .output()
         .unwrap();
