@@ -126,6 +126,20 @@ async fn one_tunnel_holds_a_thousand_concurrent_sessions_in_bounded_memory() {
         grown / u64::from(SESSIONS)
     );
 
+    // For `cargo xtask bench broker`: the figures as JSON too.
+    if let Some(dir) = std::env::var_os("MOAT_BENCH_DIR") {
+        let json = serde_json::json!({
+            "bench": "broker tunnel: concurrent sessions on one tunnel (release)",
+            "sessions": SESSIONS,
+            "open_each_us": (took / SESSIONS).as_micros() as u64,
+            "resident_kib_per_session": grown / u64::from(SESSIONS),
+        });
+        std::fs::write(
+            std::path::Path::new(&dir).join("broker-tunnel-latest.json"),
+            serde_json::to_string_pretty(&json).unwrap(),
+        )
+        .unwrap();
+    }
     assert_eq!(open.len(), SESSIONS as usize);
     assert!(
         grown / (SESSIONS as u64) < 256,

@@ -1126,6 +1126,7 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
     );
     let mut report = String::new();
     let me = whoami();
+    let mut rows = Vec::new();
     for (name, user, proxy) in [
         ("direct ssh (sshd -i on a pipe)", me.as_str(), &direct),
         ("through broker and tunnel", "agent", &broker),
@@ -1141,8 +1142,36 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
         report.push_str(&format!(
             "{name:32} session setup (ssh true, median of {RUNS}) {setup:>10.1?}   throughput {mib_s:>7.0} MiB/s\n"
         ));
+        rows.push(serde_json::json!({
+            "path": name,
+            "session_setup_ms": setup.as_secs_f64() * 1e3,
+            "throughput_mib_s": mib_s,
+        }));
     }
+    let ratio = |key: &str| rows[1][key].as_f64().unwrap() / rows[0][key].as_f64().unwrap();
+    let (setup_ratio, throughput_ratio) = (ratio("session_setup_ms"), ratio("throughput_mib_s"));
+    report.push_str(&format!(
+        "broker / direct: session setup {setup_ratio:.2}x, throughput {throughput_ratio:.2}x\n"
+    ));
     eprintln!("\n{report}");
+    // For `cargo xtask bench broker`: the figures as JSON too.
+    if let Some(dir) = std::env::var_os("MOAT_BENCH_DIR") {
+        let json = serde_json::json!({
+            "bench": "broker session: ssh through broker, tunnel and workspace beside direct sshd",
+            "runs": RUNS,
+            "bytes": BYTES,
+            "rows": rows,
+            "broker_over_direct": {
+                "session_setup": setup_ratio,
+                "throughput": throughput_ratio,
+            },
+        });
+        std::fs::write(
+            Path::new(&dir).join("broker-session-latest.json"),
+            serde_json::to_string_pretty(&json).unwrap(),
+        )
+        .unwrap();
+    }
 }
 
 #[test]

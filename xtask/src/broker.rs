@@ -1,7 +1,8 @@
 //! `cargo xtask bench broker`: the trusted access broker, measured by its own benchmark tests in
 //! release builds: session setup and throughput through broker and tunnel beside the same sshd
 //! reached directly (`moat/tests/broker_e2e.rs`), and 1000 concurrent sessions on one tunnel
-//! with their memory (`broker/tests/tunnel.rs`). Tables on standard error.
+//! with their memory (`broker/tests/tunnel.rs`). Tables on standard error, JSON in
+//! bench-results/broker-session-latest.json and broker-tunnel-latest.json.
 
 use std::process::Command;
 
@@ -11,6 +12,8 @@ use crate::{root, run_cmd};
 
 pub(crate) fn bench() -> Result<()> {
     crate::test::oidc_provider()?;
+    let out = root().join("bench-results");
+    std::fs::create_dir_all(&out)?;
     run_cmd(
         Command::new(env!("CARGO"))
             .current_dir(root())
@@ -23,7 +26,8 @@ pub(crate) fn bench() -> Result<()> {
                 "--test",
                 "broker_e2e",
             ])
-            .args(["bench", "--", "--ignored", "--nocapture"]),
+            .args(["bench", "--", "--ignored", "--nocapture"])
+            .env("MOAT_BENCH_DIR", &out),
     )?;
     run_cmd(
         Command::new(env!("CARGO"))
@@ -37,6 +41,11 @@ pub(crate) fn bench() -> Result<()> {
                 "--test",
                 "tunnel",
             ])
-            .args(["--", "--nocapture"]),
-    )
+            .args(["--", "--nocapture"])
+            .env("MOAT_BENCH_DIR", &out),
+    )?;
+    eprintln!(
+        "xtask bench: wrote bench-results/broker-session-latest.json and broker-tunnel-latest.json"
+    );
+    Ok(())
 }

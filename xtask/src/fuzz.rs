@@ -4,7 +4,7 @@
 //! request-head reader, the policy profile parser, the virtual DNS (guest datagrams) and the
 //! host's parser of guest-init's process events, moat-vmm's virtio descriptor chains, vsock
 //! packets and block requests, the per-request rules of intercepted flows and their HTTP/1.1
-//! request framing. Seeds live in
+//! request framing, the broker's ID token check and its SSH CA's public key reader. Seeds live in
 //! fuzz/seeds/<target>.
 //! The machine has only the stable toolchain; cargo-fuzz needs nightly flags, so this sets
 //! RUSTC_BOOTSTRAP=1 for the fuzz build only.
@@ -28,6 +28,8 @@ const TARGETS: &[&str] = &[
     "vmm_vsock_packet",
     "vmm_block_request",
     "vmm_pci_access",
+    "broker_id_token",
+    "broker_ssh_public_key",
 ];
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
