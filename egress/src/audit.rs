@@ -3,7 +3,8 @@
 //!
 //! Every flow produces either one `Refuse`/`Fail` record, or an `Open` record followed by a
 //! `Close` record with bytes and duration. Records carry names, addresses, ports, the deciding
-//! rule and the reason; never payload bytes, so never a secret. HTTP records carry the method,
+//! rule, its action (and, for a corporate flow, the service asked of the broker) and the reason;
+//! never payload bytes, so never a secret. HTTP records carry the method,
 //! host, path (the query is redacted), status and the *names* of the secrets injected; never a
 //! header value.
 
@@ -13,6 +14,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use moat_policy::Action;
 use serde_json::{Value, json};
 
 use crate::outcome::Reason;
@@ -76,7 +78,11 @@ pub struct Event<'a> {
     pub flow: &'a FlowInfo,
     /// The rule that allowed it, if any did.
     pub rule: Option<&'a str>,
-    /// The upstream address connected to.
+    /// That rule's action.
+    pub action: Option<Action>,
+    /// The corporate service the flow was sent to through the broker (corporate rules only).
+    pub service: Option<&'a str>,
+    /// The upstream address connected to (none for corporate flows: the broker connects).
     pub upstream: Option<SocketAddr>,
     /// Why it was refused, failed or closed.
     pub reason: Option<Reason>,
@@ -162,6 +168,9 @@ impl Audit {
         if let Some(h) = &f.hostname {
             dst.insert("hostname".into(), json!(h));
         }
+        if let Some(service) = event.service {
+            dst.insert("svc_name".into(), json!(service));
+        }
         match (event.upstream, f.claimed) {
             (Some(up), _) => {
                 dst.insert("ip".into(), json!(up.ip().to_string()));
@@ -226,6 +235,9 @@ impl Audit {
         }
         if let Some(rule) = event.rule {
             rec["firewall_rule"] = json!({ "name": rule, "uid": rule });
+        }
+        if let Some(action) = event.action {
+            unmapped.insert("policy_action".into(), json!(action.as_str()));
         }
         if let Some(claimed) = f.claimed {
             unmapped.insert("claimed_destination".into(), json!(claimed.to_string()));
@@ -449,6 +461,10 @@ fn message(event: &Event<'_>) -> String {
         .detail
         .as_deref()
         .map_or(String::new(), |d| format!(": {d}"));
+    let dest = match event.service {
+        Some(service) => format!("{dest} (corporate service {service})"),
+        None => dest,
+    };
     match event.activity {
         Activity::Open => format!("opened flow to {dest}"),
         Activity::Close => format!("closed flow to {dest}{reason}{detail}"),

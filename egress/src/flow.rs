@@ -1,4 +1,5 @@
-//! One flow, from accept to close: header -> policy -> sniff -> resolve -> connect -> splice.
+//! One flow, from accept to close: header -> policy -> sniff -> resolve -> connect -> splice,
+//! or, for a corporate rule, header -> policy -> sniff -> broker connector -> splice.
 //! Every exit path writes exactly one terminal audit record and counts one reason.
 
 use std::io;
@@ -8,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use moat_flow_header::FlowHeader;
-use moat_policy::{Action, Decision, DenyReason, Destination, Protocol, Rule};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use moat_policy::{Action, Decision, DenyReason, Destination, Protocol, Rule, ServiceName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,8 @@ use crate::splice::{Counters, Halves, SpliceLimits, splice};
 struct Stop {
     reason: Reason,
     rule: Option<String>,
+    action: Option<Action>,
+    service: Option<ServiceName>,
     detail: Option<String>,
 }
 
@@ -35,11 +38,15 @@ impl Stop {
         Stop {
             reason,
             rule: None,
+            action: None,
+            service: None,
             detail: None,
         }
     }
     fn rule(mut self, rule: &Rule) -> Self {
         self.rule = Some(rule.name.clone());
+        self.action = Some(rule.action);
+        self.service.clone_from(&rule.service);
         self
     }
     fn detail(mut self, detail: impl Into<String>) -> Self {
@@ -48,13 +55,29 @@ impl Stop {
     }
 }
 
+/// Where an admitted flow's bytes go.
+enum Peer {
+    /// An upstream the proxy connected to itself (passthrough and intercept rules).
+    Direct {
+        /// A new TCP connection, or (intercepted flows only) a pooled verified TLS connection.
+        upstream: Upstream,
+        addr: SocketAddr,
+        /// The name connected to: the flow's hostname, or a routed rule's host.
+        host: Option<String>,
+    },
+    /// A corporate service, through the host side's broker connector (corporate rules): the
+    /// stream is past the connector's `OK`.
+    Corporate {
+        stream: UnixStream,
+        service: ServiceName,
+    },
+}
+
 /// A flow that passed every check and is connected upstream.
 struct Admitted {
-    /// A new TCP connection, or (intercepted flows only) a pooled verified TLS connection.
-    upstream: Upstream,
-    upstream_addr: SocketAddr,
-    /// The name connected to: the flow's hostname, or a routed rule's host.
-    upstream_host: Option<String>,
+    peer: Peer,
+    /// The destination the guest claimed (canonical address).
+    claimed: SocketAddr,
     /// A routed rule's model rewrite.
     model: Option<String>,
     rule: String,
@@ -88,7 +111,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, agent: UnixStream) {
 
 fn finish_early(shared: &Shared, info: &FlowInfo, stop: Stop) {
     let activity = match stop.reason {
-        Reason::ResolveFailed | Reason::ConnectFailed | Reason::ProxyResources => Activity::Fail,
+        Reason::ResolveFailed
+        | Reason::ConnectFailed
+        | Reason::ProxyResources
+        | Reason::CorporateUnavailable => Activity::Fail,
         _ => Activity::Refuse,
     };
     tracing::debug!(flow = %info.uid, reason = %stop.reason, detail = ?stop.detail, "flow stopped");
@@ -97,6 +123,8 @@ fn finish_early(shared: &Shared, info: &FlowInfo, stop: Stop) {
         activity,
         flow: info,
         rule: stop.rule.as_deref(),
+        action: stop.action,
+        service: stop.service.as_ref().map(ServiceName::as_str),
         upstream: None,
         reason: Some(stop.reason),
         detail: stop.detail,
@@ -149,6 +177,7 @@ async fn admit(
     info.hostname = header.hostname.as_ref().map(|h| h.as_str().to_owned());
     let port = header.destination.port();
     let claimed_ip = moat_policy::addr::canonical(header.destination.ip());
+    let claimed = SocketAddr::new(claimed_ip, port);
 
     // 2. The policy decision, on the claimed destination.
     let policy = shared.policy.current();
@@ -216,6 +245,40 @@ async fn admit(
         sniffed.protocol()
     };
 
+    // A corporate rule's flow goes to the broker, asked for the rule's service by name: the
+    // proxy neither resolves the hostname nor connects anywhere else.
+    if rule.action == Action::Corporate {
+        let Some(service) = rule.service.clone() else {
+            // The profile parser refuses a corporate rule without a service.
+            return Err(Stop::new(Reason::CorporateUnavailable)
+                .rule(&rule)
+                .detail("the rule names no service"));
+        };
+        let deadline = Instant::now() + limits.corporate_timeout;
+        return match crate::corporate::open(
+            shared.corporate_uds.as_deref(),
+            &service,
+            port,
+            deadline,
+        )
+        .await
+        {
+            Ok(stream) => Ok(Admitted {
+                peer: Peer::Corporate { stream, service },
+                claimed,
+                model: None,
+                rule: rule.name.clone(),
+                action: rule.action,
+                protocol,
+                pending: buf,
+                generation,
+            }),
+            Err(e) => Err(Stop::new(e.reason())
+                .rule(&rule)
+                .detail(crate::error_chain(&e))),
+        };
+    }
+
     // 4. Where to connect: resolved on the host for named flows, every address classified. A
     //    routed rule connects to its route's host and port instead of the flow's.
     let route = rule.route.clone();
@@ -273,9 +336,12 @@ async fn admit(
             };
             if let Some(conn) = shared.pool.take(&key) {
                 return Ok(Admitted {
-                    upstream: Upstream::Pooled(conn),
-                    upstream_addr: key.addr,
-                    upstream_host: Some(key.host),
+                    peer: Peer::Direct {
+                        upstream: Upstream::Pooled(conn),
+                        addr: key.addr,
+                        host: Some(key.host),
+                    },
+                    claimed,
                     model: route.as_ref().and_then(|r| r.model.clone()),
                     rule: rule.name.clone(),
                     action: rule.action,
@@ -296,9 +362,12 @@ async fn admit(
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 return Ok(Admitted {
-                    upstream: Upstream::Tcp(upstream),
-                    upstream_addr: target,
-                    upstream_host: hostname.map(str::to_owned),
+                    peer: Peer::Direct {
+                        upstream: Upstream::Tcp(upstream),
+                        addr: target,
+                        host: hostname.map(str::to_owned),
+                    },
+                    claimed,
                     model: route.as_ref().and_then(|r| r.model.clone()),
                     rule: rule.name.clone(),
                     action: rule.action,
@@ -328,9 +397,8 @@ async fn run(
     info: &FlowInfo,
 ) {
     let Admitted {
-        upstream,
-        upstream_addr,
-        upstream_host,
+        peer,
+        claimed,
         model,
         rule,
         action,
@@ -338,14 +406,18 @@ async fn run(
         pending,
         generation,
     } = admitted;
+    let (upstream_addr, service) = match &peer {
+        Peer::Direct { addr, .. } => (Some(*addr), None),
+        Peer::Corporate { service, .. } => (None, Some(service.clone())),
+    };
     let cancel = CancellationToken::new();
-    let claimed = info.claimed.unwrap_or(upstream_addr);
     shared.policy.register(
         uid,
         LiveFlow {
             hostname: info.hostname.clone(),
-            claimed: SocketAddr::new(moat_policy::addr::canonical(claimed.ip()), claimed.port()),
-            upstream: upstream_addr.ip(),
+            claimed,
+            upstream: upstream_addr.map(|a| a.ip()),
+            service: service.clone(),
             protocol,
             action,
             cancel: cancel.clone(),
@@ -357,7 +429,9 @@ async fn run(
         activity: Activity::Open,
         flow: info,
         rule: Some(&rule),
-        upstream: Some(upstream_addr),
+        action: Some(action),
+        service: service.as_ref().map(ServiceName::as_str),
+        upstream: upstream_addr,
         reason: None,
         detail: None,
         bytes: None,
@@ -366,15 +440,22 @@ async fn run(
 
     let counters = Arc::new(Counters::default());
     let mut detail = None;
-    let reason = match (action, upstream) {
-        (Action::Intercept, upstream) => {
+    let reason = match (action, peer) {
+        (
+            Action::Intercept,
+            Peer::Direct {
+                upstream,
+                addr,
+                host,
+            },
+        ) => {
             let flow = crate::intercept::Intercepted {
                 info: info.clone(),
                 hostname: info.hostname.clone().unwrap_or_default(),
                 port: claimed.port(),
                 rule: rule.clone(),
-                upstream_host: upstream_host.unwrap_or_default(),
-                upstream_addr,
+                upstream_host: host.unwrap_or_default(),
+                upstream_addr: addr,
                 model,
                 generation,
             };
@@ -392,32 +473,29 @@ async fn run(
             reason
         }
         // Admission takes pooled connections for intercepted flows only.
-        (_, Upstream::Pooled(_)) => Reason::ProxyResources,
-        (_, Upstream::Tcp(mut upstream)) => {
-            if upstream.write_all(&pending).await.is_err() {
-                Reason::UpstreamError
-            } else {
-                counters
-                    .out
-                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
-                let limits = SpliceLimits {
-                    idle: shared.limits.idle_timeout,
-                    total: shared.limits.total_timeout,
-                    buffer: shared.limits.splice_buffer,
-                };
-                let (ar, aw) = agent.split();
-                let (ur, uw) = upstream.split();
-                let agent = Halves {
-                    read: ar,
-                    write: aw,
-                };
-                let upstream = Halves {
-                    read: ur,
-                    write: uw,
-                };
-                splice(agent, upstream, limits, Arc::clone(&counters), cancel).await
-            }
+        (
+            _,
+            Peer::Direct {
+                upstream: Upstream::Pooled(_),
+                ..
+            },
+        ) => Reason::ProxyResources,
+        (
+            _,
+            Peer::Direct {
+                upstream: Upstream::Tcp(mut upstream),
+                ..
+            },
+        ) => {
+            let (read, write) = upstream.split();
+            relay(shared, &mut agent, read, write, &pending, &counters, cancel).await
         }
+        (Action::Corporate, Peer::Corporate { mut stream, .. }) => {
+            let (read, write) = stream.split();
+            relay(shared, &mut agent, read, write, &pending, &counters, cancel).await
+        }
+        // Admission sends only corporate rules' flows to the broker.
+        (_, Peer::Corporate { .. }) => Reason::ProxyResources,
     };
 
     shared.policy.unregister(uid);
@@ -431,10 +509,47 @@ async fn run(
         activity: Activity::Close,
         flow: info,
         rule: Some(&rule),
-        upstream: Some(upstream_addr),
+        action: Some(action),
+        service: service.as_ref().map(ServiceName::as_str),
+        upstream: upstream_addr,
         reason: Some(reason),
         detail,
         bytes: Some((out, inb)),
         allowed: reason != Reason::Revoked,
     });
+}
+
+/// Passes a flow through unchanged (passthrough and corporate rules): the bytes read while
+/// deciding first, then a splice with the flow limits.
+async fn relay<UR, UW>(
+    shared: &Shared,
+    agent: &mut UnixStream,
+    read: UR,
+    mut write: UW,
+    pending: &[u8],
+    counters: &Arc<Counters>,
+    cancel: CancellationToken,
+) -> Reason
+where
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    if write.write_all(pending).await.is_err() {
+        return Reason::UpstreamError;
+    }
+    counters
+        .out
+        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+    let limits = SpliceLimits {
+        idle: shared.limits.idle_timeout,
+        total: shared.limits.total_timeout,
+        buffer: shared.limits.splice_buffer,
+    };
+    let (ar, aw) = agent.split();
+    let agent = Halves {
+        read: ar,
+        write: aw,
+    };
+    let upstream = Halves { read, write };
+    splice(agent, upstream, limits, Arc::clone(counters), cancel).await
 }

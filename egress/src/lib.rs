@@ -9,6 +9,9 @@
 //!    -> flow header         flow.rs: size- and time-bounded read (moat-flow-header)
 //!    -> policy decision     moat-policy: deny by default, first matching rule
 //!    -> protocol sniff      sniff/: TLS SNI or HTTP Host must equal the flow's hostname
+//!    for a rule whose action is `corporate` (never resolved or connected here):
+//!    -> broker connector    corporate.rs: `CONNECT <service>:<port>` on the host side's
+//!                           egress socket, `OK` -> splice.rs as below; `ERR` -> refused
 //!    -> host-side resolve   resolve.rs: the guest's address is never trusted for a name
 //!    -> address classes     moat-policy::addr: non-public refused unless a rule's cidrs allow
 //!    -> connect + splice    splice.rs: backpressure, half-close, idle/total timeouts
@@ -25,13 +28,15 @@
 //! ```
 //!
 //! Invariants: no flow reaches an upstream without an `Allow` from the policy in force and
-//! passing every check above; every flow ends with exactly one terminal audit record; nothing a
+//! passing every check above; a corporate flow reaches only the broker's connector, asking for a
+//! service by name; every flow ends with exactly one terminal audit record; nothing a
 //! guest sends can crash the proxy (no panics on guest input, every read bounded).
 
 #![forbid(unsafe_code)]
 
 mod admin;
 pub mod audit;
+pub mod corporate;
 mod flow;
 pub mod guest_audit;
 pub mod intercept;
@@ -77,6 +82,9 @@ pub struct Limits {
     pub resolve_timeout: Duration,
     /// Time allowed for each upstream connect attempt.
     pub connect_timeout: Duration,
+    /// Time allowed for the host side's broker connector to answer a corporate flow (it asks
+    /// the broker, which allows itself 10 s to connect to the service).
+    pub corporate_timeout: Duration,
     /// A flow with no bytes moving for this long is closed.
     pub idle_timeout: Duration,
     /// A flow is closed after this long, whatever it is doing.
@@ -94,6 +102,7 @@ impl Default for Limits {
             sniff_timeout: Duration::from_secs(10),
             resolve_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            corporate_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(300),
             total_timeout: Duration::from_secs(24 * 3600),
             max_flows: 2048,
@@ -121,6 +130,8 @@ pub(crate) struct Shared {
     secrets: RwLock<Arc<Secrets>>,
     /// Idle verified upstream connections of intercepted flows, emptied on every reload.
     pool: UpstreamPool,
+    /// The host side's corporate egress socket, if this workspace has one.
+    corporate_uds: Option<PathBuf>,
 }
 
 impl Shared {
@@ -189,6 +200,10 @@ pub struct Config {
     /// Trust anchors intercepted flows accept for upstreams, on top of the webpki roots
     /// (a corporate TLS-inspection CA; a test PKI).
     pub upstream_roots: Vec<CertificateDer<'static>>,
+    /// The host side's corporate egress socket (`moat-broker connect --egress-uds PATH`), where
+    /// flows whose rule's action is `corporate` go. None: such flows are refused
+    /// (`corporate_unavailable`).
+    pub corporate_uds: Option<PathBuf>,
 }
 
 /// The listening path for `port` under base `uds`: `<uds>_<port>`.
@@ -240,6 +255,7 @@ impl Proxy {
             upstream_tls,
             secrets: RwLock::new(secrets),
             pool: UpstreamPool::default(),
+            corporate_uds: config.corporate_uds,
         });
         let shutdown = CancellationToken::new();
         let proxy = Arc::new(Proxy {

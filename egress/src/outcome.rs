@@ -118,6 +118,14 @@ reasons! {
     ConnectFailed => "connect_failed", Upstream;
     /// The proxy could not accept or connect for lack of local resources.
     ProxyResources => "proxy_resources", Proxy;
+    /// A corporate flow could not be handed to the broker: no corporate egress socket is
+    /// configured, nothing listens on it (the host side's broker connector is not running), or
+    /// it gave no valid answer in time.
+    CorporateUnavailable => "corporate_unavailable", Proxy;
+    /// The host side's broker connector answered `ERR` for a corporate flow: the broker refused
+    /// the service for this workspace or could not reach it, or the connector is not connected
+    /// to the broker.
+    CorporateRefused => "corporate_refused", Upstream;
     /// Both sides finished normally.
     Finished => "finished", None;
     /// No bytes moved for the idle timeout.

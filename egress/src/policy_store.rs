@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use moat_policy::signing::PublicKey;
 use moat_policy::signing::{self, SignError};
-use moat_policy::{Action, Decision, Destination, Policy, Protocol};
+use moat_policy::{Action, Decision, Destination, Policy, Protocol, ServiceName};
 use tokio_util::sync::CancellationToken;
 
 /// Where a policy comes from: a profile, its detached signature, and the trusted key.
@@ -104,8 +104,11 @@ pub struct LiveFlow {
     pub hostname: Option<String>,
     /// The destination the guest claimed (the port is what was decided on).
     pub claimed: SocketAddr,
-    /// The address actually connected to.
-    pub upstream: IpAddr,
+    /// The address actually connected to; none for a corporate flow (the broker connected).
+    pub upstream: Option<IpAddr>,
+    /// The service a corporate flow was sent to (a flow whose rule now names another service
+    /// is cut).
+    pub service: Option<ServiceName>,
     /// The protocol recognised (`Tcp` when the rule let bytes through unchecked).
     pub protocol: Protocol,
     /// What the allowing rule did with it (a flow whose rule changes action is cut: an
@@ -125,8 +128,15 @@ impl LiveFlow {
         };
         match policy.decide(dest) {
             Decision::Allow(rule) => {
-                rule.check_address(self.upstream).is_ok()
+                // A corporate flow has no address of its own to check: the broker connected it
+                // to the service the rule names, which must still be the same.
+                let destination = match self.upstream {
+                    Some(addr) => rule.check_address(addr).is_ok(),
+                    None => rule.action == Action::Corporate,
+                };
+                destination
                     && rule.action == self.action
+                    && rule.service == self.service
                     && (rule.allows_protocol(self.protocol) || rule.allows_protocol(Protocol::Tcp))
             }
             Decision::Deny(_) => false,
@@ -201,5 +211,85 @@ impl PolicyStore {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const CORPORATE: &str = r#"
+version = 1
+name = "corp"
+
+[[rules]]
+name = "git"
+hosts = ["git.corp.test"]
+ports = [22]
+action = "corporate"
+service = "git-corp"
+protocols = ["tcp"]
+"#;
+
+    fn corporate_flow() -> LiveFlow {
+        LiveFlow {
+            hostname: Some("git.corp.test".into()),
+            claimed: "198.18.0.5:22".parse().unwrap(),
+            upstream: None,
+            service: Some(ServiceName::parse("git-corp").unwrap()),
+            protocol: Protocol::Tcp,
+            action: Action::Corporate,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn policy(text: &str) -> Policy {
+        moat_policy::profile::parse(text).unwrap()
+    }
+
+    #[test]
+    fn corporate_flow_stays_allowed_by_its_rule_without_an_address() {
+        assert!(corporate_flow().allowed_by(&policy(CORPORATE)));
+    }
+
+    #[test]
+    fn corporate_flow_is_cut_when_its_rule_names_another_service() {
+        let moved = CORPORATE.replace("\"git-corp\"", "\"git-corp-2\"");
+        assert!(!corporate_flow().allowed_by(&policy(&moved)));
+    }
+
+    #[test]
+    fn corporate_flow_is_cut_when_its_rule_becomes_passthrough() {
+        let direct = CORPORATE.replace(
+            "action = \"corporate\"\nservice = \"git-corp\"",
+            "action = \"passthrough\"",
+        );
+        assert!(!corporate_flow().allowed_by(&policy(&direct)));
+    }
+
+    #[test]
+    fn direct_flow_without_an_address_is_never_allowed_by_a_passthrough_rule() {
+        let direct = CORPORATE.replace(
+            "action = \"corporate\"\nservice = \"git-corp\"",
+            "action = \"passthrough\"",
+        );
+        let flow = LiveFlow {
+            service: None,
+            action: Action::Passthrough,
+            ..corporate_flow()
+        };
+        assert!(!flow.allowed_by(&policy(&direct)));
+    }
+
+    #[test]
+    fn passthrough_flow_is_cut_when_its_rule_becomes_corporate() {
+        let flow = LiveFlow {
+            upstream: Some("140.82.112.3".parse().unwrap()),
+            service: None,
+            action: Action::Passthrough,
+            ..corporate_flow()
+        };
+        assert!(!flow.allowed_by(&policy(CORPORATE)));
     }
 }

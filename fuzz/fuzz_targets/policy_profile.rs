@@ -9,6 +9,10 @@ fuzz_target!(|data: &[u8]| {
         for rule in &policy.rules {
             assert!(!rule.ports.is_empty());
             assert!(!rule.hosts.is_empty() || !rule.cidrs.is_empty());
+            // A service exactly on corporate rules, which name hosts and no cidrs.
+            let corporate = rule.action == moat_policy::Action::Corporate;
+            assert_eq!(rule.service.is_some(), corporate);
+            assert!(!corporate || (!rule.hosts.is_empty() && rule.cidrs.is_empty()));
         }
     }
 });

@@ -235,6 +235,12 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
                 })
                 .collect();
             println!("  protocols: {}", protos.join(", "));
+            if let Some(service) = &rule.service {
+                println!(
+                    "  via the broker: corporate service \"{service}\" on port {port} (not resolved \
+                     here; the broker connects to the service's configured address)"
+                );
+            }
             if let Some(route) = &rule.route {
                 println!(
                     "  routed to {}:{} (resolved, classified and verified as that name)",
@@ -256,7 +262,7 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
                     println!("  secret ({note}): {}", describe_secret(secret));
                 }
             }
-            if host.is_some() {
+            if host.is_some() && rule.service.is_none() {
                 let cidrs: Vec<String> = rule.cidrs.iter().map(ToString::to_string).collect();
                 println!(
                     "  resolved addresses must be public{}",

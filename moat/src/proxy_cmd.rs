@@ -147,6 +147,8 @@ impl ProxyOpts {
                 Some(path) => read_pem_certs(path)?,
                 None => Vec::new(),
             },
+            // Corporate egress is wired by `moat run` (the broker connector's egress socket).
+            corporate_uds: None,
         };
         Ok((config, resolver, audit))
     }

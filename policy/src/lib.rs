@@ -9,19 +9,26 @@
 //!  Policy::decide ------> Deny(reason)          first matching rule wins; no rule = deny
 //!        | Allow(rule)
 //!        v
+//!  protocol check (TLS SNI / HTTP Host) against the rule's protocols
+//!        |
+//!        +--- action corporate --> the host side's broker connector, asked for the rule's
+//!        |                         `service` by name (the broker resolves and connects)
+//!        v
 //!  proxy resolves the hostname on the host
 //!        |
 //!        v
 //!  Rule::check_address(each resolved address) --> Deny(non-public class)
 //!        | ok
 //!        v
-//!  protocol check (TLS SNI / HTTP Host) against the rule's protocols, then connect
+//!  connect (passthrough), or terminate TLS and check each request (intercept)
 //! ```
 //!
 //! Invariants: deny by default; names are normalised once ([`host::normalize`]) before any
 //! comparison; IP-literal destinations and non-public addresses are reachable only through a
-//! rule's `cidrs`; a profile is enforced only after its signature verifies
-//! ([`signing::load_verified`]). No I/O, no unsafe code.
+//! rule's `cidrs`; corporate services are reachable only by name, through the broker (a
+//! `corporate` rule names hosts and a [`ServiceName`], never addresses or `cidrs`); a profile is
+//! enforced only after its signature verifies ([`signing::load_verified`]). No I/O, no unsafe
+//! code.
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +36,7 @@ pub mod addr;
 pub mod host;
 pub mod profile;
 pub mod secret;
+pub mod service;
 pub mod signing;
 
 use std::fmt;
@@ -40,6 +48,7 @@ use serde::Deserialize;
 pub use addr::{AddrClass, classify};
 pub use host::{HostPattern, normalize};
 pub use secret::{Presentation, SecretSource, SecretSpec};
+pub use service::{ServiceName, ServiceNameError};
 
 /// What an allowing rule does with the flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -51,6 +60,11 @@ pub enum Action {
     /// Terminate the agent's TLS with a leaf of the workspace CA, check every HTTP request,
     /// inject the secrets bound to the host, and forward over verified TLS. TLS only.
     Intercept,
+    /// Send the flow to a corporate service through the broker, after the protocol checks: the
+    /// proxy asks the host side's egress socket for the rule's `service` by name (never an
+    /// address: it does not resolve the hostname; the broker connects to the service's
+    /// configured address) and splices. Rules with hosts only.
+    Corporate,
 }
 
 impl Action {
@@ -59,6 +73,7 @@ impl Action {
         match self {
             Action::Passthrough => "passthrough",
             Action::Intercept => "intercept",
+            Action::Corporate => "corporate",
         }
     }
 }
@@ -95,6 +110,9 @@ pub struct Rule {
     /// Routed (intercept rules only): requests for the rule's hosts go to this upstream
     /// instead, e.g. a stable in-workspace name `inference.local` routed to a model provider.
     pub route: Option<Route>,
+    /// The broker's name for the corporate service the flow goes to: set on every rule whose
+    /// action is `corporate`, and on no other.
+    pub service: Option<ServiceName>,
 }
 
 /// Where a routed rule sends its requests.
@@ -322,6 +340,30 @@ cidrs = ["192.168.8.0/24"]
             p.decide(lit("192.168.7.9", 443)),
             Decision::Deny(DenyReason::IpLiteral)
         );
+    }
+
+    #[test]
+    fn corporate_rule_decides_like_any_rule_with_hosts() {
+        let p = profile::parse(&format!(
+            "{PROFILE}\n[[rules]]\nname = \"git\"\nhosts = [\"git.corp.test\"]\nports = [22]\n\
+             action = \"corporate\"\nservice = \"git-corp\"\nprotocols = [\"tcp\"]\n"
+        ))
+        .unwrap();
+        match p.decide(named("git.corp.test", 22)) {
+            Decision::Allow(rule) => {
+                assert_eq!(rule.action, Action::Corporate);
+                assert_eq!(
+                    rule.service.as_ref().map(ServiceName::as_str),
+                    Some("git-corp")
+                );
+            }
+            Decision::Deny(reason) => panic!("denied: {reason}"),
+        }
+        assert_eq!(
+            p.decide(named("git.corp.test", 443)),
+            Decision::Deny(DenyReason::PortNotAllowed)
+        );
+        assert_eq!(p.rule("github").unwrap().service, None);
     }
 
     #[test]

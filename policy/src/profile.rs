@@ -24,6 +24,14 @@
 //! ports = [443]
 //! action = "intercept"              # protocols default to, and may only be, ["tls"]
 //!
+//! [[rules]]
+//! name = "git-corp"                 # to a corporate service, through the broker
+//! hosts = ["git.corp.example.com"]  # never resolved by the proxy; no cidrs
+//! ports = [22]
+//! action = "corporate"
+//! service = "git-corp"              # the broker's name for it (a-z, 0-9, '-'; 1-63)
+//! protocols = ["tcp"]               # SSH; the default is ["tls", "http"], as for passthrough
+//!
 //! [[secrets]]                       # see crate::secret for every field
 //! name = "openai"
 //! source = { env = "OPENAI_API_KEY" }
@@ -33,12 +41,14 @@
 //! ```
 
 use std::collections::HashSet;
+use std::net::Ipv4Addr;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::host::{HostError, HostPattern};
 use crate::secret::{Presentation, RESERVED_HEADERS, SecretSource, SecretSpec, is_token};
+use crate::service::ServiceName;
 use crate::{Action, Policy, Protocol, Route, Rule};
 
 /// The shortest placeholder accepted: shorter ones could occur by chance in a request.
@@ -91,6 +101,15 @@ pub enum ProfileError {
     /// An intercept rule without hosts: interception needs a name for its certificate.
     #[error("rule {0:?} intercepts, so it must name hosts")]
     InterceptWithoutHosts(String),
+    /// A `corporate` rule without a valid service, without hosts, with cidrs or an IP address
+    /// for a host; or a `service` on a rule that is not `corporate`.
+    #[error("rule {rule:?} is not a valid corporate rule: {why}")]
+    BadCorporate {
+        /// The rule's name.
+        rule: String,
+        /// What is wrong.
+        why: String,
+    },
     /// A secret declaration that is not valid; names the secret, never a value.
     #[error("secret {name:?} is not valid: {why}")]
     Secret {
@@ -154,6 +173,8 @@ struct RuleFile {
     cidrs: Vec<IpNet>,
     #[serde(default)]
     route: Option<RouteFile>,
+    #[serde(default)]
+    service: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +251,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             })
             .map(|n| n.trunc())
             .collect();
+        let service = corporate_service(&r.name, r.action, r.service.as_deref(), &hosts, &r.cidrs)?;
         let route = match r.route {
             None => None,
             Some(route) => {
@@ -262,6 +284,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             protocols,
             cidrs,
             route,
+            service,
         });
     }
     let mut secrets: Vec<SecretSpec> = Vec::with_capacity(file.secrets.len());
@@ -285,6 +308,54 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
         rules,
         secrets,
     })
+}
+
+/// The service of a `corporate` rule, checked with everything else such a rule must (not) have;
+/// `None` for any other rule, which must not name a service.
+fn corporate_service(
+    rule: &str,
+    action: Action,
+    service: Option<&str>,
+    hosts: &[HostPattern],
+    cidrs: &[IpNet],
+) -> Result<Option<ServiceName>, ProfileError> {
+    let bad = |why: String| ProfileError::BadCorporate {
+        rule: rule.to_owned(),
+        why,
+    };
+    if action != Action::Corporate {
+        return match service {
+            Some(_) => Err(bad(
+                "a service is only allowed with action = \"corporate\"".into()
+            )),
+            None => Ok(None),
+        };
+    }
+    let Some(name) = service else {
+        return Err(bad(
+            "action = \"corporate\" needs a service (the broker's name for it)".into(),
+        ));
+    };
+    let service = ServiceName::parse(name).map_err(|e| bad(e.to_string()))?;
+    if hosts.is_empty() {
+        return Err(bad(
+            "it must name hosts (IP-literal destinations never go to the broker)".into(),
+        ));
+    }
+    if let Some(HostPattern::Exact(ip)) = hosts
+        .iter()
+        .find(|h| matches!(h, HostPattern::Exact(n) if n.parse::<Ipv4Addr>().is_ok()))
+    {
+        return Err(bad(format!("host {ip:?} is an IP address, not a name")));
+    }
+    if !cidrs.is_empty() {
+        return Err(bad(
+            "cidrs do not apply: the proxy does not resolve its hosts, the broker connects to \
+             the service's configured address"
+                .into(),
+        ));
+    }
+    Ok(Some(service))
 }
 
 fn compile_secret(raw: SecretFile) -> Result<SecretSpec, ProfileError> {
@@ -442,6 +513,147 @@ presentation = "authorization_bearer"
             parse(&text),
             Err(ProfileError::InterceptNotTls(_))
         ));
+    }
+
+    const CORPORATE: &str = r#"
+version = 1
+name = "corp"
+
+[[rules]]
+name = "git"
+hosts = ["git.corp.example.com"]
+ports = [22]
+action = "corporate"
+service = "git-corp"
+protocols = ["tcp"]
+"#;
+
+    /// The corporate rule's error message, with `from` replaced by `to` in its profile.
+    fn corporate_error(from: &str, to: &str) -> String {
+        assert!(CORPORATE.contains(from), "{from:?} is not in the profile");
+        parse(&CORPORATE.replace(from, to)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn corporate_rule_names_its_service() {
+        let p = parse(CORPORATE).unwrap();
+        let rule = &p.rules[0];
+        assert_eq!(rule.action, Action::Corporate);
+        assert_eq!(rule.action.as_str(), "corporate");
+        assert_eq!(rule.service.as_ref().unwrap().as_str(), "git-corp");
+        assert_eq!(rule.protocols, vec![Protocol::Tcp]);
+        assert!(rule.cidrs.is_empty());
+    }
+
+    #[test]
+    fn corporate_rule_defaults_to_tls_and_http_like_passthrough() {
+        let p = parse(&CORPORATE.replace("protocols = [\"tcp\"]\n", "")).unwrap();
+        assert_eq!(p.rules[0].protocols, vec![Protocol::Tls, Protocol::Http]);
+    }
+
+    #[test]
+    fn corporate_rule_accepts_wildcard_hosts() {
+        let p = parse(&CORPORATE.replace(
+            "hosts = [\"git.corp.example.com\"]",
+            "hosts = [\"*.corp.example.com\"]",
+        ))
+        .unwrap();
+        assert_eq!(p.rules[0].service.as_ref().unwrap().as_str(), "git-corp");
+    }
+
+    #[test]
+    fn corporate_rule_without_a_service_is_refused() {
+        let err = corporate_error("service = \"git-corp\"\n", "");
+        assert!(err.contains("rule \"git\""), "{err}");
+        assert!(err.contains("needs a service"), "{err}");
+    }
+
+    #[test]
+    fn corporate_rule_with_a_malformed_service_name_is_refused() {
+        let too_long = format!("service = \"{}\"", "s".repeat(64));
+        for bad in [
+            "service = \"\"",
+            "service = \"Git-Corp\"",
+            "service = \"-git\"",
+            "service = \"git.corp.example.com\"",
+            "service = \"git-corp:22\"",
+            "service = \"git corp\"",
+            "service = \"git\\ncorp\"",
+            too_long.as_str(),
+        ] {
+            let err = corporate_error("service = \"git-corp\"", bad);
+            assert!(err.contains("rule \"git\""), "{bad}: {err}");
+            assert!(err.contains("is not a service name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn corporate_service_that_is_not_a_string_is_refused() {
+        let err = corporate_error("service = \"git-corp\"", "service = 22");
+        assert!(err.contains("not valid"), "{err}");
+    }
+
+    #[test]
+    fn service_on_a_rule_that_is_not_corporate_is_refused() {
+        for action in ["passthrough", "intercept"] {
+            let text = CORPORATE
+                .replace("action = \"corporate\"", &format!("action = \"{action}\""))
+                .replace("protocols = [\"tcp\"]", "protocols = [\"tls\"]");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains("rule \"git\""), "{action}: {err}");
+            assert!(err.contains("only allowed with action"), "{action}: {err}");
+        }
+    }
+
+    #[test]
+    fn corporate_rule_without_hosts_is_refused() {
+        let err = corporate_error(
+            "hosts = [\"git.corp.example.com\"]",
+            "cidrs = [\"10.1.2.0/24\"]",
+        );
+        assert!(err.contains("rule \"git\""), "{err}");
+        assert!(err.contains("must name hosts"), "{err}");
+    }
+
+    #[test]
+    fn corporate_rule_with_an_ip_address_for_a_host_is_refused() {
+        let err = corporate_error(
+            "hosts = [\"git.corp.example.com\"]",
+            "hosts = [\"git.corp.example.com\", \"10.1.2.3.\"]",
+        );
+        assert!(err.contains("rule \"git\""), "{err}");
+        assert!(err.contains("\"10.1.2.3\" is an IP address"), "{err}");
+    }
+
+    #[test]
+    fn corporate_rule_with_cidrs_is_refused() {
+        let err = corporate_error(
+            "protocols = [\"tcp\"]",
+            "protocols = [\"tcp\"]\ncidrs = [\"10.1.2.0/24\"]",
+        );
+        assert!(err.contains("rule \"git\""), "{err}");
+        assert!(err.contains("cidrs do not apply"), "{err}");
+    }
+
+    #[test]
+    fn corporate_rule_with_a_route_is_refused() {
+        let err = corporate_error(
+            "protocols = [\"tcp\"]",
+            "protocols = [\"tcp\"]\nroute = { host = \"git2.corp.example.com\" }",
+        );
+        assert!(err.contains("rule \"git\""), "{err}");
+        assert!(err.contains("only intercept rules can route"), "{err}");
+    }
+
+    #[test]
+    fn corporate_rule_with_an_unknown_field_is_refused() {
+        let err = corporate_error("service = \"git-corp\"", "services = [\"git-corp\"]");
+        assert!(err.contains("not valid"), "{err}");
+        let err = corporate_error(
+            "service = \"git-corp\"",
+            "service = \"git-corp\"\naddress = \"10.1.2.3:22\"",
+        );
+        assert!(err.contains("not valid"), "{err}");
     }
 
     #[test]

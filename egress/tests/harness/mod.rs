@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use moat_egress::audit::Audit;
 use moat_egress::policy_store::PolicySource;
-use moat_egress::resolve::StaticResolver;
+use moat_egress::resolve::{ResolveFuture, Resolver, StaticResolver};
 use moat_egress::{Config, Limits, Proxy};
 use moat_flow_header::{FlowHeader, Hostname, Transport};
 use moat_policy::signing;
@@ -81,6 +81,23 @@ impl Seen {
 }
 
 pub type SeenLog = Arc<std::sync::Mutex<Vec<Seen>>>;
+
+/// Every name a proxy asked its resolver for, in order.
+pub type ResolvedLog = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// The test resolver: a [`StaticResolver`] that records every name it is asked for.
+#[derive(Debug)]
+pub struct RecordingResolver {
+    inner: StaticResolver,
+    asked: ResolvedLog,
+}
+
+impl Resolver for RecordingResolver {
+    fn resolve<'a>(&'a self, host: &'a str) -> ResolveFuture<'a> {
+        self.asked.lock().unwrap().push(host.to_owned());
+        self.inner.resolve(host)
+    }
+}
 
 /// An HTTPS upstream (hyper + rustls, test PKI) that records every request it receives and
 /// answers `200 ok <path>`.
@@ -361,6 +378,8 @@ pub struct TestProxy {
     pub seen: SeenLog,
     /// The file the `api-key` secret is read from.
     pub secret_file: PathBuf,
+    /// The names the proxy asked its resolver for.
+    pub resolved: ResolvedLog,
 }
 
 /// The test profile. `{tls}` and `{plain}` are the upstreams' ports.
@@ -424,6 +443,32 @@ impl TestProxy {
         h2_upstream: bool,
         watch: bool,
     ) -> TestProxy {
+        Self::start_inner(limits, upstream_roots, h2_upstream, watch, None, "").await
+    }
+
+    /// A proxy whose profile also holds `extra` rules, sending corporate flows to
+    /// `corporate_uds`, reloading only when told to (so a reload's count of cut flows is
+    /// exact).
+    pub async fn start_corporate(corporate_uds: Option<PathBuf>, extra: &str) -> TestProxy {
+        Self::start_inner(
+            Limits::default(),
+            vec![pki().ca.clone()],
+            false,
+            false,
+            corporate_uds,
+            extra,
+        )
+        .await
+    }
+
+    async fn start_inner(
+        limits: Limits,
+        upstream_roots: Vec<CertificateDer<'static>>,
+        h2_upstream: bool,
+        watch: bool,
+        corporate_uds: Option<PathBuf>,
+        extra: &str,
+    ) -> TestProxy {
         let tls = upstream(true).await;
         let plain = upstream(false).await;
         let (http, seen) = http_upstream(h2_upstream).await;
@@ -437,7 +482,7 @@ impl TestProxy {
         let text = profile_text(
             tls.port(),
             plain.port(),
-            &intercept_rules(http.port(), &secret_file),
+            &format!("{}{extra}", intercept_rules(http.port(), &secret_file)),
         );
         write_signed(&profile, &text, &key.secret);
         let mut resolver = StaticResolver::new();
@@ -463,6 +508,11 @@ impl TestProxy {
         resolver
             .insert("cgnat.test", "100.64.1.1".parse().unwrap())
             .unwrap();
+        let resolved = ResolvedLog::default();
+        let resolver = RecordingResolver {
+            inner: resolver,
+            asked: Arc::clone(&resolved),
+        };
         let audit_path = dir.path().join("audit.jsonl");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -481,6 +531,7 @@ impl TestProxy {
             watch,
             limits,
             upstream_roots,
+            corporate_uds,
         };
         let proxy = Proxy::start(config, Box::new(resolver), audit).unwrap();
         TestProxy {
@@ -496,6 +547,7 @@ impl TestProxy {
             http,
             seen,
             secret_file,
+            resolved,
         }
     }
 
