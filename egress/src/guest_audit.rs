@@ -105,11 +105,11 @@ impl Audit {
                 if let Some(name) = cmd_line.split_whitespace().next() {
                     process["name"] = json!(name.rsplit('/').next().unwrap_or(name));
                 }
-                rec["message"] = json!(format!("agent launched: {cmd_line}"));
+                rec["message"] = json!(format!("launched: {cmd_line}"));
             }
             GuestEvent::Terminate { exit_code, .. } => {
                 rec["exit_code"] = json!(exit_code);
-                rec["message"] = json!(format!("agent exited with status {exit_code}"));
+                rec["message"] = json!(format!("exited with status {exit_code}"));
             }
         }
         rec["process"] = process;

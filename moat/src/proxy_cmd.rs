@@ -29,6 +29,10 @@ pub(crate) struct ProxyArgs {
     /// the workspace's trust store.
     #[arg(long, value_name = "PEM")]
     ca_out: Option<PathBuf>,
+    /// Where the broker's host side takes corporate flows (`moat-broker connect --egress-uds`):
+    /// rules with `action = "corporate"` go there.
+    #[arg(long, value_name = "PATH")]
+    corporate_uds: Option<PathBuf>,
     #[command(flatten)]
     opts: ProxyOpts,
 }
@@ -147,7 +151,7 @@ impl ProxyOpts {
                 Some(path) => read_pem_certs(path)?,
                 None => Vec::new(),
             },
-            // Corporate egress is wired by `moat run` (the broker connector's egress socket).
+            // Set by the caller: `moat run --tunnel`, `moat proxy --corporate-uds`.
             corporate_uds: None,
         };
         Ok((config, resolver, audit))
@@ -158,6 +162,7 @@ fn build(args: &ProxyArgs) -> Result<(Config, Box<dyn Resolver>, Audit)> {
     let (mut config, resolver, audit) = args.opts.build(args.uds.clone(), Path::new("-"))?;
     config.port = args.port;
     config.admin = args.admin.clone();
+    config.corporate_uds = args.corporate_uds.clone();
     config.watch = !args.no_watch;
     Ok((config, resolver, audit))
 }

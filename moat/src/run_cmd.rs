@@ -204,7 +204,12 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
     // Beside the run directory, not in it: the audit log outlives the workspace.
     // (The run directory's name is random, so this name cannot be prepared by anyone else.)
     let default_audit = run_dir.with_extension("audit.jsonl");
-    let (config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
+    let (mut config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
+    // Reached through the broker, corporate flows leave through the tunnel's host side.
+    let corporate_uds = run_dir.join("corporate.sock");
+    if args.tunnel.is_some() {
+        config.corporate_uds = Some(corporate_uds.clone());
+    }
     let rt = args.proxy.runtime()?;
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
     // Process events from guest-init go to the same audit log, as OCSF Process Activity.
@@ -249,7 +254,7 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
 
     // Reached through the broker: the tunnel kept up from here, sessions answered inside.
     let tunnel = match &args.tunnel {
-        Some(dir) => Some(start_tunnel(dir, &rt, &uds, &shutdown)?),
+        Some(dir) => Some(start_tunnel(dir, &rt, &uds, &corporate_uds, &shutdown)?),
         None => None,
     };
     let hostname = tunnel
@@ -323,11 +328,13 @@ struct Tunnel {
 }
 
 /// Reads the enrolment in `dir` and keeps the workspace's tunnel to the broker up (on `rt`,
-/// until `shutdown`), connecting the broker's streams to the workspace's port 22 through `uds`.
+/// until `shutdown`), connecting the broker's streams to the workspace's port 22 through `uds`
+/// and taking the egress proxy's corporate flows on `corporate_uds`.
 fn start_tunnel(
     dir: &std::path::Path,
     rt: &tokio::runtime::Runtime,
     uds: &std::path::Path,
+    corporate_uds: &std::path::Path,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<Tunnel> {
     let enrolment = moat_broker::enrolment::read_dir(dir)
@@ -340,7 +347,7 @@ fn start_tunnel(
         broker_ca_pem: enrolment.broker_ca_pem.clone(),
         uds: uds.to_owned(),
         ports: vec![moat_guest_init::session::SSH_PORT],
-        egress_uds: None,
+        egress_uds: Some(corporate_uds.to_owned()),
     })
     .with_context(|| format!("--tunnel {}", dir.display()))?;
     let stop = shutdown.clone();

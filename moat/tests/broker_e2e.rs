@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -214,8 +213,30 @@ impl Workspace {
     }
 }
 
+/// The workspace's signed policy: three corporate rules (the service ws1 is given, one it is
+/// not given, and the given one on a port the broker does not serve), nothing else.
+fn write_policy(dir: &Path, corp_port: u16) {
+    let key = moat_policy::signing::generate("").unwrap();
+    std::fs::write(dir.join("policy.pub"), &key.public).unwrap();
+    let rule = |name: &str, host: &str, port: u16, service: &str| {
+        format!(
+            "[[rules]]\nname = \"{name}\"\nhosts = [\"{host}\"]\nports = [{port}]\n\
+             action = \"corporate\"\nservice = \"{service}\"\nprotocols = [\"tcp\"]\n\n"
+        )
+    };
+    let profile = format!(
+        "version = 1\nname = \"broker-e2e\"\n\n{}{}{}",
+        rule("corp-echo", "echo.corp.test", corp_port, "corp-echo"),
+        rule("corp-other", "other.corp.test", corp_port, "corp-other"),
+        rule("corp-wrong-port", "wrong-port.corp.test", 7, "corp-echo"),
+    );
+    let sig = moat_policy::signing::sign(profile.as_bytes(), &key.secret, "").unwrap();
+    std::fs::write(dir.join("policy.toml"), &profile).unwrap();
+    std::fs::write(dir.join("policy.toml.minisig"), sig).unwrap();
+}
+
 /// Enrols ws1 at `broker` into `dir/ws1` (as `moat-broker enrol` does) and starts it.
-fn start_workspace(dir: &Path, broker: &Broker, tunnel: u16) -> Workspace {
+fn start_workspace(dir: &Path, broker: &Broker, tunnel: u16, corp_port: u16) -> Workspace {
     let enrolment = dir.join("ws1");
     let identity = broker
         .pki
@@ -234,11 +255,18 @@ fn start_workspace(dir: &Path, broker: &Broker, tunnel: u16) -> Workspace {
     .unwrap();
     let log = dir.join("moat-run.log");
     let audit = dir.join("workspace-audit.jsonl");
+    write_policy(dir, corp_port);
     let moat_run = Command::new(MOAT)
         .args(["run", "--backend", "namespace", "--tunnel"])
         .arg(&enrolment)
         .arg("--audit")
         .arg(&audit)
+        .arg("--workspace")
+        .arg("ws1")
+        .arg("--profile")
+        .arg(dir.join("policy.toml"))
+        .arg("--pubkey")
+        .arg(dir.join("policy.pub"))
         .args([
             "--",
             "sh",
@@ -361,7 +389,7 @@ impl World {
             broker.broker.pki.tls_ca_pem(),
         )
         .unwrap();
-        let workspace = start_workspace(dir.path(), &broker.broker, tunnel);
+        let workspace = start_workspace(dir.path(), &broker.broker, tunnel, corp_port);
         let world = World {
             dir,
             corp_port,
@@ -583,24 +611,26 @@ impl World {
             .unwrap()
     }
 
-    /// Asks for a corporate service as the host's egress proxy would; returns the broker's
-    /// answer line and the stream (retrying while the egress connection is still coming up).
-    fn corporate(&self, target: &str) -> (String, StdUnixStream) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut stream = StdUnixStream::connect(self.path("egress.sock")).unwrap();
-            writeln!(stream, "CONNECT {target}").unwrap();
-            let mut line = Vec::new();
-            let mut byte = [0u8; 1];
-            while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
-                line.push(byte[0]);
-            }
-            let line = text(&line);
-            if line != "ERR broker not connected" || Instant::now() > deadline {
-                return (line, stream);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// From inside the workspace (a session's shell): opens `host:port`, sends a line, and
+    /// prints what comes back, or `refused`.
+    fn corporate(&self, host: &str, port: u16) -> Output {
+        wait_exit(
+            self.ssh(&format!(
+                "exec 3<>/dev/tcp/{host}/{port} && printf 'hello corp\\n' >&3 && \
+                 head -c 11 <&3 || echo refused"
+            )),
+            Instant::now(),
+            Duration::from_secs(40),
+        )
+        .0
+    }
+
+    fn workspace_audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.workspace.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     fn audit(&self) -> Vec<serde_json::Value> {
@@ -1175,26 +1205,29 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
 }
 
 #[test]
-fn a_corporate_service_is_reached_from_the_workspace_host_through_the_broker() {
+fn a_corporate_service_is_reached_from_inside_the_workspace_only_through_the_broker() {
     let world = World::new();
+    assert!(world.login("alice").status.success());
 
-    let (answer, mut stream) = world.corporate(&format!("corp-echo:{}", world.corp_port));
-    stream.write_all(b"hello corp\n").unwrap();
-    let mut back = [0u8; 11];
-    stream.read_exact(&mut back).unwrap();
-    drop(stream);
+    let by_name = world.corporate("echo.corp.test", world.corp_port);
+    // An address instead of a name (the workspace's own loopback is not the host's, so any
+    // routed address stands for one): the policy has no rule for it, and nothing else leads
+    // out of the workspace.
+    let by_address = world.corporate("192.0.2.1", world.corp_port);
 
-    assert_eq!(answer, "OK");
-    assert_eq!(&back, b"hello corp\n");
+    assert!(by_name.status.success(), "{}", text(&by_name.stderr));
+    assert_eq!(text(&by_name.stdout), "hello corp\n");
+    assert_eq!(text(&by_address.stdout).trim(), "refused");
     let deadline = Instant::now() + Duration::from_secs(5);
     while count(&world.audit(), 4001, 2) == 0 {
         assert!(
             Instant::now() < deadline,
-            "no Close record: {:?}",
+            "no Close record at the broker: {:?}",
             world.audit()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The broker's record: the flow came from ws1, to the configured service.
     let records = world.audit();
     assert_eq!(count(&records, 4001, 1), 1, "one corporate flow opened");
     let close = records
@@ -1203,23 +1236,52 @@ fn a_corporate_service_is_reached_from_the_workspace_host_through_the_broker() {
         .unwrap();
     assert_eq!(close["traffic"]["bytes_out"], 11);
     assert_eq!(close["src_endpoint"]["uid"], "ws1");
+    // The workspace's egress proxy: the named flow went to the broker as service corp-echo; the
+    // address was refused by the policy.
+    let ours = world.workspace_audit();
+    assert!(
+        ours.iter().any(|r| r["class_uid"] == 4001
+            && r["activity_id"] == 1
+            && r["dst_endpoint"]["svc_name"] == "corp-echo"
+            && r["unmapped"]["moat"]["policy_action"] == "corporate"),
+        "no corporate Open in the workspace's audit: {ours:?}"
+    );
+    assert!(
+        ours.iter().any(|r| r["class_uid"] == 4001
+            && r["activity_id"] == 5
+            && r["dst_endpoint"]["ip"] == "192.0.2.1"),
+        "the address must be refused by the workspace's policy: {ours:?}"
+    );
     validate_ocsf(&world.path("audit.jsonl"));
+    validate_ocsf(&world.workspace.audit);
 }
 
 #[test]
-fn a_workspace_reaches_no_corporate_service_it_is_not_given_nor_any_address() {
+fn a_workspace_reaches_no_corporate_service_it_is_not_given_nor_on_another_port() {
     let world = World::new();
-    let port = world.corp_port;
+    assert!(world.login("alice").status.success());
 
-    let other = world.corporate(&format!("corp-other:{port}")).0;
-    let address = world.corporate(&format!("127.0.0.1:{port}")).0;
-    let wrong_port = world.corporate("corp-echo:1").0;
+    // The policy sends both to the broker; the broker refuses both: corp-other is not ws1's,
+    // and corp-echo is served on its configured port only.
+    let other = world.corporate("other.corp.test", world.corp_port);
+    let wrong_port = world.corporate("wrong-port.corp.test", 7);
 
-    assert_eq!(other, "ERR 403");
-    assert_eq!(address, "ERR 403");
-    assert_eq!(wrong_port, "ERR 403");
-    assert_eq!(count(&world.audit(), 4001, 5), 3, "three refusals audited");
+    assert_eq!(text(&other.stdout).trim(), "refused");
+    assert_eq!(text(&wrong_port.stdout).trim(), "refused");
+    assert_eq!(
+        count(&world.audit(), 4001, 5),
+        2,
+        "two refusals at the broker: {:?}",
+        world.audit()
+    );
+    let refused_here = world
+        .workspace_audit()
+        .into_iter()
+        .filter(|r| r["class_uid"] == 4001 && r["activity_id"] == 5)
+        .count();
+    assert_eq!(refused_here, 2, "and two in the workspace's audit");
     validate_ocsf(&world.path("audit.jsonl"));
+    validate_ocsf(&world.workspace.audit);
 }
 
 #[test]
