@@ -366,6 +366,20 @@ fn host_secrets_are_not_visible_inside() {
 }
 
 #[test]
+fn the_workspace_has_its_own_accounts_and_none_of_the_hosts() {
+    let ws = Workspace::new();
+    let out =
+        ws.run("cut -d: -f1,3 /etc/passwd; echo --; cut -d: -f1,3 /etc/group; echo --; id -un");
+    let got = text(&out.stdout);
+    assert_eq!(
+        got,
+        "root:0\nagent:1000\nnobody:65534\n--\nroot:0\nagent:1000\nnogroup:65534\n--\nroot\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn exit_status_of_the_command_is_the_workspaces() {
     let ws = Workspace::new();
     let out = ws.run("exit 7");
