@@ -64,20 +64,47 @@ fn enrol_writes_a_workspace_identity_with_a_private_key() {
     ]);
 
     assert!(run.status.success(), "{}", text(&run.stderr));
-    let key_mode = std::fs::metadata(out.join("ws1.key"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(key_mode & 0o777, 0o600);
-    assert!(
-        std::fs::read_to_string(out.join("ws1.crt"))
+    for key in ["workspace.key", "ssh_host_ed25519_key"] {
+        let mode = std::fs::metadata(out.join(key))
             .unwrap()
-            .contains("BEGIN CERTIFICATE")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+    assert!(read("workspace.crt").contains("BEGIN CERTIFICATE"));
+    assert!(read("broker-ca.pem").contains("BEGIN CERTIFICATE"));
+    // What `moat run --tunnel` needs: where the broker is, and who this workspace is.
+    let enrolment = moat_broker::enrolment::read_dir(&out).unwrap();
+    assert_eq!(enrolment.tunnel.workspace.as_str(), "ws1");
+    assert!(enrolment.ssh_user_ca.starts_with("ssh-ed25519 "));
+    // The host key, printed for people's known_hosts, is the one written.
+    assert!(
+        text(&run.stdout).contains(&format!("ws1 {}", enrolment.ssh_host_key_pub)),
+        "{}",
+        text(&run.stdout)
     );
+}
+
+#[test]
+fn enrol_refuses_a_workspace_the_configuration_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+
+    let run = broker(&[
+        "enrol",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        dir.path().join("ws9").to_str().unwrap(),
+        "ws9",
+    ]);
+
+    assert!(!run.status.success());
     assert!(
-        std::fs::read_to_string(out.join("broker-ca.pem"))
-            .unwrap()
-            .contains("BEGIN CERTIFICATE")
+        text(&run.stderr).contains("ws9 is not a workspace"),
+        "{}",
+        text(&run.stderr)
     );
 }
 
