@@ -340,8 +340,8 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
 }
 
 /// The workspace's accounts, bound over the host's `/etc/passwd` and `/etc/group`: its root
-/// (the agent), the account SSH sessions log in as ([`SESSION_ID`], a user namespace of their
-/// own maps the workspace's root to it: see [`session`]), and nobody. The host's own accounts
+/// (the agent), the account SSH sessions log in as ([`SESSION_ID`]: a nested user namespace
+/// maps the workspace's root to it, see [`session`]), and nobody. The host's own accounts
 /// are none of the workspace's business.
 fn write_accounts(run_dir: &Path) -> Result<(), InitError> {
     let shell = if Path::new("/bin/bash").exists() {
