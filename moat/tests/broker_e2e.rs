@@ -1105,9 +1105,10 @@ fn timed(mut child: Child) -> (Duration, u64) {
     let started = Instant::now();
     let mut stdout = child.stdout.take().unwrap();
     let bytes = std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success());
-    (started.elapsed(), bytes)
+    let took = started.elapsed();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    (took, bytes)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -1136,7 +1137,7 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
         &config,
         format!(
             "HostKey {}\nTrustedUserCAKeys {}\nAuthorizedPrincipalsFile {}\n\
-             AuthorizedKeysFile none\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n\
+             AuthorizedKeysFile none\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n\
              UsePAM no\nPidFile none\n",
             world.path("ws1/ssh_host_ed25519_key").display(),
             world.path("user_ca.pub").display(),
