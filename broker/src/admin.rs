@@ -89,7 +89,7 @@ async fn handle(broker: &Broker, req: Request<Incoming>) -> Response<Full<Bytes>
 
 /// Revokes `target` and says what ended.
 pub fn revoke(broker: &Broker, target: &Target) -> Response<Full<Bytes>> {
-    let ended = match broker.sessions.revoke(target) {
+    let ended = match broker.end_sessions(target, "revoked by an administrator") {
         Ok(ended) => ended,
         Err(e) => {
             return reply(
@@ -98,9 +98,6 @@ pub fn revoke(broker: &Broker, target: &Target) -> Response<Full<Bytes>> {
             );
         }
     };
-    for session in &ended {
-        broker.audit.logoff(session, "revoked by an administrator");
-    }
     let tunnel_dropped = match target {
         Target::Workspace(ws) => {
             broker.egress.disconnect(ws);

@@ -173,7 +173,7 @@ fn entitlement(
     let Some(ws) = broker.config.workspace(workspace) else {
         return Err("not entitled to this workspace");
     };
-    if identity.groups.iter().any(|g| ws.groups.contains(g)) {
+    if crate::entitlement::entitled(&identity.groups, &ws.groups) {
         Ok(())
     } else {
         Err("not entitled to this workspace")
@@ -213,7 +213,7 @@ async fn callback(broker: &Broker, req: Request<Incoming>, peer: SocketAddr) -> 
         (Some(code), None) => code,
         _ => return refuse(None, "the identity provider returned an error"),
     };
-    let identity = match broker
+    let signed_in = match broker
         .provider
         .sign_in(
             &code,
@@ -223,7 +223,7 @@ async fn callback(broker: &Broker, req: Request<Incoming>, peer: SocketAddr) -> 
         )
         .await
     {
-        Ok(identity) => identity,
+        Ok(signed_in) => signed_in,
         Err(e) => {
             tracing::warn!("sign-in failed: {}", crate::error_chain(&e));
             let reason = match e {
@@ -233,10 +233,12 @@ async fn callback(broker: &Broker, req: Request<Incoming>, peer: SocketAddr) -> 
             return refuse(None, reason);
         }
     };
+    let identity = signed_in.identity.clone();
     if let Err(reason) = entitlement(broker, &identity, &workspace) {
         return refuse(Some(&identity), reason);
     }
-    match broker.sessions.establish(&pending, identity.clone()) {
+    warn_without_refresh_token(broker, &signed_in);
+    match broker.sessions.establish(&pending, signed_in) {
         Ok((session, handoff)) => {
             broker
                 .audit
@@ -244,6 +246,19 @@ async fn callback(broker: &Broker, req: Request<Incoming>, peer: SocketAddr) -> 
             to_loopback(pending.loopback_port, &handoff)
         }
         Err(e) => refuse(Some(&identity), &e.to_string()),
+    }
+}
+
+/// A sign-in without a refresh token cannot be re-checked, so its session ends after one
+/// entitlement interval: say so where an operator will look.
+fn warn_without_refresh_token(broker: &Broker, signed_in: &crate::oidc::SignedIn) {
+    if signed_in.refresh_token.is_none() {
+        tracing::warn!(
+            subject = %signed_in.identity.subject,
+            "the identity provider issued no refresh token: the session ends after \
+             entitlement_check_secs ({} s)",
+            broker.config.entitlement_check_secs
+        );
     }
 }
 
@@ -367,13 +382,15 @@ async fn device_wait(
         {
             Ok(DevicePoll::Pending) => {}
             Ok(DevicePoll::SlowDown) => interval += Duration::from_secs(5),
-            Ok(DevicePoll::Done(identity)) => {
+            Ok(DevicePoll::Done(signed_in)) => {
+                let identity = signed_in.identity.clone();
                 if let Err(reason) = entitlement(&broker, &identity, &workspace) {
                     return refuse(Some(&identity), reason);
                 }
+                warn_without_refresh_token(&broker, &signed_in);
                 match broker
                     .sessions
-                    .establish_device(&login, workspace.clone(), identity.clone())
+                    .establish_device(&login, workspace.clone(), signed_in)
                 {
                     Ok(session) => {
                         broker

@@ -1,11 +1,13 @@
-//! Audit: OCSF JSON Lines. Sign-ins, and sessions revoked or expired, are Authentication (class
-//! 3002) Logon/Logoff records; each remote session (one stream through a tunnel) is SSH Activity
-//! (class 4007): Open, then Close with bytes and duration, or a single Refuse. Each corporate
-//! egress flow (a workspace reaching a corporate service through the broker) is Network Activity
-//! (class 4001), like the egress proxy's flows.
+//! Audit: OCSF JSON Lines. Sign-ins, and sessions ended early (revoked, or the entitlement lost
+//! or unconfirmed at the identity provider), are Authentication (class 3002) Logon/Logoff
+//! records; each remote session (one stream through a tunnel) is SSH Activity (class 4007):
+//! Open, then Close with bytes and duration, or a single Refuse. Each corporate egress flow (a
+//! workspace reaching a corporate service through the broker) is Network Activity (class 4001),
+//! like the egress proxy's flows.
 //!
 //! Records say who (subject, email, groups), when, from where, to which workspace, how long and
-//! how many bytes. They never hold a token, an authorization code, a key or payload.
+//! how many bytes. They never hold a token (bearer or refresh), an authorization code, a key or
+//! payload.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -312,7 +314,8 @@ impl Audit {
         self.emit(&rec);
     }
 
-    /// A session ended before its time (revoked).
+    /// A session ended before its time: revoked, or its entitlement lost or unconfirmed at the
+    /// identity provider (`reason` says which).
     pub fn logoff(&self, session: &Session, reason: &str) {
         let rec = json!({
             "class_uid": 3002,

@@ -133,10 +133,17 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// OCSF JSON Lines audit log; standard output if absent.
     pub audit: Option<PathBuf>,
-    /// Session lifetime in seconds (60 to 43200). Also the bound on how long losing an
-    /// entitlement at the identity provider can take to end access: sessions are never renewed.
+    /// Session lifetime in seconds (60 to 43200). A session is never renewed past it.
     #[serde(default = "default_session_ttl")]
     pub session_ttl_secs: u64,
+    /// The bound, in seconds, on how long a session outlives the identity provider's last word
+    /// on it ([`ENTITLEMENT_CHECK_SECS`], at most `session_ttl_secs`): the broker uses each
+    /// session's refresh token at the provider before that long has passed since the last
+    /// confirmation, and ends the session when the provider refuses, when the person's groups no
+    /// longer entitle them, or when no confirmation came in time (provider unreachable, no
+    /// refresh token).
+    #[serde(default = "default_entitlement_check")]
+    pub entitlement_check_secs: u64,
     /// The identity provider.
     pub oidc: OidcConfig,
     /// The workspaces people may reach, and who may reach them.
@@ -159,6 +166,14 @@ pub struct ServiceConfig {
 
 fn default_session_ttl() -> u64 {
     900
+}
+
+/// The range of `entitlement_check_secs`. Below 10 s is meant for tests: every live session
+/// costs one token request at the provider per interval.
+pub const ENTITLEMENT_CHECK_SECS: std::ops::RangeInclusive<u64> = 2..=3600;
+
+fn default_entitlement_check() -> u64 {
+    60
 }
 
 /// The OpenID Connect provider and the broker's client registration there.
@@ -238,6 +253,19 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "session_ttl_secs must be between 60 and 43200".into(),
             ));
+        }
+        if !ENTITLEMENT_CHECK_SECS.contains(&self.entitlement_check_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "entitlement_check_secs must be between {} and {}",
+                ENTITLEMENT_CHECK_SECS.start(),
+                ENTITLEMENT_CHECK_SECS.end()
+            )));
+        }
+        if self.entitlement_check_secs > self.session_ttl_secs {
+            return Err(ConfigError::Invalid(format!(
+                "entitlement_check_secs ({}) must not exceed session_ttl_secs ({})",
+                self.entitlement_check_secs, self.session_ttl_secs
+            )));
         }
         if !self.oidc.issuer.starts_with("https://") {
             return Err(ConfigError::Invalid(
@@ -354,5 +382,36 @@ client_secret_file = "/etc/moat-broker/secret"
         assert!(ttl(59).unwrap_err().contains("between 60 and 43200"));
         assert!(ttl(43_201).unwrap_err().contains("between 60 and 43200"));
         assert_eq!(ttl(900).unwrap().session_ttl_secs, 900);
+    }
+
+    #[test]
+    fn the_entitlement_check_defaults_to_a_minute() {
+        assert_eq!(parse("").unwrap().entitlement_check_secs, 60);
+    }
+
+    #[test]
+    fn the_entitlement_check_is_between_two_seconds_and_an_hour() {
+        let check = |secs: u64| {
+            parse_with(
+                &format!("session_ttl_secs = 43200\nentitlement_check_secs = {secs}\n"),
+                "",
+            )
+        };
+        assert!(check(0).unwrap_err().contains("between 2 and 3600"));
+        assert!(check(1).unwrap_err().contains("between 2 and 3600"));
+        assert!(check(3601).unwrap_err().contains("between 2 and 3600"));
+        assert_eq!(check(2).unwrap().entitlement_check_secs, 2);
+        assert_eq!(check(3600).unwrap().entitlement_check_secs, 3600);
+    }
+
+    #[test]
+    fn the_entitlement_check_may_not_exceed_the_session_ttl() {
+        let err = parse_with("session_ttl_secs = 300\nentitlement_check_secs = 301\n", "");
+        assert!(
+            err.unwrap_err()
+                .contains("entitlement_check_secs (301) must not exceed session_ttl_secs (300)")
+        );
+        let ok = parse_with("session_ttl_secs = 300\nentitlement_check_secs = 300\n", "");
+        assert_eq!(ok.unwrap().entitlement_check_secs, 300);
     }
 }

@@ -20,6 +20,10 @@
 //!   algorithm, a key from the provider's JWKS). Group claims decide which workspaces they reach.
 //! - A session is short-lived, bound to one person and one workspace, known to the client only as
 //!   an opaque bearer token (the broker keeps its SHA-256, never the token).
+//! - A session outlives the identity provider's last confirmation of the person by at most
+//!   `entitlement_check_secs` ([`entitlement`]): the broker re-checks it with the sign-in's
+//!   refresh token (kept in memory only, never logged, audited or handed out) and ends it when
+//!   the provider refuses, the groups no longer entitle the person, or no confirmation comes.
 //! - Nothing reaches a workspace except through its tunnel, which the workspace's host side dials
 //!   out with a client certificate from the broker's workspace CA. Every relayed stream belongs to
 //!   a live session; revoking the session, the person or the workspace cancels it at once.
@@ -37,6 +41,7 @@ pub mod client;
 pub mod config;
 pub mod corporate;
 pub mod enrolment;
+pub mod entitlement;
 pub mod https;
 pub mod oidc;
 pub mod pki;

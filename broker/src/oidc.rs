@@ -10,6 +10,12 @@
 //! and `iat` not in the future (30 s leeway); `nonce` equals the one this sign-in sent (the
 //! device flow, RFC 8628, has no nonce: its ID token comes straight from the token endpoint to
 //! the broker over TLS, so there is nothing to replay it into).
+//!
+//! Sign-in also asks for a refresh token (scope `offline_access` where the provider lists it),
+//! which the broker keeps with the session, in memory only, to ask the provider again during the
+//! session whether the person is still entitled ([`Provider::refresh`], `entitlement.rs`). An ID
+//! token from a refresh is held to the same rules, except its `nonce` (OpenID Connect Core 12.2,
+//! [`NonceRule::Refreshed`]).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -96,6 +102,63 @@ pub enum OidcError {
     Token(#[source] TokenError),
 }
 
+/// A refresh token: kept in memory with its session only, wiped when dropped, never logged
+/// (`Debug` shows nothing of it), never audited, never sent to a client.
+#[derive(Clone)]
+pub struct RefreshToken(zeroize::Zeroizing<String>);
+
+impl RefreshToken {
+    /// Wraps a token.
+    pub fn new(token: String) -> Self {
+        RefreshToken(zeroize::Zeroizing::new(token))
+    }
+
+    /// The token, for the one request that sends it to the provider.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RefreshToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefreshToken(<redacted>)")
+    }
+}
+
+impl<'de> Deserialize<'de> for RefreshToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(RefreshToken::new)
+    }
+}
+
+/// A finished sign-in: who, and the refresh token the provider gave for re-checking them (none
+/// if it gave none).
+#[derive(Debug, Clone)]
+pub struct SignedIn {
+    /// The validated identity.
+    pub identity: Identity,
+    /// For the entitlement checks during the session.
+    pub refresh_token: Option<RefreshToken>,
+}
+
+/// Why a refresh did not confirm a session.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// The provider refused the refresh token (OAuth `invalid_grant`: revoked, expired, account
+    /// disabled, or the grant withdrawn).
+    #[error("the identity provider refused the refresh token")]
+    Refused,
+    /// The provider answered with an ID token that does not pass validation.
+    #[error("the refreshed ID token was refused")]
+    Token(#[source] TokenError),
+    /// The provider answered without an ID token, so the groups are unknown.
+    #[error("the identity provider's refresh answer holds no ID token")]
+    NoIdToken,
+    /// No usable answer: unreachable, an error status other than `invalid_grant`, or garbage.
+    #[error("the identity provider gave no usable answer")]
+    Unavailable(#[source] OidcError),
+}
+
 /// Who signed in: what the broker keeps of a validated ID token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -120,6 +183,9 @@ pub struct Discovery {
     pub jwks_uri: String,
     /// Where a device flow starts (RFC 8628), if the provider offers it.
     pub device_authorization_endpoint: Option<String>,
+    /// The scopes it supports; `offline_access` among them means the broker asks for it.
+    #[serde(default)]
+    pub scopes_supported: Vec<String>,
 }
 
 /// The provider's answer to a device authorization request.
@@ -145,14 +211,14 @@ fn default_interval() -> u64 {
 }
 
 /// One poll's outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum DevicePoll {
     /// Not approved yet.
     Pending,
     /// Poll less often (RFC 8628 section 3.5: add 5 seconds).
     SlowDown,
-    /// Approved: the validated identity.
-    Done(Identity),
+    /// Approved: the validated identity (and a refresh token, if the provider gave one).
+    Done(SignedIn),
 }
 
 /// PKCE (RFC 7636) with S256.
@@ -186,6 +252,19 @@ pub fn random_token() -> Result<String, ring::error::Unspecified> {
     let mut bytes = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut bytes)?;
     Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// What an ID token's `nonce` claim must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceRule<'a> {
+    /// This sign-in's nonce, exactly (authorization code flow).
+    Equals(&'a str),
+    /// Not checked: the device flow sends none, and its token comes straight from the token
+    /// endpoint.
+    Unchecked,
+    /// An ID token from a refresh (OpenID Connect Core 12.2): the nonce may be absent; if present
+    /// it must be the original sign-in's (`None`: the sign-in had none).
+    Refreshed(Option<&'a str>),
 }
 
 /// The pure part: checks one ID token against a key set. No I/O, no clock of its own.
@@ -266,6 +345,21 @@ impl IdTokenValidator {
         nonce: Option<&str>,
         now: u64,
     ) -> Result<Identity, TokenError> {
+        let rule = match nonce {
+            Some(n) => NonceRule::Equals(n),
+            None => NonceRule::Unchecked,
+        };
+        self.validate_with(token, keys, rule, now)
+    }
+
+    /// Validates `token` against `keys` with `nonce` as its nonce rule, at Unix time `now`.
+    pub fn validate_with(
+        &self,
+        token: &str,
+        keys: &JwkSet,
+        nonce: NonceRule<'_>,
+        now: u64,
+    ) -> Result<Identity, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
@@ -306,7 +400,14 @@ impl IdTokenValidator {
         {
             return Err(TokenError::Audience);
         }
-        if nonce.is_some() && claims.nonce.as_deref() != nonce {
+        let nonce_ok = match nonce {
+            NonceRule::Equals(n) => claims.nonce.as_deref() == Some(n),
+            NonceRule::Unchecked => true,
+            NonceRule::Refreshed(original) => {
+                claims.nonce.is_none() || claims.nonce.as_deref() == original
+            }
+        };
+        if !nonce_ok {
             return Err(TokenError::Nonce);
         }
         if claims.sub.is_empty() {
@@ -390,6 +491,45 @@ pub struct Provider {
 #[derive(Debug, Deserialize)]
 struct TokenResponse {
     id_token: String,
+    refresh_token: Option<RefreshToken>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RefreshResponse {
+    id_token: Option<String>,
+    refresh_token: Option<RefreshToken>,
+}
+
+/// Reads the token endpoint's answer to a refresh: the ID token and the rotated refresh token,
+/// if any. An OAuth `invalid_grant` is a refusal; any other error status or an unreadable body
+/// is no answer.
+fn parse_refresh_response(
+    status: u16,
+    body: &[u8],
+) -> Result<(String, Option<RefreshToken>), RefreshError> {
+    if (200..300).contains(&status) {
+        let tokens: RefreshResponse = serde_json::from_slice(body).map_err(|source| {
+            RefreshError::Unavailable(OidcError::Document {
+                what: "refresh response",
+                source,
+            })
+        })?;
+        let id_token = tokens.id_token.ok_or(RefreshError::NoIdToken)?;
+        return Ok((id_token, tokens.refresh_token));
+    }
+    #[derive(Deserialize)]
+    struct ErrorResponse {
+        error: String,
+    }
+    match serde_json::from_slice::<ErrorResponse>(body) {
+        Ok(e) if (400..500).contains(&status) && e.error == "invalid_grant" => {
+            Err(RefreshError::Refused)
+        }
+        _ => Err(RefreshError::Unavailable(OidcError::Status {
+            what: "the refresh request",
+            status,
+        })),
+    }
 }
 
 impl Provider {
@@ -440,6 +580,12 @@ impl Provider {
         })
     }
 
+    /// The scopes asked for at sign-in: `openid email groups`, and `offline_access` (for a
+    /// refresh token) when the provider lists it.
+    pub fn scope(&self) -> &'static str {
+        scope_for(&self.discovery.scopes_supported)
+    }
+
     /// The browser's destination for one sign-in.
     pub fn authorize_url(
         &self,
@@ -452,7 +598,7 @@ impl Provider {
             .append_pair("response_type", "code")
             .append_pair("client_id", &self.config.client_id)
             .append_pair("redirect_uri", redirect_uri)
-            .append_pair("scope", "openid email groups")
+            .append_pair("scope", self.scope())
             .append_pair("state", state)
             .append_pair("nonce", nonce)
             .append_pair("code_challenge", pkce_challenge)
@@ -473,7 +619,7 @@ impl Provider {
         verifier: &str,
         redirect_uri: &str,
         nonce: &str,
-    ) -> Result<Identity, OidcError> {
+    ) -> Result<SignedIn, OidcError> {
         let response = self
             .http
             .post_form(
@@ -499,7 +645,47 @@ impl Provider {
                 what: "token response",
                 source,
             })?;
-        self.validate(&tokens.id_token, Some(nonce)).await
+        let identity = self.validate(&tokens.id_token, Some(nonce)).await?;
+        Ok(SignedIn {
+            identity,
+            refresh_token: tokens.refresh_token,
+        })
+    }
+
+    /// Uses `refresh_token` at the token endpoint (client authentication as for the code) and
+    /// validates the ID token of the answer; `nonce` is the sign-in's rule for the refreshed
+    /// token's nonce. Returns the identity the provider vouches for now and the rotated refresh
+    /// token, if it rotated it.
+    pub async fn refresh(
+        &self,
+        refresh_token: &RefreshToken,
+        nonce: NonceRule<'_>,
+    ) -> Result<SignedIn, RefreshError> {
+        let response = self
+            .http
+            .post_form(
+                &self.discovery.token_endpoint,
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh_token.expose()),
+                ],
+                Some((&self.config.client_id, &self.client_secret)),
+            )
+            .await
+            .map_err(|e| RefreshError::Unavailable(OidcError::Https(e)))?;
+        let (id_token, rotated) =
+            parse_refresh_response(response.status().as_u16(), response.body())?;
+        let identity = self
+            .validate_rule(&id_token, nonce)
+            .await
+            .map_err(|e| match e {
+                OidcError::Token(t) => RefreshError::Token(t),
+                other => RefreshError::Unavailable(other),
+            })?;
+        Ok(SignedIn {
+            identity,
+            refresh_token: rotated,
+        })
     }
 
     /// Starts a device authorization (RFC 8628) at the provider.
@@ -513,7 +699,7 @@ impl Provider {
             .http
             .post_form(
                 endpoint,
-                &[("scope", "openid email groups")],
+                &[("scope", self.scope())],
                 Some((&self.config.client_id, &self.client_secret)),
             )
             .await
@@ -550,10 +736,11 @@ impl Provider {
                     what: "token response",
                     source,
                 })?;
-            return self
-                .validate(&tokens.id_token, None)
-                .await
-                .map(DevicePoll::Done);
+            let identity = self.validate(&tokens.id_token, None).await?;
+            return Ok(DevicePoll::Done(SignedIn {
+                identity,
+                refresh_token: tokens.refresh_token,
+            }));
         }
         #[derive(Deserialize)]
         struct ErrorResponse {
@@ -574,15 +761,27 @@ impl Provider {
 
     /// Validates an ID token, fetching the JWKS again (rate-limited) if its key is unknown.
     pub async fn validate(&self, token: &str, nonce: Option<&str>) -> Result<Identity, OidcError> {
+        let rule = match nonce {
+            Some(n) => NonceRule::Equals(n),
+            None => NonceRule::Unchecked,
+        };
+        self.validate_rule(token, rule).await
+    }
+
+    async fn validate_rule(
+        &self,
+        token: &str,
+        nonce: NonceRule<'_>,
+    ) -> Result<Identity, OidcError> {
         let now = unix_now();
         let first = {
             let jwks = self.lock_jwks();
-            self.validator.validate(token, &jwks.0, nonce, now)
+            self.validator.validate_with(token, &jwks.0, nonce, now)
         };
         match first {
             Err(TokenError::UnknownKey) if self.may_refresh() => {
                 let fresh: JwkSet = get_json(&self.http, &self.discovery.jwks_uri, "JWKS").await?;
-                let result = self.validator.validate(token, &fresh, nonce, now);
+                let result = self.validator.validate_with(token, &fresh, nonce, now);
                 *self.lock_jwks() = (fresh, Instant::now());
                 result.map_err(OidcError::Token)
             }
@@ -614,6 +813,15 @@ async fn get_json<T: serde::de::DeserializeOwned>(
         });
     }
     serde_json::from_slice(response.body()).map_err(|source| OidcError::Document { what, source })
+}
+
+/// The sign-in scope for a provider that supports `scopes_supported`.
+fn scope_for(scopes_supported: &[String]) -> &'static str {
+    if scopes_supported.iter().any(|s| s == "offline_access") {
+        "openid email groups offline_access"
+    } else {
+        "openid email groups"
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -819,6 +1027,123 @@ mod tests {
             let err = IdTokenValidator::new(ISSUER, CLIENT, &[alg.into()], "groups");
             assert!(matches!(err, Err(OidcError::ConfigAlgorithm(_))), "{alg}");
         }
+    }
+
+    #[test]
+    fn a_refreshed_token_may_carry_the_original_nonce_or_none_but_no_other() {
+        let k = key("k1");
+        let now = unix_now();
+        let rule = NonceRule::Refreshed(Some(NONCE));
+        let with_original = sign(&k, "k1", &claims(now));
+        let mut c = claims(now);
+        c.as_object_mut().unwrap().remove("nonce");
+        let without = sign(&k, "k1", &c);
+        c["nonce"] = json!("another");
+        let with_other = sign(&k, "k1", &c);
+
+        let v = validator();
+        assert_eq!(
+            v.validate_with(&with_original, &k.jwks, rule, now)
+                .unwrap()
+                .subject,
+            "alice"
+        );
+        assert_eq!(
+            v.validate_with(&without, &k.jwks, rule, now)
+                .unwrap()
+                .subject,
+            "alice"
+        );
+        assert_eq!(
+            v.validate_with(&with_other, &k.jwks, rule, now),
+            Err(TokenError::Nonce)
+        );
+        // A sign-in without a nonce: a refreshed token must not bring one.
+        assert_eq!(
+            v.validate_with(&with_original, &k.jwks, NonceRule::Refreshed(None), now),
+            Err(TokenError::Nonce)
+        );
+    }
+
+    #[test]
+    fn a_refreshed_token_is_otherwise_held_to_the_sign_in_rules() {
+        let k = key("k1");
+        let now = unix_now();
+        let rule = NonceRule::Refreshed(Some(NONCE));
+        let mut c = claims(now);
+        c["aud"] = json!("another-client");
+        assert_eq!(
+            validator().validate_with(&sign(&k, "k1", &c), &k.jwks, rule, now),
+            Err(TokenError::Audience)
+        );
+        let mut c = claims(now - 3600);
+        c["exp"] = json!(now - 60);
+        assert_eq!(
+            validator().validate_with(&sign(&k, "k1", &c), &k.jwks, rule, now),
+            Err(TokenError::Expired)
+        );
+        let forger = key("k1");
+        assert_eq!(
+            validator().validate_with(&sign(&forger, "k1", &claims(now)), &k.jwks, rule, now),
+            Err(TokenError::Signature)
+        );
+    }
+
+    #[test]
+    fn a_refresh_answer_is_read_as_tokens_a_refusal_or_no_answer() {
+        let (id, rotated) = parse_refresh_response(
+            200,
+            br#"{"id_token":"h.p.s","refresh_token":"rt2","token_type":"Bearer"}"#,
+        )
+        .unwrap();
+        assert_eq!(id, "h.p.s");
+        assert_eq!(rotated.unwrap().expose(), "rt2");
+        let (_, kept) = parse_refresh_response(200, br#"{"id_token":"h.p.s"}"#).unwrap();
+        assert!(kept.is_none(), "no rotation: the old token stays");
+
+        let refused = |status, body: &[u8]| parse_refresh_response(status, body).unwrap_err();
+        assert!(matches!(
+            refused(
+                400,
+                br#"{"error":"invalid_grant","error_description":"grant request is invalid"}"#
+            ),
+            RefreshError::Refused
+        ));
+        assert!(matches!(
+            refused(200, br#"{"access_token":"at"}"#),
+            RefreshError::NoIdToken
+        ));
+        // Not about the person: no answer, which fails closed at the interval's end.
+        for (status, body) in [
+            (401, &br#"{"error":"invalid_client"}"#[..]),
+            (500, br#"{"error":"server_error"}"#),
+            (503, b"<html>down</html>"),
+            (200, b"garbage"),
+            (500, br#"{"error":"invalid_grant"}"#),
+        ] {
+            assert!(
+                matches!(refused(status, body), RefreshError::Unavailable(_)),
+                "{status} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn offline_access_is_asked_for_only_where_the_provider_lists_it() {
+        let listed = ["openid".to_owned(), "offline_access".to_owned()];
+        assert_eq!(scope_for(&listed), "openid email groups offline_access");
+        assert_eq!(scope_for(&listed[..1]), "openid email groups");
+        assert_eq!(scope_for(&[]), "openid email groups");
+    }
+
+    #[test]
+    fn a_refresh_token_shows_nothing_of_itself() {
+        let token = RefreshToken::new("rt-secret-value".into());
+        assert_eq!(format!("{token:?}"), "RefreshToken(<redacted>)");
+        let response: TokenResponse =
+            serde_json::from_str(r#"{"id_token":"x","refresh_token":"rt-secret-value"}"#).unwrap();
+        assert!(!format!("{response:?}").contains("rt-secret-value"));
     }
 
     #[test]

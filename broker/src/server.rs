@@ -16,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::Audit;
 use crate::config::Config;
+use crate::entitlement::Schedule;
 use crate::oidc::{OidcError, Provider};
 use crate::pki::{Pki, PkiError, workspace_of};
-use crate::session::Sessions;
+use crate::session::{Session, Sessions, Target};
 use crate::ssh_ca::{SshCa, SshCaError};
 use crate::tunnel::registry::{Sever, Tunnels};
-use crate::{admin, api, https};
+use crate::{admin, api, entitlement, https};
 
 /// A TLS handshake must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,6 +94,7 @@ impl Broker {
         let revoked = config.state_dir.join("revoked.json");
         let sessions = Sessions::new(
             Duration::from_secs(config.session_ttl_secs),
+            Schedule::new(Duration::from_secs(config.entitlement_check_secs)),
             Some(revoked.clone()),
         )
         .map_err(|source| BrokerError::Read {
@@ -138,7 +140,22 @@ impl Broker {
         )
     }
 
-    /// Serves all three listeners until `shutdown`.
+    /// Ends the sessions `target` names, as a revocation: they are forgotten, their relays are
+    /// cancelled at once (live SSH drops), and each is audited as a Logoff with `reason`. A person
+    /// or workspace stays revoked (persisted); this fails only if that cannot be written.
+    pub fn end_sessions(
+        &self,
+        target: &Target,
+        reason: &str,
+    ) -> std::io::Result<Vec<Arc<Session>>> {
+        let ended = self.sessions.revoke(target)?;
+        for session in &ended {
+            self.audit.logoff(session, reason);
+        }
+        Ok(ended)
+    }
+
+    /// Serves all three listeners, and checks sessions' entitlements, until `shutdown`.
     pub async fn serve(
         self: Arc<Self>,
         api: TcpListener,
@@ -156,10 +173,12 @@ impl Broker {
         let t =
             tokio::spawn(Arc::clone(&self).accept_tunnels(tunnel, tunnel_tls, shutdown.clone()));
         let m = tokio::spawn(admin::serve(Arc::clone(&self), admin, shutdown.clone()));
+        let e = tokio::spawn(entitlement::run(Arc::clone(&self), shutdown.clone()));
         shutdown.cancelled().await;
         a.abort();
         t.abort();
         m.abort();
+        e.abort();
         Ok(())
     }
 

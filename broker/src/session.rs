@@ -1,8 +1,11 @@
 //! Sign-ins in flight, live sessions, and what is revoked.
 //!
 //! A session is bound to one person (the ID token's `sub`) and one workspace, lives at most the
-//! configured TTL and is never renewed: to keep working, a person signs in again, so losing an
-//! entitlement at the identity provider ends their access within one TTL. The client holds an
+//! configured TTL and is never renewed past it. Within it, the provider must keep confirming the
+//! person: each session holds the refresh token of its sign-in (in memory only) and is
+//! *confirmed until* an instant, the last confirmation plus the entitlement interval
+//! ([`crate::entitlement`] re-checks it before then). A session not confirmed again by then has
+//! ended ([`Session::ended`]) and the entitlement task ends its relays. The client holds an
 //! opaque bearer token; the broker keeps only its SHA-256. Every relayed stream watches its
 //! session's [`CancellationToken`], so revoking the session, its person or its workspace ends the
 //! stream at once. Revoked people and workspaces are written to the state directory and survive a
@@ -24,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkspaceName;
-use crate::oidc::{Identity, Pkce, random_token};
+use crate::entitlement::{Schedule, Unconfirmed};
+use crate::oidc::{Identity, NonceRule, Pkce, RefreshToken, SignedIn, random_token};
 
 /// A sign-in not finished within this time is forgotten.
 pub const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -68,6 +72,28 @@ pub struct Session {
     pub deadline: Instant,
     /// Cancelled on revocation.
     pub cancel: CancellationToken,
+    /// The sign-in's nonce (authorization code flow; none for the device flow), which an ID
+    /// token from a refresh may repeat.
+    nonce: Option<String>,
+    /// The provider's confirmations. Locked briefly, never across an await, and only ever after
+    /// the store's lock, never before it.
+    confirmation: Mutex<Confirmation>,
+}
+
+/// Where a session stands with the identity provider.
+#[derive(Debug)]
+struct Confirmation {
+    /// What the next check uses; `None` when the provider gave none, so that the session ends
+    /// once `until` passes.
+    refresh_token: Option<RefreshToken>,
+    /// The session has ended, unconfirmed, once this passes without a new confirmation.
+    until: Instant,
+    /// When the next check is due.
+    next_check: Instant,
+    /// A check is running.
+    checking: bool,
+    /// The last confirmation (the sign-in first), for the admin view.
+    confirmed_at: SystemTime,
 }
 
 /// A sign-in between `POST /v1/login` and the provider's redirect back.
@@ -130,6 +156,7 @@ struct Inner {
 pub struct Sessions {
     inner: Mutex<Inner>,
     ttl: Duration,
+    schedule: Schedule,
     revoked_file: Option<PathBuf>,
 }
 
@@ -144,6 +171,19 @@ pub struct SessionSummary {
     pub workspace: String,
     /// Unix seconds.
     pub expires_at: u64,
+    /// When the identity provider last confirmed the person's entitlement (the sign-in, then each
+    /// successful check), Unix seconds.
+    #[serde(default)]
+    pub confirmed_at: u64,
+}
+
+/// The sessions the entitlement task acts on now ([`Sessions::sweep`]).
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Sessions that went unconfirmed for the whole interval, and why: they end now.
+    pub unconfirmed: Vec<(Arc<Session>, Unconfirmed)>,
+    /// Sessions whose check is due, each now marked as being checked.
+    pub due: Vec<Arc<Session>>,
 }
 
 /// What to revoke.
@@ -178,18 +218,47 @@ impl Session {
             subject: self.identity.subject.clone(),
             workspace: self.workspace.to_string(),
             expires_at: unix(self.expires),
+            confirmed_at: unix(self.lock_confirmation().confirmed_at),
         }
     }
 
-    /// Whether it has ended (expired or revoked).
+    /// Whether it has ended: revoked, expired, or not confirmed by the provider in time.
     pub fn ended(&self) -> bool {
-        self.cancel.is_cancelled() || Instant::now() >= self.deadline
+        let now = Instant::now();
+        self.cancel.is_cancelled() || now >= self.deadline || now >= self.lock_confirmation().until
+    }
+
+    /// What the next check sends: the refresh token, and the rule for the refreshed ID token's
+    /// nonce (the device flow's sign-in checked none, so neither does its refresh).
+    pub fn refresh_grant(&self) -> Option<(RefreshToken, NonceRule<'_>)> {
+        let token = self.lock_confirmation().refresh_token.clone()?;
+        let rule = match &self.nonce {
+            Some(n) => NonceRule::Refreshed(Some(n)),
+            None => NonceRule::Unchecked,
+        };
+        Some((token, rule))
+    }
+
+    /// Whether the session is still confirmed at `now` (so a check starting now may extend it).
+    pub fn is_confirmed(&self, now: Instant) -> bool {
+        now < self.lock_confirmation().until
+    }
+
+    fn lock_confirmation(&self) -> MutexGuard<'_, Confirmation> {
+        self.confirmation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Sessions {
-    /// A store whose sessions last `ttl`; revocations persist in `revoked_file` if given.
-    pub fn new(ttl: Duration, revoked_file: Option<PathBuf>) -> std::io::Result<Self> {
+    /// A store whose sessions last `ttl` and are checked with the provider on `schedule`;
+    /// revocations persist in `revoked_file` if given.
+    pub fn new(
+        ttl: Duration,
+        schedule: Schedule,
+        revoked_file: Option<PathBuf>,
+    ) -> std::io::Result<Self> {
         let revoked = match &revoked_file {
             Some(path) => match std::fs::read(path) {
                 Ok(bytes) => serde_json::from_slice(&bytes)
@@ -205,8 +274,14 @@ impl Sessions {
                 ..Inner::default()
             }),
             ttl,
+            schedule,
             revoked_file,
         })
+    }
+
+    /// The entitlement check's schedule.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -293,31 +368,47 @@ impl Sessions {
     pub fn establish(
         &self,
         pending: &PendingSignIn,
-        identity: Identity,
+        signed_in: SignedIn,
     ) -> Result<(Arc<Session>, String), SessionError> {
-        let (session, done) = self.create(pending.workspace.clone(), identity)?;
+        let (session, done) = self.create(
+            pending.workspace.clone(),
+            signed_in,
+            Some(pending.nonce.clone()),
+        )?;
         let handoff = self.finish(pending, done)?;
         Ok((session, handoff))
     }
 
-    /// A new session and the status that hands its token out.
+    /// A new session and the status that hands its token out. The sign-in is its first
+    /// confirmation.
     fn create(
         &self,
         workspace: WorkspaceName,
-        identity: Identity,
+        signed_in: SignedIn,
+        nonce: Option<String>,
     ) -> Result<(Arc<Session>, LoginStatus), SessionError> {
         let token = random_token().map_err(|_| SessionError::Random)?;
         let id = random_token().map_err(|_| SessionError::Random)?;
         let id = id.get(..16).unwrap_or(&id).to_owned();
         let now = SystemTime::now();
+        let started = Instant::now();
+        let (until, next_check) = self.schedule.confirmed(started);
         let session = Arc::new(Session {
             id: id.clone(),
-            identity,
+            identity: signed_in.identity,
             workspace,
             created: now,
             expires: now + self.ttl,
-            deadline: Instant::now() + self.ttl,
+            deadline: started + self.ttl,
             cancel: CancellationToken::new(),
+            nonce,
+            confirmation: Mutex::new(Confirmation {
+                refresh_token: signed_in.refresh_token,
+                until,
+                next_check,
+                checking: false,
+                confirmed_at: now,
+            }),
         });
         let mut inner = self.lock();
         let now_i = Instant::now();
@@ -347,14 +438,14 @@ impl Sessions {
         Ok(login)
     }
 
-    /// Finishes device-flow sign-in `login` with a session for `identity` on `workspace`.
+    /// Finishes device-flow sign-in `login` with a session for `signed_in` on `workspace`.
     pub fn establish_device(
         &self,
         login: &str,
         workspace: WorkspaceName,
-        identity: Identity,
+        signed_in: SignedIn,
     ) -> Result<Arc<Session>, SessionError> {
-        let (session, done) = self.create(workspace, identity)?;
+        let (session, done) = self.create(workspace, signed_in, None)?;
         if let Some(entry) = self.lock().logins.get_mut(&hash(login)) {
             entry.0 = done;
         }
@@ -427,6 +518,58 @@ impl Sessions {
         out
     }
 
+    /// At `now`: forgets revoked and expired sessions (dropping their refresh tokens), and says
+    /// which sessions went unconfirmed for the whole interval (to end now) and whose check is
+    /// due (marked as being checked, so that each session has at most one check running).
+    pub fn sweep(&self, now: Instant) -> Sweep {
+        let mut inner = self.lock();
+        inner
+            .sessions
+            .retain(|_, s| !s.cancel.is_cancelled() && now < s.deadline);
+        let mut sweep = Sweep::default();
+        for session in inner.sessions.values() {
+            let mut c = session.lock_confirmation();
+            if now >= c.until {
+                let why = match c.refresh_token {
+                    Some(_) => Unconfirmed::NoAnswer,
+                    None => Unconfirmed::NoRefreshToken,
+                };
+                sweep.unconfirmed.push((Arc::clone(session), why));
+            } else if !c.checking && c.refresh_token.is_some() && now >= c.next_check {
+                c.checking = true;
+                sweep.due.push(Arc::clone(session));
+            }
+        }
+        sweep
+    }
+
+    /// A check of `session` that started at `started` was answered: the provider confirmed the
+    /// person. Extends the session's confirmation if the check started while it was still
+    /// confirmed, and keeps the rotated refresh token, if any.
+    pub fn confirm(&self, session: &Session, started: Instant, rotated: Option<RefreshToken>) {
+        let (until, next_check) = self.schedule.confirmed(started);
+        let mut c = session.lock_confirmation();
+        c.checking = false;
+        if let Some(token) = rotated {
+            c.refresh_token = Some(token);
+        }
+        if started < c.until && until > c.until {
+            c.until = until;
+            c.next_check = next_check;
+            c.confirmed_at = SystemTime::now()
+                .checked_sub(started.elapsed())
+                .unwrap_or_else(SystemTime::now);
+        }
+    }
+
+    /// A check of `session` got no usable answer at `now`: try again soon (the session still
+    /// ends when its confirmation runs out).
+    pub fn unanswered(&self, session: &Session, now: Instant) {
+        let mut c = session.lock_confirmation();
+        c.checking = false;
+        c.next_check = self.schedule.retry(now);
+    }
+
     /// Revokes `target`: matching sessions are cancelled and forgotten; a person or workspace
     /// stays revoked (persisted) so that new sign-ins and tunnels are refused.
     pub fn revoke(&self, target: &Target) -> std::io::Result<Vec<Arc<Session>>> {
@@ -472,12 +615,20 @@ mod tests {
         WorkspaceName::try_from(name).unwrap()
     }
 
-    fn alice() -> Identity {
-        Identity {
-            subject: "alice".into(),
-            email: None,
-            groups: vec!["eng".into()],
+    fn alice() -> SignedIn {
+        SignedIn {
+            identity: Identity {
+                subject: "alice".into(),
+                email: None,
+                groups: vec!["eng".into()],
+            },
+            refresh_token: Some(RefreshToken::new("rt-1".into())),
         }
+    }
+
+    /// Sessions of `ttl`, checked every minute.
+    fn store(ttl: Duration) -> Sessions {
+        Sessions::new(ttl, Schedule::new(Duration::from_secs(60)), None).unwrap()
     }
 
     /// Signs alice in to `workspace`; returns her bearer token and session.
@@ -493,7 +644,7 @@ mod tests {
 
     #[test]
     fn a_session_authorizes_its_own_workspace_only() {
-        let store = Sessions::new(Duration::from_secs(60), None).unwrap();
+        let store = store(Duration::from_secs(60));
         let (token, _) = signed_in(&store, "ws1");
         assert!(store.authorize(&token, &ws("ws1")).is_ok());
         assert_eq!(
@@ -504,7 +655,7 @@ mod tests {
 
     #[test]
     fn a_state_is_accepted_once() {
-        let store = Sessions::new(Duration::from_secs(60), None).unwrap();
+        let store = store(Duration::from_secs(60));
         let (_, state, _, _) = store.begin_sign_in(ws("ws1"), 1).unwrap();
         assert!(store.take_sign_in(&state).is_ok());
         assert_eq!(
@@ -515,7 +666,7 @@ mod tests {
 
     #[test]
     fn the_token_is_handed_out_once_and_only_for_the_handoff() {
-        let store = Sessions::new(Duration::from_secs(60), None).unwrap();
+        let store = store(Duration::from_secs(60));
         let (login, state, _, _) = store.begin_sign_in(ws("ws1"), 1).unwrap();
         let pending = store.take_sign_in(&state).unwrap();
         let (_, handoff) = store.establish(&pending, alice()).unwrap();
@@ -529,7 +680,7 @@ mod tests {
 
     #[test]
     fn revoking_a_person_cancels_their_sessions_and_refuses_their_tokens() {
-        let store = Sessions::new(Duration::from_secs(60), None).unwrap();
+        let store = store(Duration::from_secs(60));
         let (token, session) = signed_in(&store, "ws1");
         let ended = store.revoke(&Target::Person("alice".into())).unwrap();
         assert_eq!(ended.len(), 1);
@@ -545,15 +696,148 @@ mod tests {
     fn revoked_workspaces_persist_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("revoked.json");
-        let store = Sessions::new(Duration::from_secs(60), Some(file.clone())).unwrap();
+        let store = Sessions::new(
+            Duration::from_secs(60),
+            Schedule::new(Duration::from_secs(60)),
+            Some(file.clone()),
+        )
+        .unwrap();
         store.revoke(&Target::Workspace(ws("ws1"))).unwrap();
-        let restarted = Sessions::new(Duration::from_secs(60), Some(file)).unwrap();
+        let restarted = Sessions::new(
+            Duration::from_secs(60),
+            Schedule::new(Duration::from_secs(60)),
+            Some(file),
+        )
+        .unwrap();
         assert!(restarted.workspace_revoked(&ws("ws1")));
     }
 
     #[test]
+    fn a_session_is_due_for_its_check_before_its_confirmation_runs_out_and_once_at_a_time() {
+        let store = store(Duration::from_secs(900));
+        let (_, session) = signed_in(&store, "ws1");
+        let schedule = store.schedule();
+        let signed_in_at = session.deadline - Duration::from_secs(900);
+
+        let early = store.sweep(signed_in_at + Duration::from_secs(1));
+        assert!(early.due.is_empty() && early.unconfirmed.is_empty());
+
+        let due_at = signed_in_at + schedule.interval() - schedule.lead();
+        let due = store.sweep(due_at);
+        assert_eq!(due.due.len(), 1);
+        assert!(due.unconfirmed.is_empty());
+        assert!(
+            store.sweep(due_at).due.is_empty(),
+            "one check at a time per session"
+        );
+    }
+
+    #[test]
+    fn a_confirmation_extends_the_session_and_keeps_the_rotated_refresh_token() {
+        let store = store(Duration::from_secs(900));
+        let (_, session) = signed_in(&store, "ws1");
+        let schedule = store.schedule();
+        let signed_in_at = session.deadline - Duration::from_secs(900);
+        let due_at = signed_in_at + schedule.interval() - schedule.lead();
+        assert_eq!(store.sweep(due_at).due.len(), 1);
+
+        store.confirm(&session, due_at, Some(RefreshToken::new("rt-2".into())));
+
+        let after_first_interval = signed_in_at + schedule.interval();
+        assert!(session.is_confirmed(after_first_interval));
+        assert!(store.sweep(after_first_interval).unconfirmed.is_empty());
+        let (rotated, _) = session.refresh_grant().unwrap();
+        assert_eq!(rotated.expose(), "rt-2");
+        // The next check is due one interval (less the lead) after the last one started.
+        assert_eq!(
+            store
+                .sweep(due_at + schedule.interval() - schedule.lead())
+                .due
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_session_unconfirmed_for_a_whole_interval_has_ended() {
+        let store = store(Duration::from_secs(900));
+        let (_, session) = signed_in(&store, "ws1");
+        let schedule = store.schedule();
+        let signed_in_at = session.deadline - Duration::from_secs(900);
+        let due_at = signed_in_at + schedule.interval() - schedule.lead();
+        assert_eq!(store.sweep(due_at).due.len(), 1);
+        store.unanswered(&session, due_at);
+        // Retried before the end...
+        let retry = store.sweep(schedule.retry(due_at));
+        assert_eq!(retry.due.len(), 1);
+        store.unanswered(&session, schedule.retry(due_at));
+
+        // ...but nothing confirmed it: at the interval's end it is over.
+        let end = store.sweep(signed_in_at + schedule.interval());
+        assert_eq!(end.unconfirmed.len(), 1);
+        assert_eq!(end.unconfirmed[0].1, Unconfirmed::NoAnswer);
+        assert!(end.due.is_empty());
+        assert!(!session.is_confirmed(signed_in_at + schedule.interval()));
+        // A late answer to a check that started after the end does not bring it back.
+        store.confirm(&session, signed_in_at + schedule.interval(), None);
+        assert!(!session.is_confirmed(signed_in_at + schedule.interval()));
+    }
+
+    #[test]
+    fn a_session_without_a_refresh_token_is_never_checked_and_ends_after_one_interval() {
+        let store = store(Duration::from_secs(900));
+        let (login, state, _, _) = store.begin_sign_in(ws("ws1"), 1).unwrap();
+        let pending = store.take_sign_in(&state).unwrap();
+        let mut who = alice();
+        who.refresh_token = None;
+        let (session, handoff) = store.establish(&pending, who).unwrap();
+        assert!(matches!(
+            store.complete(&login, &handoff),
+            Some(LoginStatus::Done { .. })
+        ));
+        let schedule = store.schedule();
+        let signed_in_at = session.deadline - Duration::from_secs(900);
+
+        assert!(
+            store
+                .sweep(signed_in_at + schedule.interval() - schedule.lead())
+                .due
+                .is_empty()
+        );
+        let end = store.sweep(signed_in_at + schedule.interval());
+        assert_eq!(end.unconfirmed.len(), 1);
+        assert_eq!(end.unconfirmed[0].1, Unconfirmed::NoRefreshToken);
+        assert!(session.refresh_grant().is_none());
+    }
+
+    #[test]
+    fn a_code_flow_refresh_allows_the_sign_ins_nonce_and_a_device_flow_refresh_checks_none() {
+        let store = store(Duration::from_secs(900));
+        let (_, session) = signed_in(&store, "ws1");
+        let (_, rule) = session.refresh_grant().unwrap();
+        assert!(matches!(rule, NonceRule::Refreshed(Some(_))));
+
+        let login = store.begin_device().unwrap();
+        let device = store.establish_device(&login, ws("ws1"), alice()).unwrap();
+        let (_, rule) = device.refresh_grant().unwrap();
+        assert_eq!(rule, NonceRule::Unchecked);
+    }
+
+    #[test]
+    fn revoked_and_expired_sessions_are_forgotten_at_the_next_sweep() {
+        let store = store(Duration::from_secs(900));
+        let (_, session) = signed_in(&store, "ws1");
+        let (_, other) = signed_in(&store, "ws1");
+        store.revoke(&Target::Session(session.id.clone())).unwrap();
+        assert_eq!(store.list().len(), 1);
+        let sweep = store.sweep(other.deadline);
+        assert!(sweep.due.is_empty() && sweep.unconfirmed.is_empty());
+        assert!(store.list().is_empty());
+    }
+
+    #[test]
     fn an_expired_session_authorizes_nothing() {
-        let store = Sessions::new(Duration::ZERO, None).unwrap();
+        let store = store(Duration::ZERO);
         let (token, _) = signed_in(&store, "ws1");
         assert_eq!(
             store.authorize(&token, &ws("ws1")).unwrap_err(),

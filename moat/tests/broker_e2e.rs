@@ -31,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 const OIDC_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../broker/tests/oidc");
 const MOAT: &str = env!("CARGO_BIN_EXE_moat");
 const CLIENT_ID: &str = "moat-broker";
+/// The broker's `entitlement_check_secs` in these tests: sessions are re-checked at the provider
+/// every 2 s (the check starts half the interval before the confirmation runs out).
+const ENTITLEMENT_CHECK_SECS: u64 = 4;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -90,6 +93,8 @@ fn start_idp(dir: &Path, redirect_uri: &str, groups: &str) -> Idp {
     std::fs::write(dir.join("idp-ca.pem"), ca).unwrap();
     std::fs::write(dir.join("idp.crt"), cert).unwrap();
     std::fs::write(dir.join("idp.key"), key).unwrap();
+    // The provider reads the groups from this file at every sign-in and refresh (set_groups).
+    std::fs::write(dir.join("idp-groups.json"), groups).unwrap();
     let mut child = Command::new("node")
         .arg("provider.js")
         .current_dir(OIDC_DIR)
@@ -99,6 +104,7 @@ fn start_idp(dir: &Path, redirect_uri: &str, groups: &str) -> Idp {
         .env("IDP_CLIENT_ID", CLIENT_ID)
         .env("IDP_CLIENT_SECRET", "e2e-client-secret")
         .env("IDP_GROUPS", groups)
+        .env("IDP_GROUPS_FILE", dir.join("idp-groups.json"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -328,6 +334,7 @@ state_dir = "{dir}/state"
 admin_socket = "{dir}/admin.sock"
 audit = "{dir}/audit.jsonl"
 session_ttl_secs = 300
+entitlement_check_secs = {ENTITLEMENT_CHECK_SECS}
 
 [oidc]
 issuer = "{issuer}"
@@ -1343,4 +1350,213 @@ fn moat_ssh_without_a_session_says_to_sign_in() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// Changes the groups at the provider, as its administrator would (atomically: the provider
+/// reads the file at every sign-in and refresh).
+fn set_groups(world: &World, groups: &str) {
+    let tmp = world.path("idp-groups.json.tmp");
+    std::fs::write(&tmp, groups).unwrap();
+    std::fs::rename(&tmp, world.path("idp-groups.json")).unwrap();
+}
+
+/// Waits until a remote session is open (its SSH Activity Open record).
+fn wait_for_open(world: &World) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&world.audit(), 4007, 1) == 0 {
+        assert!(Instant::now() < deadline, "the SSH session never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The Authentication Logoff records, once there is one (its relay may close a moment before
+/// it is written).
+fn wait_for_logoffs(world: &World) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logoffs: Vec<_> = world
+            .audit()
+            .into_iter()
+            .filter(|r| r["class_uid"] == 3002 && r["activity_id"] == 2)
+            .collect();
+        if !logoffs.is_empty() || Instant::now() > deadline {
+            return logoffs;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The one live session's admin view.
+fn only_session(world: &World) -> moat_broker::session::SessionSummary {
+    let sessions = world.broker().broker.sessions.list();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    sessions[0].clone()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Waits until the provider has confirmed the one live session after `after` (Unix seconds).
+fn wait_for_confirmation_after(world: &World, after: u64) {
+    let deadline = Instant::now() + Duration::from_secs(3 * ENTITLEMENT_CHECK_SECS + 10);
+    while only_session(world).confirmed_at <= after {
+        assert!(
+            Instant::now() < deadline,
+            "the provider never confirmed the session again: {:?}",
+            world.broker().broker.sessions.list()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Slack on the entitlement bound: one check's round trip to the provider, the broker's 250 ms
+/// sweep, and a loaded 2-core machine.
+const SLACK: Duration = Duration::from_secs(3);
+
+#[test]
+fn losing_the_workspace_group_at_the_provider_ends_a_live_ssh_session_within_the_interval() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    let live = world.ssh("echo ready; sleep 60");
+    wait_for_open(&world);
+
+    let removed_at = Instant::now();
+    set_groups(&world, r#"{"alice": ["sales"], "bob": ["sales"]}"#);
+    let bound = Duration::from_secs(ENTITLEMENT_CHECK_SECS);
+    let (out, took) = wait_exit(live, removed_at, bound + Duration::from_secs(30));
+    eprintln!(
+        "entitlement lost: the live SSH session ended {took:?} after the group was removed at \
+         the provider (entitlement_check_secs = {ENTITLEMENT_CHECK_SECS})"
+    );
+
+    assert!(
+        !out.status.success(),
+        "the session must not finish normally"
+    );
+    assert!(took < bound + SLACK, "took {took:?}");
+    let logoffs = wait_for_logoffs(&world);
+    assert_eq!(logoffs.len(), 1, "{logoffs:?}");
+    assert_eq!(
+        logoffs[0]["status_detail"],
+        "entitlement lost: group removed"
+    );
+    assert_eq!(logoffs[0]["user"]["uid"], "alice");
+    assert!(world.broker().broker.sessions.list().is_empty());
+    let again = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(20)).0;
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("no such session"),
+        "{}",
+        text(&again.stderr)
+    );
+    let relogin = world.login("alice");
+    assert!(!relogin.status.success(), "no longer entitled at sign-in");
+    assert!(
+        text(&relogin.stderr).contains("not entitled"),
+        "{}",
+        text(&relogin.stderr)
+    );
+    validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn with_the_provider_unreachable_a_live_session_ends_within_one_interval_of_its_last_check() {
+    let mut world = World::new();
+    assert!(world.login("alice").status.success());
+    let live = world.ssh("echo ready; sleep 60");
+    wait_for_open(&world);
+    // A check has confirmed the session since sign-in: refreshing works.
+    wait_for_confirmation_after(&world, only_session(&world).confirmed_at);
+
+    let stopped_at = Instant::now();
+    world._idp.child.kill().unwrap();
+    world._idp.child.wait().unwrap();
+    let bound = Duration::from_secs(ENTITLEMENT_CHECK_SECS);
+    let (out, took) = wait_exit(live, stopped_at, bound + Duration::from_secs(30));
+    eprintln!(
+        "provider unreachable: the live SSH session ended {took:?} after the provider stopped \
+         (its last successful check was before that; entitlement_check_secs = \
+         {ENTITLEMENT_CHECK_SECS})"
+    );
+
+    assert!(!out.status.success());
+    // The last successful check was at most the lead before the stop, so the session ended at
+    // most one interval after it.
+    assert!(took < bound + SLACK, "took {took:?}");
+    let logoffs = wait_for_logoffs(&world);
+    assert_eq!(logoffs.len(), 1, "{logoffs:?}");
+    assert_eq!(
+        logoffs[0]["status_detail"],
+        "entitlement unconfirmed: the identity provider could not confirm it in time"
+    );
+    let again = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(20)).0;
+    assert!(!again.status.success(), "fails closed");
+    validate_ocsf(&world.path("audit.jsonl"));
+}
+
+#[test]
+fn a_session_whose_group_stays_keeps_working_across_several_entitlement_checks() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    let signed_in = only_session(&world).confirmed_at;
+    let span = 3 * ENTITLEMENT_CHECK_SECS + 1;
+
+    let live = world.ssh(&format!("echo ready; sleep {span}; echo still-here"));
+    let (out, took) = wait_exit(live, Instant::now(), Duration::from_secs(span + 30));
+
+    assert!(
+        out.status.success(),
+        "{}\n{:?}",
+        text(&out.stderr),
+        world.audit()
+    );
+    assert_eq!(text(&out.stdout), "ready\nstill-here\n");
+    assert!(took >= Duration::from_secs(span));
+    // The provider confirmed it again and again (each refresh rotating the refresh token), the
+    // last time within the interval.
+    let session = only_session(&world);
+    assert!(session.confirmed_at > signed_in, "{session:?}");
+    assert!(
+        unix_now().saturating_sub(session.confirmed_at) <= ENTITLEMENT_CHECK_SECS,
+        "{session:?}"
+    );
+    let again = wait_exit(
+        world.ssh("echo again"),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(count(&world.audit(), 3002, 2), 0, "no logoff");
+}
+
+#[test]
+fn a_device_flow_session_is_confirmed_again_with_its_refresh_token() {
+    let world = World::new();
+    let login = world.login_with("alice", &["--device"]);
+    assert!(login.status.success(), "{}", text(&login.stderr));
+    let signed_in = only_session(&world).confirmed_at;
+
+    // Two intervals later it is still there, confirmed since: the device flow got a refresh
+    // token too (without one, it would have ended after one interval).
+    wait_for_confirmation_after(&world, signed_in);
+    std::thread::sleep(Duration::from_secs(2 * ENTITLEMENT_CHECK_SECS));
+    let session = only_session(&world);
+    let out = wait_exit(
+        world.ssh("echo by-device"),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+
+    assert!(
+        unix_now().saturating_sub(session.confirmed_at) <= ENTITLEMENT_CHECK_SECS,
+        "{session:?}"
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(count(&world.audit(), 3002, 2), 0, "no logoff");
 }
