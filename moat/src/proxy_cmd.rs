@@ -53,9 +53,10 @@ pub(crate) struct ProxyOpts {
     /// host=address). For development and tests.
     #[arg(long = "resolve", value_name = "HOST=ADDR")]
     resolve: Vec<String>,
-    /// The workspace's name in audit records.
-    #[arg(long, default_value = "workspace")]
-    workspace: String,
+    /// The workspace's name in audit records (default: with `moat run --tunnel`, its name at
+    /// the broker; otherwise "workspace").
+    #[arg(long)]
+    workspace: Option<String>,
     /// Maximum concurrent flows.
     #[arg(long, default_value_t = Limits::default().max_flows)]
     max_flows: usize,
@@ -91,7 +92,12 @@ impl ProxyOpts {
 
     /// The workspace's name in audit records.
     pub(crate) fn workspace(&self) -> &str {
-        &self.workspace
+        self.workspace.as_deref().unwrap_or("workspace")
+    }
+
+    /// Names the workspace `name` in audit records unless `--workspace` did.
+    pub(crate) fn default_workspace(&mut self, name: &str) {
+        self.workspace.get_or_insert_with(|| name.to_owned());
     }
 
     /// Where audit records go: the flag, or `default`.
@@ -129,9 +135,9 @@ impl ProxyOpts {
         };
         let audit_path = self.audit_path(default_audit);
         let audit = if audit_path.as_os_str() == "-" {
-            Audit::to_writer(Box::new(std::io::stdout()), &self.workspace)
+            Audit::to_writer(Box::new(std::io::stdout()), self.workspace())
         } else {
-            Audit::to_file(&audit_path, &self.workspace)
+            Audit::to_file(&audit_path, self.workspace())
                 .with_context(|| format!("cannot open audit log {}", audit_path.display()))?
         };
         let limits = Limits {
@@ -140,7 +146,7 @@ impl ProxyOpts {
             ..Limits::default()
         };
         let config = Config {
-            workspace: self.workspace.clone(),
+            workspace: self.workspace().to_owned(),
             uds,
             port: EGRESS_VSOCK_PORT,
             admin: None,

@@ -11,6 +11,7 @@ use moat_egress::Proxy;
 use moat_egress::audit::Audit;
 use moat_egress::guest_audit::{self, GUEST_AUDIT_VSOCK_PORT};
 
+use moat_broker::enrolment::WorkspaceEnrolment;
 use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
 use moat_guest_init::control::VmWorkspace;
 use moat_guest_init::session::SshService;
@@ -148,7 +149,20 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
     })
 }
 
-pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
+pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
+    // Read first: a bad enrolment directory is reported before anything starts, and the
+    // workspace's name at the broker names it in the audit log too.
+    let enrolment = match &args.tunnel {
+        Some(dir) => {
+            let enrolment = moat_broker::enrolment::read_dir(dir).with_context(|| {
+                format!("--tunnel {}: not an enrolment directory", dir.display())
+            })?;
+            args.proxy
+                .default_workspace(enrolment.tunnel.workspace.as_str());
+            Some(enrolment)
+        }
+        None => None,
+    };
     let (backend, why) = choose_backend(&args.backend)?;
     match &backend {
         Backend::Vm(..) => {
@@ -175,12 +189,17 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     let template = std::env::temp_dir().join("moat-XXXXXX");
     let run_dir = nix::unistd::mkdtemp(&template)
         .with_context(|| format!("cannot create a run directory like {}", template.display()))?;
-    let result = run_in(&args, backend, &run_dir);
+    let result = run_in(&args, enrolment, backend, &run_dir);
     let _ = std::fs::remove_dir_all(&run_dir);
     result
 }
 
-fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result<ExitCode> {
+fn run_in(
+    args: &RunArgs,
+    enrolment: Option<WorkspaceEnrolment>,
+    backend: Backend,
+    run_dir: &std::path::Path,
+) -> Result<ExitCode> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))?;
     let home = match &args.home {
@@ -253,8 +272,14 @@ fn run_in(args: &RunArgs, backend: Backend, run_dir: &std::path::Path) -> Result
         .with_context(|| format!("cannot write {}", ca_bundle.display()))?;
 
     // Reached through the broker: the tunnel kept up from here, sessions answered inside.
-    let tunnel = match &args.tunnel {
-        Some(dir) => Some(start_tunnel(dir, &rt, &uds, &corporate_uds, &shutdown)?),
+    let tunnel = match enrolment {
+        Some(enrolment) => Some(start_tunnel(
+            enrolment,
+            &rt,
+            &uds,
+            &corporate_uds,
+            &shutdown,
+        )?),
         None => None,
     };
     let hostname = tunnel
@@ -327,18 +352,16 @@ struct Tunnel {
     service: SshService,
 }
 
-/// Reads the enrolment in `dir` and keeps the workspace's tunnel to the broker up (on `rt`,
-/// until `shutdown`), connecting the broker's streams to the workspace's port 22 through `uds`
-/// and taking the egress proxy's corporate flows on `corporate_uds`.
+/// Keeps the enrolled workspace's tunnel to the broker up (on `rt`, until `shutdown`),
+/// connecting the broker's streams to the workspace's port 22 through `uds` and taking the
+/// egress proxy's corporate flows on `corporate_uds`.
 fn start_tunnel(
-    dir: &std::path::Path,
+    enrolment: WorkspaceEnrolment,
     rt: &tokio::runtime::Runtime,
     uds: &std::path::Path,
     corporate_uds: &std::path::Path,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<Tunnel> {
-    let enrolment = moat_broker::enrolment::read_dir(dir)
-        .with_context(|| format!("--tunnel {}: not an enrolment directory", dir.display()))?;
     let connector = Connector::new(ConnectorConfig {
         broker: enrolment.tunnel.broker.clone(),
         server_name: enrolment.tunnel.server_name.clone(),
@@ -349,7 +372,7 @@ fn start_tunnel(
         ports: vec![moat_guest_init::session::SSH_PORT],
         egress_uds: Some(corporate_uds.to_owned()),
     })
-    .with_context(|| format!("--tunnel {}", dir.display()))?;
+    .context("--tunnel: the enrolment's identity")?;
     let stop = shutdown.clone();
     rt.spawn(async move { connector.run(stop).await });
     let workspace = enrolment.tunnel.workspace.as_str().to_owned();

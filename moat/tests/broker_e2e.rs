@@ -267,8 +267,6 @@ fn start_workspace(dir: &Path, broker: &Broker, tunnel: u16, corp_port: u16) -> 
         .arg(&enrolment)
         .arg("--audit")
         .arg(&audit)
-        .arg("--workspace")
-        .arg("ws1")
         .arg("--profile")
         .arg(dir.join("policy.toml"))
         .arg("--pubkey")
@@ -1250,9 +1248,11 @@ fn a_corporate_service_is_reached_from_inside_the_workspace_only_through_the_bro
     // The workspace's egress proxy: the named flow went to the broker as service corp-echo; the
     // address was refused by the policy.
     let ours = world.workspace_audit();
+    // (Named in it by its name at the broker, from the enrolment.)
     assert!(
         ours.iter().any(|r| r["class_uid"] == 4001
             && r["activity_id"] == 1
+            && r["src_endpoint"]["uid"] == "ws1"
             && r["dst_endpoint"]["svc_name"] == "corp-echo"
             && r["unmapped"]["moat"]["policy_action"] == "corporate"),
         "no corporate Open in the workspace's audit: {ours:?}"
