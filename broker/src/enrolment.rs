@@ -112,6 +112,8 @@ fn write(dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), EnrolmentE
         .create(true)
         .truncate(true)
         .mode(mode)
+        // Never through a link someone left in the directory.
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(err)?;
     file.write_all(text.as_bytes()).map_err(err)?;
@@ -119,8 +121,10 @@ fn write(dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), EnrolmentE
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err)
 }
 
-/// Writes the enrolment of `tunnel.workspace` into `dir` (created 0700), with a fresh SSH host
-/// key. Returns the host key's `known_hosts` line (`<workspace> ssh-ed25519 ...`).
+/// Writes the enrolment of `tunnel.workspace` into `dir` (made 0700). The SSH host key already
+/// there is kept (enrolling again, for a new certificate, must not break the `known_hosts`
+/// lines people pinned); otherwise a fresh one is made. Returns the host key's `known_hosts`
+/// line (`<workspace> ssh-ed25519 ...`).
 pub fn write_dir(
     dir: &Path,
     tunnel: &Tunnel,
@@ -130,8 +134,13 @@ pub fn write_dir(
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
         .map_err(|e| EnrolmentError::Io("cannot create", dir.to_owned(), e))?;
-    let host_key =
-        PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(EnrolmentError::Key)?;
+    let host_key = match std::fs::read_to_string(dir.join(HOST_KEY)) {
+        Ok(kept) => PrivateKey::from_openssh(kept).map_err(EnrolmentError::Key)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(EnrolmentError::Key)?
+        }
+        Err(e) => return Err(EnrolmentError::Io("cannot read", dir.join(HOST_KEY), e)),
+    };
     let host_pub = host_key
         .public_key()
         .to_openssh()
@@ -220,13 +229,15 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}");
         }
-        // Two enrolments, two host keys.
+        // Two workspaces, two host keys; the same one enrolled again keeps its key.
         let other = dir.path().join("again");
         write_dir(&other, &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
         assert_ne!(
             read_dir(&other).unwrap().ssh_host_key_pub,
             read.ssh_host_key_pub
         );
+        let again = write_dir(&out, &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
+        assert_eq!(again, known);
     }
 
     #[test]

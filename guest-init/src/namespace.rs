@@ -387,10 +387,12 @@ fn open_session_files(setup: &crate::SshSetup) -> Result<SessionFiles, InitError
         .map_err(|e| InitError::Write(setup.listen.clone(), e))?;
     let log = match &setup.log {
         Some(path) => Some(std::os::fd::OwnedFd::from(
+            // Made by `moat run` beside the run directory; never through a link.
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
                 .map_err(|e| InitError::Write(path.clone(), e))?,
         )),
@@ -742,7 +744,7 @@ fn init(
             sandbox: moat_guest_sandbox::SandboxConfig {
                 user_namespace: Some(
                     moat_guest_sandbox::UserNamespace::create(SESSION_ID, SESSION_ID)
-                        .map_err(|e| InitError::Agent(std::io::Error::other(e)))?,
+                        .map_err(session::SessionError::UserNamespace)?,
                 ),
                 ..sandbox.clone()
             },
@@ -753,7 +755,7 @@ fn init(
         std::thread::Builder::new()
             .name("sessions".into())
             .spawn(move || session::serve_unix(listener, sessions))
-            .map_err(InitError::Agent)?;
+            .map_err(session::SessionError::Service)?;
     }
     let status = run_agent(&agent, &sandbox, None, &reporter).map_err(InitError::Agent)?;
     Ok(exit_code(status))

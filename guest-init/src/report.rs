@@ -26,7 +26,21 @@ pub(crate) struct Reporter {
     sink: Sink,
     warned: AtomicBool,
     /// Processes besides the agent whose end is reported when PID 1 reaps them (SSH sessions).
-    tracked: Mutex<HashSet<u32>>,
+    tracked: Mutex<Tracked>,
+}
+
+/// How many pids reaped during starts in progress are kept for them.
+const EARLY_KEPT: usize = 64;
+
+/// The processes PID 1 reports the end of, besides the agent.
+#[derive(Debug, Default)]
+struct Tracked {
+    /// Started, and not reaped yet.
+    live: HashSet<u32>,
+    /// Slots taken by starts in progress (their pid is not known yet).
+    starting: usize,
+    /// Reaped before their start was recorded (the reaper ran first): with exit codes.
+    early: Vec<(u32, i32)>,
 }
 
 impl Reporter {
@@ -34,7 +48,7 @@ impl Reporter {
         Reporter {
             sink,
             warned: AtomicBool::new(false),
-            tracked: Mutex::new(HashSet::new()),
+            tracked: Mutex::new(Tracked::default()),
         }
     }
 
@@ -62,25 +76,67 @@ impl Reporter {
         }));
     }
 
-    fn tracked_set(&self) -> std::sync::MutexGuard<'_, HashSet<u32>> {
+    fn tracked(&self) -> std::sync::MutexGuard<'_, Tracked> {
         self.tracked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Reports `pid`'s end when [`Reporter::reaped`] sees it.
-    pub(crate) fn track(&self, pid: u32) {
-        self.tracked_set().insert(pid);
+    /// Takes one of `max` slots for a process about to start; `false` when all are taken.
+    pub(crate) fn reserve(&self, max: usize) -> bool {
+        let mut t = self.tracked();
+        if t.live.len() + t.starting >= max {
+            return false;
+        }
+        t.starting += 1;
+        true
     }
 
-    /// How many tracked processes are alive.
-    pub(crate) fn tracked(&self) -> usize {
-        self.tracked_set().len()
+    /// Gives back a slot whose process did not start.
+    pub(crate) fn release(&self) {
+        let mut t = self.tracked();
+        t.starting = t.starting.saturating_sub(1);
     }
 
-    /// PID 1 reaped `pid`: reports its end if it was tracked.
+    /// The process of a reserved slot started as `pid`: its end is reported when PID 1 reaps
+    /// it (or now, if PID 1 already did).
+    pub(crate) fn started(&self, pid: u32) {
+        let ended = {
+            let mut t = self.tracked();
+            t.starting = t.starting.saturating_sub(1);
+            match t.early.iter().position(|(p, _)| *p == pid) {
+                Some(i) => Some(t.early.swap_remove(i).1),
+                None => {
+                    t.live.insert(pid);
+                    None
+                }
+            }
+        };
+        if let Some(code) = ended {
+            self.terminate(pid, code);
+        }
+    }
+
+    /// PID 1 reaped `pid` (not the agent): reports its end if it was tracked, or keeps it for
+    /// [`Reporter::started`] while a start is in progress.
     pub(crate) fn reaped(&self, pid: u32, exit_code: i32) {
-        if self.tracked_set().remove(&pid) {
+        let tracked = {
+            let mut t = self.tracked();
+            if t.live.remove(&pid) {
+                true
+            } else {
+                // Only while a start is in progress, and only a few: other orphans PID 1
+                // reaps meanwhile are not kept for long.
+                if t.starting > 0 {
+                    if t.early.len() >= EARLY_KEPT {
+                        t.early.remove(0);
+                    }
+                    t.early.push((pid, exit_code));
+                }
+                false
+            }
+        };
+        if tracked {
             self.terminate(pid, exit_code);
         }
     }

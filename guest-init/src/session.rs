@@ -29,6 +29,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -45,8 +46,10 @@ pub const SSHD_DIR: &str = "/run/moat/ssh";
 pub const SESSION_ID: u32 = 1000;
 /// At most this many sessions at once; more are refused (the connection closed).
 pub const MAX_SESSIONS: usize = 64;
-/// The `CONNECT <port>` line must arrive within this time.
+/// The whole `CONNECT <port>` line must arrive within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many connections wait for their `CONNECT` line at once; more are closed.
+const MAX_HANDSHAKES: usize = 16;
 /// The longest `CONNECT` line read.
 const MAX_LINE: usize = 32;
 
@@ -85,6 +88,12 @@ pub enum SessionError {
     /// A file could not be written.
     #[error("cannot write {}", .0.display())]
     Write(PathBuf, #[source] std::io::Error),
+    /// The nested user namespace sessions run in could not be made.
+    #[error("cannot make the sessions' user namespace")]
+    UserNamespace(#[source] moat_guest_sandbox::SandboxError),
+    /// The session service's socket or thread could not be set up.
+    #[error("cannot start the session service")]
+    Service(#[source] std::io::Error),
 }
 
 impl SshService {
@@ -224,17 +233,29 @@ pub(crate) struct Sessions {
 impl Sessions {
     /// Starts `sshd -i` on `stream`, confined. Returns its pid.
     fn start(&self, stream: OwnedFd) -> std::io::Result<u32> {
-        if self.report.tracked() >= MAX_SESSIONS {
+        if !self.report.reserve(MAX_SESSIONS) {
             return Err(std::io::Error::other(format!(
                 "{MAX_SESSIONS} sessions are already open"
             )));
         }
+        let started = self.spawn(stream);
+        match started {
+            Ok(pid) => self.report.started(pid),
+            Err(_) => self.report.release(),
+        }
+        started
+    }
+
+    fn spawn(&self, stream: OwnedFd) -> std::io::Result<u32> {
         let sandbox = moat_guest_sandbox::Sandbox::new(&self.sandbox)
             .map_err(|e| std::io::Error::other(format!("cannot prepare the sandbox: {e}")))?;
         let stderr = match &self.log {
             Some(log) => Stdio::from(log.try_clone()?),
             None => Stdio::null(),
         };
+        // The sandbox stacks new mounts over the home: enter it afterwards, as the agent does.
+        let home = std::ffi::CString::new(self.home.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
         let argv = ["sshd", "-i", "-e", "-f"];
         let mut cmd = Command::new(SSHD);
         cmd.arg0(argv[0])
@@ -242,28 +263,28 @@ impl Sessions {
             .arg(&self.config)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .current_dir(&self.home)
             .stdin(Stdio::from(stream.try_clone()?))
             .stdout(Stdio::from(stream))
             .stderr(stderr);
         // SAFETY: the closure runs in the forked child before exec. `Sandbox::apply` makes no
-        // allocation and only issues system calls, and its error is replaced by a raw errno
-        // without allocating: safe although PID 1 has other threads at fork time.
+        // allocation and only issues system calls, and `chdir` and `_exit` are system calls:
+        // safe although PID 1 has other threads at fork time. A child that cannot be confined
+        // exits at once rather than report back: std would then wait for it, racing PID 1's
+        // reaper (which reports its exit status instead).
         #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
-                sandbox
-                    .apply()
-                    .map(drop)
-                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EPERM))
+                if sandbox.apply().is_err() || libc::chdir(home.as_ptr()) != 0 {
+                    libc::_exit(126);
+                }
+                Ok(())
             });
         }
         let child = cmd.spawn()?;
         let pid = child.id();
-        // PID 1's reaper waits for it (`run_agent`), and reports its end.
-        self.report.track(pid);
         let cmd_line = format!("{SSHD} {} {}", argv[1..].join(" "), self.config.display());
         self.report.launch(pid, &[cmd_line]);
+        // PID 1's reaper waits for it (`run_agent`), and reports its end.
         Ok(pid)
     }
 }
@@ -271,11 +292,16 @@ impl Sessions {
 /// Reads the `CONNECT <port>\n` line of Firecracker's vsock convention from the host side and
 /// answers `OK <port>\n` for [`SSH_PORT`]; anything else is refused (the connection closed).
 fn handshake(stream: &mut std::os::unix::net::UnixStream) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let mut line = Vec::with_capacity(MAX_LINE);
     let mut byte = [0u8; 1];
     // One byte at a time: whatever follows the newline is the client's, for sshd.
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
         stream.read_exact(&mut byte)?;
         if byte[0] == b'\n' {
             break;
@@ -300,20 +326,32 @@ fn handshake(stream: &mut std::os::unix::net::UnixStream) -> std::io::Result<()>
 /// a thread of its own. Runs until the listener fails.
 pub(crate) fn serve_unix(listener: std::os::unix::net::UnixListener, sessions: Sessions) {
     let sessions = Arc::new(sessions);
+    let waiting = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let sessions = Arc::clone(&sessions);
+        let Ok(mut stream) = stream else {
+            // Out of descriptors, most likely: let some go before trying again.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        if waiting.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        }
+        let (sessions, done) = (Arc::clone(&sessions), Arc::clone(&waiting));
         // The handshake on a thread of its own: a slow peer holds up nobody else.
         let spawned = std::thread::Builder::new()
             .name("session".into())
             .spawn(move || {
-                if handshake(&mut stream).is_ok()
+                let shaken = handshake(&mut stream);
+                done.fetch_sub(1, Ordering::AcqRel);
+                if shaken.is_ok()
                     && let Err(e) = sessions.start(OwnedFd::from(stream))
                 {
                     eprintln!("moat guest-init: cannot start an SSH session: {e}");
                 }
             });
         if spawned.is_err() {
+            waiting.fetch_sub(1, Ordering::AcqRel);
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -284,12 +284,12 @@ fn start_sessions(
         log: None,
         report: std::sync::Arc::clone(reporter),
     };
-    let listener =
-        moat_netstack::VsockListener::bind(session::SSH_PORT).map_err(InitError::Network)?;
+    let listener = moat_netstack::VsockListener::bind(session::SSH_PORT)
+        .map_err(session::SessionError::Service)?;
     std::thread::Builder::new()
         .name("sessions".into())
         .spawn(move || session::serve_vsock(listener, sessions))
-        .map_err(InitError::Agent)?;
+        .map_err(session::SessionError::Service)?;
     Ok(())
 }
 
@@ -463,7 +463,8 @@ fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
         pts,
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("ptmxmode=0666,mode=0620"),
+        // gid 5: the root image's tty group, which sshd gives the terminals it allocates.
+        Some("ptmxmode=0666,mode=0620,gid=5"),
     )?;
     // What udev would have made: the descriptor links bash's process substitution and
     // `tee /dev/stderr` use, and POSIX shared memory.

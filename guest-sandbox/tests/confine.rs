@@ -343,6 +343,12 @@ fn try_probe(probe: &str, writable: Option<&Path>) -> Result<i32, i32> {
         "own_user_namespace" => {
             use std::os::unix::process::CommandExt as _;
             let mut cfg = cfg;
+            // As in guest-init's PID 1: not dumpable (the holder must make itself so).
+            // SAFETY: integer arguments only.
+            #[allow(unsafe_code)]
+            if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+                return Err(SETUP_FAILED);
+            }
             cfg.user_namespace = Some(UserNamespace::create(1000, 1000).map_err(|e| {
                 eprintln!(
                     "cannot make the namespace: {e}: {:?}",

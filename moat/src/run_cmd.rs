@@ -189,9 +189,38 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
     let template = std::env::temp_dir().join("moat-XXXXXX");
     let run_dir = nix::unistd::mkdtemp(&template)
         .with_context(|| format!("cannot create a run directory like {}", template.display()))?;
-    let result = run_in(&args, enrolment, backend, &run_dir);
+    // The logs that outlive the workspace sit beside the run directory, whose name anyone can
+    // see from now on: create them at once, exclusively, never through a link someone
+    // planted (/tmp is sticky: once ours, nobody else can replace them).
+    let mut logs = Vec::new();
+    if args
+        .proxy
+        .audit_path(&run_dir.with_extension("audit.jsonl"))
+        == run_dir.with_extension("audit.jsonl")
+    {
+        logs.push(run_dir.with_extension("audit.jsonl"));
+    }
+    if enrolment.is_some() {
+        logs.push(run_dir.with_extension("sshd.log"));
+    }
+    let result = logs
+        .iter()
+        .try_for_each(|log| create_private(log))
+        .and_then(|()| run_in(&args, enrolment, backend, &run_dir));
     let _ = std::fs::remove_dir_all(&run_dir);
     result
+}
+
+/// Creates `path` empty and 0600, refusing an existing file or a link in its place.
+fn create_private(path: &std::path::Path) -> Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map(drop)
+        .with_context(|| format!("cannot create {}", path.display()))
 }
 
 fn run_in(

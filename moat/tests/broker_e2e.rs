@@ -766,7 +766,7 @@ fn a_persons_ssh_session_runs_inside_the_workspace_confined_like_its_agent() {
         world.ssh(
             "hostname; cat ~/agent-was-here; id -un; pwd; \
              grep -E '^(NoNewPrivs|Seccomp|CapEff|CapBnd):' /proc/self/status; \
-             touch /etc/moat-ssh 2>/dev/null || echo root-read-only; \
+             touch /run/moat-ssh-probe 2>/dev/null || echo root-read-only; \
              touch ~/from-ssh && echo home-writable; \
              ls /home; test -e /etc/ssh/ssh_host_ed25519_key && ! test -s /etc/ssh/ssh_host_ed25519_key && echo host-key-hidden; \
              echo \"$SSL_CERT_FILE\"",
@@ -810,15 +810,64 @@ fn a_persons_ssh_session_runs_inside_the_workspace_confined_like_its_agent() {
     ] {
         assert!(lines.contains(&line), "{line} missing:\n{got}");
     }
-    // The workspace's audit log has the session's sshd among its processes.
-    let audit = std::fs::read_to_string(&world.workspace.audit).unwrap();
-    assert!(
-        audit
-            .lines()
-            .any(|l| l.contains("\"class_uid\":1007") && l.contains("/usr/sbin/sshd -i")),
-        "no process record of the session's sshd:\n{audit}"
-    );
+    // The workspace's audit log has the session's sshd among its processes, launched and
+    // (once the session ended) exited.
+    let records = world.workspace_audit();
+    let sshd = records
+        .iter()
+        .find(|r| {
+            r["class_uid"] == 1007
+                && r["activity_id"] == 1
+                && r["process"]["cmd_line"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("/usr/sbin/sshd -i"))
+        })
+        .unwrap_or_else(|| panic!("no process record of the session's sshd: {records:?}"));
+    let pid = sshd["process"]["pid"].clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !world
+        .workspace_audit()
+        .iter()
+        .any(|r| r["class_uid"] == 1007 && r["activity_id"] == 2 && r["process"]["pid"] == pid)
+    {
+        assert!(Instant::now() < deadline, "the session's sshd never exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     validate_ocsf(&world.workspace.audit);
+    // The service description (with the host key) was read and removed before the workspace
+    // started.
+    let run_log = std::fs::read_to_string(&world.workspace.log).unwrap();
+    let run_dir = run_log
+        .lines()
+        .find_map(|l| l.strip_prefix("moat: sshd's log: "))
+        .and_then(|p| p.strip_suffix(".sshd.log"))
+        .unwrap();
+    assert!(Path::new(run_dir).is_dir(), "{run_dir}");
+    assert!(!Path::new(run_dir).join("ssh-service.json").exists());
+}
+
+#[test]
+fn a_persons_terminal_session_gets_a_terminal_in_the_workspace() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+
+    let out = wait_exit(
+        world.ssh_with(&["-tt"], "tty; stat -c %U /proc/self/fd/0"),
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .0;
+
+    assert!(
+        out.status.success(),
+        "{}\nsshd: {}",
+        text(&out.stderr),
+        world.workspace.sshd_log()
+    );
+    let got = text(&out.stdout);
+    let lines: Vec<&str> = got.lines().map(str::trim).collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{got}");
+    assert_eq!(lines[1], "agent", "{got}");
 }
 
 #[test]

@@ -167,6 +167,15 @@ pub fn write_packet(fd: &OwnedFd, packet: &[u8]) -> io::Result<()> {
 /// Connects an AF_VSOCK stream to `cid:port` (blocking connect). Guest-only: see
 /// [`crate::transport::VsockTransport`].
 pub fn vsock_connect(cid: u32, port: u32) -> io::Result<std::os::unix::net::UnixStream> {
+    let (fd, addr) = vsock_socket(cid, port)?;
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes for the duration of the call.
+    check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) })?;
+    Ok(std::os::unix::net::UnixStream::from(fd))
+}
+
+/// A new AF_VSOCK stream socket (close-on-exec) and the address `cid`:`port`.
+fn vsock_socket(cid: u32, port: u32) -> io::Result<(OwnedFd, libc::sockaddr_vm)> {
     // SAFETY: plain socket(2) call with constant arguments.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -179,10 +188,7 @@ pub fn vsock_connect(cid: u32, port: u32) -> io::Result<std::os::unix::net::Unix
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
     addr.svm_cid = cid;
     addr.svm_port = port;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes for the duration of the call.
-    check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) })?;
-    Ok(std::os::unix::net::UnixStream::from(fd))
+    Ok((fd, addr))
 }
 
 /// A listening AF_VSOCK stream socket on `port` of this guest (any CID). Only ever called
@@ -193,18 +199,7 @@ pub struct VsockListener(OwnedFd);
 impl VsockListener {
     /// Binds `port` and listens.
     pub fn bind(port: u32) -> io::Result<Self> {
-        // SAFETY: plain socket(2) call with constant arguments.
-        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_vm is plain old data; all-zero is valid before we fill it in.
-        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = libc::VMADDR_CID_ANY;
-        addr.svm_port = port;
+        let (fd, addr) = vsock_socket(libc::VMADDR_CID_ANY, port)?;
         let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
         // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes for the duration of the call.
         check(unsafe { libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) })?;
