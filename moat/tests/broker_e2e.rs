@@ -630,6 +630,19 @@ impl World {
         .0
     }
 
+    /// Waits for an SSH client (at most 30 s); asserts it succeeded (showing the workspace's
+    /// sshd log otherwise) and returns what it printed.
+    fn succeeded(&self, ssh: Child) -> String {
+        let out = wait_exit(ssh, Instant::now(), Duration::from_secs(30)).0;
+        assert!(
+            out.status.success(),
+            "{}\nsshd: {}",
+            text(&out.stderr),
+            self.workspace.sshd_log()
+        );
+        text(&out.stdout)
+    }
+
     fn workspace_audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.workspace.audit)
             .unwrap_or_default()
@@ -762,27 +775,16 @@ fn a_persons_ssh_session_runs_inside_the_workspace_confined_like_its_agent() {
     let world = World::new();
     assert!(world.login("alice").status.success());
 
-    let out = wait_exit(
-        world.ssh(
-            "hostname; cat ~/agent-was-here; id -un; pwd; \
-             grep -E '^(NoNewPrivs|Seccomp|CapEff|CapBnd):' /proc/self/status; \
-             touch /run/moat-ssh-probe 2>/dev/null || echo root-read-only; \
-             touch ~/from-ssh && echo home-writable; \
-             ls /home; test -e /etc/ssh/ssh_host_ed25519_key && ! test -s /etc/ssh/ssh_host_ed25519_key && echo host-key-hidden; \
-             echo \"$SSL_CERT_FILE\"",
-        ),
-        Instant::now(),
-        Duration::from_secs(30),
-    )
-    .0;
-
-    assert!(
-        out.status.success(),
-        "{}\nsshd: {}",
-        text(&out.stderr),
-        world.workspace.sshd_log()
-    );
-    let got = text(&out.stdout);
+    let got = world.succeeded(world.ssh(
+        "hostname; cat ~/agent-was-here; id -un; pwd; \
+         grep -E '^(NoNewPrivs|Seccomp|CapEff|CapBnd):' /proc/self/status; \
+         touch /run/moat-ssh-probe 2>/dev/null || echo root-read-only; \
+         touch ~/from-ssh && echo home-writable; \
+         ls /home; \
+         test -e /etc/ssh/ssh_host_ed25519_key && ! test -s /etc/ssh/ssh_host_ed25519_key \
+           && echo host-key-hidden; \
+         echo \"$SSL_CERT_FILE\"",
+    ));
     let lines: Vec<&str> = got.lines().map(str::trim).collect();
     let status = |k: &str| {
         lines
@@ -851,20 +853,7 @@ fn a_persons_terminal_session_gets_a_terminal_in_the_workspace() {
     let world = World::new();
     assert!(world.login("alice").status.success());
 
-    let out = wait_exit(
-        world.ssh_with(&["-tt"], "tty; stat -c %U /proc/self/fd/0"),
-        Instant::now(),
-        Duration::from_secs(30),
-    )
-    .0;
-
-    assert!(
-        out.status.success(),
-        "{}\nsshd: {}",
-        text(&out.stderr),
-        world.workspace.sshd_log()
-    );
-    let got = text(&out.stdout);
+    let got = world.succeeded(world.ssh_with(&["-tt"], "tty; stat -c %U /proc/self/fd/0"));
     let lines: Vec<&str> = got.lines().map(str::trim).collect();
     assert!(lines[0].starts_with("/dev/pts/"), "{got}");
     assert_eq!(lines[1], "agent", "{got}");
