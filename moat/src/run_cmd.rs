@@ -193,15 +193,12 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
     // see from now on: create them at once, exclusively, never through a link someone
     // planted (/tmp is sticky: once ours, nobody else can replace them).
     let mut logs = Vec::new();
-    if args
-        .proxy
-        .audit_path(&run_dir.with_extension("audit.jsonl"))
-        == run_dir.with_extension("audit.jsonl")
-    {
-        logs.push(run_dir.with_extension("audit.jsonl"));
+    let audit = default_audit(&run_dir);
+    if args.proxy.audit_path(&audit) == audit {
+        logs.push(audit);
     }
     if enrolment.is_some() {
-        logs.push(run_dir.with_extension("sshd.log"));
+        logs.push(sshd_log(&run_dir));
     }
     let result = logs
         .iter()
@@ -209,6 +206,17 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         .and_then(|()| run_in(&args, enrolment, backend, &run_dir));
     let _ = std::fs::remove_dir_all(&run_dir);
     result
+}
+
+/// The audit log unless `--audit` names another: beside the run directory, not in it, so that
+/// it outlives the workspace (created exclusively by [`run`] right after the run directory).
+fn default_audit(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.with_extension("audit.jsonl")
+}
+
+/// sshd's log (namespace backend with `--tunnel`), beside the audit log.
+fn sshd_log(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.with_extension("sshd.log")
 }
 
 /// Creates `path` empty and 0600, refusing an existing file or a link in its place.
@@ -249,9 +257,7 @@ fn run_in(
         }
         Backend::Namespace => run_dir.join("vsock"),
     };
-    // Beside the run directory, not in it: the audit log outlives the workspace.
-    // (The run directory's name is random, so this name cannot be prepared by anyone else.)
-    let default_audit = run_dir.with_extension("audit.jsonl");
+    let default_audit = default_audit(run_dir);
     let (mut config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
     // Reached through the broker, corporate flows leave through the tunnel's host side.
     let corporate_uds = run_dir.join("corporate.sock");
@@ -468,7 +474,7 @@ fn run_namespace(
             .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
             .with_context(|| format!("cannot write {}", service.display()))?;
         // Beside the audit log, outliving the workspace like it.
-        let log = run_dir.with_extension("sshd.log");
+        let log = sshd_log(run_dir);
         eprintln!("moat: sshd's log: {}", log.display());
         guest_init
             .arg("--ssh")
