@@ -189,7 +189,6 @@ pub fn read_dir(dir: &Path) -> Result<WorkspaceEnrolment, EnrolmentError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
 
     use super::*;
 

@@ -271,7 +271,6 @@ fn end(broker: &Broker, session: &Session, reason: &str) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
 

@@ -833,7 +833,6 @@ pub fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
     use jsonwebtoken::{EncodingKey, Header};

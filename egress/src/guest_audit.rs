@@ -165,7 +165,6 @@ pub async fn serve(listener: UnixListener, audit: Arc<Audit>, shutdown: Cancella
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

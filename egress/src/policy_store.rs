@@ -216,7 +216,6 @@ impl PolicyStore {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const CORPORATE: &str = r#"

@@ -235,7 +235,6 @@ fn read(spec: &SecretSpec) -> Result<SecretValue, SecretError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn spec(source: SecretSource) -> SecretSpec {

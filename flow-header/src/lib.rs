@@ -240,7 +240,6 @@ impl FlowHeader {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn named(host: &str) -> FlowHeader {

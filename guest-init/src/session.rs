@@ -373,7 +373,6 @@ pub(crate) fn serve_vsock(listener: moat_netstack::VsockListener, sessions: Sess
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
 
     use super::*;
 

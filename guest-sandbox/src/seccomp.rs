@@ -380,7 +380,6 @@ pub(crate) fn install(program: &BpfProgram) -> Result<(), SandboxError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::expect_used)]
     use super::*;
 
     /// The calls the design (issue 4 and the crate brief) names must each have a rule.

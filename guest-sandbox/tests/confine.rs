@@ -12,8 +12,6 @@
 //!
 //! Run with `cargo test -p moat-guest-sandbox` (as root, like CI: the tests drop to uid 65534
 //! and check the capability bounding set).
-// A failed setup step (tempdir, bind) should fail the test loudly.
-#![allow(clippy::expect_used)]
 
 mod support;
 

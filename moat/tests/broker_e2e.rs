@@ -8,9 +8,9 @@
 //! Nothing is emulated between a person and the workspace's shell.
 //!
 //! Needs: node with `npm ci` run in broker/tests/oidc, /usr/sbin/sshd (openssh-server), ssh and
-//! ssh-keygen, and root with /dev/net/tun (the namespace backend). `.ci/run` installs them.
+//! ssh-keygen, and root with /dev/net/tun (the namespace backend). `cargo xtask test` installs them.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -82,12 +82,13 @@ impl Drop for Idp {
 }
 
 fn start_idp(dir: &Path, redirect_uri: &str, groups: &str) -> Idp {
+    common::require_programs(&[("node", "nodejs")]);
     assert!(
         Path::new(OIDC_DIR)
             .join("node_modules/oidc-provider")
             .exists(),
-        "the test identity provider is not installed: run `npm ci` in broker/tests/oidc \
-         (.ci/run does)"
+        "the test identity provider is not installed: run `cargo xtask test` (it runs \
+         `npm ci` in broker/tests/oidc)"
     );
     let (ca, cert, key) = loopback_tls();
     std::fs::write(dir.join("idp-ca.pem"), ca).unwrap();
@@ -374,6 +375,12 @@ struct World {
 
 impl World {
     fn new() -> Self {
+        // The workspace's SSH sessions are OpenSSH's sshd; people connect with ssh.
+        common::require_programs(&[
+            ("/usr/sbin/sshd", "openssh-server"),
+            ("ssh", "openssh-client"),
+            ("ssh-keygen", "openssh-client"),
+        ]);
         let _ = tracing_subscriber::fmt()
             .with_env_filter("moat_broker=debug")
             .with_test_writer()

@@ -13,8 +13,6 @@
 //!
 //! Each test prints why it is skipped when it cannot run here.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::path::{Path, PathBuf};

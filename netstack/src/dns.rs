@@ -47,7 +47,6 @@ pub fn answer(query: &[u8], pool: &mut FakePool) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;

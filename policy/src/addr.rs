@@ -156,7 +156,6 @@ fn classify_v6(a: Ipv6Addr) -> AddrClass {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// Cases in the spirit of Stripe smokescreen's classification table, and more.

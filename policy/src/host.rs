@@ -93,7 +93,6 @@ impl fmt::Display for HostPattern {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -446,7 +446,6 @@ fn check_secret_against_others(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const BASE: &str = r#"

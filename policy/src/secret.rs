@@ -128,7 +128,6 @@ pub(crate) const RESERVED_HEADERS: &[&str] = &[
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn spec(paths: &[&str]) -> SecretSpec {

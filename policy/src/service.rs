@@ -53,7 +53,6 @@ impl fmt::Display for ServiceName {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

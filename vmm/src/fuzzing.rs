@@ -5,11 +5,7 @@
 //! code; the only property checked is that nothing panics, hangs or grows without bound.
 //! cargo-fuzz targets call these (fuzz/fuzz_targets/vmm_*.rs); a deterministic smoke run of
 //! each is part of `cargo test`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::cast_possible_truncation
-)]
+#![allow(clippy::cast_possible_truncation)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;

@@ -3,7 +3,6 @@
 //! refusals. The same unprivileged, through a user namespace: the VMM spawned as uid 65534.
 //! Skipped with a printed reason without /dev/kvm, without root (to set the tests up), or
 //! without user namespaces.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

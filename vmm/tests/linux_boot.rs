@@ -6,11 +6,7 @@
 //! with a printed reason otherwise (or without /dev/kvm). About 20 s on the nested PVM host.
 //! MOAT_LINUX_PCI_KERNEL (that kernel plus CONFIG_PCI and CONFIG_PCI_MSI) runs the PCI
 //! enumeration test against the fake passthrough device.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::cast_possible_truncation
-)]
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 

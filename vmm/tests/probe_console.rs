@@ -1,7 +1,6 @@
 //! Console input through real KVM: the VMM feeds its stdin to COM1 (the console being its
 //! stdout), and the probe guest reads a line by polling the UART's data-ready bit and echoes it
 //! upper-cased.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,7 +1,6 @@
 //! Seccomp filters, proven on real threads: for every role an allowed call passes and a
 //! disallowed one kills the process with SIGSYS. Each case runs in a child process (this test
 //! binary re-executed for one test), because the filter cannot be removed once installed.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;

@@ -47,7 +47,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     // The client must be optimised like the proxies it measures: re-run in release.
     if cfg!(debug_assertions) {
         return run_cmd(
-            Command::new(env!("CARGO"))
+            crate::setup::cargo()
                 .current_dir(root())
                 .args([
                     "run",
@@ -85,12 +85,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             intercept_only,
         }
     };
-    for tool in ["nginx", "squid"] {
-        if which(tool).is_none() {
-            bail!("{tool} is not installed: apt-get install nginx-light squid-openssl");
-        }
-    }
-    run_cmd(Command::new(env!("CARGO")).current_dir(root()).args([
+    crate::setup::ensure(&[crate::setup::Job::Bench])?;
+    run_cmd(crate::setup::cargo().current_dir(root()).args([
         "build",
         "--quiet",
         "--release",
@@ -101,20 +97,6 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(bench(&sizes))
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    [
-        "/usr/sbin",
-        "/usr/bin",
-        "/sbin",
-        "/bin",
-        "/usr/local/bin",
-        "/usr/local/sbin",
-    ]
-    .iter()
-    .map(|d| Path::new(d).join(tool))
-    .find(|p| p.exists())
 }
 
 /// Kills and reaps a child on drop.
@@ -489,7 +471,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
     let nginx = Guard(
-        Command::new(which("nginx").context("nginx")?)
+        Command::new(crate::setup::which("nginx").context("nginx")?)
             .args(["-p"])
             .arg(dir)
             .arg("-c")
@@ -514,7 +496,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     );
     std::fs::write(dir.join("squid.conf"), squid_conf)?;
     let squid = Guard(
-        Command::new(which("squid").context("squid")?)
+        Command::new(crate::setup::which("squid").context("squid")?)
             .args(["-N", "-f"])
             .arg(dir.join("squid.conf"))
             .stdout(Stdio::null())
@@ -871,25 +853,6 @@ struct InterceptRow {
     mitm_cpu: f64,
 }
 
-/// Installs mitmproxy from PyPI into `.venv-bench` if it is not there; returns mitmdump.
-fn mitmdump() -> Result<PathBuf> {
-    let venv = root().join(".venv-bench");
-    let bin = venv.join("bin/mitmdump");
-    if !bin.exists() {
-        eprintln!("xtask bench: installing mitmproxy into {}", venv.display());
-        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-        run_cmd(Command::new(venv.join("bin/python")).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "mitmproxy",
-        ]))?;
-    }
-    Ok(bin)
-}
-
 fn tls_trusting(pem_path: &Path) -> Result<tokio_rustls::TlsConnector> {
     let pem = std::fs::read_to_string(pem_path)
         .with_context(|| format!("cannot read {}", pem_path.display()))?;
@@ -942,7 +905,7 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// upstream, injected as `Authorization: Bearer`) beside mitmdump with an addon setting the
 /// same header, both verifying the upstream against the bench CA, interleaved, medians of 5.
 async fn intercept_rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec<InterceptRow>> {
-    let mitmdump = mitmdump()?;
+    let mitmdump = crate::setup::mitmdump()?;
     let port = env.nginx.port();
     let profile = dir.join("intercept.toml");
     std::fs::write(

@@ -4,18 +4,18 @@
 //! with their memory (`broker/tests/tunnel.rs`). Tables on standard error, JSON in
 //! bench-results/broker-session-latest.json and broker-tunnel-latest.json.
 
-use std::process::Command;
 
 use anyhow::Result;
 
 use crate::{root, run_cmd};
 
 pub(crate) fn bench() -> Result<()> {
-    crate::test::oidc_provider()?;
+    crate::setup::ensure(&[crate::setup::Job::Tests])?;
+    crate::setup::oidc_provider()?;
     let out = root().join("bench-results");
     std::fs::create_dir_all(&out)?;
     run_cmd(
-        Command::new(env!("CARGO"))
+        crate::setup::cargo()
             .current_dir(root())
             .args([
                 "test",
@@ -30,7 +30,7 @@ pub(crate) fn bench() -> Result<()> {
             .env("MOAT_BENCH_DIR", &out),
     )?;
     run_cmd(
-        Command::new(env!("CARGO"))
+        crate::setup::cargo()
             .current_dir(root())
             .args([
                 "test",

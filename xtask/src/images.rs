@@ -18,23 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::{describe, root, run_cmd};
 
 /// The Debian package whose tarball the kernel is built from.
-const KERNEL_PACKAGE: &str = "linux-source-6.12";
+pub(crate) const KERNEL_PACKAGE: &str = "linux-source-6.12";
 /// Bump when the build steps below change in a way the inputs' hash cannot see.
 const KERNEL_RECIPE: &str = "kernel recipe 1: tinyconfig + fragment + patches; vmlinux bzImage";
-/// Packages the kernel build needs on a Debian host.
-const KERNEL_BUILD_DEPS: &[&str] = &[
-    KERNEL_PACKAGE,
-    "flex",
-    "bison",
-    "libelf-dev",
-    "bc",
-    "xz-utils",
-    "make",
-    "gcc",
-    "patch",
-    "lz4",
-];
-
 /// The musl target guest-init is built for: one static binary, no loader, no libc in the
 /// initramfs.
 pub(crate) const GUEST_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -82,32 +68,6 @@ fn step(what: &str, n: usize, of: usize, doing: &str) {
     eprintln!("xtask images: {what} [{n}/{of}] {doing}");
 }
 
-fn missing_packages(packages: &[&str]) -> Vec<String> {
-    packages
-        .iter()
-        .filter(|p| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f", "${Status}", p])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .map(|p| (*p).to_owned())
-        .collect()
-}
-
-fn require_packages(what: &str, packages: &[&str]) -> Result<()> {
-    let missing = missing_packages(packages);
-    if !missing.is_empty() {
-        bail!(
-            "the {what} build needs Debian packages that are not installed: {}\n\
-             install them with: apt-get install -y {}",
-            missing.join(" "),
-            missing.join(" ")
-        );
-    }
-    Ok(())
-}
-
 fn package_version(package: &str) -> Result<String> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f", "${Version}", package])
@@ -142,7 +102,7 @@ pub(crate) fn kernel_gpu() -> Result<Kernel> {
 /// Builds kernel `variant` from `images/kernel/<fragments>` on top of tinyconfig.
 fn build_kernel(variant: &str, fragments: &[&str]) -> Result<Kernel> {
     const STEPS: usize = 5;
-    require_packages("kernel", KERNEL_BUILD_DEPS)?;
+    crate::setup::ensure(&[crate::setup::Job::Kernel])?;
     let version = package_version(KERNEL_PACKAGE)?;
     let fragment_paths: Vec<PathBuf> = fragments
         .iter()
@@ -391,6 +351,7 @@ fn target_dir() -> PathBuf {
 
 /// Builds the static guest-init and packs it as `/init` of a newc initramfs.
 pub(crate) fn initramfs() -> Result<PathBuf> {
+    crate::setup::ensure(&[crate::setup::Job::Initramfs])?;
     step(
         "initramfs",
         1,
@@ -400,7 +361,7 @@ pub(crate) fn initramfs() -> Result<PathBuf> {
     // Stripped: the guest kernel copies the initramfs at boot, and on nested PVM hosts
     // kernel-mode copying is instruction-emulated.
     run_cmd(
-        Command::new(env!("CARGO"))
+        crate::setup::cargo()
             .current_dir(root())
             .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
             .args([
@@ -477,7 +438,7 @@ const ROOTFS_RECIPE: &str = "rootfs recipe 1: mmdebstrap minbase + packages + cu
 /// `images/rootfs/customize.sh`) with mmdebstrap, as an ext4 image.
 pub(crate) fn rootfs() -> Result<PathBuf> {
     const STEPS: usize = 3;
-    require_packages("root image", &["mmdebstrap", "e2fsprogs"])?;
+    crate::setup::ensure(&[crate::setup::Job::RootImage])?;
     let dir = root().join("images/rootfs");
     let packages_text = std::fs::read_to_string(dir.join("packages"))
         .context("cannot read images/rootfs/packages")?;
@@ -606,7 +567,6 @@ fn write_current(built: &[(&str, PathBuf)]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

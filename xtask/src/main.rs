@@ -2,9 +2,11 @@
 
 mod bench;
 mod broker;
+mod check;
 mod fuzz;
 mod images;
 mod run_vm;
+mod setup;
 mod test;
 mod vmm;
 
@@ -15,8 +17,13 @@ use anyhow::{Context, Result, bail};
 
 const USAGE: &str = "usage: cargo xtask <verb>
 
+Every verb first installs what it needs from the system and is missing (as root; otherwise it
+stops and prints the command to run as root): xtask/src/setup.rs lists it all.
+
 verbs:
-  test              install the test tools (OCSF validator venv) and run every test
+  test              install what the tests need, build the guest images, run every test
+  check             CI's checks beside fmt and clippy: cargo deny (licences, bans, sources),
+                    cargo machete (unused dependencies), every fuzz target builds, cargo doc
   bench [--quick] [--intercept-only] [egress|vmm|broker]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
@@ -33,14 +40,28 @@ verbs:
                     policy: an interactive shell, or the command and its exit status
   linux-boot        moat-vmm: boot our Linux kernel and initramfs to `Run /init`";
 
-fn main() -> Result<()> {
+/// Errors are one paragraph: what failed and why, never a backtrace (expected conditions,
+/// such as a missing package, are errors too).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (verb, rest) = args
         .split_first()
         .map_or(("", &[][..]), |(v, r)| (v.as_str(), r));
     match verb {
         "test" => test::run(rest),
+        "check" => check::run(),
         "bench" => {
+            setup::ensure(&[setup::Job::Bench, setup::Job::Kernel, setup::Job::Initramfs])?;
             let only = |what: &str| rest.iter().any(|a| a == what);
             let all = !only("egress") && !only("vmm") && !only("broker");
             if all || only("egress") {

@@ -18,7 +18,7 @@ use crate::{root, run_cmd};
 pub(crate) fn probe_guest() -> Result<PathBuf> {
     let dir = root().join("tests/probe-guest");
     run_cmd(
-        Command::new(env!("CARGO"))
+        crate::setup::cargo()
             .current_dir(&dir)
             .env_remove("RUSTFLAGS")
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -47,7 +47,7 @@ fn median(mut v: Vec<i64>) -> i64 {
 /// `cargo xtask bench` part for the VMM.
 pub(crate) fn bench() -> Result<()> {
     let probe = probe_guest()?;
-    run_cmd(Command::new(env!("CARGO")).current_dir(root()).args([
+    run_cmd(crate::setup::cargo().current_dir(root()).args([
         "build",
         "--release",
         "-p",
@@ -109,7 +109,7 @@ pub(crate) fn bench() -> Result<()> {
         );
     }
     linux_boot_bench(&vmm)?;
-    run_cmd(Command::new(env!("CARGO")).current_dir(root()).args([
+    run_cmd(crate::setup::cargo().current_dir(root()).args([
         "bench",
         "-p",
         "moat-vmm",
@@ -190,7 +190,7 @@ pub(crate) fn linux_boot_test() -> Result<()> {
     let kernel = crate::images::kernel()?;
     let initramfs = crate::images::initramfs()?;
     run_cmd(
-        Command::new(env!("CARGO"))
+        crate::setup::cargo()
             .current_dir(root())
             .env("MOAT_LINUX_KERNEL", &kernel.vmlinux)
             .env("MOAT_LINUX_BZIMAGE", &kernel.bzimage)

@@ -77,7 +77,6 @@ async fn handshake(stream: &mut UnixStream, port: u32) -> Result<(), VsockError>
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
     use tokio::io::AsyncBufReadExt;

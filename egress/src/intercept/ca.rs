@@ -266,7 +266,6 @@ impl WorkspaceCa {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn scope(names: &[&str]) -> Vec<String> {

@@ -408,7 +408,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Followed<S> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn follow(chunks: &[&[u8]]) -> Vec<Head> {

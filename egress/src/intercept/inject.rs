@@ -245,7 +245,6 @@ fn base64(input: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -99,7 +99,6 @@ pub fn upstream_tls_config(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -234,7 +234,6 @@ impl UpstreamPool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use hyper_util::rt::TokioIo;
     use tokio::io::DuplexStream;

@@ -93,7 +93,6 @@ fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

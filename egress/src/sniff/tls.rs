@@ -200,7 +200,6 @@ fn parse_server_name(data: &[u8]) -> Result<String, TlsError> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// Builds a ClientHello with the given extensions, split into records of `record_size`.

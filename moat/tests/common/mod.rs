@@ -1,7 +1,7 @@
 //! What the end-to-end tests of both backends share: a TLS upstream on loopback, a signed
 //! policy naming it, and `moat run` around a shell script.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -10,6 +10,29 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Fails the calling test at once, naming what is missing, when an outside program it runs is
+/// not installed; without it the symptom would be unrelated (a workspace that never connects, a
+/// script that prints nothing). `cargo xtask test` installs them all (xtask/src/setup.rs).
+pub fn require_programs(programs: &[(&str, &str)]) {
+    let found = |program: &str| {
+        if program.starts_with('/') {
+            return Path::new(program).is_file();
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path).any(|d| d.join(program).is_file())
+    };
+    let missing: Vec<String> = programs
+        .iter()
+        .filter(|(program, _)| !found(program))
+        .map(|(program, package)| format!("{program} (Debian package {package})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "this test runs programs that are not installed: {}; `cargo xtask test` installs them",
+        missing.join(", ")
+    );
+}
 
 /// A static HTTPS file server on 127.0.0.1 for `allowed.test` and `denied.test`, serving
 /// `/hello` and the files under `root` (a dumb-HTTP git repository, for instance).
@@ -137,6 +160,14 @@ impl Workspace {
     }
 
     pub fn with_backend(backend: &'static str, images: Option<PathBuf>) -> Workspace {
+        if backend == "namespace" {
+            // The namespace backend's agent runs the host's own programs.
+            require_programs(&[
+                ("curl", "curl"),
+                ("git", "git"),
+                ("/usr/bin/python3", "python3-requests"),
+            ]);
+        }
         let dir = tempfile::tempdir().unwrap();
         let repo_root = dir.path().join("srv");
         std::fs::create_dir_all(&repo_root).unwrap();

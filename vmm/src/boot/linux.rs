@@ -160,7 +160,6 @@ fn write_identity_map(mem: &GuestMemoryMmap) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::boot::{E820_RAM, memory_map};
 

@@ -324,7 +324,6 @@ pub fn memory_map(mem_bytes: u64) -> Vec<MemoryRange> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     pub(super) fn test_mem(bytes: usize) -> GuestMemoryMmap {

@@ -294,7 +294,6 @@ pub fn input_ready_eventfd() -> io::Result<EventFd> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

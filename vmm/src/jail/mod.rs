@@ -293,7 +293,6 @@ pub fn landlock_deny_all() -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     fn tmp(name: &str) -> PathBuf {

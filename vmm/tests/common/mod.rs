@@ -1,5 +1,5 @@
 //! Shared helpers for the VM tests: building the probe guest and running moat-vmm on it.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -358,11 +358,7 @@ impl VirtioDevice for Block {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::cast_possible_truncation
-    )]
+    #![allow(clippy::cast_possible_truncation)]
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 

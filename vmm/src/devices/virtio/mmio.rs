@@ -415,11 +415,7 @@ impl MmioDevice for MmioTransport {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::cast_possible_truncation
-    )]
+    #![allow(clippy::cast_possible_truncation)]
     use std::sync::Mutex;
 
     use super::*;

@@ -152,11 +152,7 @@ impl VirtioDevice for Rng {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::cast_possible_truncation
-    )]
+    #![allow(clippy::cast_possible_truncation)]
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 

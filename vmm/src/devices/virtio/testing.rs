@@ -1,11 +1,7 @@
 //! A virtio driver simulator for device tests: split queues laid out in guest memory by hand,
 //! so tests can build honest chains and malicious ones (loops, wild addresses, huge lengths,
 //! an available index that lies).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::cast_possible_truncation
-)]
+#![allow(clippy::cast_possible_truncation)]
 
 use std::sync::Arc;
 

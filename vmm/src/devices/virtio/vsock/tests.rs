@@ -1,9 +1,5 @@
 //! vsock device tests through the driver simulator and real host Unix sockets.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::cast_possible_truncation
-)]
+#![allow(clippy::cast_possible_truncation)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

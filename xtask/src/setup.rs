@@ -1,0 +1,618 @@
+//! What moat's development needs from the system, in one place.
+//!
+//! Every xtask verb names the jobs it is about to do ([`Job`]); [`ensure`] checks what those
+//! jobs need (Debian packages, programs, the pinned toolchain's rustup targets and components,
+//! the Python venv and Node packages the tests use) and installs what is missing:
+//!
+//! - as root: `apt-get update` once, then one `apt-get install`, each package announced with
+//!   the reason it is needed; then the rustup targets, the venvs and the Node packages;
+//! - as anyone else: nothing is changed when a system package is missing; xtask stops with the
+//!   exact command to run as root (rustup, venvs and npm need no privilege and are installed).
+//!
+//! The tests themselves never install anything: `cargo xtask test` runs this first, and a test
+//! that still finds a program missing fails at once naming it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{root, run_cmd};
+
+/// One job an xtask verb does; each needs some of [`NEEDS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Job {
+    /// `cargo xtask images kernel`: Debian's kernel source, built with make.
+    Kernel,
+    /// `cargo xtask images initramfs`: guest-init as a static musl binary.
+    Initramfs,
+    /// `cargo xtask images rootfs`: the Debian root image of the VM.
+    RootImage,
+    /// `cargo test --workspace`: the programs the end-to-end tests run for real.
+    Tests,
+    /// `moat run --backend vm`: the home disk is made with mkfs.ext4.
+    VmWorkspace,
+    /// `cargo xtask bench`: the peers the egress proxy is measured beside.
+    Bench,
+    /// `cargo xtask check`: the CI checks beyond fmt and clippy.
+    Check,
+    /// `cargo xtask l1`: QEMU's emulator booting a Debian L1 with real KVM inside.
+    L1,
+}
+
+/// How to tell whether a need is met.
+#[derive(Clone, Copy, Debug)]
+enum Check {
+    /// A Debian package is installed.
+    Package(&'static str),
+    /// A program is on PATH (or at this absolute path).
+    Program(&'static str),
+    /// The system's python3 imports this module.
+    PythonModule(&'static str),
+    /// Node.js at this major version or later.
+    NodeAtLeast(u32),
+}
+
+/// One thing the system must provide.
+#[derive(Debug)]
+struct Need {
+    jobs: &'static [Job],
+    check: Check,
+    /// The Debian packages that provide it.
+    packages: &'static [&'static str],
+    why: &'static str,
+}
+
+use Job::{Bench, Check as CheckJob, Initramfs, Kernel, L1, RootImage, Tests, VmWorkspace};
+
+const KERNEL_SOURCE: &str = crate::images::KERNEL_PACKAGE;
+
+/// Everything moat's build, tests, images and benchmarks need from a Debian system.
+const NEEDS: &[Need] = &[
+    Need {
+        jobs: &[Kernel],
+        check: Check::Package(KERNEL_SOURCE),
+        packages: &[KERNEL_SOURCE],
+        why: "the guest kernel is built from Debian's kernel source",
+    },
+    Need {
+        jobs: &[Kernel],
+        check: Check::Program("flex"),
+        packages: &["flex"],
+        why: "the kernel's config and build run flex and bison",
+    },
+    Need {
+        jobs: &[Kernel],
+        check: Check::Program("bison"),
+        packages: &["bison"],
+        why: "the kernel's config and build run flex and bison",
+    },
+    Need {
+        jobs: &[Kernel],
+        check: Check::Package("libelf-dev"),
+        packages: &["libelf-dev"],
+        why: "the kernel's objtool reads ELF with libelf",
+    },
+    Need {
+        jobs: &[Kernel],
+        check: Check::Program("bc"),
+        packages: &["bc"],
+        why: "the kernel build computes constants with bc",
+    },
+    Need {
+        jobs: &[Kernel],
+        check: Check::Program("xz"),
+        packages: &["xz-utils"],
+        why: "the kernel source comes as a .tar.xz",
+    },
+    Need {
+        jobs: &[Kernel],
+        check: Check::Program("make"),
+        packages: &["make"],
+        why: "the kernel is built with make",
+    },
+    Need {
+        jobs: &[Kernel, Tests],
+        check: Check::Program("gcc"),
+        packages: &["gcc"],
+        why: "the kernel and C parts of crates are compiled with gcc",
+    },
+    Need {
+        jobs: &[Kernel],
+        check: Check::Program("patch"),
+        packages: &["patch"],
+        why: "our kernel patches are applied with patch",
+    },
+    Need {
+        jobs: &[Kernel],
+        check: Check::Program("lz4"),
+        packages: &["lz4"],
+        why: "the kernel build compresses with lz4",
+    },
+    Need {
+        jobs: &[Tests, VmWorkspace, RootImage],
+        check: Check::Program("mkfs.ext4"),
+        packages: &["e2fsprogs"],
+        why: "the VM's root image and home disk are ext4 file systems",
+    },
+    Need {
+        jobs: &[RootImage],
+        check: Check::Program("mmdebstrap"),
+        packages: &["mmdebstrap"],
+        why: "the VM's root image is a Debian made by mmdebstrap",
+    },
+    Need {
+        jobs: &[Tests],
+        check: Check::Program("curl"),
+        packages: &["curl"],
+        why: "the end-to-end tests run curl inside the workspace",
+    },
+    Need {
+        jobs: &[Tests],
+        check: Check::Program("git"),
+        packages: &["git"],
+        why: "the end-to-end tests clone with git inside the workspace",
+    },
+    Need {
+        jobs: &[Tests],
+        check: Check::Program("pgrep"),
+        packages: &["procps"],
+        why: "the end-to-end tests look at the workspace's processes with ps and pgrep",
+    },
+    Need {
+        jobs: &[Tests],
+        check: Check::PythonModule("requests"),
+        packages: &["python3", "python3-requests"],
+        why: "the end-to-end tests run Python requests inside the workspace",
+    },
+    Need {
+        jobs: &[Tests, Bench],
+        check: Check::PythonModule("ensurepip"),
+        packages: &["python3-venv"],
+        why: "the OCSF validator (tests) and mitmproxy (bench) live in Python venvs",
+    },
+    Need {
+        jobs: &[Tests],
+        check: Check::NodeAtLeast(20),
+        packages: &["nodejs", "npm"],
+        why: "the broker tests sign in at a real OpenID Connect provider (Node 20 or later)",
+    },
+    Need {
+        jobs: &[Tests],
+        check: Check::Program("/usr/sbin/sshd"),
+        packages: &["openssh-server"],
+        why: "SSH sessions into the workspace run OpenSSH's sshd",
+    },
+    Need {
+        jobs: &[Tests],
+        check: Check::Program("ssh"),
+        packages: &["openssh-client"],
+        why: "the broker tests connect with OpenSSH's ssh",
+    },
+    Need {
+        jobs: &[Bench],
+        check: Check::Program("nginx"),
+        packages: &["nginx-light"],
+        why: "the benchmarks' upstream is nginx",
+    },
+    Need {
+        jobs: &[Bench],
+        check: Check::Program("squid"),
+        packages: &["squid-openssl"],
+        why: "the egress proxy is measured beside squid",
+    },
+    Need {
+        jobs: &[L1],
+        check: Check::Program("qemu-system-x86_64"),
+        packages: &["qemu-system-x86"],
+        why: "the L1 with real KVM runs in QEMU's emulator",
+    },
+    Need {
+        jobs: &[L1],
+        check: Check::Program("/bin/busybox"),
+        packages: &["busybox-static"],
+        why: "the L1's initramfs is a static busybox",
+    },
+    Need {
+        jobs: &[L1],
+        check: Check::Program("dpkg-deb"),
+        packages: &["dpkg"],
+        why: "the L1's Debian kernel package is unpacked with dpkg-deb",
+    },
+];
+
+/// Rustup targets of the pinned toolchain, by job.
+const TARGETS: &[(Job, &str, &str)] = &[
+    (
+        Initramfs,
+        crate::images::GUEST_TARGET,
+        "guest-init is a static musl binary",
+    ),
+    (
+        Tests,
+        "x86_64-unknown-none",
+        "moat-vmm's probe guest is a no_std ELF",
+    ),
+    (
+        Bench,
+        "x86_64-unknown-none",
+        "moat-vmm's probe guest is a no_std ELF",
+    ),
+];
+
+/// Cargo subcommands installed from crates.io for `cargo xtask check` and `cargo xtask fuzz`,
+/// pinned: (crate, version, why).
+pub(crate) const CARGO_TOOLS: &[(&str, &str, &str)] = &[
+    (
+        "cargo-deny",
+        "0.20.2",
+        "licences, banned crates and sources",
+    ),
+    ("cargo-machete", "0.9.2", "dependencies nobody uses"),
+    (
+        "cargo-fuzz",
+        "0.13.2",
+        "building and running the fuzz targets",
+    ),
+];
+
+/// The toolchain rust-toolchain.toml pins; every nested cargo runs with it.
+pub(crate) fn toolchain() -> Result<String> {
+    let path = root().join("rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let parsed: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not TOML", path.display()))?;
+    parsed
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("{} names no toolchain.channel", path.display()))
+}
+
+/// A cargo of the pinned toolchain, whatever rustup's default is.
+pub(crate) fn cargo() -> Command {
+    match (which("rustup"), toolchain()) {
+        (Some(rustup), Ok(channel)) => {
+            let mut cmd = Command::new(rustup);
+            cmd.args(["run", &channel, "cargo"]);
+            cmd
+        }
+        // No rustup (a distribution's Rust): the cargo that built xtask.
+        _ => Command::new(env!("CARGO")),
+    }
+}
+
+/// Finds a program on PATH (or checks an absolute path).
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
+    if program.starts_with('/') {
+        return Path::new(program).is_file().then(|| PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn node_major() -> Option<u32> {
+    let out = Command::new("node").arg("--version").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches('v')
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn met(check: Check) -> bool {
+    match check {
+        Check::Package(p) => package_installed(p),
+        Check::Program(p) => which(p).is_some(),
+        Check::PythonModule(m) => Command::new("/usr/bin/python3")
+            .args(["-c", &format!("import {m}")])
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        Check::NodeAtLeast(major) => {
+            node_major().is_some_and(|v| v >= major) && which("npm").is_some()
+        }
+    }
+}
+
+/// Whether xtask runs as root (effective uid 0, from /proc: no libc call needed).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            == Some("0")
+    })
+}
+
+fn installed_targets(channel: &str) -> BTreeSet<String> {
+    Command::new("rustup")
+        .args(["target", "list", "--installed", "--toolchain", channel])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Makes sure everything `jobs` need is installed (see the module's documentation).
+pub(crate) fn ensure(jobs: &[Job]) -> Result<()> {
+    let wanted = |needs: &[Job]| needs.iter().any(|j| jobs.contains(j));
+    let missing: Vec<&Need> = NEEDS
+        .iter()
+        .filter(|n| wanted(n.jobs) && !met(n.check))
+        .collect();
+    let mut packages: Vec<&str> = Vec::new();
+    for need in &missing {
+        for p in need.packages {
+            if !packages.contains(p) {
+                packages.push(p);
+            }
+        }
+    }
+    let channel = toolchain()?;
+    let rustup = which("rustup");
+    let targets: BTreeSet<&str> = if rustup.is_some() {
+        let have = installed_targets(&channel);
+        TARGETS
+            .iter()
+            .filter(|(job, t, _)| jobs.contains(job) && !have.contains(*t))
+            .map(|(_, t, _)| *t)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+
+    if !packages.is_empty() {
+        if !is_root() {
+            let mut todo = format!("sudo apt-get install -y {}", packages.join(" "));
+            if !targets.is_empty() {
+                let list: Vec<&str> = targets.iter().copied().collect();
+                todo.push_str(&format!(
+                    " && rustup target add --toolchain {channel} {}",
+                    list.join(" ")
+                ));
+            }
+            let whys: Vec<String> = missing
+                .iter()
+                .map(|n| format!("{} ({})", n.packages.join(", "), n.why))
+                .collect();
+            bail!(
+                "this needs Debian packages that are not installed: {}. Nothing was changed; \
+                 install them as root, then run this again: {todo}",
+                whys.join("; ")
+            );
+        }
+        for need in &missing {
+            eprintln!(
+                "xtask setup: installing {}: {}",
+                need.packages.join(" "),
+                need.why
+            );
+        }
+        apt_install(&packages)?;
+        let still: Vec<String> = missing
+            .iter()
+            .filter(|n| !met(n.check))
+            .map(|n| describe_check(n.check))
+            .collect();
+        if !still.is_empty() {
+            bail!(
+                "after installing {} this machine still lacks {}: its Debian release may not \
+                 provide them (Node 20 or later, for example, comes from nodejs.org or \
+                 NodeSource on Debian 12)",
+                packages.join(" "),
+                still.join(", ")
+            );
+        }
+    }
+    if let Some(rustup) = rustup {
+        for (_, target, why) in TARGETS.iter().filter(|(_, t, _)| targets.contains(t)) {
+            eprintln!("xtask setup: adding rustup target {target} to {channel}: {why}");
+            run_cmd(Command::new(&rustup).args([
+                "target",
+                "add",
+                "--toolchain",
+                &channel,
+                target,
+            ]))?;
+        }
+    } else if jobs.iter().any(|j| matches!(j, Initramfs | Tests | Bench)) {
+        eprintln!(
+            "xtask setup: rustup is not installed; make sure your toolchain has the targets {} \
+             and x86_64-unknown-none",
+            crate::images::GUEST_TARGET
+        );
+    }
+    if jobs.contains(&CheckJob) {
+        for (krate, version, why) in CARGO_TOOLS {
+            cargo_tool(krate, version, why)?;
+        }
+    }
+    Ok(())
+}
+
+fn describe_check(check: Check) -> String {
+    match check {
+        Check::Package(p) => format!("the package {p}"),
+        Check::Program(p) => format!("the program {p}"),
+        Check::PythonModule(m) => format!("python3's module {m}"),
+        Check::NodeAtLeast(v) => format!("Node.js {v} or later with npm"),
+    }
+}
+
+/// `apt-get update` once per xtask run, then one install of every missing package.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    static UPDATED: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    UPDATED.call_once(|| {
+        result = run_cmd(
+            Command::new("apt-get")
+                .args(["update", "-q", "-o", "DPkg::Lock::Timeout=600"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        );
+    });
+    result?;
+    run_cmd(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "-o",
+                "DPkg::Lock::Timeout=600",
+            ])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Installs a cargo subcommand at its pinned version unless that version is there.
+pub(crate) fn cargo_tool(krate: &str, version: &str, why: &str) -> Result<()> {
+    let sub = krate.trim_start_matches("cargo-");
+    let have = cargo()
+        .args([sub, "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version));
+    if have {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing {krate} {version} from crates.io: {why}");
+    run_cmd(cargo().args([
+        "install",
+        "--locked",
+        "--quiet",
+        krate,
+        "--version",
+        version,
+    ]))
+}
+
+/// The OCSF validator the egress tests use (Python packages pinned in
+/// egress/tests/ocsf/requirements.txt), in `.venv-ocsf`; returns its python.
+pub(crate) fn ocsf_venv() -> Result<PathBuf> {
+    let root = root();
+    let venv = root.join(".venv-ocsf");
+    let python = venv.join("bin/python");
+    let reqs = root.join("egress/tests/ocsf/requirements.txt");
+    let stamp = venv.join("requirements.installed");
+    let wanted = std::fs::read_to_string(&reqs)?;
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask setup: installing the OCSF validator into {}: the tests validate every audit \
+         record against the published schema",
+        venv.display()
+    );
+    run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run_cmd(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&reqs),
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
+
+/// The broker tests' OpenID Connect provider (npm, pinned by its package-lock.json), in
+/// broker/tests/oidc/node_modules.
+pub(crate) fn oidc_provider() -> Result<()> {
+    let dir = root().join("broker/tests/oidc");
+    let lock = std::fs::read(dir.join("package-lock.json"))?;
+    let stamp = dir.join("node_modules/.moat-installed-lock");
+    if std::fs::read(&stamp).ok().as_deref() == Some(&lock[..]) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: installing the test OpenID Connect provider into {}: the broker tests \
+         sign in at a real provider",
+        dir.display()
+    );
+    run_cmd(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--silent"])
+            .current_dir(&dir),
+    )?;
+    std::fs::write(&stamp, lock)?;
+    Ok(())
+}
+
+/// mitmproxy from PyPI in `.venv-bench` (the interception benchmark's peer); returns mitmdump.
+pub(crate) fn mitmdump() -> Result<PathBuf> {
+    let venv = root().join(".venv-bench");
+    let bin = venv.join("bin/mitmdump");
+    if !bin.exists() {
+        eprintln!(
+            "xtask setup: installing mitmproxy into {}: interception is measured beside it",
+            venv.display()
+        );
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run_cmd(Command::new(venv.join("bin/python")).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "mitmproxy",
+        ]))?;
+    }
+    Ok(bin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_job_that_needs_a_package_names_why() {
+        for need in NEEDS {
+            assert!(!need.packages.is_empty(), "{need:?}");
+            assert!(!need.jobs.is_empty(), "{need:?}");
+            assert!(need.why.len() > 10, "{need:?}");
+        }
+    }
+
+    #[test]
+    fn the_pinned_toolchain_is_read_from_rust_toolchain_toml() {
+        let channel = toolchain().unwrap();
+        let text = std::fs::read_to_string(root().join("rust-toolchain.toml")).unwrap();
+        assert!(
+            text.contains(&format!("channel = \"{channel}\"")),
+            "{channel}"
+        );
+    }
+
+    #[test]
+    fn which_finds_absolute_and_path_programs() {
+        assert!(which("sh").is_some());
+        assert!(which("/bin/sh").is_some());
+        assert!(which("moat-no-such-program").is_none());
+        assert!(which("/nonexistent/moat").is_none());
+    }
+}
