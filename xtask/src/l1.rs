@@ -865,8 +865,8 @@ mod tests {
                 "kvm",
                 "ccp",
                 "kvm_amd",
-                "vfio_pci_core",
                 "vfio",
+                "vfio_pci_core",
                 "vfio_pci"
             ]
         );
