@@ -81,6 +81,56 @@ fn open_inet_socket() {
     let _ = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
 }
 
+/// `mprotect` on a fresh anonymous page, with `prot` (raw libc: std has no mprotect).
+#[allow(unsafe_code)]
+fn mprotect(prot: libc::c_int) {
+    // SAFETY: a private anonymous mapping of one page, changed and unmapped only here.
+    unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(page, libc::MAP_FAILED);
+        assert_eq!(libc::mprotect(page, 4096, prot), 0);
+        libc::munmap(page, 4096);
+    }
+}
+
+// glibc grows a thread's malloc arena with mprotect(PROT_READ | PROT_WRITE): the block thread
+// was killed for it as soon as a real guest read its disks. Every role allocates.
+case!(block_may_grow_a_malloc_arena, Role::Block, allowed, || {
+    mprotect(libc::PROT_READ | libc::PROT_WRITE);
+});
+case!(vcpu_may_grow_a_malloc_arena, Role::Vcpu, allowed, || {
+    mprotect(libc::PROT_READ | libc::PROT_WRITE);
+});
+case!(vsock_may_grow_a_malloc_arena, Role::Vsock, allowed, || {
+    mprotect(libc::PROT_READ | libc::PROT_WRITE);
+});
+case!(main_may_grow_a_malloc_arena, Role::Main, allowed, || {
+    mprotect(libc::PROT_READ | libc::PROT_WRITE);
+});
+case!(
+    block_may_not_make_memory_executable,
+    Role::Block,
+    killed,
+    || {
+        mprotect(libc::PROT_READ | libc::PROT_EXEC);
+    }
+);
+case!(
+    vcpu_may_not_make_memory_executable,
+    Role::Vcpu,
+    killed,
+    || {
+        mprotect(libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+    }
+);
+
 case!(main_may_signal_and_unlink, Role::Main, allowed, || {
     let _ = std::fs::remove_file("/nonexistent/moat-seccomp-test");
 });
