@@ -20,7 +20,8 @@
 //!   interrupts off), which is reported as a hang with its own exit status, [`EXIT_HUNG`].
 //!
 //! [`run_vm_tests`] is what `cargo xtask test` calls: where /dev/kvm cannot run a guest's user
-//! space, the VM tests' executables (built here) run inside one L1.
+//! space, the VM tests' executables (built here) run inside one L1. `cargo xtask l1 --vm-tests`
+//! runs just those, inside L1 whatever the host's KVM.
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -171,6 +172,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                     .context("--timeout takes a number of seconds")?;
             }
             "--rw" => rw.push(PathBuf::from(it.next().context("--rw takes a directory")?)),
+            "--vm-tests" if argv.is_empty() => return vm_tests_only(),
             "--" => {
                 argv = it.map(OsString::from).collect();
                 break;
@@ -749,6 +751,24 @@ pub(crate) fn run_vm_tests(env: &[(&str, PathBuf)]) -> Result<()> {
         "xtask test: /dev/kvm cannot run a guest's user space here (kvm_pvm, or none): \
          running the VM tests inside L1"
     );
+    run_vm_tests_in_l1(env)
+}
+
+/// `cargo xtask l1 --vm-tests`: only the VM tests, inside L1 whatever the host's KVM.
+fn vm_tests_only() -> Result<()> {
+    let kernel = crate::images::kernel()?;
+    let gpu_kernel = crate::images::kernel_gpu()?;
+    let initramfs = crate::images::initramfs()?;
+    run_vm_tests_in_l1(&[
+        ("MOAT_LINUX_KERNEL", kernel.vmlinux),
+        ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
+        ("MOAT_LINUX_INITRAMFS", initramfs),
+        ("MOAT_LINUX_PCI_KERNEL", gpu_kernel.vmlinux),
+    ])
+}
+
+/// Builds the VM tests and the images they boot here, then runs the tests inside one L1.
+fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
     // The full vm_e2e boots the root image; `images all` also names it in current.toml.
     crate::images::run(&["all".to_owned()])?;
     let probe = crate::vmm::probe_guest()?;

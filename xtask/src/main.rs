@@ -37,7 +37,8 @@ verbs:
                     run CMD inside L1, a Linux in QEMU's emulator with a real /dev/kvm
                     (for hosts whose /dev/kvm is kvm_pvm): same directory and environment,
                     the host's root read-only (DIRs read-write), CMD's exit status back;
-                    exit status 124 if L1 hangs past SECS (default 1800)";
+                    exit status 124 if L1 hangs past SECS (default 1800)
+  l1 --vm-tests     build the VM tests and their images, run them inside L1";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
