@@ -1,6 +1,8 @@
 //! The `moat-broker` binary's offline commands, and its refusal to serve without its identity
 //! provider (fail closed).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -3,6 +3,8 @@
 //! the workspace's vsock Unix-socket convention. No identity provider: these tests are about the
 //! tunnel's streams, not about who may open them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -4,6 +4,8 @@
 //! for the service: an SSH-like banner, then an echo. Real proxy, real sockets, one behaviour per
 //! test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::path::PathBuf;

@@ -1,6 +1,8 @@
 //! In-process integration tests of credential injection: a real proxy, the workspace CA, a
 //! real HTTPS upstream (hyper + rustls) that records what it received. One behaviour per test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! In-process integration tests of the egress proxy: real proxy, real TLS (rcgen test PKI),
 //! real sockets, loopback only. One behaviour per test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::time::{Duration, Instant};

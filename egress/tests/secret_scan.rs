@@ -6,6 +6,8 @@
 //! runs every attack of the intercept suite in sequence through one capture, scans it once at
 //! the end, and proves the scanner can fail.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use harness::client::*;

@@ -12,6 +12,7 @@
 //!
 //! Run with `cargo test -p moat-guest-sandbox` (as root, like CI: the tests drop to uid 65534
 //! and check the capability bounding set).
+#![allow(clippy::expect_used)]
 
 mod support;
 

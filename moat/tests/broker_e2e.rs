@@ -10,6 +10,8 @@
 //! Needs: node with `npm ci` run in broker/tests/oidc, /usr/sbin/sshd (openssh-server), ssh and
 //! ssh-keygen, and root with /dev/net/tun (the namespace backend). `cargo xtask test` installs them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;

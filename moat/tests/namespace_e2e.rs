@@ -6,6 +6,8 @@
 //! on our machines and CI), the `run_by_root_*` tests check that the workspace is then an
 //! unprivileged host uid; as anyone else they pass without checking anything.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Read;

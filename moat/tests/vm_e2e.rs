@@ -13,6 +13,8 @@
 //!
 //! Each test prints why it is skipped when it cannot run here.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +44,16 @@ fn vmm_built() -> bool {
 
 fn skip(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
+}
+
+/// Like [`skip`], but where this run expects real KVM (`MOAT_EXPECT_REAL_KVM`, set by
+/// `cargo xtask test` inside L1) the test fails instead: the full path must have run.
+fn skip_full(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("MOAT_EXPECT_REAL_KVM").is_none(),
+        "{test}: this run expects real KVM and the images, but: {why}"
+    );
+    skip(test, why);
 }
 
 /// A 16 MiB empty ext4 image: on nested PVM the kernel never gets as far as mounting it.
@@ -197,11 +209,11 @@ fn full_vm_unavailable() -> Option<String> {
 fn full_path_through_the_vm_where_kvm_is_real() {
     const NAME: &str = "full_path_through_the_vm_where_kvm_is_real";
     if let Some(why) = full_vm_unavailable() {
-        return skip(NAME, &why);
+        return skip_full(NAME, &why);
     }
     let images = match full_images() {
         Ok(dir) => dir,
-        Err(why) => return skip(NAME, &why),
+        Err(why) => return skip_full(NAME, &why),
     };
     let ws = Workspace::with_backend("vm", Some(images));
     let started = Instant::now();

@@ -3,6 +3,8 @@
 //! seeded loss, reordering and delay, on a virtual clock. The host side of each flow is one end
 //! of a socketpair that echoes what it gets after reading the flow header.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};

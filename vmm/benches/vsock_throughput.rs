@@ -4,7 +4,11 @@
 //! Firecracker's best published figure.
 //!
 //! Run: `cargo bench -p moat-vmm --features test-utils --bench vsock_throughput`.
-#![allow(clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 #![allow(clippy::cast_precision_loss)]
 
 use std::io::{Read, Write};

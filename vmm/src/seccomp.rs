@@ -95,9 +95,29 @@ fn arg_eq(
     Ok((nr, vec![SeccompRule::new(vec![cond])?], why))
 }
 
+/// `mprotect(addr, len, prot)` unless `prot` has `PROT_EXEC`: glibc's malloc grows a thread's
+/// arena (every thread that allocates gets one) by `mprotect`ing more of the arena's reserved
+/// heap read-write, so any thread may need it once a guest keeps it busy (the block thread did
+/// as soon as a real guest mounted and read its disks). Nothing in the VMM makes memory
+/// executable, so that stays forbidden.
+fn mprotect_without_exec() -> Result<Allow, seccompiler::BackendError> {
+    let prot_exec = u64::try_from(libc::PROT_EXEC).unwrap_or(4);
+    let cond = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(prot_exec),
+        0,
+    )?;
+    Ok((
+        libc::SYS_mprotect,
+        vec![SeccompRule::new(vec![cond])?],
+        "the allocator: glibc grows malloc arenas with mprotect (never PROT_EXEC)",
+    ))
+}
+
 /// What every thread needs to live and die in a Rust process.
-fn common() -> Vec<Allow> {
-    vec![
+fn common() -> Result<Vec<Allow>, seccompiler::BackendError> {
+    Ok(vec![
         any(libc::SYS_futex, "mutexes, channels, thread joins"),
         any(libc::SYS_read, "eventfds (and the rng's entropy file)"),
         any(
@@ -124,7 +144,8 @@ fn common() -> Vec<Allow> {
         any(libc::SYS_restart_syscall, "restarted futex waits"),
         any(libc::SYS_exit, "thread exit"),
         any(libc::SYS_exit_group, "process exit"),
-    ]
+        mprotect_without_exec()?,
+    ])
 }
 
 /// `fcntl(fd, F_GETFD)`: std's debug builds check an fd is open before closing it.
@@ -228,7 +249,7 @@ fn passthrough_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError
 }
 
 fn role_rules(role: Role, passthrough: bool) -> Result<Vec<Allow>, seccompiler::BackendError> {
-    let mut rules = common();
+    let mut rules = common()?;
     if passthrough {
         rules.extend(passthrough_rules(role)?);
     }

@@ -428,6 +428,15 @@ pub fn run_with(
     // Keep the VM and memory alive: vCPU threads may still be inside KVM_RUN; the caller exits
     // the process.
     std::mem::forget(vm);
+    // The devices too, for good: the main thread's reference to the bus (and through it to
+    // every device) is never dropped, so whichever vCPU thread ends last cannot drop the last
+    // one and run a device's destructor under the vCPU filter, which kills the process
+    // (`Vsock::drop` unlinks its socket; a passthrough device's drop removes its BAR slots
+    // and lets go of its VFIO group). What those destructors would do is done here under the
+    // main thread's filter (passthrough devices shut down above, the socket unlinked below)
+    // or by the kernel when the process exits (fds, mappings, memory slots).
+    std::mem::forget(bus);
+    std::mem::forget(passthrough);
     if let Some(uds) = &uds {
         let _ = std::fs::remove_file(uds);
     }

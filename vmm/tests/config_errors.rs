@@ -1,4 +1,5 @@
 //! The binary's refusals: bad flags and configs exit with code 2 before touching KVM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 

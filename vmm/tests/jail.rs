@@ -3,6 +3,7 @@
 //! refusals. The same unprivileged, through a user namespace: the VMM spawned as uid 65534.
 //! Skipped with a printed reason without /dev/kvm, without root (to set the tests up), or
 //! without user namespaces.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -24,7 +25,9 @@ macro_rules! require_root_and_kvm {
     () => {
         require_kvm!();
         if not_root() {
-            eprintln!("SKIPPED: these tests need root (the root jail, and setting up the unprivileged one)");
+            common::skip(
+                "these tests need root (the root jail, and setting up the unprivileged one)",
+            );
             return;
         }
     };
@@ -316,7 +319,9 @@ macro_rules! require_unprivileged_jail {
     () => {
         require_root_and_kvm!();
         if let Some(why) = user_namespaces_unavailable() {
-            eprintln!("SKIPPED: {why}; the unprivileged jail needs user namespaces");
+            common::skip(&format!(
+                "{why}; the unprivileged jail needs user namespaces"
+            ));
             return;
         }
     };

@@ -6,7 +6,11 @@
 //! with a printed reason otherwise (or without /dev/kvm). About 20 s on the nested PVM host.
 //! MOAT_LINUX_PCI_KERNEL (that kernel plus CONFIG_PCI and CONFIG_PCI_MSI) runs the PCI
 //! enumeration test against the fake passthrough device.
-#![allow(clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 mod common;
 
@@ -136,9 +140,9 @@ fn smp_linux_brings_up_every_vcpu_from_our_mp_table() {
 fn linux_finds_the_pci_host_bridge_and_keeps_the_bars_we_placed() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_PCI_KERNEL").map(PathBuf::from) else {
-        eprintln!(
-            "SKIPPED: set MOAT_LINUX_PCI_KERNEL to the vmlinux `cargo xtask images kernel-gpu` \
-             builds (`cargo xtask test` sets it)"
+        common::skip(
+            "set MOAT_LINUX_PCI_KERNEL to the vmlinux `cargo xtask images kernel-gpu` \
+             builds (`cargo xtask test` sets it)",
         );
         return;
     };
@@ -181,9 +185,9 @@ fn linux_finds_the_pci_host_bridge_and_keeps_the_bars_we_placed() {
 fn linux_bzimage_boots_to_init_through_the_64_bit_boot_protocol() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_BZIMAGE").map(PathBuf::from) else {
-        eprintln!(
-            "SKIPPED: set MOAT_LINUX_BZIMAGE to a bzImage from \
-             `cargo xtask images kernel` (LZ4; this boot takes about 80 s here)"
+        common::skip(
+            "set MOAT_LINUX_BZIMAGE to a bzImage from \
+             `cargo xtask images kernel` (LZ4; this boot takes about 80 s here)",
         );
         return;
     };
@@ -229,9 +233,7 @@ fn linux_bzimage_boots_to_init_through_the_64_bit_boot_protocol() {
 fn linux_boots_to_init_with_our_virtio_devices() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_KERNEL").map(PathBuf::from) else {
-        eprintln!(
-            "SKIPPED: set MOAT_LINUX_KERNEL to the vmlinux `cargo xtask images kernel` builds"
-        );
+        common::skip("set MOAT_LINUX_KERNEL to the vmlinux `cargo xtask images kernel` builds");
         return;
     };
     let _one = ONE_AT_A_TIME.lock();

@@ -1,5 +1,6 @@
 //! The probe guest booted through real KVM: the machine, boot parameters, serial console,
 //! i8042 shutdown and the exit codes. Skipped with a printed reason where /dev/kvm is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

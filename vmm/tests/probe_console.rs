@@ -1,6 +1,7 @@
 //! Console input through real KVM: the VMM feeds its stdin to COM1 (the console being its
 //! stdout), and the probe guest reads a line by polling the UART's data-ready bit and echoes it
 //! upper-cased.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -70,8 +71,8 @@ fn serial_input_with_a_console_file_is_a_config_error() {
     );
 }
 
-/// Terminal modes (`stty -g`) around a VMM run on a pseudo-terminal: before, two seconds in,
-/// after; and the VMM's exit code.
+/// Terminal modes (`stty -g`) around a VMM run on a pseudo-terminal: before, once the guest
+/// runs, after; and the VMM's exit code.
 struct TtyRun {
     before: String,
     during: String,
@@ -80,7 +81,7 @@ struct TtyRun {
 }
 
 /// Runs the hanging probe with the VMM's stdin and stdout on a pseudo-terminal that
-/// util-linux `script` provides, or says why it cannot. `then` is shell run two seconds in
+/// util-linux `script` provides, or says why it cannot. `then` is shell run once the guest runs
 /// (`$VMM` is the VMM's pid).
 fn run_on_a_tty(name: &str, timeout: u32, then: &str) -> Result<TtyRun, String> {
     for tool in ["script", "stty"] {
@@ -95,11 +96,16 @@ fn run_on_a_tty(name: &str, timeout: u32, then: &str) -> Result<TtyRun, String> 
     let dir = common::scratch(name);
     let file = |f: &str| dir.join(f).display().to_string();
     // The VMM runs in the background with the terminal as stdin explicitly (a non-interactive
-    // shell would give it /dev/null).
+    // shell would give it /dev/null). The guest's "hanging on purpose" reaches the terminal,
+    // which `script` copies (flushed) into `typescript`: by then the VMM has set raw mode. Not
+    // a fixed sleep: under emulation (nested KVM in QEMU's TCG) the guest may take seconds.
     let inner = format!(
         "stty -g > {before}; {vmm} --kernel {probe} --mem 64 --timeout {timeout} \
-         --cmdline probe.hang=1 </dev/tty & VMM=$!; sleep 2; stty -g > {during}; {then}; \
+         --cmdline probe.hang=1 </dev/tty & VMM=$!; \
+         until grep -q 'hanging on purpose' {typescript} || ! kill -0 $VMM; do sleep 0.1; done; \
+         stty -g > {during}; {then}; \
          wait $VMM; echo $? > {code}; stty -g > {after}",
+        typescript = file("typescript"),
         before = file("before"),
         during = file("during"),
         after = file("after"),
@@ -108,7 +114,8 @@ fn run_on_a_tty(name: &str, timeout: u32, then: &str) -> Result<TtyRun, String> 
         probe = common::probe_guest().display(),
     );
     let status = Command::new("script")
-        .args(["-qec", &inner, "/dev/null"])
+        .args(["-qfec", &inner])
+        .arg(dir.join("typescript"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .status()
@@ -131,10 +138,10 @@ fn run_on_a_tty(name: &str, timeout: u32, then: &str) -> Result<TtyRun, String> 
 #[test]
 fn raw_terminal_is_restored_when_the_vm_times_out() {
     require_kvm!();
-    let run = match run_on_a_tty("console-tty-timeout", 5, "true") {
+    let run = match run_on_a_tty("console-tty-timeout", 10, "true") {
         Ok(r) => r,
         Err(why) => {
-            eprintln!("SKIPPED: {why}; this test needs a pseudo-terminal");
+            common::skip(&format!("{why}; this test needs a pseudo-terminal"));
             return;
         }
     };
@@ -149,7 +156,7 @@ fn raw_terminal_is_restored_when_the_vmm_is_terminated() {
     let run = match run_on_a_tty("console-tty-sigterm", 30, "kill -TERM $VMM") {
         Ok(r) => r,
         Err(why) => {
-            eprintln!("SKIPPED: {why}; this test needs a pseudo-terminal");
+            common::skip(&format!("{why}; this test needs a pseudo-terminal"));
             return;
         }
     };

@@ -1,5 +1,6 @@
 //! virtio-blk and virtio-rng driven by the probe guest through real KVM. Skipped with a printed
 //! reason where /dev/kvm is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

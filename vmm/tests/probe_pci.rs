@@ -2,6 +2,7 @@
 //! mechanism #1, finds the fake VFIO device (offered by the test-only `--test-fake-gpu`),
 //! sizes its BARs, walks its capabilities and takes MSI-X and MSI interrupts from its doorbell
 //! into the local APIC. Skipped with a printed reason where /dev/kvm is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,9 @@
 //! Seccomp filters, proven on real threads: for every role an allowed call passes and a
 //! disallowed one kills the process with SIGSYS. Each case runs in a child process (this test
 //! binary re-executed for one test), because the filter cannot be removed once installed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
@@ -79,6 +82,56 @@ fn open_unix_socket() {
 fn open_inet_socket() {
     let _ = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
 }
+
+/// `mprotect` on a fresh anonymous page, with `prot` (raw libc: std has no mprotect).
+#[allow(unsafe_code)]
+fn mprotect(prot: libc::c_int) {
+    // SAFETY: a private anonymous mapping of one page, changed and unmapped only here.
+    unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(page, libc::MAP_FAILED);
+        assert_eq!(libc::mprotect(page, 4096, prot), 0);
+        libc::munmap(page, 4096);
+    }
+}
+
+// glibc grows a thread's malloc arena with mprotect(PROT_READ | PROT_WRITE): the block thread
+// was killed for it as soon as a real guest read its disks. Every role allocates.
+case!(block_may_grow_a_malloc_arena, Role::Block, allowed, || {
+    mprotect(libc::PROT_READ | libc::PROT_WRITE);
+});
+case!(vcpu_may_grow_a_malloc_arena, Role::Vcpu, allowed, || {
+    mprotect(libc::PROT_READ | libc::PROT_WRITE);
+});
+case!(vsock_may_grow_a_malloc_arena, Role::Vsock, allowed, || {
+    mprotect(libc::PROT_READ | libc::PROT_WRITE);
+});
+case!(main_may_grow_a_malloc_arena, Role::Main, allowed, || {
+    mprotect(libc::PROT_READ | libc::PROT_WRITE);
+});
+case!(
+    block_may_not_make_memory_executable,
+    Role::Block,
+    killed,
+    || {
+        mprotect(libc::PROT_READ | libc::PROT_EXEC);
+    }
+);
+case!(
+    vcpu_may_not_make_memory_executable,
+    Role::Vcpu,
+    killed,
+    || {
+        mprotect(libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+    }
+);
 
 case!(main_may_signal_and_unlink, Role::Main, allowed, || {
     let _ = std::fs::remove_file("/nonexistent/moat-seccomp-test");
@@ -202,7 +255,7 @@ fn block_may_write_the_disk_it_holds() {
 fn vcpu_may_run_kvm_run() {
     use kvm_ioctls::Kvm;
     if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIPPED: /dev/kvm is missing; this case needs real KVM");
+        common::skip("/dev/kvm is missing; this case needs real KVM");
         return;
     }
     if is_child() {

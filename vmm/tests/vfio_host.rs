@@ -5,6 +5,7 @@
 //! vfio-pci (its whole IOMMU group must be bound). Skipped, saying why, elsewhere: this
 //! project's machines have no IOMMU and no `/dev/vfio` (both are nested-PVM KVM guests; the
 //! GPU machine's H200 is driven by the nvidia driver inside its VM); see docs/gpu.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

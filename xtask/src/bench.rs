@@ -10,7 +10,7 @@
 //!   squid:  TCP to squid, `CONNECT bench.test:<port>`, then TLS through the tunnel.
 //! Workloads: bulk download (MB/s), small requests on one kept-alive connection (req/s), and
 //! a new TLS connection per request, one at a time (conn/s). Beside every ratio: the proxy's
-//! own CPU per GB, per request and per new connection (from /proc/<pid>/stat).
+//! own CPU per GB, per request and per new connection (from `/proc/<pid>/stat`).
 //!
 //! Needs `nginx` and `squid` (Debian: nginx-light, squid-openssl). Results: a table on stdout
 //! and JSON in bench-results/egress-latest.json.

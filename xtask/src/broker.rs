@@ -4,7 +4,6 @@
 //! with their memory (`broker/tests/tunnel.rs`). Tables on standard error, JSON in
 //! bench-results/broker-session-latest.json and broker-tunnel-latest.json.
 
-
 use anyhow::Result;
 
 use crate::{root, run_cmd};

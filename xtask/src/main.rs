@@ -5,6 +5,7 @@ mod broker;
 mod check;
 mod fuzz;
 mod images;
+mod l1;
 mod run_vm;
 mod setup;
 mod test;
@@ -38,7 +39,13 @@ verbs:
   run-vm [-- command]
                     build what is missing, then boot the workspace VM with the development
                     policy: an interactive shell, or the command and its exit status
-  linux-boot        moat-vmm: boot our Linux kernel and initramfs to `Run /init`";
+  linux-boot        moat-vmm: boot our Linux kernel and initramfs to `Run /init`
+  l1 [--timeout SECS] [--rw DIR]... -- CMD [ARGS...]
+                    run CMD inside L1, a Linux in QEMU's emulator with a real /dev/kvm
+                    (for hosts whose /dev/kvm is kvm_pvm): same directory and environment,
+                    the host's root read-only (DIRs read-write), CMD's exit status back;
+                    exit status 124 if L1 hangs past SECS (default 1800)
+  l1 --vm-tests     build the VM tests and their images, run them inside L1";
 
 /// Errors are one paragraph: what failed and why, never a backtrace (expected conditions,
 /// such as a missing package, are errors too).
@@ -79,6 +86,7 @@ fn run() -> Result<()> {
         "images" => images::run(rest),
         "run-vm" => run_vm::run(rest),
         "linux-boot" => vmm::linux_boot_test(),
+        "l1" => l1::run(rest),
         "" | "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())

@@ -62,7 +62,13 @@ struct Need {
     /// The Debian packages that provide it.
     packages: &'static [&'static str],
     why: &'static str,
+    /// Install from bookworm-backports when this package is already installed from there
+    /// (QEMU's packages must be of one version: our machines carry qemu-utils from backports).
+    backports_beside: Option<&'static str>,
 }
+
+/// The Debian suite of the backports our machines' QEMU comes from.
+const BACKPORTS: &str = "bookworm-backports";
 
 use Job::{Bench, Check as CheckJob, Initramfs, Kernel, L1, RootImage, Tests, VmWorkspace};
 
@@ -75,150 +81,175 @@ const NEEDS: &[Need] = &[
         check: Check::Package(KERNEL_SOURCE),
         packages: &[KERNEL_SOURCE],
         why: "the guest kernel is built from Debian's kernel source",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel],
         check: Check::Program("flex"),
         packages: &["flex"],
         why: "the kernel's config and build run flex and bison",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel],
         check: Check::Program("bison"),
         packages: &["bison"],
         why: "the kernel's config and build run flex and bison",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel],
         check: Check::Package("libelf-dev"),
         packages: &["libelf-dev"],
         why: "the kernel's objtool reads ELF with libelf",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel],
         check: Check::Program("bc"),
         packages: &["bc"],
         why: "the kernel build computes constants with bc",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel],
         check: Check::Program("xz"),
         packages: &["xz-utils"],
         why: "the kernel source comes as a .tar.xz",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel],
         check: Check::Program("make"),
         packages: &["make"],
         why: "the kernel is built with make",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel, Tests],
         check: Check::Program("gcc"),
         packages: &["gcc"],
         why: "the kernel and C parts of crates are compiled with gcc",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel],
         check: Check::Program("patch"),
         packages: &["patch"],
         why: "our kernel patches are applied with patch",
+        backports_beside: None,
     },
     Need {
         jobs: &[Kernel],
         check: Check::Program("lz4"),
         packages: &["lz4"],
         why: "the kernel build compresses with lz4",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests, VmWorkspace, RootImage],
         check: Check::Program("mkfs.ext4"),
         packages: &["e2fsprogs"],
         why: "the VM's root image and home disk are ext4 file systems",
+        backports_beside: None,
     },
     Need {
         jobs: &[RootImage],
         check: Check::Program("mmdebstrap"),
         packages: &["mmdebstrap"],
         why: "the VM's root image is a Debian made by mmdebstrap",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests],
         check: Check::Program("curl"),
         packages: &["curl"],
         why: "the end-to-end tests run curl inside the workspace",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests],
         check: Check::Program("git"),
         packages: &["git"],
         why: "the end-to-end tests clone with git inside the workspace",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests],
         check: Check::Program("pgrep"),
         packages: &["procps"],
         why: "the end-to-end tests look at the workspace's processes with ps and pgrep",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests],
         check: Check::PythonModule("requests"),
         packages: &["python3", "python3-requests"],
         why: "the end-to-end tests run Python requests inside the workspace",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests, Bench],
         check: Check::PythonModule("ensurepip"),
         packages: &["python3-venv"],
         why: "the OCSF validator (tests) and mitmproxy (bench) live in Python venvs",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests],
         check: Check::NodeAtLeast(20),
         packages: &["nodejs", "npm"],
         why: "the broker tests sign in at a real OpenID Connect provider (Node 20 or later)",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests],
         check: Check::Program("/usr/sbin/sshd"),
         packages: &["openssh-server"],
         why: "SSH sessions into the workspace run OpenSSH's sshd",
+        backports_beside: None,
     },
     Need {
         jobs: &[Tests],
         check: Check::Program("ssh"),
         packages: &["openssh-client"],
         why: "the broker tests connect with OpenSSH's ssh",
+        backports_beside: None,
     },
     Need {
         jobs: &[Bench],
         check: Check::Program("nginx"),
         packages: &["nginx-light"],
         why: "the benchmarks' upstream is nginx",
+        backports_beside: None,
     },
     Need {
         jobs: &[Bench],
         check: Check::Program("squid"),
         packages: &["squid-openssl"],
         why: "the egress proxy is measured beside squid",
+        backports_beside: None,
     },
     Need {
         jobs: &[L1],
         check: Check::Program("qemu-system-x86_64"),
         packages: &["qemu-system-x86"],
         why: "the L1 with real KVM runs in QEMU's emulator",
+        backports_beside: Some("qemu-utils"),
     },
     Need {
         jobs: &[L1],
         check: Check::Program("/bin/busybox"),
         packages: &["busybox-static"],
         why: "the L1's initramfs is a static busybox",
+        backports_beside: None,
     },
     Need {
         jobs: &[L1],
         check: Check::Program("dpkg-deb"),
         packages: &["dpkg"],
         why: "the L1's Debian kernel package is unpacked with dpkg-deb",
+        backports_beside: None,
     },
 ];
 
@@ -272,9 +303,11 @@ pub(crate) fn toolchain() -> Result<String> {
         .with_context(|| format!("{} names no toolchain.channel", path.display()))
 }
 
-/// A cargo of the pinned toolchain, whatever rustup's default is.
+/// A cargo of the pinned toolchain, whatever rustup's default is, without the variables
+/// `cargo run` gave xtask itself (cargo-machete, for one, reads CARGO_PKG_NAME as a sign that
+/// it runs under `cargo run`, and then takes its own name for a path).
 pub(crate) fn cargo() -> Command {
-    match (which("rustup"), toolchain()) {
+    let mut cmd = match (which("rustup"), toolchain()) {
         (Some(rustup), Ok(channel)) => {
             let mut cmd = Command::new(rustup);
             cmd.args(["run", &channel, "cargo"]);
@@ -282,7 +315,23 @@ pub(crate) fn cargo() -> Command {
         }
         // No rustup (a distribution's Rust): the cargo that built xtask.
         _ => Command::new(env!("CARGO")),
+    };
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                &*key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&*key);
+        }
     }
+    cmd
 }
 
 /// Finds a program on PATH (or checks an absolute path).
@@ -359,11 +408,17 @@ pub(crate) fn ensure(jobs: &[Job]) -> Result<()> {
         .iter()
         .filter(|n| wanted(n.jobs) && !met(n.check))
         .collect();
-    let mut packages: Vec<&str> = Vec::new();
+    // Each package once, in two groups: Debian's release, and backports where the machine's
+    // own packages of that family came from there.
+    let (mut packages, mut from_backports): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
     for need in &missing {
+        let group = match need.backports_beside {
+            Some(beside) if installed_from_backports(beside) => &mut from_backports,
+            _ => &mut packages,
+        };
         for p in need.packages {
-            if !packages.contains(p) {
-                packages.push(p);
+            if !group.contains(p) {
+                group.push(p);
             }
         }
     }
@@ -380,9 +435,20 @@ pub(crate) fn ensure(jobs: &[Job]) -> Result<()> {
         BTreeSet::new()
     };
 
-    if !packages.is_empty() {
+    if !packages.is_empty() || !from_backports.is_empty() {
         if !is_root() {
-            let mut todo = format!("sudo apt-get install -y {}", packages.join(" "));
+            let mut commands = Vec::new();
+            if !packages.is_empty() {
+                commands.push(format!("sudo apt-get install -y {}", packages.join(" ")));
+            }
+            if !from_backports.is_empty() {
+                commands.push(format!(
+                    "sudo apt-get install -y -t {BACKPORTS} {} (with {BACKPORTS} among apt's \
+                     sources)",
+                    from_backports.join(" ")
+                ));
+            }
+            let mut todo = commands.join(" && ");
             if !targets.is_empty() {
                 let list: Vec<&str> = targets.iter().copied().collect();
                 todo.push_str(&format!(
@@ -407,7 +473,7 @@ pub(crate) fn ensure(jobs: &[Job]) -> Result<()> {
                 need.why
             );
         }
-        apt_install(&packages)?;
+        apt_install(&packages, &from_backports)?;
         let still: Vec<String> = missing
             .iter()
             .filter(|n| !met(n.check))
@@ -418,7 +484,7 @@ pub(crate) fn ensure(jobs: &[Job]) -> Result<()> {
                 "after installing {} this machine still lacks {}: its Debian release may not \
                  provide them (Node 20 or later, for example, comes from nodejs.org or \
                  NodeSource on Debian 12)",
-                packages.join(" "),
+                [&packages[..], &from_backports[..]].concat().join(" "),
                 still.join(", ")
             );
         }
@@ -458,31 +524,70 @@ fn describe_check(check: Check) -> String {
     }
 }
 
-/// `apt-get update` once per xtask run, then one install of every missing package.
-fn apt_install(packages: &[&str]) -> Result<()> {
-    static UPDATED: std::sync::Once = std::sync::Once::new();
-    let mut result = Ok(());
-    UPDATED.call_once(|| {
-        result = run_cmd(
-            Command::new("apt-get")
-                .args(["update", "-q", "-o", "DPkg::Lock::Timeout=600"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        );
-    });
-    result?;
-    run_cmd(
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "-o",
-                "DPkg::Lock::Timeout=600",
-            ])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
+/// Whether `package` is installed at a version from Debian's backports.
+fn installed_from_backports(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status} ${Version}", package])
+        .output()
+        .is_ok_and(|o| {
+            let out = String::from_utf8_lossy(&o.stdout);
+            out.contains("install ok installed") && out.contains("~bpo")
+        })
+}
+
+/// Adds Debian's bookworm-backports to apt's sources unless some source already has it.
+fn ensure_backports_source() -> Result<bool> {
+    let dir = Path::new("/etc/apt/sources.list.d");
+    let mentions = |path: &Path| {
+        std::fs::read_to_string(path).is_ok_and(|t| {
+            t.lines()
+                .any(|l| !l.trim_start().starts_with('#') && l.contains(BACKPORTS))
+        })
+    };
+    let listed = mentions(Path::new("/etc/apt/sources.list"))
+        || std::fs::read_dir(dir)
+            .is_ok_and(|d| d.filter_map(Result::ok).any(|e| mentions(&e.path())));
+    if listed {
+        return Ok(false);
+    }
+    let path = dir.join("moat-backports.sources");
+    eprintln!(
+        "xtask setup: adding Debian's {BACKPORTS} to apt's sources ({}): this machine's QEMU \
+         packages come from there, and QEMU's packages must be of one version",
+        path.display()
+    );
+    std::fs::write(
+        &path,
+        format!(
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {BACKPORTS}\n\
+             Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        ),
     )
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(true)
+}
+
+/// `apt-get update` once, then one install of every missing package (and one from backports).
+fn apt_install(packages: &[&str], from_backports: &[&str]) -> Result<()> {
+    if !from_backports.is_empty() {
+        ensure_backports_source()?;
+    }
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args)
+            .args(["-q", "-o", "DPkg::Lock::Timeout=600"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    run_cmd(&mut apt(&["update"]))?;
+    let install = ["install", "-y", "--no-install-recommends"];
+    if !packages.is_empty() {
+        run_cmd(apt(&install).args(packages))?;
+    }
+    if !from_backports.is_empty() {
+        run_cmd(apt(&install).args(["-t", BACKPORTS]).args(from_backports))?;
+    }
+    Ok(())
 }
 
 /// Installs a cargo subcommand at its pinned version unless that version is there.

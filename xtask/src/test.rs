@@ -16,16 +16,21 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let kernel = crate::images::kernel()?;
     let gpu_kernel = crate::images::kernel_gpu()?;
     let initramfs = crate::images::initramfs()?;
+    let env = [
+        ("MOAT_OCSF_PYTHON", python),
+        ("MOAT_LINUX_KERNEL", kernel.vmlinux),
+        ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
+        ("MOAT_LINUX_INITRAMFS", initramfs),
+        ("MOAT_LINUX_PCI_KERNEL", gpu_kernel.vmlinux),
+    ];
     run_cmd(
         setup::cargo()
             .current_dir(root())
             // Every test binary runs even when one fails: a failure never hides the rest.
             .args(["test", "--workspace", "--locked", "--no-fail-fast"])
             .args(args)
-            .env("MOAT_OCSF_PYTHON", python)
-            .env("MOAT_LINUX_KERNEL", &kernel.vmlinux)
-            .env("MOAT_LINUX_BZIMAGE", &kernel.bzimage)
-            .env("MOAT_LINUX_INITRAMFS", &initramfs)
-            .env("MOAT_LINUX_PCI_KERNEL", &gpu_kernel.vmlinux),
-    )
+            .envs(env.iter().map(|(k, v)| (k, v))),
+    )?;
+    // Where /dev/kvm cannot run a guest's user space, the VM tests run again inside L1.
+    crate::l1::run_vm_tests(&env)
 }

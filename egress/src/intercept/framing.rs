@@ -11,7 +11,7 @@
 //! The framing followed is hyper's (RFC 9112): heads parsed by httparse, as hyper parses them;
 //! a chunked body when the last `Transfer-Encoding` ends in `chunked`, else a `Content-Length`
 //! body, else none. Bytes it cannot follow (a head or chunk hyper would refuse too, a head
-//! over [`MAX_HEAD`]) make the connection [`Head::Lost`]: every later request on it is
+//! over `MAX_HEAD`) make the connection [`Head::Lost`]: every later request on it is
 //! refused. So this can only ever refuse more, never let through what hyper would not.
 
 use std::collections::VecDeque;

@@ -1,7 +1,7 @@
 //! Test harness: a real proxy in-process, real TLS upstreams on loopback (rcgen test PKI),
 //! and clients that speak the flow header like the guest's netstack.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
 pub mod leak;

@@ -1,7 +1,7 @@
 //! What the end-to-end tests of both backends share: a TLS upstream on loopback, a signed
 //! policy naming it, and `moat run` around a shell script.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

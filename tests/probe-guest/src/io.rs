@@ -18,6 +18,14 @@ pub fn read_byte(max_polls: u32) -> Option<u8> {
     None
 }
 
+/// The time-stamp counter: wall-clock time in cycles, whatever the emulation costs.
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads the TSC into two registers; touches no memory.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O in a guest we own; the VMM decides what the port does.
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };

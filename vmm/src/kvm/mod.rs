@@ -116,7 +116,7 @@ impl Vm {
         self.fd.clone()
     }
 
-    /// The guest's physical address width: CPUID 0x8000_0008 EAX[7:0] as KVM passes it on
+    /// The guest's physical address width: CPUID 0x8000_0008 EAX bits 7:0 as KVM passes it on
     /// (the host's), 36 if KVM does not say.
     pub fn guest_phys_bits(&self) -> u8 {
         self.kvm

@@ -1,5 +1,5 @@
 //! Shared helpers for the VM tests: building the probe guest and running moat-vmm on it.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -17,15 +17,27 @@ pub fn kvm_unavailable() -> Option<String> {
     }
 }
 
-/// Skips the calling test with a plain reason when KVM is unavailable.
+/// Skips the calling test with a plain reason when KVM is unavailable; where the run expects
+/// real KVM (`MOAT_EXPECT_REAL_KVM`, set by `cargo xtask test` inside L1), fails instead, so a
+/// skip can never pass for a run.
 #[macro_export]
 macro_rules! require_kvm {
     () => {
         if let Some(why) = common::kvm_unavailable() {
-            eprintln!("SKIPPED: {why}; this test needs real KVM");
+            common::skip(&format!("{why}; this test needs real KVM"));
             return;
         }
     };
+}
+
+/// Prints why the calling test is skipped, or fails it where this run expects everything to
+/// run (`MOAT_EXPECT_REAL_KVM`: inside L1, with real KVM, root and user namespaces).
+pub fn skip(why: &str) {
+    assert!(
+        std::env::var_os("MOAT_EXPECT_REAL_KVM").is_none(),
+        "this run expects real KVM, so nothing may be skipped, but: {why}"
+    );
+    eprintln!("SKIPPED: {why}");
 }
 
 fn repo_root() -> PathBuf {

@@ -1,7 +1,13 @@
 //! A virtio driver simulator for device tests: split queues laid out in guest memory by hand,
 //! so tests can build honest chains and malicious ones (loops, wild addresses, huge lengths,
 //! an available index that lies).
-#![allow(clippy::cast_possible_truncation)]
+// A test fixture that benches and fuzz targets also build (feature `test-utils`), so outside
+// cfg(test), where clippy.toml's allow-unwrap-in-tests does not reach.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 use std::sync::Arc;
 
