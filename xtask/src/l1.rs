@@ -702,14 +702,19 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
     // The full vm_e2e boots the root image; `images all` also names it in current.toml.
     crate::images::run(&["all".to_owned()])?;
     let probe = crate::vmm::probe_guest()?;
+    // Built for the whole workspace, as `cargo xtask test` built them just before: the same
+    // feature set, so nothing is compiled twice.
     run_cmd(
         crate::setup::cargo()
             .current_dir(root())
-            .args(["build", "--locked", "-p", "moat-vmm", "-p", "moat"]),
+            .args(["build", "--locked", "--workspace", "--bins"]),
     )?;
-    // Integration tests only (vmm/tests/*.rs): unit tests need no KVM and ran on the host.
-    let mut tests = test_executables(&["-p", "moat-vmm", "--tests"])?;
-    tests.extend(test_executables(&["-p", "moat", "--test", "vm_e2e"])?);
+    // Integration tests only (vmm/tests/*.rs, moat's vm_e2e): unit tests need no KVM and ran
+    // on the host.
+    let tests: Vec<_> = test_executables(&["--workspace", "--tests"])?
+        .into_iter()
+        .filter(|(dir, name, _)| dir.ends_with("vmm") || name == "vm_e2e")
+        .collect();
     let mut script = String::from("failed=''\n");
     for (dir, name, exe) in &tests {
         let (dir, exe) = (dir.display(), exe.display());
