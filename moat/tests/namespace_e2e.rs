@@ -1,6 +1,7 @@
 //! End to end through the namespace backend with real programs: `moat run --backend
-//! namespace -- <command>` runs curl, git and a shell inside the workspace; their traffic goes
-//! through the virtual DNS, the TUN device, the netstack, the flow header and the egress proxy
+//! namespace -- <command>` runs curl, git and a shell inside the workspace (the scenarios every
+//! backend passes are in common/scenarios.rs; the namespace backend's own checks are here);
+//! their traffic goes through the virtual DNS, the TUN device, the netstack, the flow header and the egress proxy
 //! to a TLS server on the host's loopback (rcgen test CA). Needs unprivileged user namespaces
 //! and /dev/net/tun (both present on our CI machines), curl, git and python3. Run as root (as
 //! on our machines and CI), the `run_by_root_*` tests check that the workspace is then an
@@ -8,228 +9,37 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{E2E_PLACEHOLDER, E2E_SECRET, Workspace, text};
+use common::{Workspace, text};
 
-#[test]
-fn curl_reaches_an_allowed_host_through_the_whole_path() {
-    let ws = Workspace::new();
-    let out = ws.run(&format!("curl -sS {}", ws.url("allowed.test", "/hello")));
-    assert_eq!(
-        text(&out.stdout),
-        "hello from upstream\n",
-        "stderr: {}",
-        text(&out.stderr)
-    );
-    assert!(out.status.success());
-    let open = ws
-        .audit()
-        .into_iter()
-        .find(|r| r["class_uid"] == 4001 && r["activity_id"] == 1)
-        .unwrap();
-    assert_eq!(open["dst_endpoint"]["hostname"], "allowed.test");
-    assert_eq!(open["firewall_rule"]["name"], "allowed");
+// The scenarios every backend passes (moat/tests/common/scenarios.rs), through this one.
+macro_rules! namespace_scenarios {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                common::scenarios::$name(&Workspace::new());
+            }
+        )*
+    };
 }
+every_backend_scenario!(namespace_scenarios);
 
-#[test]
-fn curl_with_the_placeholder_gets_the_secret_injected_through_the_whole_path() {
-    let ws = Workspace::new();
-    let out = ws.run(&format!(
-        "curl -sS -H 'Authorization: Bearer {E2E_PLACEHOLDER}' {}",
-        ws.url("api.test", "/auth")
-    ));
-    assert_eq!(
-        text(&out.stdout),
-        "auth: ok\n",
-        "stderr: {}",
-        text(&out.stderr)
-    );
-    let log = std::fs::read_to_string(ws.dir.path().join("audit.jsonl")).unwrap();
-    assert!(log.contains("\"class_uid\":4002"));
-    assert!(!log.contains(E2E_SECRET));
-}
 
-#[test]
-fn python_requests_gets_the_secret_injected_through_the_whole_path() {
-    let ws = Workspace::new();
-    let out = ws.run(&format!(
-        "python3 -c \"import requests; \
-         r = requests.get('{}', headers={{'Authorization': 'Bearer {E2E_PLACEHOLDER}'}}); \
-         print(r.text, end='')\"",
-        ws.url("api.test", "/auth")
-    ));
-    assert_eq!(
-        text(&out.stdout),
-        "auth: ok\n",
-        "stderr: {}",
-        text(&out.stderr)
-    );
-}
 
-#[test]
-fn git_clones_a_private_repository_with_the_injected_credential() {
-    let ws = Workspace::new();
-    ws.serve_repo(
-        "private/repo.git",
-        "SECRET-PROJECT",
-        "private, cloned with an injected credential\n",
-    );
 
-    // The upstream serves /private/ only to the real secret, which git never holds: through
-    // allowed.test (passthrough, no secret bound) the clone fails; through api.test it works
-    // because the proxy presents the secret bound to api.test.
-    let control = ws.run(&format!(
-        "git clone -q {} control 2>/dev/null; echo status=$?",
-        ws.url("allowed.test", "/private/repo.git")
-    ));
-    assert!(
-        !text(&control.stdout).contains("status=0"),
-        "{}",
-        text(&control.stdout)
-    );
-    let out = ws.run(&format!(
-        "git clone -q {} repo && cat repo/SECRET-PROJECT",
-        ws.url("api.test", "/private/repo.git")
-    ));
-    assert_eq!(
-        text(&out.stdout),
-        "private, cloned with an injected credential\n",
-        "stderr: {}",
-        text(&out.stderr)
-    );
-    let log = std::fs::read_to_string(ws.dir.path().join("audit.jsonl")).unwrap();
-    assert!(!log.contains(E2E_SECRET));
-}
 
-#[test]
-fn python_urllib_gets_the_secret_injected_through_the_whole_path() {
-    let ws = Workspace::new();
-    let out = ws.run(&format!(
-        "python3 -c \"import urllib.request as u; \
-         r = u.Request('{}', headers={{'Authorization': 'Bearer {E2E_PLACEHOLDER}'}}); \
-         print(u.urlopen(r).read().decode(), end='')\"",
-        ws.url("api.test", "/auth")
-    ));
-    assert_eq!(
-        text(&out.stdout),
-        "auth: ok\n",
-        "stderr: {}",
-        text(&out.stderr)
-    );
-}
 
-#[test]
-fn denied_host_fails_with_an_error_the_agent_can_read() {
-    let ws = Workspace::new();
-    let out = ws.run(&format!("curl -sS {}", ws.url("denied.test", "/hello")));
-    assert!(!out.status.success());
-    // The refusal is a TCP reset; depending on when curl looks, it reports it as a reset or
-    // as a failed connect (curl exit 56/35 or 7), never as a timeout or an empty reply.
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("reset") || stderr.contains("Couldn't connect"),
-        "stderr: {}",
-        text(&out.stderr)
-    );
-    assert!(
-        ws.reasons().contains(&"no_rule".to_owned()),
-        "audit: {:?}",
-        ws.reasons()
-    );
-}
 
-#[test]
-fn ip_literal_fails() {
-    let ws = Workspace::new();
-    // (127.0.0.1 would be the workspace's own loopback; any other literal goes to the host.)
-    let out = ws.run("curl -sS -k https://192.0.2.10/hello");
-    assert!(!out.status.success());
-    assert!(ws.reasons().contains(&"ip_literal".to_owned()));
-}
 
-#[test]
-fn names_resolve_to_the_virtual_pool_and_no_dns_query_leaves() {
-    let ws = Workspace::new();
-    // A lookup answers from the fake pool (198.18.0.0/15); a datagram to a real resolver is
-    // dropped by the netstack, so the query times out.
-    let out = ws.run(
-        "getent hosts anything.example && python3 -c \"import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.sendto(b'q', ('8.8.8.8', 53)); s.recv(64)\"",
-    );
-    let stdout = text(&out.stdout);
-    assert!(stdout.starts_with("198.18."), "stdout: {stdout}");
-    assert!(
-        text(&out.stderr).contains("timed out"),
-        "stderr: {}",
-        text(&out.stderr)
-    );
-    assert!(!out.status.success());
-}
 
-#[test]
-fn dns_over_tcp_is_answered_by_the_virtual_dns() {
-    let ws = Workspace::new();
-    let script = r#"python3 - <<'EOF'
-import socket, struct
-q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
-q += b"".join(bytes([len(l)]) + l.encode() for l in "tcp.example".split(".")) + b"\0"
-q += struct.pack(">HH", 1, 1)
-s = socket.create_connection(("10.200.0.1", 53), timeout=5)
-s.sendall(struct.pack(">H", len(q)) + q)
-n = struct.unpack(">H", s.recv(2))[0]
-r = b""
-while len(r) < n:
-    r += s.recv(n - len(r))
-assert r[:2] == b"\x12\x34", r
-print(".".join(str(b) for b in r[-4:]))
-EOF"#;
-    let out = ws.run(script);
-    let stdout = text(&out.stdout);
-    assert!(
-        stdout.starts_with("198.18."),
-        "stdout: {stdout} stderr: {}",
-        text(&out.stderr)
-    );
-}
 
-#[test]
-fn git_clones_over_https_through_the_proxy() {
-    let ws = Workspace::new();
-    ws.serve_repo("repo.git", "README", "cloned through moat\n");
 
-    let out = ws.run(&format!(
-        "git clone -q {} repo && cat repo/README",
-        ws.url("allowed.test", "/repo.git")
-    ));
-    assert_eq!(
-        text(&out.stdout),
-        "cloned through moat\n",
-        "stderr: {}",
-        text(&out.stderr)
-    );
-    assert!(ws.home().join("repo/README").exists());
-}
-
-#[test]
-fn only_home_and_tmp_are_writable() {
-    let ws = Workspace::new();
-    let out = ws.run("touch /etc/moat-e2e; echo etc=$?; touch /usr/moat-e2e; echo usr=$?; touch /tmp/x; echo tmp=$?; touch ~/made-inside; echo home=$?");
-    let stdout = text(&out.stdout);
-    assert!(
-        stdout.contains("etc=1") && stdout.contains("usr=1"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("tmp=0") && stdout.contains("home=0"),
-        "{stdout}"
-    );
-    assert!(ws.home().join("made-inside").exists());
-    assert!(!Path::new("/etc/moat-e2e").exists());
-}
 
 #[test]
 fn tls_clients_are_pointed_at_the_workspace_trust_store() {
@@ -252,105 +62,8 @@ fn tls_clients_are_pointed_at_the_workspace_trust_store() {
     );
 }
 
-#[test]
-fn audit_shows_the_flows_and_the_agent_process_and_validates_as_ocsf() {
-    let ws = Workspace::new();
-    let out = ws.run(&format!(
-        "curl -sS {} ; curl -sS {} ; exit 3",
-        ws.url("allowed.test", "/hello"),
-        ws.url("denied.test", "/hello")
-    ));
-    assert_eq!(out.status.code(), Some(3));
-    let records = ws.audit();
-    let class = |uid: u64, activity: u64| {
-        records
-            .iter()
-            .filter(|r| r["class_uid"] == uid && r["activity_id"] == activity)
-            .count()
-    };
-    assert_eq!(class(1007, 1), 1, "one launch: {records:?}");
-    assert_eq!(class(1007, 2), 1, "one terminate");
-    let exit = records
-        .iter()
-        .find(|r| r["class_uid"] == 1007 && r["activity_id"] == 2)
-        .unwrap();
-    assert_eq!(exit["exit_code"], 3);
-    assert_eq!(class(4001, 1), 1, "one flow opened");
-    assert_eq!(class(4001, 5), 1, "one flow refused");
 
-    let python = std::env::var("MOAT_OCSF_PYTHON").map_or_else(
-        |_| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../.venv-ocsf/bin/python"
-            ))
-        },
-        PathBuf::from,
-    );
-    assert!(
-        python.exists(),
-        "OCSF validator missing: run `cargo xtask test`"
-    );
-    let v = Command::new(python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../egress/tests/ocsf/validate.py"
-        ))
-        .arg(ws.dir.path().join("audit.jsonl"))
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", text(&v.stdout));
-    assert!(text(&v.stdout).contains(&format!("{} valid, 0 invalid", records.len())));
-}
 
-#[test]
-fn the_agent_runs_confined_and_raw_sockets_and_ptrace_fail() {
-    let ws = Workspace::new();
-    let out = ws.run(concat!(
-        "grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status; ",
-        "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)' 2>/dev/null; echo raw=$?; ",
-        "python3 -c 'import ctypes,sys; c=ctypes.CDLL(None, use_errno=True); r=c.ptrace(0,0,0,0); sys.exit(ctypes.get_errno() if r<0 else 0)'; echo ptrace=$?",
-    ));
-    let stdout = text(&out.stdout);
-    for want in [
-        "NoNewPrivs:\t1",
-        "Seccomp:\t2",
-        "CapEff:\t0000000000000000",
-        "raw=1",
-        "ptrace=1",
-    ] {
-        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
-    }
-}
-
-#[test]
-fn sigterm_reaches_the_agent_for_an_orderly_shutdown() {
-    use std::io::BufRead;
-    let ws = Workspace::new();
-    let mut child = ws
-        .command("trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.1; done")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line, "ready\n");
-    let pid = i32::try_from(child.id()).unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    let mut rest = String::new();
-    stdout.read_to_string(&mut rest).unwrap();
-    assert_eq!(rest, "got-term\n");
-    assert_eq!(status.code(), Some(42));
-}
 
 #[test]
 fn host_secrets_are_not_visible_inside() {
@@ -379,13 +92,6 @@ fn the_workspace_has_its_own_accounts_and_none_of_the_hosts() {
     );
 }
 
-#[test]
-fn exit_status_of_the_command_is_the_workspaces() {
-    let ws = Workspace::new();
-    let out = ws.run("exit 7");
-    assert_eq!(out.status.code(), Some(7));
-    assert!(text(&out.stderr).contains("backend namespace"));
-}
 
 #[test]
 fn the_workspace_sees_only_its_own_processes_and_leaves_none_behind() {

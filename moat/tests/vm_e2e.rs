@@ -15,6 +15,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -250,3 +251,35 @@ fn full_path_through_the_vm_where_kvm_is_real() {
         "guest-init's process events reach the audit log over vsock"
     );
 }
+
+/// A VM workspace for scenario `name`, or `None` (after saying why) where the full path
+/// cannot run here; inside L1 (`MOAT_EXPECT_REAL_KVM`) that is a failure instead.
+fn vm_workspace(name: &str) -> Option<Workspace> {
+    if let Some(why) = full_vm_unavailable() {
+        skip_full(name, &why);
+        return None;
+    }
+    match full_images() {
+        Ok(images) => Some(Workspace::with_backend("vm", Some(images))),
+        Err(why) => {
+            skip_full(name, &why);
+            None
+        }
+    }
+}
+
+// The scenarios every backend passes (moat/tests/common/scenarios.rs), through the VM: the
+// same scripts, programs from the root image, the same egress proxy and audit log.
+macro_rules! vm_scenarios {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if let Some(ws) = vm_workspace(stringify!($name)) {
+                    common::scenarios::$name(&ws);
+                }
+            }
+        )*
+    };
+}
+every_backend_scenario!(vm_scenarios);
