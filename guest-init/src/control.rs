@@ -1,6 +1,7 @@
 //! The VM backend's control stream, on vsock port [`CONTROL_VSOCK_PORT`] (on the host
 //! `<uds>_1027`, served by `moat run`). Guest-init connects once at boot; the host writes one
-//! JSON line, the [`VmWorkspace`] to run; when the agent is done guest-init writes one JSON
+//! JSON line, the [`VmWorkspace`] to run, and later, when `moat run` gets SIGTERM or SIGHUP, a
+//! [`VmSignal`] line to pass on to the agent; when the agent is done guest-init writes one JSON
 //! line back, the [`VmOutcome`], and powers the VM off.
 //!
 //! The host is trusted here (it boots the VM); the guest's answer is only a status the host
@@ -43,6 +44,17 @@ pub struct VmWorkspace {
     /// them.
     #[serde(default)]
     pub ssh: Option<crate::session::SshService>,
+}
+
+/// A signal `moat run` received and passes on to the agent, so that it can shut down in order
+/// (the namespace backend does the same through its process tree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum VmSignal {
+    /// SIGTERM.
+    Terminate,
+    /// SIGHUP.
+    Hangup,
 }
 
 /// How the agent ended, as guest-init reports it.
@@ -104,6 +116,16 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signal_line_round_trips_and_nothing_else_parses_as_one() {
+        let line = encode(&VmSignal::Terminate);
+        assert_eq!(line, b"\"terminate\"\n");
+        let parsed: VmSignal = parse(&line[..line.len() - 1]).unwrap();
+        assert_eq!(parsed, VmSignal::Terminate);
+        assert!(parse::<VmSignal>(b"\"kill\"").is_err());
+        assert!(parse::<VmSignal>(b"{\"exited\":{\"code\":0}}").is_err());
+    }
 
     #[test]
     fn round_trip() {

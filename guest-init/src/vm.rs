@@ -126,6 +126,10 @@ fn power_off() -> ! {
     // Whatever the console still has to send (the agent's last output) goes out first.
     let _ = nix::sys::termios::tcdrain(std::io::stderr());
     nix::unistd::sync();
+    // The console is the agent's output: the kernel's own "reboot: Restarting system" (an
+    // emergency-level message, which `quiet` and syslog(2) cannot hold back) must not follow
+    // it. kernel.printk takes a console level of 0, which silences even those.
+    let _ = std::fs::write("/proc/sys/kernel/printk", "0");
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     // Only reached if reboot(2) failed: PID 1 must not exit (the kernel would panic).
     loop {
@@ -142,6 +146,45 @@ fn mount_or(
     data: Option<&str>,
 ) -> Result<(), InitError> {
     mount(src, target, fstype, flags, data).map_err(|source| InitError::Mount { what, source })
+}
+
+/// Reads the [`control::VmSignal`]s the host sends after the workspace and raises each on this
+/// (the main) thread, where PID 1 waits for the agent: its handler passes the signal on to the
+/// agent as the namespace backend's PID 1 does (`signals.rs`). Ends at the end of the stream
+/// or at a line that is not a signal.
+fn listen_for_signals(stream: UnixStream) {
+    use nix::sys::signal::Signal;
+    let (pid, main) = (nix::unistd::getpid(), nix::unistd::gettid());
+    let spawned = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            while let Ok(line) = control::read_line(&mut reader) {
+                let Ok(signal) = control::parse::<control::VmSignal>(&line) else {
+                    eprintln!("moat guest-init: the host sent a control line that is not a signal");
+                    return;
+                };
+                let sig = match signal {
+                    control::VmSignal::Terminate => Signal::SIGTERM,
+                    control::VmSignal::Hangup => Signal::SIGHUP,
+                };
+                // To the main thread itself (tgkill): a signal for the whole process could be
+                // taken by another thread and leave the main thread's wait uninterrupted.
+                // SAFETY: tgkill(2) takes three integers and touches no memory.
+                #[allow(unsafe_code)]
+                let _ = unsafe {
+                    libc::syscall(
+                        libc::SYS_tgkill,
+                        pid.as_raw(),
+                        main.as_raw(),
+                        sig as libc::c_int,
+                    )
+                };
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("moat guest-init: cannot read signals from the host: {e}");
+    }
 }
 
 /// Connects the control stream; vsock is up as soon as the driver probed, but allow the
@@ -221,6 +264,9 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     // Nobody in the workspace may open PID 1's descriptors (the control stream) through /proc.
     let _ = nix::sys::prctl::set_dumpable(false);
     crate::signals::install();
+    // From now on the host may send signals for the agent; read them on a thread of their own.
+    stream.set_read_timeout(None).map_err(InitError::Control)?;
+    listen_for_signals(stream);
 
     let reporter = std::sync::Arc::new(Reporter::new(Sink::Vsock(control::AUDIT_VSOCK_PORT)));
     let mut agent = crate::AgentSpec {

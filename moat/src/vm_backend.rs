@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use moat_guest_init::control::{self, CONTROL_VSOCK_PORT, VmOutcome, VmWorkspace};
+use moat_guest_init::control::{self, CONTROL_VSOCK_PORT, VmOutcome, VmSignal, VmWorkspace};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// The images the VM boots (`current.toml`, written by `cargo xtask images`).
@@ -137,25 +137,34 @@ pub(crate) fn terminal_size() -> (u16, u16) {
 /// Creates a fresh, sparse ext4 home disk whose root directory belongs to the agent.
 fn make_home_disk(path: &Path, size_mib: u64) -> Result<()> {
     let id = moat_guest_init::vm::AGENT_ID;
-    let status = Command::new("mkfs.ext4")
+    // Captured: stdout is the agent's (mke2fs says "Creating regular file" even with -q).
+    let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "moat-home", "-E"])
         .arg(format!("root_owner={id}:{id}"))
         .arg(path)
         .arg(format!("{size_mib}M"))
-        .status()
+        .output()
         .context("cannot run mkfs.ext4 (Debian: apt-get install e2fsprogs)")?;
-    if !status.success() {
-        bail!("mkfs.ext4 {} failed ({status})", path.display());
+    if !out.status.success() {
+        bail!(
+            "mkfs.ext4 {} failed ({}): {}{}",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
-/// Serves the control socket: the first guest connection gets the workspace; its one answer
-/// is the outcome. Later connections are closed unanswered.
+/// Serves the control socket: the first guest connection gets the workspace, then every
+/// signal from `signals` (SIGTERM, SIGHUP to `moat run`, for the agent); its one answer is the
+/// outcome. Later connections are closed unanswered.
 async fn serve_control(
     listener: tokio::net::UnixListener,
     workspace: VmWorkspace,
     outcome: Arc<Mutex<Option<VmOutcome>>>,
+    mut signals: tokio::sync::mpsc::UnboundedReceiver<VmSignal>,
 ) {
     let Ok((stream, _)) = listener.accept().await else {
         return;
@@ -179,7 +188,17 @@ async fn serve_control(
     }
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read).take(control::MAX_LINE as u64 + 1);
-    match reader.read_until(b'\n', &mut line).await {
+    let read = loop {
+        tokio::select! {
+            read = reader.read_until(b'\n', &mut line) => break read,
+            Some(signal) = signals.recv() => {
+                if let Err(e) = write.write_all(&control::encode(&signal)).await {
+                    tracing::warn!(error = %e, "cannot pass a signal on to the guest");
+                }
+            }
+        }
+    };
+    match read {
         Ok(_) if line.last() == Some(&b'\n') => {
             line.pop();
             match control::parse::<VmOutcome>(&line) {
@@ -195,6 +214,9 @@ async fn serve_control(
         Err(e) => tracing::warn!(error = %e, "the control stream failed"),
     }
 }
+
+/// How long the agent has to end after `moat run` got SIGTERM before the VM is stopped.
+const TERMINATE_GRACE: Duration = Duration::from_secs(10);
 
 /// The uid and gid moat-vmm's jail runs as when started by root (its default).
 const JAIL_ID: u32 = 65534;
@@ -268,10 +290,12 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         tokio::net::UnixListener::bind(&control_path)
             .with_context(|| format!("cannot listen on {}", control_path.display()))?
     };
+    let (signal_tx, signal_rx) = tokio::sync::mpsc::unbounded_channel();
     let control = rt.spawn(serve_control(
         listener,
         run.workspace.clone(),
         Arc::clone(&outcome),
+        signal_rx,
     ));
     let jail_dir = run.run_dir.join("jail");
     if nix::unistd::geteuid().is_root() {
@@ -320,23 +344,35 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
     let mut vmm = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", run.vmm.display()))?;
-    // SIGTERM to moat stops the VM: SIGTERM to moat-vmm first (it restores the terminal on
-    // its way out), SIGKILL after a grace period.
+    // SIGTERM to moat is passed on to the agent over the control stream, so that it can shut
+    // down in order and its exit status comes back; a VM still running after
+    // TERMINATE_GRACE is stopped: SIGTERM to moat-vmm (it restores the terminal on its way
+    // out), SIGKILL 5 s later. SIGHUP is passed on likewise, and nothing more.
     let vmm_pid = nix::unistd::Pid::from_raw(i32::try_from(vmm.id()).unwrap_or(i32::MAX));
     let terminated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
+        use tokio::signal::unix::{SignalKind, signal};
         let terminated = Arc::clone(&terminated);
+        let term_tx = signal_tx.clone();
         rt.spawn(async move {
-            let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
                 return;
             };
             if term.recv().await.is_some() {
                 terminated.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = term_tx.send(VmSignal::Terminate);
+                tokio::time::sleep(TERMINATE_GRACE).await;
                 let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGTERM);
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        });
+        rt.spawn(async move {
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let _ = signal_tx.send(VmSignal::Hangup);
             }
         });
     }

@@ -30,17 +30,6 @@ macro_rules! namespace_scenarios {
 }
 every_backend_scenario!(namespace_scenarios);
 
-
-
-
-
-
-
-
-
-
-
-
 #[test]
 fn tls_clients_are_pointed_at_the_workspace_trust_store() {
     let ws = Workspace::new();
@@ -61,9 +50,6 @@ fn tls_clients_are_pointed_at_the_workspace_trust_store() {
         host_count + 2
     );
 }
-
-
-
 
 #[test]
 fn host_secrets_are_not_visible_inside() {
@@ -91,7 +77,6 @@ fn the_workspace_has_its_own_accounts_and_none_of_the_hosts() {
         text(&out.stderr)
     );
 }
-
 
 #[test]
 fn the_workspace_sees_only_its_own_processes_and_leaves_none_behind() {

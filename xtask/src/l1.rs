@@ -704,11 +704,12 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
     let probe = crate::vmm::probe_guest()?;
     // Built for the whole workspace, as `cargo xtask test` built them just before: the same
     // feature set, so nothing is compiled twice.
-    run_cmd(
-        crate::setup::cargo()
-            .current_dir(root())
-            .args(["build", "--locked", "--workspace", "--bins"]),
-    )?;
+    run_cmd(crate::setup::cargo().current_dir(root()).args([
+        "build",
+        "--locked",
+        "--workspace",
+        "--bins",
+    ]))?;
     // Integration tests only (vmm/tests/*.rs, moat's vm_e2e): unit tests need no KVM and ran
     // on the host.
     let tests: Vec<_> = test_executables(&["--workspace", "--tests"])?
