@@ -244,8 +244,15 @@ fn write_policy(dir: &Path, corp_port: u16) {
     std::fs::write(dir.join("policy.toml.minisig"), sig).unwrap();
 }
 
-/// Enrols ws1 at `broker` into `dir/ws1` (as `moat-broker enrol` does) and starts it.
-fn start_workspace(dir: &Path, broker: &Broker, tunnel: u16, corp_port: u16) -> Workspace {
+/// Enrols ws1 at `broker` into `dir/ws1` (as `moat-broker enrol` does) and starts it with
+/// the namespace backend, or the VM backend where `vm_images` names the VM's images.
+fn start_workspace(
+    dir: &Path,
+    broker: &Broker,
+    tunnel: u16,
+    corp_port: u16,
+    vm_images: Option<&Path>,
+) -> Workspace {
     let enrolment = dir.join("ws1");
     let identity = broker
         .pki
@@ -265,8 +272,15 @@ fn start_workspace(dir: &Path, broker: &Broker, tunnel: u16, corp_port: u16) -> 
     let log = dir.join("moat-run.log");
     let audit = dir.join("workspace-audit.jsonl");
     write_policy(dir, corp_port);
-    let moat_run = Command::new(MOAT)
-        .args(["run", "--backend", "namespace", "--tunnel"])
+    let mut moat_run = Command::new(MOAT);
+    match vm_images {
+        Some(images) => moat_run
+            .args(["run", "--backend", "vm"])
+            .env("MOAT_IMAGES", images),
+        None => moat_run.args(["run", "--backend", "namespace"]),
+    };
+    let moat_run = moat_run
+        .arg("--tunnel")
         .arg(&enrolment)
         .arg("--audit")
         .arg(&audit)
@@ -377,6 +391,11 @@ struct World {
 
 impl World {
     fn new() -> Self {
+        Self::with_vm(None)
+    }
+
+    /// The world with its workspace in a VM booted from `vm_images` (namespace: `None`).
+    fn with_vm(vm_images: Option<&Path>) -> Self {
         // The workspace's SSH sessions are OpenSSH's sshd; people connect with ssh.
         common::require_programs(&[
             ("/usr/sbin/sshd", "openssh-server"),
@@ -396,14 +415,19 @@ impl World {
             r#"{"alice": ["eng"], "bob": ["sales"]}"#,
         );
         let corp_port = start_corporate_echo();
-        let config = broker_config(dir.path(), api, tunnel, &idp.issuer, corp_port);
+        let mut config = broker_config(dir.path(), api, tunnel, &idp.issuer, corp_port);
+        if vm_images.is_some() {
+            // Inside L1 the provider (node) runs emulated: give its answers time, or the
+            // broker, failing closed, ends the session before the VM test has used it.
+            config.entitlement_check_secs = 120;
+        }
         let broker = RunningBroker::start(&config);
         std::fs::write(
             dir.path().join("broker-ca.pem"),
             broker.broker.pki.tls_ca_pem(),
         )
         .unwrap();
-        let workspace = start_workspace(dir.path(), &broker.broker, tunnel, corp_port);
+        let workspace = start_workspace(dir.path(), &broker.broker, tunnel, corp_port, vm_images);
         let world = World {
             dir,
             corp_port,
@@ -436,7 +460,8 @@ impl World {
 
     fn wait_for_tunnel(&self, up: bool) {
         let ws = WorkspaceName::try_from("ws1").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // A VM workspace boots first (seconds in L1's emulation).
+        let deadline = Instant::now() + Duration::from_secs(120);
         while self.broker().broker.tunnels.is_connected(&ws) != up {
             assert!(
                 Instant::now() < deadline,
@@ -777,6 +802,43 @@ fn a_person_signs_in_at_the_real_provider_and_runs_a_command_over_ssh_through_th
     let records = world.audit();
     assert_eq!(count(&records, 4007, 2), 1, "and closed: {records:?}");
     validate_ocsf(&world.path("audit.jsonl"));
+}
+
+/// The same path into a VM workspace (`moat run --backend vm --tunnel`): the person's session
+/// is an sshd started by guest-init inside the VM, reached over vsock port 22. Runs where KVM
+/// is real, so inside L1 on our machines (`cargo xtask test` runs it there).
+#[test]
+fn vm_a_person_signs_in_and_runs_a_command_over_ssh_inside_a_vm_workspace() {
+    const NAME: &str = "vm_a_person_signs_in_and_runs_a_command_over_ssh_inside_a_vm_workspace";
+    let Some(images) = common::vm::vm_images(NAME) else {
+        return;
+    };
+    let world = World::with_vm(Some(&images));
+
+    let login = world.login("alice");
+    assert!(login.status.success(), "{}", text(&login.stderr));
+    let out = wait_exit(
+        world.ssh(
+            "echo through-the-broker; id -un; grep -E '^(NoNewPrivs|CapEff):' /proc/self/status",
+        ),
+        Instant::now(),
+        Duration::from_secs(120),
+    )
+    .0;
+
+    assert!(
+        out.status.success(),
+        "{}\nmoat run said:\n{}",
+        text(&out.stderr),
+        std::fs::read_to_string(&world.workspace.log).unwrap_or_default()
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "through-the-broker\nagent\nCapEff:\t0000000000000000\nNoNewPrivs:\t1\n"
+    );
+    let records = world.audit();
+    assert_eq!(count(&records, 3002, 1), 1, "one sign-in: {records:?}");
+    assert_eq!(count(&records, 4007, 1), 1, "one remote session opened");
 }
 
 #[test]

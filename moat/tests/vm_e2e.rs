@@ -22,40 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use common::vm::{kvm_usable, module, skip, vm_images, vmm_built};
 use common::{Workspace, text};
-
-fn module(m: &str) -> bool {
-    Path::new("/sys/module").join(m).exists()
-}
-
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-/// moat-vmm beside the moat binary under test (`cargo xtask test` builds the whole workspace).
-fn vmm_built() -> bool {
-    Path::new(env!("CARGO_BIN_EXE_moat"))
-        .with_file_name("moat-vmm")
-        .is_file()
-}
-
-fn skip(test: &str, why: &str) {
-    eprintln!("SKIPPED {test}: {why}");
-}
-
-/// Like [`skip`], but where this run expects real KVM (`MOAT_EXPECT_REAL_KVM`, set by
-/// `cargo xtask test` inside L1) the test fails instead: the full path must have run.
-fn skip_full(test: &str, why: &str) {
-    assert!(
-        std::env::var_os("MOAT_EXPECT_REAL_KVM").is_none(),
-        "{test}: this run expects real KVM and the images, but: {why}"
-    );
-    skip(test, why);
-}
 
 /// A 16 MiB empty ext4 image: on nested PVM the kernel never gets as far as mounting it.
 fn empty_ext4(path: &Path) {
@@ -167,54 +135,11 @@ fn on_nested_pvm_the_vm_backend_boots_our_kernel_and_initramfs_to_init() {
     assert_eq!(out.status.code(), Some(125), "{stderr}");
 }
 
-/// Where the full test finds its images: `$MOAT_IMAGES`, or what `cargo xtask images` built.
-fn full_images() -> Result<PathBuf, String> {
-    let dir = std::env::var_os("MOAT_IMAGES").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/moat-images"),
-        PathBuf::from,
-    );
-    let current = std::fs::read_to_string(dir.join("current.toml")).map_err(|_| {
-        format!(
-            "no {}/current.toml (build the images with `cargo xtask images`)",
-            dir.display()
-        )
-    })?;
-    if !current.contains("rootfs") {
-        return Err("the root image is not built (`cargo xtask images rootfs`)".into());
-    }
-    Ok(dir)
-}
-
-/// Why the full VM test cannot run on this host, if it cannot.
-fn full_vm_unavailable() -> Option<String> {
-    if !kvm_usable() {
-        return Some("/dev/kvm is not available".into());
-    }
-    if module("kvm_pvm") {
-        return Some(
-            "/dev/kvm is nested PVM, where a Linux guest's user space cannot run \
-             (shared/design/guest-kernel/NOTES.md)"
-                .into(),
-        );
-    }
-    if !module("kvm_intel") && !module("kvm_amd") {
-        return Some("/dev/kvm is neither kvm_intel nor kvm_amd".into());
-    }
-    if !vmm_built() {
-        return Some("moat-vmm is not built beside moat (cargo build -p moat-vmm)".into());
-    }
-    None
-}
-
 #[test]
 fn full_path_through_the_vm_where_kvm_is_real() {
     const NAME: &str = "full_path_through_the_vm_where_kvm_is_real";
-    if let Some(why) = full_vm_unavailable() {
-        return skip_full(NAME, &why);
-    }
-    let images = match full_images() {
-        Ok(dir) => dir,
-        Err(why) => return skip_full(NAME, &why),
+    let Some(images) = vm_images(NAME) else {
+        return;
     };
     let ws = Workspace::with_backend("vm", Some(images));
     let started = Instant::now();
@@ -255,17 +180,7 @@ fn full_path_through_the_vm_where_kvm_is_real() {
 /// A VM workspace for scenario `name`, or `None` (after saying why) where the full path
 /// cannot run here; inside L1 (`MOAT_EXPECT_REAL_KVM`) that is a failure instead.
 fn vm_workspace(name: &str) -> Option<Workspace> {
-    if let Some(why) = full_vm_unavailable() {
-        skip_full(name, &why);
-        return None;
-    }
-    match full_images() {
-        Ok(images) => Some(Workspace::with_backend("vm", Some(images))),
-        Err(why) => {
-            skip_full(name, &why);
-            None
-        }
-    }
+    vm_images(name).map(|images| Workspace::with_backend("vm", Some(images)))
 }
 
 // The scenarios every backend passes (moat/tests/common/scenarios.rs), through the VM: the

@@ -710,18 +710,26 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
         "--workspace",
         "--bins",
     ]))?;
-    // Integration tests only (vmm/tests/*.rs, moat's vm_e2e): unit tests need no KVM and ran
-    // on the host.
+    // Integration tests only (vmm/tests/*.rs, moat's vm_e2e, and the broker's session into a
+    // VM workspace: broker_e2e's tests named vm_*): unit tests need no KVM and ran on the host.
     let tests: Vec<_> = test_executables(&["--workspace", "--tests"])?
         .into_iter()
-        .filter(|(dir, name, _)| dir.ends_with("vmm") || name == "vm_e2e")
+        .filter_map(|(dir, name, exe)| {
+            let filter = match name.as_str() {
+                _ if dir.ends_with("vmm") => "",
+                "vm_e2e" => "",
+                "broker_e2e" => "vm_",
+                _ => return None,
+            };
+            Some((dir, name, exe, filter))
+        })
         .collect();
     let mut script = String::from("failed=''\n");
-    for (dir, name, exe) in &tests {
+    for (dir, name, exe, filter) in &tests {
         let (dir, exe) = (dir.display(), exe.display());
         script.push_str(&format!(
-            "echo \"xtask l1: test binary {name}\"\n\
-             (cd '{dir}' && '{exe}') || failed=\"$failed {name}\"\n"
+            "echo \"xtask l1: test binary {name} {filter}\"\n\
+             (cd '{dir}' && '{exe}' {filter}) || failed=\"$failed {name}\"\n"
         ));
     }
     script.push_str(&format!(

@@ -5,6 +5,7 @@
 
 #[macro_use]
 pub mod scenarios;
+pub mod vm;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
