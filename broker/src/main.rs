@@ -116,6 +116,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The broker holds its CAs' keys, sessions and refresh tokens.
+    if let Err(e) = moat_broker::keep_memory_private() {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

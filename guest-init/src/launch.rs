@@ -83,11 +83,17 @@ pub(crate) fn run_agent(
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
+            // A session and process group of its own, with or without a terminal: otherwise
+            // `kill(0, ...)` (or a negative pid naming the group) from inside reaches every
+            // process of the group it was born in: PID 1 and, in the namespace backend,
+            // `__guest-init` and `moat run` on the host (the egress proxy).
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if let Some(fd) = tty_fd {
-                // A session of its own with the terminal as its controlling terminal (taken
-                // over if the console was someone's: PID 1 still holds CAP_SYS_ADMIN here).
-                if libc::setsid() < 0
-                    || libc::ioctl(fd, libc::TIOCSCTTY, 1) < 0
+                // The terminal as its controlling terminal (taken over if the console was
+                // someone's: PID 1 still holds CAP_SYS_ADMIN here) and standard streams.
+                if libc::ioctl(fd, libc::TIOCSCTTY, 1) < 0
                     || libc::dup2(fd, 0) < 0
                     || libc::dup2(fd, 1) < 0
                     || libc::dup2(fd, 2) < 0
@@ -105,6 +111,13 @@ pub(crate) fn run_agent(
             Ok(())
         });
     }
+    if tty_fd.is_none() {
+        // The agent no longer shares the process group a terminal's Ctrl-C and Ctrl-\ reach
+        // (the one PID 1 is in): PID 1 passes them on to the agent's group instead. Kept from
+        // before the agent starts, so none that arrives once it runs is lost (the child's
+        // handlers are reset by exec).
+        crate::signals::forward_interrupts();
+    }
     let child = cmd.spawn().map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -116,6 +129,7 @@ pub(crate) fn run_agent(
     let agent = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let status = loop {
         crate::signals::forward_pending(agent);
+        crate::signals::forward_pending_interrupt(agent);
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == agent => {
                 break ExitStatus::from_raw((code & 0xff) << 8);

@@ -353,6 +353,73 @@ fn sigterm_reaches_the_agent_for_an_orderly_shutdown() {
 }
 
 #[test]
+fn the_agent_cannot_signal_its_parents_through_the_process_group() {
+    let ws = Workspace::new();
+    // `kill(0, sig)` also reaches the caller, so the shell ignores what it sends in order to
+    // tell its own status; what else is in its process group gets the default action.
+    // SIGHUP and SIGQUIT would end `moat run` run by an ordinary user, SIGUSR1 also
+    // `__guest-init` (which handles neither) run by root.
+    // (Landlock's signal scoping, from ABI 6, refuses these too where the kernel has it: the
+    // agent's own session, checked first, is what holds on every kernel.) The agent leads its
+    // session and process group (inside the workspace's pid namespace, a group or session led
+    // from outside it shows as 0).
+    let out = ws.run(
+        "ps -o pid=,pgid=,sid= -p $$; \
+         trap '' HUP QUIT USR1; kill -HUP 0; kill -QUIT 0; kill -USR1 0; echo survived; exit 3",
+    );
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    let ids: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(ids.len(), 3, "{stdout}");
+    assert!(
+        ids[0] == ids[1] && ids[1] == ids[2],
+        "the agent does not lead its own session and process group: pid, pgid, sid = {ids:?}"
+    );
+    assert_eq!(
+        (out.status.code(), lines.next()),
+        (Some(3), Some("survived")),
+        "status {:?}, stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn ctrl_c_at_the_terminal_still_reaches_the_agent() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let ws = Workspace::new();
+    // A process group of its own, as a terminal's foreground job: the terminal's Ctrl-C is a
+    // SIGINT to that whole group, which the agent, in a session of its own, is no longer in.
+    let mut child = ws
+        .command("trap 'echo got-int; exit 42' INT; echo ready; while :; do sleep 0.1; done")
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pgid = i32::try_from(child.id()).unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "got-int\n");
+    assert_eq!(status.code(), Some(42));
+}
+
+#[test]
 fn host_secrets_are_not_visible_inside() {
     let ws = Workspace::new();
     let out = ws.run(
