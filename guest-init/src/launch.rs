@@ -83,6 +83,11 @@ pub(crate) fn run_agent(
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
+            // Whatever `moat run` (or the VM's PID 1) inherited without close-on-exec must not
+            // reach the agent: a descriptor of the host's is a capability the policy never
+            // granted. Marked close-on-exec rather than closed, so std's own pipe still reports
+            // a failed exec, and the sandbox's prepared descriptors still work until exec.
+            close_on_exec_above_stderr()?;
             // A session and process group of its own, with or without a terminal: otherwise
             // `kill(0, ...)` (or a negative pid naming the group) from inside reaches every
             // process of the group it was born in: PID 1 and, in the namespace backend,
@@ -146,4 +151,23 @@ pub(crate) fn run_agent(
     };
     report.terminate(child.id(), exit_code(status));
     Ok(status)
+}
+
+/// Marks every descriptor above standard error close-on-exec (`close_range` with
+/// `CLOSE_RANGE_CLOEXEC`, Linux 5.11). Only a system call: safe between fork and exec.
+pub(crate) fn close_on_exec_above_stderr() -> std::io::Result<()> {
+    // SAFETY: integer arguments only.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

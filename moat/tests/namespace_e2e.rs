@@ -420,6 +420,35 @@ fn ctrl_c_at_the_terminal_still_reaches_the_agent() {
 }
 
 #[test]
+fn descriptors_moat_run_inherited_do_not_reach_the_agent() {
+    let ws = Workspace::new();
+    let inner = ws.command("ls /proc/self/fd");
+    // fd 5 opened without close-on-exec by the shell that starts `moat run`, as a careless
+    // caller would leave one.
+    let mut outer = Command::new("sh");
+    outer
+        .arg("-c")
+        .arg("exec 5</etc/hostname; exec \"$@\"")
+        .arg("sh")
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            outer.env(k, v);
+        }
+    }
+    let out = outer.output().unwrap();
+    // 0, 1, 2, and the directory ls itself opened.
+    assert_eq!(
+        text(&out.stdout),
+        "0\n1\n2\n3\n",
+        "status {:?}, stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn host_secrets_are_not_visible_inside() {
     let ws = Workspace::new();
     let out = ws.run(
