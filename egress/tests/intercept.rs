@@ -321,6 +321,27 @@ async fn upgrade_requests_are_not_forwarded() {
 }
 
 #[tokio::test]
+async fn trace_and_track_to_an_intercepted_host_are_refused_and_never_carry_the_secret() {
+    let tp = TestProxy::start().await;
+    // The upstream would answer with the request it received: the injected secret included.
+    for method in ["TRACE", "TRACK", "trace"] {
+        let req = format!(
+            "{method} /echo-{method} HTTP/1.1\r\nHost: api.inject.test\r\n\
+             Authorization: Bearer {PLACEHOLDER}\r\n\r\n"
+        );
+        let got = raw(&tp, "api.inject.test", req.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 501"), "{method}: {got}");
+        assert!(!got.contains(SECRET_VALUE), "{method}: {got}");
+        let record = http_record(&tp, &format!("/echo-{method}")).await;
+        assert_eq!(
+            record["unmapped"]["moat"]["reason"], "request_refused",
+            "{record}"
+        );
+    }
+    assert!(tp.seen().is_empty(), "{:?}", tp.seen());
+}
+
+#[tokio::test]
 async fn request_body_streams_to_the_upstream() {
     let tp = TestProxy::start().await;
     let got = raw(

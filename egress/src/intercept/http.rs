@@ -365,6 +365,17 @@ impl Ctx {
             };
             return self.refuse(&head, r);
         }
+        if let Some(method) = inject::reflecting_method(parts.method.as_str()) {
+            let r = Refusal {
+                status: StatusCode::NOT_IMPLEMENTED,
+                reason: Reason::RequestRefused,
+                detail: format!(
+                    "{method} echoes the request, with the credentials the proxy would inject, \
+                     back to the agent: not forwarded on intercepted flows"
+                ),
+            };
+            return self.refuse(&head, r);
+        }
         // From here on, names are the upstream's: a routed rule's secrets are bound to its
         // route (the provider), not to the in-workspace name.
         let routed = self.flow.routed();

@@ -58,6 +58,20 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
 ];
 
+/// Methods whose answer is the request itself (RFC 9110 9.3.8 TRACE, and IIS's TRACK): the
+/// upstream would send the injected secret back to the agent. Compared without regard to case,
+/// as some servers do. No other registered method is defined to reflect the request; an
+/// endpoint that echoes headers is the residual risk named in the threat model.
+const REFLECTING_METHODS: &[&str] = &["TRACE", "TRACK"];
+
+/// The reflecting method `method` is, if it is one (refused on intercepted flows).
+pub fn reflecting_method(method: &str) -> Option<&'static str> {
+    REFLECTING_METHODS
+        .iter()
+        .find(|m| m.eq_ignore_ascii_case(method))
+        .copied()
+}
+
 /// Splits `host[:port]` (a Host header or URI authority) and normalises the name.
 fn parse_authority(value: &str) -> Option<(String, Option<u16>)> {
     if value.contains('@') || value.starts_with('[') {
@@ -257,6 +271,16 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn trace_and_track_are_reflecting_methods_in_any_case() {
+        for m in ["TRACE", "trace", "Trace", "TRACK", "track"] {
+            assert!(reflecting_method(m).is_some(), "{m}");
+        }
+        for m in ["GET", "POST", "OPTIONS", "PUT", "TRACES", "TRAC"] {
+            assert_eq!(reflecting_method(m), None, "{m}");
+        }
     }
 
     fn secrets(profile_secrets: &str) -> std::sync::Arc<Secrets> {
