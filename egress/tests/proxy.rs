@@ -82,6 +82,61 @@ async fn sni_mismatch_is_refused() {
     assert_eq!(rec["disposition"], "Blocked");
 }
 
+/// A minimal ClientHello (one TLS 1.3 suite) naming `sni`, with the extra `(type, data)`
+/// extensions after the server_name one.
+fn client_hello(sni: &str, extra: &[(u16, &[u8])]) -> Vec<u8> {
+    let be16 = |n: usize| u16::try_from(n).unwrap().to_be_bytes();
+    let mut name = vec![0u8];
+    name.extend_from_slice(&be16(sni.len()));
+    name.extend_from_slice(sni.as_bytes());
+    let mut server_name = be16(name.len()).to_vec();
+    server_name.extend_from_slice(&name);
+    let mut exts = vec![0u8, 0];
+    exts.extend_from_slice(&be16(server_name.len()));
+    exts.extend_from_slice(&server_name);
+    for (kind, data) in extra {
+        exts.extend_from_slice(&kind.to_be_bytes());
+        exts.extend_from_slice(&be16(data.len()));
+        exts.extend_from_slice(data);
+    }
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&be16(exts.len()));
+    body.extend_from_slice(&exts);
+    let mut msg = vec![1u8, 0];
+    msg.extend_from_slice(&be16(body.len()));
+    msg.extend_from_slice(&body);
+    let mut record = vec![22u8, 3, 1];
+    record.extend_from_slice(&be16(msg.len()));
+    record.extend_from_slice(&msg);
+    record
+}
+
+#[tokio::test]
+async fn encrypted_client_hello_and_esni_on_passthrough_tls_are_refused() {
+    let tp = TestProxy::start().await;
+    // The visible SNI is the allowed name; the encrypted inner hello could name any host the
+    // upstream address serves, unchecked.
+    for (kind, reason_detail) in [(0xfe0d_u16, "0xfe0d"), (0xffce, "0xffce")] {
+        let mut s = tp.named("allowed.test", tp.tls.port()).await;
+        s.write_all(&client_hello("allowed.test", &[(kind, &[0, 1, 2, 3])]))
+            .await
+            .unwrap();
+        assert_closed(s).await;
+        let rec = tp
+            .wait_record(|r| {
+                r["unmapped"]["moat"]["reason"] == "tls_hidden_name"
+                    && r["message"]
+                        .as_str()
+                        .is_some_and(|d| d.contains(reason_detail))
+            })
+            .await;
+        assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
+        assert_eq!(rec["disposition"], "Blocked");
+    }
+}
+
 #[tokio::test]
 async fn missing_sni_is_refused() {
     let tp = TestProxy::start().await;
