@@ -34,6 +34,7 @@
 
 pub mod addr;
 pub mod host;
+pub mod path;
 pub mod profile;
 pub mod secret;
 pub mod service;
@@ -47,6 +48,7 @@ use serde::Deserialize;
 
 pub use addr::{AddrClass, classify};
 pub use host::{HostPattern, normalize};
+pub use path::{PathError, normalize_path};
 pub use secret::{Presentation, SecretSource, SecretSpec};
 pub use service::{ServiceName, ServiceNameError};
 

@@ -384,6 +384,12 @@ impl Ctx {
             self.flow.upstream_addr.port(),
         );
         let secrets = self.shared.secrets();
+        // Where a path prefix decides whether a secret is sent, the path is normalised once and
+        // the upstream is sent that form: it then routes exactly the path the prefix matched.
+        // A path with no normal form is refused rather than guessed at.
+        if let Err(r) = inject::normalize_for_prefixes(&mut parts.uri, &secrets, host, port) {
+            return self.refuse(&head, r);
+        }
         let injected = match inject::apply_secrets(
             &mut parts.headers,
             parts.method.as_str(),

@@ -127,6 +127,49 @@ pub fn check_authority(
     Ok(())
 }
 
+/// Rule 1b: where a secret bound to this host has path prefixes, replaces the request's path
+/// by its normal form ([`moat_policy::normalize_path`]), query kept, or refuses the request
+/// when it has none. Other requests are left as they are (their path decides nothing).
+pub fn normalize_for_prefixes(
+    uri: &mut Uri,
+    secrets: &Secrets,
+    host: &str,
+    port: u16,
+) -> Result<(), Refusal> {
+    let decides = secrets
+        .iter()
+        .any(|(spec, _)| spec.has_paths() && spec.binds_host(host, port));
+    if !decides {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Reason::RequestRefused,
+            format!(
+                "the request path cannot be normalised for this host's secret path prefixes: {why}"
+            ),
+        )
+    };
+    let path = moat_policy::normalize_path(uri.path()).map_err(|e| refuse(e.to_string()))?;
+    if path == uri.path() {
+        return Ok(());
+    }
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        target
+            .parse()
+            .map_err(|_| refuse("the normalised path is not a valid target".into()))?,
+    );
+    *uri =
+        Uri::from_parts(parts).map_err(|_| refuse("the normalised target is not valid".into()))?;
+    Ok(())
+}
+
 /// Rules 2 and 3: refuses misplaced placeholders, then replaces credentials. `host` and `port`
 /// are the upstream's (a routed rule's route). `strip_always` drops the agent's credential
 /// headers even when no secret is bound (routed inference). Returns the names of the secrets
