@@ -220,6 +220,9 @@ pub struct Proxy {
     source: PolicySource,
     shutdown: CancellationToken,
     listen_path: PathBuf,
+    /// Held for a whole reload (SIGHUP and the file watcher may ask at once), so the serial
+    /// check and the swap see the same policy in force.
+    reloading: std::sync::Mutex<()>,
 }
 
 impl Proxy {
@@ -263,6 +266,7 @@ impl Proxy {
             source: config.source,
             shutdown: shutdown.clone(),
             listen_path,
+            reloading: std::sync::Mutex::new(()),
         });
         tokio::spawn(accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
         tokio::spawn(sweep_pool(Arc::clone(&shared), shutdown.clone()));
@@ -321,7 +325,20 @@ impl Proxy {
     /// cuts live flows the policy denies (returning how many); on failure keeps the policy and
     /// secrets in force and says why.
     pub fn reload(&self) -> Result<usize, LoadError> {
+        let _reloading = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let loaded = self.source.load().and_then(|policy| {
+            // A validly signed profile older than the one in force (a replayed earlier
+            // version) is refused: signers raise the serial at every version.
+            let in_force = self.shared.policy.current().serial;
+            if policy.serial < in_force {
+                return Err(LoadError::Rollback {
+                    serial: policy.serial,
+                    in_force,
+                });
+            }
             // The CA's name constraints were fixed at start: a host outside them could not be
             // intercepted (no leaf is minted there, and clients would refuse one).
             let outside = policy

@@ -389,6 +389,60 @@ async fn reload_with_bad_signature_keeps_the_old_policy() {
     );
 }
 
+/// The harness profile renamed `name`, with `serial` (signed with the test key).
+fn profile_with_serial(tp: &TestProxy, name: &str, serial: u64) -> String {
+    tp.profile_with("").replace(
+        "name = \"test\"\n",
+        &format!("name = \"{name}\"\nserial = {serial}\n"),
+    )
+}
+
+#[tokio::test]
+async fn reload_with_a_lower_serial_is_refused_and_the_old_policy_stays() {
+    // No file watcher: only the reloads this test asks for.
+    let tp = TestProxy::start_unwatched().await;
+    tp.rewrite_profile(&profile_with_serial(&tp, "v5", 5));
+    tp.proxy.reload().unwrap();
+    assert_eq!(tp.proxy.policy_name(), "v5");
+    // An older profile, validly signed, replayed in its place.
+    tp.rewrite_profile(&profile_with_serial(&tp, "v4", 4));
+    let err = tp.proxy.reload().unwrap_err();
+    assert!(
+        moat_egress::error_chain(&err)
+            .contains("profile serial 4 is lower than the serial in force (5)"),
+        "{}",
+        moat_egress::error_chain(&err)
+    );
+    assert_eq!(tp.proxy.policy_name(), "v5");
+    // A profile without a serial is serial 0: older than any that has one.
+    tp.rewrite_profile(&tp.profile_with(""));
+    assert!(tp.proxy.reload().is_err());
+    assert_eq!(tp.proxy.policy_name(), "v5");
+    assert_eq!(
+        tls_round_trip(&tp, "allowed.test", "allowed.test")
+            .await
+            .unwrap(),
+        b"ping\n"
+    );
+}
+
+#[tokio::test]
+async fn reload_with_an_equal_or_higher_serial_is_accepted() {
+    let tp = TestProxy::start_unwatched().await;
+    for (name, serial) in [("v5", 5), ("v5-again", 5), ("v6", 6)] {
+        tp.rewrite_profile(&profile_with_serial(&tp, name, serial));
+        tp.proxy.reload().unwrap();
+        assert_eq!(tp.proxy.policy_name(), name);
+    }
+    // The policy taken is the one enforced.
+    assert_eq!(
+        tls_round_trip(&tp, "allowed.test", "allowed.test")
+            .await
+            .unwrap(),
+        b"ping\n"
+    );
+}
+
 #[tokio::test]
 async fn reload_that_drops_a_host_cuts_its_live_flow_within_a_second() {
     let tp = TestProxy::start().await;

@@ -157,6 +157,10 @@ impl Rule {
 pub struct Policy {
     /// The profile's name.
     pub name: String,
+    /// The profile's serial (0 where it has none): signed with it, and raised by its signer at
+    /// every new version, so that an enforcing proxy can refuse an older, validly signed profile
+    /// replayed in its place (rollback).
+    pub serial: u64,
     /// Rules in profile order; the first match decides.
     pub rules: Vec<Rule>,
     /// Secrets the proxy injects on intercepted flows, in profile order.
