@@ -245,6 +245,16 @@ impl Proxy {
             path: listen_path.clone(),
             source,
         })?;
+        // Bound before anything is served, so a caller finds it there once `start` returns.
+        let admin = match &config.admin {
+            Some(path) => Some(
+                admin::bind_private(path).map_err(|source| StartError::Listen {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             workspace: config.workspace,
             policy: PolicyStore::new(policy),
@@ -270,13 +280,12 @@ impl Proxy {
         });
         tokio::spawn(accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
         tokio::spawn(sweep_pool(Arc::clone(&shared), shutdown.clone()));
-        if let Some(admin) = config.admin {
-            let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
-            tokio::spawn(async move {
-                if let Err(e) = admin::serve(shared, &admin, shutdown).await {
-                    tracing::error!(error = %e, path = %admin.display(), "admin socket failed");
-                }
-            });
+        if let Some(listener) = admin {
+            tokio::spawn(admin::serve(
+                Arc::clone(&shared),
+                listener,
+                shutdown.clone(),
+            ));
         }
         if config.watch {
             proxy.spawn_watcher()?;
