@@ -448,6 +448,64 @@ fn descriptors_moat_run_inherited_do_not_reach_the_agent() {
     );
 }
 
+/// The host pids of `pid`'s children (every thread's).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+#[test]
+fn the_agents_home_is_nosuid_and_nodev_for_pid_1_too() {
+    use std::io::{BufRead, Write};
+    let ws = Workspace::new();
+    let mut child = ws
+        .command("echo ready; read line")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // PID 1 is `moat run`'s grandchild (through `__guest-init`): the one whose last pid in
+    // its namespaces is 1. The agent's own view is made nosuid again by its sandbox; PID 1's,
+    // the bind guest-init made, is what is checked here. mountinfo is readable by anyone.
+    let pid1 = children(child.id())
+        .into_iter()
+        .flat_map(children)
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"))
+        })
+        .expect("the workspace's PID 1");
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid1}/mountinfo")).unwrap();
+    let home = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/home/agent"))
+        .unwrap_or_else(|| panic!("no /home/agent mount in PID 1's view:\n{mountinfo}"));
+    let options: Vec<&str> = home.split(' ').nth(5).unwrap_or("").split(',').collect();
+    child.stdin.take().unwrap().write_all(b"done\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        options.contains(&"nosuid") && options.contains(&"nodev"),
+        "PID 1's /home/agent: {home}"
+    );
+}
+
 #[test]
 fn host_secrets_are_not_visible_inside() {
     let ws = Workspace::new();
