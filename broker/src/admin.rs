@@ -1,4 +1,6 @@
-//! The admin API, on a Unix socket (mode 0600: filesystem permission is the access control).
+//! The admin API, on a Unix socket: created with mode 0600 whatever the umask ([`bind`]), and
+//! each connection's peer checked (`SO_PEERCRED`: the broker's own uid or root,
+//! [`peer_allowed`]), so a socket a mistake left open still answers no one else.
 //!
 //! | request | what |
 //! | --- | --- |
@@ -6,6 +8,8 @@
 //! | `GET /v1/sessions` | the live sessions |
 //! | `GET /v1/tunnels` | the connected workspaces |
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +37,69 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
+/// Binds a Unix socket at `path` that is never reachable by anyone but its owner (and root),
+/// not even for an instant: the socket is created in a private directory (0700) beside `path`,
+/// given mode 0600 there, and only then renamed into place (same file system: atomic). Neither
+/// the umask (process-wide, so it cannot be narrowed for this bind alone) nor a chmod after
+/// bind decides who can connect meanwhile. A socket already at `path` (a stale one) is
+/// replaced. The same construction as the egress proxy's admin socket.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} names no socket file", path.display()),
+        )
+    })?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = parent.join(format!(
+        ".{}.{}.binding",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot create the private directory {}: {e}",
+                    private.display()
+                ),
+            )
+        })?;
+    let inside = private.join("socket");
+    let bound = std::os::unix::net::UnixListener::bind(&inside).and_then(|listener| {
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inside, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_file(&inside);
+    let _ = std::fs::remove_dir(&private);
+    let listener = bound?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
+/// Whether the peer of an admin connection may use it: the uid this process runs as, or root.
+/// Refused with the reason otherwise.
+pub fn peer_allowed(stream: &tokio::net::UnixStream) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let own = nix::unistd::geteuid().as_raw();
+    match cred.uid() {
+        0 => Ok(()),
+        uid if uid == own => Ok(()),
+        uid => Err(format!(
+            "peer uid {uid} is neither this process's ({own}) nor root"
+        )),
+    }
+}
+
 /// Serves the admin socket until `shutdown`.
 pub async fn serve(broker: Arc<Broker>, listener: UnixListener, shutdown: CancellationToken) {
     loop {
@@ -46,6 +113,11 @@ pub async fn serve(broker: Arc<Broker>, listener: UnixListener, shutdown: Cancel
             },
             () = shutdown.cancelled() => return,
         };
+        if let Err(why) = peer_allowed(&stream) {
+            // Closed unanswered.
+            tracing::warn!(reason = %why, "admin connection refused");
+            continue;
+        }
         let broker = Arc::clone(&broker);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -50,6 +50,19 @@ pub mod session;
 pub mod ssh_ca;
 pub mod tunnel;
 
+/// For the host processes that hold secrets (the egress proxy, in `moat run` and `moat proxy`;
+/// the broker): no core dump (RLIMIT_CORE 0, soft and hard, so nothing can raise it again) and
+/// not dumpable, so no other process of the same uid can read their memory or descriptors
+/// through `/proc` or ptrace (the agent in a namespace workspace run by that uid included).
+/// Children that exec start dumpable again; the limit stays.
+pub fn keep_memory_private() -> std::io::Result<()> {
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(|e| std::io::Error::other(format!("cannot set RLIMIT_CORE to 0: {e}")))?;
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| std::io::Error::other(format!("cannot make the process non-dumpable: {e}")))?;
+    Ok(())
+}
+
 /// `outer: cause: root cause`, the one way errors are printed.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();

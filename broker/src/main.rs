@@ -116,6 +116,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The broker holds its CAs' keys, sessions and refresh tokens.
+    if let Err(e) = moat_broker::keep_memory_private() {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -284,10 +289,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the admin socket with mode 0600, in a directory created 0700 if it is missing (so the
-/// socket is never reachable by others, even between bind and chmod).
+/// Binds the admin socket (mode 0600 from the start: `admin::bind`), in a directory created
+/// 0700 if it is missing.
 fn bind_admin(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -298,9 +303,5 @@ fn bind_admin(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    moat_broker::admin::bind(path).with_context(|| format!("binding {}", path.display()))
 }

@@ -225,10 +225,22 @@ async fn admit(
         }
         if let Err(reason) = sniff::check(&sniffed, hostname, port) {
             let detail = match &sniffed {
-                Sniffed::Tls(Some(n)) | Sniffed::Http(n, _) => format!("client named {n}"),
+                Sniffed::Tls(Some(n), _) | Sniffed::Http(n, _) => format!("client named {n}"),
                 _ => String::new(),
             };
             return Err(Stop::new(reason).rule(&rule).detail(detail));
+        }
+        // An Encrypted ClientHello (or ESNI) asks the upstream for a name the proxy cannot
+        // read: the SNI just checked is only a front, and whatever the encrypted one names at
+        // the resolved address would be reached (domain fronting). Refused unless the proxy
+        // terminates the TLS itself (intercept), where the hidden hello reaches no one and
+        // every request's Host is checked.
+        if let Sniffed::Tls(_, Some(ext)) = &sniffed
+            && rule.action != Action::Intercept
+        {
+            return Err(Stop::new(Reason::TlsHiddenName)
+                .rule(&rule)
+                .detail(format!("ClientHello extension {ext:#06x}")));
         }
         // A placeholder in the first plaintext request head is never bound (secrets are only
         // injected over intercepted TLS): refuse rather than let it leave.

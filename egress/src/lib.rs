@@ -220,6 +220,9 @@ pub struct Proxy {
     source: PolicySource,
     shutdown: CancellationToken,
     listen_path: PathBuf,
+    /// Held for a whole reload (SIGHUP and the file watcher may ask at once), so the serial
+    /// check and the swap see the same policy in force.
+    reloading: std::sync::Mutex<()>,
 }
 
 impl Proxy {
@@ -242,6 +245,16 @@ impl Proxy {
             path: listen_path.clone(),
             source,
         })?;
+        // Bound before anything is served, so a caller finds it there once `start` returns.
+        let admin = match &config.admin {
+            Some(path) => Some(
+                admin::bind_private(path).map_err(|source| StartError::Listen {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             workspace: config.workspace,
             policy: PolicyStore::new(policy),
@@ -263,16 +276,16 @@ impl Proxy {
             source: config.source,
             shutdown: shutdown.clone(),
             listen_path,
+            reloading: std::sync::Mutex::new(()),
         });
         tokio::spawn(accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
         tokio::spawn(sweep_pool(Arc::clone(&shared), shutdown.clone()));
-        if let Some(admin) = config.admin {
-            let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
-            tokio::spawn(async move {
-                if let Err(e) = admin::serve(shared, &admin, shutdown).await {
-                    tracing::error!(error = %e, path = %admin.display(), "admin socket failed");
-                }
-            });
+        if let Some(listener) = admin {
+            tokio::spawn(admin::serve(
+                Arc::clone(&shared),
+                listener,
+                shutdown.clone(),
+            ));
         }
         if config.watch {
             proxy.spawn_watcher()?;
@@ -321,7 +334,20 @@ impl Proxy {
     /// cuts live flows the policy denies (returning how many); on failure keeps the policy and
     /// secrets in force and says why.
     pub fn reload(&self) -> Result<usize, LoadError> {
+        let _reloading = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let loaded = self.source.load().and_then(|policy| {
+            // A validly signed profile older than the one in force (a replayed earlier
+            // version) is refused: signers raise the serial at every version.
+            let in_force = self.shared.policy.current().serial;
+            if policy.serial < in_force {
+                return Err(LoadError::Rollback {
+                    serial: policy.serial,
+                    in_force,
+                });
+            }
             // The CA's name constraints were fixed at start: a host outside them could not be
             // intercepted (no leaf is minted there, and clients would refuse one).
             let outside = policy

@@ -24,7 +24,8 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     /// Policy reloads applied.
     pub reloads_applied: AtomicU64,
-    /// Policy reloads refused (bad signature, invalid profile, unreadable file or secret).
+    /// Policy reloads refused (bad signature, invalid profile, unreadable file or secret, a
+    /// serial lower than the one in force).
     pub reloads_rejected: AtomicU64,
     /// Intercepted requests forwarded upstream.
     pub http_forwarded: AtomicU64,

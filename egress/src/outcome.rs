@@ -84,6 +84,9 @@ reasons! {
     SniMismatch => "sni_mismatch", Agent;
     /// A ClientHello that does not parse, or names several servers.
     TlsMalformed => "tls_malformed", Agent;
+    /// A ClientHello whose real server name is encrypted (ECH or ESNI), on a flow the proxy
+    /// does not terminate.
+    TlsHiddenName => "tls_hidden_name", Agent;
     /// Plain HTTP without a Host header.
     HostMissing => "host_missing", Agent;
     /// Plain HTTP whose Host (or absolute URI) differs from the flow's hostname.

@@ -50,6 +50,17 @@ pub enum LoadError {
         /// The host pattern.
         host: String,
     },
+    /// A validly signed profile whose serial is lower than the one in force: an older version
+    /// replayed (rollback).
+    #[error(
+        "profile serial {serial} is lower than the serial in force ({in_force}): an older profile is not taken back"
+    )]
+    Rollback {
+        /// The refused profile's serial.
+        serial: u64,
+        /// The serial of the policy in force.
+        in_force: u64,
+    },
     /// Verification or parsing failed.
     #[error("policy {} refused", .path.display())]
     Refused {

@@ -321,6 +321,75 @@ async fn upgrade_requests_are_not_forwarded() {
 }
 
 #[tokio::test]
+async fn trace_and_track_to_an_intercepted_host_are_refused_and_never_carry_the_secret() {
+    let tp = TestProxy::start().await;
+    // The upstream would answer with the request it received: the injected secret included.
+    for method in ["TRACE", "TRACK", "trace"] {
+        let req = format!(
+            "{method} /echo-{method} HTTP/1.1\r\nHost: api.inject.test\r\n\
+             Authorization: Bearer {PLACEHOLDER}\r\n\r\n"
+        );
+        let got = raw(&tp, "api.inject.test", req.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 501"), "{method}: {got}");
+        assert!(!got.contains(SECRET_VALUE), "{method}: {got}");
+        let record = http_record(&tp, &format!("/echo-{method}")).await;
+        assert_eq!(
+            record["unmapped"]["moat"]["reason"], "request_refused",
+            "{record}"
+        );
+    }
+    assert!(tp.seen().is_empty(), "{:?}", tp.seen());
+}
+
+/// Restarts `tp`'s profile with its secret bound to the `/v1/` prefix only.
+fn bind_secret_to_v1(tp: &TestProxy) {
+    let rules = intercept_rules(tp.http.port(), &tp.secret_file).replace(
+        "presentation = \"authorization_bearer\"",
+        "paths = [\"/v1/\"]\npresentation = \"authorization_bearer\"",
+    );
+    tp.rewrite_profile(&profile_text(tp.tls.port(), tp.plain.port(), &rules));
+    tp.proxy.reload().unwrap();
+}
+
+#[tokio::test]
+async fn paths_that_walk_out_of_a_secrets_prefix_are_refused_and_never_carry_the_secret() {
+    let tp = TestProxy::start().await;
+    bind_secret_to_v1(&tp);
+    for path in [
+        "/v1/..;/admin",
+        "/v1/%252e%252e/admin",
+        "/v1/..%2fadmin",
+        "/v1/%c0%ae%c0%ae/admin",
+    ] {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: api.inject.test\r\n\
+             Authorization: Bearer {PLACEHOLDER}\r\n\r\n"
+        );
+        let got = raw(&tp, "api.inject.test", req.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{path}: {got}");
+    }
+    assert!(tp.seen().is_empty(), "{:?}", tp.seen());
+}
+
+#[tokio::test]
+async fn the_upstream_is_sent_the_normalised_path_the_prefix_matched() {
+    let tp = TestProxy::start().await;
+    bind_secret_to_v1(&tp);
+    let mut c = client(&tp, "api.inject.test").await;
+    // Dot segments (encoded or not) resolved once, by the proxy: the upstream routes the path
+    // the prefix was matched against, never the raw one.
+    let (status, _) = send(&mut c, "api.inject.test", "/x/%2E%2e/v1/models", &[]).await;
+    assert_eq!(status, 200);
+    let (status, _) = send(&mut c, "api.inject.test", "/v1/../admin", &[]).await;
+    assert_eq!(status, 200);
+    let seen = tp.seen();
+    assert_eq!(seen[0].path, "/v1/models");
+    assert_eq!(seen[0].authorization, vec![bearer(SECRET_VALUE)]);
+    assert_eq!(seen[1].path, "/admin");
+    assert!(seen[1].authorization.is_empty(), "{:?}", seen[1]);
+}
+
+#[tokio::test]
 async fn request_body_streams_to_the_upstream() {
     let tp = TestProxy::start().await;
     let got = raw(

@@ -82,6 +82,61 @@ async fn sni_mismatch_is_refused() {
     assert_eq!(rec["disposition"], "Blocked");
 }
 
+/// A minimal ClientHello (one TLS 1.3 suite) naming `sni`, with the extra `(type, data)`
+/// extensions after the server_name one.
+fn client_hello(sni: &str, extra: &[(u16, &[u8])]) -> Vec<u8> {
+    let be16 = |n: usize| u16::try_from(n).unwrap().to_be_bytes();
+    let mut name = vec![0u8];
+    name.extend_from_slice(&be16(sni.len()));
+    name.extend_from_slice(sni.as_bytes());
+    let mut server_name = be16(name.len()).to_vec();
+    server_name.extend_from_slice(&name);
+    let mut exts = vec![0u8, 0];
+    exts.extend_from_slice(&be16(server_name.len()));
+    exts.extend_from_slice(&server_name);
+    for (kind, data) in extra {
+        exts.extend_from_slice(&kind.to_be_bytes());
+        exts.extend_from_slice(&be16(data.len()));
+        exts.extend_from_slice(data);
+    }
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&be16(exts.len()));
+    body.extend_from_slice(&exts);
+    let mut msg = vec![1u8, 0];
+    msg.extend_from_slice(&be16(body.len()));
+    msg.extend_from_slice(&body);
+    let mut record = vec![22u8, 3, 1];
+    record.extend_from_slice(&be16(msg.len()));
+    record.extend_from_slice(&msg);
+    record
+}
+
+#[tokio::test]
+async fn encrypted_client_hello_and_esni_on_passthrough_tls_are_refused() {
+    let tp = TestProxy::start().await;
+    // The visible SNI is the allowed name; the encrypted inner hello could name any host the
+    // upstream address serves, unchecked.
+    for (kind, reason_detail) in [(0xfe0d_u16, "0xfe0d"), (0xffce, "0xffce")] {
+        let mut s = tp.named("allowed.test", tp.tls.port()).await;
+        s.write_all(&client_hello("allowed.test", &[(kind, &[0, 1, 2, 3])]))
+            .await
+            .unwrap();
+        assert_closed(s).await;
+        let rec = tp
+            .wait_record(|r| {
+                r["unmapped"]["moat"]["reason"] == "tls_hidden_name"
+                    && r["message"]
+                        .as_str()
+                        .is_some_and(|d| d.contains(reason_detail))
+            })
+            .await;
+        assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
+        assert_eq!(rec["disposition"], "Blocked");
+    }
+}
+
 #[tokio::test]
 async fn missing_sni_is_refused() {
     let tp = TestProxy::start().await;
@@ -326,6 +381,60 @@ async fn reload_with_bad_signature_keeps_the_old_policy() {
     let err = tp.proxy.reload().unwrap_err();
     assert!(moat_egress::error_chain(&err).contains("signature does not verify"));
     assert_eq!(tp.proxy.policy_name(), "test");
+    assert_eq!(
+        tls_round_trip(&tp, "allowed.test", "allowed.test")
+            .await
+            .unwrap(),
+        b"ping\n"
+    );
+}
+
+/// The harness profile renamed `name`, with `serial` (signed with the test key).
+fn profile_with_serial(tp: &TestProxy, name: &str, serial: u64) -> String {
+    tp.profile_with("").replace(
+        "name = \"test\"\n",
+        &format!("name = \"{name}\"\nserial = {serial}\n"),
+    )
+}
+
+#[tokio::test]
+async fn reload_with_a_lower_serial_is_refused_and_the_old_policy_stays() {
+    // No file watcher: only the reloads this test asks for.
+    let tp = TestProxy::start_unwatched().await;
+    tp.rewrite_profile(&profile_with_serial(&tp, "v5", 5));
+    tp.proxy.reload().unwrap();
+    assert_eq!(tp.proxy.policy_name(), "v5");
+    // An older profile, validly signed, replayed in its place.
+    tp.rewrite_profile(&profile_with_serial(&tp, "v4", 4));
+    let err = tp.proxy.reload().unwrap_err();
+    assert!(
+        moat_egress::error_chain(&err)
+            .contains("profile serial 4 is lower than the serial in force (5)"),
+        "{}",
+        moat_egress::error_chain(&err)
+    );
+    assert_eq!(tp.proxy.policy_name(), "v5");
+    // A profile without a serial is serial 0: older than any that has one.
+    tp.rewrite_profile(&tp.profile_with(""));
+    assert!(tp.proxy.reload().is_err());
+    assert_eq!(tp.proxy.policy_name(), "v5");
+    assert_eq!(
+        tls_round_trip(&tp, "allowed.test", "allowed.test")
+            .await
+            .unwrap(),
+        b"ping\n"
+    );
+}
+
+#[tokio::test]
+async fn reload_with_an_equal_or_higher_serial_is_accepted() {
+    let tp = TestProxy::start_unwatched().await;
+    for (name, serial) in [("v5", 5), ("v5-again", 5), ("v6", 6)] {
+        tp.rewrite_profile(&profile_with_serial(&tp, name, serial));
+        tp.proxy.reload().unwrap();
+        assert_eq!(tp.proxy.policy_name(), name);
+    }
+    // The policy taken is the one enforced.
     assert_eq!(
         tls_round_trip(&tp, "allowed.test", "allowed.test")
             .await

@@ -83,11 +83,22 @@ pub(crate) fn run_agent(
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
+            // Whatever `moat run` (or the VM's PID 1) inherited without close-on-exec must not
+            // reach the agent: a descriptor of the host's is a capability the policy never
+            // granted. Marked close-on-exec rather than closed, so std's own pipe still reports
+            // a failed exec, and the sandbox's prepared descriptors still work until exec.
+            close_on_exec_above_stderr()?;
+            // A session and process group of its own, with or without a terminal: otherwise
+            // `kill(0, ...)` (or a negative pid naming the group) from inside reaches every
+            // process of the group it was born in: PID 1 and, in the namespace backend,
+            // `__guest-init` and `moat run` on the host (the egress proxy).
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if let Some(fd) = tty_fd {
-                // A session of its own with the terminal as its controlling terminal (taken
-                // over if the console was someone's: PID 1 still holds CAP_SYS_ADMIN here).
-                if libc::setsid() < 0
-                    || libc::ioctl(fd, libc::TIOCSCTTY, 1) < 0
+                // The terminal as its controlling terminal (taken over if the console was
+                // someone's: PID 1 still holds CAP_SYS_ADMIN here) and standard streams.
+                if libc::ioctl(fd, libc::TIOCSCTTY, 1) < 0
                     || libc::dup2(fd, 0) < 0
                     || libc::dup2(fd, 1) < 0
                     || libc::dup2(fd, 2) < 0
@@ -105,6 +116,13 @@ pub(crate) fn run_agent(
             Ok(())
         });
     }
+    if tty_fd.is_none() {
+        // The agent no longer shares the process group a terminal's Ctrl-C and Ctrl-\ reach
+        // (the one PID 1 is in): PID 1 passes them on to the agent's group instead. Kept from
+        // before the agent starts, so none that arrives once it runs is lost (the child's
+        // handlers are reset by exec).
+        crate::signals::forward_interrupts();
+    }
     let child = cmd.spawn().map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -116,6 +134,7 @@ pub(crate) fn run_agent(
     let agent = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let status = loop {
         crate::signals::forward_pending(agent);
+        crate::signals::forward_pending_interrupt(agent);
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == agent => {
                 break ExitStatus::from_raw((code & 0xff) << 8);
@@ -132,4 +151,23 @@ pub(crate) fn run_agent(
     };
     report.terminate(child.id(), exit_code(status));
     Ok(status)
+}
+
+/// Marks every descriptor above standard error close-on-exec (`close_range` with
+/// `CLOSE_RANGE_CLOEXEC`, Linux 5.11). Only a system call: safe between fork and exec.
+pub(crate) fn close_on_exec_above_stderr() -> std::io::Result<()> {
+    // SAFETY: integer arguments only.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

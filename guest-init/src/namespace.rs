@@ -571,6 +571,14 @@ fn enter_root(
         MsFlags::MS_BIND,
         None,
     )?;
+    // A bind keeps the source mount's attributes: a home on a suid-capable host file system
+    // would let a setuid file the agent leaves there (or one already there) take effect inside
+    // the workspace, for any process not already under no_new_privs (the VM's home disk is
+    // mounted nosuid and nodev likewise).
+    moat_guest_sandbox::make_tree_nosuid(&agent_home).map_err(|e| InitError::Mount {
+        what: "the agent's home nosuid and nodev",
+        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
+    })?;
     let resolv_str = resolv.to_string_lossy();
     mount_or(
         "/etc/resolv.conf",

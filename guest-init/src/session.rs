@@ -274,7 +274,13 @@ impl Sessions {
         #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
-                if sandbox.apply().is_err() || libc::chdir(home.as_ptr()) != 0 {
+                // As for the agent (`launch.rs`): no inherited descriptor beyond the stream,
+                // and a session and process group of its own, out of reach of `kill(0, ...)`.
+                if crate::launch::close_on_exec_above_stderr().is_err()
+                    || libc::setsid() < 0
+                    || sandbox.apply().is_err()
+                    || libc::chdir(home.as_ptr()) != 0
+                {
                     libc::_exit(126);
                 }
                 Ok(())

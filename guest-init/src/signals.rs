@@ -1,7 +1,9 @@
 //! Signals of the waiting processes (the namespace backend's outer process, and PID 1).
 //!
 //! Ctrl-C and Ctrl-\ at an interactive shell are for the shell: the waiting processes catch
-//! them and do nothing. SIGTERM and SIGHUP are passed on, one level at a time (outer process ->
+//! them and do nothing; PID 1 of an agent without a terminal of its own passes them on to the
+//! agent's process group (the agent leads a session of its own, so the terminal's signals no
+//! longer reach it directly). SIGTERM and SIGHUP are passed on, one level at a time (outer process ->
 //! PID 1 -> agent), so the agent can shut down in order. Handlers, not SIG_IGN, so that exec
 //! resets them and the agent gets every default action.
 
@@ -13,7 +15,15 @@ use nix::unistd::Pid;
 /// The last SIGTERM/SIGHUP received and not yet passed on (0: none).
 static PENDING: AtomicI32 = AtomicI32::new(0);
 
+/// The last SIGINT/SIGQUIT received and not yet passed on (0: none); kept only where
+/// [`forward_interrupts`] was called.
+static INTERRUPT: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn on_interrupt(_: libc::c_int) {}
+
+extern "C" fn on_interrupt_forwarded(sig: libc::c_int) {
+    INTERRUPT.store(sig, Ordering::SeqCst);
+}
 
 extern "C" fn on_terminate(sig: libc::c_int) {
     PENDING.store(sig, Ordering::SeqCst);
@@ -41,6 +51,32 @@ pub(crate) fn install() {
         // SAFETY: both handlers only touch an atomic (or nothing): async-signal-safe.
         #[allow(unsafe_code)]
         let _ = unsafe { sigaction(sig, action) };
+    }
+}
+
+/// For PID 1 of an agent with no terminal of its own: the agent leads its own session, out of
+/// reach of the terminal's Ctrl-C and Ctrl-\ (which reach PID 1's group), so PID 1 keeps
+/// them for [`forward_pending_interrupt`]. Without SA_RESTART, so the blocking waitpid returns
+/// and the signal is passed on at once.
+pub(crate) fn forward_interrupts() {
+    let keep = SigAction::new(
+        SigHandler::Handler(on_interrupt_forwarded),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGQUIT] {
+        // SAFETY: the handler only touches an atomic: async-signal-safe.
+        #[allow(unsafe_code)]
+        let _ = unsafe { sigaction(sig, &keep) };
+    }
+}
+
+/// Passes a pending SIGINT/SIGQUIT on to the process group `leader` leads (the agent and
+/// the pipeline it runs, as the terminal would have).
+pub(crate) fn forward_pending_interrupt(leader: Pid) {
+    let sig = INTERRUPT.swap(0, Ordering::SeqCst);
+    if let Ok(sig) = Signal::try_from(sig) {
+        let _ = nix::sys::signal::killpg(leader, sig);
     }
 }
 

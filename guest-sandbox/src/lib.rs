@@ -336,6 +336,16 @@ pub fn make_tree_read_only(path: &Path) -> std::io::Result<()> {
     )
 }
 
+/// Makes the mount at `path` and every mount beneath it nosuid and nodev, leaving every other
+/// attribute as it is (a `MS_REMOUNT|MS_BIND` would have to restate the locked ones). guest-init
+/// uses it for the agent's home, the one host directory the workspace gets writable.
+pub fn make_tree_nosuid(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    sys::set_mount_attrs_recursive(&c_path, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV, 0)
+}
+
 /// The default configuration for an agent: `home`, `/tmp` and (where it exists) `/dev/shm`
 /// writable, `/` readable. `/dev/shm` holds POSIX shared memory and semaphores (Python's
 /// multiprocessing, Chromium).

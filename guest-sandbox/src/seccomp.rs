@@ -127,9 +127,21 @@ const CLONE_NEWUSER: u32 = 0x1000_0000;
 const CLONE_NEWPID: u32 = 0x2000_0000;
 const CLONE_NEWNET: u32 = 0x4000_0000;
 const CLONE_NEWTIME: u32 = 0x0000_0080;
-const ADDR_NO_RANDOMIZE: u32 = 0x0004_0000;
-const READ_IMPLIES_EXEC: u32 = 0x0040_0000;
+/// `PER_LINUX`: the default persona, no flags.
+const PER_LINUX: u32 = 0x0000;
+/// `PER_LINUX32`: 32-bit `uname` machine (what `linux32`/`setarch i686` set for 32-bit builds).
+const PER_LINUX32: u32 = 0x0008;
 const PERSONALITY_QUERY: u32 = 0xffff_ffff;
+// System calls newer than some libc builds name, by their number (the same on every
+// architecture since the unified table, 424 onwards).
+/// `statmount` (Linux 6.8).
+const SYS_STATMOUNT: libc::c_long = 457;
+/// `listmount` (Linux 6.8).
+const SYS_LISTMOUNT: libc::c_long = 458;
+/// `open_tree_attr` (Linux 6.15).
+const SYS_OPEN_TREE_ATTR: libc::c_long = 467;
+/// `memfd_secret` (Linux 5.14).
+const SYS_MEMFD_SECRET: libc::c_long = 447;
 const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541c;
 const TIOCSETD: u32 = 0x5423;
@@ -169,6 +181,9 @@ static COMMON_RULES: &[DenyRule] = &[
     always("fsmount", libc::SYS_fsmount, "new mount API: creates mounts"),
     always("fspick", libc::SYS_fspick, "new mount API: reconfigures existing mounts"),
     always("mount_setattr", libc::SYS_mount_setattr, "changes mount attributes (read-only, idmapping)"),
+    always("open_tree_attr", SYS_OPEN_TREE_ATTR, "new mount API: clones mount trees and sets their attributes (idmapping) in one call"),
+    always("statmount", SYS_STATMOUNT, "describes mounts by id, of other mount namespaces too: the host's layout under the workspace, and new kernel surface agents do not need"),
+    always("listmount", SYS_LISTMOUNT, "lists mounts by id, of other mount namespaces too: see statmount"),
     always("open_by_handle_at", libc::SYS_open_by_handle_at, "opens files by handle, bypassing path checks (the 'shocker' escape)"),
     always("name_to_handle_at", libc::SYS_name_to_handle_at, "produces handles for open_by_handle_at and leaks inode identities"),
     always("swapon", libc::SYS_swapon, "adds swap: system state, not the agent's"),
@@ -217,16 +232,14 @@ static COMMON_RULES: &[DenyRule] = &[
     always("keyctl", libc::SYS_keyctl, "kernel keyrings: not fully namespaced, a long CVE history"),
     always("add_key", libc::SYS_add_key, "kernel keyrings: not fully namespaced, a long CVE history"),
     always("request_key", libc::SYS_request_key, "kernel keyrings; can also upcall to user space helpers"),
+    always("memfd_secret", SYS_MEMFD_SECRET, "memory removed from the kernel's direct map: a hiding place for exploit payloads, locked memory outside the memory-accounting paths agents use"),
     always("userfaultfd", libc::SYS_userfaultfd, "stalls kernel page faults at will: a standard race-widening exploit primitive"),
     always("io_uring_setup", libc::SYS_io_uring_setup, "io_uring runs operations seccomp never sees and has a long CVE history"),
     always("io_uring_enter", libc::SYS_io_uring_enter, "io_uring: see io_uring_setup"),
     always("io_uring_register", libc::SYS_io_uring_register, "io_uring: see io_uring_setup"),
     when("personality", libc::SYS_personality, &[
-        arg(0, Cmp::BitsSet(ADDR_NO_RANDOMIZE)), arg(0, Cmp::Ne(PERSONALITY_QUERY)),
-    ], "ADDR_NO_RANDOMIZE turns off ASLR for what the agent executes next"),
-    when("personality", libc::SYS_personality, &[
-        arg(0, Cmp::BitsSet(READ_IMPLIES_EXEC)), arg(0, Cmp::Ne(PERSONALITY_QUERY)),
-    ], "READ_IMPLIES_EXEC makes every readable mapping executable"),
+        arg(0, Cmp::Ne(PER_LINUX)), arg(0, Cmp::Ne(PER_LINUX32)), arg(0, Cmp::Ne(PERSONALITY_QUERY)),
+    ], "only PER_LINUX, PER_LINUX32 and the query: every flag weakens what the agent executes next (ADDR_NO_RANDOMIZE turns off ASLR, READ_IMPLIES_EXEC makes readable mappings executable, MMAP_PAGE_ZERO maps page zero, ADDR_COMPAT_LAYOUT and the ADDR_LIMIT_* flags shrink the layout's randomness, UNAME26 has leaked kernel stack), and other personas are foreign ABIs"),
     when("ioctl", libc::SYS_ioctl, &[arg(1, Cmp::Eq(TIOCSTI))],
         "TIOCSTI pushes input into the terminal, typing commands into whoever reads it next"),
     when("ioctl", libc::SYS_ioctl, &[arg(1, Cmp::Eq(TIOCLINUX))],
@@ -422,6 +435,10 @@ mod tests {
             "quotactl",
             "personality",
             "syslog",
+            "open_tree_attr",
+            "statmount",
+            "listmount",
+            "memfd_secret",
         ];
         let missing: Vec<_> = required
             .iter()

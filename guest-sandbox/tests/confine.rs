@@ -685,6 +685,33 @@ fn personality_without_aslr_is_refused() {
 }
 
 #[test]
+fn personality_with_any_flag_or_foreign_persona_is_refused() {
+    for persona in [
+        0x0004_0000_u32, // ADDR_NO_RANDOMIZE
+        0x0040_0000,     // READ_IMPLIES_EXEC
+        0x0010_0000,     // MMAP_PAGE_ZERO
+        0x0020_0000,     // ADDR_COMPAT_LAYOUT
+        0x0080_0000,     // ADDR_LIMIT_32BIT
+        0x0800_0000,     // ADDR_LIMIT_3GB
+        0x0002_0000,     // UNAME26
+        0x0002_0008,     // UNAME26 | PER_LINUX32
+        0x0000_0001,     // PER_SVR4's persona number
+    ] {
+        let code = probe(&format!("args:{}:{}", libc::SYS_personality, hex(persona)));
+        assert_eq!(code, libc::EPERM, "persona {persona:#x}");
+    }
+}
+
+#[test]
+fn personality_linux_and_linux32_pass_the_filter() {
+    // The sentinel filter under the sandbox's answers what the sandbox let through.
+    for persona in [0_u32, 0x0008] {
+        let code = probe(&format!("args:{}:{}", libc::SYS_personality, hex(persona)));
+        assert_eq!(code, support::SENTINEL_ERRNO, "persona {persona:#x}");
+    }
+}
+
+#[test]
 fn clone_with_new_user_namespace_is_refused() {
     let flags = 0x1000_0000 | u32::try_from(libc::SIGCHLD).unwrap_or(17);
     let code = probe(&format!("args:{}:{}", libc::SYS_clone, hex(flags)));

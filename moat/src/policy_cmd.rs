@@ -73,8 +73,13 @@ fn load_verified(profile: &Path, pubkey: &Path) -> Result<Policy> {
         .with_context(|| format!("{} refused", profile.display()))
 }
 
+/// How a profile is named in output: its name and its serial (which a reload may not lower).
+fn label(policy: &Policy) -> String {
+    format!("profile {:?} (serial {})", policy.name, policy.serial)
+}
+
 fn summary(policy: &Policy) {
-    println!("profile {:?}: {} rule(s)", policy.name, policy.rules.len());
+    println!("{}: {} rule(s)", label(policy), policy.rules.len());
     for rule in &policy.rules {
         let hosts: Vec<String> = rule.hosts.iter().map(ToString::to_string).collect();
         let cidrs: Vec<String> = rule.cidrs.iter().map(ToString::to_string).collect();
@@ -220,10 +225,10 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
     match policy.decide(dest) {
         Decision::Allow(rule) => {
             println!(
-                "allow: rule {:?} ({}) in profile {:?}",
+                "allow: rule {:?} ({}) in {}",
                 rule.name,
                 rule.action.as_str(),
-                policy.name
+                label(policy)
             );
             let protos: Vec<&str> = rule
                 .protocols
@@ -276,8 +281,22 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Decision::Deny(reason) => {
-            println!("deny: {reason} (default deny, profile {:?})", policy.name);
+            println!("deny: {reason} (default deny, {})", label(policy));
             Ok(ExitCode::from(3))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_profile_is_shown_with_its_serial() {
+        let p = moat_policy::profile::parse("version = 1\nname = \"t\"\nserial = 12\n").unwrap();
+        assert_eq!(label(&p), "profile \"t\" (serial 12)");
+        let p = moat_policy::profile::parse("version = 1\nname = \"t\"\n").unwrap();
+        assert_eq!(label(&p), "profile \"t\" (serial 0)");
     }
 }

@@ -150,6 +150,9 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
 }
 
 pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
+    // The egress proxy runs in this process: it holds the secret values and the workspace
+    // CA's key. `__guest-init` and the VMM are exec'd, so they start dumpable again.
+    moat_broker::keep_memory_private()?;
     // Read first: a bad enrolment directory is reported before anything starts, and the
     // workspace's name at the broker names it in the audit log too.
     let enrolment = match &args.tunnel {

@@ -52,6 +52,160 @@ fn tls_clients_are_pointed_at_the_workspace_trust_store() {
 }
 
 #[test]
+fn the_agent_cannot_signal_its_parents_through_the_process_group() {
+    let ws = Workspace::new();
+    // `kill(0, sig)` also reaches the caller, so the shell ignores what it sends in order to
+    // tell its own status; what else is in its process group gets the default action.
+    // SIGHUP and SIGQUIT would end `moat run` run by an ordinary user, SIGUSR1 also
+    // `__guest-init` (which handles neither) run by root.
+    // (Landlock's signal scoping, from ABI 6, refuses these too where the kernel has it: the
+    // agent's own session, checked first, is what holds on every kernel.) The agent leads its
+    // session and process group (inside the workspace's pid namespace, a group or session led
+    // from outside it shows as 0).
+    let out = ws.run(
+        "ps -o pid=,pgid=,sid= -p $$; \
+         trap '' HUP QUIT USR1; kill -HUP 0; kill -QUIT 0; kill -USR1 0; echo survived; exit 3",
+    );
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    let ids: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(ids.len(), 3, "{stdout}");
+    assert!(
+        ids[0] == ids[1] && ids[1] == ids[2],
+        "the agent does not lead its own session and process group: pid, pgid, sid = {ids:?}"
+    );
+    assert_eq!(
+        (out.status.code(), lines.next()),
+        (Some(3), Some("survived")),
+        "status {:?}, stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn ctrl_c_at_the_terminal_still_reaches_the_agent() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let ws = Workspace::new();
+    // A process group of its own, as a terminal's foreground job: the terminal's Ctrl-C is a
+    // SIGINT to that whole group, which the agent, in a session of its own, is no longer in.
+    let mut child = ws
+        .command("trap 'echo got-int; exit 42' INT; echo ready; while :; do sleep 0.1; done")
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pgid = i32::try_from(child.id()).unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "got-int\n");
+    assert_eq!(status.code(), Some(42));
+}
+
+#[test]
+fn descriptors_moat_run_inherited_do_not_reach_the_agent() {
+    let ws = Workspace::new();
+    let inner = ws.command("ls /proc/self/fd");
+    // fd 5 opened without close-on-exec by the shell that starts `moat run`, as a careless
+    // caller would leave one.
+    let mut outer = Command::new("sh");
+    outer
+        .arg("-c")
+        .arg("exec 5</etc/hostname; exec \"$@\"")
+        .arg("sh")
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            outer.env(k, v);
+        }
+    }
+    let out = outer.output().unwrap();
+    // 0, 1, 2, and the directory ls itself opened.
+    assert_eq!(
+        text(&out.stdout),
+        "0\n1\n2\n3\n",
+        "status {:?}, stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+}
+
+/// The host pids of `pid`'s children (every thread's).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+#[test]
+fn the_agents_home_is_nosuid_and_nodev_for_pid_1_too() {
+    use std::io::{BufRead, Write};
+    let ws = Workspace::new();
+    let mut child = ws
+        .command("echo ready; read line")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // PID 1 is `moat run`'s grandchild (through `__guest-init`): the one whose last pid in
+    // its namespaces is 1. The agent's own view is made nosuid again by its sandbox; PID 1's,
+    // the bind guest-init made, is what is checked here. mountinfo is readable by anyone.
+    let pid1 = children(child.id())
+        .into_iter()
+        .flat_map(children)
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"))
+        })
+        .expect("the workspace's PID 1");
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid1}/mountinfo")).unwrap();
+    let home = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/home/agent"))
+        .unwrap_or_else(|| panic!("no /home/agent mount in PID 1's view:\n{mountinfo}"));
+    let options: Vec<&str> = home.split(' ').nth(5).unwrap_or("").split(',').collect();
+    child.stdin.take().unwrap().write_all(b"done\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        options.contains(&"nosuid") && options.contains(&"nodev"),
+        "PID 1's /home/agent: {home}"
+    );
+}
+
+#[test]
 fn host_secrets_are_not_visible_inside() {
     let ws = Workspace::new();
     let out = ws.run(

@@ -34,6 +34,7 @@
 
 pub mod addr;
 pub mod host;
+pub mod path;
 pub mod profile;
 pub mod secret;
 pub mod service;
@@ -47,6 +48,7 @@ use serde::Deserialize;
 
 pub use addr::{AddrClass, classify};
 pub use host::{HostPattern, normalize};
+pub use path::{PathError, normalize_path};
 pub use secret::{Presentation, SecretSource, SecretSpec};
 pub use service::{ServiceName, ServiceNameError};
 
@@ -155,6 +157,10 @@ impl Rule {
 pub struct Policy {
     /// The profile's name.
     pub name: String,
+    /// The profile's serial (0 where it has none): signed with it, and raised by its signer at
+    /// every new version, so that an enforcing proxy can refuse an older, validly signed profile
+    /// replayed in its place (rollback).
+    pub serial: u64,
     /// Rules in profile order; the first match decides.
     pub rules: Vec<Rule>,
     /// Secrets the proxy injects on intercepted flows, in profile order.

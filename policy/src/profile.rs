@@ -3,6 +3,7 @@
 //! ```toml
 //! version = 1
 //! name = "team-default"
+//! serial = 42                       # raised at every signing; a reload may not lower it
 //!
 //! [[rules]]
 //! name = "github"
@@ -134,6 +135,9 @@ pub enum ProfileError {
 struct ProfileFile {
     version: u32,
     name: String,
+    /// Absent: 0, below every profile that has one.
+    #[serde(default)]
+    serial: u64,
     #[serde(default)]
     rules: Vec<RuleFile>,
     /// Parsed one by one, so that an error can name the secret.
@@ -305,6 +309,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
     }
     Ok(Policy {
         name: file.name,
+        serial: file.serial,
         rules,
         secrets,
     })
@@ -471,6 +476,24 @@ presentation = "authorization_bearer"
 
     fn with(extra: &str) -> Result<Policy, ProfileError> {
         parse(&format!("{BASE}{extra}"))
+    }
+
+    #[test]
+    fn serial_is_read_and_absent_means_zero() {
+        assert_eq!(with("").unwrap().serial, 0);
+        let p =
+            parse(&BASE.replace("name = \"inject\"\n", "name = \"inject\"\nserial = 7\n")).unwrap();
+        assert_eq!(p.serial, 7);
+        for bad in ["serial = -1", "serial = \"7\"", "serial = 1.5"] {
+            let text = BASE.replace(
+                "name = \"inject\"\n",
+                &format!("name = \"inject\"\n{bad}\n"),
+            );
+            assert!(
+                matches!(parse(&text), Err(ProfileError::Syntax(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -86,23 +86,24 @@ impl SecretSpec {
         self.ports.contains(&port) && self.hosts.iter().any(|p| p.matches(host))
     }
 
-    /// Is the secret bound to this host, port and request path? A path with dot segments or
-    /// encoded dots or slashes never matches a path prefix: the upstream could resolve it to a
-    /// path outside the prefix.
+    /// Is the secret bound to this host, port and request path? The path is matched against
+    /// the prefixes in its normalised form ([`crate::path::normalize_path`]); a path that has
+    /// none (path parameters, double encoding, encoded separators, non-ASCII) never matches a
+    /// prefix, since the upstream could read it as a path outside the prefix.
     pub fn binds(&self, host: &str, port: u16, path: &str) -> bool {
         self.binds_host(host, port)
             && (self.paths.is_empty()
-                || (plain_path(path) && self.paths.iter().any(|p| path.starts_with(p.as_str()))))
+                || crate::path::normalize_path(path).is_ok_and(|p| {
+                    self.paths
+                        .iter()
+                        .any(|prefix| p.starts_with(prefix.as_str()))
+                }))
     }
-}
 
-fn plain_path(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    !lower.contains("%2e")
-        && !lower.contains("%2f")
-        && !lower.contains("%5c")
-        && !path.contains('\\')
-        && path.split('/').all(|seg| seg != "." && seg != "..")
+    /// Does the request's path decide whether this secret applies (it has path prefixes)?
+    pub fn has_paths(&self) -> bool {
+        !self.paths.is_empty()
+    }
 }
 
 /// Is `name` a valid HTTP header field name (an RFC 9110 token)?
@@ -164,9 +165,22 @@ mod tests {
             "/v1/../admin",
             "/v1/%2e%2e/admin",
             "/v1/..%2Fadmin",
-            "/v1/./x",
+            "/v1/..;/admin",
+            "/v1/%252e%252e/admin",
+            "/v1/%c0%ae%c0%ae/admin",
+            "/v1/\u{e9}/../../admin",
+            "/v1/..\\admin",
+            "/v2/../v1x",
         ] {
             assert!(!s.binds("api.example.com", 443, path), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_path_is_matched_in_its_normalised_form() {
+        let s = spec(&["/v1/"]);
+        for path in ["/v1/./x", "/v2/../v1/x", "/%76%31/x", "/v1/a/../b"] {
+            assert!(s.binds("api.example.com", 443, path), "{path}");
         }
     }
 }

@@ -365,6 +365,17 @@ impl Ctx {
             };
             return self.refuse(&head, r);
         }
+        if let Some(method) = inject::reflecting_method(parts.method.as_str()) {
+            let r = Refusal {
+                status: StatusCode::NOT_IMPLEMENTED,
+                reason: Reason::RequestRefused,
+                detail: format!(
+                    "{method} echoes the request, with the credentials the proxy would inject, \
+                     back to the agent: not forwarded on intercepted flows"
+                ),
+            };
+            return self.refuse(&head, r);
+        }
         // From here on, names are the upstream's: a routed rule's secrets are bound to its
         // route (the provider), not to the in-workspace name.
         let routed = self.flow.routed();
@@ -373,6 +384,12 @@ impl Ctx {
             self.flow.upstream_addr.port(),
         );
         let secrets = self.shared.secrets();
+        // Where a path prefix decides whether a secret is sent, the path is normalised once and
+        // the upstream is sent that form: it then routes exactly the path the prefix matched.
+        // A path with no normal form is refused rather than guessed at.
+        if let Err(r) = inject::normalize_for_prefixes(&mut parts.uri, &secrets, host, port) {
+            return self.refuse(&head, r);
+        }
         let injected = match inject::apply_secrets(
             &mut parts.headers,
             parts.method.as_str(),

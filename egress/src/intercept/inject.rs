@@ -58,6 +58,20 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
 ];
 
+/// Methods whose answer is the request itself (RFC 9110 9.3.8 TRACE, and IIS's TRACK): the
+/// upstream would send the injected secret back to the agent. Compared without regard to case,
+/// as some servers do. No other registered method is defined to reflect the request; an
+/// endpoint that echoes headers is the residual risk named in the threat model.
+const REFLECTING_METHODS: &[&str] = &["TRACE", "TRACK"];
+
+/// The reflecting method `method` is, if it is one (refused on intercepted flows).
+pub fn reflecting_method(method: &str) -> Option<&'static str> {
+    REFLECTING_METHODS
+        .iter()
+        .find(|m| m.eq_ignore_ascii_case(method))
+        .copied()
+}
+
 /// Splits `host[:port]` (a Host header or URI authority) and normalises the name.
 fn parse_authority(value: &str) -> Option<(String, Option<u16>)> {
     if value.contains('@') || value.starts_with('[') {
@@ -110,6 +124,49 @@ pub fn check_authority(
     if uri.scheme().is_some_and(|s| s != &http::uri::Scheme::HTTPS) {
         return Err(mismatch("a non-https scheme"));
     }
+    Ok(())
+}
+
+/// Rule 1b: where a secret bound to this host has path prefixes, replaces the request's path
+/// by its normal form ([`moat_policy::normalize_path`]), query kept, or refuses the request
+/// when it has none. Other requests are left as they are (their path decides nothing).
+pub fn normalize_for_prefixes(
+    uri: &mut Uri,
+    secrets: &Secrets,
+    host: &str,
+    port: u16,
+) -> Result<(), Refusal> {
+    let decides = secrets
+        .iter()
+        .any(|(spec, _)| spec.has_paths() && spec.binds_host(host, port));
+    if !decides {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Reason::RequestRefused,
+            format!(
+                "the request path cannot be normalised for this host's secret path prefixes: {why}"
+            ),
+        )
+    };
+    let path = moat_policy::normalize_path(uri.path()).map_err(|e| refuse(e.to_string()))?;
+    if path == uri.path() {
+        return Ok(());
+    }
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        target
+            .parse()
+            .map_err(|_| refuse("the normalised path is not a valid target".into()))?,
+    );
+    *uri =
+        Uri::from_parts(parts).map_err(|_| refuse("the normalised target is not valid".into()))?;
     Ok(())
 }
 
@@ -256,6 +313,16 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn trace_and_track_are_reflecting_methods_in_any_case() {
+        for m in ["TRACE", "trace", "Trace", "TRACK", "track"] {
+            assert!(reflecting_method(m).is_some(), "{m}");
+        }
+        for m in ["GET", "POST", "OPTIONS", "PUT", "TRACES", "TRAC"] {
+            assert_eq!(reflecting_method(m), None, "{m}");
+        }
     }
 
     fn secrets(profile_secrets: &str) -> std::sync::Arc<Secrets> {

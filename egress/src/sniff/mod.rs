@@ -14,8 +14,9 @@ pub const MAX_SNIFF: usize = tls::MAX_CLIENT_HELLO + 5 * 4 + 64;
 /// What the first bytes of a flow turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sniffed {
-    /// TLS, with the ClientHello's server name if it had one.
-    Tls(Option<String>),
+    /// TLS, with the ClientHello's server name if it had one, and the extension (ECH or ESNI)
+    /// that hides the name it really asks for, if it had one.
+    Tls(Option<String>, Option<u16>),
     /// Plain HTTP for this host (and port, if the Host header named one).
     Http(String, Option<u16>),
     /// Neither: opaque bytes.
@@ -26,7 +27,7 @@ impl Sniffed {
     /// The policy protocol this corresponds to.
     pub fn protocol(&self) -> Protocol {
         match self {
-            Sniffed::Tls(_) => Protocol::Tls,
+            Sniffed::Tls(..) => Protocol::Tls,
             Sniffed::Http(..) => Protocol::Http,
             Sniffed::Other => Protocol::Tcp,
         }
@@ -38,7 +39,7 @@ pub fn sniff(buf: &[u8]) -> Result<Option<Sniffed>, Reason> {
     match buf.first() {
         None => Ok(None),
         Some(22) => match tls::parse(buf) {
-            Ok(Some(hello)) => Ok(Some(Sniffed::Tls(hello.server_name))),
+            Ok(Some(hello)) => Ok(Some(Sniffed::Tls(hello.server_name, hello.hidden_name))),
             Ok(None) => Ok(None),
             Err(_) => Err(Reason::TlsMalformed),
         },
@@ -56,8 +57,8 @@ pub fn sniff(buf: &[u8]) -> Result<Option<Sniffed>, Reason> {
 /// Holds what was sniffed to the flow's hostname (if named) and destination port.
 pub fn check(sniffed: &Sniffed, hostname: Option<&str>, port: u16) -> Result<(), Reason> {
     match (sniffed, hostname) {
-        (Sniffed::Tls(None), Some(_)) => Err(Reason::SniMissing),
-        (Sniffed::Tls(Some(sni)), Some(host)) if sni != host => Err(Reason::SniMismatch),
+        (Sniffed::Tls(None, _), Some(_)) => Err(Reason::SniMissing),
+        (Sniffed::Tls(Some(sni), _), Some(host)) if sni != host => Err(Reason::SniMismatch),
         (Sniffed::Http(host, _), Some(want)) if host != want => Err(Reason::HostMismatch),
         (Sniffed::Http(_, Some(p)), _) if *p != port => Err(Reason::HostMismatch),
         _ => Ok(()),

@@ -4,7 +4,9 @@
 //! It reassembles the handshake message across TLS records (a ClientHello may be split), bounds
 //! it at [`MAX_CLIENT_HELLO`], and refuses: a non-handshake first record, a handshake that is not
 //! a ClientHello, truncated vectors, trailing bytes, duplicated extensions, a server_name
-//! extension with more than one host name, an empty or non-DNS host name.
+//! extension with more than one host name, an empty or non-DNS host name. It reports an
+//! Encrypted ClientHello (or its draft predecessor, ESNI): the name such a hello really asks
+//! for is encrypted, so the SNI it shows proves nothing (the flow decides what to do).
 
 /// Largest ClientHello accepted (post-quantum key shares make them ~2 KiB; 16 KiB is generous).
 pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
@@ -13,6 +15,11 @@ const RECORD_HANDSHAKE: u8 = 22;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const EXT_SERVER_NAME: u16 = 0;
 const NAME_TYPE_HOST: u8 = 0;
+/// `encrypted_client_hello` (RFC 9849, draft-ietf-tls-esni-13 onwards): the real ClientHello,
+/// server name included, encrypted to the server; the visible SNI is a public front name.
+pub const EXT_ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
+/// `encrypted_server_name`, the draft ESNI extension ECH replaced (still sent by old clients).
+pub const EXT_ENCRYPTED_SERVER_NAME: u16 = 0xffce;
 
 /// Why a ClientHello was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +52,10 @@ pub enum TlsError {
 pub struct ClientHello {
     /// The SNI host name, normalised, if the extension is present.
     pub server_name: Option<String>,
+    /// The extension that hides the name the client really asks for
+    /// ([`EXT_ENCRYPTED_CLIENT_HELLO`] or [`EXT_ENCRYPTED_SERVER_NAME`]), if there is one. Its
+    /// content is opaque (GREASE looks the same as a real one), so only its presence counts.
+    pub hidden_name: Option<u16>,
 }
 
 /// Reads a ClientHello from the start of `buf`. `Ok(None)`: a valid prefix, read more.
@@ -148,7 +159,10 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, TlsError> {
     }
     if r.is_empty() {
         // No extensions at all (TLS 1.0-era clients): no SNI.
-        return Ok(ClientHello { server_name: None });
+        return Ok(ClientHello {
+            server_name: None,
+            hidden_name: None,
+        });
     }
     let mut exts = Reader(r.vec16()?);
     if !r.is_empty() {
@@ -156,6 +170,7 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, TlsError> {
     }
     let mut seen: Vec<u16> = Vec::new();
     let mut server_name = None;
+    let mut hidden_name = None;
     while !exts.is_empty() {
         let kind = exts.u16()?;
         let data = exts.vec16()?;
@@ -166,8 +181,15 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, TlsError> {
         if kind == EXT_SERVER_NAME {
             server_name = Some(parse_server_name(data)?);
         }
+        if kind == EXT_ENCRYPTED_CLIENT_HELLO || kind == EXT_ENCRYPTED_SERVER_NAME {
+            // The first one found; a second of the same kind was refused above.
+            hidden_name.get_or_insert(kind);
+        }
     }
-    Ok(ClientHello { server_name })
+    Ok(ClientHello {
+        server_name,
+        hidden_name,
+    })
 }
 
 fn parse_server_name(data: &[u8]) -> Result<String, TlsError> {
@@ -272,6 +294,19 @@ pub(crate) mod tests {
     fn missing_sni_is_reported_as_none() {
         let hello = client_hello(&[(10, vec![0, 2, 0, 29])], 4096);
         assert_eq!(parse(&hello).unwrap().unwrap().server_name, None);
+    }
+
+    #[test]
+    fn encrypted_client_hello_and_esni_are_reported() {
+        for kind in [EXT_ENCRYPTED_CLIENT_HELLO, EXT_ENCRYPTED_SERVER_NAME] {
+            // A public front name in the clear; the opaque payload would name anything.
+            let hello = client_hello(&[sni(&["front.example"]), (kind, vec![0, 1, 2, 3])], 4096);
+            let got = parse(&hello).unwrap().unwrap();
+            assert_eq!(got.hidden_name, Some(kind), "{kind:#x}");
+            assert_eq!(got.server_name.as_deref(), Some("front.example"));
+        }
+        let plain = client_hello(&[sni(&["front.example"])], 4096);
+        assert_eq!(parse(&plain).unwrap().unwrap().hidden_name, None);
     }
 
     #[test]
