@@ -12,6 +12,7 @@
 #[macro_use]
 mod common;
 
+use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 

@@ -23,14 +23,20 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         ("MOAT_LINUX_INITRAMFS", initramfs),
         ("MOAT_LINUX_PCI_KERNEL", gpu_kernel.vmlinux),
     ];
-    run_cmd(
+    // Every test binary runs even when one fails: a failure never hides the rest, and the VM
+    // tests in L1 run whatever happened on the host.
+    let host = run_cmd(
         setup::cargo()
             .current_dir(root())
-            // Every test binary runs even when one fails: a failure never hides the rest.
             .args(["test", "--workspace", "--locked", "--no-fail-fast"])
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v))),
-    )?;
+    );
     // Where /dev/kvm cannot run a guest's user space, the VM tests run again inside L1.
-    crate::l1::run_vm_tests(&env)
+    let vm = crate::l1::run_vm_tests(&env);
+    match (host, vm) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(host), Err(vm)) => anyhow::bail!("{host:#}; and inside L1: {vm:#}"),
+    }
 }
