@@ -106,7 +106,12 @@ pub(crate) fn kernel_gpu() -> Result<Kernel> {
 }
 
 /// The kernel with SMP (`images/kernel/smp.fragment`): what the SMP boot test brings up
-/// several vCPUs with (`MOAT_LINUX_SMP_KERNEL`).
+/// several vCPUs with (`MOAT_LINUX_SMP_KERNEL`, set for the VM tests in L1).
+///
+/// Not the workspace kernel: measured on kvm_pvm (1 vCPU, 512 MiB, the guest-init initramfs,
+/// to `Run /init`), this one takes 77.5 and 73.9 s against 32.0 and 28.5 s without SMP, 2.5
+/// times as long where guest kernel mode is emulated; `moat run` gives one vCPU by default.
+/// Inside L1 (real KVM) it brings up 2 vCPUs in 0.65 s of guest time.
 pub(crate) fn kernel_smp() -> Result<Kernel> {
     build_kernel("kernel-smp", &["config.fragment", "smp.fragment"])
 }
