@@ -61,6 +61,9 @@ const L1_MODULES: &[&str] = &[
 const L1_RECIPE: &str = "l1 recipe 1: debian kernel + busybox initramfs, 9p root, switch_root";
 /// The outer timeout of one L1 run unless `--timeout` says otherwise.
 const DEFAULT_TIMEOUT_SECS: u64 = 1800;
+/// The outer timeout of the VM tests' L1: they take 3 to 4 minutes with its boot (2026-12-06),
+/// so an L1 still running after this has frozen.
+const VM_TESTS_TIMEOUT_SECS: u64 = 900;
 /// Our exit status when L1 hung past its timeout (as timeout(1) reports one).
 pub(crate) const EXIT_HUNG: i32 = 124;
 /// Our exit status when L1 stopped without reporting CMD's status (a panic, a failed mount).
@@ -781,12 +784,22 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
         env: job_env,
         // The tests' scratch directories (CARGO_TARGET_TMPDIR).
         rw: vec![tmp],
-        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+        timeout: Duration::from_secs(VM_TESTS_TIMEOUT_SECS),
     };
-    match boot(&job)? {
+    let mut outcome = boot(&job)?;
+    if outcome == Outcome::Hung {
+        // Every moat-vmm run inside has its own timeout, so a hang is L1 itself freezing (both
+        // CPUs spinning with interrupts off; shared/design/NESTED-KVM.md), not a test.
+        eprintln!(
+            "xtask l1: L1 froze during the VM tests (a known problem of the emulated L1, seen \
+             after tens of VM boots): running them once more in a fresh L1"
+        );
+        outcome = boot(&job)?;
+    }
+    match outcome {
         Outcome::Exited(0) => Ok(()),
         Outcome::Exited(code) => bail!("VM tests failed inside L1 (exit status {code})"),
-        Outcome::Hung => bail!("L1 hung while running the VM tests (see above)"),
+        Outcome::Hung => bail!("L1 hung twice while running the VM tests (see above)"),
         Outcome::NoStatus => bail!("L1 stopped before the VM tests finished (see above)"),
     }
 }
