@@ -788,11 +788,13 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
     };
     let mut outcome = boot(&job)?;
     if outcome == Outcome::Hung {
-        // Every moat-vmm run inside has its own timeout, so a hang is L1 itself freezing (both
-        // CPUs spinning with interrupts off; shared/design/NESTED-KVM.md), not a test.
+        // Every moat-vmm run inside has its own timeout, so a hang is most likely L1 itself
+        // freezing (both CPUs spinning with interrupts off; shared/design/NESTED-KVM.md), seen
+        // once in a full run here (2026-12-06, inside probe_console, 1 of 3 full runs).
         eprintln!(
-            "xtask l1: L1 froze during the VM tests (a known problem of the emulated L1, seen \
-             after tens of VM boots): running them once more in a fresh L1"
+            "xtask l1: the VM tests' L1 did not finish within {VM_TESTS_TIMEOUT_SECS} s (most \
+             likely the emulated L1 froze, a known problem after tens of VM boots): running \
+             them once more in a fresh L1"
         );
         outcome = boot(&job)?;
     }
