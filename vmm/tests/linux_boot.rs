@@ -107,9 +107,10 @@ const PVM_CMDLINE: &str =
 fn smp_linux_brings_up_every_vcpu_from_our_mp_table() {
     require_kvm!();
     let Some(kernel) = std::env::var_os("MOAT_LINUX_SMP_KERNEL").map(PathBuf::from) else {
-        eprintln!(
-            "SKIPPED: set MOAT_LINUX_SMP_KERNEL to a vmlinux built like `cargo xtask images \
-             kernel` with CONFIG_SMP=y added (this boot takes about 100 s here)"
+        common::skip(
+            "set MOAT_LINUX_SMP_KERNEL to the vmlinux `cargo xtask images kernel-smp` builds \
+             (`cargo xtask test` sets it for the VM tests in L1; under kvm_pvm this boot takes \
+             about 100 s)",
         );
         return;
     };

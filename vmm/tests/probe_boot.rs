@@ -123,6 +123,24 @@ fn guest_triple_fault_exits_with_code_3() {
 }
 
 #[test]
+fn an_exception_in_the_probe_is_reported_by_its_idt_not_a_triple_fault() {
+    require_kvm!();
+    let run = common::run_vmm(
+        "fault",
+        &["--kernel", &probe(), "--cmdline", "probe.fault=1"],
+    );
+    assert!(run.has_line("probe: faulting on purpose"), "{}", run.serial);
+    assert!(
+        run.serial
+            .lines()
+            .any(|l| l.starts_with("probe: FAIL exception 6 error 0x0 rip 0x")),
+        "{}",
+        run.serial
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+}
+
+#[test]
 fn hung_guest_is_stopped_by_the_timeout_with_code_4() {
     require_kvm!();
     let dir = common::scratch("hang-serial");

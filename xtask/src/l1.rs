@@ -16,6 +16,10 @@
 //! - CMD runs in the caller's working directory with the caller's environment (written into a
 //!   read-write work share with the command), its output streams through the serial console,
 //!   and its exit status (written back into the work share) becomes ours;
+//! - L1 is a q35 machine with an Intel IOMMU (interrupt remapping, snoop control) and QEMU's
+//!   educational PCI device `edu` (1234:11e8: a BAR, MSI, DMA) behind it; before CMD runs the
+//!   device is bound to vfio-pci and named in `MOAT_VFIO_DEVICE`, so the real VFIO path
+//!   (`moat-vmm --gpu`) runs in every L1 (vmm/tests/vfio_host.rs, docs/gpu.md);
 //! - every run has an outer timeout: the L1 has been seen to freeze (both CPUs spinning with
 //!   interrupts off), which is reported as a hang with its own exit status, [`EXIT_HUNG`].
 //!
@@ -57,6 +61,10 @@ const L1_MODULES: &[&str] = &[
 const L1_RECIPE: &str = "l1 recipe 1: debian kernel + busybox initramfs, 9p root, switch_root";
 /// The outer timeout of one L1 run unless `--timeout` says otherwise.
 const DEFAULT_TIMEOUT_SECS: u64 = 1800;
+/// The outer timeout of the VM tests' L1: they take 8 to 10 minutes with its boot on our
+/// 2-core machines (2026-12-06, every backend scenario through the VM included), so an L1
+/// still running after this has frozen.
+const VM_TESTS_TIMEOUT_SECS: u64 = 1200;
 /// Our exit status when L1 hung past its timeout (as timeout(1) reports one).
 pub(crate) const EXIT_HUNG: i32 = 124;
 /// Our exit status when L1 stopped without reporting CMD's status (a panic, a failed mount).
@@ -424,7 +432,25 @@ fn sh_quote(s: &OsStr) -> Vec<u8> {
     q
 }
 
-/// The script L1 runs: the caller's environment (names a shell can set), directory and command.
+/// What L1 runs before CMD, after the caller's environment: binds QEMU's edu device (1234:11e8,
+/// alone in its IOMMU group) to vfio-pci and names it in `MOAT_VFIO_DEVICE`, so that moat-vmm
+/// can pass it through (`--gpu`) and vmm/tests/vfio_host.rs finds it.
+const VFIO_PRELUDE: &str = r#"for d in /sys/bus/pci/devices/*; do
+  [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] || continue
+  a=${d##*/}
+  echo vfio-pci > "$d/driver_override"
+  [ -e "$d/driver" ] && echo "$a" > "$d/driver/unbind"
+  echo "$a" > /sys/bus/pci/drivers_probe
+  if [ -e "/sys/bus/pci/drivers/vfio-pci/$a" ]; then
+    export MOAT_VFIO_DEVICE="$a"
+  else
+    echo "moat-l1: cannot bind the edu device $a to vfio-pci"
+  fi
+done
+"#;
+
+/// The script L1 runs: the caller's environment (names a shell can set), [`VFIO_PRELUDE`],
+/// directory and command.
 fn command_script(job: &Job) -> Vec<u8> {
     let mut s = Vec::new();
     for (k, v) in &job.env {
@@ -440,6 +466,7 @@ fn command_script(job: &Job) -> Vec<u8> {
             s.push(b'\n');
         }
     }
+    s.extend_from_slice(VFIO_PRELUDE.as_bytes());
     s.extend_from_slice(b"cd ");
     s.extend(sh_quote(job.cwd.as_os_str()));
     s.extend_from_slice(b" || exit 125\nexec");
@@ -466,8 +493,17 @@ fn boot_in(job: &Job, pieces: &Pieces, work: &Path) -> Result<Outcome> {
     std::fs::write(work.join("cmd.sh"), command_script(job))?;
     let mut rw_lines = String::new();
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-machine", "pc", "-accel", "tcg", "-cpu", "max,-la57"])
+    qemu.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max,-la57"])
         .args(["-smp", "2", "-m", "3072"])
+        // An IOMMU (first: it must exist before the devices it translates for) and QEMU's
+        // educational PCI device behind it, for the real VFIO path (`VFIO_PRELUDE`).
+        // snoop-control=on: without it moat-vmm refuses the container (no cache-coherent DMA).
+        .args([
+            "-device",
+            "intel-iommu,intremap=on,snoop-control=on",
+            "-device",
+            "edu",
+        ])
         .args([
             "-nographic",
             "-nodefaults",
@@ -481,7 +517,7 @@ fn boot_in(job: &Job, pieces: &Pieces, work: &Path) -> Result<Outcome> {
         .arg(&pieces.initramfs)
         .args([
             "-append",
-            "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
+            "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off intel_iommu=on iommu=pt",
         ])
         .args([
             "-virtfs",
@@ -748,18 +784,39 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
     // Inside L1 KVM is real, we are root with user namespaces: a VM test that would skip
     // fails instead (vmm/tests/common `skip`, vm_e2e `skip_full`).
     job_env.push(("MOAT_EXPECT_REAL_KVM".into(), "1".into()));
+    // Every L1 has an edu device bound to vfio-pci (`VFIO_PRELUDE`): the real VFIO tests
+    // (vmm/tests/vfio_host.rs) must run, not skip.
+    job_env.push(("MOAT_EXPECT_VFIO".into(), "1".into()));
+    // The SMP boot (vmm/tests/linux_boot.rs) runs here only: it is slow where guest kernel
+    // mode is emulated (kvm_pvm).
+    job_env.push((
+        "MOAT_LINUX_SMP_KERNEL".into(),
+        crate::images::kernel_smp()?.vmlinux.into(),
+    ));
     let job = Job {
         argv: vec!["sh".into(), script_path.into()],
         cwd: root(),
         env: job_env,
         // The tests' scratch directories (CARGO_TARGET_TMPDIR).
         rw: vec![tmp],
-        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+        timeout: Duration::from_secs(VM_TESTS_TIMEOUT_SECS),
     };
-    match boot(&job)? {
+    let mut outcome = boot(&job)?;
+    if outcome == Outcome::Hung {
+        // Every moat-vmm run inside has its own timeout, so a hang is most likely L1 itself
+        // freezing (both CPUs spinning with interrupts off; shared/design/NESTED-KVM.md), seen
+        // once in a full run here (2026-12-06, inside probe_console, 1 of 3 full runs).
+        eprintln!(
+            "xtask l1: the VM tests' L1 did not finish within {VM_TESTS_TIMEOUT_SECS} s (most \
+             likely the emulated L1 froze, a known problem after tens of VM boots): running \
+             them once more in a fresh L1"
+        );
+        outcome = boot(&job)?;
+    }
+    match outcome {
         Outcome::Exited(0) => Ok(()),
         Outcome::Exited(code) => bail!("VM tests failed inside L1 (exit status {code})"),
-        Outcome::Hung => bail!("L1 hung while running the VM tests (see above)"),
+        Outcome::Hung => bail!("L1 hung twice while running the VM tests (see above)"),
         Outcome::NoStatus => bail!("L1 stopped before the VM tests finished (see above)"),
     }
 }
@@ -878,9 +935,11 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         let script = String::from_utf8(command_script(&job)).unwrap();
+        let (env, rest) = script.split_once(VFIO_PRELUDE).unwrap();
+        assert_eq!(env, "export GOOD='x'\\''y z'\n");
         assert_eq!(
-            script,
-            "export GOOD='x'\\''y z'\ncd '/work/a b' || exit 125\n\
+            rest,
+            "cd '/work/a b' || exit 125\n\
              exec 'sh' '-c' 'echo '\\''it'\\'''\\''s'\\''; exit 3'\n"
         );
     }

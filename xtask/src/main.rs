@@ -33,7 +33,7 @@ verbs:
                     and throughput through broker and tunnel beside direct ssh, 1000
                     sessions on one tunnel
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
-  images [kernel|kernel-gpu|initramfs|rootfs|all]
+  images [kernel|kernel-gpu|kernel-smp|initramfs|rootfs|all]
                     build the VM images (cached in target/moat-images by a hash of their
                     recipes in images/; an interrupted build resumes)
   run-vm [-- command]

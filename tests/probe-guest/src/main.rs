@@ -15,6 +15,7 @@
 
 mod blk;
 mod entry;
+mod idt;
 mod io;
 mod pci;
 mod pvh;
@@ -28,11 +29,16 @@ use io::Serial;
 /// Called by the entry trampoline in long mode with the physical address of `hvm_start_info`.
 #[unsafe(no_mangle)]
 extern "C" fn probe_main(start_info: u32) -> ! {
+    idt::load();
     let mut out = Serial;
     let _ = writeln!(out, "probe: hello from the probe guest");
     let result = run(&mut out, u64::from(start_info));
     match result {
         Ok(()) => {
+            let nmis = idt::nmis();
+            if nmis != 0 {
+                let _ = writeln!(out, "probe: nmis {nmis}");
+            }
             let _ = writeln!(out, "probe: done");
         }
         Err(why) => {
@@ -80,6 +86,11 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
         let _ = writeln!(out, "probe: crashing on purpose");
         io::triple_fault();
     }
+    if param(cmdline, "probe.fault=").is_some() {
+        let _ = writeln!(out, "probe: faulting on purpose");
+        // SAFETY: raises #UD, which the IDT's gate reports; it never returns.
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack, noreturn)) };
+    }
     if param(cmdline, "probe.hang=").is_some() {
         let _ = writeln!(out, "probe: hanging on purpose");
         io::hang();
@@ -100,6 +111,7 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
     }
     match param(cmdline, "probe.pci=") {
         Some("list") => pci::list(out),
+        Some("edu") => pci::edu(out)?,
         Some(_) => pci::test(out)?,
         None => {}
     }
