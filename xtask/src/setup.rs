@@ -490,7 +490,11 @@ pub(crate) fn ensure(jobs: &[Job]) -> Result<()> {
         }
     }
     if let Some(rustup) = rustup {
-        for (_, target, why) in TARGETS.iter().filter(|(_, t, _)| targets.contains(t)) {
+        for target in &targets {
+            let why = TARGETS
+                .iter()
+                .find(|(_, t, _)| t == target)
+                .map_or("", |(_, _, why)| *why);
             eprintln!("xtask setup: adding rustup target {target} to {channel}: {why}");
             run_cmd(Command::new(&rustup).args([
                 "target",
