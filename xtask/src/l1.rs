@@ -100,7 +100,14 @@ mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
+mkdir -p /newroot/run/moat-l1/hosttmp
+mount -o bind /newroot/tmp /newroot/run/moat-l1/hosttmp || fail "cannot keep the host's /tmp"
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp || fail "no tmpfs on /tmp"
+# A job under the host's /tmp (a clone there, as CI may make) stays visible through the tmpfs.
+while read -r dir; do
+  mkdir -p "/newroot$dir" || fail "cannot make $dir"
+  mount -o bind "/newroot/run/moat-l1/hosttmp${dir#/tmp}" "/newroot$dir" || fail "cannot keep $dir"
+done < /newroot/run/moat-l1/work/keep
 while read -r tag dir; do
   mount -t 9p -o "$o" "$tag" "/newroot$dir" || fail "cannot mount $dir read-write"
 done < /newroot/run/moat-l1/work/rw
@@ -491,6 +498,14 @@ pub(crate) fn boot(job: &Job) -> Result<Outcome> {
 
 fn boot_in(job: &Job, pieces: &Pieces, work: &Path) -> Result<Outcome> {
     std::fs::write(work.join("cmd.sh"), command_script(job))?;
+    // L1's /tmp is a tmpfs of its own: a working directory under the host's /tmp is bound
+    // back over it (STAGE1), or the job would not find its files.
+    let cwd = job.cwd.canonicalize().unwrap_or_else(|_| job.cwd.clone());
+    let keep = match cwd.to_str() {
+        Some(dir) if dir.starts_with("/tmp/") && !dir.contains('\n') => format!("{dir}\n"),
+        _ => String::new(),
+    };
+    std::fs::write(work.join("keep"), keep)?;
     let mut rw_lines = String::new();
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max,-la57"])
