@@ -142,7 +142,9 @@ impl Connector {
             None => tunnel.await,
             Some(uds) => {
                 let sender = EgressSender::default();
-                let listener = match bind_private(uds) {
+                // Mode 0600 from the start (no chmod window): only this host's egress proxy,
+                // running as the same user, may ask for corporate services.
+                let listener = match crate::admin::bind(uds) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(uds = %uds.display(), "cannot listen for egress: {e}");
@@ -283,18 +285,6 @@ async fn stream(
         }
     });
     empty(StatusCode::OK)
-}
-
-/// Binds `path` (replacing a stale socket) with mode 0600: only this host's egress proxy, running
-/// as the same user, may ask for corporate services.
-fn bind_private(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        std::fs::remove_file(path)?;
-    }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
 }
 
 /// The longest egress request line (`CONNECT <63-byte name>:<port>\n` fits easily).
