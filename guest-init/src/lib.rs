@@ -10,17 +10,20 @@
 //! Namespace backend sequence ([`run_namespace`]):
 //! 1. `unshare` user, mount, pid, net, ipc, uts and cgroup namespaces; map the caller's uid/gid to root
 //!    inside (so the host user needs no privilege). Run by the host's root, root inside is
-//!    instead the unprivileged host uid/gid [`ROOT_RUN_ID`], never host uid 0: the process
-//!    first drops its supplementary groups, creates the network namespace (owned by the
-//!    initial user namespace, so the workspace cannot reconfigure it), its TUN device and its
-//!    sysfs, binds the agent's home into the run directory (refused unless [`ROOT_RUN_ID`]
-//!    owns it) and hands the mapped gid search permission on the run directory and connect
-//!    permission on its two sockets; then it unshares the rest, a child still host root
-//!    writes the maps, and the process takes root inside.
+//!    instead an unprivileged host uid/gid of the workspace's own, leased by `moat run`
+//!    ([`ids`]), never host uid 0: the process first drops its supplementary groups, creates
+//!    the network namespace (owned by the initial user namespace, so the workspace cannot
+//!    reconfigure it), its TUN device and its sysfs, binds the root image read-only and the
+//!    agent's home into the run directory (refused unless the leased id owns it) and hands the
+//!    mapped gid search permission on the run directory and connect permission on its two
+//!    sockets; then it unshares the rest, a child still host root writes the maps, and the
+//!    process takes root inside.
 //! 2. fork: the child is PID 1 of the new pid namespace; the parent only waits and relays the
 //!    exit status.
-//! 3. As PID 1: a new root: the host's root bound recursively and made read-only (every
-//!    submount too), fresh tmpfs on /tmp, /run and /home with the agent's home bound writable
+//! 3. As PID 1: a new root: the root image (by default the Debian image the VM boots; the
+//!    host's own root only with `moat run --host-root`) bound recursively and made read-only,
+//!    nosuid and nodev (every submount too), fresh tmpfs on /tmp, /run, /home and /root with
+//!    the agent's home bound writable
 //!    at /home/agent, the workspace's resolv.conf (the virtual DNS) over /etc/resolv.conf, a
 //!    fresh /proc; then pivot_root into it, so nothing of the host is writable or reachable
 //!    by path but what was bound in; then a fresh /proc, the workspace's own sysfs and cgroup2
@@ -34,6 +37,7 @@
 //! agent is not started.
 
 pub mod control;
+pub mod ids;
 mod launch;
 mod namespace;
 mod report;
@@ -44,7 +48,7 @@ pub mod vm;
 use std::path::PathBuf;
 
 pub use launch::{AgentSpec, exit_code};
-pub use namespace::{ROOT_RUN_ID, run_namespace};
+pub use namespace::{MASKED, REPLACED, run_namespace};
 pub use vm::run_vm;
 
 /// An error and its causes, on one line.
@@ -95,8 +99,8 @@ pub enum InitError {
     /// The VM's control stream to the host failed (vsock port 1027).
     #[error("cannot get the workspace from the host (vsock control stream)")]
     Control(#[source] std::io::Error),
-    /// The agent's home cannot be used (missing, or, when moat runs as root, not owned by
-    /// [`ROOT_RUN_ID`]).
+    /// The agent's home cannot be used (missing, or, when moat runs as root, not owned by the
+    /// workspace's host id).
     #[error("cannot use {} as the agent's home", .0.display())]
     Home(PathBuf, #[source] std::io::Error),
     /// The SSH session service could not be set up.
@@ -116,8 +120,14 @@ pub struct WorkspaceConfig {
     pub audit_socket: Option<PathBuf>,
     /// A directory for the workspace's own files (flow socket, resolv.conf, the new root's
     /// mount point), on the host and outside the agent's view. Run by root, its ancestors must
-    /// be searchable by [`ROOT_RUN_ID`] (the temp directory is): PID 1 reaches it by path.
+    /// be searchable by the workspace's host id (the temp directory is): PID 1 reaches it by
+    /// path.
     pub run_dir: PathBuf,
+    /// The workspace's root file system.
+    pub root: RootFs,
+    /// Run by root: the unprivileged host uid and gid the workspace's root is, leased by
+    /// `moat run` for this workspace alone ([`ids`]). Ignored otherwise (the caller's own ids).
+    pub host_id: Option<u32>,
     /// The workspace hostname.
     pub hostname: String,
     /// Extra CA certificates (PEM) the workspace trusts, added to the system trust store.
@@ -126,6 +136,18 @@ pub struct WorkspaceConfig {
     pub agent: AgentSpec,
     /// SSH sessions through the trusted access broker, if the workspace takes them.
     pub ssh: Option<SshSetup>,
+}
+
+/// The namespace backend's workspace root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootFs {
+    /// A directory holding a root file system (the Debian root image `cargo xtask images`
+    /// builds, the one the VM boots, or `moat run --rootfs DIR`): bound read-only, nosuid and
+    /// nodev. Nothing of the host's is in it.
+    Image(PathBuf),
+    /// The host's own root, read-only, minus [`MASKED`] (`moat run --host-root`): the agent
+    /// reads whatever the workspace's uid may read on the host.
+    Host,
 }
 
 /// The namespace backend's SSH session service ([`session`]).

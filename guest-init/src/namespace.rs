@@ -12,19 +12,7 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, sethostname};
 
 use crate::launch::{exit_code, run_agent};
 use crate::session::{self, SESSION_ID, Sessions};
-use crate::{InitError, WorkspaceConfig, chain};
-
-/// The host uid and gid of the workspace's root (and so of the agent) when moat runs as the
-/// host's root: an otherwise-unused id, so that nothing in the workspace is host root.
-///
-/// 2,000,000,000 lies in the range systemd documents as unused (1879048192–2147352575): above
-/// the login accounts, the dynamic service users, nobody (65534), the ranges `useradd` hands
-/// out in /etc/subuid (100000 up to about 600 million by default) and systemd-nspawn's
-/// container ranges (524288–1879048191); below the foreign-image range (2147352576) and 2^31
-/// (ids that some tools read as negative). One fixed id, so that a `--home` kept from one run
-/// is the agent's again in the next; every workspace started by root shares it (see the threat
-/// model).
-pub const ROOT_RUN_ID: u32 = 2_000_000_000;
+use crate::{InitError, RootFs, WorkspaceConfig, chain};
 
 /// The namespaces the workspace's user namespace owns.
 const OWNED_BY_THE_WORKSPACE: CloneFlags = CloneFlags::CLONE_NEWUSER
@@ -71,54 +59,22 @@ fn tun_error(e: std::io::Error) -> InitError {
 
 /// What the host's root prepares before giving up its identity: the network namespace (owned
 /// by the host's initial user namespace, so nothing in the workspace can reconfigure it) with
-/// its TUN device, that namespace's sysfs, and the agent's home.
+/// its TUN device, that namespace's sysfs, the workspace's root and the agent's home.
 struct Prepared {
     tun: moat_netstack::Tun,
     /// A sysfs of the workspace's network namespace, mounted read-only on `<run_dir>/sys`.
     sysfs: PathBuf,
+    /// The workspace's root, bound read-only on `<run_dir>/image` (an image), or `/`.
+    root: PathBuf,
     /// The agent's home, bound on `<run_dir>/agent-home` (and checked there).
     home: PathBuf,
-}
-
-/// Where the host's own files name `id` as a user or group (`/etc/passwd`, `/etc/group`) or
-/// hand it out as a subordinate id (`/etc/subuid`, `/etc/subgid`). Read directly, not through
-/// NSS (whose modules have no place in a process that is about to fork): ids from a directory
-/// service are not seen.
-fn id_in_use(id: u32) -> Option<String> {
-    type Uses = fn(&str, u32) -> bool;
-    let sources: [(&str, Uses); 4] = [
-        ("/etc/passwd", names_id),
-        ("/etc/group", names_id),
-        ("/etc/subuid", hands_out_id),
-        ("/etc/subgid", hands_out_id),
-    ];
-    sources.iter().find_map(|(path, uses)| {
-        let text = std::fs::read_to_string(path).ok()?;
-        text.lines()
-            .find(|line| uses(line, id))
-            .map(|line| format!("{path}: {line}"))
-    })
-}
-
-/// Whether a passwd or group line's id (third field) is `id`.
-fn names_id(line: &str, id: u32) -> bool {
-    line.split(':').nth(2).and_then(|f| f.parse::<u32>().ok()) == Some(id)
-}
-
-/// Whether a subuid or subgid line (`name:first:count`) covers `id`.
-fn hands_out_id(line: &str, id: u32) -> bool {
-    let mut fields = line.split(':').skip(1).map(|f| f.parse::<u64>().ok());
-    match (fields.next().flatten(), fields.next().flatten()) {
-        (Some(first), Some(count)) => (first..first.saturating_add(count)).contains(&u64::from(id)),
-        _ => false,
-    }
 }
 
 /// Hands the mapped id exactly what PID 1 needs in the run directory: search permission on
 /// the directory and connect permission on the host's two sockets, both through the group
 /// (the owner stays root, so the workspace can change no mode), nothing to other host users.
-fn hand_over_run_dir(config: &WorkspaceConfig) -> Result<(), InitError> {
-    let gid = Some(ROOT_RUN_ID);
+fn hand_over_run_dir(config: &WorkspaceConfig, id: u32) -> Result<(), InitError> {
+    let gid = Some(id);
     let give = |path: &Path, mode: u32| {
         std::os::unix::fs::lchown(path, None, gid)
             .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
@@ -132,13 +88,13 @@ fn hand_over_run_dir(config: &WorkspaceConfig) -> Result<(), InitError> {
 }
 
 /// The workspace's user namespace when the host's root starts it: root inside is host uid and
-/// gid [`ROOT_RUN_ID`]. The process gives up its supplementary groups, creates the network
-/// namespace and the TUN device while it is still host root, then unshares the workspace's
-/// namespaces; a child it forked before, still host root in the initial user namespace, writes
-/// the maps (writing an id other than one's own needs CAP_SETUID over the parent namespace, in
-/// the writer and in the opener of the map file); then the process takes root inside, that
-/// is, host uid [`ROOT_RUN_ID`].
-fn isolate_as_host_root(config: &WorkspaceConfig) -> Result<Prepared, InitError> {
+/// gid `id` (leased by `moat run`, [`crate::ids`]). The process gives up its supplementary
+/// groups, creates the network namespace and the TUN device while it is still host root, binds
+/// the workspace's root and the agent's home, then unshares the workspace's namespaces; a child
+/// it forked before, still host root in the initial user namespace, writes the maps (writing an
+/// id other than one's own needs CAP_SETUID over the parent namespace, in the writer and in the
+/// opener of the map file); then the process takes root inside, that is, host uid `id`.
+fn isolate_as_host_root(config: &WorkspaceConfig, id: u32) -> Result<Prepared, InitError> {
     let parent = nix::unistd::getppid();
     // Host root's groups (0 among them) would survive the id switch: setgroups is denied in
     // the workspace, so they go now.
@@ -167,15 +123,45 @@ fn isolate_as_host_root(config: &WorkspaceConfig) -> Result<Prepared, InitError>
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
         None,
     )?;
-    let home = bind_home(config)?;
-    switch_ids(parent)?;
-    Ok(Prepared { tun, sysfs, home })
+    // Bound while the process can still reach them wherever they are (the workspace's id may
+    // not search the directories above them), and locked as bound: read-only, nosuid and
+    // nodev cannot be undone from inside.
+    let root = match &config.root {
+        RootFs::Image(dir) => bind_image(dir, &config.run_dir.join("image"))?,
+        RootFs::Host => PathBuf::from("/"),
+    };
+    let home = bind_home(config, id)?;
+    switch_ids(parent, id)?;
+    Ok(Prepared {
+        tun,
+        sysfs,
+        root,
+        home,
+    })
+}
+
+/// Binds the root image `dir` on `target`, read-only, nosuid and nodev, and returns `target`.
+fn bind_image(dir: &Path, target: &Path) -> Result<PathBuf, InitError> {
+    mkdir(target)?;
+    mount_or(
+        "the root image",
+        Some(&*dir.to_string_lossy()),
+        target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    moat_guest_sandbox::make_tree_read_only(target).map_err(|e| InitError::Mount {
+        what: "the root image read-only",
+        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
+    })?;
+    Ok(target.to_owned())
 }
 
 /// Binds the agent's home on `<run_dir>/agent-home` while the process can still reach it
-/// wherever it is, and refuses it there unless [`ROOT_RUN_ID`] owns it: PID 1 binds it from
-/// there, so the directory checked is the directory the agent gets.
-fn bind_home(config: &WorkspaceConfig) -> Result<PathBuf, InitError> {
+/// wherever it is, and refuses it there unless `id` owns it: PID 1 binds it from there, so
+/// the directory checked is the directory the agent gets.
+fn bind_home(config: &WorkspaceConfig, id: u32) -> Result<PathBuf, InitError> {
     let home = &config.agent.home;
     let bound = config.run_dir.join("agent-home");
     mkdir(&bound)?;
@@ -189,18 +175,16 @@ fn bind_home(config: &WorkspaceConfig) -> Result<PathBuf, InitError> {
     )
     .map_err(|e| err(e.into()))?;
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&bound).map_err(err)?);
-    if owner != ROOT_RUN_ID {
+    if owner != id {
         return Err(err(std::io::Error::other(format!(
-            "it is owned by uid {owner}, and when moat runs as root the agent is host uid \
-             {ROOT_RUN_ID}: give it to that uid (chown -R {ROOT_RUN_ID}:{ROOT_RUN_ID}) or leave \
-             out --home for a fresh one"
+            "it is owned by uid {owner}, and this workspace runs as host uid {id}"
         ))));
     }
     Ok(bound)
 }
 
-/// Unshares the workspace's namespaces and becomes its root, host uid [`ROOT_RUN_ID`].
-fn switch_ids(parent: Pid) -> Result<(), InitError> {
+/// Unshares the workspace's namespaces and becomes its root, host uid `id`.
+fn switch_ids(parent: Pid, id: u32) -> Result<(), InitError> {
     let this = Pid::this();
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(InitError::Fork)?;
     // SAFETY: the caller guarantees the process is single-threaded, so the child may run
@@ -215,7 +199,7 @@ fn switch_ids(parent: Pid) -> Result<(), InitError> {
             let go = matches!(nix::unistd::read(&ready_r, &mut byte), Ok(1))
                 && nix::unistd::getppid() == this;
             let code = if go {
-                match write_root_maps(this) {
+                match write_root_maps(this, id) {
                     Ok(()) => 0,
                     Err(e) => {
                         eprintln!("moat guest-init: cannot map the workspace's root: {e}");
@@ -261,43 +245,49 @@ fn switch_ids(parent: Pid) -> Result<(), InitError> {
     Ok(())
 }
 
-/// Run by the host-root child: the maps of `pid`, whose root becomes host [`ROOT_RUN_ID`],
-/// and no setgroups in it.
-fn write_root_maps(pid: Pid) -> std::io::Result<()> {
+/// Run by the host-root child: the maps of `pid`, whose root becomes host `id`, and no
+/// setgroups in it.
+fn write_root_maps(pid: Pid, id: u32) -> std::io::Result<()> {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     std::fs::write(proc.join("setgroups"), "deny")?;
-    std::fs::write(proc.join("uid_map"), format!("0 {ROOT_RUN_ID} 1\n"))?;
-    std::fs::write(proc.join("gid_map"), format!("0 {ROOT_RUN_ID} 1\n"))
+    std::fs::write(proc.join("uid_map"), format!("0 {id} 1\n"))?;
+    std::fs::write(proc.join("gid_map"), format!("0 {id} 1\n"))
 }
 
 /// Creates the namespaces, runs the workspace as PID 1 inside, and returns the agent's exit
 /// code. Must be called while the process is single-threaded (it forks).
 ///
 /// Run by the host's root (effective uid 0), the workspace's root is host uid and gid
-/// [`ROOT_RUN_ID`], not 0; otherwise the caller's own uid and gid.
+/// `config.host_id` (leased by `moat run`), never 0; otherwise the caller's own uid and gid.
 pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
     let resolv = config.run_dir.join("resolv.conf");
     std::fs::write(&resolv, resolv_conf()).map_err(|e| InitError::Write(resolv.clone(), e))?;
     // Everything written in the run directory is written now, before any id switch.
+    let root = match &config.root {
+        RootFs::Image(dir) => dir.clone(),
+        RootFs::Host => PathBuf::from("/"),
+    };
     let bundle = match &config.extra_ca {
-        Some(extra) => Some(write_bundle(&config.run_dir, extra)?),
+        Some(extra) => Some(write_bundle(&root, &config.run_dir, extra)?),
         None => None,
     };
-    write_accounts(&config.run_dir)?;
+    write_accounts(&root, &config.run_dir)?;
     mkdir(&config.run_dir.join("root"))?;
     // The session socket and sshd's log, opened by the host's user; PID 1 inherits both.
     let ssh = config.ssh.as_ref().map(open_session_files).transpose()?;
 
     let prepared = if Uid::effective().is_root() {
-        // The id is meant to be nobody's: refuse it if the host gives it to someone.
-        if let Some(user) = id_in_use(ROOT_RUN_ID) {
-            return Err(InitError::IdMap(std::io::Error::other(format!(
-                "uid/gid {ROOT_RUN_ID}, which a workspace started by root runs as, is in use \
-                 on this host ({user})"
-            ))));
-        }
-        hand_over_run_dir(config)?;
-        Some(isolate_as_host_root(config)?)
+        // Never host root inside: only an id of the workspaces' range, leased by `moat run`.
+        let id = config
+            .host_id
+            .filter(|id| crate::ids::is_run_id(*id))
+            .ok_or_else(|| {
+                InitError::IdMap(std::io::Error::other(
+                    "run by root, a workspace needs a host id of its own (moat run leases one)",
+                ))
+            })?;
+        hand_over_run_dir(config, id)?;
+        Some(isolate_as_host_root(config, id)?)
     } else {
         let (uid, gid) = (Uid::current(), Gid::current());
         unshare(OWNED_BY_THE_WORKSPACE | CloneFlags::CLONE_NEWNET).map_err(InitError::Unshare)?;
@@ -343,8 +333,8 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
 /// (the agent), the account SSH sessions log in as ([`SESSION_ID`]: a nested user namespace
 /// maps the workspace's root to it, see [`session`]), and nobody. The host's own accounts
 /// are none of the workspace's business.
-fn write_accounts(run_dir: &Path) -> Result<(), InitError> {
-    let shell = if Path::new("/bin/bash").exists() {
+fn write_accounts(root: &Path, run_dir: &Path) -> Result<(), InitError> {
+    let shell = if root.join("bin/bash").exists() {
         "/bin/bash"
     } else {
         "/bin/sh"
@@ -431,9 +421,11 @@ pub fn ca_env() -> Vec<(String, String)> {
     .collect()
 }
 
-/// Writes `<run_dir>/ca-bundle.crt`: the host's trust store plus `extra` (PEM).
-fn write_bundle(run_dir: &Path, extra: &Path) -> Result<PathBuf, InitError> {
-    let mut bundle = std::fs::read(CA_BUNDLE).unwrap_or_default();
+/// Writes `<run_dir>/ca-bundle.crt`: the trust store of the workspace's root (the image's, or
+/// the host's) plus `extra` (PEM).
+fn write_bundle(root: &Path, run_dir: &Path, extra: &Path) -> Result<PathBuf, InitError> {
+    let mut bundle =
+        std::fs::read(root.join(CA_BUNDLE.trim_start_matches('/'))).unwrap_or_default();
     let ca = std::fs::read(extra).map_err(|e| InitError::Write(extra.to_owned(), e))?;
     if !bundle.is_empty() && !bundle.ends_with(b"\n") {
         bundle.push(b'\n');
@@ -448,10 +440,21 @@ fn mkdir(path: &Path) -> Result<(), InitError> {
     std::fs::create_dir_all(path).map_err(|e| InitError::Write(path.to_owned(), e))
 }
 
-/// Builds the workspace's root under `<run_dir>/root` and pivots into it. `home` is where the
-/// agent's home is bound from; `sysfs`, a sysfs already mounted (else one is mounted here).
+/// Directories of the workspace's root that get a fresh, empty tmpfs, whatever the root: /tmp
+/// and /run (sockets, other sessions), /home and /root (people's keys and credentials). Under
+/// `--host-root` these are what hides the host's: `moat run` refuses to start when a file the
+/// workspace must not see would be visible elsewhere.
+pub const MASKED: &[&str] = &["/tmp", "/run", "/home", "/root"];
+
+/// Directories of the workspace's root replaced by the workspace's own (/dev, /proc, /sys).
+pub const REPLACED: &[&str] = &["/dev", "/proc", "/sys"];
+
+/// Builds the workspace's root under `<run_dir>/root` from `source` (the image, or the host's
+/// `/`) and pivots into it. `home` is where the agent's home is bound from; `sysfs`, a sysfs
+/// already mounted (else one is mounted here).
 fn enter_root(
     config: &WorkspaceConfig,
+    source: &Path,
     resolv: &Path,
     bundle: Option<&Path>,
     home: &Path,
@@ -459,36 +462,51 @@ fn enter_root(
 ) -> Result<(), InitError> {
     let root = config.run_dir.join("root");
     let rec_bind = MsFlags::MS_BIND | MsFlags::MS_REC;
-    mount_or("the root", Some("/"), &root, None, rec_bind, None)?;
+    mount_or(
+        "the root",
+        Some(&*source.to_string_lossy()),
+        &root,
+        None,
+        rec_bind,
+        None,
+    )?;
+    if source != Path::new("/") {
+        // In a user namespace the kernel mounts a new proc or sysfs only where one is already
+        // fully visible (so that a mount cannot reveal what an overmount hid): the host's are
+        // bound first, then covered by the workspace's own below.
+        for fs in ["proc", "sys"] {
+            mount_or(
+                "the host's /proc or /sys under the workspace's own",
+                Some(&*Path::new("/").join(fs).to_string_lossy()),
+                &root.join(fs),
+                None,
+                rec_bind,
+                None,
+            )?;
+        }
+    }
     moat_guest_sandbox::make_tree_read_only(&root).map_err(|e| InitError::Mount {
         what: "the root read-only",
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
     })?;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    // Fresh, empty directories over the host's: /tmp and /run (sockets, other sessions), /home
-    // and /root (people's keys and credentials, readable by a workspace mapped to host root).
-    for (dir, what) in [
-        ("tmp", "/tmp"),
-        ("run", "/run"),
-        ("home", "/home"),
-        ("root", "/root"),
-    ] {
-        let mode = if dir == "tmp" {
+    for dir in MASKED {
+        let mode = if *dir == "/tmp" {
             "mode=1777"
         } else {
             "mode=755"
         };
         mount_or(
-            what,
+            "a fresh tmpfs (/tmp, /run, /home or /root)",
             Some("tmpfs"),
-            &root.join(dir),
+            &root.join(dir.trim_start_matches('/')),
             Some("tmpfs"),
             nosuid,
             Some(mode),
         )?;
     }
     // Files only root may read on the host (password hashes, SSH host keys) are hidden too:
-    // the workspace is never the host's root (see `ROOT_RUN_ID`), but this does not rest on it.
+    // the workspace is never the host's root (see `crate::ids`), but this does not rest on it.
     for secret in SECRET_FILES {
         let target = root.join(secret.trim_start_matches('/'));
         if target.is_file() {
@@ -700,16 +718,20 @@ fn init(
         what: "the run directory",
         source,
     })?;
-    let (tun, home, sysfs) = match prepared {
-        Some(p) => (p.tun, p.home, Some(p.sysfs)),
+    let (tun, root, home, sysfs) = match prepared {
+        Some(p) => (p.tun, p.root, p.home, Some(p.sysfs)),
         // The TUN device is opened while the host's /dev is still in view.
         None => (
             moat_netstack::setup_tun().map_err(tun_error)?,
+            match &config.root {
+                RootFs::Image(dir) => bind_image(dir, &config.run_dir.join("image"))?,
+                RootFs::Host => PathBuf::from("/"),
+            },
             config.agent.home.clone(),
             None,
         ),
     };
-    enter_root(config, resolv, bundle, &home, sysfs.as_deref())?;
+    enter_root(config, &root, resolv, bundle, &home, sysfs.as_deref())?;
     // Nobody else in the workspace may open our descriptors through /proc/1/fd.
     let _ = nix::sys::prctl::set_dumpable(false);
     // The host's sockets, through the kept handle on the run directory.
@@ -767,22 +789,4 @@ fn init(
     }
     let status = run_agent(&agent, &sandbox, None, &reporter).map_err(InitError::Agent)?;
     Ok(exit_code(status))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_id_named_or_handed_out_is_in_use() {
-        assert!(names_id("ws:x:2000000000:100::/:/bin/sh", ROOT_RUN_ID));
-        assert!(!names_id("nobody:x:65534:65534::/:/bin/sh", ROOT_RUN_ID));
-        assert!(!names_id("broken", ROOT_RUN_ID));
-        assert!(hands_out_id("alice:1999999999:2", ROOT_RUN_ID));
-        assert!(hands_out_id("alice:2000000000:1", ROOT_RUN_ID));
-        assert!(!hands_out_id("alice:1999999999:1", ROOT_RUN_ID));
-        assert!(!hands_out_id("alice:100000:65536", ROOT_RUN_ID));
-        assert!(!hands_out_id("alice:4294967295:4294967295", ROOT_RUN_ID));
-        assert!(!hands_out_id("# comment", ROOT_RUN_ID));
-    }
 }

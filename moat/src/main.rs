@@ -10,6 +10,7 @@ mod policy_cmd;
 mod proxy_cmd;
 mod run_cmd;
 mod vm_backend;
+mod workspace_root;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

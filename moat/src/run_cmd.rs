@@ -19,6 +19,8 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use crate::proxy_cmd::ProxyOpts;
 use crate::vm_backend::{self, VmImages};
+use crate::workspace_root::{self, Exposure};
+use moat_guest_init::RootFs;
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
@@ -28,6 +30,17 @@ pub(crate) struct RunArgs {
     /// The agent's home directory (default: a fresh one, removed at exit).
     #[arg(long)]
     home: Option<PathBuf>,
+    /// namespace backend: the workspace's root, a directory holding a root file system, bound
+    /// read-only (default: the Debian root image the VM boots, built by `cargo xtask images
+    /// rootfs`).
+    #[arg(long, value_name = "DIR")]
+    rootfs: Option<PathBuf>,
+    /// namespace backend: the host's own root as the workspace's, read-only, instead of an
+    /// image. It shows the agent every host file the workspace's uid may read outside /tmp,
+    /// /run, /home and /root: run as an ordinary user, every file you can read, through your
+    /// groups too.
+    #[arg(long)]
+    host_root: bool,
     /// Extra CA certificates (PEM) the workspace trusts, added to its system trust store
     /// (the egress proxy's workspace CA is always added).
     #[arg(long)]
@@ -71,6 +84,14 @@ pub(crate) struct GuestInitArgs {
     audit_socket: Option<PathBuf>,
     #[arg(long)]
     run_dir: PathBuf,
+    /// The workspace's root (an image directory); without it, `--host-root`.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    #[arg(long)]
+    host_root: bool,
+    /// Run by root: the host id leased for this workspace.
+    #[arg(long)]
+    host_id: Option<u32>,
     #[arg(long)]
     home: PathBuf,
     #[arg(long)]
@@ -89,9 +110,10 @@ pub(crate) struct GuestInitArgs {
 /// Which backend runs the workspace.
 enum Backend {
     Vm(VmImages, PathBuf),
-    Namespace,
+    Namespace(RootFs),
 }
 
+/// The backend, and why; a namespace backend's root is chosen afterwards ([`namespace_root`]).
 fn choose_backend(requested: &str) -> Result<(Backend, String)> {
     let kvm = std::fs::OpenOptions::new()
         .read(true)
@@ -120,7 +142,7 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
             (Backend::Vm(images, vmm), why.to_owned())
         }
         "namespace" => (
-            Backend::Namespace,
+            Backend::Namespace(RootFs::Host),
             "requested with --backend namespace".to_owned(),
         ),
         "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => match vm_parts() {
@@ -129,20 +151,20 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
                 "/dev/kvm has hardware virtualization".to_owned(),
             ),
             Err(why) => (
-                Backend::Namespace,
+                Backend::Namespace(RootFs::Host),
                 format!("/dev/kvm has hardware virtualization, but {why}"),
             ),
         },
         "auto" if kvm && pvm => (
-            Backend::Namespace,
+            Backend::Namespace(RootFs::Host),
             "/dev/kvm is nested PVM, where a Linux guest's user space cannot run".to_owned(),
         ),
         "auto" if kvm => (
-            Backend::Namespace,
+            Backend::Namespace(RootFs::Host),
             "/dev/kvm is neither kvm_intel, kvm_amd nor kvm_pvm".to_owned(),
         ),
         "auto" => (
-            Backend::Namespace,
+            Backend::Namespace(RootFs::Host),
             "/dev/kvm is not available to this user".to_owned(),
         ),
         other => bail!("unknown backend {other:?} (auto, vm or namespace)"),
@@ -166,8 +188,8 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let (backend, why) = choose_backend(&args.backend)?;
-    match &backend {
+    let (mut backend, why) = choose_backend(&args.backend)?;
+    match &mut backend {
         Backend::Vm(..) => {
             eprintln!("moat: backend vm ({why})");
             if args.home.is_some() {
@@ -175,8 +197,14 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                     "--home is a directory of the namespace backend; the vm backend takes --home-disk"
                 );
             }
+            if args.rootfs.is_some() || args.host_root {
+                bail!(
+                    "--rootfs and --host-root choose the namespace backend's root; the VM boots \
+                     the root image `cargo xtask images` built"
+                );
+            }
         }
-        Backend::Namespace => {
+        Backend::Namespace(root) => {
             if !args.gpu.is_empty() {
                 bail!("--gpu passes a device through to a VM: it needs the vm backend ({why})");
             }
@@ -184,6 +212,17 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
             eprintln!(
                 "moat: the namespace backend shares the host kernel: isolation is weaker than a VM's"
             );
+            *root = workspace_root::choose(args.rootfs.as_deref(), args.host_root, || {
+                vm_backend::find_root_dir()
+            })?;
+            match root {
+                RootFs::Image(dir) => eprintln!("moat: the workspace's root: {}", dir.display()),
+                RootFs::Host => eprintln!(
+                    "moat: --host-root: the workspace's root is this host's, read-only: the agent \
+                     reads every host file the workspace's uid may read outside /tmp, /run, \
+                     /home and /root"
+                ),
+            }
         }
     }
 
@@ -195,31 +234,89 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
     // The logs that outlive the workspace sit beside the run directory, whose name anyone can
     // see from now on: create them at once, exclusively, never through a link someone
     // planted (/tmp is sticky: once ours, nobody else can replace them).
+    let logs_dir = logs_dir()?;
+    let logs_base = logs_dir.join(run_dir.file_name().unwrap_or_default());
     let mut logs = Vec::new();
-    let audit = default_audit(&run_dir);
+    let audit = default_audit(&logs_base);
     if args.proxy.audit_path(&audit) == audit {
         logs.push(audit);
     }
     if enrolment.is_some() {
-        logs.push(sshd_log(&run_dir));
+        logs.push(sshd_log(&logs_base));
     }
     let result = logs
         .iter()
         .try_for_each(|log| create_private(log))
-        .and_then(|()| run_in(&args, enrolment, backend, &run_dir));
+        .and_then(|()| {
+            run_in(
+                &args,
+                enrolment,
+                backend,
+                &RunPaths {
+                    run_dir: &run_dir,
+                    logs_base: &logs_base,
+                },
+            )
+        });
     let _ = std::fs::remove_dir_all(&run_dir);
     result
 }
 
-/// The audit log unless `--audit` names another: beside the run directory, not in it, so that
-/// it outlives the workspace (created exclusively by [`run`] right after the run directory).
-fn default_audit(run_dir: &std::path::Path) -> PathBuf {
-    run_dir.with_extension("audit.jsonl")
+/// Where a workspace's files live on the host.
+struct RunPaths<'a> {
+    /// Sockets and the workspace's own files; removed at exit.
+    run_dir: &'a std::path::Path,
+    /// The logs that outlive the workspace: `<logs_base>.audit.jsonl`, `<logs_base>.sshd.log`.
+    logs_base: &'a std::path::Path,
+}
+
+/// The directory of the logs that outlive workspaces: root's in /var/log/moat, anyone else's
+/// in `$XDG_STATE_HOME/moat` (`~/.local/state/moat`). On disk, not in the temporary directory
+/// (often memory, and emptied at boot: a flood of audit records would fill memory, and the
+/// record of what an agent did would not survive a reboot). Created 0700.
+fn logs_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = if nix::unistd::Uid::effective().is_root() {
+        PathBuf::from("/var/log/moat")
+    } else {
+        let state = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+            .context("neither XDG_STATE_HOME nor HOME is set: give --audit PATH")?;
+        state.join("moat")
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Warns when the audit log is on a file system in memory (tmpfs).
+fn warn_if_in_memory(audit: &std::path::Path) {
+    let dir = audit.parent().unwrap_or(std::path::Path::new("."));
+    if let Ok(fs) = nix::sys::statfs::statfs(dir)
+        && fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC
+    {
+        eprintln!(
+            "moat: warning: the audit log {} is on tmpfs (memory): it does not survive a \
+             reboot, and what it holds takes memory",
+            audit.display()
+        );
+    }
+}
+
+/// The audit log unless `--audit` names another, in the log directory (created exclusively by
+/// [`run`] right after the run directory, under the run directory's unique name).
+fn default_audit(logs_base: &std::path::Path) -> PathBuf {
+    logs_base.with_extension("audit.jsonl")
 }
 
 /// sshd's log (namespace backend with `--tunnel`), beside the audit log.
-fn sshd_log(run_dir: &std::path::Path) -> PathBuf {
-    run_dir.with_extension("sshd.log")
+fn sshd_log(logs_base: &std::path::Path) -> PathBuf {
+    logs_base.with_extension("sshd.log")
 }
 
 /// Creates `path` empty and 0600, refusing an existing file or a link in its place.
@@ -238,9 +335,10 @@ fn run_in(
     args: &RunArgs,
     enrolment: Option<WorkspaceEnrolment>,
     backend: Backend,
-    run_dir: &std::path::Path,
+    paths: &RunPaths<'_>,
 ) -> Result<ExitCode> {
     use std::os::unix::fs::PermissionsExt;
+    let run_dir = paths.run_dir;
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))?;
     let home = match &args.home {
         Some(h) => h.clone(),
@@ -258,10 +356,64 @@ fn run_in(
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             dir.join("vsock")
         }
-        Backend::Namespace => run_dir.join("vsock"),
+        Backend::Namespace(_) => run_dir.join("vsock"),
     };
-    let default_audit = default_audit(run_dir);
+    let default_audit = default_audit(paths.logs_base);
     let (mut config, resolver, audit) = args.proxy.build(uds.clone(), &default_audit)?;
+    let audit_path = args.proxy.audit_path(&default_audit);
+    if audit_path.as_os_str() != "-" {
+        warn_if_in_memory(&audit_path);
+    }
+    // Run by root, the namespace backend's workspace is a host id of its own, leased here for
+    // as long as this process runs; a fresh home is given to it.
+    let lease = match &backend {
+        Backend::Namespace(_) if nix::unistd::Uid::effective().is_root() => {
+            let lease = moat_guest_init::ids::lease(
+                std::path::Path::new(moat_guest_init::ids::STATE_DIR),
+                &home,
+                args.home.is_some(),
+            )?;
+            if args.home.is_none() {
+                std::os::unix::fs::chown(&home, Some(lease.id()), Some(lease.id()))
+                    .and_then(|()| {
+                        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))
+                    })
+                    .with_context(|| format!("cannot give {} to the workspace", home.display()))?;
+            }
+            eprintln!(
+                "moat: run as root: the workspace's root is host uid and gid {}, its own, not 0",
+                lease.id()
+            );
+            Some(lease)
+        }
+        _ => None,
+    };
+    if let Backend::Namespace(root) = &backend {
+        // Nothing the agent must not read may be in its view: refused before anything starts.
+        let mut private: Vec<(String, PathBuf, bool)> = config
+            .source
+            .load()?
+            .secrets
+            .iter()
+            .filter_map(|s| match &s.source {
+                moat_policy::SecretSource::File(path) => Some((
+                    format!("the secret {:?}'s source", s.name),
+                    path.clone(),
+                    false,
+                )),
+                _ => None,
+            })
+            .collect();
+        if let Some(dir) = &args.tunnel {
+            private.push(("the enrolment directory".into(), dir.clone(), false));
+        }
+        // Its group becomes the workspace's (PID 1 reaches the sockets through it).
+        private.push(("the run directory".into(), run_dir.to_owned(), true));
+        if audit_path.as_os_str() != "-" {
+            private.push(("the audit log".into(), audit_path.clone(), false));
+        }
+        Exposure::new(root, &home, lease.as_ref().map(|l| l.id())).refuse_visible(&private)?;
+    }
     // Reached through the broker, corporate flows leave through the tunnel's host side.
     let corporate_uds = run_dir.join("corporate.sock");
     if args.tunnel.is_some() {
@@ -270,7 +422,6 @@ fn run_in(
     let rt = args.proxy.runtime()?;
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
     // Process events from guest-init go to the same audit log, as OCSF Process Activity.
-    let audit_path = args.proxy.audit_path(&default_audit);
     let process_audit = if audit_path.as_os_str() == "-" {
         Audit::to_writer(Box::new(std::io::stdout()), args.proxy.workspace())
     } else {
@@ -356,13 +507,17 @@ fn run_in(
                 },
             )?
         }
-        Backend::Namespace => run_namespace(
+        Backend::Namespace(root) => run_namespace(
             args,
             &rt,
             &proxy,
             &audit_socket,
-            run_dir,
-            &home,
+            &NamespaceRun {
+                paths,
+                root: &root,
+                host_id: lease.as_ref().map(|l| l.id()),
+                home: &home,
+            },
             &ca_bundle,
             &hostname,
             tunnel.as_ref(),
@@ -431,6 +586,15 @@ fn start_tunnel(
     })
 }
 
+/// Where the namespace backend's workspace lives on the host.
+struct NamespaceRun<'a> {
+    paths: &'a RunPaths<'a>,
+    root: &'a RootFs,
+    /// Run by root: the host id leased for the workspace.
+    host_id: Option<u32>,
+    home: &'a std::path::Path,
+}
+
 /// The namespace backend: `moat __guest-init` in fresh namespaces; returns the agent's exit code.
 #[allow(clippy::too_many_arguments)]
 fn run_namespace(
@@ -438,33 +602,41 @@ fn run_namespace(
     rt: &tokio::runtime::Runtime,
     proxy: &Proxy,
     audit_socket: &std::path::Path,
-    run_dir: &std::path::Path,
-    home: &std::path::Path,
+    ns: &NamespaceRun<'_>,
     ca_bundle: &std::path::Path,
     hostname: &str,
     tunnel: Option<&Tunnel>,
 ) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot find the moat binary")?;
-    // Run by root, the workspace's root is host uid ROOT_RUN_ID (see moat-guest-init): the
-    // fresh default home is given to it; a --home must already be its (guest-init refuses
-    // any other).
-    if nix::unistd::Uid::effective().is_root() {
-        use std::os::unix::fs::PermissionsExt;
-        let id = moat_guest_init::ROOT_RUN_ID;
-        eprintln!("moat: run as root: the workspace's root is host uid and gid {id}, not 0");
-        if args.home.is_none() {
-            std::os::unix::fs::chown(home, Some(id), Some(id))
-                .and_then(|()| {
-                    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700))
-                })
-                .with_context(|| format!("cannot give {} to the workspace", home.display()))?;
+    let run_dir = ns.paths.run_dir;
+    let mut guest_init = Command::new(exe);
+    // PID 1 gets no environment of ours: a secret read from an environment variable (a
+    // `[[secrets]]` source) stays in this process, not in the workspace's processes (the agent
+    // gets a fresh environment from PID 1). What the agent's terminal needs is passed on.
+    guest_init.env_clear();
+    for key in [
+        "TERM",
+        "LANG",
+        "COLORTERM",
+        "PATH",
+        "MOAT_LOG",
+        "RUST_BACKTRACE",
+    ] {
+        if let Some(value) = std::env::var_os(key) {
+            guest_init.env(key, value);
         }
     }
-    let mut guest_init = Command::new(exe);
     guest_init
         .arg("__guest-init")
         .arg("--hostname")
         .arg(hostname);
+    match ns.root {
+        RootFs::Image(dir) => guest_init.arg("--root").arg(dir),
+        RootFs::Host => guest_init.arg("--host-root"),
+    };
+    if let Some(id) = ns.host_id {
+        guest_init.arg("--host-id").arg(id.to_string());
+    }
     if let Some(tunnel) = tunnel {
         // The host key goes through a file only this user can read, not the command line.
         let service = run_dir.join("ssh-service.json");
@@ -477,7 +649,7 @@ fn run_namespace(
             .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
             .with_context(|| format!("cannot write {}", service.display()))?;
         // Beside the audit log, outliving the workspace like it.
-        let log = sshd_log(run_dir);
+        let log = sshd_log(ns.paths.logs_base);
         eprintln!("moat: sshd's log: {}", log.display());
         guest_init
             .arg("--ssh")
@@ -493,7 +665,7 @@ fn run_namespace(
         .arg("--run-dir")
         .arg(run_dir)
         .arg("--home")
-        .arg(home)
+        .arg(ns.home)
         .arg("--ca")
         .arg(ca_bundle)
         .arg("--")
@@ -545,10 +717,17 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
         }
         None => None,
     };
+    let root = match (args.root, args.host_root) {
+        (Some(dir), false) => RootFs::Image(dir),
+        (None, true) => RootFs::Host,
+        _ => bail!("__guest-init takes one of --root DIR and --host-root"),
+    };
     let config = moat_guest_init::WorkspaceConfig {
         flow_socket: args.flow_socket,
         audit_socket: args.audit_socket,
         run_dir: args.run_dir,
+        root,
+        host_id: args.host_id,
         hostname: args.hostname,
         ssh,
         extra_ca: args.ca,

@@ -25,6 +25,13 @@ pub(crate) struct VmImages {
     pub(crate) kernel_gpu: Option<PathBuf>,
     pub(crate) initramfs: PathBuf,
     pub(crate) rootfs: PathBuf,
+    /// The same root image as a directory: the namespace backend's root ([`find_root_dir`]).
+    #[serde(default)]
+    #[allow(
+        dead_code,
+        reason = "named here so that the manifest stays strict; read by find_root_dir"
+    )]
+    pub(crate) rootfs_dir: Option<PathBuf>,
 }
 
 /// Where `cargo xtask images` put its images: `$MOAT_IMAGES`, else `target/moat-images` beside
@@ -62,6 +69,30 @@ pub(crate) fn find_images() -> Result<VmImages, String> {
         }
     }
     Ok(images)
+}
+
+/// The root image as a directory (`rootfs_dir` in `current.toml`), the namespace backend's
+/// default root; or why there is none. Read on its own: a host without a kernel built still
+/// has one.
+pub(crate) fn find_root_dir() -> Result<PathBuf, String> {
+    #[derive(serde::Deserialize)]
+    struct RootOnly {
+        rootfs_dir: Option<PathBuf>,
+    }
+    let dir = images_dir().ok_or("cannot tell where the images are")?;
+    let current = dir.join("current.toml");
+    let text = std::fs::read_to_string(&current)
+        .map_err(|_| format!("no root image is built (no {})", current.display()))?;
+    let found: RootOnly =
+        toml::from_str(&text).map_err(|e| format!("{} is unreadable: {e}", current.display()))?;
+    match found.rootfs_dir {
+        Some(p) if p.is_dir() => Ok(p),
+        Some(p) => Err(format!("the root image {} is missing", p.display())),
+        None => Err(format!(
+            "{} names no root image directory (it predates them)",
+            current.display()
+        )),
+    }
 }
 
 /// moat-vmm, beside this binary (`cargo build -p moat-vmm` puts it there).

@@ -31,24 +31,240 @@ macro_rules! namespace_scenarios {
 }
 every_backend_scenario!(namespace_scenarios);
 
+/// The same scenarios on the host's root (`moat run --host-root`), the mode kept for hosts
+/// without the root image.
+mod host_root {
+    use super::common;
+    use super::common::Workspace;
+
+    macro_rules! host_root_scenarios {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    common::scenarios::$name(&Workspace::host_root());
+                }
+            )*
+        };
+    }
+    every_backend_scenario!(host_root_scenarios);
+}
+
 #[test]
 fn tls_clients_are_pointed_at_the_workspace_trust_store() {
-    let ws = Workspace::new();
-    let out = ws.run("echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $GIT_SSL_CAINFO; grep -c 'BEGIN CERTIFICATE' $SSL_CERT_FILE");
-    let stdout = text(&out.stdout);
-    let mut lines = stdout.lines();
-    assert_eq!(
-        lines.next().unwrap(),
-        ["/etc/ssl/certs/ca-certificates.crt"; 4].join(" ")
+    for (ws, root) in [
+        (Workspace::new(), common::root_image()),
+        (Workspace::host_root(), "/".into()),
+    ] {
+        let out = ws.run("echo $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $NODE_EXTRA_CA_CERTS $GIT_SSL_CAINFO; grep -c 'BEGIN CERTIFICATE' $SSL_CERT_FILE");
+        let stdout = text(&out.stdout);
+        let mut lines = stdout.lines();
+        assert_eq!(
+            lines.next().unwrap(),
+            ["/etc/ssl/certs/ca-certificates.crt"; 4].join(" ")
+        );
+        let root_count = std::fs::read_to_string(root.join("etc/ssl/certs/ca-certificates.crt"))
+            .unwrap_or_default()
+            .matches("BEGIN CERTIFICATE")
+            .count();
+        // The root's own roots (the image's, or the host's), the egress proxy's workspace CA,
+        // and the --ca given.
+        assert_eq!(
+            lines.next().unwrap().parse::<usize>().unwrap(),
+            root_count + 2,
+            "root {}",
+            root.display()
+        );
+    }
+}
+
+/// A directory outside /tmp, /run, /home and /root (which every workspace masks), readable by
+/// everyone: where a host file would be visible under `--host-root`.
+fn unmasked_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let target_tmp = env!("CARGO_TARGET_TMPDIR");
+    let hidden = ["/tmp/", "/home/", "/root/", "/run/"];
+    let base = if hidden.iter().any(|h| target_tmp.starts_with(h)) {
+        "/var/tmp"
+    } else {
+        target_tmp
+    };
+    let dir = tempfile::tempdir_in(base).unwrap();
+    // Every directory above it searchable, as the workspace's own uid would need.
+    let mut p = dir.path().to_path_buf();
+    while p.pop() && p != Path::new("/") {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert!(
+            mode & 0o001 != 0,
+            "{} is not searchable by others",
+            p.display()
+        );
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[test]
+fn the_workspace_root_is_the_image_and_no_host_file_is_in_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = unmasked_dir();
+    let marker = dir.path().join("host-marker");
+    std::fs::write(&marker, "HOST-FILE-MARKER\n").unwrap();
+    std::fs::set_permissions(&marker, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let script = format!(
+        "cat {} 2>/dev/null; echo status=$?; head -1 /etc/os-release; test -e {} && echo moat-binary",
+        marker.display(),
+        env!("CARGO_BIN_EXE_moat")
     );
-    let host_count = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
-        .unwrap_or_default()
-        .matches("BEGIN CERTIFICATE")
-        .count();
-    // The host's roots, the egress proxy's workspace CA, and the --ca given.
-    assert_eq!(
-        lines.next().unwrap().parse::<usize>().unwrap(),
-        host_count + 2
+    let out = Workspace::new().run(&script);
+    let stdout = text(&out.stdout);
+    assert!(
+        !stdout.contains("HOST-FILE-MARKER") && stdout.contains("status=1"),
+        "a host file is visible on the root image: {stdout} {}",
+        text(&out.stderr)
+    );
+    assert!(!stdout.contains("moat-binary"), "{stdout}");
+    assert!(stdout.contains("Debian GNU/Linux 12"), "{stdout}");
+    // The control: under --host-root the same file is there.
+    let out = Workspace::host_root().run(&script);
+    assert!(
+        text(&out.stdout).contains("HOST-FILE-MARKER"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_secret_source_or_run_directory_visible_inside_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    // A secret whose source file lies where the host's root shows it.
+    let dir = unmasked_dir();
+    let ws = Workspace::host_root();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "sk-visible\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let d = ws.dir.path();
+    let profile = std::fs::read_to_string(d.join("policy.toml"))
+        .unwrap()
+        .replace(
+            &d.join("secret").display().to_string(),
+            &secret.display().to_string(),
+        );
+    let key = moat_policy::signing::generate("").unwrap();
+    std::fs::write(d.join("policy.pub"), &key.public).unwrap();
+    let sig = moat_policy::signing::sign(profile.as_bytes(), &key.secret, "").unwrap();
+    std::fs::write(d.join("policy.toml"), &profile).unwrap();
+    std::fs::write(d.join("policy.toml.minisig"), sig).unwrap();
+    let out = ws.run("echo started");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && !text(&out.stdout).contains("started"));
+    assert!(
+        stderr.contains("refusing to start") && stderr.contains("the secret \"api\"'s source"),
+        "{stderr}"
+    );
+    // On the root image, the same profile starts: the file is not in the workspace's view.
+    let image = Workspace {
+        host_root: false,
+        ..Workspace::host_root()
+    };
+    for f in ["policy.toml", "policy.toml.minisig", "policy.pub"] {
+        std::fs::copy(d.join(f), image.dir.path().join(f)).unwrap();
+    }
+    let out = image.run("echo started");
+    assert_eq!(text(&out.stdout), "started\n", "{}", text(&out.stderr));
+
+    // The run directory (the proxy's sockets) under a temporary directory the root shows.
+    let tmp = unmasked_dir();
+    let out = Workspace::host_root()
+        .command("echo started")
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("the run directory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_default_audit_log_is_kept_on_disk_outside_the_temporary_directory() {
+    let ws = Workspace::new();
+    let state = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let with_audit = ws.command("echo ok");
+    let mut cmd = Command::new(with_audit.get_program());
+    let mut args = with_audit.get_args();
+    while let Some(arg) = args.next() {
+        if arg == "--audit" {
+            args.next();
+        } else {
+            cmd.arg(arg);
+        }
+    }
+    let out = cmd
+        .env("MOAT_LOG", "warn")
+        .env("XDG_STATE_HOME", state.path())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    let path = stderr
+        .lines()
+        .find_map(|l| l.split("audit: ").nth(1))
+        .map(|p| p.trim_end_matches(')').to_owned())
+        .unwrap_or_else(|| panic!("no audit path in {stderr}"));
+    let expected_dir = if nix::unistd::Uid::effective().is_root() {
+        std::path::PathBuf::from("/var/log/moat")
+    } else {
+        state.path().join("moat")
+    };
+    assert!(
+        Path::new(&path).starts_with(&expected_dir),
+        "{path} not in {}",
+        expected_dir.display()
+    );
+    assert!(!Path::new(&path).starts_with(std::env::temp_dir()));
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(log.contains("\"class_uid\":1007"), "{log}");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn pid_1_and_guest_init_hold_none_of_moat_runs_environment() {
+    use std::io::{BufRead, Write};
+    let ws = Workspace::new();
+    let mut child = ws
+        .command("echo ready; read line")
+        .env("MOAT_E2E_ENV_SECRET", "ENV-SECRET-MARKER")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    // `__guest-init` (moat run's child), PID 1 (its child) and whatever they started.
+    let mut seen = Vec::new();
+    let mut queue = children(child.id());
+    while let Some(pid) = queue.pop() {
+        queue.extend(children(pid));
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            seen.push((
+                pid,
+                String::from_utf8_lossy(&env).contains("ENV-SECRET-MARKER"),
+            ));
+        }
+    }
+    child.stdin.take().unwrap().write_all(b"done\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        !seen.is_empty(),
+        "no process of the workspace could be read"
+    );
+    assert!(
+        seen.iter().all(|(_, has)| !has),
+        "moat run's environment reached {seen:?}"
     );
 }
 
@@ -208,15 +424,16 @@ fn the_agents_home_is_nosuid_and_nodev_for_pid_1_too() {
 
 #[test]
 fn host_secrets_are_not_visible_inside() {
-    let ws = Workspace::new();
-    let out = ws.run(
-        "ls -A /root | wc -l; wc -c < /etc/shadow; cat /etc/ssh/ssh_host_*_key 2>/dev/null | wc -c",
-    );
-    let lines: Vec<String> = text(&out.stdout)
-        .lines()
-        .map(|l| l.trim().to_owned())
-        .collect();
-    assert_eq!(lines, ["0", "0", "0"], "stderr: {}", text(&out.stderr));
+    for ws in [Workspace::new(), Workspace::host_root()] {
+        let out = ws.run(
+            "ls -A /root | wc -l; wc -c < /etc/shadow; cat /etc/ssh/ssh_host_*_key 2>/dev/null | wc -c",
+        );
+        let lines: Vec<String> = text(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect();
+        assert_eq!(lines, ["0", "0", "0"], "stderr: {}", text(&out.stderr));
+    }
 }
 
 #[test]
@@ -266,13 +483,14 @@ fn run_by_root_the_workspace_root_is_an_unprivileged_host_uid() {
     if !host_root() {
         return;
     }
-    let id = moat_guest_init::ROOT_RUN_ID;
     let ws = Workspace::new();
     let out = ws.run("cat /proc/self/uid_map /proc/self/gid_map; id -u; echo made > ~/made-inside");
     let maps: Vec<Vec<String>> = text(&out.stdout)
         .lines()
         .map(|l| l.split_whitespace().map(str::to_owned).collect())
         .collect();
+    let id: u32 = maps[0][1].parse().unwrap();
+    assert!(moat_guest_init::ids::is_run_id(id), "{id}");
     let want = vec!["0".to_owned(), id.to_string(), "1".to_owned()];
     assert_eq!(
         maps,
@@ -292,19 +510,13 @@ fn run_by_root_a_host_file_only_root_may_read_stays_unreadable_inside() {
         return;
     }
     // Outside /tmp, /home, /root and /run: the workspace sees it in the host's read-only root.
-    let target_tmp = env!("CARGO_TARGET_TMPDIR");
-    let hidden = ["/tmp/", "/home/", "/root/", "/run/"];
-    let base = if hidden.iter().any(|h| target_tmp.starts_with(h)) {
-        "/var/tmp"
-    } else {
-        target_tmp
-    };
-    let dir = tempfile::tempdir_in(base).unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = unmasked_dir();
     let secret = dir.path().join("root-only");
     std::fs::write(&secret, "ROOT-ONLY-MARKER\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let ws = Workspace::new();
+    let ws = Workspace::host_root();
+    // The first run hands the empty home to the workspace's uid (kept for the next).
+    assert!(ws.run("true").status.success());
     // And one in the agent's own home, bound writable into the workspace.
     let in_home = ws.home().join("root-only");
     std::fs::write(&in_home, "ROOT-ONLY-MARKER\n").unwrap();
@@ -352,15 +564,21 @@ fn run_by_root_a_home_the_workspace_uid_does_not_own_is_refused() {
         return;
     }
     let ws = Workspace::new();
-    std::os::unix::fs::chown(ws.home(), Some(0), Some(0)).unwrap();
+    // Root's and not empty: neither a home moat may hand over nor a kept one.
+    std::fs::write(ws.home().join("root-file"), b"x").unwrap();
     let out = ws.run("echo started");
     assert!(!out.status.success());
     assert!(!text(&out.stdout).contains("started"));
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("as the agent's home")
-            && stderr.contains(&moat_guest_init::ROOT_RUN_ID.to_string()),
+        stderr.contains("is owned by uid 0")
+            && stderr.contains(&moat_guest_init::ids::FIRST_RUN_ID.to_string()),
         "stderr: {stderr}"
+    );
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(ws.home()).unwrap()),
+        0,
+        "left as it was"
     );
 }
 
@@ -397,7 +615,6 @@ fn run_by_root_the_run_directory_is_open_to_the_workspace_gid_only() {
     if !host_root() {
         return;
     }
-    let id = moat_guest_init::ROOT_RUN_ID;
     let ws = Workspace::new();
     // The run directory's name is random (mkdtemp): give this run a temporary directory of its
     // own, searchable by the workspace uid as /tmp is, and find it there.
@@ -450,7 +667,51 @@ fn run_by_root_the_run_directory_is_open_to_the_workspace_gid_only() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let _ = child.wait();
     assert!(!run_dir.exists());
+    let id = found[0].1;
+    assert!(moat_guest_init::ids::is_run_id(id), "{found:?}");
     assert_eq!(found, [(0, id, 0o710), (0, id, 0o660), (0, id, 0o660)]);
     assert!(!other.status.success());
     assert!(text(&other.stderr).contains("Permission denied"));
+}
+
+#[test]
+fn run_by_root_each_workspace_is_a_host_uid_of_its_own_and_a_kept_home_keeps_its_uid() {
+    use std::io::{BufRead, Write};
+    if !host_root() {
+        return;
+    }
+    let (a, b) = (Workspace::new(), Workspace::new());
+    let uid_of = |out: &str| -> u32 {
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no uid map in {out:?}"))
+    };
+    // A runs while B starts: two running workspaces, two host uids.
+    let mut first = a
+        .command("head -1 /proc/self/uid_map; read line")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(first.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let id_a = uid_of(&line);
+    let out = b.run("head -1 /proc/self/uid_map");
+    let id_b = uid_of(&text(&out.stdout));
+    first.stdin.take().unwrap().write_all(b"done\n").unwrap();
+    assert!(first.wait().unwrap().success());
+    assert_ne!(id_a, id_b, "two workspaces share host uid {id_a}");
+    // A's kept home is not B's to read: it belongs to A's uid alone.
+    let meta = std::fs::metadata(a.home()).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), id_a);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077,
+        0
+    );
+    // The next run with A's home is A's uid again.
+    let again = a.run("head -1 /proc/self/uid_map");
+    assert_eq!(uid_of(&text(&again.stdout)), id_a);
 }

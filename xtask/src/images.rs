@@ -452,7 +452,8 @@ const ROOTFS_MIRROR: &str = "http://deb.debian.org/debian";
 const ROOTFS_RECIPE: &str = "rootfs recipe 1: mmdebstrap minbase + packages + customize; ext4";
 
 /// Builds the read-only root image from Debian packages (`images/rootfs/packages`, customized by
-/// `images/rootfs/customize.sh`) with mmdebstrap, as an ext4 image.
+/// `images/rootfs/customize.sh`) with mmdebstrap: an ext4 image (the VM's root disk) and the
+/// same tree as a directory beside it (the namespace backend's root, [`rootfs_dir`]).
 pub(crate) fn rootfs() -> Result<PathBuf> {
     const STEPS: usize = 3;
     crate::setup::ensure(&[crate::setup::Job::RootImage])?;
@@ -469,7 +470,8 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
     let key = hex(&h.finalize());
     let cache = cache_dir();
     let out = cache.join(format!("rootfs-{key}.ext4"));
-    if out.exists() {
+    let kept = rootfs_dir(&out);
+    if out.exists() && kept.is_dir() {
         eprintln!("xtask images: root image cached: {}", out.display());
         return Ok(out);
     }
@@ -552,9 +554,23 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
             .arg(format!("{size_mib}M")),
     )?;
     std::fs::rename(&tmp, &out)?;
-    let _ = std::fs::remove_dir_all(&tree);
-    eprintln!("xtask images: root image: {}", out.display());
+    // The tree stays, as the namespace backend's root: renamed last, so a directory under
+    // this name is always complete.
+    let _ = std::fs::remove_dir_all(&kept);
+    std::fs::rename(&tree, &kept)
+        .with_context(|| format!("cannot keep the root tree as {}", kept.display()))?;
+    eprintln!(
+        "xtask images: root image: {} (and as a directory: {})",
+        out.display(),
+        kept.display()
+    );
     Ok(out)
+}
+
+/// The root image as a directory, beside its ext4 form: what `moat run`'s namespace backend
+/// binds read-only as the workspace's root.
+pub(crate) fn rootfs_dir(ext4: &Path) -> PathBuf {
+    ext4.with_extension("dir")
 }
 
 /// Updates `<cache>/current.toml`, the images `moat run --backend vm` boots: the ones this run
@@ -564,7 +580,12 @@ fn write_current(built: &[(&str, PathBuf)]) -> Result<()> {
     let old = std::fs::read_to_string(&path).unwrap_or_default();
     let mut text =
         String::from("# Written by `cargo xtask images`: the images moat's vm backend boots.\n");
-    for key in ["kernel", "kernel_gpu", "initramfs", "rootfs"] {
+    let root_dir = built
+        .iter()
+        .find(|(k, _)| *k == "rootfs")
+        .map(|(_, p)| ("rootfs_dir", rootfs_dir(p)));
+    let built: Vec<(&str, PathBuf)> = built.iter().cloned().chain(root_dir).collect();
+    for key in ["kernel", "kernel_gpu", "initramfs", "rootfs", "rootfs_dir"] {
         let line = built.iter().find(|(k, _)| *k == key).map_or_else(
             || {
                 old.lines()

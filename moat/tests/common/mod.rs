@@ -156,22 +156,53 @@ pub struct Workspace {
     pub backend: &'static str,
     /// vm backend: the images directory (`MOAT_IMAGES`).
     pub images: Option<PathBuf>,
+    /// namespace backend: `moat run --host-root` instead of the root image.
+    pub host_root: bool,
+}
+
+/// The namespace backend's default root: the root image `cargo xtask images rootfs` keeps as a
+/// directory (`rootfs_dir` in target/moat-images/current.toml). `cargo xtask test` builds it
+/// before the tests; without it a test fails saying so.
+pub fn root_image() -> PathBuf {
+    let current = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/moat-images/current.toml");
+    let text = std::fs::read_to_string(&current).unwrap_or_default();
+    let dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rootfs_dir = "))
+        .map(|v| PathBuf::from(v.trim_matches('"')))
+        .filter(|p| p.is_dir());
+    dir.unwrap_or_else(|| {
+        panic!(
+            "no root image directory in {} (the namespace backend's root): build it with \
+             `cargo xtask images rootfs`, as `cargo xtask test` does",
+            current.display()
+        )
+    })
 }
 
 impl Workspace {
+    /// A namespace workspace on the root image (the default).
     pub fn new() -> Workspace {
+        root_image();
         Self::with_backend("namespace", None)
     }
 
-    pub fn with_backend(backend: &'static str, images: Option<PathBuf>) -> Workspace {
-        if backend == "namespace" {
-            // The namespace backend's agent runs the host's own programs.
-            require_programs(&[
-                ("curl", "curl"),
-                ("git", "git"),
-                ("/usr/bin/python3", "python3-requests"),
-            ]);
+    /// A namespace workspace on the host's root (`moat run --host-root`).
+    pub fn host_root() -> Workspace {
+        Workspace {
+            host_root: true,
+            ..Self::with_backend("namespace", None)
         }
+    }
+
+    pub fn with_backend(backend: &'static str, images: Option<PathBuf>) -> Workspace {
+        // The tests run git on the host to make repositories (and, under --host-root, the
+        // agent runs the host's own programs).
+        require_programs(&[
+            ("curl", "curl"),
+            ("git", "git"),
+            ("/usr/bin/python3", "python3-requests"),
+        ]);
         let dir = tempfile::tempdir().unwrap();
         let repo_root = dir.path().join("srv");
         std::fs::create_dir_all(&repo_root).unwrap();
@@ -195,20 +226,16 @@ impl Workspace {
         let sig = moat_policy::signing::sign(profile.as_bytes(), &key.secret, "").unwrap();
         std::fs::write(dir.path().join("policy.toml"), &profile).unwrap();
         std::fs::write(dir.path().join("policy.toml.minisig"), sig).unwrap();
+        // Empty: run by root, `moat run` hands it to the workspace's own host uid.
         let home = dir.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
-        // Run by root, the namespace backend's agent is host uid ROOT_RUN_ID, and a --home
-        // must be that uid's.
-        if backend == "namespace" && nix::unistd::Uid::effective().is_root() {
-            let id = moat_guest_init::ROOT_RUN_ID;
-            std::os::unix::fs::chown(&home, Some(id), Some(id)).unwrap();
-        }
         std::fs::write(dir.path().join("ca.pem"), &upstream.ca_pem).unwrap();
         Workspace {
             dir,
             upstream,
             backend,
             images,
+            host_root: false,
         }
     }
 
@@ -243,6 +270,9 @@ impl Workspace {
         cmd.args(["run", "--backend", self.backend]);
         if self.backend == "namespace" {
             cmd.arg("--home").arg(self.home());
+        }
+        if self.host_root {
+            cmd.arg("--host-root");
         }
         if let Some(images) = &self.images {
             cmd.env("MOAT_IMAGES", images);
