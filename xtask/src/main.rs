@@ -6,6 +6,7 @@ mod check;
 mod fuzz;
 mod images;
 mod l1;
+mod run;
 mod run_vm;
 mod setup;
 mod test;
@@ -36,6 +37,9 @@ verbs:
   images [kernel|kernel-gpu|kernel-smp|initramfs|rootfs|all]
                     build the VM images (cached in target/moat-images by a hash of their
                     recipes in images/; an interrupted build resumes)
+  run [-- command]  build what a workspace needs here, then `moat run` (the best backend
+                    this host supports, which it names): an interactive shell on the
+                    Debian root image, or the command and its exit status
   run-vm [-- command]
                     build what is missing, then boot the workspace VM with the development
                     policy: an interactive shell, or the command and its exit status
@@ -84,6 +88,7 @@ fn run() -> Result<()> {
         }
         "fuzz" => fuzz::run(rest),
         "images" => images::run(rest),
+        "run" => run::run(rest),
         "run-vm" => run_vm::run(rest),
         "linux-boot" => vmm::linux_boot_test(),
         "l1" => l1::run(rest),

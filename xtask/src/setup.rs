@@ -157,7 +157,8 @@ const NEEDS: &[Need] = &[
         jobs: &[RootImage],
         check: Check::Program("mmdebstrap"),
         packages: &["mmdebstrap"],
-        why: "the VM's root image is a Debian made by mmdebstrap",
+        why: "the workspace's root image (the VM's root disk, and the namespace backend's \
+              root) is a Debian made by mmdebstrap",
         backports_beside: None,
     },
     Need {

@@ -8,7 +8,7 @@ use crate::setup::{self, Job};
 use crate::{root, run_cmd};
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
-    setup::ensure(&[Job::Tests, Job::Kernel, Job::Initramfs])?;
+    setup::ensure(&[Job::Tests, Job::Kernel, Job::Initramfs, Job::RootImage])?;
     let python = setup::ocsf_venv()?;
     setup::oidc_provider()?;
     // The Linux boot tests (moat-vmm's, and the vm backend's) boot our kernel and initramfs:
@@ -16,6 +16,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let kernel = crate::images::kernel()?;
     let gpu_kernel = crate::images::kernel_gpu()?;
     let initramfs = crate::images::initramfs()?;
+    // The namespace backend's workspaces run on the root image (as a directory): built here,
+    // or found in the cache, and named in current.toml where `moat run` finds it.
+    crate::images::run(&["rootfs".to_owned()])?;
     let env = [
         ("MOAT_OCSF_PYTHON", python),
         ("MOAT_LINUX_KERNEL", kernel.vmlinux),
