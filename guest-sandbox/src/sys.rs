@@ -368,19 +368,119 @@ pub(crate) fn effective_ids() -> (u32, u32) {
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
-/// `pipe2(O_CLOEXEC)`: (read end, write end).
-pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+/// `socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)`.
+pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` is a writable array of two ints that outlives the call.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: both descriptors were just returned by pipe2(2) and are owned by nobody else.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both descriptors were just returned by socketpair(2) and are owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// The size of a descriptor in a control message.
+const FD_SIZE: u32 = 4;
+
+/// Room for one descriptor in a control message, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct OneFdControl([u8; 24]);
+
+/// Sends `byte` on the Unix socket `sock`, with `fd` attached (SCM_RIGHTS) when given. No
+/// allocation: safe in a child forked from a multi-threaded process.
+fn send_byte_and_fd(sock: libc::c_int, byte: u8, fd: Option<libc::c_int>) -> io::Result<()> {
+    let mut data = byte;
+    let mut iov = libc::iovec {
+        iov_base: std::ptr::addr_of_mut!(data).cast(),
+        iov_len: 1,
+    };
+    let mut control = OneFdControl([0; 24]);
+    // SAFETY: an all-zero msghdr is valid (no name, no control) before the fields below are set.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+        let (space, len) = unsafe {
+            (
+                libc::CMSG_SPACE(FD_SIZE) as usize,
+                libc::CMSG_LEN(FD_SIZE) as usize,
+            )
+        };
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer is aligned for cmsghdr and large enough for one header and
+        // one descriptor (CMSG_SPACE(4) is 24 on 64-bit Linux); CMSG_FIRSTHDR points into it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = len;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd);
+        }
+    }
+    // SAFETY: `msg` points at live locals for the whole call.
+    check_long(unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Receives one byte from the Unix socket `sock`, and the descriptor sent with it if any.
+/// `None` at end of file.
+pub(crate) fn recv_byte_and_fd(sock: libc::c_int) -> io::Result<Option<(u8, Option<OwnedFd>)>> {
+    let mut data = 0u8;
+    let mut iov = libc::iovec {
+        iov_base: std::ptr::addr_of_mut!(data).cast(),
+        iov_len: 1,
+    };
+    let mut control = OneFdControl([0; 24]);
+    // SAFETY: an all-zero msghdr is valid before the fields below are set.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len();
+    let n = loop {
+        // SAFETY: `msg` points at live locals for the whole call.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut fd = None;
+    // SAFETY: the kernel filled `control` and set msg_controllen; CMSG_FIRSTHDR/NXTHDR walk it.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("a control message was truncated"));
+    }
+    Ok(Some((data, fd)))
+}
+
 /// Forks the holder of a nested user namespace ([`crate::UserNamespace::create`]) and returns
-/// its pid. The holder keeps only `ready` open, becomes dumpable (so that it may write its own
-/// maps through `/proc`), unshares a user namespace, writes `setgroups` "deny", `uid_map` and
-/// `gid_map`, reports 0 (or an errno) as one byte on `ready`, and waits to be killed.
+/// its pid. The holder keeps only `ready` (a Unix socket) open, becomes dumpable (so that it
+/// may write its own maps through `/proc`), unshares a user namespace, writes `setgroups`
+/// "deny", `uid_map` and `gid_map`, becomes non-dumpable again, and sends 0 with a descriptor
+/// of its namespace (or an errno, alone) as one byte on `ready`; then waits to be killed.
 ///
 /// The child makes system calls only (no allocation, no lock), so this may be called from a
 /// multi-threaded process.
@@ -412,18 +512,24 @@ fn userns_holder(ready: libc::c_int, uid_map: &[u8], gid_map: &[u8]) -> ! {
         write_proc_file(c"/proc/self/uid_map", uid_map)?;
         write_proc_file(c"/proc/self/gid_map", gid_map)?;
         // Dumpable only for as long as writing its own maps needs: from here on nothing in
-        // the workspace (the agent runs as the same host id) may ptrace it or read its
-        // memory or environment through /proc. Its creator, which owns the new namespace,
-        // still opens /proc/<pid>/ns/user.
-        set_dumpable(false)
+        // the workspace (the agent may run as the same host id) may ptrace it or read its
+        // memory (a copy of its creator's) or environment through /proc. Its creator could
+        // no longer open /proc/<pid>/ns/user (its memory belongs to the host's user
+        // namespace, where it holds no CAP_SYS_PTRACE): the holder sends the namespace itself.
+        set_dumpable(false)?;
+        open_read(c"/proc/self/ns/user")
     })();
-    let byte = match result {
-        Ok(()) => 0,
-        Err(e) => u8::try_from(e.raw_os_error().unwrap_or(libc::EIO))
-            .unwrap_or(u8::MAX)
-            .max(1),
+    let sent = match &result {
+        Ok(ns) => send_byte_and_fd(ready, 0, Some(std::os::fd::AsRawFd::as_raw_fd(ns))),
+        Err(e) => send_byte_and_fd(
+            ready,
+            u8::try_from(e.raw_os_error().unwrap_or(libc::EIO))
+                .unwrap_or(u8::MAX)
+                .max(1),
+            None,
+        ),
     };
-    if write_byte(ready, byte).is_err() || byte != 0 {
+    if sent.is_err() || result.is_err() {
         exit_now(1);
     }
     loop {
@@ -452,32 +558,6 @@ pub(crate) fn set_dumpable(dumpable: bool) -> io::Result<()> {
         )
     })?;
     Ok(())
-}
-
-/// Writes one byte to `fd`.
-pub(crate) fn write_byte(fd: libc::c_int, byte: u8) -> io::Result<()> {
-    // SAFETY: one byte from a live local.
-    check_long(unsafe { libc::write(fd, std::ptr::addr_of!(byte).cast(), 1) } as libc::c_long)?;
-    Ok(())
-}
-
-/// Reads one byte from `fd`; `None` at end of file.
-pub(crate) fn read_byte(fd: libc::c_int) -> io::Result<Option<u8>> {
-    let mut byte = 0u8;
-    loop {
-        // SAFETY: one byte into a live, writable local.
-        let n = unsafe { libc::read(fd, std::ptr::addr_of_mut!(byte).cast(), 1) };
-        match n {
-            1 => return Ok(Some(byte)),
-            0 => return Ok(None),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
 }
 
 /// `_exit(2)`.
@@ -527,12 +607,14 @@ mod tests {
     #[ignore = "run by the_user_namespace_holder_is_not_dumpable_once_its_maps_are_written"]
     fn holder_check_as_this_uid() {
         let (euid, egid) = effective_ids();
-        let (ready_r, ready_w) = pipe().unwrap();
+        let (ready_r, ready_w) = socketpair().unwrap();
         let uid_map = format!("1000 {euid} 1\n").into_bytes();
         let gid_map = format!("1000 {egid} 1\n").into_bytes();
         let pid = fork_userns_holder(ready_w.as_raw_fd(), &uid_map, &gid_map).unwrap();
         drop(ready_w);
-        assert_eq!(read_byte(ready_r.as_raw_fd()).unwrap(), Some(0));
+        let (byte, ns) = recv_byte_and_fd(ready_r.as_raw_fd()).unwrap().unwrap();
+        assert_eq!(byte, 0);
+        assert!(ns.is_some(), "the holder sent its namespace");
         let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
             .unwrap()
             .uid();

@@ -15,9 +15,10 @@
 //! whose files belong to root unless the process is dumpable, and guest-init's PID 1 is not
 //! dumpable on purpose (its descriptors reach the host). So [`UserNamespace::create`] forks a
 //! holder that closes every descriptor, becomes dumpable, unshares a user namespace, writes its
-//! own maps (one line mapping its own effective id needs no privilege), and is then killed
-//! once its namespace is held open by a descriptor. Each confined process later only
-//! `setns`es into it.
+//! own maps (one line mapping its own effective id needs no privilege), becomes non-dumpable
+//! again (its memory is a copy of its creator's), sends a descriptor of its namespace back over
+//! a Unix socket (its creator could not open it through `/proc` any more), and is then killed.
+//! Each confined process later only `setns`es into it.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -52,20 +53,16 @@ impl UserNamespace {
         let (euid, egid) = sys::effective_ids();
         let uid_map = format!("{uid} {euid} 1\n").into_bytes();
         let gid_map = format!("{gid} {egid} 1\n").into_bytes();
-        let (ready_r, ready_w) = sys::pipe().map_err(step("pipe"))?;
+        let (ready_r, ready_w) = sys::socketpair().map_err(step("socketpair"))?;
         let ready_fd = ready_w.as_raw_fd();
         let pid = sys::fork_userns_holder(ready_fd, &uid_map, &gid_map).map_err(step("fork"))?;
         drop(ready_w);
-        let answer = sys::read_byte(ready_r.as_raw_fd());
-        let held = match answer {
-            Ok(Some(0)) => {
-                let path = format!("/proc/{pid}/ns/user\0");
-                std::ffi::CStr::from_bytes_with_nul(path.as_bytes())
-                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-                    .and_then(sys::open_read)
-                    .map_err(step("open the namespace"))
-            }
-            Ok(Some(errno)) => Err(step("the holder's maps")(
+        let held = match sys::recv_byte_and_fd(ready_r.as_raw_fd()) {
+            Ok(Some((0, Some(ns)))) => Ok(ns),
+            Ok(Some((0, None))) => Err(step("the holder's namespace")(
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            )),
+            Ok(Some((errno, _))) => Err(step("the holder's maps")(
                 std::io::Error::from_raw_os_error(i32::from(errno)),
             )),
             Ok(None) => Err(step("the holder")(std::io::Error::from_raw_os_error(

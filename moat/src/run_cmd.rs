@@ -234,6 +234,7 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
     // The logs that outlive the workspace sit beside the run directory, whose name anyone can
     // see from now on: create them at once, exclusively, never through a link someone
     // planted (/tmp is sticky: once ours, nobody else can replace them).
+    eprintln!("moat: run directory: {}", run_dir.display());
     let logs_dir = logs_dir()?;
     let logs_base = logs_dir.join(run_dir.file_name().unwrap_or_default());
     let mut logs = Vec::new();
