@@ -195,8 +195,8 @@ impl Drop for RunningBroker {
 /// its home and waits. Stopped (SIGTERM) when dropped.
 struct Workspace {
     moat_run: Child,
-    /// The workspace's SSH host key (public line), from its enrolment.
-    host_key_pub: String,
+    /// The `known_hosts` line its enrolment printed: the broker's SSH host CA, for ws1.
+    known_hosts: String,
     /// moat run's standard error (where it says where sshd's log is).
     log: PathBuf,
     /// The workspace's own audit log (its egress proxy and process events).
@@ -258,7 +258,14 @@ fn start_workspace(
         .pki
         .enrol(&WorkspaceName::try_from("ws1").unwrap())
         .unwrap();
-    moat_broker::enrolment::write_dir(
+    let host_ca = moat_broker::ssh_ca::SshCa::load_or_create(
+        &broker
+            .config
+            .state_dir
+            .join(moat_broker::ssh_ca::HOST_CA_FILE),
+    )
+    .unwrap();
+    let known_hosts = moat_broker::enrolment::write_dir(
         &enrolment,
         &moat_broker::enrolment::Tunnel {
             workspace: WorkspaceName::try_from("ws1").unwrap(),
@@ -267,6 +274,7 @@ fn start_workspace(
         },
         &identity,
         &broker.ssh_ca.public_key_line(),
+        &host_ca,
     )
     .unwrap();
     let log = dir.join("moat-run.log");
@@ -301,9 +309,7 @@ fn start_workspace(
         .unwrap();
     Workspace {
         moat_run,
-        host_key_pub: moat_broker::enrolment::read_dir(&enrolment)
-            .unwrap()
-            .ssh_host_key_pub,
+        known_hosts,
         log,
         audit,
     }
@@ -438,9 +444,11 @@ impl World {
         };
         world.wait_for_tunnel(true);
         keygen(&world.path("id_ed25519"));
+        // No raw host key pinned: ssh trusts the broker's host CA for ws1, and the workspace's
+        // sshd presents its host certificate.
         std::fs::write(
             world.path("known_hosts"),
-            format!("ws1 {}", world.workspace.host_key_pub),
+            format!("{}\n", world.workspace.known_hosts),
         )
         .unwrap();
         world
@@ -1244,7 +1252,7 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
     // no tunnel, no workspace), with the workspace's host key and the broker's user CA, letting
     // the certificate's principal in as this host's user.
     let config = world.path("direct_sshd_config");
-    std::fs::write(world.path("principals"), "agent\n").unwrap();
+    std::fs::write(world.path("principals"), "agent@ws1\n").unwrap();
     std::fs::write(
         world.path("user_ca.pub"),
         world.broker().broker.ssh_ca.public_key_line(),
@@ -1253,10 +1261,11 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
     std::fs::write(
         &config,
         format!(
-            "HostKey {}\nTrustedUserCAKeys {}\nAuthorizedPrincipalsFile {}\n\
+            "HostKey {}\nHostCertificate {}\nTrustedUserCAKeys {}\nAuthorizedPrincipalsFile {}\n\
              AuthorizedKeysFile none\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n\
              UsePAM no\nPidFile none\n",
             world.path("ws1/ssh_host_ed25519_key").display(),
+            world.path("ws1/ssh_host_ed25519_key-cert.pub").display(),
             world.path("user_ca.pub").display(),
             world.path("principals").display(),
         ),
