@@ -450,7 +450,8 @@ async fn certificate(broker: &Broker, req: Request<Incoming>) -> Reply {
         return error(StatusCode::FORBIDDEN, "workspace no longer configured");
     };
     let grant = Grant {
-        principal: &ws.ssh_user,
+        account: &ws.ssh_user,
+        workspace: &session.workspace,
         key_id: format!(
             "moat session {} subject {}",
             session.id, session.identity.subject

@@ -7,21 +7,26 @@
 //! broker-ca.pem                the broker's TLS CA, the only anchor the tunnel trusts
 //! ssh-user-ca.pub              the broker's SSH user CA, the only key the workspace's sshd trusts
 //! ssh_host_ed25519_key(.pub)   the workspace's SSH host key; key 0600
+//! ssh_host_ed25519_key-cert.pub  its host certificate from the broker's SSH host CA
 //! ```
 //!
-//! The host key is made here so that people can pin it (`known_hosts`) before the workspace
-//! first runs, and so that it stays the same across runs.
+//! The host key is new at every enrolment, and signed by the broker's SSH host CA for the
+//! workspace's name: people trust that CA once (`@cert-authority` in `known_hosts`), not each
+//! key, so a re-enrolment, typically after a leak, leaves nothing of the old key worth having.
+//! The key stays the same across runs of one enrolment.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use ssh_key::rand_core::OsRng;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
 use crate::config::WorkspaceName;
-use crate::pki::Enrolment;
+use crate::pki::{Enrolment, WORKSPACE_VALIDITY};
+use crate::ssh_ca::{SshCa, SshCaError};
 
 /// The account a moat workspace's sshd logs people into (uid 1000 in the workspace).
 pub const WORKSPACE_SSH_USER: &str = "agent";
@@ -32,6 +37,7 @@ const KEY: &str = "workspace.key";
 const BROKER_CA: &str = "broker-ca.pem";
 const USER_CA: &str = "ssh-user-ca.pub";
 const HOST_KEY: &str = "ssh_host_ed25519_key";
+const HOST_CERT: &str = "ssh_host_ed25519_key-cert.pub";
 
 /// Errors reading or writing an enrolment directory.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +51,9 @@ pub enum EnrolmentError {
     /// A key could not be generated or encoded.
     #[error("cannot make the workspace's SSH host key")]
     Key(#[source] ssh_key::Error),
+    /// The host key could not be certified.
+    #[error("cannot certify the workspace's SSH host key")]
+    Certify(#[source] SshCaError),
     /// The private key file is readable by others.
     #[error("{} is readable by others: chmod 600 it", .0.display())]
     Exposed(PathBuf),
@@ -78,6 +87,9 @@ pub struct WorkspaceEnrolment {
     pub ssh_host_key: String,
     /// Its public half (one line).
     pub ssh_host_key_pub: String,
+    /// Its host certificate from the broker's SSH host CA (one line); none in a directory
+    /// enrolled before the broker had one.
+    pub ssh_host_certificate: Option<String>,
 }
 
 impl std::fmt::Debug for WorkspaceEnrolment {
@@ -92,6 +104,15 @@ impl std::fmt::Debug for WorkspaceEnrolment {
 fn read(dir: &Path, name: &str) -> Result<String, EnrolmentError> {
     let path = dir.join(name);
     std::fs::read_to_string(&path).map_err(|e| EnrolmentError::Io("cannot read", path, e))
+}
+
+/// `name` in `dir`, or `None` if there is no such file.
+fn read_optional(dir: &Path, name: &str) -> Result<Option<String>, EnrolmentError> {
+    match read(dir, name) {
+        Ok(text) => Ok(Some(text)),
+        Err(EnrolmentError::Io(_, _, e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn read_secret(dir: &Path, name: &str) -> Result<String, EnrolmentError> {
@@ -121,26 +142,29 @@ fn write(dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), EnrolmentE
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err)
 }
 
-/// Writes the enrolment of `tunnel.workspace` into `dir` (made 0700). The SSH host key already
-/// there is kept (enrolling again, for a new certificate, must not break the `known_hosts`
-/// lines people pinned); otherwise a fresh one is made. Returns the host key's `known_hosts`
-/// line (`<workspace> ssh-ed25519 ...`).
+/// Writes the enrolment of `tunnel.workspace` into `dir` (made 0700), with a new SSH host key
+/// (never the one already there: re-enrolling is how a leaked key is retired) and its host
+/// certificate from `host_ca`, valid as long as the tunnel identity. Returns the `known_hosts`
+/// line that trusts it (`@cert-authority <workspace> ssh-ed25519 ...`).
 pub fn write_dir(
     dir: &Path,
     tunnel: &Tunnel,
     identity: &Enrolment,
     ssh_user_ca: &str,
+    host_ca: &SshCa,
 ) -> Result<String, EnrolmentError> {
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
         .map_err(|e| EnrolmentError::Io("cannot create", dir.to_owned(), e))?;
-    let host_key = match std::fs::read_to_string(dir.join(HOST_KEY)) {
-        Ok(kept) => PrivateKey::from_openssh(kept).map_err(EnrolmentError::Key)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(EnrolmentError::Key)?
-        }
-        Err(e) => return Err(EnrolmentError::Io("cannot read", dir.join(HOST_KEY), e)),
-    };
+    let host_key =
+        PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(EnrolmentError::Key)?;
+    let host_cert = host_ca
+        .certify_host(
+            host_key.public_key(),
+            &tunnel.workspace,
+            SystemTime::now() + WORKSPACE_VALIDITY,
+        )
+        .map_err(EnrolmentError::Certify)?;
     let host_pub = host_key
         .public_key()
         .to_openssh()
@@ -167,8 +191,16 @@ pub fn write_dir(
         &format!("{host_pub}\n"),
         0o644,
     )?;
+    write(dir, HOST_CERT, &format!("{host_cert}\n"), 0o644)?;
     write(dir, TUNNEL, &toml, 0o644)?;
-    Ok(format!("{} {host_pub}", tunnel.workspace))
+    Ok(known_hosts_line(&tunnel.workspace, host_ca))
+}
+
+/// The `known_hosts` line with which people trust `host_ca` for `workspace`, and nothing else:
+/// a host certificate must also name the host, but a CA trusted for `*` would be trusted to
+/// name any host.
+pub fn known_hosts_line(workspace: &WorkspaceName, host_ca: &SshCa) -> String {
+    format!("@cert-authority {workspace} {}", host_ca.public_key_line())
 }
 
 /// Reads an enrolment directory; refuses private keys others can read.
@@ -184,6 +216,7 @@ pub fn read_dir(dir: &Path) -> Result<WorkspaceEnrolment, EnrolmentError> {
         ssh_user_ca: read(dir, USER_CA)?.trim_end().to_owned(),
         ssh_host_key: read_secret(dir, HOST_KEY)?,
         ssh_host_key_pub: read(dir, &format!("{HOST_KEY}.pub"))?.trim_end().to_owned(),
+        ssh_host_certificate: read_optional(dir, HOST_CERT)?.map(|c| c.trim_end().to_owned()),
     })
 }
 
@@ -205,17 +238,26 @@ mod tests {
             cert_pem: "CERT\n".into(),
             key_pem: "KEY\n".into(),
             broker_ca_pem: "CA\n".into(),
+            serial: crate::pki::Serial::from_be_bytes(&[1]),
         }
+    }
+
+    fn host_ca(dir: &Path) -> SshCa {
+        SshCa::load_or_create(&dir.join(crate::ssh_ca::HOST_CA_FILE)).unwrap()
     }
 
     #[test]
     fn a_written_directory_reads_back_with_its_secrets_private() {
         let dir = tempfile::tempdir().unwrap();
+        let ca = host_ca(dir.path());
         let out = dir.path().join("ws1");
-        let known = write_dir(&out, &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
+        let known = write_dir(&out, &tunnel(), &identity(), "ssh-ed25519 AAAA ca", &ca).unwrap();
         let read = read_dir(&out).unwrap();
         assert_eq!(read.tunnel, tunnel());
-        assert_eq!(known, format!("ws1 {}", read.ssh_host_key_pub));
+        assert_eq!(
+            known,
+            format!("@cert-authority ws1 {}", ca.public_key_line())
+        );
         assert!(
             read.ssh_host_key
                 .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
@@ -228,21 +270,64 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}");
         }
-        // Two workspaces, two host keys; the same one enrolled again keeps its key.
-        let other = dir.path().join("again");
-        write_dir(&other, &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
-        assert_ne!(
-            read_dir(&other).unwrap().ssh_host_key_pub,
-            read.ssh_host_key_pub
-        );
-        let again = write_dir(&out, &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
-        assert_eq!(again, known);
+    }
+
+    #[test]
+    fn re_enrolment_rotates_the_host_key_and_certifies_the_new_one_for_the_workspace() {
+        use ssh_key::Certificate;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = host_ca(dir.path());
+        let out = dir.path().join("ws1");
+        write_dir(&out, &tunnel(), &identity(), "ssh-ed25519 AAAA ca", &ca).unwrap();
+        let first = read_dir(&out).unwrap();
+
+        write_dir(&out, &tunnel(), &identity(), "ssh-ed25519 AAAA ca", &ca).unwrap();
+        let again = read_dir(&out).unwrap();
+
+        assert_ne!(again.ssh_host_key_pub, first.ssh_host_key_pub);
+        assert_ne!(again.ssh_host_key, first.ssh_host_key);
+        let cert =
+            Certificate::from_openssh(again.ssh_host_certificate.as_deref().unwrap()).unwrap();
+        let key = ssh_key::PublicKey::from_openssh(&again.ssh_host_key_pub).unwrap();
+        assert_eq!(cert.public_key(), key.key_data());
+        assert_eq!(cert.cert_type(), ssh_key::certificate::CertType::Host);
+        assert_eq!(cert.valid_principals(), ["ws1".to_owned()]);
+        let ca_key = ssh_key::PublicKey::from_openssh(&ca.public_key_line()).unwrap();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        cert.validate_at(now, [&ca_key.fingerprint(Default::default())])
+            .unwrap();
+    }
+
+    #[test]
+    fn a_directory_enrolled_before_host_certificates_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dir(
+            dir.path(),
+            &tunnel(),
+            &identity(),
+            "ssh-ed25519 AAAA ca",
+            &host_ca(dir.path()),
+        )
+        .unwrap();
+        std::fs::remove_file(dir.path().join(HOST_CERT)).unwrap();
+
+        assert_eq!(read_dir(dir.path()).unwrap().ssh_host_certificate, None);
     }
 
     #[test]
     fn a_key_others_can_read_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        write_dir(dir.path(), &tunnel(), &identity(), "ssh-ed25519 AAAA ca").unwrap();
+        write_dir(
+            dir.path(),
+            &tunnel(),
+            &identity(),
+            "ssh-ed25519 AAAA ca",
+            &host_ca(dir.path()),
+        )
+        .unwrap();
         std::fs::set_permissions(
             dir.path().join(HOST_KEY),
             std::fs::Permissions::from_mode(0o644),

@@ -25,8 +25,12 @@
 //!   refresh token (kept in memory only, never logged, audited or handed out) and ends it when
 //!   the provider refuses, the groups no longer entitle the person, or no confirmation comes.
 //! - Nothing reaches a workspace except through its tunnel, which the workspace's host side dials
-//!   out with a client certificate from the broker's workspace CA. Every relayed stream belongs to
-//!   a live session; revoking the session, the person or the workspace cancels it at once.
+//!   out with a client certificate from the broker's workspace CA, whose serial is not revoked.
+//!   Every relayed stream belongs to a live session; revoking the session, the person or the
+//!   workspace cancels it at once (and revoking a workspace revokes its certificates' serials).
+//! - An SSH user certificate names the account on one workspace (`agent@ws1`) and no other
+//!   workspace's sshd accepts it; a workspace's host key is new at each enrolment and certified
+//!   by the broker's host CA for that workspace's name.
 //! - A workspace reaches the corporate network only through [`corporate`], by service name, and
 //!   only the services its configuration lists.
 //! - Every sign-in, every remote session and every corporate flow is audited as OCSF JSON Lines

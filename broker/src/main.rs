@@ -12,8 +12,8 @@ use moat_broker::config::{Config, WorkspaceName};
 use moat_broker::enrolment;
 use moat_broker::pki::Pki;
 use moat_broker::server::Broker;
-use moat_broker::session::Target;
-use moat_broker::ssh_ca::SshCa;
+use moat_broker::session::{Target, Unrevoke};
+use moat_broker::ssh_ca::{HOST_CA_FILE, SshCa, USER_CA_FILE};
 use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -33,14 +33,15 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Enrol a workspace: write its tunnel identity, the broker's CAs and its SSH host key into
-    /// a directory, for `moat run --tunnel DIR` on the workspace's host.
+    /// Enrol a workspace: write its tunnel identity, the broker's CAs and a new SSH host key
+    /// with its host certificate into a directory, for `moat run --tunnel DIR` on the
+    /// workspace's host.
     Enrol {
         /// The broker's configuration file.
         #[arg(long)]
         config: PathBuf,
         /// The directory to write (tunnel.toml, workspace.crt/.key, broker-ca.pem,
-        /// ssh-user-ca.pub, ssh_host_ed25519_key).
+        /// ssh-user-ca.pub, ssh_host_ed25519_key, its .pub and -cert.pub).
         #[arg(long)]
         out: PathBuf,
         /// The tunnel listener's address as workspace hosts reach it (default: the first of
@@ -50,11 +51,15 @@ enum Command {
         /// The workspace.
         workspace: String,
     },
-    /// Print the SSH user CA's public key (for the workspace sshd's TrustedUserCAKeys).
+    /// Print the SSH user CA's public key (for the workspace sshd's TrustedUserCAKeys), or the
+    /// host CA's (for people's known_hosts: `@cert-authority <workspaces> <key>`).
     SshCa {
         /// The broker's configuration file.
         #[arg(long)]
         config: PathBuf,
+        /// The host CA, which signs the workspaces' host keys.
+        #[arg(long)]
+        host: bool,
     },
     /// The workspace host's side: keep the tunnel to the broker up and connect its streams to the
     /// workspace's vsock socket.
@@ -92,6 +97,19 @@ enum Command {
         /// A session id.
         #[arg(long, group = "what")]
         session: Option<String>,
+        /// A person (their OIDC subject).
+        #[arg(long, group = "what")]
+        person: Option<String>,
+        /// A workspace.
+        #[arg(long, group = "what")]
+        workspace: Option<String>,
+    },
+    /// Allow a revoked person or workspace again. A workspace's certificates issued before its
+    /// revocation stay revoked: enrol it again.
+    Unrevoke {
+        /// The admin socket.
+        #[arg(long)]
+        admin: PathBuf,
         /// A person (their OIDC subject).
         #[arg(long, group = "what")]
         person: Option<String>,
@@ -167,24 +185,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("{server_name}:{}", config.tunnel_listen.port()));
             let pki = Pki::load_or_create(&config.state_dir, &config.server_names)?;
             std::fs::create_dir_all(&config.state_dir)?;
-            let ssh_ca = SshCa::load_or_create(&config.state_dir.join("ssh-user-ca"))?;
+            let user_ca = SshCa::load_or_create(&config.state_dir.join(USER_CA_FILE))?;
+            let host_ca = SshCa::load_or_create(&config.state_dir.join(HOST_CA_FILE))?;
             let identity = pki.enrol(&name)?;
             let tunnel = enrolment::Tunnel {
                 workspace: name.clone(),
                 broker,
                 server_name,
             };
-            let known_host =
-                enrolment::write_dir(&out, &tunnel, &identity, &ssh_ca.public_key_line())?;
-            println!("enrolled {name}: {}", out.display());
+            let known_host = enrolment::write_dir(
+                &out,
+                &tunnel,
+                &identity,
+                &user_ca.public_key_line(),
+                &host_ca,
+            )?;
+            println!(
+                "enrolled {name} (tunnel certificate {}): {}",
+                identity.serial,
+                out.display()
+            );
             println!("on its host:  moat run --tunnel {}", out.display());
-            println!("its host key, for people's known_hosts:\n{known_host}");
+            println!("for people's known_hosts (its host key is certified by the broker):");
+            println!("{known_host}");
             Ok(())
         }
-        Command::SshCa { config } => {
+        Command::SshCa { config, host } => {
             let config = Config::load(&config)?;
             std::fs::create_dir_all(&config.state_dir)?;
-            let ca = SshCa::load_or_create(&config.state_dir.join("ssh-user-ca"))?;
+            let file = if host { HOST_CA_FILE } else { USER_CA_FILE };
+            let ca = SshCa::load_or_create(&config.state_dir.join(file))?;
             println!("{}", ca.public_key_line());
             Ok(())
         }
@@ -244,6 +274,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 &admin,
                 http::Method::POST,
                 "/v1/revoke",
+                Some(serde_json::to_value(&target)?),
+            )
+            .await?;
+            println!("{answer}");
+            Ok(())
+        }
+        Command::Unrevoke {
+            admin,
+            person,
+            workspace,
+        } => {
+            let target = match (person, workspace) {
+                (Some(p), None) => Unrevoke::Person(p),
+                (None, Some(w)) => Unrevoke::Workspace(WorkspaceName::try_from(w.as_str())?),
+                _ => anyhow::bail!("name exactly one of --person, --workspace"),
+            };
+            let answer = admin_request(
+                &admin,
+                http::Method::POST,
+                "/v1/unrevoke",
                 Some(serde_json::to_value(&target)?),
             )
             .await?;

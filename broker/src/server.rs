@@ -14,13 +14,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
+use rustls::pki_types::CertificateDer;
+
 use crate::audit::Audit;
-use crate::config::Config;
+use crate::config::{Config, WorkspaceName};
 use crate::entitlement::Schedule;
 use crate::oidc::{OidcError, Provider};
-use crate::pki::{Pki, PkiError, workspace_of};
+use crate::pki::{Pki, PkiError, serial_of, workspace_of};
 use crate::session::{Session, Sessions, Target};
-use crate::ssh_ca::{SshCa, SshCaError};
+use crate::ssh_ca::{SshCa, SshCaError, USER_CA_FILE};
 use crate::tunnel::registry::{Sever, Tunnels};
 use crate::{admin, api, entitlement, https};
 
@@ -89,7 +91,7 @@ impl Broker {
     pub async fn new(config: Config, audit: Audit) -> Result<Arc<Self>, BrokerError> {
         let pki = Pki::load_or_create(&config.state_dir, &config.server_names)
             .map_err(BrokerError::Pki)?;
-        let ssh_ca = SshCa::load_or_create(&config.state_dir.join("ssh-user-ca"))
+        let ssh_ca = SshCa::load_or_create(&config.state_dir.join(USER_CA_FILE))
             .map_err(BrokerError::SshCa)?;
         let revoked = config.state_dir.join("revoked.json");
         let sessions = Sessions::new(
@@ -153,6 +155,17 @@ impl Broker {
             self.audit.logoff(session, reason);
         }
         Ok(ended)
+    }
+
+    /// Revokes every tunnel certificate issued to `workspace` so far, by serial (persisted),
+    /// from the register of issued certificates; returns how many were not revoked already.
+    /// So allowing the name again later lets in only a certificate issued after this.
+    pub fn revoke_certificates(&self, workspace: &WorkspaceName) -> std::io::Result<usize> {
+        let serials = self
+            .pki
+            .issued_to(workspace)
+            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
+        self.sessions.revoke_certificates(serials)
     }
 
     /// Serves all three listeners, and checks sessions' entitlements, until `shutdown`.
@@ -255,24 +268,18 @@ impl Broker {
                     }
                     Err(_) => return,
                 };
-                let workspace = stream
+                let cert = stream
                     .get_ref()
                     .1
                     .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .and_then(workspace_of);
-                let Some(workspace) = workspace else {
-                    tracing::warn!(%peer, "tunnel refused: no workspace name in its certificate");
-                    return;
+                    .and_then(|certs| certs.first());
+                let workspace = match admit_tunnel(&broker.config, &broker.sessions, cert) {
+                    Ok(workspace) => workspace,
+                    Err(why) => {
+                        tracing::warn!(%peer, "tunnel refused: {why}");
+                        return;
+                    }
                 };
-                if broker.config.workspace(&workspace).is_none() {
-                    tracing::warn!(%peer, %workspace, "tunnel refused: workspace not configured");
-                    return;
-                }
-                if broker.sessions.workspace_revoked(&workspace) {
-                    tracing::warn!(%peer, %workspace, "tunnel refused: workspace revoked");
-                    return;
-                }
                 if stream.get_ref().1.alpn_protocol() == Some(crate::corporate::ALPN) {
                     crate::corporate::serve(
                         Arc::clone(&broker),
@@ -294,6 +301,33 @@ impl Broker {
             });
         }
     }
+}
+
+/// Whether a tunnel connection whose TLS handshake verified `cert` (a client certificate of the
+/// workspace CA, within its validity) may be served: returns the workspace it stands for, or
+/// why not. The workspace must be configured and not revoked, and the certificate's serial not
+/// revoked: revoking a workspace revokes its certificates by serial, so a stolen one stays out
+/// when the name is allowed again.
+pub fn admit_tunnel(
+    config: &Config,
+    sessions: &Sessions,
+    cert: Option<&CertificateDer<'_>>,
+) -> Result<WorkspaceName, String> {
+    let cert = cert.ok_or("no client certificate")?;
+    let workspace = workspace_of(cert).ok_or("no workspace name in its certificate")?;
+    let serial = serial_of(cert).ok_or("no serial in its certificate")?;
+    if config.workspace(&workspace).is_none() {
+        return Err(format!("workspace {workspace} not configured"));
+    }
+    if sessions.workspace_revoked(&workspace) {
+        return Err(format!("workspace {workspace} revoked"));
+    }
+    if sessions.certificate_revoked(&serial) {
+        return Err(format!(
+            "certificate {serial} of workspace {workspace} revoked"
+        ));
+    }
+    Ok(workspace)
 }
 
 /// An I/O object that counts the bytes read from it.

@@ -9,7 +9,10 @@
 //! opaque bearer token; the broker keeps only its SHA-256. Every relayed stream watches its
 //! session's [`CancellationToken`], so revoking the session, its person or its workspace ends the
 //! stream at once. Revoked people and workspaces are written to the state directory and survive a
-//! restart; sessions do not (a restarted broker has none: everyone signs in again).
+//! restart; sessions do not (a restarted broker has none: everyone signs in again). A revoked
+//! workspace's tunnel certificates are revoked too, by serial ([`Sessions::revoke_certificates`]),
+//! and stay revoked when the name is allowed again ([`Sessions::unrevoke`]): only a certificate
+//! issued after that (a new enrolment) brings the workspace back.
 //!
 //! A sign-in is bound to the machine whose browser finished it, not only to whoever started it:
 //! the broker's callback sends the browser on to the client's loopback listener
@@ -29,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::WorkspaceName;
 use crate::entitlement::{Schedule, Unconfirmed};
 use crate::oidc::{Identity, NonceRule, Pkce, RefreshToken, SignedIn, random_token};
+use crate::pki::Serial;
 
 /// A sign-in not finished within this time is forgotten.
 pub const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -134,6 +138,10 @@ pub enum LoginStatus {
 struct Revoked {
     people: HashSet<String>,
     workspaces: HashSet<String>,
+    /// Workspace tunnel certificates, by serial; never taken back (absent in files written
+    /// before serials were revoked).
+    #[serde(default)]
+    certificates: HashSet<Serial>,
 }
 
 /// A SHA-256 of a secret (token, login handle, handoff).
@@ -195,6 +203,17 @@ pub enum Target {
     /// Everything of one person (their `sub`); they cannot sign in again.
     Person(String),
     /// Everything reaching one workspace; its tunnel is refused too.
+    Workspace(WorkspaceName),
+}
+
+/// What may be allowed again after a revocation (a session may not: it is gone).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Unrevoke {
+    /// A person, who may sign in again.
+    Person(String),
+    /// A workspace, whose tunnel is accepted again, but only with a certificate issued after
+    /// its revocation.
     Workspace(WorkspaceName),
 }
 
@@ -361,6 +380,11 @@ impl Sessions {
     /// Whether `workspace` is revoked.
     pub fn workspace_revoked(&self, workspace: &WorkspaceName) -> bool {
         self.lock().revoked.workspaces.contains(workspace.as_str())
+    }
+
+    /// Whether the tunnel certificate with `serial` is revoked.
+    pub fn certificate_revoked(&self, serial: &Serial) -> bool {
+        self.lock().revoked.certificates.contains(serial)
     }
 
     /// Creates the session for a finished sign-in (the caller has checked the entitlement);
@@ -594,14 +618,52 @@ impl Sessions {
             Target::Person(sub) => inner.revoked.people.insert(sub.clone()),
             Target::Workspace(ws) => inner.revoked.workspaces.insert(ws.to_string()),
         };
-        if changed && let Some(path) = &self.revoked_file {
-            let bytes = serde_json::to_vec_pretty(&inner.revoked)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, path)?;
+        if changed {
+            self.persist(&inner.revoked)?;
         }
         Ok(ended)
+    }
+
+    /// Revokes the tunnel certificates with `serials` for good (persisted); returns how many
+    /// were not revoked already. Nothing takes a serial back: a workspace allowed again
+    /// ([`Sessions::unrevoke`]) needs a certificate issued after its revocation.
+    pub fn revoke_certificates(&self, serials: Vec<Serial>) -> std::io::Result<usize> {
+        let mut inner = self.lock();
+        let added = serials
+            .into_iter()
+            .filter(|s| inner.revoked.certificates.insert(s.clone()))
+            .count();
+        if added > 0 {
+            self.persist(&inner.revoked)?;
+        }
+        Ok(added)
+    }
+
+    /// Allows a revoked person or workspace again (persisted); returns whether it was revoked.
+    /// A workspace's revoked certificates stay revoked.
+    pub fn unrevoke(&self, target: &Unrevoke) -> std::io::Result<bool> {
+        let mut inner = self.lock();
+        let changed = match target {
+            Unrevoke::Person(sub) => inner.revoked.people.remove(sub),
+            Unrevoke::Workspace(ws) => inner.revoked.workspaces.remove(ws.as_str()),
+        };
+        if changed {
+            self.persist(&inner.revoked)?;
+        }
+        Ok(changed)
+    }
+
+    /// Writes `revoked` to the revocation file, if there is one: a new file renamed over the
+    /// old, so a crash leaves one or the other whole.
+    fn persist(&self, revoked: &Revoked) -> std::io::Result<()> {
+        let Some(path) = &self.revoked_file else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec_pretty(revoked)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)
     }
 }
 
@@ -709,6 +771,39 @@ mod tests {
         )
         .unwrap();
         assert!(restarted.workspace_revoked(&ws("ws1")));
+    }
+
+    #[test]
+    fn revoked_certificates_outlive_the_name_being_allowed_again_and_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("revoked.json");
+        // A file from before serials were revoked still loads.
+        std::fs::write(&file, r#"{"people": [], "workspaces": ["ws2"]}"#).unwrap();
+        let open = || {
+            Sessions::new(
+                Duration::from_secs(60),
+                Schedule::new(Duration::from_secs(60)),
+                Some(file.clone()),
+            )
+            .unwrap()
+        };
+        let store = open();
+        let (old, new) = (
+            Serial::from_be_bytes(&[0x0a]),
+            Serial::from_be_bytes(&[0x0b]),
+        );
+        store.revoke(&Target::Workspace(ws("ws1"))).unwrap();
+        assert_eq!(store.revoke_certificates(vec![old.clone()]).unwrap(), 1);
+        assert_eq!(store.revoke_certificates(vec![old.clone()]).unwrap(), 0);
+
+        assert!(store.unrevoke(&Unrevoke::Workspace(ws("ws1"))).unwrap());
+        assert!(!store.unrevoke(&Unrevoke::Workspace(ws("ws1"))).unwrap());
+
+        let restarted = open();
+        assert!(!restarted.workspace_revoked(&ws("ws1")));
+        assert!(restarted.workspace_revoked(&ws("ws2")));
+        assert!(restarted.certificate_revoked(&old));
+        assert!(!restarted.certificate_revoked(&new));
     }
 
     #[test]

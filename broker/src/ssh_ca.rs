@@ -1,11 +1,18 @@
-//! The broker's OpenSSH user CA: signs short-lived user certificates for live sessions. A
-//! workspace's sshd trusts this CA's public key alone (`TrustedUserCAKeys`).
+//! The broker's OpenSSH CAs, two keys of one kind ([`SshCa`]):
 //!
-//! A certificate names exactly one principal (the workspace's SSH account), ends with its session,
-//! and permits a terminal only: no agent, port or X11 forwarding, so an SSH session cannot become
-//! a network path around the egress proxy or hand the person's agent to the workspace. The
-//! certificate alone reaches nothing: the only way to the workspace's sshd is a broker stream,
-//! which needs the live session.
+//! - The user CA ([`USER_CA_FILE`]) signs short-lived user certificates for live sessions. A
+//!   workspace's sshd trusts this CA's public key alone (`TrustedUserCAKeys`). A certificate
+//!   names exactly one principal, the workspace's SSH account *on that workspace*
+//!   ([`workspace_principal`]: `agent@ws1`), which only that workspace's sshd accepts
+//!   (`AuthorizedPrincipalsFile`), so a certificate issued for one workspace opens no other. It
+//!   ends with its session, and permits a terminal only: no agent, port or X11 forwarding, so an
+//!   SSH session cannot become a network path around the egress proxy or hand the person's agent
+//!   to the workspace. The certificate alone reaches nothing: the only way to the workspace's
+//!   sshd is a broker stream, which needs the live session.
+//! - The host CA ([`HOST_CA_FILE`]) signs each workspace's SSH host key at enrolment, for the
+//!   workspace's name as the only principal. People trust it once (`@cert-authority` in
+//!   `known_hosts`) instead of pinning every workspace's key, so a workspace's host key can be
+//!   new at every enrolment.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -14,10 +21,23 @@ use ssh_key::certificate::{Builder, CertType, Certificate};
 use ssh_key::rand_core::OsRng;
 use ssh_key::{Algorithm, LineEnding, PrivateKey, PublicKey};
 
+use crate::config::WorkspaceName;
+
 /// Certificates are valid from this long before issue (clock skew between broker and workspace).
 pub const BACKDATE: Duration = Duration::from_secs(60);
 /// The longest public key line accepted.
 const MAX_KEY_LINE: usize = 16 * 1024;
+/// The user CA's key in the state directory.
+pub const USER_CA_FILE: &str = "ssh-user-ca";
+/// The host CA's key in the state directory.
+pub const HOST_CA_FILE: &str = "ssh-host-ca";
+
+/// The one principal of a user certificate for `account` on `workspace`: `account@workspace`.
+/// A workspace's sshd accepts only its own (guest-init writes it into
+/// `AuthorizedPrincipalsFile`), so the certificate is bound to the workspace it was issued for.
+pub fn workspace_principal(account: &str, workspace: &WorkspaceName) -> String {
+    format!("{account}@{workspace}")
+}
 
 /// Errors of the SSH CA.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +52,7 @@ pub enum SshCaError {
         source: std::io::Error,
     },
     /// The CA key could not be generated or parsed.
-    #[error("invalid SSH user CA key")]
+    #[error("invalid SSH CA key")]
     Key(#[source] ssh_key::Error),
     /// The person's public key is not an OpenSSH public key line of an accepted type.
     #[error("not an acceptable OpenSSH public key")]
@@ -42,7 +62,7 @@ pub enum SshCaError {
     Sign(#[source] ssh_key::Error),
 }
 
-/// The CA.
+/// One CA key: the user CA or the host CA.
 pub struct SshCa {
     key: PrivateKey,
 }
@@ -55,11 +75,13 @@ impl std::fmt::Debug for SshCa {
     }
 }
 
-/// What goes into one certificate.
+/// What goes into one user certificate.
 #[derive(Debug, Clone)]
 pub struct Grant<'a> {
     /// The account on the workspace.
-    pub principal: &'a str,
+    pub account: &'a str,
+    /// The workspace, the only one whose sshd accepts the certificate.
+    pub workspace: &'a WorkspaceName,
     /// Recorded by sshd in its log: session id and subject.
     pub key_id: String,
     /// The session's end.
@@ -88,7 +110,8 @@ impl SshCa {
         }
     }
 
-    /// The CA's public key as one `authorized_keys`-style line, for `TrustedUserCAKeys`.
+    /// The CA's public key as one `authorized_keys`-style line, for `TrustedUserCAKeys` (user
+    /// CA) or `@cert-authority` in `known_hosts` (host CA).
     pub fn public_key_line(&self) -> String {
         self.key
             .public_key()
@@ -110,24 +133,54 @@ impl SshCa {
         ) {
             return Err(SshCaError::PublicKey);
         }
+        let principal = workspace_principal(grant.account, grant.workspace);
+        let mut builder = self.builder(&subject, grant.valid_before)?;
+        builder
+            .cert_type(CertType::User)
+            .and_then(|b| b.key_id(grant.key_id.clone()))
+            .and_then(|b| b.valid_principal(principal))
+            .and_then(|b| b.extension("permit-pty", ""))
+            .map_err(SshCaError::Sign)?;
+        let cert: Certificate = builder.sign(&self.key).map_err(SshCaError::Sign)?;
+        cert.to_openssh().map_err(SshCaError::Sign)
+    }
+
+    /// Signs `workspace`'s SSH host key, for its name as the only principal, until
+    /// `valid_before`; returns the certificate line (sshd's `HostCertificate`).
+    pub fn certify_host(
+        &self,
+        host_key: &PublicKey,
+        workspace: &WorkspaceName,
+        valid_before: SystemTime,
+    ) -> Result<String, SshCaError> {
+        let mut builder = self.builder(host_key, valid_before)?;
+        builder
+            .cert_type(CertType::Host)
+            .and_then(|b| b.key_id(format!("moat workspace {workspace}")))
+            .and_then(|b| b.valid_principal(workspace.as_str()))
+            .map_err(SshCaError::Sign)?;
+        let cert: Certificate = builder.sign(&self.key).map_err(SshCaError::Sign)?;
+        cert.to_openssh().map_err(SshCaError::Sign)
+    }
+
+    /// A certificate for `subject`, valid from [`BACKDATE`] ago until `valid_before`, with a
+    /// random nonce and serial.
+    fn builder(
+        &self,
+        subject: &PublicKey,
+        valid_before: SystemTime,
+    ) -> Result<Builder, SshCaError> {
         let now = SystemTime::now();
         let valid_after = now.checked_sub(BACKDATE).unwrap_or(now);
         let mut builder = Builder::new_with_validity_times(
             random_nonce(),
             subject.key_data().clone(),
             valid_after,
-            grant.valid_before,
+            valid_before,
         )
         .map_err(SshCaError::Sign)?;
-        builder
-            .serial(random_serial())
-            .and_then(|b| b.cert_type(CertType::User))
-            .and_then(|b| b.key_id(grant.key_id.clone()))
-            .and_then(|b| b.valid_principal(grant.principal))
-            .and_then(|b| b.extension("permit-pty", ""))
-            .map_err(SshCaError::Sign)?;
-        let cert: Certificate = builder.sign(&self.key).map_err(SshCaError::Sign)?;
-        cert.to_openssh().map_err(SshCaError::Sign)
+        builder.serial(random_serial()).map_err(SshCaError::Sign)?;
+        Ok(builder)
     }
 }
 
@@ -169,6 +222,10 @@ mod tests {
             .unwrap()
     }
 
+    fn ws(name: &str) -> WorkspaceName {
+        WorkspaceName::try_from(name).unwrap()
+    }
+
     #[test]
     fn a_certificate_names_one_principal_permits_a_pty_only_and_ends_with_the_session() {
         let dir = tempfile::tempdir().unwrap();
@@ -178,14 +235,16 @@ mod tests {
             .certify(
                 &user_key(),
                 &Grant {
-                    principal: "agent",
+                    account: "agent",
+                    workspace: &ws("ws1"),
                     key_id: "moat:s1:alice".into(),
                     valid_before: end,
                 },
             )
             .unwrap();
         let cert = Certificate::from_openssh(&line).unwrap();
-        assert_eq!(cert.valid_principals(), ["agent".to_owned()]);
+        // The account on that workspace only: no other workspace's sshd lists it.
+        assert_eq!(cert.valid_principals(), ["agent@ws1".to_owned()]);
         assert_eq!(cert.cert_type(), CertType::User);
         assert_eq!(
             cert.extensions().keys().collect::<Vec<_>>(),
@@ -198,6 +257,28 @@ mod tests {
             .as_secs();
         assert_eq!(cert.valid_before(), before);
         assert_eq!(cert.signature_key(), ca.key.public_key().key_data());
+    }
+
+    #[test]
+    fn a_host_certificate_names_the_workspace_alone_and_verifies_against_the_host_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = SshCa::load_or_create(&dir.path().join(HOST_CA_FILE)).unwrap();
+        let host = PrivateKey::random(&mut OsRng, Algorithm::Ed25519).unwrap();
+        let end = SystemTime::now() + Duration::from_secs(600);
+
+        let line = ca.certify_host(host.public_key(), &ws("ws1"), end).unwrap();
+
+        let cert = Certificate::from_openssh(&line).unwrap();
+        assert_eq!(cert.cert_type(), CertType::Host);
+        assert_eq!(cert.valid_principals(), ["ws1".to_owned()]);
+        assert_eq!(cert.public_key(), host.public_key().key_data());
+        assert!(cert.extensions().is_empty() && cert.critical_options().is_empty());
+        let fingerprint = ca.key.public_key().fingerprint(Default::default());
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        cert.validate_at(now, [&fingerprint]).unwrap();
     }
 
     #[test]
@@ -214,7 +295,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = SshCa::load_or_create(&dir.path().join("ca")).unwrap();
         let grant = Grant {
-            principal: "agent",
+            account: "agent",
+            workspace: &ws("ws1"),
             key_id: "k".into(),
             valid_before: SystemTime::now() + Duration::from_secs(60),
         };

@@ -78,12 +78,92 @@ fn enrol_writes_a_workspace_identity_with_a_private_key() {
     let enrolment = moat_broker::enrolment::read_dir(&out).unwrap();
     assert_eq!(enrolment.tunnel.workspace.as_str(), "ws1");
     assert!(enrolment.ssh_user_ca.starts_with("ssh-ed25519 "));
-    // The host key, printed for people's known_hosts, is the one written.
+    // Printed for people's known_hosts: the broker's host CA, trusted for ws1 alone.
+    let host_ca = broker(&["ssh-ca", "--host", "--config", config.to_str().unwrap()]);
+    let host_ca = text(&host_ca.stdout);
+    assert!(host_ca.starts_with("ssh-ed25519 "), "{host_ca}");
     assert!(
-        text(&run.stdout).contains(&format!("ws1 {}", enrolment.ssh_host_key_pub)),
+        text(&run.stdout).contains(&format!("@cert-authority ws1 {host_ca}")),
         "{}",
         text(&run.stdout)
     );
+    assert!(enrolment.ssh_host_certificate.is_some());
+}
+
+/// `ssh-keygen -L` on a certificate file: OpenSSH's own reading of it.
+fn ssh_keygen_l(cert: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-L")
+        .arg("-f")
+        .arg(cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn fingerprint(key_line: &str, dir: &Path) -> String {
+    let file = dir.join("fingerprint.pub");
+    std::fs::write(&file, key_line).unwrap();
+    let out = Command::new("ssh-keygen")
+        .arg("-l")
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn enrolling_again_rotates_the_host_key_under_a_host_certificate_for_the_workspace() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let out = dir.path().join("ws1");
+    let enrol = || {
+        let run = broker(&[
+            "enrol",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "ws1",
+        ]);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        moat_broker::enrolment::read_dir(&out).unwrap()
+    };
+    let first = enrol();
+
+    let again = enrol();
+
+    assert_ne!(again.ssh_host_key_pub, first.ssh_host_key_pub);
+    assert_ne!(again.cert_pem, first.cert_pem);
+    // OpenSSH reads a host certificate of the new key, for ws1 alone, from the host CA.
+    let listed = ssh_keygen_l(&out.join("ssh_host_ed25519_key-cert.pub"));
+    let host_ca = broker(&["ssh-ca", "--host", "--config", config.to_str().unwrap()]);
+    let ca_fingerprint = fingerprint(&text(&host_ca.stdout), dir.path());
+    let key_fingerprint = fingerprint(&again.ssh_host_key_pub, dir.path());
+    assert!(listed.contains("host certificate"), "{listed}");
+    assert!(
+        listed.contains(&format!("Public key: ED25519-CERT {key_fingerprint}")),
+        "{listed}"
+    );
+    assert!(
+        listed.contains(&format!("Signing CA: ED25519 {ca_fingerprint}")),
+        "{listed}"
+    );
+    let principals: Vec<&str> = listed
+        .split("Principals:")
+        .nth(1)
+        .and_then(|rest| rest.split("Critical Options:").next())
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(principals, ["ws1"], "{listed}");
 }
 
 #[test]
@@ -119,6 +199,10 @@ fn ssh_ca_prints_the_same_user_ca_key_every_time() {
     assert!(first.status.success(), "{}", text(&first.stderr));
     assert!(text(&first.stdout).starts_with("ssh-ed25519 "));
     assert_eq!(first.stdout, second.stdout);
+    // The host CA is another key.
+    let host = broker(&["ssh-ca", "--host", "--config", config.to_str().unwrap()]);
+    assert!(host.status.success(), "{}", text(&host.stderr));
+    assert_ne!(host.stdout, first.stdout);
 }
 
 #[test]

@@ -292,3 +292,166 @@ async fn fifty_workspaces_under_load_come_back_after_a_broker_restart_and_their_
     hosts.cancel();
     stop.cancel();
 }
+
+/// A broker configuration with `ws1` (the tunnel tests need only its workspaces).
+fn config_with_ws1(dir: &Path) -> moat_broker::config::Config {
+    let config: moat_broker::config::Config = toml::from_str(&format!(
+        r#"
+listen = "127.0.0.1:0"
+tunnel_listen = "127.0.0.1:0"
+public_url = "https://broker.test"
+server_names = ["127.0.0.1"]
+state_dir = "{d}/state"
+admin_socket = "{d}/admin.sock"
+
+[oidc]
+issuer = "https://idp.test"
+client_id = "moat-broker"
+client_secret_file = "{d}/secret"
+
+[[workspaces]]
+name = "ws1"
+groups = ["eng"]
+"#,
+        d = dir.display()
+    ))
+    .unwrap();
+    config.check().unwrap();
+    config
+}
+
+/// A connector for `enrolment` to the broker at `addr`, kept up until `stop`.
+fn connect(
+    addr: std::net::SocketAddr,
+    enrolment: moat_broker::pki::Enrolment,
+    uds: &Path,
+) -> CancellationToken {
+    let connector = Connector::new(ConnectorConfig {
+        broker: addr.to_string(),
+        server_name: "127.0.0.1".into(),
+        cert_pem: enrolment.cert_pem,
+        key_pem: enrolment.key_pem,
+        broker_ca_pem: enrolment.broker_ca_pem,
+        uds: uds.to_owned(),
+        ports: vec![22],
+        egress_uds: None,
+    })
+    .unwrap();
+    let stop = CancellationToken::new();
+    let run = stop.clone();
+    tokio::spawn(async move { connector.run(run).await });
+    stop
+}
+
+async fn wait_connected(tunnels: &Tunnels, ws: &WorkspaceName, connected: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnels.is_connected(ws) != connected {
+        assert!(Instant::now() < deadline, "ws1 connected: {}", !connected);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_certificate_stays_revoked_when_its_workspace_is_allowed_again() {
+    use moat_broker::session::{Sessions, Target, Unrevoke};
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(config_with_ws1(dir.path()));
+    let pki = Pki::load_or_create(&config.state_dir, &config.server_names).unwrap();
+    let sessions = Arc::new(
+        Sessions::new(
+            Duration::from_secs(60),
+            moat_broker::entitlement::Schedule::new(Duration::from_secs(60)),
+            Some(config.state_dir.join("revoked.json")),
+        )
+        .unwrap(),
+    );
+    let ws = WorkspaceName::try_from("ws1").unwrap();
+    let uds = dir.path().join("ws1.vsock");
+    echo_guest(&uds);
+    // The broker's tunnel listener, admitting each connection as `moat-broker serve` does, and
+    // reporting every refusal.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.tunnel_server_config().unwrap());
+    let tunnels = Arc::new(Tunnels::default());
+    let (refusals, mut refused) = tokio::sync::mpsc::unbounded_channel::<String>();
+    {
+        let (tunnels, config, sessions) = (
+            Arc::clone(&tunnels),
+            Arc::clone(&config),
+            Arc::clone(&sessions),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, tunnels, config, sessions, refusals) = (
+                    acceptor.clone(),
+                    Arc::clone(&tunnels),
+                    Arc::clone(&config),
+                    Arc::clone(&sessions),
+                    refusals.clone(),
+                );
+                tokio::spawn(async move {
+                    let sever = Sever::new(&tcp).unwrap();
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    match moat_broker::server::admit_tunnel(&config, &sessions, cert) {
+                        Ok(ws) => {
+                            let _ = tunnels
+                                .serve(tls, sever, ws, CancellationToken::new())
+                                .await;
+                        }
+                        Err(why) => {
+                            let _ = refusals.send(why);
+                        }
+                    }
+                });
+            }
+        });
+    }
+    // The workspace is enrolled and connects; someone keeps a copy of its certificate and key.
+    let stolen = pki.enrol(&ws).unwrap();
+    let stolen_serial = stolen.serial.clone();
+    let thief = connect(addr, stolen, &uds);
+    wait_connected(&tunnels, &ws, true).await;
+
+    // Revoked (as `POST /v1/revoke {"workspace"}` does), enrolled again, allowed again.
+    sessions.revoke(&Target::Workspace(ws.clone())).unwrap();
+    let revoked = sessions
+        .revoke_certificates(pki.issued_to(&ws).unwrap())
+        .unwrap();
+    assert!(tunnels.disconnect(&ws));
+    assert_eq!(revoked, 1);
+    let renewed = pki.enrol(&ws).unwrap();
+    assert!(sessions.unrevoke(&Unrevoke::Workspace(ws.clone())).unwrap());
+
+    // The old certificate keeps dialling and is refused, by its serial.
+    let why = loop {
+        let why = tokio::time::timeout(Duration::from_secs(10), refused.recv())
+            .await
+            .expect("the old certificate never came back")
+            .unwrap();
+        if why.contains("certificate") {
+            break why;
+        }
+    };
+    assert!(
+        why.contains(&format!(
+            "certificate {stolen_serial} of workspace ws1 revoked"
+        )),
+        "{why}"
+    );
+    assert!(!tunnels.is_connected(&ws));
+    thief.cancel();
+    // The certificate issued after the revocation works.
+    let host = connect(addr, renewed, &uds);
+    wait_connected(&tunnels, &ws, true).await;
+    let mut stream = hyper_util::rt::TokioIo::new(tunnels.open(&ws, 22).await.unwrap());
+    stream.write_all(b"back\n").await.unwrap();
+    let mut back = [0u8; 5];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"back\n");
+    host.cancel();
+}

@@ -139,7 +139,9 @@ mod tests {
             cols: 132,
             ssh: Some(crate::session::SshService {
                 user: "agent".into(),
+                principal: "agent@ws1".into(),
                 host_key: "-----BEGIN OPENSSH PRIVATE KEY-----\n".into(),
+                host_certificate: Some("ssh-ed25519-cert-v01@openssh.com AAAA".into()),
                 user_ca: "ssh-ed25519 AAAA ca".into(),
             }),
         };

@@ -10,7 +10,12 @@
 //!
 //! sshd trusts one key, the broker's SSH user CA (`TrustedUserCAKeys`), and no authorized
 //! keys, passwords or forwarding of any kind: a certificate the broker signed for the live
-//! session, naming the workspace's account, is the only way in.
+//! session, naming the workspace's account *on this workspace* (`agent@<workspace>`, the one
+//! line of `AuthorizedPrincipalsFile`), is the only way in. A certificate the broker issued for
+//! another workspace names another principal and is refused here.
+//!
+//! sshd presents the workspace's host certificate from the broker's SSH host CA, when the
+//! enrolment has one, so that people trust the CA rather than pin each workspace's key.
 //!
 //! sshd runs unprivileged (uid 1000), which OpenSSH supports for logging in its own user: it
 //! then skips its root-only privilege separation (`chroot`, the `sshd` user). In the VM the
@@ -57,10 +62,16 @@ const MAX_LINE: usize = 32;
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SshService {
-    /// The account a person logs in as (the principal of the broker's certificates).
+    /// The account a person logs in as.
     pub user: String,
+    /// The one principal a certificate must name to log in here: the account on this
+    /// workspace (`agent@ws1`), so that a certificate for another workspace is refused.
+    pub principal: String,
     /// The workspace's SSH host key (an OpenSSH private key). Secret.
     pub host_key: String,
+    /// Its host certificate from the broker's SSH host CA (one line), if the enrolment has one.
+    #[serde(default)]
+    pub host_certificate: Option<String>,
     /// The broker's SSH user CA: one OpenSSH public key line, the only key sshd trusts.
     pub user_ca: String,
 }
@@ -69,6 +80,7 @@ impl std::fmt::Debug for SshService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SshService")
             .field("user", &self.user)
+            .field("principal", &self.principal)
             .field("user_ca", &self.user_ca)
             .finish_non_exhaustive()
     }
@@ -109,11 +121,31 @@ impl SshService {
                 "the account name must be a lowercase POSIX user name",
             ));
         }
+        // One token of the principals file: no space (options), '#' or line break.
+        let principal_ok = !self.principal.is_empty()
+            && self.principal.len() <= 128
+            && self
+                .principal
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_@.".contains(&b));
+        if !principal_ok {
+            return Err(SessionError::Invalid(
+                "the principal must be one token of a-z, 0-9, '-', '_', '@', '.'",
+            ));
+        }
         let ca = self.user_ca.trim_end();
         if ca.contains('\n') || !(ca.starts_with("ssh-") || ca.starts_with("ecdsa-")) {
             return Err(SessionError::Invalid(
                 "the user CA must be one OpenSSH public key line",
             ));
+        }
+        if let Some(cert) = &self.host_certificate {
+            let cert = cert.trim_end();
+            if cert.contains('\n') || !cert.contains("-cert-v01@openssh.com ") {
+                return Err(SessionError::Invalid(
+                    "the host certificate must be one OpenSSH certificate line",
+                ));
+            }
         }
         if !self
             .host_key
@@ -127,15 +159,22 @@ impl SshService {
     }
 }
 
-/// sshd's configuration: the broker's CA alone, the one account, a terminal or a command, and
-/// nothing that would open a network path or hand anything to the workspace.
-fn sshd_config(dir: &Path, user: &str, env: &[(String, String)]) -> String {
+/// sshd's configuration: the broker's CA alone, for this workspace's principal alone, the one
+/// account, a terminal or a command, and nothing that would open a network path or hand
+/// anything to the workspace.
+///
+/// `StrictModes no`: the only file it would check is the principals file, written here, in a
+/// directory only the sessions' uid can write; and in the namespace backend the directories
+/// above it belong to ids the sessions' user namespace does not map, which would refuse every
+/// login.
+fn sshd_config(dir: &Path, user: &str, host_certificate: bool, env: &[(String, String)]) -> String {
     let mut config = format!(
         "# Written by moat guest-init: sessions through the trusted access broker only.\n\
          HostKey {dir}/ssh_host_key\n\
          TrustedUserCAKeys {dir}/user_ca.pub\n\
          AuthorizedKeysFile none\n\
-         AuthorizedPrincipalsFile none\n\
+         AuthorizedPrincipalsFile {dir}/principals\n\
+         StrictModes no\n\
          AllowUsers {user}\n\
          PubkeyAuthentication yes\n\
          PasswordAuthentication no\n\
@@ -158,6 +197,9 @@ fn sshd_config(dir: &Path, user: &str, env: &[(String, String)]) -> String {
          Subsystem sftp internal-sftp\n",
         dir = dir.display()
     );
+    if host_certificate {
+        config.push_str(&format!("HostCertificate {}/{HOST_CERT}\n", dir.display()));
+    }
     for (key, value) in env {
         // Names and values of our own making (the trust store variables), never the agent's.
         if key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -168,6 +210,9 @@ fn sshd_config(dir: &Path, user: &str, env: &[(String, String)]) -> String {
     }
     config
 }
+
+/// The host certificate's file name beside the host key (sshd's `HostCertificate`).
+const HOST_CERT: &str = "ssh_host_key-cert.pub";
 
 /// Writes sshd's configuration, host key and trusted CA under [`SSHD_DIR`] (0700, the key
 /// 0600), owned by `owner` when given (the VM's root writes them for uid 1000). Returns the
@@ -181,7 +226,16 @@ pub(crate) fn prepare(
     if !Path::new(SSHD).is_file() {
         return Err(SessionError::NoSshd);
     }
-    let dir = Path::new(SSHD_DIR);
+    write_config(Path::new(SSHD_DIR), service, env, owner)
+}
+
+/// [`prepare`]'s files, in `dir`.
+fn write_config(
+    dir: &Path,
+    service: &SshService,
+    env: &[(String, String)],
+    owner: Option<(u32, u32)>,
+) -> Result<PathBuf, SessionError> {
     let err = |p: &Path| {
         let p = p.to_owned();
         move |e| SessionError::Write(p, e)
@@ -192,24 +246,29 @@ pub(crate) fn prepare(
     if !host_key.ends_with('\n') {
         host_key.push('\n');
     }
-    let files = [
+    let line = |text: &str| format!("{}\n", text.trim_end());
+    let mut files = vec![
         ("ssh_host_key", host_key, 0o600),
+        ("user_ca.pub", line(&service.user_ca), 0o644),
+        ("principals", line(&service.principal), 0o644),
         (
-            "user_ca.pub",
-            format!("{}\n", service.user_ca.trim_end()),
+            "sshd_config",
+            sshd_config(dir, &service.user, service.host_certificate.is_some(), env),
             0o644,
         ),
-        ("sshd_config", sshd_config(dir, &service.user, env), 0o644),
     ];
-    for (name, text, mode) in files {
+    if let Some(cert) = &service.host_certificate {
+        files.push((HOST_CERT, line(cert), 0o644));
+    }
+    for (name, text, mode) in &files {
         let path = dir.join(name);
         std::fs::write(&path, text).map_err(err(&path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
             .map_err(err(&path))?;
     }
     if let Some((uid, gid)) = owner {
-        for name in ["", "ssh_host_key", "user_ca.pub", "sshd_config"] {
-            let path = dir.join(name);
+        let names = files.iter().map(|(name, _, _)| *name);
+        for path in std::iter::once(dir.to_owned()).chain(names.map(|n| dir.join(n))) {
             std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(err(&path))?;
         }
     }
@@ -385,8 +444,10 @@ mod tests {
     fn service() -> SshService {
         SshService {
             user: "agent".into(),
+            principal: "agent@ws1".into(),
             host_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n"
                 .into(),
+            host_certificate: Some("ssh-ed25519-cert-v01@openssh.com AAAA ws1".into()),
             user_ca: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA moat-broker".into(),
         }
     }
@@ -418,6 +479,34 @@ mod tests {
             ..service()
         };
         assert!(s.check().is_err());
+        for principal in [
+            "",
+            "agent@ws1 agent",
+            "agent@ws1\nagent",
+            "#agent",
+            "Agent@ws1",
+        ] {
+            let s = SshService {
+                principal: principal.into(),
+                ..service()
+            };
+            assert!(s.check().is_err(), "{principal:?}");
+        }
+        for cert in [
+            "ssh-ed25519 AAAA",
+            "ssh-ed25519-cert-v01@openssh.com AAAA\nHostKey /x",
+        ] {
+            let s = SshService {
+                host_certificate: Some(cert.into()),
+                ..service()
+            };
+            assert!(s.check().is_err(), "{cert:?}");
+        }
+        let s = SshService {
+            host_certificate: None,
+            ..service()
+        };
+        assert!(s.check().is_ok());
     }
 
     #[test]
@@ -430,9 +519,11 @@ mod tests {
             ("BAD".to_owned(), "a b".to_owned()),
             ("X\nY".to_owned(), "1".to_owned()),
         ];
-        let c = sshd_config(Path::new("/run/moat/ssh"), "agent", &env);
+        let c = sshd_config(Path::new("/run/moat/ssh"), "agent", true, &env);
         for line in [
             "TrustedUserCAKeys /run/moat/ssh/user_ca.pub",
+            "AuthorizedPrincipalsFile /run/moat/ssh/principals",
+            "HostCertificate /run/moat/ssh/ssh_host_key-cert.pub",
             "AuthorizedKeysFile none",
             "AllowUsers agent",
             "PasswordAuthentication no",
@@ -445,6 +536,148 @@ mod tests {
         }
         assert!(!c.contains("BAD"), "a value with a space was written");
         assert!(!c.contains("X\nY"), "a name with a newline was written");
+    }
+
+    /// Runs `program` with `args`; asserts it succeeded.
+    fn run(program: &str, args: &[&str]) {
+        let out = Command::new(program).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Real OpenSSH against the files [`write_config`] writes: `sshd -i` unprivileged, logging
+    /// in its own account as the workspace's sshd does (here `agent`, uid 65534, from a
+    /// passwd file bound over /etc/passwd in a mount namespace of its own), reached by `ssh`
+    /// through a pipe, trusting the host CA (`@cert-authority`) instead of a host key. A
+    /// certificate for this workspace's principal gets in; one for another workspace's, or for
+    /// the bare account, does not. Needs root (for the namespace and to become uid 65534), sshd,
+    /// ssh, ssh-keygen, unshare and setpriv.
+    #[test]
+    fn sshd_takes_a_certificate_for_its_own_workspace_only() {
+        let tools = [
+            SSHD,
+            "/usr/bin/ssh",
+            "/usr/bin/ssh-keygen",
+            "/usr/bin/setpriv",
+        ];
+        if !nix::unistd::Uid::effective().is_root() || !tools.iter().all(|t| Path::new(t).exists())
+        {
+            eprintln!("skipped: needs root and {tools:?}");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("moat-sshd-principals-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = |name: &str| dir.join(name).display().to_string();
+        for key in ["user_ca", "host_ca", "host", "person"] {
+            run(
+                "ssh-keygen",
+                &["-q", "-t", "ed25519", "-N", "", "-f", &path(key)],
+            );
+        }
+        run(
+            "ssh-keygen",
+            &[
+                "-q",
+                "-s",
+                &path("host_ca"),
+                "-h",
+                "-I",
+                "ws1",
+                "-n",
+                "ws1",
+                "-V",
+                "-1m:+5m",
+                &path("host.pub"),
+            ],
+        );
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        std::fs::write(dir.join("passwd"), "agent:x:65534:65534::/tmp:/bin/sh\n").unwrap();
+        std::fs::write(dir.join("shadow"), "agent:unusable:19000::::::\n").unwrap();
+        let service = SshService {
+            user: "agent".into(),
+            principal: "agent@ws1".into(),
+            host_key: read("host"),
+            host_certificate: Some(read("host-cert.pub")),
+            user_ca: read("user_ca.pub"),
+        };
+        service.check().unwrap();
+        let config = write_config(&dir.join("ssh"), &service, &[], Some((65534, 65534))).unwrap();
+        std::fs::write(
+            dir.join("known_hosts"),
+            format!("@cert-authority ws1 {}", read("host_ca.pub")),
+        )
+        .unwrap();
+        let login_with = |principal: &str| {
+            run(
+                "ssh-keygen",
+                &[
+                    "-q",
+                    "-s",
+                    &path("user_ca"),
+                    "-I",
+                    "test",
+                    "-n",
+                    principal,
+                    "-V",
+                    "-1m:+5m",
+                    &path("person.pub"),
+                ],
+            );
+            let out = Command::new("ssh")
+                .args([
+                    "-F",
+                    "/dev/null",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "IdentitiesOnly=yes",
+                ])
+                .args(["-i", &path("person"), "-o"])
+                .arg(format!("CertificateFile={}", path("person-cert.pub")))
+                .arg("-o")
+                .arg(format!("UserKnownHostsFile={}", path("known_hosts")))
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=yes",
+                    "-o",
+                    "HostKeyAlias=ws1",
+                    "-o",
+                ])
+                .arg(format!(
+                    "ProxyCommand=unshare --mount --propagation private sh -c '\
+                     mount --bind {passwd} /etc/passwd && mount --bind {shadow} /etc/shadow && \
+                     exec setpriv --reuid=65534 --regid=65534 --clear-groups \
+                     {SSHD} -i -e -f {config}'",
+                    passwd = path("passwd"),
+                    shadow = path("shadow"),
+                    config = config.display()
+                ))
+                .args(["agent@ws1", "echo in"])
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            (said, String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+
+        let own = login_with("agent@ws1");
+        let other = login_with("agent@ws2");
+        let bare = login_with("agent");
+
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(own.0, "in\n", "{}", own.1);
+        for (said, log) in [&other, &bare] {
+            assert!(said.is_empty(), "{said}");
+            assert!(
+                log.contains("Certificate does not contain an authorized principal"),
+                "{log}"
+            );
+            assert!(!log.contains("Accepted publickey"), "{log}");
+        }
     }
 
     #[test]

@@ -581,7 +581,13 @@ fn start_tunnel(
         hostname: workspace,
         service: SshService {
             user: moat_broker::enrolment::WORKSPACE_SSH_USER.to_owned(),
+            // Only certificates the broker issued for this workspace.
+            principal: moat_broker::ssh_ca::workspace_principal(
+                moat_broker::enrolment::WORKSPACE_SSH_USER,
+                &enrolment.tunnel.workspace,
+            ),
             host_key: enrolment.ssh_host_key,
+            host_certificate: enrolment.ssh_host_certificate,
             user_ca: enrolment.ssh_user_ca,
         },
     })

@@ -168,6 +168,11 @@ impl RunningBroker {
     }
 
     fn revoke(&self, target: RevokeTarget) -> serde_json::Value {
+        self.admin("/v1/revoke", serde_json::to_value(&target).unwrap())
+    }
+
+    /// `POST path` with `body` on the admin socket.
+    fn admin(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
         let admin = self.broker.config.admin_socket.clone();
         self.runtime
             .as_ref()
@@ -175,8 +180,8 @@ impl RunningBroker {
             .block_on(moat_broker::client::admin_request(
                 &admin,
                 http::Method::POST,
-                "/v1/revoke",
-                Some(serde_json::to_value(&target).unwrap()),
+                path,
+                Some(body),
             ))
             .unwrap()
     }
@@ -195,8 +200,8 @@ impl Drop for RunningBroker {
 /// its home and waits. Stopped (SIGTERM) when dropped.
 struct Workspace {
     moat_run: Child,
-    /// The workspace's SSH host key (public line), from its enrolment.
-    host_key_pub: String,
+    /// The `known_hosts` line its enrolment printed: the broker's SSH host CA, for ws1.
+    known_hosts: String,
     /// moat run's standard error (where it says where sshd's log is).
     log: PathBuf,
     /// The workspace's own audit log (its egress proxy and process events).
@@ -260,7 +265,14 @@ fn start_workspace(
         .pki
         .enrol(&WorkspaceName::try_from("ws1").unwrap())
         .unwrap();
-    moat_broker::enrolment::write_dir(
+    let host_ca = moat_broker::ssh_ca::SshCa::load_or_create(
+        &broker
+            .config
+            .state_dir
+            .join(moat_broker::ssh_ca::HOST_CA_FILE),
+    )
+    .unwrap();
+    let known_hosts = moat_broker::enrolment::write_dir(
         &enrolment,
         &moat_broker::enrolment::Tunnel {
             workspace: WorkspaceName::try_from("ws1").unwrap(),
@@ -269,6 +281,7 @@ fn start_workspace(
         },
         &identity,
         &broker.ssh_ca.public_key_line(),
+        &host_ca,
     )
     .unwrap();
     let log = dir.join("moat-run.log");
@@ -303,9 +316,7 @@ fn start_workspace(
         .unwrap();
     Workspace {
         moat_run,
-        host_key_pub: moat_broker::enrolment::read_dir(&enrolment)
-            .unwrap()
-            .ssh_host_key_pub,
+        known_hosts,
         log,
         audit,
     }
@@ -440,9 +451,11 @@ impl World {
         };
         world.wait_for_tunnel(true);
         keygen(&world.path("id_ed25519"));
+        // No raw host key pinned: ssh trusts the broker's host CA for ws1, and the workspace's
+        // sshd presents its host certificate.
         std::fs::write(
             world.path("known_hosts"),
-            format!("ws1 {}", world.workspace.host_key_pub),
+            format!("{}\n", world.workspace.known_hosts),
         )
         .unwrap();
         world
@@ -1069,6 +1082,53 @@ fn revoking_the_workspace_drops_its_tunnel_and_refuses_it_when_it_comes_back() {
 }
 
 #[test]
+fn a_workspace_allowed_again_takes_only_a_certificate_issued_after_its_revocation() {
+    let world = World::new();
+    let ws = WorkspaceName::try_from("ws1").unwrap();
+    let broker = &world.broker().broker;
+
+    let answer = world.broker().revoke(RevokeTarget::Workspace(ws.clone()));
+    world.wait_for_tunnel(false);
+    let renewed = broker.pki.enrol(&ws).unwrap();
+    let allowed = world
+        .broker()
+        .admin("/v1/unrevoke", serde_json::json!({ "workspace": "ws1" }));
+    // The running workspace keeps dialling with its old certificate (backoff 250 ms, 500 ms,
+    // 1 s, 2 s... from the revocation): refused by serial although the name is allowed.
+    std::thread::sleep(Duration::from_secs(5));
+    let old_refused = !broker.tunnels.is_connected(&ws);
+    // A host with the certificate issued after the revocation gets in.
+    let stop = CancellationToken::new();
+    let connector = moat_broker::tunnel::connector::Connector::new(
+        moat_broker::tunnel::connector::ConnectorConfig {
+            broker: world.config.tunnel_listen.to_string(),
+            server_name: "127.0.0.1".into(),
+            cert_pem: renewed.cert_pem,
+            key_pem: renewed.key_pem,
+            broker_ca_pem: renewed.broker_ca_pem,
+            uds: world.path("unused.vsock"),
+            ports: vec![22],
+            egress_uds: None,
+        },
+    )
+    .unwrap();
+    let run = stop.clone();
+    world
+        .broker()
+        .runtime
+        .as_ref()
+        .unwrap()
+        .spawn(async move { connector.run(run).await });
+    world.wait_for_tunnel(true);
+    stop.cancel();
+
+    assert_eq!(answer["tunnel_dropped"], true);
+    assert_eq!(answer["certificates_revoked"], 1, "{answer}");
+    assert_eq!(allowed["was_revoked"], true, "{allowed}");
+    assert!(old_refused, "the old certificate came back");
+}
+
+#[test]
 fn with_the_broker_down_live_sessions_end_and_new_ones_fail_closed() {
     let mut world = World::new();
     assert!(world.login("alice").status.success());
@@ -1244,7 +1304,7 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
     // no tunnel, no workspace), with the workspace's host key and the broker's user CA, letting
     // the certificate's principal in as this host's user.
     let config = world.path("direct_sshd_config");
-    std::fs::write(world.path("principals"), "agent\n").unwrap();
+    std::fs::write(world.path("principals"), "agent@ws1\n").unwrap();
     std::fs::write(
         world.path("user_ca.pub"),
         world.broker().broker.ssh_ca.public_key_line(),
@@ -1253,10 +1313,11 @@ fn bench_session_setup_and_throughput_through_the_broker_beside_direct_ssh() {
     std::fs::write(
         &config,
         format!(
-            "HostKey {}\nTrustedUserCAKeys {}\nAuthorizedPrincipalsFile {}\n\
+            "HostKey {}\nHostCertificate {}\nTrustedUserCAKeys {}\nAuthorizedPrincipalsFile {}\n\
              AuthorizedKeysFile none\nStrictModes no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n\
              UsePAM no\nPidFile none\n",
             world.path("ws1/ssh_host_ed25519_key").display(),
+            world.path("ws1/ssh_host_ed25519_key-cert.pub").display(),
             world.path("user_ca.pub").display(),
             world.path("principals").display(),
         ),
@@ -1442,6 +1503,63 @@ fn the_workspaces_sshd_refuses_a_certificate_from_another_ca() {
         text(&out.stderr).contains("Permission denied"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn the_workspaces_sshd_refuses_a_certificate_the_broker_issued_for_another_workspace() {
+    let world = World::new();
+    assert!(world.login("alice").status.success());
+    let broker = &world.broker().broker;
+    let cert = world.path("id_ed25519-cert.pub");
+    // What the broker issues for a session on ws2: the same CA, the same account, another
+    // workspace.
+    let for_ws2 = broker
+        .ssh_ca
+        .certify(
+            &std::fs::read_to_string(world.path("id_ed25519.pub")).unwrap(),
+            &moat_broker::ssh_ca::Grant {
+                account: "agent",
+                workspace: &WorkspaceName::try_from("ws2").unwrap(),
+                key_id: "moat session elsewhere".into(),
+                valid_before: std::time::SystemTime::now() + Duration::from_secs(300),
+            },
+        )
+        .unwrap();
+    std::fs::write(&cert, format!("{for_ws2}\n")).unwrap();
+    let other_workspace = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(30)).0;
+    // And one from the broker's CA for the bare account, as certificates were before they
+    // were bound to a workspace.
+    let signed = Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(
+            broker
+                .config
+                .state_dir
+                .join(moat_broker::ssh_ca::USER_CA_FILE),
+        )
+        .args(["-I", "unbound", "-n", "agent", "-V", "-1m:+5m"])
+        .arg(world.path("id_ed25519.pub"))
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "{}", text(&signed.stderr));
+    let unbound = wait_exit(world.ssh("true"), Instant::now(), Duration::from_secs(30)).0;
+
+    for out in [other_workspace, unbound] {
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("Permission denied"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    assert!(
+        world
+            .workspace
+            .sshd_log()
+            .contains("Certificate does not contain an authorized principal"),
+        "{}",
+        world.workspace.sshd_log()
     );
 }
 
