@@ -406,14 +406,12 @@ fn send_byte_and_fd(sock: libc::c_int, byte: u8, fd: Option<libc::c_int>) -> io:
     msg.msg_iovlen = 1;
     if let Some(fd) = fd {
         // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
-        let (space, len) = unsafe {
-            (
-                libc::CMSG_SPACE(FD_SIZE) as usize,
-                libc::CMSG_LEN(FD_SIZE) as usize,
-            )
-        };
+        let (space, len) = unsafe { (libc::CMSG_SPACE(FD_SIZE), libc::CMSG_LEN(FD_SIZE)) };
+        // The field types differ between C libraries (size_t in glibc, socklen_t in musl).
+        let invalid = |_| io::Error::from_raw_os_error(libc::EINVAL);
         msg.msg_control = control.0.as_mut_ptr().cast();
-        msg.msg_controllen = space;
+        msg.msg_controllen = space.try_into().map_err(invalid)?;
+        let len = len.try_into().map_err(invalid)?;
         // SAFETY: the control buffer is aligned for cmsghdr and large enough for one header and
         // one descriptor (CMSG_SPACE(4) is 24 on 64-bit Linux); CMSG_FIRSTHDR points into it.
         unsafe {
@@ -443,7 +441,11 @@ pub(crate) fn recv_byte_and_fd(sock: libc::c_int) -> io::Result<Option<(u8, Opti
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control.0.len();
+    // SAFETY: CMSG_SPACE only computes a size (the buffer's: one descriptor).
+    let space = unsafe { libc::CMSG_SPACE(FD_SIZE) };
+    msg.msg_controllen = space
+        .try_into()
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let n = loop {
         // SAFETY: `msg` points at live locals for the whole call.
         let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
