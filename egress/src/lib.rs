@@ -9,6 +9,8 @@
 //!    -> flow header         flow.rs: size- and time-bounded read (moat-flow-header)
 //!    -> policy decision     moat-policy: deny by default, first matching rule
 //!    -> protocol sniff      sniff/: TLS SNI or HTTP Host must equal the flow's hostname
+//!                           (plain HTTP: every request head, sniff/requests.rs, not only
+//!                           the first)
 //!    for a rule whose action is `corporate` (never resolved or connected here):
 //!    -> broker connector    corporate.rs: `CONNECT <service>:<port>` on the host side's
 //!                           egress socket, `OK` -> splice.rs as below; `ERR` -> refused

@@ -172,6 +172,184 @@ async fn plain_http_host_mismatch_is_refused() {
     tp.refused("host_mismatch").await;
 }
 
+/// A plain-HTTP request head for the allowed host on the plain upstream's port.
+fn plain_request(tp: &TestProxy, head: &str) -> String {
+    format!(
+        "{head} HTTP/1.1\r\nHost: allowed.test:{}\r\n\r\n",
+        tp.plain.port()
+    )
+}
+
+/// Sends `req` on a plain flow and reads it back from the echo upstream: it went through.
+async fn echoed(s: &mut GuestStream, req: &str) {
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0; req.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf), req);
+}
+
+/// The Close record of a flow that ended for `reason`.
+async fn closed_for(tp: &TestProxy, reason: &str) -> serde_json::Value {
+    tp.wait_record(|r| r["activity_id"] == 2 && r["unmapped"]["moat"]["reason"] == reason)
+        .await
+}
+
+#[tokio::test]
+async fn plain_http_keep_alive_requests_for_the_allowed_host_all_pass() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    // A chunked body that holds what looks like a head for another host is only a body.
+    let fake = format!("GET / HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n");
+    echoed(
+        &mut s,
+        &format!(
+            "POST /2 HTTP/1.1\r\nHost: Allowed.Test.:{port}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {:x}\r\n{fake}\r\n0\r\n\r\n",
+            fake.len()
+        ),
+    )
+    .await;
+    echoed(
+        &mut s,
+        &plain_request(&tp, &format!("GET HTTP://allowed.test:{port}/3")),
+    )
+    .await;
+    s.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut s, WAIT).await, b"bye\n");
+    closed_for(&tp, "finished").await;
+}
+
+#[tokio::test]
+async fn plain_http_keep_alive_request_for_another_host_never_reaches_the_upstream() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    s.write_all(format!("GET /2 HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_closed(s).await;
+    let record = closed_for(&tp, "host_mismatch").await;
+    assert_eq!(record["action"], "Denied");
+    let message = record["message"].as_str().unwrap();
+    assert!(message.contains("request 2"), "{message}");
+    assert!(!tp.plain_received.text().contains("other.test"));
+}
+
+#[tokio::test]
+async fn plain_http_pipelined_request_for_another_host_never_reaches_the_upstream() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    let both = format!(
+        "{}GET /2 HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n",
+        plain_request(&tp, "GET /1")
+    );
+    s.write_all(both.as_bytes()).await.unwrap();
+    let got = read_all(&mut s, WAIT).await;
+    assert!(!String::from_utf8_lossy(&got).contains("other.test"));
+    closed_for(&tp, "host_mismatch").await;
+    assert!(!tp.plain_received.text().contains("other.test"));
+}
+
+#[tokio::test]
+async fn plain_http_absolute_form_with_an_upper_case_scheme_for_another_host_is_refused() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    for scheme in ["HTTP", "Http", "hTTps"] {
+        let mut s = tp.named("allowed.test", port).await;
+        let req = plain_request(&tp, &format!("GET {scheme}://other.test:{port}/"));
+        s.write_all(req.as_bytes()).await.unwrap();
+        assert_closed(s).await;
+    }
+    // On a kept-alive connection too.
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    s.write_all(plain_request(&tp, &format!("GET HTTP://other.test:{port}/")).as_bytes())
+        .await
+        .unwrap();
+    assert_closed(s).await;
+    closed_for(&tp, "host_mismatch").await;
+    assert_eq!(
+        tp.proxy
+            .metrics()
+            .ended_count(moat_egress::outcome::Reason::HostMismatch),
+        4
+    );
+    assert!(!tp.plain_received.text().contains("other.test"));
+}
+
+#[tokio::test]
+async fn plain_http_h2c_upgrade_is_refused_in_the_first_and_a_later_request() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let h2c = format!(
+        "GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+    );
+    let mut s = tp.named("allowed.test", port).await;
+    s.write_all(h2c.as_bytes()).await.unwrap();
+    assert_closed(s).await;
+    tp.refused("request_refused").await;
+
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    s.write_all(h2c.as_bytes()).await.unwrap();
+    assert_closed(s).await;
+    closed_for(&tp, "request_refused").await;
+    assert!(!tp.plain_received.text().contains("h2c"));
+}
+
+#[tokio::test]
+async fn plain_http_connect_is_refused() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    for target in ["other.test:443".to_owned(), format!("allowed.test:{port}")] {
+        let mut s = tp.named("allowed.test", port).await;
+        s.write_all(plain_request(&tp, &format!("CONNECT {target}")).as_bytes())
+            .await
+            .unwrap();
+        assert_closed(s).await;
+    }
+    tp.refused("request_refused").await;
+    assert_eq!(tp.plain_received.connections(), 0);
+}
+
+#[tokio::test]
+async fn plain_http_ambiguous_framing_is_refused_before_a_byte_leaves() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: allowed.test:{port}\r\nContent-Length: 5\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert_closed(s).await;
+    closed_for(&tp, "ambiguous_framing").await;
+    assert_eq!(tp.plain_received.text(), "");
+}
+
+#[tokio::test]
+async fn plain_http_placeholder_in_a_later_request_is_refused() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    let req = format!(
+        "GET /2 HTTP/1.1\r\nHost: allowed.test:{port}\r\nAuthorization: Bearer {PLACEHOLDER}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert_closed(s).await;
+    closed_for(&tp, "placeholder_unbound").await;
+    assert!(!tp.plain_received.text().contains(PLACEHOLDER));
+}
+
 #[tokio::test]
 async fn ip_literal_is_refused() {
     let tp = TestProxy::start().await;
