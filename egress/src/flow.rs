@@ -99,6 +99,16 @@ pub(crate) async fn handle(shared: Arc<Shared>, agent: UnixStream) {
         ..FlowInfo::default()
     };
     shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+    // Fail closed: no flow while its records could not be written. This refusal's own record
+    // is the retry that lets flows in again once the log takes records.
+    if shared.audit.failing() {
+        finish_early(
+            &shared,
+            &info,
+            Stop::new(Reason::AuditUnavailable).detail("the audit log cannot be written"),
+        );
+        return;
+    }
     let Ok(_permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
         finish_early(&shared, &info, Stop::new(Reason::TooManyFlows));
         return;
@@ -438,7 +448,7 @@ async fn run(
     );
     shared.metrics.opened.fetch_add(1, Ordering::Relaxed);
     shared.metrics.active.fetch_add(1, Ordering::Relaxed);
-    shared.audit.emit(&Event {
+    let recorded = shared.audit.emit(&Event {
         activity: Activity::Open,
         flow: info,
         rule: Some(&rule),
@@ -457,70 +467,76 @@ async fn run(
     let requests = (protocol == Protocol::Http)
         .then(|| RequestChecker::new(info.hostname.as_deref(), claimed.port(), shared.secrets()));
     let mut refused = false;
-    let reason = match (action, peer) {
-        (
-            Action::Intercept,
-            Peer::Direct {
-                upstream,
-                addr,
-                host,
-            },
-        ) => {
-            let flow = crate::intercept::Intercepted {
-                info: info.clone(),
-                hostname: info.hostname.clone().unwrap_or_default(),
-                port: claimed.port(),
-                rule: rule.clone(),
-                upstream_host: host.unwrap_or_default(),
-                upstream_addr: addr,
-                model,
-                generation,
-            };
-            let (reason, d) = crate::intercept::serve(
-                Arc::clone(shared),
-                flow,
-                agent,
-                pending,
-                upstream,
-                Arc::clone(&counters),
-                cancel,
-            )
-            .await;
-            detail = d;
-            reason
+    let reason = if !recorded {
+        // Fail closed: a flow without its Open record moves no byte.
+        detail = Some("the flow's Open record could not be written".to_owned());
+        Reason::AuditUnavailable
+    } else {
+        match (action, peer) {
+            (
+                Action::Intercept,
+                Peer::Direct {
+                    upstream,
+                    addr,
+                    host,
+                },
+            ) => {
+                let flow = crate::intercept::Intercepted {
+                    info: info.clone(),
+                    hostname: info.hostname.clone().unwrap_or_default(),
+                    port: claimed.port(),
+                    rule: rule.clone(),
+                    upstream_host: host.unwrap_or_default(),
+                    upstream_addr: addr,
+                    model,
+                    generation,
+                };
+                let (reason, d) = crate::intercept::serve(
+                    Arc::clone(shared),
+                    flow,
+                    agent,
+                    pending,
+                    upstream,
+                    Arc::clone(&counters),
+                    cancel,
+                )
+                .await;
+                detail = d;
+                reason
+            }
+            // Admission takes pooled connections for intercepted flows only.
+            (
+                _,
+                Peer::Direct {
+                    upstream: Upstream::Pooled(_),
+                    ..
+                },
+            ) => Reason::ProxyResources,
+            (
+                _,
+                Peer::Direct {
+                    upstream: Upstream::Tcp(mut upstream),
+                    ..
+                },
+            ) => {
+                let (read, write) = upstream.split();
+                let relayed = relay(
+                    shared, &mut agent, read, write, &pending, requests, &counters, cancel,
+                )
+                .await;
+                settle(relayed, info, &mut detail, &mut refused)
+            }
+            (Action::Corporate, Peer::Corporate { mut stream, .. }) => {
+                let (read, write) = stream.split();
+                let relayed = relay(
+                    shared, &mut agent, read, write, &pending, requests, &counters, cancel,
+                )
+                .await;
+                settle(relayed, info, &mut detail, &mut refused)
+            }
+            // Admission sends only corporate rules' flows to the broker.
+            (_, Peer::Corporate { .. }) => Reason::ProxyResources,
         }
-        // Admission takes pooled connections for intercepted flows only.
-        (
-            _,
-            Peer::Direct {
-                upstream: Upstream::Pooled(_),
-                ..
-            },
-        ) => Reason::ProxyResources,
-        (
-            _,
-            Peer::Direct {
-                upstream: Upstream::Tcp(mut upstream),
-                ..
-            },
-        ) => {
-            let (read, write) = upstream.split();
-            let relayed = relay(
-                shared, &mut agent, read, write, &pending, requests, &counters, cancel,
-            )
-            .await;
-            settle(relayed, info, &mut detail, &mut refused)
-        }
-        (Action::Corporate, Peer::Corporate { mut stream, .. }) => {
-            let (read, write) = stream.split();
-            let relayed = relay(
-                shared, &mut agent, read, write, &pending, requests, &counters, cancel,
-            )
-            .await;
-            settle(relayed, info, &mut detail, &mut refused)
-        }
-        // Admission sends only corporate rules' flows to the broker.
-        (_, Peer::Corporate { .. }) => Reason::ProxyResources,
     };
 
     shared.policy.unregister(uid);

@@ -122,6 +122,9 @@ reasons! {
     ConnectFailed => "connect_failed", Upstream;
     /// The proxy could not accept or connect for lack of local resources.
     ProxyResources => "proxy_resources", Proxy;
+    /// An audit record could not be written (a full or failing disk): the proxy refuses new
+    /// flows until one is, and closes a flow whose Open record could not be written.
+    AuditUnavailable => "audit_unavailable", Proxy;
     /// A corporate flow could not be handed to the broker: no corporate egress socket is
     /// configured, nothing listens on it (the host side's broker connector is not running), or
     /// it gave no valid answer in time.

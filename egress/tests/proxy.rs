@@ -5,10 +5,15 @@
 
 mod harness;
 
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::*;
 use moat_egress::Limits;
+use moat_egress::audit::{Audit, RecordRate};
+use moat_egress::outcome::Reason;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -798,5 +803,173 @@ async fn audit_records_validate_against_the_ocsf_schema() {
     assert!(
         stdout.contains(&format!("{records} valid, 0 invalid")),
         "{stdout}"
+    );
+}
+
+/// Fail closed: once a record cannot be written (here every write: /dev/full answers ENOSPC),
+/// no new flow goes anywhere.
+#[tokio::test]
+async fn audit_that_cannot_be_written_refuses_new_flows_and_connects_nowhere() {
+    let audit = Audit::to_file(Path::new("/dev/full"), "test-ws").unwrap();
+    let tp = TestProxy::start_with_audit(Limits::default(), audit).await;
+    // A refused flow's record is the first write; it fails.
+    assert_closed(tp.named("nope.test", 443).await).await;
+    assert!(tp.proxy.audit().failing());
+    let mut s = tp.named("allowed.test", tp.plain.port()).await;
+    let _ = s.write_all(plain_request(&tp, "GET /").as_bytes()).await;
+    assert_closed(s).await;
+    assert_eq!(tp.plain_received.connections(), 0);
+    assert_eq!(tp.proxy.metrics().ended_count(Reason::AuditUnavailable), 1);
+    let metrics = tp.admin_get("/metrics").await;
+    for line in [
+        "moat_egress_flows_ended_total{reason=\"audit_unavailable\",blame=\"proxy\"} 1",
+        "moat_egress_audit_failing 1",
+        "moat_egress_audit_records_unwritten_total 2",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+}
+
+/// A flow whose own Open record cannot be written is closed before a byte reaches the upstream.
+#[tokio::test]
+async fn a_flow_whose_open_record_cannot_be_written_moves_no_byte() {
+    let audit = Audit::to_file(Path::new("/dev/full"), "test-ws").unwrap();
+    let tp = TestProxy::start_with_audit(Limits::default(), audit).await;
+    let mut s = tp.named("allowed.test", tp.plain.port()).await;
+    let _ = s.write_all(plain_request(&tp, "GET /").as_bytes()).await;
+    assert_closed(s).await;
+    assert_eq!(tp.proxy.metrics().ended_count(Reason::AuditUnavailable), 1);
+    assert_eq!(tp.plain_received.text(), "");
+    assert!(tp.proxy.audit().failing());
+}
+
+/// A log that fails (ENOSPC) while `full` is set, and appends to a file otherwise.
+#[derive(Clone)]
+struct FillingLog {
+    full: Arc<AtomicBool>,
+    file: Arc<std::sync::Mutex<std::fs::File>>,
+}
+
+impl std::io::Write for FillingLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        self.file.lock().unwrap().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn flows_are_admitted_again_once_a_record_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = FillingLog {
+        full: Arc::new(AtomicBool::new(true)),
+        file: Arc::new(std::sync::Mutex::new(std::fs::File::create(&path).unwrap())),
+    };
+    let audit = Audit::to_writer(Box::new(log.clone()), "test-ws");
+    let tp = TestProxy::start_with_audit(Limits::default(), audit).await;
+    let port = tp.plain.port();
+    assert_closed(tp.named("nope.test", 443).await).await;
+    assert_closed(tp.named("allowed.test", port).await).await;
+    log.full.store(false, Ordering::SeqCst);
+    // Still refused: its record is the write that succeeds.
+    assert_closed(tp.named("allowed.test", port).await).await;
+    assert!(!tp.proxy.audit().failing());
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /")).await;
+    drop(s);
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for _ in 0..200 {
+        if records().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let records = records();
+    let kinds: Vec<_> = records
+        .iter()
+        .map(|r| (r["activity_id"].clone(), r["status_detail"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (5.into(), "audit_unavailable".into()),
+            (1.into(), serde_json::Value::Null),
+            (2.into(), "agent_error".into()),
+        ],
+        "{records:#?}"
+    );
+}
+
+/// A flood of refused flows writes at most burst + rate * t records, and summaries whose
+/// counts make up the rest exactly; flows that open are recorded whatever the flood did.
+#[tokio::test]
+async fn a_flood_of_refused_flows_is_bounded_and_summarised() {
+    let rate = RecordRate {
+        per_second: 5,
+        burst: 10,
+    };
+    let limits = Limits {
+        audit_refusals: rate,
+        ..Limits::default()
+    };
+    let tp = TestProxy::start_with(limits).await;
+    let start = Instant::now();
+    const FLOWS: u64 = 200;
+    for _ in 0..FLOWS {
+        assert_closed(tp.named("nope.test", 443).await).await;
+    }
+    let mut s = tp.named("allowed.test", tp.plain.port()).await;
+    echoed(&mut s, &plain_request(&tp, "GET /")).await;
+    drop(s);
+    tp.wait_record(|r| r["activity_id"] == 2).await;
+    tp.proxy.shutdown();
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(tp.proxy.metrics().ended_count(Reason::NoRule), FLOWS);
+
+    let records = tp.records();
+    let refusals = |summary: bool| {
+        records
+            .iter()
+            .filter(move |r| r["status_detail"] == "no_rule" && r.get("count").is_some() == summary)
+    };
+    let written = refusals(false).count() as u64;
+    let summarised: u64 = refusals(true).map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(
+        written + summarised,
+        FLOWS,
+        "{written} written, {summarised} summarised"
+    );
+    let bound = f64::from(rate.burst) + f64::from(rate.per_second) * elapsed;
+    assert!(
+        (written as f64) <= bound.ceil(),
+        "{written} records in {elapsed:.2} s, bound {bound:.1}"
+    );
+    assert_eq!(tp.proxy.audit().suppressed(), summarised);
+    assert!(records.iter().any(|r| r["activity_id"] == 1));
+
+    let out = std::process::Command::new(ocsf_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/ocsf/validate.py"
+        ))
+        .arg(&tp.audit_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "OCSF validation failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

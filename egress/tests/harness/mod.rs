@@ -411,6 +411,8 @@ pub struct TestProxy {
     pub secret_file: PathBuf,
     /// The names the proxy asked its resolver for.
     pub resolved: ResolvedLog,
+    /// The audit was the test's own (not captured for the suite-wide scan).
+    own_audit: bool,
 }
 
 /// The test profile. `{tls}` and `{plain}` are the upstreams' ports.
@@ -474,7 +476,21 @@ impl TestProxy {
         h2_upstream: bool,
         watch: bool,
     ) -> TestProxy {
-        Self::start_inner(limits, upstream_roots, h2_upstream, watch, None, "").await
+        Self::start_inner(limits, upstream_roots, h2_upstream, watch, None, "", None).await
+    }
+
+    /// A proxy writing its records to `audit` instead of `audit_path` (which stays empty).
+    pub async fn start_with_audit(limits: Limits, audit: Audit) -> TestProxy {
+        Self::start_inner(
+            limits,
+            vec![pki().ca.clone()],
+            false,
+            true,
+            None,
+            "",
+            Some(audit),
+        )
+        .await
     }
 
     /// A proxy whose profile also holds `extra` rules, sending corporate flows to
@@ -488,6 +504,7 @@ impl TestProxy {
             false,
             corporate_uds,
             extra,
+            None,
         )
         .await
     }
@@ -499,6 +516,7 @@ impl TestProxy {
         watch: bool,
         corporate_uds: Option<PathBuf>,
         extra: &str,
+        audit: Option<Audit>,
     ) -> TestProxy {
         let tls = upstream(true).await;
         let (plain, plain_received) = upstream_recording(false).await;
@@ -550,7 +568,9 @@ impl TestProxy {
             .append(true)
             .open(&audit_path)
             .unwrap();
-        let audit = Audit::to_writer(Box::new(leak::TeeAudit(file)), "test-ws");
+        let own_audit = audit.is_some();
+        let audit =
+            audit.unwrap_or_else(|| Audit::to_writer(Box::new(leak::TeeAudit(file)), "test-ws"));
         let uds = dir.path().join("v.sock");
         let admin = dir.path().join("admin.sock");
         let config = Config {
@@ -580,6 +600,7 @@ impl TestProxy {
             seen,
             secret_file,
             resolved,
+            own_audit,
         }
     }
 
@@ -699,9 +720,10 @@ impl TestProxy {
 }
 
 impl Drop for TestProxy {
-    /// The suite-wide scan, over everything every test of this binary captured so far.
+    /// The suite-wide scan, over everything every test of this binary captured so far (by a
+    /// proxy whose audit the harness captures: a test's own audit is not).
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && !self.own_audit {
             leak::assert_no_leak();
         }
     }
