@@ -22,11 +22,11 @@ use crate::Shared;
 
 fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method().as_str(), req.uri().path()) {
-        ("GET", "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            shared.metrics.render(),
-        ),
+        ("GET", "/metrics") => {
+            let mut body = shared.metrics.render();
+            shared.audit.render_metrics(&mut body);
+            (StatusCode::OK, "text/plain; version=0.0.4", body)
+        }
         ("GET", "/healthz") => (
             StatusCode::OK,
             "text/plain",

@@ -1,18 +1,34 @@
 //! Audit: one OCSF Network Activity (class 4001) record per flow event, and one OCSF HTTP
 //! Activity (class 4002) record per intercepted request, as JSON Lines.
 //!
-//! Every flow produces either one `Refuse`/`Fail` record, or an `Open` record followed by a
-//! `Close` record with bytes and duration. Records carry names, addresses, ports, the deciding
+//! Every flow produces either one `Refuse`/`Fail` record (or a share of a summary of them, see
+//! below), or an `Open` record followed by a `Close` record with bytes and duration. Records carry names, addresses, ports, the deciding
 //! rule, its action (and, for a corporate flow, the service asked of the broker) and the reason;
 //! never payload bytes, so never a secret. HTTP records carry the method,
 //! host, path (the query is redacted), status and the *names* of the secrets injected; never a
 //! header value.
+//!
+//! Fail closed: a record that cannot be written (a full or failing disk) marks the audit
+//! [`Audit::failing`]; while it is, the proxy refuses every new flow (`audit_unavailable`), and
+//! a flow whose own Open record cannot be written is closed before a byte moves. Flows already
+//! open run on. Each refused flow's record is a new attempt: the first one written clears the
+//! state, and the flows after it are admitted again. A record cut short by the failure is ended
+//! with a newline before the next one, so every later line still parses.
+//!
+//! Bounded: records of flows that never opened (Refuse and Fail) go through a token bucket per
+//! workspace ([`RecordRate`]); what it holds back is counted by kind and reason and written as
+//! one summary record per kind (OCSF `count`, `start_time`, `end_time`) at most a second later
+//! ([`Audit::flush_suppressed`]) and at shutdown. Open and Close records are never held back:
+//! they are the account of bytes that moved, and the flow cap already bounds how many flows can
+//! be open. Refusals for `audit_unavailable` are not held back either: each is the retry.
 
+use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moat_policy::Action;
 use serde_json::{Value, json};
@@ -94,10 +110,125 @@ pub struct Event<'a> {
     pub allowed: bool,
 }
 
-/// The audit sink: JSON Lines to a file or stdout, one `write` per record.
+/// How many records of flows that never opened (Refuse and Fail) are written per workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRate {
+    /// Records per second, sustained.
+    pub per_second: u32,
+    /// Records that may be written at once before the sustained rate applies.
+    pub burst: u32,
+}
+
+impl Default for RecordRate {
+    /// 20 a second after a burst of 200: an agent retrying a refused host, or a package manager
+    /// walking its mirrors, stays well inside; a flood is bounded to about 20 KB/s of records
+    /// (1.7 GB a day) plus one summary a second, instead of what the disk can take.
+    fn default() -> Self {
+        RecordRate {
+            per_second: 20,
+            burst: 200,
+        }
+    }
+}
+
+/// A token bucket, and what it held back since the last summary.
+#[derive(Debug)]
+struct Limiter {
+    rate: RecordRate,
+    tokens: f64,
+    last: Option<Instant>,
+    /// Held back since the last summary: (activity, reason, count), in first-seen order.
+    held: Vec<(Activity, Reason, u64)>,
+    /// When the first of `held` was held back.
+    since: Option<SystemTime>,
+}
+
+impl Limiter {
+    fn new(rate: RecordRate) -> Self {
+        Limiter {
+            rate,
+            tokens: f64::from(rate.burst),
+            last: None,
+            held: Vec::new(),
+            since: None,
+        }
+    }
+
+    /// Takes a token at `now`; without one, counts the record as held back and says no.
+    fn admit(&mut self, activity: Activity, reason: Reason, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let refill =
+                now.saturating_duration_since(last).as_secs_f64() * f64::from(self.rate.per_second);
+            self.tokens = (self.tokens + refill).min(f64::from(self.rate.burst));
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        self.hold(activity, reason, 1);
+        false
+    }
+
+    fn hold(&mut self, activity: Activity, reason: Reason, count: u64) {
+        self.since.get_or_insert_with(SystemTime::now);
+        match self
+            .held
+            .iter_mut()
+            .find(|(a, r, _)| *a == activity && *r == reason)
+        {
+            Some((_, _, n)) => *n += count,
+            None => self.held.push((activity, reason, count)),
+        }
+    }
+}
+
+/// The writer, and whether the last record was cut short.
+struct Sink {
+    writer: Box<dyn Write + Send>,
+    /// A record was partly written: the next one starts on a new line.
+    torn: bool,
+}
+
+impl Sink {
+    /// Writes one whole line, noting whether a failure left part of it behind.
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.torn {
+            self.writer.write_all(b"\n")?;
+            self.torn = false;
+        }
+        let mut done = 0;
+        while done < line.len() {
+            match self.writer.write(&line[done..]) {
+                Ok(0) => {
+                    self.torn = done > 0;
+                    return Err(io::Error::from(io::ErrorKind::WriteZero));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.torn = done > 0;
+                    return Err(e);
+                }
+            }
+        }
+        self.writer.flush()
+    }
+}
+
+/// The audit sink: JSON Lines to a file or stdout, one record per line.
 pub struct Audit {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<Sink>,
     workspace: String,
+    /// The last record could not be written: new flows are refused until one is.
+    failing: AtomicBool,
+    /// Records that could not be written.
+    unwritten: AtomicU64,
+    /// Records held back by the rate limit, in all.
+    suppressed: AtomicU64,
+    limiter: Mutex<Limiter>,
+    /// Summaries written, for their unique ids.
+    summaries: AtomicU64,
 }
 
 impl std::fmt::Debug for Audit {
@@ -133,9 +264,62 @@ impl Audit {
     /// Writes to any writer (stdout, a test buffer).
     pub fn to_writer(out: Box<dyn Write + Send>, workspace: &str) -> Self {
         Audit {
-            out: Mutex::new(out),
+            out: Mutex::new(Sink {
+                writer: out,
+                torn: false,
+            }),
             workspace: workspace.to_owned(),
+            failing: AtomicBool::new(false),
+            unwritten: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+            limiter: Mutex::new(Limiter::new(RecordRate::default())),
+            summaries: AtomicU64::new(0),
         }
+    }
+
+    /// Bounds the records of flows that never opened to `rate` (the proxy sets its
+    /// `Limits::audit_refusals` here).
+    pub fn set_refusal_rate(&mut self, rate: RecordRate) {
+        let limiter = match self.limiter.get_mut() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *limiter = Limiter::new(rate);
+    }
+
+    /// Is the audit failing (the last record could not be written)? New flows are refused
+    /// while it is.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Records that could not be written so far.
+    pub fn unwritten(&self) -> u64 {
+        self.unwritten.load(Ordering::Relaxed)
+    }
+
+    /// Records held back by the rate limit so far.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.load(Ordering::Relaxed)
+    }
+
+    /// Appends the audit's own metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP moat_egress_audit_records_unwritten_total Audit records that could not be written.\n\
+             # TYPE moat_egress_audit_records_unwritten_total counter\n\
+             moat_egress_audit_records_unwritten_total {}\n\
+             # HELP moat_egress_audit_records_suppressed_total Records of flows that never opened held back by the audit rate limit (counted in summary records).\n\
+             # TYPE moat_egress_audit_records_suppressed_total counter\n\
+             moat_egress_audit_records_suppressed_total {}\n\
+             # HELP moat_egress_audit_failing 1 while audit records cannot be written (new flows are refused).\n\
+             # TYPE moat_egress_audit_failing gauge\n\
+             moat_egress_audit_failing {}",
+            self.unwritten(),
+            self.suppressed(),
+            u8::from(self.failing()),
+        );
     }
 
     /// Builds the OCSF record for `event`.
@@ -259,29 +443,160 @@ impl Audit {
         &self.workspace
     }
 
-    /// Writes the record for `event`. Failures are logged, never propagated: audit must not
-    /// be a way for a flow to crash the proxy.
-    pub fn emit(&self, event: &Event<'_>) {
-        self.emit_value(&self.record(event));
+    /// Writes the record for `event`, unless the rate limit holds it back (then it is counted
+    /// for a summary). False when it could not be written (the audit is then failing). Never
+    /// an error a flow could crash the proxy with.
+    pub fn emit(&self, event: &Event<'_>) -> bool {
+        if self.held_back(event) {
+            return true;
+        }
+        self.emit_value(&self.record(event))
     }
 
-    /// Writes one record, as one line in one write.
-    pub fn emit_value(&self, record: &Value) {
+    /// Does the rate limit hold the record of `event` back?
+    fn held_back(&self, event: &Event<'_>) -> bool {
+        let Some(reason) = event.reason else {
+            return false;
+        };
+        if !matches!(event.activity, Activity::Refuse | Activity::Fail)
+            || reason == Reason::AuditUnavailable
+        {
+            return false;
+        }
+        let admitted = lock(&self.limiter).admit(event.activity, reason, Instant::now());
+        if !admitted {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+        !admitted
+    }
+
+    /// Writes one record, as one line. False when it could not be written: the audit is then
+    /// failing (logged once) until a record is written again (logged too).
+    pub fn emit_value(&self, record: &Value) -> bool {
         let mut line = match serde_json::to_vec(record) {
             Ok(line) => line,
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialise audit record");
-                return;
+                return false;
             }
         };
         line.push(b'\n');
-        let mut out = match self.out.lock() {
-            Ok(out) => out,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
-            tracing::error!(error = %e, "cannot write audit record");
+        let written = lock(&self.out).write_line(&line);
+        match written {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        workspace = %self.workspace,
+                        "audit records are written again; accepting new flows"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                self.unwritten.fetch_add(1, Ordering::Relaxed);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        workspace = %self.workspace,
+                        error = %e,
+                        "cannot write audit record; refusing new flows until one is written"
+                    );
+                }
+                false
+            }
         }
+    }
+
+    /// Writes one summary record per kind of record the rate limit held back since the last
+    /// summary, each with its `count`. A summary that cannot be written is kept for the next
+    /// call. The proxy calls this every second and at shutdown.
+    pub fn flush_suppressed(&self) {
+        let (held, since) = {
+            let mut limiter = lock(&self.limiter);
+            (
+                std::mem::take(&mut limiter.held),
+                limiter.since.take().unwrap_or_else(SystemTime::now),
+            )
+        };
+        for (activity, reason, count) in held {
+            let record = self.summary_record(activity, reason, count, since);
+            if !self.emit_value(&record) {
+                lock(&self.limiter).hold(activity, reason, count);
+            }
+        }
+    }
+
+    /// The OCSF Network Activity record standing for `count` records of `activity` for
+    /// `reason` held back since `since`: the same class, activity and disposition as they had,
+    /// with OCSF's `count`, `start_time` and `end_time` for the group.
+    pub fn summary_record(
+        &self,
+        activity: Activity,
+        reason: Reason,
+        count: u64,
+        since: SystemTime,
+    ) -> Value {
+        let now = SystemTime::now();
+        let fail = activity == Activity::Fail;
+        let (action_id, action, disposition_id, disposition) = if fail {
+            (1, "Allowed", 1, "Allowed")
+        } else {
+            (2, "Denied", 2, "Blocked")
+        };
+        let (severity_id, severity, kind) = if fail {
+            (2, "Low", "failed")
+        } else {
+            (3, "Medium", "refused")
+        };
+        let n = self.summaries.fetch_add(1, Ordering::Relaxed) + 1;
+        json!({
+            "class_uid": 4001,
+            "class_name": "Network Activity",
+            "category_uid": 4,
+            "category_name": "Network Activity",
+            "activity_id": activity.id(),
+            "activity_name": activity.name(),
+            "type_uid": 400100 + activity.id(),
+            "type_name": format!("Network Activity: {}", activity.name()),
+            "severity_id": severity_id,
+            "severity": severity,
+            "time": millis(now),
+            "count": count,
+            "start_time": millis(since),
+            "end_time": millis(now),
+            "status_id": 2,
+            "status": "Failure",
+            "status_detail": reason.code(),
+            "action_id": action_id,
+            "action": action,
+            "disposition_id": disposition_id,
+            "disposition": disposition,
+            "metadata": {
+                "version": OCSF_VERSION,
+                "uid": format!("{}-suppressed-{n}", self.workspace),
+                "log_name": "egress",
+                "profiles": ["security_control"],
+                "product": {
+                    "name": "moat egress proxy",
+                    "vendor_name": "moat",
+                    "version": env!("CARGO_PKG_VERSION"),
+                },
+            },
+            "src_endpoint": { "uid": self.workspace, "name": "workspace" },
+            "connection_info": {
+                "protocol_name": "tcp",
+                "protocol_num": 6,
+                "direction_id": 2,
+                "direction": "Outbound",
+            },
+            "message": format!(
+                "{count} {kind} flow records ({reason}) not written: over the audit rate limit"
+            ),
+            "unmapped": { "moat": {
+                "reason": reason.code(),
+                "blame": reason.blame().as_str(),
+                "suppressed": count,
+            } },
+        })
     }
 }
 
@@ -444,7 +759,15 @@ impl Audit {
 
     /// Writes the HTTP Activity record for `event`.
     pub fn emit_http(&self, event: &HttpEvent<'_>) {
-        self.emit_value(&self.http_record(event));
+        let _ = self.emit_value(&self.http_record(event));
+    }
+}
+
+/// Locks `m`, also after a panic elsewhere (the audit must keep working).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -470,5 +793,141 @@ fn message(event: &Event<'_>) -> String {
         Activity::Close => format!("closed flow to {dest}{reason}{detail}"),
         Activity::Refuse => format!("refused flow to {dest}{reason}{detail}"),
         Activity::Fail => format!("failed flow to {dest}{reason}{detail}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn bucket_allows_its_burst_then_its_rate_and_counts_the_rest() {
+        let mut l = Limiter::new(RecordRate {
+            per_second: 10,
+            burst: 5,
+        });
+        let t0 = Instant::now();
+        let admitted = (0..20)
+            .filter(|_| l.admit(Activity::Refuse, Reason::NoRule, t0))
+            .count();
+        assert_eq!(admitted, 5);
+        // Half a second refills five tokens, never more than the burst.
+        let t1 = t0 + Duration::from_millis(500);
+        let admitted = (0..20)
+            .filter(|_| l.admit(Activity::Refuse, Reason::NoRule, t1))
+            .count();
+        assert_eq!(admitted, 5);
+        let t2 = t1 + Duration::from_secs(60);
+        let admitted = (0..20)
+            .filter(|_| l.admit(Activity::Fail, Reason::ConnectFailed, t2))
+            .count();
+        assert_eq!(admitted, 5);
+        assert_eq!(
+            l.held,
+            vec![
+                (Activity::Refuse, Reason::NoRule, 30),
+                (Activity::Fail, Reason::ConnectFailed, 15)
+            ]
+        );
+    }
+
+    /// Accepts `room` bytes, then fails every write with ENOSPC until given more room.
+    #[derive(Clone, Default)]
+    struct Disk {
+        room: Arc<AtomicUsize>,
+        bytes: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let room = self.room.load(Ordering::SeqCst);
+            if room == 0 {
+                return Err(io::Error::from_raw_os_error(28));
+            }
+            let n = buf.len().min(room);
+            self.room.fetch_sub(n, Ordering::SeqCst);
+            self.bytes.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn refusal(flow: &FlowInfo) -> Event<'_> {
+        Event {
+            activity: Activity::Refuse,
+            flow,
+            rule: None,
+            action: None,
+            service: None,
+            upstream: None,
+            reason: Some(Reason::AuditUnavailable),
+            detail: None,
+            bytes: None,
+            allowed: false,
+        }
+    }
+
+    #[test]
+    fn a_failed_write_marks_the_audit_failing_until_one_succeeds_and_torn_lines_are_ended() {
+        let disk = Disk::default();
+        disk.room.store(10, Ordering::SeqCst);
+        let audit = Audit::to_writer(Box::new(disk.clone()), "ws");
+        let flow = FlowInfo::default();
+        assert!(!audit.failing());
+        // Ten bytes of the record fit, then the disk is full.
+        assert!(!audit.emit(&refusal(&flow)));
+        assert!(audit.failing());
+        assert!(!audit.emit(&refusal(&flow)));
+        assert_eq!(audit.unwritten(), 2);
+        disk.room.store(usize::MAX / 2, Ordering::SeqCst);
+        assert!(audit.emit(&refusal(&flow)));
+        assert!(!audit.failing());
+        let text = String::from_utf8(disk.bytes.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0].len(), 10);
+        let record: Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(record["status_detail"], "audit_unavailable");
+    }
+
+    #[test]
+    fn refusals_over_the_rate_are_summarised_with_their_count() {
+        let disk = Disk::default();
+        disk.room.store(usize::MAX / 2, Ordering::SeqCst);
+        let mut audit = Audit::to_writer(Box::new(disk.clone()), "ws");
+        audit.set_refusal_rate(RecordRate {
+            per_second: 0,
+            burst: 3,
+        });
+        let flow = FlowInfo::default();
+        let mut event = refusal(&flow);
+        event.reason = Some(Reason::NoRule);
+        for _ in 0..10 {
+            assert!(audit.emit(&event));
+        }
+        // Never held back: the account of an opened flow, and the audit's own retries.
+        let mut open = refusal(&flow);
+        open.activity = Activity::Open;
+        open.reason = None;
+        assert!(audit.emit(&open));
+        assert!(audit.emit(&refusal(&flow)));
+        assert_eq!(audit.suppressed(), 7);
+        audit.flush_suppressed();
+        audit.flush_suppressed();
+        let text = String::from_utf8(disk.bytes.lock().unwrap().clone()).unwrap();
+        let records: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(records.len(), 3 + 2 + 1);
+        let summary = &records[5];
+        assert_eq!(summary["count"], 7);
+        assert_eq!(summary["activity_id"], 5);
+        assert_eq!(summary["status_detail"], "no_rule");
+        assert_eq!(summary["metadata"]["uid"], "ws-suppressed-1");
     }
 }

@@ -4,8 +4,8 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use moat_flow_header::FlowHeader;
@@ -21,6 +21,7 @@ use crate::intercept::Upstream;
 use crate::intercept::pool::PoolKey;
 use crate::outcome::Reason;
 use crate::policy_store::LiveFlow;
+use crate::sniff::requests::{Checked, Refusal, RequestChecker};
 use crate::sniff::{self, MAX_SNIFF, Sniffed};
 use crate::splice::{Counters, Halves, SpliceLimits, splice};
 
@@ -98,6 +99,16 @@ pub(crate) async fn handle(shared: Arc<Shared>, agent: UnixStream) {
         ..FlowInfo::default()
     };
     shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+    // Fail closed: no flow while its records could not be written. This refusal's own record
+    // is the retry that lets flows in again once the log takes records.
+    if shared.audit.failing() {
+        finish_early(
+            &shared,
+            &info,
+            Stop::new(Reason::AuditUnavailable).detail("the audit log cannot be written"),
+        );
+        return;
+    }
     let Ok(_permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
         finish_early(&shared, &info, Stop::new(Reason::TooManyFlows));
         return;
@@ -242,7 +253,7 @@ async fn admit(
                 .rule(&rule)
                 .detail(format!("ClientHello extension {ext:#06x}")));
         }
-        // A placeholder in the first plaintext request head is never bound (secrets are only
+        // A placeholder in a plaintext request head is never bound (secrets are only
         // injected over intercepted TLS): refuse rather than let it leave.
         if let Sniffed::Http(..) = sniffed
             && let Some(spec) = shared.secrets().placeholder_in(&buf)
@@ -437,7 +448,7 @@ async fn run(
     );
     shared.metrics.opened.fetch_add(1, Ordering::Relaxed);
     shared.metrics.active.fetch_add(1, Ordering::Relaxed);
-    shared.audit.emit(&Event {
+    let recorded = shared.audit.emit(&Event {
         activity: Activity::Open,
         flow: info,
         rule: Some(&rule),
@@ -452,62 +463,80 @@ async fn run(
 
     let counters = Arc::new(Counters::default());
     let mut detail = None;
-    let reason = match (action, peer) {
-        (
-            Action::Intercept,
-            Peer::Direct {
-                upstream,
-                addr,
-                host,
-            },
-        ) => {
-            let flow = crate::intercept::Intercepted {
-                info: info.clone(),
-                hostname: info.hostname.clone().unwrap_or_default(),
-                port: claimed.port(),
-                rule: rule.clone(),
-                upstream_host: host.unwrap_or_default(),
-                upstream_addr: addr,
-                model,
-                generation,
-            };
-            let (reason, d) = crate::intercept::serve(
-                Arc::clone(shared),
-                flow,
-                agent,
-                pending,
-                upstream,
-                Arc::clone(&counters),
-                cancel,
-            )
-            .await;
-            detail = d;
-            reason
+    // Every request head of a plain-HTTP flow is checked, not only the one sniffed.
+    let requests = (protocol == Protocol::Http)
+        .then(|| RequestChecker::new(info.hostname.as_deref(), claimed.port(), shared.secrets()));
+    let mut refused = false;
+    let reason = if !recorded {
+        // Fail closed: a flow without its Open record moves no byte.
+        detail = Some("the flow's Open record could not be written".to_owned());
+        Reason::AuditUnavailable
+    } else {
+        match (action, peer) {
+            (
+                Action::Intercept,
+                Peer::Direct {
+                    upstream,
+                    addr,
+                    host,
+                },
+            ) => {
+                let flow = crate::intercept::Intercepted {
+                    info: info.clone(),
+                    hostname: info.hostname.clone().unwrap_or_default(),
+                    port: claimed.port(),
+                    rule: rule.clone(),
+                    upstream_host: host.unwrap_or_default(),
+                    upstream_addr: addr,
+                    model,
+                    generation,
+                };
+                let (reason, d) = crate::intercept::serve(
+                    Arc::clone(shared),
+                    flow,
+                    agent,
+                    pending,
+                    upstream,
+                    Arc::clone(&counters),
+                    cancel,
+                )
+                .await;
+                detail = d;
+                reason
+            }
+            // Admission takes pooled connections for intercepted flows only.
+            (
+                _,
+                Peer::Direct {
+                    upstream: Upstream::Pooled(_),
+                    ..
+                },
+            ) => Reason::ProxyResources,
+            (
+                _,
+                Peer::Direct {
+                    upstream: Upstream::Tcp(mut upstream),
+                    ..
+                },
+            ) => {
+                let (read, write) = upstream.split();
+                let relayed = relay(
+                    shared, &mut agent, read, write, &pending, requests, &counters, cancel,
+                )
+                .await;
+                settle(relayed, info, &mut detail, &mut refused)
+            }
+            (Action::Corporate, Peer::Corporate { mut stream, .. }) => {
+                let (read, write) = stream.split();
+                let relayed = relay(
+                    shared, &mut agent, read, write, &pending, requests, &counters, cancel,
+                )
+                .await;
+                settle(relayed, info, &mut detail, &mut refused)
+            }
+            // Admission sends only corporate rules' flows to the broker.
+            (_, Peer::Corporate { .. }) => Reason::ProxyResources,
         }
-        // Admission takes pooled connections for intercepted flows only.
-        (
-            _,
-            Peer::Direct {
-                upstream: Upstream::Pooled(_),
-                ..
-            },
-        ) => Reason::ProxyResources,
-        (
-            _,
-            Peer::Direct {
-                upstream: Upstream::Tcp(mut upstream),
-                ..
-            },
-        ) => {
-            let (read, write) = upstream.split();
-            relay(shared, &mut agent, read, write, &pending, &counters, cancel).await
-        }
-        (Action::Corporate, Peer::Corporate { mut stream, .. }) => {
-            let (read, write) = stream.split();
-            relay(shared, &mut agent, read, write, &pending, &counters, cancel).await
-        }
-        // Admission sends only corporate rules' flows to the broker.
-        (_, Peer::Corporate { .. }) => Reason::ProxyResources,
     };
 
     shared.policy.unregister(uid);
@@ -527,41 +556,96 @@ async fn run(
         reason: Some(reason),
         detail,
         bytes: Some((out, inb)),
-        allowed: reason != Reason::Revoked,
+        // A flow cut because one of its requests was refused ends denied.
+        allowed: reason != Reason::Revoked && !refused,
     });
 }
 
+/// The reason a relayed flow ended for; a refused plain-HTTP request's reason and detail.
+fn settle(
+    relayed: Result<Reason, Refusal>,
+    info: &FlowInfo,
+    detail: &mut Option<String>,
+    refused: &mut bool,
+) -> Reason {
+    match relayed {
+        Ok(reason) => reason,
+        Err(refusal) => {
+            tracing::debug!(flow = %info.uid, reason = %refusal.reason, detail = %refusal.detail,
+                "plain HTTP request refused; flow cut");
+            *refused = true;
+            *detail = Some(refusal.detail);
+            refusal.reason
+        }
+    }
+}
+
 /// Passes a flow through unchanged (passthrough and corporate rules): the bytes read while
-/// deciding first, then a splice with the flow limits.
+/// deciding first, then a splice with the flow limits. With `requests` (a plain-HTTP flow),
+/// the agent's bytes pass through it: every request head is checked before it leaves, and a
+/// refused one ends the flow (`Err`) with none of its bytes sent.
+#[allow(clippy::too_many_arguments)]
 async fn relay<UR, UW>(
     shared: &Shared,
     agent: &mut UnixStream,
     read: UR,
     mut write: UW,
     pending: &[u8],
+    requests: Option<RequestChecker>,
     counters: &Arc<Counters>,
     cancel: CancellationToken,
-) -> Reason
+) -> Result<Reason, Refusal>
 where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
-    if write.write_all(pending).await.is_err() {
-        return Reason::UpstreamError;
-    }
-    counters
-        .out
-        .fetch_add(pending.len() as u64, Ordering::Relaxed);
     let limits = SpliceLimits {
         idle: shared.limits.idle_timeout,
         total: shared.limits.total_timeout,
         buffer: shared.limits.splice_buffer,
     };
     let (ar, aw) = agent.split();
+    let Some(mut checker) = requests else {
+        if !send_first(&mut write, pending, counters).await {
+            return Ok(Reason::UpstreamError);
+        }
+        let agent = Halves {
+            read: ar,
+            write: aw,
+        };
+        let upstream = Halves { read, write };
+        return Ok(splice(agent, upstream, limits, Arc::clone(counters), cancel).await);
+    };
+    let mut first = Vec::with_capacity(pending.len());
+    checker.push(pending, &mut first)?;
+    if !send_first(&mut write, &first, counters).await {
+        return Ok(Reason::UpstreamError);
+    }
+    let refused = Arc::new(Mutex::new(None));
     let agent = Halves {
-        read: ar,
+        read: Checked::new(ar, checker, limits.buffer, Arc::clone(&refused)),
         write: aw,
     };
     let upstream = Halves { read, write };
-    splice(agent, upstream, limits, Arc::clone(counters), cancel).await
+    let reason = splice(agent, upstream, limits, Arc::clone(counters), cancel).await;
+    let refusal = match refused.lock() {
+        Ok(mut r) => r.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    };
+    refusal.map_or(Ok(reason), Err)
+}
+
+/// Sends the bytes read while deciding; false if the upstream failed.
+async fn send_first<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    first: &[u8],
+    counters: &Counters,
+) -> bool {
+    if write.write_all(first).await.is_err() {
+        return false;
+    }
+    counters
+        .out
+        .fetch_add(first.len() as u64, Ordering::Relaxed);
+    true
 }

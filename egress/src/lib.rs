@@ -9,6 +9,8 @@
 //!    -> flow header         flow.rs: size- and time-bounded read (moat-flow-header)
 //!    -> policy decision     moat-policy: deny by default, first matching rule
 //!    -> protocol sniff      sniff/: TLS SNI or HTTP Host must equal the flow's hostname
+//!                           (plain HTTP: every request head, sniff/requests.rs, not only
+//!                           the first)
 //!    for a rule whose action is `corporate` (never resolved or connected here):
 //!    -> broker connector    corporate.rs: `CONNECT <service>:<port>` on the host side's
 //!                           egress socket, `OK` -> splice.rs as below; `ERR` -> refused
@@ -22,7 +24,9 @@
 //!                           placeholder check, credential injection (intercept/inject.rs) ->
 //!                           forward (intercept/http.rs)
 //!  secrets.rs: secret values, read on the host at start and reload, never logged
-//!  audit.rs: OCSF 4001 record per flow event, 4002 per intercepted request
+//!  audit.rs: OCSF 4001 record per flow event, 4002 per intercepted request; fail closed
+//!            (no new flow while a record cannot be written), refusals rate-bounded per
+//!            workspace with counted summary records
 //!  metrics.rs + admin.rs: Prometheus on admin socket
 //!  policy_store.rs: verified hot reload; live flows the new policy denies are cut at once
 //! ```
@@ -60,7 +64,7 @@ use tokio_util::sync::CancellationToken;
 
 use rustls::pki_types::CertificateDer;
 
-use crate::audit::Audit;
+use crate::audit::{Audit, RecordRate};
 use crate::intercept::ca::{CaError, WorkspaceCa};
 use crate::intercept::pool::UpstreamPool;
 use crate::metrics::Metrics;
@@ -93,6 +97,9 @@ pub struct Limits {
     pub max_flows: usize,
     /// Bytes buffered per direction per flow.
     pub splice_buffer: usize,
+    /// Records of refused and failed flows (flows that never opened) written per second and
+    /// in a burst; the rest are counted in summary records.
+    pub audit_refusals: RecordRate,
 }
 
 impl Default for Limits {
@@ -107,6 +114,7 @@ impl Default for Limits {
             total_timeout: Duration::from_secs(24 * 3600),
             max_flows: 2048,
             splice_buffer: 32 * 1024,
+            audit_refusals: RecordRate::default(),
         }
     }
 }
@@ -231,7 +239,7 @@ impl Proxy {
     pub fn start(
         config: Config,
         resolver: Box<dyn Resolver>,
-        audit: Audit,
+        mut audit: Audit,
     ) -> Result<Arc<Proxy>, StartError> {
         let policy = config.source.load().map_err(StartError::Policy)?;
         let secrets = Secrets::load(&policy.secrets).map_err(StartError::Secrets)?;
@@ -255,6 +263,7 @@ impl Proxy {
             ),
             None => None,
         };
+        audit.set_refusal_rate(config.limits.audit_refusals);
         let shared = Arc::new(Shared {
             workspace: config.workspace,
             policy: PolicyStore::new(policy),
@@ -280,6 +289,7 @@ impl Proxy {
         });
         tokio::spawn(accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
         tokio::spawn(sweep_pool(Arc::clone(&shared), shutdown.clone()));
+        tokio::spawn(summarise_suppressed(Arc::clone(&shared), shutdown.clone()));
         if let Some(listener) = admin {
             tokio::spawn(admin::serve(
                 Arc::clone(&shared),
@@ -392,10 +402,17 @@ impl Proxy {
         }
     }
 
-    /// Stops accepting flows (live flows run on to their end).
+    /// Stops accepting flows (live flows run on to their end) and writes the summary of the
+    /// audit records the rate limit held back.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
         let _ = std::fs::remove_file(&self.listen_path);
+        self.shared.audit.flush_suppressed();
+    }
+
+    /// The audit sink, for its state and counters.
+    pub fn audit(&self) -> &Audit {
+        &self.shared.audit
     }
 
     fn spawn_sighup(self: &Arc<Self>) {
@@ -499,6 +516,24 @@ async fn sweep_pool(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
     }
 }
+
+/// Every second, writes the summary of the audit records the rate limit held back (nothing
+/// when none were), until shutdown, and once more then.
+async fn summarise_suppressed(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(SUMMARY_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = every.tick() => shared.audit.flush_suppressed(),
+            () = shutdown.cancelled() => {
+                shared.audit.flush_suppressed();
+                return;
+            }
+        }
+    }
+}
+
+/// How often held-back audit records are summarised.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Formats an error and its sources as one line: `outer: cause: root cause`.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

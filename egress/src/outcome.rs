@@ -89,13 +89,14 @@ reasons! {
     TlsHiddenName => "tls_hidden_name", Agent;
     /// Plain HTTP without a Host header.
     HostMissing => "host_missing", Agent;
-    /// Plain HTTP whose Host (or absolute URI) differs from the flow's hostname.
+    /// Plain HTTP whose Host (or absolute URI) differs from the flow's hostname, in any request
+    /// head of the flow.
     HostMismatch => "host_mismatch", Agent;
     /// A request head that does not parse, or is too large.
     HttpMalformed => "http_malformed", Agent;
-    /// An intercepted HTTP/1.1 request framed both by Content-Length and Transfer-Encoding, or
-    /// with Content-Length repeated (request-smuggling shapes), or on a connection whose
-    /// framing could not be followed.
+    /// An HTTP/1.1 request (intercepted, or on a plain-HTTP flow) framed both by
+    /// Content-Length and Transfer-Encoding, or with Content-Length repeated (request-smuggling
+    /// shapes), or on a connection whose framing could not be followed.
     AmbiguousFraming => "ambiguous_framing", Agent;
     /// The first bytes are a protocol the rule does not allow.
     ProtocolNotAllowed => "protocol_not_allowed", Agent;
@@ -106,7 +107,7 @@ reasons! {
     /// An intercepted request named another authority than the flow's (Host or :authority
     /// switched on a kept-alive connection, or an absolute URI for another host).
     AuthorityMismatch => "authority_mismatch", Agent;
-    /// An intercepted request the proxy does not forward (CONNECT, an upgrade).
+    /// A request the proxy does not forward, intercepted or plain HTTP (CONNECT, an upgrade).
     RequestRefused => "request_refused", Agent;
     /// The agent's TLS handshake with the workspace CA's leaf failed (the agent does not
     /// trust the workspace CA, or spoke something else).
@@ -121,6 +122,9 @@ reasons! {
     ConnectFailed => "connect_failed", Upstream;
     /// The proxy could not accept or connect for lack of local resources.
     ProxyResources => "proxy_resources", Proxy;
+    /// An audit record could not be written (a full or failing disk): the proxy refuses new
+    /// flows until one is, and closes a flow whose Open record could not be written.
+    AuditUnavailable => "audit_unavailable", Proxy;
     /// A corporate flow could not be handed to the broker: no corporate egress socket is
     /// configured, nothing listens on it (the host side's broker connector is not running), or
     /// it gave no valid answer in time.

@@ -5,10 +5,15 @@
 
 mod harness;
 
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::*;
 use moat_egress::Limits;
+use moat_egress::audit::{Audit, RecordRate};
+use moat_egress::outcome::Reason;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -170,6 +175,184 @@ async fn plain_http_host_mismatch_is_refused() {
         .unwrap();
     assert_closed(s).await;
     tp.refused("host_mismatch").await;
+}
+
+/// A plain-HTTP request head for the allowed host on the plain upstream's port.
+fn plain_request(tp: &TestProxy, head: &str) -> String {
+    format!(
+        "{head} HTTP/1.1\r\nHost: allowed.test:{}\r\n\r\n",
+        tp.plain.port()
+    )
+}
+
+/// Sends `req` on a plain flow and reads it back from the echo upstream: it went through.
+async fn echoed(s: &mut GuestStream, req: &str) {
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0; req.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf), req);
+}
+
+/// The Close record of a flow that ended for `reason`.
+async fn closed_for(tp: &TestProxy, reason: &str) -> serde_json::Value {
+    tp.wait_record(|r| r["activity_id"] == 2 && r["unmapped"]["moat"]["reason"] == reason)
+        .await
+}
+
+#[tokio::test]
+async fn plain_http_keep_alive_requests_for_the_allowed_host_all_pass() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    // A chunked body that holds what looks like a head for another host is only a body.
+    let fake = format!("GET / HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n");
+    echoed(
+        &mut s,
+        &format!(
+            "POST /2 HTTP/1.1\r\nHost: Allowed.Test.:{port}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {:x}\r\n{fake}\r\n0\r\n\r\n",
+            fake.len()
+        ),
+    )
+    .await;
+    echoed(
+        &mut s,
+        &plain_request(&tp, &format!("GET HTTP://allowed.test:{port}/3")),
+    )
+    .await;
+    s.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut s, WAIT).await, b"bye\n");
+    closed_for(&tp, "finished").await;
+}
+
+#[tokio::test]
+async fn plain_http_keep_alive_request_for_another_host_never_reaches_the_upstream() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    s.write_all(format!("GET /2 HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_closed(s).await;
+    let record = closed_for(&tp, "host_mismatch").await;
+    assert_eq!(record["action"], "Denied");
+    let message = record["message"].as_str().unwrap();
+    assert!(message.contains("request 2"), "{message}");
+    assert!(!tp.plain_received.text().contains("other.test"));
+}
+
+#[tokio::test]
+async fn plain_http_pipelined_request_for_another_host_never_reaches_the_upstream() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    let both = format!(
+        "{}GET /2 HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n",
+        plain_request(&tp, "GET /1")
+    );
+    s.write_all(both.as_bytes()).await.unwrap();
+    let got = read_all(&mut s, WAIT).await;
+    assert!(!String::from_utf8_lossy(&got).contains("other.test"));
+    closed_for(&tp, "host_mismatch").await;
+    assert!(!tp.plain_received.text().contains("other.test"));
+}
+
+#[tokio::test]
+async fn plain_http_absolute_form_with_an_upper_case_scheme_for_another_host_is_refused() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    for scheme in ["HTTP", "Http", "hTTps"] {
+        let mut s = tp.named("allowed.test", port).await;
+        let req = plain_request(&tp, &format!("GET {scheme}://other.test:{port}/"));
+        s.write_all(req.as_bytes()).await.unwrap();
+        assert_closed(s).await;
+    }
+    // On a kept-alive connection too.
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    s.write_all(plain_request(&tp, &format!("GET HTTP://other.test:{port}/")).as_bytes())
+        .await
+        .unwrap();
+    assert_closed(s).await;
+    closed_for(&tp, "host_mismatch").await;
+    assert_eq!(
+        tp.proxy
+            .metrics()
+            .ended_count(moat_egress::outcome::Reason::HostMismatch),
+        4
+    );
+    assert!(!tp.plain_received.text().contains("other.test"));
+}
+
+#[tokio::test]
+async fn plain_http_h2c_upgrade_is_refused_in_the_first_and_a_later_request() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let h2c = format!(
+        "GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+    );
+    let mut s = tp.named("allowed.test", port).await;
+    s.write_all(h2c.as_bytes()).await.unwrap();
+    assert_closed(s).await;
+    tp.refused("request_refused").await;
+
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    s.write_all(h2c.as_bytes()).await.unwrap();
+    assert_closed(s).await;
+    closed_for(&tp, "request_refused").await;
+    assert!(!tp.plain_received.text().contains("h2c"));
+}
+
+#[tokio::test]
+async fn plain_http_connect_is_refused() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    for target in ["other.test:443".to_owned(), format!("allowed.test:{port}")] {
+        let mut s = tp.named("allowed.test", port).await;
+        s.write_all(plain_request(&tp, &format!("CONNECT {target}")).as_bytes())
+            .await
+            .unwrap();
+        assert_closed(s).await;
+    }
+    tp.refused("request_refused").await;
+    assert_eq!(tp.plain_received.connections(), 0);
+}
+
+#[tokio::test]
+async fn plain_http_ambiguous_framing_is_refused_before_a_byte_leaves() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: allowed.test:{port}\r\nContent-Length: 5\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert_closed(s).await;
+    closed_for(&tp, "ambiguous_framing").await;
+    assert_eq!(tp.plain_received.text(), "");
+}
+
+#[tokio::test]
+async fn plain_http_placeholder_in_a_later_request_is_refused() {
+    let tp = TestProxy::start().await;
+    let port = tp.plain.port();
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /1")).await;
+    let req = format!(
+        "GET /2 HTTP/1.1\r\nHost: allowed.test:{port}\r\nAuthorization: Bearer {PLACEHOLDER}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert_closed(s).await;
+    closed_for(&tp, "placeholder_unbound").await;
+    assert!(!tp.plain_received.text().contains(PLACEHOLDER));
 }
 
 #[tokio::test]
@@ -620,5 +803,173 @@ async fn audit_records_validate_against_the_ocsf_schema() {
     assert!(
         stdout.contains(&format!("{records} valid, 0 invalid")),
         "{stdout}"
+    );
+}
+
+/// Fail closed: once a record cannot be written (here every write: /dev/full answers ENOSPC),
+/// no new flow goes anywhere.
+#[tokio::test]
+async fn audit_that_cannot_be_written_refuses_new_flows_and_connects_nowhere() {
+    let audit = Audit::to_file(Path::new("/dev/full"), "test-ws").unwrap();
+    let tp = TestProxy::start_with_audit(Limits::default(), audit).await;
+    // A refused flow's record is the first write; it fails.
+    assert_closed(tp.named("nope.test", 443).await).await;
+    assert!(tp.proxy.audit().failing());
+    let mut s = tp.named("allowed.test", tp.plain.port()).await;
+    let _ = s.write_all(plain_request(&tp, "GET /").as_bytes()).await;
+    assert_closed(s).await;
+    assert_eq!(tp.plain_received.connections(), 0);
+    assert_eq!(tp.proxy.metrics().ended_count(Reason::AuditUnavailable), 1);
+    let metrics = tp.admin_get("/metrics").await;
+    for line in [
+        "moat_egress_flows_ended_total{reason=\"audit_unavailable\",blame=\"proxy\"} 1",
+        "moat_egress_audit_failing 1",
+        "moat_egress_audit_records_unwritten_total 2",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+}
+
+/// A flow whose own Open record cannot be written is closed before a byte reaches the upstream.
+#[tokio::test]
+async fn a_flow_whose_open_record_cannot_be_written_moves_no_byte() {
+    let audit = Audit::to_file(Path::new("/dev/full"), "test-ws").unwrap();
+    let tp = TestProxy::start_with_audit(Limits::default(), audit).await;
+    let mut s = tp.named("allowed.test", tp.plain.port()).await;
+    let _ = s.write_all(plain_request(&tp, "GET /").as_bytes()).await;
+    assert_closed(s).await;
+    assert_eq!(tp.proxy.metrics().ended_count(Reason::AuditUnavailable), 1);
+    assert_eq!(tp.plain_received.text(), "");
+    assert!(tp.proxy.audit().failing());
+}
+
+/// A log that fails (ENOSPC) while `full` is set, and appends to a file otherwise.
+#[derive(Clone)]
+struct FillingLog {
+    full: Arc<AtomicBool>,
+    file: Arc<std::sync::Mutex<std::fs::File>>,
+}
+
+impl std::io::Write for FillingLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        self.file.lock().unwrap().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn flows_are_admitted_again_once_a_record_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = FillingLog {
+        full: Arc::new(AtomicBool::new(true)),
+        file: Arc::new(std::sync::Mutex::new(std::fs::File::create(&path).unwrap())),
+    };
+    let audit = Audit::to_writer(Box::new(log.clone()), "test-ws");
+    let tp = TestProxy::start_with_audit(Limits::default(), audit).await;
+    let port = tp.plain.port();
+    assert_closed(tp.named("nope.test", 443).await).await;
+    assert_closed(tp.named("allowed.test", port).await).await;
+    log.full.store(false, Ordering::SeqCst);
+    // Still refused: its record is the write that succeeds.
+    assert_closed(tp.named("allowed.test", port).await).await;
+    assert!(!tp.proxy.audit().failing());
+    let mut s = tp.named("allowed.test", port).await;
+    echoed(&mut s, &plain_request(&tp, "GET /")).await;
+    drop(s);
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for _ in 0..200 {
+        if records().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let records = records();
+    let kinds: Vec<_> = records
+        .iter()
+        .map(|r| (r["activity_id"].clone(), r["status_detail"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (5.into(), "audit_unavailable".into()),
+            (1.into(), serde_json::Value::Null),
+            (2.into(), "agent_error".into()),
+        ],
+        "{records:#?}"
+    );
+}
+
+/// A flood of refused flows writes at most burst + rate * t records, and summaries whose
+/// counts make up the rest exactly; flows that open are recorded whatever the flood did.
+#[tokio::test]
+async fn a_flood_of_refused_flows_is_bounded_and_summarised() {
+    let rate = RecordRate {
+        per_second: 5,
+        burst: 10,
+    };
+    let limits = Limits {
+        audit_refusals: rate,
+        ..Limits::default()
+    };
+    let tp = TestProxy::start_with(limits).await;
+    let start = Instant::now();
+    const FLOWS: u64 = 200;
+    for _ in 0..FLOWS {
+        assert_closed(tp.named("nope.test", 443).await).await;
+    }
+    let mut s = tp.named("allowed.test", tp.plain.port()).await;
+    echoed(&mut s, &plain_request(&tp, "GET /")).await;
+    drop(s);
+    tp.wait_record(|r| r["activity_id"] == 2).await;
+    tp.proxy.shutdown();
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(tp.proxy.metrics().ended_count(Reason::NoRule), FLOWS);
+
+    let records = tp.records();
+    let refusals = |summary: bool| {
+        records
+            .iter()
+            .filter(move |r| r["status_detail"] == "no_rule" && r.get("count").is_some() == summary)
+    };
+    let written = refusals(false).count() as u64;
+    let summarised: u64 = refusals(true).map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(
+        written + summarised,
+        FLOWS,
+        "{written} written, {summarised} summarised"
+    );
+    let bound = f64::from(rate.burst) + f64::from(rate.per_second) * elapsed;
+    assert!(
+        (written as f64) <= bound.ceil(),
+        "{written} records in {elapsed:.2} s, bound {bound:.1}"
+    );
+    assert_eq!(tp.proxy.audit().suppressed(), summarised);
+    assert!(records.iter().any(|r| r["activity_id"] == 1));
+
+    let out = std::process::Command::new(ocsf_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/ocsf/validate.py"
+        ))
+        .arg(&tp.audit_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "OCSF validation failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

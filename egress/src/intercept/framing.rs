@@ -13,6 +13,10 @@
 //! body, else none. Bytes it cannot follow (a head or chunk hyper would refuse too, a head
 //! over `MAX_HEAD`) make the connection [`Head::Lost`]: every later request on it is
 //! refused. So this can only ever refuse more, never let through what hyper would not.
+//!
+//! The follower itself ([`Follower`]) does no I/O and holds each head until it is whole: plain
+//! HTTP flows use it too (`crate::sniff::requests`), to check every request head before any
+//! byte of it leaves.
 
 use std::collections::VecDeque;
 use std::io;
@@ -126,68 +130,107 @@ enum State {
     Lost,
 }
 
-/// Follows the framing of the request bytes fed to it, recording each head in `heads`.
-#[derive(Debug)]
-pub struct Framing {
-    state: State,
-    /// The head being read.
-    head: Vec<u8>,
-    /// How far `head` was searched for its end (so each byte is searched once).
-    searched: usize,
-    heads: Arc<Heads>,
+/// One step of [`Follower::step`]: how many bytes at the start of its input it consumed, and
+/// what they were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Bytes of a body (or of its chunked framing).
+    Body(usize),
+    /// Bytes of a head that is not yet whole (the follower holds them).
+    Partial(usize),
+    /// The last bytes of a head, and its record; the whole head is [`Follower::head`] until
+    /// the next step.
+    Head(usize, Head),
+    /// The framing could not be followed: nothing was consumed, and every later step is `Lost`.
+    Lost,
 }
 
-impl Framing {
-    /// Follows a new connection's bytes, recording into `heads`.
-    pub fn new(heads: Arc<Heads>) -> Self {
-        Framing {
+/// Follows the framing of the request bytes fed to it, step by step, holding each head until
+/// it is whole. Sans I/O: the intercept path records the heads ([`Framing`]); plain-HTTP
+/// flows check each one before it leaves (`crate::sniff::requests`).
+#[derive(Debug)]
+pub struct Follower {
+    state: State,
+    /// The head being read, or (when `whole`) the head just completed.
+    head: Vec<u8>,
+    /// `head` holds a whole head, for [`Follower::head`].
+    whole: bool,
+    /// How far `head` was searched for its end (so each byte is searched once).
+    searched: usize,
+    /// Largest head followed.
+    max_head: usize,
+}
+
+impl Default for Follower {
+    fn default() -> Self {
+        Self::with_max_head(MAX_HEAD)
+    }
+}
+
+impl Follower {
+    /// Follows a new connection's bytes; a head longer than `max_head` loses the framing.
+    pub fn with_max_head(max_head: usize) -> Self {
+        Follower {
             state: State::Head,
             head: Vec::new(),
+            whole: false,
             searched: 0,
-            heads,
+            max_head,
         }
     }
 
-    /// Follows `bytes`, the next bytes of the stream.
-    pub fn feed(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            bytes = match self.state {
-                State::Lost => return,
-                State::Head => self.feed_head(bytes),
-                State::Length(left) => {
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
-                    let left = left - n as u64;
-                    self.state = if left == 0 {
-                        State::Head
-                    } else {
-                        State::Length(left)
-                    };
-                    &bytes[n..]
-                }
-                State::Chunked { at, size, line } => self.feed_chunked(at, size, line, bytes),
-            };
+    /// The head the last step completed (empty unless that step was [`Step::Head`]).
+    pub fn head(&self) -> &[u8] {
+        if self.whole { &self.head } else { &[] }
+    }
+
+    /// Follows the start of `bytes`, the next bytes of the stream. Consumes at least one byte
+    /// of a non-empty input unless the framing is lost.
+    pub fn step(&mut self, bytes: &[u8]) -> Step {
+        if bytes.is_empty() {
+            return Step::Body(0);
+        }
+        match self.state {
+            State::Lost => Step::Lost,
+            State::Head => self.step_head(bytes),
+            State::Length(left) => {
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+                let left = left - n as u64;
+                self.state = if left == 0 {
+                    State::Head
+                } else {
+                    State::Length(left)
+                };
+                Step::Body(n)
+            }
+            State::Chunked { at, size, line } => self.step_chunked(at, size, line, bytes),
         }
     }
 
-    fn lose(&mut self) {
+    fn lose(&mut self) -> Step {
         self.state = State::Lost;
         self.head = Vec::new();
-        self.heads.push(Head::Lost);
+        self.whole = false;
+        Step::Lost
     }
 
     /// Accumulates a head; once whole, records it and moves to its body. The head is parsed
     /// (by httparse, as hyper parses it) once, when its end has arrived: the first empty line
     /// after the request line.
-    fn feed_head<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+    fn step_head(&mut self, bytes: &[u8]) -> Step {
+        if self.whole {
+            self.head.clear();
+            self.whole = false;
+            self.searched = 0;
+        }
         let before = self.head.len();
-        let take = bytes.len().min(MAX_HEAD + 1 - before);
+        let take = bytes.len().min(self.max_head + 1 - before);
         self.head.extend_from_slice(&bytes[..take]);
         let Some(end) = head_end(&self.head, &mut self.searched) else {
-            if self.head.len() > MAX_HEAD {
-                self.lose();
-                return &[];
+            if self.head.len() > self.max_head {
+                return self.lose();
             }
-            return &bytes[take..];
+            return Step::Partial(take);
         };
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
@@ -196,19 +239,18 @@ impl Framing {
             _ => None,
         };
         let Some((next, head)) = parsed else {
-            self.lose();
-            return &[];
+            return self.lose();
         };
-        self.heads.push(head);
-        self.head.clear();
+        // Bytes of this input past the head belong to the body (or the next head). The head
+        // ends in this input (an end within earlier inputs was found then).
+        self.head.truncate(end);
+        self.whole = true;
         self.searched = 0;
         self.state = next;
-        // Bytes of this read past the head belong to the body (or the next head). The head
-        // ends in this read (an end within earlier reads was found then).
-        bytes.get(end.saturating_sub(before)..).unwrap_or(&[])
+        Step::Head(end.saturating_sub(before), head)
     }
 
-    fn feed_chunked<'a>(&mut self, at: Chunk, size: u64, line: usize, bytes: &'a [u8]) -> &'a [u8] {
+    fn step_chunked(&mut self, at: Chunk, size: u64, line: usize, bytes: &[u8]) -> Step {
         if at == Chunk::Data {
             let n = usize::try_from(size).unwrap_or(usize::MAX).min(bytes.len());
             let size = size - n as u64;
@@ -218,7 +260,7 @@ impl Framing {
                 Chunk::Data
             };
             self.state = State::Chunked { at, size, line: 0 };
-            return &bytes[n..];
+            return Step::Body(n);
         }
         let b = bytes[0];
         let line = line + 1;
@@ -248,7 +290,7 @@ impl Framing {
             (Chunk::TrailerLf, b'\n') => Some((Chunk::EndCr, 0)),
             (Chunk::EndLf, b'\n') => {
                 self.state = State::Head;
-                return &bytes[1..];
+                return Step::Body(1);
             }
             _ => None,
         };
@@ -261,12 +303,45 @@ impl Framing {
                     line
                 };
                 self.state = State::Chunked { at, size, line };
-                &bytes[1..]
+                Step::Body(1)
             }
-            _ => {
-                self.lose();
-                &[]
-            }
+            _ => self.lose(),
+        }
+    }
+}
+
+/// Follows the framing of the request bytes fed to it, recording each head in `heads`.
+#[derive(Debug)]
+pub struct Framing {
+    follower: Follower,
+    heads: Arc<Heads>,
+}
+
+impl Framing {
+    /// Follows a new connection's bytes, recording into `heads`.
+    pub fn new(heads: Arc<Heads>) -> Self {
+        Framing {
+            follower: Follower::default(),
+            heads,
+        }
+    }
+
+    /// Follows `bytes`, the next bytes of the stream.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let n = match self.follower.step(bytes) {
+                Step::Lost => {
+                    // Recorded once: `Heads` ignores everything after a loss.
+                    self.heads.push(Head::Lost);
+                    return;
+                }
+                Step::Head(n, head) => {
+                    self.heads.push(head);
+                    n
+                }
+                Step::Body(n) | Step::Partial(n) => n,
+            };
+            bytes = bytes.get(n..).unwrap_or(&[]);
         }
     }
 }

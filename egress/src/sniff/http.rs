@@ -1,7 +1,11 @@
-//! Plaintext HTTP/1.x: read the first request head (bounded) and learn which host it is for.
+//! Plaintext HTTP/1.x: read a request head (bounded) and learn which host it is for.
 //!
-//! The Host header must appear exactly once; an absolute-form request target must name the
-//! same authority. Both are normalised like every other name.
+//! The Host header must appear exactly once; an absolute-form request target (`http://` or
+//! `https://`, in any letter case) must name the same authority. Both are normalised like every
+//! other name. Any other request target but origin-form (`/...`) and asterisk-form (`*`) is
+//! refused. CONNECT and protocol upgrades (`Upgrade:`, h2c among them) are refused: after
+//! either, the bytes that follow are no longer HTTP/1.1 request heads the proxy can check (see
+//! `requests.rs`, which runs this on every request head of a plain-HTTP flow).
 
 /// Largest request head accepted.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -22,6 +26,9 @@ pub enum HttpError {
     /// Several Host headers, or Host disagrees with the absolute-form target.
     #[error("request names its host ambiguously")]
     AmbiguousHost,
+    /// CONNECT, or a protocol upgrade: what follows would not be HTTP/1.1 heads.
+    #[error("CONNECT and protocol upgrades are not forwarded on plain HTTP")]
+    Tunnel,
 }
 
 /// What the request head says.
@@ -43,7 +50,7 @@ pub fn looks_like_http(buf: &[u8]) -> bool {
     }
 }
 
-/// Parses the first request head from `buf`. `Ok(None)`: incomplete, read more.
+/// Parses the request head at the start of `buf`. `Ok(None)`: incomplete, read more.
 pub fn parse(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -65,17 +72,40 @@ pub fn parse(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
     }
     let value = std::str::from_utf8(host.value).map_err(|_| HttpError::Malformed)?;
     let (name, port) = split_authority(value.trim()).ok_or(HttpError::Malformed)?;
-    if let Some(target) = req.path
-        && let Some(after_scheme) = target
-            .strip_prefix("http://")
-            .or_else(|| target.strip_prefix("https://"))
+    // httparse returns a complete head only with a method and a target.
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(HttpError::Malformed);
+    };
+    // Methods are case-sensitive, but a server that folds case must not see a tunnel either.
+    if method.eq_ignore_ascii_case("CONNECT")
+        || req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
     {
-        let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
-        if split_authority(authority) != Some((name.clone(), port)) {
-            return Err(HttpError::AmbiguousHost);
-        }
+        return Err(HttpError::Tunnel);
+    }
+    if let Some(authority) = target_authority(target)?
+        && split_authority(authority) != Some((name.clone(), port))
+    {
+        return Err(HttpError::AmbiguousHost);
     }
     Ok(Some(RequestHead { host: name, port }))
+}
+
+/// The authority an absolute-form request target names (`None` for origin-form `/...` and
+/// asterisk-form `*`). The scheme is compared in any letter case (RFC 3986 3.1): a server reads
+/// `HTTP://other/` as `http://other/`. Any other form (authority-form outside CONNECT, another
+/// scheme, a scheme without `//`) is refused rather than guessed at.
+fn target_authority(target: &str) -> Result<Option<&str>, HttpError> {
+    if target.starts_with('/') || target == "*" {
+        return Ok(None);
+    }
+    let (scheme, rest) = target.split_once("://").ok_or(HttpError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(HttpError::Malformed);
+    }
+    Ok(Some(rest.split(['/', '?', '#']).next().unwrap_or("")))
 }
 
 /// Splits `host[:port]` and normalises the host. Userinfo and bracketed IPv6 are refused:
@@ -128,6 +158,48 @@ mod tests {
             Err(HttpError::AmbiguousHost)
         );
         assert!(parse(b"GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n").is_ok());
+    }
+
+    #[test]
+    fn absolute_target_scheme_is_compared_in_any_case() {
+        for target in [
+            "HTTP://b.example/x",
+            "Http://b.example/",
+            "hTtPs://b.example",
+        ] {
+            let head = format!("GET {target} HTTP/1.1\r\nHost: a.example\r\n\r\n");
+            assert_eq!(
+                parse(head.as_bytes()),
+                Err(HttpError::AmbiguousHost),
+                "{target}"
+            );
+        }
+        assert!(parse(b"GET HTTP://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n").is_ok());
+    }
+
+    #[test]
+    fn other_target_forms_are_refused() {
+        for target in ["b.example:80", "ftp://b.example/", "http:b.example/", "x"] {
+            let head = format!("GET {target} HTTP/1.1\r\nHost: a.example\r\n\r\n");
+            assert_eq!(
+                parse(head.as_bytes()),
+                Err(HttpError::Malformed),
+                "{target}"
+            );
+        }
+        assert!(parse(b"OPTIONS * HTTP/1.1\r\nHost: a.example\r\n\r\n").is_ok());
+    }
+
+    #[test]
+    fn connect_and_upgrades_are_refused() {
+        for head in [
+            &b"CONNECT b.example:443 HTTP/1.1\r\nHost: a.example\r\n\r\n"[..],
+            b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a.example\r\nupgrade: websocket\r\n\r\n",
+        ] {
+            assert_eq!(parse(head), Err(HttpError::Tunnel));
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! so the name the agent *uses* can be held to the name the policy *allowed* (no domain fronting).
 
 pub mod http;
+pub mod requests;
 pub mod tls;
 
 use moat_policy::Protocol;
@@ -46,11 +47,19 @@ pub fn sniff(buf: &[u8]) -> Result<Option<Sniffed>, Reason> {
         Some(_) if http::looks_like_http(buf) => match http::parse(buf) {
             Ok(Some(head)) => Ok(Some(Sniffed::Http(head.host, head.port))),
             Ok(None) => Ok(None),
-            Err(http::HttpError::NoHost) => Err(Reason::HostMissing),
-            Err(http::HttpError::AmbiguousHost) => Err(Reason::HostMismatch),
-            Err(_) => Err(Reason::HttpMalformed),
+            Err(e) => Err(http_reason(&e)),
         },
         Some(_) => Ok(Some(Sniffed::Other)),
+    }
+}
+
+/// The reason a request head refused by [`http::parse`] is refused for.
+pub fn http_reason(e: &http::HttpError) -> Reason {
+    match e {
+        http::HttpError::NoHost => Reason::HostMissing,
+        http::HttpError::AmbiguousHost => Reason::HostMismatch,
+        http::HttpError::Tunnel => Reason::RequestRefused,
+        http::HttpError::Malformed | http::HttpError::TooLarge => Reason::HttpMalformed,
     }
 }
 

@@ -308,9 +308,35 @@ pub fn pki() -> &'static Pki {
     })
 }
 
+/// What an echo upstream received: every byte (above TLS), across its connections, and how
+/// many connections it accepted.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub bytes: std::sync::Mutex<Vec<u8>>,
+    pub connections: std::sync::atomic::AtomicUsize,
+}
+
+impl Received {
+    /// Everything received so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap()).into_owned()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// An upstream on loopback: echoes every byte; on EOF from the client writes "bye\n" and
 /// closes (so half-close is observable). TLS when `tls`.
 pub async fn upstream(tls: bool) -> SocketAddr {
+    upstream_recording(tls).await.0
+}
+
+/// As [`upstream`], recording what it receives.
+pub async fn upstream_recording(tls: bool) -> (SocketAddr, Arc<Received>) {
+    let received = Arc::new(Received::default());
+    let log = Arc::clone(&received);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tls.then(|| {
@@ -327,23 +353,25 @@ pub async fn upstream(tls: bool) -> SocketAddr {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let acceptor = acceptor.clone();
+            log.connections
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
             tokio::spawn(async move {
                 match acceptor {
                     Some(acc) => {
                         if let Ok(s) = acc.accept(tcp).await {
-                            echo(s).await;
+                            echo(s, &log).await;
                         }
                     }
-                    None => echo(tcp).await,
+                    None => echo(tcp, &log).await,
                 }
             });
         }
     });
-    addr
+    (addr, received)
 }
 
-async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
+async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, log: &Received) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match s.read(&mut buf).await {
@@ -353,6 +381,7 @@ async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S)
                 return;
             }
             Ok(n) => {
+                log.bytes.lock().unwrap().extend_from_slice(&buf[..n]);
                 if s.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
@@ -373,6 +402,8 @@ pub struct TestProxy {
     pub profile: PathBuf,
     pub tls: SocketAddr,
     pub plain: SocketAddr,
+    /// What the plain (echo) upstream received.
+    pub plain_received: Arc<Received>,
     /// The recording HTTPS upstream, and what it saw.
     pub http: SocketAddr,
     pub seen: SeenLog,
@@ -380,6 +411,8 @@ pub struct TestProxy {
     pub secret_file: PathBuf,
     /// The names the proxy asked its resolver for.
     pub resolved: ResolvedLog,
+    /// The audit was the test's own (not captured for the suite-wide scan).
+    own_audit: bool,
 }
 
 /// The test profile. `{tls}` and `{plain}` are the upstreams' ports.
@@ -443,7 +476,21 @@ impl TestProxy {
         h2_upstream: bool,
         watch: bool,
     ) -> TestProxy {
-        Self::start_inner(limits, upstream_roots, h2_upstream, watch, None, "").await
+        Self::start_inner(limits, upstream_roots, h2_upstream, watch, None, "", None).await
+    }
+
+    /// A proxy writing its records to `audit` instead of `audit_path` (which stays empty).
+    pub async fn start_with_audit(limits: Limits, audit: Audit) -> TestProxy {
+        Self::start_inner(
+            limits,
+            vec![pki().ca.clone()],
+            false,
+            true,
+            None,
+            "",
+            Some(audit),
+        )
+        .await
     }
 
     /// A proxy whose profile also holds `extra` rules, sending corporate flows to
@@ -457,6 +504,7 @@ impl TestProxy {
             false,
             corporate_uds,
             extra,
+            None,
         )
         .await
     }
@@ -468,9 +516,10 @@ impl TestProxy {
         watch: bool,
         corporate_uds: Option<PathBuf>,
         extra: &str,
+        audit: Option<Audit>,
     ) -> TestProxy {
         let tls = upstream(true).await;
-        let plain = upstream(false).await;
+        let (plain, plain_received) = upstream_recording(false).await;
         let (http, seen) = http_upstream(h2_upstream).await;
         let dir = tempfile::tempdir().unwrap();
         let secret_file = dir.path().join("api-key");
@@ -519,7 +568,9 @@ impl TestProxy {
             .append(true)
             .open(&audit_path)
             .unwrap();
-        let audit = Audit::to_writer(Box::new(leak::TeeAudit(file)), "test-ws");
+        let own_audit = audit.is_some();
+        let audit =
+            audit.unwrap_or_else(|| Audit::to_writer(Box::new(leak::TeeAudit(file)), "test-ws"));
         let uds = dir.path().join("v.sock");
         let admin = dir.path().join("admin.sock");
         let config = Config {
@@ -544,10 +595,12 @@ impl TestProxy {
             profile,
             tls,
             plain,
+            plain_received,
             http,
             seen,
             secret_file,
             resolved,
+            own_audit,
         }
     }
 
@@ -667,9 +720,10 @@ impl TestProxy {
 }
 
 impl Drop for TestProxy {
-    /// The suite-wide scan, over everything every test of this binary captured so far.
+    /// The suite-wide scan, over everything every test of this binary captured so far (by a
+    /// proxy whose audit the harness captures: a test's own audit is not).
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && !self.own_audit {
             leak::assert_no_leak();
         }
     }
