@@ -5,7 +5,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use crate::report::Reporter;
@@ -135,7 +135,7 @@ pub(crate) fn run_agent(
     let status = loop {
         crate::signals::forward_pending(agent);
         crate::signals::forward_pending_interrupt(agent);
-        match waitpid(None, None) {
+        match crate::signals::wait_for(None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == agent => {
                 break ExitStatus::from_raw((code & 0xff) << 8);
             }

@@ -306,7 +306,7 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
             drop(ssh);
             loop {
                 crate::signals::forward_pending(child);
-                match waitpid(child, None) {
+                match crate::signals::wait_for(Some(child)) {
                     Ok(WaitStatus::Exited(_, code)) => return Ok(code),
                     Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
                     Ok(_) | Err(nix::Error::EINTR) => {}

@@ -8,9 +8,38 @@
 //! resets them and the agent gets every default action.
 
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sigaction};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+
+/// The longest a signal waits in a flag before it is passed on: see [`wait_for`].
+const WAKE_EVERY: Duration = Duration::from_millis(50);
+
+/// Waits for `pid` (or any child) to change state, as `waitpid` does, but returns at least
+/// every [`WAKE_EVERY`] with `StillAlive`, so that the caller passes on a signal that arrived
+/// just before it began to wait: a handler that runs between the caller's check of the flag
+/// and a blocking `waitpid` interrupts nothing, and the signal would wait for the next child
+/// to end. The caller checks its flags at every return.
+pub(crate) fn wait_for(pid: Option<Pid>) -> nix::Result<WaitStatus> {
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => {
+            // A signal cuts this short (EINTR); std's sleep would resume it.
+            let pause = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: i64::from(WAKE_EVERY.subsec_nanos()),
+            };
+            // SAFETY: `pause` is a live local; the remainder is not wanted.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::nanosleep(&pause, std::ptr::null_mut())
+            };
+            Ok(WaitStatus::StillAlive)
+        }
+        other => other,
+    }
+}
 
 /// The last SIGTERM/SIGHUP received and not yet passed on (0: none).
 static PENDING: AtomicI32 = AtomicI32::new(0);
