@@ -28,7 +28,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::OidcConfig;
-use crate::https::{self, HttpsError};
+use moat_broker_client::https::{self, HttpsError};
+use moat_broker_client::unix_now;
 
 /// Clock skew tolerated on `exp` and `iat`.
 pub const LEEWAY: Duration = Duration::from_secs(30);
@@ -822,13 +823,6 @@ fn scope_for(scopes_supported: &[String]) -> &'static str {
     } else {
         "openid email groups"
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -25,9 +25,9 @@ use bytes::Bytes;
 use http_body_util::Full;
 use moat_broker::audit::Audit;
 use moat_broker::config::{Config, WorkspaceName};
-use moat_broker::https::{Client, Target, roots_from_pem};
-use moat_broker::server::Broker;
 use moat_broker::session::Target as RevokeTarget;
+use moat_broker::state::Broker;
+use moat_broker_client::https::{Client, Target, roots_from_pem};
 use tokio_util::sync::CancellationToken;
 
 const OIDC_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../broker/tests/oidc");
@@ -149,7 +149,13 @@ impl RunningBroker {
                 .unwrap();
             let _ = std::fs::remove_file(&config.admin_socket);
             let admin = tokio::net::UnixListener::bind(&config.admin_socket).unwrap();
-            tokio::spawn(Arc::clone(&broker).serve(api, tunnel, admin, shutdown.clone()));
+            tokio::spawn(moat_broker::serve::serve(
+                Arc::clone(&broker),
+                api,
+                tunnel,
+                admin,
+                shutdown.clone(),
+            ));
             broker
         });
         RunningBroker {
@@ -177,7 +183,7 @@ impl RunningBroker {
         self.runtime
             .as_ref()
             .unwrap()
-            .block_on(moat_broker::client::admin_request(
+            .block_on(moat_broker_client::client::admin_request(
                 &admin,
                 http::Method::POST,
                 path,
@@ -274,7 +280,7 @@ fn start_workspace(
     .unwrap();
     let known_hosts = moat_broker::enrolment::write_dir(
         &enrolment,
-        &moat_broker::enrolment::Tunnel {
+        &moat_broker_client::enrolment::Tunnel {
             workspace: WorkspaceName::try_from("ws1").unwrap(),
             broker: format!("127.0.0.1:{tunnel}"),
             server_name: "127.0.0.1".into(),
@@ -1099,8 +1105,8 @@ fn a_workspace_allowed_again_takes_only_a_certificate_issued_after_its_revocatio
     let old_refused = !broker.tunnels.is_connected(&ws);
     // A host with the certificate issued after the revocation gets in.
     let stop = CancellationToken::new();
-    let connector = moat_broker::tunnel::connector::Connector::new(
-        moat_broker::tunnel::connector::ConnectorConfig {
+    let connector = moat_broker_client::tunnel::connector::Connector::new(
+        moat_broker_client::tunnel::connector::ConnectorConfig {
             broker: world.config.tunnel_listen.to_string(),
             server_name: "127.0.0.1".into(),
             cert_pem: renewed.cert_pem,
@@ -1203,9 +1209,9 @@ fn a_provider_whose_discovery_document_names_another_issuer_is_refused() {
 
     let err = started.unwrap_err();
     assert!(
-        moat_broker::error_chain(&err).contains("names issuer"),
+        moat_broker_client::error_chain(&err).contains("names issuer"),
         "{}",
-        moat_broker::error_chain(&err)
+        moat_broker_client::error_chain(&err)
     );
 }
 
