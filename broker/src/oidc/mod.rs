@@ -578,15 +578,4 @@ mod tests {
             serde_json::from_str(r#"{"id_token":"x","refresh_token":"rt-secret-value"}"#).unwrap();
         assert!(!format!("{response:?}").contains("rt-secret-value"));
     }
-
-    #[test]
-    fn pkce_challenge_is_the_s256_of_the_verifier() {
-        // RFC 7636 appendix B.
-        let pkce = Pkce::from_verifier("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".into());
-        assert_eq!(
-            pkce.challenge,
-            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
-        );
-        assert_eq!(Pkce::generate().unwrap().verifier.len(), 43);
-    }
 }

@@ -36,3 +36,19 @@ pub fn random_token() -> Result<String, ring::error::Unspecified> {
     ring::rand::SystemRandom::new().fill(&mut bytes)?;
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_challenge_is_the_s256_of_the_verifier() {
+        // RFC 7636 appendix B.
+        let pkce = Pkce::from_verifier("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".into());
+        assert_eq!(
+            pkce.challenge,
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+        assert_eq!(Pkce::generate().unwrap().verifier.len(), 43);
+    }
+}
