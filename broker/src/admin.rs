@@ -1,6 +1,7 @@
-//! The admin API, on a Unix socket: created with mode 0600 whatever the umask ([`bind`]), and
-//! each connection's peer checked (`SO_PEERCRED`: the broker's own uid or root,
-//! [`peer_allowed`]), so a socket a mistake left open still answers no one else.
+//! The admin API, on a Unix socket: created with mode 0600 whatever the umask
+//! ([`moat_broker_client::private_socket::bind`]), and each connection's peer checked
+//! (`SO_PEERCRED`: the broker's own uid or root, [`peer_allowed`]), so a socket a mistake left
+//! open still answers no one else.
 //!
 //! | request | what |
 //! | --- | --- |
@@ -9,8 +10,6 @@
 //! | `GET /v1/sessions` | the live sessions |
 //! | `GET /v1/tunnels` | the connected workspaces |
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +22,8 @@ use serde_json::json;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Broker;
 use crate::session::{Target, Unrevoke};
+use crate::state::Broker;
 
 const MAX_BODY: usize = 4096;
 
@@ -36,53 +35,6 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("application/json"),
     );
     r
-}
-
-/// Binds a Unix socket at `path` that is never reachable by anyone but its owner (and root),
-/// not even for an instant: the socket is created in a private directory (0700) beside `path`,
-/// given mode 0600 there, and only then renamed into place (same file system: atomic). Neither
-/// the umask (process-wide, so it cannot be narrowed for this bind alone) nor a chmod after
-/// bind decides who can connect meanwhile. A socket already at `path` (a stale one) is
-/// replaced. The same construction as the egress proxy's admin socket.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{} names no socket file", path.display()),
-        )
-    })?;
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let private = parent.join(format!(
-        ".{}.{}.binding",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot create the private directory {}: {e}",
-                    private.display()
-                ),
-            )
-        })?;
-    let inside = private.join("socket");
-    let bound = std::os::unix::net::UnixListener::bind(&inside).and_then(|listener| {
-        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&inside, path)?;
-        Ok(listener)
-    });
-    let _ = std::fs::remove_file(&inside);
-    let _ = std::fs::remove_dir(&private);
-    let listener = bound?;
-    listener.set_nonblocking(true)?;
-    UnixListener::from_std(listener)
 }
 
 /// Whether the peer of an admin connection may use it: the uid this process runs as, or root.

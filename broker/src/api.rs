@@ -23,19 +23,19 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use moat_broker_client::protocol::{SIGN_IN_TIMEOUT, UPGRADE};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{RemoteEvent, SshActivity};
 use crate::config::WorkspaceName;
+use crate::entitlement::entitled;
 use crate::oidc::{Identity, OidcError};
-use crate::server::{Broker, Counted};
 use crate::session::{LoginStatus, Session};
 use crate::ssh_ca::Grant;
+use crate::state::{Broker, Counted};
 
-/// The `Upgrade` token of a stream request.
-pub const UPGRADE: &str = "moat-stream";
 /// The largest request body read.
 const MAX_BODY: usize = 16 * 1024;
 /// A request body must arrive within this time.
@@ -173,7 +173,7 @@ fn entitlement(
     let Some(ws) = broker.config.workspace(workspace) else {
         return Err("not entitled to this workspace");
     };
-    if crate::entitlement::entitled(&identity.groups, &ws.groups) {
+    if entitled(&identity.groups, &ws.groups) {
         Ok(())
     } else {
         Err("not entitled to this workspace")
@@ -362,7 +362,7 @@ async fn device_wait(
 ) {
     use crate::oidc::DevicePoll;
     let expires = tokio::time::Instant::now()
-        + Duration::from_secs(authorization.expires_in).min(crate::session::SIGN_IN_TIMEOUT);
+        + Duration::from_secs(authorization.expires_in).min(SIGN_IN_TIMEOUT);
     let mut interval = Duration::from_secs(authorization.interval.clamp(1, 60));
     let refuse = |identity: Option<&Identity>, reason: &str| {
         broker

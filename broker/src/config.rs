@@ -33,39 +33,12 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A workspace's name: 1 to 63 of `a-z`, `0-9` and `-`, not starting with `-`. It appears in
-/// certificates, URLs and audit records, so it is parsed once, here.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkspaceName(String);
+/// Defined with the wire protocol, which the clients share.
+pub use moat_broker_client::protocol::WorkspaceName;
 
-impl WorkspaceName {
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<&str> for WorkspaceName {
-    type Error = ConfigError;
-    fn try_from(s: &str) -> Result<Self, ConfigError> {
-        let ok = (1..=63).contains(&s.len())
-            && !s.starts_with('-')
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if ok {
-            Ok(WorkspaceName(s.to_owned()))
-        } else {
-            Err(ConfigError::Invalid(format!(
-                "{s:?} is not a workspace name (1-63 of a-z, 0-9, '-')"
-            )))
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for WorkspaceName {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        WorkspaceName::try_from(s.as_str()).map_err(serde::de::Error::custom)
+impl From<moat_broker_client::protocol::InvalidName> for ConfigError {
+    fn from(e: moat_broker_client::protocol::InvalidName) -> Self {
+        ConfigError::Invalid(e.to_string())
     }
 }
 
@@ -85,7 +58,7 @@ impl TryFrom<&str> for ServiceName {
     type Error = ConfigError;
     fn try_from(s: &str) -> Result<Self, ConfigError> {
         WorkspaceName::try_from(s)
-            .map(|n| ServiceName(n.0))
+            .map(|n| ServiceName(n.as_str().to_owned()))
             .map_err(|_| ConfigError::Invalid(format!("{s:?} is not a service name")))
     }
 }
@@ -98,18 +71,6 @@ impl<'de> Deserialize<'de> for ServiceName {
 }
 
 impl fmt::Display for ServiceName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl serde::Serialize for WorkspaceName {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl fmt::Display for WorkspaceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -358,14 +319,6 @@ client_secret_file = "/etc/moat-broker/secret"
     fn a_service_address_needs_a_port() {
         let err = parse("[[services]]\nname = \"git\"\naddress = \"git.corp\"\n");
         assert!(err.unwrap_err().contains("is not host:port"));
-    }
-
-    #[test]
-    fn workspace_names_are_refused_unless_lowercase_letters_digits_and_dashes() {
-        for bad in ["", "-ws", "WS1", "ws_1", "ws/1", &"a".repeat(64)] {
-            assert!(WorkspaceName::try_from(bad).is_err(), "{bad:?}");
-        }
-        assert!(WorkspaceName::try_from("ws-1").is_ok());
     }
 
     #[test]

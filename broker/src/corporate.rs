@@ -1,17 +1,16 @@
 //! Corporate egress: the only way from a workspace to a corporate-network service.
 //!
 //! A workspace's host side opens a second TLS connection to the tunnel listener, with the same
-//! workspace certificate and ALPN `moat-egress`, as an HTTP/2 client (the tunnel proper has the
+//! workspace certificate and ALPN `moat-egress` (`protocol::EGRESS_ALPN`), as an HTTP/2 client (the tunnel proper has the
 //! roles reversed, so only the broker can open streams on it). Each flow is one
 //! `CONNECT <service>:<port>` stream naming a configured service, never an address. The broker
 //! connects only to services configured under `[[services]]` and listed for that workspace, at
 //! the address the configuration gives (resolved by the broker), and audits each flow as OCSF
 //! Network Activity. Revoking the workspace cuts these connections too.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -19,46 +18,17 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use moat_broker_client::protocol::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::CorporateEvent;
 use crate::config::{ServiceName, WorkspaceName};
-use crate::server::{Broker, Counted};
+use crate::state::{Broker, Counted};
 use crate::tunnel::registry::Sever;
-use crate::tunnel::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS};
 
-/// The ALPN protocol of a corporate egress connection.
-pub const ALPN: &[u8] = b"moat-egress";
 /// Connecting to a corporate service must finish within this time.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The live egress connections, by workspace, so that revoking a workspace cuts them.
-#[derive(Debug, Default)]
-pub struct Egress {
-    live: Mutex<HashMap<WorkspaceName, CancellationToken>>,
-}
-
-impl Egress {
-    fn lock(&self) -> MutexGuard<'_, HashMap<WorkspaceName, CancellationToken>> {
-        self.live.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A token cancelled when `workspace` is disconnected (or `parent` is cancelled).
-    fn track(&self, workspace: &WorkspaceName, parent: &CancellationToken) -> CancellationToken {
-        self.lock()
-            .entry(workspace.clone())
-            .or_insert_with(|| parent.child_token())
-            .child_token()
-    }
-
-    /// Cuts every egress connection and flow of `workspace`.
-    pub fn disconnect(&self, workspace: &WorkspaceName) {
-        if let Some(token) = self.lock().remove(workspace) {
-            token.cancel();
-        }
-    }
-}
 
 /// Serves one authenticated egress connection of `workspace`.
 pub async fn serve<IO>(

@@ -1,14 +1,6 @@
-//! A workspace's enrolment directory: everything its host needs to be reached through the
-//! broker, written by `moat-broker enrol` and read by `moat run --tunnel DIR`.
-//!
-//! ```text
-//! tunnel.toml                  workspace name, the broker's tunnel address and TLS name
-//! workspace.crt, workspace.key the tunnel identity (client certificate of the workspace CA); key 0600
-//! broker-ca.pem                the broker's TLS CA, the only anchor the tunnel trusts
-//! ssh-user-ca.pub              the broker's SSH user CA, the only key the workspace's sshd trusts
-//! ssh_host_ed25519_key(.pub)   the workspace's SSH host key; key 0600
-//! ssh_host_ed25519_key-cert.pub  its host certificate from the broker's SSH host CA
-//! ```
+//! Writing a workspace's enrolment directory (`moat-broker enrol`): its tunnel identity, the
+//! broker's CAs, and a new SSH host key certified by the broker's SSH host CA. The layout, and
+//! reading it on the workspace host, are [`moat_broker_client::enrolment`]'s.
 //!
 //! The host key is new at every enrolment, and signed by the broker's SSH host CA for the
 //! workspace's name: people trust that CA once (`@cert-authority` in `known_hosts`), not each
@@ -20,7 +12,10 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
+use moat_broker_client::enrolment::{
+    BROKER_CA_FILE, CERT_FILE, KEY_FILE, SSH_HOST_CERT_FILE, SSH_HOST_KEY_FILE, SSH_USER_CA_FILE,
+    TUNNEL_FILE, Tunnel,
+};
 use ssh_key::rand_core::OsRng;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
@@ -28,106 +23,23 @@ use crate::config::WorkspaceName;
 use crate::pki::{Enrolment, WORKSPACE_VALIDITY};
 use crate::ssh_ca::{SshCa, SshCaError};
 
-/// The account a moat workspace's sshd logs people into (uid 1000 in the workspace).
-pub const WORKSPACE_SSH_USER: &str = "agent";
-
-const TUNNEL: &str = "tunnel.toml";
-const CERT: &str = "workspace.crt";
-const KEY: &str = "workspace.key";
-const BROKER_CA: &str = "broker-ca.pem";
-const USER_CA: &str = "ssh-user-ca.pub";
-const HOST_KEY: &str = "ssh_host_ed25519_key";
-const HOST_CERT: &str = "ssh_host_ed25519_key-cert.pub";
-
-/// Errors reading or writing an enrolment directory.
+/// Errors writing an enrolment directory.
 #[derive(Debug, thiserror::Error)]
-pub enum EnrolmentError {
-    /// A file could not be read or written.
+pub enum WriteError {
+    /// A file could not be written.
     #[error("{} {}", .0, .1.display())]
     Io(&'static str, PathBuf, #[source] std::io::Error),
-    /// `tunnel.toml` is malformed.
-    #[error("invalid {}", .0.display())]
-    Toml(PathBuf, #[source] toml::de::Error),
     /// A key could not be generated or encoded.
     #[error("cannot make the workspace's SSH host key")]
     Key(#[source] ssh_key::Error),
     /// The host key could not be certified.
     #[error("cannot certify the workspace's SSH host key")]
     Certify(#[source] SshCaError),
-    /// The private key file is readable by others.
-    #[error("{} is readable by others: chmod 600 it", .0.display())]
-    Exposed(PathBuf),
 }
 
-/// `tunnel.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Tunnel {
-    /// The workspace's name at the broker (its certificate's CN).
-    pub workspace: WorkspaceName,
-    /// The broker's tunnel listener, `host:port`.
-    pub broker: String,
-    /// The name the broker's TLS certificate carries.
-    pub server_name: String,
-}
-
-/// An enrolment directory, read.
-pub struct WorkspaceEnrolment {
-    /// Where the broker is and who this workspace is.
-    pub tunnel: Tunnel,
-    /// The tunnel certificate (PEM).
-    pub cert_pem: String,
-    /// Its key (PEM). Secret.
-    pub key_pem: String,
-    /// The broker's TLS CA (PEM).
-    pub broker_ca_pem: String,
-    /// The broker's SSH user CA (one public key line).
-    pub ssh_user_ca: String,
-    /// The workspace's SSH host key (OpenSSH private key). Secret.
-    pub ssh_host_key: String,
-    /// Its public half (one line).
-    pub ssh_host_key_pub: String,
-    /// Its host certificate from the broker's SSH host CA (one line); none in a directory
-    /// enrolled before the broker had one.
-    pub ssh_host_certificate: Option<String>,
-}
-
-impl std::fmt::Debug for WorkspaceEnrolment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkspaceEnrolment")
-            .field("tunnel", &self.tunnel)
-            .field("ssh_host_key_pub", &self.ssh_host_key_pub)
-            .finish_non_exhaustive()
-    }
-}
-
-fn read(dir: &Path, name: &str) -> Result<String, EnrolmentError> {
+fn write(dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), WriteError> {
     let path = dir.join(name);
-    std::fs::read_to_string(&path).map_err(|e| EnrolmentError::Io("cannot read", path, e))
-}
-
-/// `name` in `dir`, or `None` if there is no such file.
-fn read_optional(dir: &Path, name: &str) -> Result<Option<String>, EnrolmentError> {
-    match read(dir, name) {
-        Ok(text) => Ok(Some(text)),
-        Err(EnrolmentError::Io(_, _, e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-fn read_secret(dir: &Path, name: &str) -> Result<String, EnrolmentError> {
-    let path = dir.join(name);
-    let meta =
-        std::fs::metadata(&path).map_err(|e| EnrolmentError::Io("cannot read", path.clone(), e))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(EnrolmentError::Exposed(path));
-    }
-    read(dir, name)
-}
-
-fn write(dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), EnrolmentError> {
-    let path = dir.join(name);
-    let err = |e| EnrolmentError::Io("cannot write", dir.join(name), e);
+    let err = |e| WriteError::Io("cannot write", dir.join(name), e);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -152,47 +64,50 @@ pub fn write_dir(
     identity: &Enrolment,
     ssh_user_ca: &str,
     host_ca: &SshCa,
-) -> Result<String, EnrolmentError> {
+) -> Result<String, WriteError> {
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| EnrolmentError::Io("cannot create", dir.to_owned(), e))?;
-    let host_key =
-        PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(EnrolmentError::Key)?;
+        .map_err(|e| WriteError::Io("cannot create", dir.to_owned(), e))?;
+    let host_key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(WriteError::Key)?;
     let host_cert = host_ca
         .certify_host(
             host_key.public_key(),
             &tunnel.workspace,
             SystemTime::now() + WORKSPACE_VALIDITY,
         )
-        .map_err(EnrolmentError::Certify)?;
+        .map_err(WriteError::Certify)?;
     let host_pub = host_key
         .public_key()
         .to_openssh()
-        .map_err(EnrolmentError::Key)?;
+        .map_err(WriteError::Key)?;
     let host_priv = host_key
         .to_openssh(LineEnding::LF)
-        .map_err(EnrolmentError::Key)?;
+        .map_err(WriteError::Key)?;
     let toml = toml::to_string(tunnel).map_err(|e| {
-        EnrolmentError::Io("cannot encode", dir.join(TUNNEL), std::io::Error::other(e))
+        WriteError::Io(
+            "cannot encode",
+            dir.join(TUNNEL_FILE),
+            std::io::Error::other(e),
+        )
     })?;
-    write(dir, KEY, &identity.key_pem, 0o600)?;
-    write(dir, HOST_KEY, &host_priv, 0o600)?;
-    write(dir, CERT, &identity.cert_pem, 0o644)?;
-    write(dir, BROKER_CA, &identity.broker_ca_pem, 0o644)?;
+    write(dir, KEY_FILE, &identity.key_pem, 0o600)?;
+    write(dir, SSH_HOST_KEY_FILE, &host_priv, 0o600)?;
+    write(dir, CERT_FILE, &identity.cert_pem, 0o644)?;
+    write(dir, BROKER_CA_FILE, &identity.broker_ca_pem, 0o644)?;
     write(
         dir,
-        USER_CA,
+        SSH_USER_CA_FILE,
         &format!("{}\n", ssh_user_ca.trim_end()),
         0o644,
     )?;
     write(
         dir,
-        &format!("{HOST_KEY}.pub"),
+        &format!("{SSH_HOST_KEY_FILE}.pub"),
         &format!("{host_pub}\n"),
         0o644,
     )?;
-    write(dir, HOST_CERT, &format!("{host_cert}\n"), 0o644)?;
-    write(dir, TUNNEL, &toml, 0o644)?;
+    write(dir, SSH_HOST_CERT_FILE, &format!("{host_cert}\n"), 0o644)?;
+    write(dir, TUNNEL_FILE, &toml, 0o644)?;
     Ok(known_hosts_line(&tunnel.workspace, host_ca))
 }
 
@@ -203,27 +118,11 @@ pub fn known_hosts_line(workspace: &WorkspaceName, host_ca: &SshCa) -> String {
     format!("@cert-authority {workspace} {}", host_ca.public_key_line())
 }
 
-/// Reads an enrolment directory; refuses private keys others can read.
-pub fn read_dir(dir: &Path) -> Result<WorkspaceEnrolment, EnrolmentError> {
-    let tunnel_path = dir.join(TUNNEL);
-    let tunnel: Tunnel =
-        toml::from_str(&read(dir, TUNNEL)?).map_err(|e| EnrolmentError::Toml(tunnel_path, e))?;
-    Ok(WorkspaceEnrolment {
-        tunnel,
-        cert_pem: read(dir, CERT)?,
-        key_pem: read_secret(dir, KEY)?,
-        broker_ca_pem: read(dir, BROKER_CA)?,
-        ssh_user_ca: read(dir, USER_CA)?.trim_end().to_owned(),
-        ssh_host_key: read_secret(dir, HOST_KEY)?,
-        ssh_host_key_pub: read(dir, &format!("{HOST_KEY}.pub"))?.trim_end().to_owned(),
-        ssh_host_certificate: read_optional(dir, HOST_CERT)?.map(|c| c.trim_end().to_owned()),
-    })
-}
-
 #[cfg(test)]
 mod tests {
 
     use super::*;
+    use moat_broker_client::enrolment::{EnrolmentError, read_dir};
 
     fn tunnel() -> Tunnel {
         Tunnel {
@@ -263,7 +162,7 @@ mod tests {
                 .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
         );
         assert_eq!(read.ssh_user_ca, "ssh-ed25519 AAAA ca");
-        for name in [KEY, HOST_KEY] {
+        for name in [KEY_FILE, SSH_HOST_KEY_FILE] {
             let mode = std::fs::metadata(out.join(name))
                 .unwrap()
                 .permissions()
@@ -312,7 +211,7 @@ mod tests {
             &host_ca(dir.path()),
         )
         .unwrap();
-        std::fs::remove_file(dir.path().join(HOST_CERT)).unwrap();
+        std::fs::remove_file(dir.path().join(SSH_HOST_CERT_FILE)).unwrap();
 
         assert_eq!(read_dir(dir.path()).unwrap().ssh_host_certificate, None);
     }
@@ -329,7 +228,7 @@ mod tests {
         )
         .unwrap();
         std::fs::set_permissions(
-            dir.path().join(HOST_KEY),
+            dir.path().join(SSH_HOST_KEY_FILE),
             std::fs::Permissions::from_mode(0o644),
         )
         .unwrap();

@@ -2,17 +2,25 @@
 //!
 //! ```text
 //!  person                           broker (this crate)                  workspace host
-//!  moat login ── HTTPS ──▶ api.rs ──▶ oidc.rs (code + PKCE, ID token) ──▶ session.rs
+//!  moat login ── HTTPS ──▶ api.rs ──▶ oidc/ (code + PKCE, ID token) ──▶ session/
 //!  moat ssh  ─── HTTPS upgrade ──▶ api.rs: session? entitled? ──┐
 //!                                                               ▼
-//!                       tunnel/registry.rs ◀── TLS (workspace cert) + HTTP/2 ── tunnel/connector.rs
-//!                       one CONNECT stream per session ─────────────────────▶ vsock.rs: `CONNECT 22`
+//!                       tunnel/registry.rs ◀── TLS (workspace cert) + HTTP/2 ── connector
+//!                       one CONNECT stream per session ─────────────────────▶ vsock: `CONNECT 22`
 //!                                                                              ▶ sshd in the workspace
 //!  admin (Unix socket) ──▶ admin.rs: revoke session | person | workspace ──▶ cancel live relays
 //!
 //!  workspace host's egress ── TLS (workspace cert, ALPN moat-egress) + HTTP/2 ──▶ corporate.rs
 //!      CONNECT <service>:<port> ──▶ only services listed for that workspace ──▶ corporate network
 //! ```
+//!
+//! The person's and the workspace host's sides (`moat login`/`moat ssh`, the tunnel connector,
+//! reading an enrolment) and the wire protocol are the crate `moat-broker-client`, which this
+//! one depends on; the `moat` binary links only that.
+//!
+//! Modules depend one way: `serve` (the listeners, used by the binary alone) -> the handlers
+//! (`api`, `admin`, `corporate`, `entitlement`) -> `state` (the shared [`state::Broker`]) ->
+//! the stores and the pure parts (`session`, `oidc`, `pki`, `ssh_ca`, `audit`, `config`).
 //!
 //! Invariants:
 //! - No local user database: a person exists only as the `sub` of an ID token that passed
@@ -41,40 +49,16 @@
 pub mod admin;
 pub mod api;
 pub mod audit;
-pub mod client;
 pub mod config;
 pub mod corporate;
 pub mod enrolment;
 pub mod entitlement;
-pub mod https;
 pub mod oidc;
 pub mod pki;
-pub mod server;
+pub mod serve;
 pub mod session;
 pub mod ssh_ca;
+pub mod state;
 pub mod tunnel;
 
-/// For the host processes that hold secrets (the egress proxy, in `moat run` and `moat proxy`;
-/// the broker): no core dump (RLIMIT_CORE 0, soft and hard, so nothing can raise it again) and
-/// not dumpable, so no other process of the same uid can read their memory or descriptors
-/// through `/proc` or ptrace (the agent in a namespace workspace run by that uid included).
-/// Children that exec start dumpable again; the limit stays.
-pub fn keep_memory_private() -> std::io::Result<()> {
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
-        .map_err(|e| std::io::Error::other(format!("cannot set RLIMIT_CORE to 0: {e}")))?;
-    nix::sys::prctl::set_dumpable(false)
-        .map_err(|e| std::io::Error::other(format!("cannot make the process non-dumpable: {e}")))?;
-    Ok(())
-}
-
-/// `outer: cause: root cause`, the one way errors are printed.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+pub(crate) use moat_broker_client::error_chain;

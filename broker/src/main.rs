@@ -7,14 +7,15 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use moat_broker::audit::Audit;
-use moat_broker::client::admin_request;
-use moat_broker::config::{Config, WorkspaceName};
+use moat_broker::config::{Config, ConfigError, WorkspaceName};
 use moat_broker::enrolment;
 use moat_broker::pki::Pki;
-use moat_broker::server::Broker;
 use moat_broker::session::{Target, Unrevoke};
 use moat_broker::ssh_ca::{HOST_CA_FILE, SshCa, USER_CA_FILE};
-use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
+use moat_broker::state::Broker;
+use moat_broker_client::client::admin_request;
+use moat_broker_client::enrolment::{Tunnel, WORKSPACE_SSH_USER};
+use moat_broker_client::tunnel::connector::{Connector, ConnectorConfig};
 use tokio_util::sync::CancellationToken;
 
 /// moat's trusted access broker.
@@ -135,7 +136,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     // The broker holds its CAs' keys, sessions and refresh tokens.
-    if let Err(e) = moat_broker::keep_memory_private() {
+    if let Err(e) = moat_broker_client::keep_memory_private() {
         eprintln!("error: {e}");
         return ExitCode::from(1);
     }
@@ -149,7 +150,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", moat_broker::error_chain(e.as_ref()));
+            eprintln!("error: {}", moat_broker_client::error_chain(e.as_ref()));
             ExitCode::from(1)
         }
     }
@@ -165,15 +166,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             workspace,
         } => {
             let config = Config::load(&config)?;
-            let name = WorkspaceName::try_from(workspace.as_str())?;
+            let name = WorkspaceName::try_from(workspace.as_str()).map_err(ConfigError::from)?;
             let Some(entry) = config.workspaces.iter().find(|w| w.name == name) else {
                 anyhow::bail!("{name} is not a workspace of this broker's configuration");
             };
-            if entry.ssh_user != enrolment::WORKSPACE_SSH_USER {
+            if entry.ssh_user != WORKSPACE_SSH_USER {
                 eprintln!(
                     "warning: {name}'s ssh_user is {:?}; a moat workspace's account is {:?}",
-                    entry.ssh_user,
-                    enrolment::WORKSPACE_SSH_USER
+                    entry.ssh_user, WORKSPACE_SSH_USER
                 );
             }
             let server_name = config
@@ -188,7 +188,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let user_ca = SshCa::load_or_create(&config.state_dir.join(USER_CA_FILE))?;
             let host_ca = SshCa::load_or_create(&config.state_dir.join(HOST_CA_FILE))?;
             let identity = pki.enrol(&name)?;
-            let tunnel = enrolment::Tunnel {
+            let tunnel = Tunnel {
                 workspace: name.clone(),
                 broker,
                 server_name,
@@ -267,7 +267,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let target = match (session, person, workspace) {
                 (Some(s), None, None) => Target::Session(s),
                 (None, Some(p), None) => Target::Person(p),
-                (None, None, Some(w)) => Target::Workspace(WorkspaceName::try_from(w.as_str())?),
+                (None, None, Some(w)) => Target::Workspace(
+                    WorkspaceName::try_from(w.as_str()).map_err(ConfigError::from)?,
+                ),
                 _ => anyhow::bail!("name exactly one of --session, --person, --workspace"),
             };
             let answer = admin_request(
@@ -287,7 +289,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let target = match (person, workspace) {
                 (Some(p), None) => Unrevoke::Person(p),
-                (None, Some(w)) => Unrevoke::Workspace(WorkspaceName::try_from(w.as_str())?),
+                (None, Some(w)) => Unrevoke::Workspace(
+                    WorkspaceName::try_from(w.as_str()).map_err(ConfigError::from)?,
+                ),
                 _ => anyhow::bail!("name exactly one of --person, --workspace"),
             };
             let answer = admin_request(
@@ -335,11 +339,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         stop.cancel();
     });
-    broker.serve(api, tunnel, admin, shutdown).await?;
+    moat_broker::serve::serve(broker, api, tunnel, admin, shutdown).await?;
     Ok(())
 }
 
-/// Binds the admin socket (mode 0600 from the start: `admin::bind`), in a directory created
+/// Binds the admin socket (mode 0600 from the start: `private_socket::bind`), in a directory created
 /// 0700 if it is missing.
 fn bind_admin(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::DirBuilderExt;
@@ -353,5 +357,6 @@ fn bind_admin(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    moat_broker::admin::bind(path).with_context(|| format!("binding {}", path.display()))
+    moat_broker_client::private_socket::bind(path)
+        .with_context(|| format!("binding {}", path.display()))
 }

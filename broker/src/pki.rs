@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use moat_broker_client::protocol::EGRESS_ALPN;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -376,7 +377,7 @@ impl Pki {
                 PrivateKeyDer::Pkcs8(self.server_key.clone_key()),
             )
             .map_err(PkiError::Tls)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), crate::corporate::ALPN.to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), EGRESS_ALPN.to_vec()];
         Ok(Arc::new(config))
     }
 }

@@ -17,6 +17,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use moat_broker_client::protocol::workspace_principal;
 use ssh_key::certificate::{Builder, CertType, Certificate};
 use ssh_key::rand_core::OsRng;
 use ssh_key::{Algorithm, LineEnding, PrivateKey, PublicKey};
@@ -31,13 +32,6 @@ const MAX_KEY_LINE: usize = 16 * 1024;
 pub const USER_CA_FILE: &str = "ssh-user-ca";
 /// The host CA's key in the state directory.
 pub const HOST_CA_FILE: &str = "ssh-host-ca";
-
-/// The one principal of a user certificate for `account` on `workspace`: `account@workspace`.
-/// A workspace's sshd accepts only its own (guest-init writes it into
-/// `AuthorizedPrincipalsFile`), so the certificate is bound to the workspace it was issued for.
-pub fn workspace_principal(account: &str, workspace: &WorkspaceName) -> String {
-    format!("{account}@{workspace}")
-}
 
 /// Errors of the SSH CA.
 #[derive(Debug, thiserror::Error)]

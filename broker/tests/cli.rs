@@ -75,7 +75,7 @@ fn enrol_writes_a_workspace_identity_with_a_private_key() {
     assert!(read("workspace.crt").contains("BEGIN CERTIFICATE"));
     assert!(read("broker-ca.pem").contains("BEGIN CERTIFICATE"));
     // What `moat run --tunnel` needs: where the broker is, and who this workspace is.
-    let enrolment = moat_broker::enrolment::read_dir(&out).unwrap();
+    let enrolment = moat_broker_client::enrolment::read_dir(&out).unwrap();
     assert_eq!(enrolment.tunnel.workspace.as_str(), "ws1");
     assert!(enrolment.ssh_user_ca.starts_with("ssh-ed25519 "));
     // Printed for people's known_hosts: the broker's host CA, trusted for ws1 alone.
@@ -134,7 +134,7 @@ fn enrolling_again_rotates_the_host_key_under_a_host_certificate_for_the_workspa
             "ws1",
         ]);
         assert!(run.status.success(), "{}", text(&run.stderr));
-        moat_broker::enrolment::read_dir(&out).unwrap()
+        moat_broker_client::enrolment::read_dir(&out).unwrap()
     };
     let first = enrol();
 

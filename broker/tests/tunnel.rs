@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use moat_broker::config::WorkspaceName;
 use moat_broker::pki::Pki;
-use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
 use moat_broker::tunnel::registry::{Sever, Tunnels};
+use moat_broker_client::tunnel::connector::{Connector, ConnectorConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -360,7 +360,7 @@ async fn a_stolen_certificate_stays_revoked_when_its_workspace_is_allowed_again(
     let sessions = Arc::new(
         Sessions::new(
             Duration::from_secs(60),
-            moat_broker::entitlement::Schedule::new(Duration::from_secs(60)),
+            moat_broker::session::schedule::Schedule::new(Duration::from_secs(60)),
             Some(config.state_dir.join("revoked.json")),
         )
         .unwrap(),
@@ -397,7 +397,7 @@ async fn a_stolen_certificate_stays_revoked_when_its_workspace_is_allowed_again(
                         return;
                     };
                     let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-                    match moat_broker::server::admit_tunnel(&config, &sessions, cert) {
+                    match moat_broker::serve::admit_tunnel(&config, &sessions, cert) {
                         Ok(ws) => {
                             let _ = tunnels
                                 .serve(tls, sever, ws, CancellationToken::new())

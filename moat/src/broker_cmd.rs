@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use moat_broker::client::{BrokerClient, SessionFile, stdio_relay};
+use moat_broker_client::client::{BrokerClient, SessionFile, stdio_relay};
 
 /// Sign in to a workspace through the broker (OIDC in the browser); keeps a short session.
 #[derive(Debug, clap::Args)]
@@ -84,7 +84,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
             session.session_id,
             session
                 .expires_at
-                .saturating_sub(moat_broker::oidc::unix_now()),
+                .saturating_sub(moat_broker_client::unix_now()),
             path.display()
         );
         if let Some(key) = &args.ssh_key {

@@ -175,7 +175,7 @@ fn build(args: &ProxyArgs) -> Result<(Config, Box<dyn Resolver>, Audit)> {
 
 pub(crate) fn run_proxy(args: ProxyArgs) -> Result<ExitCode> {
     // The proxy holds the secret values and the workspace CA's key.
-    moat_broker::keep_memory_private()?;
+    moat_broker_client::keep_memory_private()?;
     let rt = args.opts.runtime()?;
     let (config, resolver, audit) = build(&args)?;
     rt.block_on(async move {

@@ -11,8 +11,8 @@ use moat_egress::Proxy;
 use moat_egress::audit::Audit;
 use moat_egress::guest_audit::{self, GUEST_AUDIT_VSOCK_PORT};
 
-use moat_broker::enrolment::WorkspaceEnrolment;
-use moat_broker::tunnel::connector::{Connector, ConnectorConfig};
+use moat_broker_client::enrolment::WorkspaceEnrolment;
+use moat_broker_client::tunnel::connector::{Connector, ConnectorConfig};
 use moat_guest_init::control::VmWorkspace;
 use moat_guest_init::session::SshService;
 use std::os::unix::fs::OpenOptionsExt;
@@ -174,12 +174,12 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
 pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
     // The egress proxy runs in this process: it holds the secret values and the workspace
     // CA's key. `__guest-init` and the VMM are exec'd, so they start dumpable again.
-    moat_broker::keep_memory_private()?;
+    moat_broker_client::keep_memory_private()?;
     // Read first: a bad enrolment directory is reported before anything starts, and the
     // workspace's name at the broker names it in the audit log too.
     let enrolment = match &args.tunnel {
         Some(dir) => {
-            let enrolment = moat_broker::enrolment::read_dir(dir).with_context(|| {
+            let enrolment = moat_broker_client::enrolment::read_dir(dir).with_context(|| {
                 format!("--tunnel {}: not an enrolment directory", dir.display())
             })?;
             args.proxy
@@ -574,16 +574,16 @@ fn start_tunnel(
         "moat: reachable through the broker at {} as {workspace}: \
          ssh -o ProxyCommand='moat ssh %n' {}@{workspace}",
         enrolment.tunnel.broker,
-        moat_broker::enrolment::WORKSPACE_SSH_USER,
+        moat_broker_client::enrolment::WORKSPACE_SSH_USER,
     );
     eprintln!("moat: its host key: {}", enrolment.ssh_host_key_pub);
     Ok(Tunnel {
         hostname: workspace,
         service: SshService {
-            user: moat_broker::enrolment::WORKSPACE_SSH_USER.to_owned(),
+            user: moat_broker_client::enrolment::WORKSPACE_SSH_USER.to_owned(),
             // Only certificates the broker issued for this workspace.
-            principal: moat_broker::ssh_ca::workspace_principal(
-                moat_broker::enrolment::WORKSPACE_SSH_USER,
+            principal: moat_broker_client::protocol::workspace_principal(
+                moat_broker_client::enrolment::WORKSPACE_SSH_USER,
                 &enrolment.tunnel.workspace,
             ),
             host_key: enrolment.ssh_host_key,

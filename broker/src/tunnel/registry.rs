@@ -10,10 +10,9 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use moat_broker_client::protocol::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_HOST};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-
-use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, STREAM_HOST};
 
 /// Opening a stream (the host side connecting the guest port included) must finish within this
 /// time, so a tunnel that died silently cannot hold a person's request until keepalive notices.

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod broker;
 #[macro_use]
 pub mod scenarios;
 pub mod vm;

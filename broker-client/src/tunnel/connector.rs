@@ -22,7 +22,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS, STREAM_HOST, vsock};
+use super::vsock;
+use crate::protocol::{
+    EGRESS_ALPN, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS, STREAM_HOST,
+};
 
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -123,7 +126,7 @@ impl Connector {
         .map_err(ConnectorError::Tls)?;
         let mut egress_tls = tls.clone();
         tls.alpn_protocols = vec![b"h2".to_vec()];
-        egress_tls.alpn_protocols = vec![crate::corporate::ALPN.to_vec()];
+        egress_tls.alpn_protocols = vec![EGRESS_ALPN.to_vec()];
         let server_name = ServerName::try_from(config.server_name.clone())
             .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;
         Ok(Connector {
@@ -144,7 +147,7 @@ impl Connector {
                 let sender = EgressSender::default();
                 // Mode 0600 from the start (no chmod window): only this host's egress proxy,
                 // running as the same user, may ask for corporate services.
-                let listener = match crate::admin::bind(uds) {
+                let listener = match crate::private_socket::bind(uds) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(uds = %uds.display(), "cannot listen for egress: {e}");

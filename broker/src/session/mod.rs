@@ -21,21 +21,22 @@
 //! victim by someone else therefore yields them nothing: the handoff lands on the victim's own
 //! loopback.
 
+pub mod schedule;
+
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use moat_broker_client::protocol::SIGN_IN_TIMEOUT;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkspaceName;
-use crate::entitlement::{Schedule, Unconfirmed};
 use crate::oidc::{Identity, NonceRule, Pkce, RefreshToken, SignedIn, random_token};
 use crate::pki::Serial;
+use schedule::{Schedule, Unconfirmed};
 
-/// A sign-in not finished within this time is forgotten.
-pub const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(300);
 /// At most this many sign-ins in flight (the endpoint that starts them is unauthenticated).
 pub const MAX_PENDING: usize = 4096;
 

@@ -15,9 +15,8 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::api::UPGRADE;
 use crate::https::{self, HttpsError, Target};
-use crate::session::SIGN_IN_TIMEOUT;
+use crate::protocol::{SIGN_IN_TIMEOUT, UPGRADE};
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +119,7 @@ impl SessionFile {
             std::fs::read(path).map_err(|_| ClientError::NoSession(workspace.to_owned()))?;
         let s: SessionFile = serde_json::from_slice(&bytes)
             .map_err(|_| ClientError::NoSession(workspace.to_owned()))?;
-        if s.workspace != workspace || s.expires_at <= crate::oidc::unix_now() {
+        if s.workspace != workspace || s.expires_at <= crate::unix_now() {
             return Err(ClientError::NoSession(workspace.to_owned()));
         }
         Ok(s)

@@ -10,7 +10,7 @@ fn the_process_becomes_non_dumpable_with_no_core_limit() {
         nix::sys::prctl::get_dumpable().unwrap(),
         "test process starts dumpable"
     );
-    moat_broker::keep_memory_private().unwrap();
+    moat_broker_client::keep_memory_private().unwrap();
     assert!(!nix::sys::prctl::get_dumpable().unwrap());
     let (soft, hard) =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_CORE).unwrap();

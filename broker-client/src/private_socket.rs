@@ -1,0 +1,55 @@
+//! A Unix socket only its owner (and root) can ever connect to: the broker's admin socket, and
+//! the workspace host's corporate egress socket (`moat-broker connect --egress-uds`), which its
+//! egress proxy, running as the same user, dials.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+use tokio::net::UnixListener;
+
+/// Binds a Unix socket at `path` that is never reachable by anyone but its owner (and root),
+/// not even for an instant: the socket is created in a private directory (0700) beside `path`,
+/// given mode 0600 there, and only then renamed into place (same file system: atomic). Neither
+/// the umask (process-wide, so it cannot be narrowed for this bind alone) nor a chmod after
+/// bind decides who can connect meanwhile. A socket already at `path` (a stale one) is
+/// replaced. The same construction as the egress proxy's admin socket.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} names no socket file", path.display()),
+        )
+    })?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = parent.join(format!(
+        ".{}.{}.binding",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot create the private directory {}: {e}",
+                    private.display()
+                ),
+            )
+        })?;
+    let inside = private.join("socket");
+    let bound = std::os::unix::net::UnixListener::bind(&inside).and_then(|listener| {
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inside, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_file(&inside);
+    let _ = std::fs::remove_dir(&private);
+    let listener = bound?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
