@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use moat_host_probe::pci::PciAddress;
 use moat_vmm::config::{
     BlockFile, FileConfig, GpuFile, JailFile, KernelFormat, SerialFile, Toggle, VmConfig, VsockFile,
 };
 use moat_vmm::exit::EXIT_CONFIG;
 use moat_vmm::jail::{self, JailSpec};
-use moat_vmm::vfio::sysfs::PciAddress;
 
 /// Boot a moat microVM.
 #[derive(Debug, Parser)]
