@@ -35,17 +35,7 @@ pub fn keep_memory_private() -> std::io::Result<()> {
     Ok(())
 }
 
-/// `outer: cause: root cause`, the one way errors are printed.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+pub use moat_log::error_chain;
 
 /// Seconds since the Unix epoch (0 if the clock is before it): how sessions' ends are written.
 pub fn unix_now() -> u64 {

@@ -127,13 +127,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    moat_log::init("MOAT_LOG", "info");
     let cli = Cli::parse();
     // The broker holds its CAs' keys, sessions and refresh tokens.
     if let Err(e) = moat_broker_client::keep_memory_private() {

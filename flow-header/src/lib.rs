@@ -24,8 +24,14 @@
 //! a hostname that is not a plain DNS name). The header is *claims by the guest*: the proxy
 //! never trusts the address for a named flow, it resolves the hostname itself.
 //! The format is documented in `docs/flow-header.md`.
+//!
+//! The crate also holds the other line that opens a stream: [`vsock`], the `CONNECT <port>` /
+//! `OK <port>` handshake by which the host side reaches a guest port, one parser for its three
+//! readers (moat-vmm's vsock muxer, guest-init, the broker's last hop).
 
 #![forbid(unsafe_code)]
+
+pub mod vsock;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

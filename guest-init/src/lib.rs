@@ -51,18 +51,6 @@ pub use launch::{AgentSpec, exit_code};
 pub use namespace::{MASKED, REPLACED, run_namespace};
 pub use vm::run_vm;
 
-/// An error and its causes, on one line.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Why a workspace could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {

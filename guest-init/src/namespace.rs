@@ -12,7 +12,9 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, sethostname};
 
 use crate::launch::{exit_code, run_agent};
 use crate::session::{self, SESSION_ID, Sessions};
-use crate::{InitError, RootFs, WorkspaceConfig, chain};
+use moat_log::error_chain;
+
+use crate::{InitError, RootFs, WorkspaceConfig};
 
 /// The namespaces the workspace's user namespace owns.
 const OWNED_BY_THE_WORKSPACE: CloneFlags = CloneFlags::CLONE_NEWUSER
@@ -320,7 +322,7 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
             let code = match init(config, &resolv, bundle.as_deref(), prepared, ssh) {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("moat guest-init: {}", chain(&e));
+                    eprintln!("moat guest-init: {}", error_chain(&e));
                     125
                 }
             };

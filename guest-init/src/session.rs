@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use moat_flow_header::vsock::{self, LineBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::report::Reporter;
@@ -55,8 +56,6 @@ pub const MAX_SESSIONS: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many connections wait for their `CONNECT` line at once; more are closed.
 const MAX_HANDSHAKES: usize = 16;
-/// The longest `CONNECT` line read.
-const MAX_LINE: usize = 32;
 
 /// What the host gives the workspace for SSH sessions through the broker.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,32 +357,30 @@ impl Sessions {
 /// answers `OK <port>\n` for [`SSH_PORT`]; anything else is refused (the connection closed).
 fn handshake(stream: &mut std::os::unix::net::UnixStream) -> std::io::Result<()> {
     let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let mut line = Vec::with_capacity(MAX_LINE);
+    let mut line = LineBuf::new();
     let mut byte = [0u8; 1];
     // One byte at a time: whatever follows the newline is the client's, for sshd.
-    loop {
+    let port = loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return Err(std::io::ErrorKind::TimedOut.into());
         }
         stream.set_read_timeout(Some(left))?;
         stream.read_exact(&mut byte)?;
-        if byte[0] == b'\n' {
-            break;
+        let bad =
+            |e: vsock::HandshakeError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        if let Some(line) = line.push(byte[0]).map_err(bad)? {
+            break vsock::parse_connect(line).map_err(bad)?;
         }
-        if line.len() == MAX_LINE {
-            return Err(std::io::ErrorKind::InvalidData.into());
-        }
-        line.push(byte[0]);
-    }
-    if line != format!("CONNECT {SSH_PORT}").as_bytes() {
+    };
+    if port != SSH_PORT {
         return Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionRefused,
             "only port 22 is served",
         ));
     }
     stream.set_read_timeout(None)?;
-    stream.write_all(format!("OK {SSH_PORT}\n").as_bytes())
+    stream.write_all(vsock::ok_line(SSH_PORT).as_bytes())
 }
 
 /// The namespace backend: accepts the host side's connections on the workspace's Unix socket
@@ -692,7 +689,13 @@ mod tests {
         guest.read_exact(&mut banner).unwrap();
         assert_eq!(&banner, b"SSH-2.0-client\r\n");
 
-        for line in [&b"CONNECT 23\n"[..], b"CONNECT 22 \n", b"connect 22\n"] {
+        for line in [
+            &b"CONNECT 23\n"[..],
+            b"CONNECT 22 \n",
+            b"connect 22\n",
+            b"CONNECT 022\n",
+            b"CONNECT 22\r\n",
+        ] {
             let (mut host, mut guest) = std::os::unix::net::UnixStream::pair().unwrap();
             host.write_all(line).unwrap();
             assert!(handshake(&mut guest).is_err(), "{line:?}");

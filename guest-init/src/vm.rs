@@ -30,7 +30,9 @@ use crate::control::{self, VmOutcome, VmWorkspace};
 use crate::launch::{exit_code, run_agent};
 use crate::namespace::{AGENT_HOME, CA_BUNDLE, ca_env};
 use crate::report::{Reporter, Sink};
-use crate::{InitError, chain};
+use moat_log::error_chain;
+
+use crate::InitError;
 
 /// The root image's disk (the first virtio-blk device: moat-vmm orders read-only disks first).
 pub const ROOT_DISK: &str = "/dev/vda";
@@ -51,7 +53,7 @@ pub fn run_vm() -> ! {
     let outcome = match init(&mut control) {
         Ok(code) => VmOutcome::Exited { code },
         Err(e) => {
-            let error = chain(&e);
+            let error = error_chain(&e);
             eprintln!("moat guest-init: {error}");
             VmOutcome::Failed { error }
         }

@@ -25,7 +25,6 @@ use landlock::{
 };
 
 use crate::error::SandboxError;
-use crate::sys;
 
 /// The newest Landlock ABI whose rights this crate grants deliberately. A newer kernel is
 /// used at this ABI until the table below is reviewed for the new rights.
@@ -94,7 +93,7 @@ pub(crate) fn prepare(
     devices: &[PathBuf],
     min_abi: u32,
 ) -> Result<Prepared, SandboxError> {
-    let kernel_abi = sys::landlock_abi().unwrap_or(0);
+    let kernel_abi = moat_host_probe::landlock_abi();
     if kernel_abi < min_abi.max(1) {
         return Err(SandboxError::LandlockUnavailable {
             found: kernel_abi,

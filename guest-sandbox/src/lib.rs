@@ -128,6 +128,7 @@ use std::path::{Path, PathBuf};
 pub use error::SandboxError;
 pub use filesystem::{Enforcement, LandlockReport, NEWEST_VETTED_ABI};
 pub use namespaces::Isolation;
+pub use privileges::drop_capabilities;
 pub use rlimits::Rlimits;
 pub use seccomp::{ArgCheck, Cmp, DenyRule, deny_rules};
 pub use userns::UserNamespace;

@@ -134,7 +134,8 @@ pub(crate) fn drop_identity(uid: u32, gid: u32) -> Result<bool, SandboxError> {
 }
 
 /// Step 5: empties the ambient, inheritable, permitted and effective sets and checks it.
-pub(crate) fn drop_capabilities() -> Result<(), SandboxError> {
+/// Dropping is always permitted. moat-vmm's jail uses it too (re-exported at the crate root).
+pub fn drop_capabilities() -> Result<(), SandboxError> {
     sys::ambient_clear().map_err(|e| SandboxError::Capabilities("PR_CAP_AMBIENT_CLEAR_ALL", e))?;
     sys::capset_empty().map_err(|e| SandboxError::Capabilities("capset", e))?;
     let sets = sys::capget().map_err(|e| SandboxError::Capabilities("capget", e))?;

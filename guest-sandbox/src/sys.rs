@@ -241,25 +241,6 @@ pub(crate) fn capset_empty() -> io::Result<()> {
     Ok(())
 }
 
-/// `LANDLOCK_CREATE_RULESET_VERSION`.
-const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
-
-/// The Landlock ABI version of the running kernel, or `None` when Landlock is not built in
-/// or not enabled.
-pub(crate) fn landlock_abi() -> Option<u32> {
-    // SAFETY: with a null attribute, a zero size and the VERSION flag the kernel only returns
-    // the ABI version and reads nothing.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<libc::c_void>(),
-            0 as libc::size_t,
-            LANDLOCK_CREATE_RULESET_VERSION,
-        )
-    };
-    u32::try_from(rc).ok().filter(|v| *v > 0)
-}
-
 /// `unshare(2)` with the given `CLONE_NEW*` flags.
 pub(crate) fn unshare(flags: libc::c_int) -> io::Result<()> {
     // SAFETY: integer argument only.

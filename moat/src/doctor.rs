@@ -4,11 +4,15 @@
 //! dev root, so the decisions are unit-tested against fake trees. Each check prints what it
 //! found and, when something is wrong, what to do about it. The exit status is non-zero when a
 //! requested GPU cannot work; everything else is advice.
+//!
+//! The probes themselves (KVM flavour, Landlock ABI, IOMMU groups) are moat-host-probe's, the
+//! same the VMM and `moat run` use; this module only judges what they find.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use moat_vmm::vfio::sysfs::{self, PciAddress};
+use moat_host_probe::KvmFlavour;
+use moat_host_probe::pci::{self as sysfs, PciAddress};
 
 /// Arguments of `moat doctor`.
 #[derive(Debug, clap::Args)]
@@ -71,7 +75,7 @@ pub struct Facts {
     /// `/proc/self/limits`, as text.
     pub limits: String,
     /// The kernel's Landlock ABI (0: none).
-    pub landlock_abi: i64,
+    pub landlock_abi: u32,
 }
 
 impl Facts {
@@ -81,7 +85,7 @@ impl Facts {
             sys: PathBuf::from("/sys"),
             dev: PathBuf::from("/dev"),
             limits: std::fs::read_to_string("/proc/self/limits").unwrap_or_default(),
-            landlock_abi: moat_vmm::jail::landlock_abi(),
+            landlock_abi: moat_host_probe::landlock_abi(),
         }
     }
 }
@@ -101,38 +105,29 @@ pub fn memlock_limit(limits: &str) -> Option<Option<u64>> {
     soft.parse().ok().map(Some)
 }
 
-fn module(f: &Facts, name: &str) -> bool {
-    f.sys.join("module").join(name).exists()
-}
-
 /// Hardware KVM, nested PVM, or none.
 pub fn kvm_flavour(f: &Facts) -> Check {
     let name = "KVM";
-    if !f.dev.join("kvm").exists() {
-        return Check::new(
+    match moat_host_probe::kvm::kvm_flavour_at(&f.sys, &f.dev) {
+        KvmFlavour::Absent => Check::new(
             name,
             Status::Warn,
             "no /dev/kvm: only the namespace backend runs",
         )
-        .fix("enable VT-x/AMD-V in firmware and load kvm_intel or kvm_amd");
-    }
-    if module(f, "kvm_intel") {
-        Check::new(
+        .fix("enable VT-x/AMD-V in firmware and load kvm_intel or kvm_amd"),
+        KvmFlavour::Intel => Check::new(
             name,
             Status::Ok,
             "hardware virtualisation (kvm_intel, VT-x)",
-        )
-    } else if module(f, "kvm_amd") {
-        Check::new(name, Status::Ok, "hardware virtualisation (kvm_amd, AMD-V)")
-    } else if module(f, "kvm_pvm") {
-        Check::new(
+        ),
+        KvmFlavour::Amd => Check::new(name, Status::Ok, "hardware virtualisation (kvm_amd, AMD-V)"),
+        KvmFlavour::NestedPvm => Check::new(
             name,
             Status::Warn,
             "nested PVM (kvm_pvm): guest kernel code is emulated and guest user space cannot run",
         )
-        .fix("run workspaces on a host with hardware KVM (bare metal, or a VM with nested VT-x)")
-    } else {
-        Check::new(name, Status::Warn, "/dev/kvm present, flavour unknown")
+        .fix("run workspaces on a host with hardware KVM (bare metal, or a VM with nested VT-x)"),
+        KvmFlavour::Unknown => Check::new(name, Status::Warn, "/dev/kvm present, flavour unknown"),
     }
 }
 
@@ -390,7 +385,7 @@ pub(crate) fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moat_vmm::vfio::sysfs::testing::add_device;
+    use moat_host_probe::pci::testing::add_device;
 
     struct Tree {
         dir: tempfile::TempDir,
@@ -415,7 +410,7 @@ mod tests {
             }
             std::fs::write(path, text).unwrap_or_else(|e| panic!("{e}"));
         }
-        fn facts(&self, limits: &str, landlock_abi: i64) -> Facts {
+        fn facts(&self, limits: &str, landlock_abi: u32) -> Facts {
             Facts {
                 sys: self.dir.path().join("sys"),
                 dev: self.dir.path().join("dev"),
@@ -460,6 +455,8 @@ mod tests {
         let c = kvm_flavour(&t.facts("", 7));
         assert_eq!(c.status, Status::Warn);
         assert!(c.found.contains("nested PVM"), "{c:?}");
+        let t = Tree::new();
+        t.file("dev/kvm", "");
         t.mkdir("sys/module/kvm_amd");
         assert_eq!(kvm_flavour(&t.facts("", 7)).status, Status::Ok);
     }

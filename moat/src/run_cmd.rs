@@ -10,6 +10,7 @@ use std::sync::Arc;
 use moat_egress::Proxy;
 use moat_egress::audit::Audit;
 use moat_egress::guest_audit::{self, GUEST_AUDIT_VSOCK_PORT};
+use moat_host_probe::KvmFlavour;
 
 use moat_broker_client::enrolment::WorkspaceEnrolment;
 use moat_broker_client::tunnel::connector::{Connector, ConnectorConfig};
@@ -115,15 +116,11 @@ enum Backend {
 
 /// The backend, and why; a namespace backend's root is chosen afterwards ([`namespace_root`]).
 fn choose_backend(requested: &str) -> Result<(Backend, String)> {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm = moat_host_probe::kvm_usable();
     // Which KVM module provides /dev/kvm: kvm_intel/kvm_amd use hardware virtualization;
     // kvm_pvm is nested PVM, where a Linux guest's user space cannot run.
-    let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
-    let pvm = module("kvm_pvm");
+    let flavour = moat_host_probe::kvm_flavour();
+    let pvm = flavour == KvmFlavour::NestedPvm;
     let vm_parts = || -> Result<(VmImages, PathBuf), String> {
         Ok((vm_backend::find_images()?, vm_backend::find_vmm()?))
     };
@@ -145,7 +142,7 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
             Backend::Namespace(RootFs::Host),
             "requested with --backend namespace".to_owned(),
         ),
-        "auto" if kvm && !pvm && (module("kvm_intel") || module("kvm_amd")) => match vm_parts() {
+        "auto" if kvm && flavour.is_hardware() => match vm_parts() {
             Ok((images, vmm)) => (
                 Backend::Vm(images, vmm),
                 "/dev/kvm has hardware virtualization".to_owned(),

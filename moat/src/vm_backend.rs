@@ -110,18 +110,14 @@ pub(crate) fn find_vmm() -> Result<PathBuf, String> {
 }
 
 /// The kernel command line. moat-vmm adds its virtio-mmio devices itself.
-pub(crate) fn cmdline(pvm: bool, boot_log: bool) -> String {
+pub(crate) fn cmdline(boot_log: bool) -> String {
     // reboot=k: guest-init's reboot(2) pulses the i8042 reset line, moat-vmm's shutdown path.
     // panic=-1: a kernel panic resets at once (and guest-init's missing report says so).
     let mut c = String::from("console=ttyS0 reboot=k panic=-1 rdinit=/init");
     if !boot_log {
         c.push_str(" quiet");
     }
-    if pvm {
-        // What nested PVM hosts fail to emulate at guest CPL0, and KVM_SET_CPUID2 alone does
-        // not hide there (vmm/README.md, CPUID).
-        c.push_str(" noxsave clearcpuid=smap,smep,fsgsbase,pcid,invpcid,popcnt");
-    }
+    // On nested PVM moat-vmm adds what that host cannot emulate (vmm/README.md, CPUID).
     c
 }
 
@@ -332,7 +328,6 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
     if nix::unistd::geteuid().is_root() {
         hand_sockets_to_jail(run.uds, &control_path)?;
     }
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
     let mut cmd = Command::new(&run.vmm);
     // The jail (vmm/README.md): moat-vmm opens the kernel, disks and its vsock listener, then
     // lives in an empty read-only root holding only the socket directory, as an unprivileged
@@ -343,7 +338,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         .arg("--initrd")
         .arg(&run.images.initramfs)
         .arg("--cmdline")
-        .arg(cmdline(pvm, run.boot_log))
+        .arg(cmdline(run.boot_log))
         .arg("--mem")
         .arg(run.mem_mib.to_string())
         .arg("--vcpus")
@@ -440,13 +435,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cmdline_hides_what_pvm_cannot_emulate_only_on_pvm() {
-        let plain = cmdline(false, false);
+    fn cmdline_is_quiet_unless_the_boot_log_is_wanted() {
+        let plain = cmdline(false);
         assert!(plain.contains("reboot=k") && plain.contains("quiet"));
+        // moat-vmm adds the nested-PVM workarounds itself.
         assert!(!plain.contains("noxsave"));
-        let pvm = cmdline(true, true);
-        assert!(pvm.contains("noxsave") && pvm.contains("clearcpuid=smap"));
-        assert!(!pvm.contains("quiet"));
+        assert!(!cmdline(true).contains("quiet"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use common::vm::{kvm_usable, module, skip, vm_images, vmm_built};
+use common::vm::{KvmFlavour, kvm_flavour, kvm_usable, skip, vm_images, vmm_built};
 use common::{Workspace, text};
 
 /// A 16 MiB empty ext4 image: on nested PVM the kernel never gets as far as mounting it.
@@ -39,7 +39,7 @@ fn empty_ext4(path: &Path) {
 #[test]
 fn on_nested_pvm_the_vm_backend_boots_our_kernel_and_initramfs_to_init() {
     const NAME: &str = "on_nested_pvm_the_vm_backend_boots_our_kernel_and_initramfs_to_init";
-    if !module("kvm_pvm") || !kvm_usable() {
+    if kvm_flavour() != KvmFlavour::NestedPvm || !kvm_usable() {
         return skip(
             NAME,
             "this host's /dev/kvm is not nested PVM (the full test runs instead)",

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::layout::CMDLINE_MAX;
-use crate::vfio::sysfs::PciAddress;
+use moat_host_probe::pci::PciAddress;
 
 /// Most passthrough devices one VM takes.
 pub const MAX_GPUS: usize = 8;
@@ -84,7 +84,8 @@ impl TryFrom<u64> for GuestCid {
 }
 
 /// Whether to apply the nested-PVM workarounds (hide CX16, XSAVE, SMAP and friends; report an
-/// Intel vendor). `auto` applies them when the host's KVM is the `kvm_pvm` module.
+/// Intel vendor; append `cpuid::PVM_CMDLINE` to the guest's command line). `auto` applies them
+/// when the host's KVM is the `kvm_pvm` module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Toggle {

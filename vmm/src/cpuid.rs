@@ -11,8 +11,8 @@
 //! Measured on this project's nested PVM host (probe guest, `probe.cpuid=1`): KVM_SET_CPUID2
 //! takes effect for the vendor string and CX16, but the guest still sees XSAVE, AVX, FMA,
 //! POPCNT and every leaf-7 bit (SMAP, SMEP, FSGSBASE, ...). A Linux guest there therefore also
-//! needs `noxsave clearcpuid=smap,smep,fsgsbase,pcid,invpcid,popcnt` on its command line; the
-//! VMM does not add them behind the operator's back.
+//! needs [`PVM_CMDLINE`] on its command line, which the VMM appends with the CPUID workarounds:
+//! the host's needs are the VMM's to know, not every caller's.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -113,9 +113,20 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], policy: CpuidPolicy) {
     }
 }
 
-/// Whether the host's KVM is the nested PVM module.
-pub fn host_is_nested_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
+/// What a Linux guest must also be told on a nested PVM host, because KVM_SET_CPUID2 alone does
+/// not hide those features there: appended to the guest's command line whenever the
+/// workarounds are on.
+pub const PVM_CMDLINE: &str = "noxsave clearcpuid=smap,smep,fsgsbase,pcid,invpcid,popcnt";
+
+/// Whether the nested-PVM workarounds apply: `auto` asks the host (before any jail hides
+/// `/sys`).
+pub fn pvm_workarounds(toggle: crate::config::Toggle) -> bool {
+    use crate::config::Toggle;
+    match toggle {
+        Toggle::On => true,
+        Toggle::Off => false,
+        Toggle::Auto => moat_host_probe::kvm_flavour() == moat_host_probe::KvmFlavour::NestedPvm,
+    }
 }
 
 #[cfg(test)]

@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use moat_host_probe::pci::PciAddress;
 use moat_vmm::config::{
     BlockFile, FileConfig, GpuFile, JailFile, KernelFormat, SerialFile, Toggle, VmConfig, VsockFile,
 };
 use moat_vmm::exit::EXIT_CONFIG;
 use moat_vmm::jail::{self, JailSpec};
-use moat_vmm::vfio::sysfs::PciAddress;
 
 /// Boot a moat microVM.
 #[derive(Debug, Parser)]
@@ -202,27 +202,16 @@ fn run(
     )?)
 }
 
-/// Prints an error and its chain of causes.
-fn print_chain(err: &dyn std::error::Error) {
-    eprintln!("moat-vmm: {err}");
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        eprintln!("  caused by: {c}");
-        cause = c.source();
-    }
+/// Prints an error and its causes, on one line.
+fn print_chain(err: &(dyn std::error::Error + 'static)) {
+    eprintln!("moat-vmm: {}", moat_log::error_chain(err));
 }
 
 fn main() -> ExitCode {
     let t0 = std::time::Instant::now();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MOAT_VMM_LOG")
-                // virtio-queue logs through `log` without throttling; our own rate-limited
-                // warnings cover what it would say.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,virtio_queue=off")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // virtio-queue logs through `log` without throttling; our own rate-limited warnings cover
+    // what it would say.
+    moat_log::init("MOAT_VMM_LOG", "warn,virtio_queue=off");
     let args = Args::parse();
     let stats = args.stats.then_some(t0);
     let cfg = match merged(args).and_then(|(f, t)| Ok((VmConfig::from_file(f)?, t))) {

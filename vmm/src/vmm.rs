@@ -97,6 +97,8 @@ pub struct Resources {
     console: serial::ConsoleOut,
     console_in: Option<std::fs::File>,
     vsock: Option<UnixListener>,
+    /// Whether the nested-PVM workarounds apply, decided while the host's `/sys` is visible.
+    pvm: bool,
 }
 
 impl std::fmt::Debug for Resources {
@@ -151,6 +153,7 @@ impl Resources {
             console,
             console_in,
             vsock,
+            pvm: cpuid::pvm_workarounds(cfg.pvm_workarounds),
         })
     }
 }
@@ -265,6 +268,7 @@ pub fn run_with(
         console,
         console_in,
         vsock,
+        pvm,
     } = res;
     let uds = uds_inside.or_else(|| cfg.vsock.as_ref().map(|v| v.uds.clone()));
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.mem_bytes)
@@ -296,10 +300,7 @@ pub fn run_with(
         devices.push(Box::new(dev));
     }
     let slots: Vec<MmioSlot> = (0u64..).zip(&devices).map(|(i, _)| mmio_slot(i)).collect();
-    let mut cmdline = cfg.cmdline.clone();
-    for slot in &slots {
-        cmdline.push_str(&slot.cmdline());
-    }
+    let cmdline = kernel_cmdline(&cfg.cmdline, pvm, &slots);
     let entry = boot::load(
         &mem,
         BootSpec {
@@ -351,11 +352,6 @@ pub fn run_with(
     let pci = !passthrough.is_empty();
     let bus = Arc::new(bus);
 
-    let pvm = match cfg.pvm_workarounds {
-        Toggle::On => true,
-        Toggle::Off => false,
-        Toggle::Auto => cpuid::host_is_nested_pvm(),
-    };
     tracing::info!(pvm_workarounds = pvm, entry = entry.entry(), "booting");
     let (started_tx, started_rx) = mpsc::channel::<Instant>();
     for index in 0..cfg.vcpus {
@@ -468,9 +464,54 @@ impl MmioSlot {
     }
 }
 
+/// The guest's command line: the configured one, then [`cpuid::PVM_CMDLINE`] when the nested-PVM
+/// workarounds are on, then the virtio-mmio devices.
+fn kernel_cmdline(configured: &str, pvm: bool, slots: &[MmioSlot]) -> String {
+    let mut cmdline = configured.to_owned();
+    if pvm {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(cpuid::PVM_CMDLINE);
+    }
+    for slot in slots {
+        cmdline.push_str(&slot.cmdline());
+    }
+    cmdline
+}
+
 fn mmio_slot(index: u64) -> MmioSlot {
     MmioSlot {
         base: layout::VIRTIO_MMIO_BASE + index * layout::VIRTIO_MMIO_SIZE,
         irq: layout::VIRTIO_FIRST_IRQ + u32::try_from(index).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_gets_the_pvm_workarounds_only_when_they_are_on() {
+        let slots = [mmio_slot(0)];
+        let plain = kernel_cmdline("console=ttyS0 reboot=k", false, &slots);
+        assert!(
+            plain.starts_with("console=ttyS0 reboot=k virtio_mmio.device=4K@"),
+            "{plain}"
+        );
+        assert!(!plain.contains("noxsave"), "{plain}");
+        let pvm = kernel_cmdline("console=ttyS0 reboot=k", true, &slots);
+        assert!(
+            pvm.starts_with(&format!(
+                "console=ttyS0 reboot=k {} virtio_mmio",
+                cpuid::PVM_CMDLINE
+            )),
+            "{pvm}"
+        );
+        assert!(
+            pvm.contains("noxsave") && pvm.contains("clearcpuid=smap"),
+            "{pvm}"
+        );
+        assert_eq!(kernel_cmdline("", true, &[]), cpuid::PVM_CMDLINE);
     }
 }

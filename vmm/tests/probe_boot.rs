@@ -42,10 +42,35 @@ fn probe_guest_sees_the_command_line() {
             &probe(),
             "--cmdline",
             "console=ttyS0 moat.test=yes",
+            "--pvm-workarounds",
+            "off",
         ],
     );
     assert!(
         run.has_line("probe: cmdline \"console=ttyS0 moat.test=yes\""),
+        "{}",
+        run.serial
+    );
+}
+
+#[test]
+fn with_pvm_workarounds_the_vmm_adds_them_to_the_command_line() {
+    require_kvm!();
+    let run = common::run_vmm(
+        "cmdline-pvm",
+        &[
+            "--kernel",
+            &probe(),
+            "--cmdline",
+            "console=ttyS0",
+            "--pvm-workarounds",
+            "on",
+        ],
+    );
+    assert!(
+        run.has_line(
+            "probe: cmdline \"console=ttyS0 noxsave clearcpuid=smap,smep,fsgsbase,pcid,invpcid,popcnt\""
+        ),
         "{}",
         run.serial
     );

@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use moat_flow_header::{FlowHeader, Hostname, Transport};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -865,7 +867,7 @@ fn tls_trusting(pem_path: &Path) -> Result<tokio_rustls::TlsConnector> {
             .lines()
             .filter(|l| !l.starts_with("-----") && !l.trim().is_empty())
             .collect();
-        let der = base64_decode(&b64).context("certificate is not base64")?;
+        let der = STANDARD.decode(&b64).context("certificate is not base64")?;
         roots.add(CertificateDer::from(der))?;
     }
     let mut config = rustls::ClientConfig::builder()
@@ -873,32 +875,6 @@ fn tls_trusting(pem_path: &Path) -> Result<tokio_rustls::TlsConnector> {
         .with_no_client_auth();
     config.resumption = rustls::client::Resumption::disabled();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        })
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|b| *b != b'=').collect();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut acc = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            acc |= val(*c)? << (18 - 6 * i);
-        }
-        let n = chunk.len().saturating_sub(1);
-        for i in 0..n {
-            out.push(u8::try_from((acc >> (16 - 8 * i)) & 0xff).ok()?);
-        }
-    }
-    Some(out)
 }
 
 /// Interception with credential injection: moat (intercept rule, a secret bound to the

@@ -4,7 +4,8 @@
 //! - `cargo deny check licenses bans sources` (deny.toml): every dependency's licence is one
 //!   we accept, no crate is duplicated or banned, every crate comes from crates.io. These
 //!   checks need no advisory database, so they work offline once the crates are fetched.
-//! - `cargo machete`: no crate declares a dependency it does not use.
+//! - `cargo machete --with-metadata`: no crate declares a dependency it does not use (with
+//!   cargo's metadata, so that renamed crates and dev-dependencies are judged too).
 //! - every fuzz target builds (`cargo fuzz build`; the targets are listed once, in
 //!   fuzz/Cargo.toml).
 //! - `cargo doc --no-deps` with warnings denied: broken intra-doc links fail.
@@ -25,7 +26,11 @@ pub(crate) fn run() -> Result<()> {
             .args(["deny", "check", "licenses", "bans", "sources"]),
     )?;
     eprintln!("xtask check: [2/4] unused dependencies (cargo machete)");
-    run_cmd(setup::cargo().current_dir(root()).arg("machete"))?;
+    run_cmd(
+        setup::cargo()
+            .current_dir(root())
+            .args(["machete", "--with-metadata"]),
+    )?;
     eprintln!("xtask check: [3/4] every fuzz target builds");
     crate::fuzz::build()?;
     eprintln!("xtask check: [4/4] documentation builds without warnings");

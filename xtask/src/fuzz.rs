@@ -6,8 +6,8 @@
 //! virtual DNS (guest datagrams) and the host's parser of guest-init's process events,
 //! moat-vmm's virtio descriptor chains, vsock packets, block requests and PCI accesses, the
 //! per-request rules of intercepted flows and their HTTP/1.1 request framing, the check of every
-//! request head of plain-HTTP flows, the broker's ID
-//! token check and its SSH CA's public key reader. Seeds live in `fuzz/seeds/<target>`.
+//! request head of plain-HTTP flows, the broker's ID token check and its SSH CA's public key
+//! reader, and the vsock `CONNECT <port>` handshake. Seeds live in `fuzz/seeds/<target>`.
 //! The pinned toolchain is stable; cargo-fuzz needs nightly flags, so this sets
 //! RUSTC_BOOTSTRAP=1 for the fuzz build only.
 

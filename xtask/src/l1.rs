@@ -710,14 +710,7 @@ fn strip_cr(data: &[u8], pending: &mut bool) -> Vec<u8> {
 /// Whether /dev/kvm runs a guest's user space here: hardware KVM (kvm_intel or kvm_amd), not
 /// kvm_pvm, and openable.
 pub(crate) fn kvm_is_real() -> bool {
-    let module = |m: &str| Path::new("/sys/module").join(m).exists();
-    !module("kvm_pvm")
-        && (module("kvm_intel") || module("kvm_amd"))
-        && std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok()
+    moat_host_probe::kvm_flavour().is_hardware() && moat_host_probe::kvm_usable()
 }
 
 /// The VM tests: every moat-vmm integration test and moat's vm_e2e. Where KVM is real they

@@ -19,13 +19,7 @@ which backend it chose and why.";
 
 /// Whether /dev/kvm here runs a guest's user space (kvm_intel or kvm_amd, not nested PVM).
 fn hardware_kvm() -> bool {
-    let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    usable && !module("kvm_pvm") && (module("kvm_intel") || module("kvm_amd"))
+    moat_host_probe::kvm_usable() && moat_host_probe::kvm_flavour().is_hardware()
 }
 
 pub(crate) fn run(args: &[String]) -> Result<()> {

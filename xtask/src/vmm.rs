@@ -127,11 +127,9 @@ fn linux_boot_bench(vmm: &std::path::Path) -> Result<()> {
     use std::io::BufRead;
     let kernel = crate::images::kernel()?;
     let initramfs = crate::images::initramfs()?;
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1");
-    if pvm {
-        cmdline.push_str(" noxsave clearcpuid=smap,smep,fsgsbase,pcid,invpcid,popcnt");
-    }
+    // On nested PVM moat-vmm adds the command-line workarounds that host needs.
+    let cmdline = "console=ttyS0 reboot=k panic=-1";
+    let pvm = moat_host_probe::kvm_flavour() == moat_host_probe::KvmFlavour::NestedPvm;
     let dir = std::env::temp_dir().join(format!("moat-bench-boot-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let started = std::time::Instant::now();
@@ -142,7 +140,7 @@ fn linux_boot_bench(vmm: &std::path::Path) -> Result<()> {
         .arg(&initramfs)
         .args([
             "--cmdline",
-            &cmdline,
+            cmdline,
             "--mem",
             "256",
             "--rng",

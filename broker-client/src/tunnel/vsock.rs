@@ -5,13 +5,12 @@
 use std::path::Path;
 use std::time::Duration;
 
+use moat_flow_header::vsock::{self, LineBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// How long the guest may take to accept.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest acknowledgement line read (`OK 4294967295\n` is 14 bytes).
-const MAX_ACK: usize = 32;
 
 /// Errors connecting to a guest port.
 #[derive(Debug, thiserror::Error)]
@@ -52,26 +51,23 @@ pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, VsockError> {
 
 async fn handshake(stream: &mut UnixStream, port: u32) -> Result<(), VsockError> {
     stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .write_all(vsock::connect_line(port).as_bytes())
         .await
         .map_err(VsockError::Io)?;
     // One byte at a time: the guest may start talking right after the newline (an SSH banner),
-    // and those bytes belong to the stream, not to us.
-    let mut line = Vec::with_capacity(MAX_ACK);
+    // and those bytes belong to the stream, not to us. Anything but `OK <n>` is a refusal.
+    let mut line = LineBuf::new();
     loop {
         let byte = stream.read_u8().await.map_err(VsockError::Io)?;
-        if byte == b'\n' {
-            break;
+        match line.push(byte) {
+            Ok(Some(line)) => {
+                return vsock::parse_ok(line)
+                    .map(drop)
+                    .map_err(|_| VsockError::Refused(port));
+            }
+            Ok(None) => {}
+            Err(_) => return Err(VsockError::Refused(port)),
         }
-        if line.len() == MAX_ACK {
-            return Err(VsockError::Refused(port));
-        }
-        line.push(byte);
-    }
-    if line.starts_with(b"OK ") {
-        Ok(())
-    } else {
-        Err(VsockError::Refused(port))
     }
 }
 
@@ -112,10 +108,12 @@ mod tests {
 
     #[tokio::test]
     async fn anything_but_ok_is_a_refusal() {
-        let (_dir, path) = guest(b"NO\n", b"").await;
-        assert!(matches!(
-            connect(&path, 22).await,
-            Err(VsockError::Refused(22))
-        ));
+        for reply in [&b"NO\n"[..], b"OK\n", b"OK x\n", b"OK 1\r\n", &[b'O'; 64]] {
+            let (_dir, path) = guest(reply, b"").await;
+            assert!(
+                matches!(connect(&path, 22).await, Err(VsockError::Refused(22))),
+                "{reply:?}"
+            );
+        }
     }
 }

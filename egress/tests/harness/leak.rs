@@ -11,6 +11,8 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::SECRET_VALUE;
@@ -50,24 +52,6 @@ pub struct Leak {
     pub offset: usize,
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn base64(input: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(B64[((n >> (18 - 6 * i)) & 63) as usize]);
-        }
-    }
-    out
-}
-
 /// The base64 text `secret` turns into wherever it sits in a base64-encoded string: for each
 /// of the three alignments, the characters that depend on the secret's bytes alone.
 fn base64_forms(secret: &[u8]) -> Vec<Vec<u8>> {
@@ -75,7 +59,7 @@ fn base64_forms(secret: &[u8]) -> Vec<Vec<u8>> {
         .map(|k| {
             let mut padded = vec![0u8; k];
             padded.extend_from_slice(secret);
-            let enc = base64(&padded);
+            let enc = STANDARD_NO_PAD.encode(&padded).into_bytes();
             let start = (8 * k).div_ceil(6);
             let end = (8 * (k + secret.len())) / 6;
             enc[start..end.min(enc.len())].to_vec()

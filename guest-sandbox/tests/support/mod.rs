@@ -129,11 +129,7 @@ pub fn i386_getpid() -> i64 {
 
 /// The kernel's Landlock ABI version (0 without Landlock).
 pub fn landlock_abi() -> u32 {
-    // landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION): integers only.
-    raw_syscall(libc::SYS_landlock_create_ruleset, [0, 0, 1, 0, 0, 0])
-        .ok()
-        .and_then(|v| u32::try_from(v).ok())
-        .unwrap_or(0)
+    moat_host_probe::landlock_abi()
 }
 
 /// Counts the allocations of the current thread, to prove that `Sandbox::apply` makes none.

@@ -3,17 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub fn module(m: &str) -> bool {
-    Path::new("/sys/module").join(m).exists()
-}
-
-pub fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
+pub use moat_host_probe::{KvmFlavour, kvm_flavour, kvm_usable};
 
 /// moat-vmm beside the moat binary under test (`cargo xtask test` builds the whole workspace).
 pub fn vmm_built() -> bool {
@@ -59,14 +49,14 @@ fn full_vm_unavailable() -> Option<String> {
     if !kvm_usable() {
         return Some("/dev/kvm is not available".into());
     }
-    if module("kvm_pvm") {
+    if kvm_flavour() == KvmFlavour::NestedPvm {
         return Some(
             "/dev/kvm is nested PVM, where a Linux guest's user space cannot run \
              (`cargo xtask test` runs this test inside L1, where KVM is real)"
                 .into(),
         );
     }
-    if !module("kvm_intel") && !module("kvm_amd") {
+    if !kvm_flavour().is_hardware() {
         return Some("/dev/kvm is neither kvm_intel nor kvm_amd".into());
     }
     if !vmm_built() {

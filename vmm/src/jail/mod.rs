@@ -30,6 +30,11 @@ mod sys;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use landlock::{
+    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetError,
+    RulesetStatus, Scope,
+};
+
 /// Errors from setting up the jail.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -214,7 +219,8 @@ pub fn enter(spec: &JailSpec) -> Result<Inside, Error> {
     sys::drop_bounding_set().map_err(|e| Error::Step("empty the capability bounding set", e))?;
     sys::switch_ids(spec.uid, spec.gid)
         .map_err(|e| Error::Step("drop to the jail uid and gid", e))?;
-    sys::clear_capabilities().map_err(|e| Error::Step("clear capabilities", e))?;
+    moat_guest_sandbox::drop_capabilities()
+        .map_err(|e| Error::Step("clear capabilities", std::io::Error::other(e)))?;
     // A credential change clears the parent-death signal: set it again.
     sys::die_with_parent().map_err(|e| Error::Step("die with the parent", e))?;
     landlock_deny_all().map_err(|e| Error::Step("Landlock", e))?;
@@ -254,41 +260,49 @@ pub fn is_root() -> bool {
     sys::effective_ids().0 == 0
 }
 
-/// Landlock filesystem rights by the ABI that introduced them: 1 has bits 0..=12, 2 adds
-/// REFER, 3 TRUNCATE, 5 IOCTL_DEV.
-fn landlock_fs_rights(abi: i64) -> u64 {
-    let mut bits = (1u64 << 13) - 1;
-    if abi >= 2 {
-        bits |= 1 << 13;
-    }
-    if abi >= 3 {
-        bits |= 1 << 14;
-    }
-    if abi >= 5 {
-        bits |= 1 << 15;
-    }
-    bits
-}
-
-/// The Landlock ABI version the kernel offers (0: no Landlock). `moat doctor` reports it.
-pub fn landlock_abi() -> i64 {
-    sys::landlock_abi()
-}
+/// The newest Landlock ABI whose rights the jail handles deliberately: every filesystem right
+/// up to `IOCTL_DEV` (ABI 5), TCP bind and connect (ABI 4), abstract Unix sockets and signals
+/// (ABI 6). A newer kernel is used at this ABI until the jail is reviewed for its rights.
+const NEWEST_VETTED_ABI: u32 = 6;
 
 /// Landlock on the calling thread and every thread it starts afterwards: no filesystem access
 /// at all (every file the VM needs is already open; connecting to `<uds>_P` is not a Landlock
 /// filesystem right), no TCP bind or connect (ABI 4+), no abstract Unix sockets and no signals
 /// to processes outside the domain (ABI 6+). A kernel without Landlock is logged, not fatal:
-/// seccomp and the empty root still hold.
+/// seccomp and the empty root still hold. The ruleset has no rules, so every handled access
+/// is denied; `no_new_privs` is set first, as Landlock requires.
 pub fn landlock_deny_all() -> std::io::Result<()> {
-    let abi = sys::landlock_abi();
-    if abi < 1 {
+    let kernel_abi = moat_host_probe::landlock_abi();
+    if kernel_abi < 1 {
         tracing::warn!("Landlock is not available on this kernel; continuing without it");
         return Ok(());
     }
-    let net = if abi >= 4 { 0b11 } else { 0 };
-    let scoped = if abi >= 6 { 0b11 } else { 0 };
-    sys::landlock_deny_all(abi, landlock_fs_rights(abi), net, scoped)
+    let abi = ABI::from(i32::try_from(kernel_abi.min(NEWEST_VETTED_ABI)).unwrap_or(1));
+    let landlock = |e: RulesetError| std::io::Error::other(e);
+    // Exactly the rights of `abi`, which the kernel offers: anything less is an error.
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(landlock)?;
+    if abi >= ABI::V4 {
+        ruleset = ruleset
+            .handle_access(AccessNet::from_all(abi))
+            .map_err(landlock)?;
+    }
+    if abi >= ABI::V6 {
+        ruleset = ruleset.scope(Scope::from_all(abi)).map_err(landlock)?;
+    }
+    let status = ruleset
+        .create()
+        .and_then(|r| r.restrict_self())
+        .map_err(landlock)?;
+    if status.ruleset != RulesetStatus::FullyEnforced {
+        return Err(std::io::Error::other(format!(
+            "Landlock ABI {kernel_abi}: the ruleset was not fully enforced ({:?})",
+            status.ruleset
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -315,7 +329,7 @@ mod tests {
         .join()
         .unwrap();
         assert!(restricted);
-        if sys::landlock_abi() >= 1 {
+        if moat_host_probe::landlock_abi() >= 1 {
             assert_eq!(opened, Err(std::io::ErrorKind::PermissionDenied));
         }
         // Other threads are untouched.
@@ -325,9 +339,15 @@ mod tests {
 
     #[test]
     fn landlock_rights_grow_with_the_abi() {
-        assert_eq!(landlock_fs_rights(1), 0x1fff);
-        assert_eq!(landlock_fs_rights(3), 0x7fff);
-        assert_eq!(landlock_fs_rights(7), 0xffff);
+        // The filesystem rights the jail denies: 1 has bits 0..=12, 2 adds REFER, 3 TRUNCATE,
+        // 5 IOCTL_DEV; nothing newer before the vetted ABI.
+        let fs = |abi: u32| AccessFs::from_all(ABI::from(i32::try_from(abi).unwrap())).bits();
+        assert_eq!(fs(1), 0x1fff);
+        assert_eq!(fs(3), 0x7fff);
+        assert_eq!(fs(NEWEST_VETTED_ABI), 0xffff);
+        let net = AccessNet::from_all(ABI::V4).bits();
+        assert_eq!(net, 0b11);
+        assert_eq!(Scope::from_all(ABI::V6).bits(), 0b11);
     }
 
     #[test]

@@ -201,34 +201,6 @@ pub fn drop_bounding_set() -> io::Result<()> {
     Ok(())
 }
 
-/// Clears the effective, permitted, inheritable and ambient capability sets. A uid switch
-/// away from root does this by itself; inside a user namespace, where the jail uid is the
-/// mapped uid the process already has, it does not.
-pub fn clear_capabilities() -> io::Result<()> {
-    // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) takes integers only.
-    check(unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        )
-    })?;
-    /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit data words per set.
-    const VERSION_3: u32 = 0x2008_0522;
-    let header: [u32; 2] = [VERSION_3, 0]; // version, pid 0 = this thread
-    let data = [0u32; 6]; // {effective, permitted, inheritable} x 2
-    // SAFETY: `header` is laid out as struct __user_cap_header_struct and `data` as two
-    // struct __user_cap_data_struct; both live across the call, which only reads them.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) };
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Removes every environment variable.
 pub fn clear_env() {
     let keys: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
@@ -237,54 +209,4 @@ pub fn clear_env() {
         // is spawned), so no other thread can be reading the environment.
         unsafe { std::env::remove_var(k) };
     }
-}
-
-/// Landlock ABI version the kernel offers (0 when Landlock is unavailable).
-pub fn landlock_abi() -> i64 {
-    // SAFETY: with a NULL attribute, size 0 and the VERSION flag, the call only returns the ABI
-    // version; no memory is read or written.
-    let v = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<u8>(),
-            0usize,
-            1u32, // LANDLOCK_CREATE_RULESET_VERSION
-        )
-    };
-    v.max(0)
-}
-
-/// Creates a ruleset handling `fs`, `net` and `scoped` (the attribute truncated to what `abi`
-/// knows) with no rules at all, and restricts the calling thread (and its future threads) by
-/// it: every handled access is then denied.
-pub fn landlock_deny_all(abi: i64, fs: u64, net: u64, scoped: u64) -> io::Result<()> {
-    let attr: [u64; 3] = [fs, net, scoped];
-    let size = match abi {
-        i64::MIN..=3 => 8usize,
-        4 | 5 => 16,
-        _ => 24,
-    };
-    // SAFETY: `attr` is a live, properly aligned array of at least `size` bytes laid out as
-    // struct landlock_ruleset_attr (three u64 fields in order).
-    let fd = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, attr.as_ptr(), size, 0u32) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("ruleset fd out of range"))?;
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only; Landlock requires it.
-    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    let result = if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        // SAFETY: `fd` is the ruleset descriptor just created; flags 0.
-        let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) };
-        if r == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
-    // SAFETY: `fd` is owned here and closed exactly once.
-    unsafe { libc::close(fd) };
-    result
 }

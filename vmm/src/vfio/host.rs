@@ -16,8 +16,8 @@ use std::sync::Arc;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::sysfs::{self, PciAddress};
 use super::{Error, IommuDomain, RegionInfo, VfioBackend, sys};
+use moat_host_probe::pci::{self as sysfs, PciAddress};
 
 const FLAG_READ: u32 = 1;
 const FLAG_WRITE: u32 = 2;

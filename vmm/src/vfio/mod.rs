@@ -24,7 +24,8 @@ pub mod device;
 pub mod fake;
 pub mod host;
 pub mod sys;
-pub mod sysfs;
+
+use moat_host_probe::pci as sysfs;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;

@@ -24,6 +24,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use moat_flow_header::vsock::{self, LineBuf};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::metrics::VsockMetrics;
@@ -50,8 +51,6 @@ const _: () = assert!(MAX_BUFFERED <= 64 << 20);
 pub const MAX_PENDING_ACCEPTS: usize = 64;
 /// Most control packets waiting for RX buffers.
 pub const MAX_CONTROL: usize = 2048;
-/// Longest `CONNECT <port>\n` line.
-const MAX_CONNECT_LINE: usize = 32;
 /// How long the guest gets to answer a REQUEST or finish a close, and a host client to send
 /// its CONNECT line (Firecracker uses 2 s for the same waits).
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -159,7 +158,7 @@ impl Conn {
 #[derive(Debug)]
 struct PendingAccept {
     stream: UnixStream,
-    line: Vec<u8>,
+    line: LineBuf,
     deadline: Instant,
 }
 
@@ -405,8 +404,11 @@ impl Muxer {
                 add(&self.metrics.host_connects, 1);
                 conn.state = State::Established;
                 conn.deadline = None;
-                let line = format!("OK {}\n", key.0);
-                if conn.stream.write_all(line.as_bytes()).is_err() {
+                if conn
+                    .stream
+                    .write_all(vsock::ok_line(key.0).as_bytes())
+                    .is_err()
+                {
                     self.fail(key);
                 }
             }
@@ -535,7 +537,7 @@ impl Muxer {
                 fd,
                 PendingAccept {
                     stream,
-                    line: Vec::new(),
+                    line: LineBuf::new(),
                     deadline: Instant::now() + self.timeout,
                 },
             );
@@ -583,8 +585,12 @@ impl Muxer {
         let mut byte = [0u8; 1];
         let port = loop {
             match p.stream.read(&mut byte) {
-                Ok(1) if byte[0] == b'\n' => break parse_connect(&p.line),
-                Ok(1) if p.line.len() < MAX_CONNECT_LINE => p.line.push(byte[0]),
+                // A malformed or endless line closes the client.
+                Ok(1) => match p.line.push(byte[0]) {
+                    Ok(Some(line)) => break vsock::parse_connect(line).ok(),
+                    Ok(None) => {}
+                    Err(_) => break None,
+                },
                 Ok(_) => break None,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(_) => break None,
@@ -711,13 +717,6 @@ impl Muxer {
     }
 }
 
-/// Parses `CONNECT <port>` (the newline already stripped).
-fn parse_connect(line: &[u8]) -> Option<u32> {
-    let s = std::str::from_utf8(line).ok()?;
-    let port = s.strip_prefix("CONNECT ")?.trim_end_matches('\r');
-    port.parse().ok()
-}
-
 /// Connects to a Unix socket without blocking: a listener whose backlog is full refuses
 /// rather than stalling the device thread. (socket2 opens sockets close-on-exec.)
 fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
@@ -725,28 +724,4 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     sock.set_nonblocking(true)?;
     sock.connect(&socket2::SockAddr::unix(path)?)?;
     Ok(UnixStream::from(std::os::fd::OwnedFd::from(sock)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_line_parses() {
-        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
-        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
-    }
-
-    #[test]
-    fn bad_connect_lines_are_refused() {
-        for line in [
-            &b"CONNECT"[..],
-            b"connect 5",
-            b"CONNECT -1",
-            b"CONNECT 99999999999",
-            b"\xff",
-        ] {
-            assert_eq!(parse_connect(line), None, "{line:?}");
-        }
-    }
 }

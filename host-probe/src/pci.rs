@@ -1,9 +1,9 @@
 //! What the host's sysfs says about a PCI function: its IOMMU group, the group's other
-//! members, and their drivers. The VMM refuses a group unless every member is bound to
+//! members, and their drivers. moat-vmm refuses a group unless every member is bound to
 //! vfio-pci and given to this VM (a device left to a host driver, or to another VM, could
 //! DMA into the memory this VM's device can reach, since a group shares one IOMMU context).
-//! `moat doctor` runs the same checks. Every function takes the sysfs root, so tests run them
-//! against fake trees.
+//! `moat doctor` runs the same checks before a VM is started. Every function takes the sysfs
+//! root, so tests run them against fake trees.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
