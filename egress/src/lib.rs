@@ -535,14 +535,4 @@ async fn summarise_suppressed(shared: Arc<Shared>, shutdown: CancellationToken) 
 /// How often held-back audit records are summarised.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Formats an error and its sources as one line: `outer: cause: root cause`.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use moat_log::error_chain;
