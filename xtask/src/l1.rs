@@ -11,8 +11,8 @@
 //!   holding the modules L1 needs) are built once and cached in `<images>/l1-<key>/`;
 //! - the host's root is shared read-only by 9p and L1 `switch_root`s into it (not chroot:
 //!   chroot makes unshare(CLONE_NEWUSER) fail with EPERM), with its own /proc, /sys, /dev,
-//!   /dev/pts, and tmpfs on /tmp and /run; `--rw DIR` shares a host directory read-write at the
-//!   same path;
+//!   /dev/pts, and tmpfs on /tmp, /run and /var/log; `--rw DIR` shares a host directory
+//!   read-write at the same path;
 //! - CMD runs in the caller's working directory with the caller's environment (written into a
 //!   read-write work share with the command), its output streams through the serial console,
 //!   and its exit status (written back into the work share) becomes ours;
@@ -90,6 +90,8 @@ done
 o=trans=virtio,version=9p2000.L,msize=262144
 mount -t 9p -o "$o,ro,cache=loose" hostroot /newroot || fail "cannot mount the host's root"
 mount -t tmpfs -o mode=0755 run /newroot/run || fail "no tmpfs on /run"
+# L1's own /var/log: the host's is read-only here, and `moat run` keeps its logs there.
+mount -t tmpfs -o mode=0755 log /newroot/var/log || fail "no tmpfs on /var/log"
 mkdir -p /newroot/run/moat-l1/work
 mount -t 9p -o "$o" work /newroot/run/moat-l1/work || fail "cannot mount the work share"
 cp /bin/busybox /stage2 /newroot/run/moat-l1/
