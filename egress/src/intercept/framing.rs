@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::http::MAX_REQUEST_HEAD;
+use super::MAX_REQUEST_HEAD;
 
 /// Largest head followed (hyper refuses larger ones with 431 before any handler runs).
 const MAX_HEAD: usize = MAX_REQUEST_HEAD;
