@@ -20,7 +20,15 @@
 //!
 //! Modules depend one way: `serve` (the listeners, used by the binary alone) -> the handlers
 //! (`api`, `admin`, `corporate`, `entitlement`) -> `state` (the shared [`state::Broker`]) ->
-//! the stores and the pure parts (`session`, `oidc`, `pki`, `ssh_ca`, `audit`, `config`).
+//! the stores and the pure parts (`session`, `oidc`, `pki`, `ssh_ca`, `audit`, `config`):
+//! `api` is people's HTTPS API and relays, `admin` revocation, `corporate` corporate services
+//! by name, `entitlement` each session re-checked at the provider; `oidc` the provider
+//! (discovery, code exchange, device flow, refresh; `oidc/id_token.rs` the pure ID token
+//! check), `session` sessions, handoffs and revocations (`session/schedule.rs` when each is
+//! checked again), `tunnel/registry.rs` the broker's end of the tunnels, `enrolment` a
+//! workspace's enrolment directory, `ssh_ca` user and host certificates, `pki` the TLS and
+//! workspace CAs, `audit` OCSF 3002/4007. The whole path, sign-in to SSH, is in
+//! ARCHITECTURE.md ("Reaching a workspace").
 //!
 //! Invariants:
 //! - No local user database: a person exists only as the `sub` of an ID token that passed

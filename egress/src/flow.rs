@@ -157,19 +157,79 @@ async fn read_more<R: AsyncRead + Unpin>(
     }
 }
 
+/// Takes a flow through admission's numbered steps, each a function that returns its result
+/// or the refusal that stops the flow: 1. header, 2. policy, 3. protocol, then either the
+/// broker connector (corporate rules) or 4. resolve, 5. pooled connection, 6. connect.
 async fn admit(
     shared: &Shared,
     agent: &mut UnixStream,
     info: &mut FlowInfo,
 ) -> Result<Admitted, Stop> {
-    let limits = &shared.limits;
     // Read before the policy: a reload between the two makes the flow's connections too old
     // to be pooled, never the reverse.
     let generation = shared.pool.generation();
 
-    // 1. The flow header: bounded in size by the decoder, in time by the deadline.
+    // 1. The flow header.
+    let (header, mut buf) = read_header(shared, agent).await?;
+    info.guest_flow_id = Some(header.flow_id);
+    info.claimed = Some(header.destination);
+    info.hostname = header.hostname.as_ref().map(|h| h.as_str().to_owned());
+    let port = header.destination.port();
+    let claimed_ip = moat_policy::addr::canonical(header.destination.ip());
+    let claimed = SocketAddr::new(claimed_ip, port);
+
+    // 2. The policy decision, on the claimed destination.
+    let hostname = info.hostname.as_deref();
+    let rule = decide(
+        shared,
+        Destination {
+            hostname,
+            addr: claimed_ip,
+            port,
+        },
+    )?;
+
+    // 3. The protocol: the name the agent uses must be the name the policy allowed.
+    let protocol = check_protocol(shared, agent, &mut buf, &rule, hostname, port).await?;
+
+    let (peer, model) = if rule.action == Action::Corporate {
+        // A corporate rule's flow goes to the broker, asked for the rule's service by name:
+        // the proxy neither resolves the hostname nor connects anywhere else.
+        (open_corporate(shared, &rule, port).await?, None)
+    } else {
+        // A routed rule connects to its route's host and port instead of the flow's.
+        let route = rule.route.as_ref();
+        let port = route.map_or(port, |r| r.port);
+        let hostname = route.map_or(hostname, |r| Some(r.host.as_str()));
+        // 4. Where to connect.
+        let addrs = resolve(shared, &rule, hostname, claimed_ip).await?;
+        // 5. An idle verified connection (intercepted flows), else 6. a new one.
+        let peer = match take_pooled(shared, &rule, hostname, &addrs, port) {
+            Some(peer) => peer,
+            None => connect(shared, &rule, hostname, addrs, port).await?,
+        };
+        (peer, route.and_then(|r| r.model.clone()))
+    };
+    Ok(Admitted {
+        peer,
+        claimed,
+        model,
+        rule: rule.name.clone(),
+        action: rule.action,
+        protocol,
+        pending: buf,
+        generation,
+    })
+}
+
+/// Step 1, the flow header, read: bounded in size by the decoder, in time by the header
+/// deadline. Returns it with the bytes read past it.
+async fn read_header(
+    shared: &Shared,
+    agent: &mut UnixStream,
+) -> Result<(FlowHeader, Vec<u8>), Stop> {
     let mut buf = Vec::with_capacity(2048);
-    let deadline = Instant::now() + limits.header_timeout;
+    let deadline = Instant::now() + shared.limits.header_timeout;
     let (header, consumed) = loop {
         match FlowHeader::decode(&buf) {
             Ok(Some(done)) => break done,
@@ -183,220 +243,201 @@ async fn admit(
         }
     };
     buf.drain(..consumed);
-    info.guest_flow_id = Some(header.flow_id);
-    info.claimed = Some(header.destination);
-    info.hostname = header.hostname.as_ref().map(|h| h.as_str().to_owned());
-    let port = header.destination.port();
-    let claimed_ip = moat_policy::addr::canonical(header.destination.ip());
-    let claimed = SocketAddr::new(claimed_ip, port);
+    Ok((header, buf))
+}
 
-    // 2. The policy decision, on the claimed destination.
+/// Step 2, the policy's decision on the claimed destination: the rule that allows it.
+fn decide(shared: &Shared, destination: Destination<'_>) -> Result<Rule, Stop> {
     let policy = shared.policy.current();
-    let hostname = info.hostname.as_deref();
-    let rule = match policy.decide(Destination {
-        hostname,
-        addr: claimed_ip,
-        port,
-    }) {
-        Decision::Allow(rule) => rule.clone(),
-        Decision::Deny(reason) => {
-            let reason = match reason {
-                DenyReason::NoRule => Reason::NoRule,
-                DenyReason::PortNotAllowed => Reason::PortNotAllowed,
-                DenyReason::IpLiteral => Reason::IpLiteral,
-            };
-            return Err(Stop::new(reason));
-        }
-    };
-    drop(policy);
-
-    // 3. The protocol: the name the agent uses must be the name the policy allowed.
-    let protocol = if rule.allows_protocol(Protocol::Tcp) {
-        Protocol::Tcp
-    } else {
-        let deadline = Instant::now() + limits.sniff_timeout;
-        let sniffed = loop {
-            match sniff::sniff(&buf) {
-                Ok(Some(s)) => break s,
-                Ok(None) if buf.len() >= MAX_SNIFF => {
-                    return Err(Stop::new(Reason::TlsMalformed)
-                        .rule(&rule)
-                        .detail("too large"));
-                }
-                Ok(None) => {}
-                Err(reason) => return Err(Stop::new(reason).rule(&rule)),
-            }
-            match read_more(agent, &mut buf, deadline).await {
-                Ok(true) => {}
-                Ok(false) | Err(()) => return Err(Stop::new(Reason::SniffTimeout).rule(&rule)),
-            }
-        };
-        if !rule.allows_protocol(sniffed.protocol()) {
-            return Err(Stop::new(Reason::ProtocolNotAllowed).rule(&rule));
-        }
-        if let Err(reason) = sniff::check(&sniffed, hostname, port) {
-            let detail = match &sniffed {
-                Sniffed::Tls(Some(n), _) | Sniffed::Http(n, _) => format!("client named {n}"),
-                _ => String::new(),
-            };
-            return Err(Stop::new(reason).rule(&rule).detail(detail));
-        }
-        // An Encrypted ClientHello (or ESNI) asks the upstream for a name the proxy cannot
-        // read: the SNI just checked is only a front, and whatever the encrypted one names at
-        // the resolved address would be reached (domain fronting). Refused unless the proxy
-        // terminates the TLS itself (intercept), where the hidden hello reaches no one and
-        // every request's Host is checked.
-        if let Sniffed::Tls(_, Some(ext)) = &sniffed
-            && rule.action != Action::Intercept
-        {
-            return Err(Stop::new(Reason::TlsHiddenName)
-                .rule(&rule)
-                .detail(format!("ClientHello extension {ext:#06x}")));
-        }
-        // A placeholder in a plaintext request head is never bound (secrets are only
-        // injected over intercepted TLS): refuse rather than let it leave.
-        if let Sniffed::Http(..) = sniffed
-            && let Some(spec) = shared.secrets().placeholder_in(&buf)
-        {
-            return Err(Stop::new(Reason::PlaceholderUnbound)
-                .rule(&rule)
-                .detail(format!(
-                    "placeholder of secret {:?} in plain HTTP",
-                    spec.name
-                )));
-        }
-        sniffed.protocol()
-    };
-
-    // A corporate rule's flow goes to the broker, asked for the rule's service by name: the
-    // proxy neither resolves the hostname nor connects anywhere else.
-    if rule.action == Action::Corporate {
-        let Some(service) = rule.service.clone() else {
-            // The profile parser refuses a corporate rule without a service.
-            return Err(Stop::new(Reason::CorporateUnavailable)
-                .rule(&rule)
-                .detail("the rule names no service"));
-        };
-        let deadline = Instant::now() + limits.corporate_timeout;
-        return match crate::corporate::open(
-            shared.corporate_uds.as_deref(),
-            &service,
-            port,
-            deadline,
-        )
-        .await
-        {
-            Ok(stream) => Ok(Admitted {
-                peer: Peer::Corporate { stream, service },
-                claimed,
-                model: None,
-                rule: rule.name.clone(),
-                action: rule.action,
-                protocol,
-                pending: buf,
-                generation,
-            }),
-            Err(e) => Err(Stop::new(e.reason())
-                .rule(&rule)
-                .detail(crate::error_chain(&e))),
-        };
+    match policy.decide(destination) {
+        Decision::Allow(rule) => Ok(rule.clone()),
+        Decision::Deny(reason) => Err(Stop::new(match reason {
+            DenyReason::NoRule => Reason::NoRule,
+            DenyReason::PortNotAllowed => Reason::PortNotAllowed,
+            DenyReason::IpLiteral => Reason::IpLiteral,
+        })),
     }
+}
 
-    // 4. Where to connect: resolved on the host for named flows, every address classified. A
-    //    routed rule connects to its route's host and port instead of the flow's.
-    let route = rule.route.clone();
-    let port = route.as_ref().map_or(port, |r| r.port);
-    let hostname = route.as_ref().map_or(hostname, |r| Some(r.host.as_str()));
-    let addrs: Vec<IpAddr> = match hostname {
-        Some(host) => {
-            let deadline = Instant::now() + limits.resolve_timeout;
-            let resolved = match timeout_at(deadline, shared.resolver.resolve(host)).await {
-                Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
-                Ok(Ok(_)) => return Err(Stop::new(Reason::ResolveFailed).rule(&rule)),
-                Ok(Err(e)) => {
-                    return Err(Stop::new(Reason::ResolveFailed)
-                        .rule(&rule)
-                        .detail(e.to_string()));
-                }
-                Err(_) => {
-                    return Err(Stop::new(Reason::ResolveFailed)
-                        .rule(&rule)
-                        .detail("timed out"));
-                }
-            };
-            let mut checked = Vec::with_capacity(resolved.len());
-            for addr in resolved {
-                match rule.check_address(addr) {
-                    Ok(canon) => checked.push(canon),
-                    Err(class) => {
-                        return Err(Stop::new(Reason::NonPublicAddress)
-                            .rule(&rule)
-                            .detail(format!("{host} resolved to {addr} ({class})")));
-                    }
-                }
+/// Step 3, the flow's protocol: TCP where the rule allows any, else what the first bytes show
+/// (read into `buf` under the sniff deadline), which must be allowed by the rule and name the
+/// flow's hostname.
+async fn check_protocol(
+    shared: &Shared,
+    agent: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    rule: &Rule,
+    hostname: Option<&str>,
+    port: u16,
+) -> Result<Protocol, Stop> {
+    if rule.allows_protocol(Protocol::Tcp) {
+        return Ok(Protocol::Tcp);
+    }
+    let deadline = Instant::now() + shared.limits.sniff_timeout;
+    let sniffed = loop {
+        match sniff::sniff(buf) {
+            Ok(Some(s)) => break s,
+            Ok(None) if buf.len() >= MAX_SNIFF => {
+                return Err(Stop::new(Reason::TlsMalformed)
+                    .rule(rule)
+                    .detail("too large"));
             }
-            checked
+            Ok(None) => {}
+            Err(reason) => return Err(Stop::new(reason).rule(rule)),
         }
-        None => match rule.check_address(claimed_ip) {
-            Ok(canon) => vec![canon],
+        match read_more(agent, buf, deadline).await {
+            Ok(true) => {}
+            Ok(false) | Err(()) => return Err(Stop::new(Reason::SniffTimeout).rule(rule)),
+        }
+    };
+    if !rule.allows_protocol(sniffed.protocol()) {
+        return Err(Stop::new(Reason::ProtocolNotAllowed).rule(rule));
+    }
+    if let Err(reason) = sniff::check(&sniffed, hostname, port) {
+        let detail = match &sniffed {
+            Sniffed::Tls(Some(n), _) | Sniffed::Http(n, _) => format!("client named {n}"),
+            _ => String::new(),
+        };
+        return Err(Stop::new(reason).rule(rule).detail(detail));
+    }
+    // An Encrypted ClientHello (or ESNI) asks the upstream for a name the proxy cannot read:
+    // the SNI just checked is only a front, and whatever the encrypted one names at the
+    // resolved address would be reached (domain fronting). Refused unless the proxy
+    // terminates the TLS itself (intercept), where the hidden hello reaches no one and every
+    // request's Host is checked.
+    if let Sniffed::Tls(_, Some(ext)) = &sniffed
+        && rule.action != Action::Intercept
+    {
+        return Err(Stop::new(Reason::TlsHiddenName)
+            .rule(rule)
+            .detail(format!("ClientHello extension {ext:#06x}")));
+    }
+    // A placeholder in a plaintext request head is never bound (secrets are only injected
+    // over intercepted TLS): refuse rather than let it leave.
+    if let Sniffed::Http(..) = sniffed
+        && let Some(spec) = shared.secrets().placeholder_in(buf)
+    {
+        return Err(Stop::new(Reason::PlaceholderUnbound)
+            .rule(rule)
+            .detail(format!(
+                "placeholder of secret {:?} in plain HTTP",
+                spec.name
+            )));
+    }
+    Ok(sniffed.protocol())
+}
+
+/// A corporate rule's peer: the broker connector's stream to the rule's service, open and
+/// past the connector's `OK`, under the corporate deadline.
+async fn open_corporate(shared: &Shared, rule: &Rule, port: u16) -> Result<Peer, Stop> {
+    let Some(service) = rule.service.clone() else {
+        // The profile parser refuses a corporate rule without a service.
+        return Err(Stop::new(Reason::CorporateUnavailable)
+            .rule(rule)
+            .detail("the rule names no service"));
+    };
+    let deadline = Instant::now() + shared.limits.corporate_timeout;
+    match crate::corporate::open(shared.corporate_uds.as_deref(), &service, port, deadline).await {
+        Ok(stream) => Ok(Peer::Corporate { stream, service }),
+        Err(e) => Err(Stop::new(e.reason())
+            .rule(rule)
+            .detail(crate::error_chain(&e))),
+    }
+}
+
+/// Step 4, the addresses to connect to: `hostname` resolved on the host (under the resolve
+/// deadline), or the claimed address for a flow without one; every address classified by the
+/// rule, and one it refuses refuses the flow.
+async fn resolve(
+    shared: &Shared,
+    rule: &Rule,
+    hostname: Option<&str>,
+    claimed_ip: IpAddr,
+) -> Result<Vec<IpAddr>, Stop> {
+    let Some(host) = hostname else {
+        return match rule.check_address(claimed_ip) {
+            Ok(canon) => Ok(vec![canon]),
+            Err(class) => Err(Stop::new(Reason::NonPublicAddress)
+                .rule(rule)
+                .detail(format!("{claimed_ip} ({class})"))),
+        };
+    };
+    let deadline = Instant::now() + shared.limits.resolve_timeout;
+    let resolved = match timeout_at(deadline, shared.resolver.resolve(host)).await {
+        Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
+        Ok(Ok(_)) => return Err(Stop::new(Reason::ResolveFailed).rule(rule)),
+        Ok(Err(e)) => {
+            return Err(Stop::new(Reason::ResolveFailed)
+                .rule(rule)
+                .detail(e.to_string()));
+        }
+        Err(_) => {
+            return Err(Stop::new(Reason::ResolveFailed)
+                .rule(rule)
+                .detail("timed out"));
+        }
+    };
+    let mut checked = Vec::with_capacity(resolved.len());
+    for addr in resolved {
+        match rule.check_address(addr) {
+            Ok(canon) => checked.push(canon),
             Err(class) => {
                 return Err(Stop::new(Reason::NonPublicAddress)
-                    .rule(&rule)
-                    .detail(format!("{claimed_ip} ({class})")));
-            }
-        },
-    };
-
-    // 5. An intercepted flow first looks for an idle upstream connection verified for the same
-    //    name and one of the addresses just resolved and classified.
-    if rule.action == Action::Intercept
-        && let Some(host) = hostname
-    {
-        for &ip in &addrs {
-            let key = PoolKey {
-                host: host.to_owned(),
-                addr: SocketAddr::new(ip, port),
-            };
-            if let Some(conn) = shared.pool.take(&key) {
-                return Ok(Admitted {
-                    peer: Peer::Direct {
-                        upstream: Upstream::Pooled(conn),
-                        addr: key.addr,
-                        host: Some(key.host),
-                    },
-                    claimed,
-                    model: route.as_ref().and_then(|r| r.model.clone()),
-                    rule: rule.name.clone(),
-                    action: rule.action,
-                    protocol,
-                    pending: buf,
-                    generation,
-                });
+                    .rule(rule)
+                    .detail(format!("{host} resolved to {addr} ({class})")));
             }
         }
     }
+    Ok(checked)
+}
 
-    // 6. Connect, in order, each attempt bounded.
+/// Step 5, for an intercepted flow to a named host: an idle upstream connection from the pool
+/// verified for the same name and one of the addresses just resolved and classified.
+fn take_pooled(
+    shared: &Shared,
+    rule: &Rule,
+    hostname: Option<&str>,
+    addrs: &[IpAddr],
+    port: u16,
+) -> Option<Peer> {
+    if rule.action != Action::Intercept {
+        return None;
+    }
+    let host = hostname?;
+    addrs.iter().find_map(|&ip| {
+        let key = PoolKey {
+            host: host.to_owned(),
+            addr: SocketAddr::new(ip, port),
+        };
+        let conn = shared.pool.take(&key)?;
+        Some(Peer::Direct {
+            upstream: Upstream::Pooled(conn),
+            addr: key.addr,
+            host: Some(key.host),
+        })
+    })
+}
+
+/// Step 6, a new TCP connection: to the first of `addrs` that accepts, each attempt bounded by
+/// the connect deadline. Running out of descriptors is the proxy's failure, not the upstream's.
+async fn connect(
+    shared: &Shared,
+    rule: &Rule,
+    hostname: Option<&str>,
+    addrs: Vec<IpAddr>,
+    port: u16,
+) -> Result<Peer, Stop> {
     let mut last_err: Option<io::Error> = None;
     for ip in addrs {
         let target = SocketAddr::new(ip, port);
-        let deadline = Instant::now() + limits.connect_timeout;
+        let deadline = Instant::now() + shared.limits.connect_timeout;
         match timeout_at(deadline, TcpStream::connect(target)).await {
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                return Ok(Admitted {
-                    peer: Peer::Direct {
-                        upstream: Upstream::Tcp(upstream),
-                        addr: target,
-                        host: hostname.map(str::to_owned),
-                    },
-                    claimed,
-                    model: route.as_ref().and_then(|r| r.model.clone()),
-                    rule: rule.name.clone(),
-                    action: rule.action,
-                    protocol,
-                    pending: buf,
-                    generation,
+                return Ok(Peer::Direct {
+                    upstream: Upstream::Tcp(upstream),
+                    addr: target,
+                    host: hostname.map(str::to_owned),
                 });
             }
             Ok(Err(e)) => last_err = Some(e),
@@ -404,12 +445,11 @@ async fn admit(
         }
     }
     let err = last_err.unwrap_or_else(|| io::Error::other("no address"));
-    // Running out of descriptors is our fault, not the upstream's.
     let reason = match err.raw_os_error() {
         Some(code) if code == 24 || code == 23 => Reason::ProxyResources,
         _ => Reason::ConnectFailed,
     };
-    Err(Stop::new(reason).rule(&rule).detail(err.to_string()))
+    Err(Stop::new(reason).rule(rule).detail(err.to_string()))
 }
 
 async fn run(

@@ -27,9 +27,13 @@
 //!  audit.rs: OCSF 4001 record per flow event, 4002 per intercepted request; fail closed
 //!            (no new flow while a record cannot be written), refusals rate-bounded per
 //!            workspace with counted summary records
+//!  guest_audit.rs: process events from guest-init (`<uds>_1026`) as OCSF records
 //!  metrics.rs + admin.rs: Prometheus on admin socket
 //!  policy_store.rs: verified hot reload; live flows the new policy denies are cut at once
 //! ```
+//!
+//! One flow from the agent's side, DNS lookup to close, is in ARCHITECTURE.md ("Sequence of
+//! one egress flow").
 //!
 //! Invariants: no flow reaches an upstream without an `Allow` from the policy in force and
 //! passing every check above; a corporate flow reaches only the broker's connector, asking for a

@@ -1,5 +1,5 @@
-//! The suite-wide secret scan (issue 3: "a test scans every audit record and every byte the
-//! guest side received during the suite for every secret value and finds none").
+//! The suite-wide secret scan: every audit record and every byte the guest side received
+//! during the suite is scanned for every secret value, and none is found.
 //!
 //! Every test binary built on the harness captures what its guests read and what its proxies
 //! audit (harness/leak.rs), and each proxy's drop scans the whole capture so far. This binary

@@ -3,7 +3,7 @@
 //!
 //! Run by the host's root, the namespace backend maps the workspace's root to an otherwise
 //! unused host id, never to host uid 0. One id shared by every workspace would make a kept
-//! home of one readable from every other (item 7 of the second hardening review), so each
+//! home of one readable from every other, so each
 //! workspace gets its own from [`FIRST_RUN_ID`]`..`[`FIRST_RUN_ID`]` + `[`RUN_IDS`]:
 //!
 //! - a lease is an exclusive `flock` on `<state>/<id>` held by `moat run` for the workspace's

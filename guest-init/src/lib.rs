@@ -4,34 +4,18 @@
 //! and runs the netstack that turns every TCP connection into a flow stream to the host; then
 //! it launches the agent, confined, and reaps it.
 //!
-//! The VM backend's sequence is in [`vm`] (PID 1 of the kernel, started from the initramfs as
-//! the `moat-guest-init` binary); the namespace backend's:
+//! How a workspace starts, step by step, in either backend is told once, in ARCHITECTURE.md
+//! ("Starting a workspace"); the modules, by where they act:
 //!
-//! Namespace backend sequence ([`run_namespace`]):
-//! 1. `unshare` user, mount, pid, net, ipc, uts and cgroup namespaces; map the caller's uid/gid to root
-//!    inside (so the host user needs no privilege). Run by the host's root, root inside is
-//!    instead an unprivileged host uid/gid of the workspace's own, leased by `moat run`
-//!    ([`ids`]), never host uid 0: the process first drops its supplementary groups, creates
-//!    the network namespace (owned by the initial user namespace, so the workspace cannot
-//!    reconfigure it), its TUN device and its sysfs, binds the root image read-only and the
-//!    agent's home into the run directory (refused unless the leased id owns it) and hands the
-//!    mapped gid search permission on the run directory and connect permission on its two
-//!    sockets; then it unshares the rest, a child still host root writes the maps, and the
-//!    process takes root inside.
-//! 2. fork: the child is PID 1 of the new pid namespace; the parent only waits and relays the
-//!    exit status.
-//! 3. As PID 1: a new root: the root image (by default the Debian image the VM boots; the
-//!    host's own root only with `moat run --host-root`) bound recursively and made read-only,
-//!    nosuid and nodev (every submount too), fresh tmpfs on /tmp, /run, /home and /root with
-//!    the agent's home bound writable
-//!    at /home/agent, the workspace's resolv.conf (the virtual DNS) over /etc/resolv.conf, a
-//!    fresh /proc; then pivot_root into it, so nothing of the host is writable or reachable
-//!    by path but what was bound in; then a fresh /proc, the workspace's own sysfs and cgroup2
-//!    tree (read-only).
-//! 4. TUN up (default route through it, loopback up), netstack thread started.
-//! 5. The agent is started with its environment (HOME, CA variables), confined by
-//!    `moat-guest-sandbox` between fork and exec; PID 1 reaps every child, and when the agent
-//!    exits, exits with its status: the kernel then kills whatever is left in the namespace.
+//! - `namespace` ([`run_namespace`]): the namespace backend: namespaces, the uid/gid maps,
+//!   the read-only root and pivot_root, the workspace's accounts, with [`ids`] (the host uid
+//!   leased to a workspace started by root).
+//! - [`vm`]: PID 1 of the VM (the `moat-guest-init` binary): disks, switch root, vsock; with
+//!   [`control`] (the workspace read from the host at boot).
+//! - `launch`: the agent started, confined by `moat-guest-sandbox` between fork and exec,
+//!   and reaped; `signals`: what the waiting processes pass on; `report`: process events
+//!   to the host.
+//! - [`session`]: SSH sessions through the broker, one confined `sshd -i` per `CONNECT 22`.
 //!
 //! Invariants: never panics on bad input; if the network or the sandbox cannot be set up, the
 //! agent is not started.

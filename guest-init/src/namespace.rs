@@ -1,4 +1,31 @@
 //! The namespace backend: guest-init on the host, in fresh namespaces, with its own TUN.
+//!
+//! The sequence ([`run_namespace`]; the whole start, `moat run` first, is in ARCHITECTURE.md):
+//! 1. `unshare` user, mount, pid, net, ipc, uts and cgroup namespaces; map the caller's uid/gid to root
+//!    inside (so the host user needs no privilege). Run by the host's root, root inside is
+//!    instead an unprivileged host uid/gid of the workspace's own, leased by `moat run`
+//!    ([`crate::ids`]), never host uid 0: the process first drops its supplementary groups, creates
+//!    the network namespace (owned by the initial user namespace, so the workspace cannot
+//!    reconfigure it), its TUN device and its sysfs, binds the root image read-only and the
+//!    agent's home into the run directory (refused unless the leased id owns it) and hands the
+//!    mapped gid search permission on the run directory and connect permission on its two
+//!    sockets; then it unshares the rest, a child still host root writes the maps, and the
+//!    process takes root inside.
+//! 2. fork: the child is PID 1 of the new pid namespace; the parent only waits and relays the
+//!    exit status.
+//! 3. As PID 1: a new root: the root image (by default the Debian image the VM boots; the
+//!    host's own root only with `moat run --host-root`) bound recursively and made read-only,
+//!    nosuid and nodev (every submount too), fresh tmpfs on /tmp, /run, /home and /root with
+//!    the agent's home bound writable
+//!    at /home/agent, the workspace's resolv.conf (the virtual DNS) over /etc/resolv.conf, a
+//!    fresh /proc; then pivot_root into it, so nothing of the host is writable or reachable
+//!    by path but what was bound in; then a fresh /proc, the workspace's own sysfs and cgroup2
+//!    tree (read-only).
+//! 4. TUN up (default route through it, loopback up), netstack thread started.
+//! 5. The agent is started with its environment (HOME, CA variables), confined by
+//!    `moat-guest-sandbox` between fork and exec; PID 1 reaps every child, and when the agent
+//!    exits, exits with its status: the kernel then kills whatever is left in the namespace.
+//!
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};

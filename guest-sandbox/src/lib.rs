@@ -26,8 +26,7 @@
 //!    every mount read-only and nosuid except the writable paths. Needs `CAP_SYS_ADMIN`, so
 //!    it comes before any capability is dropped.
 //! 3. **capability bounding set emptied and securebits locked**, while `CAP_SETPCAP` is still
-//!    held: both need it, and the id change of step 4 drops it. (The task's outline put the
-//!    capability drop after the id change; the bounding set cannot be emptied from there.)
+//!    held: both need it, and the id change of step 4 drops it, so this comes first.
 //! 4. **supplementary groups cleared, gid, then uid** changed, if the config asks (gid first:
 //!    after the uid change there is no right left to change it). Checked afterwards, including
 //!    that uid 0 cannot be regained.

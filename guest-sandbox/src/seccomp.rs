@@ -395,7 +395,8 @@ pub(crate) fn install(program: &BpfProgram) -> Result<(), SandboxError> {
 mod tests {
     use super::*;
 
-    /// The calls the design (issue 4 and the crate brief) names must each have a rule.
+    /// Every system call an agent could escape by (sockets, tracing, mounts, kernel code, keys,
+    /// ...) must have a rule.
     #[test]
     fn every_named_escape_route_has_a_rule() {
         let required = [

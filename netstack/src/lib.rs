@@ -7,6 +7,10 @@
 //! `moat-flow-header` naming the destination and, when the agent looked it up through the
 //! virtual DNS, the hostname; then splices with backpressure, FIN and RST carried both ways.
 //!
+//! Modules: [`stack`] (TUN packets -> SYN and DNS inspection -> smoltcp -> flow pumps), [`dns`]
+//! and [`pool`] (the virtual DNS over 198.18.0.0/15), [`transport`] (Unix socket or vsock),
+//! `sys` (TUN ioctls).
+//!
 //! Invariants: the netstack decides nothing (policy is the host's); no packet reaches the
 //! host except as flow-stream payload; everything that is not TCP or DNS-to-the-gateway is
 //! dropped and counted; flows and buffers are bounded.

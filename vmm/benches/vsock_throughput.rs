@@ -1,6 +1,6 @@
 //! vsock device-model throughput, driven by the simulated driver (no KVM): guest-to-host and
 //! host-to-guest bytes per second through the real muxer, worker and a host Unix socket whose
-//! other end a thread drains or fills. Goal (issue 5): at least 20 Gbit/s guest-to-host,
+//! other end a thread drains or fills. Goal: at least 20 Gbit/s guest-to-host,
 //! Firecracker's best published figure.
 //!
 //! Run: `cargo bench -p moat-vmm --features test-utils --bench vsock_throughput`.

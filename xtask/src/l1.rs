@@ -2,9 +2,9 @@
 //! Debian Linux booted in QEMU's TCG emulator with an emulated AMD CPU (SVM and nested paging),
 //! where kvm_amd gives a real /dev/kvm.
 //!
-//! Why: on our CI machines /dev/kvm is kvm_pvm, where a guest's user space cannot run at all
-//! (shared/design/NESTED-KVM.md), so moat-vmm can boot Linux no further than `Run /init`. Inside
-//! L1 the VM backend's whole path runs.
+//! Why: on our CI machines /dev/kvm is kvm_pvm, where a guest's user space cannot run at all,
+//! so moat-vmm can boot Linux no further than `Run /init`. Inside L1 the VM backend's whole
+//! path runs.
 //!
 //! How:
 //! - the L1 pieces (Debian's kernel, pinned by [`L1_KERNEL_VERSION`], and a busybox initramfs
@@ -814,7 +814,7 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
     let mut outcome = boot(&job)?;
     if outcome == Outcome::Hung {
         // Every moat-vmm run inside has its own timeout, so a hang is most likely L1 itself
-        // freezing (both CPUs spinning with interrupts off; shared/design/NESTED-KVM.md), seen
+        // freezing (both CPUs spinning with interrupts off), seen
         // once in a full run here (2026-12-06, inside probe_console, 1 of 3 full runs).
         eprintln!(
             "xtask l1: the VM tests' L1 did not finish within {VM_TESTS_TIMEOUT_SECS} s (most \

@@ -3,8 +3,8 @@
 //!
 //! hyper reads a request that carries both `Content-Length` and `Transfer-Encoding` by its
 //! chunked framing, drops the `Content-Length` and closes the connection after the response:
-//! safe, but the request is still forwarded, and the handler never learns what was sent. The
-//! issue asks for such a request (the classic smuggling shape) to be *refused*. This module
+//! safe, but the request is still forwarded, and the handler never learns what was sent. Such
+//! a request (the classic smuggling shape) is to be *refused* instead. This module
 //! records, for every request head in order, whether it carried both; the handler takes one
 //! record per HTTP/1 request (hyper serves them in order) and refuses the request with 400.
 //!
@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::http::MAX_REQUEST_HEAD;
+use super::MAX_REQUEST_HEAD;
 
 /// Largest head followed (hyper refuses larger ones with 431 before any handler runs).
 const MAX_HEAD: usize = MAX_REQUEST_HEAD;

@@ -33,20 +33,16 @@ use super::inject::{self, Refusal};
 use super::io::AgentIo;
 use super::pool::{Connection, PoolKey, Sender};
 use super::scan::{Found, ScanBody};
+use super::{MAX_REQUEST_HEAD, UpBody};
 use crate::Shared;
 use crate::audit::{FlowInfo, HttpEvent};
 use crate::outcome::{Blame, Reason};
 use crate::splice::Counters;
 
-/// Largest request head (request line and headers) accepted; more is answered 431.
-pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Concurrent HTTP/2 streams per intercepted connection.
 pub const MAX_H2_STREAMS: u32 = 100;
 
 type Body = BoxBody<Bytes, hyper::Error>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// A request body on its way upstream: streamed (scanned), or rewritten whole.
-pub(super) type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 /// The upstream's transport under TLS: TCP with buffered reads.
 type UpstreamIo = BufReader<TcpStream>;
 

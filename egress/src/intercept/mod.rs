@@ -36,9 +36,19 @@ mod scan;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 
 pub(crate) use self::http::{Intercepted, Upstream, serve};
+
+/// Largest request head (request line and headers) accepted; more is answered 431. hyper's
+/// server is built with it (http.rs) and the framing follower (framing.rs) gives up past it.
+pub(crate) const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body on its way upstream: streamed (scanned), or rewritten whole. Sent by
+/// http.rs on the connections that pool.rs keeps.
+type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// A DER certificate (a trust anchor for upstreams).
 pub type Certificate = CertificateDer<'static>;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hyper::client::conn::{http1, http2};
 use tokio::task::JoinHandle;
 
-use super::http::UpBody;
+use super::UpBody;
 
 /// Idle connections kept at most, all upstreams together.
 pub const MAX_IDLE: usize = 64;
