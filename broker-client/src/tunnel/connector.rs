@@ -271,7 +271,7 @@ async fn stream(
     let Some(port) = requested_port(&req, ports) else {
         return empty(StatusCode::FORBIDDEN);
     };
-    let mut guest = match vsock::connect(uds, port).await {
+    let mut guest = match vsock::connect_when_ready(uds, port, GUEST_READY_GRACE).await {
         Ok(g) => g,
         Err(e) => {
             tracing::warn!(port, "tunnel stream: {}", crate::error_chain(&e));
@@ -289,6 +289,10 @@ async fn stream(
     });
     empty(StatusCode::OK)
 }
+
+/// How long a person's stream waits for the workspace to listen on its port: the tunnel is up
+/// as soon as `moat run` starts, a VM's guest-init serves SSH seconds later.
+const GUEST_READY_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The longest egress request line (`CONNECT <63-byte name>:<port>\n` fits easily).
 const MAX_EGRESS_LINE: usize = 128;

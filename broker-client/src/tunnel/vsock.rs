@@ -49,6 +49,28 @@ pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, VsockError> {
     Ok(stream)
 }
 
+/// How often [`connect_when_ready`] tries again.
+const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// Connects to guest `port` as [`connect`] does, trying again for up to `grace` while the
+/// workspace refuses or is not there yet: a workspace still starting (a VM whose guest-init
+/// brings its session service up seconds after the host's tunnel is connected) is not yet
+/// listening, and the person at the other end would only be told to try again.
+pub async fn connect_when_ready(
+    uds: &Path,
+    port: u32,
+    grace: Duration,
+) -> Result<UnixStream, VsockError> {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        match connect(uds, port).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if tokio::time::Instant::now() + RETRY_EVERY >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(RETRY_EVERY).await,
+        }
+    }
+}
+
 async fn handshake(stream: &mut UnixStream, port: u32) -> Result<(), VsockError> {
     stream
         .write_all(vsock::connect_line(port).as_bytes())
@@ -95,6 +117,41 @@ mod tests {
             stream.get_mut().write_all(after).await.unwrap();
         });
         (dir, path)
+    }
+
+    #[tokio::test]
+    async fn a_workspace_that_starts_listening_late_is_reached_and_one_that_never_does_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock");
+        // Nobody there yet: the socket appears after a second, closes the first two streams
+        // unanswered (nothing listens on the guest port yet), then answers.
+        let bound = path.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let listener = tokio::net::UnixListener::bind(&bound).unwrap();
+            for _ in 0..2 {
+                drop(listener.accept().await.unwrap());
+            }
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            stream.get_mut().write_all(b"OK 1\n").await.unwrap();
+            // Held open until the test ends.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let started = std::time::Instant::now();
+        assert!(
+            connect_when_ready(&path, 22, Duration::from_secs(10))
+                .await
+                .is_ok()
+        );
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        let nobody = dir.path().join("nobody");
+        let err = connect_when_ready(&nobody, 22, Duration::from_millis(600))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, VsockError::Connect { .. }), "{err}");
     }
 
     #[tokio::test]

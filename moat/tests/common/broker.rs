@@ -281,6 +281,7 @@ pub fn start_workspace(
     let log = dir.join("moat-run.log");
     let audit = dir.join("workspace-audit.jsonl");
     write_policy(dir, corp_port);
+    let log_file = std::fs::File::create(&log).unwrap();
     let mut moat_run = Command::new(MOAT);
     match vm_images {
         Some(images) => moat_run
@@ -304,8 +305,10 @@ pub fn start_workspace(
             "echo from-the-agent > ~/agent-was-here; exec sleep 3600",
         ])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        // The VM's console (guest-init's own errors) too, so a failure shows them: one open
+        // file, one offset.
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
         .spawn()
         .unwrap();
     Workspace {
