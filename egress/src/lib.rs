@@ -51,6 +51,7 @@ pub mod intercept;
 pub mod metrics;
 pub mod outcome;
 pub mod policy_store;
+pub mod refusal;
 pub mod resolve;
 pub mod secrets;
 pub mod sniff;

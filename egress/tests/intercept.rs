@@ -96,8 +96,11 @@ async fn placeholder_in_plain_http_to_a_passthrough_host_is_refused() {
         tp.plain.port()
     );
     s.write_all(req.as_bytes()).await.unwrap();
-    // The echo upstream would send the request back had it been forwarded.
-    assert!(read_all(&mut s, WAIT).await.is_empty());
+    // The echo upstream would send the request back had it been forwarded: the proxy's 403
+    // comes instead.
+    let got = String::from_utf8(read_all(&mut s, WAIT).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{got:?}");
+    assert!(!got.contains(PLACEHOLDER), "{got:?}");
     let rec = tp.refused("placeholder_unbound").await;
     assert_eq!(rec["firewall_rule"]["name"], "allowed");
 }
