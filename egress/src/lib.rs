@@ -23,7 +23,9 @@
 //!                           request: framing (intercept/framing.rs), authority re-check,
 //!                           placeholder check, credential injection (intercept/inject.rs) ->
 //!                           forward (intercept/http.rs)
-//!  secrets.rs: secret values, read on the host at start and reload, never logged
+//!  secrets.rs: secret values, read on the host at start and reload, never logged; the
+//!              workspace's drawn placeholders (`placeholder = "auto"`)
+//!  refusal.rs: a refused flow's answer: a TLS alert or an HTTP 403, not a bare reset
 //!  audit.rs: OCSF 4001 record per flow event, 4002 per intercepted request; fail closed
 //!            (no new flow while a record cannot be written), refusals rate-bounded per
 //!            workspace with counted summary records
