@@ -114,8 +114,22 @@ pub(crate) async fn handle(shared: Arc<Shared>, agent: UnixStream) {
         return;
     };
     let mut agent = agent;
-    match admit(&shared, &mut agent, &mut info).await {
-        Err(stop) => finish_early(&shared, &info, stop),
+    let mut buf = Vec::with_capacity(2048);
+    match admit(&shared, &mut agent, &mut info, &mut buf).await {
+        Err(stop) => {
+            let (reason, rule) = (stop.reason, stop.rule.clone());
+            finish_early(&shared, &info, stop);
+            // After the record: the answer is best effort and may wait for the first bytes.
+            crate::refusal::answer(
+                &mut agent,
+                &mut buf,
+                reason,
+                rule.as_deref(),
+                info.hostname.as_deref(),
+                shared.limits.sniff_timeout,
+            )
+            .await;
+        }
         Ok(admitted) => run(&shared, uid, agent, admitted, &info).await,
     }
 }
@@ -164,13 +178,14 @@ async fn admit(
     shared: &Shared,
     agent: &mut UnixStream,
     info: &mut FlowInfo,
+    buf: &mut Vec<u8>,
 ) -> Result<Admitted, Stop> {
     // Read before the policy: a reload between the two makes the flow's connections too old
     // to be pooled, never the reverse.
     let generation = shared.pool.generation();
 
     // 1. The flow header.
-    let (header, mut buf) = read_header(shared, agent).await?;
+    let header = read_header(shared, agent, buf).await?;
     info.guest_flow_id = Some(header.flow_id);
     info.claimed = Some(header.destination);
     info.hostname = header.hostname.as_ref().map(|h| h.as_str().to_owned());
@@ -190,7 +205,7 @@ async fn admit(
     )?;
 
     // 3. The protocol: the name the agent uses must be the name the policy allowed.
-    let protocol = check_protocol(shared, agent, &mut buf, &rule, hostname, port).await?;
+    let protocol = check_protocol(shared, agent, buf, &rule, hostname, port).await?;
 
     let (peer, model) = if rule.action == Action::Corporate {
         // A corporate rule's flow goes to the broker, asked for the rule's service by name:
@@ -217,33 +232,33 @@ async fn admit(
         rule: rule.name.clone(),
         action: rule.action,
         protocol,
-        pending: buf,
+        pending: std::mem::take(buf),
         generation,
     })
 }
 
-/// Step 1, the flow header, read: bounded in size by the decoder, in time by the header
-/// deadline. Returns it with the bytes read past it.
+/// Step 1, the flow header, read into `buf`: bounded in size by the decoder, in time by the
+/// header deadline. Returns it, leaving in `buf` the bytes read past it.
 async fn read_header(
     shared: &Shared,
     agent: &mut UnixStream,
-) -> Result<(FlowHeader, Vec<u8>), Stop> {
-    let mut buf = Vec::with_capacity(2048);
+    buf: &mut Vec<u8>,
+) -> Result<FlowHeader, Stop> {
     let deadline = Instant::now() + shared.limits.header_timeout;
     let (header, consumed) = loop {
-        match FlowHeader::decode(&buf) {
+        match FlowHeader::decode(buf) {
             Ok(Some(done)) => break done,
             Ok(None) => {}
             Err(e) => return Err(Stop::new(Reason::HeaderInvalid).detail(e.to_string())),
         }
-        match read_more(agent, &mut buf, deadline).await {
+        match read_more(agent, buf, deadline).await {
             Ok(true) => {}
             Ok(false) => return Err(Stop::new(Reason::HeaderTruncated)),
             Err(()) => return Err(Stop::new(Reason::HeaderTimeout)),
         }
     };
     buf.drain(..consumed);
-    Ok((header, buf))
+    Ok(header)
 }
 
 /// Step 2, the policy's decision on the claimed destination: the rule that allows it.
@@ -564,7 +579,11 @@ async fn run(
                     shared, &mut agent, read, write, &pending, requests, &counters, cancel,
                 )
                 .await;
-                settle(relayed, info, &mut detail, &mut refused)
+                let reason = settle(relayed, info, &mut detail, &mut refused);
+                if refused {
+                    forbid_first(shared, &mut agent, &counters, reason, &rule, info).await;
+                }
+                reason
             }
             (Action::Corporate, Peer::Corporate { mut stream, .. }) => {
                 let (read, write) = stream.split();
@@ -572,7 +591,11 @@ async fn run(
                     shared, &mut agent, read, write, &pending, requests, &counters, cancel,
                 )
                 .await;
-                settle(relayed, info, &mut detail, &mut refused)
+                let reason = settle(relayed, info, &mut detail, &mut refused);
+                if refused {
+                    forbid_first(shared, &mut agent, &counters, reason, &rule, info).await;
+                }
+                reason
             }
             // Admission sends only corporate rules' flows to the broker.
             (_, Peer::Corporate { .. }) => Reason::ProxyResources,
@@ -599,6 +622,26 @@ async fn run(
         // A flow cut because one of its requests was refused ends denied.
         allowed: reason != Reason::Revoked && !refused,
     });
+}
+
+/// Answers a plain-HTTP flow whose request was refused with a 403, if nothing of the flow went
+/// upstream (the refused request was the first, or pipelined with it): then the 403 is the
+/// only response the agent gets. A request refused later on a kept-alive connection is not
+/// answered: a response to an earlier one may be half sent, and a 403 would read as its rest.
+async fn forbid_first(
+    shared: &Shared,
+    agent: &mut UnixStream,
+    counters: &Counters,
+    reason: Reason,
+    rule: &str,
+    info: &FlowInfo,
+) {
+    if counters.out.load(Ordering::Relaxed) != 0 || !crate::refusal::answered(reason) {
+        return;
+    }
+    let bytes = crate::refusal::forbidden(reason, Some(rule), info.hostname.as_deref());
+    let deadline = Instant::now() + shared.limits.sniff_timeout.min(crate::refusal::ANSWER_WAIT);
+    crate::refusal::write_answer(agent, &bytes, deadline).await;
 }
 
 /// The reason a relayed flow ended for; a refused plain-HTTP request's reason and detail.

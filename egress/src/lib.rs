@@ -23,7 +23,9 @@
 //!                           request: framing (intercept/framing.rs), authority re-check,
 //!                           placeholder check, credential injection (intercept/inject.rs) ->
 //!                           forward (intercept/http.rs)
-//!  secrets.rs: secret values, read on the host at start and reload, never logged
+//!  secrets.rs: secret values, read on the host at start and reload, never logged; the
+//!              workspace's drawn placeholders (`placeholder = "auto"`)
+//!  refusal.rs: a refused flow's answer: a TLS alert or an HTTP 403, not a bare reset
 //!  audit.rs: OCSF 4001 record per flow event, 4002 per intercepted request; fail closed
 //!            (no new flow while a record cannot be written), refusals rate-bounded per
 //!            workspace with counted summary records
@@ -51,6 +53,7 @@ pub mod intercept;
 pub mod metrics;
 pub mod outcome;
 pub mod policy_store;
+pub mod refusal;
 pub mod resolve;
 pub mod secrets;
 pub mod sniff;
@@ -74,7 +77,7 @@ use crate::intercept::pool::UpstreamPool;
 use crate::metrics::Metrics;
 use crate::policy_store::{LoadError, PolicySource, PolicyStore};
 use crate::resolve::Resolver;
-use crate::secrets::{SecretError, Secrets};
+use crate::secrets::{PlaceholderBook, SecretError, Secrets};
 
 /// The vsock port guest flows use: a guest connection to it arrives on `<uds>_1025`.
 pub const EGRESS_VSOCK_PORT: u32 = 1025;
@@ -235,6 +238,8 @@ pub struct Proxy {
     /// Held for a whole reload (SIGHUP and the file watcher may ask at once), so the serial
     /// check and the swap see the same policy in force.
     reloading: std::sync::Mutex<()>,
+    /// This workspace's drawn placeholders: the same across reloads, unlike any other's.
+    placeholders: PlaceholderBook,
 }
 
 impl Proxy {
@@ -246,7 +251,9 @@ impl Proxy {
         mut audit: Audit,
     ) -> Result<Arc<Proxy>, StartError> {
         let policy = config.source.load().map_err(StartError::Policy)?;
-        let secrets = Secrets::load(&policy.secrets).map_err(StartError::Secrets)?;
+        let placeholders = PlaceholderBook::default();
+        let secrets =
+            Secrets::load_with(&policy.secrets, &placeholders).map_err(StartError::Secrets)?;
         let scope = intercept::ca::intercept_scope(&policy);
         let ca = WorkspaceCa::generate(&config.workspace, &scope).map_err(StartError::Ca)?;
         let upstream_tls = intercept::upstream_tls_config(&config.upstream_roots)
@@ -290,6 +297,7 @@ impl Proxy {
             shutdown: shutdown.clone(),
             listen_path,
             reloading: std::sync::Mutex::new(()),
+            placeholders,
         });
         tokio::spawn(accept_loop(Arc::clone(&shared), listener, shutdown.clone()));
         tokio::spawn(sweep_pool(Arc::clone(&shared), shutdown.clone()));
@@ -306,6 +314,12 @@ impl Proxy {
         }
         proxy.spawn_sighup();
         Ok(proxy)
+    }
+
+    /// The environment the agent is to be started with: each secret's `env` variable and its
+    /// placeholder (drawn for this workspace for `placeholder = "auto"`). Never a value.
+    pub fn agent_env(&self) -> Vec<(String, String)> {
+        self.shared.secrets().agent_env()
     }
 
     /// Where flows are accepted (`<uds>_<port>`).
@@ -375,7 +389,8 @@ impl Proxy {
                     host: host.to_string(),
                 });
             }
-            let secrets = Secrets::load(&policy.secrets).map_err(LoadError::Secrets)?;
+            let secrets = Secrets::load_with(&policy.secrets, &self.placeholders)
+                .map_err(LoadError::Secrets)?;
             Ok((policy, secrets))
         });
         match loaded {

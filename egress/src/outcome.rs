@@ -104,6 +104,9 @@ reasons! {
     SniffTimeout => "sniff_timeout", Agent;
     /// A secret's placeholder was sent to a host, port or path it is not bound to.
     PlaceholderUnbound => "placeholder_unbound", Agent;
+    /// An intercepted request bound to a secret declared with `require = true` did not carry
+    /// the secret's placeholder (no silent injection into every request to its hosts).
+    PlaceholderRequired => "placeholder_required", Agent;
     /// An intercepted request named another authority than the flow's (Host or :authority
     /// switched on a kept-alive connection, or an absolute URI for another host).
     AuthorityMismatch => "authority_mismatch", Agent;

@@ -5,11 +5,12 @@
 //! `Debug`; errors name the secret and its source, never the value; a value that could not be
 //! sent in an HTTP header (empty, control characters) is refused at load time.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moat_policy::{SecretSource, SecretSpec};
@@ -74,6 +75,12 @@ pub enum SecretError {
         /// Its exit status.
         status: std::process::ExitStatus,
     },
+    /// No random placeholder could be drawn (the system's random source failed).
+    #[error("secret {name:?}: no random placeholder could be drawn")]
+    Random {
+        /// The secret.
+        name: String,
+    },
     /// The value is empty, not UTF-8, or holds characters a header cannot carry.
     #[error("secret {name:?}: the value from {from} is empty or not a valid header value")]
     BadValue {
@@ -82,6 +89,49 @@ pub enum SecretError {
         /// Where it came from (never the value).
         from: String,
     },
+}
+
+/// The prefix of a drawn placeholder: recognisable in logs and by secret scanners as moat's.
+pub const AUTO_PLACEHOLDER_PREFIX: &str = "sk-moat-";
+
+/// The placeholders drawn for one workspace's `placeholder = "auto"` secrets, by secret name.
+/// The proxy keeps one for its whole life, so a placeholder stays the same across policy
+/// reloads (the agent was given it once, at start) and differs between workspaces.
+#[derive(Default)]
+pub struct PlaceholderBook {
+    drawn: Mutex<HashMap<String, String>>,
+}
+
+impl fmt::Debug for PlaceholderBook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PlaceholderBook(..)")
+    }
+}
+
+impl PlaceholderBook {
+    /// The placeholder drawn for secret `name`, drawn now if it has none yet: the prefix and
+    /// 128 bits from the CSPRNG rustls uses, in hex.
+    pub fn placeholder(&self, name: &str) -> Result<String, SecretError> {
+        let mut drawn = match self.drawn.lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(p) = drawn.get(name) {
+            return Ok(p.clone());
+        }
+        let mut bytes = [0u8; 16];
+        rustls::crypto::ring::default_provider()
+            .secure_random
+            .fill(&mut bytes)
+            .map_err(|_| SecretError::Random { name: name.into() })?;
+        let mut p = String::with_capacity(AUTO_PLACEHOLDER_PREFIX.len() + 32);
+        p.push_str(AUTO_PLACEHOLDER_PREFIX);
+        for b in bytes {
+            p.push_str(&format!("{b:02x}"));
+        }
+        drawn.insert(name.to_owned(), p.clone());
+        Ok(p)
+    }
 }
 
 /// The secrets of one policy, with their values. Cheap to share.
@@ -94,12 +144,34 @@ impl Secrets {
     /// Reads every declared secret. Any failure refuses the whole set, so a policy is never
     /// enforced with some of its secrets missing.
     pub fn load(specs: &[SecretSpec]) -> Result<Arc<Secrets>, SecretError> {
+        Self::load_with(specs, &PlaceholderBook::default())
+    }
+
+    /// [`Secrets::load`], with each `placeholder = "auto"` secret given its placeholder from
+    /// `book` (the workspace's, drawn on first use).
+    pub fn load_with(
+        specs: &[SecretSpec],
+        book: &PlaceholderBook,
+    ) -> Result<Arc<Secrets>, SecretError> {
         let mut entries = Vec::with_capacity(specs.len());
         for spec in specs {
             let value = read(spec)?;
-            entries.push((spec.clone(), value));
+            let mut spec = spec.clone();
+            if spec.auto_placeholder {
+                spec.placeholder = book.placeholder(&spec.name)?;
+            }
+            entries.push((spec, value));
         }
         Ok(Arc::new(Secrets { entries }))
+    }
+
+    /// The agent's environment the secrets ask for: each `env` variable with its secret's
+    /// placeholder (never a value).
+    pub fn agent_env(&self) -> Vec<(String, String)> {
+        self.entries
+            .iter()
+            .filter_map(|(s, _)| Some((s.env.clone()?, s.placeholder.clone())))
+            .collect()
     }
 
     /// Every secret, in profile order.
@@ -242,11 +314,35 @@ mod tests {
             name: "t".into(),
             source,
             placeholder: "moat-placeholder-t".into(),
+            auto_placeholder: false,
+            env: None,
+            require: false,
             hosts: vec![moat_policy::HostPattern::parse("a.test").unwrap()],
             ports: vec![443],
             paths: vec![],
             presentation: moat_policy::Presentation::XApiKey,
         }
+    }
+
+    #[test]
+    fn auto_placeholders_are_random_per_book_and_stable_within_one() {
+        let mut auto = spec(SecretSource::Env("PATH".into()));
+        auto.placeholder = String::new();
+        auto.auto_placeholder = true;
+        auto.env = Some("T_TOKEN".into());
+        let book = PlaceholderBook::default();
+        let first = Secrets::load_with(std::slice::from_ref(&auto), &book).unwrap();
+        let again = Secrets::load_with(std::slice::from_ref(&auto), &book).unwrap();
+        let other = Secrets::load_with(&[auto], &PlaceholderBook::default()).unwrap();
+        let env = first.agent_env();
+        assert_eq!(env.len(), 1);
+        let (var, p) = &env[0];
+        assert_eq!(var, "T_TOKEN");
+        assert!(p.starts_with(AUTO_PLACEHOLDER_PREFIX), "{p}");
+        assert_eq!(p.len(), AUTO_PLACEHOLDER_PREFIX.len() + 32);
+        assert_eq!(again.agent_env(), env, "a reload keeps the placeholder");
+        assert_ne!(other.agent_env(), env, "another workspace draws another");
+        assert_eq!(first.placeholder_in(p.as_bytes()).unwrap().name, "t");
     }
 
     #[test]

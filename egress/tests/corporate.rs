@@ -217,7 +217,10 @@ async fn corporate_http_flow_naming_another_host_is_refused_before_the_broker() 
     s.write_all(b"GET / HTTP/1.1\r\nHost: hr.corp.test\r\n\r\n")
         .await
         .unwrap();
-    assert_closed(s).await;
+    // Answered with a 403 naming the reason, by the proxy: nothing reached the broker.
+    let got = String::from_utf8(read_all(&mut s, WAIT).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{got:?}");
+    assert!(got.contains("reason: host_mismatch\n"), "{got:?}");
     let rec = tp.refused("host_mismatch").await;
     assert_eq!(rec["unmapped"]["moat"]["policy_action"], "corporate");
     assert!(connector.requests().is_empty());

@@ -96,8 +96,11 @@ async fn placeholder_in_plain_http_to_a_passthrough_host_is_refused() {
         tp.plain.port()
     );
     s.write_all(req.as_bytes()).await.unwrap();
-    // The echo upstream would send the request back had it been forwarded.
-    assert!(read_all(&mut s, WAIT).await.is_empty());
+    // The echo upstream would send the request back had it been forwarded: the proxy's 403
+    // comes instead.
+    let got = String::from_utf8(read_all(&mut s, WAIT).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{got:?}");
+    assert!(!got.contains(PLACEHOLDER), "{got:?}");
     let rec = tp.refused("placeholder_unbound").await;
     assert_eq!(rec["firewall_rule"]["name"], "allowed");
 }
@@ -1027,4 +1030,76 @@ async fn reload_intercepting_a_host_inside_the_ca_name_constraints_is_applied() 
     );
     tp.rewrite_profile(&same);
     tp.proxy.reload().unwrap();
+}
+
+/// The test profile plus a secret with a per-workspace placeholder that requests to
+/// other.inject.test must carry.
+fn with_required_auto_secret(tp: &TestProxy) -> String {
+    tp.profile_with(&format!(
+        r#"
+[[secrets]]
+name = "auto-key"
+source = {{ file = "{}" }}
+placeholder = "auto"
+env = "AUTO_KEY"
+require = true
+hosts = ["other.inject.test"]
+ports = [{}]
+presentation = "x_api_key"
+"#,
+        tp.secret_file.display(),
+        tp.http.port()
+    ))
+}
+
+/// The placeholder the proxy hands the agent in `var`.
+fn agent_placeholder(tp: &TestProxy, var: &str) -> String {
+    let env = tp.proxy.agent_env();
+    env.into_iter()
+        .find_map(|(k, v)| (k == var).then_some(v))
+        .unwrap_or_else(|| panic!("{var} not in the agent's environment"))
+}
+
+#[tokio::test]
+async fn auto_placeholder_is_drawn_per_workspace_kept_across_reloads_and_injected() {
+    let tp = TestProxy::start().await;
+    tp.rewrite_profile(&with_required_auto_secret(&tp));
+    tp.proxy.reload().unwrap();
+    let placeholder = agent_placeholder(&tp, "AUTO_KEY");
+    assert!(placeholder.starts_with("sk-moat-"), "{placeholder}");
+    // A reload keeps it: the agent was given it once.
+    tp.proxy.reload().unwrap();
+    assert_eq!(agent_placeholder(&tp, "AUTO_KEY"), placeholder);
+    // Another workspace draws another.
+    let other = TestProxy::start().await;
+    other.rewrite_profile(&with_required_auto_secret(&other));
+    other.proxy.reload().unwrap();
+    assert_ne!(agent_placeholder(&other, "AUTO_KEY"), placeholder);
+    // The fixed placeholder is not exported: that secret names no env.
+    assert_eq!(tp.proxy.agent_env().len(), 1);
+
+    let mut c = client(&tp, "other.inject.test").await;
+    let (status, _) = send(
+        &mut c,
+        "other.inject.test",
+        "/v1/x",
+        &[("x-api-key", &placeholder)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(tp.seen()[0].x_api_key.as_deref(), Some(SECRET_VALUE));
+}
+
+#[tokio::test]
+async fn required_placeholder_missing_is_refused_and_audited() {
+    let tp = TestProxy::start().await;
+    tp.rewrite_profile(&with_required_auto_secret(&tp));
+    tp.proxy.reload().unwrap();
+    let mut c = client(&tp, "other.inject.test").await;
+    let (status, _) = send(&mut c, "other.inject.test", "/silent", &[]).await;
+    assert_eq!(status, 403);
+    assert!(tp.seen().is_empty());
+    let rec = http_record(&tp, "/silent").await;
+    assert_eq!(rec["unmapped"]["moat"]["reason"], "placeholder_required");
+    assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
 }

@@ -35,6 +35,26 @@ async fn assert_closed<S: tokio::io::AsyncRead + Unpin>(mut s: S) {
     assert!(got.is_empty(), "refused flow returned bytes: {got:?}");
 }
 
+/// The refused flow is answered with exactly one fatal TLS alert with `description`, then
+/// closed.
+async fn assert_alert<S: tokio::io::AsyncRead + Unpin>(mut s: S, description: u8) {
+    let got = read_all(&mut s, WAIT).await;
+    assert_eq!(got, [0x15, 3, 3, 0, 2, 2, description], "not a fatal alert");
+}
+
+/// The refused plain-HTTP request is answered with a 403 naming `reason` (and the rule, when
+/// one matched), then closed. Returns the response.
+async fn assert_forbidden<S: tokio::io::AsyncRead + Unpin>(mut s: S, reason: &str) -> String {
+    let got = String::from_utf8(read_all(&mut s, WAIT).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{got:?}");
+    assert!(got.contains("Connection: close\r\n"), "{got:?}");
+    assert!(got.contains(&format!("reason: {reason}\n")), "{got:?}");
+    got
+}
+
+const ACCESS_DENIED: u8 = 49;
+const UNRECOGNIZED_NAME: u8 = 112;
+
 #[tokio::test]
 async fn allowed_host_passes_with_matching_sni() {
     let tp = TestProxy::start().await;
@@ -128,7 +148,7 @@ async fn encrypted_client_hello_and_esni_on_passthrough_tls_are_refused() {
         s.write_all(&client_hello("allowed.test", &[(kind, &[0, 1, 2, 3])]))
             .await
             .unwrap();
-        assert_closed(s).await;
+        assert_alert(s, ACCESS_DENIED).await;
         let rec = tp
             .wait_record(|r| {
                 r["unmapped"]["moat"]["reason"] == "tls_hidden_name"
@@ -173,7 +193,8 @@ async fn plain_http_host_mismatch_is_refused() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
         .await
         .unwrap();
-    assert_closed(s).await;
+    let got = assert_forbidden(s, "host_mismatch").await;
+    assert!(got.contains("rule: allowed\n"), "{got}");
     tp.refused("host_mismatch").await;
 }
 
@@ -270,7 +291,7 @@ async fn plain_http_absolute_form_with_an_upper_case_scheme_for_another_host_is_
         let mut s = tp.named("allowed.test", port).await;
         let req = plain_request(&tp, &format!("GET {scheme}://other.test:{port}/"));
         s.write_all(req.as_bytes()).await.unwrap();
-        assert_closed(s).await;
+        assert_forbidden(s, "host_mismatch").await;
     }
     // On a kept-alive connection too.
     let mut s = tp.named("allowed.test", port).await;
@@ -299,7 +320,7 @@ async fn plain_http_h2c_upgrade_is_refused_in_the_first_and_a_later_request() {
     );
     let mut s = tp.named("allowed.test", port).await;
     s.write_all(h2c.as_bytes()).await.unwrap();
-    assert_closed(s).await;
+    assert_forbidden(s, "request_refused").await;
     tp.refused("request_refused").await;
 
     let mut s = tp.named("allowed.test", port).await;
@@ -319,7 +340,7 @@ async fn plain_http_connect_is_refused() {
         s.write_all(plain_request(&tp, &format!("CONNECT {target}")).as_bytes())
             .await
             .unwrap();
-        assert_closed(s).await;
+        assert_forbidden(s, "request_refused").await;
     }
     tp.refused("request_refused").await;
     assert_eq!(tp.plain_received.connections(), 0);
@@ -384,6 +405,76 @@ async fn ip_literal_named_by_a_rules_cidr_passes() {
 async fn unlisted_host_is_refused() {
     let tp = TestProxy::start().await;
     let s = tp.named("allowed.test.evil.test", tp.tls.port()).await;
+    assert_closed(s).await;
+    tp.refused("no_rule").await;
+}
+
+#[tokio::test]
+async fn refused_tls_flow_to_a_name_no_rule_knows_reads_an_unrecognized_name_alert() {
+    let tp = TestProxy::start().await;
+    let mut s = tp.named("nope.test", 443).await;
+    s.write_all(&client_hello("nope.test", &[])).await.unwrap();
+    assert_alert(s, UNRECOGNIZED_NAME).await;
+    let rec = tp.refused("no_rule").await;
+    assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
+    assert_eq!(rec["disposition"], "Blocked");
+}
+
+#[tokio::test]
+async fn refused_tls_flow_on_a_port_no_rule_allows_reads_an_access_denied_alert() {
+    let tp = TestProxy::start().await;
+    let mut s = tp.named("allowed.test", 1).await;
+    s.write_all(&client_hello("allowed.test", &[]))
+        .await
+        .unwrap();
+    assert_alert(s, ACCESS_DENIED).await;
+    tp.refused("port_not_allowed").await;
+}
+
+#[tokio::test]
+async fn a_tls_client_refused_by_the_policy_reports_the_alert() {
+    let tp = TestProxy::start().await;
+    let stream = tp.named("nope.test", 443).await;
+    let err = tls_client(stream, name("nope.test")).await.unwrap_err();
+    assert!(
+        err.to_string().contains("UnrecognisedName"),
+        "not the alert: {err}"
+    );
+    tp.refused("no_rule").await;
+}
+
+#[tokio::test]
+async fn refused_plain_http_request_reads_a_403_naming_the_reason() {
+    let tp = TestProxy::start().await;
+    let mut s = tp.named("nope.test", 80).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: nope.test\r\n\r\n")
+        .await
+        .unwrap();
+    let got = assert_forbidden(s, "no_rule").await;
+    assert!(got.contains("no rule allows nope.test\n"), "{got}");
+    assert!(!got.contains("rule: "), "no rule matched: {got}");
+    tp.refused("no_rule").await;
+}
+
+#[tokio::test]
+async fn refused_plain_http_request_reads_a_403_naming_the_rule() {
+    let tp = TestProxy::start().await;
+    // "public-only" matches private.test, which resolves to a private address: the rule
+    // matched, the address did not.
+    let mut s = tp.named("private.test", tp.tls.port()).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: private.test\r\n\r\n")
+        .await
+        .unwrap();
+    let got = assert_forbidden(s, "non_public_address").await;
+    assert!(got.contains("rule: public-only\n"), "{got}");
+    tp.refused("non_public_address").await;
+}
+
+#[tokio::test]
+async fn a_refused_flow_that_sends_nothing_is_closed_without_an_answer() {
+    let tp = TestProxy::start().await;
+    let mut s = tp.named("nope.test", 443).await;
+    s.shutdown().await.unwrap();
     assert_closed(s).await;
     tp.refused("no_rule").await;
 }
@@ -919,8 +1010,11 @@ async fn a_flood_of_refused_flows_is_bounded_and_summarised() {
         per_second: 5,
         burst: 10,
     };
+    // The flows send nothing after their header: a short sniff timeout keeps the wait for
+    // bytes to answer in short.
     let limits = Limits {
         audit_refusals: rate,
+        sniff_timeout: Duration::from_millis(20),
         ..Limits::default()
     };
     let tp = TestProxy::start_with(limits).await;

@@ -122,10 +122,14 @@ fn describe_secret(s: &moat_policy::SecretSpec) -> String {
     } else {
         format!(" paths [{}]", s.paths.join(", "))
     };
+    let placeholder = if s.auto_placeholder {
+        "auto (per workspace)".to_owned()
+    } else {
+        format!("{:?}", s.placeholder)
+    };
     format!(
-        "{:<20} from {source}, placeholder {:?}, bound to [{}] ports {:?}{paths}, as {}",
+        "{:<20} from {source}, placeholder {placeholder}, bound to [{}] ports {:?}{paths}, as {}",
         s.name,
-        s.placeholder,
         hosts.join(", "),
         s.ports,
         s.presentation.header_name()

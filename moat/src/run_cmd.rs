@@ -104,6 +104,9 @@ pub(crate) struct GuestInitArgs {
     ssh: Option<PathBuf>,
     #[arg(long)]
     ssh_log: Option<PathBuf>,
+    /// A variable of the agent's environment: a secret's placeholder (never its value).
+    #[arg(long = "agent-env", value_name = "NAME=VALUE")]
+    agent_env: Vec<String>,
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -491,10 +494,12 @@ fn run_in(
                     workspace: VmWorkspace {
                         hostname,
                         command: args.command.clone(),
-                        // The terminal the agent's shell will drive, and the language it speaks.
+                        // The terminal the agent's shell will drive, and the language it speaks;
+                        // the secrets' placeholders, in the variables they name.
                         env: ["TERM", "LANG", "COLORTERM"]
                             .iter()
                             .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+                            .chain(proxy.agent_env())
                             .collect(),
                         ca_pem: std::fs::read_to_string(&ca_bundle)?,
                         interactive: std::io::IsTerminal::is_terminal(&std::io::stdin()),
@@ -661,6 +666,13 @@ fn run_namespace(
             .arg("--ssh-log")
             .arg(log);
     }
+    // The secrets' placeholders (drawn for this workspace, or fixed), in the variables they
+    // name: not secret, so the command line may carry them.
+    for (name, placeholder) in proxy.agent_env() {
+        guest_init
+            .arg("--agent-env")
+            .arg(format!("{name}={placeholder}"));
+    }
     let mut child = guest_init
         .arg("--flow-socket")
         .arg(proxy.listen_path())
@@ -726,6 +738,15 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
         (None, true) => RootFs::Host,
         _ => bail!("__guest-init takes one of --root DIR and --host-root"),
     };
+    let env = args
+        .agent_env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--agent-env {kv:?} is not NAME=VALUE"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let config = moat_guest_init::WorkspaceConfig {
         flow_socket: args.flow_socket,
         audit_socket: args.audit_socket,
@@ -738,7 +759,7 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
         agent: moat_guest_init::AgentSpec {
             command: args.command,
             home: args.home,
-            env: Vec::new(),
+            env,
         },
     };
     let code = moat_guest_init::run_namespace(&config)?;

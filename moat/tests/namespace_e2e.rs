@@ -51,6 +51,34 @@ mod host_root {
 }
 
 #[test]
+fn an_auto_placeholder_is_fresh_per_start_in_the_agents_env_and_required() {
+    let ws = Workspace::new();
+    let show = format!("echo ${}", common::E2E_AUTO_ENV);
+    let first = text(&ws.run(&show).stdout);
+    let second = text(&ws.run(&show).stdout);
+    assert!(first.starts_with("sk-moat-"), "{first:?}");
+    assert_ne!(first, second, "two starts drew the same placeholder");
+    // With the placeholder the secret is injected; without it the request is refused.
+    let url = ws.url("api.test", "/auth-required");
+    let out = ws.run(&format!(
+        "curl -sS -H \"Authorization: Bearer ${}\" {url}; \
+         curl -sS -o /dev/null -w '%{{http_code}}\\n' {url}",
+        common::E2E_AUTO_ENV
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        "auth: ok\n403\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        ws.reasons().contains(&"placeholder_required".to_owned()),
+        "audit: {:?}",
+        ws.reasons()
+    );
+}
+
+#[test]
 fn tls_clients_are_pointed_at_the_workspace_trust_store() {
     for (ws, root) in [
         (Workspace::new(), common::root_image()),

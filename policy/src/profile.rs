@@ -157,7 +157,14 @@ struct SecretFile {
     #[serde(default)]
     paths: Vec<String>,
     presentation: Presentation,
+    #[serde(default)]
+    env: Option<String>,
+    #[serde(default)]
+    require: bool,
 }
+
+/// The `placeholder` value that asks for a random placeholder per workspace.
+const AUTO_PLACEHOLDER: &str = "auto";
 
 fn default_secret_ports() -> Vec<u16> {
     vec![443]
@@ -388,11 +395,28 @@ fn compile_secret(raw: SecretFile) -> Result<SecretSpec, ProfileError> {
         }
         _ => {}
     }
+    let auto_placeholder = raw.placeholder == AUTO_PLACEHOLDER;
     let p = &raw.placeholder;
-    if p.len() < MIN_PLACEHOLDER_LEN || !p.bytes().all(|b| b.is_ascii_graphic()) {
+    if !auto_placeholder
+        && (p.len() < MIN_PLACEHOLDER_LEN || !p.bytes().all(|b| b.is_ascii_graphic()))
+    {
         return Err(bad(format!(
-            "the placeholder must be at least {MIN_PLACEHOLDER_LEN} visible ASCII characters"
+            "the placeholder must be \"auto\" or at least {MIN_PLACEHOLDER_LEN} visible ASCII \
+             characters"
         )));
+    }
+    match &raw.env {
+        None if auto_placeholder => {
+            return Err(bad(
+                "an \"auto\" placeholder needs env, the variable the agent finds it in".into(),
+            ));
+        }
+        Some(var) if !is_env_name(var) => {
+            return Err(bad(format!(
+                "env {var:?} must be letters, digits and '_', not starting with a digit"
+            )));
+        }
+        _ => {}
     }
     if raw.hosts.is_empty() {
         return Err(bad("it must be bound to at least one host".into()));
@@ -417,12 +441,27 @@ fn compile_secret(raw: SecretFile) -> Result<SecretSpec, ProfileError> {
     Ok(SecretSpec {
         name: raw.name,
         source: raw.source,
-        placeholder: raw.placeholder,
+        placeholder: if auto_placeholder {
+            String::new()
+        } else {
+            raw.placeholder
+        },
+        auto_placeholder,
+        env: raw.env,
+        require: raw.require,
         hosts,
         ports: raw.ports,
         paths: raw.paths,
         presentation: raw.presentation,
     })
+}
+
+/// Is `name` a portable environment variable name?
+fn is_env_name(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Names and placeholders are unique, and no placeholder contains another (a request that
@@ -432,10 +471,15 @@ fn check_secret_against_others(
     others: &[SecretSpec],
 ) -> Result<(), ProfileError> {
     for o in others {
+        // Auto placeholders are drawn later, at random: they overlap nothing.
+        let fixed = !o.auto_placeholder && !spec.auto_placeholder;
         let why = if o.name == spec.name {
             "the name is used twice"
-        } else if o.placeholder.contains(&spec.placeholder)
-            || spec.placeholder.contains(&o.placeholder)
+        } else if spec.env.is_some() && o.env == spec.env {
+            "its env variable is used by another secret"
+        } else if fixed
+            && (o.placeholder.contains(&spec.placeholder)
+                || spec.placeholder.contains(&o.placeholder))
         {
             "its placeholder overlaps another secret's"
         } else {
@@ -676,6 +720,38 @@ protocols = ["tcp"]
             "service = \"git-corp\"\naddress = \"10.1.2.3:22\"",
         );
         assert!(err.contains("not valid"), "{err}");
+    }
+
+    #[test]
+    fn auto_placeholder_needs_an_env_and_compiles_empty_for_the_proxy_to_fill() {
+        let auto = SECRET.replace(
+            "placeholder = \"sk-moat-placeholder-openai\"",
+            "placeholder = \"auto\"\nenv = \"OPENAI_API_KEY\"\nrequire = true",
+        );
+        let p = with(&auto).unwrap();
+        let s = &p.secrets[0];
+        assert!(s.auto_placeholder && s.require);
+        assert_eq!(s.placeholder, "");
+        assert_eq!(s.env.as_deref(), Some("OPENAI_API_KEY"));
+        // Two auto placeholders never overlap (they are drawn at random).
+        let second = auto
+            .replace("name = \"openai\"", "name = \"other\"")
+            .replace("env = \"OPENAI_API_KEY\"", "env = \"OTHER\"");
+        assert!(with(&format!("{auto}{second}")).is_ok());
+
+        let err = with(&SECRET.replace("sk-moat-placeholder-openai", "auto"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs env"), "{err}");
+        for bad in ["1X", "A-B", "", "A=B"] {
+            let text = SECRET.replace("presentation", &format!("env = \"{bad}\"\npresentation"));
+            assert!(with(&text).is_err(), "{bad}");
+        }
+        // A fixed placeholder may be exported too.
+        let fixed = SECRET.replace("presentation", "env = \"OPENAI_API_KEY\"\npresentation");
+        let p = with(&fixed).unwrap();
+        assert!(!p.secrets[0].auto_placeholder);
+        assert_eq!(p.secrets[0].placeholder, "sk-moat-placeholder-openai");
     }
 
     #[test]

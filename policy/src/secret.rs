@@ -13,7 +13,14 @@
 //! ports = [443]                             # default [443]
 //! paths = ["/v1/"]                          # optional path prefixes
 //! presentation = "authorization_bearer"    # authorization_basic, x_api_key, { header = "Name" }
+//! env = "OPENAI_API_KEY"                    # optional: the agent's variable holding the placeholder
+//! require = true                            # optional: refuse a bound request without it
 //! ```
+//!
+//! `placeholder = "auto"` makes the proxy draw a fresh random placeholder for each workspace it
+//! serves (kept across policy reloads while the workspace lives), so a placeholder seen in one
+//! workspace's logs means nothing anywhere else; the agent learns it from the environment
+//! variable `env` names, which an auto placeholder therefore requires.
 
 use std::path::PathBuf;
 
@@ -68,8 +75,16 @@ pub struct SecretSpec {
     pub name: String,
     /// Where the value comes from.
     pub source: SecretSource,
-    /// The fixed string the agent is given instead of the value.
+    /// The string the agent is given instead of the value. Empty in a compiled profile when
+    /// [`SecretSpec::auto_placeholder`]: the proxy fills it in for each workspace.
     pub placeholder: String,
+    /// `placeholder = "auto"`: a random placeholder per workspace, drawn by the proxy.
+    pub auto_placeholder: bool,
+    /// The environment variable the agent is given the placeholder in, if any.
+    pub env: Option<String>,
+    /// A request bound to the secret (host, port and path) must carry its placeholder in the
+    /// presentation header, or it is refused: no silent injection into every request.
+    pub require: bool,
     /// Hosts the secret is bound to.
     pub hosts: Vec<HostPattern>,
     /// Ports the secret is bound to.
@@ -136,6 +151,9 @@ mod tests {
             name: "s".into(),
             source: SecretSource::Env("X".into()),
             placeholder: "sk-moat-placeholder-s".into(),
+            auto_placeholder: false,
+            env: None,
+            require: false,
             hosts: vec![HostPattern::parse("api.example.com").unwrap()],
             ports: vec![443],
             paths: paths.iter().map(|p| (*p).to_owned()).collect(),

@@ -7,7 +7,8 @@
 //!    and to the TLS SNI when the flow opened, and the upstream address is pinned, so a request
 //!    that names another host (a switch on a kept-alive connection) is refused, never routed.
 //! 2. Placeholders: a placeholder anywhere in the head (method, target, header names or values) for a
-//!    host, port or path its secret is not bound to is refused. Fail closed.
+//!    host, port or path its secret is not bound to is refused. Fail closed. A request bound to
+//!    a secret with `require = true` that carries its placeholder nowhere in the head is refused.
 //! 3. Credentials: if any secret is bound to the host, every agent-supplied credential header
 //!    (`authorization`, `proxy-authorization`, `x-api-key` and each bound secret's header) is
 //!    removed, never forwarded; then each secret bound to the host, port *and path* is set in
@@ -202,6 +203,17 @@ pub fn apply_secrets(
                 Reason::PlaceholderUnbound,
                 format!(
                     "placeholder of secret {:?} is not bound to this request",
+                    spec.name
+                ),
+            ));
+        }
+        // `require = true`: the agent must ask for the secret, never get it silently.
+        if spec.require && !present && spec.binds(host, port, path) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                Reason::PlaceholderRequired,
+                format!(
+                    "request bound to secret {:?} does not carry its placeholder",
                     spec.name
                 ),
             ));

@@ -118,7 +118,7 @@ fn serve(mut tcp: std::net::TcpStream, config: Arc<rustls::ServerConfig>, root: 
         } else if path.starts_with("/private/") && !ok {
             // Files under /private/ are served only to the real secret.
             None
-        } else if path == "/auth" {
+        } else if path == "/auth" || path == "/auth-required" {
             Some(if ok {
                 b"auth: ok\n".to_vec()
             } else {
@@ -148,6 +148,8 @@ fn serve(mut tcp: std::net::TcpStream, config: Arc<rustls::ServerConfig>, root: 
 pub const E2E_SECRET: &str = "sk-e2e-REAL-7d3e";
 /// What the agent is given instead.
 pub const E2E_PLACEHOLDER: &str = "sk-moat-placeholder-e2e";
+/// The agent's variable holding the `placeholder = "auto"` secret's placeholder.
+pub const E2E_AUTO_ENV: &str = "E2E_AUTO_TOKEN";
 
 /// A workspace setup: signed policy, agent home with the CA, audit log.
 pub struct Workspace {
@@ -218,6 +220,11 @@ impl Workspace {
              cidrs = [\"127.0.0.0/8\"]\n\n\
              [[secrets]]\nname = \"api\"\nsource = {{ file = \"{secret}\" }}\n\
              placeholder = \"{E2E_PLACEHOLDER}\"\nhosts = [\"api.test\"]\nports = [{port}]\n\
+             presentation = \"authorization_bearer\"\n\n\
+             # A placeholder drawn per workspace start, which /auth-required must carry.\n\
+             [[secrets]]\nname = \"auto\"\nsource = {{ file = \"{secret}\" }}\n\
+             placeholder = \"auto\"\nenv = \"{E2E_AUTO_ENV}\"\nrequire = true\n\
+             hosts = [\"api.test\"]\nports = [{port}]\npaths = [\"/auth-required\"]\n\
              presentation = \"authorization_bearer\"\n",
             upstream.port,
             port = upstream.port,
