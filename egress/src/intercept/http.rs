@@ -274,6 +274,7 @@ impl Ctx {
             routed_from: self.flow.routed().then_some(self.flow.hostname.as_str()),
             path: &head.path,
             query: head.query,
+            http_rule: head.http_rule.as_deref(),
             version: head.version,
             status: status.as_u16(),
             reason,
@@ -318,7 +319,8 @@ impl Ctx {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let head = Head {
+        let mut head = Head {
+            http_rule: None,
             method: req.method().as_str().to_owned(),
             path: req.uri().path().to_owned(),
             query: req.uri().query().is_some(),
@@ -372,6 +374,28 @@ impl Ctx {
             };
             return self.refuse(&head, r);
         }
+        // The rule's HTTP rules as in force now: a reload applies from the next request. A
+        // flow whose rule is gone is being cut; its requests are refused meanwhile.
+        let policy = self.shared.policy.current();
+        let Some(rule) = policy.rule(&self.flow.rule) else {
+            let r = Refusal {
+                status: StatusCode::FORBIDDEN,
+                reason: Reason::HttpRuleDenied,
+                detail: format!("rule {:?} is no longer in the policy", self.flow.rule),
+            };
+            return self.refuse(&head, r);
+        };
+        if let Some(http) = &rule.http {
+            match inject::check_http_rules(&mut parts.uri, parts.method.as_str(), &rule.name, http)
+            {
+                Ok(name) => head.http_rule = Some(name),
+                Err((name, r)) => {
+                    head.http_rule = name;
+                    return self.refuse(&head, r);
+                }
+            }
+        }
+        drop(policy);
         // From here on, names are the upstream's: a routed rule's secrets are bound to its
         // route (the provider), not to the in-workspace name.
         let routed = self.flow.routed();
@@ -647,6 +671,8 @@ struct Head {
     path: String,
     query: bool,
     version: &'static str,
+    /// The HTTP rule that decided the request, once one has (audited with it).
+    http_rule: Option<String>,
 }
 
 /// Runs an admitted intercepted flow to its end. Returns the reason it ended and a detail.
