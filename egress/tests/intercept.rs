@@ -489,6 +489,20 @@ async fn http_rules_match_the_normalised_path_and_listed_query_keys_only() {
 }
 
 #[tokio::test]
+async fn reloaded_http_rules_decide_the_next_request_on_an_open_connection() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    let (status, _) = send(&mut c, "api.inject.test", "/v2/models", &[]).await;
+    assert_eq!(status, 200);
+    // The rule still allows the flow, so the reload does not cut it; its requests are now
+    // decided by the new HTTP rules.
+    with_http_rules(&tp);
+    let (status, body) = send(&mut c, "api.inject.test", "/v2/models", &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(tp.seen().len(), 1);
+}
+
+#[tokio::test]
 async fn http_rule_records_validate_against_the_ocsf_schema() {
     let tp = TestProxy::start().await;
     with_http_rules(&tp);

@@ -107,6 +107,14 @@ fn summary(policy: &Policy) {
                 format!(" cidrs [{}]", cidrs.join(", "))
             }
         );
+        if let Some(http) = &rule.http {
+            println!(
+                "  {:<20} {} HTTP rule(s), unmatched requests: {}",
+                "",
+                http.rules.len(),
+                http.default.as_str()
+            );
+        }
     }
     if !policy.secrets.is_empty() {
         println!(

@@ -123,14 +123,20 @@ fn decide(policy: &Policy, case: &Case) -> Result<Outcome> {
             "{flow}: {method} is never forwarded on intercepted flows"
         )));
     }
+    // The proxy normalises the path where HTTP rules or a bound secret's path prefixes depend
+    // on it, and refuses a path that has no normal form there (400).
+    let (up_host, up_port) = upstream(rule, host.as_deref(), port);
+    let prefixes = policy
+        .secrets
+        .iter()
+        .any(|s| s.has_paths() && up_host.is_some_and(|h| s.binds_host(h, up_port)));
     let path = match moat_policy::normalize_path(raw_path) {
         Ok(p) => p,
-        Err(e) if rule.http.is_some() => {
+        Err(e) if rule.http.is_some() || prefixes => {
             return Ok(deny(format!(
                 "{flow}: 400, the path has no normal form: {e}"
             )));
         }
-        // Without HTTP rules the path decides nothing but secrets' prefixes (none match).
         Err(_) => raw_path.to_owned(),
     };
     let mut why = flow.clone();
@@ -161,10 +167,8 @@ fn injected(
     port: u16,
     path: &str,
 ) -> Vec<String> {
-    let (host, port) = match (&rule.route, host) {
-        (Some(r), _) => (r.host.as_str(), r.port),
-        (None, Some(h)) => (h, port),
-        (None, None) => return Vec::new(),
+    let (Some(host), port) = upstream(rule, host, port) else {
+        return Vec::new();
     };
     let mut headers = HashSet::new();
     policy
@@ -174,6 +178,18 @@ fn injected(
         .filter(|s| headers.insert(s.presentation.header_name()))
         .map(|s| s.name.clone())
         .collect()
+}
+
+/// The name and port secrets are bound against: a routed rule's route, else the flow's.
+fn upstream<'a>(
+    rule: &'a moat_policy::Rule,
+    host: Option<&'a str>,
+    port: u16,
+) -> (Option<&'a str>, u16) {
+    match &rule.route {
+        Some(r) => (Some(r.host.as_str()), r.port),
+        None => (host, port),
+    }
 }
 
 /// The outcome written for a report line.
@@ -385,6 +401,20 @@ inject = ["other"]
             "{report}"
         );
         assert!(report.ends_with("0 passed, 2 failed\n"), "{report}");
+    }
+
+    #[test]
+    fn a_path_without_a_normal_form_is_denied_where_the_proxy_refuses_it() {
+        let cases = "[[cases]]\nname = \"params\"\ndestination = \"api.github.com:443\"\n\
+                     path = \"/repos/..;/admin\"\nexpect = \"deny\"\n";
+        let (report, all) = check_cases(&policy(), cases).unwrap();
+        assert!(all, "{report}");
+        let cases = cases.replace("expect = \"deny\"", "expect = \"allow\"");
+        let (report, _) = check_cases(&policy(), &cases).unwrap();
+        assert!(
+            report.contains("400, the path has no normal form"),
+            "{report}"
+        );
     }
 
     #[test]
