@@ -503,6 +503,29 @@ async fn reloaded_http_rules_decide_the_next_request_on_an_open_connection() {
 }
 
 #[tokio::test]
+async fn an_open_flow_follows_the_rule_that_decides_it_after_a_reload() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    assert_eq!(send(&mut c, "api.inject.test", "/v1/a", &[]).await.0, 200);
+    // Renamed, with HTTP rules: the flow is still intercepted (not cut), and its next request
+    // is decided by the renamed rule's HTTP rules.
+    let rules = intercept_rules(tp.http.port(), &tp.secret_file).replacen(
+        "name = \"api\"\n",
+        "name = \"api-renamed\"\n",
+        1,
+    );
+    let rules = rules.replace(
+        "\n[[rules]]\nname = \"other-api\"",
+        "\n[rules.http]\ndefault = \"deny\"\n\n[[rules]]\nname = \"other-api\"",
+    );
+    tp.rewrite_profile(&profile_text(tp.tls.port(), tp.plain.port(), &rules));
+    tp.proxy.reload().unwrap();
+    let (status, body) = send(&mut c, "api.inject.test", "/v1/b", &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("default of rule \"api-renamed\""), "{body}");
+}
+
+#[tokio::test]
 async fn http_rule_records_validate_against_the_ocsf_schema() {
     let tp = TestProxy::start().await;
     with_http_rules(&tp);

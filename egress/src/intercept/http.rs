@@ -374,16 +374,31 @@ impl Ctx {
             };
             return self.refuse(&head, r);
         }
-        // The rule's HTTP rules as in force now: a reload applies from the next request. A
-        // flow whose rule is gone is being cut; its requests are refused meanwhile.
+        // The HTTP rules of the rule that decides the flow under the policy in force now: a
+        // reload applies from the next request. A flow it no longer intercepts is being cut;
+        // its requests are refused meanwhile.
         let policy = self.shared.policy.current();
-        let Some(rule) = policy.rule(&self.flow.rule) else {
-            let r = Refusal {
-                status: StatusCode::FORBIDDEN,
-                reason: Reason::HttpRuleDenied,
-                detail: format!("rule {:?} is no longer in the policy", self.flow.rule),
-            };
-            return self.refuse(&head, r);
+        let dest = moat_policy::Destination {
+            hostname: Some(host),
+            addr: self
+                .flow
+                .info
+                .claimed
+                .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.ip()),
+            port,
+        };
+        let rule = match policy.decide(dest) {
+            moat_policy::Decision::Allow(rule) if rule.action == moat_policy::Action::Intercept => {
+                rule
+            }
+            _ => {
+                let r = Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    reason: Reason::HttpRuleDenied,
+                    detail: "the policy in force no longer intercepts this flow".into(),
+                };
+                return self.refuse(&head, r);
+            }
         };
         if let Some(http) = &rule.http {
             match inject::check_http_rules(&mut parts.uri, parts.method.as_str(), &rule.name, http)
