@@ -627,6 +627,9 @@ pub struct HttpEvent<'a> {
     pub reason: Option<Reason>,
     /// Human-readable detail (never a header value).
     pub detail: Option<String>,
+    /// The HTTP rule of the intercept rule that decided the request (`default` for the rule's
+    /// default), where the rule has HTTP rules and the request got as far as them.
+    pub http_rule: Option<&'a str>,
     /// Names of the secrets injected into the request.
     pub secrets: Vec<String>,
     /// Body bytes agent -> upstream and upstream -> agent, once the response has ended.
@@ -729,6 +732,9 @@ impl Audit {
         });
         let mut unmapped = serde_json::Map::new();
         unmapped.insert("flow_uid".into(), json!(f.uid));
+        if let Some(name) = event.http_rule {
+            unmapped.insert("http_rule".into(), json!(name));
+        }
         if !event.secrets.is_empty() {
             unmapped.insert("secrets_injected".into(), json!(event.secrets));
         }

@@ -112,6 +112,9 @@ reasons! {
     AuthorityMismatch => "authority_mismatch", Agent;
     /// A request the proxy does not forward, intercepted or plain HTTP (CONNECT, an upgrade).
     RequestRefused => "request_refused", Agent;
+    /// An intercepted request that the intercept rule's HTTP rules deny (a denying HTTP rule,
+    /// or the rule's default): answered 403, never forwarded.
+    HttpRuleDenied => "http_rule_denied", Agent;
     /// The agent's TLS handshake with the workspace CA's leaf failed (the agent does not
     /// trust the workspace CA, or spoke something else).
     AgentTls => "agent_tls", Agent;

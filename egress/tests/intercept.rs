@@ -392,6 +392,162 @@ async fn the_upstream_is_sent_the_normalised_path_the_prefix_matched() {
     assert!(seen[1].authorization.is_empty(), "{:?}", seen[1]);
 }
 
+/// Gives `tp`'s rule "api" HTTP rules: `/v1/admin/**` denied by name, GET under `/v1/` (query
+/// keys among `page`) allowed, everything else denied by the default.
+fn with_http_rules(tp: &TestProxy) {
+    let rules = intercept_rules(tp.http.port(), &tp.secret_file).replace(
+        "\n[[rules]]\nname = \"other-api\"",
+        "\n[rules.http]\ndefault = \"deny\"\n\n[[rules.http.requests]]\nname = \"no-admin\"\n\
+         paths = [\"/v1/admin/**\"]\naction = \"deny\"\n\n[[rules.http.requests]]\n\
+         name = \"read-v1\"\nmethods = [\"GET\"]\npaths = [\"/v1/**\"]\nquery = [\"page\"]\n\
+         action = \"allow\"\n\n[[rules]]\nname = \"other-api\"",
+    );
+    tp.rewrite_profile(&profile_text(tp.tls.port(), tp.plain.port(), &rules));
+    tp.proxy.reload().unwrap();
+}
+
+#[tokio::test]
+async fn http_rule_allows_a_matching_get_and_the_record_names_it() {
+    let tp = TestProxy::start().await;
+    with_http_rules(&tp);
+    let mut c = client(&tp, "api.inject.test").await;
+    let (status, body) = send(&mut c, "api.inject.test", "/v1/models?page=2", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "ok /v1/models"));
+    assert_eq!(tp.seen()[0].authorization, vec![bearer(SECRET_VALUE)]);
+    let rec = http_record(&tp, "/v1/models").await;
+    assert_eq!(rec["unmapped"]["moat"]["http_rule"], "read-v1", "{rec}");
+    assert_eq!(rec["disposition"], "Allowed");
+    assert_eq!(rec["firewall_rule"]["name"], "api");
+}
+
+#[tokio::test]
+async fn http_rule_default_denies_a_post_with_a_403_that_never_reaches_the_upstream() {
+    let tp = TestProxy::start().await;
+    with_http_rules(&tp);
+    let req = format!(
+        "POST /v1/models HTTP/1.1\r\nHost: api.inject.test\r\nContent-Length: 2\r\n\
+         Authorization: Bearer {PLACEHOLDER}\r\n\r\n{{}}"
+    );
+    let got = raw(&tp, "api.inject.test", req.as_bytes()).await;
+    assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+    assert!(got.contains("text/plain"), "{got}");
+    assert!(
+        got.contains("http_rule_denied") && got.contains("default of rule \"api\""),
+        "{got}"
+    );
+    assert!(!got.contains(SECRET_VALUE));
+    assert!(tp.seen().is_empty(), "{:?}", tp.seen());
+    let rec = http_record(&tp, "/v1/models").await;
+    let moat = &rec["unmapped"]["moat"];
+    assert_eq!(
+        (moat["reason"].as_str(), moat["http_rule"].as_str()),
+        (Some("http_rule_denied"), Some("default")),
+        "{rec}"
+    );
+    assert_eq!(rec["disposition"], "Blocked");
+    assert_eq!(rec["http_response"]["code"], 403);
+}
+
+#[tokio::test]
+async fn http_rule_that_denies_is_named_in_the_403_and_the_record() {
+    let tp = TestProxy::start().await;
+    with_http_rules(&tp);
+    let mut c = client(&tp, "api.inject.test").await;
+    let (status, body) = send(&mut c, "api.inject.test", "/v1/admin/users", &[]).await;
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("HTTP rule \"no-admin\" of rule \"api\""),
+        "{body}"
+    );
+    assert!(tp.seen().is_empty());
+    let rec = http_record(&tp, "/v1/admin/users").await;
+    assert_eq!(rec["unmapped"]["moat"]["http_rule"], "no-admin", "{rec}");
+}
+
+#[tokio::test]
+async fn http_rules_match_the_normalised_path_and_listed_query_keys_only() {
+    let tp = TestProxy::start().await;
+    with_http_rules(&tp);
+    for (target, want) in [
+        ("/v1/../admin", "403"),
+        ("/v1/%2e%2e/admin", "403"),
+        ("/v1/x/../admin/users", "403"),
+        ("/v1/models?admin=1", "403"),
+        ("/v1/..;/admin", "400"),
+        ("/v1/%252e%252e/admin", "400"),
+    ] {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: api.inject.test\r\n\r\n");
+        let got = raw(&tp, "api.inject.test", req.as_bytes()).await;
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {want}")),
+            "{target}: {got}"
+        );
+    }
+    assert!(tp.seen().is_empty(), "{:?}", tp.seen());
+    // Allowed in its normal form, which is what the upstream is sent.
+    let mut c = client(&tp, "api.inject.test").await;
+    let (status, _) = send(&mut c, "api.inject.test", "/x/%2E%2e/v1/models", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(tp.seen()[0].path, "/v1/models");
+}
+
+#[tokio::test]
+async fn reloaded_http_rules_decide_the_next_request_on_an_open_connection() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    let (status, _) = send(&mut c, "api.inject.test", "/v2/models", &[]).await;
+    assert_eq!(status, 200);
+    // The rule still allows the flow, so the reload does not cut it; its requests are now
+    // decided by the new HTTP rules.
+    with_http_rules(&tp);
+    let (status, body) = send(&mut c, "api.inject.test", "/v2/models", &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(tp.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn an_open_flow_follows_the_rule_that_decides_it_after_a_reload() {
+    let tp = TestProxy::start().await;
+    let mut c = client(&tp, "api.inject.test").await;
+    assert_eq!(send(&mut c, "api.inject.test", "/v1/a", &[]).await.0, 200);
+    // Renamed, with HTTP rules: the flow is still intercepted (not cut), and its next request
+    // is decided by the renamed rule's HTTP rules.
+    let rules = intercept_rules(tp.http.port(), &tp.secret_file).replacen(
+        "name = \"api\"\n",
+        "name = \"api-renamed\"\n",
+        1,
+    );
+    let rules = rules.replace(
+        "\n[[rules]]\nname = \"other-api\"",
+        "\n[rules.http]\ndefault = \"deny\"\n\n[[rules]]\nname = \"other-api\"",
+    );
+    tp.rewrite_profile(&profile_text(tp.tls.port(), tp.plain.port(), &rules));
+    tp.proxy.reload().unwrap();
+    let (status, body) = send(&mut c, "api.inject.test", "/v1/b", &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("default of rule \"api-renamed\""), "{body}");
+}
+
+#[tokio::test]
+async fn http_rule_records_validate_against_the_ocsf_schema() {
+    let tp = TestProxy::start().await;
+    with_http_rules(&tp);
+    let mut c = client(&tp, "api.inject.test").await;
+    send(&mut c, "api.inject.test", "/v1/ok", &[]).await;
+    send(&mut c, "api.inject.test", "/v1/admin/x", &[]).await;
+    http_record(&tp, "/v1/admin/x").await;
+    let out = std::process::Command::new(ocsf_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/ocsf/validate.py"
+        ))
+        .arg(&tp.audit_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "OCSF validation failed:\n{stdout}");
+}
+
 #[tokio::test]
 async fn request_body_streams_to_the_upstream() {
     let tp = TestProxy::start().await;

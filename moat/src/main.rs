@@ -7,6 +7,7 @@ mod broker_cmd;
 mod connect;
 mod doctor;
 mod policy_cmd;
+mod policy_test;
 mod proxy_cmd;
 mod run_cmd;
 mod vm_backend;

@@ -49,6 +49,18 @@ pub(crate) enum PolicyCommand {
         /// host:port, or ip:port for an IP literal ([v6]:port).
         destination: String,
     },
+    /// Check table-driven expectations (destination, request -> allow/deny, secrets injected)
+    /// against a signed profile. Exit status 0: all pass; 1: one fails; 2: unusable input.
+    Test {
+        /// The profile (default: the development profile). Its signature is verified.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// The trusted public key (default: the development key).
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// The case file ([[cases]]: destination, method, path, expect, inject).
+        cases: PathBuf,
+    },
 }
 
 fn password() -> String {
@@ -95,6 +107,14 @@ fn summary(policy: &Policy) {
                 format!(" cidrs [{}]", cidrs.join(", "))
             }
         );
+        if let Some(http) = &rule.http {
+            println!(
+                "  {:<20} {} HTTP rule(s), unmatched requests: {}",
+                "",
+                http.rules.len(),
+                http.default.as_str()
+            );
+        }
     }
     if !policy.secrets.is_empty() {
         println!(
@@ -105,6 +125,39 @@ fn summary(policy: &Policy) {
     for secret in &policy.secrets {
         println!("  {}", describe_secret(secret));
     }
+}
+
+/// Lines about an intercept rule's HTTP rules, in the order they are tried.
+fn describe_http(http: &moat_policy::HttpRules) -> Vec<String> {
+    let mut lines = vec![format!(
+        "HTTP rules (first match decides on the normalised path; unmatched: {}):",
+        http.default.as_str()
+    )];
+    for r in &http.rules {
+        let methods = if r.methods.is_empty() {
+            "any method".to_owned()
+        } else {
+            r.methods.join(",")
+        };
+        let paths: Vec<String> = r.paths.iter().map(ToString::to_string).collect();
+        let query = match &r.query {
+            None => String::new(),
+            Some(keys) if keys.is_empty() => " with no query".to_owned(),
+            Some(keys) => format!(" query keys among [{}]", keys.join(", ")),
+        };
+        lines.push(format!(
+            "  {:<5} {:<16} {methods} [{}]{query}",
+            r.action.as_str(),
+            r.name,
+            paths.join(", ")
+        ));
+    }
+    lines.push(format!(
+        "  {:<5} {:<16} everything else",
+        http.default.as_str(),
+        moat_policy::http_rules::DEFAULT_NAME
+    ));
+    lines
 }
 
 /// One line about a secret: where it comes from, where it is bound, how it is presented.
@@ -187,6 +240,23 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<ExitCode> {
             let policy = load_verified(&profile, &pubkey)?;
             return explain(&policy, &destination);
         }
+        PolicyCommand::Test {
+            profile,
+            pubkey,
+            cases,
+        } => {
+            let profile = profile.unwrap_or_else(|| crate::dev_dir().join("profile.toml"));
+            let pubkey = pubkey.unwrap_or_else(|| crate::dev_dir().join("dev.pub"));
+            let policy = match load_verified(&profile, &pubkey) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {}", moat_egress::error_chain(e.as_ref()));
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            println!("{}", label(&policy));
+            return Ok(crate::policy_test::run(&policy, &cases));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -250,6 +320,11 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
                      here; the broker connects to the service's configured address)"
                 );
             }
+            if let Some(http) = &rule.http {
+                for line in describe_http(http) {
+                    println!("  {line}");
+                }
+            }
             if let Some(route) = &rule.route {
                 println!(
                     "  routed to {}:{} (resolved, classified and verified as that name)",
@@ -295,6 +370,32 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn explain_lists_http_rules_in_order_with_the_default() {
+        let p = moat_policy::profile::parse(
+            "version = 1\nname = \"t\"\n[[rules]]\nname = \"gh\"\nhosts = [\"api.github.com\"]\n\
+             ports = [443]\naction = \"intercept\"\n[rules.http]\ndefault = \"deny\"\n\
+             [[rules.http.requests]]\nname = \"read\"\nmethods = [\"GET\", \"HEAD\"]\n\
+             paths = [\"/repos/**\", \"/user\"]\nquery = [\"page\"]\naction = \"allow\"\n\
+             [[rules.http.requests]]\nname = \"no-delete\"\nmethods = [\"DELETE\"]\n\
+             paths = [\"/**\"]\naction = \"deny\"\n",
+        )
+        .unwrap();
+        let lines = describe_http(p.rules[0].http.as_ref().unwrap());
+        assert!(lines[0].contains("unmatched: deny"), "{lines:?}");
+        assert!(
+            lines[1].contains("allow")
+                && lines[1].contains("read")
+                && lines[1].contains("GET,HEAD [/repos/**, /user] query keys among [page]"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains("deny") && lines[2].contains("no-delete"),
+            "{lines:?}"
+        );
+        assert!(lines[3].contains("default") && lines[3].contains("everything else"));
+    }
 
     #[test]
     fn a_profile_is_shown_with_its_serial() {

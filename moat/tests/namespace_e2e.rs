@@ -50,6 +50,60 @@ mod host_root {
     every_backend_scenario!(host_root_scenarios);
 }
 
+/// HTTP rules on the intercepted api.test, with real curl through the whole path: the GET an
+/// HTTP rule allows gets the secret, the POST none allows is answered 403 by the proxy, naming
+/// the rule (over HTTP/2 with and without a body, and over HTTP/1.1), and all are audited with
+/// the HTTP rule that decided.
+#[test]
+fn http_rules_let_curl_get_and_refuse_its_post_with_a_403_naming_the_rule() {
+    let ws = Workspace::new().with_http_rules(
+        "[rules.http]\ndefault = \"deny\"\n\n[[rules.http.requests]]\nname = \"read-auth\"\n\
+         methods = [\"GET\"]\npaths = [\"/auth\"]\naction = \"allow\"\n",
+    );
+    let url = ws.url("api.test", "/auth");
+    let out = ws.run(&format!(
+        "curl -sS -H 'Authorization: Bearer {p}' {url}; \
+         curl -sS -X POST -w '%{{http_code}}\\n' -H 'Authorization: Bearer {p}' {url}; \
+         curl -sS --http1.1 -X POST -d x -w '%{{http_code}}\\n' {url}; \
+         curl -sS -X POST -d x -w '%{{http_code}}\\n' {url}",
+        p = common::E2E_PLACEHOLDER
+    ));
+    let stdout = text(&out.stdout);
+    let refused = "moat: request refused (http_rule_denied): POST /auth is denied by the \
+                   default of rule \"api\" (no HTTP rule matched)\n403\n";
+    assert_eq!(
+        stdout,
+        format!("auth: ok\n{refused}{refused}{refused}"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let http: Vec<_> = ws
+        .audit()
+        .into_iter()
+        .filter(|r| r["class_uid"] == 4002)
+        .collect();
+    let rule_of = |method: &str| {
+        let r = http
+            .iter()
+            .find(|r| r["http_request"]["http_method"] == method)
+            .unwrap();
+        (
+            r["unmapped"]["moat"]["http_rule"]
+                .as_str()
+                .map(str::to_owned),
+            r["disposition"].as_str().map(str::to_owned),
+        )
+    };
+    assert_eq!(
+        rule_of("GET"),
+        (Some("read-auth".into()), Some("Allowed".into()))
+    );
+    assert_eq!(
+        rule_of("POST"),
+        (Some("default".into()), Some("Blocked".into()))
+    );
+}
+
 #[test]
 fn an_auto_placeholder_is_fresh_per_start_in_the_agents_env_and_required() {
     let ws = Workspace::new();

@@ -34,6 +34,7 @@
 
 pub mod addr;
 pub mod host;
+pub mod http_rules;
 pub mod path;
 pub mod profile;
 pub mod secret;
@@ -48,6 +49,7 @@ use serde::Deserialize;
 
 pub use addr::{AddrClass, classify};
 pub use host::{HostPattern, normalize};
+pub use http_rules::{HttpAction, HttpRule, HttpRules, HttpVerdict, PathPattern};
 pub use path::{PathError, normalize_path};
 pub use secret::{Presentation, SecretSource, SecretSpec};
 pub use service::{ServiceName, ServiceNameError};
@@ -115,6 +117,9 @@ pub struct Rule {
     /// The broker's name for the corporate service the flow goes to: set on every rule whose
     /// action is `corporate`, and on no other.
     pub service: Option<ServiceName>,
+    /// HTTP rules (intercept rules only): each request on the flow is decided by the first
+    /// that matches it, or by their explicit default. `None`: every request is allowed.
+    pub http: Option<HttpRules>,
 }
 
 /// Where a routed rule sends its requests.

@@ -25,6 +25,15 @@
 //! ports = [443]
 //! action = "intercept"              # protocols default to, and may only be, ["tls"]
 //!
+//! [rules.http]                      # optional, intercept rules only: see crate::http_rules
+//! default = "deny"                  # required with [rules.http]: what unmatched requests get
+//!
+//! [[rules.http.requests]]           # first match decides
+//! name = "chat"
+//! methods = ["POST"]
+//! paths = ["/v1/chat/completions", "/v1/models/**"]
+//! action = "allow"
+//!
 //! [[rules]]
 //! name = "git-corp"                 # to a corporate service, through the broker
 //! hosts = ["git.corp.example.com"]  # never resolved by the proxy; no cidrs
@@ -48,6 +57,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::host::{HostError, HostPattern};
+use crate::http_rules::{HttpRules, HttpRulesFile};
 use crate::secret::{Presentation, RESERVED_HEADERS, SecretSource, SecretSpec, is_token};
 use crate::service::ServiceName;
 use crate::{Action, Policy, Protocol, Route, Rule};
@@ -108,6 +118,16 @@ pub enum ProfileError {
     BadCorporate {
         /// The rule's name.
         rule: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// HTTP rules on a rule that does not intercept, or an HTTP rule that is not valid.
+    #[error("rule {rule:?} has bad HTTP rules{}: {why}", http_rule.as_ref().map(|h| format!(" ({h:?})")).unwrap_or_default())]
+    Http {
+        /// The rule's name.
+        rule: String,
+        /// The HTTP rule to blame, if one is.
+        http_rule: Option<String>,
         /// What is wrong.
         why: String,
     },
@@ -186,6 +206,8 @@ struct RuleFile {
     route: Option<RouteFile>,
     #[serde(default)]
     service: Option<String>,
+    #[serde(default)]
+    http: Option<HttpRulesFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -287,6 +309,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
                 })
             }
         };
+        let http = http_rules(&r.name, r.action, r.http)?;
         rules.push(Rule {
             name: r.name,
             hosts,
@@ -296,6 +319,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             cidrs,
             route,
             service,
+            http,
         });
     }
     let mut secrets: Vec<SecretSpec> = Vec::with_capacity(file.secrets.len());
@@ -368,6 +392,32 @@ fn corporate_service(
         ));
     }
     Ok(Some(service))
+}
+
+/// The HTTP rules of an intercept rule, compiled; refused on any other rule (the proxy sees
+/// requests only where it terminates TLS).
+fn http_rules(
+    rule: &str,
+    action: Action,
+    http: Option<HttpRulesFile>,
+) -> Result<Option<HttpRules>, ProfileError> {
+    let Some(file) = http else {
+        return Ok(None);
+    };
+    if action != Action::Intercept {
+        return Err(ProfileError::Http {
+            rule: rule.to_owned(),
+            http_rule: None,
+            why: "HTTP rules need action = \"intercept\": the proxy sees requests only on \
+                  flows it terminates"
+                .into(),
+        });
+    }
+    file.compile().map(Some).map_err(|e| ProfileError::Http {
+        rule: rule.to_owned(),
+        http_rule: e.http_rule,
+        why: e.why,
+    })
 }
 
 fn compile_secret(raw: SecretFile) -> Result<SecretSpec, ProfileError> {
@@ -856,5 +906,51 @@ presentation = "authorization_basic"
             .replace("sk-moat-placeholder-openai", "sk-moat-placeholder-openai-2");
         let err = with(&format!("{SECRET}{second}")).unwrap_err().to_string();
         assert!(err.contains("overlaps"), "{err}");
+    }
+
+    const HTTP: &str = r#"
+[rules.http]
+default = "deny"
+
+[[rules.http.requests]]
+name = "chat"
+methods = ["POST"]
+paths = ["/v1/chat/completions"]
+action = "allow"
+"#;
+
+    #[test]
+    fn intercept_rule_carries_its_http_rules() {
+        let p = with(HTTP).unwrap();
+        let http = p.rules[0].http.as_ref().unwrap();
+        assert_eq!(http.default, crate::HttpAction::Deny);
+        assert_eq!(http.rules[0].name, "chat");
+        assert_eq!(with("").unwrap().rules[0].http, None);
+    }
+
+    #[test]
+    fn http_rules_on_a_passthrough_rule_are_refused() {
+        let text = format!("{BASE}{HTTP}").replace("\"intercept\"", "\"passthrough\"");
+        let e = parse(&text).unwrap_err();
+        assert!(matches!(&e, ProfileError::Http { rule, http_rule: None, .. } if rule == "openai"));
+        assert!(e.to_string().contains("need action = \"intercept\""), "{e}");
+    }
+
+    #[test]
+    fn a_bad_http_rule_is_refused_naming_rule_and_http_rule() {
+        let e = with(&HTTP.replace("\"POST\"", "\"SEND\"")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("\"openai\"") && text.contains("\"chat\"") && text.contains("SEND"),
+            "{text}"
+        );
+        assert!(matches!(
+            with(&HTTP.replace("default = \"deny\"\n", "")),
+            Err(ProfileError::Syntax(_))
+        ));
+        assert!(matches!(
+            with(&HTTP.replace("action = \"allow\"", "action = \"allow\"\nhost = \"x\"")),
+            Err(ProfileError::Syntax(_))
+        ));
     }
 }

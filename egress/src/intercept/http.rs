@@ -274,6 +274,7 @@ impl Ctx {
             routed_from: self.flow.routed().then_some(self.flow.hostname.as_str()),
             path: &head.path,
             query: head.query,
+            http_rule: head.http_rule.as_deref(),
             version: head.version,
             status: status.as_u16(),
             reason,
@@ -318,7 +319,8 @@ impl Ctx {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let head = Head {
+        let mut head = Head {
+            http_rule: None,
             method: req.method().as_str().to_owned(),
             path: req.uri().path().to_owned(),
             query: req.uri().query().is_some(),
@@ -372,6 +374,44 @@ impl Ctx {
             };
             return self.refuse(&head, r);
         }
+        // The HTTP rules of the rule that decides the flow under the policy in force now: a
+        // reload applies from the next request. A flow it no longer intercepts is being cut;
+        // its requests are refused meanwhile.
+        let policy = self.shared.policy.current();
+        let dest = moat_policy::Destination {
+            hostname: Some(host),
+            addr: self
+                .flow
+                .info
+                .claimed
+                .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.ip()),
+            port,
+        };
+        let rule = match policy.decide(dest) {
+            moat_policy::Decision::Allow(rule) if rule.action == moat_policy::Action::Intercept => {
+                rule
+            }
+            _ => {
+                let r = Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    reason: Reason::HttpRuleDenied,
+                    detail: "the policy in force no longer intercepts this flow".into(),
+                };
+                return self.refuse(&head, r);
+            }
+        };
+        if let Some(http) = &rule.http {
+            match inject::check_http_rules(&mut parts.uri, parts.method.as_str(), &rule.name, http)
+            {
+                Ok(name) => head.http_rule = Some(name),
+                Err((name, r)) => {
+                    head.http_rule = name;
+                    drain_h2(body, head.version).await;
+                    return self.refuse(&head, r);
+                }
+            }
+        }
+        drop(policy);
         // From here on, names are the upstream's: a routed rule's secrets are bound to its
         // route (the provider), not to the in-workspace name.
         let routed = self.flow.routed();
@@ -519,6 +559,22 @@ impl Ctx {
     }
 }
 
+/// Most of a refused HTTP/2 request's body read before answering, and for how long.
+const DRAIN_LIMIT: usize = 64 * 1024;
+const DRAIN_WAIT: Duration = Duration::from_millis(500);
+
+/// HTTP/2: reads and discards a refused request's body, a bounded amount for a bounded time,
+/// before the refusal is sent. Dropped unread, the body's stream is reset (CANCEL) ahead of the
+/// response, and clients such as curl then report a stream error instead of the 403 page.
+/// HTTP/1.1 refusals close the connection instead.
+async fn drain_h2(body: Incoming, version: &str) {
+    if version != "HTTP/2" || hyper::body::Body::is_end_stream(&body) {
+        return;
+    }
+    let limited = http_body_util::Limited::new(body, DRAIN_LIMIT);
+    let _ = timeout(DRAIN_WAIT, limited.collect()).await;
+}
+
 /// What one attempt to send a request upstream came to.
 enum Attempt {
     /// The response head arrived.
@@ -647,6 +703,8 @@ struct Head {
     path: String,
     query: bool,
     version: &'static str,
+    /// The HTTP rule that decided the request, once one has (audited with it).
+    http_rule: Option<String>,
 }
 
 /// Runs an admitted intercepted flow to its end. Returns the reason it ended and a detail.

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
-use moat_policy::Presentation;
+use moat_policy::{HttpAction, HttpRules, Presentation};
 
 use crate::outcome::Reason;
 use crate::secrets::{Secrets, contains};
@@ -154,6 +154,12 @@ pub fn normalize_for_prefixes(
             ),
         )
     };
+    set_normal_path(uri, refuse)
+}
+
+/// Replaces `uri`'s path by its normal form ([`moat_policy::normalize_path`]), query kept, or
+/// refuses with `refuse(why)` when it has none.
+fn set_normal_path(uri: &mut Uri, refuse: impl Fn(String) -> Refusal) -> Result<(), Refusal> {
     let path = moat_policy::normalize_path(uri.path()).map_err(|e| refuse(e.to_string()))?;
     if path == uri.path() {
         return Ok(());
@@ -171,6 +177,41 @@ pub fn normalize_for_prefixes(
     *uri =
         Uri::from_parts(parts).map_err(|_| refuse("the normalised target is not valid".into()))?;
     Ok(())
+}
+
+/// Rule 1c: where the flow's intercept rule (`rule`) has HTTP rules, the request's path is
+/// normalised once (the upstream is then sent that form, so it routes exactly what was
+/// matched; a path with none is refused, 400) and the first matching HTTP rule, or the rule's
+/// default, decides. Returns the deciding HTTP rule's name ([`moat_policy::http_rules::
+/// DEFAULT_NAME`] for the default); a denial is a 403 naming it, with the name when there is one.
+pub fn check_http_rules(
+    uri: &mut Uri,
+    method: &str,
+    rule: &str,
+    http: &HttpRules,
+) -> Result<String, (Option<String>, Refusal)> {
+    let refuse = |why: String| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Reason::RequestRefused,
+            format!("the request path cannot be normalised for rule {rule:?}'s HTTP rules: {why}"),
+        )
+    };
+    set_normal_path(uri, refuse).map_err(|r| (None, r))?;
+    let verdict = http.decide(method, uri.path(), uri.query());
+    let name = verdict.rule_name().to_owned();
+    if verdict.action == HttpAction::Allow {
+        return Ok(name);
+    }
+    let by = match verdict.rule {
+        Some(r) => format!("HTTP rule {:?} of rule {rule:?}", r.name),
+        None => format!("the default of rule {rule:?} (no HTTP rule matched)"),
+    };
+    let detail = format!("{method} {} is denied by {by}", uri.path());
+    Err((
+        Some(name),
+        Refusal::new(StatusCode::FORBIDDEN, Reason::HttpRuleDenied, detail),
+    ))
 }
 
 /// Rules 2 and 3: refuses misplaced placeholders, then replaces credentials. `host` and `port`
@@ -566,5 +607,52 @@ presentation = "authorization_bearer"
                 && h.get("connection").is_none()
         );
         assert!(h.get("transfer-encoding").is_some() && h.get("x-kept").is_some());
+    }
+
+    fn http_rules(text: &str) -> HttpRules {
+        let profile = format!(
+            "version = 1\nname = \"t\"\n[[rules]]\nname = \"api\"\nhosts = [\"api.test\"]\n\
+             ports = [443]\naction = \"intercept\"\n{text}"
+        );
+        let policy = moat_policy::profile::parse(&profile).unwrap();
+        policy.rules[0].http.clone().unwrap()
+    }
+
+    const HTTP: &str = "[rules.http]\ndefault = \"deny\"\n[[rules.http.requests]]\n\
+                        name = \"read\"\nmethods = [\"GET\"]\npaths = [\"/v1/**\"]\n\
+                        action = \"allow\"\n";
+
+    #[test]
+    fn http_rules_allow_by_name_and_send_the_normalised_path() {
+        let mut uri: Uri = "/v1/a/../%62?x=1".parse().unwrap();
+        let name = check_http_rules(&mut uri, "GET", "api", &http_rules(HTTP)).unwrap();
+        assert_eq!(name, "read");
+        assert_eq!(uri.to_string(), "/v1/b?x=1");
+    }
+
+    #[test]
+    fn http_rules_deny_with_a_403_naming_the_rule() {
+        let mut uri: Uri = "/v1/x".parse().unwrap();
+        let (name, r) = check_http_rules(&mut uri, "POST", "api", &http_rules(HTTP)).unwrap_err();
+        assert_eq!(name.as_deref(), Some("default"));
+        assert_eq!(
+            (r.status, r.reason),
+            (StatusCode::FORBIDDEN, Reason::HttpRuleDenied)
+        );
+        assert!(r.detail.contains("default of rule \"api\""), "{}", r.detail);
+        let mut uri: Uri = "/v1/../admin".parse().unwrap();
+        let (_, r) = check_http_rules(&mut uri, "GET", "api", &http_rules(HTTP)).unwrap_err();
+        assert_eq!(r.reason, Reason::HttpRuleDenied);
+    }
+
+    #[test]
+    fn http_rules_refuse_a_path_without_a_normal_form() {
+        let mut uri: Uri = "/v1/..;/admin".parse().unwrap();
+        let (name, r) = check_http_rules(&mut uri, "GET", "api", &http_rules(HTTP)).unwrap_err();
+        assert_eq!(name, None);
+        assert_eq!(
+            (r.status, r.reason),
+            (StatusCode::BAD_REQUEST, Reason::RequestRefused)
+        );
     }
 }

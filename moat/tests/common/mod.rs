@@ -161,6 +161,8 @@ pub struct Workspace {
     pub images: Option<PathBuf>,
     /// namespace backend: `moat run --host-root` instead of the root image.
     pub host_root: bool,
+    /// The key the profile is signed with, to sign it again after a change.
+    pub policy_key: String,
 }
 
 /// The namespace backend's default root: the root image `cargo xtask images rootfs` keeps as a
@@ -244,7 +246,20 @@ impl Workspace {
             backend,
             images,
             host_root: false,
+            policy_key: key.secret,
         }
+    }
+
+    /// Gives the intercept rule `api` (api.test) HTTP rules: `http` is the `[rules.http]`
+    /// block, with its `[[rules.http.requests]]`. The profile is signed again.
+    pub fn with_http_rules(self, http: &str) -> Workspace {
+        let path = self.dir.path().join("policy.toml");
+        let profile = std::fs::read_to_string(&path).unwrap();
+        let profile = profile.replacen("\n[[secrets]]", &format!("\n{http}\n[[secrets]]"), 1);
+        let sig = moat_policy::signing::sign(profile.as_bytes(), &self.policy_key, "").unwrap();
+        std::fs::write(&path, &profile).unwrap();
+        std::fs::write(self.dir.path().join("policy.toml.minisig"), sig).unwrap();
+        self
     }
 
     pub fn home(&self) -> PathBuf {
