@@ -54,6 +54,24 @@ mod host_root {
 /// HTTP rule allows gets the secret, the POST none allows is answered 403 by the proxy, naming
 /// the rule (over HTTP/2 with and without a body, and over HTTP/1.1), and all are audited with
 /// the HTTP rule that decided.
+/// Every refusal of an intercepted request that comes before its body is read reaches an
+/// HTTP/2 client as the refusal page, not as a stream reset (the body is drained first).
+#[test]
+fn a_refused_http2_request_with_a_body_reads_the_refusal_not_a_stream_error() {
+    let ws = Workspace::new();
+    let out = ws.run(&format!(
+        "head -c 30000 /dev/zero | tr '\\0' x > /tmp/body; curl -sS --http2 -X TRACE --data-binary @/tmp/body -w '%{{http_code}}\\n' {}",
+        ws.url("api.test", "/auth")
+    ));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("moat: request refused (request_refused): TRACE echoes")
+            && stdout.ends_with("501\n"),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn http_rules_let_curl_get_and_refuse_its_post_with_a_403_naming_the_rule() {
     let ws = Workspace::new().with_http_rules(

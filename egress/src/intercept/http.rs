@@ -297,6 +297,13 @@ impl Ctx {
         self.audit(head, status, Some(reason), Some(detail), Vec::new(), None);
     }
 
+    /// [`Self::refuse`] for a request whose body was not read: over HTTP/2 it is drained first
+    /// ([`drain_h2`]), so the client reads the refusal rather than a stream reset.
+    async fn refuse_unread(&self, head: &Head, r: Refusal, body: Incoming) -> Response<Body> {
+        drain_h2(body, head.version).await;
+        self.refuse(head, r)
+    }
+
     fn refuse(&self, head: &Head, r: Refusal) -> Response<Body> {
         // HTTP/1.1: close the connection after the refusal. HTTP/2: refuse the stream (a
         // `Connection` header is not allowed there); other streams are checked on their own.
@@ -350,7 +357,7 @@ impl Ctx {
         let (host, port) = (self.flow.hostname.as_str(), self.flow.port);
         let (mut parts, body) = req.into_parts();
         if let Err(r) = inject::check_authority(&parts.headers, &parts.uri, host, port) {
-            return self.refuse(&head, r);
+            return self.refuse_unread(&head, r, body).await;
         }
         if parts.method == http::Method::CONNECT
             || parts.headers.contains_key(http::header::UPGRADE)
@@ -361,7 +368,7 @@ impl Ctx {
                 detail: "CONNECT and protocol upgrades are not forwarded on intercepted flows"
                     .into(),
             };
-            return self.refuse(&head, r);
+            return self.refuse_unread(&head, r, body).await;
         }
         if let Some(method) = inject::reflecting_method(parts.method.as_str()) {
             let r = Refusal {
@@ -372,7 +379,7 @@ impl Ctx {
                      back to the agent: not forwarded on intercepted flows"
                 ),
             };
-            return self.refuse(&head, r);
+            return self.refuse_unread(&head, r, body).await;
         }
         // The HTTP rules of the rule that decides the flow under the policy in force now: a
         // reload applies from the next request. A flow it no longer intercepts is being cut;
@@ -397,7 +404,7 @@ impl Ctx {
                     reason: Reason::HttpRuleDenied,
                     detail: "the policy in force no longer intercepts this flow".into(),
                 };
-                return self.refuse(&head, r);
+                return self.refuse_unread(&head, r, body).await;
             }
         };
         if let Some(http) = &rule.http {
@@ -406,8 +413,7 @@ impl Ctx {
                 Ok(name) => head.http_rule = Some(name),
                 Err((name, r)) => {
                     head.http_rule = name;
-                    drain_h2(body, head.version).await;
-                    return self.refuse(&head, r);
+                    return self.refuse_unread(&head, r, body).await;
                 }
             }
         }
@@ -424,7 +430,7 @@ impl Ctx {
         // the upstream is sent that form: it then routes exactly the path the prefix matched.
         // A path with no normal form is refused rather than guessed at.
         if let Err(r) = inject::normalize_for_prefixes(&mut parts.uri, &secrets, host, port) {
-            return self.refuse(&head, r);
+            return self.refuse_unread(&head, r, body).await;
         }
         let injected = match inject::apply_secrets(
             &mut parts.headers,
@@ -436,7 +442,7 @@ impl Ctx {
             routed,
         ) {
             Ok(names) => names,
-            Err(r) => return self.refuse(&head, r),
+            Err(r) => return self.refuse_unread(&head, r, body).await,
         };
         let found = Found::default();
         let body_out = Arc::new(AtomicU64::new(0));
