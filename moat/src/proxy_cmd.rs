@@ -101,6 +101,11 @@ impl ProxyOpts {
     }
 
     /// Where audit records go: the flag, or `default`.
+    /// Whether `--audit` names the audit log (else the caller's default is used).
+    pub(crate) fn audit_given(&self) -> bool {
+        self.audit.is_some()
+    }
+
     pub(crate) fn audit_path(&self, default: &Path) -> PathBuf {
         self.audit
             .as_ref()

@@ -226,17 +226,26 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         }
     }
 
+    // The log directory, only where a log goes there (the default audit log, sshd's), and
+    // before the run directory exists, so that an error here leaves nothing behind.
+    let logs_dir = if args.proxy.audit_given() && enrolment.is_none() {
+        None
+    } else {
+        Some(logs_dir()?)
+    };
     // mkdtemp: a fresh directory with an unpredictable name, ours alone (0700); a directory
     // someone else prepared under a guessable name would be theirs to fill with symlinks.
     let template = std::env::temp_dir().join("moat-XXXXXX");
     let run_dir = nix::unistd::mkdtemp(&template)
         .with_context(|| format!("cannot create a run directory like {}", template.display()))?;
-    // The logs that outlive the workspace sit beside the run directory, whose name anyone can
-    // see from now on: create them at once, exclusively, never through a link someone
-    // planted (/tmp is sticky: once ours, nobody else can replace them).
+    // The logs that outlive the workspace are named after the run directory, created at once,
+    // exclusively, never through a link someone planted. Without a log directory (--audit
+    // given, no sshd), nothing is ever written under `logs_base`.
     eprintln!("moat: run directory: {}", run_dir.display());
-    let logs_dir = logs_dir()?;
-    let logs_base = logs_dir.join(run_dir.file_name().unwrap_or_default());
+    let logs_base = logs_dir
+        .as_deref()
+        .unwrap_or(&run_dir)
+        .join(run_dir.file_name().unwrap_or_default());
     let mut logs = Vec::new();
     let audit = default_audit(&logs_base);
     if args.proxy.audit_path(&audit) == audit {
@@ -284,7 +293,10 @@ fn logs_dir() -> Result<PathBuf> {
             .map(PathBuf::from)
             .filter(|p| p.is_absolute())
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-            .context("neither XDG_STATE_HOME nor HOME is set: give --audit PATH")?;
+            .context(
+                "neither XDG_STATE_HOME nor HOME is set, so there is no directory for the logs \
+                 that outlive the workspace: set one, or give --audit PATH",
+            )?;
         state.join("moat")
     };
     std::fs::DirBuilder::new()
