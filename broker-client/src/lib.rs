@@ -18,7 +18,6 @@
 pub mod client;
 pub mod enrolment;
 pub mod https;
-pub mod private_socket;
 pub mod protocol;
 pub mod tunnel;
 

@@ -1,5 +1,5 @@
 //! The admin API, on a Unix socket: created with mode 0600 whatever the umask
-//! ([`moat_broker_client::private_socket::bind`]), and each connection's peer checked
+//! ([`moat_private_socket::bind`]), and each connection's peer checked
 //! (`SO_PEERCRED`: the broker's own uid or root, [`peer_allowed`]), so a socket a mistake left
 //! open still answers no one else.
 //!
@@ -37,21 +37,7 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-/// Whether the peer of an admin connection may use it: the uid this process runs as, or root.
-/// Refused with the reason otherwise.
-pub fn peer_allowed(stream: &tokio::net::UnixStream) -> Result<(), String> {
-    let cred = stream
-        .peer_cred()
-        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
-    let own = nix::unistd::geteuid().as_raw();
-    match cred.uid() {
-        0 => Ok(()),
-        uid if uid == own => Ok(()),
-        uid => Err(format!(
-            "peer uid {uid} is neither this process's ({own}) nor root"
-        )),
-    }
-}
+pub use moat_private_socket::peer_allowed;
 
 /// Serves the admin socket until `shutdown`.
 pub async fn serve(broker: Arc<Broker>, listener: UnixListener, shutdown: CancellationToken) {

@@ -337,8 +337,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the admin socket (mode 0600 from the start: `private_socket::bind`), in a directory created
-/// 0700 if it is missing.
+/// Binds the admin socket (mode 0600 from the start: `moat_private_socket::bind`), in a
+/// directory created 0700 if it is missing.
 fn bind_admin(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path
@@ -351,6 +351,5 @@ fn bind_admin(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    moat_broker_client::private_socket::bind(path)
-        .with_context(|| format!("binding {}", path.display()))
+    moat_private_socket::bind(path).with_context(|| format!("binding {}", path.display()))
 }

@@ -11,7 +11,7 @@ async fn admin_socket_is_0600_with_umask_0_and_refuses_another_uid() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("admin.sock");
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    let listener = moat_broker_client::private_socket::bind(&path);
+    let listener = moat_private_socket::bind(&path);
     nix::sys::stat::umask(old);
     let listener = listener.unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;

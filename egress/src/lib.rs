@@ -266,12 +266,14 @@ impl Proxy {
         })?;
         // Bound before anything is served, so a caller finds it there once `start` returns.
         let admin = match &config.admin {
-            Some(path) => Some(
-                admin::bind_private(path).map_err(|source| StartError::Listen {
-                    path: path.clone(),
-                    source,
-                })?,
-            ),
+            Some(path) => {
+                Some(
+                    moat_private_socket::bind(path).map_err(|source| StartError::Listen {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         audit.set_refusal_rate(config.limits.audit_refusals);

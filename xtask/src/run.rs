@@ -23,6 +23,14 @@ fn hardware_kvm() -> bool {
 }
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
+    let vm = hardware_kvm();
+    launch(args, HELP, vm, None)
+}
+
+/// Parses `[-- COMMAND...]`, builds what the workspace needs (`vm`: the VM's pieces too), then
+/// runs `moat run` (with `--backend backend` when given) and exits with the workspace's status.
+/// Shared by `run` and `run-vm`.
+pub(crate) fn launch(args: &[String], help: &str, vm: bool, backend: Option<&str>) -> Result<()> {
     let (options, command): (&[String], &[String]) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (&[], args),
@@ -32,13 +40,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         .chain(command.first())
         .any(|a| a == "--help" || a == "-h")
     {
-        println!("{HELP}");
+        println!("{help}");
         return Ok(());
     }
     if let Some(unknown) = options.first() {
-        anyhow::bail!("unknown option {unknown:?}\n\n{HELP}");
+        anyhow::bail!("unknown option {unknown:?}\n\n{help}");
     }
-    let vm = hardware_kvm();
     if vm {
         setup::ensure(&[
             Job::Kernel,
@@ -63,6 +70,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let mut moat = std::process::Command::new(target.join("debug/moat"));
     moat.arg("run")
         .env("MOAT_IMAGES", crate::images::cache_dir());
+    if let Some(backend) = backend {
+        moat.args(["--backend", backend]);
+    }
     if !command.is_empty() {
         moat.arg("--").args(command);
     }

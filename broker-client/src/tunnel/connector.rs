@@ -147,7 +147,7 @@ impl Connector {
                 let sender = EgressSender::default();
                 // Mode 0600 from the start (no chmod window): only this host's egress proxy,
                 // running as the same user, may ask for corporate services.
-                let listener = match crate::private_socket::bind(uds) {
+                let listener = match moat_private_socket::bind(uds) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(uds = %uds.display(), "cannot listen for egress: {e}");

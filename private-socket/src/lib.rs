@@ -1,6 +1,6 @@
-//! A Unix socket only its owner (and root) can ever connect to: the broker's admin socket, and
-//! the workspace host's corporate egress socket (`moat-broker connect --egress-uds`), which its
-//! egress proxy, running as the same user, dials.
+//! A Unix socket only its owner (and root) can ever connect to: the egress proxy's and the
+//! broker's admin sockets, and the workspace host's corporate egress socket (`moat-broker
+//! connect --egress-uds`), which its egress proxy, running as the same user, dials.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
@@ -12,7 +12,7 @@ use tokio::net::UnixListener;
 /// given mode 0600 there, and only then renamed into place (same file system: atomic). Neither
 /// the umask (process-wide, so it cannot be narrowed for this bind alone) nor a chmod after
 /// bind decides who can connect meanwhile. A socket already at `path` (a stale one) is
-/// replaced. The same construction as the egress proxy's admin socket.
+/// replaced.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let name = path.file_name().ok_or_else(|| {
         std::io::Error::new(
@@ -52,4 +52,20 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let listener = bound?;
     listener.set_nonblocking(true)?;
     UnixListener::from_std(listener)
+}
+
+/// Whether the peer of a connection may use it: the uid this process runs as, or root.
+/// Refused with the reason otherwise (a socket a mistake left open still answers no one else).
+pub fn peer_allowed(stream: &tokio::net::UnixStream) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let own = nix::unistd::geteuid().as_raw();
+    match cred.uid() {
+        0 => Ok(()),
+        uid if uid == own => Ok(()),
+        uid => Err(format!(
+            "peer uid {uid} is neither this process's ({own}) nor root"
+        )),
+    }
 }
