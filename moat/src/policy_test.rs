@@ -115,9 +115,8 @@ fn decide(policy: &Policy, case: &Case) -> Result<Outcome> {
     let (raw_path, query) = target
         .split_once('?')
         .map_or((target, None), |(p, q)| (p, Some(q)));
-    if ["TRACE", "TRACK", "CONNECT"]
-        .iter()
-        .any(|m| m.eq_ignore_ascii_case(method))
+    if moat_policy::http_rules::reflecting_method(method).is_some()
+        || method.eq_ignore_ascii_case("CONNECT")
     {
         return Ok(deny(format!(
             "{flow}: {method} is never forwarded on intercepted flows"

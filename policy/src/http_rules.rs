@@ -54,6 +54,20 @@ impl HttpAction {
 /// (reserved: no HTTP rule may be called this).
 pub const DEFAULT_NAME: &str = "default";
 
+/// Methods whose answer is the request itself (RFC 9110 9.3.8 TRACE, and IIS's TRACK): the
+/// upstream would send the injected secret back to the agent. Compared without regard to case,
+/// as some servers do. No other registered method is defined to reflect the request; an
+/// endpoint that echoes headers is the residual risk named in the threat model.
+const REFLECTING_METHODS: &[&str] = &["TRACE", "TRACK"];
+
+/// The reflecting method `method` is, if it is one (refused on intercepted flows).
+pub fn reflecting_method(method: &str) -> Option<&'static str> {
+    REFLECTING_METHODS
+        .iter()
+        .find(|m| m.eq_ignore_ascii_case(method))
+        .copied()
+}
+
 /// Methods an HTTP rule may name. TRACE, TRACK and CONNECT are never forwarded on intercepted
 /// flows, so naming them would be a rule that can never apply.
 pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];

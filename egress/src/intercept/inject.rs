@@ -61,19 +61,9 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
 ];
 
-/// Methods whose answer is the request itself (RFC 9110 9.3.8 TRACE, and IIS's TRACK): the
-/// upstream would send the injected secret back to the agent. Compared without regard to case,
-/// as some servers do. No other registered method is defined to reflect the request; an
-/// endpoint that echoes headers is the residual risk named in the threat model.
-const REFLECTING_METHODS: &[&str] = &["TRACE", "TRACK"];
-
-/// The reflecting method `method` is, if it is one (refused on intercepted flows).
-pub fn reflecting_method(method: &str) -> Option<&'static str> {
-    REFLECTING_METHODS
-        .iter()
-        .find(|m| m.eq_ignore_ascii_case(method))
-        .copied()
-}
+/// The reflecting methods (TRACE, TRACK) are the policy's knowledge: `moat policy test`
+/// answers for them as the proxy does.
+pub use moat_policy::http_rules::reflecting_method;
 
 /// Splits `host[:port]` (a Host header or URI authority) and normalises the name.
 fn parse_authority(value: &str) -> Option<(String, Option<u16>)> {
