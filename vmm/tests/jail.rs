@@ -91,7 +91,7 @@ fn vsock_both_ways_through_the_jail(mut vmm: Command, dir: &Path, probe: &Path) 
         }
         total
     });
-    let mut vmm = vmm
+    let child = vmm
         .arg("--kernel")
         .arg(probe)
         .arg("--jail-dir")
@@ -104,30 +104,33 @@ fn vsock_both_ways_through_the_jail(mut vmm: Command, dir: &Path, probe: &Path) 
         .arg(&serial)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut client = loop {
-        match UnixStream::connect(&uds) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("vsock socket never appeared: {e}"),
-        }
-    };
-    client
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    client.write_all(b"CONNECT 6000\n").unwrap();
-    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut vmm = common::Live { child, serial };
+    // Connect once the guest's own connection is done (the guest accepts only then; see
+    // probe_vsock.rs).
+    vmm.wait_for_line("probe: vsock echo ok 4096 bytes", 50);
+    let client = UnixStream::connect(&uds);
+    let client = vmm.ok("connect to the vsock socket", client);
+    let timeout = client.set_read_timeout(Some(Duration::from_secs(30)));
+    vmm.ok("set a read timeout", timeout);
+    let wrote = (&client).write_all(b"CONNECT 6000\n");
+    vmm.ok("write CONNECT", wrote);
+    let mut reader = BufReader::new(&client);
     let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("OK "), "{line:?}");
-    client.write_all(b"from outside the jail").unwrap();
+    let read = reader.read_line(&mut line);
+    vmm.ok("read the answer to CONNECT 6000", read);
+    if !line.starts_with("OK ") {
+        vmm.fail(&format!("CONNECT 6000 was answered {line:?}"));
+    }
+    let wrote = (&client).write_all(b"from outside the jail");
+    vmm.ok("write to the guest", wrote);
     let mut back = [0u8; 21];
-    reader.read_exact(&mut back).unwrap();
+    let read = reader.read_exact(&mut back);
+    vmm.ok("read the guest's echo", read);
     assert_eq!(&back, b"from outside the jail");
     drop(reader);
     drop(client);
-    let status = vmm.wait().unwrap();
-    let out = std::fs::read_to_string(&serial).unwrap_or_default();
+    let status = vmm.child.wait().unwrap();
+    let out = vmm.console();
     assert_eq!(status.code(), Some(0), "serial:\n{out}");
     assert_eq!(echo.join().unwrap(), 4096);
     assert!(

@@ -8,7 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn probe_guest_echoes_over_vsock_both_ways() {
@@ -34,7 +34,7 @@ fn probe_guest_echoes_over_vsock_both_ways() {
     });
 
     let probe = common::probe_guest();
-    let mut vmm = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
         .arg("--kernel")
         .arg(&probe)
         .args(["--mem", "64", "--timeout", "60"])
@@ -45,33 +45,36 @@ fn probe_guest_echoes_over_vsock_both_ways() {
         .arg(&serial)
         .spawn()
         .unwrap();
+    let mut vmm = common::Live { child, serial };
 
-    // The host connects into the guest's port 6000.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut client = loop {
-        match UnixStream::connect(&uds) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("vsock socket never appeared: {e}"),
-        }
-    };
-    client
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    client.write_all(b"CONNECT 6000\n").unwrap();
-    let mut reader = BufReader::new(client.try_clone().unwrap());
+    // The host connects into the guest's port 6000 once the guest's own connection is done:
+    // the guest accepts only then, and the VMM resets a connection the guest leaves waiting
+    // longer than its peer timeout (2 s), which a slow nested guest can take for the echo.
+    vmm.wait_for_line("probe: vsock echo ok 8192 bytes", 50);
+    let client = UnixStream::connect(&uds);
+    let client = vmm.ok("connect to the vsock socket", client);
+    let timeout = client.set_read_timeout(Some(Duration::from_secs(30)));
+    vmm.ok("set a read timeout", timeout);
+    let wrote = (&client).write_all(b"CONNECT 6000\n");
+    vmm.ok("write CONNECT", wrote);
+    let mut reader = BufReader::new(&client);
     let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("OK ") && line.ends_with('\n'), "{line:?}");
-    client.write_all(b"hello guest, echo me").unwrap();
+    let read = reader.read_line(&mut line);
+    vmm.ok("read the answer to CONNECT 6000", read);
+    if !(line.starts_with("OK ") && line.ends_with('\n')) {
+        vmm.fail(&format!("CONNECT 6000 was answered {line:?}"));
+    }
+    let wrote = (&client).write_all(b"hello guest, echo me");
+    vmm.ok("write to the guest", wrote);
     let mut back = [0u8; 20];
-    reader.read_exact(&mut back).unwrap();
+    let read = reader.read_exact(&mut back);
+    vmm.ok("read the guest's echo", read);
     assert_eq!(&back, b"hello guest, echo me");
     drop(reader);
     drop(client);
 
-    let status = vmm.wait().unwrap();
-    let out = std::fs::read_to_string(&serial).unwrap_or_default();
+    let status = vmm.child.wait().unwrap();
+    let out = vmm.console();
     assert_eq!(status.code(), Some(0), "serial:\n{out}");
     assert_eq!(echo.join().unwrap(), 8192);
     for want in [

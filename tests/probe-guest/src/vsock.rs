@@ -26,6 +26,8 @@ const HOST_CID: u64 = 2;
 const GUEST_PORT: u32 = 5000;
 /// Port the host connects to with `CONNECT 6000`.
 pub const LISTEN_PORT: u32 = 6000;
+/// Packet waits (each `SPIN_LIMIT` polls) for the host's `CONNECT 6000` before giving up.
+const HOST_CONNECT_WAITS: u32 = 50;
 
 #[derive(Clone, Copy)]
 struct Pkt {
@@ -191,15 +193,26 @@ pub fn echo_test(
     dev.send(OP_SHUTDOWN, GUEST_PORT, port, 3, &[])?;
 
     // Host-initiated: wait for CONNECT 6000 to arrive as a REQUEST, accept, echo until closed.
+    // A test may connect only once it has seen the echo line above, so this wait is patient.
     let host_port = match pending_host_req {
         Some(p) => p,
-        None => loop {
-            let p = dev.recv()?;
-            dev.recycle(p);
-            if p.op == OP_REQUEST && p.dst_port == LISTEN_PORT {
-                break p.src_port;
+        None => {
+            let mut timeouts = 0;
+            loop {
+                let p = match dev.recv() {
+                    Ok(p) => p,
+                    Err(_) if timeouts < HOST_CONNECT_WAITS => {
+                        timeouts += 1;
+                        continue;
+                    }
+                    Err(_) => return Err("no host connection to port 6000 came"),
+                };
+                dev.recycle(p);
+                if p.op == OP_REQUEST && p.dst_port == LISTEN_PORT {
+                    break p.src_port;
+                }
             }
-        },
+        }
     };
     dev.fwd_cnt = 0; // credit counters are per connection
     dev.send(OP_RESPONSE, LISTEN_PORT, host_port, 0, &[])?;

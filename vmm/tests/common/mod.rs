@@ -2,8 +2,9 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Why KVM tests cannot run here, or `None` when /dev/kvm is usable.
 pub fn kvm_unavailable() -> Option<String> {
@@ -121,5 +122,51 @@ pub fn run_vmm_with_timeout(name: &str, args: &[&str], secs: u64) -> Run {
         code: out.status.code(),
         serial: std::fs::read_to_string(&serial).unwrap_or_default(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A moat-vmm still running, its serial console going to a file the test reads meanwhile.
+/// Every failure it reports carries what the guest printed, and the VMM is killed first.
+pub struct Live {
+    pub child: Child,
+    pub serial: PathBuf,
+}
+
+impl Live {
+    /// What the guest printed so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Kills the VMM and fails the test with `why` and the guest's console.
+    pub fn fail(&mut self, why: &str) -> ! {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("{why}; the guest printed:\n{}", self.console())
+    }
+
+    /// Waits until the guest printed `line` (a whole line); fails when the VMM exits first
+    /// or `secs` pass.
+    pub fn wait_for_line(&mut self, line: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self.console().lines().any(|l| l == line) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.fail(&format!(
+                    "moat-vmm exited ({status}) before the guest printed {line:?}"
+                ));
+            }
+            if Instant::now() >= deadline {
+                self.fail(&format!("the guest did not print {line:?} within {secs} s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `r`'s value, or the test fails with `what`, the error and the guest's console.
+    pub fn ok<T>(&mut self, what: &str, r: std::io::Result<T>) -> T {
+        r.unwrap_or_else(|e| self.fail(&format!("{what}: {e}")))
     }
 }
