@@ -36,6 +36,11 @@ pub(crate) struct RunArgs {
     /// rootfs`).
     #[arg(long, value_name = "DIR")]
     rootfs: Option<PathBuf>,
+    /// The workspace's root from an OCI image: an image layout directory, or an archive of
+    /// one (`cargo xtask images oci` writes the project's root image as one). Unpacked with
+    /// every digest checked and kept by digest; the vm backend boots it as a read-only disk.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["rootfs", "host_root"])]
+    image: Option<PathBuf>,
     /// namespace backend: the host's own root as the workspace's, read-only, instead of an
     /// image. It shows the agent every host file the workspace's uid may read outside /tmp,
     /// /run, /home and /root: run as an ordinary user, every file you can read, through your
@@ -190,7 +195,7 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
     };
     let (mut backend, why) = choose_backend(&args.backend)?;
     match &mut backend {
-        Backend::Vm(..) => {
+        Backend::Vm(images, _) => {
             eprintln!("moat: backend vm ({why})");
             if args.home.is_some() {
                 bail!(
@@ -200,8 +205,12 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
             if args.rootfs.is_some() || args.host_root {
                 bail!(
                     "--rootfs and --host-root choose the namespace backend's root; the VM boots \
-                     the root image `cargo xtask images` built"
+                     the root image `cargo xtask images` built, or the one --image names"
                 );
+            }
+            if let Some(image) = &args.image {
+                let unpacked = workspace_root::from_image(image)?;
+                images.rootfs = workspace_root::image_disk(&unpacked)?;
             }
         }
         Backend::Namespace(root) => {
@@ -212,9 +221,12 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
             eprintln!(
                 "moat: the namespace backend shares the host kernel: isolation is weaker than a VM's"
             );
-            *root = workspace_root::choose(args.rootfs.as_deref(), args.host_root, || {
-                vm_backend::find_root_dir()
-            })?;
+            *root = match &args.image {
+                Some(image) => RootFs::Image(workspace_root::from_image(image)?.root),
+                None => workspace_root::choose(args.rootfs.as_deref(), args.host_root, || {
+                    vm_backend::find_root_dir()
+                })?,
+            };
             match root {
                 RootFs::Image(dir) => eprintln!("moat: the workspace's root: {}", dir.display()),
                 RootFs::Host => eprintln!(

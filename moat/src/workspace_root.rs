@@ -2,7 +2,8 @@
 //!
 //! The workspace's root is an image, never the host's root: by default the Debian root image
 //! the VM boots (`cargo xtask images rootfs` keeps it as a directory beside its ext4 form),
-//! `--rootfs DIR` for another. `--host-root` keeps the old mode (the host's root, read-only,
+//! `--rootfs DIR` for another, `--image PATH` for an OCI image (unpacked by moat-image into a
+//! cache; for the VM backend also made into an ext4 disk there). `--host-root` keeps the old mode (the host's root, read-only,
 //! minus [`moat_guest_init::MASKED`]) for hosts without the image, and says what it exposes.
 //! Whatever the root, `moat run` refuses to start when a file the agent must not read would be
 //! visible inside: a secret's source file, the enrolment directory, the run directory (the
@@ -10,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use moat_guest_init::RootFs;
 
 /// Chooses the workspace's root: `--rootfs DIR`, `--host-root`, or the root image built by
@@ -36,6 +37,71 @@ pub(crate) fn choose(
             ),
         },
     }
+}
+
+/// The workspace's root from an OCI image (`--image PATH`: a layout directory or an archive
+/// of one), unpacked into the image cache (digests checked, layers applied, kept by the
+/// manifest's digest) or found there, with what happened said on stderr.
+pub(crate) fn from_image(image: &Path) -> Result<moat_image::Unpacked> {
+    let cache = image_cache()?;
+    let unpacked = moat_image::unpack(image, &cache, &mut |step| {
+        eprintln!("moat: image {}: {step}", image.display());
+    })
+    .with_context(|| format!("--image {}", image.display()))?;
+    eprintln!(
+        "moat: image {} ({}), {} {}",
+        image.display(),
+        unpacked.digest,
+        if unpacked.cached {
+            "cached in"
+        } else {
+            "unpacked into"
+        },
+        unpacked.root.display()
+    );
+    // The checks every root gets (a shell, /etc, /tmp, /dev, /proc to mount on).
+    checked_dir(&unpacked.root)?;
+    Ok(unpacked)
+}
+
+/// The VM's root disk for an unpacked image (an ext4 image of its root, made once).
+pub(crate) fn image_disk(unpacked: &moat_image::Unpacked) -> Result<PathBuf> {
+    eprintln!("moat: the VM's root disk from image {}", unpacked.digest);
+    let (disk, made) = moat_image::ext4_disk(unpacked)
+        .with_context(|| format!("the root disk for image {}", unpacked.digest))?;
+    eprintln!(
+        "moat: root disk {} {}",
+        if made { "made:" } else { "cached:" },
+        disk.display()
+    );
+    Ok(disk)
+}
+
+/// Where unpacked images are kept: `MOAT_IMAGE_CACHE`, else /var/cache/moat/images for root,
+/// `$XDG_CACHE_HOME/moat/images` (or `~/.cache/moat/images`) for anyone else.
+fn image_cache() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = if let Some(dir) = std::env::var_os("MOAT_IMAGE_CACHE") {
+        PathBuf::from(dir)
+    } else if nix::unistd::Uid::effective().is_root() {
+        PathBuf::from("/var/cache/moat/images")
+    } else {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .context(
+                "neither XDG_CACHE_HOME nor HOME is set, so there is no directory to unpack                  images into: set one, or MOAT_IMAGE_CACHE",
+            )?
+            .join("moat/images")
+    };
+    // Readable by all: run by root, the workspace's own unprivileged uid reads the root.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .with_context(|| format!("cannot create the image cache {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// `dir`, absolute and without links, if it looks like a root file system.

@@ -50,6 +50,48 @@ mod host_root {
     every_backend_scenario!(host_root_scenarios);
 }
 
+/// The same scenarios on a root unpacked from an OCI image (`moat run --image`): the root
+/// image's own tree as a one-layer OCI archive, so everything the agent does above works the
+/// same from an image.
+mod oci_image {
+    use super::common;
+    use super::common::Workspace;
+
+    macro_rules! oci_image_scenarios {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    common::scenarios::$name(&Workspace::from_oci_image("namespace", None));
+                }
+            )*
+        };
+    }
+    every_backend_scenario!(oci_image_scenarios);
+
+    #[test]
+    fn the_root_is_the_images_and_named_by_its_digest() {
+        let ws = Workspace::from_oci_image("namespace", None);
+        let out = ws.run("head -1 /etc/os-release; test -e /proc/self && echo proc");
+        let (stdout, stderr) = (common::text(&out.stdout), common::text(&out.stderr));
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stdout.contains("Debian GNU/Linux 12") && stdout.contains("proc"),
+            "{stdout}"
+        );
+        let said = stderr
+            .lines()
+            .find(|l| l.starts_with("moat: the workspace's root: "))
+            .unwrap_or_else(|| panic!("no root line in: {stderr}"));
+        let cache = common::image_cache();
+        assert!(said.contains(&*cache.to_string_lossy()), "{said}");
+        assert!(
+            stderr.contains("(sha256:") && said.ends_with("/root"),
+            "the image is named by its digest: {stderr}"
+        );
+    }
+}
+
 /// HTTP rules on the intercepted api.test, with real curl through the whole path: the GET an
 /// HTTP rule allows gets the secret, the POST none allows is answered 403 by the proxy, naming
 /// the rule (over HTTP/2 with and without a body, and over HTTP/1.1), and all are audited with

@@ -198,3 +198,25 @@ macro_rules! vm_scenarios {
     };
 }
 every_backend_scenario!(vm_scenarios);
+
+/// A VM booting a root made from an OCI image (`moat run --backend vm --image`: unpacked, made
+/// into an ext4 disk, cached): the agent's programs come from it and reach the network as from
+/// the root image.
+#[test]
+fn a_vm_workspace_boots_its_root_from_an_oci_image() {
+    let Some(images) = vm_images("a_vm_workspace_boots_its_root_from_an_oci_image") else {
+        return;
+    };
+    let ws = Workspace::from_oci_image("vm", Some(images));
+    common::scenarios::curl_reaches_an_allowed_host_through_the_whole_path(&ws);
+    let out = ws.run("head -1 /etc/os-release");
+    let stderr = common::text(&out.stderr);
+    assert!(
+        common::text(&out.stdout).contains("Debian GNU/Linux 12"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("moat: root disk ") && stderr.contains("root.ext4"),
+        "the VM booted the image's disk: {stderr}"
+    );
+}

@@ -48,11 +48,20 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     if matches!(what, "initramfs" | "all") {
         built.push(("initramfs", initramfs()?));
     }
+    if what == "oci" {
+        // Not in current.toml: `moat run --image` takes its path (and `cargo xtask test` hands
+        // it to the tests as MOAT_OCI_IMAGE).
+        let archive = oci()?;
+        eprintln!("xtask images: oci: {}", archive.display());
+        return Ok(());
+    }
     if matches!(what, "rootfs" | "all") {
         built.push(("rootfs", rootfs()?));
     }
     if built.is_empty() {
-        bail!("unknown image {what:?} (kernel, kernel-gpu, kernel-smp, initramfs, rootfs or all)");
+        bail!(
+            "unknown image {what:?} (kernel, kernel-gpu, kernel-smp, initramfs, rootfs, oci or all)"
+        );
     }
     write_current(&built)
 }
@@ -455,7 +464,7 @@ const ROOTFS_RECIPE: &str = "rootfs recipe 1: mmdebstrap minbase + packages + cu
 /// `images/rootfs/customize.sh`) with mmdebstrap: an ext4 image (the VM's root disk) and the
 /// same tree as a directory beside it (the namespace backend's root, [`rootfs_dir`]).
 pub(crate) fn rootfs() -> Result<PathBuf> {
-    const STEPS: usize = 3;
+    const STEPS: usize = 2;
     crate::setup::ensure(&[crate::setup::Job::RootImage])?;
     let dir = root().join("images/rootfs");
     let packages_text = std::fs::read_to_string(dir.join("packages"))
@@ -515,45 +524,9 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
             .arg(&tree)
             .arg(ROOTFS_MIRROR),
     )?;
-    step("root image", 2, STEPS, "sizing");
-    let du = Command::new("du")
-        .args(["-s", "-B", "1M"])
-        .arg(&tree)
-        .output()
-        .context("cannot run du")?;
-    let used: u64 = String::from_utf8_lossy(&du.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .context("cannot read du's answer")?;
-    // Room for ext4's own metadata; the image is mounted read-only, so no more.
-    let size_mib = used + used / 4 + 32;
-    step(
-        "root image",
-        3,
-        STEPS,
-        &format!("writing a {size_mib} MiB ext4 image"),
-    );
-    let tmp = out.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    run_cmd(
-        Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-L",
-                "moat-root",
-                "-O",
-                "^has_journal",
-                "-E",
-                "root_owner=0:0",
-                "-d",
-            ])
-            .arg(&tree)
-            .arg(&tmp)
-            .arg(format!("{size_mib}M")),
-    )?;
-    std::fs::rename(&tmp, &out)?;
+    step("root image", 2, STEPS, "writing the ext4 image");
+    let size_mib = moat_image::ext4_from_dir(&tree, &out)?;
+    eprintln!("xtask images: root image: {size_mib} MiB ext4");
     // The tree stays, as the namespace backend's root: renamed last, so a directory under
     // this name is always complete.
     let _ = std::fs::remove_dir_all(&kept);
@@ -563,6 +536,29 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
         "xtask images: root image: {} (and as a directory: {})",
         out.display(),
         kept.display()
+    );
+    Ok(out)
+}
+
+/// The root image as an OCI archive (`rootfs-<key>.oci.tar` beside the ext4 form): one layer,
+/// the same tree, for `moat run --image` and the tests of it, without a registry.
+pub(crate) fn oci() -> Result<PathBuf> {
+    let ext4 = rootfs()?;
+    let out = ext4.with_extension("oci.tar");
+    if out.exists() {
+        eprintln!("xtask images: OCI archive cached: {}", out.display());
+        return Ok(out);
+    }
+    step(
+        "OCI archive",
+        1,
+        1,
+        "packing the root image's tree (one tar+gzip layer)",
+    );
+    let digest = moat_image::pack(&rootfs_dir(&ext4), &out, "moat-root:latest")?;
+    eprintln!(
+        "xtask images: OCI archive: {} (manifest {digest})",
+        out.display()
     );
     Ok(out)
 }

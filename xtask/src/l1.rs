@@ -765,11 +765,13 @@ fn vm_tests_only() -> Result<()> {
     let kernel = crate::images::kernel()?;
     let gpu_kernel = crate::images::kernel_gpu()?;
     let initramfs = crate::images::initramfs()?;
+    let oci = crate::images::oci()?;
     run_vm_tests_in_l1(&[
         ("MOAT_LINUX_KERNEL", kernel.vmlinux),
         ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
         ("MOAT_LINUX_INITRAMFS", initramfs),
         ("MOAT_LINUX_PCI_KERNEL", gpu_kernel.vmlinux),
+        ("MOAT_OCI_IMAGE", oci),
     ])
 }
 
@@ -807,6 +809,9 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
     // Each binary's exit status, `done INDEX STATUS` a line, written through the read-write
     // share as it ends: what a crashed L1 finished survives it.
     let progress_path = tmp.join("l1-vm-tests.progress");
+    if let Some((_, archive)) = env.iter().find(|(k, _)| *k == "MOAT_OCI_IMAGE") {
+        prepare_image_cache(archive, &tmp)?;
+    }
     let mut job_env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
     job_env.extend(env.iter().map(|(k, v)| (OsString::from(k), v.into())));
     job_env.push(("MOAT_PROBE_GUEST".into(), probe.into()));
@@ -892,6 +897,24 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
         bail!("VM tests failed inside L1: {}", failed.join(" "));
     }
     eprintln!("xtask l1: all {} VM test binaries passed", tests.len());
+    Ok(())
+}
+
+/// What `moat run --image` does first, done here on the host for the VM tests' image (the
+/// tests' cache, `target/tmp/moat-image-cache`): inside L1 the same unpacking and mkfs run
+/// emulated, minutes instead of seconds.
+fn prepare_image_cache(archive: &Path, tmp: &Path) -> Result<()> {
+    let cache = tmp.join("moat-image-cache");
+    let unpacked = moat_image::unpack(archive, &cache, &mut |step| {
+        eprintln!("xtask l1: image for the VM tests: {step}");
+    })?;
+    let (disk, made) = moat_image::ext4_disk(&unpacked)?;
+    if made {
+        eprintln!(
+            "xtask l1: image for the VM tests: root disk {}",
+            disk.display()
+        );
+    }
     Ok(())
 }
 

@@ -19,12 +19,15 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     // The namespace backend's workspaces run on the root image (as a directory): built here,
     // or found in the cache, and named in current.toml where `moat run` finds it.
     crate::images::run(&["rootfs".to_owned()])?;
+    // The same tree as an OCI archive: the workspaces started from an image (`--image`).
+    let oci = crate::images::oci()?;
     let env = [
         ("MOAT_OCSF_PYTHON", python),
         ("MOAT_LINUX_KERNEL", kernel.vmlinux),
         ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
         ("MOAT_LINUX_INITRAMFS", initramfs),
         ("MOAT_LINUX_PCI_KERNEL", gpu_kernel.vmlinux),
+        ("MOAT_OCI_IMAGE", oci),
     ];
     // Every test binary runs even when one fails: a failure never hides the rest, and the VM
     // tests in L1 run whatever happened on the host.

@@ -161,6 +161,8 @@ pub struct Workspace {
     pub images: Option<PathBuf>,
     /// namespace backend: `moat run --host-root` instead of the root image.
     pub host_root: bool,
+    /// `moat run --image`: the root from this OCI image (both backends).
+    pub image: Option<PathBuf>,
     /// The key the profile is signed with, to sign it again after a change.
     pub policy_key: String,
 }
@@ -185,11 +187,37 @@ pub fn root_image() -> PathBuf {
     })
 }
 
+/// The root image as an OCI archive: `MOAT_OCI_IMAGE`, which `cargo xtask test` sets (after
+/// `cargo xtask images oci`); without it a test fails saying so.
+pub fn oci_image() -> PathBuf {
+    let archive = std::env::var_os("MOAT_OCI_IMAGE").map(PathBuf::from);
+    archive.filter(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "MOAT_OCI_IMAGE names no OCI archive: `cargo xtask test` builds it and sets it \
+             (`cargo xtask images oci` prints its path)"
+        )
+    })
+}
+
+/// Where the tests' `moat run --image` unpack images: one cache for the whole run (and the
+/// one `cargo xtask test` fills on the host before the VM tests run in L1).
+pub fn image_cache() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("moat-image-cache")
+}
+
 impl Workspace {
     /// A namespace workspace on the root image (the default).
     pub fn new() -> Workspace {
         root_image();
         Self::with_backend("namespace", None)
+    }
+
+    /// A workspace of `backend` whose root is the root image's OCI archive (`--image`).
+    pub fn from_oci_image(backend: &'static str, images: Option<PathBuf>) -> Workspace {
+        Workspace {
+            image: Some(oci_image()),
+            ..Self::with_backend(backend, images)
+        }
     }
 
     /// A namespace workspace on the host's root (`moat run --host-root`).
@@ -246,6 +274,7 @@ impl Workspace {
             backend,
             images,
             host_root: false,
+            image: None,
             policy_key: key.secret,
         }
     }
@@ -296,6 +325,10 @@ impl Workspace {
         }
         if self.host_root {
             cmd.arg("--host-root");
+        }
+        if let Some(image) = &self.image {
+            cmd.arg("--image").arg(image);
+            cmd.env("MOAT_IMAGE_CACHE", image_cache());
         }
         if let Some(images) = &self.images {
             cmd.env("MOAT_IMAGES", images);

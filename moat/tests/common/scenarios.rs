@@ -119,8 +119,9 @@ pub fn git_clones_a_private_repository_with_the_injected_credential(ws: &Workspa
     assert_eq!(
         text(&out.stdout),
         "private, cloned with an injected credential\n",
-        "stderr: {}",
-        text(&out.stderr)
+        "stderr: {}\nthe audit's reasons (the control clone's first): {:?}",
+        text(&out.stderr),
+        ws.reasons()
     );
     let log = std::fs::read_to_string(ws.dir.path().join("audit.jsonl")).unwrap();
     assert!(!log.contains(E2E_SECRET));
