@@ -1004,3 +1004,60 @@ fn mcp_rules_filter_tools_list_allow_echo_and_refuse_a_denied_tool_call() {
         assert!(validated.status.success(), "{}", text(&validated.stdout));
     }
 }
+
+/// MCP rules with curl: a batch holding one denied call is refused whole (403, one JSON-RPC
+/// error per request, nothing forwarded), a body nested past the bound is refused 400 with a
+/// parse error, and another HTTP method on the endpoint 403.
+#[test]
+fn mcp_rules_refuse_a_batch_with_a_denied_call_whole_and_bodies_past_the_bounds() {
+    let python = mcp_python();
+    let server = McpServer::start(&python, true);
+    let ws = mcp_workspace(&server);
+    let url = format!("https://mcp.test:{}/mcp", server.port);
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_everything","arguments":{}}}]"#;
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":{}1{}}}}}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let curl = "curl -sS -H 'content-type: application/json' \
+                -H 'accept: application/json, text/event-stream' -w '\\n%{http_code}\\n'";
+    let out = ws.run(&format!(
+        "{curl} --data '{batch}' {url}; {curl} --data '{deep}' {url}; {curl} -X PUT --data x {url}"
+    ));
+    let stdout = text(&out.stdout);
+    // A text page ends in its own newline: the blank line before its status is dropped.
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 6, "{stdout}\nstderr: {}", text(&out.stderr));
+    let errors: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(lines[1], "403");
+    assert_eq!(errors[0]["id"], 1);
+    assert!(
+        errors[0]["error"]["message"].as_str().unwrap().starts_with(
+            "moat egress did not send this request: a batch of 2 messages is refused whole"
+        ),
+        "{errors}"
+    );
+    assert_eq!(errors[1]["id"], 2);
+    assert_eq!(errors[1]["error"]["code"], -32001);
+    assert_eq!(errors[1]["error"]["data"]["mcp_rule"], "tools.deny");
+    let parse: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+    assert_eq!(
+        (lines[3], &parse["error"]["code"]),
+        ("400", &serde_json::json!(-32700))
+    );
+    assert!(
+        lines[4].contains("PUT is not part of MCP's streamable HTTP transport"),
+        "{stdout}"
+    );
+    assert_eq!(lines[5], "403");
+    let server_err = server.stop();
+    assert!(
+        !server_err.contains("DELETE-EVERYTHING-RAN"),
+        "{server_err}"
+    );
+    let reasons = ws.reasons();
+    for want in ["mcp_denied", "mcp_malformed"] {
+        assert!(reasons.contains(&want.to_owned()), "{reasons:?}");
+    }
+}

@@ -440,7 +440,7 @@ impl Ctx {
             }
         }
         // MCP rules apply where the request is for the rule's MCP endpoint (mcp.rs).
-        let endpoint = match mcp::endpoint(rule, &mut parts.uri) {
+        let endpoint = match mcp::endpoint(rule, &parts.method, &mut parts.uri) {
             Ok(e) => e,
             Err(r) => return self.refuse_unread(&head, r, body).await,
         };

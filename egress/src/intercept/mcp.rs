@@ -70,9 +70,11 @@ impl From<Refusal> for McpRefusal {
 
 /// The request's endpoint, when the flow's rule has MCP rules and the request is for their
 /// endpoint. Where the endpoint is one path, the request's path is normalised first (and sent
-/// upstream in that form, as for HTTP rules); a path with no normal form is refused.
+/// upstream in that form, as for HTTP rules); a path with no normal form is refused, and so is
+/// an HTTP method the transport does not have (before the body is read).
 pub(crate) fn endpoint(
     rule: &moat_policy::Rule,
+    method: &Method,
     uri: &mut Uri,
 ) -> Result<Option<Endpoint>, Refusal> {
     let Some(rules) = &rule.mcp else {
@@ -88,7 +90,21 @@ pub(crate) fn endpoint(
             ),
         })?;
     }
-    Ok(rules.covers(uri.path()).then(|| Endpoint {
+    if !rules.covers(uri.path()) {
+        return Ok(None);
+    }
+    if ![Method::POST, Method::GET, Method::DELETE].contains(method) {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            reason: Reason::McpDenied,
+            detail: format!(
+                "{method} is not part of MCP's streamable HTTP transport (POST, GET, DELETE): \
+                 refused on rule {:?}'s MCP endpoint",
+                rule.name
+            ),
+        });
+    }
+    Ok(Some(Endpoint {
         rules: rules.clone(),
         rule: rule.name.clone(),
     }))
@@ -105,18 +121,6 @@ impl Endpoint {
     ) -> Result<(RequestBody, Option<Value>), McpRefusal> {
         if *method == Method::GET || *method == Method::DELETE {
             return Ok((body.map_err(BodyError::from).boxed_unsync(), None));
-        }
-        if *method != Method::POST {
-            return Err(Refusal {
-                status: StatusCode::FORBIDDEN,
-                reason: Reason::McpDenied,
-                detail: format!(
-                    "{method} is not part of MCP's streamable HTTP transport (POST, GET, DELETE): \
-                     refused on rule {:?}'s MCP endpoint",
-                    self.rule
-                ),
-            }
-            .into());
         }
         let bytes = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
             Ok(c) => c.to_bytes(),
