@@ -630,6 +630,9 @@ pub struct HttpEvent<'a> {
     /// The HTTP rule of the intercept rule that decided the request (`default` for the rule's
     /// default), where the rule has HTTP rules and the request got as far as them.
     pub http_rule: Option<&'a str>,
+    /// On an MCP endpoint: the JSON-RPC messages (method, tool, the MCP rule entry that
+    /// decided) and the tools taken out of the answer (`tools_hidden`).
+    pub mcp: Option<Value>,
     /// Names of the secrets injected into the request.
     pub secrets: Vec<String>,
     /// Body bytes agent -> upstream and upstream -> agent, once the response has ended.
@@ -734,6 +737,9 @@ impl Audit {
         unmapped.insert("flow_uid".into(), json!(f.uid));
         if let Some(name) = event.http_rule {
             unmapped.insert("http_rule".into(), json!(name));
+        }
+        if let Some(mcp) = &event.mcp {
+            unmapped.insert("mcp".into(), mcp.clone());
         }
         if !event.secrets.is_empty() {
             unmapped.insert("secrets_injected".into(), json!(event.secrets));

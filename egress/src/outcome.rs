@@ -115,6 +115,16 @@ reasons! {
     /// An intercepted request that the intercept rule's HTTP rules deny (a denying HTTP rule,
     /// or the rule's default): answered 403, never forwarded.
     HttpRuleDenied => "http_rule_denied", Agent;
+    /// A JSON-RPC message to an intercept rule's MCP endpoint that its MCP rules deny (by method,
+    /// or for `tools/call` by tool; a batch holding one is refused whole), or a request method
+    /// the streamable HTTP transport does not have: answered 403, never forwarded.
+    McpDenied => "mcp_denied", Agent;
+    /// A request to an MCP endpoint whose body is not JSON-RPC 2.0 the rules can judge (not
+    /// JSON, nested too deep, a key twice, over the size bound): answered 400 or 413.
+    McpMalformed => "mcp_malformed", Agent;
+    /// An answer from an MCP endpoint that is not JSON-RPC 2.0 (or over the size bound), so its
+    /// tools lists cannot be filtered: refused (502), or the SSE stream cut (fail closed).
+    McpResponseRefused => "mcp_response_refused", Upstream;
     /// The agent's TLS handshake with the workspace CA's leaf failed (the agent does not
     /// trust the workspace CA, or spoke something else).
     AgentTls => "agent_tls", Agent;

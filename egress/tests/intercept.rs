@@ -1259,3 +1259,109 @@ async fn required_placeholder_missing_is_refused_and_audited() {
     assert_eq!(rec["unmapped"]["moat"]["reason"], "placeholder_required");
     assert_eq!(rec["unmapped"]["moat"]["blame"], "agent");
 }
+
+/// Gives the intercepted api.inject.test MCP rules on `path`: every method, the tool `echo`,
+/// never `delete_everything`.
+fn with_mcp_rules(tp: &TestProxy, path: &str) {
+    let rules = intercept_rules(tp.http.port(), &tp.secret_file).replace(
+        "\n[[rules]]\nname = \"other-api\"",
+        &format!(
+            "\n[rules.mcp]\npath = \"{path}\"\nmethods = {{ default = \"allow\" }}\n\
+             tools = {{ default = \"deny\", allow = [\"echo\"], deny = [\"delete_everything\"] }}\n\
+             \n[[rules]]\nname = \"other-api\""
+        ),
+    );
+    tp.rewrite_profile(&profile_text(tp.tls.port(), tp.plain.port(), &rules));
+    tp.proxy.reload().unwrap();
+}
+
+fn tool_call(path: &str, tool: &str) -> Vec<u8> {
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"{tool}","arguments":{{}}}}}}"#
+    );
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: api.inject.test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn mcp_rules_refuse_a_denied_tool_call_with_a_json_rpc_error_before_the_upstream() {
+    let tp = TestProxy::start().await;
+    with_mcp_rules(&tp, "/mcp");
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        &tool_call("/mcp", "delete_everything"),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+    assert!(got.contains("application/json"), "{got}");
+    assert!(
+        got.contains(r#""id":7"#) && got.contains("-32001") && got.contains("tools.deny"),
+        "{got}"
+    );
+    assert!(tp.seen().is_empty(), "{:?}", tp.seen());
+    let rec = http_record(&tp, "/mcp").await;
+    assert_eq!(rec["unmapped"]["moat"]["reason"], "mcp_denied", "{rec}");
+    assert_eq!(
+        rec["unmapped"]["moat"]["mcp"]["messages"][0]["tool"],
+        "delete_everything"
+    );
+    // Another path of the host is not the endpoint: not read as MCP.
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        &tool_call("/other", "delete_everything"),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+/// Fail closed: an allowed call is forwarded, but an answer that is not JSON-RPC (here the
+/// test upstream's text) is refused, never shown to the agent.
+#[tokio::test]
+async fn mcp_answer_that_is_not_json_rpc_is_refused_with_a_502() {
+    let tp = TestProxy::start().await;
+    with_mcp_rules(&tp, "/mcp");
+    let got = raw(&tp, "api.inject.test", &tool_call("/mcp", "echo")).await;
+    assert!(got.starts_with("HTTP/1.1 502"), "{got}");
+    assert!(!got.contains("ok /mcp"), "{got}");
+    assert_eq!(tp.seen().len(), 1, "the allowed call was forwarded");
+    let rec = http_record(&tp, "/mcp").await;
+    assert_eq!(
+        rec["unmapped"]["moat"]["reason"], "mcp_response_refused",
+        "{rec}"
+    );
+    assert_eq!(rec["unmapped"]["moat"]["blame"], "upstream");
+}
+
+/// The SSE answer of an MCP endpoint is read event by event: an event that is not JSON-RPC
+/// (`data: 1`) cuts the stream before any of it reaches the agent, and the record says so.
+#[tokio::test]
+async fn mcp_sse_stream_is_cut_at_an_event_that_is_not_json_rpc() {
+    let tp = TestProxy::start().await;
+    with_mcp_rules(&tp, "/stream");
+    let got = raw(
+        &tp,
+        "api.inject.test",
+        b"GET /stream HTTP/1.1\r\nHost: api.inject.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(!got.contains("data: 1"), "{got}");
+    let rec = http_record(&tp, "/stream").await;
+    assert_eq!(
+        rec["unmapped"]["moat"]["reason"], "mcp_response_refused",
+        "{rec}"
+    );
+    assert!(
+        rec["message"]
+            .as_str()
+            .unwrap()
+            .contains("the stream was cut"),
+        "{rec}"
+    );
+}

@@ -115,6 +115,15 @@ fn summary(policy: &Policy) {
                 http.default.as_str()
             );
         }
+        if let Some(mcp) = &rule.mcp {
+            println!(
+                "  {:<20} MCP rules at {}: methods {}, tools {}",
+                "",
+                mcp.path.as_deref().unwrap_or("every path"),
+                describe_mcp_list(&mcp.methods),
+                describe_mcp_list(&mcp.tools)
+            );
+        }
     }
     if !policy.secrets.is_empty() {
         println!(
@@ -158,6 +167,34 @@ fn describe_http(http: &moat_policy::HttpRules) -> Vec<String> {
         moat_policy::http_rules::DEFAULT_NAME
     ));
     lines
+}
+
+/// One MCP list in words: `deny [..], allow [..], else <default>`.
+fn describe_mcp_list(list: &moat_policy::mcp_rules::McpList) -> String {
+    let mut parts = Vec::new();
+    if !list.deny.is_empty() {
+        parts.push(format!("deny [{}]", list.deny.join(", ")));
+    }
+    if !list.allow.is_empty() {
+        parts.push(format!("allow [{}]", list.allow.join(", ")));
+    }
+    parts.push(format!("else {}", list.default.as_str()));
+    parts.join(", ")
+}
+
+/// Lines about an intercept rule's MCP rules, in the order they are applied.
+fn describe_mcp(mcp: &moat_policy::McpRules) -> Vec<String> {
+    vec![
+        format!(
+            "MCP rules (JSON-RPC over streamable HTTP at {}; deny, then allow, then the default):",
+            mcp.path.as_deref().unwrap_or("every path")
+        ),
+        format!("  methods: {}", describe_mcp_list(&mcp.methods)),
+        format!(
+            "  tools:   {} (tools/call, and what tools/list shows)",
+            describe_mcp_list(&mcp.tools)
+        ),
+    ]
 }
 
 /// One line about a secret: where it comes from, where it is bound, how it is presented.
@@ -325,6 +362,11 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
                     println!("  {line}");
                 }
             }
+            if let Some(mcp) = &rule.mcp {
+                for line in describe_mcp(mcp) {
+                    println!("  {line}");
+                }
+            }
             if let Some(route) = &rule.route {
                 println!(
                     "  routed to {}:{} (resolved, classified and verified as that name)",
@@ -370,6 +412,29 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn explain_shows_mcp_rules_lists_in_the_order_they_apply() {
+        let p = moat_policy::profile::parse(
+            "version = 1\nname = \"t\"\n[[rules]]\nname = \"m\"\nhosts = [\"m.test\"]\n\
+             ports = [443]\naction = \"intercept\"\n[rules.mcp]\npath = \"/mcp\"\n\
+             methods = { default = \"allow\", deny = [\"sampling/*\"] }\n\
+             tools = { default = \"deny\", allow = [\"echo\"] }\n",
+        )
+        .unwrap();
+        let lines = describe_mcp(p.rules[0].mcp.as_ref().unwrap());
+        assert_eq!(
+            lines,
+            vec![
+                "MCP rules (JSON-RPC over streamable HTTP at /mcp; deny, then allow, then the \
+                 default):"
+                    .to_owned(),
+                "  methods: deny [sampling/*], else allow".to_owned(),
+                "  tools:   allow [echo], else deny (tools/call, and what tools/list shows)"
+                    .to_owned(),
+            ]
+        );
+    }
 
     #[test]
     fn explain_lists_http_rules_in_order_with_the_default() {

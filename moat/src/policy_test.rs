@@ -9,7 +9,9 @@
 //! path = "/repos/o/r?per_page=5"      # optional: the request, decided by the HTTP rules
 //! expect = "allow"                    # or "deny"
 //! inject = ["github"]                 # optional: exactly the secrets injected ([] = none)
-//! # program = "..."  tool = "..."     # accepted, but not supported yet: such a case fails
+//! tool = "search"                     # optional: an MCP tools/call of this tool (POST to the
+//!                                     # rule's MCP endpoint unless method/path say otherwise)
+//! # program = "..."                   # accepted, but not supported yet: such a case fails
 //! ```
 //!
 //! Each case is decided the way the proxy decides: the flow by the profile's rules, then, on
@@ -55,7 +57,7 @@ struct Case {
     /// Issue 17 item 2 (per-program rules): accepted so case files can be written ahead.
     #[serde(default)]
     program: Option<String>,
-    /// Issue 17 item 3 (per-tool rules): accepted so case files can be written ahead.
+    /// An MCP `tools/call` of this tool, decided by the rule's MCP rules.
     #[serde(default)]
     tool: Option<String>,
     expect: Expect,
@@ -110,8 +112,18 @@ fn decide(policy: &Policy, case: &Case) -> Result<Outcome> {
         };
         return Ok(allow(format!("{flow}{note}"), Vec::new()));
     }
-    let method = case.method.as_deref().unwrap_or("GET");
-    let target = case.path.as_deref().unwrap_or("/");
+    // A tool call is a POST to the MCP endpoint, unless the case says otherwise.
+    let mcp_path = rule.mcp.as_ref().and_then(|m| m.path.as_deref());
+    let (method, target) = match &case.tool {
+        Some(_) => (
+            case.method.as_deref().unwrap_or("POST"),
+            case.path.as_deref().or(mcp_path).unwrap_or("/"),
+        ),
+        None => (
+            case.method.as_deref().unwrap_or("GET"),
+            case.path.as_deref().unwrap_or("/"),
+        ),
+    };
     let (raw_path, query) = target
         .split_once('?')
         .map_or((target, None), |(p, q)| (p, Some(q)));
@@ -149,6 +161,19 @@ fn decide(policy: &Policy, case: &Case) -> Result<Outcome> {
             return Ok(deny(format!("{flow}: {method} {path} denied by {by}")));
         }
         why = format!("{flow}: {method} {path} allowed by {by}");
+    }
+    if let Some(tool) = &case.tool {
+        match rule.mcp.as_ref().filter(|m| m.covers(&path)) {
+            Some(mcp) => {
+                let verdict = mcp.decide(moat_policy::mcp_rules::TOOLS_CALL, Some(tool));
+                let by = format!("{} of its MCP rules", verdict.rule_name());
+                if verdict.action == HttpAction::Deny {
+                    return Ok(deny(format!("{flow}: tool {tool:?} denied by {by}")));
+                }
+                why = format!("{why}; tool {tool:?} allowed by {by}");
+            }
+            None => why = format!("{why}; no MCP rules apply to {path}: the tool is not judged"),
+        }
     }
     Ok(allow(
         why,
@@ -214,13 +239,10 @@ fn check_cases(policy: &Policy, text: &str) -> Result<(String, bool)> {
             .name
             .clone()
             .unwrap_or_else(|| format!("case {}", i + 1));
-        let unsupported: Vec<&str> = [
-            case.program.as_ref().map(|_| "program (issue 17 item 2)"),
-            case.tool.as_ref().map(|_| "tool (issue 17 item 3)"),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let unsupported: Vec<&str> = [case.program.as_ref().map(|_| "program (issue 17 item 3)")]
+            .into_iter()
+            .flatten()
+            .collect();
         if !unsupported.is_empty() {
             failed += 1;
             let _ = writeln!(
@@ -417,16 +439,71 @@ inject = ["other"]
     }
 
     #[test]
-    fn program_and_tool_cases_are_not_supported_yet() {
+    fn program_cases_are_not_supported_yet() {
         let cases = "[[cases]]\nname = \"p\"\ndestination = \"pypi.org:443\"\nprogram = \
-                     \"/usr/bin/pip\"\ntool = \"shell\"\nexpect = \"allow\"\n";
+                     \"/usr/bin/pip\"\nexpect = \"allow\"\n";
         let (report, all) = check_cases(&policy(), cases).unwrap();
         assert!(!all);
         assert!(
             report.contains("FAIL p: not supported yet: program"),
             "{report}"
         );
-        assert!(report.contains("tool"), "{report}");
+    }
+
+    const MCP_PROFILE: &str = r#"
+[[rules]]
+name = "mcp"
+hosts = ["mcp.example.com"]
+ports = [443]
+action = "intercept"
+
+[rules.mcp]
+path = "/mcp"
+methods = { default = "allow" }
+tools = { default = "deny", allow = ["echo"], deny = ["delete_everything"] }
+"#;
+
+    #[test]
+    fn tool_cases_are_decided_by_the_rules_mcp_rules() {
+        let policy = moat_policy::profile::parse(&format!("{PROFILE}{MCP_PROFILE}")).unwrap();
+        let cases = r#"
+[[cases]]
+name = "echo"
+destination = "mcp.example.com:443"
+tool = "echo"
+expect = "allow"
+
+[[cases]]
+name = "delete"
+destination = "mcp.example.com:443"
+tool = "delete_everything"
+expect = "deny"
+
+[[cases]]
+name = "unlisted"
+destination = "mcp.example.com:443"
+tool = "rm"
+expect = "deny"
+
+[[cases]]
+name = "elsewhere"
+destination = "mcp.example.com:443"
+path = "/other"
+tool = "delete_everything"
+expect = "allow"
+"#;
+        let (report, all) = check_cases(&policy, cases).unwrap();
+        assert!(all, "{report}");
+        let wrong = cases.replace(
+            "tool = \"rm\"\nexpect = \"deny\"",
+            "tool = \"rm\"\nexpect = \"allow\"",
+        );
+        let (report, all) = check_cases(&policy, &wrong).unwrap();
+        assert!(!all);
+        assert!(
+            report.contains("FAIL unlisted\n  - allow\n  + deny: rule \"mcp\" (intercept): tool \"rm\" denied by tools.default of its MCP rules"),
+            "{report}"
+        );
     }
 
     #[test]

@@ -857,3 +857,249 @@ fn run_by_root_each_workspace_is_a_host_uid_of_its_own_and_a_kept_home_keeps_its
     let again = a.run("head -1 /proc/self/uid_map");
     assert_eq!(uid_of(&text(&again.stdout)), id_a);
 }
+
+/// The MCP SDK's python (`cargo xtask test` installs it into .venv-mcp, from
+/// moat/tests/mcp/requirements.txt, and sets MOAT_MCP_PYTHON).
+fn mcp_python() -> std::path::PathBuf {
+    let python = std::env::var("MOAT_MCP_PYTHON").map_or_else(
+        |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-mcp/bin/python"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "the MCP SDK is not installed: run `cargo xtask test` (it installs it into .venv-mcp) \
+         or set MOAT_MCP_PYTHON"
+    );
+    python
+}
+
+/// The Python SDK's MCP server (moat/tests/mcp/server.py) over TLS on 127.0.0.1 as `mcp.test`,
+/// with a certificate from a CA of its own; killed when dropped.
+struct McpServer {
+    child: std::process::Child,
+    port: u16,
+    ca_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+impl McpServer {
+    fn start(python: &Path, json: bool) -> McpServer {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        use std::io::BufRead;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "moat e2e MCP CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["mcp.test".into()]).unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, "mcp.test");
+        let leaf = leaf.signed_by(&key, &ca).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        let mut cmd = Command::new(python);
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/server.py"))
+            .arg(dir.path().join("cert.pem"))
+            .arg(dir.path().join("key.pem"));
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the MCP server printed {line:?}, not its port"));
+        McpServer {
+            child,
+            port,
+            ca_pem: ca.pem(),
+            _dir: dir,
+        }
+    }
+
+    /// Stops the server and returns what it wrote on stderr.
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = self.child.wait();
+        err
+    }
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A workspace (on the host's root, where the MCP SDK's venv is) whose policy intercepts
+/// mcp.test with MCP rules: every method, the tool `echo`, not `delete_everything`.
+fn mcp_workspace(server: &McpServer) -> Workspace {
+    let mut ws = Workspace::host_root().with_rules(&format!(
+        "[[rules]]\nname = \"mcp\"\nhosts = [\"mcp.test\"]\nports = [{}]\naction = \"intercept\"\n\
+         cidrs = [\"127.0.0.0/8\"]\n\n[rules.mcp]\npath = \"/mcp\"\n\
+         methods = {{ default = \"allow\" }}\n\
+         tools = {{ default = \"deny\", allow = [\"echo\"], deny = [\"delete_everything\"] }}\n",
+        server.port
+    ));
+    // The proxy verifies the MCP server against its CA too (--upstream-ca is a bundle).
+    let ca = ws.dir.path().join("ca.pem");
+    let mut bundle = std::fs::read_to_string(&ca).unwrap();
+    bundle.push_str(&server.ca_pem);
+    std::fs::write(&ca, bundle).unwrap();
+    ws.resolve.push("mcp.test=127.0.0.1".into());
+    ws
+}
+
+/// MCP rules with the Python SDK's own client and server, through the whole path: in both of
+/// the SDK's modes (the 2026-07-28 protocol answered with JSON; the legacy session answered as
+/// SSE streams) `tools/list` shows the agent only `echo`, `echo` is called, and the call of
+/// `delete_everything` is refused by the proxy with a JSON-RPC error naming the rule, which
+/// the client raises; the server never runs it. Every request is audited with what MCP rules
+/// saw, and the audit log is valid OCSF.
+#[test]
+fn mcp_rules_filter_tools_list_allow_echo_and_refuse_a_denied_tool_call() {
+    let python = mcp_python();
+    for json in [true, false] {
+        let server = McpServer::start(&python, json);
+        let ws = mcp_workspace(&server);
+        let url = format!("https://mcp.test:{}/mcp", server.port);
+        let client = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
+        let py = python.display();
+        let out = ws.run(&format!(
+            "{py} {client} {url} auto; {py} {client} {url} legacy"
+        ));
+        let stdout = text(&out.stdout);
+        let refused = "delete_everything: MCPError: moat egress refused this request: tools/call \
+                       of tool \"delete_everything\" is denied by tools.deny of rule \"mcp\"'s \
+                       MCP rules\n";
+        let once = format!("tools: echo\necho: echo: hi\n{refused}");
+        assert_eq!(
+            stdout,
+            format!("{once}{once}"),
+            "json answers: {json}\nstderr: {}",
+            text(&out.stderr)
+        );
+        let server_err = server.stop();
+        assert!(
+            !server_err.contains("DELETE-EVERYTHING-RAN"),
+            "{server_err}"
+        );
+
+        let mcp: Vec<serde_json::Value> = ws
+            .audit()
+            .into_iter()
+            .filter(|r| r["class_uid"] == 4002 && r["firewall_rule"]["name"] == "mcp")
+            .collect();
+        let denied: Vec<_> = mcp
+            .iter()
+            .filter(|r| r["unmapped"]["moat"]["reason"] == "mcp_denied")
+            .collect();
+        assert_eq!(denied.len(), 2, "{mcp:#?}");
+        assert_eq!(denied[0]["http_response"]["code"], 403);
+        assert_eq!(denied[0]["disposition"], "Blocked");
+        assert_eq!(
+            denied[0]["unmapped"]["moat"]["mcp"]["messages"][0],
+            serde_json::json!({"method": "tools/call", "tool": "delete_everything", "mcp_rule": "tools.deny"})
+        );
+        let hidden: Vec<_> = mcp
+            .iter()
+            .filter(|r| {
+                r["unmapped"]["moat"]["mcp"]["tools_hidden"]
+                    == serde_json::json!(["delete_everything"])
+            })
+            .collect();
+        assert_eq!(
+            hidden.len(),
+            2,
+            "one filtered tools/list per mode: {mcp:#?}"
+        );
+        assert!(
+            mcp.iter().any(
+                |r| r["unmapped"]["moat"]["mcp"]["messages"][0]["tool"] == "echo"
+                    && r["disposition"] == "Allowed"
+            ),
+            "{mcp:#?}"
+        );
+        let validated = Command::new(common::ocsf_python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../egress/tests/ocsf/validate.py"
+            ))
+            .arg(ws.dir.path().join("audit.jsonl"))
+            .output()
+            .unwrap();
+        assert!(validated.status.success(), "{}", text(&validated.stdout));
+    }
+}
+
+/// MCP rules with curl: a batch holding one denied call is refused whole (403, one JSON-RPC
+/// error per request, nothing forwarded), a body nested past the bound is refused 400 with a
+/// parse error, and another HTTP method on the endpoint 403.
+#[test]
+fn mcp_rules_refuse_a_batch_with_a_denied_call_whole_and_bodies_past_the_bounds() {
+    let python = mcp_python();
+    let server = McpServer::start(&python, true);
+    let ws = mcp_workspace(&server);
+    let url = format!("https://mcp.test:{}/mcp", server.port);
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_everything","arguments":{}}}]"#;
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":{}1{}}}}}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let curl = "curl -sS -H 'content-type: application/json' \
+                -H 'accept: application/json, text/event-stream' -w '\\n%{http_code}\\n'";
+    let out = ws.run(&format!(
+        "{curl} --data '{batch}' {url}; {curl} --data '{deep}' {url}; {curl} -X PUT --data x {url}"
+    ));
+    let stdout = text(&out.stdout);
+    // A text page ends in its own newline: the blank line before its status is dropped.
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 6, "{stdout}\nstderr: {}", text(&out.stderr));
+    let errors: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(lines[1], "403");
+    assert_eq!(errors[0]["id"], 1);
+    assert!(
+        errors[0]["error"]["message"].as_str().unwrap().starts_with(
+            "moat egress did not send this request: a batch of 2 messages is refused whole"
+        ),
+        "{errors}"
+    );
+    assert_eq!(errors[1]["id"], 2);
+    assert_eq!(errors[1]["error"]["code"], -32001);
+    assert_eq!(errors[1]["error"]["data"]["mcp_rule"], "tools.deny");
+    let parse: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+    assert_eq!(
+        (lines[3], &parse["error"]["code"]),
+        ("400", &serde_json::json!(-32700))
+    );
+    assert!(
+        lines[4].contains("PUT is not part of MCP's streamable HTTP transport"),
+        "{stdout}"
+    );
+    assert_eq!(lines[5], "403");
+    let server_err = server.stop();
+    assert!(
+        !server_err.contains("DELETE-EVERYTHING-RAN"),
+        "{server_err}"
+    );
+    let reasons = ws.reasons();
+    for want in ["mcp_denied", "mcp_malformed"] {
+        assert!(reasons.contains(&want.to_owned()), "{reasons:?}");
+    }
+}

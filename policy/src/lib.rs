@@ -35,6 +35,7 @@
 pub mod addr;
 pub mod host;
 pub mod http_rules;
+pub mod mcp_rules;
 pub mod path;
 pub mod profile;
 pub mod secret;
@@ -50,6 +51,7 @@ use serde::Deserialize;
 pub use addr::{AddrClass, classify};
 pub use host::{HostPattern, normalize};
 pub use http_rules::{HttpAction, HttpRule, HttpRules, HttpVerdict, PathPattern};
+pub use mcp_rules::{McpRules, McpVerdict};
 pub use path::{PathError, normalize_path};
 pub use secret::{Presentation, SecretSource, SecretSpec};
 pub use service::{ServiceName, ServiceNameError};
@@ -120,6 +122,9 @@ pub struct Rule {
     /// HTTP rules (intercept rules only): each request on the flow is decided by the first
     /// that matches it, or by their explicit default. `None`: every request is allowed.
     pub http: Option<HttpRules>,
+    /// MCP rules (intercept rules only): JSON-RPC requests to the rule's MCP endpoint are
+    /// decided by method and tool, and `tools/list` answers filtered. `None`: not read.
+    pub mcp: Option<McpRules>,
 }
 
 /// Where a routed rule sends its requests.

@@ -34,6 +34,11 @@
 //! paths = ["/v1/chat/completions", "/v1/models/**"]
 //! action = "allow"
 //!
+//! [rules.mcp]                       # optional, intercept rules only: see crate::mcp_rules
+//! path = "/mcp"                     # an MCP server over streamable HTTP at this path
+//! methods = { default = "allow" }   # both lists and their defaults required
+//! tools = { default = "deny", allow = ["search"] }
+//!
 //! [[rules]]
 //! name = "git-corp"                 # to a corporate service, through the broker
 //! hosts = ["git.corp.example.com"]  # never resolved by the proxy; no cidrs
@@ -58,6 +63,7 @@ use serde::Deserialize;
 
 use crate::host::{HostError, HostPattern};
 use crate::http_rules::{HttpRules, HttpRulesFile};
+use crate::mcp_rules::{McpRules, McpRulesFile};
 use crate::secret::{Presentation, RESERVED_HEADERS, SecretSource, SecretSpec, is_token};
 use crate::service::ServiceName;
 use crate::{Action, Policy, Protocol, Route, Rule};
@@ -128,6 +134,14 @@ pub enum ProfileError {
         rule: String,
         /// The HTTP rule to blame, if one is.
         http_rule: Option<String>,
+        /// What is wrong.
+        why: String,
+    },
+    /// MCP rules on a rule that does not intercept, or MCP rules that are not valid.
+    #[error("rule {rule:?} has bad MCP rules: {why}")]
+    Mcp {
+        /// The rule's name.
+        rule: String,
         /// What is wrong.
         why: String,
     },
@@ -208,6 +222,8 @@ struct RuleFile {
     service: Option<String>,
     #[serde(default)]
     http: Option<HttpRulesFile>,
+    #[serde(default)]
+    mcp: Option<McpRulesFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,6 +326,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             }
         };
         let http = http_rules(&r.name, r.action, r.http)?;
+        let mcp = mcp_rules(&r.name, r.action, r.mcp)?;
         rules.push(Rule {
             name: r.name,
             hosts,
@@ -320,6 +337,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             route,
             service,
             http,
+            mcp,
         });
     }
     let mut secrets: Vec<SecretSpec> = Vec::with_capacity(file.secrets.len());
@@ -418,6 +436,30 @@ fn http_rules(
         http_rule: e.http_rule,
         why: e.why,
     })
+}
+
+/// The MCP rules of an intercept rule, compiled; refused on any other rule (the proxy reads
+/// JSON-RPC only where it terminates TLS).
+fn mcp_rules(
+    rule: &str,
+    action: Action,
+    mcp: Option<McpRulesFile>,
+) -> Result<Option<McpRules>, ProfileError> {
+    let Some(file) = mcp else {
+        return Ok(None);
+    };
+    let bad = |why: String| ProfileError::Mcp {
+        rule: rule.to_owned(),
+        why,
+    };
+    if action != Action::Intercept {
+        return Err(bad(
+            "MCP rules need action = \"intercept\": the proxy reads requests only on flows it \
+             terminates"
+                .into(),
+        ));
+    }
+    file.compile().map(Some).map_err(bad)
 }
 
 fn compile_secret(raw: SecretFile) -> Result<SecretSpec, ProfileError> {
@@ -950,6 +992,43 @@ action = "allow"
         ));
         assert!(matches!(
             with(&HTTP.replace("action = \"allow\"", "action = \"allow\"\nhost = \"x\"")),
+            Err(ProfileError::Syntax(_))
+        ));
+    }
+
+    const MCP: &str = r#"
+[rules.mcp]
+path = "/mcp"
+methods = { default = "allow" }
+tools = { default = "deny", allow = ["echo"] }
+"#;
+
+    #[test]
+    fn intercept_rule_carries_its_mcp_rules() {
+        let p = with(MCP).unwrap();
+        let mcp = p.rules[0].mcp.as_ref().unwrap();
+        assert_eq!(mcp.path.as_deref(), Some("/mcp"));
+        assert_eq!(mcp.tools.allow, vec!["echo".to_owned()]);
+        assert_eq!(with("").unwrap().rules[0].mcp, None);
+    }
+
+    #[test]
+    fn bad_mcp_rules_are_refused_naming_the_rule() {
+        let text = format!("{BASE}{MCP}").replace("\"intercept\"", "\"passthrough\"");
+        let e = parse(&text).unwrap_err();
+        assert!(
+            matches!(&e, ProfileError::Mcp { rule, .. } if rule == "openai"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("need action = \"intercept\""), "{e}");
+        let e = with(&MCP.replace("[\"echo\"]", "[\"ec ho\"]")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("rule \"openai\" has bad MCP rules: tools: \"ec ho\""),
+            "{e}"
+        );
+        assert!(matches!(
+            with(&MCP.replace("tools = { default = \"deny\", allow = [\"echo\"] }\n", "")),
             Err(ProfileError::Syntax(_))
         ));
     }

@@ -137,4 +137,30 @@ mod tests {
             "{chain}"
         );
     }
+
+    #[test]
+    fn a_validly_signed_profile_with_bad_mcp_rules_is_refused_on_load() {
+        let key = generate("").unwrap();
+        let text = "version = 1\nname = \"t\"\n[[rules]]\nname = \"tools\"\nhosts = [\"a.test\"]\n\
+                    ports = [443]\naction = \"intercept\"\n[rules.mcp]\n\
+                    methods = { default = \"allow\" }\n\
+                    tools = { default = \"deny\", allow = [\"x\"], deny = [\"x\"] }\n";
+        assert!(sign(text.as_bytes(), &key.secret, "").is_err());
+        let sk = SecretKeyBox::from_string(&key.secret)
+            .and_then(|b| b.into_secret_key(Some(String::new())))
+            .unwrap();
+        let sig = minisign::sign(None, &sk, Cursor::new(text.as_bytes()), None, None)
+            .unwrap()
+            .into_string();
+        let pk = parse_public_key(&key.public).unwrap();
+        let err = load_verified(text.as_bytes(), &sig, &pk).unwrap_err();
+        let chain = format!(
+            "{err}: {}",
+            std::error::Error::source(&err).map_or(String::new(), ToString::to_string)
+        );
+        assert!(
+            chain.contains("listed twice") && chain.contains("\"tools\""),
+            "{chain}"
+        );
+    }
 }

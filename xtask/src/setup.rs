@@ -650,6 +650,47 @@ pub(crate) fn ocsf_venv() -> Result<PathBuf> {
     Ok(python)
 }
 
+/// The MCP server and client the namespace end-to-end tests run (the Python `mcp` SDK, pinned
+/// with its dependencies in moat/tests/mcp/requirements.txt), in `.venv-mcp`; returns its
+/// python. Made from /usr/bin/python3 (the system's, also the root image's), never a python
+/// under /root or /home: the workspace runs this venv under `--host-root`, where those are
+/// masked.
+pub(crate) fn mcp_venv() -> Result<PathBuf> {
+    let root = root();
+    let venv = root.join(".venv-mcp");
+    let python = venv.join("bin/python");
+    let reqs = root.join("moat/tests/mcp/requirements.txt");
+    let stamp = venv.join("requirements.installed");
+    let wanted = std::fs::read_to_string(&reqs)?;
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask setup: installing the MCP SDK into {}: MCP rules are tested with a real MCP \
+         server and client",
+        venv.display()
+    );
+    run_cmd(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )?;
+    run_cmd(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&reqs),
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
+
 /// The broker tests' OpenID Connect provider (npm, pinned by its package-lock.json), in
 /// broker/tests/oidc/node_modules.
 pub(crate) fn oidc_provider() -> Result<()> {

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::framing::{Followed, Head as Framed, Heads};
 use super::inject::{self, Refusal};
 use super::io::AgentIo;
+use super::mcp::{self, McpRefusal};
 use super::pool::{Connection, PoolKey, Sender};
 use super::scan::{Found, ScanBody};
 use super::{MAX_REQUEST_HEAD, UpBody};
@@ -42,7 +43,7 @@ use crate::splice::Counters;
 /// Concurrent HTTP/2 streams per intercepted connection.
 pub const MAX_H2_STREAMS: u32 = 100;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type Body = BoxBody<Bytes, super::BodyError>;
 /// The upstream's transport under TLS: TCP with buffered reads.
 type UpstreamIo = BufReader<TcpStream>;
 
@@ -275,6 +276,7 @@ impl Ctx {
             path: &head.path,
             query: head.query,
             http_rule: head.http_rule.as_deref(),
+            mcp: head.mcp.clone(),
             version: head.version,
             status: status.as_u16(),
             reason,
@@ -304,6 +306,25 @@ impl Ctx {
         self.refuse(head, r)
     }
 
+    /// A refused MCP request: audited like any refusal, answered with its JSON-RPC error when
+    /// it has one (the MCP client shows that), else the text page.
+    fn refuse_mcp(&self, head: &mut Head, r: McpRefusal) -> Response<Body> {
+        head.mcp = r.note;
+        let Some(json) = r.json else {
+            return self.refuse(head, r.refusal);
+        };
+        let reason = r.refusal.reason.code();
+        let mut resp = self.refuse(head, r.refusal);
+        *resp.body_mut() = Full::new(Bytes::from(json)).map_err(|n| match n {}).boxed();
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        headers.insert("x-moat-refusal", http::HeaderValue::from_static(reason));
+        resp
+    }
+
     fn refuse(&self, head: &Head, r: Refusal) -> Response<Body> {
         // HTTP/1.1: close the connection after the refusal. HTTP/2: refuse the stream (a
         // `Connection` header is not allowed there); other streams are checked on their own.
@@ -328,6 +349,7 @@ impl Ctx {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let mut head = Head {
             http_rule: None,
+            mcp: None,
             method: req.method().as_str().to_owned(),
             path: req.uri().path().to_owned(),
             query: req.uri().query().is_some(),
@@ -417,6 +439,11 @@ impl Ctx {
                 }
             }
         }
+        // MCP rules apply where the request is for the rule's MCP endpoint (mcp.rs).
+        let endpoint = match mcp::endpoint(rule, &parts.method, &mut parts.uri) {
+            Ok(e) => e,
+            Err(r) => return self.refuse_unread(&head, r, body).await,
+        };
         drop(policy);
         // From here on, names are the upstream's: a routed rule's secrets are bound to its
         // route (the provider), not to the in-workspace name.
@@ -443,6 +470,19 @@ impl Ctx {
         ) {
             Ok(names) => names,
             Err(r) => return self.refuse_unread(&head, r, body).await,
+        };
+        let body: mcp::RequestBody = match &endpoint {
+            None => body.map_err(super::BodyError::from).boxed_unsync(),
+            Some(e) => match e
+                .check_request(&parts.method, &mut parts.headers, body)
+                .await
+            {
+                Ok((body, note)) => {
+                    head.mcp = note;
+                    body
+                }
+                Err(r) => return self.refuse_mcp(&mut head, r),
+            },
         };
         let found = Found::default();
         let body_out = Arc::new(AtomicU64::new(0));
@@ -533,6 +573,13 @@ impl Ctx {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 inject::strip_hop_by_hop(&mut parts.headers);
+                let (body, seen) = match &endpoint {
+                    None => (body.map_err(super::BodyError::from).boxed(), None),
+                    Some(e) => match e.filter_response(&mut parts, body).await {
+                        Ok((body, seen)) => (body, Some(seen)),
+                        Err(r) => return self.refuse(&head, r),
+                    },
+                };
                 let m = &self.shared.metrics;
                 m.http_forwarded
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -545,7 +592,28 @@ impl Ctx {
                 let ctx = Arc::clone(&self);
                 let done = move |received: u64| {
                     let out = body_out.load(Ordering::Relaxed);
-                    ctx.audit(&head, status, None, None, injected, Some((out, received)));
+                    let mut head = head;
+                    let problem = seen.as_ref().and_then(|s| {
+                        let hidden = s.hidden();
+                        if !hidden.is_empty()
+                            && let Some(note) = head.mcp.as_mut()
+                        {
+                            note["tools_hidden"] = serde_json::json!(hidden);
+                        }
+                        s.problem()
+                    });
+                    let reason = problem.as_ref().map(|_| Reason::McpResponseRefused);
+                    if let Some(reason) = reason {
+                        ctx.note(reason);
+                    }
+                    ctx.audit(
+                        &head,
+                        status,
+                        reason,
+                        problem,
+                        injected,
+                        Some((out, received)),
+                    );
                 };
                 let body = Audited {
                     inner: body,
@@ -653,7 +721,7 @@ fn is_json(headers: &http::HeaderMap) -> bool {
 /// A response body that counts its bytes and calls `done` once when it ends, fails or is
 /// dropped (the agent went away).
 struct Audited {
-    inner: Incoming,
+    inner: Body,
     bytes: u64,
     done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
 }
@@ -674,12 +742,12 @@ impl Drop for Audited {
 
 impl hyper::body::Body for Audited {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = super::BodyError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, super::BodyError>>> {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -711,6 +779,8 @@ struct Head {
     version: &'static str,
     /// The HTTP rule that decided the request, once one has (audited with it).
     http_rule: Option<String>,
+    /// What MCP rules saw of the request (its messages and what decided them) and its answer.
+    mcp: Option<serde_json::Value>,
 }
 
 /// Runs an admitted intercepted flow to its end. Returns the reason it ended and a detail.

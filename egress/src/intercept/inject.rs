@@ -149,7 +149,10 @@ pub fn normalize_for_prefixes(
 
 /// Replaces `uri`'s path by its normal form ([`moat_policy::normalize_path`]), query kept, or
 /// refuses with `refuse(why)` when it has none.
-fn set_normal_path(uri: &mut Uri, refuse: impl Fn(String) -> Refusal) -> Result<(), Refusal> {
+pub(crate) fn set_normal_path(
+    uri: &mut Uri,
+    refuse: impl Fn(String) -> Refusal,
+) -> Result<(), Refusal> {
     let path = moat_policy::normalize_path(uri.path()).map_err(|e| refuse(e.to_string()))?;
     if path == uri.path() {
         return Ok(());

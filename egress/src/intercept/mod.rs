@@ -11,7 +11,9 @@
 //!    -> HTTP/1.1 framing  framing.rs: each request head seen as sent (CL with TE refused)
 //!    -> HTTP server       hyper: HTTP/2, or HTTP/1.1 keep-alive, pipelining (in order),
 //!                         chunked; bounded heads
-//!    -> per request       inject.rs: authority, placeholders, credentials, hop-by-hop
+//!    -> per request       inject.rs: authority, HTTP rules, placeholders, credentials,
+//!                         hop-by-hop; mcp.rs: MCP rules on the rule's MCP endpoint (JSON-RPC
+//!                         read by jsonrpc.rs, judged per message; tools/list answers filtered)
 //!                         scan.rs: placeholders in the streamed body, across frames
 //!    -> forward           http.rs: hyper client (h2 or HTTP/1.1 by ALPN) on the pinned
 //!                         connection (re-dialled to the same address when the upstream closes
@@ -31,6 +33,8 @@ pub mod framing;
 mod http;
 pub mod inject;
 mod io;
+pub mod jsonrpc;
+mod mcp;
 pub(crate) mod pool;
 mod scan;
 
@@ -46,6 +50,19 @@ pub(crate) use self::http::{Intercepted, Upstream, serve};
 pub(crate) const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an answer's body stopped on its way to the agent: the upstream's error, or a filter's
+/// (mcp.rs). A concrete type, where a boxed error trips the compiler's checks of hyper's
+/// server future.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct BodyError(pub(crate) String);
+
+impl From<hyper::Error> for BodyError {
+    fn from(e: hyper::Error) -> Self {
+        BodyError(e.to_string())
+    }
+}
 /// A request body on its way upstream: streamed (scanned), or rewritten whole. Sent by
 /// http.rs on the connections that pool.rs keeps.
 type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;

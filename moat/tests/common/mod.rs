@@ -165,6 +165,8 @@ pub struct Workspace {
     pub image: Option<PathBuf>,
     /// The key the profile is signed with, to sign it again after a change.
     pub policy_key: String,
+    /// More `--resolve NAME=ADDR` for `moat run`, beyond the test upstream's names.
+    pub resolve: Vec<String>,
 }
 
 /// The namespace backend's default root: the root image `cargo xtask images rootfs` keeps as a
@@ -276,7 +278,19 @@ impl Workspace {
             host_root: false,
             image: None,
             policy_key: key.secret,
+            resolve: Vec::new(),
         }
+    }
+
+    /// Adds `text` (rules, in TOML) to the profile before its secrets, and signs it again.
+    pub fn with_rules(self, text: &str) -> Workspace {
+        let path = self.dir.path().join("policy.toml");
+        let profile = std::fs::read_to_string(&path).unwrap();
+        let profile = profile.replacen("\n[[secrets]]", &format!("\n{text}\n[[secrets]]"), 1);
+        let sig = moat_policy::signing::sign(profile.as_bytes(), &self.policy_key, "").unwrap();
+        std::fs::write(&path, &profile).unwrap();
+        std::fs::write(self.dir.path().join("policy.toml.minisig"), sig).unwrap();
+        self
     }
 
     /// Gives the intercept rule `api` (api.test) HTTP rules: `http` is the `[rules.http]`
@@ -350,9 +364,11 @@ impl Workspace {
                 "allowed.test=127.0.0.1",
                 "--resolve",
                 "denied.test=127.0.0.1",
-            ])
-            .args(["--", "sh", "-c", script])
-            .env("MOAT_LOG", "warn");
+            ]);
+        for r in &self.resolve {
+            cmd.arg("--resolve").arg(r);
+        }
+        cmd.args(["--", "sh", "-c", script]).env("MOAT_LOG", "warn");
         cmd
     }
 
@@ -387,6 +403,25 @@ impl Workspace {
     pub fn url(&self, host: &str, path: &str) -> String {
         format!("https://{host}:{}{path}", self.upstream.port)
     }
+}
+
+/// The Python interpreter with the OCSF validator installed (`cargo xtask test` sets
+/// MOAT_OCSF_PYTHON; else the repository's .venv-ocsf).
+pub fn ocsf_python() -> PathBuf {
+    let python = std::env::var("MOAT_OCSF_PYTHON").map_or_else(
+        |_| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../.venv-ocsf/bin/python"
+            ))
+        },
+        PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "OCSF validator missing: run `cargo xtask test`"
+    );
+    python
 }
 
 pub fn text(out: &[u8]) -> String {
