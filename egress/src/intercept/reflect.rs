@@ -476,6 +476,10 @@ pub(crate) fn scan_headers(
 ) {
     let hit = |secret| found.hit(secret, place);
     for value in headers.values_mut() {
+        // Searched in place; copied only to be corrected.
+        if !patterns.ac.is_match(value.as_bytes()) {
+            continue;
+        }
         let mut bytes = value.as_bytes().to_vec();
         if patterns.replace_all(&mut bytes, hit) {
             // A replacement is visible ASCII, as valid in a header as what it replaced.
@@ -510,6 +514,9 @@ pub(crate) fn scan_reason(
     reason: &hyper::ext::ReasonPhrase,
     found: &Reflections,
 ) -> Option<hyper::ext::ReasonPhrase> {
+    if !patterns.ac.is_match(reason.as_bytes()) {
+        return Some(reason.clone());
+    }
     let mut bytes = reason.as_bytes().to_vec();
     if !patterns.replace_all(&mut bytes, |s| found.hit(s, Place::Head)) {
         return Some(reason.clone());
