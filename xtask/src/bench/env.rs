@@ -124,8 +124,9 @@ pub(super) struct InterceptEnv {
     pub(super) moat_sock: PathBuf,
     pub(super) moat_tls: tokio_rustls::TlsConnector,
     pub(super) moat_pid: u32,
-    /// The same proxy with its response scan on.
+    /// The same proxy with its response scan on (a workspace CA of its own).
     pub(super) scan_sock: PathBuf,
+    pub(super) scan_tls: tokio_rustls::TlsConnector,
     pub(super) scan_pid: u32,
     pub(super) mitm: SocketAddr,
     pub(super) mitm_tls: tokio_rustls::TlsConnector,
@@ -157,10 +158,10 @@ impl Env {
             }
             Path3::MoatIntercept | Path3::MoatScan => {
                 let i = self.intercept.as_ref().context("no interception setup")?;
-                let sock = if path == Path3::MoatScan {
-                    &i.scan_sock
+                let (sock, tls) = if path == Path3::MoatScan {
+                    (&i.scan_sock, &i.scan_tls)
                 } else {
-                    &i.moat_sock
+                    (&i.moat_sock, &i.moat_tls)
                 };
                 let mut s = UnixStream::connect(sock).await?;
                 let header = FlowHeader {
@@ -170,7 +171,7 @@ impl Env {
                     hostname: Some(Hostname::new(HOST)?),
                 };
                 s.write_all(&header.encode()).await?;
-                let tls = i.moat_tls.connect(ServerName::try_from(HOST)?, s).await?;
+                let tls = tls.connect(ServerName::try_from(HOST)?, s).await?;
                 return Ok(Box::new(tls));
             }
             Path3::Mitm => {

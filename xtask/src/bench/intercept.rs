@@ -102,6 +102,7 @@ pub(super) async fn rows(
         moat_tls: tls_trusting(&dir.join("intercept-ca.pem"))?,
         moat_pid: moat_proxy.0.id(),
         scan_sock,
+        scan_tls: tls_trusting(&dir.join("scan-ca.pem"))?,
         scan_pid: scan_proxy.0.id(),
         mitm: mitm.addr,
         mitm_tls: tls_trusting(&mitm_ca)?,
