@@ -637,6 +637,9 @@ pub struct HttpEvent<'a> {
     pub secrets: Vec<String>,
     /// Body bytes agent -> upstream and upstream -> agent, once the response has ended.
     pub bytes: Option<(u64, u64)>,
+    /// Names of the secrets the response carried back, each replaced by its placeholder, and
+    /// how many times (never a value).
+    pub reflected: Vec<(String, u64)>,
 }
 
 fn http_activity(method: &str) -> (u32, &'static str) {
@@ -663,17 +666,21 @@ impl Audit {
         let refused = event
             .reason
             .is_some_and(|r| r.blame() == crate::outcome::Blame::Agent);
+        // A reflected secret: the response was passed on, corrected (each hit replaced).
+        let reflected = event.reason == Some(Reason::SecretReflected);
         let (action_id, action, disposition_id, disposition) = if refused {
             (2, "Denied", 2, "Blocked")
+        } else if reflected {
+            (4, "Modified", 11, "Corrected")
         } else {
             (1, "Allowed", 1, "Allowed")
         };
-        let (status_id, status) = if event.reason.is_some() {
+        let (status_id, status) = if event.reason.is_some() && !reflected {
             (2, "Failure")
         } else {
             (1, "Success")
         };
-        let (severity_id, severity) = if refused {
+        let (severity_id, severity) = if refused || reflected {
             (3, "Medium")
         } else if event.reason.is_some() {
             (2, "Low")
@@ -744,6 +751,14 @@ impl Audit {
         if !event.secrets.is_empty() {
             unmapped.insert("secrets_injected".into(), json!(event.secrets));
         }
+        if !event.reflected.is_empty() {
+            let reflected: Vec<Value> = event
+                .reflected
+                .iter()
+                .map(|(name, count)| json!({ "name": name, "count": count }))
+                .collect();
+            unmapped.insert("secrets_reflected".into(), json!(reflected));
+        }
         if let Some((out, inb)) = event.bytes {
             rec["traffic"] = json!({ "bytes_out": out, "bytes_in": inb, "bytes": out + inb });
         }
@@ -760,7 +775,13 @@ impl Audit {
             .detail
             .as_deref()
             .map_or(String::new(), |d| format!(": {d}"));
-        let verb = if refused { "refused" } else { "forwarded" };
+        let verb = if refused {
+            "refused"
+        } else if reflected {
+            "corrected"
+        } else {
+            "forwarded"
+        };
         rec["message"] = json!(format!(
             "{verb} {} https://{}{} -> {}{reason}{detail}",
             event.method, event.host, event.path, event.status

@@ -22,7 +22,8 @@
 //!                           TLS with a leaf of the workspace CA (intercept/ca.rs) -> HTTP per
 //!                           request: framing (intercept/framing.rs), authority re-check,
 //!                           placeholder check, credential injection (intercept/inject.rs) ->
-//!                           forward (intercept/http.rs)
+//!                           forward (intercept/http.rs) -> every response scanned for
+//!                           the secrets injected on its connection (intercept/reflect.rs)
 //!  secrets.rs: secret values, read on the host at start and reload, never logged; the
 //!              workspace's drawn placeholders (`placeholder = "auto"`)
 //!  refusal.rs: a refused flow's answer: a TLS alert or an HTTP 403, not a bare reset
@@ -107,6 +108,10 @@ pub struct Limits {
     /// Records of refused and failed flows (flows that never opened) written per second and
     /// in a burst; the rest are counted in summary records.
     pub audit_refusals: RecordRate,
+    /// Whether intercepted responses are scanned for the secrets injected on their connection
+    /// (intercept/reflect.rs). Always on in use; off only to measure what it costs (`cargo
+    /// xtask bench`), when an upstream that echoes a secret hands it to the agent.
+    pub scan_responses: bool,
 }
 
 impl Default for Limits {
@@ -122,6 +127,7 @@ impl Default for Limits {
             max_flows: 2048,
             splice_buffer: 32 * 1024,
             audit_refusals: RecordRate::default(),
+            scan_responses: true,
         }
     }
 }

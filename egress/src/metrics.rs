@@ -33,6 +33,9 @@ pub struct Metrics {
     http_stopped: Vec<AtomicU64>,
     /// Secrets written into forwarded requests (one per secret per request).
     pub secrets_injected: AtomicU64,
+    /// Secrets found in intercepted responses and replaced by their placeholders (one per
+    /// secret per response).
+    pub secrets_reflected: AtomicU64,
     /// Intercepted flows served on a pooled upstream connection (no new upstream handshake).
     pub upstream_reused: AtomicU64,
 }
@@ -51,6 +54,7 @@ impl Default for Metrics {
             http_forwarded: AtomicU64::new(0),
             http_stopped: Reason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             secrets_injected: AtomicU64::new(0),
+            secrets_reflected: AtomicU64::new(0),
             upstream_reused: AtomicU64::new(0),
         }
     }
@@ -124,6 +128,11 @@ impl Metrics {
             "moat_egress_secrets_injected_total",
             "Secrets written into forwarded requests.",
             self.secrets_injected.load(r),
+        );
+        counter(
+            "moat_egress_secrets_reflected_total",
+            "Secrets an upstream sent back in a response, replaced by their placeholders (one per secret per response).",
+            self.secrets_reflected.load(r),
         );
         counter(
             "moat_egress_upstream_connections_reused_total",

@@ -149,6 +149,14 @@ reasons! {
     /// the service for this workspace or could not reach it, or the connector is not connected
     /// to the broker.
     CorporateRefused => "corporate_refused", Upstream;
+    /// An intercepted response carried a secret injected on its connection (raw or encoded):
+    /// each hit was replaced by the secret's placeholder before the agent saw it. The
+    /// response itself is passed on.
+    SecretReflected => "secret_reflected", Upstream;
+    /// An intercepted response on a connection whose responses are scanned for injected
+    /// secrets came compressed (`Content-Encoding`), though the proxy asked for `identity`:
+    /// it cannot be scanned, so it is answered 502 instead.
+    ResponseEncoded => "response_encoded", Upstream;
     /// Both sides finished normally.
     Finished => "finished", None;
     /// No bytes moved for the idle timeout.

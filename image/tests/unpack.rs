@@ -278,7 +278,11 @@ fn a_whiteout_behind_a_symlink_that_leaves_the_root_removes_nothing() {
 fn a_layer_that_does_not_match_its_digest_is_refused_before_a_byte_is_written() {
     let t = tempfile::tempdir().unwrap();
     let layer = tar_of(&[Item::File("f", b"the real content")]);
-    let src = layout(&t.path().join("img"), std::slice::from_ref(&layer), Arch::Amd64);
+    let src = layout(
+        &t.path().join("img"),
+        std::slice::from_ref(&layer),
+        Arch::Amd64,
+    );
     // Swap the blob for another of the same size: only the digest can tell.
     let gz = gzip(&layer);
     let blob = src.join("blobs/sha256").join(hex(&Sha256::digest(&gz)));

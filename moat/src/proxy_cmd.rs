@@ -33,6 +33,11 @@ pub(crate) struct ProxyArgs {
     /// rules with `action = "corporate"` go there.
     #[arg(long, value_name = "PATH")]
     corporate_uds: Option<PathBuf>,
+    /// Do not scan intercepted responses for the secrets injected on their connection: an
+    /// upstream echoing a secret then hands it to the agent. Only for measuring the scan's
+    /// cost (`cargo xtask bench`); never in use.
+    #[arg(long, hide = true)]
+    no_response_scan: bool,
     #[command(flatten)]
     opts: ProxyOpts,
 }
@@ -175,6 +180,10 @@ fn build(args: &ProxyArgs) -> Result<(Config, Box<dyn Resolver>, Audit)> {
     config.admin = args.admin.clone();
     config.corporate_uds = args.corporate_uds.clone();
     config.watch = !args.no_watch;
+    config.limits.scan_responses = !args.no_response_scan;
+    if args.no_response_scan {
+        tracing::warn!("responses are not scanned for reflected secrets (--no-response-scan)");
+    }
     Ok((config, resolver, audit))
 }
 

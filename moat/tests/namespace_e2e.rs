@@ -164,6 +164,47 @@ fn http_rules_let_curl_get_and_refuse_its_post_with_a_403_naming_the_rule() {
     );
 }
 
+/// An upstream that echoes the request hands curl the placeholder where the injected secret
+/// was, over HTTP/2 and HTTP/1.1 to the proxy, and the reflection is audited, blaming the
+/// upstream.
+#[test]
+fn an_echoing_upstream_hands_curl_only_the_placeholder() {
+    let ws = Workspace::new();
+    let url = ws.url("api.test", "/echo");
+    let out = ws.run(&format!(
+        "curl -sS --compressed -H 'Authorization: Bearer {p}' {url}; \
+         curl -sS --http1.1 -H 'Authorization: Bearer {p}' {url}",
+        p = common::E2E_PLACEHOLDER
+    ));
+    let stdout = text(&out.stdout);
+    // The placeholder cut to the secret's length: the echo keeps its Content-Length.
+    let shown = &common::E2E_PLACEHOLDER[..common::E2E_SECRET.len()];
+    assert!(
+        !stdout.contains(common::E2E_SECRET)
+            && stdout
+                .matches(&format!("authorization: Bearer {shown}\r\n"))
+                .count()
+                == 2,
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    // Asked for an uncompressed answer, whatever curl accepts, so it could be scanned.
+    assert!(stdout.contains("accept-encoding: identity\r\n"), "{stdout}");
+    let reflected: Vec<_> = ws
+        .audit()
+        .into_iter()
+        .filter(|r| r["unmapped"]["moat"]["reason"] == "secret_reflected")
+        .collect();
+    assert_eq!(reflected.len(), 2, "{reflected:?}");
+    assert!(
+        reflected
+            .iter()
+            .all(|r| r["unmapped"]["moat"]["blame"] == "upstream"
+                && r["unmapped"]["moat"]["secrets_reflected"][0]["name"] == "api"),
+        "{reflected:?}"
+    );
+}
+
 #[test]
 fn an_auto_placeholder_is_fresh_per_start_in_the_agents_env_and_required() {
     let ws = Workspace::new();

@@ -33,11 +33,13 @@ use super::inject::{self, Refusal};
 use super::io::AgentIo;
 use super::mcp::{self, McpRefusal};
 use super::pool::{Connection, PoolKey, Sender};
+use super::reflect::{self, Injected, Patterns, Place, ReflectBody, Reflections};
 use super::scan::{Found, ScanBody};
 use super::{MAX_REQUEST_HEAD, UpBody};
 use crate::Shared;
 use crate::audit::{FlowInfo, HttpEvent};
 use crate::outcome::{Blame, Reason};
+use crate::secrets::{SecretValue, Secrets};
 use crate::splice::Counters;
 
 /// Concurrent HTTP/2 streams per intercepted connection.
@@ -105,6 +107,16 @@ struct Ctx {
     first_problem: Mutex<Option<Reason>>,
     /// HTTP/1.1: how each request head was framed as the agent sent it, in order.
     heads: Arc<Heads>,
+    /// The secrets injected on this connection so far, which its responses are scanned for.
+    sent: Mutex<Sent>,
+}
+
+/// The secrets injected into requests on one connection (name, value as injected, the
+/// placeholder it stands for), and their forms compiled for the response scan.
+#[derive(Default)]
+struct Sent {
+    secrets: Vec<(String, SecretValue, String)>,
+    patterns: Option<Arc<Patterns>>,
 }
 
 fn text(status: StatusCode, msg: String, close: bool) -> Response<Body> {
@@ -266,6 +278,20 @@ impl Ctx {
         secrets: Vec<String>,
         bytes: Option<(u64, u64)>,
     ) {
+        self.audit_reflected(head, status, reason, detail, secrets, bytes, Vec::new());
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_reflected(
+        &self,
+        head: &Head,
+        status: StatusCode,
+        reason: Option<Reason>,
+        detail: Option<String>,
+        secrets: Vec<String>,
+        bytes: Option<(u64, u64)>,
+        reflected: Vec<(String, u64)>,
+    ) {
         self.shared.audit.emit_http(&HttpEvent {
             flow: &self.flow.info,
             rule: &self.flow.rule,
@@ -283,6 +309,90 @@ impl Ctx {
             detail,
             secrets,
             bytes,
+            reflected,
+        });
+    }
+
+    /// Adds the secrets just `injected` (by name, from `secrets`, the set they were injected
+    /// from) to the connection's, and returns what its responses are to be scanned for: every
+    /// secret injected on it so far (a response can only reflect what was sent). `None` when
+    /// nothing was, or scanning is off.
+    fn scan_for(
+        &self,
+        injected: &[String],
+        secrets: &Secrets,
+    ) -> Result<Option<Arc<Patterns>>, reflect::BuildError> {
+        if !self.shared.limits.scan_responses {
+            return Ok(None);
+        }
+        let mut sent = match self.sent.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let before = sent.secrets.len();
+        for name in injected {
+            let Some((spec, value)) = secrets.iter().find(|(spec, _)| &spec.name == name) else {
+                continue;
+            };
+            // A rotated value is a new secret: the old one may still come back.
+            if !sent.secrets.iter().any(|(n, v, _)| n == name && v == value) {
+                sent.secrets
+                    .push((name.clone(), value.clone(), spec.placeholder.clone()));
+            }
+        }
+        if sent.secrets.len() > before {
+            let list: Vec<Injected<'_>> = sent
+                .secrets
+                .iter()
+                .map(|(name, value, placeholder)| Injected {
+                    name,
+                    value: value.expose().as_bytes(),
+                    placeholder: placeholder.as_bytes(),
+                })
+                .collect();
+            match Patterns::new(&list) {
+                Ok(p) => sent.patterns = Some(Arc::new(p)),
+                Err(e) => {
+                    sent.secrets.truncate(before);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(sent.patterns.clone())
+    }
+
+    /// Audits a secret found in a response (its first hit there; the request's record at the
+    /// response's end counts them all). The hit was already replaced.
+    fn reflected(&self, head: &Head, status: StatusCode, name: &str, place: Place) {
+        self.shared
+            .metrics
+            .secrets_reflected
+            .fetch_add(1, Ordering::Relaxed);
+        let reason = Reason::SecretReflected;
+        let detail = format!(
+            "the upstream sent secret {name:?} back in the response {}; replaced by its \
+             placeholder",
+            place.as_str()
+        );
+        tracing::debug!(flow = %self.flow.info.uid, %reason, %detail, "secret reflected");
+        self.shared.audit.emit_http(&HttpEvent {
+            flow: &self.flow.info,
+            rule: &self.flow.rule,
+            upstream: self.flow.upstream_addr,
+            method: &head.method,
+            host: &self.flow.upstream_host,
+            routed_from: self.flow.routed().then_some(self.flow.hostname.as_str()),
+            path: &head.path,
+            query: head.query,
+            http_rule: head.http_rule.as_deref(),
+            version: head.version,
+            status: status.as_u16(),
+            reason: Some(reason),
+            detail: Some(detail),
+            secrets: Vec::new(),
+            bytes: None,
+            mcp: head.mcp.clone(),
+            reflected: vec![(name.to_owned(), 1)],
         });
     }
 
@@ -471,6 +581,25 @@ impl Ctx {
             Ok(names) => names,
             Err(r) => return self.refuse_unread(&head, r, body).await,
         };
+        // The response is scanned for every secret injected on this connection so far; it
+        // must come uncompressed to be (a compressed one is refused below).
+        let scan = match self.scan_for(&injected, &secrets) {
+            Ok(scan) => scan,
+            Err(e) => {
+                let r = Refusal {
+                    status: StatusCode::BAD_GATEWAY,
+                    reason: Reason::InterceptSetup,
+                    detail: crate::error_chain(&e),
+                };
+                return self.refuse_unread(&head, r, body).await;
+            }
+        };
+        if scan.is_some() {
+            parts.headers.insert(
+                http::header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            );
+        }
         let body: mcp::RequestBody = match &endpoint {
             None => body.map_err(super::BodyError::from).boxed_unsync(),
             Some(e) => match e
@@ -573,6 +702,36 @@ impl Ctx {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 inject::strip_hop_by_hop(&mut parts.headers);
+                let status = parts.status;
+                let scan = match scan {
+                    Some(patterns) => {
+                        if encoded(&parts.headers) && !hyper::body::Body::is_end_stream(&body) {
+                            let r = Refusal {
+                                status: StatusCode::BAD_GATEWAY,
+                                reason: Reason::ResponseEncoded,
+                                detail: "the response is compressed (Content-Encoding), though \
+                                         asked for identity, and cannot be scanned for the \
+                                         secrets injected on this connection"
+                                    .into(),
+                            };
+                            return self.refuse(&head, r);
+                        }
+                        let (ctx, head) = (Arc::clone(&self), head.clone());
+                        let alert = move |name: &str, place: Place| {
+                            ctx.reflected(&head, status, name, place);
+                        };
+                        let found = Arc::new(Reflections::new(&patterns, Box::new(alert)));
+                        // The head first: nothing is sent before it is clean.
+                        reflect::scan_headers(&patterns, &mut parts.headers, &found, Place::Head);
+                        if let Some(phrase) = parts.extensions.remove::<hyper::ext::ReasonPhrase>()
+                            && let Some(phrase) = reflect::scan_reason(&patterns, &phrase, &found)
+                        {
+                            parts.extensions.insert(phrase);
+                        }
+                        Some((patterns, found))
+                    }
+                    None => None,
+                };
                 let (body, seen) = match &endpoint {
                     None => (body.map_err(super::BodyError::from).boxed(), None),
                     Some(e) => match e.filter_response(&mut parts, body).await {
@@ -587,9 +746,10 @@ impl Ctx {
                     u64::try_from(injected.len()).unwrap_or(u64::MAX),
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                // The record is written when the response body ends, with both byte counts.
-                let status = parts.status;
+                // The record is written when the response body ends, with both byte counts and
+                // the secrets it carried back.
                 let ctx = Arc::clone(&self);
+                let found = scan.as_ref().map(|(_, found)| Arc::clone(found));
                 let done = move |received: u64| {
                     let out = body_out.load(Ordering::Relaxed);
                     let mut head = head;
@@ -606,17 +766,21 @@ impl Ctx {
                     if let Some(reason) = reason {
                         ctx.note(reason);
                     }
-                    ctx.audit(
+                    let reflected = found.map_or_else(Vec::new, |f| f.counts());
+                    ctx.audit_reflected(
                         &head,
                         status,
                         reason,
                         problem,
                         injected,
                         Some((out, received)),
+                        reflected,
                     );
                 };
+                // The agent reads the answer as MCP rules left it, scanned last: whatever the
+                // upstream or the filter wrote, no injected secret passes.
                 let body = Audited {
-                    inner: body,
+                    inner: ReflectBody::new(body, scan).boxed(),
                     bytes: 0,
                     done: Some(Box::new(done)),
                 };
@@ -715,6 +879,18 @@ fn is_json(headers: &http::HeaderMap) -> bool {
             v.trim_start()
                 .to_ascii_lowercase()
                 .starts_with("application/json")
+        })
+}
+
+/// Is the body compressed (any `Content-Encoding` but `identity`)?
+fn encoded(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| {
+            v.as_bytes().split(|&b| b == b',').any(|c| {
+                !c.trim_ascii().is_empty() && !c.trim_ascii().eq_ignore_ascii_case(b"identity")
+            })
         })
 }
 
@@ -834,6 +1010,7 @@ pub(crate) async fn serve(
         upstream: tokio::sync::Mutex::new(Some(up)),
         first_problem: Mutex::new(None),
         heads: Arc::default(),
+        sent: Mutex::default(),
     });
 
     // 3. HTTP/1.1 to the agent, every request through Ctx::handle.

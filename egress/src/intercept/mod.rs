@@ -18,13 +18,18 @@
 //!    -> forward           http.rs: hyper client (h2 or HTTP/1.1 by ALPN) on the pinned
 //!                         connection (re-dialled to the same address when the upstream closes
 //!                         it); bodies stream both ways
+//!    -> response          reflect.rs: head, body and trailers scanned for every secret
+//!                         injected on the connection (raw and encoded), each hit replaced
+//!                         by its placeholder before the agent sees a byte; compressed
+//!                         bodies asked away (Accept-Encoding: identity) or refused
 //!    -> audit             one OCSF HTTP Activity record per request
 //!    -> flow end          pool.rs: the idle upstream connection kept for the next flow
 //! ```
 //!
 //! Invariants: a secret is only ever written into a request whose TLS SNI, pinned address and
 //! Host all name a host the secret is bound to; a placeholder for any other destination is
-//! refused; the CA key never leaves this process; a pooled upstream connection only ever
+//! refused; a secret injected on a connection never reaches the agent in a response on it,
+//! raw or in the encodings reflect.rs lists; the CA key never leaves this process; a pooled upstream connection only ever
 //! carries requests for the name and address it was verified for, under the policy in force
 //! when it was opened.
 
@@ -36,6 +41,7 @@ mod io;
 pub mod jsonrpc;
 mod mcp;
 pub(crate) mod pool;
+mod reflect;
 mod scan;
 
 use std::sync::Arc;

@@ -138,6 +138,11 @@ pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
                         let (log, sni) = (Arc::clone(&log), sni.clone());
                         async move {
                             let (parts, body) = req.into_parts();
+                            // `/reflect/...` echoes the request back (reflect.rs).
+                            if parts.uri.path().starts_with("/reflect/") {
+                                tokio::spawn(body.collect());
+                                return Ok::<_, std::convert::Infallible>(reflect(&parts));
+                            }
                             // `/early` answers at once and reads the body afterwards (an
                             // upstream refusing an upload before it is whole does this).
                             if parts.uri.path() == "/early" {
@@ -228,6 +233,160 @@ pub async fn http_upstream(h2: bool) -> (SocketAddr, SeenLog) {
         }
     });
     (addr, seen)
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// The echo server's answers (the shapes of reflection tests/reflect.rs covers), from the
+/// request's `authorization` header (the secret, once the proxy injected it):
+/// - `/reflect/head`: the request head, as TRACE returns it;
+/// - `/reflect/headers?escape=none|all`: httpbin's `/headers` JSON, each string character
+///   written `\uXXXX` with `escape=all`;
+/// - `/reflect/base64?k=N&url=1`: base64 (URL-safe with `url`) of N bytes then the value;
+/// - `/reflect/percent?case=upper|lower`: every byte of the value percent-encoded, in the
+///   body and in a `Location` and a `Set-Cookie` header, with the value in the reason phrase;
+/// - `/reflect/split?n=N`: the request head in frames of N bytes, each sent on its own;
+/// - `/reflect/sse`: server-sent events carrying the value, cut mid-value across frames;
+/// - `/reflect/trailers`: the value in a trailer;
+/// - `/reflect/gzip`: `Content-Encoding: gzip` (the body is not gzip: it must never be read).
+fn reflect(parts: &http::request::Parts) -> hyper::Response<EchoBody> {
+    use base64::Engine as _;
+    use http_body_util::BodyExt;
+    let auth = parts
+        .headers
+        .get("authorization")
+        .map_or(String::new(), |v| {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        });
+    let value = auth.strip_prefix("Bearer ").unwrap_or(&auth).to_owned();
+    let query: std::collections::HashMap<String, String> = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let q = |k: &str| query.get(k).map_or("", String::as_str);
+    let mut head = format!("{} {} {:?}\r\n", parts.method, parts.uri, parts.version);
+    for (n, v) in &parts.headers {
+        head.push_str(&format!(
+            "{n}: {}\r\n",
+            String::from_utf8_lossy(v.as_bytes())
+        ));
+    }
+    head.push_str("\r\n");
+    let full = |b: String| http_body_util::Full::new(bytes::Bytes::from(b)).boxed();
+    let streamed = |frames: Vec<String>, trailers: Option<http::HeaderMap>| {
+        let (mut tx, body) = http_body_util::Channel::new(1);
+        tokio::spawn(async move {
+            for f in frames {
+                let _ = tx.send_data(bytes::Bytes::from(f)).await;
+                // Each frame on its own read at the proxy.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Some(t) = trailers {
+                let _ = tx.send_trailers(t).await;
+            }
+        });
+        body.boxed()
+    };
+    let mut resp = hyper::Response::new(full(String::new()));
+    match parts.uri.path() {
+        "/reflect/head" => *resp.body_mut() = full(head),
+        "/reflect/headers" => {
+            let esc = |t: &str| {
+                if q("escape") == "all" {
+                    t.chars().map(|c| format!("\\u{:04x}", c as u32)).collect()
+                } else {
+                    serde_json::to_string(t)
+                        .unwrap()
+                        .trim_matches('"')
+                        .to_owned()
+                }
+            };
+            let fields: Vec<String> = parts
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    format!(
+                        "\"{}\":\"{}\"",
+                        esc(n.as_str()),
+                        esc(&String::from_utf8_lossy(v.as_bytes()))
+                    )
+                })
+                .collect();
+            *resp.body_mut() = full(format!("{{\"headers\":{{{}}}}}", fields.join(",")));
+            resp.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+        }
+        "/reflect/base64" => {
+            let k: usize = q("k").parse().unwrap_or(0);
+            let plain = format!("{}{value}", "u:x".get(..k).unwrap_or(""));
+            let encoded = if q("url") == "1" {
+                base64::engine::general_purpose::URL_SAFE.encode(plain)
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(plain)
+            };
+            *resp.body_mut() = full(format!("token={encoded}"));
+        }
+        "/reflect/percent" => {
+            let pct: String = value
+                .bytes()
+                .map(|b| {
+                    if q("case") == "lower" {
+                        format!("%{b:02x}")
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            let h = resp.headers_mut();
+            h.insert("location", format!("/cb?token={pct}").parse().unwrap());
+            h.insert(
+                "set-cookie",
+                format!("session={value}; Secure").parse().unwrap(),
+            );
+            resp.extensions_mut().insert(
+                hyper::ext::ReasonPhrase::try_from(format!("OK {value}").into_bytes()).unwrap(),
+            );
+            *resp.body_mut() = full(format!("/cb?token={pct}"));
+        }
+        "/reflect/split" => {
+            let n: usize = q("n").parse().unwrap_or(1).max(1);
+            let frames = head
+                .as_bytes()
+                .chunks(n)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect();
+            *resp.body_mut() = streamed(frames, None);
+        }
+        "/reflect/sse" => {
+            let event = format!("data: {{\"echo\":\"{value}\"}}\n\n");
+            let (a, b) = event.split_at(event.len() / 2);
+            let frames = vec![
+                "data: start\n\n".into(),
+                a.into(),
+                b.into(),
+                "data: end\n\n".into(),
+            ];
+            *resp.body_mut() = streamed(frames, None);
+            resp.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+        }
+        "/reflect/trailers" => {
+            let mut t = http::HeaderMap::new();
+            t.insert("x-echo", value.parse().unwrap());
+            *resp.body_mut() = streamed(vec!["trailers follow".into()], Some(t));
+        }
+        "/reflect/gzip" => {
+            resp.headers_mut()
+                .insert("content-encoding", "gzip".parse().unwrap());
+            *resp.body_mut() = full(head);
+        }
+        _ => *resp.status_mut() = hyper::StatusCode::NOT_FOUND,
+    }
+    resp
 }
 
 /// Profile text for the intercept tests: two intercepted hosts on the recording upstream's

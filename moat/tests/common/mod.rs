@@ -115,6 +115,10 @@ fn serve(mut tcp: std::net::TcpStream, config: Arc<rustls::ServerConfig>, root: 
             .contains(&want.to_ascii_lowercase());
         let body = if path == "/hello" {
             Some(b"hello from upstream\n".to_vec())
+        } else if path == "/echo" {
+            // The request head as it arrived, as TRACE or an error page repeating the request
+            // would (the proxy must hand the agent only the placeholder).
+            Some(text.clone().into_bytes())
         } else if path.starts_with("/private/") && !ok {
             // Files under /private/ are served only to the real secret.
             None

@@ -84,8 +84,11 @@ pub(super) enum Path3 {
     Direct,
     Moat,
     Squid,
-    /// moat intercepting TLS and injecting a credential.
+    /// moat intercepting TLS and injecting a credential (responses not scanned: the rows
+    /// as they were before the scan, `--no-response-scan`).
     MoatIntercept,
+    /// The same, with every response scanned for the injected secret (the default).
+    MoatScan,
     /// mitmproxy doing the same header injection.
     Mitm,
 }
@@ -98,6 +101,7 @@ impl Path3 {
             Path3::Moat => "moat",
             Path3::Squid => "squid",
             Path3::MoatIntercept => "moat intercept",
+            Path3::MoatScan => "moat intercept + response scan",
             Path3::Mitm => "mitmproxy",
         }
     }
@@ -120,6 +124,10 @@ pub(super) struct InterceptEnv {
     pub(super) moat_sock: PathBuf,
     pub(super) moat_tls: tokio_rustls::TlsConnector,
     pub(super) moat_pid: u32,
+    /// The same proxy with its response scan on (a workspace CA of its own).
+    pub(super) scan_sock: PathBuf,
+    pub(super) scan_tls: tokio_rustls::TlsConnector,
+    pub(super) scan_pid: u32,
     pub(super) mitm: SocketAddr,
     pub(super) mitm_tls: tokio_rustls::TlsConnector,
     pub(super) mitm_pid: u32,
@@ -148,9 +156,14 @@ impl Env {
                 s.write_all(&header.encode()).await?;
                 Box::new(s)
             }
-            Path3::MoatIntercept => {
+            Path3::MoatIntercept | Path3::MoatScan => {
                 let i = self.intercept.as_ref().context("no interception setup")?;
-                let mut s = UnixStream::connect(&i.moat_sock).await?;
+                let (sock, tls) = if path == Path3::MoatScan {
+                    (&i.scan_sock, &i.scan_tls)
+                } else {
+                    (&i.moat_sock, &i.moat_tls)
+                };
+                let mut s = UnixStream::connect(sock).await?;
                 let header = FlowHeader {
                     flow_id: 1,
                     transport: Transport::Tcp,
@@ -158,7 +171,7 @@ impl Env {
                     hostname: Some(Hostname::new(HOST)?),
                 };
                 s.write_all(&header.encode()).await?;
-                let tls = i.moat_tls.connect(ServerName::try_from(HOST)?, s).await?;
+                let tls = tls.connect(ServerName::try_from(HOST)?, s).await?;
                 return Ok(Box::new(tls));
             }
             Path3::Mitm => {
@@ -227,6 +240,10 @@ impl Env {
                 .intercept
                 .as_ref()
                 .map_or(0.0, |i| cpu_seconds(i.moat_pid)),
+            Path3::MoatScan => self
+                .intercept
+                .as_ref()
+                .map_or(0.0, |i| cpu_seconds(i.scan_pid)),
             Path3::Mitm => self
                 .intercept
                 .as_ref()
@@ -265,16 +282,48 @@ pub(super) fn pki(dir: &Path) -> Result<CertificateDer<'static>> {
 /// The upstream: nginx, up and accepting.
 pub(super) struct Nginx {
     pub(super) _guard: Guard,
-    /// HTTPS (the proxy rows): `/bulk` and `/small`.
+    /// HTTPS (the proxy rows): `/bulk`, `/text` and `/small`.
     pub(super) tls: SocketAddr,
     /// Plain HTTP (the netstack rows): `/bulk` and `/chunk`.
     pub(super) plain_port: u16,
+}
+
+/// Size of `/text` at most (it is written out, unlike the sparse `/bulk`).
+const TEXT_BYTES: u64 = 256 << 20;
+
+/// Writes `len` bytes of text shaped like an API's JSON answers (printable ASCII: letters,
+/// digits, quotes, `%`, `\\`, `=`; no two 64 KiB blocks alike in their first bytes), for the
+/// response scan's bulk row: the sparse `/bulk` holds only zeros, which a search skips at
+/// once, where text keeps stopping it.
+fn write_text(path: &Path, len: u64) -> Result<()> {
+    use std::io::Write as _;
+    const ALPHABET: &[u8] =
+        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \"\":,{}[]-_/%\\=+.\n";
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    // A fixed xorshift sequence: the same file every run.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut block = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        for b in &mut block {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = ALPHABET[usize::try_from(x % ALPHABET.len() as u64).unwrap_or(0)];
+        }
+        let n = usize::try_from(left.min(block.len() as u64)).unwrap_or(block.len());
+        out.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Starts nginx on two loopback ports, serving the files of `sizes` (written into `dir`).
 pub(super) async fn nginx(dir: &Path, sizes: &Sizes) -> Result<Nginx> {
     std::fs::File::create(dir.join("bulk"))?.set_len(sizes.bulk_bytes)?;
     std::fs::File::create(dir.join("chunk"))?.set_len(sizes.chunk_bytes)?;
+    write_text(&dir.join("text"), sizes.bulk_bytes.min(TEXT_BYTES))?;
     // HTTPS for the proxy rows, plain HTTP for the netstack rows.
     let nginx_port = free_port()?;
     let plain_port = free_port()?;
@@ -286,6 +335,7 @@ pub(super) async fn nginx(dir: &Path, sizes: &Sizes) -> Result<Nginx> {
              ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
              ssl_protocols TLSv1.3;\n    ssl_session_tickets off;\n\
              location = /bulk {{ alias {d}/bulk; default_type application/octet-stream; }}\n\
+             location = /text {{ alias {d}/text; default_type application/json; }}\n\
              location = /small {{ default_type text/plain; return 200 \"ok\\n\"; }}\n  }}\n\
            server {{\n    listen 127.0.0.1:{plain_port};\n    server_name {HOST};\n\
              location = /bulk {{ alias {d}/bulk; default_type application/octet-stream; }}\n\

@@ -2,6 +2,12 @@
 //! and a secret bound to the upstream, sent as `Authorization: Bearer`) beside mitmdump with
 //! an addon setting the same header, both verifying the upstream against the bench CA; direct
 //! as the reference. mitmproxy is far slower per request, so these runs are smaller.
+//!
+//! The response scan (egress intercept/reflect.rs) is measured beside them: the moat rows
+//! above run with `--no-response-scan` (interception as it was before the scan), and a second
+//! moat proxy, the same but scanning every response for the injected secret (the default),
+//! downloads `/text` (JSON-like text: the sparse `/bulk` is only zeros, which a search skips)
+//! and runs the kept-alive requests, each path in turn in the same rounds.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -11,7 +17,7 @@ use anyhow::{Context, Result};
 use super::env::{
     self, Env, Guard, InterceptEnv, Path3, moat_proxy, sign_profile, tls_trusting, wait_for,
 };
-use super::workloads::{Sample, bulk, keepalive, median, new_conns};
+use super::workloads::{Sample, bulk, bulk_of, keepalive, median, new_conns};
 use super::{HOST, REPS, Sizes};
 
 /// One interception row: medians of rate and proxy CPU per unit.
@@ -26,9 +32,24 @@ pub(super) struct InterceptRow {
     mitm_cpu: f64,
 }
 
+/// The response scan's cost: the same workload without and with it.
+pub(super) struct ScanRow {
+    name: &'static str,
+    unit: &'static str,
+    cpu_unit: &'static str,
+    plain: f64,
+    scan: f64,
+    plain_cpu: f64,
+    scan_cpu: f64,
+}
+
 /// Starts the intercepting moat proxy and mitmdump, measures every workload on direct, moat
 /// intercept and mitmproxy in turn, [`REPS`] rounds, and stops both proxies.
-pub(super) async fn rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec<InterceptRow>> {
+pub(super) async fn rows(
+    env: &mut Env,
+    dir: &Path,
+    sizes: &Sizes,
+) -> Result<(Vec<InterceptRow>, Vec<ScanRow>)> {
     let mitmdump = crate::setup::mitmdump()?;
     let port = env.nginx.port();
     let profile = dir.join("intercept.toml");
@@ -43,19 +64,34 @@ pub(super) async fn rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec
         ),
     )?;
     sign_profile(dir, &profile)?;
-    let uds = dir.join("intercept.sock");
-    let moat_proxy = Guard(
-        moat_proxy(dir, "intercept", &profile)
-            .arg("--upstream-ca")
+    // One proxy as interception was before the response scan, one with it (the default).
+    let start = |name: &str, scan: bool| -> Result<Guard> {
+        let mut cmd = moat_proxy(dir, name, &profile);
+        cmd.arg("--upstream-ca")
             .arg(dir.join("ca.pem"))
             .arg("--ca-out")
-            .arg(dir.join("moat-ca.pem"))
-            .env("MOAT_BENCH_SECRET", "bench-secret-value")
-            .spawn()?,
-    );
-    let moat_sock = moat_egress::port_path(&uds, moat_egress::EGRESS_VSOCK_PORT);
-    wait_for("moat intercepting proxy", || {
-        moat_sock.exists() && dir.join("moat-ca.pem").exists()
+            .arg(dir.join(format!("{name}-ca.pem")))
+            // As long as a real key, so the scan searches for forms of a real length.
+            .env("MOAT_BENCH_SECRET", "bench-secret-value-0123456789abcdef");
+        if !scan {
+            cmd.arg("--no-response-scan");
+        }
+        Ok(Guard(cmd.spawn()?))
+    };
+    let moat_proxy = start("intercept", false)?;
+    let scan_proxy = start("scan", true)?;
+    let sock = |name: &str| {
+        moat_egress::port_path(
+            &dir.join(format!("{name}.sock")),
+            moat_egress::EGRESS_VSOCK_PORT,
+        )
+    };
+    let (moat_sock, scan_sock) = (sock("intercept"), sock("scan"));
+    wait_for("moat intercepting proxies", || {
+        moat_sock.exists()
+            && scan_sock.exists()
+            && dir.join("intercept-ca.pem").exists()
+            && dir.join("scan-ca.pem").exists()
     })
     .await?;
 
@@ -63,14 +99,17 @@ pub(super) async fn rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec
 
     env.intercept = Some(InterceptEnv {
         moat_sock,
-        moat_tls: tls_trusting(&dir.join("moat-ca.pem"))?,
+        moat_tls: tls_trusting(&dir.join("intercept-ca.pem"))?,
         moat_pid: moat_proxy.0.id(),
+        scan_sock,
+        scan_tls: tls_trusting(&dir.join("scan-ca.pem"))?,
+        scan_pid: scan_proxy.0.id(),
         mitm: mitm.addr,
         mitm_tls: tls_trusting(&mitm_ca)?,
         mitm_pid: mitm.proxy.0.id(),
     });
     let paths = [Path3::Direct, Path3::MoatIntercept, Path3::Mitm];
-    for p in paths {
+    for p in paths.iter().copied().chain([Path3::MoatScan]) {
         new_conns(env, p, 3)
             .await
             .with_context(|| format!("{} path does not work", p.name()))?;
@@ -81,6 +120,10 @@ pub(super) async fn rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec
     let mut samples: Vec<Vec<Vec<Sample>>> = (0..3)
         .map(|_| paths.iter().map(|_| Vec::new()).collect())
         .collect();
+    // [workload][without, with the scan]
+    let scan_paths = [Path3::MoatIntercept, Path3::MoatScan];
+    let mut scan_samples: Vec<Vec<Vec<Sample>>> =
+        (0..2).map(|_| vec![Vec::new(), Vec::new()]).collect();
     for rep in 0..REPS {
         eprintln!("xtask bench: interception round {}/{REPS}", rep + 1);
         for (i, p) in paths.iter().enumerate() {
@@ -101,15 +144,48 @@ pub(super) async fn rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec
                     .with_context(|| what("new connections"))?,
             );
         }
+        for (i, p) in scan_paths.iter().enumerate() {
+            let what = |w: &str| format!("{} path, {w}", p.name());
+            scan_samples[0][i].push(
+                bulk_of(env, *p, "/text")
+                    .await
+                    .with_context(|| what("text download"))?,
+            );
+            scan_samples[1][i].push(
+                keepalive(env, *p, sizes.keepalive_requests)
+                    .await
+                    .with_context(|| what("kept-alive requests"))?,
+            );
+        }
     }
-    drop((moat_proxy, mitm.proxy));
+    drop((moat_proxy, scan_proxy, mitm.proxy));
     env.intercept = None;
     let names = [
         ("bulk HTTPS download", "MB/s", "s/GB", 1000.0),
         ("small requests, 1 kept-alive conn", "req/s", "µs/req", 1e6),
         ("new TLS connection per request", "conn/s", "µs/conn", 1e6),
     ];
-    Ok(names
+    let rate = |s: &[Sample]| median(s.iter().map(|x| x.units / x.secs).collect());
+    let cpu =
+        |s: &[Sample], scale: f64| median(s.iter().map(|x| x.cpu / x.units * scale).collect());
+    let scan_names = [
+        ("JSON-like text download", "MB/s", "s/GB", 1000.0),
+        ("small requests, 1 kept-alive conn", "req/s", "µs/req", 1e6),
+    ];
+    let scan_rows = scan_names
+        .iter()
+        .zip(scan_samples)
+        .map(|((name, unit, cpu_unit, scale), s)| ScanRow {
+            name,
+            unit,
+            cpu_unit,
+            plain: rate(&s[0]),
+            scan: rate(&s[1]),
+            plain_cpu: cpu(&s[0], *scale),
+            scan_cpu: cpu(&s[1], *scale),
+        })
+        .collect();
+    let rows = names
         .iter()
         .zip(samples)
         .map(|((name, unit, cpu_unit, scale), s)| {
@@ -137,7 +213,8 @@ pub(super) async fn rows(env: &mut Env, dir: &Path, sizes: &Sizes) -> Result<Vec
                 mitm_cpu: cpu(2),
             }
         })
-        .collect())
+        .collect();
+    Ok((rows, scan_rows))
 }
 
 /// Appends the interception table and its JSON rows.
@@ -171,6 +248,40 @@ pub(super) fn report(
             "test": format!("intercept: {}", r.name), "unit": r.unit,
             "direct": r.direct, "moat": r.moat, "mitmproxy": r.mitm,
             "moat_cpu": r.moat_cpu, "mitmproxy_cpu": r.mitm_cpu, "cpu_unit": r.cpu_unit,
+        }));
+    }
+}
+
+/// Appends the response scan's table and its JSON rows: each workload without and with the
+/// scan, and the CPU the scan adds per unit.
+pub(super) fn report_scan(
+    rows: &[ScanRow],
+    table: &mut String,
+    json_rows: &mut Vec<serde_json::Value>,
+) {
+    let _ = writeln!(
+        table,
+        "\n| response scan (moat intercept + injection) | without | with the scan | without, CPU | with, CPU | CPU added |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    for r in rows {
+        let _ = writeln!(
+            table,
+            "| {} ({}) | {:.0} (1.00) | {:.0} ({:.2}) | {:.3} {} | {:.3} {} | {:+.1}% |",
+            r.name,
+            r.unit,
+            r.plain,
+            r.scan,
+            r.scan / r.plain,
+            r.plain_cpu,
+            r.cpu_unit,
+            r.scan_cpu,
+            r.cpu_unit,
+            (r.scan_cpu / r.plain_cpu - 1.0) * 100.0
+        );
+        json_rows.push(serde_json::json!({
+            "test": format!("response scan: {}", r.name), "unit": r.unit,
+            "without": r.plain, "with": r.scan,
+            "without_cpu": r.plain_cpu, "with_cpu": r.scan_cpu, "cpu_unit": r.cpu_unit,
         }));
     }
 }

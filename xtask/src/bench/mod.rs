@@ -14,7 +14,7 @@
 //! own CPU per GB, per request and per new connection (from `/proc/<pid>/stat`).
 //!
 //! The rows: egress.rs (direct, moat, squid), intercept.rs (moat intercepting and injecting
-//! a credential beside mitmproxy), netstack.rs (the workspace's network path beside loopback).
+//! a credential beside mitmproxy, and the cost of its response scan), netstack.rs (the workspace's network path beside loopback).
 //!
 //! Needs `nginx` and `squid` (Debian: nginx-light, squid-openssl). Results: a table on stdout
 //! and JSON in bench-results/egress-latest.json.
@@ -129,7 +129,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     let rows = egress::rows(&env, sizes).await?;
     drop((moat.proxy, squid.proxy));
     let mut env = env;
-    let intercept_rows = intercept::rows(&mut env, dir, sizes).await?;
+    let (intercept_rows, scan_rows) = intercept::rows(&mut env, dir, sizes).await?;
     let ns_rows = if sizes.intercept_only {
         Vec::new()
     } else {
@@ -141,6 +141,7 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
     let mut json_rows = Vec::new();
     egress::report(&rows, sizes, &mut table, &mut json_rows);
     intercept::report(&intercept_rows, &mut table, &mut json_rows);
+    intercept::report_scan(&scan_rows, &mut table, &mut json_rows);
     netstack::report(&ns_rows, &mut table, &mut json_rows);
     println!("{table}");
     let out_dir = root().join("bench-results");

@@ -69,10 +69,15 @@ pub(super) struct Sample {
 
 /// One download of `/bulk` on a new connection.
 pub(super) async fn bulk(env: &Env, path: Path3) -> Result<Sample> {
+    bulk_of(env, path, "/bulk").await
+}
+
+/// One download of `target` on a new connection.
+pub(super) async fn bulk_of(env: &Env, path: Path3, target: &str) -> Result<Sample> {
     let cpu0 = env.proxy_cpu(path);
     let t = Instant::now();
     let mut s = env.connect(path).await?;
-    let n = get(&mut s, &env.host_header(path), "/bulk", true).await?;
+    let n = get(&mut s, &env.host_header(path), target, true).await?;
     let secs = t.elapsed().as_secs_f64();
     Ok(Sample {
         units: n as f64 / 1e6,
