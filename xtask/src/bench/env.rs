@@ -87,7 +87,8 @@ pub(super) enum Path3 {
     /// moat intercepting TLS and injecting a credential (responses not scanned: the rows
     /// as they were before the scan, `--no-response-scan`).
     MoatIntercept,
-    /// The same, with every response scanned for the injected secret (the default).
+    /// The same, with HTTP rules on the rule (four, the last deciding) and every response
+    /// scanned for the injected secret (the default).
     MoatScan,
     /// mitmproxy doing the same header injection.
     Mitm,
@@ -101,7 +102,7 @@ impl Path3 {
             Path3::Moat => "moat",
             Path3::Squid => "squid",
             Path3::MoatIntercept => "moat intercept",
-            Path3::MoatScan => "moat intercept + response scan",
+            Path3::MoatScan => "moat intercept + HTTP rules + response scan",
             Path3::Mitm => "mitmproxy",
         }
     }
