@@ -82,6 +82,10 @@ use crate::secrets::{PlaceholderBook, SecretError, Secrets};
 /// The vsock port guest flows use: a guest connection to it arrives on `<uds>_1025`.
 pub const EGRESS_VSOCK_PORT: u32 = 1025;
 
+/// The highest flow header version this proxy reads: a workspace is told it at start, and its
+/// guest-init writes no later version (from 2, headers name the program that opened a flow).
+pub const FLOW_HEADER_VERSION: u8 = moat_flow_header::MAX_VERSION;
+
 /// Bounds on every flow.
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -490,6 +490,7 @@ async fn non_canonical_header_hostname_is_refused() {
         transport: moat_flow_header::Transport::Tcp,
         destination: "198.18.0.5:443".parse().unwrap(),
         hostname: Some(moat_flow_header::Hostname::new("allowed.test").unwrap()),
+        program: None,
     }
     .encode();
     let at = bytes.len() - "allowed.test".len();

@@ -661,6 +661,7 @@ impl TestProxy {
             transport: Transport::Tcp,
             destination: SocketAddr::new(addr, port),
             hostname: host.map(|h| Hostname::new(h).unwrap()),
+            program: None,
         };
         s.write_all(&header.encode()).await.unwrap();
         Tapped(s)
