@@ -8,6 +8,8 @@
 //!  <uds>_<port> accept      listen (this file)
 //!    -> flow header         flow.rs: size- and time-bounded read (moat-flow-header)
 //!    -> policy decision     moat-policy: deny by default, first matching rule
+//!    -> program             flow.rs: a rule with `programs` refuses a flow whose claimed
+//!                           program (flow header v2) it does not name, or none
 //!    -> protocol sniff      sniff/: TLS SNI or HTTP Host must equal the flow's hostname
 //!                           (plain HTTP: every request head, sniff/requests.rs, not only
 //!                           the first)

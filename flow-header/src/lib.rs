@@ -17,6 +17,7 @@
 //! ..     1    hostname length (0 = no hostname)
 //! ..     n    hostname, lowercase ASCII letters, digits, '-' and '.'
 //!             version 2 only, the program that opened the flow:
+//! ..     4    process id in the workspace, big endian
 //! ..     1    program path length (1..=MAX_PROGRAM_PATH_LEN)
 //! ..     m    program path: absolute, UTF-8, no control characters
 //! ..     1    digest kind (0 = none, 1 = SHA-256)
@@ -56,7 +57,7 @@ pub const VERSION_2: u8 = 2;
 /// The highest version this crate reads and writes.
 pub const MAX_VERSION: u8 = VERSION_2;
 /// Longest header accepted: the fixed part, an IPv6 address, a 253-byte hostname and a
-/// 255-byte program path with its SHA-256, rounded up. Version 1 headers stay below 320.
+/// process id and a 255-byte program path with its SHA-256, rounded up. Version 1 headers stay below 320.
 pub const MAX_HEADER_LEN: usize = 640;
 /// Longest hostname accepted (RFC 1035, without the trailing dot).
 pub const MAX_HOSTNAME_LEN: usize = 253;
@@ -109,19 +110,26 @@ pub struct FlowHeader {
     pub program: Option<Program>,
 }
 
-/// The program that opened a flow, as the guest claims it: the path of its executable as the
+/// The program that opened a flow, as the guest claims it: the process (its id in the
+/// workspace, as guest-init's process records name it), the path of its executable as the
 /// workspace's kernel names it (symlinks resolved) and the SHA-256 of that file's contents,
 /// when the guest hashed it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Program {
+    pid: u32,
     path: ProgramPath,
     sha256: Option<[u8; SHA256_LEN]>,
 }
 
 impl Program {
-    /// A program at `path`, with the digest of its file if known.
-    pub fn new(path: ProgramPath, sha256: Option<[u8; SHA256_LEN]>) -> Self {
-        Program { path, sha256 }
+    /// Process `pid` running `path`, with the digest of its file if known.
+    pub fn new(pid: u32, path: ProgramPath, sha256: Option<[u8; SHA256_LEN]>) -> Self {
+        Program { pid, path, sha256 }
+    }
+
+    /// The process id, in the workspace's PID namespace.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// The executable's path.
@@ -266,13 +274,13 @@ impl FlowHeader {
         };
         let host = self.hostname.as_ref().map_or("", Hostname::as_str);
         let program_len = self.program.as_ref().map_or(0, |p| {
-            1 + p.path.0.len() + 1 + p.sha256.map_or(0, |d| d.len())
+            4 + 1 + p.path.0.len() + 1 + p.sha256.map_or(0, |d| d.len())
         });
         let total = FIXED_LEN + addr_len + 1 + host.len() + program_len;
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(&MAGIC);
         out.push(self.version());
-        // total <= 18 + 16 + 1 + 253 + 1 + 255 + 1 + 32, far below u16::MAX.
+        // total <= 18 + 16 + 1 + 253 + 4 + 1 + 255 + 1 + 32, far below u16::MAX.
         out.extend_from_slice(&u16::try_from(total).unwrap_or(u16::MAX).to_be_bytes());
         out.push(self.transport.code());
         match self.destination.ip() {
@@ -289,6 +297,7 @@ impl FlowHeader {
         out.push(u8::try_from(host.len()).unwrap_or(0));
         out.extend_from_slice(host.as_bytes());
         if let Some(program) = &self.program {
+            out.extend_from_slice(&program.pid.to_be_bytes());
             // path.len() <= MAX_PROGRAM_PATH_LEN (255), enforced by ProgramPath::new.
             out.push(u8::try_from(program.path.0.len()).unwrap_or(0));
             out.extend_from_slice(program.path.0.as_bytes());
@@ -381,6 +390,8 @@ impl FlowHeader {
 
 /// Decodes a version 2 program from exactly `rest`, the bytes after the hostname.
 fn decode_program(rest: &[u8]) -> Result<Program, Error> {
+    let (pid, rest) = rest.split_first_chunk::<4>().ok_or(Error::LengthMismatch)?;
+    let pid = u32::from_be_bytes(*pid);
     let (&path_len, rest) = rest.split_first().ok_or(Error::LengthMismatch)?;
     let path_len = usize::from(path_len);
     let raw = rest.get(..path_len).ok_or(Error::LengthMismatch)?;
@@ -399,7 +410,7 @@ fn decode_program(rest: &[u8]) -> Result<Program, Error> {
         DIGEST_NONE | DIGEST_SHA256 => return Err(Error::LengthMismatch),
         _ => return Err(Error::BadProgram),
     };
-    Ok(Program { path, sha256 })
+    Ok(Program { pid, path, sha256 })
 }
 
 #[cfg(test)]
@@ -417,7 +428,11 @@ mod tests {
     }
 
     fn curl() -> Program {
-        Program::new(ProgramPath::new("/usr/bin/curl").unwrap(), Some([0xab; 32]))
+        Program::new(
+            42,
+            ProgramPath::new("/usr/bin/curl").unwrap(),
+            Some([0xab; 32]),
+        )
     }
 
     #[test]
@@ -562,6 +577,7 @@ mod tests {
     fn program_without_digest_round_trips() {
         let mut h = named("api.github.com");
         h.program = Some(Program::new(
+            7,
             ProgramPath::new("/opt/big/node").unwrap(),
             None,
         ));
@@ -577,6 +593,7 @@ mod tests {
         let mut h = named(&host);
         h.destination = "[::1]:1".parse().unwrap();
         h.program = Some(Program::new(
+            u32::MAX,
             ProgramPath::new(&path).unwrap(),
             Some([7; 32]),
         ));

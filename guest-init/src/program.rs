@@ -162,7 +162,7 @@ impl ProcPrograms {
         // Opened through the magic link: the very file the process runs, wherever its mount
         // namespace put it (even deleted or replaced since).
         let digest = File::open(&exe).ok().and_then(|file| self.digest(file));
-        Some(Program::new(path, digest))
+        Some(Program::new(pid, path, digest))
     }
 
     fn digest(&mut self, mut file: File) -> Option<[u8; SHA256_LEN]> {

@@ -96,6 +96,7 @@ fn a_socket_is_named_by_its_owners_executable_and_digest() {
             .expect("python's socket has an owner");
         // The kernel's name for it: the symlink /usr/bin/python3 resolved.
         assert_eq!(program.path().as_str(), "/usr/bin/python3.11");
+        assert_eq!(program.pid(), child.id());
         assert_eq!(
             program.sha256_hex().as_deref(),
             Some(sha256_of("/usr/bin/python3.11").as_str())

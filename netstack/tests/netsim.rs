@@ -346,7 +346,11 @@ impl ProgramLookup for FixedLookup {
 
 #[test]
 fn a_flow_header_names_the_program_the_lookup_found_for_its_syn() {
-    let curl = Program::new(ProgramPath::new("/usr/bin/curl").unwrap(), Some([9; 32]));
+    let curl = Program::new(
+        12,
+        ProgramPath::new("/usr/bin/curl").unwrap(),
+        Some([9; 32]),
+    );
     let asked = Arc::new(Mutex::new(Vec::new()));
     let lookup = FixedLookup {
         program: Some(curl.clone()),
