@@ -5,7 +5,8 @@
 //! ```text
 //!  SYN agent:port -> dst
 //!    -> /proc/thread-self/net/tcp (and tcp6, for v4-mapped sockets): the socket's inode
-//!    -> /proc/<pid>/fd/*: every process holding socket:[inode]   (at most MAX_FDS entries)
+//!    -> /proc/<pid>/fd/*, newest process first: the first holding socket:[inode]
+//!       (at most MAX_FDS descriptor links)
 //!    -> /proc/<pid>/exe: path (symlinks resolved) and, opened, the file's SHA-256
 //!       (cached by device, inode, mtime and size; files above MAX_HASHED are not hashed)
 //! ```
@@ -14,10 +15,13 @@
 //! TUN device is), so `thread-self/net` is the agent's socket table; `/proc` is the workspace's
 //! own (its PID namespace: the agent's processes, nothing of the host's).
 //!
-//! Fail closed: anything that cannot be told (no socket, the process gone, a socket held by
-//! processes running different executables, a path the header cannot carry, too many
-//! descriptors to look through) is no program, and a rule with `programs` then refuses the
-//! flow. Bounded per SYN: one read of the socket table (at most [`MAX_TABLE`] bytes), at most
+//! Fail closed: anything that cannot be told (no socket, the process gone, a path the header
+//! cannot carry, too many descriptors to look through) is no program, and a rule with
+//! `programs` then refuses the flow. The newest process is asked first because the one
+//! connecting is usually the tool just started (a whole scan per SYN cost 20 to 60 ms among
+//! 150 host processes); a socket held by several processes (inherited, or passed on) is
+//! therefore named by its newest holder, which says no more than an `exec` after `connect`
+//! would. Bounded per SYN: one read of the socket table (at most [`MAX_TABLE`] bytes), at most
 //! [`MAX_FDS`] descriptor links, and at most one hash of at most [`MAX_HASHED`] bytes, which is
 //! cached ([`MAX_CACHED`] files), so a flood of connections from one program hashes it once.
 //!
@@ -117,21 +121,18 @@ impl ProcPrograms {
         })
     }
 
-    /// The one process holding socket `inode`; none if nobody does, or if processes running
-    /// different executables do (a socket inherited across fork or exec, or passed on).
+    /// The process holding socket `inode`, the newest first; none if nobody does.
     fn owner(&self, inode: u64) -> Option<u32> {
         let wanted = format!("socket:[{inode}]");
+        let mut pids: Vec<u32> = std::fs::read_dir(&self.proc)
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        pids.sort_unstable_by(|a, b| b.cmp(a));
         let mut seen = 0usize;
-        let mut owner: Option<(u32, (u64, u64))> = None;
-        for entry in std::fs::read_dir(&self.proc).ok()?.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+        for pid in pids {
+            let Ok(fds) = std::fs::read_dir(self.proc.join(pid.to_string()).join("fd")) else {
                 continue;
             };
             for fd in fds.flatten() {
@@ -140,18 +141,11 @@ impl ProcPrograms {
                     return None;
                 }
                 if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str()) {
-                    let exe = std::fs::metadata(entry.path().join("exe")).ok()?;
-                    let file = (exe.dev(), exe.ino());
-                    match owner {
-                        Some((_, other)) if other != file => return None,
-                        Some(_) => {}
-                        None => owner = Some((pid, file)),
-                    }
-                    break;
+                    return Some(pid);
                 }
             }
         }
-        owner.map(|(pid, _)| pid)
+        None
     }
 
     /// The executable of `pid`: its path, and its digest when it could be hashed.
