@@ -4,7 +4,9 @@
 //!
 //! ```text
 //!  SYN agent:port -> dst
-//!    -> /proc/thread-self/net/tcp (and tcp6, for v4-mapped sockets): the socket's inode
+//!    -> the socket's inode: sock_diag (netlink, an exact lookup by the four addresses), or
+//!       where the kernel has none (the VM's: CONFIG_INET_DIAG is off) the socket tables
+//!       /proc/thread-self/net/tcp and tcp6 (for v4-mapped sockets)
 //!    -> /proc/<pid>/fd/*, newest process first: the first holding socket:[inode]
 //!       (at most MAX_FDS descriptor links)
 //!    -> /proc/<pid>/exe: path (symlinks resolved) and, opened, the file's SHA-256
@@ -12,18 +14,19 @@
 //! ```
 //!
 //! It runs on the netstack's thread, which lives in the agent's network namespace (where the
-//! TUN device is), so `thread-self/net` is the agent's socket table; `/proc` is the workspace's
-//! own (its PID namespace: the agent's processes, nothing of the host's).
+//! TUN device is), so its netlink socket and `thread-self/net` see the agent's sockets; `/proc`
+//! is the workspace's own (its PID namespace: the agent's processes, nothing of the host's).
 //!
 //! Fail closed: anything that cannot be told (no socket, the process gone, a path the header
 //! cannot carry, too many descriptors to look through) is no program, and a rule with
-//! `programs` then refuses the flow. The newest process is asked first because the one
-//! connecting is usually the tool just started (a whole scan per SYN cost 20 to 60 ms among
-//! 150 host processes); a socket held by several processes (inherited, or passed on) is
-//! therefore named by its newest holder, which says no more than an `exec` after `connect`
-//! would. Bounded per SYN: one read of the socket table (at most [`MAX_TABLE`] bytes), at most
-//! [`MAX_FDS`] descriptor links, and at most one hash of at most [`MAX_HASHED`] bytes, which is
-//! cached ([`MAX_CACHED`] files), so a flood of connections from one program hashes it once.
+//! `programs` then refuses the flow. Bounded per SYN: one sock_diag question per address
+//! family, or one read of each socket table (at most [`MAX_TABLE`] bytes; reading one walks the
+//! kernel's whole TCP hash, 10 to 20 ms on a large host, which is why sock_diag comes first),
+//! at most [`MAX_FDS`] descriptor links, and at most one hash of at most [`MAX_HASHED`] bytes,
+//! which is cached ([`MAX_CACHED`] files), so a flood of connections from one program hashes it
+//! once. The newest process is asked first, because the one connecting is usually the tool
+//! just started; a socket held by several processes (inherited, or passed on) is therefore
+//! named by its newest holder, which says no more than an `exec` after `connect` would.
 //!
 //! What this is worth: the owner's executable file, as the kernel names it. It does not say
 //! what code that process runs (`LD_PRELOAD`, an interpreter's `-c`, a debugger) nor who
@@ -113,8 +116,12 @@ impl ProcPrograms {
         self.program(pid)
     }
 
-    /// The inode of the socket with this local and remote address, from the socket tables.
+    /// The inode of the socket with this local and remote address: sock_diag's answer, or
+    /// where it cannot answer, the socket tables'.
     fn socket_inode(&self, local: SocketAddrV4, remote: SocketAddrV4) -> Option<u64> {
+        if let Ok(found) = diag::inode(local, remote) {
+            return found;
+        }
         ["tcp", "tcp6"].iter().find_map(|table| {
             let text = read_bounded(&self.net.join(table), MAX_TABLE)?;
             find_inode(&text, local, remote)
@@ -181,6 +188,125 @@ impl ProcPrograms {
 impl moat_netstack::ProgramLookup for ProcPrograms {
     fn program_of(&mut self, agent: SocketAddrV4, destination: SocketAddrV4) -> Option<Program> {
         self.lookup(agent, destination)
+    }
+}
+
+/// The kernel's sock_diag (`NETLINK_SOCK_DIAG`, linux/inet_diag.h): asked for one TCP socket by
+/// its four addresses, it looks it up in its hash directly, however many sockets there are.
+mod diag {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const IPPROTO_TCP: u8 = 6;
+    const AF_INET: u8 = 2;
+    const AF_INET6: u8 = 10;
+    /// nlmsghdr, then inet_diag_req_v2 (family, protocol, ext, pad, states, inet_diag_sockid).
+    const REQUEST_LEN: u32 = 16 + 8 + 48;
+    /// Where inet_diag_msg's fields sit in a reply (after the 16-byte nlmsghdr).
+    const MSG_ID: usize = 16 + 4;
+    const MSG_INODE: usize = MSG_ID + 48 + 16;
+
+    /// The sock_diag request for the TCP socket `local -> remote`, as an IPv4 socket or an
+    /// IPv6 one holding v4-mapped addresses.
+    fn request(family: u8, local: SocketAddrV4, remote: SocketAddrV4) -> [u8; 72] {
+        let addr = |ip: &Ipv4Addr| -> [u8; 16] {
+            if family == AF_INET {
+                let mut out = [0u8; 16];
+                out[..4].copy_from_slice(&ip.octets());
+                out
+            } else {
+                ip.to_ipv6_mapped().octets()
+            }
+        };
+        let mut r = [0u8; 72];
+        r[0..4].copy_from_slice(&REQUEST_LEN.to_ne_bytes());
+        r[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        r[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        r[16] = family;
+        r[17] = IPPROTO_TCP;
+        // Every state: SYN_SENT while the handshake runs, ESTABLISHED after.
+        r[20..24].copy_from_slice(&u32::MAX.to_ne_bytes());
+        r[24..26].copy_from_slice(&local.port().to_be_bytes());
+        r[26..28].copy_from_slice(&remote.port().to_be_bytes());
+        r[28..44].copy_from_slice(&addr(local.ip()));
+        r[44..60].copy_from_slice(&addr(remote.ip()));
+        // idiag_if 0; idiag_cookie INET_DIAG_NOCOOKIE (no cookie to check).
+        r[64..72].copy_from_slice(&[0xff; 8]);
+        r
+    }
+
+    /// The inode of the TCP socket `local -> remote`: `Ok(None)` when the kernel has no such
+    /// socket (or one no process holds), `Err(())` when it cannot be asked (no sock_diag).
+    pub(super) fn inode(local: SocketAddrV4, remote: SocketAddrV4) -> Result<Option<u64>, ()> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkSockDiag,
+        )
+        .map_err(|_| ())?;
+        let kernel = NetlinkAddr::new(0, 0);
+        let mut answered = false;
+        for family in [AF_INET, AF_INET6] {
+            let req = request(family, local, remote);
+            if sendto(fd.as_raw_fd(), &req, &kernel, MsgFlags::empty()).is_err() {
+                continue;
+            }
+            let mut buf = [0u8; 512];
+            let Ok(n) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) else {
+                continue;
+            };
+            match reply(&buf[..n], remote.port()) {
+                Reply::Inode(inode) => return Ok(Some(inode).filter(|&i| i != 0)),
+                Reply::NoSuchSocket => answered = true,
+                Reply::Unusable => {}
+            }
+        }
+        if answered { Ok(None) } else { Err(()) }
+    }
+
+    enum Reply {
+        Inode(u64),
+        NoSuchSocket,
+        Unusable,
+    }
+
+    fn reply(buf: &[u8], remote_port: u16) -> Reply {
+        let u16_at = |at: usize| {
+            buf.get(at..at + 2)
+                .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+        };
+        let u32_at = |at: usize| {
+            buf.get(at..at + 4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        match u16_at(4) {
+            Some(SOCK_DIAG_BY_FAMILY) => {
+                // The socket found must be the connection asked for, not a listener.
+                let dport = buf
+                    .get(MSG_ID + 2..MSG_ID + 4)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]));
+                match (dport, u32_at(MSG_INODE)) {
+                    (Some(p), Some(inode)) if p == remote_port => Reply::Inode(u64::from(inode)),
+                    _ => Reply::NoSuchSocket,
+                }
+            }
+            // -ENOENT: no such socket; anything else (no sock_diag for TCP): cannot tell.
+            Some(NLMSG_ERROR)
+                if u32_at(16) == Some(libc::ENOENT.wrapping_neg().cast_unsigned()) =>
+            {
+                Reply::NoSuchSocket
+            }
+            _ => Reply::Unusable,
+        }
     }
 }
 
