@@ -665,4 +665,17 @@ mod tests {
         v1[3] = VERSION_1;
         assert_eq!(FlowHeader::decode(&v1), Err(Error::LengthMismatch));
     }
+
+    #[test]
+    fn the_fuzz_seeds_of_version_2_decode_and_round_trip() {
+        for seed in [
+            &include_bytes!("../../fuzz/seeds/flow_header/v2_program_sha256")[..],
+            &include_bytes!("../../fuzz/seeds/flow_header/v2_program_no_digest")[..],
+        ] {
+            let (h, used) = FlowHeader::decode(seed).unwrap().unwrap();
+            assert_eq!(used, seed.len());
+            assert_eq!(h.program.as_ref().unwrap().path().as_str(), "/usr/bin/curl");
+            assert_eq!(h.encode(), seed);
+        }
+    }
 }
