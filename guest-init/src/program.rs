@@ -85,6 +85,19 @@ pub struct ProcPrograms {
     digests: HashMap<FileKey, Option<[u8; SHA256_LEN]>>,
     /// Files hashed so far (a measure of work, for tests and benches).
     hashed: u64,
+    /// What sock_diag has shown of itself.
+    diag: Diag,
+}
+
+/// Whether the kernel's sock_diag answers for TCP sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Diag {
+    /// Not yet known: it has found no socket, and the tables none it missed.
+    Unknown,
+    /// It found a socket: its misses are real.
+    Works,
+    /// It missed a socket the tables hold (no inet_diag in this kernel): tables only.
+    Absent,
 }
 
 impl Default for ProcPrograms {
@@ -101,6 +114,16 @@ impl ProcPrograms {
             net: proc.join("thread-self/net"),
             digests: HashMap::new(),
             hashed: 0,
+            diag: Diag::Unknown,
+        }
+    }
+
+    /// A lookup that reads the socket tables only, as on a kernel without sock_diag for TCP
+    /// (the VM's), whatever this kernel has.
+    pub fn tables_only(proc: &Path) -> Self {
+        ProcPrograms {
+            diag: Diag::Absent,
+            ..Self::new(proc)
         }
     }
 
@@ -117,15 +140,29 @@ impl ProcPrograms {
     }
 
     /// The inode of the socket with this local and remote address: sock_diag's answer, or
-    /// where it cannot answer, the socket tables'.
-    fn socket_inode(&self, local: SocketAddrV4, remote: SocketAddrV4) -> Option<u64> {
-        if let Ok(found) = diag::inode(local, remote) {
-            return found;
+    /// where it cannot answer, the socket tables'. A kernel without TCP's sock_diag answers
+    /// "no such socket" (ENOENT) as it does for a socket that is gone, so its misses are
+    /// trusted only once it has found one; until then a miss is asked of the tables too, and
+    /// if they find the socket, sock_diag is not asked again.
+    fn socket_inode(&mut self, local: SocketAddrV4, remote: SocketAddrV4) -> Option<u64> {
+        if self.diag != Diag::Absent {
+            match diag::inode(local, remote) {
+                Ok(Some(inode)) => {
+                    self.diag = Diag::Works;
+                    return Some(inode);
+                }
+                Ok(None) if self.diag == Diag::Works => return None,
+                Ok(None) | Err(()) => {}
+            }
         }
-        ["tcp", "tcp6"].iter().find_map(|table| {
+        let found = ["tcp", "tcp6"].iter().find_map(|table| {
             let text = read_bounded(&self.net.join(table), MAX_TABLE)?;
             find_inode(&text, local, remote)
-        })
+        });
+        if found.is_some() {
+            self.diag = Diag::Absent;
+        }
+        found
     }
 
     /// The process holding socket `inode`, the newest first; none if nobody does.

@@ -105,6 +105,22 @@ fn a_socket_is_named_by_its_owners_executable_and_digest() {
     });
 }
 
+/// Where the kernel has no sock_diag for TCP (the VM's), the socket tables give the same.
+#[test]
+fn the_socket_tables_serve_where_sock_diag_is_absent() {
+    in_new_netns(|| {
+        let (_l, server) = listener();
+        let (child, local) = python_connected_to(server.port(), None);
+        let mut lookup = ProcPrograms::tables_only(std::path::Path::new("/proc"));
+        let program = lookup.lookup(local, server).unwrap();
+        assert_eq!(program.path().as_str(), "/usr/bin/python3.11");
+        assert_eq!(program.pid(), child.id());
+        let nobody = SocketAddrV4::new([127, 0, 0, 1].into(), 1);
+        assert_eq!(lookup.lookup(nobody, server), None);
+        end(child);
+    });
+}
+
 #[test]
 fn this_process_own_socket_names_this_test_binary() {
     in_new_netns(|| {
