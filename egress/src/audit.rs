@@ -83,6 +83,46 @@ pub struct FlowInfo {
     pub claimed: Option<SocketAddr>,
     /// When the flow arrived.
     pub started: Option<SystemTime>,
+    /// The program the guest says opened the flow (flow header version 2), if it named one.
+    pub program: Option<moat_flow_header::Program>,
+}
+
+impl FlowInfo {
+    /// The flow's program as the policy sees it.
+    pub fn program_claim(&self) -> Option<moat_policy::ProgramClaim<'_>> {
+        self.program.as_ref().map(|p| moat_policy::ProgramClaim {
+            path: p.path().as_str(),
+            sha256: p.sha256(),
+        })
+    }
+
+    /// Adds the flow's program to `rec`: as OCSF's `actor.process` (the `host` profile), the
+    /// guest's claim; or, once the header is read and named none, `unmapped.moat.program`
+    /// "unknown".
+    fn record_program(&self, rec: &mut Value, unmapped: &mut serde_json::Map<String, Value>) {
+        let Some(p) = &self.program else {
+            if self.guest_flow_id.is_some() {
+                unmapped.insert("program".into(), json!("unknown"));
+            }
+            return;
+        };
+        let path = p.path().as_str();
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let mut file = json!({
+            "name": name,
+            "path": path,
+            "type_id": 1,
+            "type": "Regular File",
+        });
+        if let Some(hex) = p.sha256_hex() {
+            file["hashes"] = json!([{ "algorithm_id": 3, "algorithm": "SHA-256", "value": hex }]);
+        }
+        rec["actor"] = json!({ "process": { "pid": p.pid(), "name": name, "file": file } });
+        if let Some(profiles) = rec["metadata"]["profiles"].as_array_mut() {
+            profiles.push(json!("host"));
+        }
+        unmapped.insert("program".into(), json!("claimed by the guest"));
+    }
 }
 
 /// One record's variable part.
@@ -426,6 +466,7 @@ impl Audit {
         if let Some(claimed) = f.claimed {
             unmapped.insert("claimed_destination".into(), json!(claimed.to_string()));
         }
+        f.record_program(&mut rec, &mut unmapped);
         rec["message"] = json!(message(event));
         if let (Some((up, down)), Some(start)) = (event.bytes, f.started) {
             rec["traffic"] = json!({ "bytes_out": up, "bytes_in": down, "bytes": up + down });
@@ -742,6 +783,7 @@ impl Audit {
         });
         let mut unmapped = serde_json::Map::new();
         unmapped.insert("flow_uid".into(), json!(f.uid));
+        f.record_program(&mut rec, &mut unmapped);
         if let Some(name) = event.http_rule {
             unmapped.insert("http_rule".into(), json!(name));
         }

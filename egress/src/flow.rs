@@ -126,6 +126,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, agent: UnixStream) {
                 reason,
                 rule.as_deref(),
                 info.hostname.as_deref(),
+                info.program.as_ref().map(|p| p.path().as_str()),
                 shared.limits.sniff_timeout,
             )
             .await;
@@ -189,6 +190,7 @@ async fn admit(
     info.guest_flow_id = Some(header.flow_id);
     info.claimed = Some(header.destination);
     info.hostname = header.hostname.as_ref().map(|h| h.as_str().to_owned());
+    info.program = header.program;
     let port = header.destination.port();
     let claimed_ip = moat_policy::addr::canonical(header.destination.ip());
     let claimed = SocketAddr::new(claimed_ip, port);
@@ -203,6 +205,9 @@ async fn admit(
             port,
         },
     )?;
+
+    // 2b. The program: a rule that names programs narrows itself to their flows.
+    check_program(&rule, info)?;
 
     // 3. The protocol: the name the agent uses must be the name the policy allowed.
     let protocol = check_protocol(shared, agent, buf, &rule, hostname, port).await?;
@@ -272,6 +277,23 @@ fn decide(shared: &Shared, destination: Destination<'_>) -> Result<Rule, Stop> {
             DenyReason::IpLiteral => Reason::IpLiteral,
         })),
     }
+}
+
+/// Step 2b, the program the guest says opened the flow, against the rule's `programs`: never
+/// more than the destination allowed, only less. Without a claim (a guest that could not tell,
+/// or wrote version 1), a rule with `programs` refuses.
+fn check_program(rule: &Rule, info: &FlowInfo) -> Result<(), Stop> {
+    let claim = info.program_claim();
+    if rule.allows_program(claim.as_ref()) {
+        return Ok(());
+    }
+    let detail = match claim {
+        Some(p) => format!("program {p} is not among the rule's programs"),
+        None => "program unknown: the guest named none".to_owned(),
+    };
+    Err(Stop::new(Reason::ProgramNotAllowed)
+        .rule(rule)
+        .detail(detail))
 }
 
 /// Step 3, the flow's protocol: TCP where the rule allows any, else what the first bytes show
@@ -498,6 +520,7 @@ async fn run(
             service: service.clone(),
             protocol,
             action,
+            program: info.program.clone(),
             cancel: cancel.clone(),
         },
     );
@@ -639,7 +662,12 @@ async fn forbid_first(
     if counters.out.load(Ordering::Relaxed) != 0 || !crate::refusal::answered(reason) {
         return;
     }
-    let bytes = crate::refusal::forbidden(reason, Some(rule), info.hostname.as_deref());
+    let bytes = crate::refusal::forbidden(
+        reason,
+        Some(rule),
+        info.hostname.as_deref(),
+        info.program.as_ref().map(|p| p.path().as_str()),
+    );
     let deadline = Instant::now() + shared.limits.sniff_timeout.min(crate::refusal::ANSWER_WAIT);
     crate::refusal::write_answer(agent, &bytes, deadline).await;
 }

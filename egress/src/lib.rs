@@ -8,6 +8,8 @@
 //!  <uds>_<port> accept      listen (this file)
 //!    -> flow header         flow.rs: size- and time-bounded read (moat-flow-header)
 //!    -> policy decision     moat-policy: deny by default, first matching rule
+//!    -> program             flow.rs: a rule with `programs` refuses a flow whose claimed
+//!                           program (flow header v2) it does not name, or none
 //!    -> protocol sniff      sniff/: TLS SNI or HTTP Host must equal the flow's hostname
 //!                           (plain HTTP: every request head, sniff/requests.rs, not only
 //!                           the first)
@@ -82,6 +84,10 @@ use crate::secrets::{PlaceholderBook, SecretError, Secrets};
 
 /// The vsock port guest flows use: a guest connection to it arrives on `<uds>_1025`.
 pub const EGRESS_VSOCK_PORT: u32 = 1025;
+
+/// The highest flow header version this proxy reads: a workspace is told it at start, and its
+/// guest-init writes no later version (from 2, headers name the program that opened a flow).
+pub const FLOW_HEADER_VERSION: u8 = moat_flow_header::MAX_VERSION;
 
 /// Bounds on every flow.
 #[derive(Debug, Clone)]

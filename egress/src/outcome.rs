@@ -76,6 +76,9 @@ reasons! {
     PortNotAllowed => "port_not_allowed", Agent;
     /// An IP-literal destination that no rule's cidrs cover.
     IpLiteral => "ip_literal", Agent;
+    /// The rule for the destination names the programs it allows (`programs`), and the program
+    /// the guest says opened the flow is none of them, or the guest named none.
+    ProgramNotAllowed => "program_not_allowed", Agent;
     /// The hostname resolved to an address of a refused class (private, loopback, metadata...).
     NonPublicAddress => "non_public_address", Agent;
     /// TLS without a server_name.

@@ -125,6 +125,9 @@ pub struct LiveFlow {
     /// What the allowing rule did with it (a flow whose rule changes action is cut: an
     /// intercepted flow must not carry on as passthrough, nor the reverse).
     pub action: Action,
+    /// The program the guest says opened the flow, if it named one (a flow whose rule now
+    /// names programs that exclude it is cut).
+    pub program: Option<moat_flow_header::Program>,
     /// Cancelling this cuts the flow.
     pub cancel: CancellationToken,
 }
@@ -145,7 +148,12 @@ impl LiveFlow {
                     Some(addr) => rule.check_address(addr).is_ok(),
                     None => rule.action == Action::Corporate,
                 };
+                let program = self.program.as_ref().map(|p| moat_policy::ProgramClaim {
+                    path: p.path().as_str(),
+                    sha256: p.sha256(),
+                });
                 destination
+                    && rule.allows_program(program.as_ref())
                     && rule.action == self.action
                     && rule.service == self.service
                     && (rule.allows_protocol(self.protocol) || rule.allows_protocol(Protocol::Tcp))
@@ -250,6 +258,7 @@ protocols = ["tcp"]
             service: Some(ServiceName::parse("git-corp").unwrap()),
             protocol: Protocol::Tcp,
             action: Action::Corporate,
+            program: None,
             cancel: CancellationToken::new(),
         }
     }

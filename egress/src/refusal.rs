@@ -67,6 +67,7 @@ pub fn answered(reason: Reason) -> bool {
         Reason::NoRule
             | Reason::PortNotAllowed
             | Reason::IpLiteral
+            | Reason::ProgramNotAllowed
             | Reason::NonPublicAddress
             | Reason::SniMissing
             | Reason::SniMismatch
@@ -80,12 +81,19 @@ pub fn answered(reason: Reason) -> bool {
 }
 
 /// One line saying why, for a 403 body.
-fn explain(reason: Reason, host: Option<&str>) -> String {
+fn explain(reason: Reason, host: Option<&str>, program: Option<&str>) -> String {
     let host = host.unwrap_or("this address");
     match reason {
         Reason::NoRule => format!("no rule allows {host}"),
         Reason::PortNotAllowed => format!("no rule allows {host} on this port"),
         Reason::IpLiteral => "no rule allows this IP address; use a host name".to_owned(),
+        Reason::ProgramNotAllowed => match program {
+            Some(p) => format!("the rule for {host} does not allow the program {p}"),
+            None => format!(
+                "the rule for {host} allows only the programs it names, and the workspace did \
+                 not say which program opened this connection"
+            ),
+        },
         Reason::NonPublicAddress => format!("{host} resolves to a non-public address"),
         Reason::HostMissing => "the request has no Host header".to_owned(),
         Reason::HostMismatch => format!("the request's Host is not {host}"),
@@ -101,14 +109,22 @@ fn explain(reason: Reason, host: Option<&str>) -> String {
 }
 
 /// The whole `403 Forbidden` response for a plain-HTTP request refused for `reason`, by `rule`
-/// if one matched, to `host` (the flow's hostname).
-pub fn forbidden(reason: Reason, rule: Option<&str>, host: Option<&str>) -> Vec<u8> {
+/// if one matched, to `host` (the flow's hostname), from `program` (as the guest named it).
+pub fn forbidden(
+    reason: Reason,
+    rule: Option<&str>,
+    host: Option<&str>,
+    program: Option<&str>,
+) -> Vec<u8> {
     let mut body = format!(
         "moat egress refused this request: {}\nreason: {reason}\n",
-        explain(reason, host)
+        explain(reason, host, program)
     );
     if let Some(rule) = rule {
         body.push_str(&format!("rule: {rule}\n"));
+    }
+    if let Some(program) = program {
+        body.push_str(&format!("program: {program}\n"));
     }
     let mut out = format!(
         "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n\
@@ -141,7 +157,8 @@ fn spoke(buf: &[u8]) -> Result<Option<Spoke>, ()> {
     }
 }
 
-/// Answers a flow refused for `reason` (by `rule`, to `host`) in the protocol the agent spoke:
+/// Answers a flow refused for `reason` (by `rule`, to `host`, from `program`) in the protocol
+/// the agent spoke:
 /// reads its first bytes into `buf` (which may hold some already) for at most [`ANSWER_WAIT`]
 /// or `sniff_timeout`, then writes the alert or the 403. Does nothing for a reason that is
 /// not [`answered`]. The caller closes the stream.
@@ -151,6 +168,7 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     reason: Reason,
     rule: Option<&str>,
     host: Option<&str>,
+    program: Option<&str>,
     sniff_timeout: Duration,
 ) {
     if !answered(reason) {
@@ -170,7 +188,7 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let bytes = match kind {
         Spoke::Tls => Alert::for_reason(reason).record().to_vec(),
-        Spoke::Http => forbidden(reason, rule, host),
+        Spoke::Http => forbidden(reason, rule, host, program),
     };
     write_answer(agent, &bytes, deadline).await;
 }
@@ -205,7 +223,12 @@ mod tests {
 
     #[test]
     fn forbidden_names_the_reason_and_rule_with_a_true_length() {
-        let out = forbidden(Reason::PortNotAllowed, Some("github"), Some("github.com"));
+        let out = forbidden(
+            Reason::PortNotAllowed,
+            Some("github"),
+            Some("github.com"),
+            None,
+        );
         let text = String::from_utf8(out).unwrap_or_default();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
         assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"));
@@ -213,8 +236,24 @@ mod tests {
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         assert!(body.contains("port_not_allowed"));
         assert!(body.contains("rule: github"));
-        let none = forbidden(Reason::NoRule, None, Some("evil.test"));
+        let none = forbidden(Reason::NoRule, None, Some("evil.test"), None);
         assert!(String::from_utf8_lossy(&none).contains("no rule allows evil.test"));
+    }
+
+    #[test]
+    fn a_program_refusal_names_the_rule_and_the_program() {
+        let out = forbidden(
+            Reason::ProgramNotAllowed,
+            Some("github"),
+            Some("github.com"),
+            Some("/usr/bin/python3.11"),
+        );
+        let text = String::from_utf8(out).unwrap_or_default();
+        assert!(text.contains("does not allow the program /usr/bin/python3.11"));
+        assert!(text.contains("rule: github\n"));
+        assert!(text.contains("program: /usr/bin/python3.11\n"));
+        let unknown = forbidden(Reason::ProgramNotAllowed, Some("github"), None, None);
+        assert!(String::from_utf8_lossy(&unknown).contains("did not say which program"));
     }
 
     #[test]

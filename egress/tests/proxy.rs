@@ -490,6 +490,7 @@ async fn non_canonical_header_hostname_is_refused() {
         transport: moat_flow_header::Transport::Tcp,
         destination: "198.18.0.5:443".parse().unwrap(),
         hostname: Some(moat_flow_header::Hostname::new("allowed.test").unwrap()),
+        program: None,
     }
     .encode();
     let at = bytes.len() - "allowed.test".len();
@@ -872,8 +873,19 @@ async fn audit_records_validate_against_the_ocsf_schema() {
     assert_closed(tp.flow(None, "::ffff:10.0.0.1".parse().unwrap(), 443).await).await;
     let s = tp.named("metadata.test", tp.tls.port()).await;
     let _ = tls_client(s, name("metadata.test")).await;
-    tp.wait_record(|r| r["activity_id"] == 2).await;
+    // Records with the program the guest names (OCSF host profile: actor.process).
+    let s = tp.named_from("curl.test", tp.tls.port(), CURL).await;
+    let mut tls = tls_client(s, name("curl.test")).await.unwrap();
+    tls.write_all(b"ping\n").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    drop(tls);
+    let s = tp.named_from("curl.test", tp.tls.port(), "/bin/sh").await;
+    let _ = tls_client(s, name("curl.test")).await;
+    tp.wait_record(|r| r["activity_id"] == 2 && r.get("actor").is_some())
+        .await;
     tp.refused("non_public_address").await;
+    tp.refused("program_not_allowed").await;
 
     let out = std::process::Command::new(ocsf_python())
         .arg(concat!(
@@ -890,7 +902,7 @@ async fn audit_records_validate_against_the_ocsf_schema() {
         String::from_utf8_lossy(&out.stderr)
     );
     let records = tp.records().len();
-    assert!(records >= 7);
+    assert!(records >= 10);
     assert!(
         stdout.contains(&format!("{records} valid, 0 invalid")),
         "{stdout}"
@@ -1066,4 +1078,127 @@ async fn a_flood_of_refused_flows_is_bounded_and_summarised() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The `curl-only` rule names programs = ["/usr/bin/curl"]: a flow curl opened passes, and its
+/// records carry the program as OCSF's actor.process (the guest's claim).
+#[tokio::test]
+async fn a_rule_with_programs_allows_the_program_it_names() {
+    let tp = TestProxy::start().await;
+    let s = tp.named_from("curl.test", tp.tls.port(), CURL).await;
+    let mut tls = tls_client(s, name("curl.test")).await.unwrap();
+    tls.write_all(b"ping\n").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    let open = tp.wait_record(|r| r["activity_id"] == 1).await;
+    assert_eq!(open["firewall_rule"]["name"], "curl-only");
+    let process = &open["actor"]["process"];
+    assert_eq!(process["file"]["path"], CURL);
+    assert_eq!(process["name"], "curl");
+    assert_eq!(process["pid"], 4242);
+    assert_eq!(process["file"]["hashes"][0]["value"], "5a".repeat(32));
+    assert_eq!(open["unmapped"]["moat"]["program"], "claimed by the guest");
+}
+
+/// The same destination from another program is refused by that rule (a TLS client reads the
+/// access_denied alert), the record naming the rule and the program.
+#[tokio::test]
+async fn a_rule_with_programs_refuses_another_program() {
+    let tp = TestProxy::start().await;
+    let s = tp
+        .named_from("curl.test", tp.tls.port(), "/usr/bin/python3.11")
+        .await;
+    let err = tls_client(s, name("curl.test")).await.unwrap_err();
+    assert!(err.to_string().contains("AccessDenied"), "{err}");
+    let rec = tp.refused("program_not_allowed").await;
+    assert_eq!(rec["firewall_rule"]["name"], "curl-only");
+    assert_eq!(
+        rec["actor"]["process"]["file"]["path"],
+        "/usr/bin/python3.11"
+    );
+    assert!(
+        rec["message"]
+            .as_str()
+            .unwrap()
+            .contains("program /usr/bin/python3.11@sha256:5a5a"),
+        "{rec}"
+    );
+    assert!(tp.seen().is_empty());
+}
+
+/// A flow whose header names no program (version 1: a guest that could not tell, or an
+/// older one) is refused by a rule with programs: fail closed, audited as "program unknown".
+#[tokio::test]
+async fn a_rule_with_programs_refuses_a_flow_that_names_none() {
+    let tp = TestProxy::start().await;
+    let mut s = tp.named("curl.test", tp.plain.port()).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: curl.test\r\n\r\n")
+        .await
+        .unwrap();
+    let got = assert_forbidden(s, "program_not_allowed").await;
+    assert!(got.contains("rule: curl-only\n"), "{got}");
+    assert!(got.contains("did not say which program"), "{got}");
+    let rec = tp.refused("program_not_allowed").await;
+    assert_eq!(rec["unmapped"]["moat"]["program"], "unknown");
+    assert!(rec.get("actor").is_none());
+    assert!(
+        rec["message"].as_str().unwrap().contains("program unknown"),
+        "{rec}"
+    );
+    assert!(tp.plain_received.text().is_empty());
+}
+
+/// Over plain HTTP the refusal is a 403 naming the rule and the program.
+#[tokio::test]
+async fn a_program_refused_over_plain_http_reads_a_403_naming_rule_and_program() {
+    let tp = TestProxy::start().await;
+    let mut s = tp
+        .named_from("curl.test", tp.plain.port(), "/usr/bin/wget")
+        .await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: curl.test\r\n\r\n")
+        .await
+        .unwrap();
+    let got = assert_forbidden(s, "program_not_allowed").await;
+    assert!(got.contains("rule: curl-only\n"), "{got}");
+    assert!(got.contains("program: /usr/bin/wget\n"), "{got}");
+    tp.refused("program_not_allowed").await;
+}
+
+/// A rule without programs does not look at the claim: any program passes as before.
+#[tokio::test]
+async fn a_rule_without_programs_ignores_the_claim() {
+    let tp = TestProxy::start().await;
+    let mut s = tp
+        .named_from("raw.test", tp.plain.port(), "/usr/bin/python3.11")
+        .await;
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"x");
+}
+
+/// A reload that narrows a live flow's rule to other programs cuts the flow.
+#[tokio::test]
+async fn reload_that_narrows_a_rule_to_other_programs_cuts_its_live_flows() {
+    let tp = TestProxy::start_unwatched().await;
+    let mut python = tp
+        .named_from("raw.test", tp.plain.port(), "/usr/bin/python3.11")
+        .await;
+    let mut curl = tp.named_from("raw.test", tp.plain.port(), CURL).await;
+    let mut b = [0u8; 1];
+    for s in [&mut python, &mut curl] {
+        s.write_all(b"x").await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+    }
+    let narrowed = tp.profile_with("").replace(
+        "protocols = [\"tcp\"]\ncidrs = [\"127.0.0.0/8\"]\n",
+        "protocols = [\"tcp\"]\ncidrs = [\"127.0.0.0/8\"]\nprograms = [\"/usr/bin/curl\"]\n",
+    );
+    assert_ne!(narrowed, tp.profile_with(""));
+    tp.rewrite_profile(&narrowed);
+    assert_eq!(tp.proxy.reload().unwrap(), 1);
+    assert!(read_all(&mut python, WAIT).await.is_empty());
+    curl.write_all(b"y").await.unwrap();
+    curl.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"y");
 }

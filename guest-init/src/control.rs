@@ -44,6 +44,14 @@ pub struct VmWorkspace {
     /// them.
     #[serde(default)]
     pub ssh: Option<crate::session::SshService>,
+    /// The highest flow header version the host's egress proxy reads (absent: 1, a host from
+    /// before version 2). From 2, flow headers name the program that opened each flow.
+    #[serde(default = "flow_header_version_1")]
+    pub flow_header_version: u8,
+}
+
+fn flow_header_version_1() -> u8 {
+    moat_flow_header::VERSION_1
 }
 
 /// A signal `moat run` received and passes on to the agent, so that it can shut down in order
@@ -144,6 +152,7 @@ mod tests {
                 host_certificate: Some("ssh-ed25519-cert-v01@openssh.com AAAA".into()),
                 user_ca: "ssh-ed25519 AAAA ca".into(),
             }),
+            flow_header_version: moat_flow_header::VERSION_2,
         };
         let line = encode(&w);
         let mut r = io::BufReader::new(&line[..]);
@@ -161,6 +170,15 @@ mod tests {
             let mut r = io::BufReader::new(&line[..]);
             assert_eq!(parse::<VmOutcome>(&read_line(&mut r).unwrap()).unwrap(), o);
         }
+    }
+
+    #[test]
+    fn a_host_that_does_not_say_which_flow_header_it_reads_gets_version_1() {
+        let w: VmWorkspace = parse(
+            br#"{"hostname":"w","command":[],"env":[],"ca_pem":"","interactive":true,"rows":0,"cols":0}"#,
+        )
+        .unwrap();
+        assert_eq!(w.flow_header_version, moat_flow_header::VERSION_1);
     }
 
     #[test]

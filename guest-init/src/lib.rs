@@ -16,6 +16,8 @@
 //!   and reaped; `signals`: what the waiting processes pass on; `report`: process events
 //!   to the host.
 //! - [`session`]: SSH sessions through the broker, one confined `sshd -i` per `CONNECT 22`.
+//! - [`program`]: which program opened a connection (the socket table and `/proc`), asked by
+//!   the netstack at each SYN and named in the flow header when the host reads version 2.
 //!
 //! Invariants: never panics on bad input; if the network or the sandbox cannot be set up, the
 //! agent is not started.
@@ -24,6 +26,7 @@ pub mod control;
 pub mod ids;
 mod launch;
 mod namespace;
+pub mod program;
 mod report;
 pub mod session;
 mod signals;
@@ -108,6 +111,33 @@ pub struct WorkspaceConfig {
     pub agent: AgentSpec,
     /// SSH sessions through the trusted access broker, if the workspace takes them.
     pub ssh: Option<SshSetup>,
+    /// The highest flow header version the host's egress proxy reads: from 2, each flow's
+    /// header names the program that opened it ([`program`]).
+    pub flow_header_version: u8,
+}
+
+/// Starts the netstack thread on `tun`, its flows going through `transport`; with the program
+/// of each connection looked up and sent when the host reads flow header version 2 or later
+/// (`host_reads`, told by the host at start), not otherwise.
+fn start_netstack(
+    tun: moat_netstack::Tun,
+    transport: Box<dyn moat_netstack::FlowTransport>,
+    host_reads: u8,
+) -> std::io::Result<()> {
+    let programs = (host_reads.min(moat_flow_header::MAX_VERSION) >= moat_flow_header::VERSION_2)
+        .then(|| {
+            Box::new(program::ProcPrograms::default()) as Box<dyn moat_netstack::ProgramLookup>
+        });
+    std::thread::Builder::new()
+        .name("netstack".into())
+        .spawn(move || {
+            if let Err(e) =
+                moat_netstack::run(tun, transport, moat_netstack::Limits::default(), programs)
+            {
+                eprintln!("moat guest-init: netstack stopped: {e}");
+            }
+        })?;
+    Ok(())
 }
 
 /// The namespace backend's workspace root.

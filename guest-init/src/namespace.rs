@@ -779,15 +779,7 @@ fn init(
     let _ = sethostname(&config.hostname);
 
     let transport = moat_netstack::UnixTransport { path: flow_socket };
-    std::thread::Builder::new()
-        .name("netstack".into())
-        .spawn(move || {
-            if let Err(e) =
-                moat_netstack::run(tun, Box::new(transport), moat_netstack::Limits::default())
-            {
-                eprintln!("moat guest-init: netstack stopped: {e}");
-            }
-        })
+    crate::start_netstack(tun, Box::new(transport), config.flow_header_version)
         .map_err(InitError::Network)?;
 
     let mut agent = config.agent.clone();

@@ -252,15 +252,7 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     let transport = moat_netstack::VsockTransport {
         port: control::EGRESS_VSOCK_PORT,
     };
-    std::thread::Builder::new()
-        .name("netstack".into())
-        .spawn(move || {
-            if let Err(e) =
-                moat_netstack::run(tun, Box::new(transport), moat_netstack::Limits::default())
-            {
-                eprintln!("moat guest-init: netstack stopped: {e}");
-            }
-        })
+    crate::start_netstack(tun, Box::new(transport), workspace.flow_header_version)
         .map_err(InitError::Network)?;
     let _ = nix::unistd::sethostname(&workspace.hostname);
     // Nobody in the workspace may open PID 1's descriptors (the control stream) through /proc.

@@ -40,6 +40,7 @@ fn header(host: Option<&str>, addr: IpAddr, port: u16) -> Result<Vec<u8>> {
         transport: Transport::Tcp,
         destination: SocketAddr::new(addr, port),
         hostname,
+        program: None,
     }
     .encode())
 }

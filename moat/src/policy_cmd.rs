@@ -46,6 +46,10 @@ pub(crate) enum PolicyCommand {
         /// The trusted public key (default: the development key).
         #[arg(long)]
         pubkey: Option<PathBuf>,
+        /// The program the flow comes from, as the workspace names it: its path (symlinks
+        /// resolved), or path@sha256:HEX. Without it: a flow that names none.
+        #[arg(long, value_name = "PATH[@sha256:HEX]")]
+        program: Option<String>,
         /// host:port, or ip:port for an IP literal ([v6]:port).
         destination: String,
     },
@@ -58,7 +62,7 @@ pub(crate) enum PolicyCommand {
         /// The trusted public key (default: the development key).
         #[arg(long)]
         pubkey: Option<PathBuf>,
-        /// The case file ([[cases]]: destination, method, path, expect, inject).
+        /// The case file ([[cases]]: destination, program, method, path, expect, inject).
         cases: PathBuf,
     },
 }
@@ -107,6 +111,9 @@ fn summary(policy: &Policy) {
                 format!(" cidrs [{}]", cidrs.join(", "))
             }
         );
+        if let Some(programs) = describe_programs(rule) {
+            println!("  {:<20} {programs}", "");
+        }
         if let Some(http) = &rule.http {
             println!(
                 "  {:<20} {} HTTP rule(s), unmatched requests: {}",
@@ -133,6 +140,34 @@ fn summary(policy: &Policy) {
     }
     for secret in &policy.secrets {
         println!("  {}", describe_secret(secret));
+    }
+}
+
+/// A line about a rule's `programs`, if it has any.
+fn describe_programs(rule: &moat_policy::Rule) -> Option<String> {
+    let programs: Vec<String> = rule
+        .programs
+        .as_ref()?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    Some(format!(
+        "only flows these programs open (the workspace's claim; none named: refused): [{}]",
+        programs.join(", ")
+    ))
+}
+
+/// The program a flow claims, from `PATH` or `PATH@sha256:HEX` (what `explain --program` and
+/// a case's `program` take).
+pub(crate) fn parse_program(text: &str) -> Result<moat_policy::ProgramPattern> {
+    moat_policy::ProgramPattern::parse(text).with_context(|| format!("program {text:?}"))
+}
+
+/// The claim of a parsed program.
+pub(crate) fn claim(program: &moat_policy::ProgramPattern) -> moat_policy::ProgramClaim<'_> {
+    moat_policy::ProgramClaim {
+        path: &program.path,
+        sha256: program.sha256.as_ref(),
     }
 }
 
@@ -270,12 +305,14 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<ExitCode> {
         PolicyCommand::Explain {
             profile,
             pubkey,
+            program,
             destination,
         } => {
             let profile = profile.unwrap_or_else(|| crate::dev_dir().join("profile.toml"));
             let pubkey = pubkey.unwrap_or_else(|| crate::dev_dir().join("dev.pub"));
+            let program = program.as_deref().map(parse_program).transpose()?;
             let policy = load_verified(&profile, &pubkey)?;
-            return explain(&policy, &destination);
+            return explain(&policy, &destination, program.as_ref());
         }
         PolicyCommand::Test {
             profile,
@@ -326,7 +363,11 @@ pub(crate) fn parse_destination(text: &str) -> Result<(Option<String>, std::net:
     Ok((Some(host), std::net::Ipv4Addr::UNSPECIFIED.into(), port))
 }
 
-fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
+fn explain(
+    policy: &Policy,
+    destination: &str,
+    program: Option<&moat_policy::ProgramPattern>,
+) -> Result<ExitCode> {
     let (host, addr, port) = parse_destination(destination)?;
     let dest = Destination {
         hostname: host.as_deref(),
@@ -335,12 +376,31 @@ fn explain(policy: &Policy, destination: &str) -> Result<ExitCode> {
     };
     match policy.decide(dest) {
         Decision::Allow(rule) => {
+            let claim = program.map(claim);
+            if !rule.allows_program(claim.as_ref()) {
+                let who = claim.map_or("a flow that names no program".to_owned(), |c| {
+                    format!("program {c}")
+                });
+                println!(
+                    "deny: rule {:?} ({}) in {} matches, but does not allow {who}",
+                    rule.name,
+                    rule.action.as_str(),
+                    label(policy)
+                );
+                if let Some(programs) = describe_programs(rule) {
+                    println!("  programs: {programs}");
+                }
+                return Ok(ExitCode::from(3));
+            }
             println!(
                 "allow: rule {:?} ({}) in {}",
                 rule.name,
                 rule.action.as_str(),
                 label(policy)
             );
+            if let Some(programs) = describe_programs(rule) {
+                println!("  programs: {programs}");
+            }
             let protos: Vec<&str> = rule
                 .protocols
                 .iter()

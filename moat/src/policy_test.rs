@@ -11,10 +11,12 @@
 //! inject = ["github"]                 # optional: exactly the secrets injected ([] = none)
 //! tool = "search"                     # optional: an MCP tools/call of this tool (POST to the
 //!                                     # rule's MCP endpoint unless method/path say otherwise)
-//! # program = "..."                   # accepted, but not supported yet: such a case fails
+//! program = "/usr/bin/curl"           # optional: the program the flow comes from (path, or
+//!                                     # path@sha256:HEX); absent: it names none
 //! ```
 //!
-//! Each case is decided the way the proxy decides: the flow by the profile's rules, then, on
+//! Each case is decided the way the proxy decides: the flow by the profile's rules (and the
+//! rule's `programs`, against the case's program), then, on
 //! an intercepted flow, the request by the rule's HTTP rules on its normalised path, and the
 //! secrets by their hosts, ports and path prefixes. The report names every case, and for a
 //! failing one the expected (`-`) and actual (`+`) outcome. Exit status: 0 when every case
@@ -54,7 +56,7 @@ struct Case {
     method: Option<String>,
     #[serde(default)]
     path: Option<String>,
-    /// Issue 17 item 2 (per-program rules): accepted so case files can be written ahead.
+    /// The program the flow comes from, as the workspace would name it.
     #[serde(default)]
     program: Option<String>,
     /// An MCP `tools/call` of this tool, decided by the rule's MCP rules.
@@ -94,6 +96,22 @@ fn decide(policy: &Policy, case: &Case) -> Result<Outcome> {
         }
     };
     let flow = format!("rule {:?} ({})", rule.name, rule.action.as_str());
+    let program = case
+        .program
+        .as_deref()
+        .map(crate::policy_cmd::parse_program)
+        .transpose()?;
+    let claim = program.as_ref().map(crate::policy_cmd::claim);
+    if !rule.allows_program(claim.as_ref()) {
+        let who = claim.map_or("a flow that names no program".to_owned(), |c| {
+            format!("program {c}")
+        });
+        return Ok(Outcome {
+            allowed: false,
+            why: format!("{flow}: does not allow {who}"),
+            injected: Vec::new(),
+        });
+    }
     let allow = |why: String, injected| Outcome {
         allowed: true,
         why,
@@ -239,19 +257,6 @@ fn check_cases(policy: &Policy, text: &str) -> Result<(String, bool)> {
             .name
             .clone()
             .unwrap_or_else(|| format!("case {}", i + 1));
-        let unsupported: Vec<&str> = [case.program.as_ref().map(|_| "program (issue 17 item 3)")]
-            .into_iter()
-            .flatten()
-            .collect();
-        if !unsupported.is_empty() {
-            failed += 1;
-            let _ = writeln!(
-                report,
-                "FAIL {name}: not supported yet: {}",
-                unsupported.join(", ")
-            );
-            continue;
-        }
         let got = decide(policy, case).with_context(|| name.clone())?;
         let expected_inject = case.inject.clone();
         let ok = (got.allowed == (case.expect == Expect::Allow))
@@ -334,6 +339,13 @@ name = "pypi"
 hosts = ["pypi.org"]
 ports = [443]
 action = "passthrough"
+
+[[rules]]
+name = "curl-only"
+hosts = ["example.org"]
+ports = [443]
+action = "passthrough"
+programs = ["/usr/bin/curl", "/usr/bin/git@sha256:abababababababababababababababababababababababababababababababab"]
 
 [[secrets]]
 name = "github"
@@ -439,15 +451,67 @@ inject = ["other"]
     }
 
     #[test]
-    fn program_cases_are_not_supported_yet() {
-        let cases = "[[cases]]\nname = \"p\"\ndestination = \"pypi.org:443\"\nprogram = \
-                     \"/usr/bin/pip\"\nexpect = \"allow\"\n";
-        let (report, all) = check_cases(&policy(), cases).unwrap();
+    fn a_case_names_the_program_and_the_rules_programs_decide() {
+        let digest = "ab".repeat(32);
+        let cases = format!(
+            r#"
+[[cases]]
+name = "curl"
+destination = "example.org:443"
+program = "/usr/bin/curl"
+expect = "allow"
+
+[[cases]]
+name = "python"
+destination = "example.org:443"
+program = "/usr/bin/python3.11"
+expect = "deny"
+
+[[cases]]
+name = "none named"
+destination = "example.org:443"
+expect = "deny"
+
+[[cases]]
+name = "git as built"
+destination = "example.org:443"
+program = "/usr/bin/git@sha256:{digest}"
+expect = "allow"
+
+[[cases]]
+name = "git rebuilt"
+destination = "example.org:443"
+program = "/usr/bin/git@sha256:{}"
+expect = "deny"
+
+[[cases]]
+name = "rules without programs ignore it"
+destination = "pypi.org:443"
+program = "/usr/bin/python3.11"
+expect = "allow"
+"#,
+            "cd".repeat(32)
+        );
+        let (report, all) = check_cases(&policy(), &cases).unwrap();
+        assert!(all, "{report}");
+        let wrong = cases.replacen("expect = \"deny\"", "expect = \"allow\"", 1);
+        let (report, all) = check_cases(&policy(), &wrong).unwrap();
         assert!(!all);
         assert!(
-            report.contains("FAIL p: not supported yet: program"),
+            report.contains(
+                "FAIL python\n  - allow\n  + deny: rule \"curl-only\" (passthrough): does not \
+                 allow program /usr/bin/python3.11"
+            ),
             "{report}"
         );
+    }
+
+    #[test]
+    fn a_malformed_program_makes_the_case_file_unusable() {
+        let cases = "[[cases]]\ndestination = \"example.org:443\"\nprogram = \"curl\"\n\
+                     expect = \"deny\"\n";
+        let err = check_cases(&policy(), cases).unwrap_err();
+        assert!(format!("{err:#}").contains("program \"curl\""), "{err:#}");
     }
 
     const MCP_PROFILE: &str = r#"

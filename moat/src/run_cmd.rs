@@ -109,6 +109,9 @@ pub(crate) struct GuestInitArgs {
     ssh: Option<PathBuf>,
     #[arg(long)]
     ssh_log: Option<PathBuf>,
+    /// The highest flow header version the egress proxy reads (absent: 1).
+    #[arg(long, default_value_t = moat_flow_header::VERSION_1)]
+    flow_header_version: u8,
     /// A variable of the agent's environment: a secret's placeholder (never its value).
     #[arg(long = "agent-env", value_name = "NAME=VALUE")]
     agent_env: Vec<String>,
@@ -530,6 +533,7 @@ fn run_in(
                         rows,
                         cols,
                         ssh: tunnel.map(|t| t.service),
+                        flow_header_version: moat_egress::FLOW_HEADER_VERSION,
                     },
                 },
             )?
@@ -700,6 +704,8 @@ fn run_namespace(
     let mut child = guest_init
         .arg("--flow-socket")
         .arg(proxy.listen_path())
+        .arg("--flow-header-version")
+        .arg(moat_egress::FLOW_HEADER_VERSION.to_string())
         .arg("--audit-socket")
         .arg(audit_socket)
         .arg("--run-dir")
@@ -779,6 +785,7 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
         host_id: args.host_id,
         hostname: args.hostname,
         ssh,
+        flow_header_version: args.flow_header_version,
         extra_ca: args.ca,
         agent: moat_guest_init::AgentSpec {
             command: args.command,

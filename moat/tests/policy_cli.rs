@@ -26,6 +26,13 @@ methods = ["GET", "HEAD"]
 paths = ["/repos/**"]
 action = "allow"
 
+[[rules]]
+name = "pypi"
+hosts = ["pypi.org"]
+ports = [443]
+action = "passthrough"
+programs = ["/usr/bin/python3.11"]
+
 [[secrets]]
 name = "github"
 source = { env = "GH_TOKEN" }
@@ -173,6 +180,48 @@ fn policy_explain_lists_the_http_rules() {
     assert!(text.contains("unmatched: deny"), "{text}");
     assert!(
         text.contains("read-repos") && text.contains("GET,HEAD [/repos/**]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn policy_explain_shows_a_rules_programs_and_decides_the_program_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let (profile, pubkey) = signed(dir.path());
+    let explain = |program: Option<&str>| {
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--profile",
+            &profile,
+            "--pubkey",
+            &pubkey,
+        ];
+        if let Some(p) = program {
+            args.extend(["--program", p]);
+        }
+        args.push("pypi.org:443");
+        let out = moat(&args);
+        (out.status.code(), String::from_utf8(out.stdout).unwrap())
+    };
+    let (code, text) = explain(Some("/usr/bin/python3.11"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.starts_with("allow: rule \"pypi\""), "{text}");
+    assert!(
+        text.contains("programs: only flows these programs open"),
+        "{text}"
+    );
+    assert!(text.contains("[/usr/bin/python3.11]"), "{text}");
+    let (code, text) = explain(Some("/usr/bin/curl"));
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("matches, but does not allow program /usr/bin/curl"),
+        "{text}"
+    );
+    let (code, text) = explain(None);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("does not allow a flow that names no program"),
         "{text}"
     );
 }

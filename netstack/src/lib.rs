@@ -9,7 +9,7 @@
 //!
 //! Modules: [`stack`] (TUN packets -> SYN and DNS inspection -> smoltcp -> flow pumps), [`dns`]
 //! and [`pool`] (the virtual DNS over 198.18.0.0/15), [`transport`] (Unix socket or vsock),
-//! `sys` (TUN ioctls).
+//! [`program`] (who opened a connection, asked at its SYN), `sys` (TUN ioctls).
 //!
 //! Invariants: the netstack decides nothing (policy is the host's); no packet reaches the
 //! host except as flow-stream payload; everything that is not TCP or DNS-to-the-gateway is
@@ -17,6 +17,7 @@
 
 pub mod dns;
 pub mod pool;
+pub mod program;
 pub mod stack;
 #[allow(unsafe_code)]
 mod sys;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+pub use program::ProgramLookup;
 pub use stack::{Counters, GATEWAY, GUEST_ADDR, Limits, MTU, PacketIo, Stack, Tun};
 pub use sys::{VsockListener, vsock_connect};
 pub use transport::{FlowTransport, UnixTransport, VsockTransport};
@@ -62,12 +64,19 @@ pub fn setup_tun() -> io::Result<Tun> {
 /// Packets queued between the TUN reader thread and the stack.
 const RX_QUEUE: usize = 16 * 1024;
 
-/// Runs the stack on a TUN device forever (until an I/O error on the poller).
+/// Runs the stack on a TUN device forever (until an I/O error on the poller). With `programs`
+/// (only for a host that reads flow header version 2), every flow header names the program
+/// that opened the connection, where the lookup can tell.
 ///
 /// A reader thread drains the TUN device into a queue as fast as the kernel fills it (the
 /// kernel's own queue is short and would drop DNS queries and ACKs whenever the stack is busy
 /// writing); the stack thread takes packets from that queue, runs smoltcp and moves bytes.
-pub fn run(tun: Tun, transport: Box<dyn FlowTransport>, limits: Limits) -> io::Result<()> {
+pub fn run(
+    tun: Tun,
+    transport: Box<dyn FlowTransport>,
+    limits: Limits,
+    programs: Option<Box<dyn ProgramLookup>>,
+) -> io::Result<()> {
     let fd = Arc::new(tun.0);
     let mut poll = Poll::new()?;
     let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0))?);
@@ -80,6 +89,9 @@ pub fn run(tun: Tun, transport: Box<dyn FlowTransport>, limits: Limits) -> io::R
     }
     let io = QueuedTun { rx, fd };
     let mut stack = Stack::new(io, transport, limits, smoltcp::time::Instant::now());
+    if let Some(lookup) = programs {
+        stack.set_programs(lookup);
+    }
     let mut events = Events::with_capacity(1024);
     loop {
         let delay = stack.step(smoltcp::time::Instant::now());

@@ -20,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use moat_flow_header::{FlowHeader, Hostname, Transport as WireTransport};
+use moat_flow_header::{FlowHeader, Hostname, Program, Transport as WireTransport};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{tcp, udp};
@@ -32,6 +32,7 @@ use smoltcp::wire::{
 
 use crate::dns;
 use crate::pool::FakePool;
+use crate::program::ProgramLookup;
 use crate::transport::FlowTransport;
 
 /// The netstack's own address on the workspace network (gateway and DNS server).
@@ -76,6 +77,8 @@ pub struct Counters {
     pub transport_errors: AtomicU64,
     /// DNS queries answered.
     pub dns_queries: AtomicU64,
+    /// Flows whose program the lookup could not tell (only counted with a lookup).
+    pub programs_unknown: AtomicU64,
     /// UDP datagrams dropped (anything but DNS to the gateway).
     pub dropped_udp: AtomicU64,
     /// ICMP packets dropped.
@@ -163,6 +166,8 @@ struct Flow {
     host_done: bool,
     /// Bytes received from the host so far.
     from_host: u64,
+    /// The program that opened the connection, looked up at its SYN.
+    program: Option<Program>,
 }
 
 /// The stack.
@@ -180,6 +185,8 @@ pub struct Stack<P: PacketIo> {
     limits: Limits,
     next_flow_id: u64,
     counters: Arc<Counters>,
+    /// Set only when the host reads flow header version 2.
+    programs: Option<Box<dyn ProgramLookup>>,
 }
 
 impl<P: PacketIo> std::fmt::Debug for Stack<P> {
@@ -233,7 +240,15 @@ impl<P: PacketIo> Stack<P> {
             limits,
             next_flow_id: 1,
             counters: Arc::new(Counters::default()),
+            programs: None,
         }
+    }
+
+    /// Looks up the program of every new connection with `lookup` and names it in the flow
+    /// header (version 2). Only for a host that reads version 2: without it, every header is
+    /// version 1.
+    pub fn set_programs(&mut self, lookup: Box<dyn ProgramLookup>) {
+        self.programs = Some(lookup);
     }
 
     /// The counters.
@@ -358,6 +373,20 @@ impl<P: PacketIo> Stack<P> {
         {
             return;
         }
+        // At the SYN the agent's socket is in its kernel's table, owned by the process that
+        // is connecting; by the end of the handshake it may already have handed it on.
+        let program = match (&mut self.programs, dns) {
+            (Some(lookup), false) => {
+                let found = lookup.program_of(src, dst);
+                if found.is_none() {
+                    self.counters
+                        .programs_unknown
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                found
+            }
+            _ => None,
+        };
         let handle = self.sockets.add(socket);
         self.keys.insert((src, dst), handle);
         self.flows.insert(
@@ -370,6 +399,7 @@ impl<P: PacketIo> Stack<P> {
                 host_write_closed: false,
                 host_done: false,
                 from_host: 0,
+                program,
             },
         );
     }
@@ -411,6 +441,7 @@ impl<P: PacketIo> Stack<P> {
             transport: WireTransport::Tcp,
             destination: SocketAddr::V4(dst),
             hostname,
+            program: flow.program.take(),
         };
         self.next_flow_id += 1;
         match self.transport.connect() {

@@ -12,8 +12,10 @@ use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use moat_flow_header::FlowHeader;
-use moat_netstack::{FlowTransport, GATEWAY, GUEST_ADDR, Limits, PacketIo, Stack};
+use std::net::SocketAddrV4;
+
+use moat_flow_header::{FlowHeader, Program, ProgramPath};
+use moat_netstack::{FlowTransport, GATEWAY, GUEST_ADDR, Limits, PacketIo, ProgramLookup, Stack};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -186,6 +188,17 @@ fn echo_through_stack(
     max_delay: u64,
     total: usize,
 ) -> (Vec<u8>, FlowHeader, usize) {
+    echo_with_programs(seed, loss, max_delay, total, None)
+}
+
+/// [`echo_through_stack`], with the stack asking `programs` who opened each connection.
+fn echo_with_programs(
+    seed: u64,
+    loss: u64,
+    max_delay: u64,
+    total: usize,
+    programs: Option<Box<dyn ProgramLookup>>,
+) -> (Vec<u8>, FlowHeader, usize) {
     let wire = Rc::new(RefCell::new(Wire {
         now: 0,
         rng: Rng(seed),
@@ -201,6 +214,9 @@ fn echo_through_stack(
         Limits::default(),
         Instant::from_millis(0),
     );
+    if let Some(lookup) = programs {
+        stack.set_programs(lookup);
+    }
 
     let mut client_dev = ClientSide(Rc::clone(&wire));
     let mut iface = Interface::new(
@@ -313,4 +329,59 @@ fn fin_from_the_agent_reaches_the_host_and_the_hosts_fin_comes_back() {
     assert_same(&got, &expected(10_000), "fin");
     // Both FINs exchanged: the stack has forgotten the flow.
     assert_eq!(live, 0);
+}
+
+/// A lookup that names one program and remembers what it was asked.
+struct FixedLookup {
+    program: Option<Program>,
+    asked: Arc<Mutex<Vec<(SocketAddrV4, SocketAddrV4)>>>,
+}
+
+impl ProgramLookup for FixedLookup {
+    fn program_of(&mut self, agent: SocketAddrV4, destination: SocketAddrV4) -> Option<Program> {
+        self.asked.lock().unwrap().push((agent, destination));
+        self.program.clone()
+    }
+}
+
+#[test]
+fn a_flow_header_names_the_program_the_lookup_found_for_its_syn() {
+    let curl = Program::new(
+        12,
+        ProgramPath::new("/usr/bin/curl").unwrap(),
+        Some([9; 32]),
+    );
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let lookup = FixedLookup {
+        program: Some(curl.clone()),
+        asked: Arc::clone(&asked),
+    };
+    let (got, header, _) = echo_with_programs(5, 0, 0, 1_000, Some(Box::new(lookup)));
+    assert_same(&got, &expected(1_000), "with a program");
+    assert_eq!(header.program, Some(curl));
+    assert_eq!(
+        *asked.lock().unwrap(),
+        vec![(
+            SocketAddrV4::new(GUEST_ADDR, 40000),
+            "203.0.113.7:443".parse().unwrap()
+        )]
+    );
+}
+
+#[test]
+fn a_flow_whose_program_is_unknown_carries_none() {
+    let lookup = FixedLookup {
+        program: None,
+        asked: Arc::default(),
+    };
+    let (_, header, _) = echo_with_programs(6, 0, 0, 1_000, Some(Box::new(lookup)));
+    assert_eq!(header.program, None);
+    assert_eq!(header.version(), moat_flow_header::VERSION_1);
+}
+
+#[test]
+fn without_a_lookup_headers_stay_version_1() {
+    let (_, header, _) = echo_through_stack(1, 0, 0, 1_000);
+    assert_eq!(header.version(), moat_flow_header::VERSION_1);
+    assert_eq!(header.program, None);
 }

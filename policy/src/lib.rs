@@ -38,6 +38,7 @@ pub mod http_rules;
 pub mod mcp_rules;
 pub mod path;
 pub mod profile;
+pub mod program;
 pub mod secret;
 pub mod service;
 pub mod signing;
@@ -53,6 +54,7 @@ pub use host::{HostPattern, normalize};
 pub use http_rules::{HttpAction, HttpRule, HttpRules, HttpVerdict, PathPattern};
 pub use mcp_rules::{McpRules, McpVerdict};
 pub use path::{PathError, normalize_path};
+pub use program::{ProgramClaim, ProgramPattern};
 pub use secret::{Presentation, SecretSource, SecretSpec};
 pub use service::{ServiceName, ServiceNameError};
 
@@ -122,6 +124,9 @@ pub struct Rule {
     /// HTTP rules (intercept rules only): each request on the flow is decided by the first
     /// that matches it, or by their explicit default. `None`: every request is allowed.
     pub http: Option<HttpRules>,
+    /// The programs whose flows this rule allows ([`program`]): `None`, any flow, whatever
+    /// program it claims or none; otherwise only a flow whose claimed program matches one.
+    pub programs: Option<Vec<ProgramPattern>>,
     /// MCP rules (intercept rules only): JSON-RPC requests to the rule's MCP endpoint are
     /// decided by method and tool, and `tools/list` answers filtered. `None`: not read.
     pub mcp: Option<McpRules>,
@@ -159,6 +164,16 @@ impl Rule {
     /// Does this rule allow `protocol`?
     pub fn allows_protocol(&self, protocol: Protocol) -> bool {
         self.protocols.contains(&protocol)
+    }
+
+    /// Does this rule allow a flow from `program` (the guest's claim; `None` when it names
+    /// none)? Only narrows: a rule without `programs` allows every flow it matched.
+    pub fn allows_program(&self, program: Option<&ProgramClaim<'_>>) -> bool {
+        match (&self.programs, program) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(allowed), Some(claim)) => allowed.iter().any(|p| p.matches(claim)),
+        }
     }
 }
 

@@ -40,6 +40,13 @@
 //! tools = { default = "deny", allow = ["search"] }
 //!
 //! [[rules]]
+//! name = "pypi"                     # only these programs' flows (the guest's claim; narrows)
+//! hosts = ["pypi.org", "files.pythonhosted.org"]
+//! ports = [443]
+//! action = "passthrough"
+//! programs = ["/usr/bin/python3.11", "/usr/bin/pip@sha256:<64 hex digits>"]
+//!
+//! [[rules]]
 //! name = "git-corp"                 # to a corporate service, through the broker
 //! hosts = ["git.corp.example.com"]  # never resolved by the proxy; no cidrs
 //! ports = [22]
@@ -64,6 +71,7 @@ use serde::Deserialize;
 use crate::host::{HostError, HostPattern};
 use crate::http_rules::{HttpRules, HttpRulesFile};
 use crate::mcp_rules::{McpRules, McpRulesFile};
+use crate::program::ProgramPattern;
 use crate::secret::{Presentation, RESERVED_HEADERS, SecretSource, SecretSpec, is_token};
 use crate::service::ServiceName;
 use crate::{Action, Policy, Protocol, Route, Rule};
@@ -140,6 +148,14 @@ pub enum ProfileError {
     /// MCP rules on a rule that does not intercept, or MCP rules that are not valid.
     #[error("rule {rule:?} has bad MCP rules: {why}")]
     Mcp {
+        /// The rule's name.
+        rule: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A rule's `programs` that is empty or holds an entry that is not a program.
+    #[error("rule {rule:?} has bad programs: {why}")]
+    Programs {
         /// The rule's name.
         rule: String,
         /// What is wrong.
@@ -222,6 +238,8 @@ struct RuleFile {
     service: Option<String>,
     #[serde(default)]
     http: Option<HttpRulesFile>,
+    #[serde(default)]
+    programs: Option<Vec<String>>,
     #[serde(default)]
     mcp: Option<McpRulesFile>,
 }
@@ -327,6 +345,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
         };
         let http = http_rules(&r.name, r.action, r.http)?;
         let mcp = mcp_rules(&r.name, r.action, r.mcp)?;
+        let programs = programs(&r.name, r.programs)?;
         rules.push(Rule {
             name: r.name,
             hosts,
@@ -334,6 +353,7 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
             action: r.action,
             protocols,
             cidrs,
+            programs,
             route,
             service,
             http,
@@ -410,6 +430,30 @@ fn corporate_service(
         ));
     }
     Ok(Some(service))
+}
+
+/// A rule's `programs`, parsed: each entry a path or `path@sha256:hex`, at least one.
+fn programs(
+    rule: &str,
+    programs: Option<Vec<String>>,
+) -> Result<Option<Vec<ProgramPattern>>, ProfileError> {
+    let Some(list) = programs else {
+        return Ok(None);
+    };
+    let bad = |why: String| ProfileError::Programs {
+        rule: rule.to_owned(),
+        why,
+    };
+    if list.is_empty() {
+        return Err(bad(
+            "programs = [] allows no flow at all; remove the rule, or the field to allow any program"
+                .into(),
+        ));
+    }
+    list.iter()
+        .map(|p| ProgramPattern::parse(p).map_err(|e| bad(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// The HTTP rules of an intercept rule, compiled; refused on any other rule (the proxy sees
@@ -1029,6 +1073,42 @@ tools = { default = "deny", allow = ["echo"] }
         );
         assert!(matches!(
             with(&MCP.replace("tools = { default = \"deny\", allow = [\"echo\"] }\n", "")),
+            Err(ProfileError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn programs_narrow_a_rule_by_path_and_digest() {
+        let hex = "ab".repeat(32);
+        let p = with(&format!(
+            "programs = [\"/usr/bin/curl\", \"/usr/bin/git@sha256:{hex}\"]\n"
+        ))
+        .unwrap();
+        let rule = &p.rules[0];
+        let digest = [0xab; 32];
+        let claim = |path, sha256| crate::ProgramClaim { path, sha256 };
+        assert!(rule.allows_program(Some(&claim("/usr/bin/curl", None))));
+        assert!(rule.allows_program(Some(&claim("/usr/bin/git", Some(&digest)))));
+        assert!(!rule.allows_program(Some(&claim("/usr/bin/git", None))));
+        assert!(!rule.allows_program(Some(&claim("/usr/bin/python3.11", None))));
+        assert!(!rule.allows_program(None));
+        // Without programs, the claim is not looked at.
+        assert!(with("").unwrap().rules[0].allows_program(None));
+    }
+
+    #[test]
+    fn bad_programs_are_refused_naming_the_rule() {
+        for (bad, want) in [
+            ("programs = []", "allows no flow"),
+            ("programs = [\"curl\"]", "not an absolute program path"),
+            ("programs = [\"/usr/bin/git@sha256:12\"]", "64 hex digits"),
+        ] {
+            let err = with(&format!("{bad}\n")).unwrap_err().to_string();
+            assert!(err.contains("rule \"openai\""), "{bad}: {err}");
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+        assert!(matches!(
+            with("programs = \"/usr/bin/curl\"\n"),
             Err(ProfileError::Syntax(_))
         ));
     }

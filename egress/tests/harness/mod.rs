@@ -37,7 +37,11 @@ pub const CERT_NAMES: &[&str] = &[
     "private.test",
     "api.inject.test",
     "other.inject.test",
+    "curl.test",
 ];
+
+/// The program the `curl-only` rule allows.
+pub const CURL: &str = "/usr/bin/curl";
 
 /// The real secret value the intercept tests bind to `api.inject.test`.
 pub const SECRET_VALUE: &str = "sk-real-SECRET-4f9a1c";
@@ -603,6 +607,14 @@ protocols = ["tcp"]
 cidrs = ["127.0.0.0/8"]
 
 [[rules]]
+name = "curl-only"
+hosts = ["curl.test"]
+ports = [{tls}, {plain}]
+action = "passthrough"
+cidrs = ["127.0.0.0/8"]
+programs = ["/usr/bin/curl"]
+
+[[rules]]
 name = "loopback-literal"
 ports = [{plain}]
 action = "passthrough"
@@ -701,6 +713,7 @@ impl TestProxy {
             "raw.test",
             "api.inject.test",
             "other.inject.test",
+            "curl.test",
         ] {
             resolver.insert(name, "127.0.0.1".parse().unwrap()).unwrap();
         }
@@ -814,12 +827,40 @@ impl TestProxy {
 
     /// Opens a flow stream and writes a header for `host` (or an IP literal) and `port`.
     pub async fn flow(&self, host: Option<&str>, addr: IpAddr, port: u16) -> GuestStream {
+        self.flow_from(host, addr, port, None).await
+    }
+
+    /// A named flow whose header (version 2) says `program` opened it, as guest-init would.
+    pub async fn named_from(&self, host: &str, port: u16, program: &str) -> GuestStream {
+        let program = moat_flow_header::Program::new(
+            4242,
+            moat_flow_header::ProgramPath::new(program).unwrap(),
+            Some([0x5a; 32]),
+        );
+        self.flow_from(
+            Some(host),
+            "198.18.0.5".parse().unwrap(),
+            port,
+            Some(program),
+        )
+        .await
+    }
+
+    /// [`TestProxy::flow`], its header naming `program` (version 2) if given.
+    pub async fn flow_from(
+        &self,
+        host: Option<&str>,
+        addr: IpAddr,
+        port: u16,
+        program: Option<moat_flow_header::Program>,
+    ) -> GuestStream {
         let mut s = UnixStream::connect(self.proxy.listen_path()).await.unwrap();
         let header = FlowHeader {
             flow_id: 7,
             transport: Transport::Tcp,
             destination: SocketAddr::new(addr, port),
             hostname: host.map(|h| Hostname::new(h).unwrap()),
+            program,
         };
         s.write_all(&header.encode()).await.unwrap();
         Tapped(s)

@@ -309,6 +309,25 @@ impl Workspace {
         self
     }
 
+    /// Narrows the rule `allowed` (allowed.test) to flows from `programs`; signed again.
+    pub fn narrow_allowed_to_programs(&self, programs: &[&str]) {
+        let path = self.dir.path().join("policy.toml");
+        let profile = std::fs::read_to_string(&path).unwrap();
+        let list: Vec<String> = programs.iter().map(|p| format!("{p:?}")).collect();
+        let narrowed = profile.replacen(
+            "# The test upstream is on loopback",
+            &format!(
+                "programs = [{}]\n# The test upstream is on loopback",
+                list.join(", ")
+            ),
+            1,
+        );
+        assert_ne!(narrowed, profile);
+        let sig = moat_policy::signing::sign(narrowed.as_bytes(), &self.policy_key, "").unwrap();
+        std::fs::write(&path, &narrowed).unwrap();
+        std::fs::write(self.dir.path().join("policy.toml.minisig"), sig).unwrap();
+    }
+
     pub fn home(&self) -> PathBuf {
         self.dir.path().join("home")
     }

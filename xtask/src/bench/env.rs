@@ -153,6 +153,7 @@ impl Env {
                     transport: Transport::Tcp,
                     destination: SocketAddr::new([198, 18, 0, 1].into(), self.nginx.port()),
                     hostname: Some(Hostname::new(HOST)?),
+                    program: None,
                 };
                 s.write_all(&header.encode()).await?;
                 Box::new(s)
@@ -170,6 +171,7 @@ impl Env {
                     transport: Transport::Tcp,
                     destination: SocketAddr::new([198, 18, 0, 1].into(), self.nginx.port()),
                     hostname: Some(Hostname::new(HOST)?),
+                    program: None,
                 };
                 s.write_all(&header.encode()).await?;
                 let tls = tls.connect(ServerName::try_from(HOST)?, s).await?;
