@@ -12,6 +12,9 @@
 //!   leased to a workspace started by root).
 //! - [`vm`]: PID 1 of the VM (the `moat-guest-init` binary): disks, switch root, vsock; with
 //!   [`control`] (the workspace read from the host at boot).
+//! - `rootfs`: what both backends mount in the workspace's root (tmpfs, the trust store,
+//!   resolv.conf, devpts, proc, sysfs, cgroup2), in steps each calls in its own order; its
+//!   docs say what each backend does differently, and why.
 //! - `launch`: the agent started, confined by `moat-guest-sandbox` between fork and exec,
 //!   and reaped; `signals`: what the waiting processes pass on; `report`: process events
 //!   to the host.
@@ -28,6 +31,7 @@ mod launch;
 mod namespace;
 pub mod program;
 mod report;
+mod rootfs;
 pub mod session;
 mod signals;
 pub mod vm;
@@ -35,7 +39,8 @@ pub mod vm;
 use std::path::PathBuf;
 
 pub use launch::{AgentSpec, exit_code};
-pub use namespace::{MASKED, REPLACED, run_namespace};
+pub use namespace::{MASKED, run_namespace};
+pub use rootfs::REPLACED;
 pub use vm::run_vm;
 
 /// Why a workspace could not start.

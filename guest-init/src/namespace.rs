@@ -38,6 +38,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, sethostname};
 
 use crate::launch::{exit_code, run_agent};
+use crate::rootfs::{self, AGENT_HOME, CA_BUNDLE, ca_env, mkdir, mount_or, resolv_conf};
 use crate::session::{self, SESSION_ID, Sessions};
 use moat_log::error_chain;
 
@@ -51,30 +52,11 @@ const OWNED_BY_THE_WORKSPACE: CloneFlags = CloneFlags::CLONE_NEWUSER
     .union(CloneFlags::CLONE_NEWUTS)
     .union(CloneFlags::CLONE_NEWCGROUP);
 
-/// The virtual DNS, as the workspace's resolver configuration.
-pub(crate) fn resolv_conf() -> String {
-    format!(
-        "# moat workspace: the virtual DNS (no query leaves the workspace)\nnameserver {}\noptions edns0\n",
-        moat_netstack::GATEWAY
-    )
-}
-
 fn map_ids(uid: Uid, gid: Gid) -> Result<(), InitError> {
     let write = |path: &str, text: String| std::fs::write(path, text).map_err(InitError::IdMap);
     write("/proc/self/setgroups", "deny".to_owned())?;
     write("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
     write("/proc/self/gid_map", format!("0 {gid} 1\n"))
-}
-
-fn mount_or(
-    what: &'static str,
-    src: Option<&str>,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: MsFlags,
-    data: Option<&str>,
-) -> Result<(), InitError> {
-    mount(src, target, fstype, flags, data).map_err(|source| InitError::Mount { what, source })
 }
 
 fn tun_error(e: std::io::Error) -> InitError {
@@ -144,14 +126,7 @@ fn isolate_as_host_root(config: &WorkspaceConfig, id: u32) -> Result<Prepared, I
     // CAP_SYS_ADMIN over that namespace's owner may mount it: root, now.
     let sysfs = config.run_dir.join("sys");
     mkdir(&sysfs)?;
-    mount_or(
-        "sysfs",
-        Some("sysfs"),
-        &sysfs,
-        Some("sysfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
-        None,
-    )?;
+    rootfs::mount_sysfs(&sysfs, false)?;
     // Bound while the process can still reach them wherever they are (the workspace's id may
     // not search the directories above them), and locked as bound: read-only, nosuid and
     // nodev cannot be undone from inside.
@@ -428,45 +403,15 @@ const SECRET_FILES: &[&str] = &[
     "/etc/gshadow-",
 ];
 
-/// Where the agent's home appears inside the workspace.
-pub const AGENT_HOME: &str = "/home/agent";
-
-/// The system trust store (Debian's layout), replaced inside the workspace by one that also
-/// holds the workspace's CA.
-pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
-/// The variables that point TLS clients at the trust store.
-pub fn ca_env() -> Vec<(String, String)> {
-    [
-        "SSL_CERT_FILE",
-        "CURL_CA_BUNDLE",
-        "REQUESTS_CA_BUNDLE",
-        "NODE_EXTRA_CA_CERTS",
-        "GIT_SSL_CAINFO",
-        "PIP_CERT",
-    ]
-    .iter()
-    .map(|k| ((*k).to_owned(), CA_BUNDLE.to_owned()))
-    .collect()
-}
-
 /// Writes `<run_dir>/ca-bundle.crt`: the trust store of the workspace's root (the image's, or
 /// the host's) plus `extra` (PEM).
+/// A root without one (a host root of another layout) starts from an empty store.
 fn write_bundle(root: &Path, run_dir: &Path, extra: &Path) -> Result<PathBuf, InitError> {
-    let mut bundle =
-        std::fs::read(root.join(CA_BUNDLE.trim_start_matches('/'))).unwrap_or_default();
+    let system = std::fs::read(rootfs::under(root, CA_BUNDLE)).unwrap_or_default();
     let ca = std::fs::read(extra).map_err(|e| InitError::Write(extra.to_owned(), e))?;
-    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
-        bundle.push(b'\n');
-    }
-    bundle.extend_from_slice(&ca);
     let out = run_dir.join("ca-bundle.crt");
-    std::fs::write(&out, bundle).map_err(|e| InitError::Write(out.clone(), e))?;
+    rootfs::write_trust_store(system, &ca, &out)?;
     Ok(out)
-}
-
-fn mkdir(path: &Path) -> Result<(), InitError> {
-    std::fs::create_dir_all(path).map_err(|e| InitError::Write(path.to_owned(), e))
 }
 
 /// Directories of the workspace's root that get a fresh, empty tmpfs, whatever the root: /tmp
@@ -474,9 +419,6 @@ fn mkdir(path: &Path) -> Result<(), InitError> {
 /// `--host-root` these are what hides the host's: `moat run` refuses to start when a file the
 /// workspace must not see would be visible elsewhere.
 pub const MASKED: &[&str] = &["/tmp", "/run", "/home", "/root"];
-
-/// Directories of the workspace's root replaced by the workspace's own (/dev, /proc, /sys).
-pub const REPLACED: &[&str] = &["/dev", "/proc", "/sys"];
 
 /// Builds the workspace's root under `<run_dir>/root` from `source` (the image, or the host's
 /// `/`) and pivots into it. `home` is where the agent's home is bound from; `sysfs`, a sysfs
@@ -518,35 +460,16 @@ fn enter_root(
         what: "the root read-only",
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
     })?;
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     for dir in MASKED {
-        let mode = if *dir == "/tmp" {
-            "mode=1777"
-        } else {
-            "mode=755"
-        };
-        mount_or(
-            "a fresh tmpfs (/tmp, /run, /home or /root)",
-            Some("tmpfs"),
-            &root.join(dir.trim_start_matches('/')),
-            Some("tmpfs"),
-            nosuid,
-            Some(mode),
-        )?;
+        rootfs::fresh_tmpfs(&root, dir)?;
     }
     // Files only root may read on the host (password hashes, SSH host keys) are hidden too:
     // the workspace is never the host's root (see `crate::ids`), but this does not rest on it.
+    let null = Path::new("/dev/null");
     for secret in SECRET_FILES {
-        let target = root.join(secret.trim_start_matches('/'));
+        let target = rootfs::under(&root, secret);
         if target.is_file() {
-            mount_or(
-                "/dev/null over a host secret",
-                Some("/dev/null"),
-                &target,
-                None,
-                MsFlags::MS_BIND,
-                None,
-            )?;
+            rootfs::bind("/dev/null over a host secret", null, &target)?;
         }
     }
     if let Ok(entries) = std::fs::read_dir(root.join("etc/ssh")) {
@@ -554,14 +477,7 @@ fn enter_root(
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with("ssh_host_") && name.ends_with("_key") {
-                mount_or(
-                    "/dev/null over an SSH host key",
-                    Some("/dev/null"),
-                    &entry.path(),
-                    None,
-                    MsFlags::MS_BIND,
-                    None,
-                )?;
+                rootfs::bind("/dev/null over an SSH host key", null, &entry.path())?;
             }
         }
     }
@@ -579,45 +495,15 @@ fn enter_root(
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let node = dev.join(name);
         std::fs::write(&node, b"").map_err(|e| InitError::Write(node.clone(), e))?;
-        let host = format!("/dev/{name}");
-        mount_or(
-            "a device node",
-            Some(&host),
-            &node,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        )?;
+        rootfs::bind("a device node", &Path::new("/dev").join(name), &node)?;
     }
-    mkdir(&dev.join("pts"))?;
-    mount_or(
-        "/dev/pts",
-        Some("devpts"),
-        &dev.join("pts"),
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
-    )?;
+    // The user namespace maps no tty group.
+    rootfs::mount_devpts(&dev, None)?;
     let _ = std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"));
-    for (link, target) in [
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
-        let _ = std::os::unix::fs::symlink(target, dev.join(link));
-    }
-    let agent_home = root.join("home/agent");
+    rootfs::link_fds(&dev);
+    let agent_home = rootfs::under(&root, AGENT_HOME);
     mkdir(&agent_home)?;
-    let home = home.to_string_lossy();
-    mount_or(
-        "the agent's home",
-        Some(&home),
-        &agent_home,
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )?;
+    rootfs::bind("the agent's home", home, &agent_home)?;
     // A bind keeps the source mount's attributes: a home on a suid-capable host file system
     // would let a setuid file the agent leaves there (or one already there) take effect inside
     // the workspace, for any process not already under no_new_privs (the VM's home disk is
@@ -626,37 +512,16 @@ fn enter_root(
         what: "the agent's home nosuid and nodev",
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)),
     })?;
-    let resolv_str = resolv.to_string_lossy();
-    mount_or(
-        "/etc/resolv.conf",
-        Some(&resolv_str),
-        &root.join("etc/resolv.conf"),
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )?;
+    rootfs::bind_resolv_conf(&root, resolv)?;
     for name in ["passwd", "group"] {
-        let accounts = config.run_dir.join(name);
-        mount_or(
+        rootfs::bind(
             "the workspace's accounts",
-            Some(&*accounts.to_string_lossy()),
+            &config.run_dir.join(name),
             &root.join("etc").join(name),
-            None,
-            MsFlags::MS_BIND,
-            None,
         )?;
     }
     if let Some(bundle) = bundle {
-        let bundle = bundle.to_string_lossy();
-        let target = root.join(CA_BUNDLE.trim_start_matches('/'));
-        mount_or(
-            "the trust store",
-            Some(&bundle),
-            &target,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        )?;
+        rootfs::bind_trust_store(&root, bundle)?;
     }
     if let Some(sysfs) = sysfs {
         let sysfs = sysfs.to_string_lossy();
@@ -669,7 +534,22 @@ fn enter_root(
             None,
         )?;
     }
-    nix::unistd::chdir(&root).map_err(|source| InitError::Mount {
+    pivot_into(&root)?;
+    rootfs::mount_proc(Path::new("/proc"))?;
+    // The workspace's own sysfs (its network namespace's devices, not the host's) and its
+    // own cgroup tree, both read-only for everything inside.
+    // (When the host's root started the workspace, the network namespace is not the
+    // workspace's to mount sysfs for: the one root mounted for it is bound above.)
+    if sysfs.is_none() {
+        rootfs::mount_sysfs(Path::new("/sys"), false)?;
+    }
+    rootfs::mount_cgroup2()
+}
+
+/// pivot_root into `root` and detach the host's root, so nothing of the host is reachable by
+/// path but what was bound in.
+fn pivot_into(root: &Path) -> Result<(), InitError> {
+    nix::unistd::chdir(root).map_err(|source| InitError::Mount {
         what: "the new root",
         source,
     })?;
@@ -686,38 +566,7 @@ fn enter_root(
     nix::unistd::chdir("/").map_err(|source| InitError::Mount {
         what: "the new root",
         source,
-    })?;
-    mount_or(
-        "/proc",
-        Some("proc"),
-        Path::new("/proc"),
-        Some("proc"),
-        nosuid | MsFlags::MS_NOEXEC,
-        None,
-    )?;
-    // The workspace's own sysfs (its network namespace's devices, not the host's) and its
-    // own cgroup tree, both read-only for everything inside.
-    // (When the host's root started the workspace, the network namespace is not the
-    // workspace's to mount sysfs for: the one root mounted for it is bound above.)
-    let ro = nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
-    if sysfs.is_none() {
-        mount_or(
-            "/sys",
-            Some("sysfs"),
-            Path::new("/sys"),
-            Some("sysfs"),
-            ro,
-            None,
-        )?;
-    }
-    mount_or(
-        "/sys/fs/cgroup",
-        Some("cgroup2"),
-        Path::new("/sys/fs/cgroup"),
-        Some("cgroup2"),
-        ro,
-        None,
-    )
+    })
 }
 
 /// PID 1 of the workspace.

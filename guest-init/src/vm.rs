@@ -21,15 +21,15 @@
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::mount::{MsFlags, mount};
+use nix::mount::MsFlags;
 
 use crate::control::{self, VmOutcome, VmWorkspace};
 use crate::launch::{exit_code, run_agent};
-use crate::namespace::{AGENT_HOME, CA_BUNDLE, ca_env};
 use crate::report::{Reporter, Sink};
+use crate::rootfs::{self, AGENT_HOME, CA_BUNDLE, REPLACED, ca_env, mkdir, mount_or, under};
 use moat_log::error_chain;
 
 use crate::InitError;
@@ -139,17 +139,6 @@ fn power_off() -> ! {
     }
 }
 
-fn mount_or(
-    what: &'static str,
-    src: Option<&str>,
-    target: &str,
-    fstype: Option<&str>,
-    flags: MsFlags,
-    data: Option<&str>,
-) -> Result<(), InitError> {
-    mount(src, target, fstype, flags, data).map_err(|source| InitError::Mount { what, source })
-}
-
 /// Reads the [`control::VmSignal`]s the host sends after the workspace and raises each on this
 /// (the main) thread, where PID 1 waits for the agent: its handler passes the signal on to the
 /// agent as the namespace backend's PID 1 does (`signals.rs`). Ends at the end of the stream
@@ -203,7 +192,6 @@ fn connect_control() -> Result<UnixStream, InitError> {
 }
 
 fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount_or(
         "/dev",
         Some("devtmpfs"),
@@ -212,22 +200,9 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=0755"),
     )?;
-    mount_or(
-        "/proc",
-        Some("proc"),
-        "/proc",
-        Some("proc"),
-        nosuid | MsFlags::MS_NOEXEC,
-        None,
-    )?;
-    mount_or(
-        "/sys",
-        Some("sysfs"),
-        "/sys",
-        Some("sysfs"),
-        nosuid | MsFlags::MS_NOEXEC,
-        None,
-    )?;
+    rootfs::mount_proc(Path::new("/proc"))?;
+    // Writable while PID 1 sets up; the agent's uid cannot write to it.
+    rootfs::mount_sysfs(Path::new("/sys"), true)?;
 
     let stream = connect_control()?;
     stream
@@ -377,113 +352,92 @@ fn set_window_size(tty: &std::os::fd::OwnedFd, rows: u16, cols: u16) {
 
 /// Mounts the disks and tmpfs, installs resolv.conf and the trust store, and switches root.
 fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    let root = Path::new(NEW_ROOT);
     mount_or(
         "the root disk",
         Some(ROOT_DISK),
-        NEW_ROOT,
+        root,
         Some("ext4"),
-        ro,
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
         None,
     )?;
-    let at = |p: &str| format!("{NEW_ROOT}{p}");
     mount_or(
         "the home disk",
         Some(HOME_DISK),
-        &at(AGENT_HOME),
+        &under(root, AGENT_HOME),
         Some("ext4"),
-        nosuid,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         None,
     )?;
-    mount_or(
-        "/tmp",
-        Some("tmpfs"),
-        &at("/tmp"),
-        Some("tmpfs"),
-        nosuid,
-        Some("mode=1777"),
-    )?;
-    mount_or(
-        "/run",
-        Some("tmpfs"),
-        &at("/run"),
-        Some("tmpfs"),
-        nosuid,
-        Some("mode=755"),
-    )?;
-    let moat_dir = at("/run/moat");
-    std::fs::create_dir_all(&moat_dir).map_err(|e| InitError::Write(moat_dir.clone().into(), e))?;
+    rootfs::fresh_tmpfs(root, "/tmp")?;
+    rootfs::fresh_tmpfs(root, "/run")?;
+    let moat_dir = under(root, "/run/moat");
+    mkdir(&moat_dir)?;
 
-    let resolv = format!("{moat_dir}/resolv.conf");
-    std::fs::write(&resolv, crate::namespace::resolv_conf())
-        .map_err(|e| InitError::Write(resolv.clone().into(), e))?;
-    mount_or(
-        "/etc/resolv.conf",
-        Some(&resolv),
-        &at("/etc/resolv.conf"),
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )?;
-    let mut bundle = std::fs::read(at(CA_BUNDLE)).map_err(|e| {
+    let resolv = moat_dir.join("resolv.conf");
+    std::fs::write(&resolv, rootfs::resolv_conf())
+        .map_err(|e| InitError::Write(resolv.clone(), e))?;
+    rootfs::bind_resolv_conf(root, &resolv)?;
+    let system_store = under(root, CA_BUNDLE);
+    let system = std::fs::read(&system_store).map_err(|e| {
         InitError::Write(
-            at(CA_BUNDLE).into(),
+            system_store.clone(),
             std::io::Error::new(
                 e.kind(),
                 format!("the root image has no system trust store to extend: {e}"),
             ),
         )
     })?;
-    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
-        bundle.push(b'\n');
-    }
-    bundle.extend_from_slice(workspace.ca_pem.as_bytes());
-    let bundle_path = format!("{moat_dir}/ca-bundle.crt");
-    std::fs::write(&bundle_path, bundle)
-        .map_err(|e| InitError::Write(bundle_path.clone().into(), e))?;
-    mount_or(
-        "the trust store",
-        Some(&bundle_path),
-        &at(CA_BUNDLE),
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )?;
+    let bundle = moat_dir.join("ca-bundle.crt");
+    rootfs::write_trust_store(system, workspace.ca_pem.as_bytes(), &bundle)?;
+    rootfs::bind_trust_store(root, &bundle)?;
 
     // /etc/hosts: localhost and the workspace's own name stay on the loopback (without it,
     // they would go to the virtual DNS and out as egress flows).
-    let hosts = format!("{moat_dir}/hosts");
+    let hosts = moat_dir.join("hosts");
     std::fs::write(
         &hosts,
         format!("127.0.0.1\tlocalhost\n127.0.1.1\t{}\n", workspace.hostname),
     )
-    .map_err(|e| InitError::Write(hosts.clone().into(), e))?;
-    mount_or(
-        "/etc/hosts",
-        Some(&hosts),
-        &at("/etc/hosts"),
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )?;
+    .map_err(|e| InitError::Write(hosts.clone(), e))?;
+    rootfs::bind("/etc/hosts", &hosts, &under(root, "/etc/hosts"))?;
 
-    for dir in ["/dev", "/proc", "/sys"] {
+    for dir in REPLACED {
         mount_or(
             "a kernel file system into the root",
-            Some(dir),
-            &at(dir),
+            Some(*dir),
+            &under(root, dir),
             None,
             MsFlags::MS_MOVE,
             None,
         )?;
     }
-    // switch_root: the initramfs cannot be pivoted away, so the new root is moved over "/"
-    // and entered with chroot.
+    switch_into(root)?;
+
+    let dev = PathBuf::from("/dev");
+    // gid 5: the root image's tty group, which sshd gives the terminals it allocates.
+    rootfs::mount_devpts(&dev, Some(5))?;
+    rootfs::link_fds(&dev);
+    // POSIX shared memory, as udev would have made it.
+    mkdir(&dev.join("shm"))?;
+    rootfs::fresh_tmpfs(Path::new("/"), "/dev/shm")?;
+    // Read-only, as in the namespace backend; a kernel without cgroup2 still runs the agent.
+    if let Err(e) = rootfs::mount_cgroup2() {
+        eprintln!(
+            "moat guest-init: no cgroup2 tree in the workspace: {}",
+            error_chain(&e)
+        );
+    }
+    Ok(())
+}
+
+/// switch_root into `root`: the initramfs cannot be pivoted away, so the new root is moved
+/// over "/" and entered with chroot.
+fn switch_into(root: &Path) -> Result<(), InitError> {
     let enter = |what: &'static str, r: nix::Result<()>| {
         r.map_err(|source| InitError::Mount { what, source })
     };
-    enter("the new root", nix::unistd::chdir(NEW_ROOT))?;
+    enter("the new root", nix::unistd::chdir(root))?;
     mount_or(
         "the new root over /",
         Some("."),
@@ -493,47 +447,5 @@ fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
         None,
     )?;
     enter("the new root (chroot)", nix::unistd::chroot("."))?;
-    enter("the new root", nix::unistd::chdir("/"))?;
-
-    let pts = "/dev/pts";
-    std::fs::create_dir_all(pts).map_err(|e| InitError::Write(pts.into(), e))?;
-    mount_or(
-        "/dev/pts",
-        Some("devpts"),
-        pts,
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        // gid 5: the root image's tty group, which sshd gives the terminals it allocates.
-        Some("ptmxmode=0666,mode=0620,gid=5"),
-    )?;
-    // What udev would have made: the descriptor links bash's process substitution and
-    // `tee /dev/stderr` use, and POSIX shared memory.
-    for (link, target) in [
-        ("/dev/fd", "/proc/self/fd"),
-        ("/dev/stdin", "/proc/self/fd/0"),
-        ("/dev/stdout", "/proc/self/fd/1"),
-        ("/dev/stderr", "/proc/self/fd/2"),
-    ] {
-        let _ = std::os::unix::fs::symlink(target, link);
-    }
-    std::fs::create_dir_all("/dev/shm").map_err(|e| InitError::Write("/dev/shm".into(), e))?;
-    mount_or(
-        "/dev/shm",
-        Some("tmpfs"),
-        "/dev/shm",
-        Some("tmpfs"),
-        nosuid,
-        Some("mode=1777"),
-    )?;
-    // Read-only, as in the namespace backend; a kernel without cgroup2 still runs the agent.
-    if let Err(e) = mount(
-        Some("cgroup2"),
-        "/sys/fs/cgroup",
-        Some("cgroup2"),
-        nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
-        None::<&str>,
-    ) {
-        eprintln!("moat guest-init: no cgroup2 tree in the workspace: {e}");
-    }
-    Ok(())
+    enter("the new root", nix::unistd::chdir("/"))
 }

@@ -14,33 +14,29 @@
 )]
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::devices::virtio::Interrupt;
 use crate::devices::virtio::block::{self, Disk};
-use crate::devices::virtio::testing::DriverQueue;
-use crate::devices::virtio::vsock::muxer::Muxer;
-use crate::devices::virtio::vsock::packet::HDR_LEN;
-use crate::devices::virtio::vsock::worker::Worker;
+use crate::devices::virtio::testing::{
+    DriverQueue, GUEST_CID, RINGS_END, RigLayout, ScratchDir, VsockRig, memory,
+};
+use crate::devices::virtio::vsock::packet::{HDR_LEN, HOST_CID};
 
-const MEM: usize = 1 << 20;
+/// Guest memory, MiB.
+const MEM_MIB: usize = 1;
+const MEM: usize = MEM_MIB << 20;
 const QSIZE: u16 = 16;
-const DATA_AREA: u64 = 0x1_0000;
-
-fn small_memory() -> Arc<GuestMemoryMmap> {
-    Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap())
-}
+/// Where the input's buffers go: above the rings.
+const DATA_AREA: u64 = RINGS_END;
 
 /// Raw descriptor table and available ring from the input, then walk every chain.
 pub fn descriptor_chain(data: &[u8]) {
-    let mem = small_memory();
+    let mem = memory(MEM_MIB);
     let dq = DriverQueue::new(0x1000, QSIZE);
     let mut q = dq.device_queue(&mem);
     let (desc, avail, _) = dq.addresses();
@@ -70,16 +66,6 @@ pub fn descriptor_chain(data: &[u8]) {
         }
         let _ = q.add_used(mem.as_ref(), head, 0);
     }
-}
-
-static RUN: AtomicU64 = AtomicU64::new(0);
-
-fn scratch_dir(kind: &str) -> std::path::PathBuf {
-    let n = RUN.fetch_add(1, Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("moat-fuzz-{kind}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// Splits the input into chains: each starts with a length byte and a flags byte (bit 0: split
@@ -116,52 +102,21 @@ fn add(mem: &GuestMemoryMmap, dq: &mut DriverQueue, at: &mut u64, bytes: &[u8], 
 
 /// Guest packets from the input through the vsock TX path, the muxer and the RX path.
 pub fn vsock_packets(data: &[u8]) {
-    let dir = scratch_dir("vsock");
-    let uds = dir.join("v.sock");
+    let layout = RigLayout {
+        memory_mib: MEM_MIB,
+        queue_size: QSIZE,
+    };
+    let mut rig = VsockRig::build("fuzz", layout, |_| {});
     // Something to connect to, so REQUESTs can succeed and RW reaches a real socket.
-    let _host = UnixListener::bind(format!("{}_1", uds.display())).unwrap();
-    let mem = small_memory();
-    let mut rx = DriverQueue::new(0x1000, QSIZE);
-    let mut tx = DriverQueue::new(0x2000, QSIZE);
-    let ev = DriverQueue::new(0x3000, QSIZE);
-    let queues: Vec<Queue> = vec![
-        rx.device_queue(&mem),
-        tx.device_queue(&mem),
-        ev.device_queue(&mem),
-    ];
-    let evts = (0..3)
-        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-        .collect();
-    let irq = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
-    let muxer = Muxer::new(
-        3,
-        &uds,
-        UnixListener::bind(&uds).unwrap(),
-        Epoll::new().unwrap(),
-    )
-    .unwrap();
-    let mut worker = Worker::new(
-        mem.clone(),
-        queues,
-        evts,
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        irq,
-        muxer,
-    )
-    .unwrap();
-    for i in 0..4u64 {
-        rx.add_chain(
-            &mem,
-            &[(0x8_0000 + i * 0x2000, 0x1000 + HDR_LEN as u32, true)],
-        );
-    }
+    let _host = rig.host_listen(1);
+    rig.post_rx(4, 0x1000 + HDR_LEN as u32);
     let mut at = DATA_AREA;
     for (mut bytes, flags) in chains(data) {
         // Flag bit 2: make the header plausible (right CIDs, stream type, host port 1, a real
         // op) so the input reaches the connection logic instead of the CID check.
         if flags & 4 != 0 && bytes.len() >= HDR_LEN {
-            bytes[0..8].copy_from_slice(&3u64.to_le_bytes());
-            bytes[8..16].copy_from_slice(&2u64.to_le_bytes());
+            bytes[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
+            bytes[8..16].copy_from_slice(&HOST_CID.to_le_bytes());
             bytes[20..24].copy_from_slice(&1u32.to_le_bytes());
             bytes[28..30].copy_from_slice(&1u16.to_le_bytes());
             let op = u16::from(bytes[30] % 8);
@@ -171,23 +126,23 @@ pub fn vsock_packets(data: &[u8]) {
                 bytes[24..28].copy_from_slice(&len.to_le_bytes());
             }
         }
-        add(&mem, &mut tx, &mut at, &bytes, flags);
-        worker.process_tx();
-        worker.process_rx();
+        add(&rig.mem, &mut rig.tx, &mut at, &bytes, flags);
+        rig.worker.process_tx();
+        rig.worker.process_rx();
     }
-    let _ = worker.turn(0);
-    assert!(worker.muxer().buffered_bytes() <= crate::devices::virtio::vsock::muxer::MAX_BUFFERED);
-    drop(worker);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = rig.worker.turn(0);
+    assert!(
+        rig.worker.muxer().buffered_bytes() <= crate::devices::virtio::vsock::muxer::MAX_BUFFERED
+    );
 }
 
 /// Block requests from the input against a 16-sector read-write disk.
 pub fn block_requests(data: &[u8]) {
-    let dir = scratch_dir("block");
-    let path = dir.join("disk.img");
+    let dir = ScratchDir::new("fuzz-block");
+    let path = dir.path().join("disk.img");
     std::fs::write(&path, vec![0u8; 16 * 512]).unwrap();
     let disk = Disk::open(&path, false).unwrap();
-    let mem = small_memory();
+    let mem = memory(MEM_MIB);
     let mut dq = DriverQueue::new(0x1000, QSIZE);
     let mut q = dq.device_queue(&mem);
     let irq = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
@@ -211,7 +166,6 @@ pub fn block_requests(data: &[u8]) {
         16 * 512,
         "the disk never grows"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Configuration cycles (ports 0xCF8/0xCFC) and BAR loads and stores from the input, against a
