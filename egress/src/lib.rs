@@ -94,7 +94,11 @@ pub const FLOW_HEADER_VERSION: u8 = moat_flow_header::MAX_VERSION;
 pub struct Limits {
     /// Time allowed for the whole flow header to arrive.
     pub header_timeout: Duration,
-    /// Time allowed for the ClientHello or request head to arrive.
+    /// Time allowed for the ClientHello or request head to arrive (and, intercepted, for the
+    /// agent's TLS handshake). Generous: the agent's side is a connection its own kernel
+    /// accepted at once, and a TLS client may load a whole trust store before it says hello
+    /// (under load, git clones in a VM inside our emulated L1 were reset with their flow
+    /// refused when this was 10 s; the slow hello is the likely cause, not proven).
     pub sniff_timeout: Duration,
     /// Time allowed for host-side resolution.
     pub resolve_timeout: Duration,
@@ -124,7 +128,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_timeout: Duration::from_secs(5),
-            sniff_timeout: Duration::from_secs(10),
+            sniff_timeout: Duration::from_secs(30),
             resolve_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             corporate_timeout: Duration::from_secs(15),
