@@ -1,9 +1,10 @@
 //! One layer applied onto a root directory, as the OCI image spec's "applying changesets"
 //! says: first its whiteouts remove what lower layers left (`.wh.NAME` removes NAME,
 //! `.wh..wh..opq` empties its directory), then its entries are written, each replacing what was
-//! there. The layer is read twice (once per step); the first read checks its digests (the
-//! compressed blob against the manifest, the tar stream against the config's `diff_id`), so
-//! nothing of a layer that does not match is ever written.
+//! there. The layer is read twice (once per step), and each read checks its digests (the
+//! compressed blob against the manifest, the tar stream against the config's `diff_id`): the
+//! first before anything is written, the second after, so a blob changed between the reads
+//! fails too (and the scratch tree it went into is dropped).
 //!
 //! Writing is the `tar` crate's `unpack_in`, which refuses a path whose parent resolves outside
 //! the root (through a symlink) and a hard link to a file outside it, and creates each file
@@ -70,8 +71,10 @@ pub(crate) fn apply(
             Removal::Contents(dir) => empty_in(root, dir)?,
         }
     }
-    // Step 2: the entries.
-    let (mut archive, _) = open(blob, compression)?;
+    // Step 2: the entries, from a second read that is checked again: a blob changed between
+    // the reads (a layout directory someone else can write) fails the layer, and the tree
+    // it was written into is never kept.
+    let (mut archive, digests) = open(blob, compression)?;
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(as_root);
     archive.set_preserve_mtime(true);
@@ -99,7 +102,10 @@ pub(crate) fn apply(
             std::fs::set_permissions(&at, std::fs::Permissions::from_mode(mode | 0o700))?;
         }
     }
-    Ok(())
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink())?;
+    drop(rest);
+    digests.check(expected)
 }
 
 fn is_root() -> bool {

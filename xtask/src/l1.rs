@@ -888,8 +888,8 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
         .collect();
     if !never.is_empty() {
         bail!(
-            "L1 died {VM_TESTS_MAX_BOOTS} times running the VM tests; never finished: {} \
-             (see above)",
+            "these VM test binaries never reported a status from L1 (at most \
+             {VM_TESTS_MAX_BOOTS} L1 boots): {} (see above)",
             never.join(" ")
         );
     }
