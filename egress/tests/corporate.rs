@@ -385,20 +385,7 @@ async fn corporate_audit_records_validate_against_the_ocsf_schema() {
     }
     let path = tp.dir.path().join("corporate-audit.jsonl");
     std::fs::write(&path, &all).unwrap();
-    let out = std::process::Command::new(ocsf_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/ocsf/validate.py"
-        ))
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "OCSF validation failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = validate_ocsf(&path);
     let records = all.iter().filter(|b| **b == b'\n').count();
     assert_eq!(records, 4);
     assert!(

@@ -536,16 +536,7 @@ async fn http_rule_records_validate_against_the_ocsf_schema() {
     send(&mut c, "api.inject.test", "/v1/ok", &[]).await;
     send(&mut c, "api.inject.test", "/v1/admin/x", &[]).await;
     http_record(&tp, "/v1/admin/x").await;
-    let out = std::process::Command::new(ocsf_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/ocsf/validate.py"
-        ))
-        .arg(&tp.audit_path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "OCSF validation failed:\n{stdout}");
+    validate_ocsf(&tp.audit_path);
 }
 
 #[tokio::test]
@@ -680,16 +671,7 @@ async fn http_records_validate_against_the_ocsf_schema() {
     tp.wait_record(|r| r["class_uid"] == 4001 && r["activity_id"] == 2)
         .await;
 
-    let out = std::process::Command::new(ocsf_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/ocsf/validate.py"
-        ))
-        .arg(&tp.audit_path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "OCSF validation failed:\n{stdout}");
+    validate_ocsf(&tp.audit_path);
     let http = tp
         .records()
         .iter()

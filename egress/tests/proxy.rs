@@ -887,20 +887,7 @@ async fn audit_records_validate_against_the_ocsf_schema() {
     tp.refused("non_public_address").await;
     tp.refused("program_not_allowed").await;
 
-    let out = std::process::Command::new(ocsf_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/ocsf/validate.py"
-        ))
-        .arg(&tp.audit_path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "OCSF validation failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = validate_ocsf(&tp.audit_path);
     let records = tp.records().len();
     assert!(records >= 10);
     assert!(
@@ -1064,20 +1051,7 @@ async fn a_flood_of_refused_flows_is_bounded_and_summarised() {
     assert_eq!(tp.proxy.audit().suppressed(), summarised);
     assert!(records.iter().any(|r| r["activity_id"] == 1));
 
-    let out = std::process::Command::new(ocsf_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/ocsf/validate.py"
-        ))
-        .arg(&tp.audit_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "OCSF validation failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    validate_ocsf(&tp.audit_path);
 }
 
 /// The `curl-only` rule names programs = ["/usr/bin/curl"]: a flow curl opened passes, and its

@@ -307,20 +307,7 @@ async fn reflection_records_validate_against_the_ocsf_schema() {
     get(&mut c, "/reflect/gzip").await;
     reflected_record(&tp, "/reflect/head").await;
     reflected_count(&tp, "/reflect/head").await;
-    let out = std::process::Command::new(ocsf_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/ocsf/validate.py"
-        ))
-        .arg(&tp.audit_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    validate_ocsf(&tp.audit_path);
 }
 
 /// The control: with the scan off, the same echo hands the agent the secret itself (read on a

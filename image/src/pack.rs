@@ -161,36 +161,37 @@ fn pack_to(tree: &Path, out: &Path, ref_name: &str) -> Result<String, Error> {
 
     let archive_file = std::fs::File::create(out).map_err(io_err("cannot write the archive"))?;
     let mut archive = tar::Builder::new(io::BufWriter::new(archive_file));
-    let mut add = |name: &str, data: &[u8]| {
+    // Every member a plain file, 0644, dated 0: the archive's bytes follow from its content.
+    let mut add = |name: &str, size: u64, data: &mut dyn io::Read| {
         let mut header = tar::Header::new_ustar();
-        header.set_size(data.len() as u64);
+        header.set_size(size);
         header.set_mode(0o644);
         header.set_mtime(0);
         header.set_entry_type(tar::EntryType::Regular);
-        archive.append_data(&mut header, name, data)
+        archive
+            .append_data(&mut header, name, data)
+            .map_err(io_err("cannot write the archive"))
     };
-    let write = |r: io::Result<()>| r.map_err(io_err("cannot write the archive"));
-    write(add(
-        "oci-layout",
-        layout.to_string().map_err(spec)?.as_bytes(),
-    ))?;
-    write(add(
-        "index.json",
-        index.to_string().map_err(spec)?.as_bytes(),
-    ))?;
-    write(add(&format!("blobs/sha256/{config_hex}"), &config_json))?;
-    write(add(&format!("blobs/sha256/{manifest_hex}"), &manifest_json))?;
-    let mut header = tar::Header::new_ustar();
-    header.set_size(layer_size);
-    header.set_mode(0o644);
-    header.set_mtime(0);
-    header.set_entry_type(tar::EntryType::Regular);
-    let layer = std::fs::File::open(&layer_path).map_err(io_err("cannot read the layer"))?;
-    write(archive.append_data(&mut header, format!("blobs/sha256/{layer_digest}"), layer))?;
+    let layout_json = layout.to_string().map_err(spec)?.into_bytes();
+    let index_json = index.to_string().map_err(spec)?.into_bytes();
+    for (name, data) in [
+        ("oci-layout".to_owned(), &layout_json),
+        ("index.json".to_owned(), &index_json),
+        (format!("blobs/sha256/{config_hex}"), &config_json),
+        (format!("blobs/sha256/{manifest_hex}"), &manifest_json),
+    ] {
+        add(&name, data.len() as u64, &mut data.as_slice())?;
+    }
+    let mut layer = std::fs::File::open(&layer_path).map_err(io_err("cannot read the layer"))?;
+    add(
+        &format!("blobs/sha256/{layer_digest}"),
+        layer_size,
+        &mut layer,
+    )?;
     let mut inner = archive
         .into_inner()
         .map_err(io_err("cannot finish the archive"))?;
-    write(inner.flush())?;
+    inner.flush().map_err(io_err("cannot write the archive"))?;
     let _ = std::fs::remove_file(&layer_path);
     Ok(format!("sha256:{manifest_hex}"))
 }

@@ -31,7 +31,7 @@ use moat_broker_client::https::{Client, Target, roots_from_pem};
 use tokio_util::sync::CancellationToken;
 
 use common::broker::*;
-use common::text;
+use common::{text, validate_ocsf};
 
 #[test]
 fn a_person_signs_in_at_the_real_provider_and_runs_a_command_over_ssh_through_the_tunnel() {

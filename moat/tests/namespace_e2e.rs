@@ -1076,15 +1076,7 @@ fn mcp_rules_filter_tools_list_allow_echo_and_refuse_a_denied_tool_call() {
             ),
             "{mcp:#?}"
         );
-        let validated = Command::new(common::ocsf_python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../egress/tests/ocsf/validate.py"
-            ))
-            .arg(ws.dir.path().join("audit.jsonl"))
-            .output()
-            .unwrap();
-        assert!(validated.status.success(), "{}", text(&validated.stdout));
+        common::validate_ocsf(&ws.dir.path().join("audit.jsonl"));
     }
 }
 

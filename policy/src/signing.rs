@@ -109,16 +109,10 @@ pub fn load_verified(
 mod tests {
     use super::*;
 
-    /// `sign` refuses a profile that does not compile, but any minisign signer would sign it:
-    /// loading must refuse it all the same, naming what is wrong (a reload keeps the policy in
-    /// force).
-    #[test]
-    fn a_validly_signed_profile_with_a_bad_http_rule_is_refused_on_load() {
+    /// `text` signed with a fresh key by plain minisign (as any signer would, where `sign`
+    /// refuses it), then loaded: the load's error, with its cause.
+    fn load_error_of_validly_signed(text: &str) -> String {
         let key = generate("").unwrap();
-        let text = "version = 1\nname = \"t\"\n[[rules]]\nname = \"api\"\nhosts = [\"a.test\"]\n\
-                    ports = [443]\naction = \"intercept\"\n[rules.http]\ndefault = \"deny\"\n\
-                    [[rules.http.requests]]\nname = \"x\"\nmethods = [\"FETCH\"]\n\
-                    paths = [\"/\"]\naction = \"allow\"\n";
         assert!(sign(text.as_bytes(), &key.secret, "").is_err());
         let sk = SecretKeyBox::from_string(&key.secret)
             .and_then(|b| b.into_secret_key(Some(String::new())))
@@ -128,9 +122,22 @@ mod tests {
             .into_string();
         let pk = parse_public_key(&key.public).unwrap();
         let err = load_verified(text.as_bytes(), &sig, &pk).unwrap_err();
-        let chain = format!(
+        format!(
             "{err}: {}",
             std::error::Error::source(&err).map_or(String::new(), ToString::to_string)
+        )
+    }
+
+    /// `sign` refuses a profile that does not compile, but any minisign signer would sign it:
+    /// loading must refuse it all the same, naming what is wrong (a reload keeps the policy in
+    /// force).
+    #[test]
+    fn a_validly_signed_profile_with_a_bad_http_rule_is_refused_on_load() {
+        let chain = load_error_of_validly_signed(
+            "version = 1\nname = \"t\"\n[[rules]]\nname = \"api\"\nhosts = [\"a.test\"]\n\
+             ports = [443]\naction = \"intercept\"\n[rules.http]\ndefault = \"deny\"\n\
+             [[rules.http.requests]]\nname = \"x\"\nmethods = [\"FETCH\"]\n\
+             paths = [\"/\"]\naction = \"allow\"\n",
         );
         assert!(
             chain.contains("FETCH") && chain.contains("\"api\""),
@@ -140,23 +147,11 @@ mod tests {
 
     #[test]
     fn a_validly_signed_profile_with_bad_mcp_rules_is_refused_on_load() {
-        let key = generate("").unwrap();
-        let text = "version = 1\nname = \"t\"\n[[rules]]\nname = \"tools\"\nhosts = [\"a.test\"]\n\
-                    ports = [443]\naction = \"intercept\"\n[rules.mcp]\n\
-                    methods = { default = \"allow\" }\n\
-                    tools = { default = \"deny\", allow = [\"x\"], deny = [\"x\"] }\n";
-        assert!(sign(text.as_bytes(), &key.secret, "").is_err());
-        let sk = SecretKeyBox::from_string(&key.secret)
-            .and_then(|b| b.into_secret_key(Some(String::new())))
-            .unwrap();
-        let sig = minisign::sign(None, &sk, Cursor::new(text.as_bytes()), None, None)
-            .unwrap()
-            .into_string();
-        let pk = parse_public_key(&key.public).unwrap();
-        let err = load_verified(text.as_bytes(), &sig, &pk).unwrap_err();
-        let chain = format!(
-            "{err}: {}",
-            std::error::Error::source(&err).map_or(String::new(), ToString::to_string)
+        let chain = load_error_of_validly_signed(
+            "version = 1\nname = \"t\"\n[[rules]]\nname = \"tools\"\nhosts = [\"a.test\"]\n\
+             ports = [443]\naction = \"intercept\"\n[rules.mcp]\n\
+             methods = { default = \"allow\" }\n\
+             tools = { default = \"deny\", allow = [\"x\"], deny = [\"x\"] }\n",
         );
         assert!(
             chain.contains("listed twice") && chain.contains("\"tools\""),

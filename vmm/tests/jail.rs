@@ -7,9 +7,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -108,27 +108,8 @@ fn vsock_both_ways_through_the_jail(mut vmm: Command, dir: &Path, probe: &Path) 
     // Connect once the guest's own connection is done (the guest accepts only then; see
     // probe_vsock.rs).
     vmm.wait_for_line("probe: vsock echo ok 4096 bytes", 50);
-    let client = UnixStream::connect(&uds);
-    let client = vmm.ok("connect to the vsock socket", client);
-    let timeout = client.set_read_timeout(Some(Duration::from_secs(30)));
-    vmm.ok("set a read timeout", timeout);
-    let wrote = (&client).write_all(b"CONNECT 6000\n");
-    vmm.ok("write CONNECT", wrote);
-    let mut reader = BufReader::new(&client);
-    let mut line = String::new();
-    let read = reader.read_line(&mut line);
-    vmm.ok("read the answer to CONNECT 6000", read);
-    if !line.starts_with("OK ") {
-        vmm.fail(&format!("CONNECT 6000 was answered {line:?}"));
-    }
-    let wrote = (&client).write_all(b"from outside the jail");
-    vmm.ok("write to the guest", wrote);
-    let mut back = [0u8; 21];
-    let read = reader.read_exact(&mut back);
-    vmm.ok("read the guest's echo", read);
-    assert_eq!(&back, b"from outside the jail");
-    drop(reader);
-    drop(client);
+    let back = vmm.echo_through_guest_port(&uds, 6000, b"from outside the jail");
+    assert_eq!(back, b"from outside the jail");
     let status = vmm.child.wait().unwrap();
     let out = vmm.console();
     assert_eq!(status.code(), Some(0), "serial:\n{out}");

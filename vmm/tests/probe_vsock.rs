@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
 use std::process::Command;
-use std::time::Duration;
 
 #[test]
 fn probe_guest_echoes_over_vsock_both_ways() {
@@ -51,27 +50,8 @@ fn probe_guest_echoes_over_vsock_both_ways() {
     // the guest accepts only then, and the VMM resets a connection the guest leaves waiting
     // longer than its peer timeout (2 s), which a slow nested guest can take for the echo.
     vmm.wait_for_line("probe: vsock echo ok 8192 bytes", 50);
-    let client = UnixStream::connect(&uds);
-    let client = vmm.ok("connect to the vsock socket", client);
-    let timeout = client.set_read_timeout(Some(Duration::from_secs(30)));
-    vmm.ok("set a read timeout", timeout);
-    let wrote = (&client).write_all(b"CONNECT 6000\n");
-    vmm.ok("write CONNECT", wrote);
-    let mut reader = BufReader::new(&client);
-    let mut line = String::new();
-    let read = reader.read_line(&mut line);
-    vmm.ok("read the answer to CONNECT 6000", read);
-    if !(line.starts_with("OK ") && line.ends_with('\n')) {
-        vmm.fail(&format!("CONNECT 6000 was answered {line:?}"));
-    }
-    let wrote = (&client).write_all(b"hello guest, echo me");
-    vmm.ok("write to the guest", wrote);
-    let mut back = [0u8; 20];
-    let read = reader.read_exact(&mut back);
-    vmm.ok("read the guest's echo", read);
-    assert_eq!(&back, b"hello guest, echo me");
-    drop(reader);
-    drop(client);
+    let back = vmm.echo_through_guest_port(&uds, 6000, b"hello guest, echo me");
+    assert_eq!(back, b"hello guest, echo me");
 
     let status = vmm.child.wait().unwrap();
     let out = vmm.console();

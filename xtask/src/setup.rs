@@ -619,35 +619,12 @@ pub(crate) fn cargo_tool(krate: &str, version: &str, why: &str) -> Result<()> {
 /// The OCSF validator the egress tests use (Python packages pinned in
 /// egress/tests/ocsf/requirements.txt), in `.venv-ocsf`; returns its python.
 pub(crate) fn ocsf_venv() -> Result<PathBuf> {
-    let root = root();
-    let venv = root.join(".venv-ocsf");
-    let python = venv.join("bin/python");
-    let reqs = root.join("egress/tests/ocsf/requirements.txt");
-    let stamp = venv.join("requirements.installed");
-    let wanted = std::fs::read_to_string(&reqs)?;
-    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
-        return Ok(python);
-    }
-    eprintln!(
-        "xtask setup: installing the OCSF validator into {}: the tests validate every audit \
-         record against the published schema",
-        venv.display()
-    );
-    run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run_cmd(
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-            ])
-            .arg(&reqs),
-    )?;
-    std::fs::write(&stamp, wanted)?;
-    Ok(python)
+    pinned_venv(
+        ".venv-ocsf",
+        "egress/tests/ocsf/requirements.txt",
+        "python3",
+        "the OCSF validator: the tests validate every audit record against the published schema",
+    )
 }
 
 /// The MCP server and client the namespace end-to-end tests run (the Python `mcp` SDK, pinned
@@ -656,27 +633,35 @@ pub(crate) fn ocsf_venv() -> Result<PathBuf> {
 /// under /root or /home: the workspace runs this venv under `--host-root`, where those are
 /// masked.
 pub(crate) fn mcp_venv() -> Result<PathBuf> {
+    pinned_venv(
+        ".venv-mcp",
+        "moat/tests/mcp/requirements.txt",
+        "/usr/bin/python3",
+        "the MCP SDK: MCP rules are tested with a real MCP server and client",
+    )
+}
+
+/// The venv `dir` (under the repository) made by `python` with the pinned `requirements`
+/// installed, redone only when the requirements file changed (a stamp in the venv holds the
+/// one installed); returns the venv's python.
+fn pinned_venv(dir: &str, requirements: &str, python: &str, what: &str) -> Result<PathBuf> {
     let root = root();
-    let venv = root.join(".venv-mcp");
-    let python = venv.join("bin/python");
-    let reqs = root.join("moat/tests/mcp/requirements.txt");
+    let venv = root.join(dir);
+    let venv_python = venv.join("bin/python");
+    let reqs = root.join(requirements);
     let stamp = venv.join("requirements.installed");
     let wanted = std::fs::read_to_string(&reqs)?;
-    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
-        return Ok(python);
+    if venv_python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return Ok(venv_python);
     }
-    eprintln!(
-        "xtask setup: installing the MCP SDK into {}: MCP rules are tested with a real MCP \
-         server and client",
-        venv.display()
-    );
+    eprintln!("xtask setup: installing {what}, into {}", venv.display());
     run_cmd(
-        Command::new("/usr/bin/python3")
+        Command::new(python)
             .args(["-m", "venv", "--clear"])
             .arg(&venv),
     )?;
     run_cmd(
-        Command::new(&python)
+        Command::new(&venv_python)
             .args([
                 "-m",
                 "pip",
@@ -688,7 +673,7 @@ pub(crate) fn mcp_venv() -> Result<PathBuf> {
             .arg(&reqs),
     )?;
     std::fs::write(&stamp, wanted)?;
-    Ok(python)
+    Ok(venv_python)
 }
 
 /// The broker tests' OpenID Connect provider (npm, pinned by its package-lock.json), in

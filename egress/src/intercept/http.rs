@@ -375,25 +375,15 @@ impl Ctx {
             place.as_str()
         );
         tracing::debug!(flow = %self.flow.info.uid, %reason, %detail, "secret reflected");
-        self.shared.audit.emit_http(&HttpEvent {
-            flow: &self.flow.info,
-            rule: &self.flow.rule,
-            upstream: self.flow.upstream_addr,
-            method: &head.method,
-            host: &self.flow.upstream_host,
-            routed_from: self.flow.routed().then_some(self.flow.hostname.as_str()),
-            path: &head.path,
-            query: head.query,
-            http_rule: head.http_rule.as_deref(),
-            version: head.version,
-            status: status.as_u16(),
-            reason: Some(reason),
-            detail: Some(detail),
-            secrets: Vec::new(),
-            bytes: None,
-            mcp: head.mcp.clone(),
-            reflected: vec![(name.to_owned(), 1)],
-        });
+        self.audit_reflected(
+            head,
+            status,
+            Some(reason),
+            Some(detail),
+            Vec::new(),
+            None,
+            vec![(name.to_owned(), 1)],
+        );
     }
 
     /// Audits a body aborted for a misplaced placeholder after the upstream had answered

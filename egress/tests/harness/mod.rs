@@ -971,6 +971,27 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Runs the published OCSF schema over the audit log at `path` (tests/ocsf/validate.py) and
+/// fails the test with the validator's output unless every record is valid; returns its report
+/// ("N valid, 0 invalid").
+pub fn validate_ocsf(path: &Path) -> String {
+    let out = std::process::Command::new(ocsf_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/ocsf/validate.py"
+        ))
+        .arg(path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "OCSF validation failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The Python interpreter with the OCSF validator installed (see egress/tests/ocsf/README.md).
 pub fn ocsf_python() -> PathBuf {
     if let Ok(p) = std::env::var("MOAT_OCSF_PYTHON") {

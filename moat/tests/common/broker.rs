@@ -765,31 +765,6 @@ pub fn wait_exit(mut child: Child, since: Instant, within: Duration) -> (Output,
     }
 }
 
-pub fn validate_ocsf(file: &Path) {
-    let python = std::env::var("MOAT_OCSF_PYTHON").map_or_else(
-        |_| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../.venv-ocsf/bin/python"
-            ))
-        },
-        PathBuf::from,
-    );
-    assert!(
-        python.exists(),
-        "OCSF validator missing: run `cargo xtask test`"
-    );
-    let v = Command::new(python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../egress/tests/ocsf/validate.py"
-        ))
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}{}", text(&v.stdout), text(&v.stderr));
-}
-
 /// Changes the groups at the provider, as its administrator would (atomically: the provider
 /// reads the file at every sign-in and refresh).
 pub fn set_groups(world: &World, groups: &str) {

@@ -428,9 +428,11 @@ impl Workspace {
     }
 }
 
-/// The Python interpreter with the OCSF validator installed (`cargo xtask test` sets
-/// MOAT_OCSF_PYTHON; else the repository's .venv-ocsf).
-pub fn ocsf_python() -> PathBuf {
+/// Runs the published OCSF schema over the audit log `file` (egress/tests/ocsf/validate.py,
+/// with the validator `cargo xtask test` installs: MOAT_OCSF_PYTHON, else the repository's
+/// .venv-ocsf) and fails the test with its output unless every record is valid; returns its
+/// report ("N valid, 0 invalid").
+pub fn validate_ocsf(file: &Path) -> String {
     let python = std::env::var("MOAT_OCSF_PYTHON").map_or_else(
         |_| {
             PathBuf::from(concat!(
@@ -444,7 +446,16 @@ pub fn ocsf_python() -> PathBuf {
         python.exists(),
         "OCSF validator missing: run `cargo xtask test`"
     );
-    python
+    let v = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../egress/tests/ocsf/validate.py"
+        ))
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}{}", text(&v.stdout), text(&v.stderr));
+    text(&v.stdout)
 }
 
 pub fn text(out: &[u8]) -> String {

@@ -169,4 +169,30 @@ impl Live {
     pub fn ok<T>(&mut self, what: &str, r: std::io::Result<T>) -> T {
         r.unwrap_or_else(|e| self.fail(&format!("{what}: {e}")))
     }
+
+    /// Connects through the VMM's vsock socket `uds` into the guest's `port` (`CONNECT`,
+    /// answered `OK <port>`), sends `message` and returns what comes back of the same length
+    /// (the probe guest echoes); the connection is closed after.
+    pub fn echo_through_guest_port(&mut self, uds: &Path, port: u32, message: &[u8]) -> Vec<u8> {
+        use std::io::{BufRead, Read, Write};
+        let client = std::os::unix::net::UnixStream::connect(uds);
+        let client = self.ok("connect to the vsock socket", client);
+        let timeout = client.set_read_timeout(Some(Duration::from_secs(30)));
+        self.ok("set a read timeout", timeout);
+        let wrote = (&client).write_all(format!("CONNECT {port}\n").as_bytes());
+        self.ok("write CONNECT", wrote);
+        let mut reader = std::io::BufReader::new(&client);
+        let mut line = String::new();
+        let read = reader.read_line(&mut line);
+        self.ok(&format!("read the answer to CONNECT {port}"), read);
+        if !(line.starts_with("OK ") && line.ends_with('\n')) {
+            self.fail(&format!("CONNECT {port} was answered {line:?}"));
+        }
+        let wrote = (&client).write_all(message);
+        self.ok("write to the guest", wrote);
+        let mut back = vec![0u8; message.len()];
+        let read = reader.read_exact(&mut back);
+        self.ok("read the guest's echo", read);
+        back
+    }
 }
