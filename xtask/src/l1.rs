@@ -71,7 +71,7 @@ const VM_TESTS_TIMEOUT_SECS: u64 = 1200;
 /// prints as each of its tests ends, and all of them together took 217 s inside L1.
 const VM_TESTS_SILENCE_SECS: u64 = 300;
 /// L1 boots the VM tests may take when one dies under them (see `run_vm_tests_in_l1`).
-const VM_TESTS_MAX_BOOTS: usize = 4;
+const VM_TESTS_MAX_BOOTS: usize = 6;
 /// Our exit status when L1 hung past its timeout (as timeout(1) reports one).
 pub(crate) const EXIT_HUNG: i32 = 124;
 /// Our exit status when L1 stopped without reporting CMD's status (a panic, a failed mount).
