@@ -13,9 +13,11 @@
 //!       (cached by device, inode, mtime and size; files above MAX_HASHED are not hashed)
 //! ```
 //!
-//! It runs on the netstack's thread, which lives in the agent's network namespace (where the
-//! TUN device is), so its netlink socket and `thread-self/net` see the agent's sockets; `/proc`
-//! is the workspace's own (its PID namespace: the agent's processes, nothing of the host's).
+//! It runs on the netstack's lookup thread, which the netstack thread starts and which so
+//! lives in the agent's network namespace (where the TUN device is): its netlink socket and
+//! `thread-self/net` see the agent's sockets; `/proc` is the workspace's own (its PID
+//! namespace: the agent's processes, nothing of the host's). The netstack holds the SYN
+//! unanswered meanwhile, and moves the bytes of open flows without waiting for it.
 //!
 //! Fail closed: anything that cannot be told (no socket, the process gone, a path the header
 //! cannot carry, too many descriptors to look through) is no program, and a rule with

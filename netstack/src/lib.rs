@@ -90,7 +90,13 @@ pub fn run(
     let io = QueuedTun { rx, fd };
     let mut stack = Stack::new(io, transport, limits, smoltcp::time::Instant::now());
     if let Some(lookup) = programs {
-        stack.set_programs(lookup);
+        let waker = Arc::clone(&waker);
+        stack.set_programs(
+            lookup,
+            Some(Box::new(move || {
+                let _ = waker.wake();
+            })),
+        )?;
     }
     let mut events = Events::with_capacity(1024);
     loop {

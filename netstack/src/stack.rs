@@ -9,7 +9,8 @@
 //!
 //! A SYN to a destination not seen before gets a fresh listening socket bound to exactly that
 //! destination, before smoltcp sees the SYN; so the stack accepts TCP to any address while
-//! every socket still belongs to one connection. UDP to the virtual DNS address is answered
+//! every socket still belongs to one connection. Where flow headers name the calling program,
+//! the SYN is first held until the lookup thread names it ([`crate::program`]). UDP to the virtual DNS address is answered
 //! locally; every other UDP datagram, ICMP and anything else is dropped and counted.
 
 use std::collections::{HashMap, VecDeque};
@@ -32,7 +33,7 @@ use smoltcp::wire::{
 
 use crate::dns;
 use crate::pool::FakePool;
-use crate::program::ProgramLookup;
+use crate::program::{ProgramLookup, ProgramWorker};
 use crate::transport::FlowTransport;
 
 /// The netstack's own address on the workspace network (gateway and DNS server).
@@ -47,6 +48,9 @@ pub const MTU: usize = 65520;
 const TCP_BUFFER: usize = 256 * 1024;
 /// Bytes of socket buffer per direction for a DNS-over-TCP connection (one largest message).
 const DNS_TCP_BUFFER: usize = 64 * 1024 + 2;
+/// SYNs held at once while their program is looked up; more are dropped (and sent again by
+/// the agent's kernel a second later), bounding the memory a burst of connects can hold.
+const MAX_HELD_SYNS: usize = 256;
 
 /// Bounds of the stack.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +83,9 @@ pub struct Counters {
     pub dns_queries: AtomicU64,
     /// Flows whose program the lookup could not tell (only counted with a lookup).
     pub programs_unknown: AtomicU64,
+    /// SYNs dropped because too many were already waiting for their program's lookup (the
+    /// agent's kernel sends them again).
+    pub syns_over_lookup_limit: AtomicU64,
     /// UDP datagrams dropped (anything but DNS to the gateway).
     pub dropped_udp: AtomicU64,
     /// ICMP packets dropped.
@@ -186,7 +193,10 @@ pub struct Stack<P: PacketIo> {
     next_flow_id: u64,
     counters: Arc<Counters>,
     /// Set only when the host reads flow header version 2.
-    programs: Option<Box<dyn ProgramLookup>>,
+    programs: Option<ProgramWorker>,
+    /// SYNs waiting for their program's lookup, unanswered: until smoltcp sees a SYN the
+    /// agent's socket stays in SYN_SENT, owned by the process that is connecting.
+    held_syns: HashMap<(SocketAddrV4, SocketAddrV4), Vec<u8>>,
 }
 
 impl<P: PacketIo> std::fmt::Debug for Stack<P> {
@@ -241,14 +251,24 @@ impl<P: PacketIo> Stack<P> {
             next_flow_id: 1,
             counters: Arc::new(Counters::default()),
             programs: None,
+            held_syns: HashMap::new(),
         }
     }
 
     /// Looks up the program of every new connection with `lookup` and names it in the flow
     /// header (version 2). Only for a host that reads version 2: without it, every header is
     /// version 1.
-    pub fn set_programs(&mut self, lookup: Box<dyn ProgramLookup>) {
-        self.programs = Some(lookup);
+    ///
+    /// The lookups run on a thread of their own (reading `/proc` and hashing an executable
+    /// the first time takes milliseconds to tens of them), so flows already open never wait
+    /// for one; `wake` is called when an answer is ready, to end the caller's sleep.
+    pub fn set_programs(
+        &mut self,
+        lookup: Box<dyn ProgramLookup>,
+        wake: Option<Box<dyn Fn() + Send>>,
+    ) -> io::Result<()> {
+        self.programs = Some(ProgramWorker::spawn(lookup, wake)?);
+        Ok(())
     }
 
     /// The counters.
@@ -272,6 +292,7 @@ impl<P: PacketIo> Stack<P> {
     /// caller may sleep before the next round if nothing wakes it earlier.
     pub fn step(&mut self, now: Instant) -> Option<smoltcp::time::Duration> {
         self.read_packets();
+        self.release_held_syns();
         self.poll(now);
         let dns_waiting = self.serve_dns();
         self.pump_flows();
@@ -280,7 +301,34 @@ impl<P: PacketIo> Stack<P> {
         if dns_waiting || !self.rx.is_empty() {
             return Some(smoltcp::time::Duration::ZERO);
         }
-        self.iface.poll_delay(now, &self.sockets)
+        let delay = self.iface.poll_delay(now, &self.sockets);
+        if self.held_syns.is_empty() {
+            return delay;
+        }
+        // Answers wake the caller where it gave a waker; this bounds the wait where it did not.
+        let held = smoltcp::time::Duration::from_millis(1);
+        Some(delay.map_or(held, |d| d.min(held)))
+    }
+
+    /// Hands smoltcp the SYNs whose program lookup has answered, each with a listening socket
+    /// that carries the answer.
+    fn release_held_syns(&mut self) {
+        let Some(worker) = &self.programs else {
+            return;
+        };
+        let answers: Vec<_> = worker.answers().collect();
+        for (key, program) in answers {
+            let Some(syn) = self.held_syns.remove(&key) else {
+                continue;
+            };
+            if program.is_none() {
+                self.counters
+                    .programs_unknown
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            self.listen_for(key.0, key.1, program);
+            self.rx.push_back(syn);
+        }
     }
 
     fn poll(&mut self, now: Instant) {
@@ -320,7 +368,7 @@ impl<P: PacketIo> Stack<P> {
                 if tcp.syn() && !tcp.ack() {
                     let src = SocketAddrV4::new(ip.src_addr(), tcp.src_port());
                     let dst = SocketAddrV4::new(ip.dst_addr(), tcp.dst_port());
-                    self.listen_for(src, dst);
+                    return self.admit_syn(src, dst, packet);
                 }
                 true
             }
@@ -343,8 +391,48 @@ impl<P: PacketIo> Stack<P> {
         }
     }
 
-    /// Makes sure a socket is listening for the connection `src -> dst`.
-    fn listen_for(&mut self, src: SocketAddrV4, dst: SocketAddrV4) {
+    /// Decides what to do with a SYN: true to hand it to smoltcp now. A new connection whose
+    /// program must be looked up is held (and false returned) until the lookup answers; a
+    /// copy the agent's kernel sends again meanwhile is dropped.
+    fn admit_syn(&mut self, src: SocketAddrV4, dst: SocketAddrV4, packet: &[u8]) -> bool {
+        let key = (src, dst);
+        if self.keys.contains_key(&key) {
+            return true; // A retransmitted SYN of a connection already listened for.
+        }
+        if self.held_syns.contains_key(&key) {
+            return false;
+        }
+        let to_gateway = *dst.ip() == GATEWAY;
+        let room = self.flows.len() + self.held_syns.len() < self.limits.max_flows;
+        match &self.programs {
+            Some(worker) if !to_gateway && room => {
+                if self.held_syns.len() >= MAX_HELD_SYNS {
+                    self.counters
+                        .syns_over_lookup_limit
+                        .fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                if !worker.ask(key) {
+                    // The lookup thread is gone: say nothing rather than stall the connection.
+                    self.counters
+                        .programs_unknown
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.listen_for(src, dst, None);
+                    return true;
+                }
+                self.held_syns.insert(key, packet.to_vec());
+                false
+            }
+            _ => {
+                self.listen_for(src, dst, None);
+                true
+            }
+        }
+    }
+
+    /// Makes sure a socket is listening for the connection `src -> dst`, which `program`
+    /// opened (as far as the lookup could tell).
+    fn listen_for(&mut self, src: SocketAddrV4, dst: SocketAddrV4, program: Option<Program>) {
         if self.keys.contains_key(&(src, dst)) {
             return; // A retransmitted SYN.
         }
@@ -373,20 +461,6 @@ impl<P: PacketIo> Stack<P> {
         {
             return;
         }
-        // At the SYN the agent's socket is in its kernel's table, owned by the process that
-        // is connecting; by the end of the handshake it may already have handed it on.
-        let program = match (&mut self.programs, dns) {
-            (Some(lookup), false) => {
-                let found = lookup.program_of(src, dst);
-                if found.is_none() {
-                    self.counters
-                        .programs_unknown
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                found
-            }
-            _ => None,
-        };
         let handle = self.sockets.add(socket);
         self.keys.insert((src, dst), handle);
         self.flows.insert(

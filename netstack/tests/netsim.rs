@@ -215,7 +215,7 @@ fn echo_with_programs(
         Instant::from_millis(0),
     );
     if let Some(lookup) = programs {
-        stack.set_programs(lookup);
+        stack.set_programs(lookup, None).unwrap();
     }
 
     let mut client_dev = ClientSide(Rc::clone(&wire));
@@ -384,4 +384,165 @@ fn without_a_lookup_headers_stay_version_1() {
     let (_, header, _) = echo_through_stack(1, 0, 0, 1_000);
     assert_eq!(header.version(), moat_flow_header::VERSION_1);
     assert_eq!(header.program, None);
+}
+
+/// A lookup that answers at once, except for connections to `slow`, whose answer waits until
+/// the test opens the gate (or 10 s pass, which the test counts as a failure).
+struct GatedLookup {
+    slow: SocketAddrV4,
+    gate: std::sync::mpsc::Receiver<()>,
+    gate_timed_out: Arc<Mutex<bool>>,
+    program: Program,
+}
+
+impl ProgramLookup for GatedLookup {
+    fn program_of(&mut self, _agent: SocketAddrV4, destination: SocketAddrV4) -> Option<Program> {
+        if destination == self.slow
+            && self
+                .gate
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_err()
+        {
+            *self.gate_timed_out.lock().unwrap() = true;
+        }
+        Some(self.program.clone())
+    }
+}
+
+#[test]
+fn a_slow_program_lookup_holds_only_its_own_connection() {
+    // Connection A is open and moving bytes when B's SYN arrives and its lookup stalls (the
+    // first hash of a large executable): A must finish while B's lookup is still waiting,
+    // then B must open with its program once the lookup answers. A lookup run on the stack's
+    // own thread stalls A too: the gate then times out.
+    let (fast, slow): (SocketAddrV4, SocketAddrV4) = (
+        "203.0.113.7:443".parse().unwrap(),
+        "203.0.113.8:443".parse().unwrap(),
+    );
+    let (open_gate, gate) = std::sync::mpsc::channel();
+    let gate_timed_out = Arc::new(Mutex::new(false));
+    let program = Program::new(1, ProgramPath::new("/usr/bin/git").unwrap(), None);
+    let wire = Rc::new(RefCell::new(Wire {
+        now: 0,
+        rng: Rng(9),
+        loss: 0,
+        max_delay: 0,
+        to_stack: Lane::default(),
+        to_client: Lane::default(),
+    }));
+    let transport = PairTransport::default();
+    let mut stack = Stack::new(
+        StackSide(Rc::clone(&wire)),
+        Box::new(transport.clone()),
+        Limits::default(),
+        Instant::from_millis(0),
+    );
+    let lookup = GatedLookup {
+        slow,
+        gate,
+        gate_timed_out: Arc::clone(&gate_timed_out),
+        program: program.clone(),
+    };
+    stack.set_programs(Box::new(lookup), None).unwrap();
+
+    let mut client_dev = ClientSide(Rc::clone(&wire));
+    let mut iface = Interface::new(
+        Config::new(HardwareAddress::Ip),
+        &mut client_dev,
+        Instant::from_millis(0),
+    );
+    iface.update_ip_addrs(|a| {
+        a.push(IpCidr::new(IpAddress::Ipv4(GUEST_ADDR), 24))
+            .unwrap();
+    });
+    iface.routes_mut().add_default_ipv4_route(GATEWAY).unwrap();
+    let mut sockets = SocketSet::new(vec![]);
+    let mut socket = || {
+        sockets.add(tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+        ))
+    };
+    let (a, b) = (socket(), socket());
+    sockets
+        .get_mut::<tcp::Socket<'_>>(a)
+        .connect(iface.context(), (*fast.ip(), fast.port()), 40000)
+        .unwrap();
+
+    let total = 200_000;
+    let payload = expected(total);
+    let (mut sent, mut got) = (0usize, Vec::new());
+    let (mut b_connected, mut gate_opened, mut a_done_while_b_waited) = (false, false, false);
+    let mut b_got = Vec::new();
+    let mut hosts: Vec<Host> = Vec::new();
+    for ms in 1..600_000i64 {
+        wire.borrow_mut().now = ms;
+        let now = Instant::from_millis(ms);
+        iface.poll(now, &mut client_dev, &mut sockets);
+        let s = sockets.get_mut::<tcp::Socket<'_>>(a);
+        if s.can_send() && sent < payload.len() {
+            sent += s.send_slice(&payload[sent..]).unwrap();
+        }
+        if sent == payload.len() && s.may_send() {
+            s.close();
+        }
+        while s.can_recv() {
+            let mut buf = [0u8; 4096];
+            let n = s.recv_slice(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        // B connects once A is well under way.
+        if !b_connected && got.len() >= total / 10 {
+            b_connected = true;
+            sockets
+                .get_mut::<tcp::Socket<'_>>(b)
+                .connect(iface.context(), (*slow.ip(), slow.port()), 40001)
+                .unwrap();
+        }
+        let a_done = got.len() == total && !sockets.get::<tcp::Socket<'_>>(a).may_recv();
+        if a_done && !gate_opened {
+            // A finished: B must not have been answered yet (its lookup is at the gate).
+            a_done_while_b_waited = !sockets.get::<tcp::Socket<'_>>(b).may_send();
+            gate_opened = true;
+            open_gate.send(()).unwrap();
+        }
+        let sb = sockets.get_mut::<tcp::Socket<'_>>(b);
+        if sb.can_send() && b_got.is_empty() && sb.send_queue() == 0 {
+            sb.send_slice(b"ping").unwrap();
+        }
+        while sb.can_recv() {
+            let mut buf = [0u8; 64];
+            let n = sb.recv_slice(&mut buf).unwrap();
+            b_got.extend_from_slice(&buf[..n]);
+        }
+        iface.poll(now, &mut client_dev, &mut sockets);
+        stack.step(now);
+        let mut streams = transport.0.lock().unwrap();
+        hosts.resize_with(streams.len(), Host::default);
+        for (stream, host) in streams.iter_mut().zip(hosts.iter_mut()) {
+            host.pump(stream);
+        }
+        drop(streams);
+        stack.step(now);
+        if a_done && b_got.len() >= 4 {
+            break;
+        }
+    }
+    assert!(
+        !*gate_timed_out.lock().unwrap(),
+        "the open flow waited for another connection's program lookup"
+    );
+    assert!(
+        a_done_while_b_waited,
+        "A did not finish while B's lookup waited"
+    );
+    assert_same(&got, &expected(total), "the flow that was open");
+    assert_eq!(
+        b_got, b"ping",
+        "the held connection after its lookup answered"
+    );
+    let headers: Vec<_> = hosts.iter().map(|h| h.header.clone().unwrap()).collect();
+    assert_eq!(headers.len(), 2);
+    assert_eq!(headers[1].destination, std::net::SocketAddr::V4(slow));
+    assert_eq!(headers[1].program, Some(program));
 }

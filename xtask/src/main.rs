@@ -26,11 +26,12 @@ verbs:
   test              install what the tests need, build the guest images, run every test
   check             CI's checks beside fmt and clippy: cargo deny (licences, bans, sources),
                     cargo machete (unused dependencies), every fuzz target builds, cargo doc
-  bench [--quick] [--intercept-only] [egress|vmm|broker]
+  bench [--quick] [--intercept-only|--scan-only] [egress|vmm|broker]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
                     (start-up, memory, vsock throughput); tables + JSON in bench-results/;
-                    --intercept-only: only the interception rows; broker: session setup
+                    --intercept-only: only the interception rows; --scan-only: only
+                    the HTTP rules + response scan rows; broker: session setup
                     and throughput through broker and tunnel beside direct ssh, 1000
                     sessions on one tunnel
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)

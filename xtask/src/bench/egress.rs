@@ -86,11 +86,14 @@ pub(super) fn report(
     table: &mut String,
     json_rows: &mut Vec<serde_json::Value>,
 ) {
+    if sizes.intercept_only {
+        return;
+    }
     let _ = writeln!(
         table,
         "| test | direct | moat | squid | moat CPU | squid CPU |\n| --- | --- | --- | --- | --- | --- |"
     );
-    for row in rows.iter().filter(|_| !sizes.intercept_only) {
+    for row in rows {
         let rate = |i: usize| median(row.samples[i].iter().map(|s| s.units / s.secs).collect());
         let cpu = |i: usize| {
             median(

@@ -42,6 +42,8 @@ struct Sizes {
     new_conns: usize,
     /// Only the interception rows (`--intercept-only`): moat intercept, mitmproxy, direct.
     intercept_only: bool,
+    /// Only the HTTP rules + response scan rows (`--scan-only`; implies `intercept_only`).
+    scan_only: bool,
 }
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
@@ -68,7 +70,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         );
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let intercept_only = args.iter().any(|a| a == "--intercept-only");
+    let scan_only = args.iter().any(|a| a == "--scan-only");
+    let intercept_only = scan_only || args.iter().any(|a| a == "--intercept-only");
     let sizes = if quick {
         Sizes {
             bulk_bytes: 256 << 20,
@@ -76,6 +79,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             keepalive_requests: 2000,
             new_conns: 100,
             intercept_only,
+            scan_only,
         }
     } else {
         Sizes {
@@ -84,6 +88,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             keepalive_requests: 5000,
             new_conns: 300,
             intercept_only,
+            scan_only,
         }
     };
     crate::setup::ensure(&[crate::setup::Job::Bench])?;
@@ -155,7 +160,9 @@ async fn bench_in(dir: &Path, sizes: &Sizes) -> Result<()> {
         "rows": json_rows,
     });
     // A partial run never overwrites the full run's results.
-    let stem = if sizes.intercept_only {
+    let stem = if sizes.scan_only {
+        "egress-scan-latest"
+    } else if sizes.intercept_only {
         "egress-intercept-latest"
     } else {
         "egress-latest"

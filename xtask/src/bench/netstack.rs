@@ -99,6 +99,9 @@ pub(super) fn report(
     table: &mut String,
     json_rows: &mut Vec<serde_json::Value>,
 ) {
+    if rows.is_empty() {
+        return;
+    }
     let _ = writeln!(
         table,
         "\n| netstack test | plain loopback TCP | moat namespace (TUN, netstack, proxy) |\n| --- | --- | --- |"
