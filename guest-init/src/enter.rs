@@ -46,9 +46,25 @@ pub enum EnterError {
     Spawn(#[source] std::io::Error),
 }
 
-/// The workspace's PID 1 among the descendants of `ancestor` (the `moat run` process): the
-/// process whose innermost PID (`NSpid`) is 1 in a PID namespace below the host's.
-pub fn find_init(ancestor: u32) -> Result<u32, EnterError> {
+/// The workspace's PID 1 among the descendants of `ancestor` (the `moat run` process), once
+/// the workspace is up: the process whose innermost PID (`NSpid`) is 1 in a PID namespace
+/// below the host's, and which has started the agent (its root and mounts are then final).
+/// Waits while the workspace is still starting and `ancestor` lives, at most `wait`.
+pub fn wait_for_init(ancestor: u32, wait: std::time::Duration) -> Result<u32, EnterError> {
+    let start = std::time::Instant::now();
+    loop {
+        match find_init(ancestor) {
+            Ok(init) if !children(init).is_empty() => return Ok(init),
+            _ if start.elapsed() < wait && Path::new(&format!("/proc/{ancestor}")).exists() => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Ok(_) | Err(_) => return Err(EnterError::NoWorkspace(ancestor)),
+        }
+    }
+}
+
+/// The workspace's PID 1 among the descendants of `ancestor`, started or not.
+fn find_init(ancestor: u32) -> Result<u32, EnterError> {
     let mut frontier = vec![ancestor];
     let mut seen = 0usize;
     while let Some(pid) = frontier.pop() {

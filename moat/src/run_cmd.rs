@@ -861,7 +861,11 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
 /// `moat __exec`: `args.command` in the running namespace workspace under
 /// `args.workspace_pid`, confined like its agent; exits with the command's status.
 pub(crate) fn exec(args: ExecArgs) -> Result<ExitCode> {
-    let init = moat_guest_init::enter::find_init(args.workspace_pid)?;
+    // An exec may come as soon as the container is started, before the workspace is up.
+    let init = moat_guest_init::enter::wait_for_init(
+        args.workspace_pid,
+        std::time::Duration::from_secs(60),
+    )?;
     let spec = moat_guest_init::AgentSpec {
         command: args.command,
         home: moat_guest_init::enter::AGENT_HOME.into(),

@@ -177,6 +177,13 @@ const NEEDS: &[Need] = &[
     },
     Need {
         jobs: &[Tests],
+        check: Check::Program("ctr"),
+        packages: &["containerd"],
+        why: "the containerd shim's tests start a containerd of their own and drive it with ctr",
+        backports_beside: None,
+    },
+    Need {
+        jobs: &[Tests],
         check: Check::Program("pgrep"),
         packages: &["procps"],
         why: "the end-to-end tests look at the workspace's processes with ps and pgrep",
