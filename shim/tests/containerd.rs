@@ -2,10 +2,12 @@
 //! sockets under a temporary directory, never the system's), the runtime registered as
 //! `io.containerd.moat.v2`, the project's root image imported from its OCI archive, and `ctr`
 //! driving it: run, exec, kill, and the refusals (a second application container in a pod, a
-//! profile no trusted key signed).
+//! profile no trusted key signed). And the kubelet's path: the same daemon with its CRI plugin,
+//! the runtime handler `moat`, a loopback-only CNI network, the project's own pause image, driven
+//! over the CRI socket by a real gRPC client (Python grpcio on the pinned CRI v1 proto).
 //!
-//! Runs as root (containerd mounts snapshots); `cargo xtask test` installs containerd and
-//! builds the `moat` binary beside the shim.
+//! Runs as root (containerd mounts snapshots); `cargo xtask test` installs containerd and the
+//! CNI plugins, makes the CRI client's venv and builds the `moat` binary beside the shim.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,9 +15,19 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
+use serde_json::{Value, json};
+
 const NAMESPACE: &str = "moat-test";
+/// containerd's namespace for everything its CRI plugin does.
+const CRI_NAMESPACE: &str = "k8s.io";
+/// The images under the names the CRI resolves (`moat-root` is Docker's short form of it).
+const CRI_IMAGE: &str = "docker.io/library/moat-root:latest";
+const CRI_PAUSE: &str = "docker.io/library/moat-pause:latest";
 /// As `cargo xtask images oci` names it (`ctr images import` keeps the name).
 const IMAGE: &str = "moat-root:latest";
 
@@ -57,6 +69,10 @@ struct Containerd {
     upstream: u16,
     /// The key the node trusts for pods' own profiles.
     team_key: moat_policy::signing::GeneratedKey,
+    /// The containerd namespace `ctr` works in.
+    namespace: &'static str,
+    /// Connections made to the registry mirror the CRI is given: an image pull would make one.
+    registry_hits: Arc<AtomicUsize>,
 }
 
 fn shim_binary() -> PathBuf {
@@ -93,8 +109,104 @@ fn profile(name: &str, port: u16) -> String {
     )
 }
 
+/// A registry on loopback that only counts who connects: the CRI's only registry (a mirror for
+/// every host), so that an image pull, which must never happen here, is seen.
+fn start_registry() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(tcp);
+        }
+    });
+    (port, hits)
+}
+
+/// The containerd configuration: the CRI plugin off (`ctr` tests), or on with the runtime
+/// handler `moat` as a node would register it (docs/kubernetes.md), the test's own CNI
+/// directories, the project's pause image and the counting registry.
+fn containerd_config(d: &Path, cri: bool, registry: u16) -> String {
+    let mut config = format!(
+        "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+         [grpc]\n  address = \"{d}/containerd.sock\"\n\
+         [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+         [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+        d = d.display()
+    );
+    if !cri {
+        return format!("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n{config}");
+    }
+    let cri = r#"[plugins."io.containerd.grpc.v1.cri"]"#;
+    // runc stays the default (the node's other pods); moat is the handler a RuntimeClass names.
+    let runc = r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]"#;
+    let runtimes = r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.moat]"#;
+    let cni = r#"[plugins."io.containerd.grpc.v1.cri".cni]"#;
+    let mirror = r#"[plugins."io.containerd.grpc.v1.cri".registry.mirrors."*"]"#;
+    config.push_str(&format!(
+        "{cri}\n  sandbox_image = \"{CRI_PAUSE}\"\n  stream_server_address = \"127.0.0.1\"\n\
+           stream_server_port = \"0\"\n\
+         {runc}\n  runtime_type = \"io.containerd.runc.v2\"\n\
+         {runtimes}\n  runtime_type = \"io.containerd.moat.v2\"\n  pod_annotations = [\"moat.dev/*\"]\n\
+         {cni}\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{d}/cni\"\n\
+         {mirror}\n  endpoint = [\"http://127.0.0.1:{registry}\"]\n",
+        d = d.display()
+    ));
+    config
+}
+
+/// The bridge a test's pods' `eth0`s hang on: named after the test's directory (unique, and
+/// within a link name's 15 bytes).
+fn bridge_name(d: &Path) -> String {
+    let tail: String = d
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    format!("moat-{}", &tail[tail.len().saturating_sub(9)..])
+}
+
+/// The CNI network for pods' namespaces: loopback, and an `eth0` on an isolated bridge (no
+/// address on the host, so no route between the host and the pod; no gateway, no masquerade).
+fn cni_config(d: &Path) -> String {
+    json!({
+        "cniVersion": "0.4.0",
+        "name": "moat-isolated",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge_name(d),
+            "isGateway": false,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "subnet": "10.255.255.0/24",
+                "dataDir": d.join("cni-ipam").display().to_string(),
+            },
+        }],
+    })
+    .to_string()
+}
+
 impl Containerd {
     fn start() -> Containerd {
+        Containerd::start_with(false)
+    }
+
+    /// containerd with its CRI plugin, the pause and root images imported for it.
+    fn start_cri() -> Containerd {
+        assert!(
+            Path::new("/usr/lib/cni/loopback").is_file(),
+            "the CNI loopback plugin is not installed (Debian package containernetworking-plugins); \
+             `cargo xtask test` installs it"
+        );
+        Containerd::start_with(true)
+    }
+
+    fn start_with(cri: bool) -> Containerd {
         require("containerd", "containerd");
         require("ctr", "containerd");
         assert!(
@@ -130,18 +242,14 @@ impl Containerd {
             ),
         )
         .unwrap();
-        std::fs::write(
-            d.join("config.toml"),
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
-                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
-                d = d.display()
-            ),
-        )
-        .unwrap();
+        let (registry, registry_hits) = start_registry();
+        std::fs::write(d.join("config.toml"), containerd_config(d, cri, registry)).unwrap();
+        // The pod's network namespace, which moat never uses (the agent's network is moat's
+        // own): containerd 1.6's CRI insists on an `eth0` with an address in it, so besides
+        // loopback a veth on a bridge of the test's own that has no address on the host, no
+        // uplink and no route anywhere (docs/kubernetes.md, "The pod's network namespace").
+        std::fs::create_dir_all(d.join("cni")).unwrap();
+        std::fs::write(d.join("cni/10-moat.conflist"), cni_config(d)).unwrap();
         // containerd finds `containerd-shim-moat-v2` on its PATH; the shim reads the node's
         // configuration from MOAT_NODE_CONFIG.
         let path = format!(
@@ -164,6 +272,8 @@ impl Containerd {
             daemon,
             upstream,
             team_key,
+            namespace: if cri { CRI_NAMESPACE } else { NAMESPACE },
+            registry_hits,
         };
         // Ready once it answers (containerd has no readiness notice of its own here).
         let mut tries = 0;
@@ -183,7 +293,73 @@ impl Containerd {
         let import =
             containerd.ctr_os(&["images".as_ref(), "import".as_ref(), archive.as_os_str()]);
         assert!(import.status.success(), "{}", text(&import));
+        if cri {
+            // The pause image, the project's own (packed here, one small file): the CRI makes
+            // the sandbox container from it, and the shim never runs it.
+            let tree = containerd.dir.path().join("pause-tree");
+            std::fs::create_dir_all(&tree).unwrap();
+            std::fs::write(
+                tree.join("moat-pause"),
+                "never run: moat's shim holds the pod\n",
+            )
+            .unwrap();
+            let pause = containerd.dir.path().join("pause.oci.tar");
+            moat_image::pack(&tree, &pause, "moat-pause:latest").unwrap();
+            let import =
+                containerd.ctr_os(&["images".as_ref(), "import".as_ref(), pause.as_os_str()]);
+            assert!(import.status.success(), "{}", text(&import));
+            for (name, full) in [
+                ("moat-root:latest", CRI_IMAGE),
+                ("moat-pause:latest", CRI_PAUSE),
+            ] {
+                let tag = containerd.ctr(&["images", "tag", name, full]);
+                assert!(tag.status.success(), "{}", text(&tag));
+            }
+        }
         containerd
+    }
+
+    /// A CRI client on this containerd's socket, once the CRI sees both images.
+    fn cri(&self) -> Cri {
+        let python = std::env::var_os("MOAT_CRI_PYTHON")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-cri/bin/python");
+                venv.is_file().then_some(venv)
+            })
+            .expect("MOAT_CRI_PYTHON names no python with grpcio: `cargo xtask test` sets it");
+        let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cri");
+        let stubs = self.dir.path().join("cri-stubs");
+        std::fs::create_dir_all(&stubs).unwrap();
+        let protoc = Command::new(&python)
+            .args(["-m", "grpc_tools.protoc", "-I"])
+            .arg(&proto)
+            .arg(format!("--python_out={}", stubs.display()))
+            .arg(format!("--grpc_python_out={}", stubs.display()))
+            .arg("api.proto")
+            .output()
+            .unwrap();
+        assert!(protoc.status.success(), "{}", text(&protoc));
+        let mut child = Command::new(&python)
+            .arg(proto.join("cri_client.py"))
+            .arg(self.dir.path().join("containerd.sock"))
+            .arg(&stubs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut cri = Cri { child, stdout };
+        // The CRI learns of imported images from containerd's events: wait for both.
+        for image in [CRI_IMAGE, CRI_PAUSE] {
+            let mut tries = 0;
+            while cri.call("ImageStatus", json!({"image": {"image": image}}))["image"].is_null() {
+                tries += 1;
+                assert!(tries < 300, "the CRI never saw {image}: {}", self.log());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cri
     }
 
     fn log(&self) -> String {
@@ -199,7 +375,7 @@ impl Containerd {
         Command::new("ctr")
             .arg("--address")
             .arg(self.dir.path().join("containerd.sock"))
-            .args(["--namespace", NAMESPACE])
+            .args(["--namespace", self.namespace])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -249,6 +425,46 @@ impl Drop for Containerd {
             }
         }
         let _ = root;
+        // The CRI's pods' bridge, if there was one.
+        let _ = Command::new("ip")
+            .args(["link", "delete", &bridge_name(self.dir.path())])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The CRI client (shim/tests/cri/cri_client.py): one JSON call a line, one answer a line.
+struct Cri {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Cri {
+    /// The answer to `method`: `{"response": ..}` or `{"error": {"code", "details"}}`.
+    fn try_call(&mut self, method: &str, request: Value) -> Value {
+        use std::io::BufRead;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{}", json!({"method": method, "request": request})).unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{method}: {e}: {line:?}"))
+    }
+
+    /// The response to `method`, which must succeed.
+    fn call(&mut self, method: &str, request: Value) -> Value {
+        let answer = self.try_call(method, request);
+        match answer.get("response") {
+            Some(response) => response.clone(),
+            None => panic!("{method} failed: {answer}"),
+        }
+    }
+}
+
+impl Drop for Cri {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 }
 
@@ -432,5 +648,103 @@ fn a_pod_profile_signed_by_an_untrusted_key_is_refused_and_a_trusted_one_is_used
         "{}\n{}",
         text(&trusted),
         c.log()
+    );
+}
+
+/// The kubelet's calls, in its order, over containerd's CRI socket with the runtime handler
+/// `moat`: the pod runs as a workspace under its own signed profile, ExecSync runs in it (its
+/// output and status come back), the denied host is refused and audited naming the pod, and
+/// the pod stops and goes away. No image is ever pulled.
+#[test]
+fn the_cri_runs_a_pod_as_a_workspace_execs_in_it_and_removes_it() {
+    let c = Containerd::start_cri();
+    let mut cri = c.cri();
+    // The pod's own profile (its rule named apart from the node default's): the records of
+    // the allowed host name that rule only if the annotations came through the CRI.
+    let own = profile("team", c.upstream).replace("name = \"allowed\"", "name = \"team-a\"");
+    let pod_config = json!({
+        "metadata": {"name": "agent-pod", "namespace": "team-a", "uid": "0b5e7a1c", "attempt": 0},
+        "log_directory": c.dir.path().join("pod-logs").display().to_string(),
+        "annotations": {
+            "moat.dev/profile": own,
+            "moat.dev/profile.minisig": sign(&own, &c.team_key.secret),
+        },
+        "linux": {},
+    });
+    let pod = cri.call(
+        "RunPodSandbox",
+        json!({"config": pod_config, "runtime_handler": "moat"}),
+    );
+    let pod_id = pod["pod_sandbox_id"].as_str().unwrap().to_owned();
+    let created = cri.call(
+        "CreateContainer",
+        json!({
+            "pod_sandbox_id": pod_id,
+            "config": {
+                "metadata": {"name": "agent"},
+                "image": {"image": CRI_IMAGE},
+                "command": ["sleep", "600"],
+                "log_path": "agent.log",
+                "linux": {},
+            },
+            "sandbox_config": pod_config,
+        }),
+    );
+    let id = created["container_id"].as_str().unwrap().to_owned();
+    cri.call("StartContainer", json!({"container_id": id}));
+    let status = cri.call("ContainerStatus", json!({"container_id": id}));
+    assert_eq!(status["status"]["state"], "CONTAINER_RUNNING", "{status}");
+
+    // ExecSync as `kubectl exec` makes it: in the workspace, through the pod's proxy only.
+    let exec = cri.call(
+        "ExecSync",
+        json!({
+            "container_id": id,
+            "cmd": ["sh", "-c", format!("pgrep -x sleep >/dev/null || exit 3; {}", curl_script(c.upstream))],
+            "timeout": 60,
+        }),
+    );
+    let stdout = base64::engine::general_purpose::STANDARD
+        .decode(exec["stdout"].as_str().unwrap_or_default())
+        .unwrap();
+    assert_eq!(exec["exit_code"], 42, "{exec}\n{}", c.log());
+    assert!(
+        String::from_utf8_lossy(&stdout).contains("hello from upstream"),
+        "{exec}"
+    );
+    let records = c.audit("team-a_agent-pod.audit.jsonl");
+    let denied: Vec<_> = records
+        .iter()
+        .filter(|r| r["dst_endpoint"]["hostname"] == "denied.test")
+        .collect();
+    assert!(!denied.is_empty(), "no record of denied.test: {records:?}");
+    assert!(
+        denied
+            .iter()
+            .all(|r| r["src_endpoint"]["uid"] == "team-a/agent-pod" && r["action"] == "Denied"),
+        "{denied:?}"
+    );
+    let allowed: Vec<_> = records
+        .iter()
+        .filter(|r| r["dst_endpoint"]["hostname"] == "allowed.test")
+        .collect();
+    assert!(
+        !allowed.is_empty()
+            && allowed
+                .iter()
+                .all(|r| r["firewall_rule"]["name"] == "team-a" && r["action"] == "Allowed"),
+        "{allowed:?}"
+    );
+
+    cri.call("StopPodSandbox", json!({"pod_sandbox_id": pod_id}));
+    let status = cri.call("ContainerStatus", json!({"container_id": id}));
+    assert_eq!(status["status"]["state"], "CONTAINER_EXITED", "{status}");
+    cri.call("RemovePodSandbox", json!({"pod_sandbox_id": pod_id}));
+    let left = cri.call("ListPodSandbox", json!({}));
+    assert!(left["items"].is_null(), "{left}");
+    assert_eq!(
+        c.registry_hits.load(Ordering::SeqCst),
+        0,
+        "the CRI tried to pull an image"
     );
 }

@@ -176,10 +176,18 @@ const NEEDS: &[Need] = &[
         backports_beside: None,
     },
     Need {
-        jobs: &[Tests],
+        jobs: &[Tests, Bench],
         check: Check::Program("ctr"),
         packages: &["containerd"],
         why: "the containerd shim's tests start a containerd of their own and drive it with ctr",
+        backports_beside: None,
+    },
+    Need {
+        jobs: &[Tests, Bench],
+        check: Check::Package("containernetworking-plugins"),
+        packages: &["containernetworking-plugins"],
+        why: "containerd's CRI sets up every pod's network namespace through CNI: the shim's CRI \
+              test and `cargo xtask bench k8s` give it a loopback-only network",
         backports_beside: None,
     },
     Need {
@@ -645,6 +653,18 @@ pub(crate) fn mcp_venv() -> Result<PathBuf> {
         "moat/tests/mcp/requirements.txt",
         "/usr/bin/python3",
         "the MCP SDK: MCP rules are tested with a real MCP server and client",
+    )
+}
+
+/// The CRI client the shim's CRI test and `cargo xtask bench k8s` speak to containerd with
+/// (grpcio and grpcio-tools, pinned in shim/tests/cri/requirements.txt), in `.venv-cri`;
+/// returns its python.
+pub(crate) fn cri_venv() -> Result<PathBuf> {
+    pinned_venv(
+        ".venv-cri",
+        "shim/tests/cri/requirements.txt",
+        "python3",
+        "a CRI client: the shim is tested through containerd's CRI, the kubelet's path",
     )
 }
 
