@@ -25,7 +25,8 @@ stops and prints the command to run as root): xtask/src/setup.rs lists it all.
 verbs:
   test              install what the tests need, build the guest images, run every test
   check             CI's checks beside fmt and clippy: cargo deny (licences, bans, sources),
-                    cargo machete (unused dependencies), every fuzz target builds, cargo doc
+                    cargo machete (unused dependencies), every fuzz target builds, cargo doc,
+                    the Kubernetes manifests against pinned schemas (`check manifests`: only that)
   bench [--quick] [--intercept-only] [egress|vmm|broker]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
@@ -70,6 +71,7 @@ fn run() -> Result<()> {
         .map_or(("", &[][..]), |(v, r)| (v.as_str(), r));
     match verb {
         "test" => test::run(rest),
+        "check" if rest.first().map(String::as_str) == Some("manifests") => check::manifests(),
         "check" => check::run(),
         "bench" => {
             setup::ensure(&[setup::Job::Bench, setup::Job::Kernel, setup::Job::Initramfs])?;

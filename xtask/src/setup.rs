@@ -205,10 +205,11 @@ const NEEDS: &[Need] = &[
         backports_beside: None,
     },
     Need {
-        jobs: &[Tests, Bench],
+        jobs: &[Tests, Bench, CheckJob],
         check: Check::PythonModule("ensurepip"),
         packages: &["python3-venv"],
-        why: "the OCSF validator (tests) and mitmproxy (bench) live in Python venvs",
+        why: "the OCSF validator and the CRI client (tests), mitmproxy (bench) and the \
+              Kubernetes manifest validator (check) live in Python venvs",
         backports_beside: None,
     },
     Need {
@@ -653,6 +654,18 @@ pub(crate) fn mcp_venv() -> Result<PathBuf> {
         "moat/tests/mcp/requirements.txt",
         "/usr/bin/python3",
         "the MCP SDK: MCP rules are tested with a real MCP server and client",
+    )
+}
+
+/// The Kubernetes manifest validator `cargo xtask check` runs (kubernetes-validate and
+/// jsonschema, pinned in deploy/kubernetes/check/requirements.txt), in `.venv-manifests`;
+/// returns its python.
+pub(crate) fn manifests_venv() -> Result<PathBuf> {
+    pinned_venv(
+        ".venv-manifests",
+        "deploy/kubernetes/check/requirements.txt",
+        "python3",
+        "the Kubernetes manifest validator: deploy/kubernetes is checked against pinned schemas",
     )
 }
 
