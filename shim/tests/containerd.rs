@@ -11,6 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -747,4 +748,189 @@ fn the_cri_runs_a_pod_as_a_workspace_execs_in_it_and_removes_it() {
         0,
         "the CRI tried to pull an image"
     );
+}
+
+/// Not a test: `cargo xtask bench k8s` runs it (`--ignored`) for figures, and asserts nothing
+/// about time. N pods (MOAT_BENCH_K8S_PODS, default 8) are started at once with `ctr run`, each
+/// agent printing a line first thing: the time from its `ctr run` to that line on ctr's stdout
+/// (the agent's first instruction ran), pods started per second (N over the time until the last
+/// printed), and then, every pod idle, the PSS of each pod's processes (the shim, `moat run`, the
+/// proxy, guest-init and the agent: the shim's process tree). Written as JSON to
+/// MOAT_BENCH_K8S_OUT.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench k8s"]
+fn bench_k8s_pods_start_and_idle() {
+    use std::io::BufRead;
+    use std::time::Instant;
+    let pods: usize = std::env::var("MOAT_BENCH_K8S_PODS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(8);
+    let c = Containerd::start();
+    let address = c.dir.path().join("containerd.sock");
+    let begin = Instant::now();
+    let mut runs = Vec::new();
+    for i in 0..pods {
+        let mut child = Command::new("ctr")
+            .arg("--address")
+            .arg(&address)
+            .args([
+                "--namespace",
+                NAMESPACE,
+                "run",
+                "--runtime",
+                "io.containerd.moat.v2",
+            ])
+            .args([
+                IMAGE,
+                &format!("bench-{i}"),
+                "sh",
+                "-c",
+                "echo started; exec sleep 600",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let started = Instant::now();
+        let first = std::thread::spawn(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "started");
+            (
+                started.elapsed(),
+                started.duration_since(begin) + started.elapsed(),
+            )
+        });
+        runs.push((child, first));
+    }
+    let mut firsts = Vec::new();
+    let mut children = Vec::new();
+    for (child, first) in runs {
+        firsts.push(first.join().unwrap());
+        children.push(child);
+    }
+    let all_started = firsts.iter().map(|f| f.1).max().unwrap();
+    let mut to_first: Vec<f64> = firsts.iter().map(|f| f.0.as_secs_f64() * 1000.0).collect();
+    to_first.sort_by(f64::total_cmp);
+    // Idle: every agent sleeping. The pods' processes: each shim's tree.
+    std::thread::sleep(Duration::from_secs(2));
+    let pss = pod_trees_pss_kib(c.dir.path());
+    let json = json!({
+        "pods": pods,
+        "backend": "namespace",
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "pods_per_second": pods as f64 / all_started.as_secs_f64(),
+        "all_started_ms": all_started.as_secs_f64() * 1000.0,
+        "run_to_first_output_ms": {
+            "min": to_first[0],
+            "median": to_first[to_first.len() / 2],
+            "max": to_first[to_first.len() - 1],
+        },
+        "idle_pss_kib_per_pod": pss.iter().sum::<u64>() / (pss.len().max(1) as u64),
+        "idle_pss_kib_by_process_per_pod": pod_pss_by_name(c.dir.path(), pods),
+        "shims": pss.len(),
+    });
+    println!("{json}");
+    if let Some(out) = std::env::var_os("MOAT_BENCH_K8S_OUT") {
+        std::fs::write(out, json.to_string()).unwrap();
+    }
+    for i in 0..pods {
+        let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", &format!("bench-{i}")]);
+    }
+    for mut child in children {
+        let _ = child.wait();
+    }
+}
+
+/// The process tree of each shim of the containerd in `dir` (its command line names the
+/// daemon's socket there): (pid, comm) of the shim and its descendants.
+fn pod_trees(dir: &Path) -> Vec<Vec<(i32, String)>> {
+    let mut parent = HashMap::new();
+    let mut comm = HashMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after its last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 2..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok())
+            .unwrap_or(0);
+        parent.insert(pid, ppid);
+        comm.insert(pid, stat[open + 1..close].to_owned());
+    }
+    let shims: Vec<i32> = comm
+        .iter()
+        .filter(|(pid, c)| {
+            c.starts_with("containerd-shim")
+                && String::from_utf8_lossy(
+                    &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+                )
+                .contains(&dir.display().to_string())
+        })
+        .map(|(p, _)| *p)
+        .collect();
+    shims
+        .into_iter()
+        .map(|shim| {
+            comm.iter()
+                .filter(|(pid, _)| {
+                    let mut p = **pid;
+                    loop {
+                        if p == shim {
+                            return true;
+                        }
+                        match parent.get(&p) {
+                            Some(&pp) if pp > 1 => p = pp,
+                            _ => return false,
+                        }
+                    }
+                })
+                .map(|(p, c)| (*p, c.clone()))
+                .collect()
+        })
+        .collect()
+}
+
+fn pss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The PSS of each shim's tree, in KiB.
+fn pod_trees_pss_kib(dir: &Path) -> Vec<u64> {
+    pod_trees(dir)
+        .iter()
+        .map(|tree| tree.iter().map(|(pid, _)| pss_kib(*pid)).sum())
+        .collect()
+}
+
+/// The pods' PSS by process name, averaged over `pods`, in KiB.
+fn pod_pss_by_name(dir: &Path, pods: usize) -> Value {
+    let mut by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for tree in pod_trees(dir) {
+        for (pid, name) in tree {
+            *by.entry(name).or_default() += pss_kib(pid);
+        }
+    }
+    json!(
+        by.into_iter()
+            .map(|(k, v)| (k, v / pods.max(1) as u64))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    )
 }

@@ -27,13 +27,15 @@ verbs:
   check             CI's checks beside fmt and clippy: cargo deny (licences, bans, sources),
                     cargo machete (unused dependencies), every fuzz target builds, cargo doc,
                     the Kubernetes manifests against pinned schemas (`check manifests`: only that)
-  bench [--quick] [--intercept-only] [egress|vmm|broker]
+  bench [--quick] [--intercept-only] [egress|vmm|broker|k8s]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
                     (start-up, memory, vsock throughput); tables + JSON in bench-results/;
                     --intercept-only: only the interception rows; broker: session setup
                     and throughput through broker and tunnel beside direct ssh, 1000
                     sessions on one tunnel
+                    k8s (only when named; root, containerd): moat pods started at once
+                    through containerd, time to the agent's first output, idle memory
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
   images [kernel|kernel-gpu|kernel-smp|initramfs|rootfs|all]
                     build the VM images (cached in target/moat-images by a hash of their
@@ -76,7 +78,7 @@ fn run() -> Result<()> {
         "bench" => {
             setup::ensure(&[setup::Job::Bench, setup::Job::Kernel, setup::Job::Initramfs])?;
             let only = |what: &str| rest.iter().any(|a| a == what);
-            let all = !only("egress") && !only("vmm") && !only("broker");
+            let all = !only("egress") && !only("vmm") && !only("broker") && !only("k8s");
             if all || only("egress") {
                 bench::run(rest)?;
             }
@@ -85,6 +87,10 @@ fn run() -> Result<()> {
             }
             if all || only("broker") {
                 broker::bench()?;
+            }
+            // Only when named: it needs root and containerd.
+            if only("k8s") {
+                bench::k8s()?;
             }
             Ok(())
         }
