@@ -17,8 +17,11 @@ pub struct AgentSpec {
     pub command: Vec<String>,
     /// The agent's home (writable).
     pub home: PathBuf,
-    /// Extra environment (CA bundle variables, credential placeholders).
+    /// Extra environment (CA bundle variables, credential placeholders, a container's own).
     pub env: Vec<(String, String)>,
+    /// The working directory inside the workspace (absolute); the home when absent. A
+    /// container's `cwd` under `containerd-shim-moat-v2`.
+    pub workdir: Option<PathBuf>,
 }
 
 /// The shell's convention: the exit code, or 128 + the signal that killed it.
@@ -58,7 +61,7 @@ pub(crate) fn run_agent(
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
         .env("MOAT_WORKSPACE", "1")
-        .current_dir(&spec.home);
+        .current_dir(spec.workdir.as_ref().unwrap_or(&spec.home));
     for key in ["TERM", "LANG", "COLORTERM"] {
         if let Ok(v) = std::env::var(key) {
             cmd.env(key, v);
@@ -72,9 +75,10 @@ pub(crate) fn run_agent(
     let sandbox = moat_guest_sandbox::Sandbox::new(sandbox)
         .map_err(|e| std::io::Error::other(format!("cannot prepare the sandbox: {e}")))?;
     let tty_fd = tty.as_ref().map(AsRawFd::as_raw_fd);
-    // The sandbox stacks new mounts over the agent's paths: enter the home again afterwards,
-    // or the working directory would stay on the mount underneath.
-    let home = std::ffi::CString::new(spec.home.as_os_str().as_encoded_bytes())
+    // The sandbox stacks new mounts over the agent's paths: enter the working directory
+    // again afterwards, or it would stay on the mount underneath.
+    let workdir = spec.workdir.as_ref().unwrap_or(&spec.home);
+    let home = std::ffi::CString::new(workdir.as_os_str().as_encoded_bytes())
         .map_err(std::io::Error::other)?;
     // SAFETY: the closure runs in the forked child before exec. `Sandbox::apply` makes no
     // allocation and only issues system calls (a test in moat-guest-sandbox proves it), and

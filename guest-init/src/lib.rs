@@ -18,6 +18,8 @@
 //! - `launch`: the agent started, confined by `moat-guest-sandbox` between fork and exec,
 //!   and reaped; `signals`: what the waiting processes pass on; `report`: process events
 //!   to the host.
+//! - [`enter`]: another process in a running namespace workspace, confined like its agent
+//!   (`moat __exec`, the containerd shim's exec).
 //! - [`session`]: SSH sessions through the broker, one confined `sshd -i` per `CONNECT 22`.
 //! - [`program`]: which program opened a connection (the socket table and `/proc`), asked by
 //!   the netstack at each SYN and named in the flow header when the host reads version 2.
@@ -26,6 +28,7 @@
 //! agent is not started.
 
 pub mod control;
+pub mod enter;
 pub mod ids;
 mod launch;
 mod namespace;

@@ -246,6 +246,7 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
             ("LOGNAME".to_owned(), AGENT_USER.to_owned()),
             ("SHELL".to_owned(), "/bin/bash".to_owned()),
         ],
+        workdir: None,
     };
     agent.env.extend(workspace.env.iter().cloned());
     agent.env.extend(ca_env());

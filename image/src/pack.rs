@@ -48,6 +48,10 @@ fn pack_to(tree: &Path, out: &Path, ref_name: &str) -> Result<String, Error> {
     let mut builder = tar::Builder::new(HashingWriter::new(gz));
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
+    // Plain entries only: GNU sparse ones (the tar crate's default for files with holes) are
+    // refused by containerd's unpacker ("unhandled tar header type 83"), so `ctr images
+    // import` could not take the archive.
+    builder.sparse(false);
     for entry in walkdir::WalkDir::new(tree)
         .follow_links(false)
         .sort_by_file_name()

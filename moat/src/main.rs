@@ -46,6 +46,10 @@ enum Command {
     /// The namespace backend's PID 1 (started by `moat run`, not by hand).
     #[command(name = "__guest-init", hide = true)]
     GuestInit(run_cmd::GuestInitArgs),
+    /// A command in a running namespace workspace, confined like its agent (started by
+    /// containerd-shim-moat-v2 for an exec, not by hand).
+    #[command(name = "__exec", hide = true)]
+    Exec(run_cmd::ExecArgs),
 }
 
 /// The development profile and key shipped in the repository (DEVELOPMENT ONLY).
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run_cmd::run(args),
         Command::GuestInit(args) => run_cmd::guest_init(args),
+        Command::Exec(args) => run_cmd::exec(args),
         Command::Login(args) => broker_cmd::login(args),
         Command::Ssh(args) => broker_cmd::ssh(args),
     };

@@ -74,11 +74,33 @@ pub(crate) struct RunArgs {
     /// People then sign in with `moat login` and connect with `ssh` through `moat ssh`.
     #[arg(long, value_name = "DIR")]
     tunnel: Option<PathBuf>,
+    /// A variable of the agent's environment (repeatable): a container's own environment
+    /// under `containerd-shim-moat-v2`. Never a secret: the agent reads it.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// namespace backend: the agent's working directory inside the workspace (absolute;
+    /// default: its home).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// `NAME=VALUE`, with a name a shell could set.
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("{name:?} is not a variable name"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 /// Arguments of the hidden `__guest-init` command: the namespace backend's PID 1.
@@ -115,6 +137,25 @@ pub(crate) struct GuestInitArgs {
     /// A variable of the agent's environment: a secret's placeholder (never its value).
     #[arg(long = "agent-env", value_name = "NAME=VALUE")]
     agent_env: Vec<String>,
+    /// The agent's working directory inside the workspace (default: its home).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// Arguments of the hidden `__exec` command.
+#[derive(Debug, Args)]
+pub(crate) struct ExecArgs {
+    /// The `moat run` process of the workspace (its PID 1 is found under it).
+    #[arg(long)]
+    workspace_pid: u32,
+    /// A variable of the command's environment (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// The working directory inside the workspace (default: the agent's home).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -204,6 +245,9 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                 bail!(
                     "--home is a directory of the namespace backend; the vm backend takes --home-disk"
                 );
+            }
+            if args.workdir.is_some() {
+                bail!("--workdir is the namespace backend's for now; the VM starts in the home");
             }
             if args.rootfs.is_some() || args.host_root {
                 bail!(
@@ -526,7 +570,7 @@ fn run_in(
                         env: ["TERM", "LANG", "COLORTERM"]
                             .iter()
                             .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
-                            .chain(proxy.agent_env())
+                            .chain(agent_env(&proxy, args))
                             .collect(),
                         ca_pem: std::fs::read_to_string(&ca_bundle)?,
                         interactive: std::io::IsTerminal::is_terminal(&std::io::stdin()),
@@ -566,6 +610,21 @@ fn run_in(
         args.proxy.audit_path(&default_audit).display()
     );
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// The agent's variables beyond the basics: the secrets' placeholders in the variables they
+/// name, then `--env`'s, except where one names a placeholder's variable (the placeholder
+/// stays: a secret rule may require it).
+fn agent_env(proxy: &Proxy, args: &RunArgs) -> Vec<(String, String)> {
+    let mut env = proxy.agent_env();
+    let own = args
+        .env
+        .iter()
+        .filter(|(name, _)| !env.iter().any(|(n, _)| n == name))
+        .cloned()
+        .collect::<Vec<_>>();
+    env.extend(own);
+    env
 }
 
 /// A workspace reached through the broker.
@@ -696,10 +755,11 @@ fn run_namespace(
     }
     // The secrets' placeholders (drawn for this workspace, or fixed), in the variables they
     // name: not secret, so the command line may carry them.
-    for (name, placeholder) in proxy.agent_env() {
-        guest_init
-            .arg("--agent-env")
-            .arg(format!("{name}={placeholder}"));
+    for (name, value) in agent_env(proxy, args) {
+        guest_init.arg("--agent-env").arg(format!("{name}={value}"));
+    }
+    if let Some(dir) = &args.workdir {
+        guest_init.arg("--workdir").arg(dir);
     }
     let mut child = guest_init
         .arg("--flow-socket")
@@ -791,8 +851,27 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
             command: args.command,
             home: args.home,
             env,
+            workdir: args.workdir,
         },
     };
     let code = moat_guest_init::run_namespace(&config)?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// `moat __exec`: `args.command` in the running namespace workspace under
+/// `args.workspace_pid`, confined like its agent; exits with the command's status.
+pub(crate) fn exec(args: ExecArgs) -> Result<ExitCode> {
+    // An exec may come as soon as the container is started, before the workspace is up.
+    let init = moat_guest_init::enter::wait_for_init(
+        args.workspace_pid,
+        std::time::Duration::from_secs(60),
+    )?;
+    let spec = moat_guest_init::AgentSpec {
+        command: args.command,
+        home: moat_guest_init::enter::AGENT_HOME.into(),
+        env: args.env,
+        workdir: args.workdir,
+    };
+    let code = moat_guest_init::enter::exec_in(init, &spec)?;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }

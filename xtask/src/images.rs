@@ -540,11 +540,13 @@ pub(crate) fn rootfs() -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The root image as an OCI archive (`rootfs-<key>.oci.tar` beside the ext4 form): one layer,
+/// The root image as an OCI archive (`rootfs-<key>.v2.oci.tar` beside the ext4 form): one layer,
 /// the same tree, for `moat run --image` and the tests of it, without a registry.
 pub(crate) fn oci() -> Result<PathBuf> {
     let ext4 = rootfs()?;
-    let out = ext4.with_extension("oci.tar");
+    // `v2`: packed without GNU sparse entries, which containerd cannot unpack (an archive
+    // of the same tree packed before keeps its own name, and is never taken for this one).
+    let out = ext4.with_extension("v2.oci.tar");
     if out.exists() {
         eprintln!("xtask images: OCI archive cached: {}", out.display());
         return Ok(out);

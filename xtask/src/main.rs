@@ -25,15 +25,18 @@ stops and prints the command to run as root): xtask/src/setup.rs lists it all.
 verbs:
   test              install what the tests need, build the guest images, run every test
   check             CI's checks beside fmt and clippy: cargo deny (licences, bans, sources),
-                    cargo machete (unused dependencies), every fuzz target builds, cargo doc
-  bench [--quick] [--intercept-only|--scan-only] [egress|vmm|broker]
+                    cargo machete (unused dependencies), every fuzz target builds, cargo doc,
+                    the Kubernetes manifests against pinned schemas (`check manifests`: only that)
+  bench [--quick] [--intercept-only|--scan-only] [egress|vmm|broker|k8s]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
                     (start-up, memory, vsock throughput); tables + JSON in bench-results/;
                     --intercept-only: only the interception rows; --scan-only: only
                     the HTTP rules + response scan rows; broker: session setup
                     and throughput through broker and tunnel beside direct ssh, 1000
-                    sessions on one tunnel
+                    sessions on one tunnel;
+                    k8s (only when named; root, containerd): moat pods started at once
+                    through containerd, time to the agent's first output, idle memory
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
   images [kernel|kernel-gpu|kernel-smp|initramfs|rootfs|all]
                     build the VM images (cached in target/moat-images by a hash of their
@@ -71,11 +74,12 @@ fn run() -> Result<()> {
         .map_or(("", &[][..]), |(v, r)| (v.as_str(), r));
     match verb {
         "test" => test::run(rest),
+        "check" if rest.first().map(String::as_str) == Some("manifests") => check::manifests(),
         "check" => check::run(),
         "bench" => {
             setup::ensure(&[setup::Job::Bench, setup::Job::Kernel, setup::Job::Initramfs])?;
             let only = |what: &str| rest.iter().any(|a| a == what);
-            let all = !only("egress") && !only("vmm") && !only("broker");
+            let all = !only("egress") && !only("vmm") && !only("broker") && !only("k8s");
             if all || only("egress") {
                 bench::run(rest)?;
             }
@@ -84,6 +88,10 @@ fn run() -> Result<()> {
             }
             if all || only("broker") {
                 broker::bench()?;
+            }
+            // Only when named: it needs root and containerd.
+            if only("k8s") {
+                bench::k8s()?;
             }
             Ok(())
         }

@@ -176,6 +176,21 @@ const NEEDS: &[Need] = &[
         backports_beside: None,
     },
     Need {
+        jobs: &[Tests, Bench],
+        check: Check::Program("ctr"),
+        packages: &["containerd"],
+        why: "the containerd shim's tests start a containerd of their own and drive it with ctr",
+        backports_beside: None,
+    },
+    Need {
+        jobs: &[Tests, Bench],
+        check: Check::Package("containernetworking-plugins"),
+        packages: &["containernetworking-plugins"],
+        why: "containerd's CRI sets up every pod's network namespace through CNI: the shim's CRI \
+              test and `cargo xtask bench k8s` give it a loopback-only network",
+        backports_beside: None,
+    },
+    Need {
         jobs: &[Tests],
         check: Check::Program("pgrep"),
         packages: &["procps"],
@@ -190,10 +205,11 @@ const NEEDS: &[Need] = &[
         backports_beside: None,
     },
     Need {
-        jobs: &[Tests, Bench],
+        jobs: &[Tests, Bench, CheckJob],
         check: Check::PythonModule("ensurepip"),
         packages: &["python3-venv"],
-        why: "the OCSF validator (tests) and mitmproxy (bench) live in Python venvs",
+        why: "the OCSF validator and the CRI client (tests), mitmproxy (bench) and the \
+              Kubernetes manifest validator (check) live in Python venvs",
         backports_beside: None,
     },
     Need {
@@ -638,6 +654,30 @@ pub(crate) fn mcp_venv() -> Result<PathBuf> {
         "moat/tests/mcp/requirements.txt",
         "/usr/bin/python3",
         "the MCP SDK: MCP rules are tested with a real MCP server and client",
+    )
+}
+
+/// The Kubernetes manifest validator `cargo xtask check` runs (kubernetes-validate and
+/// jsonschema, pinned in deploy/kubernetes/check/requirements.txt), in `.venv-manifests`;
+/// returns its python.
+pub(crate) fn manifests_venv() -> Result<PathBuf> {
+    pinned_venv(
+        ".venv-manifests",
+        "deploy/kubernetes/check/requirements.txt",
+        "python3",
+        "the Kubernetes manifest validator: deploy/kubernetes is checked against pinned schemas",
+    )
+}
+
+/// The CRI client the shim's CRI test and `cargo xtask bench k8s` speak to containerd with
+/// (grpcio and grpcio-tools, pinned in shim/tests/cri/requirements.txt), in `.venv-cri`;
+/// returns its python.
+pub(crate) fn cri_venv() -> Result<PathBuf> {
+    pinned_venv(
+        ".venv-cri",
+        "shim/tests/cri/requirements.txt",
+        "python3",
+        "a CRI client: the shim is tested through containerd's CRI, the kubelet's path",
     )
 }
 

@@ -22,6 +22,7 @@
 mod egress;
 mod env;
 mod intercept;
+mod k8s;
 mod netstack;
 mod workloads;
 
@@ -30,6 +31,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::{root, run_cmd};
+
+pub(crate) use k8s::run as k8s;
 
 const HOST: &str = "bench.test";
 const REPS: usize = 5;
