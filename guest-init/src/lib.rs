@@ -18,6 +18,9 @@
 //! - `launch`: the agent started, confined by `moat-guest-sandbox` between fork and exec,
 //!   and reaped; `signals`: what the waiting processes pass on; `report`: process events
 //!   to the host.
+//! - [`service`]: workspace services (a local model server, say): started before the agent
+//!   and stopped after it, each as a uid of its own in pid and mount namespaces of its own,
+//!   confined with Landlock rules of its own, its files and devices out of the agent's view.
 //! - [`session`]: SSH sessions through the broker, one confined `sshd -i` per `CONNECT 22`.
 //! - [`program`]: which program opened a connection (the socket table and `/proc`), asked by
 //!   the netstack at each SYN and named in the flow header when the host reads version 2.
@@ -32,6 +35,7 @@ mod namespace;
 pub mod program;
 mod report;
 mod rootfs;
+pub mod service;
 pub mod session;
 mod signals;
 pub mod vm;
@@ -86,6 +90,9 @@ pub enum InitError {
     /// The SSH session service could not be set up.
     #[error("cannot set up SSH sessions")]
     Session(#[from] session::SessionError),
+    /// A workspace service is refused or could not start.
+    #[error("cannot start the workspace's services")]
+    Service(#[from] service::ServiceError),
     /// A file the workspace needs could not be written.
     #[error("cannot write {}", .0.display())]
     Write(PathBuf, #[source] std::io::Error),
@@ -114,6 +121,12 @@ pub struct WorkspaceConfig {
     pub extra_ca: Option<PathBuf>,
     /// The agent.
     pub agent: AgentSpec,
+    /// The workspace's services, started before the agent ([`service`]).
+    pub services: Vec<service::ServiceSpec>,
+    /// Run by root: each service's own host uid and gid, in the order of `services`, leased
+    /// by `moat run` like `host_id` ([`ids`]). Services need them: a service's uid must differ
+    /// from the agent's on the host too.
+    pub service_host_ids: Vec<u32>,
     /// SSH sessions through the trusted access broker, if the workspace takes them.
     pub ssh: Option<SshSetup>,
     /// The highest flow header version the host's egress proxy reads: from 2, each flow's

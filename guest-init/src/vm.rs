@@ -277,7 +277,14 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
         start_sessions(service, &sandbox, &reporter)?;
     }
     sandbox.devices.push(CONSOLE.into());
-    let status = run_agent(&agent, &sandbox, tty, &reporter).map_err(InitError::Agent)?;
+    let status = run_agent(
+        &agent,
+        &sandbox,
+        tty,
+        &reporter,
+        &mut crate::service::Services::default(),
+    )
+    .map_err(InitError::Agent)?;
     Ok(exit_code(status))
 }
 

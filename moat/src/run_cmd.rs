@@ -15,6 +15,7 @@ use moat_host_probe::KvmFlavour;
 use moat_broker_client::enrolment::WorkspaceEnrolment;
 use moat_broker_client::tunnel::connector::{Connector, ConnectorConfig};
 use moat_guest_init::control::VmWorkspace;
+use moat_guest_init::service::ServiceSpec;
 use moat_guest_init::session::SshService;
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -74,6 +75,20 @@ pub(crate) struct RunArgs {
     /// People then sign in with `moat login` and connect with `ssh` through `moat ssh`.
     #[arg(long, value_name = "DIR")]
     tunnel: Option<PathBuf>,
+    /// A workspace service, started before the agent and stopped after it, as a uid of its
+    /// own, out of the agent's reach (docs/inference.md): NAME[:PORT]=COMMAND, the command
+    /// split on spaces, PORT the loopback port it listens on. Repeatable.
+    #[arg(long = "service", value_name = "NAME[:PORT]=COMMAND")]
+    service: Vec<String>,
+    /// Workspace services from a TOML file: `[[service]]` tables with name, command (a list),
+    /// and optionally port, models (a directory bound read-only in its view only), devices,
+    /// restart.
+    #[arg(long, value_name = "FILE")]
+    services: Option<PathBuf>,
+    /// namespace backend: a host device node for the workspace's one service, in its /dev
+    /// only, never in the agent's. Repeatable.
+    #[arg(long = "device", value_name = "PATH")]
+    device: Vec<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
@@ -115,8 +130,51 @@ pub(crate) struct GuestInitArgs {
     /// A variable of the agent's environment: a secret's placeholder (never its value).
     #[arg(long = "agent-env", value_name = "NAME=VALUE")]
     agent_env: Vec<String>,
+    /// The workspace's services (JSON, written by `moat run`).
+    #[arg(long)]
+    services: Option<PathBuf>,
+    /// Run by root: a service's host id, in the order of the services.
+    #[arg(long = "service-host-id")]
+    service_host_id: Vec<u32>,
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// The `[[service]]` tables of a `--services` file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServicesFile {
+    #[serde(default)]
+    service: Vec<ServiceSpec>,
+}
+
+/// The workspace's services: `--services FILE`'s, then each `--service`'s; `--device` goes
+/// to the one service there is.
+fn workspace_services(args: &RunArgs) -> Result<Vec<ServiceSpec>> {
+    let mut specs = match &args.services {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str::<ServicesFile>(&text)
+                .with_context(|| format!("--services {}: not a services file", path.display()))?
+                .service
+        }
+        None => Vec::new(),
+    };
+    for flag in &args.service {
+        specs.push(ServiceSpec::parse_flag(flag)?);
+    }
+    if !args.device.is_empty() {
+        match specs.as_mut_slice() {
+            [one] => one.devices.extend(args.device.iter().cloned()),
+            _ => bail!(
+                "--device gives a device to the workspace's one service: with {} services, name                  each one's devices in a --services file",
+                specs.len()
+            ),
+        }
+    }
+    ServiceSpec::check_all(&specs)?;
+    Ok(specs)
 }
 
 /// Which backend runs the workspace.
@@ -197,9 +255,19 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         None => None,
     };
     let (mut backend, why) = choose_backend(&args.backend)?;
+    let services = workspace_services(&args)?;
     match &mut backend {
         Backend::Vm(images, _) => {
             eprintln!("moat: backend vm ({why})");
+            if !args.device.is_empty() {
+                bail!(
+                    "--device gives a host device node to a service of the namespace backend; a \
+                     VM's service gets the GPU's nodes (--gpu) in a --services file's devices"
+                );
+            }
+            if !services.is_empty() {
+                bail!("workspace services run in the namespace backend only, for now");
+            }
             if args.home.is_some() {
                 bail!(
                     "--home is a directory of the namespace backend; the vm backend takes --home-disk"
@@ -219,6 +287,14 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         Backend::Namespace(root) => {
             if !args.gpu.is_empty() {
                 bail!("--gpu passes a device through to a VM: it needs the vm backend ({why})");
+            }
+            if !services.is_empty() && !nix::unistd::Uid::effective().is_root() {
+                bail!(
+                    "workspace services need moat run as root in the namespace backend: each \
+                     runs as a host uid of its own (an unprivileged user can map only its own, \
+                     and a service that is the agent's uid on the host is the agent's to signal \
+                     and read); or use the vm backend"
+                );
             }
             eprintln!("moat: backend namespace ({why})");
             eprintln!(
@@ -277,6 +353,7 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                 &args,
                 enrolment,
                 backend,
+                &services,
                 &RunPaths {
                     run_dir: &run_dir,
                     logs_base: &logs_base,
@@ -363,6 +440,7 @@ fn run_in(
     args: &RunArgs,
     enrolment: Option<WorkspaceEnrolment>,
     backend: Backend,
+    services: &[ServiceSpec],
     paths: &RunPaths<'_>,
 ) -> Result<ExitCode> {
     use std::os::unix::fs::PermissionsExt;
@@ -416,6 +494,20 @@ fn run_in(
         }
         _ => None,
     };
+    // And one for each service: never the agent's, on the host too.
+    let service_leases = match &lease {
+        Some(_) => services
+            .iter()
+            .map(|_| {
+                moat_guest_init::ids::lease(
+                    std::path::Path::new(moat_guest_init::ids::STATE_DIR),
+                    run_dir,
+                    false,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
     if let Backend::Namespace(root) = &backend {
         // Nothing the agent must not read may be in its view: refused before anything starts.
         let mut private: Vec<(String, PathBuf, bool)> = config
@@ -439,6 +531,16 @@ fn run_in(
         private.push(("the run directory".into(), run_dir.to_owned(), true));
         if audit_path.as_os_str() != "-" {
             private.push(("the audit log".into(), audit_path.clone(), false));
+        }
+        // A service's models are its alone: shown only in its view.
+        for spec in services {
+            if let Some(models) = &spec.models {
+                private.push((
+                    format!("service {:?}'s models", spec.name),
+                    models.clone(),
+                    false,
+                ));
+            }
         }
         Exposure::new(root, &home, lease.as_ref().map(|l| l.id())).refuse_visible(&private)?;
     }
@@ -548,6 +650,8 @@ fn run_in(
                 root: &root,
                 host_id: lease.as_ref().map(|l| l.id()),
                 home: &home,
+                services,
+                service_host_ids: service_leases.iter().map(|l| l.id()).collect(),
             },
             &ca_bundle,
             &hostname,
@@ -630,6 +734,9 @@ struct NamespaceRun<'a> {
     /// Run by root: the host id leased for the workspace.
     host_id: Option<u32>,
     home: &'a std::path::Path,
+    services: &'a [ServiceSpec],
+    /// Run by root: each service's own host id.
+    service_host_ids: Vec<u32>,
 }
 
 /// The namespace backend: `moat __guest-init` in fresh namespaces; returns the agent's exit code.
@@ -693,6 +800,15 @@ fn run_namespace(
             .arg(&service)
             .arg("--ssh-log")
             .arg(log);
+    }
+    if !ns.services.is_empty() {
+        let path = run_dir.join("services.json");
+        std::fs::write(&path, serde_json::to_vec(ns.services)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        guest_init.arg("--services").arg(&path);
+        for id in &ns.service_host_ids {
+            guest_init.arg("--service-host-id").arg(id.to_string());
+        }
     }
     // The secrets' placeholders (drawn for this workspace, or fixed), in the variables they
     // name: not secret, so the command line may carry them.
@@ -777,7 +893,17 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
                 .with_context(|| format!("--agent-env {kv:?} is not NAME=VALUE"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let services = match &args.services {
+        Some(path) => {
+            let json =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_slice(&json).with_context(|| format!("invalid {}", path.display()))?
+        }
+        None => Vec::new(),
+    };
     let config = moat_guest_init::WorkspaceConfig {
+        services,
+        service_host_ids: args.service_host_id,
         flow_socket: args.flow_socket,
         audit_socket: args.audit_socket,
         run_dir: args.run_dir,
