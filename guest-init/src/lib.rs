@@ -43,6 +43,7 @@ pub mod vm;
 use std::path::PathBuf;
 
 pub use launch::{AgentSpec, exit_code};
+pub use moat_netstack::LocalRoute;
 pub use namespace::{MASKED, run_namespace};
 pub use rootfs::REPLACED;
 pub use vm::run_vm;
@@ -127,6 +128,10 @@ pub struct WorkspaceConfig {
     /// by `moat run` like `host_id` ([`ids`]). Services need them: a service's uid must differ
     /// from the agent's on the host too.
     pub service_host_ids: Vec<u32>,
+    /// Names the netstack answers with a workspace service instead of sending them to the
+    /// host: the signed policy's `[[local_routes]]`, resolved by `moat run` to the services'
+    /// ports.
+    pub local_routes: Vec<moat_netstack::LocalRoute>,
     /// SSH sessions through the trusted access broker, if the workspace takes them.
     pub ssh: Option<SshSetup>,
     /// The highest flow header version the host's egress proxy reads: from 2, each flow's
@@ -136,11 +141,13 @@ pub struct WorkspaceConfig {
 
 /// Starts the netstack thread on `tun`, its flows going through `transport`; with the program
 /// of each connection looked up and sent when the host reads flow header version 2 or later
-/// (`host_reads`, told by the host at start), not otherwise.
+/// (`host_reads`, told by the host at start), not otherwise; the names of `local` answered
+/// inside the workspace.
 fn start_netstack(
     tun: moat_netstack::Tun,
     transport: Box<dyn moat_netstack::FlowTransport>,
     host_reads: u8,
+    local: moat_netstack::LocalRoutes,
 ) -> std::io::Result<()> {
     let programs = (host_reads.min(moat_flow_header::MAX_VERSION) >= moat_flow_header::VERSION_2)
         .then(|| {
@@ -149,9 +156,13 @@ fn start_netstack(
     std::thread::Builder::new()
         .name("netstack".into())
         .spawn(move || {
-            if let Err(e) =
-                moat_netstack::run(tun, transport, moat_netstack::Limits::default(), programs)
-            {
+            if let Err(e) = moat_netstack::run(
+                tun,
+                transport,
+                moat_netstack::Limits::default(),
+                programs,
+                local,
+            ) {
                 eprintln!("moat guest-init: netstack stopped: {e}");
             }
         })?;

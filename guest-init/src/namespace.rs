@@ -693,8 +693,13 @@ fn init(
     let _ = sethostname(&config.hostname);
 
     let transport = moat_netstack::UnixTransport { path: flow_socket };
-    crate::start_netstack(tun, Box::new(transport), config.flow_header_version)
-        .map_err(InitError::Network)?;
+    crate::start_netstack(
+        tun,
+        Box::new(transport),
+        config.flow_header_version,
+        moat_netstack::LocalRoutes::new(config.local_routes.clone()),
+    )
+    .map_err(InitError::Network)?;
 
     let mut agent = config.agent.clone();
     agent.home = AGENT_HOME.into();

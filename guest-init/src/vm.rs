@@ -227,8 +227,13 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     let transport = moat_netstack::VsockTransport {
         port: control::EGRESS_VSOCK_PORT,
     };
-    crate::start_netstack(tun, Box::new(transport), workspace.flow_header_version)
-        .map_err(InitError::Network)?;
+    crate::start_netstack(
+        tun,
+        Box::new(transport),
+        workspace.flow_header_version,
+        moat_netstack::LocalRoutes::default(),
+    )
+    .map_err(InitError::Network)?;
     let _ = nix::unistd::sethostname(&workspace.hostname);
     // Nobody in the workspace may open PID 1's descriptors (the control stream) through /proc.
     let _ = nix::sys::prctl::set_dumpable(false);

@@ -136,6 +136,10 @@ pub(crate) struct GuestInitArgs {
     /// Run by root: a service's host id, in the order of the services.
     #[arg(long = "service-host-id")]
     service_host_id: Vec<u32>,
+    /// A name the netstack answers with a service: HOST:PORT=SERVICE_PORT (the signed
+    /// policy's `[[local_routes]]`).
+    #[arg(long = "local-route", value_name = "HOST:PORT=SERVICE_PORT")]
+    local_route: Vec<String>,
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -175,6 +179,60 @@ fn workspace_services(args: &RunArgs) -> Result<Vec<ServiceSpec>> {
     }
     ServiceSpec::check_all(&specs)?;
     Ok(specs)
+}
+
+/// The signed policy's local routes for this workspace's services: each to the loopback
+/// port of the service it names. A route to a service this workspace does not run (or one
+/// without a port) is left to the egress proxy, which decides that name as any other, and
+/// said so.
+fn local_routes(
+    policy: &moat_policy::Policy,
+    services: &[ServiceSpec],
+) -> Vec<moat_guest_init::LocalRoute> {
+    let mut routes = Vec::new();
+    for route in &policy.local_routes {
+        let port = services
+            .iter()
+            .find(|s| s.name == route.service.as_str())
+            .and_then(|s| s.port);
+        match port {
+            Some(port) => {
+                eprintln!(
+                    "moat: {}:{} is answered in the workspace by service {:?} (the policy's \
+                     local route)",
+                    route.host,
+                    route.port,
+                    route.service.as_str()
+                );
+                routes.push(moat_guest_init::LocalRoute {
+                    host: route.host.clone(),
+                    port: route.port,
+                    target: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                });
+            }
+            None => eprintln!(
+                "moat: the policy routes {} to service {:?}, which this workspace does not run \
+                 with a port (--service {}:PORT=...): flows to it go to the egress proxy",
+                route.host,
+                route.service.as_str(),
+                route.service.as_str()
+            ),
+        }
+    }
+    routes
+}
+
+/// `__guest-init --local-route HOST:PORT=SERVICE_PORT`.
+fn parse_local_route(text: &str) -> Result<moat_guest_init::LocalRoute> {
+    let parsed = text.split_once('=').and_then(|(name, to)| {
+        let (host, port) = name.rsplit_once(':')?;
+        Some(moat_guest_init::LocalRoute {
+            host: host.to_owned(),
+            port: port.parse().ok()?,
+            target: std::net::SocketAddr::from(([127, 0, 0, 1], to.parse::<u16>().ok()?)),
+        })
+    });
+    parsed.with_context(|| format!("--local-route {text:?} is not HOST:PORT=SERVICE_PORT"))
 }
 
 /// Which backend runs the workspace.
@@ -508,11 +566,12 @@ fn run_in(
             .collect::<Result<Vec<_>, _>>()?,
         None => Vec::new(),
     };
+    let mut routes = Vec::new();
     if let Backend::Namespace(root) = &backend {
         // Nothing the agent must not read may be in its view: refused before anything starts.
-        let mut private: Vec<(String, PathBuf, bool)> = config
-            .source
-            .load()?
+        let policy = config.source.load()?;
+        routes = local_routes(&policy, services);
+        let mut private: Vec<(String, PathBuf, bool)> = policy
             .secrets
             .iter()
             .filter_map(|s| match &s.source {
@@ -652,6 +711,7 @@ fn run_in(
                 home: &home,
                 services,
                 service_host_ids: service_leases.iter().map(|l| l.id()).collect(),
+                local_routes: &routes,
             },
             &ca_bundle,
             &hostname,
@@ -737,6 +797,8 @@ struct NamespaceRun<'a> {
     services: &'a [ServiceSpec],
     /// Run by root: each service's own host id.
     service_host_ids: Vec<u32>,
+    /// The policy's local routes to those services.
+    local_routes: &'a [moat_guest_init::LocalRoute],
 }
 
 /// The namespace backend: `moat __guest-init` in fresh namespaces; returns the agent's exit code.
@@ -809,6 +871,14 @@ fn run_namespace(
         for id in &ns.service_host_ids {
             guest_init.arg("--service-host-id").arg(id.to_string());
         }
+    }
+    for route in ns.local_routes {
+        guest_init.arg("--local-route").arg(format!(
+            "{}:{}={}",
+            route.host,
+            route.port,
+            route.target.port()
+        ));
     }
     // The secrets' placeholders (drawn for this workspace, or fixed), in the variables they
     // name: not secret, so the command line may carry them.
@@ -901,7 +971,13 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
         }
         None => Vec::new(),
     };
+    let local_routes = args
+        .local_route
+        .iter()
+        .map(|r| parse_local_route(r))
+        .collect::<Result<Vec<_>>>()?;
     let config = moat_guest_init::WorkspaceConfig {
+        local_routes,
         services,
         service_host_ids: args.service_host_id,
         flow_socket: args.flow_socket,

@@ -13,7 +13,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::services::{PORT, WEIGHTS, inference_dir, services_file};
+use common::services::{
+    HELLO_ANSWER, LOCAL_ROUTE, PORT, WEIGHTS, inference_dir, openai_chat, openai_python,
+    services_file,
+};
 use common::{Workspace, text};
 
 fn root() -> bool {
@@ -271,4 +274,73 @@ fn services_are_refused_with_a_clear_error() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// Local inference with the real OpenAI client, on the host's root where its venv is: the
+/// agent asks `http://inference.local/v1`, a name the signed policy routes to the workspace
+/// service `llm`, and gets the local model's completion; the egress proxy never sees the flow.
+#[test]
+fn the_openai_client_gets_a_completion_from_the_local_model_as_inference_local() {
+    if !root() {
+        return;
+    }
+    let python = openai_python();
+    let mut ws = Workspace::host_root().with_rules(LOCAL_ROUTE);
+    let file = services_file(&ws, &[]);
+    ws.args = vec!["--services".into(), file.into()];
+    let out = ws.run(&openai_chat(&python, "http://inference.local/v1"));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), HELLO_ANSWER, "{stderr}");
+    assert!(
+        stderr.contains("inference.local:80 is answered in the workspace by service \"llm\""),
+        "{stderr}"
+    );
+    let to_proxy: Vec<_> = ws
+        .audit()
+        .into_iter()
+        .filter(|r| r["class_uid"] != 1007 && r.to_string().contains("inference.local"))
+        .collect();
+    assert!(to_proxy.is_empty(), "the proxy saw it: {to_proxy:#?}");
+}
+
+/// The control: without the policy's local route, the same name is the egress proxy's to
+/// decide, and this policy allows it nowhere.
+#[test]
+fn without_the_policys_local_route_inference_local_is_the_proxys_and_refused() {
+    if !root() {
+        return;
+    }
+    let python = openai_python();
+    let mut ws = Workspace::host_root();
+    let file = services_file(&ws, &[]);
+    ws.args = vec!["--services".into(), file.into()];
+    let out = ws.run(&openai_chat(&python, "http://inference.local/v1"));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(!stdout.contains(HELLO_ANSWER), "{stdout}");
+    assert!(
+        ws.reasons().iter().any(|r| r == "no_rule"),
+        "refused by the proxy: {:?}",
+        ws.reasons()
+    );
+}
+
+/// The agent's OpenAI client also reaches the service directly on its loopback port.
+#[test]
+fn the_openai_client_gets_a_completion_on_the_services_loopback_port() {
+    if !root() {
+        return;
+    }
+    let python = openai_python();
+    let mut ws = Workspace::host_root();
+    let file = services_file(&ws, &[]);
+    ws.args = vec!["--services".into(), file.into()];
+    let out = ws.run(&openai_chat(
+        &python,
+        &format!("http://127.0.0.1:{PORT}/v1"),
+    ));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), HELLO_ANSWER, "{stderr}");
 }

@@ -187,6 +187,8 @@ pub struct Stack<P: PacketIo> {
     counters: Arc<Counters>,
     /// Set only when the host reads flow header version 2.
     programs: Option<Box<dyn ProgramLookup>>,
+    /// Names answered inside the workspace ([`crate::local`]).
+    local: crate::local::LocalRoutes,
 }
 
 impl<P: PacketIo> std::fmt::Debug for Stack<P> {
@@ -241,6 +243,7 @@ impl<P: PacketIo> Stack<P> {
             next_flow_id: 1,
             counters: Arc::new(Counters::default()),
             programs: None,
+            local: crate::local::LocalRoutes::default(),
         }
     }
 
@@ -249,6 +252,11 @@ impl<P: PacketIo> Stack<P> {
     /// version 1.
     pub fn set_programs(&mut self, lookup: Box<dyn ProgramLookup>) {
         self.programs = Some(lookup);
+    }
+
+    /// Connects flows to the names of `routes` to workspace services instead of the host.
+    pub fn set_local_routes(&mut self, routes: crate::local::LocalRoutes) {
+        self.local = routes;
     }
 
     /// The counters.
@@ -444,11 +452,20 @@ impl<P: PacketIo> Stack<P> {
             program: flow.program.take(),
         };
         self.next_flow_id += 1;
-        match self.transport.connect() {
-            Ok(stream) => {
+        let local = header
+            .hostname
+            .as_ref()
+            .and_then(|h| self.local.target(h.as_str(), dst.port()));
+        let opened = match local {
+            // Answered inside the workspace: no header, nothing to the host.
+            Some(target) => crate::local::LocalRoutes::open(target).map(|s| (s, Vec::new())),
+            None => self.transport.connect().map(|s| (s, header.encode())),
+        };
+        match opened {
+            Ok((stream, first)) => {
                 self.new_streams
                     .push(std::os::fd::AsRawFd::as_raw_fd(&stream));
-                flow.to_host = header.encode();
+                flow.to_host = first;
                 flow.stream = Some(stream);
                 self.counters.flows_opened.fetch_add(1, Ordering::Relaxed);
             }

@@ -51,3 +51,35 @@ pub fn services_file(ws: &Workspace, devices: &[PathBuf]) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// The openai client's python (`cargo xtask test` installs it into .venv-openai, from
+/// moat/tests/inference/requirements.txt, and sets MOAT_OPENAI_PYTHON).
+pub fn openai_python() -> PathBuf {
+    let python = std::env::var_os("MOAT_OPENAI_PYTHON").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-openai/bin/python"),
+        PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "the openai client is not installed: run `cargo xtask test` (it installs it into \
+         .venv-openai)"
+    );
+    python
+}
+
+/// The policy's local route: `inference.local` (port 80) to the service `llm`.
+pub const LOCAL_ROUTE: &str = "[[local_routes]]\nhost = \"inference.local\"\nservice = \"llm\"\n";
+
+/// A Python script for the agent: the real OpenAI client asks `base_url` for a chat
+/// completion and prints its text.
+pub fn openai_chat(python: &Path, base_url: &str) -> String {
+    format!(
+        "{} -c \"import openai; c = openai.OpenAI(base_url='{base_url}', api_key='unused', \
+         max_retries=0); r = c.chat.completions.create(model='moat-standin-bigram', \
+         messages=[{{'role': 'user', 'content': 'hello'}}]); print(r.choices[0].message.content)\"",
+        python.display()
+    )
+}
+
+/// What the stand-in model answers to "hello".
+pub const HELLO_ANSWER: &str = "from the model beside your agent";
