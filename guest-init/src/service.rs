@@ -212,7 +212,8 @@ fn device_name(device: &Path) -> std::ffi::OsString {
 }
 
 /// Where a service's models and devices come from when its directory is laid out: paths
-/// reachable by PID 1 before it enters the workspace's root.
+/// PID 1 reaches at that moment (in the namespace backend, before it enters the workspace's
+/// root; in a VM, after).
 #[derive(Debug, Clone)]
 pub(crate) struct Sources {
     /// Bound at `models/`.

@@ -323,9 +323,6 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                      VM's service gets the GPU's nodes (--gpu) in a --services file's devices"
                 );
             }
-            if !services.is_empty() {
-                bail!("workspace services run in the namespace backend only, for now");
-            }
             if args.home.is_some() {
                 bail!(
                     "--home is a directory of the namespace backend; the vm backend takes --home-disk"
@@ -566,11 +563,11 @@ fn run_in(
             .collect::<Result<Vec<_>, _>>()?,
         None => Vec::new(),
     };
-    let mut routes = Vec::new();
+    let policy = config.source.load()?;
+    // Chosen by the signed policy in force at start (a reload does not change them).
+    let routes = local_routes(&policy, services);
     if let Backend::Namespace(root) = &backend {
         // Nothing the agent must not read may be in its view: refused before anything starts.
-        let policy = config.source.load()?;
-        routes = local_routes(&policy, services);
         let mut private: Vec<(String, PathBuf, bool)> = policy
             .secrets
             .iter()
@@ -695,6 +692,15 @@ fn run_in(
                         cols,
                         ssh: tunnel.map(|t| t.service),
                         flow_header_version: moat_egress::FLOW_HEADER_VERSION,
+                        services: services.to_vec(),
+                        local_routes: routes
+                            .iter()
+                            .map(|r| moat_guest_init::control::VmLocalRoute {
+                                host: r.host.clone(),
+                                port: r.port,
+                                service_port: r.target.port(),
+                            })
+                            .collect(),
                     },
                 },
             )?

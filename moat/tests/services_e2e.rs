@@ -76,6 +76,7 @@ fn probe() -> &'static Probe {
             answer["pid"].is_u64(),
             "the agent sees the service's pid: {answer}"
         );
+        assert_ne!(answer["pid"], 1, "the service, not PID 1: {answer}");
         eprintln!("the probe: {answer}");
         Probe {
             answer,

@@ -10,9 +10,9 @@ import os
 import sys
 
 SERVICE = sys.argv[1] if len(sys.argv) > 1 else "llm"
-# The service's program: the process whose second argument this is (its init, a clone of
-# guest-init, and PID 1 carry it somewhere in their command lines too).
-SCRIPT = (sys.argv[2] if len(sys.argv) > 2 else f"/run/moat-services/{SERVICE}/models/server.py").encode()
+# The service's program: the python3 one of whose arguments starts with this (the server's
+# path, or its source where it runs as `python3 -c`).
+MARKER = (sys.argv[2] if len(sys.argv) > 2 else f"/run/moat-services/{SERVICE}/models/server.py").encode()
 DIR = f"/run/moat-services/{SERVICE}"
 
 
@@ -23,7 +23,7 @@ def find_service():
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            if len(argv) > 1 and argv[1] == SCRIPT:
+            if argv[0].endswith(b"python3") and any(a.startswith(MARKER) for a in argv[1:]):
                 return int(entry)
         except OSError:
             pass

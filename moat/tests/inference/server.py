@@ -10,8 +10,8 @@ what the `openai` client asks of a server: GET /v1/models, POST /v1/chat/complet
 streamed, as server-sent events) and POST /v1/completions, with OpenAI's JSON shapes.
 
 It listens on 127.0.0.1 at $MOAT_SERVICE_PORT (guest-init sets it from the service's spec) and
-reads its model from $MOAT_SERVICE_DIR/models/model.json, or from the paths given as
-arguments: PORT [MODEL].
+reads its model from $MOAT_SERVICE_DIR/models/model.json, or from the arguments: PORT [MODEL],
+MODEL a path or the model's JSON itself.
 """
 
 import json
@@ -24,8 +24,13 @@ MAX_BODY = 1 << 20
 
 
 def load_model(path):
-    with open(path, encoding="utf-8") as f:
-        model = json.load(f)
+    """The model file, or the model itself where the argument is JSON (a VM's service runs
+    the server as `python3 -c`, with no file of ours in the root image)."""
+    if path.lstrip().startswith("{"):
+        model = json.loads(path)
+    else:
+        with open(path, encoding="utf-8") as f:
+            model = json.load(f)
     return model["name"], model["bigrams"]
 
 
