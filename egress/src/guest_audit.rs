@@ -23,6 +23,8 @@ pub const GUEST_AUDIT_VSOCK_PORT: u32 = 1026;
 pub const MAX_LINE: usize = 8 * 1024;
 /// Longest command line kept in a record.
 const MAX_CMD_LINE: usize = 4096;
+/// Longest service name kept in a record (guest-init's names are at most 32 bytes).
+const MAX_SERVICE_NAME: usize = 64;
 
 /// One event, as guest-init sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -34,6 +36,9 @@ pub enum GuestEvent {
         pid: u32,
         /// Its command line.
         cmd_line: String,
+        /// The workspace service it is, if it is one (absent for the agent and SSH sessions).
+        #[serde(default)]
+        service: Option<String>,
     },
     /// It exited.
     Terminate {
@@ -41,6 +46,9 @@ pub enum GuestEvent {
         pid: u32,
         /// Exit code (128 + signal when killed).
         exit_code: i32,
+        /// The workspace service it was, if it was one.
+        #[serde(default)]
+        service: Option<String>,
     },
 }
 
@@ -112,6 +120,11 @@ impl Audit {
                 rec["message"] = json!(format!("exited with status {exit_code}"));
             }
         }
+        let (GuestEvent::Launch { service, .. } | GuestEvent::Terminate { service, .. }) = event;
+        if let Some(service) = service {
+            // A claim of guest-init's, like the rest: named where it is (unmapped.moat).
+            rec["unmapped"]["moat"]["service"] = json!(truncate(service, MAX_SERVICE_NAME));
+        }
         rec["process"] = process;
         rec
     }
@@ -173,16 +186,29 @@ mod tests {
             GuestEvent::parse(br#"{"activity":"launch","pid":3,"cmd_line":"sh -c x"}"#),
             Some(GuestEvent::Launch {
                 pid: 3,
-                cmd_line: "sh -c x".into()
+                cmd_line: "sh -c x".into(),
+                service: None,
             })
         );
         assert_eq!(
             GuestEvent::parse(br#"{"activity":"terminate","pid":3,"exit_code":7}"#),
             Some(GuestEvent::Terminate {
                 pid: 3,
-                exit_code: 7
+                exit_code: 7,
+                service: None,
             })
         );
+    }
+
+    #[test]
+    fn a_services_events_name_it_in_their_records() {
+        let event =
+            GuestEvent::parse(br#"{"activity":"terminate","pid":9,"exit_code":1,"service":"llm"}"#)
+                .unwrap();
+        let audit = Audit::to_writer(Box::new(std::io::sink()), "ws");
+        let rec = audit.process_record(&event);
+        assert_eq!(rec["unmapped"]["moat"]["service"], "llm");
+        assert_eq!(rec["exit_code"], 1);
     }
 
     #[test]
@@ -205,6 +231,7 @@ mod tests {
         let rec = audit.process_record(&GuestEvent::Launch {
             pid: 2,
             cmd_line: "é".repeat(4000),
+            service: None,
         });
         assert!(rec["process"]["cmd_line"].as_str().unwrap().len() <= MAX_CMD_LINE);
     }

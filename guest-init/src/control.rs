@@ -48,6 +48,35 @@ pub struct VmWorkspace {
     /// before version 2). From 2, flow headers name the program that opened each flow.
     #[serde(default = "flow_header_version_1")]
     pub flow_header_version: u8,
+    /// The workspace's services ([`crate::service`]): their models are directories of the root
+    /// image, their devices the guest's device nodes (a passed-through GPU's).
+    #[serde(default)]
+    pub services: Vec<crate::service::ServiceSpec>,
+    /// The signed policy's local routes, resolved to the services' ports.
+    #[serde(default)]
+    pub local_routes: Vec<VmLocalRoute>,
+}
+
+/// A name the VM's netstack answers with a service on loopback ([`moat_netstack::local`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmLocalRoute {
+    /// The name.
+    pub host: String,
+    /// The port the agent connects to on it.
+    pub port: u16,
+    /// The service's loopback port.
+    pub service_port: u16,
+}
+
+impl From<&VmLocalRoute> for moat_netstack::LocalRoute {
+    fn from(r: &VmLocalRoute) -> Self {
+        moat_netstack::LocalRoute {
+            host: r.host.clone(),
+            port: r.port,
+            target: std::net::SocketAddr::from(([127, 0, 0, 1], r.service_port)),
+        }
+    }
 }
 
 fn flow_header_version_1() -> u8 {
@@ -153,6 +182,14 @@ mod tests {
                 user_ca: "ssh-ed25519 AAAA ca".into(),
             }),
             flow_header_version: moat_flow_header::VERSION_2,
+            services: vec![
+                crate::service::ServiceSpec::parse_flag("llm:8000=python3 s.py").unwrap(),
+            ],
+            local_routes: vec![VmLocalRoute {
+                host: "inference.local".into(),
+                port: 80,
+                service_port: 8000,
+            }],
         };
         let line = encode(&w);
         let mut r = io::BufReader::new(&line[..]);

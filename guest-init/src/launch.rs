@@ -45,6 +45,7 @@ pub(crate) fn run_agent(
     sandbox: &moat_guest_sandbox::SandboxConfig,
     tty: Option<OwnedFd>,
     report: &Reporter,
+    services: &mut crate::service::Services,
 ) -> std::io::Result<ExitStatus> {
     let argv: Vec<String> = if spec.command.is_empty() {
         vec!["/bin/bash".to_owned(), "-l".to_owned()]
@@ -146,8 +147,16 @@ pub(crate) fn run_agent(
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == agent => {
                 break ExitStatus::from_raw(sig as i32);
             }
-            Ok(WaitStatus::Exited(pid, code)) => report.reaped(pid_u32(pid), code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => report.reaped(pid_u32(pid), 128 + sig as i32),
+            Ok(WaitStatus::Exited(pid, code)) => {
+                if !services.reaped(pid, code, report) {
+                    report.reaped(pid_u32(pid), code);
+                }
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                if !services.reaped(pid, 128 + sig as i32, report) {
+                    report.reaped(pid_u32(pid), 128 + sig as i32);
+                }
+            }
             Ok(_) => {}
             Err(nix::Error::EINTR) => {}
             Err(e) => return Err(e.into()),

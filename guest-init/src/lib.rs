@@ -20,6 +20,9 @@
 //!   to the host.
 //! - [`enter`]: another process in a running namespace workspace, confined like its agent
 //!   (`moat __exec`, the containerd shim's exec).
+//! - [`service`]: workspace services (a local model server, say): started before the agent
+//!   and stopped after it, each as a uid of its own in pid and mount namespaces of its own,
+//!   confined with Landlock rules of its own, its files and devices out of the agent's view.
 //! - [`session`]: SSH sessions through the broker, one confined `sshd -i` per `CONNECT 22`.
 //! - [`program`]: which program opened a connection (the socket table and `/proc`), asked by
 //!   the netstack at each SYN and named in the flow header when the host reads version 2.
@@ -35,6 +38,7 @@ mod namespace;
 pub mod program;
 mod report;
 mod rootfs;
+pub mod service;
 pub mod session;
 mod signals;
 pub mod vm;
@@ -42,6 +46,7 @@ pub mod vm;
 use std::path::PathBuf;
 
 pub use launch::{AgentSpec, exit_code};
+pub use moat_netstack::LocalRoute;
 pub use namespace::{MASKED, run_namespace};
 pub use rootfs::REPLACED;
 pub use vm::run_vm;
@@ -89,6 +94,9 @@ pub enum InitError {
     /// The SSH session service could not be set up.
     #[error("cannot set up SSH sessions")]
     Session(#[from] session::SessionError),
+    /// A workspace service is refused or could not start.
+    #[error("cannot start the workspace's services")]
+    Service(#[from] service::ServiceError),
     /// A file the workspace needs could not be written.
     #[error("cannot write {}", .0.display())]
     Write(PathBuf, #[source] std::io::Error),
@@ -117,6 +125,16 @@ pub struct WorkspaceConfig {
     pub extra_ca: Option<PathBuf>,
     /// The agent.
     pub agent: AgentSpec,
+    /// The workspace's services, started before the agent ([`service`]).
+    pub services: Vec<service::ServiceSpec>,
+    /// Run by root: each service's own host uid and gid, in the order of `services`, leased
+    /// by `moat run` like `host_id` ([`ids`]). Services need them: a service's uid must differ
+    /// from the agent's on the host too.
+    pub service_host_ids: Vec<u32>,
+    /// Names the netstack answers with a workspace service instead of sending them to the
+    /// host: the signed policy's `[[local_routes]]`, resolved by `moat run` to the services'
+    /// ports.
+    pub local_routes: Vec<moat_netstack::LocalRoute>,
     /// SSH sessions through the trusted access broker, if the workspace takes them.
     pub ssh: Option<SshSetup>,
     /// The highest flow header version the host's egress proxy reads: from 2, each flow's
@@ -126,11 +144,13 @@ pub struct WorkspaceConfig {
 
 /// Starts the netstack thread on `tun`, its flows going through `transport`; with the program
 /// of each connection looked up and sent when the host reads flow header version 2 or later
-/// (`host_reads`, told by the host at start), not otherwise.
+/// (`host_reads`, told by the host at start), not otherwise; the names of `local` answered
+/// inside the workspace.
 fn start_netstack(
     tun: moat_netstack::Tun,
     transport: Box<dyn moat_netstack::FlowTransport>,
     host_reads: u8,
+    local: moat_netstack::LocalRoutes,
 ) -> std::io::Result<()> {
     let programs = (host_reads.min(moat_flow_header::MAX_VERSION) >= moat_flow_header::VERSION_2)
         .then(|| {
@@ -139,9 +159,13 @@ fn start_netstack(
     std::thread::Builder::new()
         .name("netstack".into())
         .spawn(move || {
-            if let Err(e) =
-                moat_netstack::run(tun, transport, moat_netstack::Limits::default(), programs)
-            {
+            if let Err(e) = moat_netstack::run(
+                tun,
+                transport,
+                moat_netstack::Limits::default(),
+                programs,
+                local,
+            ) {
                 eprintln!("moat guest-init: netstack stopped: {e}");
             }
         })?;

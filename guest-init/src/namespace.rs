@@ -39,6 +39,7 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, sethostname};
 
 use crate::launch::{exit_code, run_agent};
 use crate::rootfs::{self, AGENT_HOME, CA_BUNDLE, ca_env, mkdir, mount_or, resolv_conf};
+use crate::service;
 use crate::session::{self, SESSION_ID, Sessions};
 use moat_log::error_chain;
 
@@ -79,6 +80,8 @@ struct Prepared {
     root: PathBuf,
     /// The agent's home, bound on `<run_dir>/agent-home` (and checked there).
     home: PathBuf,
+    /// Each service's models and devices, bound under `<run_dir>/services`.
+    services: Vec<service::Sources>,
 }
 
 /// Hands the mapped id exactly what PID 1 needs in the run directory: search permission on
@@ -135,12 +138,14 @@ fn isolate_as_host_root(config: &WorkspaceConfig, id: u32) -> Result<Prepared, I
         RootFs::Host => PathBuf::from("/"),
     };
     let home = bind_home(config, id)?;
-    switch_ids(parent, id)?;
+    let services = service::stage_host_paths(&config.run_dir.join("services"), &config.services)?;
+    switch_ids(parent, id, &config.service_host_ids)?;
     Ok(Prepared {
         tun,
         sysfs,
         root,
         home,
+        services,
     })
 }
 
@@ -187,8 +192,9 @@ fn bind_home(config: &WorkspaceConfig, id: u32) -> Result<PathBuf, InitError> {
     Ok(bound)
 }
 
-/// Unshares the workspace's namespaces and becomes its root, host uid `id`.
-fn switch_ids(parent: Pid, id: u32) -> Result<(), InitError> {
+/// Unshares the workspace's namespaces and becomes its root, host uid `id`; the services'
+/// uids inside are mapped to their own host ids, `services`.
+fn switch_ids(parent: Pid, id: u32, services: &[u32]) -> Result<(), InitError> {
     let this = Pid::this();
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(InitError::Fork)?;
     // SAFETY: the caller guarantees the process is single-threaded, so the child may run
@@ -203,7 +209,7 @@ fn switch_ids(parent: Pid, id: u32) -> Result<(), InitError> {
             let go = matches!(nix::unistd::read(&ready_r, &mut byte), Ok(1))
                 && nix::unistd::getppid() == this;
             let code = if go {
-                match write_root_maps(this, id) {
+                match write_root_maps(this, id, services) {
                     Ok(()) => 0,
                     Err(e) => {
                         eprintln!("moat guest-init: cannot map the workspace's root: {e}");
@@ -249,13 +255,18 @@ fn switch_ids(parent: Pid, id: u32) -> Result<(), InitError> {
     Ok(())
 }
 
-/// Run by the host-root child: the maps of `pid`, whose root becomes host `id`, and no
-/// setgroups in it.
-fn write_root_maps(pid: Pid, id: u32) -> std::io::Result<()> {
+/// Run by the host-root child: the maps of `pid`, whose root becomes host `id` and whose
+/// services' uids ([`service::service_uid`]) become the host ids `services`, and no setgroups
+/// in it.
+fn write_root_maps(pid: Pid, id: u32, services: &[u32]) -> std::io::Result<()> {
     let proc = PathBuf::from(format!("/proc/{pid}"));
+    let mut map = format!("0 {id} 1\n");
+    for (i, host) in services.iter().enumerate() {
+        map.push_str(&format!("{} {host} 1\n", service::service_uid(i)));
+    }
     std::fs::write(proc.join("setgroups"), "deny")?;
-    std::fs::write(proc.join("uid_map"), format!("0 {id} 1\n"))?;
-    std::fs::write(proc.join("gid_map"), format!("0 {id} 1\n"))
+    std::fs::write(proc.join("uid_map"), &map)?;
+    std::fs::write(proc.join("gid_map"), &map)
 }
 
 /// Creates the namespaces, runs the workspace as PID 1 inside, and returns the agent's exit
@@ -275,7 +286,7 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
         Some(extra) => Some(write_bundle(&root, &config.run_dir, extra)?),
         None => None,
     };
-    write_accounts(&root, &config.run_dir)?;
+    write_accounts(&root, &config.run_dir, &config.services)?;
     mkdir(&config.run_dir.join("root"))?;
     // The session socket and sshd's log, opened by the host's user; PID 1 inherits both.
     let ssh = config.ssh.as_ref().map(open_session_files).transpose()?;
@@ -290,9 +301,18 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
                     "run by root, a workspace needs a host id of its own (moat run leases one)",
                 ))
             })?;
+        check_service_ids(config, id)?;
         hand_over_run_dir(config, id)?;
         Some(isolate_as_host_root(config, id)?)
     } else {
+        if !config.services.is_empty() {
+            // One user namespace of an unprivileged user maps one id: a service would be the
+            // agent's own uid on the host, which signals, traces and reads it.
+            return Err(InitError::IdMap(std::io::Error::other(
+                "workspace services need moat run as root in the namespace backend (each \
+                 runs as a host uid of its own, and an unprivileged user can map only its own)",
+            )));
+        }
         let (uid, gid) = (Uid::current(), Gid::current());
         unshare(OWNED_BY_THE_WORKSPACE | CloneFlags::CLONE_NEWNET).map_err(InitError::Unshare)?;
         map_ids(uid, gid)?;
@@ -333,28 +353,58 @@ pub fn run_namespace(config: &WorkspaceConfig) -> Result<i32, InitError> {
     }
 }
 
+/// The services' host ids: one each, from the workspaces' range, none the workspace's own and
+/// no two alike.
+fn check_service_ids(config: &WorkspaceConfig, id: u32) -> Result<(), InitError> {
+    let ids = &config.service_host_ids;
+    let distinct = ids
+        .iter()
+        .enumerate()
+        .all(|(i, a)| crate::ids::is_run_id(*a) && *a != id && !ids[..i].contains(a));
+    if ids.len() != config.services.len() || !distinct {
+        return Err(InitError::IdMap(std::io::Error::other(
+            "run by root, each workspace service needs a host id of its own (moat run leases \
+             them)",
+        )));
+    }
+    Ok(())
+}
+
 /// The workspace's accounts, bound over the host's `/etc/passwd` and `/etc/group`: its root
 /// (the agent), the account SSH sessions log in as ([`SESSION_ID`]: a nested user namespace
-/// maps the workspace's root to it, see [`session`]), and nobody. The host's own accounts
-/// are none of the workspace's business.
-fn write_accounts(root: &Path, run_dir: &Path) -> Result<(), InitError> {
+/// maps the workspace's root to it, see [`session`]), one per service (`svc-<name>`), and
+/// nobody. The host's own accounts are none of the workspace's business.
+fn write_accounts(
+    root: &Path,
+    run_dir: &Path,
+    services: &[service::ServiceSpec],
+) -> Result<(), InitError> {
     let shell = if root.join("bin/bash").exists() {
         "/bin/bash"
     } else {
         "/bin/sh"
     };
+    let (mut svc_passwd, mut svc_group) = (String::new(), String::new());
+    for (i, spec) in services.iter().enumerate() {
+        let (uid, name) = (service::service_uid(i), &spec.name);
+        svc_passwd.push_str(&format!(
+            "svc-{name}:x:{uid}:{uid}:moat service {name}:/nonexistent:/usr/sbin/nologin\n"
+        ));
+        svc_group.push_str(&format!("svc-{name}:x:{uid}:\n"));
+    }
     let files = [
         (
             "passwd",
             format!(
                 "root:x:0:0:root:/root:{shell}\n\
                  agent:x:{SESSION_ID}:{SESSION_ID}:moat agent:{AGENT_HOME}:{shell}\n\
+                 {svc_passwd}\
                  nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
             ),
         ),
         (
             "group",
-            format!("root:x:0:\nagent:x:{SESSION_ID}:\nnogroup:x:65534:\n"),
+            format!("root:x:0:\nagent:x:{SESSION_ID}:\n{svc_group}nogroup:x:65534:\n"),
         ),
     ];
     for (name, text) in files {
@@ -430,6 +480,7 @@ fn enter_root(
     bundle: Option<&Path>,
     home: &Path,
     sysfs: Option<&Path>,
+    services: &[service::Sources],
 ) -> Result<(), InitError> {
     let root = config.run_dir.join("root");
     let rec_bind = MsFlags::MS_BIND | MsFlags::MS_REC;
@@ -501,6 +552,11 @@ fn enter_root(
     rootfs::mount_devpts(&dev, None)?;
     let _ = std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"));
     rootfs::link_fds(&dev);
+    // The services' files and devices, in /run (a fresh tmpfs above): hidden from the agent
+    // by its sandbox, each shown only to its service.
+    if !config.services.is_empty() {
+        service::lay_out(&root, Path::new("/dev"), &config.services, services)?;
+    }
     let agent_home = rootfs::under(&root, AGENT_HOME);
     mkdir(&agent_home)?;
     rootfs::bind("the agent's home", home, &agent_home)?;
@@ -596,8 +652,8 @@ fn init(
         what: "the run directory",
         source,
     })?;
-    let (tun, root, home, sysfs) = match prepared {
-        Some(p) => (p.tun, p.root, p.home, Some(p.sysfs)),
+    let (tun, root, home, sysfs, sources) = match prepared {
+        Some(p) => (p.tun, p.root, p.home, Some(p.sysfs), p.services),
         // The TUN device is opened while the host's /dev is still in view.
         None => (
             moat_netstack::setup_tun().map_err(tun_error)?,
@@ -607,9 +663,18 @@ fn init(
             },
             config.agent.home.clone(),
             None,
+            Vec::new(),
         ),
     };
-    enter_root(config, &root, resolv, bundle, &home, sysfs.as_deref())?;
+    enter_root(
+        config,
+        &root,
+        resolv,
+        bundle,
+        &home,
+        sysfs.as_deref(),
+        &sources,
+    )?;
     // Nobody else in the workspace may open our descriptors through /proc/1/fd.
     let _ = nix::sys::prctl::set_dumpable(false);
     // The host's sockets, through the kept handle on the run directory.
@@ -628,13 +693,24 @@ fn init(
     let _ = sethostname(&config.hostname);
 
     let transport = moat_netstack::UnixTransport { path: flow_socket };
-    crate::start_netstack(tun, Box::new(transport), config.flow_header_version)
-        .map_err(InitError::Network)?;
+    crate::start_netstack(
+        tun,
+        Box::new(transport),
+        config.flow_header_version,
+        moat_netstack::LocalRoutes::new(config.local_routes.clone()),
+    )
+    .map_err(InitError::Network)?;
 
     let mut agent = config.agent.clone();
     agent.home = AGENT_HOME.into();
     agent.env.extend(ca_env());
-    let sandbox = moat_guest_sandbox::agent_config(&agent.home);
+    let mut sandbox = moat_guest_sandbox::agent_config(&agent.home);
+    // Started before the agent; their directory (models, devices, temporary files) is
+    // hidden from the agent and from SSH sessions, which share its sandbox.
+    let mut services = service::Services::start(&config.services, &reporter)?;
+    if !config.services.is_empty() {
+        sandbox.hidden.push(service::SERVICES_DIR.into());
+    }
     if let (Some(files), Some(setup)) = (ssh, &config.ssh) {
         let mut env = ca_env();
         env.push(("MOAT_WORKSPACE".into(), "1".into()));
@@ -657,6 +733,8 @@ fn init(
             .spawn(move || session::serve_unix(listener, sessions))
             .map_err(session::SessionError::Service)?;
     }
-    let status = run_agent(&agent, &sandbox, None, &reporter).map_err(InitError::Agent)?;
+    let status =
+        run_agent(&agent, &sandbox, None, &reporter, &mut services).map_err(InitError::Agent)?;
+    services.stop(&reporter);
     Ok(exit_code(status))
 }

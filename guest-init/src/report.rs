@@ -76,6 +76,26 @@ impl Reporter {
         }));
     }
 
+    /// A workspace service started ([`crate::service`]).
+    pub(crate) fn service_launch(&self, pid: u32, name: &str, argv: &[String]) {
+        self.send(&serde_json::json!({
+            "activity": "launch",
+            "pid": pid,
+            "cmd_line": argv.join(" "),
+            "service": name,
+        }));
+    }
+
+    /// A workspace service ended.
+    pub(crate) fn service_terminate(&self, pid: u32, name: &str, exit_code: i32) {
+        self.send(&serde_json::json!({
+            "activity": "terminate",
+            "pid": pid,
+            "exit_code": exit_code,
+            "service": name,
+        }));
+    }
+
     fn tracked(&self) -> std::sync::MutexGuard<'_, Tracked> {
         self.tracked
             .lock()

@@ -222,13 +222,20 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     let workspace: VmWorkspace = control::parse(&line).map_err(InitError::Control)?;
 
     enter_root(&workspace)?;
+    crate::service::ServiceSpec::check_all(&workspace.services)?;
+    lay_out_services(&workspace.services)?;
 
     let tun = moat_netstack::setup_tun().map_err(InitError::Network)?;
     let transport = moat_netstack::VsockTransport {
         port: control::EGRESS_VSOCK_PORT,
     };
-    crate::start_netstack(tun, Box::new(transport), workspace.flow_header_version)
-        .map_err(InitError::Network)?;
+    crate::start_netstack(
+        tun,
+        Box::new(transport),
+        workspace.flow_header_version,
+        moat_netstack::LocalRoutes::new(workspace.local_routes.iter().map(Into::into).collect()),
+    )
+    .map_err(InitError::Network)?;
     let _ = nix::unistd::sethostname(&workspace.hostname);
     // Nobody in the workspace may open PID 1's descriptors (the control stream) through /proc.
     let _ = nix::sys::prctl::set_dumpable(false);
@@ -274,12 +281,53 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     };
     let mut sandbox = moat_guest_sandbox::agent_config(Path::new(AGENT_HOME));
     sandbox.uid_gid = Some((AGENT_ID, AGENT_ID));
+    // Started before the agent; their directory hidden from it and from SSH sessions.
+    let mut services = crate::service::Services::start(&workspace.services, &reporter)?;
+    if !workspace.services.is_empty() {
+        sandbox.hidden.push(crate::service::SERVICES_DIR.into());
+    }
     if let Some(service) = &workspace.ssh {
         start_sessions(service, &sandbox, &reporter)?;
     }
     sandbox.devices.push(CONSOLE.into());
-    let status = run_agent(&agent, &sandbox, tty, &reporter).map_err(InitError::Agent)?;
+    let status =
+        run_agent(&agent, &sandbox, tty, &reporter, &mut services).map_err(InitError::Agent)?;
+    services.stop(&reporter);
     Ok(exit_code(status))
+}
+
+/// Lays out each service's directory (after the switch into the root image): its models, a
+/// directory of the image, bound read-only; its devices, nodes the guest's drivers made in
+/// /dev, bound into its own /dev and then removed from /dev, where the agent would see them
+/// (devtmpfs makes a node again only if its driver registers the device again).
+fn lay_out_services(specs: &[crate::service::ServiceSpec]) -> Result<(), InitError> {
+    if specs.is_empty() {
+        return Ok(());
+    }
+    let mut sources = Vec::with_capacity(specs.len());
+    for spec in specs {
+        for device in &spec.devices {
+            crate::service::check_device(device).map_err(|e| {
+                InitError::Write(
+                    device.clone(),
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("service {:?}'s device in the VM: {e}", spec.name),
+                    ),
+                )
+            })?;
+        }
+        sources.push(crate::service::Sources {
+            models: spec.models.clone(),
+            devices: spec.devices.clone(),
+        });
+    }
+    let dev = Path::new("/dev");
+    crate::service::lay_out(Path::new("/"), dev, specs, &sources)?;
+    for device in specs.iter().flat_map(|s| &s.devices) {
+        std::fs::remove_file(device).map_err(|e| InitError::Write(device.clone(), e))?;
+    }
+    Ok(())
 }
 
 /// SSH sessions through the broker: sshd as the agent's uid on vsock port 22, which moat-vmm

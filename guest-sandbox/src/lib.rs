@@ -23,7 +23,8 @@
 //!    as root); the process holds every capability of that namespace until steps 3 and 5 drop
 //!    them. See the `userns` module.
 //! 2. **namespaces and read-only mounts** ([`Isolation`]): own mount, IPC and UTS namespaces;
-//!    every mount read-only and nosuid except the writable paths. Needs `CAP_SYS_ADMIN`, so
+//!    every mount read-only and nosuid except the writable paths; the hidden paths
+//!    ([`SandboxConfig::hidden`]) covered by an empty read-only tmpfs. Needs `CAP_SYS_ADMIN`, so
 //!    it comes before any capability is dropped.
 //! 3. **capability bounding set emptied and securebits locked**, while `CAP_SETPCAP` is still
 //!    held: both need it, and the id change of step 4 drops it, so this comes first.
@@ -142,6 +143,11 @@ pub struct SandboxConfig {
     /// Device files or directories the agent may read, write and `ioctl` (`/dev/null`,
     /// `/dev/tty`, `/dev/pts`). Paths that do not exist are skipped.
     pub devices: Vec<PathBuf>,
+    /// Paths hidden from the agent: in its own mount namespace each gets an empty, read-only
+    /// tmpfs mounted over it (needs `isolation.read_only_mounts`). guest-init hides the
+    /// workspace services' directories (their models, devices and temporary files) this way:
+    /// they exist only in the services' mount views.
+    pub hidden: Vec<PathBuf>,
     /// Resource limits.
     pub rlimits: Rlimits,
     /// The agent's own mount (read-only), IPC and UTS namespaces. Needs `CAP_SYS_ADMIN` (in
@@ -167,6 +173,7 @@ impl SandboxConfig {
             writable,
             readable,
             devices: Self::default_devices(),
+            hidden: Vec::new(),
             rlimits: Rlimits::default(),
             isolation: Isolation::full(),
             uid_gid: None,
@@ -245,6 +252,12 @@ impl Sandbox {
         check_absolute(&cfg.writable)?;
         check_absolute(&cfg.readable)?;
         check_absolute(&cfg.devices)?;
+        check_absolute(&cfg.hidden)?;
+        if !cfg.hidden.is_empty() && !cfg.isolation.read_only_mounts {
+            return Err(SandboxError::InvalidConfig(
+                "hidden paths need a mount namespace of the agent's own",
+            ));
+        }
         if matches!(cfg.uid_gid, Some((0, _))) {
             return Err(SandboxError::InvalidConfig("the agent's uid must not be 0"));
         }
@@ -263,7 +276,7 @@ impl Sandbox {
         Ok(Self {
             limits: cfg.rlimits.resolve(),
             user_namespace: cfg.user_namespace.clone(),
-            isolation: namespaces::prepare(&cfg.isolation, &cfg.writable)?,
+            isolation: namespaces::prepare(&cfg.isolation, &cfg.writable, &cfg.hidden)?,
             uid_gid: cfg.uid_gid,
             landlock,
             seccomp,

@@ -7,6 +7,9 @@
 //! the other half, and either one alone already refuses writes outside the writable paths
 //! (`EROFS` from the mounts, `EACCES` from Landlock).
 //!
+//! Hidden paths get an empty tmpfs over them, read-only, mode 000, after all that: what was
+//! beneath (another process's files, devices) is not in the agent's mount namespace's view.
+//!
 //! `nodev` is not set: `/dev/null` and the terminals must keep working, and the agent can
 //! create no device node (no `CAP_MKNOD`, and Landlock refuses `MakeChar`/`MakeBlock`).
 //!
@@ -58,12 +61,14 @@ pub(crate) struct Prepared {
     flags: libc::c_int,
     read_only_mounts: bool,
     writable: Vec<CString>,
+    hidden: Vec<CString>,
 }
 
 /// Resolves the step: namespace flags, and the writable paths as C strings.
 pub(crate) fn prepare(
     isolation: &Isolation,
     writable: &[PathBuf],
+    hidden: &[PathBuf],
 ) -> Result<Prepared, SandboxError> {
     let mut flags = 0;
     if isolation.read_only_mounts {
@@ -80,10 +85,16 @@ pub(crate) fn prepare(
         .map(|p| CString::new(p.as_os_str().as_bytes()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| SandboxError::InvalidConfig("a writable path contains a NUL byte"))?;
+    let hidden = hidden
+        .iter()
+        .map(|p| CString::new(p.as_os_str().as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| SandboxError::InvalidConfig("a hidden path contains a NUL byte"))?;
     Ok(Prepared {
         flags,
         read_only_mounts: isolation.read_only_mounts,
         writable,
+        hidden,
     })
 }
 
@@ -108,6 +119,15 @@ impl Prepared {
         for path in &self.writable {
             sys::set_mount_attrs_recursive(path, 0, sys::MOUNT_ATTR_RDONLY)
                 .map_err(|e| SandboxError::Namespaces("make a writable path writable", e))?;
+        }
+        // Last, so nothing above can uncover them; the agent holds no capability afterwards to
+        // unmount them. A path that does not exist has nothing to hide.
+        for path in &self.hidden {
+            match sys::hide_under_empty_tmpfs(path) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(SandboxError::Namespaces("hide a path", e)),
+            }
         }
         Ok(true)
     }

@@ -58,11 +58,18 @@ pub(crate) fn setrlimit(resource: Resource, soft: u64, hard: u64) -> io::Result<
     Ok(())
 }
 
+// The id changes below are the raw system calls, which change the calling thread's
+// credentials only, not glibc's wrappers, which also signal every other thread glibc knows of
+// and wait for each (setxid): in a child made by a raw `clone` of a multi-threaded process
+// (a workspace service, `moat-guest-init`'s `service` module) glibc still counts the parent's
+// threads, which the child does not have, and would wait forever. The sandbox confines the
+// thread that will execve, alone in its process, so the per-thread calls are the right ones.
+
 /// `setgroups(0, NULL)`: clears the supplementary groups.
 pub(crate) fn clear_groups() -> io::Result<()> {
     // SAFETY: a zero-length list with a null pointer is the documented way to clear the groups;
     // the kernel reads nothing through the pointer.
-    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    check_long(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) })?;
     Ok(())
 }
 
@@ -76,14 +83,14 @@ pub(crate) fn group_count() -> io::Result<usize> {
 /// `setresgid(2)` with the same id for real, effective and saved.
 pub(crate) fn set_all_gids(gid: u32) -> io::Result<()> {
     // SAFETY: plain integer arguments.
-    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    check_long(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })?;
     Ok(())
 }
 
 /// `setresuid(2)` with the same id for real, effective and saved.
 pub(crate) fn set_all_uids(uid: u32) -> io::Result<()> {
     // SAFETY: plain integer arguments.
-    check(unsafe { libc::setresuid(uid, uid, uid) })?;
+    check_long(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })?;
     Ok(())
 }
 
@@ -276,6 +283,21 @@ pub(crate) fn bind_onto_itself(path: &std::ffi::CStr) -> io::Result<()> {
             std::ptr::null(),
             libc::MS_BIND | libc::MS_REC,
             std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Mounts an empty tmpfs, read-only, mode 000, nosuid, nodev and noexec, over `path`.
+pub(crate) fn hide_under_empty_tmpfs(path: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: every pointer is a NUL-terminated string borrowed for the whole call.
+    check(unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            path.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=000,size=4k".as_ptr().cast(),
         )
     })?;
     Ok(())

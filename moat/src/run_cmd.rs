@@ -15,6 +15,7 @@ use moat_host_probe::KvmFlavour;
 use moat_broker_client::enrolment::WorkspaceEnrolment;
 use moat_broker_client::tunnel::connector::{Connector, ConnectorConfig};
 use moat_guest_init::control::VmWorkspace;
+use moat_guest_init::service::ServiceSpec;
 use moat_guest_init::session::SshService;
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -82,6 +83,20 @@ pub(crate) struct RunArgs {
     /// default: its home).
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
+    /// A workspace service, started before the agent and stopped after it, as a uid of its
+    /// own, out of the agent's reach (docs/inference.md): NAME[:PORT]=COMMAND, the command
+    /// split on spaces, PORT the loopback port it listens on. Repeatable.
+    #[arg(long = "service", value_name = "NAME[:PORT]=COMMAND")]
+    service: Vec<String>,
+    /// Workspace services from a TOML file: `[[service]]` tables with name, command (a list),
+    /// and optionally port, models (a directory bound read-only in its view only), devices,
+    /// restart.
+    #[arg(long, value_name = "FILE")]
+    services: Option<PathBuf>,
+    /// namespace backend: a host device node for the workspace's one service, in its /dev
+    /// only, never in the agent's. Repeatable.
+    #[arg(long = "device", value_name = "PATH")]
+    device: Vec<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
@@ -140,6 +155,16 @@ pub(crate) struct GuestInitArgs {
     /// The agent's working directory inside the workspace (default: its home).
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
+    /// The workspace's services (JSON, written by `moat run`).
+    #[arg(long)]
+    services: Option<PathBuf>,
+    /// Run by root: a service's host id, in the order of the services.
+    #[arg(long = "service-host-id")]
+    service_host_id: Vec<u32>,
+    /// A name the netstack answers with a service: HOST:PORT=SERVICE_PORT (the signed
+    /// policy's `[[local_routes]]`).
+    #[arg(long = "local-route", value_name = "HOST:PORT=SERVICE_PORT")]
+    local_route: Vec<String>,
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -158,6 +183,97 @@ pub(crate) struct ExecArgs {
     workdir: Option<PathBuf>,
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// The `[[service]]` tables of a `--services` file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServicesFile {
+    #[serde(default)]
+    service: Vec<ServiceSpec>,
+}
+
+/// The workspace's services: `--services FILE`'s, then each `--service`'s; `--device` goes
+/// to the one service there is.
+fn workspace_services(args: &RunArgs) -> Result<Vec<ServiceSpec>> {
+    let mut specs = match &args.services {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str::<ServicesFile>(&text)
+                .with_context(|| format!("--services {}: not a services file", path.display()))?
+                .service
+        }
+        None => Vec::new(),
+    };
+    for flag in &args.service {
+        specs.push(ServiceSpec::parse_flag(flag)?);
+    }
+    if !args.device.is_empty() {
+        match specs.as_mut_slice() {
+            [one] => one.devices.extend(args.device.iter().cloned()),
+            _ => bail!(
+                "--device gives a device to the workspace's one service: with {} services, name                  each one's devices in a --services file",
+                specs.len()
+            ),
+        }
+    }
+    ServiceSpec::check_all(&specs)?;
+    Ok(specs)
+}
+
+/// The signed policy's local routes for this workspace's services: each to the loopback
+/// port of the service it names. A route to a service this workspace does not run (or one
+/// without a port) is left to the egress proxy, which decides that name as any other, and
+/// said so.
+fn local_routes(
+    policy: &moat_policy::Policy,
+    services: &[ServiceSpec],
+) -> Vec<moat_guest_init::LocalRoute> {
+    let mut routes = Vec::new();
+    for route in &policy.local_routes {
+        let port = services
+            .iter()
+            .find(|s| s.name == route.service.as_str())
+            .and_then(|s| s.port);
+        match port {
+            Some(port) => {
+                eprintln!(
+                    "moat: {}:{} is answered in the workspace by service {:?} (the policy's \
+                     local route)",
+                    route.host,
+                    route.port,
+                    route.service.as_str()
+                );
+                routes.push(moat_guest_init::LocalRoute {
+                    host: route.host.clone(),
+                    port: route.port,
+                    target: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                });
+            }
+            None => eprintln!(
+                "moat: the policy routes {} to service {:?}, which this workspace does not run \
+                 with a port (--service {}:PORT=...): flows to it go to the egress proxy",
+                route.host,
+                route.service.as_str(),
+                route.service.as_str()
+            ),
+        }
+    }
+    routes
+}
+
+/// `__guest-init --local-route HOST:PORT=SERVICE_PORT`.
+fn parse_local_route(text: &str) -> Result<moat_guest_init::LocalRoute> {
+    let parsed = text.split_once('=').and_then(|(name, to)| {
+        let (host, port) = name.rsplit_once(':')?;
+        Some(moat_guest_init::LocalRoute {
+            host: host.to_owned(),
+            port: port.parse().ok()?,
+            target: std::net::SocketAddr::from(([127, 0, 0, 1], to.parse::<u16>().ok()?)),
+        })
+    });
+    parsed.with_context(|| format!("--local-route {text:?} is not HOST:PORT=SERVICE_PORT"))
 }
 
 /// Which backend runs the workspace.
@@ -238,9 +354,16 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         None => None,
     };
     let (mut backend, why) = choose_backend(&args.backend)?;
+    let services = workspace_services(&args)?;
     match &mut backend {
         Backend::Vm(images, _) => {
             eprintln!("moat: backend vm ({why})");
+            if !args.device.is_empty() {
+                bail!(
+                    "--device gives a host device node to a service of the namespace backend; a \
+                     VM's service gets the GPU's nodes (--gpu) in a --services file's devices"
+                );
+            }
             if args.home.is_some() {
                 bail!(
                     "--home is a directory of the namespace backend; the vm backend takes --home-disk"
@@ -263,6 +386,14 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         Backend::Namespace(root) => {
             if !args.gpu.is_empty() {
                 bail!("--gpu passes a device through to a VM: it needs the vm backend ({why})");
+            }
+            if !services.is_empty() && !nix::unistd::Uid::effective().is_root() {
+                bail!(
+                    "workspace services need moat run as root in the namespace backend: each \
+                     runs as a host uid of its own (an unprivileged user can map only its own, \
+                     and a service that is the agent's uid on the host is the agent's to signal \
+                     and read); or use the vm backend"
+                );
             }
             eprintln!("moat: backend namespace ({why})");
             eprintln!(
@@ -321,6 +452,7 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                 &args,
                 enrolment,
                 backend,
+                &services,
                 &RunPaths {
                     run_dir: &run_dir,
                     logs_base: &logs_base,
@@ -407,6 +539,7 @@ fn run_in(
     args: &RunArgs,
     enrolment: Option<WorkspaceEnrolment>,
     backend: Backend,
+    services: &[ServiceSpec],
     paths: &RunPaths<'_>,
 ) -> Result<ExitCode> {
     use std::os::unix::fs::PermissionsExt;
@@ -460,11 +593,26 @@ fn run_in(
         }
         _ => None,
     };
+    // And one for each service: never the agent's, on the host too.
+    let service_leases = match &lease {
+        Some(_) => services
+            .iter()
+            .map(|_| {
+                moat_guest_init::ids::lease(
+                    std::path::Path::new(moat_guest_init::ids::STATE_DIR),
+                    run_dir,
+                    false,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
+    let policy = config.source.load()?;
+    // Chosen by the signed policy in force at start (a reload does not change them).
+    let routes = local_routes(&policy, services);
     if let Backend::Namespace(root) = &backend {
         // Nothing the agent must not read may be in its view: refused before anything starts.
-        let mut private: Vec<(String, PathBuf, bool)> = config
-            .source
-            .load()?
+        let mut private: Vec<(String, PathBuf, bool)> = policy
             .secrets
             .iter()
             .filter_map(|s| match &s.source {
@@ -483,6 +631,16 @@ fn run_in(
         private.push(("the run directory".into(), run_dir.to_owned(), true));
         if audit_path.as_os_str() != "-" {
             private.push(("the audit log".into(), audit_path.clone(), false));
+        }
+        // A service's models are its alone: shown only in its view.
+        for spec in services {
+            if let Some(models) = &spec.models {
+                private.push((
+                    format!("service {:?}'s models", spec.name),
+                    models.clone(),
+                    false,
+                ));
+            }
         }
         Exposure::new(root, &home, lease.as_ref().map(|l| l.id())).refuse_visible(&private)?;
     }
@@ -578,6 +736,15 @@ fn run_in(
                         cols,
                         ssh: tunnel.map(|t| t.service),
                         flow_header_version: moat_egress::FLOW_HEADER_VERSION,
+                        services: services.to_vec(),
+                        local_routes: routes
+                            .iter()
+                            .map(|r| moat_guest_init::control::VmLocalRoute {
+                                host: r.host.clone(),
+                                port: r.port,
+                                service_port: r.target.port(),
+                            })
+                            .collect(),
                     },
                 },
             )?
@@ -592,6 +759,9 @@ fn run_in(
                 root: &root,
                 host_id: lease.as_ref().map(|l| l.id()),
                 home: &home,
+                services,
+                service_host_ids: service_leases.iter().map(|l| l.id()).collect(),
+                local_routes: &routes,
             },
             &ca_bundle,
             &hostname,
@@ -689,6 +859,11 @@ struct NamespaceRun<'a> {
     /// Run by root: the host id leased for the workspace.
     host_id: Option<u32>,
     home: &'a std::path::Path,
+    services: &'a [ServiceSpec],
+    /// Run by root: each service's own host id.
+    service_host_ids: Vec<u32>,
+    /// The policy's local routes to those services.
+    local_routes: &'a [moat_guest_init::LocalRoute],
 }
 
 /// The namespace backend: `moat __guest-init` in fresh namespaces; returns the agent's exit code.
@@ -752,6 +927,23 @@ fn run_namespace(
             .arg(&service)
             .arg("--ssh-log")
             .arg(log);
+    }
+    if !ns.services.is_empty() {
+        let path = run_dir.join("services.json");
+        std::fs::write(&path, serde_json::to_vec(ns.services)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        guest_init.arg("--services").arg(&path);
+        for id in &ns.service_host_ids {
+            guest_init.arg("--service-host-id").arg(id.to_string());
+        }
+    }
+    for route in ns.local_routes {
+        guest_init.arg("--local-route").arg(format!(
+            "{}:{}={}",
+            route.host,
+            route.port,
+            route.target.port()
+        ));
     }
     // The secrets' placeholders (drawn for this workspace, or fixed), in the variables they
     // name: not secret, so the command line may carry them.
@@ -837,7 +1029,23 @@ pub(crate) fn guest_init(args: GuestInitArgs) -> Result<ExitCode> {
                 .with_context(|| format!("--agent-env {kv:?} is not NAME=VALUE"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let services = match &args.services {
+        Some(path) => {
+            let json =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_slice(&json).with_context(|| format!("invalid {}", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    let local_routes = args
+        .local_route
+        .iter()
+        .map(|r| parse_local_route(r))
+        .collect::<Result<Vec<_>>>()?;
     let config = moat_guest_init::WorkspaceConfig {
+        local_routes,
+        services,
+        service_host_ids: args.service_host_id,
         flow_socket: args.flow_socket,
         audit_socket: args.audit_socket,
         run_dir: args.run_dir,

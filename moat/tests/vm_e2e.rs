@@ -220,3 +220,130 @@ fn a_vm_workspace_boots_its_root_from_an_oci_image() {
         "the VM booted the image's disk: {stderr}"
     );
 }
+
+/// Workspace services in the VM (inside L1, where KVM is real): the stand-in model server
+/// runs as its own uid beside the agent, with a device the agent no longer sees (a stand-in:
+/// the guest's /dev/kmsg, no GPU in L1); the agent's probe is refused everything but the port
+/// and the policy's name, where the real OpenAI client (from the home disk) gets its
+/// completion.
+#[test]
+fn a_vm_workspace_runs_a_model_server_beside_the_agent_out_of_its_reach() {
+    use common::services::{
+        HELLO_ANSWER, LOCAL_ROUTE, PORT, inference_dir, openai_chat, openai_python,
+    };
+    const NAME: &str = "a_vm_workspace_runs_a_model_server_beside_the_agent_out_of_its_reach";
+    let Some(ws) = vm_workspace(NAME) else {
+        return;
+    };
+    let mut ws = ws.with_rules(LOCAL_ROUTE);
+    // The agent's openai client: the venv's packages on a home disk of the agent's.
+    let python = openai_python();
+    let site = python
+        .parent()
+        .unwrap()
+        .join("../lib/python3.11/site-packages");
+    let home = ws.dir.path().join("home-disk");
+    std::fs::create_dir_all(&home).unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&site)
+        .arg(home.join("site"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = Command::new("chown")
+        .args(["-R", "1000:1000"])
+        .arg(&home)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let disk = ws.dir.path().join("home.ext4");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "root_owner=1000:1000", "-d"])
+        .arg(&home)
+        .arg(&disk)
+        .arg("512M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The server as `python3 -c` (nothing of ours is in the root image), after it says what
+    // it sees: its uid and its device.
+    let source = std::fs::read_to_string(inference_dir().join("server.py")).unwrap();
+    let model = std::fs::read_to_string(inference_dir().join("model.json")).unwrap();
+    let services = ws.dir.path().join("services.toml");
+    std::fs::write(
+        &services,
+        format!(
+            "[[service]]\nname = \"llm\"\nport = {PORT}\ndevices = [\"/dev/kmsg\"]\n\
+             command = [\"sh\", \"-c\", '''{{ echo svc-uid=$(id -u); [ -c /dev/kmsg ] && \
+             echo svc-device=yes; echo svc-pid=$$; }} >&2; exec python3 -c \"$0\" {PORT} \"$1\"''', \
+             '''{source}''', '''{}''']\n",
+            model.replace('\n', " ")
+        ),
+    )
+    .unwrap();
+    let probe = std::fs::read(inference_dir().join("probe.py")).unwrap();
+    let hex: String = probe.iter().map(|b| format!("{b:02x}")).collect();
+    let site_python = Path::new("/usr/bin/python3");
+    let script = format!(
+        "python3 -c \"exec(bytes.fromhex('{hex}').decode())\" llm '\"\"\"A minimal OpenAI'; \
+         echo device_in_dev=$(test -e /dev/kmsg && echo yes || echo no); \
+         export PYTHONPATH=$HOME/site; echo routed=$({}); echo port=$({})",
+        openai_chat(site_python, "http://inference.local/v1"),
+        openai_chat(site_python, &format!("http://127.0.0.1:{PORT}/v1")),
+    );
+    ws.args = vec![
+        "--services".into(),
+        services.into(),
+        "--home-disk".into(),
+        disk.into(),
+    ];
+    let out = ws.run(&script);
+    let (console, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{console}{stderr}");
+    assert!(console.contains("svc-uid=900"), "{console}");
+    assert!(console.contains("svc-device=yes"), "{console}");
+    assert!(
+        console.contains("svc-pid=2"),
+        "alone under its init: {console}"
+    );
+    assert!(console.contains("device_in_dev=no"), "{console}");
+    assert!(
+        console.contains(&format!("routed={HELLO_ANSWER}")),
+        "{console}{stderr}"
+    );
+    assert!(
+        console.contains(&format!("port={HELLO_ANSWER}")),
+        "{console}"
+    );
+    let answer: serde_json::Value = console
+        .lines()
+        .find_map(|l| {
+            serde_json::from_str(l.trim())
+                .ok()
+                .filter(|v: &serde_json::Value| v.is_object())
+        })
+        .unwrap_or_else(|| panic!("no probe answer in {console}"));
+    eprintln!("the probe in the VM: {answer}");
+    assert!(answer["pid"].is_u64(), "{answer}");
+    for what in [
+        "ptrace",
+        "signal",
+        "mem",
+        "environ",
+        "maps",
+        "proc_root",
+        "models_dir",
+        "device",
+        "services_dir",
+    ] {
+        assert_ne!(answer[what], "allowed", "the agent did {what}: {answer}");
+        assert!(answer[what].is_string(), "{what}: {answer}");
+    }
+    let records: Vec<serde_json::Value> = ws
+        .audit()
+        .into_iter()
+        .filter(|r| r["unmapped"]["moat"]["service"] == "llm")
+        .collect();
+    assert_eq!(records.len(), 2, "its launch and its end: {records:#?}");
+}

@@ -16,6 +16,7 @@
 //! dropped and counted; flows and buffers are bounded.
 
 pub mod dns;
+pub mod local;
 pub mod pool;
 pub mod program;
 pub mod stack;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+pub use local::{LocalRoute, LocalRoutes};
 pub use program::ProgramLookup;
 pub use stack::{Counters, GATEWAY, GUEST_ADDR, Limits, MTU, PacketIo, Stack, Tun};
 pub use sys::{VsockListener, vsock_connect};
@@ -76,6 +78,7 @@ pub fn run(
     transport: Box<dyn FlowTransport>,
     limits: Limits,
     programs: Option<Box<dyn ProgramLookup>>,
+    local: LocalRoutes,
 ) -> io::Result<()> {
     let fd = Arc::new(tun.0);
     let mut poll = Poll::new()?;
@@ -98,6 +101,7 @@ pub fn run(
             })),
         )?;
     }
+    stack.set_local_routes(local);
     let mut events = Events::with_capacity(1024);
     loop {
         let delay = stack.step(smoltcp::time::Instant::now());

@@ -197,6 +197,9 @@ pub struct Stack<P: PacketIo> {
     /// SYNs waiting for their program's lookup, unanswered: until smoltcp sees a SYN the
     /// agent's socket stays in SYN_SENT, owned by the process that is connecting.
     held_syns: HashMap<(SocketAddrV4, SocketAddrV4), Vec<u8>>,
+
+    /// Names answered inside the workspace ([`crate::local`]).
+    local: crate::local::LocalRoutes,
 }
 
 impl<P: PacketIo> std::fmt::Debug for Stack<P> {
@@ -252,6 +255,7 @@ impl<P: PacketIo> Stack<P> {
             counters: Arc::new(Counters::default()),
             programs: None,
             held_syns: HashMap::new(),
+            local: crate::local::LocalRoutes::default(),
         }
     }
 
@@ -269,6 +273,11 @@ impl<P: PacketIo> Stack<P> {
     ) -> io::Result<()> {
         self.programs = Some(ProgramWorker::spawn(lookup, wake)?);
         Ok(())
+    }
+
+    /// Connects flows to the names of `routes` to workspace services instead of the host.
+    pub fn set_local_routes(&mut self, routes: crate::local::LocalRoutes) {
+        self.local = routes;
     }
 
     /// The counters.
@@ -518,11 +527,20 @@ impl<P: PacketIo> Stack<P> {
             program: flow.program.take(),
         };
         self.next_flow_id += 1;
-        match self.transport.connect() {
-            Ok(stream) => {
+        let local = header
+            .hostname
+            .as_ref()
+            .and_then(|h| self.local.target(h.as_str(), dst.port()));
+        let opened = match local {
+            // Answered inside the workspace: no header, nothing to the host.
+            Some(target) => crate::local::LocalRoutes::open(target).map(|s| (s, Vec::new())),
+            None => self.transport.connect().map(|s| (s, header.encode())),
+        };
+        match opened {
+            Ok((stream, first)) => {
                 self.new_streams
                     .push(std::os::fd::AsRawFd::as_raw_fd(&stream));
-                flow.to_host = header.encode();
+                flow.to_host = first;
                 flow.stream = Some(stream);
                 self.counters.flows_opened.fetch_add(1, Ordering::Relaxed);
             }

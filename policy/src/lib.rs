@@ -190,6 +190,24 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Secrets the proxy injects on intercepted flows, in profile order.
     pub secrets: Vec<SecretSpec>,
+    /// Names the workspace answers itself, with one of its own services
+    /// ([`LocalRoute`]); the egress proxy never sees their flows.
+    pub local_routes: Vec<LocalRoute>,
+}
+
+/// `[[local_routes]]`: flows to `host` on `port` go to the workspace service `service` on its
+/// loopback port, inside the workspace (a local model server as `inference.local`). `moat
+/// run` reads them from the verified policy at start and hands them to guest-init, whose
+/// netstack answers them: the signed policy chooses, not the agent. Fixed for the workspace's
+/// life: a reload does not change them (docs/inference.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRoute {
+    /// The name (normalised, exact).
+    pub host: String,
+    /// The port the agent connects to on that name.
+    pub port: u16,
+    /// The workspace service's name.
+    pub service: crate::service::ServiceName,
 }
 
 /// The destination of a flow as the guest claims it.

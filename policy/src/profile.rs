@@ -54,6 +54,11 @@
 //! service = "git-corp"              # the broker's name for it (a-z, 0-9, '-'; 1-63)
 //! protocols = ["tcp"]               # SSH; the default is ["tls", "http"], as for passthrough
 //!
+//! [[local_routes]]                  # a name the workspace answers itself: its own service
+//! host = "inference.local"          # flows to it (on port 80) go to the workspace service
+//! service = "llm"                   # `llm` on its loopback port (moat run --service llm:8000=...)
+//! # port = 80                       # the port the agent uses; default 80
+//!
 //! [[secrets]]                       # see crate::secret for every field
 //! name = "openai"
 //! source = { env = "OPENAI_API_KEY" }
@@ -74,7 +79,7 @@ use crate::mcp_rules::{McpRules, McpRulesFile};
 use crate::program::ProgramPattern;
 use crate::secret::{Presentation, RESERVED_HEADERS, SecretSource, SecretSpec, is_token};
 use crate::service::ServiceName;
-use crate::{Action, Policy, Protocol, Route, Rule};
+use crate::{Action, LocalRoute, Policy, Protocol, Route, Rule};
 
 /// The shortest placeholder accepted: shorter ones could occur by chance in a request.
 pub const MIN_PLACEHOLDER_LEN: usize = 12;
@@ -161,6 +166,14 @@ pub enum ProfileError {
         /// What is wrong.
         why: String,
     },
+    /// A `[[local_routes]]` entry that is not valid.
+    #[error("local route {host:?} is not valid: {why}")]
+    BadLocalRoute {
+        /// The route's host, as written.
+        host: String,
+        /// What is wrong.
+        why: String,
+    },
     /// A secret declaration that is not valid; names the secret, never a value.
     #[error("secret {name:?} is not valid: {why}")]
     Secret {
@@ -193,6 +206,21 @@ struct ProfileFile {
     /// Parsed one by one, so that an error can name the secret.
     #[serde(default)]
     secrets: Vec<toml::Table>,
+    #[serde(default)]
+    local_routes: Vec<LocalRouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalRouteFile {
+    host: String,
+    service: String,
+    #[serde(default = "default_local_route_port")]
+    port: u16,
+}
+
+fn default_local_route_port() -> u16 {
+    80
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,12 +404,43 @@ pub fn parse(text: &str) -> Result<Policy, ProfileError> {
         check_secret_against_others(&spec, &secrets)?;
         secrets.push(spec);
     }
+    let local_routes = local_routes(file.local_routes)?;
     Ok(Policy {
         name: file.name,
         serial: file.serial,
         rules,
         secrets,
+        local_routes,
     })
+}
+
+/// The `[[local_routes]]`: exact names (no pattern: the netstack answers one name), each name
+/// and port once, a port above 0, a service name of the grammar services have.
+fn local_routes(raw: Vec<LocalRouteFile>) -> Result<Vec<LocalRoute>, ProfileError> {
+    let mut routes: Vec<LocalRoute> = Vec::with_capacity(raw.len());
+    for r in raw {
+        let bad = |why: &str| ProfileError::BadLocalRoute {
+            host: r.host.clone(),
+            why: why.to_owned(),
+        };
+        if r.host.contains('*') || r.host.parse::<std::net::IpAddr>().is_ok() {
+            return Err(bad("the host must be one exact name"));
+        }
+        let host = crate::host::normalize(&r.host).map_err(|e| bad(&e.to_string()))?;
+        if r.port == 0 {
+            return Err(bad("port 0"));
+        }
+        let service = ServiceName::parse(&r.service).map_err(|e| bad(&e.to_string()))?;
+        if routes.iter().any(|o| o.host == host && o.port == r.port) {
+            return Err(bad("routed twice on the same port"));
+        }
+        routes.push(LocalRoute {
+            host,
+            port: r.port,
+            service,
+        });
+    }
+    Ok(routes)
 }
 
 /// The service of a `corporate` rule, checked with everything else such a rule must (not) have;
@@ -632,6 +691,43 @@ fn check_secret_against_others(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn local(text: &str) -> Result<Policy, ProfileError> {
+        parse(&format!("version = 1\nname = \"l\"\n{text}"))
+    }
+
+    #[test]
+    fn a_local_route_names_a_host_a_service_and_port_80_by_default() {
+        let p = local("[[local_routes]]\nhost = \"Inference.Local\"\nservice = \"llm\"\n").unwrap();
+        assert_eq!(p.local_routes.len(), 1);
+        let r = &p.local_routes[0];
+        assert_eq!(
+            (r.host.as_str(), r.port, r.service.as_str()),
+            ("inference.local", 80, "llm")
+        );
+    }
+
+    #[test]
+    fn bad_local_routes_are_refused() {
+        for bad in [
+            "host = \"*.local\"\nservice = \"llm\"",
+            "host = \"10.0.0.1\"\nservice = \"llm\"",
+            "host = \"inference.local\"\nservice = \"LLM\"",
+            "host = \"inference.local\"\nservice = \"llm\"\nport = 0",
+            "host = \"inference.local\"\nservice = \"llm\"\nmodel = \"x\"",
+        ] {
+            assert!(
+                local(&format!("[[local_routes]]\n{bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
+        let twice = "[[local_routes]]\nhost = \"a.local\"\nservice = \"x\"\n\
+                     [[local_routes]]\nhost = \"a.local\"\nservice = \"y\"\n";
+        assert!(matches!(
+            local(twice),
+            Err(ProfileError::BadLocalRoute { .. })
+        ));
+    }
 
     const BASE: &str = r#"
 version = 1

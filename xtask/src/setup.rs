@@ -681,6 +681,18 @@ pub(crate) fn cri_venv() -> Result<PathBuf> {
     )
 }
 
+/// The agent's OpenAI client in the local inference tests (the `openai` package, pinned with
+/// its dependencies in moat/tests/inference/requirements.txt), in `.venv-openai`; returns its
+/// python. Made from /usr/bin/python3 for the same reason as [`mcp_venv`].
+pub(crate) fn openai_venv() -> Result<PathBuf> {
+    pinned_venv(
+        ".venv-openai",
+        "moat/tests/inference/requirements.txt",
+        "/usr/bin/python3",
+        "the openai client: local inference is tested with the real OpenAI client",
+    )
+}
+
 /// The venv `dir` (under the repository) made by `python` with the pinned `requirements`
 /// installed, redone only when the requirements file changed (a stamp in the venv holds the
 /// one installed); returns the venv's python.

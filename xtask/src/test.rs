@@ -1,6 +1,7 @@
 //! `cargo xtask test`: set up what the tests need (system packages, rustup targets, the OCSF
-//! validator's venv, the MCP SDK's venv, the CRI client's venv, the test OpenID Connect provider: `setup.rs`), build
-//! or find the guest images, then run every test in the workspace.
+//! validator's venv, the MCP SDK's, the CRI client's and the OpenAI client's venvs, the test
+//! OpenID Connect provider: `setup.rs`), build or find the guest images, then run every test
+//! in the workspace.
 
 use anyhow::Result;
 
@@ -12,6 +13,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let python = setup::ocsf_venv()?;
     let mcp_python = setup::mcp_venv()?;
     let cri_python = setup::cri_venv()?;
+    let openai_python = setup::openai_venv()?;
     setup::oidc_provider()?;
     // The Linux boot tests (moat-vmm's, and the vm backend's) boot our kernel and initramfs:
     // built here, or found in the cache (the first build takes about 8 minutes on 2 cores).
@@ -27,6 +29,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         ("MOAT_OCSF_PYTHON", python),
         ("MOAT_MCP_PYTHON", mcp_python),
         ("MOAT_CRI_PYTHON", cri_python),
+        ("MOAT_OPENAI_PYTHON", openai_python),
         ("MOAT_LINUX_KERNEL", kernel.vmlinux),
         ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
         ("MOAT_LINUX_INITRAMFS", initramfs),

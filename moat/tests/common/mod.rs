@@ -6,6 +6,7 @@
 pub mod broker;
 #[macro_use]
 pub mod scenarios;
+pub mod services;
 pub mod vm;
 
 use std::io::{Read, Write};
@@ -171,6 +172,8 @@ pub struct Workspace {
     pub policy_key: String,
     /// More `--resolve NAME=ADDR` for `moat run`, beyond the test upstream's names.
     pub resolve: Vec<String>,
+    /// More arguments for `moat run` (`--service ...`), before the agent's command.
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// The namespace backend's default root: the root image `cargo xtask images rootfs` keeps as a
@@ -283,6 +286,7 @@ impl Workspace {
             image: None,
             policy_key: key.secret,
             resolve: Vec::new(),
+            args: Vec::new(),
         }
     }
 
@@ -391,6 +395,7 @@ impl Workspace {
         for r in &self.resolve {
             cmd.arg("--resolve").arg(r);
         }
+        cmd.args(&self.args);
         cmd.args(["--", "sh", "-c", script]).env("MOAT_LOG", "warn");
         cmd
     }
