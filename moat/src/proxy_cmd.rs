@@ -54,6 +54,10 @@ pub(crate) struct ProxyOpts {
     /// Audit log (OCSF JSON Lines); "-" for stdout.
     #[arg(long)]
     audit: Option<String>,
+    /// The audit key that signs the log's checkpoints (Ed25519, made on first use; default:
+    /// this host's, `audit.key` in moat's state directory; `moat audit pubkey` prints it).
+    #[arg(long, value_name = "PATH")]
+    audit_key: Option<PathBuf>,
     /// Resolve names from this static map instead of the system resolver (repeatable,
     /// host=address). For development and tests.
     #[arg(long = "resolve", value_name = "HOST=ADDR")]
@@ -111,6 +115,11 @@ impl ProxyOpts {
         self.audit.is_some()
     }
 
+    /// The audit key's file.
+    pub(crate) fn audit_key_path(&self) -> Result<PathBuf> {
+        crate::audit_cmd::key_path(self.audit_key.as_deref())
+    }
+
     pub(crate) fn audit_path(&self, default: &Path) -> PathBuf {
         self.audit
             .as_ref()
@@ -144,12 +153,14 @@ impl ProxyOpts {
             Box::new(map)
         };
         let audit_path = self.audit_path(default_audit);
+        let key = crate::audit_cmd::load_key(self.audit_key.as_deref())?;
         let audit = if audit_path.as_os_str() == "-" {
             Audit::to_writer(Box::new(std::io::stdout()), self.workspace())
         } else {
             Audit::to_file(&audit_path, self.workspace())
                 .with_context(|| format!("cannot open audit log {}", audit_path.display()))?
-        };
+        }
+        .signed_by(key);
         let limits = Limits {
             max_flows: self.max_flows,
             idle_timeout: Duration::from_secs(self.idle_timeout),

@@ -280,7 +280,7 @@ pub fn audit_shows_the_flows_and_the_agent_process_and_validates_as_ocsf(ws: &Wo
     validate_ocsf(ws, records.len());
 }
 
-/// The workspace's audit log holds `count` records, each valid OCSF (egress/tests/ocsf).
+/// The workspace's audit log holds `count` records, each valid OCSF (audit/ocsf).
 fn validate_ocsf(ws: &Workspace, count: usize) {
     let report = super::validate_ocsf(&ws.dir.path().join("audit.jsonl"));
     assert!(
