@@ -19,6 +19,9 @@ use crate::chain::{self, Hash};
 /// Domain separation: these signatures mean "a moat audit checkpoint", nothing else.
 const SIGNED_PREFIX: &[u8] = b"moat audit checkpoint v1\n";
 
+/// Domain separation for a bundle's manifest.
+const MANIFEST_PREFIX: &[u8] = b"moat audit bundle manifest v1\n";
+
 /// The first word of a public key file.
 const PUBLIC_TAG: &str = "moat-audit-ed25519";
 
@@ -130,6 +133,13 @@ impl AuditKey {
         msg.extend_from_slice(record_hash);
         B64.encode(self.pair.sign(&msg).as_ref())
     }
+
+    /// Signs an evidence bundle's manifest (its bytes, as stored in the bundle).
+    pub fn sign_manifest(&self, manifest: &[u8]) -> String {
+        let mut msg = MANIFEST_PREFIX.to_vec();
+        msg.extend_from_slice(&chain::sha256(manifest));
+        B64.encode(self.pair.sign(&msg).as_ref())
+    }
 }
 
 /// An audit public key.
@@ -164,11 +174,20 @@ impl PublicKey {
 
     /// Does `signature` (base64) sign `record_hash`?
     pub fn verify(&self, record_hash: &Hash, signature: &str) -> bool {
-        let Ok(sig) = B64.decode(signature) else {
+        self.verify_prefixed(SIGNED_PREFIX, record_hash, signature)
+    }
+
+    /// Does `signature` (base64) sign the bundle manifest `manifest`?
+    pub fn verify_manifest(&self, manifest: &[u8], signature: &str) -> bool {
+        self.verify_prefixed(MANIFEST_PREFIX, &chain::sha256(manifest), signature)
+    }
+
+    fn verify_prefixed(&self, prefix: &[u8], hash: &Hash, signature: &str) -> bool {
+        let Ok(sig) = B64.decode(signature.trim()) else {
             return false;
         };
-        let mut msg = SIGNED_PREFIX.to_vec();
-        msg.extend_from_slice(record_hash);
+        let mut msg = prefix.to_vec();
+        msg.extend_from_slice(hash);
         UnparsedPublicKey::new(&ED25519, self.0)
             .verify(&msg, &sig)
             .is_ok()

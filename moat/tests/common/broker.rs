@@ -294,6 +294,8 @@ pub fn start_workspace(
         .arg(&enrolment)
         .arg("--audit")
         .arg(&audit)
+        .arg("--audit-key")
+        .arg(dir.join("audit.key"))
         .arg("--profile")
         .arg(dir.join("policy.toml"))
         .arg("--pubkey")

@@ -376,6 +376,8 @@ impl Workspace {
             .arg(d.join("policy.pub"))
             .arg("--audit")
             .arg(d.join("audit.jsonl"))
+            .arg("--audit-key")
+            .arg(d.join("audit.key"))
             .arg("--ca")
             .arg(self.dir.path().join("ca.pem"))
             .arg("--upstream-ca")
