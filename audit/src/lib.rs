@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod export;
 pub mod key;
 pub mod log;
 pub mod ocsf;

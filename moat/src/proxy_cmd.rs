@@ -58,6 +58,11 @@ pub(crate) struct ProxyOpts {
     /// this host's, `audit.key` in moat's state directory; `moat audit pubkey` prints it).
     #[arg(long, value_name = "PATH")]
     audit_key: Option<PathBuf>,
+    /// Also send every audit record to this OTLP/HTTP endpoint (protobuf, `/v1/logs`), e.g.
+    /// a local OpenTelemetry collector's `http://127.0.0.1:4318`: batched, retried, never in a
+    /// flow's way; what cannot be sent stays in the local log (docs/audit.md).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Resolve names from this static map instead of the system resolver (repeatable,
     /// host=address). For development and tests.
     #[arg(long = "resolve", value_name = "HOST=ADDR")]
@@ -161,6 +166,15 @@ impl ProxyOpts {
                 .with_context(|| format!("cannot open audit log {}", audit_path.display()))?
         }
         .signed_by(key);
+        let mut audit = audit;
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let exporter = moat_audit::export::Exporter::start(
+                endpoint,
+                "moat-egress",
+                moat_audit::export::ExportLimits::default(),
+            )?;
+            audit.log_mut().set_export(Box::new(exporter));
+        }
         let limits = Limits {
             max_flows: self.max_flows,
             idle_timeout: Duration::from_secs(self.idle_timeout),

@@ -627,6 +627,18 @@ pub(crate) fn ocsf_venv() -> Result<PathBuf> {
     )
 }
 
+/// The OTLP receiver the audit export tests send to (the official `opentelemetry-proto`
+/// definitions from PyPI, pinned in audit/otlp/requirements.txt), in `.venv-otlp`; returns its
+/// python.
+pub(crate) fn otlp_venv() -> Result<PathBuf> {
+    pinned_venv(
+        ".venv-otlp",
+        "audit/otlp/requirements.txt",
+        "python3",
+        "the OTLP receiver: audit export is tested against the official protobuf definitions",
+    )
+}
+
 /// The MCP server and client the namespace end-to-end tests run (the Python `mcp` SDK, pinned
 /// with its dependencies in moat/tests/mcp/requirements.txt), in `.venv-mcp`; returns its
 /// python. Made from /usr/bin/python3 (the system's, also the root image's), never a python

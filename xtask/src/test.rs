@@ -11,6 +11,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     setup::ensure(&[Job::Tests, Job::Kernel, Job::Initramfs, Job::RootImage])?;
     let python = setup::ocsf_venv()?;
     let mcp_python = setup::mcp_venv()?;
+    let otlp_python = setup::otlp_venv()?;
     setup::oidc_provider()?;
     // The Linux boot tests (moat-vmm's, and the vm backend's) boot our kernel and initramfs:
     // built here, or found in the cache (the first build takes about 8 minutes on 2 cores).
@@ -25,6 +26,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let env = [
         ("MOAT_OCSF_PYTHON", python),
         ("MOAT_MCP_PYTHON", mcp_python),
+        ("MOAT_OTLP_PYTHON", otlp_python),
         ("MOAT_LINUX_KERNEL", kernel.vmlinux),
         ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
         ("MOAT_LINUX_INITRAMFS", initramfs),
