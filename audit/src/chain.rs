@@ -25,7 +25,8 @@ fn canonical_into(v: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                push_json(&Value::String(k.clone()), out);
+                // A string key serialises as a JSON string; cannot fail into a Vec.
+                let _ = serde_json::to_writer(&mut *out, k);
                 out.push(b':');
                 if let Some(v) = map.get(k) {
                     canonical_into(v, out);

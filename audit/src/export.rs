@@ -79,13 +79,13 @@ pub struct ExportCounts {
 /// The exporter: the queue's sending end.
 #[derive(Debug)]
 pub struct Exporter {
-    tx: mpsc::Sender<Value>,
+    tx: mpsc::Sender<Vec<u8>>,
     counts: Arc<ExportCounts>,
 }
 
 impl Export for Exporter {
-    fn offer(&self, record: &Value) {
-        if self.tx.try_send(record.clone()).is_err() {
+    fn offer(&self, line: &[u8]) {
+        if self.tx.try_send(line.to_vec()).is_err() {
             self.counts.not_sent.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -145,18 +145,21 @@ struct Sender {
 }
 
 impl Sender {
-    async fn run(self, mut rx: mpsc::Receiver<Value>) {
+    async fn run(self, mut rx: mpsc::Receiver<Vec<u8>>) {
         let mut batch = Vec::with_capacity(self.limits.batch);
+        // The writer wrote these lines itself: one that does not parse is not possible, and
+        // would only be left out of the export (it is in the local log).
+        let parse = |line: Vec<u8>| parse_line(line);
         loop {
             // The first record waits as long as it takes; the rest of the batch `linger`.
             match rx.recv().await {
-                Some(r) => batch.push(r),
+                Some(line) => batch.extend(parse(line)),
                 None => return,
             }
             let deadline = tokio::time::Instant::now() + self.limits.linger;
             while batch.len() < self.limits.batch {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(r)) => batch.push(r),
+                    Ok(Some(line)) => batch.extend(parse(line)),
                     Ok(None) | Err(_) => break,
                 }
             }
@@ -166,7 +169,7 @@ impl Sender {
     }
 
     /// Sends one batch, retrying with backoff; counts what was sent or not.
-    async fn send(&self, batch: &[Value]) {
+    async fn send(&self, batch: &[(Value, String)]) {
         let body = bytes::Bytes::from(self.request(batch).encode_to_vec());
         let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
         let mut wait = self.limits.backoff;
@@ -222,12 +225,36 @@ impl Sender {
         }
     }
 
-    fn request(&self, batch: &[Value]) -> ExportLogsServiceRequest {
-        let records = batch.iter().map(log_record).collect();
+    fn request(&self, batch: &[(Value, String)]) -> ExportLogsServiceRequest {
+        request(&self.service, batch)
+    }
+}
+
+/// A written line, parsed for its attributes and kept as the body (without its newline).
+pub fn parse_line(mut line: Vec<u8>) -> Option<(Value, String)> {
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    let value = serde_json::from_slice(&line).ok()?;
+    Some((value, String::from_utf8(line).ok()?))
+}
+
+/// The OTLP request for `batch` (from [`parse_line`]), as `service`, encoded (protobuf): what
+/// one POST carries.
+pub fn encode(service: &str, batch: &[(Value, String)]) -> Vec<u8> {
+    request(service, batch).encode_to_vec()
+}
+
+fn request(service: &str, batch: &[(Value, String)]) -> ExportLogsServiceRequest {
+    {
+        let records = batch
+            .iter()
+            .map(|(rec, line)| log_record(rec, line))
+            .collect();
         ExportLogsServiceRequest {
             resource_logs: vec![ResourceLogs {
                 resource: Some(Resource {
-                    attributes: vec![kv("service.name", string(&self.service))],
+                    attributes: vec![kv("service.name", string(service))],
                     ..Resource::default()
                 }),
                 scope_logs: vec![ScopeLogs {
@@ -278,8 +305,8 @@ fn severity_number(ocsf: u64) -> i32 {
     }
 }
 
-/// One audit record as an OpenTelemetry log record.
-fn log_record(rec: &Value) -> LogRecord {
+/// One audit record (and its line, the body) as an OpenTelemetry log record.
+fn log_record(rec: &Value, line: &str) -> LogRecord {
     let s = |p: &str| rec.pointer(p).and_then(Value::as_str);
     let mut attributes = Vec::new();
     if let Some(class) = rec["class_uid"].as_i64() {
@@ -312,7 +339,7 @@ fn log_record(rec: &Value) -> LogRecord {
         observed_time_unix_nano: crate::ocsf::now_millis().saturating_mul(1_000_000),
         severity_number: severity_number(rec["severity_id"].as_u64().unwrap_or(0)),
         severity_text: s("/severity").unwrap_or_default().to_owned(),
-        body: Some(string(&rec.to_string())),
+        body: Some(string(line)),
         attributes,
         ..LogRecord::default()
     }
