@@ -279,6 +279,14 @@ impl Audit {
         })
     }
 
+    /// Signs the log's checkpoints with `key` (the broker's audit key, `audit.key` in its state
+    /// directory) instead of one of this process's. Before any record.
+    #[must_use]
+    pub fn signed_by(mut self, key: AuditKey) -> Self {
+        self.log.set_key(key);
+        self
+    }
+
     /// Writes to any writer.
     pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
         Audit {
