@@ -12,9 +12,13 @@
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
+use moat_audit::ocsf::{
+    AUTHENTICATION, Class, NETWORK_ACTIVITY, Product, SSH_ACTIVITY, Severity, Skeleton, Status,
+    millis,
+};
+use moat_audit::{AuditKey, Log};
 use serde_json::{Value, json};
 
 use crate::config::WorkspaceName;
@@ -22,7 +26,13 @@ use crate::oidc::Identity;
 use crate::session::Session;
 
 /// OCSF schema version the records follow (the same as the egress proxy's).
-pub const OCSF_VERSION: &str = "1.8.0";
+pub use moat_audit::OCSF_VERSION;
+
+/// The broker's records.
+const BROKER: Product = Product {
+    name: "moat broker",
+    log_name: "broker",
+};
 
 /// The SSH Activity activities written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,7 +194,7 @@ impl<'a> CorporateEvent<'a> {
 
 /// The sink.
 pub struct Audit {
-    out: Mutex<Box<dyn Write + Send>>,
+    log: Log,
 }
 
 impl std::fmt::Debug for Audit {
@@ -193,21 +203,32 @@ impl std::fmt::Debug for Audit {
     }
 }
 
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// The skeleton of a broker record of `class`.
+fn skeleton(
+    class: Class,
+    activity_id: u32,
+    activity_name: &str,
+    severity: Severity,
+    status: Status,
+    time: SystemTime,
+) -> Value {
+    Skeleton {
+        class,
+        activity_id,
+        activity_name,
+        severity,
+        status: Some(status),
+        time: millis(time),
+        product: BROKER,
+    }
+    .record()
 }
 
-fn metadata() -> Value {
-    json!({
-        "version": OCSF_VERSION,
-        "log_name": "broker",
-        "product": {
-            "name": "moat broker",
-            "vendor_name": "moat",
-            "version": env!("CARGO_PKG_VERSION"),
-        },
-    })
+/// Adds the fields of the object `more` to the object `rec`.
+fn merge(rec: &mut Value, more: Value) {
+    if let (Value::Object(rec), Value::Object(more)) = (rec, more) {
+        rec.extend(more);
+    }
 }
 
 fn user(identity: &Identity) -> Value {
@@ -240,30 +261,41 @@ fn endpoint(addr: SocketAddr) -> Value {
     json!({ "ip": addr.ip().to_string(), "port": addr.port() })
 }
 
-fn status(ok: bool) -> (u32, &'static str, u32, &'static str) {
+fn status(ok: bool) -> (Status, Severity) {
     if ok {
-        (1, "Success", 1, "Informational")
+        (Status::Success, Severity::Informational)
     } else {
-        (2, "Failure", 3, "Medium")
+        (Status::Failure, Severity::Medium)
     }
 }
 
 impl Audit {
     /// Appends to `path`, creating it (mode 0600) if needed.
+    /// The records are chained (moat-audit); checkpoints are signed with a key of this
+    /// process (named in the log's start record).
     pub fn to_file(path: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
-        Ok(Self::to_writer(Box::new(file)))
+        Ok(Audit {
+            log: Log::append_to(path, BROKER, AuditKey::ephemeral().ok())?,
+        })
+    }
+
+    /// Signs the log's checkpoints with `key` (the broker's audit key, `audit.key` in its state
+    /// directory) instead of one of this process's. Before any record.
+    #[must_use]
+    pub fn signed_by(mut self, key: AuditKey) -> Self {
+        self.log.set_key(key);
+        self
     }
 
     /// Writes to any writer.
     pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
         Audit {
-            out: Mutex::new(out),
+            log: Log::new(
+                out,
+                BROKER,
+                AuditKey::ephemeral().ok(),
+                moat_audit::chain::GENESIS,
+            ),
         }
     }
 
@@ -276,31 +308,28 @@ impl Audit {
         src: SocketAddr,
         outcome: Result<&Session, &str>,
     ) {
-        let (status_id, status, severity_id, severity) = status(outcome.is_ok());
-        let mut rec = json!({
-            "class_uid": 3002,
-            "class_name": "Authentication",
-            "category_uid": 3,
-            "category_name": "Identity & Access Management",
-            "activity_id": 1,
-            "activity_name": "Logon",
-            "type_uid": 300201,
-            "type_name": "Authentication: Logon",
-            "severity_id": severity_id,
-            "severity": severity,
-            "time": millis(SystemTime::now()),
-            "status_id": status_id,
-            "status": status,
-            "auth_protocol_id": 4,
-            "auth_protocol": "OpenID",
-            "is_remote": true,
-            "metadata": metadata(),
-            "src_endpoint": endpoint(src),
-            "service": { "name": "moat broker", "uid": workspace.as_str() },
-            "dst_endpoint": { "hostname": workspace.as_str() },
-            // OCSF requires a user; an anonymous refusal (bad token) names none we can trust.
-            "user": identity.map_or_else(|| json!({ "name": "unknown" }), user),
-        });
+        let (status, severity) = status(outcome.is_ok());
+        let mut rec = skeleton(
+            AUTHENTICATION,
+            1,
+            "Logon",
+            severity,
+            status,
+            SystemTime::now(),
+        );
+        merge(
+            &mut rec,
+            json!({
+                "auth_protocol_id": 4,
+                "auth_protocol": "OpenID",
+                "is_remote": true,
+                "src_endpoint": endpoint(src),
+                "service": { "name": "moat broker", "uid": workspace.as_str() },
+                "dst_endpoint": { "hostname": workspace.as_str() },
+                // OCSF requires a user; an anonymous refusal (bad token) names none we can trust.
+                "user": identity.map_or_else(|| json!({ "name": "unknown" }), user),
+            }),
+        );
         match outcome {
             Ok(session) => {
                 rec["session"] = session_object(session);
@@ -311,69 +340,63 @@ impl Audit {
                 rec["message"] = json!(format!("sign-in to {workspace} refused: {reason}"));
             }
         }
-        self.emit(&rec);
+        self.emit(rec);
     }
 
     /// A session ended before its time: revoked, or its entitlement lost or unconfirmed at the
     /// identity provider (`reason` says which).
     pub fn logoff(&self, session: &Session, reason: &str) {
-        let rec = json!({
-            "class_uid": 3002,
-            "class_name": "Authentication",
-            "category_uid": 3,
-            "category_name": "Identity & Access Management",
-            "activity_id": 2,
-            "activity_name": "Logoff",
-            "type_uid": 300202,
-            "type_name": "Authentication: Logoff",
-            "severity_id": 1,
-            "severity": "Informational",
-            "time": millis(SystemTime::now()),
-            "status_id": 1,
-            "status": "Success",
-            "status_detail": reason,
-            "auth_protocol_id": 4,
-            "auth_protocol": "OpenID",
-            "is_remote": true,
-            "metadata": metadata(),
-            "service": { "name": "moat broker", "uid": session.workspace.as_str() },
-            "dst_endpoint": { "hostname": session.workspace.as_str() },
-            "user": user(&session.identity),
-            "session": session_object(session),
-            "message": format!("session {} ended: {reason}", session.id),
-        });
-        self.emit(&rec);
+        let mut rec = skeleton(
+            AUTHENTICATION,
+            2,
+            "Logoff",
+            Severity::Informational,
+            Status::Success,
+            SystemTime::now(),
+        );
+        merge(
+            &mut rec,
+            json!({
+                "status_detail": reason,
+                "auth_protocol_id": 4,
+                "auth_protocol": "OpenID",
+                "is_remote": true,
+                "service": { "name": "moat broker", "uid": session.workspace.as_str() },
+                "dst_endpoint": { "hostname": session.workspace.as_str() },
+                "user": user(&session.identity),
+                "session": session_object(session),
+                "message": format!("session {} ended: {reason}", session.id),
+            }),
+        );
+        self.emit(rec);
     }
 
     /// One remote session event.
     pub fn remote(&self, event: &RemoteEvent<'_>) {
         let ok = event.activity != SshActivity::Refuse;
-        let (status_id, status, severity_id, severity) = status(ok);
+        let (status, severity) = status(ok);
         let now = SystemTime::now();
-        let mut rec = json!({
-            "class_uid": 4007,
-            "class_name": "SSH Activity",
-            "category_uid": 4,
-            "category_name": "Network Activity",
-            "activity_id": event.activity.id(),
-            "activity_name": event.activity.name(),
-            "type_uid": 400700 + event.activity.id(),
-            "type_name": format!("SSH Activity: {}", event.activity.name()),
-            "severity_id": severity_id,
-            "severity": severity,
-            "time": millis(now),
-            "status_id": status_id,
-            "status": status,
-            "metadata": metadata(),
-            "src_endpoint": endpoint(event.src),
-            "dst_endpoint": { "hostname": event.workspace.as_str(), "name": "workspace" },
-            "connection_info": {
-                "protocol_name": "tcp",
-                "protocol_num": 6,
-                "direction_id": 1,
-                "direction": "Inbound",
-            },
-        });
+        let mut rec = skeleton(
+            SSH_ACTIVITY,
+            event.activity.id(),
+            event.activity.name(),
+            severity,
+            status,
+            now,
+        );
+        merge(
+            &mut rec,
+            json!({
+                "src_endpoint": endpoint(event.src),
+                "dst_endpoint": { "hostname": event.workspace.as_str(), "name": "workspace" },
+                "connection_info": {
+                    "protocol_name": "tcp",
+                    "protocol_num": 6,
+                    "direction_id": 1,
+                    "direction": "Inbound",
+                },
+            }),
+        );
         if let Some(session) = event.session {
             // `actor` belongs to the host profile in SSH Activity.
             rec["metadata"]["profiles"] = json!(["host"]);
@@ -396,49 +419,46 @@ impl Audit {
             event.workspace,
             event.activity.name().to_lowercase()
         ));
-        self.emit(&rec);
+        self.emit(rec);
     }
 
     /// One corporate egress flow event.
     pub fn corporate(&self, event: &CorporateEvent<'_>) {
         let ok = matches!(event.activity, FlowActivity::Open | FlowActivity::Close);
-        let (status_id, status, severity_id, severity) = status(ok);
+        let (status, severity) = status(ok);
         let now = SystemTime::now();
         let mut dst = json!({ "svc_name": event.service });
         if let Some(peer) = event.peer {
             dst["ip"] = json!(peer.ip().to_string());
             dst["port"] = json!(peer.port());
         }
-        let mut rec = json!({
-            "class_uid": 4001,
-            "class_name": "Network Activity",
-            "category_uid": 4,
-            "category_name": "Network Activity",
-            "activity_id": event.activity.id(),
-            "activity_name": event.activity.name(),
-            "type_uid": 400100 + event.activity.id(),
-            "type_name": format!("Network Activity: {}", event.activity.name()),
-            "severity_id": severity_id,
-            "severity": severity,
-            "time": millis(now),
-            "status_id": status_id,
-            "status": status,
-            "metadata": metadata(),
-            "src_endpoint": { "uid": event.workspace.as_str(), "name": "workspace" },
-            "dst_endpoint": dst,
-            "connection_info": {
-                "protocol_name": "tcp",
-                "protocol_num": 6,
-                "direction_id": 2,
-                "direction": "Outbound",
-            },
-            "message": format!(
-                "corporate flow from {} to {} {}",
-                event.workspace,
-                event.service,
-                event.activity.name().to_lowercase()
-            ),
-        });
+        let mut rec = skeleton(
+            NETWORK_ACTIVITY,
+            event.activity.id(),
+            event.activity.name(),
+            severity,
+            status,
+            now,
+        );
+        merge(
+            &mut rec,
+            json!({
+                "src_endpoint": { "uid": event.workspace.as_str(), "name": "workspace" },
+                "dst_endpoint": dst,
+                "connection_info": {
+                    "protocol_name": "tcp",
+                    "protocol_num": 6,
+                    "direction_id": 2,
+                    "direction": "Outbound",
+                },
+                "message": format!(
+                    "corporate flow from {} to {} {}",
+                    event.workspace,
+                    event.service,
+                    event.activity.name().to_lowercase()
+                ),
+            }),
+        );
         if let Some(detail) = event.detail {
             rec["status_detail"] = json!(detail);
         }
@@ -452,21 +472,26 @@ impl Audit {
             rec["end_time"] = json!(millis(now));
             rec["duration"] = json!(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
         }
-        self.emit(&rec);
+        self.emit(rec);
     }
 
-    /// Writes one record, as one line in one write; failures are logged, never propagated.
-    fn emit(&self, record: &Value) {
-        let Ok(mut line) = serde_json::to_vec(record) else {
-            return;
-        };
-        line.push(b'\n');
-        let mut out = self
-            .out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+    /// Writes one record, chained, as one line; failures are logged, never propagated.
+    fn emit(&self, record: Value) {
+        if let Err(e) = self.log.append(record) {
             tracing::error!("audit write failed: {e}");
         }
+    }
+
+    /// Ends the log's run with its signed end record (also done when the audit is dropped).
+    pub fn finish(&self) {
+        if let Err(e) = self.log.finish(json!({})) {
+            tracing::error!("audit write failed: {e}");
+        }
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.finish();
     }
 }

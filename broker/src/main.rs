@@ -307,12 +307,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // The audit key signs the log's checkpoints: made on first start beside the broker's other
+    // keys (`moat audit pubkey --key <state_dir>/audit.key` prints its public half).
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .with_context(|| format!("creating {}", config.state_dir.display()))?;
+    }
+    let key = moat_audit::AuditKey::load_or_create(&config.state_dir.join("audit.key"))?;
     let audit = match &config.audit {
         Some(path) => {
             Audit::to_file(path).with_context(|| format!("opening {}", path.display()))?
         }
         None => Audit::to_writer(Box::new(std::io::stdout())),
-    };
+    }
+    .signed_by(key);
     let api = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

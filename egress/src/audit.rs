@@ -28,15 +28,23 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
+use moat_audit::ocsf::{HTTP_ACTIVITY, NETWORK_ACTIVITY, Product, Severity, Skeleton, Status};
+use moat_audit::{AuditKey, Log};
 use moat_policy::Action;
 use serde_json::{Value, json};
 
 use crate::outcome::Reason;
 
 /// OCSF schema version the records follow.
-pub const OCSF_VERSION: &str = "1.8.0";
+pub use moat_audit::OCSF_VERSION;
+
+/// The egress proxy's records.
+pub const EGRESS: Product = Product {
+    name: "moat egress proxy",
+    log_name: "egress",
+};
 
 /// OCSF Network Activity activities we emit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +156,8 @@ pub struct Event<'a> {
     pub bytes: Option<(u64, u64)>,
     /// Whether the flow was allowed at the time of this record.
     pub allowed: bool,
+    /// Requests the flow carried (Close of an intercepted flow only).
+    pub requests: Option<u64>,
 }
 
 /// How many records of flows that never opened (Refuse and Fail) are written per workspace.
@@ -223,42 +233,9 @@ impl Limiter {
     }
 }
 
-/// The writer, and whether the last record was cut short.
-struct Sink {
-    writer: Box<dyn Write + Send>,
-    /// A record was partly written: the next one starts on a new line.
-    torn: bool,
-}
-
-impl Sink {
-    /// Writes one whole line, noting whether a failure left part of it behind.
-    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
-        if self.torn {
-            self.writer.write_all(b"\n")?;
-            self.torn = false;
-        }
-        let mut done = 0;
-        while done < line.len() {
-            match self.writer.write(&line[done..]) {
-                Ok(0) => {
-                    self.torn = done > 0;
-                    return Err(io::Error::from(io::ErrorKind::WriteZero));
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.torn = done > 0;
-                    return Err(e);
-                }
-            }
-        }
-        self.writer.flush()
-    }
-}
-
 /// The audit sink: JSON Lines to a file or stdout, one record per line.
 pub struct Audit {
-    out: Mutex<Sink>,
+    log: Log,
     workspace: String,
     /// The last record could not be written: new flows are refused until one is.
     failing: AtomicBool,
@@ -279,35 +256,48 @@ impl std::fmt::Debug for Audit {
     }
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub(crate) fn now_millis() -> u64 {
-    millis(SystemTime::now())
-}
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use moat_audit::ocsf::millis;
 
 impl Audit {
-    /// Appends to `path`, creating it (mode 0600) if needed.
+    /// Appends to `path`, creating it (mode 0600) if needed; the new run is chained to the
+    /// last record already there. Checkpoints are signed with a key of this process only until
+    /// [`Audit::signed_by`] gives the host's.
     pub fn to_file(path: &Path, workspace: &str) -> io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
-        Ok(Self::to_writer(Box::new(file), workspace))
+        let log = Log::append_to(path, EGRESS, AuditKey::ephemeral().ok())?;
+        Ok(Self::to_log(log, workspace))
     }
 
     /// Writes to any writer (stdout, a test buffer).
     pub fn to_writer(out: Box<dyn Write + Send>, workspace: &str) -> Self {
+        let log = Log::new(
+            out,
+            EGRESS,
+            AuditKey::ephemeral().ok(),
+            moat_audit::chain::GENESIS,
+        );
+        Self::to_log(log, workspace)
+    }
+
+    /// Signs the log's checkpoints with `key` (the per-host audit key). Before any record.
+    #[must_use]
+    pub fn signed_by(mut self, key: AuditKey) -> Self {
+        self.log.set_key(key);
+        self
+    }
+
+    /// The log itself: its checkpoints, export and end.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// The log, to set its checkpoints or export. Before any record.
+    pub fn log_mut(&mut self) -> &mut Log {
+        &mut self.log
+    }
+
+    fn to_log(log: Log, workspace: &str) -> Self {
         Audit {
-            out: Mutex::new(Sink {
-                writer: out,
-                torn: false,
-            }),
+            log,
             workspace: workspace.to_owned(),
             failing: AtomicBool::new(false),
             unwritten: AtomicU64::new(0),
@@ -319,12 +309,8 @@ impl Audit {
 
     /// Bounds the records of flows that never opened to `rate` (the proxy sets its
     /// `Limits::audit_refusals` here).
-    pub fn set_refusal_rate(&mut self, rate: RecordRate) {
-        let limiter = match self.limiter.get_mut() {
-            Ok(l) => l,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *limiter = Limiter::new(rate);
+    pub fn set_refusal_rate(&self, rate: RecordRate) {
+        *lock(&self.limiter) = Limiter::new(rate);
     }
 
     /// Is the audit failing (the last record could not be written)? New flows are refused
@@ -373,20 +359,10 @@ impl Audit {
         };
         let failed = matches!(event.activity, Activity::Refuse | Activity::Fail)
             || event.reason.is_some_and(|r| r != Reason::Finished);
-        let (status_id, status) = if failed {
-            (2, "Failure")
-        } else {
-            (1, "Success")
-        };
-        let severity_id = match event.activity {
-            Activity::Refuse => 3,
-            Activity::Fail => 2,
-            _ => 1,
-        };
-        let severity = match severity_id {
-            3 => "Medium",
-            2 => "Low",
-            _ => "Informational",
+        let severity = match event.activity {
+            Activity::Refuse => Severity::Medium,
+            Activity::Fail => Severity::Low,
+            _ => Severity::Informational,
         };
         let mut dst = serde_json::Map::new();
         if let Some(h) = &f.hostname {
@@ -408,36 +384,24 @@ impl Audit {
             }
             (None, None) => {}
         }
-        let mut rec = json!({
-            "class_uid": 4001,
-            "class_name": "Network Activity",
-            "category_uid": 4,
-            "category_name": "Network Activity",
-            "activity_id": event.activity.id(),
-            "activity_name": event.activity.name(),
-            "type_uid": 400100 + event.activity.id(),
-            "type_name": format!("Network Activity: {}", event.activity.name()),
-            "severity_id": severity_id,
-            "severity": severity,
-            "time": millis(now),
-            "status_id": status_id,
-            "status": status,
+        let mut rec = Skeleton {
+            class: NETWORK_ACTIVITY,
+            activity_id: event.activity.id(),
+            activity_name: event.activity.name(),
+            severity,
+            status: Some(Status::of(!failed)),
+            time: millis(now),
+            product: EGRESS,
+        }
+        .record();
+        // action, disposition and firewall_rule belong to this profile.
+        rec["metadata"]["profiles"] = json!(["security_control"]);
+        rec["metadata"]["uid"] = json!(f.uid);
+        let fields = json!({
             "action_id": action_id,
             "action": action,
             "disposition_id": disposition_id,
             "disposition": disposition,
-            "metadata": {
-                "version": OCSF_VERSION,
-                "uid": f.uid,
-                "log_name": "egress",
-                // action, disposition and firewall_rule belong to this profile.
-                "profiles": ["security_control"],
-                "product": {
-                    "name": "moat egress proxy",
-                    "vendor_name": "moat",
-                    "version": env!("CARGO_PKG_VERSION"),
-                },
-            },
             "src_endpoint": { "uid": self.workspace, "name": "workspace" },
             "dst_endpoint": Value::Object(dst),
             "connection_info": {
@@ -447,6 +411,7 @@ impl Audit {
                 "direction": "Outbound",
             },
         });
+        merge(&mut rec, fields);
         let mut unmapped = serde_json::Map::new();
         if let Some(id) = f.guest_flow_id {
             rec["connection_info"]["uid"] = json!(id.to_string());
@@ -465,6 +430,9 @@ impl Audit {
         }
         if let Some(claimed) = f.claimed {
             unmapped.insert("claimed_destination".into(), json!(claimed.to_string()));
+        }
+        if let Some(n) = event.requests {
+            unmapped.insert("requests".into(), json!(n));
         }
         f.record_program(&mut rec, &mut unmapped);
         rec["message"] = json!(message(event));
@@ -491,7 +459,7 @@ impl Audit {
         if self.held_back(event) {
             return true;
         }
-        self.emit_value(&self.record(event))
+        self.emit_value(self.record(event))
     }
 
     /// Does the rate limit hold the record of `event` back?
@@ -513,16 +481,8 @@ impl Audit {
 
     /// Writes one record, as one line. False when it could not be written: the audit is then
     /// failing (logged once) until a record is written again (logged too).
-    pub fn emit_value(&self, record: &Value) -> bool {
-        let mut line = match serde_json::to_vec(record) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot serialise audit record");
-                return false;
-            }
-        };
-        line.push(b'\n');
-        let written = lock(&self.out).write_line(&line);
+    pub fn emit_value(&self, record: Value) -> bool {
+        let written = self.log.append(record);
         match written {
             Ok(()) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
@@ -547,6 +507,20 @@ impl Audit {
         }
     }
 
+    /// Ends the log's run: the signed end record, with the run's counts and this audit's own
+    /// (records held back by the rate limit, records that could not be written). Also done
+    /// when the audit is dropped (the proxy and every flow gone). False if it could not be
+    /// written.
+    pub fn finish(&self) -> bool {
+        self.flush_suppressed();
+        self.log
+            .finish(json!({
+                "suppressed": self.suppressed(),
+                "unwritten_total": self.unwritten(),
+            }))
+            .is_ok()
+    }
+
     /// Writes one summary record per kind of record the rate limit held back since the last
     /// summary, each with its `count`. A summary that cannot be written is kept for the next
     /// call. The proxy calls this every second and at shutdown.
@@ -560,7 +534,7 @@ impl Audit {
         };
         for (activity, reason, count) in held {
             let record = self.summary_record(activity, reason, count, since);
-            if !self.emit_value(&record) {
+            if !self.emit_value(record) {
                 lock(&self.limiter).hold(activity, reason, count);
             }
         }
@@ -583,61 +557,53 @@ impl Audit {
         } else {
             (2, "Denied", 2, "Blocked")
         };
-        let (severity_id, severity, kind) = if fail {
-            (2, "Low", "failed")
+        let (severity, kind) = if fail {
+            (Severity::Low, "failed")
         } else {
-            (3, "Medium", "refused")
+            (Severity::Medium, "refused")
         };
         let n = self.summaries.fetch_add(1, Ordering::Relaxed) + 1;
-        json!({
-            "class_uid": 4001,
-            "class_name": "Network Activity",
-            "category_uid": 4,
-            "category_name": "Network Activity",
-            "activity_id": activity.id(),
-            "activity_name": activity.name(),
-            "type_uid": 400100 + activity.id(),
-            "type_name": format!("Network Activity: {}", activity.name()),
-            "severity_id": severity_id,
-            "severity": severity,
-            "time": millis(now),
-            "count": count,
-            "start_time": millis(since),
-            "end_time": millis(now),
-            "status_id": 2,
-            "status": "Failure",
-            "status_detail": reason.code(),
-            "action_id": action_id,
-            "action": action,
-            "disposition_id": disposition_id,
-            "disposition": disposition,
-            "metadata": {
-                "version": OCSF_VERSION,
-                "uid": format!("{}-suppressed-{n}", self.workspace),
-                "log_name": "egress",
-                "profiles": ["security_control"],
-                "product": {
-                    "name": "moat egress proxy",
-                    "vendor_name": "moat",
-                    "version": env!("CARGO_PKG_VERSION"),
+        let mut rec = Skeleton {
+            class: NETWORK_ACTIVITY,
+            activity_id: activity.id(),
+            activity_name: activity.name(),
+            severity,
+            status: Some(Status::Failure),
+            time: millis(now),
+            product: EGRESS,
+        }
+        .record();
+        rec["metadata"]["profiles"] = json!(["security_control"]);
+        rec["metadata"]["uid"] = json!(format!("{}-suppressed-{n}", self.workspace));
+        merge(
+            &mut rec,
+            json!({
+                "count": count,
+                "start_time": millis(since),
+                "end_time": millis(now),
+                "status_detail": reason.code(),
+                "action_id": action_id,
+                "action": action,
+                "disposition_id": disposition_id,
+                "disposition": disposition,
+                "src_endpoint": { "uid": self.workspace, "name": "workspace" },
+                "connection_info": {
+                    "protocol_name": "tcp",
+                    "protocol_num": 6,
+                    "direction_id": 2,
+                    "direction": "Outbound",
                 },
-            },
-            "src_endpoint": { "uid": self.workspace, "name": "workspace" },
-            "connection_info": {
-                "protocol_name": "tcp",
-                "protocol_num": 6,
-                "direction_id": 2,
-                "direction": "Outbound",
-            },
-            "message": format!(
-                "{count} {kind} flow records ({reason}) not written: over the audit rate limit"
-            ),
-            "unmapped": { "moat": {
-                "reason": reason.code(),
-                "blame": reason.blame().as_str(),
-                "suppressed": count,
-            } },
-        })
+                "message": format!(
+                    "{count} {kind} flow records ({reason}) not written: over the audit rate limit"
+                ),
+                "unmapped": { "moat": {
+                    "reason": reason.code(),
+                    "blame": reason.blame().as_str(),
+                    "suppressed": count,
+                } },
+            }),
+        );
+        rec
     }
 }
 
@@ -650,6 +616,9 @@ pub struct HttpEvent<'a> {
     pub rule: &'a str,
     /// The upstream address the flow is pinned to.
     pub upstream: SocketAddr,
+    /// The request's number on its flow, from 1 (`unmapped.moat.request`; the flow's Close
+    /// record has the count, so a missing or doubled record shows).
+    pub request: u64,
     /// The request method.
     pub method: &'a str,
     /// The upstream's hostname (the flow's, or a routed rule's route).
@@ -681,6 +650,10 @@ pub struct HttpEvent<'a> {
     /// Names of the secrets the response carried back, each replaced by its placeholder, and
     /// how many times (never a value).
     pub reflected: Vec<(String, u64)>,
+    /// An alert written while the request is still under way (a secret reflected in the
+    /// response, at its first hit): `unmapped.moat.interim`. Every request has exactly one
+    /// record that is not interim, written at its end.
+    pub interim: bool,
 }
 
 fn http_activity(method: &str) -> (u32, &'static str) {
@@ -716,17 +689,13 @@ impl Audit {
         } else {
             (1, "Allowed", 1, "Allowed")
         };
-        let (status_id, status) = if event.reason.is_some() && !reflected {
-            (2, "Failure")
-        } else {
-            (1, "Success")
-        };
-        let (severity_id, severity) = if refused || reflected {
-            (3, "Medium")
+        let failed = event.reason.is_some() && !reflected;
+        let severity = if refused || reflected {
+            Severity::Medium
         } else if event.reason.is_some() {
-            (2, "Low")
+            Severity::Low
         } else {
-            (1, "Informational")
+            Severity::Informational
         };
         let mut url = json!({
             "hostname": event.host,
@@ -737,36 +706,24 @@ impl Audit {
         if event.query {
             url["query_string"] = json!("[redacted]");
         }
-        let mut rec = json!({
-            "class_uid": 4002,
-            "class_name": "HTTP Activity",
-            "category_uid": 4,
-            "category_name": "Network Activity",
-            "activity_id": activity_id,
-            "activity_name": activity,
-            "type_uid": 400200 + activity_id,
-            "type_name": format!("HTTP Activity: {activity}"),
-            "severity_id": severity_id,
-            "severity": severity,
-            "time": millis(now),
-            "status_id": status_id,
-            "status": status,
+        let mut rec = Skeleton {
+            class: HTTP_ACTIVITY,
+            activity_id,
+            activity_name: activity,
+            severity,
+            status: Some(Status::of(!failed)),
+            time: millis(now),
+            product: EGRESS,
+        }
+        .record();
+        rec["metadata"]["profiles"] = json!(["security_control"]);
+        rec["metadata"]["uid"] = json!(format!("{}-{}", f.uid, millis(now)));
+        rec["metadata"]["correlation_uid"] = json!(f.uid);
+        let fields = json!({
             "action_id": action_id,
             "action": action,
             "disposition_id": disposition_id,
             "disposition": disposition,
-            "metadata": {
-                "version": OCSF_VERSION,
-                "uid": format!("{}-{}", f.uid, millis(now)),
-                "correlation_uid": f.uid,
-                "log_name": "egress",
-                "profiles": ["security_control"],
-                "product": {
-                    "name": "moat egress proxy",
-                    "vendor_name": "moat",
-                    "version": env!("CARGO_PKG_VERSION"),
-                },
-            },
             "src_endpoint": { "uid": self.workspace, "name": "workspace" },
             "dst_endpoint": {
                 "hostname": event.host,
@@ -781,8 +738,13 @@ impl Audit {
             "http_response": { "code": event.status },
             "firewall_rule": { "name": event.rule, "uid": event.rule },
         });
+        merge(&mut rec, fields);
         let mut unmapped = serde_json::Map::new();
         unmapped.insert("flow_uid".into(), json!(f.uid));
+        unmapped.insert("request".into(), json!(event.request));
+        if event.interim {
+            unmapped.insert("interim".into(), json!(true));
+        }
         f.record_program(&mut rec, &mut unmapped);
         if let Some(name) = event.http_rule {
             unmapped.insert("http_rule".into(), json!(name));
@@ -834,7 +796,20 @@ impl Audit {
 
     /// Writes the HTTP Activity record for `event`.
     pub fn emit_http(&self, event: &HttpEvent<'_>) {
-        let _ = self.emit_value(&self.http_record(event));
+        let _ = self.emit_value(self.http_record(event));
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// Adds the fields of the object `more` to the object `rec`.
+fn merge(rec: &mut Value, more: Value) {
+    if let (Value::Object(rec), Value::Object(more)) = (rec, more) {
+        rec.extend(more);
     }
 }
 
@@ -943,6 +918,7 @@ mod tests {
             detail: None,
             bytes: None,
             allowed: false,
+            requests: None,
         }
     }
 
@@ -963,17 +939,26 @@ mod tests {
         assert!(!audit.failing());
         let text = String::from_utf8(disk.bytes.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        // The torn start of the run, the run's start once the disk has room, the refusal.
+        assert_eq!(lines.len(), 3, "{text}");
         assert_eq!(lines[0].len(), 10);
-        let record: Value = serde_json::from_str(lines[1]).unwrap();
+        let start: Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(start["unmapped"]["moat"]["seq"], 0);
+        assert_eq!(start["unmapped"]["moat"]["unwritten_before"], 2);
+        let record: Value = serde_json::from_str(lines[2]).unwrap();
         assert_eq!(record["status_detail"], "audit_unavailable");
+        // The verifier steps over the torn line and says why records are missing.
+        let report = moat_audit::verify(&text, None);
+        assert!(report.intact(), "{report}");
+        assert_eq!(report.torn, vec![1]);
+        assert_eq!(report.unwritten, vec![(2, 2)]);
     }
 
     #[test]
     fn refusals_over_the_rate_are_summarised_with_their_count() {
         let disk = Disk::default();
         disk.room.store(usize::MAX / 2, Ordering::SeqCst);
-        let mut audit = Audit::to_writer(Box::new(disk.clone()), "ws");
+        let audit = Audit::to_writer(Box::new(disk.clone()), "ws");
         audit.set_refusal_rate(RecordRate {
             per_second: 0,
             burst: 3,
@@ -998,8 +983,9 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(records.len(), 3 + 2 + 1);
-        let summary = &records[5];
+        // The run's start, three admitted, the two never held back, one summary.
+        assert_eq!(records.len(), 1 + 3 + 2 + 1);
+        let summary = &records[6];
         assert_eq!(summary["count"], 7);
         assert_eq!(summary["activity_id"], 5);
         assert_eq!(summary["status_detail"], "no_rule");

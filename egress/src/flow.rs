@@ -156,6 +156,7 @@ fn finish_early(shared: &Shared, info: &FlowInfo, stop: Stop) {
         detail: stop.detail,
         bytes: None,
         allowed: activity == Activity::Fail,
+        requests: None,
     });
 }
 
@@ -537,6 +538,7 @@ async fn run(
         detail: None,
         bytes: None,
         allowed: true,
+        requests: None,
     });
 
     let counters = Arc::new(Counters::default());
@@ -644,6 +646,7 @@ async fn run(
         bytes: Some((out, inb)),
         // A flow cut because one of its requests was refused ends denied.
         allowed: reason != Reason::Revoked && !refused,
+        requests: (action == Action::Intercept).then(|| counters.requests.load(Ordering::Relaxed)),
     });
 }
 

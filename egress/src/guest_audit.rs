@@ -15,7 +15,15 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{Audit, OCSF_VERSION};
+use moat_audit::ocsf::{PROCESS_ACTIVITY, Product, Severity, Skeleton};
+
+use crate::audit::Audit;
+
+/// Process events: reported by guest-init, written by the host.
+const GUEST_INIT: Product = Product {
+    name: "moat guest-init",
+    log_name: "workspace",
+};
 
 /// The vsock port guest-init reports process events on.
 pub const GUEST_AUDIT_VSOCK_PORT: u32 = 1026;
@@ -81,31 +89,24 @@ impl Audit {
             GuestEvent::Terminate { pid, .. } => (2, "Terminate", *pid),
         };
         let mut process = json!({ "pid": pid });
-        let mut rec = json!({
-            "class_uid": 1007,
-            "class_name": "Process Activity",
-            "category_uid": 1,
-            "category_name": "System Activity",
-            "activity_id": activity_id,
-            "activity_name": activity,
-            "type_uid": 100700 + activity_id,
-            "type_name": format!("Process Activity: {activity}"),
-            "severity_id": 1,
-            "severity": "Informational",
-            "time": crate::audit::now_millis(),
-            "metadata": {
-                "version": OCSF_VERSION,
-                "log_name": "workspace",
-                "product": {
-                    "name": "moat guest-init",
-                    "vendor_name": "moat",
-                    "version": env!("CARGO_PKG_VERSION"),
-                },
-            },
+        let mut rec = Skeleton {
+            class: PROCESS_ACTIVITY,
+            activity_id,
+            activity_name: activity,
+            severity: Severity::Informational,
+            status: None,
+            time: moat_audit::ocsf::now_millis(),
+            product: GUEST_INIT,
+        }
+        .record();
+        let fields = json!({
             "device": { "type_id": 99, "type": "moat workspace", "hostname": "workspace", "uid": self.workspace() },
             "actor": { "process": { "pid": 1, "name": "guest-init" } },
             "unmapped": { "moat": { "reported_by": "guest-init" } },
         });
+        if let (Some(rec), serde_json::Value::Object(fields)) = (rec.as_object_mut(), fields) {
+            rec.extend(fields);
+        }
         match event {
             GuestEvent::Launch { cmd_line, .. } => {
                 let cmd_line = truncate(cmd_line, MAX_CMD_LINE);
@@ -146,7 +147,7 @@ async fn serve_conn(stream: UnixStream, audit: Arc<Audit>) {
             tracing::warn!("malformed process event from guest-init; closing its audit stream");
             return;
         };
-        audit.emit_value(&audit.process_record(&event));
+        audit.emit_value(audit.process_record(&event));
     }
 }
 

@@ -148,7 +148,7 @@ pub(crate) struct Shared {
     workspace: String,
     policy: PolicyStore,
     resolver: Box<dyn Resolver>,
-    audit: Audit,
+    audit: Arc<Audit>,
     metrics: Metrics,
     limits: Limits,
     permits: Arc<Semaphore>,
@@ -264,9 +264,10 @@ impl Proxy {
     pub fn start(
         config: Config,
         resolver: Box<dyn Resolver>,
-        mut audit: Audit,
+        audit: impl Into<Arc<Audit>>,
     ) -> Result<Arc<Proxy>, StartError> {
-        let policy = config.source.load().map_err(StartError::Policy)?;
+        let audit = audit.into();
+        let (policy, attested) = config.source.load_attested().map_err(StartError::Policy)?;
         let placeholders = PlaceholderBook::default();
         let secrets =
             Secrets::load_with(&policy.secrets, &placeholders).map_err(StartError::Secrets)?;
@@ -293,6 +294,9 @@ impl Proxy {
             None => None,
         };
         audit.set_refusal_rate(config.limits.audit_refusals);
+        // The run's start record names the policy in force (a failure is retried by the first
+        // record: the run then starts naming none, and says so).
+        let _ = audit.log().begin(attested);
         let shared = Arc::new(Shared {
             workspace: config.workspace,
             policy: PolicyStore::new(policy),
@@ -384,7 +388,7 @@ impl Proxy {
             .reloading
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let loaded = self.source.load().and_then(|policy| {
+        let loaded = self.source.load_attested().and_then(|(policy, attested)| {
             // A validly signed profile older than the one in force (a replayed earlier
             // version) is refused: signers raise the serial at every version.
             let in_force = self.shared.policy.current().serial;
@@ -409,11 +413,13 @@ impl Proxy {
             }
             let secrets = Secrets::load_with(&policy.secrets, &self.placeholders)
                 .map_err(LoadError::Secrets)?;
-            Ok((policy, secrets))
+            Ok((policy, secrets, attested))
         });
         match loaded {
-            Ok((policy, secrets)) => {
+            Ok((policy, secrets, attested)) => {
                 self.shared.set_secrets(secrets);
+                // The log says from which record on this policy is in force.
+                let _ = self.shared.audit.log().begin(attested);
                 let name = policy.name.clone();
                 let cut = self.shared.policy.replace(policy);
                 // After the swap: a flow that still saw the old generation is not pooled.
@@ -450,6 +456,12 @@ impl Proxy {
     /// The audit sink, for its state and counters.
     pub fn audit(&self) -> &Audit {
         &self.shared.audit
+    }
+
+    /// The audit sink, to share with the other writers of the same log (guest-init's process
+    /// events): one writer per file keeps one chain.
+    pub fn audit_handle(&self) -> Arc<Audit> {
+        Arc::clone(&self.shared.audit)
     }
 
     fn spawn_sighup(self: &Arc<Self>) {
@@ -560,7 +572,10 @@ async fn summarise_suppressed(shared: Arc<Shared>, shutdown: CancellationToken) 
     let mut every = tokio::time::interval(SUMMARY_INTERVAL);
     loop {
         tokio::select! {
-            _ = every.tick() => shared.audit.flush_suppressed(),
+            _ = every.tick() => {
+                shared.audit.flush_suppressed();
+                shared.audit.log().tick();
+            }
             () = shutdown.cancelled() => {
                 shared.audit.flush_suppressed();
                 return;

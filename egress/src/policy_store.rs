@@ -98,13 +98,35 @@ impl PolicySource {
 
     /// Reads and verifies the profile. Nothing is parsed before the signature checks out.
     pub fn load(&self) -> Result<Policy, LoadError> {
+        self.load_attested().map(|(policy, _)| policy)
+    }
+
+    /// [`PolicySource::load`], and what the audit log's start record names as the policy in
+    /// force: the profile's name, serial and path, the SHA-256 of the very bytes verified (the
+    /// profile and its signature) and the signing key's minisign id and SHA-256.
+    pub fn load_attested(&self) -> Result<(Policy, serde_json::Value), LoadError> {
         let profile = read(&self.profile)?;
-        let sig = read(&self.signature)?;
-        let sig = String::from_utf8_lossy(&sig);
-        signing::load_verified(&profile, &sig, &self.key).map_err(|source| LoadError::Refused {
-            path: self.profile.clone(),
-            source,
-        })
+        let sig_bytes = read(&self.signature)?;
+        let sig = String::from_utf8_lossy(&sig_bytes);
+        let policy = signing::load_verified(&profile, &sig, &self.key).map_err(|source| {
+            LoadError::Refused {
+                path: self.profile.clone(),
+                source,
+            }
+        })?;
+        let sha256 = |b: &[u8]| moat_audit::chain::hex(&moat_audit::chain::sha256(b));
+        let subject = serde_json::json!({
+            "name": policy.name,
+            "serial": policy.serial,
+            "profile": self.profile.display().to_string(),
+            "profile_sha256": sha256(&profile),
+            "signature_sha256": sha256(&sig_bytes),
+            "signing_key": {
+                "id": moat_audit::chain::hex(self.key.keynum()).to_uppercase(),
+                "sha256": sha256(&self.key.to_bytes()),
+            },
+        });
+        Ok((policy, subject))
     }
 }
 

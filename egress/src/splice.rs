@@ -20,6 +20,9 @@ pub struct Counters {
     pub out: AtomicU64,
     /// Upstream -> agent.
     pub r#in: AtomicU64,
+    /// Requests the agent sent on an intercepted flow (each has one HTTP Activity record,
+    /// numbered from 1; the Close record says how many).
+    pub requests: AtomicU64,
     /// Milliseconds after the flow's start of the last byte moved either way.
     last_activity_ms: AtomicU64,
 }

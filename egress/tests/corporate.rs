@@ -387,7 +387,8 @@ async fn corporate_audit_records_validate_against_the_ocsf_schema() {
     std::fs::write(&path, &all).unwrap();
     let stdout = validate_ocsf(&path);
     let records = all.iter().filter(|b| **b == b'\n').count();
-    assert_eq!(records, 4);
+    // Four flow records, and each proxy's run start (Event Log Activity).
+    assert_eq!(records, 4 + 3);
     assert!(
         stdout.contains(&format!("{records} valid, 0 invalid")),
         "{stdout}"

@@ -860,7 +860,7 @@ async fn metrics_count_decisions_on_the_admin_socket() {
 }
 
 /// Every record the proxy writes validates against the OCSF schema, checked by a published
-/// validator (egress/tests/ocsf/validate.py: ocsf-json-schema + jsonschema).
+/// validator (audit/ocsf/validate.py: ocsf-json-schema + jsonschema).
 #[tokio::test]
 async fn audit_records_validate_against_the_ocsf_schema() {
     let tp = TestProxy::start().await;
@@ -972,11 +972,13 @@ async fn flows_are_admitted_again_once_a_record_is_written() {
     let mut s = tp.named("allowed.test", port).await;
     echoed(&mut s, &plain_request(&tp, "GET /")).await;
     drop(s);
+    // The flows' records (the log's own, its run's start, are not counted).
     let records = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&path)
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["class_uid"] == 4001)
             .collect()
     };
     for _ in 0..200 {
@@ -999,6 +1001,16 @@ async fn flows_are_admitted_again_once_a_record_is_written() {
         ],
         "{records:#?}"
     );
+    // The chain steps over the failed writes, and its first record says how many there were
+    // (the run's start at the proxy's start, and the two refused flows' records) and names
+    // the policy in force all the same.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let report = moat_audit::verify(&text, None);
+    assert!(report.intact(), "{report}");
+    assert_eq!(report.unwritten, vec![(1, 3)], "{report}");
+    let start: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(start["activity_name"], "Start");
+    assert!(start["unmapped"]["moat"]["policy"]["profile_sha256"].is_string());
 }
 
 /// A flood of refused flows writes at most burst + rate * t records, and summaries whose
@@ -1175,4 +1187,34 @@ async fn reload_that_narrows_a_rule_to_other_programs_cuts_its_live_flows() {
     curl.write_all(b"y").await.unwrap();
     curl.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"y");
+}
+
+/// The harness's audit invariants fail a log where a flow has two terminal records.
+#[test]
+#[should_panic(expected = "2 terminal records")]
+fn the_audit_invariants_refuse_a_flow_with_two_terminal_records() {
+    let close = serde_json::json!({
+        "class_uid": 4001, "activity_id": 2, "metadata": { "uid": "ws-1" },
+    });
+    let open = serde_json::json!({
+        "class_uid": 4001, "activity_id": 1, "metadata": { "uid": "ws-1" },
+    });
+    harness::assert_audit_invariants(&[open, close.clone(), close], 0);
+}
+
+/// The harness's audit invariants fail a log where a request has two records of its own.
+#[test]
+#[should_panic(expected = "its Close counts 1 requests")]
+fn the_audit_invariants_refuse_a_request_with_two_records() {
+    let open = serde_json::json!({
+        "class_uid": 4001, "activity_id": 1, "metadata": { "uid": "ws-1" },
+    });
+    let close = serde_json::json!({
+        "class_uid": 4001, "activity_id": 2, "metadata": { "uid": "ws-1" },
+        "unmapped": { "moat": { "requests": 1 } },
+    });
+    let http = serde_json::json!({
+        "class_uid": 4002, "unmapped": { "moat": { "flow_uid": "ws-1", "request": 1 } },
+    });
+    harness::assert_audit_invariants(&[open, http.clone(), http, close], 0);
 }

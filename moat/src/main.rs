@@ -3,6 +3,7 @@
 // like <profile> and [v6]:port are meant literally there, not as HTML or links.
 #![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
+mod audit_cmd;
 mod broker_cmd;
 mod connect;
 mod doctor;
@@ -33,6 +34,9 @@ enum Command {
     Policy(policy_cmd::PolicyCommand),
     /// Run the host egress proxy for one workspace.
     Proxy(proxy_cmd::ProxyArgs),
+    /// Verify audit logs, bundle them as evidence, print this host's audit key.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
     /// Open one flow through the proxy, like `nc` (stdin/stdout, or a local TCP listener).
     Connect(connect::ConnectArgs),
     /// Check this host for workspace VMs and GPU passthrough, and say what to fix.
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Proxy(args) => proxy_cmd::run_proxy(args),
+        Command::Audit(cmd) => audit_cmd::run(cmd),
         Command::Connect(args) => connect::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run_cmd::run(args),

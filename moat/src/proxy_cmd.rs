@@ -54,6 +54,15 @@ pub(crate) struct ProxyOpts {
     /// Audit log (OCSF JSON Lines); "-" for stdout.
     #[arg(long)]
     audit: Option<String>,
+    /// The audit key that signs the log's checkpoints (Ed25519, made on first use; default:
+    /// this host's, `audit.key` in moat's state directory; `moat audit pubkey` prints it).
+    #[arg(long, value_name = "PATH")]
+    audit_key: Option<PathBuf>,
+    /// Also send every audit record to this OTLP/HTTP endpoint (protobuf, `/v1/logs`), e.g.
+    /// a local OpenTelemetry collector's `http://127.0.0.1:4318`: batched, retried, never in a
+    /// flow's way; what cannot be sent stays in the local log (docs/audit.md).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Resolve names from this static map instead of the system resolver (repeatable,
     /// host=address). For development and tests.
     #[arg(long = "resolve", value_name = "HOST=ADDR")]
@@ -111,6 +120,11 @@ impl ProxyOpts {
         self.audit.is_some()
     }
 
+    /// The audit key's file.
+    pub(crate) fn audit_key_path(&self) -> Result<PathBuf> {
+        crate::audit_cmd::key_path(self.audit_key.as_deref())
+    }
+
     pub(crate) fn audit_path(&self, default: &Path) -> PathBuf {
         self.audit
             .as_ref()
@@ -144,12 +158,23 @@ impl ProxyOpts {
             Box::new(map)
         };
         let audit_path = self.audit_path(default_audit);
+        let key = crate::audit_cmd::load_key(self.audit_key.as_deref())?;
         let audit = if audit_path.as_os_str() == "-" {
             Audit::to_writer(Box::new(std::io::stdout()), self.workspace())
         } else {
             Audit::to_file(&audit_path, self.workspace())
                 .with_context(|| format!("cannot open audit log {}", audit_path.display()))?
-        };
+        }
+        .signed_by(key);
+        let mut audit = audit;
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let exporter = moat_audit::export::Exporter::start(
+                endpoint,
+                "moat-egress",
+                moat_audit::export::ExportLimits::default(),
+            )?;
+            audit.log_mut().set_export(Box::new(exporter));
+        }
         let limits = Limits {
             max_flows: self.max_flows,
             idle_timeout: Duration::from_secs(self.idle_timeout),

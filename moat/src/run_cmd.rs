@@ -5,10 +5,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use std::sync::Arc;
 
 use moat_egress::Proxy;
-use moat_egress::audit::Audit;
 use moat_egress::guest_audit::{self, GUEST_AUDIT_VSOCK_PORT};
 use moat_host_probe::KvmFlavour;
 
@@ -642,6 +640,8 @@ fn run_in(
                 ));
             }
         }
+        // Whoever reads it can sign checkpoints of a rewritten log.
+        private.push(("the audit key".into(), args.proxy.audit_key_path()?, false));
         Exposure::new(root, &home, lease.as_ref().map(|l| l.id())).refuse_visible(&private)?;
     }
     // Reached through the broker, corporate flows leave through the tunnel's host side.
@@ -651,13 +651,9 @@ fn run_in(
     }
     let rt = args.proxy.runtime()?;
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
-    // Process events from guest-init go to the same audit log, as OCSF Process Activity.
-    let process_audit = if audit_path.as_os_str() == "-" {
-        Audit::to_writer(Box::new(std::io::stdout()), args.proxy.workspace())
-    } else {
-        Audit::to_file(&audit_path, args.proxy.workspace())
-            .with_context(|| format!("cannot open audit log {}", audit_path.display()))?
-    };
+    // Process events from guest-init go to the same audit log, as OCSF Process Activity,
+    // through the same writer: one chain per file.
+    let process_audit = proxy.audit_handle();
     let audit_socket = moat_egress::port_path(&uds, GUEST_AUDIT_VSOCK_PORT);
     let shutdown = tokio_util::sync::CancellationToken::new();
     // Bound here, before the workspace starts: both backends hand it to the workspace's ids.
@@ -668,7 +664,7 @@ fn run_in(
     };
     rt.spawn(guest_audit::serve(
         audit_listener,
-        Arc::new(process_audit),
+        process_audit,
         shutdown.clone(),
     ));
     eprintln!(
@@ -771,6 +767,10 @@ fn run_in(
     proxy.shutdown();
     shutdown.cancel();
     drop(rt);
+    // The run's signed end record: every flow and process event is in by now.
+    if !proxy.audit().finish() {
+        eprintln!("moat: the audit log's end record could not be written");
+    }
     let m = proxy.metrics();
     let accepted = m.accepted.load(std::sync::atomic::Ordering::Relaxed);
     let opened = m.opened.load(std::sync::atomic::Ordering::Relaxed);

@@ -88,6 +88,8 @@ fn on_nested_pvm_the_vm_backend_boots_our_kernel_and_initramfs_to_init() {
         ])
         .arg("--audit")
         .arg(dir.path().join("audit.jsonl"))
+        .arg("--audit-key")
+        .arg(dir.path().join("audit.key"))
         .args(["--", "true"])
         .env("MOAT_IMAGES", dir.path())
         .env("MOAT_LOG", "warn")

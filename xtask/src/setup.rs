@@ -633,13 +633,25 @@ pub(crate) fn cargo_tool(krate: &str, version: &str, why: &str) -> Result<()> {
 }
 
 /// The OCSF validator the egress tests use (Python packages pinned in
-/// egress/tests/ocsf/requirements.txt), in `.venv-ocsf`; returns its python.
+/// audit/ocsf/requirements.txt), in `.venv-ocsf`; returns its python.
 pub(crate) fn ocsf_venv() -> Result<PathBuf> {
     pinned_venv(
         ".venv-ocsf",
-        "egress/tests/ocsf/requirements.txt",
+        "audit/ocsf/requirements.txt",
         "python3",
         "the OCSF validator: the tests validate every audit record against the published schema",
+    )
+}
+
+/// The OTLP receiver the audit export tests send to (the official `opentelemetry-proto`
+/// definitions from PyPI, pinned in audit/otlp/requirements.txt), in `.venv-otlp`; returns its
+/// python.
+pub(crate) fn otlp_venv() -> Result<PathBuf> {
+    pinned_venv(
+        ".venv-otlp",
+        "audit/otlp/requirements.txt",
+        "python3",
+        "the OTLP receiver: audit export is tested against the official protobuf definitions",
     )
 }
 

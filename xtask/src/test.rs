@@ -14,6 +14,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let mcp_python = setup::mcp_venv()?;
     let cri_python = setup::cri_venv()?;
     let openai_python = setup::openai_venv()?;
+    let otlp_python = setup::otlp_venv()?;
     setup::oidc_provider()?;
     // The Linux boot tests (moat-vmm's, and the vm backend's) boot our kernel and initramfs:
     // built here, or found in the cache (the first build takes about 8 minutes on 2 cores).
@@ -30,6 +31,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         ("MOAT_MCP_PYTHON", mcp_python),
         ("MOAT_CRI_PYTHON", cri_python),
         ("MOAT_OPENAI_PYTHON", openai_python),
+        ("MOAT_OTLP_PYTHON", otlp_python),
         ("MOAT_LINUX_KERNEL", kernel.vmlinux),
         ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
         ("MOAT_LINUX_INITRAMFS", initramfs),

@@ -109,6 +109,8 @@ struct Ctx {
     heads: Arc<Heads>,
     /// The secrets injected on this connection so far, which its responses are scanned for.
     sent: Mutex<Sent>,
+    /// The flow's byte and request counts.
+    counters: Arc<Counters>,
 }
 
 /// The secrets injected into requests on one connection (name, value as injected, the
@@ -278,7 +280,16 @@ impl Ctx {
         secrets: Vec<String>,
         bytes: Option<(u64, u64)>,
     ) {
-        self.audit_reflected(head, status, reason, detail, secrets, bytes, Vec::new());
+        self.audit_reflected(
+            head,
+            status,
+            reason,
+            detail,
+            secrets,
+            bytes,
+            Vec::new(),
+            false,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -291,11 +302,13 @@ impl Ctx {
         secrets: Vec<String>,
         bytes: Option<(u64, u64)>,
         reflected: Vec<(String, u64)>,
+        interim: bool,
     ) {
         self.shared.audit.emit_http(&HttpEvent {
             flow: &self.flow.info,
             rule: &self.flow.rule,
             upstream: self.flow.upstream_addr,
+            request: head.request,
             method: &head.method,
             host: &self.flow.upstream_host,
             routed_from: self.flow.routed().then_some(self.flow.hostname.as_str()),
@@ -310,6 +323,7 @@ impl Ctx {
             secrets,
             bytes,
             reflected,
+            interim,
         });
     }
 
@@ -383,6 +397,8 @@ impl Ctx {
             Vec::new(),
             None,
             vec![(name.to_owned(), 1)],
+            // The alert, at once; the request's own record follows at the response's end.
+            true,
         );
     }
 
@@ -448,6 +464,7 @@ impl Ctx {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let mut head = Head {
+            request: self.counters.requests.fetch_add(1, Ordering::Relaxed) + 1,
             http_rule: None,
             mcp: None,
             method: req.method().as_str().to_owned(),
@@ -765,6 +782,7 @@ impl Ctx {
                         injected,
                         Some((out, received)),
                         reflected,
+                        false,
                     );
                 };
                 // The agent reads the answer as MCP rules left it, scanned last: whatever the
@@ -939,6 +957,8 @@ impl hyper::body::Body for Audited {
 
 #[derive(Clone)]
 struct Head {
+    /// The request's number on the flow, from 1.
+    request: u64,
     method: String,
     path: String,
     query: bool,
@@ -987,7 +1007,7 @@ pub(crate) async fn serve(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let agent = BufReader::with_capacity(shared.limits.splice_buffer, agent);
-    let agent = AgentIo::new(pending, agent, counters);
+    let agent = AgentIo::new(pending, agent, Arc::clone(&counters));
     let agent_tls = match timeout(shared.limits.sniff_timeout, acceptor.accept(agent)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return (Reason::AgentTls, Some(e.to_string())),
@@ -1001,6 +1021,7 @@ pub(crate) async fn serve(
         first_problem: Mutex::new(None),
         heads: Arc::default(),
         sent: Mutex::default(),
+        counters,
     });
 
     // 3. HTTP/1.1 to the agent, every request through Ctx::handle.

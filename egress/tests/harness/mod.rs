@@ -921,10 +921,17 @@ impl TestProxy {
 
 impl Drop for TestProxy {
     /// The suite-wide scan, over everything every test of this binary captured so far (by a
-    /// proxy whose audit the harness captures: a test's own audit is not).
+    /// proxy whose audit the harness captures: a test's own audit is not); and the audit
+    /// invariants over this proxy's log.
     fn drop(&mut self) {
         if !std::thread::panicking() && !self.own_audit {
             leak::assert_no_leak();
+            let active = self
+                .proxy
+                .metrics()
+                .active
+                .load(std::sync::atomic::Ordering::Relaxed);
+            assert_audit_invariants(&self.records(), active);
         }
     }
 }
@@ -971,37 +978,127 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-/// Runs the published OCSF schema over the audit log at `path` (tests/ocsf/validate.py) and
-/// fails the test with the validator's output unless every record is valid; returns its report
-/// ("N valid, 0 invalid").
-pub fn validate_ocsf(path: &Path) -> String {
-    let out = std::process::Command::new(ocsf_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/ocsf/validate.py"
-        ))
-        .arg(path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "OCSF validation failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
+/// The published OCSF validator over an audit log (one helper for every test crate).
+#[allow(unused_imports)]
+pub use moat_audit::testing::validate_ocsf;
 
-/// The Python interpreter with the OCSF validator installed (see egress/tests/ocsf/README.md).
-pub fn ocsf_python() -> PathBuf {
-    if let Ok(p) = std::env::var("MOAT_OCSF_PYTHON") {
-        return PathBuf::from(p);
+/// The audit invariants every test's log must hold (checked for every proxy the harness
+/// captures, when it is dropped): every flow ends in exactly one terminal record (one Refuse
+/// or Fail and nothing else, or an Open and then one Close), except the flows still spliced
+/// (`active`), which have their Open and no terminal record yet; every intercepted flow's Close
+/// says how many requests it carried, and its HTTP Activity records are numbered exactly 1 to
+/// that many (one record per request, besides the interim alerts of reflected secrets, each
+/// for a request that has its own); no HTTP record belongs to a flow that never opened.
+pub fn assert_audit_invariants(records: &[Value], active: i64) {
+    use std::collections::BTreeMap;
+    #[derive(Default, Debug)]
+    struct Flow {
+        open: u32,
+        close: u32,
+        refuse_or_fail: u32,
+        requests: Option<u64>,
+        http: Vec<u64>,
+        interim: Vec<u64>,
+        messages: Vec<String>,
+        first_terminal: Option<usize>,
+        open_at: Option<usize>,
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-ocsf/bin/python");
-    assert!(
-        venv.exists(),
-        "the OCSF validator is not installed: run `cargo xtask test` (it installs it into \
-         .venv-ocsf) or set MOAT_OCSF_PYTHON"
+    let mut flows: BTreeMap<String, Flow> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        match r["class_uid"].as_u64() {
+            Some(4001) => {
+                // A summary stands for flows the rate limit held back: no uid of theirs.
+                if r.get("count").is_some() {
+                    continue;
+                }
+                let uid = r["metadata"]["uid"].as_str().unwrap().to_owned();
+                let f = flows.entry(uid).or_default();
+                match r["activity_id"].as_u64().unwrap() {
+                    1 => {
+                        f.open += 1;
+                        f.open_at = Some(i);
+                    }
+                    2 => {
+                        f.close += 1;
+                        f.requests = r["unmapped"]["moat"]["requests"].as_u64();
+                    }
+                    4 | 5 => f.refuse_or_fail += 1,
+                    other => panic!("record {i}: unexpected Network Activity {other}: {r}"),
+                }
+                if matches!(r["activity_id"].as_u64(), Some(2 | 4 | 5)) {
+                    f.first_terminal.get_or_insert(i);
+                }
+            }
+            Some(4002) => {
+                let uid = r["unmapped"]["moat"]["flow_uid"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                let n = r["unmapped"]["moat"]["request"].as_u64().unwrap();
+                let f = flows.entry(uid).or_default();
+                // An interim record (a reflected secret's alert) precedes its request's own.
+                if r["unmapped"]["moat"]["interim"] == true {
+                    f.interim.push(n);
+                    continue;
+                }
+                f.http.push(n);
+                f.messages
+                    .push(r["message"].as_str().unwrap_or_default().to_owned());
+            }
+            _ => {}
+        }
+    }
+    let mut still_open = 0;
+    for (uid, f) in &flows {
+        let terminal = f.close + f.refuse_or_fail;
+        assert!(
+            terminal <= 1,
+            "flow {uid}: {terminal} terminal records: {f:?}"
+        );
+        assert!(f.open <= 1, "flow {uid}: {} Open records", f.open);
+        if f.refuse_or_fail == 1 {
+            assert_eq!(f.open, 0, "flow {uid}: refused or failed after it opened");
+            assert!(
+                f.http.is_empty(),
+                "flow {uid}: HTTP records on a flow never opened"
+            );
+        }
+        if f.close == 1 {
+            assert_eq!(f.open, 1, "flow {uid}: closed without an Open record");
+            assert!(
+                f.open_at < f.first_terminal,
+                "flow {uid}: Close before Open"
+            );
+        }
+        if f.open == 1 && terminal == 0 {
+            still_open += 1;
+        }
+        if f.open == 0 {
+            assert!(
+                f.http.is_empty(),
+                "flow {uid}: HTTP records without an Open"
+            );
+        }
+        if let Some(n) = f.requests {
+            let mut got = f.http.clone();
+            got.sort_unstable();
+            assert_eq!(
+                got,
+                (1..=n).collect::<Vec<_>>(),
+                "flow {uid}: its Close counts {n} requests; its HTTP records are numbered {:?}: {:#?}",
+                f.http,
+                f.messages
+            );
+        }
+        for n in &f.interim {
+            assert!(
+                f.http.contains(n),
+                "flow {uid}: an interim record of request {n}, which has no record of its own"
+            );
+        }
+    }
+    assert_eq!(
+        still_open, active,
+        "flows with an Open and no terminal record, against the flows the proxy still splices"
     );
-    venv
 }

@@ -380,6 +380,8 @@ impl Workspace {
             .arg(d.join("policy.pub"))
             .arg("--audit")
             .arg(d.join("audit.jsonl"))
+            .arg("--audit-key")
+            .arg(d.join("audit.key"))
             .arg("--ca")
             .arg(self.dir.path().join("ca.pem"))
             .arg("--upstream-ca")
@@ -433,35 +435,9 @@ impl Workspace {
     }
 }
 
-/// Runs the published OCSF schema over the audit log `file` (egress/tests/ocsf/validate.py,
-/// with the validator `cargo xtask test` installs: MOAT_OCSF_PYTHON, else the repository's
-/// .venv-ocsf) and fails the test with its output unless every record is valid; returns its
-/// report ("N valid, 0 invalid").
-pub fn validate_ocsf(file: &Path) -> String {
-    let python = std::env::var("MOAT_OCSF_PYTHON").map_or_else(
-        |_| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../.venv-ocsf/bin/python"
-            ))
-        },
-        PathBuf::from,
-    );
-    assert!(
-        python.exists(),
-        "OCSF validator missing: run `cargo xtask test`"
-    );
-    let v = Command::new(python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../egress/tests/ocsf/validate.py"
-        ))
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}{}", text(&v.stdout), text(&v.stderr));
-    text(&v.stdout)
-}
+/// The published OCSF validator over an audit log (moat-audit's, one helper for every test
+/// crate).
+pub use moat_audit::testing::validate_ocsf;
 
 pub fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()

@@ -278,9 +278,19 @@ pub fn audit_shows_the_flows_and_the_agent_process_and_validates_as_ocsf(ws: &Wo
     assert_eq!(class(4001, 1), 1, "one flow opened");
     assert_eq!(class(4001, 5), 1, "one flow refused");
     validate_ocsf(ws, records.len());
+    // One run, chained and signed with the audit key given to `moat run`, from its start
+    // (naming the policy) to its end, the agent's process events in the same chain.
+    let key = moat_audit::AuditKey::load_or_create(&ws.dir.path().join("audit.key")).unwrap();
+    let text = std::fs::read_to_string(ws.dir.path().join("audit.jsonl")).unwrap();
+    let report = moat_audit::verify(&text, Some(&key.public()));
+    assert!(report.complete(), "{report}");
+    assert_eq!(report.runs.len(), 1, "{report}");
+    assert!(report.runs[0].policy[0]["profile_sha256"].is_string());
+    assert_eq!(class(1008, 6), 1, "one run start");
+    assert_eq!(class(1008, 7), 1, "one run end");
 }
 
-/// The workspace's audit log holds `count` records, each valid OCSF (egress/tests/ocsf).
+/// The workspace's audit log holds `count` records, each valid OCSF (audit/ocsf).
 fn validate_ocsf(ws: &Workspace, count: usize) {
     let report = super::validate_ocsf(&ws.dir.path().join("audit.jsonl"));
     assert!(

@@ -42,6 +42,9 @@ SCHEMA_VERSION = "1.8.0"
 # The classes moat writes: egress flows, intercepted HTTP requests, and process events
 # reported by guest-init.
 CLASSES = {4001: "network_activity", 4002: "http_activity", 1007: "process_activity",
+           # The audit log's own records: a run's start, checkpoints, its end (the OCSF
+           # schema's own spelling of the class name).
+           1008: "event_log_actvity",
            # The access broker: sign-ins and remote sessions.
            3002: "authentication", 4007: "ssh_activity"}
 OTHER_ID = 99  # OCSF "Other": the sibling caption is source specific.
@@ -60,7 +63,7 @@ try:
     from ocsf_json_schema import OcsfJsonSchemaEmbedded, get_ocsf_schema
 except ImportError as e:  # pragma: no cover - environment problem
     print(f"error: {e}; install the pinned validator with:\n"
-          f"  python3 -m pip install -r egress/tests/ocsf/requirements.txt",
+          f"  python3 -m pip install -r audit/ocsf/requirements.txt",
           file=sys.stderr)
     sys.exit(2)
 
