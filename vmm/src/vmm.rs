@@ -578,6 +578,14 @@ pub fn run_with(
             vcpu_handles.push(crate::api::VcpuHandle { gate, thread });
         }
     }
+    if restore.is_some() {
+        // Restored devices start now that every vCPU (and its local APIC) exists.
+        for t in &transports {
+            if let Ok(mut t) = t.lock() {
+                t.resume_device();
+            }
+        }
+    }
     if let Some(listener) = api {
         let machine = crate::api::Machine {
             vm: vm.fd(),

@@ -247,7 +247,8 @@ impl MmioTransport {
         }
     }
 
-    /// Takes a snapshot's `state` and, if its device was running, starts it from there.
+    /// Takes a snapshot's `state`; a device that was running starts from there on
+    /// [`Self::resume_device`].
     pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
         let ours = self.device.device_type();
         if state.device_type != ours {
@@ -279,9 +280,11 @@ impl MmioTransport {
         self.status = state.status;
         self.interrupt
             .restore(state.interrupt_status, state.needs_reset);
-        if state.active {
-            self.activate_with(true);
-        }
+        // A running device starts on [`Self::resume_device`], once the vCPUs exist: what it
+        // does first (vsock's transport reset) interrupts the guest, and KVM drops an
+        // interrupt that no local APIC can take yet.
+        self.active = state.active;
+        self.paused = state.active;
         Ok(())
     }
 
