@@ -55,6 +55,11 @@ pub struct VmWorkspace {
     /// The signed policy's local routes, resolved to the services' ports.
     #[serde(default)]
     pub local_routes: Vec<VmLocalRoute>,
+    /// Which machine this is among the restores of one snapshot (0: a machine that booted).
+    /// Every restore is a new workspace: its host side made this line (CA, placeholders,
+    /// audit) afresh, and guest-init reseeded the kernel's RNG before reading it.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A name the VM's netstack answers with a service on loopback ([`moat_netstack::local`]).
@@ -77,6 +82,26 @@ impl From<&VmLocalRoute> for moat_netstack::LocalRoute {
             target: std::net::SocketAddr::from(([127, 0, 0, 1], r.service_port)),
         }
     }
+}
+
+/// The host's first line to a template VM, instead of a workspace: wait for one without a
+/// time limit. guest-init answers [`VmStandingBy`] and waits; the host snapshots the VM
+/// there, before anything of a workspace exists in it. A restore of that snapshot resets the
+/// vsock transport, which ends the wait: guest-init reseeds the RNG, connects the control
+/// stream again and reads the workspace its new host sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum VmStandby {
+    /// Wait.
+    Standby,
+}
+
+/// guest-init's answer to [`VmStandby`]: nothing runs but PID 1, waiting on the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum VmStandingBy {
+    /// Ready to be snapshotted.
+    StandingBy,
 }
 
 fn flow_header_version_1() -> u8 {
@@ -190,6 +215,7 @@ mod tests {
                 port: 80,
                 service_port: 8000,
             }],
+            generation: 3,
         };
         let line = encode(&w);
         let mut r = io::BufReader::new(&line[..]);
@@ -210,12 +236,24 @@ mod tests {
     }
 
     #[test]
+    fn standby_is_neither_a_workspace_nor_a_signal() {
+        let line = encode(&VmStandby::Standby);
+        assert_eq!(line, b"\"standby\"\n");
+        let body = &line[..line.len() - 1];
+        assert_eq!(parse::<VmStandby>(body).unwrap(), VmStandby::Standby);
+        assert!(parse::<VmWorkspace>(body).is_err());
+        assert!(parse::<VmSignal>(body).is_err());
+        assert_eq!(encode(&VmStandingBy::StandingBy), b"\"standing_by\"\n");
+    }
+
+    #[test]
     fn a_host_that_does_not_say_which_flow_header_it_reads_gets_version_1() {
         let w: VmWorkspace = parse(
             br#"{"hostname":"w","command":[],"env":[],"ca_pem":"","interactive":true,"rows":0,"cols":0}"#,
         )
         .unwrap();
         assert_eq!(w.flow_header_version, moat_flow_header::VERSION_1);
+        assert_eq!(w.generation, 0, "a booted machine");
     }
 
     #[test]

@@ -87,6 +87,10 @@ pub enum InitError {
     /// The VM's control stream to the host failed (vsock port 1027).
     #[error("cannot get the workspace from the host (vsock control stream)")]
     Control(#[source] std::io::Error),
+    /// A restored VM could not reseed its RNG from the host: it must not go on with the
+    /// random state every other restore of its snapshot shares.
+    #[error("cannot reseed the RNG after a restore")]
+    Reseed(#[source] std::io::Error),
     /// The agent's home cannot be used (missing, or, when moat runs as root, not owned by the
     /// workspace's host id).
     #[error("cannot use {} as the agent's home", .0.display())]

@@ -191,6 +191,95 @@ fn connect_control() -> Result<UnixStream, InitError> {
     }
 }
 
+/// Connects the control stream and reads the workspace. A template VM is told to stand by
+/// first ([`control::VmStandby`]): it says so and waits, untimed; the host snapshots it there.
+/// When a restore of that snapshot resets the vsock transport, the wait ends with an error:
+/// this machine is a new one whose RNG state every other restore shares, so the RNG is
+/// reseeded from the host (the rng device) before anything else, and the control stream
+/// connected again, to the new host, which sends the workspace.
+fn receive_workspace() -> Result<(UnixStream, VmWorkspace), InitError> {
+    loop {
+        let stream = connect_control()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(InitError::Control)?;
+        let line = control::read_line(&mut BufReader::new(&stream)).map_err(|e| {
+            InitError::Control(if e.kind() == std::io::ErrorKind::WouldBlock {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the host sent no workspace within 10 s",
+                )
+            } else {
+                e
+            })
+        })?;
+        if control::parse::<control::VmStandby>(&line).is_err() {
+            let workspace = control::parse(&line).map_err(InitError::Control)?;
+            return Ok((stream, workspace));
+        }
+        stream.set_read_timeout(None).map_err(InitError::Control)?;
+        (&stream)
+            .write_all(&control::encode(&control::VmStandingBy::StandingBy))
+            .map_err(InitError::Control)?;
+        match control::read_line(&mut BufReader::new(&stream)) {
+            // The template's own host changed its mind: run the workspace here.
+            Ok(line) => {
+                let workspace = control::parse(&line).map_err(InitError::Control)?;
+                return Ok((stream, workspace));
+            }
+            Err(_) => {
+                drop(stream);
+                reseed_rng().map_err(InitError::Reseed)?;
+            }
+        }
+    }
+}
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
+/// Bytes of host entropy mixed in on a restore.
+const RESEED_BYTES: usize = 64;
+
+/// Mixes [`RESEED_BYTES`] from the host's entropy device (`/dev/hwrng`, our virtio-rng) into
+/// the kernel's input pool, credited, and makes the kernel rekey its CRNG from it at once
+/// (RNDRESEEDCRNG): what every restore of one snapshot would otherwise share, /dev/urandom's
+/// and getrandom's stream, now differs between them.
+fn reseed_rng() -> std::io::Result<()> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct RandPoolInfo {
+        entropy_count: libc::c_int,
+        buf_size: libc::c_int,
+        buf: [u8; RESEED_BYTES],
+    }
+    let mut info = RandPoolInfo {
+        entropy_count: libc::c_int::try_from(RESEED_BYTES * 8).unwrap_or(0),
+        buf_size: libc::c_int::try_from(RESEED_BYTES).unwrap_or(0),
+        buf: [0; RESEED_BYTES],
+    };
+    std::fs::File::open("/dev/hwrng")?.read_exact(&mut info.buf)?;
+    let urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buf_size bytes follow its two ints;
+    // `info` is laid out so (repr(C)) and lives across the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, &raw const info) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     mount_or(
         "/dev",
@@ -204,26 +293,19 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     // Writable while PID 1 sets up; the agent's uid cannot write to it.
     rootfs::mount_sysfs(Path::new("/sys"), true)?;
 
-    let stream = connect_control()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(InitError::Control)?;
+    let (stream, workspace) = receive_workspace()?;
     *control_out = Some(stream.try_clone().map_err(InitError::Control)?);
-    let line = control::read_line(&mut BufReader::new(&stream)).map_err(|e| {
-        InitError::Control(if e.kind() == std::io::ErrorKind::WouldBlock {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the host sent no workspace within 10 s",
-            )
-        } else {
-            e
-        })
-    })?;
-    let workspace: VmWorkspace = control::parse(&line).map_err(InitError::Control)?;
 
     enter_root(&workspace)?;
     crate::service::ServiceSpec::check_all(&workspace.services)?;
     lay_out_services(&workspace.services)?;
+    if workspace.generation != 0 {
+        // For the agent and its tools: which restore of its snapshot this machine is.
+        let _ = std::fs::write(
+            "/run/moat/generation",
+            format!("{}\n", workspace.generation),
+        );
+    }
 
     let tun = moat_netstack::setup_tun().map_err(InitError::Network)?;
     let transport = moat_netstack::VsockTransport {

@@ -42,7 +42,7 @@ enum Command {
     /// Check this host for workspace VMs and GPU passthrough, and say what to fix.
     Doctor(doctor::DoctorArgs),
     /// Run a workspace with an agent shell on the best backend this host supports.
-    Run(run_cmd::RunArgs),
+    Run(Box<run_cmd::RunArgs>),
     /// Sign in to a workspace through the trusted access broker (OIDC in the browser).
     Login(broker_cmd::LoginArgs),
     /// Connect stdin/stdout to a workspace's sshd through the broker (an OpenSSH ProxyCommand).
@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         Command::Audit(cmd) => audit_cmd::run(cmd),
         Command::Connect(args) => connect::run(args),
         Command::Doctor(args) => doctor::run(args),
-        Command::Run(args) => run_cmd::run(args),
+        Command::Run(args) => run_cmd::run(*args),
         Command::GuestInit(args) => run_cmd::guest_init(args),
         Command::Exec(args) => run_cmd::exec(args),
         Command::Login(args) => broker_cmd::login(args),

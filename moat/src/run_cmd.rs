@@ -95,6 +95,16 @@ pub(crate) struct RunArgs {
     /// only, never in the agent's. Repeatable.
     #[arg(long = "device", value_name = "PATH")]
     device: Vec<PathBuf>,
+    /// vm backend: make a template instead of running a command: boot, and once guest-init
+    /// stands by (before anything of a workspace exists in the VM), snapshot the VM into DIR
+    /// and stop. `--from-snapshot DIR` starts workspaces from it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["from_snapshot", "command", "home_disk"])]
+    snapshot_to: Option<PathBuf>,
+    /// vm backend: start from a template (`--snapshot-to`) instead of booting. Each start is a
+    /// new workspace: the guest's RNG is reseeded from the host before anything runs, and it
+    /// gets this run's own CA, placeholders and audit log, as a booted one does.
+    #[arg(long, value_name = "DIR")]
+    from_snapshot: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
@@ -380,8 +390,21 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                 let unpacked = workspace_root::from_image(image)?;
                 images.rootfs = workspace_root::image_disk(&unpacked)?;
             }
+            if let Some(dir) = &args.from_snapshot {
+                // The template's machine: its memory and vCPUs, whatever the defaults are.
+                let t = vm_backend::Template::read(dir)?;
+                args.mem = t.mem_mib;
+                args.vcpus = t.vcpus;
+            }
+            if (args.snapshot_to.is_some() || args.from_snapshot.is_some()) && !args.gpu.is_empty()
+            {
+                bail!("a VM with a passed-through GPU cannot be snapshotted or restored");
+            }
         }
         Backend::Namespace(root) => {
+            if args.snapshot_to.is_some() || args.from_snapshot.is_some() {
+                bail!("--snapshot-to and --from-snapshot need the vm backend ({why})");
+            }
             if !args.gpu.is_empty() {
                 bail!("--gpu passes a device through to a VM: it needs the vm backend ({why})");
             }
@@ -716,6 +739,11 @@ fn run_in(
                     vcpus: args.vcpus,
                     boot_log: args.boot_log,
                     gpus: args.gpu.clone(),
+                    mode: match (&args.snapshot_to, &args.from_snapshot) {
+                        (Some(dir), _) => vm_backend::VmMode::Template(dir.clone()),
+                        (None, Some(dir)) => vm_backend::VmMode::Restore(dir.clone()),
+                        (None, None) => vm_backend::VmMode::Boot,
+                    },
                     workspace: VmWorkspace {
                         hostname,
                         command: args.command.clone(),
@@ -741,6 +769,11 @@ fn run_in(
                                 service_port: r.target.port(),
                             })
                             .collect(),
+                        generation: if args.from_snapshot.is_some() {
+                            vm_backend::new_generation()
+                        } else {
+                            0
+                        },
                     },
                 },
             )?

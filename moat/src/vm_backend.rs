@@ -133,7 +133,137 @@ pub(crate) struct VmRun<'a> {
     pub(crate) boot_log: bool,
     /// Host PCI devices passed through with VFIO (moat-vmm `--gpu`; docs/gpu.md).
     pub(crate) gpus: Vec<String>,
+    /// Boot, make a template, or start from one.
+    pub(crate) mode: VmMode,
     pub(crate) workspace: VmWorkspace,
+}
+
+/// How the VM starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VmMode {
+    /// Boot the kernel and run the workspace.
+    Boot,
+    /// Boot, and snapshot the VM into this directory once guest-init stands by; no workspace.
+    Template(PathBuf),
+    /// Restore the template in this directory and run the workspace.
+    Restore(PathBuf),
+}
+
+/// What a template records beside moat-vmm's snapshot: the machine a restore must configure.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Template {
+    pub(crate) mem_mib: u64,
+    pub(crate) vcpus: u8,
+}
+
+/// The template's own file in its directory (moat-vmm's are `state` and `memory`).
+const TEMPLATE_FILE: &str = "moat-template.toml";
+
+impl Template {
+    /// Reads the template in `dir`.
+    pub(crate) fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(TEMPLATE_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not a template (make one with `moat run --backend vm --snapshot-to DIR`)",
+                dir.display()
+            )
+        })?;
+        toml::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(TEMPLATE_FILE);
+        let text = toml::to_string(self).context("cannot encode the template")?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// A generation for a restored workspace: any number but 0 (a booted machine), unlikely to
+/// repeat between restores of one template.
+pub(crate) fn new_generation() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        b = u64::try_from(t.as_nanos() & u128::from(u64::MAX))
+            .unwrap_or(1)
+            .to_le_bytes();
+    }
+    u64::from_le_bytes(b).max(1)
+}
+
+/// The few requests `moat run` makes on moat-vmm's control socket (its protocol:
+/// vmm/src/api.rs): pause, then snapshot, the two files' descriptors passed with
+/// SCM_RIGHTS so that the jailed VMM writes where this process opened them.
+fn vmm_request(
+    conn: &std::os::unix::net::UnixStream,
+    line: &str,
+    fd: Option<&std::fs::File>,
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let iov = [std::io::IoSlice::new(line.as_bytes())];
+    let fds = fd.map(|f| [f.as_raw_fd()]);
+    let cmsg: Vec<nix::sys::socket::ControlMessage<'_>> = fds
+        .as_ref()
+        .map(|f| vec![nix::sys::socket::ControlMessage::ScmRights(f)])
+        .unwrap_or_default();
+    nix::sys::socket::sendmsg::<()>(
+        conn.as_raw_fd(),
+        &iov,
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .with_context(|| format!("cannot send {:?} to moat-vmm", line.trim()))?;
+    Ok(())
+}
+
+fn vmm_answer(reader: &mut impl std::io::BufRead) -> Result<()> {
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .context("moat-vmm did not answer on its control socket")?;
+    match answer.trim_end() {
+        "OK" => Ok(()),
+        other => bail!("moat-vmm: {}", other.strip_prefix("ERR ").unwrap_or(other)),
+    }
+}
+
+/// Pauses the VM behind `api` and snapshots it into `dir` (`state`, `memory`, mode 0600).
+fn snapshot_vm(api: &Path, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let open = |name: &str| {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))
+    };
+    let (state, memory) = (open("state")?, open("memory")?);
+    let conn = std::os::unix::net::UnixStream::connect(api)
+        .with_context(|| format!("cannot reach moat-vmm's control socket {}", api.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let mut reader = std::io::BufReader::new(conn.try_clone()?);
+    vmm_request(&conn, "pause\n", None)?;
+    vmm_answer(&mut reader)?;
+    vmm_request(&conn, "snapshot\n", Some(&state))?;
+    vmm_request(&conn, "memory\n", Some(&memory))?;
+    vmm_answer(&mut reader)
 }
 
 /// This terminal's size (rows, columns), or (0, 0) when stdin is not a terminal.
@@ -242,6 +372,66 @@ async fn serve_control(
     }
 }
 
+/// Serves a template VM's control socket: tells guest-init to stand by and reports on `ready`
+/// once it does (it then waits on the stream, which the snapshot keeps).
+async fn serve_template(listener: tokio::net::UnixListener, ready: std::sync::mpsc::Sender<()>) {
+    let Ok((stream, _)) = listener.accept().await else {
+        return;
+    };
+    let (read, mut write) = stream.into_split();
+    if let Err(e) = write
+        .write_all(&control::encode(&control::VmStandby::Standby))
+        .await
+    {
+        tracing::warn!(error = %e, "cannot tell the guest to stand by");
+        return;
+    }
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read).take(1024);
+    if reader.read_until(b'\n', &mut line).await.is_ok()
+        && line.last() == Some(&b'\n')
+        && control::parse::<control::VmStandingBy>(&line[..line.len() - 1]).is_ok()
+    {
+        let _ = ready.send(());
+    }
+    // Keep the stream open: guest-init's wait on it is what the snapshot holds.
+    std::future::pending::<()>().await;
+}
+
+/// Waits for the template VM to stand by, snapshots it into `dir` with the machine's
+/// description, and stops it.
+fn make_template(
+    vmm: &mut std::process::Child,
+    ready: &std::sync::mpsc::Receiver<()>,
+    api: &Path,
+    dir: &Path,
+    template: &Template,
+) -> Result<i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        if ready.try_recv().is_ok() {
+            break;
+        }
+        if let Some(status) = vmm.try_wait()? {
+            bail!(
+                "the template VM stopped before guest-init stood by (moat-vmm: {}); rerun with --boot-log",
+                vmm_exit_meaning(status.code())
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = vmm.kill();
+            bail!("guest-init did not stand by within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let taken = snapshot_vm(api, dir).and_then(|()| template.write(dir));
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    taken?;
+    eprintln!("moat: template written to {}", dir.display());
+    Ok(0)
+}
+
 /// How long the agent has to end after `moat run` got SIGTERM before the VM is stopped.
 const TERMINATE_GRACE: Duration = Duration::from_secs(10);
 
@@ -318,12 +508,18 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             .with_context(|| format!("cannot listen on {}", control_path.display()))?
     };
     let (signal_tx, signal_rx) = tokio::sync::mpsc::unbounded_channel();
-    let control = rt.spawn(serve_control(
-        listener,
-        run.workspace.clone(),
-        Arc::clone(&outcome),
-        signal_rx,
-    ));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let control = if matches!(run.mode, VmMode::Template(_)) {
+        rt.spawn(serve_template(listener, ready_tx))
+    } else {
+        rt.spawn(serve_control(
+            listener,
+            run.workspace.clone(),
+            Arc::clone(&outcome),
+            signal_rx,
+        ))
+    };
+    let api = run.run_dir.join("vmm-api.sock");
     let jail_dir = run.run_dir.join("jail");
     if nix::unistd::geteuid().is_root() {
         hand_sockets_to_jail(run.uds, &control_path)?;
@@ -333,13 +529,23 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
     // lives in an empty read-only root holding only the socket directory, as an unprivileged
     // uid (65534 when we are root; our own uid in a user namespace otherwise), under Landlock.
     cmd.arg("--jail-dir").arg(&jail_dir);
-    cmd.arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&run.images.initramfs)
-        .arg("--cmdline")
-        .arg(cmdline(run.boot_log))
-        .arg("--mem")
+    match &run.mode {
+        VmMode::Restore(dir) => {
+            cmd.arg("--restore").arg(dir);
+        }
+        VmMode::Boot | VmMode::Template(_) => {
+            cmd.arg("--kernel")
+                .arg(&kernel)
+                .arg("--initrd")
+                .arg(&run.images.initramfs)
+                .arg("--cmdline")
+                .arg(cmdline(run.boot_log));
+        }
+    }
+    if let VmMode::Template(_) = &run.mode {
+        cmd.arg("--api-sock").arg(&api);
+    }
+    cmd.arg("--mem")
         .arg(run.mem_mib.to_string())
         .arg("--vcpus")
         .arg(run.vcpus.to_string())
@@ -374,6 +580,13 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
     // down in order and its exit status comes back; a VM still running after
     // TERMINATE_GRACE is stopped: SIGTERM to moat-vmm (it restores the terminal on its way
     // out), SIGKILL 5 s later. SIGHUP is passed on likewise, and nothing more.
+    if let VmMode::Template(dir) = &run.mode {
+        let template = Template {
+            mem_mib: run.mem_mib,
+            vcpus: run.vcpus,
+        };
+        return make_template(&mut vmm, &ready_rx, &api, dir, &template);
+    }
     let vmm_pid = nix::unistd::Pid::from_raw(i32::try_from(vmm.id()).unwrap_or(i32::MAX));
     let terminated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {

@@ -36,8 +36,13 @@ pub enum Error {
         #[source]
         source: toml::de::Error,
     },
+    /// Starting paused without a control socket would never start.
+    #[error("--start-paused needs --api-sock (nothing else could resume the VM)")]
+    PausedWithoutApi,
     /// No kernel was given.
-    #[error("no kernel given (set `kernel` in the config or pass --kernel)")]
+    #[error(
+        "no kernel given (set `kernel` in the config or pass --kernel, or --restore a snapshot)"
+    )]
     NoKernel,
     /// Memory size outside what the VMM supports.
     #[error("guest memory of {0} MiB is outside 16..=65536 MiB")]
@@ -150,6 +155,12 @@ pub struct FileConfig {
     /// PCI devices (GPUs) passed through with VFIO, in guest slot order.
     #[serde(default)]
     pub gpu: Vec<GpuFile>,
+    /// The control socket (pause, resume, snapshot; `crate::api`).
+    pub api_sock: Option<PathBuf>,
+    /// Restore this snapshot directory instead of booting a kernel.
+    pub restore: Option<PathBuf>,
+    /// Start with every vCPU paused (until `resume` on the control socket).
+    pub start_paused: Option<bool>,
     /// The fake VFIO device of the tests (never from a file; only the hidden test flag).
     #[cfg(feature = "test-utils")]
     #[serde(skip)]
@@ -253,8 +264,8 @@ pub const DEFAULT_CID: u64 = 3;
 /// The checked configuration the VMM runs from.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// Kernel image.
-    pub kernel: PathBuf,
+    /// Kernel image (`None` when restoring a snapshot).
+    pub kernel: Option<PathBuf>,
     /// Its format.
     pub kernel_format: KernelFormat,
     /// Command line given by the operator (device declarations are appended by the VMM).
@@ -285,6 +296,12 @@ pub struct VmConfig {
     pub jail: Option<JailFile>,
     /// Host PCI functions passed through with VFIO (distinct).
     pub gpus: Vec<PciAddress>,
+    /// The control socket.
+    pub api_sock: Option<PathBuf>,
+    /// The snapshot directory to restore.
+    pub restore: Option<PathBuf>,
+    /// vCPUs wait for `resume` before they run.
+    pub start_paused: bool,
     /// Offer the fake VFIO device (tests only).
     #[cfg(feature = "test-utils")]
     pub test_fake_gpu: bool,
@@ -302,7 +319,15 @@ pub struct VsockConfig {
 impl VmConfig {
     /// Checks a file config (already overlaid with flags) into a `VmConfig`.
     pub fn from_file(f: FileConfig) -> Result<Self, Error> {
-        let kernel = f.kernel.ok_or(Error::NoKernel)?;
+        let kernel = match (f.kernel, &f.restore) {
+            (Some(k), _) => Some(k),
+            (None, Some(_)) => None,
+            (None, None) => return Err(Error::NoKernel),
+        };
+        let start_paused = f.start_paused.unwrap_or(false);
+        if start_paused && f.api_sock.is_none() {
+            return Err(Error::PausedWithoutApi);
+        }
         let cmdline = f.cmdline.unwrap_or_default();
         // Leave room for the device declarations the VMM appends.
         if cmdline.len() >= CMDLINE_MAX - 512 {
@@ -360,6 +385,9 @@ impl VmConfig {
             seccomp: f.seccomp.unwrap_or(true),
             jail: f.jail,
             gpus,
+            api_sock: f.api_sock,
+            restore: f.restore,
+            start_paused,
             #[cfg(feature = "test-utils")]
             test_fake_gpu: f.test_fake_gpu,
         })

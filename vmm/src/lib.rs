@@ -30,6 +30,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpuid;
@@ -44,6 +45,7 @@ pub mod layout;
 pub mod mptable;
 pub mod ratelimit;
 pub mod seccomp;
+pub mod snapshot;
 pub mod stats;
 #[allow(unsafe_code)]
 pub mod terminal;

@@ -98,6 +98,17 @@ struct Args {
     /// Stop the VM after this many seconds (exit code 4).
     #[arg(long)]
     timeout: Option<u64>,
+    /// Control socket: `pause`, `resume`, `snapshot` (see moat_vmm::api).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Restore the snapshot in this directory instead of booting a kernel; memory, vCPUs and
+    /// devices must be configured as they were (other host files may be given: each restore
+    /// is a new machine).
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+    /// Start with the vCPUs paused until `resume` on the control socket (a warm pool).
+    #[arg(long)]
+    start_paused: bool,
 }
 
 fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::error::Error>> {
@@ -165,6 +176,11 @@ fn merged(args: Args) -> Result<(FileConfig, Option<Duration>), Box<dyn std::err
     if let Some(t) = args.pvm_workarounds {
         f.cpu.pvm_workarounds = t;
     }
+    f.api_sock = args.api_sock.or(f.api_sock);
+    f.restore = args.restore.or(f.restore);
+    if args.start_paused {
+        f.start_paused = Some(true);
+    }
     Ok((f, args.timeout.map(Duration::from_secs)))
 }
 
@@ -178,10 +194,21 @@ fn run(
         return Ok(moat_vmm::vmm::run(cfg, timeout, stats)?);
     };
     jail::close_inherited_fds()?;
-    let exposed = std::iter::once(&cfg.kernel)
+    let snapshot_files = cfg.restore.iter().flat_map(|d| {
+        [
+            d.join(moat_vmm::snapshot::STATE_FILE),
+            d.join(moat_vmm::snapshot::MEMORY_FILE),
+        ]
+    });
+    let exposed: Vec<PathBuf> = cfg
+        .kernel
+        .iter()
         .chain(cfg.initrd.iter())
-        .chain(cfg.disks.iter().map(|d| &d.path));
-    for path in exposed {
+        .chain(cfg.disks.iter().map(|d| &d.path))
+        .cloned()
+        .chain(snapshot_files)
+        .collect();
+    for path in &exposed {
         jail::check_exposed(path)?;
     }
     let res = moat_vmm::vmm::Resources::open(cfg)?;

@@ -35,6 +35,74 @@ const VFIO_DEVICE_SET_IRQS: u64 = 0x3b6e;
 /// `ioctl(device, VFIO_DEVICE_RESET)`: `_IO(VFIO_TYPE, VFIO_BASE + 11)`.
 const VFIO_DEVICE_RESET: u64 = 0x3b6f;
 
+/// `_IOC(dir, KVMIO, nr, size)` as the kernel's ioctl.h builds it.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    dir << 30 | (size as u64) << 16 | 0xae << 8 | nr
+}
+const IOC_READ: u64 = 2;
+const IOC_READ_WRITE: u64 = 3;
+
+/// The vCPU ioctls a snapshot reads its state with (`KVM_GET_REGS` is allowed anyway).
+const KVM_VCPU_SNAPSHOT: [(u64, &str); 8] = [
+    (
+        kvm_ioc(IOC_READ, 0x83, size_of::<kvm_bindings::kvm_sregs>()),
+        "KVM_GET_SREGS: a snapshot's special registers",
+    ),
+    (
+        kvm_ioc(IOC_READ_WRITE, 0x88, size_of::<kvm_bindings::kvm_msrs>()),
+        "KVM_GET_MSRS: a snapshot's MSRs",
+    ),
+    (
+        kvm_ioc(IOC_READ, 0x8e, size_of::<kvm_bindings::kvm_lapic_state>()),
+        "KVM_GET_LAPIC: a snapshot's local APIC",
+    ),
+    (
+        kvm_ioc(IOC_READ, 0x98, size_of::<kvm_bindings::kvm_mp_state>()),
+        "KVM_GET_MP_STATE: a snapshot's run state",
+    ),
+    (
+        kvm_ioc(IOC_READ, 0x9f, size_of::<kvm_bindings::kvm_vcpu_events>()),
+        "KVM_GET_VCPU_EVENTS: a snapshot's pending events",
+    ),
+    (
+        kvm_ioc(IOC_READ, 0xa1, size_of::<kvm_bindings::kvm_debugregs>()),
+        "KVM_GET_DEBUGREGS: a snapshot's debug registers",
+    ),
+    (
+        kvm_ioc(IOC_READ, 0xa4, size_of::<kvm_bindings::kvm_xsave>()),
+        "KVM_GET_XSAVE: a snapshot's FPU, SSE and AVX state",
+    ),
+    (
+        kvm_ioc(IOC_READ, 0xa6, size_of::<kvm_bindings::kvm_xcrs>()),
+        "KVM_GET_XCRS: a snapshot's XCR0",
+    ),
+];
+
+/// The VM ioctls a snapshot reads the in-kernel devices with (on the API thread).
+const KVM_VM_SNAPSHOT: [(u64, &str); 3] = [
+    (
+        kvm_ioc(IOC_READ_WRITE, 0x62, size_of::<kvm_bindings::kvm_irqchip>()),
+        "KVM_GET_IRQCHIP: a snapshot's PICs and IOAPIC",
+    ),
+    (
+        kvm_ioc(IOC_READ, 0x9f, size_of::<kvm_bindings::kvm_pit_state2>()),
+        "KVM_GET_PIT2: a snapshot's PIT",
+    ),
+    (
+        kvm_ioc(IOC_READ, 0x7c, size_of::<kvm_bindings::kvm_clock_data>()),
+        "KVM_GET_CLOCK: a snapshot's kvmclock",
+    ),
+];
+
+/// What a VM needs beyond the base filters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// PCI devices are passed through (VFIO, or the tests' fake one).
+    pub passthrough: bool,
+    /// The control socket may pause and snapshot the VM: vCPU threads read their own state.
+    pub snapshot: bool,
+}
+
 /// Errors building or installing a filter.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,17 +132,20 @@ pub enum Role {
     Rng,
     /// The console input thread: reads stdin into COM1's receive FIFO.
     SerialIn,
+    /// The control socket's thread: pause, resume, snapshot.
+    Api,
 }
 
 impl Role {
     /// Every role, for tests.
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Main,
         Role::Vcpu,
         Role::Vsock,
         Role::Block,
         Role::Rng,
         Role::SerialIn,
+        Role::Api,
     ];
 }
 
@@ -244,14 +315,60 @@ fn passthrough_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError
                 "VFIO_DEVICE_RESET: passthrough devices are reset when the VM stops",
             )?,
         ],
-        Role::Vsock | Role::Block | Role::Rng | Role::SerialIn => Vec::new(),
+        Role::Vsock | Role::Block | Role::Rng | Role::SerialIn | Role::Api => Vec::new(),
     })
 }
 
-fn role_rules(role: Role, passthrough: bool) -> Result<Vec<Allow>, seccompiler::BackendError> {
+/// What a vCPU thread needs on top when the VM can be snapshotted: reading its own state.
+fn snapshot_rules(role: Role) -> Result<Vec<Allow>, seccompiler::BackendError> {
+    let mut rules = Vec::new();
+    if role == Role::Vcpu {
+        for (nr, why) in KVM_VCPU_SNAPSHOT {
+            rules.push(arg_eq(libc::SYS_ioctl, 1, nr, why)?);
+        }
+    }
+    Ok(rules)
+}
+
+/// The control socket's thread.
+fn api_rules() -> Result<Vec<Allow>, seccompiler::BackendError> {
+    let mut rules = vec![
+        any(libc::SYS_accept4, "control clients on --api-sock"),
+        any(
+            libc::SYS_recvmsg,
+            "requests, and the snapshot files' descriptors (SCM_RIGHTS)",
+        ),
+        any(libc::SYS_sendto, "answers"),
+        any(libc::SYS_setsockopt, "a read timeout on each client"),
+        any(libc::SYS_getpid, "pthread_kill names the process"),
+        any(
+            libc::SYS_tgkill,
+            "kicking vCPU threads out of KVM_RUN to pause",
+        ),
+        any(libc::SYS_pwrite64, "guest memory into the memory file"),
+        any(libc::SYS_ftruncate, "sizing the snapshot files"),
+        any(libc::SYS_lseek, "rewinding the state file"),
+        any(libc::SYS_fsync, "the snapshot is on disk before OK"),
+        arg_eq(
+            libc::SYS_fcntl,
+            1,
+            u64::try_from(libc::F_DUPFD_CLOEXEC).unwrap_or(0),
+            "resuming a device hands it duplicates of its queue eventfds",
+        )?,
+    ];
+    for (nr, why) in KVM_VM_SNAPSHOT {
+        rules.push(arg_eq(libc::SYS_ioctl, 1, nr, why)?);
+    }
+    Ok(rules)
+}
+
+fn role_rules(role: Role, extras: Extras) -> Result<Vec<Allow>, seccompiler::BackendError> {
     let mut rules = common()?;
-    if passthrough {
+    if extras.passthrough {
         rules.extend(passthrough_rules(role)?);
+    }
+    if extras.snapshot {
+        rules.extend(snapshot_rules(role)?);
     }
     if role != Role::Vsock {
         rules.push(fcntl_getfd()?);
@@ -335,6 +452,7 @@ fn role_rules(role: Role, passthrough: bool) -> Result<Vec<Allow>, seccompiler::
             // read (stdin, its eventfd) and write (COM1's irqfd) are in `common`.
             rules.extend(event_loop());
         }
+        Role::Api => rules.extend(api_rules()?),
     }
     Ok(rules)
 }
@@ -346,7 +464,18 @@ pub fn allow_list(role: Role) -> Vec<(i64, &'static str)> {
 
 /// The allow-list of `role` in a VM with (`passthrough`) or without PCI passthrough.
 pub fn allow_list_for(role: Role, passthrough: bool) -> Vec<(i64, &'static str)> {
-    role_rules(role, passthrough)
+    allow_list_with(
+        role,
+        Extras {
+            passthrough,
+            snapshot: false,
+        },
+    )
+}
+
+/// The allow-list of `role` in a VM that needs `extras`.
+pub fn allow_list_with(role: Role, extras: Extras) -> Vec<(i64, &'static str)> {
+    role_rules(role, extras)
         .map(|r| r.into_iter().map(|(nr, _, why)| (nr, why)).collect())
         .unwrap_or_default()
 }
@@ -358,8 +487,19 @@ pub fn filter(role: Role) -> Result<BpfProgram, Error> {
 
 /// The compiled filter of `role`, with the passthrough additions when `passthrough`.
 pub fn filter_for(role: Role, passthrough: bool) -> Result<BpfProgram, Error> {
+    filter_with(
+        role,
+        Extras {
+            passthrough,
+            snapshot: false,
+        },
+    )
+}
+
+/// The compiled filter of `role` in a VM that needs `extras`.
+pub fn filter_with(role: Role, extras: Extras) -> Result<BpfProgram, Error> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (nr, rules, _) in role_rules(role, passthrough).map_err(|e| Error::Build(role, e))? {
+    for (nr, rules, _) in role_rules(role, extras).map_err(|e| Error::Build(role, e))? {
         map.entry(nr).or_default().extend(rules);
     }
     let f = SeccompFilter::new(
@@ -380,6 +520,12 @@ pub fn install(role: Role) -> Result<(), Error> {
 /// Installs `role`'s filter, with the passthrough additions when the VM has PCI devices.
 pub fn install_for(role: Role, passthrough: bool) -> Result<(), Error> {
     let prog = filter_for(role, passthrough)?;
+    seccompiler::apply_filter(&prog).map_err(|e| Error::Install(role, e))
+}
+
+/// Installs `role`'s filter in a VM that needs `extras`.
+pub fn install_with(role: Role, extras: Extras) -> Result<(), Error> {
+    let prog = filter_with(role, extras)?;
     seccompiler::apply_filter(&prog).map_err(|e| Error::Install(role, e))
 }
 
@@ -438,6 +584,61 @@ mod tests {
             for nr in [libc::SYS_open, libc::SYS_openat] {
                 assert!(!allow_list_for(role, true).iter().any(|(n, _)| *n == nr));
             }
+        }
+    }
+
+    #[test]
+    fn snapshot_ioctl_numbers_match_the_kernel_structures() {
+        // The constants as the kernel's headers print them (x86_64).
+        let vcpu: Vec<u64> = KVM_VCPU_SNAPSHOT.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            vcpu,
+            [
+                0x8138_ae83, // KVM_GET_SREGS
+                0xc008_ae88, // KVM_GET_MSRS
+                0x8400_ae8e, // KVM_GET_LAPIC
+                0x8004_ae98, // KVM_GET_MP_STATE
+                0x8040_ae9f, // KVM_GET_VCPU_EVENTS
+                0x8080_aea1, // KVM_GET_DEBUGREGS
+                0x9000_aea4, // KVM_GET_XSAVE
+                0x8188_aea6, // KVM_GET_XCRS
+            ]
+        );
+        let vm: Vec<u64> = KVM_VM_SNAPSHOT.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            vm,
+            [
+                0xc208_ae62, // KVM_GET_IRQCHIP
+                0x8070_ae9f, // KVM_GET_PIT2
+                0x8030_ae7c, // KVM_GET_CLOCK
+            ]
+        );
+    }
+
+    #[test]
+    fn only_vcpu_threads_gain_anything_with_snapshots() {
+        let snap = Extras {
+            passthrough: false,
+            snapshot: true,
+        };
+        for role in Role::ALL {
+            let gained = allow_list_with(role, snap).len() - allow_list(role).len();
+            assert_eq!(gained > 0, role == Role::Vcpu, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn the_api_thread_writes_only_through_descriptors_it_was_handed() {
+        let api = allow_list(Role::Api);
+        for nr in [
+            libc::SYS_open,
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_unlink,
+            libc::SYS_execve,
+        ] {
+            assert!(!api.iter().any(|(n, _)| *n == nr), "{nr}");
         }
     }
 

@@ -83,12 +83,38 @@ pub enum Error {
     /// A thread could not be started.
     #[error("cannot start thread {0}")]
     Thread(String, #[source] std::io::Error),
+    /// The control socket could not be bound.
+    #[error("cannot listen on the control socket {0}")]
+    ApiSocket(std::path::PathBuf, #[source] std::io::Error),
+    /// A snapshot could not be opened or is refused.
+    #[error("cannot restore the snapshot in {0}")]
+    Snapshot(std::path::PathBuf, #[source] crate::snapshot::Error),
+    /// The snapshot does not fit this configuration.
+    #[error("the snapshot does not fit this VM: {0}")]
+    SnapshotMismatch(String),
+    /// Neither a kernel nor a snapshot was given.
+    #[error("no kernel and no snapshot to start from")]
+    NoKernel,
+    /// The snapshot's memory file could not be mapped.
+    #[error("cannot map the snapshot's memory file")]
+    SnapshotMemory(#[source] std::io::Error),
+}
+
+/// A snapshot to restore, read and checked before anything else is built.
+#[derive(Debug)]
+pub struct Restore {
+    /// Where it came from (for errors).
+    pub dir: std::path::PathBuf,
+    /// The machine's state.
+    pub state: crate::snapshot::MachineState,
+    /// Its memory file.
+    pub memory: std::fs::File,
 }
 
 /// Every host resource the VM needs, opened up front so a jailed VMM needs no host paths:
 /// the kernel, initramfs, disks, entropy, console, /dev/kvm and the vsock listener.
 pub struct Resources {
-    kernel: std::fs::File,
+    kernel: Option<std::fs::File>,
     initrd: Option<std::fs::File>,
     kvm: kvm_ioctls::Kvm,
     vfio: Option<(vfio::host::Container, Vec<vfio::host::HostDevice>)>,
@@ -97,6 +123,10 @@ pub struct Resources {
     console: serial::ConsoleOut,
     console_in: Option<std::fs::File>,
     vsock: Option<UnixListener>,
+    /// The control socket.
+    api: Option<UnixListener>,
+    /// The snapshot to restore instead of booting.
+    restore: Option<Restore>,
     /// Whether the nested-PVM workarounds apply, decided while the host's `/sys` is visible.
     pvm: bool,
 }
@@ -113,7 +143,10 @@ impl std::fmt::Debug for Resources {
 impl Resources {
     /// Opens everything `cfg` names.
     pub fn open(cfg: &VmConfig) -> Result<Self, Error> {
-        let kernel = boot::open_kernel(&cfg.kernel).map_err(Error::Boot)?;
+        let kernel = match &cfg.kernel {
+            Some(k) => Some(boot::open_kernel(k).map_err(Error::Boot)?),
+            None => None,
+        };
         let initrd = match &cfg.initrd {
             Some(p) => Some(boot::open_initrd(p).map_err(Error::Boot)?),
             None => None,
@@ -135,6 +168,14 @@ impl Resources {
             None => None,
         };
         let kvm = Vm::open_kvm().map_err(Error::Kvm)?;
+        let restore = match &cfg.restore {
+            Some(dir) => Some(open_snapshot(dir, &kvm)?),
+            None => None,
+        };
+        let api = match &cfg.api_sock {
+            Some(p) => Some(crate::api::bind(p).map_err(|e| Error::ApiSocket(p.clone(), e))?),
+            None => None,
+        };
         let vfio = if cfg.gpus.is_empty() {
             None
         } else {
@@ -153,9 +194,101 @@ impl Resources {
             console,
             console_in,
             vsock,
+            api,
+            restore,
             pvm: cpuid::pvm_workarounds(cfg.pvm_workarounds),
         })
     }
+}
+
+/// Opens and checks the snapshot in `dir` (format, checksum, moat-vmm version, host CPU).
+fn open_snapshot(dir: &std::path::Path, kvm: &kvm_ioctls::Kvm) -> Result<Restore, Error> {
+    use crate::snapshot::{self, Error as SnapError};
+    let err = |e: SnapError| Error::Snapshot(dir.to_owned(), e);
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| err(SnapError::Io(std::io::Error::from_raw_os_error(e.errno()))))?;
+    let cpu = snapshot::CpuIdentity::from_supported(cpuid.as_slice());
+    let mut state_file =
+        std::fs::File::open(dir.join(snapshot::STATE_FILE)).map_err(|e| err(SnapError::Io(e)))?;
+    let state = snapshot::read_state(&mut state_file, &cpu).map_err(err)?;
+    let memory =
+        std::fs::File::open(dir.join(snapshot::MEMORY_FILE)).map_err(|e| err(SnapError::Io(e)))?;
+    let len = memory.metadata().map_err(|e| err(SnapError::Io(e)))?.len();
+    if len != state.memory_len() {
+        return Err(err(SnapError::Length));
+    }
+    Ok(Restore {
+        dir: dir.to_owned(),
+        state,
+        memory,
+    })
+}
+
+/// Guest RAM mapped from a snapshot's memory file, privately: pages are read from the file
+/// (through the page cache, shared by every restore of it) and copied only when written.
+fn restored_memory(r: &Restore) -> Result<GuestMemoryMmap, Error> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    let file = Arc::new(r.memory.try_clone().map_err(Error::SnapshotMemory)?);
+    let mut regions = Vec::new();
+    for reg in &r.state.regions {
+        let len = usize::try_from(reg.len)
+            .map_err(|_| Error::SnapshotMismatch("a region larger than memory".to_owned()))?;
+        let map = MmapRegionBuilder::<()>::new(len)
+            .with_file_offset(vm_memory::FileOffset::from_arc(
+                file.clone(),
+                reg.file_offset,
+            ))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| Error::SnapshotMemory(std::io::Error::other(e.to_string())))?;
+        let region = vm_memory::GuestRegionMmap::new(map, GuestAddress(reg.guest_addr))
+            .ok_or_else(|| {
+                Error::SnapshotMismatch("a region wraps the address space".to_owned())
+            })?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| Error::SnapshotMismatch(format!("memory regions: {e}")))
+}
+
+/// Refuses a snapshot whose machine is not the configured one: RAM, vCPUs, devices in order.
+fn check_fits(cfg: &VmConfig, r: &Restore, device_types: &[u32]) -> Result<(), Error> {
+    let st = &r.state;
+    if st.mem_bytes != cfg.mem_bytes {
+        return Err(Error::SnapshotMismatch(format!(
+            "it has {} MiB of memory, this VM {} MiB",
+            st.mem_bytes >> 20,
+            cfg.mem_bytes >> 20
+        )));
+    }
+    let expected: Vec<(u64, u64)> = layout::ram_ranges(cfg.mem_bytes);
+    let found: Vec<(u64, u64)> = st.regions.iter().map(|r| (r.guest_addr, r.len)).collect();
+    if expected != found {
+        return Err(Error::SnapshotMismatch(
+            "its memory layout differs".to_owned(),
+        ));
+    }
+    if st.vcpus.len() != usize::from(cfg.vcpus) {
+        return Err(Error::SnapshotMismatch(format!(
+            "it has {} vCPUs, this VM {}",
+            st.vcpus.len(),
+            cfg.vcpus
+        )));
+    }
+    let theirs: Vec<u32> = st.devices.iter().map(|d| d.device_type).collect();
+    if theirs != device_types {
+        return Err(Error::SnapshotMismatch(format!(
+            "its virtio devices are {theirs:?} (by type, in slot order), this VM's {device_types:?}"
+        )));
+    }
+    if !cfg.gpus.is_empty() {
+        return Err(Error::SnapshotMismatch(
+            "a restored VM cannot have PCI passthrough devices".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// Stdin for console input, duplicated (so the input thread owns a plain file), or `None` when
@@ -259,7 +392,7 @@ pub fn run_with(
     stats: Option<Instant>,
 ) -> Result<VmExit, Error> {
     let Resources {
-        mut kernel,
+        kernel,
         mut initrd,
         kvm,
         vfio,
@@ -268,16 +401,24 @@ pub fn run_with(
         console,
         console_in,
         vsock,
+        api,
+        restore,
         pvm,
     } = res;
     let uds = uds_inside.or_else(|| cfg.vsock.as_ref().map(|v| v.uds.clone()));
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.mem_bytes)
-        .into_iter()
-        .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
-        .collect();
-    let mem = Arc::new(
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(cfg.mem_bytes, e))?,
-    );
+    let mem = match &restore {
+        Some(r) => Arc::new(restored_memory(r)?),
+        None => {
+            let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.mem_bytes)
+                .into_iter()
+                .map(|(s, l)| (GuestAddress(s), usize::try_from(l).unwrap_or(usize::MAX)))
+                .collect();
+            Arc::new(
+                GuestMemoryMmap::from_ranges(&ranges)
+                    .map_err(|e| Error::GuestMemory(cfg.mem_bytes, e))?,
+            )
+        }
+    };
 
     // Devices first: their host resources (sockets, disks, entropy) are opened before the
     // guest exists, and their MMIO slots go on the command line in this order.
@@ -300,23 +441,40 @@ pub fn run_with(
         devices.push(Box::new(dev));
     }
     let slots: Vec<MmioSlot> = (0u64..).zip(&devices).map(|(i, _)| mmio_slot(i)).collect();
-    let cmdline = kernel_cmdline(&cfg.cmdline, pvm, &slots);
-    let entry = boot::load(
-        &mem,
-        BootSpec {
-            kernel: &mut kernel,
-            format: cfg.kernel_format,
-            cmdline: &cmdline,
-            initrd: initrd.as_mut(),
-            mem_bytes: cfg.mem_bytes,
-        },
-    )
-    .map_err(Error::Boot)?;
-    drop(kernel);
+    // A restored guest's memory already holds its kernel, command line and MP table.
+    let entry = match (&restore, kernel) {
+        (Some(r), _) => {
+            let types: Vec<u32> = devices.iter().map(|d| d.device_type()).collect();
+            check_fits(cfg, r, &types)?;
+            None
+        }
+        (None, Some(mut kernel)) => {
+            let cmdline = kernel_cmdline(&cfg.cmdline, pvm, &slots);
+            let entry = boot::load(
+                &mem,
+                BootSpec {
+                    kernel: &mut kernel,
+                    format: cfg.kernel_format,
+                    cmdline: &cmdline,
+                    initrd: initrd.as_mut(),
+                    mem_bytes: cfg.mem_bytes,
+                },
+            )
+            .map_err(Error::Boot)?;
+            crate::mptable::write(&mem, cfg.vcpus).map_err(Error::MpTable)?;
+            Some(entry)
+        }
+        (None, None) => return Err(Error::NoKernel),
+    };
     drop(initrd);
-    crate::mptable::write(&mem, cfg.vcpus).map_err(Error::MpTable)?;
 
     let vm = Vm::new(kvm, &mem).map_err(Error::Kvm)?;
+    if let Some(r) = &restore {
+        r.state
+            .vm
+            .restore(&vm.fd())
+            .map_err(|e| Error::Kvm(kvm::Error::Restore(e)))?;
+    }
     let (exits, exit_rx) = ExitSender::channel();
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -328,43 +486,83 @@ pub fn run_with(
         None => None,
     };
     let serial = Arc::new(Mutex::new(
-        serial::serial_device(IrqLine(serial_irq), input_ready.as_ref(), console)
-            .map_err(Error::EventFd)?,
+        serial::serial_device(
+            IrqLine(serial_irq),
+            input_ready.as_ref(),
+            console,
+            restore.as_ref().map(|r| &r.state.serial),
+        )
+        .map_err(Error::EventFd)?,
     ));
     if let (Some(input), Some(ready)) = (console_in, input_ready) {
         serial::spawn_input_thread(input, ready, serial.clone(), cfg.seccomp)
             .map_err(|e| Error::Thread("serial-in".to_owned(), e))?;
     }
     let i8042 = I8042::new(ResetLine::new(exits.clone(), stop.clone()));
-    let mut bus = Bus::new(serial, i8042);
-    for (dev, slot) in devices.into_iter().zip(&slots) {
+    let mut bus = Bus::new(serial.clone(), i8042);
+    let mut transports = Vec::new();
+    for (i, (dev, slot)) in devices.into_iter().zip(&slots).enumerate() {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&irq, slot.irq).map_err(Error::Kvm)?;
-        let t =
+        let mut t =
             MmioTransport::new(dev, mem.clone(), Interrupt::new(irq)).map_err(Error::Transport)?;
         for (q, evt) in (0u32..).zip(t.queue_notifiers()) {
             vm.register_ioevent(evt, slot.base + QUEUE_NOTIFY_OFFSET, q)
                 .map_err(Error::Kvm)?;
         }
-        bus.add_mmio(slot.base, layout::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)));
+        if let Some(state) = restore.as_ref().and_then(|r| r.state.devices.get(i)) {
+            t.restore(state)
+                .map_err(|e| Error::SnapshotMismatch(e.to_string()))?;
+        }
+        let t = Arc::new(Mutex::new(t));
+        transports.push(t.clone());
+        bus.add_mmio(slot.base, layout::VIRTIO_MMIO_SIZE, t);
     }
     let passthrough = attach_pci(cfg, &vm, &mem, vfio, &mut bus)?;
     let pci = !passthrough.is_empty();
     let bus = Arc::new(bus);
+    let extras = seccomp::Extras {
+        passthrough: pci,
+        snapshot: api.is_some(),
+    };
+    if api.is_some() {
+        kvm::vcpu::install_kick_handler().map_err(Error::ConsoleInput)?;
+    }
 
-    tracing::info!(pvm_workarounds = pvm, entry = entry.entry(), "booting");
+    tracing::info!(
+        pvm_workarounds = pvm,
+        entry = entry.map(|e| e.entry()),
+        restored = restore.is_some(),
+        "starting"
+    );
     let (started_tx, started_rx) = mpsc::channel::<Instant>();
+    let mut vcpu_handles = Vec::new();
     for index in 0..cfg.vcpus {
-        let vcpu = vm
-            .create_vcpu(index, cfg.vcpus, entry, pvm)
-            .map_err(Error::Kvm)?;
+        let gate = api.is_some().then(|| Arc::new(kvm::vcpu::Gate::default()));
+        if cfg.start_paused
+            && let Some(g) = &gate
+        {
+            g.request_pause();
+        }
+        let vcpu = match (&restore, entry) {
+            (Some(r), _) => {
+                let state =
+                    r.state.vcpus.get(usize::from(index)).ok_or_else(|| {
+                        Error::SnapshotMismatch(format!("no state for vCPU {index}"))
+                    })?;
+                vm.restore_vcpu(index, state, gate.clone())
+            }
+            (None, Some(entry)) => vm.create_vcpu(index, cfg.vcpus, entry, pvm, gate.clone()),
+            (None, None) => return Err(Error::NoKernel),
+        }
+        .map_err(Error::Kvm)?;
         let (bus, exits, stop, mem) = (bus.clone(), exits.clone(), stop.clone(), mem.clone());
         let confine = cfg.seccomp;
         let started = (index == 0).then(|| started_tx.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                if confine && let Err(e) = seccomp::install_for(Role::Vcpu, pci) {
+                if confine && let Err(e) = seccomp::install_with(Role::Vcpu, extras) {
                     exits.send(VmExit::VmmError(format!("vCPU {index}: {e}")));
                     return;
                 }
@@ -376,6 +574,32 @@ pub fn run_with(
                 drop(mem);
             })
             .map_err(|e| Error::Thread(format!("vcpu{index}"), e))?;
+        if let Some(gate) = gate {
+            vcpu_handles.push(crate::api::VcpuHandle { gate, thread });
+        }
+    }
+    if restore.is_some() {
+        // Restored devices start now that every vCPU (and its local APIC) exists.
+        for t in &transports {
+            if let Ok(mut t) = t.lock() {
+                t.resume_device();
+            }
+        }
+    }
+    if let Some(listener) = api {
+        let machine = crate::api::Machine {
+            vm: vm.fd(),
+            mem: mem.clone(),
+            mem_bytes: cfg.mem_bytes,
+            vcpus: vcpu_handles,
+            transports,
+            serial: serial.clone(),
+            cpu: vm.cpu_identity().map_err(Error::Kvm)?,
+            xsave_size: vm.xsave_size(),
+            passthrough: pci,
+        };
+        crate::api::spawn(listener, machine, cfg.seccomp)
+            .map_err(|e| Error::Thread("api".to_owned(), e))?;
     }
 
     let mut report = None;
@@ -401,7 +625,7 @@ pub fn run_with(
     // alone takes them, under its own seccomp role.
     crate::terminal::unblock_exit_signals().map_err(Error::ConsoleInput)?;
     if cfg.seccomp {
-        seccomp::install_for(Role::Main, pci).map_err(Error::Seccomp)?;
+        seccomp::install_with(Role::Main, extras).map_err(Error::Seccomp)?;
     }
     let exit = match timeout {
         Some(t) => match exit_rx.recv_timeout(t) {

@@ -330,3 +330,57 @@ passthrough_case!(
     (None, Some(libc::SIGSYS)),
     |_| poll_an_eventfd()
 );
+
+/// A thread to kick, started before the filter (threads inherit their creator's filter).
+fn sleeper() -> &'static std::thread::JoinHandle<()> {
+    static T: std::sync::OnceLock<std::thread::JoinHandle<()>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        moat_vmm::kvm::vcpu::install_kick_handler().unwrap();
+        std::thread::spawn(|| {
+            loop {
+                std::thread::park();
+            }
+        })
+    })
+}
+
+fn kick_before_and_after(role: Role) {
+    use vmm_sys_util::signal::Killable;
+    let t = sleeper();
+    child(role, || {
+        t.kill(moat_vmm::kvm::vcpu::kick_signal()).unwrap();
+    });
+}
+
+#[test]
+fn api_may_kick_a_vcpu_thread_out_of_kvm_run() {
+    if is_child() {
+        kick_before_and_after(Role::Api);
+    }
+    assert_eq!(
+        in_child("api_may_kick_a_vcpu_thread_out_of_kvm_run"),
+        (Some(0), None),
+        "allowed call must pass"
+    );
+}
+
+case!(api_may_size_a_snapshot_file, Role::Api, allowed, || {
+    // ftruncate on a descriptor it was handed (stdout here: refused by the kernel, allowed
+    // by the filter).
+    let _ = ftruncate_stdout();
+});
+case!(api_may_not_open_files, Role::Api, killed, open_a_file);
+case!(
+    api_may_not_open_sockets,
+    Role::Api,
+    killed,
+    open_unix_socket
+);
+
+fn ftruncate_stdout() -> i64 {
+    #[allow(unsafe_code)]
+    // SAFETY: ftruncate on stdout changes nothing it does not own; the result is ignored.
+    unsafe {
+        libc::syscall(libc::SYS_ftruncate, 1, 0)
+    }
+}

@@ -358,6 +358,13 @@ impl Workspace {
 
     /// The `moat run` command for `script`.
     pub fn command(&self, script: &str) -> Command {
+        let mut cmd = self.moat_run();
+        cmd.args(["--", "sh", "-c", script]);
+        cmd
+    }
+
+    /// `moat run` with this workspace's backend, policy, audit log and names, and no command.
+    pub fn moat_run(&self) -> Command {
         let d = self.dir.path();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
         cmd.args(["run", "--backend", self.backend]);
@@ -398,7 +405,7 @@ impl Workspace {
             cmd.arg("--resolve").arg(r);
         }
         cmd.args(&self.args);
-        cmd.args(["--", "sh", "-c", script]).env("MOAT_LOG", "warn");
+        cmd.env("MOAT_LOG", "warn");
         cmd
     }
 

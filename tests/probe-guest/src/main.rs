@@ -20,6 +20,7 @@ mod io;
 mod pci;
 mod pvh;
 mod rng;
+mod ticks;
 mod virtio;
 mod vsock;
 
@@ -114,6 +115,10 @@ fn run(out: &mut Serial, start_info: u64) -> Result<(), &'static str> {
         Some("edu") => pci::edu(out)?,
         Some(_) => pci::test(out)?,
         None => {}
+    }
+    if let Some(n) = param(cmdline, "probe.ticks=") {
+        let n: u64 = n.parse().map_err(|_| "bad probe.ticks count")?;
+        ticks::run(out, n, virtio::find(cmdline, 4, 0))?;
     }
     if let Some(port) = param(cmdline, "probe.vsock_echo=") {
         let (slot, base) = virtio::find(cmdline, 19, 0).ok_or("no vsock device found")?;

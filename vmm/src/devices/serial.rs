@@ -138,12 +138,17 @@ pub fn serial_device(
     irq: IrqLine,
     ready: Option<&EventFd>,
     out: ConsoleOut,
+    state: Option<&crate::snapshot::SerialState>,
 ) -> io::Result<SerialDevice> {
     let events = match ready {
         Some(e) => InputReady(Some(e.try_clone()?)),
         None => InputReady::none(),
     };
-    Ok(Serial::with_events(irq, events, out))
+    match state {
+        Some(st) => Serial::from_state(&st.into(), irq, events, out)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}"))),
+        None => Ok(Serial::with_events(irq, events, out)),
+    }
 }
 
 /// Event data of the input thread's sources.
@@ -310,7 +315,9 @@ mod tests {
         let ready = input_ready_eventfd().unwrap();
         let irq = IrqLine(EventFd::new(EFD_NONBLOCK).unwrap());
         let out = CappedWriter::new(Box::new(io::sink()) as Box<dyn Write + Send>, 0);
-        let serial = Arc::new(Mutex::new(serial_device(irq, Some(&ready), out).unwrap()));
+        let serial = Arc::new(Mutex::new(
+            serial_device(irq, Some(&ready), out, None).unwrap(),
+        ));
         let input = ConsoleInput {
             input: File::from(std::os::fd::OwnedFd::from(r)),
             ready,

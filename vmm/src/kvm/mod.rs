@@ -10,6 +10,7 @@
 //! it when no other reference is offered (Firecracker makes the same choice).
 
 pub mod irq;
+pub mod state;
 pub mod vcpu;
 
 use std::sync::Arc;
@@ -63,6 +64,9 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A snapshot's VM state (irqchip, PIT, clock) could not be written.
+    #[error("cannot restore the VM's interrupt controllers and clock")]
+    Restore(#[source] state::Error),
     /// A vCPU could not be created or configured.
     #[error("cannot set up vCPU {index}")]
     Vcpu {
@@ -80,6 +84,8 @@ pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
     ram_slots: u32,
+    /// MSRs a vCPU snapshot reads: KVM_GET_MSR_INDEX_LIST, read once before any filter.
+    msr_indices: Arc<Vec<u32>>,
 }
 
 impl Vm {
@@ -102,10 +108,15 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(Error::CreatePit)?;
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         let mut vm = Self {
             kvm,
             fd: Arc::new(fd),
             ram_slots: 0,
+            msr_indices: Arc::new(msr_indices),
         };
         vm.ram_slots = vm.register_memory(mem)?;
         Ok(vm)
@@ -175,15 +186,68 @@ impl Vm {
             .map_err(|source| Error::RegisterIoevent { addr, source })
     }
 
-    /// Creates and configures vCPU `index` to start at `entry`.
+    /// Creates and configures vCPU `index` to start at `entry`; `gate` lets the control
+    /// socket pause it.
     pub fn create_vcpu(
         &self,
         index: u8,
         count: u8,
         entry: crate::boot::BootEntry,
         pvm_workarounds: bool,
+        gate: Option<Arc<vcpu::Gate>>,
     ) -> Result<vcpu::Vcpu, Error> {
-        vcpu::Vcpu::new(&self.kvm, &self.fd, index, count, entry, pvm_workarounds)
-            .map_err(|source| Error::Vcpu { index, source })
+        vcpu::Vcpu::new(
+            &self.kvm,
+            &self.fd,
+            index,
+            count,
+            entry,
+            pvm_workarounds,
+            self.msr_indices.clone(),
+            gate,
+        )
+        .map_err(|source| Error::Vcpu { index, source })
+    }
+
+    /// Creates vCPU `index` from a snapshot's state.
+    pub fn restore_vcpu(
+        &self,
+        index: u8,
+        state: &state::VcpuState,
+        gate: Option<Arc<vcpu::Gate>>,
+    ) -> Result<vcpu::Vcpu, Error> {
+        vcpu::Vcpu::restored(
+            &self.fd,
+            index,
+            state,
+            self.msr_indices.clone(),
+            self.xsave_size(),
+            gate,
+        )
+        .map_err(|source| Error::Vcpu { index, source })
+    }
+
+    /// Bytes of this host's XSAVE area as KVM reports it (KVM_CAP_XSAVE2), 4096 where KVM
+    /// has no such capability (the legacy area).
+    pub fn xsave_size(&self) -> usize {
+        let n = self.fd.check_extension_int(kvm_ioctls::Cap::Xsave2);
+        usize::try_from(n)
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or(state::XSAVE_LEGACY_BYTES)
+    }
+
+    /// The CPU guests see on this host, for a snapshot's header.
+    pub fn cpu_identity(&self) -> Result<crate::snapshot::CpuIdentity, Error> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| Error::Vcpu {
+                index: 0,
+                source: vcpu::Error::SupportedCpuid(source),
+            })?;
+        Ok(crate::snapshot::CpuIdentity::from_supported(
+            cpuid.as_slice(),
+        ))
     }
 }

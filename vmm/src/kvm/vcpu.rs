@@ -2,10 +2,11 @@
 //! Linux 64-bit entry state: long mode on an identity map), its CPUID, its local APIC wiring,
 //! and the KVM_RUN loop that hands port and MMIO exits to the device bus.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::boot::{self, BootEntry};
@@ -13,6 +14,8 @@ use crate::cpuid::{self, CpuidPolicy};
 use crate::devices::bus::IoBus;
 use crate::exit::{ExitSender, VmExit};
 use crate::layout;
+
+use super::state::VcpuState;
 
 /// Errors from vCPU setup.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,9 @@ pub enum Error {
     /// Local APIC setup failed.
     #[error("cannot set up the local APIC")]
     Lapic(#[source] kvm_ioctls::Error),
+    /// The snapshot's state could not be written into the vCPU.
+    #[error("cannot restore the vCPU's state")]
+    Restore(#[source] super::state::Error),
 }
 
 /// A configured vCPU, ready to run on its own thread.
@@ -39,6 +45,102 @@ pub enum Error {
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
+    /// The CPUID it was given, kept for its snapshot.
+    cpuid: CpuId,
+    /// The MSRs a snapshot reads (the host's list, read before any filter).
+    msr_indices: Arc<Vec<u32>>,
+    /// Pause requests from the control socket; `None` when the VM has none.
+    gate: Option<Arc<Gate>>,
+}
+
+/// A vCPU thread's pause point, shared with whoever pauses the VM (the API thread).
+///
+/// The controller sets `pause` and kicks the thread out of KVM_RUN with [`KICK_SIGNAL`]
+/// until it reports `paused`; a paused thread can be asked to `save` its state, and resumes
+/// when `pause` is cleared.
+#[derive(Debug, Default)]
+pub struct Gate {
+    inner: Mutex<GateState>,
+    cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    pause: bool,
+    paused: bool,
+    save: bool,
+    saved: Option<Result<Box<VcpuState>, String>>,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing: KVM_RUN
+/// returns EINTR). A real-time signal: neither glibc nor Rust's runtime uses them.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's empty handler (once, before the vCPU threads start).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Asks the vCPU to pause.
+    pub fn request_pause(&self) {
+        self.lock().pause = true;
+    }
+
+    /// Whether the vCPU has paused.
+    pub fn paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Waits up to `t` for the vCPU to pause; returns whether it has.
+    pub fn wait_paused(&self, t: Duration) -> bool {
+        let g = self.lock();
+        let (g, _) = self
+            .cond
+            .wait_timeout_while(g, t, |s| !s.paused)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.paused
+    }
+
+    /// Asks the paused vCPU for its state and waits up to `t` for it.
+    pub fn save(&self, t: Duration) -> Result<Box<VcpuState>, String> {
+        let mut g = self.lock();
+        if !g.paused {
+            return Err("the vCPU is not paused".to_owned());
+        }
+        g.save = true;
+        g.saved = None;
+        self.cond.notify_all();
+        let (mut g, _) = self
+            .cond
+            .wait_timeout_while(g, t, |s| s.saved.is_none())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.saved
+            .take()
+            .unwrap_or_else(|| Err("the vCPU did not answer".to_owned()))
+    }
+
+    /// Lets the vCPU run again.
+    pub fn resume(&self) {
+        let mut g = self.lock();
+        g.pause = false;
+        self.cond.notify_all();
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.lock().pause
+    }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -47,6 +149,29 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 
 impl Vcpu {
+    /// A vCPU made from a snapshot's `state` (CPUID first, then the rest).
+    pub(super) fn restored(
+        vm: &VmFd,
+        index: u8,
+        state: &VcpuState,
+        msr_indices: Arc<Vec<u32>>,
+        xsave_size: usize,
+        gate: Option<Arc<Gate>>,
+    ) -> Result<Self, Error> {
+        let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Create)?;
+        let cpuid = state.cpuid().map_err(Error::Restore)?;
+        fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
+        state.restore(&fd, xsave_size).map_err(Error::Restore)?;
+        Ok(Self {
+            fd,
+            index,
+            cpuid,
+            msr_indices,
+            gate,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         kvm: &Kvm,
         vm: &VmFd,
@@ -54,6 +179,8 @@ impl Vcpu {
         count: u8,
         entry: BootEntry,
         pvm_workarounds: bool,
+        msr_indices: Arc<Vec<u32>>,
+        gate: Option<Arc<Gate>>,
     ) -> Result<Self, Error> {
         let fd = vm.create_vcpu(u64::from(index)).map_err(Error::Create)?;
         let mut cpuid = kvm
@@ -75,13 +202,57 @@ impl Vcpu {
                 set_long_mode_state(&fd, entry, boot_params)?;
             }
         }
-        Ok(Self { fd, index })
+        Ok(Self {
+            fd,
+            index,
+            cpuid,
+            msr_indices,
+            gate,
+        })
+    }
+
+    /// Waits at the gate while a pause is asked, answering save requests meanwhile. First
+    /// completes the I/O of the last exit (KVM_RUN with `immediate_exit` finishes a pending
+    /// port or MMIO read into the registers and returns at once), so the saved registers hold
+    /// its result.
+    fn park(&mut self, gate: &Gate) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let mut g = gate.lock();
+        g.paused = true;
+        gate.cond.notify_all();
+        while g.pause {
+            if g.save {
+                g.save = false;
+                g.saved = Some(
+                    VcpuState::save(&self.fd, &self.cpuid, &self.msr_indices)
+                        .map(Box::new)
+                        .map_err(|e| format!("vCPU {}: {}", self.index, moat_log::error_chain(&e))),
+                );
+                gate.cond.notify_all();
+                continue;
+            }
+            g = gate
+                .cond
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        g.paused = false;
+        gate.cond.notify_all();
     }
 
     /// Runs the guest until it resets, crashes or `stop` is set; reports why on `exits`.
     pub fn run(mut self, bus: &dyn IoBus, exits: &ExitSender, stop: &Arc<AtomicBool>) {
         let index = self.index;
+        let gate = self.gate.clone();
         while !stop.load(Ordering::Acquire) {
+            if let Some(g) = &gate
+                && g.pause_requested()
+            {
+                self.park(g);
+                continue;
+            }
             let outcome = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     bus.pio_read(port, data);

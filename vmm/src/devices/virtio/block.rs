@@ -184,7 +184,7 @@ impl Block {
                     ..
                 } = act;
                 let Some(queue) = queues.first_mut() else {
-                    return;
+                    return queues;
                 };
                 let mut broken = false;
                 let result = run_queue_loop(&queue_evts, kill, |_| {
@@ -196,6 +196,7 @@ impl Block {
                     tracing::error!(error = %e, "block device loop failed");
                     interrupt.signal_needs_reset();
                 }
+                queues
             })?;
         Ok(Self { disk, thread })
     }
@@ -353,6 +354,10 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.thread.reset();
+    }
+
+    fn pause(&mut self) -> Option<Vec<Queue>> {
+        self.thread.pause()
     }
 }
 

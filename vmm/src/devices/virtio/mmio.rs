@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -59,6 +60,89 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     active: bool,
+    /// The device was stopped for a snapshot and runs again on [`Self::resume_device`].
+    paused: bool,
+}
+
+/// One queue's registers and positions (virtio-queue's `QueueState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A transport's registers, its queues and whether its device runs: everything a device of
+/// ours keeps that the guest relies on (block and rng keep nothing more; vsock's host
+/// connections are not kept, see [`Activation::restored`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub queues: Vec<QueueSnapshot>,
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub active: bool,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+}
+
+/// Why a transport cannot take a snapshot's state.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Another kind of device sits in this slot.
+    #[error("the snapshot has device type {found} where this VM has {ours}")]
+    DeviceType {
+        /// The snapshot's.
+        found: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// The queues do not match the device's.
+    #[error("the snapshot's queues do not fit device type {0}")]
+    Queues(u32),
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -117,7 +201,91 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             active: false,
+            paused: false,
         })
+    }
+
+    /// Stops the device (if it runs) and keeps its queues as it left them, for a snapshot.
+    pub fn pause_device(&mut self) {
+        if !self.active || self.paused {
+            return;
+        }
+        if let Some(queues) = self.device.pause() {
+            if queues.len() == self.queues.len() {
+                self.queues = queues;
+            } else {
+                // The device could not hand its queues back: the guest must start it over.
+                tracing::error!("a device lost its queues while pausing");
+                self.interrupt.signal_needs_reset();
+            }
+        }
+        self.paused = true;
+    }
+
+    /// Starts the device again after [`Self::pause_device`], from where its queues were.
+    pub fn resume_device(&mut self) {
+        if self.paused {
+            self.paused = false;
+            self.active = false;
+            self.activate_with(true);
+        }
+    }
+
+    /// The transport's state; the device must be paused for its queue positions to be final.
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            active: self.active,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+        }
+    }
+
+    /// Takes a snapshot's `state`; a device that was running starts from there on
+    /// [`Self::resume_device`].
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
+        let ours = self.device.device_type();
+        if state.device_type != ours {
+            return Err(RestoreError::DeviceType {
+                found: state.device_type,
+                ours,
+            });
+        }
+        let max_sizes = self.device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len()
+            || state
+                .queues
+                .iter()
+                .zip(max_sizes)
+                .any(|(q, m)| q.max_size != *m)
+        {
+            return Err(RestoreError::Queues(ours));
+        }
+        let queues: Result<Vec<Queue>, _> = state
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(QueueState::from(*q)))
+            .collect();
+        self.queues = queues.map_err(|_| RestoreError::Queues(ours))?;
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        // A running device starts on [`Self::resume_device`], once the vCPUs exist: what it
+        // does first (vsock's transport reset) interrupts the guest, and KVM drops an
+        // interrupt that no local APIC can take yet.
+        self.active = state.active;
+        self.paused = state.active;
+        Ok(())
     }
 
     /// The device status the driver sees.
@@ -188,11 +356,11 @@ impl MmioTransport {
         }
         self.status = v;
         if adding & status::DRIVER_OK != 0 && !self.active {
-            self.activate();
+            self.activate_with(false);
         }
     }
 
-    fn activate(&mut self) {
+    fn activate_with(&mut self, restored: bool) {
         if self.status & status::FEATURES_OK == 0 {
             guest_warn!("DRIVER_OK without FEATURES_OK");
             self.interrupt.signal_needs_reset();
@@ -237,6 +405,7 @@ impl MmioTransport {
             queue_evts,
             interrupt: self.interrupt.clone(),
             acked_features: self.driver_features,
+            restored,
         };
         match self.device.activate(act) {
             Ok(()) => self.active = true,
@@ -248,6 +417,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        self.paused = false;
         self.device.reset();
         for q in &mut self.queues {
             q.reset();
@@ -450,6 +620,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
+        }
+        fn pause(&mut self) -> Option<Vec<Queue>> {
+            None
         }
     }
 

@@ -98,6 +98,13 @@ impl Interrupt {
         self.needs_reset.load(Ordering::Acquire)
     }
 
+    /// Sets the status word and needs-reset flag from a snapshot (the irqchip's own state
+    /// says whether the line is still pending).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
+    }
+
     fn clear(&self) {
         self.status.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
@@ -123,6 +130,9 @@ pub struct Activation {
     pub interrupt: Interrupt,
     /// Features the driver accepted.
     pub acked_features: u64,
+    /// The queues were running before (a restored snapshot, or a machine resumed after one):
+    /// the device tells the guest what it could not keep (vsock: its host connections).
+    pub restored: bool,
 }
 
 /// Why a device could not be activated.
@@ -152,6 +162,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, act: Activation) -> Result<(), ActivateError>;
     /// Stops the device and drops everything `activate` gave it.
     fn reset(&mut self);
+    /// Stops the device and hands back its queues as it left them, for a snapshot; `None`
+    /// when it was not running. The transport activates it again (`restored`) to resume.
+    fn pause(&mut self) -> Option<Vec<Queue>>;
 }
 
 /// Copies `src` (little-endian config bytes) at `offset` into `data`; out of range reads as 0.

@@ -49,7 +49,7 @@ pub fn serve_chains<'m>(
 #[derive(Debug)]
 pub struct DeviceThread {
     acts: Option<mpsc::Sender<Activation>>,
-    done: mpsc::Receiver<()>,
+    done: mpsc::Receiver<Vec<Queue>>,
     kill: EventFd,
     active: bool,
     handle: Option<JoinHandle<()>>,
@@ -57,11 +57,12 @@ pub struct DeviceThread {
 
 impl DeviceThread {
     /// Starts thread `name`. It installs `role`'s seccomp filter (when `Some`), then calls
-    /// `run(activation, kill)` for each activation; `run` must return once `kill` is readable.
+    /// `run(activation, kill)` for each activation; `run` must return once `kill` is readable,
+    /// handing back the queues as it left them (a snapshot saves their positions).
     pub fn spawn(
         name: &str,
         role: Option<Role>,
-        mut run: impl FnMut(Activation, &EventFd) + Send + 'static,
+        mut run: impl FnMut(Activation, &EventFd) -> Vec<Queue> + Send + 'static,
     ) -> std::io::Result<Self> {
         let kill = EventFd::new(EFD_NONBLOCK)?;
         let thread_kill = kill.try_clone()?;
@@ -77,9 +78,9 @@ impl DeviceThread {
                     return;
                 }
                 while let Ok(act) = acts_rx.recv() {
-                    run(act, &thread_kill);
+                    let queues = run(act, &thread_kill);
                     let _ = thread_kill.read();
-                    if done_tx.send(()).is_err() {
+                    if done_tx.send(queues).is_err() {
                         return;
                     }
                 }
@@ -110,11 +111,18 @@ impl DeviceThread {
 
     /// Stops the running activation, if any, and waits until the thread has let go of it.
     pub fn reset(&mut self) {
-        if self.active {
-            self.active = false;
-            let _ = self.kill.write(1);
-            let _ = self.done.recv();
+        let _ = self.pause();
+    }
+
+    /// Stops the running activation and returns its queues as the device left them (every
+    /// chain it took is back in the used ring); `None` when it was not running.
+    pub fn pause(&mut self) -> Option<Vec<Queue>> {
+        if !self.active {
+            return None;
         }
+        self.active = false;
+        let _ = self.kill.write(1);
+        self.done.recv().ok()
     }
 }
 

@@ -64,7 +64,7 @@ impl Rng {
                 ..
             } = act;
             let Some(queue) = queues.first_mut() else {
-                return;
+                return queues;
             };
             let mut broken = false;
             let result = run_queue_loop(&queue_evts, kill, |_| {
@@ -76,6 +76,7 @@ impl Rng {
                 tracing::error!(error = %e, "rng device loop failed");
                 interrupt.signal_needs_reset();
             }
+            queues
         })?;
         Ok(Self { thread, metrics })
     }
@@ -147,6 +148,10 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.thread.reset();
+    }
+
+    fn pause(&mut self) -> Option<Vec<Queue>> {
+        self.thread.pause()
     }
 }
 

@@ -20,6 +20,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -85,9 +86,13 @@ impl Vsock {
         let thread =
             DeviceThread::spawn("vsock", seccomp.then_some(Role::Vsock), move |act, kill| {
                 let interrupt = act.interrupt.clone();
-                if let Err(e) = run(act, kill, &listener, guest_cid, &path, &m) {
-                    tracing::error!(error = %e, "vsock device failed to start");
-                    interrupt.signal_needs_reset();
+                match run(act, kill, &listener, guest_cid, &path, &m) {
+                    Ok(queues) => queues,
+                    Err((queues, e)) => {
+                        tracing::error!(error = %e, "vsock device failed to start");
+                        interrupt.signal_needs_reset();
+                        queues
+                    }
                 }
             })
             .map_err(Error::Thread)?;
@@ -114,7 +119,8 @@ pub fn bind(uds: &Path) -> Result<UnixListener, Error> {
     })
 }
 
-/// One activation of the device, on its thread.
+/// One activation of the device, on its thread; hands back the queues (also when it could
+/// not start).
 fn run(
     act: Activation,
     kill: &EventFd,
@@ -122,19 +128,31 @@ fn run(
     guest_cid: u64,
     uds: &Path,
     metrics: &Arc<metrics::VsockMetrics>,
-) -> std::io::Result<()> {
-    let mut muxer = muxer::Muxer::new(guest_cid, uds, listener.try_clone()?, Epoll::new()?)?;
-    muxer.set_metrics(metrics.clone());
-    let worker = worker::Worker::new(
-        act.mem,
-        act.queues,
-        act.queue_evts,
-        kill.try_clone()?,
-        act.interrupt,
-        muxer,
-    )?;
-    let _ = worker.run();
-    Ok(())
+) -> Result<Vec<Queue>, (Vec<Queue>, std::io::Error)> {
+    let Activation {
+        mem,
+        queues,
+        queue_evts,
+        interrupt,
+        restored,
+        ..
+    } = act;
+    let parts = (|| {
+        let mut muxer = muxer::Muxer::new(guest_cid, uds, listener.try_clone()?, Epoll::new()?)?;
+        muxer.set_metrics(metrics.clone());
+        Ok::<_, std::io::Error>((muxer, kill.try_clone()?))
+    })();
+    let (muxer, kill) = match parts {
+        Ok(p) => p,
+        Err(e) => return Err((queues, e)),
+    };
+    let mut worker = worker::Worker::new(mem, queues, queue_evts, kill, interrupt, muxer)?;
+    if restored {
+        // Every host connection the guest had is gone (this activation's muxer is new): say
+        // so, and Linux's driver resets its connected sockets (Firecracker does the same).
+        worker.send_transport_reset();
+    }
+    Ok(worker.run())
 }
 
 impl Vsock {
@@ -170,6 +188,10 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.thread.reset();
+    }
+
+    fn pause(&mut self) -> Option<Vec<Queue>> {
+        self.thread.pause()
     }
 }
 

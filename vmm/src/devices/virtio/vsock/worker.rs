@@ -31,6 +31,9 @@ pub const TXQ: usize = 1;
 /// Event queue.
 pub const EVQ: usize = 2;
 
+/// `struct virtio_vsock_event`'s id: the transport was reset (virtio 1.2, 5.10.6.5).
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+
 /// Event data of each source the event manager watches.
 const DATA_KILL: u32 = 0;
 const DATA_RXQ: u32 = 1;
@@ -59,7 +62,8 @@ pub enum Stop {
 }
 
 impl Worker {
-    /// Builds the handler and registers its event sources with a fresh event manager.
+    /// Builds the handler and registers its event sources with a fresh event manager; on
+    /// failure the queues come back with the error.
     pub fn new(
         mem: Arc<GuestMemoryMmap>,
         mut queues: Vec<Queue>,
@@ -67,16 +71,18 @@ impl Worker {
         kill: EventFd,
         interrupt: Interrupt,
         muxer: Muxer,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, (Vec<Queue>, std::io::Error)> {
         if queues.len() != 3 || evts.len() != 3 {
-            return Err(std::io::ErrorKind::InvalidInput.into());
+            return Err((queues, std::io::ErrorKind::InvalidInput.into()));
         }
+        let evq = queues.remove(EVQ);
         let txq = queues.remove(TXQ);
         let rxq = queues.remove(RXQ);
         let handler = Rc::new(RefCell::new(Handler {
             mem,
             rxq,
             txq,
+            evq,
             evts,
             kill,
             interrupt,
@@ -86,12 +92,22 @@ impl Worker {
             killed: false,
             init_error: None,
         }));
-        let mut em = EventManager::new_with_capacity(8).map_err(event_error)?;
+        let mut em = match EventManager::new_with_capacity(8) {
+            Ok(em) => em,
+            Err(e) => return Err((Handler::into_queues(handler), event_error(e))),
+        };
         em.add_subscriber(handler.clone());
-        if let Some(e) = handler.borrow_mut().init_error.take() {
-            return Err(event_error(e));
+        let init_error = handler.borrow_mut().init_error.take();
+        if let Some(e) = init_error {
+            drop(em);
+            return Err((Handler::into_queues(handler), event_error(e)));
         }
         Ok(Self { em, handler })
+    }
+
+    /// Puts a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue and interrupts the guest.
+    pub fn send_transport_reset(&mut self) {
+        self.handler.borrow_mut().send_transport_reset();
     }
 
     /// The muxer (for tests and metrics).
@@ -99,12 +115,14 @@ impl Worker {
         Ref::map(self.handler.borrow(), |h| &h.muxer)
     }
 
-    /// Runs until killed.
-    pub fn run(mut self) -> Stop {
+    /// Runs until killed; hands back the queues (RX, TX, event) as they were left.
+    pub fn run(mut self) -> Vec<Queue> {
         loop {
             let timeout = self.handler.borrow().timeout_ms();
-            if let Some(stop) = self.turn(timeout) {
-                return stop;
+            if self.turn(timeout).is_some() {
+                let Self { em, handler } = self;
+                drop(em);
+                return Handler::into_queues(handler);
             }
         }
     }
@@ -142,6 +160,7 @@ struct Handler {
     mem: Arc<GuestMemoryMmap>,
     rxq: Queue,
     txq: Queue,
+    evq: Queue,
     evts: Vec<EventFd>,
     kill: EventFd,
     interrupt: Interrupt,
@@ -186,6 +205,43 @@ impl MutEventSubscriber for Handler {
 }
 
 impl Handler {
+    /// The queues, in device order, once the event manager (the handler's other owner) is
+    /// gone; none if it somehow is not.
+    fn into_queues(handler: Rc<RefCell<Handler>>) -> Vec<Queue> {
+        match Rc::try_unwrap(handler) {
+            Ok(h) => {
+                let h = h.into_inner();
+                vec![h.rxq, h.txq, h.evq]
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// See [`Worker::send_transport_reset`].
+    fn send_transport_reset(&mut self) {
+        let mem = self.mem.clone();
+        let Some(chain) = self.evq.pop_descriptor_chain(mem.as_ref()) else {
+            guest_warn!("vsock event queue has no buffer for the transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let written = match virtio_queue::Writer::<()>::new(mem.as_ref(), chain) {
+            Ok(mut w) => {
+                use std::io::Write;
+                match w.write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                    Ok(()) => 4,
+                    Err(_) => 0,
+                }
+            }
+            Err(_) => 0,
+        };
+        if self.evq.add_used(mem.as_ref(), head, written).is_err() {
+            self.break_device("cannot write the event queue's used ring");
+            return;
+        }
+        self.interrupt.signal_used();
+    }
+
     /// How long the next turn may sleep: not at all while RX work is left over, else until the
     /// muxer's next deadline (or forever).
     fn timeout_ms(&self) -> i32 {
