@@ -157,7 +157,7 @@ pub struct Skeleton<'a> {
 
 impl Skeleton<'_> {
     /// The record: every attribute the skeleton names, `type_uid` = class * 100 + activity,
-    /// `type_name` "<class>: <activity>", and `metadata` with the schema version, log name and
+    /// `type_name` `"<class>: <activity>"`, and `metadata` with the schema version, log name and
     /// product (version: this build's).
     pub fn record(&self) -> Value {
         // `type_name` is the caption of `type_uid`: "Other" for every source-specific activity.

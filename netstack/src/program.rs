@@ -5,7 +5,7 @@
 //! cannot yet hand a connected socket on. The answer goes in the flow header (version 2) when
 //! the handshake completes.
 //!
-//! Lookups run on a thread of their own ([`ProgramWorker`]), one at a time in SYN order: a
+//! Lookups run on a thread of their own (`ProgramWorker`), one at a time in SYN order: a
 //! slow one (the first hash of a large executable) delays the connections that wait behind it,
 //! never the bytes of flows already open.
 //!

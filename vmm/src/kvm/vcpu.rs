@@ -55,7 +55,7 @@ pub struct Vcpu {
 
 /// A vCPU thread's pause point, shared with whoever pauses the VM (the API thread).
 ///
-/// The controller sets `pause` and kicks the thread out of KVM_RUN with [`KICK_SIGNAL`]
+/// The controller sets `pause` and kicks the thread out of KVM_RUN with [`kick_signal`]
 /// until it reports `paused`; a paused thread can be asked to `save` its state, and resumes
 /// when `pause` is cleared.
 #[derive(Debug, Default)]
