@@ -168,7 +168,13 @@ pub fn exec_in(init: u32, spec: &AgentSpec) -> Result<i32, EnterError> {
     std::env::set_current_dir("/").map_err(EnterError::Spawn)?;
 
     let home = Path::new(AGENT_HOME);
-    let sandbox = moat_guest_sandbox::Sandbox::new(&moat_guest_sandbox::agent_config(home))
+    let mut config = moat_guest_sandbox::agent_config(home);
+    // The workspace's services' files and devices are hidden from the agent: from a process
+    // joined to it too (checked here, in the workspace's mount namespace).
+    if Path::new(crate::service::SERVICES_DIR).exists() {
+        config.hidden.push(crate::service::SERVICES_DIR.into());
+    }
+    let sandbox = moat_guest_sandbox::Sandbox::new(&config)
         .map_err(|e| EnterError::Sandbox(e.to_string()))?;
     let argv = if spec.command.is_empty() {
         vec!["/bin/sh".to_owned()]

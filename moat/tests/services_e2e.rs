@@ -345,3 +345,37 @@ fn the_openai_client_gets_a_completion_on_the_services_loopback_port() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert_eq!(stdout.trim(), HELLO_ANSWER, "{stderr}");
 }
+
+/// A process joined to a running workspace (`moat __exec`: the containerd shim's exec) is
+/// confined like the agent, the services' files out of its view too.
+#[test]
+fn a_process_joined_to_the_workspace_cannot_read_a_services_models() {
+    if !root() {
+        return;
+    }
+    let mut ws = Workspace::new();
+    let file = services_file(&ws, &[]);
+    ws.args = vec!["--services".into(), file.into()];
+    let mut run = ws.command("sleep 60").spawn().unwrap();
+    // `__exec` waits for the workspace's PID 1 to have started its agent.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["__exec", "--workspace-pid", &run.id().to_string(), "--"])
+        .args([
+            "sh",
+            "-c",
+            "ls -A /run/moat-services; echo listed; cat /run/moat-services/llm/models/weights.bin",
+        ])
+        .output()
+        .unwrap();
+    let _ = run.kill();
+    let _ = run.wait();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stdout.starts_with("listed"),
+        "the services' directory is not empty to an exec: {stdout}{stderr}"
+    );
+    assert!(
+        !stdout.contains(WEIGHTS) && !out.status.success(),
+        "an exec read the service's models: {stdout}{stderr}"
+    );
+}
