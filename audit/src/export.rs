@@ -79,15 +79,40 @@ pub struct ExportCounts {
 /// The exporter: the queue's sending end.
 #[derive(Debug)]
 pub struct Exporter {
-    tx: mpsc::Sender<Vec<u8>>,
+    /// Taken by [`Export::close`], which ends the queue.
+    tx: std::sync::Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    /// Answers once the sending thread has sent everything queued and ended.
+    done: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     counts: Arc<ExportCounts>,
 }
 
 impl Export for Exporter {
     fn offer(&self, line: &[u8]) {
-        if self.tx.try_send(line.to_vec()).is_err() {
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if tx
+            .as_ref()
+            .is_none_or(|tx| tx.try_send(line.to_vec()).is_err())
+        {
             self.counts.not_sent.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn close(&self, wait: Duration) {
+        // Ending the queue lets the thread send what is in it, then end.
+        drop(
+            self.tx
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
+        let _ = self
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recv_timeout(wait);
     }
 }
 
@@ -124,11 +149,19 @@ impl Exporter {
             .enable_all()
             .build()
             .map_err(ExportError::Start)?;
+        let (finished, done) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("moat-otlp".into())
-            .spawn(move || rt.block_on(sender.run(rx)))
+            .spawn(move || {
+                rt.block_on(sender.run(rx));
+                let _ = finished.send(());
+            })
             .map_err(ExportError::Start)?;
-        Ok(Exporter { tx, counts })
+        Ok(Exporter {
+            tx: std::sync::Mutex::new(Some(tx)),
+            done: std::sync::Mutex::new(done),
+            counts,
+        })
     }
 
     /// Its counts (shared: they go on changing).

@@ -64,7 +64,16 @@ pub trait Export: Send + Sync {
     /// One written record: its line as written (JSON, chain fields included, newline ended).
     /// A copy of the bytes is all the writer's thread should pay; parsing it is the exporter's.
     fn offer(&self, line: &[u8]);
+
+    /// The run ended: send what is queued, waiting at most `wait` (the process may be about to
+    /// exit, which would lose the last batch). Records offered later are not sent.
+    fn close(&self, wait: std::time::Duration) {
+        let _ = wait;
+    }
 }
+
+/// How long the end of a run waits for its last records to be exported.
+pub const EXPORT_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The writer, and whether the last record was cut short.
 struct Sink {
@@ -309,6 +318,10 @@ impl Log {
         set(&mut rec, "end", end);
         self.write(&mut st, rec, true)?;
         st.running = false;
+        drop(st);
+        if let Some(export) = &self.export {
+            export.close(EXPORT_CLOSE_WAIT);
+        }
         Ok(())
     }
 

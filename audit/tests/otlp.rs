@@ -5,15 +5,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::BufRead as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use moat_audit::export::{ExportCounts, ExportLimits, Exporter};
 use moat_audit::ocsf::{NETWORK_ACTIVITY, Product, Severity, Skeleton, Status};
+use moat_audit::testing::OtlpReceiver;
 use moat_audit::{AuditKey, Log};
 use serde_json::{Value, json};
 
@@ -21,67 +20,6 @@ const PRODUCT: Product = Product {
     name: "moat egress proxy",
     log_name: "egress",
 };
-
-/// The receiver's python (`cargo xtask test` sets MOAT_OTLP_PYTHON; else the repository's
-/// .venv-otlp).
-fn python() -> PathBuf {
-    let p = std::env::var_os("MOAT_OTLP_PYTHON").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-otlp/bin/python"),
-        PathBuf::from,
-    );
-    assert!(
-        p.exists(),
-        "the OTLP receiver is not installed: run `cargo xtask test` or set MOAT_OTLP_PYTHON"
-    );
-    p
-}
-
-struct Receiver {
-    child: Child,
-    port: u16,
-    out: PathBuf,
-}
-
-impl Receiver {
-    fn start(dir: &Path, args: &[&str]) -> Receiver {
-        let out = dir.join("received.jsonl");
-        let mut child = Command::new(python())
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/otlp/receiver.py"))
-            .arg(&out)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        Receiver {
-            child,
-            port: line.trim().parse().unwrap(),
-            out,
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn received(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Waits (bounded) until `done`.
 fn wait_until(what: &str, done: impl Fn() -> bool) {
@@ -130,7 +68,7 @@ fn write(dir: &Path, endpoint: &str, limits: ExportLimits, n: u64) -> (String, A
 #[test]
 fn every_record_arrives_as_an_otlp_log_record_with_its_body_and_attributes() {
     let dir = tempfile::tempdir().unwrap();
-    let rx = Receiver::start(dir.path(), &[]);
+    let rx = OtlpReceiver::start(dir.path(), &[]);
     let (log, _) = write(dir.path(), &rx.endpoint(), ExportLimits::default(), 20);
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(lines.len(), 22);
@@ -179,7 +117,7 @@ fn every_record_arrives_as_an_otlp_log_record_with_its_body_and_attributes() {
 #[test]
 fn a_failing_endpoint_is_retried_until_it_takes_the_records() {
     let dir = tempfile::tempdir().unwrap();
-    let rx = Receiver::start(dir.path(), &["--fail", "2"]);
+    let rx = OtlpReceiver::start(dir.path(), &["--fail", "2"]);
     let limits = ExportLimits {
         backoff: Duration::from_millis(10),
         ..ExportLimits::default()
@@ -223,7 +161,7 @@ fn an_unreachable_endpoint_loses_nothing_locally_and_counts_what_it_could_not_se
 #[test]
 fn a_slow_endpoint_never_holds_the_writer_and_loses_nothing_locally() {
     let dir = tempfile::tempdir().unwrap();
-    let rx = Receiver::start(dir.path(), &["--delay", "2"]);
+    let rx = OtlpReceiver::start(dir.path(), &["--delay", "2"]);
     let limits = ExportLimits {
         queue: 8,
         batch: 4,
@@ -242,4 +180,24 @@ fn a_slow_endpoint_never_holds_the_writer_and_loses_nothing_locally() {
         rx.received().len() as u64,
         counts.sent.load(Ordering::Relaxed)
     );
+}
+
+/// The end of a run sends what is still queued before `finish` returns (bounded): a process
+/// that exits right after would otherwise lose its last batch, the end record among it.
+#[test]
+fn the_end_of_a_run_sends_what_is_still_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = OtlpReceiver::start(dir.path(), &[]);
+    let limits = ExportLimits {
+        // A batch that would wait a minute to fill.
+        linger: Duration::from_secs(60),
+        ..ExportLimits::default()
+    };
+    let (log, counts) = write(dir.path(), &rx.endpoint(), limits, 20);
+    // No waiting here: `finish` (in `write`) has sent them, and the endpoint took them.
+    assert_eq!(counts.sent.load(Ordering::Relaxed), 22);
+    // (The receiver answers, then writes down what it took.)
+    wait_until("the receiver wrote down every record", || {
+        rx.received().len() == log.lines().count()
+    });
 }

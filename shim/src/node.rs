@@ -32,6 +32,14 @@ pub struct NodeConfig {
     /// Where each pod's audit log is written (`<namespace>_<pod>.audit.jsonl`).
     #[serde(default = "default_audit_dir")]
     pub audit_dir: PathBuf,
+    /// The node's OTLP sink (OTLP/HTTP, `http://`: a collector on the node): every pod's audit
+    /// records are exported there as well as written to its file (`moat run --otlp-endpoint`).
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The node's audit key, which signs the checkpoints of every pod's audit chain
+    /// (`moat run --audit-key`; default: moat's, /var/lib/moat/audit.key for root).
+    #[serde(default)]
+    pub audit_key: Option<PathBuf>,
     /// Where the shim keeps a pod's own files (its verified profile).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,

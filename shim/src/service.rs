@@ -281,6 +281,12 @@ impl Service {
         if let Some(ca) = &node.upstream_ca {
             cmd.arg("--upstream-ca").arg(ca);
         }
+        if let Some(endpoint) = &node.otlp_endpoint {
+            cmd.arg("--otlp-endpoint").arg(endpoint);
+        }
+        if let Some(key) = &node.audit_key {
+            cmd.arg("--audit-key").arg(key);
+        }
         let process = &container.init.process;
         for kv in process.env_args() {
             cmd.arg("--env").arg(kv);

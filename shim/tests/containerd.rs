@@ -74,6 +74,8 @@ struct Containerd {
     namespace: &'static str,
     /// Connections made to the registry mirror the CRI is given: an image pull would make one.
     registry_hits: Arc<AtomicUsize>,
+    /// The node's OTLP sink.
+    otlp: moat_audit::testing::OtlpReceiver,
 }
 
 fn shim_binary() -> PathBuf {
@@ -217,6 +219,8 @@ impl Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let upstream = start_upstream();
+        // The node's OTLP sink.
+        let otlp = moat_audit::testing::OtlpReceiver::start(d, &[]);
 
         // The node: its default profile and key, a key it trusts for pods' own profiles.
         let node_key = moat_policy::signing::generate("").unwrap();
@@ -236,10 +240,12 @@ impl Containerd {
                 "moat = \"{moat}\"\nbackend = \"namespace\"\n\
                  default_profile = \"{d}/default.toml\"\ndefault_pubkey = \"{d}/node.pub\"\n\
                  trusted_keys = [\"{d}/team.pub\"]\naudit_dir = \"{d}/audit\"\n\
-                 state_dir = \"{d}/pods\"\n\
+                 state_dir = \"{d}/pods\"\naudit_key = \"{d}/audit.key\"\n\
+                 otlp_endpoint = \"{otlp}\"\n\
                  resolve = [\"allowed.test=127.0.0.1\", \"denied.test=127.0.0.1\"]\n",
                 moat = moat_binary().display(),
-                d = d.display()
+                d = d.display(),
+                otlp = otlp.endpoint()
             ),
         )
         .unwrap();
@@ -275,6 +281,7 @@ impl Containerd {
             team_key,
             namespace: if cri { CRI_NAMESPACE } else { NAMESPACE },
             registry_hits,
+            otlp,
         };
         // Ready once it answers (containerd has no readiness notice of its own here).
         let mut tries = 0;
@@ -521,6 +528,29 @@ fn ctr_run_reaches_the_allowed_host_only_through_the_pods_proxy_and_exits_with_i
             .iter()
             .all(|r| r["src_endpoint"]["uid"] == "moat-test/curl-pod" && r["action"] == "Denied"),
         "{denied:?}"
+    );
+    // The node's OTLP sink has every record of the pod's file, the refusal among them.
+    let exported = || -> Vec<serde_json::Value> {
+        c.otlp
+            .received()
+            .iter()
+            .filter_map(|r| serde_json::from_str(r["body"]["string_value"].as_str()?).ok())
+            .collect()
+    };
+    let mut tries = 0;
+    while exported().len() < records.len() && tries < 200 {
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let exported = exported();
+    assert_eq!(exported.len(), records.len(), "{exported:?}");
+    assert!(
+        exported
+            .iter()
+            .any(|r| r["dst_endpoint"]["hostname"] == "denied.test"
+                && r["src_endpoint"]["uid"] == "moat-test/curl-pod"
+                && r["action"] == "Denied"),
+        "{exported:?}"
     );
 }
 
