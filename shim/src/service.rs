@@ -91,6 +91,25 @@ struct Pods {
     containers: HashMap<String, Container>,
 }
 
+impl Pods {
+    /// The container `id`, or NOT_FOUND.
+    fn container(&self, id: &str) -> TtrpcResult<&Container> {
+        self.containers.get(id).ok_or_else(|| not_found(id))
+    }
+
+    /// The process a request names: the container's own (`exec_id` empty) or one of its execs.
+    fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<&Proc> {
+        let container = self.container(id)?;
+        if exec_id.is_empty() {
+            return Ok(&container.init);
+        }
+        container
+            .execs
+            .get(exec_id)
+            .ok_or_else(|| not_found(exec_id))
+    }
+}
+
 /// The shim: what containerd starts, and the task service it serves.
 #[derive(Clone)]
 pub struct Service {
@@ -536,22 +555,12 @@ impl shim::Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let pods = self.lock();
-        let container = pods
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
-        let proc = if req.exec_id.is_empty() {
-            &container.init
-        } else {
-            container
-                .execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(&req.exec_id))?
-        };
+        let bundle = pods.container(&req.id)?.bundle.display().to_string();
+        let proc = pods.process(&req.id, &req.exec_id)?;
         Ok(api::StateResponse {
             id: req.id.clone(),
             exec_id: req.exec_id.clone(),
-            bundle: container.bundle.display().to_string(),
+            bundle,
             pid: proc.pid,
             status: status_of(proc.state).into(),
             stdin: proc.stdio.stdin.clone(),
@@ -586,18 +595,7 @@ impl shim::Task for Service {
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let pods = self.lock();
-        let container = pods
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
-        let proc = if req.exec_id.is_empty() {
-            &container.init
-        } else {
-            container
-                .execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(&req.exec_id))?
-        };
+        let proc = pods.process(&req.id, &req.exec_id)?;
         if proc.state != State::Running {
             // runc's shim: killing a stopped process is not an error for containerd.
             return Ok(api::Empty::default());
@@ -665,9 +663,7 @@ impl shim::Task for Service {
     ) -> TtrpcResult<api::Empty> {
         // No process of this shim has a terminal (refused at create and exec): nothing to size.
         let pods = self.lock();
-        pods.containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
+        pods.container(&req.id)?;
         Ok(api::Empty::default())
     }
 
@@ -675,27 +671,14 @@ impl shim::Task for Service {
         // The shim holds no end of a process's stdin: containerd closing its writer is the
         // process's end of input.
         let pods = self.lock();
-        pods.containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
+        pods.container(&req.id)?;
         Ok(api::Empty::default())
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let mut pods = self.lock();
         loop {
-            let container = pods
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&req.id))?;
-            let proc = if req.exec_id.is_empty() {
-                &container.init
-            } else {
-                container
-                    .execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(&req.exec_id))?
-            };
+            let proc = pods.process(&req.id, &req.exec_id)?;
             if proc.state == State::Stopped {
                 return Ok(api::WaitResponse {
                     exit_status: proc.exit_status,
@@ -775,9 +758,7 @@ impl shim::Task for Service {
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         let pods = self.lock();
-        pods.containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
+        pods.container(&req.id)?;
         // No cgroup of its own yet (the workspace lives in the shim's): no figures to give.
         Ok(api::StatsResponse::default())
     }
