@@ -67,8 +67,16 @@ impl ProgramWorker {
         self.requests.send(key).is_ok()
     }
 
-    /// The answers ready now, without waiting.
-    pub(crate) fn answers(&self) -> impl Iterator<Item = (Key, Option<Program>)> + '_ {
-        self.answers.try_iter()
+    /// The answers ready now, without waiting, and whether the thread has ended (a lookup
+    /// that panicked): then no held SYN will ever be answered.
+    pub(crate) fn answers(&self) -> (Vec<(Key, Option<Program>)>, bool) {
+        let mut ready = Vec::new();
+        loop {
+            match self.answers.try_recv() {
+                Ok(answer) => ready.push(answer),
+                Err(mpsc::TryRecvError::Empty) => return (ready, false),
+                Err(mpsc::TryRecvError::Disconnected) => return (ready, true),
+            }
+        }
     }
 }

@@ -325,7 +325,14 @@ impl<P: PacketIo> Stack<P> {
         let Some(worker) = &self.programs else {
             return;
         };
-        let answers: Vec<_> = worker.answers().collect();
+        let (mut answers, gone) = worker.answers();
+        if gone {
+            // The lookup thread ended (a lookup panicked): every SYN still held goes on with
+            // no program named (fail closed: a rule with `programs` refuses it), as every new
+            // one now does (`ask` fails).
+            tracing::warn!("the program lookup thread ended: flows carry no program from now on");
+            answers.extend(self.held_syns.keys().map(|key| (*key, None)));
+        }
         for (key, program) in answers {
             let Some(syn) = self.held_syns.remove(&key) else {
                 continue;

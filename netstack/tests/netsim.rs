@@ -546,3 +546,20 @@ fn a_slow_program_lookup_holds_only_its_own_connection() {
     assert_eq!(headers[1].destination, std::net::SocketAddr::V4(slow));
     assert_eq!(headers[1].program, Some(program));
 }
+
+/// A lookup that panics (a bug in it): the lookup thread ends.
+struct PanickingLookup;
+
+impl ProgramLookup for PanickingLookup {
+    fn program_of(&mut self, _: SocketAddrV4, _: SocketAddrV4) -> Option<Program> {
+        panic!("a lookup that fails");
+    }
+}
+
+#[test]
+fn a_connection_held_by_a_lookup_that_panics_goes_on_with_no_program() {
+    // The held SYN must not wait forever for an answer that cannot come.
+    let (got, header, _) = echo_with_programs(8, 0, 0, 1_000, Some(Box::new(PanickingLookup)));
+    assert_same(&got, &expected(1_000), "after the lookup thread ended");
+    assert_eq!(header.program, None);
+}
