@@ -97,6 +97,11 @@ impl Pods {
         self.containers.get(id).ok_or_else(|| not_found(id))
     }
 
+    /// The container `id` to change, or NOT_FOUND.
+    fn container_mut(&mut self, id: &str) -> TtrpcResult<&mut Container> {
+        self.containers.get_mut(id).ok_or_else(|| not_found(id))
+    }
+
     /// The process a request names: the container's own (`exec_id` empty) or one of its execs.
     fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<&Proc> {
         let container = self.container(id)?;
@@ -488,10 +493,7 @@ impl shim::Task for Service {
         let node = Self::node()?;
         // Held from spawn to recording the pid: an exit the reaper sees at once waits for it.
         let mut pods = self.lock();
-        let container = pods
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
+        let container = pods.container_mut(&req.id)?;
         let pid = if req.exec_id.is_empty() {
             if container.init.state != State::Created {
                 return Err(error(Code::FAILED_PRECONDITION, "already started"));
@@ -575,10 +577,7 @@ impl shim::Task for Service {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let pods = self.lock();
-        let container = pods
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
+        let container = pods.container(&req.id)?;
         let processes = std::iter::once(&container.init)
             .chain(container.execs.values())
             .filter(|p| p.state == State::Running)
@@ -626,10 +625,7 @@ impl shim::Task for Service {
             )
         })?;
         let mut pods = self.lock();
-        let container = pods
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
+        let container = pods.container_mut(&req.id)?;
         if container.execs.contains_key(&req.exec_id) {
             return Err(error(
                 Code::ALREADY_EXISTS,
@@ -697,10 +693,7 @@ impl shim::Task for Service {
     ) -> TtrpcResult<api::DeleteResponse> {
         let mut pods = self.lock();
         if !req.exec_id.is_empty() {
-            let container = pods
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&req.id))?;
+            let container = pods.container_mut(&req.id)?;
             let exec = container
                 .execs
                 .remove(&req.exec_id)
@@ -712,10 +705,7 @@ impl shim::Task for Service {
                 ..Default::default()
             });
         }
-        let container = pods
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&req.id))?;
+        let container = pods.container(&req.id)?;
         if container.init.state == State::Running {
             return Err(error(
                 Code::FAILED_PRECONDITION,
