@@ -19,7 +19,14 @@ const RUNS: u32 = 3;
 
 pub(crate) fn run() -> Result<()> {
     run_cmd(setup::cargo().current_dir(root()).args([
-        "build", "--locked", "-p", "moat", "-p", "moat-vmm", "--bins",
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "moat",
+        "-p",
+        "moat-vmm",
+        "--bins",
     ]))?;
     crate::images::run(&["all".to_owned()])?;
     let images = crate::images::cache_dir();
