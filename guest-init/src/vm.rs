@@ -338,11 +338,19 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
         disks_mounted,
     } = receive_workspace()?;
     *control_out = Some(stream.try_clone().map_err(InitError::Control)?);
+    let steps = Steps::new(workspace.trace_steps);
+    steps.say(if disks_mounted {
+        "workspace received (disks mounted before the claim)"
+    } else {
+        "workspace received"
+    });
 
     if !disks_mounted {
         mount_disks(Path::new(NEW_ROOT))?;
+        steps.say("disks mounted");
     }
     enter_root(&workspace)?;
+    steps.say("root entered");
     crate::service::ServiceSpec::check_all(&workspace.services)?;
     lay_out_services(&workspace.services)?;
     if workspace.generation != 0 {
@@ -364,6 +372,7 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
         moat_netstack::LocalRoutes::new(workspace.local_routes.iter().map(Into::into).collect()),
     )
     .map_err(InitError::Network)?;
+    steps.say("netstack started");
     let _ = nix::unistd::sethostname(&workspace.hostname);
     // Nobody in the workspace may open PID 1's descriptors (the control stream) through /proc.
     let _ = nix::sys::prctl::set_dumpable(false);
@@ -418,6 +427,7 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
         start_sessions(service, &sandbox, &reporter)?;
     }
     sandbox.devices.push(CONSOLE.into());
+    steps.say("starting the agent");
     let status =
         run_agent(&agent, &sandbox, tty, &reporter, &mut services).map_err(InitError::Agent)?;
     services.stop(&reporter);
@@ -528,6 +538,22 @@ fn set_window_size(tty: &std::os::fd::OwnedFd, rows: u16, cols: u16) {
 }
 
 /// Mounts the disks and tmpfs, installs resolv.conf and the trust store, and switches root.
+/// guest-init's steps after the workspace arrived, printed with the milliseconds since then
+/// when the host asks (`moat run --boot-log`): where a start's time goes in the guest.
+struct Steps(Option<Instant>);
+
+impl Steps {
+    fn new(on: bool) -> Self {
+        Self(on.then(Instant::now))
+    }
+
+    fn say(&self, what: &str) {
+        if let Some(t0) = self.0 {
+            eprintln!("moat guest-init: +{} ms: {what}", t0.elapsed().as_millis());
+        }
+    }
+}
+
 /// Mounts the root disk (read-only) at `root` and the home disk in it, with fresh /tmp and
 /// /run: nothing of a workspace yet, so a warm pool's machine does it before its claim.
 fn mount_disks(root: &Path) -> Result<(), InitError> {

@@ -65,7 +65,8 @@ pub(crate) struct RunArgs {
     /// repeatable (every member of its IOMMU group). Check the host with `moat doctor`.
     #[arg(long = "gpu", value_name = "PCI_ADDRESS")]
     gpu: Vec<String>,
-    /// vm backend: show the guest kernel's boot messages on the console.
+    /// vm backend: show the guest kernel's boot messages, and guest-init's steps with their
+    /// times, on the console.
     #[arg(long)]
     boot_log: bool,
     /// Reach this workspace through the trusted access broker: the enrolment directory
@@ -809,6 +810,7 @@ fn run_in(
                         } else {
                             0
                         },
+                        trace_steps: args.boot_log,
                     },
                 },
             )?
