@@ -745,7 +745,8 @@ pub(crate) fn kvm_is_real() -> bool {
     moat_host_probe::kvm_flavour().is_hardware() && moat_host_probe::kvm_usable()
 }
 
-/// The VM tests: every moat-vmm integration test, moat's vm_e2e and vm_snapshot. Where KVM is real they
+/// The VM tests: every moat-vmm integration test, moat's vm_e2e and vm_snapshot, the shim's
+/// pooled pod (containerd's `pooled_` tests) and the broker's VM session. Where KVM is real they
 /// already ran with the workspace's tests; elsewhere their executables (built here) run inside
 /// one L1, with `env` (what `cargo xtask test` gives every test) and the root image.
 pub(crate) fn run_vm_tests(env: &[(&str, PathBuf)]) -> Result<()> {
@@ -788,8 +789,9 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
         "--workspace",
         "--bins",
     ]))?;
-    // Integration tests only (vmm/tests/*.rs, moat's vm_e2e and vm_snapshot, and the broker's session into a
-    // VM workspace: broker_e2e's tests named vm_*): unit tests need no KVM and ran on the host.
+    // Integration tests only (vmm/tests/*.rs, moat's vm_e2e and vm_snapshot, the broker's session into a
+    // VM workspace: broker_e2e's tests named vm_*, and a pod claimed from a pool of VMs through
+    // containerd: the shim's tests named pooled_*): unit tests need no KVM and ran on the host.
     let tests: Vec<_> = test_executables(&["--workspace", "--tests"])?
         .into_iter()
         .filter_map(|(dir, name, exe)| {
@@ -797,6 +799,7 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
                 _ if dir.ends_with("vmm") => "",
                 "vm_e2e" | "vm_snapshot" => "",
                 "broker_e2e" => "vm_",
+                "containerd" => "pooled_",
                 _ => return None,
             };
             Some((dir, name, exe, filter))
