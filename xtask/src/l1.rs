@@ -50,7 +50,8 @@ const L1_KERNEL_PACKAGE: &str = "linux-image-6.1.0-57-amd64";
 /// (`apt-cache policy linux-image-amd64` names the current package).
 const L1_KERNEL_VERSION: &str = "6.1.192-3";
 /// The modules L1 loads, in this order after their dependencies (read from each module's
-/// `.modinfo`): KVM, the 9p file system over virtio, and VFIO for passthrough tests.
+/// `.modinfo`): KVM, the 9p file system over virtio, VFIO for passthrough tests, and overlayfs,
+/// which containerd's snapshots mount (the shim's pooled pod runs under a containerd in L1).
 const L1_MODULES: &[&str] = &[
     "virtio_pci",
     "9pnet_virtio",
@@ -58,6 +59,7 @@ const L1_MODULES: &[&str] = &[
     "kvm_amd",
     "vfio_iommu_type1",
     "vfio_pci",
+    "overlay",
 ];
 /// Bump when the pieces change in a way the key (kernel, modules, scripts, busybox) cannot see.
 const L1_RECIPE: &str = "l1 recipe 1: debian kernel + busybox initramfs, 9p root, switch_root";
@@ -767,7 +769,10 @@ fn vm_tests_only() -> Result<()> {
     let gpu_kernel = crate::images::kernel_gpu()?;
     let initramfs = crate::images::initramfs()?;
     let oci = crate::images::oci()?;
+    // The shim's pooled pod starts its containerd with the node's OTLP sink.
+    let otlp_python = crate::setup::otlp_venv()?;
     run_vm_tests_in_l1(&[
+        ("MOAT_OTLP_PYTHON", otlp_python),
         ("MOAT_LINUX_KERNEL", kernel.vmlinux),
         ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
         ("MOAT_LINUX_INITRAMFS", initramfs),
