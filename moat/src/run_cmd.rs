@@ -351,6 +351,7 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
 }
 
 pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
+    tracing::debug!("moat run: start");
     // The egress proxy runs in this process: it holds the secret values and the workspace
     // CA's key. `__guest-init` and the VMM are exec'd, so they start dumpable again.
     moat_broker_client::keep_memory_private()?;
@@ -368,6 +369,7 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         None => None,
     };
     let (mut backend, why) = choose_backend(&args.backend)?;
+    tracing::debug!("backend chosen");
     let services = workspace_services(&args)?;
     match &mut backend {
         Backend::Vm(images, _) => {
@@ -596,6 +598,7 @@ fn run_in(
                 c.vcpus,
                 socket.display()
             );
+            tracing::debug!("claimed");
             Some(Box::new(c))
         }
         _ => None,
@@ -702,7 +705,9 @@ fn run_in(
         config.corporate_uds = Some(corporate_uds.clone());
     }
     let rt = args.proxy.runtime()?;
+    tracing::debug!("policy loaded");
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
+    tracing::debug!("proxy started");
     // Process events from guest-init go to the same audit log, as OCSF Process Activity,
     // through the same writer: one chain per file.
     let process_audit = proxy.audit_handle();
