@@ -112,7 +112,6 @@ struct Shared {
     /// When the last machine was claimed: its start in the guest goes first (see
     /// [`REFILL_AFTER`]).
     last_claim: Option<Instant>,
-    stopping: bool,
 }
 
 type State = Arc<(Mutex<Shared>, Condvar)>;
@@ -171,7 +170,7 @@ pub(crate) fn run(args: PoolArgs) -> Result<std::process::ExitCode> {
         Condvar::new(),
     ));
     // Before any thread starts: they inherit the mask, and one thread takes the signals.
-    stop_on_signals(&state, &args.socket, &dir)?;
+    stop_on_signals(&args.socket, &dir)?;
     {
         let state = Arc::clone(&state);
         let machine = recipe.machine.clone();
@@ -182,11 +181,7 @@ pub(crate) fn run(args: PoolArgs) -> Result<std::process::ExitCode> {
     }
     // The machines are started from this thread, which lives as long as the pool: a child's
     // parent-death signal fires when the thread that started it ends.
-    fill(&recipe, &state);
-    let _ = std::fs::remove_file(&args.socket);
-    let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("moat: pool stopped");
-    Ok(std::process::ExitCode::SUCCESS)
+    fill(&recipe, &state)
 }
 
 /// Binds `path` for the pool's owner alone (a stale socket there is replaced, nothing else).
@@ -212,7 +207,7 @@ fn bind_private(path: &Path) -> Result<UnixListener> {
 
 /// SIGTERM or SIGINT stop the pool: its socket and directory are removed and the process
 /// exits, and with it (their parent-death signal) every machine, claimed ones too.
-fn stop_on_signals(state: &State, socket: &Path, dir: &Path) -> Result<()> {
+fn stop_on_signals(socket: &Path, dir: &Path) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -220,14 +215,12 @@ fn stop_on_signals(state: &State, socket: &Path, dir: &Path) -> Result<()> {
     // Blocked here and in every thread started after, taken by the one thread below (children
     // start with an empty mask: std resets it).
     set.thread_block().context("cannot block SIGTERM")?;
-    let state = Arc::clone(state);
     let socket = socket.to_owned();
     let dir = dir.to_owned();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if set.wait().is_ok() {
-                lock(&state).stopping = true;
                 let _ = std::fs::remove_file(&socket);
                 let _ = std::fs::remove_dir_all(&dir);
                 eprintln!("moat: pool stopped");
@@ -238,17 +231,14 @@ fn stop_on_signals(state: &State, socket: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Keeps `wanted` machines coming, one at a time, until the pool stops.
-fn fill(recipe: &Recipe, state: &State) {
+/// Keeps `wanted` machines coming, one at a time, until the pool stops (the process exits).
+fn fill(recipe: &Recipe, state: &State) -> ! {
     let mut seq = 0u64;
     let mut failures = 0u32;
     loop {
         {
             let mut shared = lock(state);
             loop {
-                if shared.stopping {
-                    break;
-                }
                 // A claim just made starts first, unless claims wait for a machine.
                 let settle = shared
                     .last_claim
@@ -270,12 +260,6 @@ fn fill(recipe: &Recipe, state: &State) {
                             .unwrap_or_else(std::sync::PoisonError::into_inner);
                     }
                 }
-            }
-            if shared.stopping {
-                for m in shared.ready.drain(..) {
-                    m.discard();
-                }
-                return;
             }
         }
         seq += 1;
@@ -448,9 +432,6 @@ fn take_ready(state: &State, within: Duration) -> Option<Member> {
     let deadline = Instant::now() + within;
     let mut shared = lock(state);
     loop {
-        if shared.stopping {
-            return None;
-        }
         if let Some(m) = shared.ready.pop_front() {
             shared.wanted += 1;
             shared.last_claim = Some(Instant::now());
