@@ -97,10 +97,39 @@ struct Member {
 impl Member {
     /// Stops the machine and removes its files.
     fn discard(mut self) {
-        let _ = self.vmm.kill();
+        let pid = pid_of(&self.vmm);
+        kill_if_live(pid);
+        forget(pid);
         let _ = self.vmm.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The pool's moat-vmm processes not yet reaped. A pid is killed only under this lock and
+/// while it is listed, and is unlisted before it is reaped: a kill never reaches a process
+/// that reused the pid.
+static LIVE: Mutex<Vec<nix::unistd::Pid>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<nix::unistd::Pid>> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn pid_of(child: &Child) -> nix::unistd::Pid {
+    nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX))
+}
+
+/// SIGKILL to `pid` if it is still one of the pool's unreaped machines.
+fn kill_if_live(pid: nix::unistd::Pid) {
+    let live = live();
+    if live.contains(&pid) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Unlists `pid`, which its caller reaps next.
+fn forget(pid: nix::unistd::Pid) {
+    live().retain(|p| *p != pid);
 }
 
 /// What the claim handlers and the filler share.
@@ -222,6 +251,12 @@ fn stop_on_signals(socket: &Path, dir: &Path) -> Result<()> {
         .spawn(move || {
             if set.wait().is_ok() {
                 let _ = std::fs::remove_file(&socket);
+                // Every machine, claimed ones too, killed here (their jails' inner processes
+                // follow their parents), and the lock kept: nothing is reaped after this.
+                let live = live();
+                for pid in live.iter() {
+                    let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+                }
                 let _ = std::fs::remove_dir_all(&dir);
                 eprintln!("moat: pool stopped");
                 std::process::exit(0);
@@ -332,9 +367,15 @@ fn start_member(recipe: &Recipe, seq: u64) -> Result<Member> {
             .args(["--serial-in", "off", "--serial-out"])
             .arg(&console);
         vm_backend::die_with_parent(&mut cmd);
-        let vmm = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", recipe.vmm.display()))?;
+        let vmm = {
+            // Listed as it starts: a stop meanwhile finds it.
+            let mut live = live();
+            let vmm = cmd
+                .spawn()
+                .with_context(|| format!("cannot start {}", recipe.vmm.display()))?;
+            live.push(pid_of(&vmm));
+            vmm
+        };
         let mut member = Member {
             vmm,
             dir: dir.clone(),
@@ -489,37 +530,24 @@ fn serve_claim(conn: &UnixStream, state: &State, machine: &vm_backend::Template)
     // From here the machine is the claimant's: tell it when moat-vmm exits, and stop the
     // machine when the claimant goes away first.
     conn.set_read_timeout(None)?;
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(member.vmm.id()).unwrap_or(i32::MAX));
-    // Set, under its lock, once moat-vmm has exited and before it is reaped: the watcher
-    // kills only while it is not set, so never a process that reused the pid.
-    let exited = Arc::new(Mutex::new(false));
+    let pid = pid_of(&member.vmm);
     let watcher = conn.try_clone()?;
-    {
-        let exited = Arc::clone(&exited);
-        std::thread::Builder::new()
-            .name("claimant".into())
-            .spawn(move || {
-                let mut sink = [0u8; 64];
-                // Returns at EOF (the claimant closed or died) or when the pool shuts the
-                // connection after moat-vmm's exit.
-                while matches!((&watcher).read(&mut sink), Ok(n) if n > 0) {}
-                let exited = exited
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if !*exited {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                }
-            })
-            .context("cannot watch the claimant")?;
-    }
-    // Waits for the exit without reaping: the pid stays moat-vmm's until `wait` below.
+    std::thread::Builder::new()
+        .name("claimant".into())
+        .spawn(move || {
+            let mut sink = [0u8; 64];
+            // Returns at EOF (the claimant closed or died) or when the pool shuts the
+            // connection after moat-vmm's exit.
+            while matches!((&watcher).read(&mut sink), Ok(n) if n > 0) {}
+            kill_if_live(pid);
+        })
+        .context("cannot watch the claimant")?;
+    // Waits for the exit without reaping: the pid stays moat-vmm's until it is unlisted.
     let _ = nix::sys::wait::waitid(
         nix::sys::wait::Id::Pid(pid),
         nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT,
     );
-    *exited
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+    forget(pid);
     let status = member.vmm.wait();
     let code = status.ok().and_then(|s| s.code()).unwrap_or(-1);
     let _ = (&*conn).write_all(format!("exited {code}\n").as_bytes());

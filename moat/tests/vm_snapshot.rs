@@ -148,6 +148,16 @@ fn a_warm_pool_hands_each_concurrent_claim_a_workspace_of_its_own() {
     let pool_log = claimants[0].dir.path().join("pool.log");
     // Two machines for three claims at once: the third waits for the pool to refill.
     let mut pool = start_pool(&images, &template, 2, &socket, &pool_log);
+    // Claims go to the socket once the pool has bound it (a hang guard, not a timing).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never bound its socket: {}",
+            std::fs::read_to_string(&pool_log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let runs: Vec<std::process::Child> = claimants
         .iter()
         .enumerate()
