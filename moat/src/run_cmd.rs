@@ -105,6 +105,11 @@ pub(crate) struct RunArgs {
     /// gets this run's own CA, placeholders and audit log, as a booted one does.
     #[arg(long, value_name = "DIR")]
     from_snapshot: Option<PathBuf>,
+    /// vm backend: moat-vmm's control socket for this workspace at PATH (owner-only), where
+    /// an operator pauses, resumes and snapshots the running VM (vmm/README.md). A snapshot
+    /// resets the VM's vsock connections: flows in progress fail, and the workspace goes on.
+    #[arg(long, value_name = "PATH", conflicts_with = "snapshot_to")]
+    api_sock: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
@@ -396,14 +401,26 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                 args.mem = t.mem_mib;
                 args.vcpus = t.vcpus;
             }
-            if (args.snapshot_to.is_some() || args.from_snapshot.is_some()) && !args.gpu.is_empty()
+            if (args.snapshot_to.is_some()
+                || args.from_snapshot.is_some()
+                || args.api_sock.is_some())
+                && !args.gpu.is_empty()
             {
                 bail!("a VM with a passed-through GPU cannot be snapshotted or restored");
+            }
+            if let Some(path) = &args.api_sock {
+                vm_backend::check_api_sock(path)?;
             }
         }
         Backend::Namespace(root) => {
             if args.snapshot_to.is_some() || args.from_snapshot.is_some() {
                 bail!("--snapshot-to and --from-snapshot need the vm backend ({why})");
+            }
+            if args.api_sock.is_some() {
+                bail!(
+                    "--api-sock is moat-vmm's control socket (pause, resume, snapshot): it needs \
+                     the vm backend ({why})"
+                );
             }
             if !args.gpu.is_empty() {
                 bail!("--gpu passes a device through to a VM: it needs the vm backend ({why})");
@@ -739,6 +756,7 @@ fn run_in(
                     vcpus: args.vcpus,
                     boot_log: args.boot_log,
                     gpus: args.gpu.clone(),
+                    api_sock: args.api_sock.clone(),
                     mode: match (&args.snapshot_to, &args.from_snapshot) {
                         (Some(dir), _) => vm_backend::VmMode::Template(dir.clone()),
                         (None, Some(dir)) => vm_backend::VmMode::Restore(dir.clone()),

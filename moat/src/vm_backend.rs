@@ -135,6 +135,8 @@ pub(crate) struct VmRun<'a> {
     pub(crate) gpus: Vec<String>,
     /// Boot, make a template, or start from one.
     pub(crate) mode: VmMode,
+    /// moat-vmm's control socket for this workspace (`--api-sock`): pause, resume, snapshot.
+    pub(crate) api_sock: Option<PathBuf>,
     pub(crate) workspace: VmWorkspace,
 }
 
@@ -316,7 +318,9 @@ fn make_home_disk(path: &Path, size_mib: u64) -> Result<()> {
 
 /// Serves the control socket: the first guest connection gets the workspace, then every
 /// signal from `signals` (SIGTERM, SIGHUP to `moat run`, for the agent); its one answer is the
-/// outcome. Later connections are closed unanswered.
+/// outcome. A later connection that asks to reattach ([`control::VmReattach`]: guest-init,
+/// after a snapshot reset the VM's vsock transport) takes the stream's place, and signals
+/// sent meanwhile go on it; any other is closed unanswered.
 async fn serve_control(
     listener: tokio::net::UnixListener,
     workspace: VmWorkspace,
@@ -326,12 +330,14 @@ async fn serve_control(
     let Ok((stream, _)) = listener.accept().await else {
         return;
     };
+    let (conn_tx, mut conns) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((s, _)) => {
-                    drop(s);
-                    tracing::warn!("a second control connection from the guest was refused");
+                    if conn_tx.send(s).await.is_err() {
+                        return;
+                    }
                 }
                 // Out of descriptors and the like: do not spin.
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -343,33 +349,98 @@ async fn serve_control(
         tracing::warn!(error = %e, "cannot send the workspace to the guest");
         return;
     }
+    let mut reader = control_reader(read);
     let mut line = Vec::new();
-    let mut reader = tokio::io::BufReader::new(read).take(control::MAX_LINE as u64 + 1);
-    let read = loop {
+    // Whether `reader` and `write` are a live stream; signals wait in `held` while not.
+    let mut live = true;
+    let mut held = Vec::new();
+    loop {
         tokio::select! {
-            read = reader.read_until(b'\n', &mut line) => break read,
-            Some(signal) = signals.recv() => {
-                if let Err(e) = write.write_all(&control::encode(&signal)).await {
-                    tracing::warn!(error = %e, "cannot pass a signal on to the guest");
+            read = reader.read_until(b'\n', &mut line), if live => match read {
+                Ok(_) if line.last() == Some(&b'\n') => {
+                    line.pop();
+                    match control::parse::<VmOutcome>(&line) {
+                        Ok(o) => {
+                            if let Ok(mut slot) = outcome.lock() {
+                                *slot = Some(o);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "the guest's outcome line is malformed"),
+                    }
+                    return;
                 }
-            }
-        }
-    };
-    match read {
-        Ok(_) if line.last() == Some(&b'\n') => {
-            line.pop();
-            match control::parse::<VmOutcome>(&line) {
-                Ok(o) => {
-                    if let Ok(mut slot) = outcome.lock() {
-                        *slot = Some(o);
+                // A snapshot resets the guest's vsock transport: guest-init reattaches.
+                Ok(_) => {
+                    tracing::info!("the control stream ended without an outcome");
+                    live = false;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "the control stream failed");
+                    live = false;
+                }
+            },
+            Some(conn) = conns.recv() => match reattached(conn).await {
+                Ok((r, w)) => {
+                    (reader, write, live) = (r, w, true);
+                    line.clear();
+                    eprintln!(
+                        "moat: the VM's control stream was reset (a snapshot) and guest-init \
+                         reattached it"
+                    );
+                    for signal in held.drain(..) {
+                        if let Err(e) = write.write_all(&control::encode(&signal)).await {
+                            tracing::warn!(error = %e, "cannot pass a signal on to the guest");
+                        }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "the guest's outcome line is malformed"),
+                Err(why) => tracing::warn!(%why, "a control connection from the guest was refused"),
+            },
+            Some(signal) = signals.recv() => {
+                if !live {
+                    held.push(signal);
+                } else if let Err(e) = write.write_all(&control::encode(&signal)).await {
+                    tracing::warn!(error = %e, "cannot pass a signal on to the guest");
+                    held.push(signal);
+                }
             }
+            else => return,
         }
-        Ok(_) => tracing::warn!("the guest closed the control stream without an outcome"),
-        Err(e) => tracing::warn!(error = %e, "the control stream failed"),
     }
+}
+
+/// The control stream's reading side: lines of at most [`control::MAX_LINE`] bytes.
+type ControlReader = tokio::io::Take<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>;
+
+fn control_reader(read: tokio::net::unix::OwnedReadHalf) -> ControlReader {
+    tokio::io::BufReader::new(read).take(control::MAX_LINE as u64 + 1)
+}
+
+/// A later guest connection, if it is guest-init asking to reattach (within 10 s): answered,
+/// and handed back as the control stream.
+async fn reattached(
+    conn: tokio::net::UnixStream,
+) -> Result<(ControlReader, tokio::net::unix::OwnedWriteHalf), String> {
+    let (read, mut write) = conn.into_split();
+    let mut reader = control_reader(read);
+    let mut line = Vec::new();
+    let asked = tokio::time::timeout(
+        Duration::from_secs(10),
+        (&mut reader).take(256).read_until(b'\n', &mut line),
+    )
+    .await;
+    match asked {
+        Ok(Ok(_)) if line.last() == Some(&b'\n') => {}
+        Ok(Ok(_)) => return Err("it closed before a line".to_owned()),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("it said nothing within 10 s".to_owned()),
+    }
+    control::parse::<control::VmReattach>(&line[..line.len() - 1])
+        .map_err(|_| "it did not ask to reattach".to_owned())?;
+    write
+        .write_all(&control::encode(&control::VmReattached::Reattached))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((reader, write))
 }
 
 /// Serves a template VM's control socket: tells guest-init to stand by and reports on `ready`
@@ -462,6 +533,38 @@ fn hand_sockets_to_jail(uds: &Path, control: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks where `--api-sock` will be bound before anything starts: a directory that exists,
+/// and nothing there but perhaps a stale socket (moat-vmm replaces one).
+pub(crate) fn check_api_sock(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--api-sock {}: {} is not a directory",
+            path.display(),
+            dir.display()
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => bail!(
+            "--api-sock {}: it exists and is not a socket (nothing is replaced but a stale socket)",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Removes the control socket moat-vmm left (if it is still a socket).
+fn remove_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// What moat-vmm's exit code means (vmm/src/exit.rs).
 fn vmm_exit_meaning(code: Option<i32>) -> &'static str {
     match code {
@@ -544,6 +647,14 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
     }
     if let VmMode::Template(_) = &run.mode {
         cmd.arg("--api-sock").arg(&api);
+    } else if let Some(path) = &run.api_sock {
+        // Bound by moat-vmm before it enters its jail, owner-only (0600): as root, the jailed
+        // VMM keeps the listening socket, and only root reaches it.
+        cmd.arg("--api-sock").arg(path);
+        eprintln!(
+            "moat: moat-vmm's control socket (pause, resume, snapshot): {}",
+            path.display()
+        );
     }
     cmd.arg("--mem")
         .arg(run.mem_mib.to_string())
@@ -616,6 +727,9 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         });
     }
     let status = vmm.wait()?;
+    if let Some(path) = &run.api_sock {
+        remove_socket(path);
+    }
     // The outcome may still be on its way through the VMM's last vsock packets.
     let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), control).await });
     let reported = outcome.lock().ok().and_then(|mut o| o.take());
