@@ -1,16 +1,20 @@
 #!/bin/sh
-# Issue 20's measurements (docs/benchmarks.md, "VM templates and forks"), run by hand inside
-# one L1 (`cargo xtask l1 --rw target/tmp -- sh -c 'docs/bench/snapshot-bench.sh'`) until it
-# is a `cargo xtask bench` row. Needs MOAT (the moat binary, moat-vmm beside it) and
-# MOAT_IMAGES (a directory whose current.toml names kernel, initramfs and rootfs).
+# Issue 20's measurements (docs/benchmarks.md, "VM templates, forks and the warm pool"), in
+# one environment where KVM is real: `cargo xtask bench snapshot` runs it inside one L1 and
+# reads its `sample NAME VALUE` lines (medians and ratios: xtask/src/bench/snapshot.rs).
+# Needs MOAT (the moat binary, moat-vmm beside it) and MOAT_IMAGES (a directory whose
+# current.toml names kernel, initramfs and rootfs). RUNS sets the samples per row (default 3).
 set -u
 MOAT=${MOAT:?set MOAT to the moat binary}
 VMM=$(dirname "$MOAT")/moat-vmm
 : "${MOAT_IMAGES:?set MOAT_IMAGES}"
+RUNS=${RUNS:-3}
 export MOAT_IMAGES MOAT_LOG=error
 W=/tmp/snapbench; rm -rf $W; mkdir -p $W
 now() { date +%s%N; }
-run() { # label, args...
+sample() { echo "sample $1 $2"; }
+# label, args...: the time to the agent's first line ("up") and to the command's exit.
+run() {
   label=$1; shift
   rm -f $W/out; s=$(now)
   "$@" > $W/out 2>$W/err &
@@ -21,43 +25,68 @@ run() { # label, args...
   done
   wait $pid; rc=$?; e=$(now)
   [ -z "$first" ] && grep -q '^up' $W/out && first=$e
-  echo "$label first_line_ms=$(( (${first:-$e} - s) / 1000000 )) exit_ms=$(( (e - s) / 1000000 )) rc=$rc"
+  if [ $rc -ne 0 ] || [ -z "$first" ]; then echo "failed $label rc=$rc"; tail -5 $W/err; return; fi
+  sample "${label}_first_line_ms" $(( (first - s) / 1000000 ))
+  sample "${label}_exit_ms" $(( (e - s) / 1000000 ))
 }
-for i in 1 2 3; do run cold_boot $MOAT run --backend vm --mem 512 -- sh -c 'echo up'; done
-s=$(now); $MOAT run --backend vm --mem 512 --snapshot-to $W/tpl >/dev/null 2>$W/tplerr; echo "template_ms=$(( ($(now) - s) / 1000000 )) rc=$?"
-echo "memory_apparent_kib=$(( $(stat -c %s $W/tpl/memory) / 1024 )) memory_allocated_kib=$(du -k $W/tpl/memory | cut -f1) state_bytes=$(stat -c %s $W/tpl/state)"
-for i in 1 2 3; do run restore $MOAT run --backend vm --from-snapshot $W/tpl -- sh -c 'echo up'; done
+# smaps_rollup of each pid: Pss and Private_Dirty in KiB, as samples named LABEL_pss_kib...
+memory_of() {
+  label=$1; shift
+  for p in "$@"; do
+    sample "${label}_pss_kib" "$(awk '/^Pss:/ {print $2}' /proc/$p/smaps_rollup)"
+    sample "${label}_private_dirty_kib" "$(awk '/^Private_Dirty:/ {print $2}' /proc/$p/smaps_rollup)"
+  done
+}
+
+i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1)); run cold_boot $MOAT run --backend vm --mem 512 -- sh -c 'echo up'; done
+
+s=$(now); $MOAT run --backend vm --mem 512 --snapshot-to $W/tpl >/dev/null 2>$W/tplerr || { echo "failed template"; tail $W/tplerr; exit 1; }
+sample template_ms $(( ($(now) - s) / 1000000 ))
+sample template_memory_apparent_kib $(( $(stat -c %s $W/tpl/memory) / 1024 ))
+sample template_memory_allocated_kib "$(du -k $W/tpl/memory | cut -f1)"
+sample template_state_bytes "$(stat -c %s $W/tpl/state)"
+
+i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1)); run restore $MOAT run --backend vm --from-snapshot $W/tpl -- sh -c 'echo up'; done
+
+# The warm pool: RUNS machines made ready, then claimed one after another (each claim's
+# machine replaced meanwhile, in the background).
+s=$(now)
+MOAT_LOG=info $MOAT pool --template $W/tpl --size "$RUNS" --socket $W/pool.sock 2>$W/pool.log &
+pool=$!
+n=0; while [ "$(grep -c 'pool machine ready' $W/pool.log 2>/dev/null)" -lt "$RUNS" ]; do
+  n=$((n + 1)); [ $n -gt 6000 ] && { echo "failed pool_ready"; tail $W/pool.log; break; }
+  kill -0 $pool 2>/dev/null || { echo "failed pool"; tail $W/pool.log; break; }
+  sleep 0.1
+done
+sample pool_ready_ms $(( ($(now) - s) / 1000000 ))
+# The memory of a ready (paused, prepared) machine, before any claim.
+memory_of pooled $(pgrep -f "moat-vmm.*--restore $W/tpl")
+i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1)); run claim $MOAT run --backend vm --pool $W/pool.sock -- sh -c 'echo up'; done
+kill $pool; wait $pool
+
 # moat-vmm alone: main() to the first vCPU entry (--stats), restore (paused) vs boot.
 truncate -s 64M $W/home.img
 ROOTFS=$(grep '^rootfs' $MOAT_IMAGES/current.toml | cut -d'"' -f2)
 KERNEL=$(grep '^kernel' $MOAT_IMAGES/current.toml | cut -d'"' -f2)
-for i in 1 2 3; do
+i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1))
   $VMM --restore $W/tpl --mem 512 --vsock-uds $W/v$i --block-ro $ROOTFS --block $W/home.img --rng --start-paused --api-sock $W/api$i --serial-out $W/s$i --timeout 2 --stats 2>$W/stats$i >/dev/null
-  echo "vmm_restore $(grep -o 'main_to_first_kvm_run_us":[0-9-]*' $W/stats$i) $(grep -o 'rss_kib":[0-9]*' $W/stats$i | head -1)"
+  sample vmm_restore_to_kvm_run_us "$(grep -o 'main_to_first_kvm_run_us":[0-9]*' $W/stats$i | cut -d: -f2)"
   $VMM --kernel $KERNEL --mem 512 --vsock-uds $W/b$i --block-ro $ROOTFS --block $W/home.img --rng --serial-out $W/bs$i --timeout 2 --stats 2>$W/bstats$i >/dev/null
-  echo "vmm_boot $(grep -o 'main_to_first_kvm_run_us":[0-9-]*' $W/bstats$i) $(grep -o 'rss_kib":[0-9]*' $W/bstats$i | head -1)"
+  sample vmm_boot_to_kvm_run_us "$(grep -o 'main_to_first_kvm_run_us":[0-9]*' $W/bstats$i | cut -d: -f2)"
 done
-# Private memory of forks against a booted VM (smaps_rollup of every moat-vmm).
-$MOAT run --backend vm --mem 512 --snapshot-to $W/tpl2 >/dev/null 2>$W/tpl2.err || { echo template failed; tail $W/tpl2.err; exit 1; }
-echo "template memory file: apparent $(( $(stat -c %s $W/tpl2/memory) / 1024 )) KiB, allocated $(du -k $W/tpl2/memory | cut -f1) KiB"
-for i in 1 2 3; do
-  $MOAT run --backend vm --from-snapshot $W/tpl2 -- sh -c 'echo up; sleep 40' > $W/f$i.out 2>$W/f$i.err &
+
+# Private memory of running forks against a booted VM (smaps_rollup of every moat-vmm).
+i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1))
+  $MOAT run --backend vm --from-snapshot $W/tpl -- sh -c 'echo up; sleep 40' > $W/f$i.out 2>$W/f$i.err &
 done
-# Wait until every fork's agent is up.
-for n in $(seq 1 120); do
-  c=$(cat $W/f1.out $W/f2.out $W/f3.out 2>/dev/null | grep -c '^up')
-  [ "$c" -ge 3 ] && break; sleep 1
+n=0; while [ $n -lt 120 ]; do
+  c=$(cat $W/f*.out 2>/dev/null | grep -c '^up'); [ "$c" -ge "$RUNS" ] && break; n=$((n + 1)); sleep 1
 done
-echo "forks up: $c after ${n}s"
 sleep 3
-for p in $(pgrep -f 'moat-vmm.*--restore'); do
-  awk -v p=$p '/^Rss:|^Pss:|^Private_Dirty:|^Private_Clean:|^Shared_Clean:/ {printf "%s %s=%s ", (NR==2?"pid " p:""), $1, $2} END {print ""}' /proc/$p/smaps_rollup
-done
-# A booted VM for comparison.
+memory_of fork $(pgrep -f "moat-vmm.*--restore $W/tpl")
 $MOAT run --backend vm --mem 512 -- sh -c 'echo up; sleep 25' > $W/cold.out 2>$W/cold.err &
-for n in $(seq 1 120); do grep -q '^up' $W/cold.out 2>/dev/null && break; sleep 1; done
+n=0; while [ $n -lt 120 ]; do grep -q '^up' $W/cold.out 2>/dev/null && break; n=$((n + 1)); sleep 1; done
 sleep 3
-for p in $(pgrep -f 'moat-vmm.*--kernel'); do
-  awk -v p=$p '/^Rss:|^Pss:|^Private_Dirty:/ {printf "%s %s=%s ", "cold", $1, $2} END {print ""}' /proc/$p/smaps_rollup
-done
+memory_of cold $(pgrep -f 'moat-vmm.*--kernel')
 wait
+echo "done"

@@ -86,24 +86,48 @@ impl From<&VmLocalRoute> for moat_netstack::LocalRoute {
     }
 }
 
-/// The host's first line to a template VM, instead of a workspace: wait for one without a
-/// time limit. guest-init answers [`VmStandingBy`] and waits; the host snapshots the VM
-/// there, before anything of a workspace exists in it. A restore of that snapshot resets the
-/// vsock transport, which ends the wait: guest-init reseeds the RNG, connects the control
-/// stream again and reads the workspace its new host sends.
+/// The host's first line to a VM that is not to run a workspace yet, instead of a workspace.
+///
+/// `Standby` (a template's host): wait for one without a time limit. guest-init answers
+/// [`VmStandingBy::StandingBy`] and waits; the host snapshots the VM there, before anything of
+/// a workspace exists in it. A restore of that snapshot resets the vsock transport, which ends
+/// the wait: guest-init reseeds the RNG, connects the control stream again, says so
+/// ([`VmRestored`]) and reads what its new host sends.
+///
+/// `Prepare` (a warm pool's host, to a restored machine): mount the workspace's disks now,
+/// answer [`VmStandingBy::Prepared`], and wait, untimed, for the workspace: whoever claims the
+/// machine from the pool sends it, on this same stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum VmStandby {
-    /// Wait.
+    /// Wait, to be snapshotted.
     Standby,
+    /// Mount the disks, then wait for the workspace.
+    Prepare,
 }
 
-/// guest-init's answer to [`VmStandby`]: nothing runs but PID 1, waiting on the stream.
+/// guest-init's answers to [`VmStandby`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum VmStandingBy {
-    /// Ready to be snapshotted.
+    /// Nothing runs but PID 1, waiting on the stream: ready to be snapshotted.
     StandingBy,
+    /// The root and home disks are mounted; nothing of a workspace exists yet.
+    Prepared,
+}
+
+/// guest-init's first line on the control stream of a restored machine, before the host says
+/// anything: it mixed this many bytes of the host's entropy device into the kernel's RNG and
+/// rekeyed it. A host refuses a restored machine that does not say so: every restore of one
+/// snapshot starts from the same RNG state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum VmRestored {
+    /// The RNG was reseeded.
+    Reseeded {
+        /// Bytes of host entropy credited.
+        bytes: u32,
+    },
 }
 
 /// guest-init's first line on a control stream it connects again while the agent runs: the
@@ -265,6 +289,15 @@ mod tests {
         assert!(parse::<VmWorkspace>(body).is_err());
         assert!(parse::<VmSignal>(body).is_err());
         assert_eq!(encode(&VmStandingBy::StandingBy), b"\"standing_by\"\n");
+        let prepare = encode(&VmStandby::Prepare);
+        assert_eq!(
+            parse::<VmStandby>(&prepare[..prepare.len() - 1]).unwrap(),
+            VmStandby::Prepare
+        );
+        assert!(parse::<VmWorkspace>(&prepare[..prepare.len() - 1]).is_err());
+        let restored = encode(&VmRestored::Reseeded { bytes: 64 });
+        assert_eq!(restored, b"{\"reseeded\":{\"bytes\":64}}\n");
+        assert!(parse::<VmOutcome>(&restored[..restored.len() - 1]).is_err());
     }
 
     #[test]

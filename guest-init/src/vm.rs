@@ -165,15 +165,31 @@ fn connect_control() -> Result<UnixStream, InitError> {
     }
 }
 
+/// What the host's first lines gave: the control stream, the workspace, and whether the
+/// disks were mounted ahead of it (a warm pool's `prepare`).
+struct Received {
+    stream: UnixStream,
+    workspace: VmWorkspace,
+    disks_mounted: bool,
+}
+
 /// Connects the control stream and reads the workspace. A template VM is told to stand by
-/// first ([`control::VmStandby`]): it says so and waits, untimed; the host snapshots it there.
-/// When a restore of that snapshot resets the vsock transport, the wait ends with an error:
-/// this machine is a new one whose RNG state every other restore shares, so the RNG is
+/// first ([`control::VmStandby::Standby`]): it says so and waits, untimed; the host snapshots
+/// it there. When a restore of that snapshot resets the vsock transport, the wait ends with an
+/// error: this machine is a new one whose RNG state every other restore shares, so the RNG is
 /// reseeded from the host (the rng device) before anything else, and the control stream
-/// connected again, to the new host, which sends the workspace.
-fn receive_workspace() -> Result<(UnixStream, VmWorkspace), InitError> {
+/// connected again, to the new host, which is told so first ([`control::VmRestored`]) and then
+/// sends the workspace, or (a warm pool) `prepare`: the disks are mounted, and the workspace
+/// comes when the machine is claimed.
+fn receive_workspace() -> Result<Received, InitError> {
+    let mut reseeded = None;
     loop {
         let stream = connect_control()?;
+        if let Some(bytes) = reseeded {
+            (&stream)
+                .write_all(&control::encode(&control::VmRestored::Reseeded { bytes }))
+                .map_err(InitError::Control)?;
+        }
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(InitError::Control)?;
@@ -187,11 +203,29 @@ fn receive_workspace() -> Result<(UnixStream, VmWorkspace), InitError> {
                 e
             })
         })?;
-        if control::parse::<control::VmStandby>(&line).is_err() {
+        let Ok(standby) = control::parse::<control::VmStandby>(&line) else {
             let workspace = control::parse(&line).map_err(InitError::Control)?;
-            return Ok((stream, workspace));
-        }
+            return Ok(Received {
+                stream,
+                workspace,
+                disks_mounted: false,
+            });
+        };
         stream.set_read_timeout(None).map_err(InitError::Control)?;
+        if standby == control::VmStandby::Prepare {
+            mount_disks(Path::new(NEW_ROOT))?;
+            (&stream)
+                .write_all(&control::encode(&control::VmStandingBy::Prepared))
+                .map_err(InitError::Control)?;
+            let line =
+                control::read_line(&mut BufReader::new(&stream)).map_err(InitError::Control)?;
+            let workspace = control::parse(&line).map_err(InitError::Control)?;
+            return Ok(Received {
+                stream,
+                workspace,
+                disks_mounted: true,
+            });
+        }
         (&stream)
             .write_all(&control::encode(&control::VmStandingBy::StandingBy))
             .map_err(InitError::Control)?;
@@ -199,11 +233,16 @@ fn receive_workspace() -> Result<(UnixStream, VmWorkspace), InitError> {
             // The template's own host changed its mind: run the workspace here.
             Ok(line) => {
                 let workspace = control::parse(&line).map_err(InitError::Control)?;
-                return Ok((stream, workspace));
+                return Ok(Received {
+                    stream,
+                    workspace,
+                    disks_mounted: false,
+                });
             }
             Err(_) => {
                 drop(stream);
                 reseed_rng().map_err(InitError::Reseed)?;
+                reseeded = Some(u32::try_from(RESEED_BYTES).unwrap_or(u32::MAX));
             }
         }
     }
@@ -267,10 +306,17 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
     // Writable while PID 1 sets up; the agent's uid cannot write to it.
     rootfs::mount_sysfs(Path::new("/sys"), true)?;
 
-    let (stream, workspace) = receive_workspace()?;
+    let Received {
+        stream,
+        workspace,
+        disks_mounted,
+    } = receive_workspace()?;
     let link = Link::new(stream);
     *control_out = Some(std::sync::Arc::clone(&link));
 
+    if !disks_mounted {
+        mount_disks(Path::new(NEW_ROOT))?;
+    }
     enter_root(&workspace)?;
     crate::service::ServiceSpec::check_all(&workspace.services)?;
     lay_out_services(&workspace.services)?;
@@ -458,8 +504,9 @@ fn set_window_size(tty: &std::os::fd::OwnedFd, rows: u16, cols: u16) {
 }
 
 /// Mounts the disks and tmpfs, installs resolv.conf and the trust store, and switches root.
-fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
-    let root = Path::new(NEW_ROOT);
+/// Mounts the root disk (read-only) at `root` and the home disk in it, with fresh /tmp and
+/// /run: nothing of a workspace yet, so a warm pool's machine does it before its claim.
+fn mount_disks(root: &Path) -> Result<(), InitError> {
     mount_or(
         "the root disk",
         Some(ROOT_DISK),
@@ -478,9 +525,14 @@ fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
     )?;
     rootfs::fresh_tmpfs(root, "/tmp")?;
     rootfs::fresh_tmpfs(root, "/run")?;
-    let moat_dir = under(root, "/run/moat");
-    mkdir(&moat_dir)?;
+    mkdir(&under(root, "/run/moat"))
+}
 
+/// Makes the mounted root the workspace's (its trust store, names, /etc/hosts) and switches
+/// into it.
+fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
+    let root = Path::new(NEW_ROOT);
+    let moat_dir = under(root, "/run/moat");
     let resolv = moat_dir.join("resolv.conf");
     std::fs::write(&resolv, rootfs::resolv_conf())
         .map_err(|e| InitError::Write(resolv.clone(), e))?;

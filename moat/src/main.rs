@@ -9,6 +9,7 @@ mod connect;
 mod doctor;
 mod policy_cmd;
 mod policy_test;
+mod pool;
 mod proxy_cmd;
 mod run_cmd;
 mod vm_backend;
@@ -43,6 +44,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Run a workspace with an agent shell on the best backend this host supports.
     Run(Box<run_cmd::RunArgs>),
+    /// Keep VM workspaces restored from a template ready to claim (`moat run --pool`).
+    Pool(pool::PoolArgs),
     /// Sign in to a workspace through the trusted access broker (OIDC in the browser).
     Login(broker_cmd::LoginArgs),
     /// Connect stdin/stdout to a workspace's sshd through the broker (an OpenSSH ProxyCommand).
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Connect(args) => connect::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run_cmd::run(*args),
+        Command::Pool(args) => pool::run(args),
         Command::GuestInit(args) => run_cmd::guest_init(args),
         Command::Exec(args) => run_cmd::exec(args),
         Command::Login(args) => broker_cmd::login(args),

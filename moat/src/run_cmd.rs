@@ -105,10 +105,16 @@ pub(crate) struct RunArgs {
     /// gets this run's own CA, placeholders and audit log, as a booted one does.
     #[arg(long, value_name = "DIR")]
     from_snapshot: Option<PathBuf>,
+    /// vm backend: claim a machine from the warm pool on this socket (`moat pool`) instead of
+    /// booting: restored from its template, RNG reseeded and disks mounted ahead; this run
+    /// attaches its own proxy, CA, placeholders and audit log, and the command. Commands only
+    /// (no interactive shell yet); the root image is the pool's.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["from_snapshot", "snapshot_to", "home_disk", "image", "gpu"])]
+    pool: Option<PathBuf>,
     /// vm backend: moat-vmm's control socket for this workspace at PATH (owner-only), where
     /// an operator pauses, resumes and snapshots the running VM (vmm/README.md). A snapshot
     /// resets the VM's vsock connections: flows in progress fail, and the workspace goes on.
-    #[arg(long, value_name = "PATH", conflicts_with = "snapshot_to")]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["snapshot_to", "pool"])]
     api_sock: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
@@ -395,6 +401,12 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                 let unpacked = workspace_root::from_image(image)?;
                 images.rootfs = workspace_root::image_disk(&unpacked)?;
             }
+            if args.pool.is_some() && args.command.is_empty() {
+                bail!(
+                    "--pool runs a command (moat run --pool SOCKET -- CMD...); an interactive \
+                     shell from a pool is not built yet: start one without --pool"
+                );
+            }
             if let Some(dir) = &args.from_snapshot {
                 // The template's machine: its memory and vCPUs, whatever the defaults are.
                 let t = vm_backend::Template::read(dir)?;
@@ -413,8 +425,8 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
             }
         }
         Backend::Namespace(root) => {
-            if args.snapshot_to.is_some() || args.from_snapshot.is_some() {
-                bail!("--snapshot-to and --from-snapshot need the vm backend ({why})");
+            if args.snapshot_to.is_some() || args.from_snapshot.is_some() || args.pool.is_some() {
+                bail!("--snapshot-to, --from-snapshot and --pool need the vm backend ({why})");
             }
             if args.api_sock.is_some() {
                 bail!(
@@ -591,8 +603,25 @@ fn run_in(
             h
         }
     };
+    // A pool's machine is claimed first: its sockets are where its moat-vmm already looks.
+    let mut claimed = match (&backend, &args.pool) {
+        (Backend::Vm(..), Some(socket)) => {
+            let c = crate::pool::claim(socket)?;
+            eprintln!(
+                "moat: claimed a {} MiB, {} vCPU machine from the pool on {}",
+                c.mem_mib,
+                c.vcpus,
+                socket.display()
+            );
+            Some(Box::new(c))
+        }
+        _ => None,
+    };
     // The vm backend's sockets get a directory of their own: moat-vmm's jail sees only it.
     let uds = match &backend {
+        Backend::Vm(..) if claimed.is_some() => {
+            claimed.as_ref().map(|c| c.uds.clone()).unwrap_or_default()
+        }
         Backend::Vm(..) => {
             let dir = run_dir.join("sock");
             std::fs::create_dir(&dir)
@@ -757,10 +786,11 @@ fn run_in(
                     boot_log: args.boot_log,
                     gpus: args.gpu.clone(),
                     api_sock: args.api_sock.clone(),
-                    mode: match (&args.snapshot_to, &args.from_snapshot) {
-                        (Some(dir), _) => vm_backend::VmMode::Template(dir.clone()),
-                        (None, Some(dir)) => vm_backend::VmMode::Restore(dir.clone()),
-                        (None, None) => vm_backend::VmMode::Boot,
+                    mode: match (&args.snapshot_to, &args.from_snapshot, claimed.take()) {
+                        (_, _, Some(c)) => vm_backend::VmMode::Claim(c),
+                        (Some(dir), _, None) => vm_backend::VmMode::Template(dir.clone()),
+                        (None, Some(dir), None) => vm_backend::VmMode::Restore(dir.clone()),
+                        (None, None, None) => vm_backend::VmMode::Boot,
                     },
                     workspace: VmWorkspace {
                         hostname,
@@ -787,7 +817,7 @@ fn run_in(
                                 service_port: r.target.port(),
                             })
                             .collect(),
-                        generation: if args.from_snapshot.is_some() {
+                        generation: if args.from_snapshot.is_some() || args.pool.is_some() {
                             vm_backend::new_generation()
                         } else {
                             0

@@ -6,6 +6,7 @@
 //! VM gets the kernel and initramfs built by `cargo xtask images`, the root image read-only
 //! and a home disk read-write; its serial console is this terminal.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -141,7 +142,7 @@ pub(crate) struct VmRun<'a> {
 }
 
 /// How the VM starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum VmMode {
     /// Boot the kernel and run the workspace.
     Boot,
@@ -149,6 +150,9 @@ pub(crate) enum VmMode {
     Template(PathBuf),
     /// Restore the template in this directory and run the workspace.
     Restore(PathBuf),
+    /// Run the workspace in a machine claimed from a warm pool (`moat pool`): restored,
+    /// reseeded, disks mounted, paused.
+    Claim(Box<crate::pool::Claimed>),
 }
 
 /// What a template records beside moat-vmm's snapshot: the machine a restore must configure.
@@ -226,6 +230,16 @@ fn vmm_request(
     Ok(())
 }
 
+/// One request on moat-vmm's control socket at `api`, answered.
+pub(crate) fn vmm_call(api: &Path, line: &str, fd: Option<&std::fs::File>) -> Result<()> {
+    let conn = std::os::unix::net::UnixStream::connect(api)
+        .with_context(|| format!("cannot reach moat-vmm's control socket {}", api.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut reader = std::io::BufReader::new(conn.try_clone()?);
+    vmm_request(&conn, line, fd)?;
+    vmm_answer(&mut reader)
+}
+
 fn vmm_answer(reader: &mut impl std::io::BufRead) -> Result<()> {
     let mut answer = String::new();
     reader
@@ -294,7 +308,7 @@ pub(crate) fn terminal_size() -> (u16, u16) {
 }
 
 /// Creates a fresh, sparse ext4 home disk whose root directory belongs to the agent.
-fn make_home_disk(path: &Path, size_mib: u64) -> Result<()> {
+pub(crate) fn make_home_disk(path: &Path, size_mib: u64) -> Result<()> {
     let id = moat_guest_init::vm::AGENT_ID;
     // Captured: stdout is the agent's (mke2fs says "Creating regular file" even with -q).
     let out = Command::new("mkfs.ext4")
@@ -316,40 +330,83 @@ fn make_home_disk(path: &Path, size_mib: u64) -> Result<()> {
     Ok(())
 }
 
-/// Serves the control socket: the first guest connection gets the workspace, then every
-/// signal from `signals` (SIGTERM, SIGHUP to `moat run`, for the agent); its one answer is the
-/// outcome. A later connection that asks to reattach ([`control::VmReattach`]: guest-init,
-/// after a snapshot reset the VM's vsock transport) takes the stream's place, and signals
-/// sent meanwhile go on it; any other is closed unanswered.
+/// Where the guest's control stream comes from.
+#[derive(Debug)]
+enum ControlSource {
+    /// The machine connects here; a restored one first says it reseeded its RNG.
+    Listener {
+        listener: tokio::net::UnixListener,
+        restored: bool,
+    },
+    /// A pool's machine: connected, reseeded and prepared before its claim.
+    Stream(tokio::net::UnixStream),
+}
+
+/// Serves the control stream: the guest gets the workspace, then every signal from `signals`
+/// (SIGTERM, SIGHUP to `moat run`, for the agent); its one answer is the outcome. From a
+/// listener, a later connection that asks to reattach ([`control::VmReattach`]: guest-init,
+/// after a snapshot reset the VM's vsock transport) takes the stream's place, and signals sent
+/// meanwhile go on it; any other is closed unanswered. (A pool's machine has no listener here:
+/// its control socket is the pool's.)
 async fn serve_control(
-    listener: tokio::net::UnixListener,
+    source: ControlSource,
     workspace: VmWorkspace,
     outcome: Arc<Mutex<Option<VmOutcome>>>,
     mut signals: tokio::sync::mpsc::UnboundedReceiver<VmSignal>,
 ) {
-    let Ok((stream, _)) = listener.accept().await else {
-        return;
-    };
     let (conn_tx, mut conns) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((s, _)) => {
-                    if conn_tx.send(s).await.is_err() {
-                        return;
+    let (stream, restored) = match source {
+        ControlSource::Stream(s) => (s, false),
+        ControlSource::Listener { listener, restored } => {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((s, _)) => {
+                            if conn_tx.send(s).await.is_err() {
+                                return;
+                            }
+                        }
+                        // Out of descriptors and the like: do not spin.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 }
-                // Out of descriptors and the like: do not spin.
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+            });
+            (stream, restored)
         }
-    });
+    };
     let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read);
+    if restored {
+        let mut line = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(60),
+            (&mut reader).take(1024).read_until(b'\n', &mut line),
+        )
+        .await;
+        let checked = match read {
+            Ok(Ok(_)) => check_reseeded(&mut std::io::Cursor::new(line)),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(anyhow::anyhow!(
+                "no word from the restored guest within 60 s"
+            )),
+        };
+        if let Err(e) = checked {
+            let error = moat_egress::error_chain(e.as_ref());
+            tracing::error!(%error, "refusing the restored machine");
+            if let Ok(mut slot) = outcome.lock() {
+                *slot = Some(VmOutcome::Failed { error });
+            }
+            return;
+        }
+    }
     if let Err(e) = write.write_all(&control::encode(&workspace)).await {
         tracing::warn!(error = %e, "cannot send the workspace to the guest");
         return;
     }
-    let mut reader = control_reader(read);
+    let mut reader = reader.take(control::MAX_LINE as u64 + 1);
     let mut line = Vec::new();
     // Whether `reader` and `write` are a live stream; signals wait in `held` while not.
     let mut live = true;
@@ -510,27 +567,62 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(10);
 const JAIL_ID: u32 = 65534;
 
 /// As root, the jailed VMM (uid and gid 65534) must reach the host-side sockets its guest
-/// connects to. The socket directory and the proxy's, the audit and the control sockets get
-/// the jail's group, with group access only: the jail may traverse the directory and connect,
-/// but neither rename nor remove anything. The run directory above stays 0700 root, so no one
-/// else on the host reaches them.
-fn hand_sockets_to_jail(uds: &Path, control: &Path) -> Result<()> {
+/// connects to. The socket directory and the `sockets` in it (the proxy's, the audit and the
+/// control sockets) get the jail's group, with group access only: the jail may traverse the
+/// directory and connect, but neither rename nor remove anything. The run directory above
+/// stays 0700 root, so no one else on the host reaches them.
+pub(crate) fn hand_sockets_to_jail(uds: &Path, sockets: &[&Path]) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = uds.parent().context("socket path without a directory")?;
-    let audit = moat_egress::port_path(uds, moat_guest_init::control::AUDIT_VSOCK_PORT);
-    let egress = moat_egress::port_path(uds, moat_guest_init::control::EGRESS_VSOCK_PORT);
-    for (path, mode) in [
-        (dir, 0o710),
-        (egress.as_path(), 0o660),
-        (audit.as_path(), 0o660),
-        (control, 0o660),
-    ] {
+    for (path, mode) in std::iter::once((dir, 0o710)).chain(sockets.iter().map(|s| (*s, 0o660))) {
         nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(JAIL_ID)))
             .map_err(std::io::Error::from)
             .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
             .with_context(|| format!("cannot hand {} to the VMM's jail", path.display()))?;
     }
     Ok(())
+}
+
+/// The guest-side sockets of a workspace's host: the egress proxy's and the audit socket.
+fn workspace_sockets(uds: &Path) -> [PathBuf; 2] {
+    [
+        moat_egress::port_path(uds, moat_guest_init::control::EGRESS_VSOCK_PORT),
+        moat_egress::port_path(uds, moat_guest_init::control::AUDIT_VSOCK_PORT),
+    ]
+}
+
+/// The VM dies with the process (the thread) that started it, whichever way that ends:
+/// nothing in it may outlive its proxy.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Reads a restored guest's first line, which must say it reseeded its RNG
+/// ([`control::VmRestored`]); a machine that does not gets no workspace.
+pub(crate) fn check_reseeded(reader: &mut impl std::io::BufRead) -> Result<()> {
+    let line = control::read_line(reader)
+        .context("the restored guest did not say it reseeded its RNG; it gets no workspace")?;
+    match control::parse::<control::VmRestored>(&line) {
+        Ok(control::VmRestored::Reseeded { bytes }) if bytes >= 32 => Ok(()),
+        Ok(control::VmRestored::Reseeded { bytes }) => bail!(
+            "the restored guest reseeded its RNG with only {bytes} bytes; it gets no workspace"
+        ),
+        Err(_) => bail!(
+            "the restored guest's first line was not that it reseeded its RNG ({:?}); it gets \
+             no workspace",
+            String::from_utf8_lossy(&line)
+                .chars()
+                .take(80)
+                .collect::<String>()
+        ),
+    }
 }
 
 /// Checks where `--api-sock` will be bound before anything starts: a directory that exists,
@@ -566,7 +658,7 @@ fn remove_socket(path: &Path) {
 }
 
 /// What moat-vmm's exit code means (vmm/src/exit.rs).
-fn vmm_exit_meaning(code: Option<i32>) -> &'static str {
+pub(crate) fn vmm_exit_meaning(code: Option<i32>) -> &'static str {
     match code {
         Some(0) => "the guest reset the machine",
         Some(1) => "a VMM error",
@@ -592,8 +684,84 @@ fn kernel_for(images: &VmImages, gpus: &[String]) -> Result<PathBuf> {
     }
 }
 
-/// Boots the workspace VM and waits for it; returns the agent's exit code.
+/// The running VM: moat-vmm as this process's child, or a machine claimed from a pool.
+#[derive(Debug)]
+enum Running {
+    Child(std::process::Child),
+    Claimed(Box<crate::pool::Claimed>),
+}
+
+/// How a stop reaches the running VM from the SIGTERM task.
+#[derive(Debug)]
+enum Stopper {
+    /// SIGTERM to moat-vmm (it restores the terminal on its way out), SIGKILL 5 s later.
+    Pid(nix::unistd::Pid),
+    /// Closing the claim: the pool kills the machine.
+    Claim(std::os::unix::net::UnixStream),
+}
+
+impl Stopper {
+    async fn stop(self) {
+        match self {
+            Self::Pid(pid) => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            Self::Claim(conn) => {
+                let _ = conn.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl Running {
+    fn stopper(&self) -> Result<Stopper> {
+        Ok(match self {
+            Self::Child(c) => Stopper::Pid(nix::unistd::Pid::from_raw(
+                i32::try_from(c.id()).unwrap_or(i32::MAX),
+            )),
+            Self::Claimed(c) => Stopper::Claim(c.conn.try_clone()?),
+        })
+    }
+
+    /// Waits for the VM to end; moat-vmm's exit code (None: by a signal).
+    fn wait(self) -> Result<Option<i32>> {
+        match self {
+            Self::Child(mut c) => Ok(c.wait()?.code()),
+            Self::Claimed(c) => Ok(c.wait()),
+        }
+    }
+}
+
+/// Boots the workspace VM (or restores it, or claims it from a pool) and waits for it;
+/// returns the agent's exit code.
 pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
+    let outcome = Arc::new(Mutex::new(None));
+    let (signal_tx, signal_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let VmMode::Claim(claimed) = run.mode {
+        let stream = {
+            let _guard = rt.enter();
+            claimed.control.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(claimed.control.try_clone()?)?
+        };
+        if nix::unistd::geteuid().is_root() {
+            let sockets = workspace_sockets(run.uds);
+            hand_sockets_to_jail(run.uds, &[&sockets[0], &sockets[1]])?;
+        }
+        let control = rt.spawn(serve_control(
+            ControlSource::Stream(stream),
+            run.workspace.clone(),
+            Arc::clone(&outcome),
+            signal_rx,
+        ));
+        // The agent's output is this process's: the console goes to our stdout from now on.
+        let stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+        vmm_call(&claimed.api, "console\n", Some(&stdout))
+            .and_then(|()| vmm_call(&claimed.api, "resume\n", None))
+            .context("cannot take over the pool's machine")?;
+        return wait_for_vm(rt, Running::Claimed(claimed), control, &outcome, signal_tx);
+    }
     let kernel = kernel_for(&run.images, &run.gpus)?;
     let home = match &run.home_disk {
         Some(p) => p.clone(),
@@ -603,20 +771,21 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             p
         }
     };
-    let outcome = Arc::new(Mutex::new(None));
     let control_path = moat_egress::port_path(run.uds, CONTROL_VSOCK_PORT);
     let listener = {
         let _guard = rt.enter();
         tokio::net::UnixListener::bind(&control_path)
             .with_context(|| format!("cannot listen on {}", control_path.display()))?
     };
-    let (signal_tx, signal_rx) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let control = if matches!(run.mode, VmMode::Template(_)) {
         rt.spawn(serve_template(listener, ready_tx))
     } else {
         rt.spawn(serve_control(
-            listener,
+            ControlSource::Listener {
+                listener,
+                restored: matches!(run.mode, VmMode::Restore(_)),
+            },
             run.workspace.clone(),
             Arc::clone(&outcome),
             signal_rx,
@@ -625,7 +794,8 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
     let api = run.run_dir.join("vmm-api.sock");
     let jail_dir = run.run_dir.join("jail");
     if nix::unistd::geteuid().is_root() {
-        hand_sockets_to_jail(run.uds, &control_path)?;
+        let sockets = workspace_sockets(run.uds);
+        hand_sockets_to_jail(run.uds, &[&sockets[0], &sockets[1], &control_path])?;
     }
     let mut cmd = Command::new(&run.vmm);
     // The jail (vmm/README.md): moat-vmm opens the kernel, disks and its vsock listener, then
@@ -636,7 +806,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         VmMode::Restore(dir) => {
             cmd.arg("--restore").arg(dir);
         }
-        VmMode::Boot | VmMode::Template(_) => {
+        VmMode::Boot | VmMode::Template(_) | VmMode::Claim(_) => {
             cmd.arg("--kernel")
                 .arg(&kernel)
                 .arg("--initrd")
@@ -674,23 +844,11 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         // A command without a terminal gets no console input (guest-init gives it /dev/null).
         cmd.args(["--serial-in", "off"]);
     }
-    // The VM dies with moat, whichever way moat ends: nothing in it may outlive its proxy.
-    // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                .map_err(std::io::Error::from)
-        });
-    }
+    die_with_parent(&mut cmd);
     tracing::debug!(?cmd, "starting moat-vmm");
     let mut vmm = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", run.vmm.display()))?;
-    // SIGTERM to moat is passed on to the agent over the control stream, so that it can shut
-    // down in order and its exit status comes back; a VM still running after
-    // TERMINATE_GRACE is stopped: SIGTERM to moat-vmm (it restores the terminal on its way
-    // out), SIGKILL 5 s later. SIGHUP is passed on likewise, and nothing more.
     if let VmMode::Template(dir) = &run.mode {
         let template = Template {
             mem_mib: run.mem_mib,
@@ -698,7 +856,25 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         };
         return make_template(&mut vmm, &ready_rx, &api, dir, &template);
     }
-    let vmm_pid = nix::unistd::Pid::from_raw(i32::try_from(vmm.id()).unwrap_or(i32::MAX));
+    let code = wait_for_vm(rt, Running::Child(vmm), control, &outcome, signal_tx);
+    if let Some(path) = &run.api_sock {
+        remove_socket(path);
+    }
+    code
+}
+
+/// Waits for the running VM and says how the agent ended. SIGTERM to moat is passed on to
+/// the agent over the control stream, so that it can shut down in order and its exit status
+/// comes back; a VM still running after TERMINATE_GRACE is stopped. SIGHUP is passed on
+/// likewise, and nothing more.
+fn wait_for_vm(
+    rt: &tokio::runtime::Runtime,
+    vm: Running,
+    control: tokio::task::JoinHandle<()>,
+    outcome: &Mutex<Option<VmOutcome>>,
+    signal_tx: tokio::sync::mpsc::UnboundedSender<VmSignal>,
+) -> Result<i32> {
+    let stopper = vm.stopper()?;
     let terminated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -712,9 +888,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
                 terminated.store(true, std::sync::atomic::Ordering::SeqCst);
                 let _ = term_tx.send(VmSignal::Terminate);
                 tokio::time::sleep(TERMINATE_GRACE).await;
-                let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGTERM);
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                let _ = nix::sys::signal::kill(vmm_pid, nix::sys::signal::Signal::SIGKILL);
+                stopper.stop().await;
             }
         });
         rt.spawn(async move {
@@ -726,10 +900,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             }
         });
     }
-    let status = vmm.wait()?;
-    if let Some(path) = &run.api_sock {
-        remove_socket(path);
-    }
+    let code = vm.wait()?;
     // The outcome may still be on its way through the VMM's last vsock packets.
     let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), control).await });
     let reported = outcome.lock().ok().and_then(|mut o| o.take());
@@ -747,10 +918,8 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             eprintln!(
                 "moat: the workspace VM stopped before guest-init reported an outcome \
                  (moat-vmm exit {}: {}); rerun with --boot-log to see the kernel's messages",
-                status
-                    .code()
-                    .map_or_else(|| "by signal".to_owned(), |c| c.to_string()),
-                vmm_exit_meaning(status.code())
+                code.map_or_else(|| "by signal".to_owned(), |c| c.to_string()),
+                vmm_exit_meaning(code)
             );
             Ok(125)
         }
@@ -760,6 +929,90 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restored machine's control stream, served as `moat run --from-snapshot` does: what the
+    /// guest gets after saying `first`, and the outcome recorded.
+    fn restored_guest_says(first: &[u8]) -> (Vec<u8>, Option<VmOutcome>) {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(&path).unwrap()
+        };
+        let outcome = Arc::new(Mutex::new(None));
+        let (_signals, signal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let workspace: VmWorkspace = control::parse(
+            br#"{"hostname":"w","command":["true"],"env":[],"ca_pem":"","interactive":false,"rows":0,"cols":0,"generation":9}"#,
+        )
+        .unwrap();
+        let task = rt.spawn(serve_control(
+            ControlSource::Listener {
+                listener,
+                restored: true,
+            },
+            workspace,
+            Arc::clone(&outcome),
+            signal_rx,
+        ));
+        let mut guest = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        guest.write_all(first).unwrap();
+        guest
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let got = rt.block_on(async {
+            tokio::task::spawn_blocking(move || {
+                let mut got = Vec::new();
+                let mut byte = [0u8; 1];
+                // Up to the first line, or the end of the stream.
+                while guest.read(&mut byte).unwrap_or(0) == 1 {
+                    got.push(byte[0]);
+                    if byte[0] == b'\n' {
+                        break;
+                    }
+                }
+                got
+            })
+            .await
+            .unwrap()
+        });
+        if got.is_empty() {
+            rt.block_on(task).unwrap();
+        }
+        let recorded = outcome.lock().unwrap().take();
+        (got, recorded)
+    }
+
+    #[test]
+    fn a_restored_machine_that_says_it_reseeded_gets_the_workspace() {
+        let (got, outcome) = restored_guest_says(b"{\"reseeded\":{\"bytes\":64}}\n");
+        let workspace: VmWorkspace = control::parse(&got[..got.len() - 1]).unwrap();
+        assert_eq!(workspace.generation, 9);
+        assert!(outcome.is_none());
+    }
+
+    #[test]
+    fn a_restored_machine_that_does_not_say_it_reseeded_gets_no_workspace() {
+        for first in [
+            &b"\"standing_by\"\n"[..],
+            b"{\"reseeded\":{\"bytes\":8}}\n",
+            b"\n",
+        ] {
+            let (got, outcome) = restored_guest_says(first);
+            assert!(got.is_empty(), "a workspace was sent: {got:?}");
+            let Some(VmOutcome::Failed { error }) = outcome else {
+                panic!("no refusal recorded: {outcome:?}");
+            };
+            assert!(
+                error.contains("reseeded") || error.contains("RNG"),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn cmdline_is_quiet_unless_the_boot_log_is_wanted() {

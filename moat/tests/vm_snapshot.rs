@@ -98,7 +98,152 @@ fn a_template_is_refused_by_a_run_that_is_not_a_vm() {
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(
-        text(&out.stderr).contains("--from-snapshot need the vm backend"),
+        text(&out.stderr).contains("--from-snapshot and --pool need the vm backend"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A pool on `socket` keeping `size` machines restored from `template` (stderr to `log`).
+fn start_pool(
+    images: &Path,
+    template: &Path,
+    size: u16,
+    socket: &Path,
+    log: &Path,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg("pool")
+        .arg("--template")
+        .arg(template)
+        .args(["--size", &size.to_string()])
+        .arg("--socket")
+        .arg(socket)
+        .env("MOAT_IMAGES", images)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_warm_pool_hands_each_concurrent_claim_a_workspace_of_its_own() {
+    const NAME: &str = "a_warm_pool_hands_each_concurrent_claim_a_workspace_of_its_own";
+    let Some(images) = vm_images(NAME) else {
+        return;
+    };
+    // Three claimants, each a workspace of its own (policy, proxy, audit log, upstream).
+    let claimants: Vec<Workspace> = (0..3)
+        .map(|_| Workspace::with_backend("vm", Some(images.clone())))
+        .collect();
+    let template = claimants[0].dir.path().join("template");
+    let made = claimants[0]
+        .moat_run()
+        .arg("--snapshot-to")
+        .arg(&template)
+        .output()
+        .unwrap();
+    assert_eq!(made.status.code(), Some(0), "{}", text(&made.stderr));
+    let socket = claimants[0].dir.path().join("pool.sock");
+    let pool_log = claimants[0].dir.path().join("pool.log");
+    // Two machines for three claims at once: the third waits for the pool to refill.
+    let mut pool = start_pool(&images, &template, 2, &socket, &pool_log);
+    let runs: Vec<std::process::Child> = claimants
+        .iter()
+        .enumerate()
+        .map(|(i, ws)| {
+            let script = format!(
+                "{}; curl -sS -o /dev/null -w 'allowed=%{{http_code}}\\n' {}; \
+                 curl -sS -o /dev/null {} ; echo denied=$?; exit {}",
+                fork_script(&format!("claim-{i}")),
+                ws.url("allowed.test", "/hello"),
+                ws.url("denied.test", "/hello"),
+                10 + i
+            );
+            ws.moat_run()
+                .arg("--pool")
+                .arg(&socket)
+                .args(["--", "sh", "-c", &script])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<std::process::Output> = runs
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let pool_said = std::fs::read_to_string(&pool_log).unwrap_or_default();
+    for (i, out) in outs.iter().enumerate() {
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        let context = format!("claim {i}:\n{stdout}\n{stderr}\npool:\n{pool_said}");
+        // The command's own status comes back through the claim.
+        assert_eq!(
+            out.status.code(),
+            Some(10 + i32::try_from(i).unwrap()),
+            "{context}"
+        );
+        assert!(stderr.contains("claimed a"), "{context}");
+        assert_eq!(field(&stdout, "command"), format!("claim-{i}"), "{context}");
+        // The claimant's own proxy and policy: the allowed host answers, the denied one not.
+        assert_eq!(field(&stdout, "allowed"), "200", "{context}");
+        assert_ne!(field(&stdout, "denied"), "0", "{context}");
+        assert_ne!(field(&stdout, "generation"), "0", "{context}");
+        // Its own audit log saw its flows.
+        let audit = claimants[i].audit();
+        assert!(
+            audit.iter().any(|r| r.to_string().contains("allowed.test")),
+            "claim {i}'s audit log: {audit:?}"
+        );
+    }
+    // No two claims share an RNG stream, a CA, a placeholder or a generation.
+    for a in 0..outs.len() {
+        for b in a + 1..outs.len() {
+            let (x, y) = (text(&outs[a].stdout), text(&outs[b].stdout));
+            for key in ["urandom", "ca", "placeholder", "generation"] {
+                assert_ne!(field(&x, key), field(&y, key), "{key}: claims {a} and {b}");
+            }
+        }
+    }
+    // Stopped, the pool takes its machines with it and its socket is gone: a claim says how
+    // to start one.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pool.id().cast_signed()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = pool.wait().unwrap();
+    let pool_said = std::fs::read_to_string(&pool_log).unwrap_or_default();
+    assert!(status.success(), "{pool_said}");
+    assert!(!socket.exists(), "{pool_said}");
+    // Their parent-death signal stops them as the pool exits (a hang guard, not a timing).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = std::process::Command::new("pgrep")
+            .args(["-f", &template.display().to_string()])
+            .output()
+            .unwrap();
+        if text(&left.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "machines outlived the pool: {}",
+            text(&left.stdout)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = claimants[0]
+        .moat_run()
+        .arg("--pool")
+        .arg(&socket)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("moat pool --template"),
         "{}",
         text(&out.stderr)
     );

@@ -4,6 +4,9 @@
 //! line, `OK` or `ERR <why>`:
 //!
 //! - `pause`: every vCPU leaves KVM_RUN and waits (devices keep running).
+//! - `console`, carrying a descriptor: the serial console's output goes there from now on
+//!   (with the same cap as `--serial-out`). A warm pool's machine is claimed by a process that
+//!   did not start the VMM: the agent's output is then written to the claimant's stdout.
 //! - `resume`: devices stopped by a snapshot start again, then the vCPUs.
 //! - `snapshot`, carrying the state file's descriptor (SCM_RIGHTS), then `memory`, carrying
 //!   the memory file's: the paused machine is written to them ([`crate::snapshot`]). The
@@ -68,6 +71,8 @@ pub struct Machine {
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// COM1.
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// The console output's cap in bytes (`--serial-cap`), for a console attached later.
+    pub console_cap: u64,
     /// This host's CPU, for the snapshot's header.
     pub cpu: CpuIdentity,
     /// This host's XSAVE area in bytes.
@@ -125,6 +130,15 @@ impl Machine {
         for v in &self.vcpus {
             v.gate.resume();
         }
+    }
+
+    /// Sends the serial console's output to `out` from now on; what was held back for the
+    /// old sink (a line not yet ended) goes to it first.
+    pub fn attach_console(&self, out: File) {
+        let mut serial = lock(&self.serial);
+        let writer = serial.writer_mut();
+        let _ = writer.flush();
+        *writer = crate::devices::serial::CappedWriter::new(Box::new(out), self.console_cap);
     }
 
     /// Writes the paused machine: its state to `state`, its RAM to `memory`.
@@ -337,6 +351,11 @@ fn handle(
             machine.resume();
             Ok(())
         }
+        "console" => {
+            let out = fd.take().ok_or("console needs the output's descriptor")?;
+            machine.attach_console(out);
+            Ok(())
+        }
         "snapshot" => {
             let mut state = fd
                 .take()
@@ -352,7 +371,7 @@ fn handle(
         }
         _ => {
             *fd = None;
-            Err("unknown request (pause, resume, snapshot)".to_owned())
+            Err("unknown request (pause, resume, console, snapshot)".to_owned())
         }
     }
 }
@@ -398,6 +417,14 @@ impl Client {
     /// Resumes the VM.
     pub fn resume(&mut self) -> std::io::Result<()> {
         self.request("resume")
+    }
+
+    /// Sends the serial console's output to `out` from now on.
+    pub fn attach_console(&mut self, out: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+        self.conn
+            .send_with_fd(&b"console\n"[..], out.as_raw_fd())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        self.answer()
     }
 
     /// Snapshots the paused VM into `dir` (created if missing; `state` and `memory`, mode

@@ -594,6 +594,7 @@ pub fn run_with(
             vcpus: vcpu_handles,
             transports,
             serial: serial.clone(),
+            console_cap: cfg.serial_cap,
             cpu: vm.cpu_identity().map_err(Error::Kvm)?,
             xsave_size: vm.xsave_size(),
             passthrough: pci,

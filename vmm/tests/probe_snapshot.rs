@@ -239,3 +239,41 @@ fn the_control_socket_answers_bad_requests_with_an_error_and_the_vm_goes_on() {
     let status = vmm.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{}", vmm.console());
 }
+
+#[test]
+fn a_console_attached_over_the_control_socket_gets_the_output_from_then_on() {
+    require_kvm!();
+    let dir = common::scratch("snap-console");
+    let api = dir.join("api.sock");
+    let serial = dir.join("serial.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(common::probe_guest())
+        .args(["--mem", "64", "--rng", "--timeout", "120"])
+        .args(["--cmdline", "probe.ticks=8"])
+        .arg("--api-sock")
+        .arg(&api)
+        .arg("--serial-out")
+        .arg(&serial)
+        .spawn()
+        .unwrap();
+    let mut vmm = common::Live { child, serial };
+    vmm.wait_for_line(&tick_line(1), 60);
+    let mut client = vmm.ok("connect", Client::connect(&api));
+    vmm.ok("pause", client.pause());
+    // Without a descriptor the request is refused and the old sink stays.
+    let e = client.request("console").unwrap_err().to_string();
+    assert!(e.contains("descriptor"), "{e}");
+    let claimed = dir.join("claimed.log");
+    let out = std::fs::File::create(&claimed).unwrap();
+    vmm.ok("console", client.attach_console(&out));
+    vmm.ok("resume", client.resume());
+    let status = vmm.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vmm.console());
+    let before = vmm.console();
+    let after = std::fs::read_to_string(&claimed).unwrap();
+    assert!(before.contains(&tick_line(1)), "{before}");
+    assert!(!before.contains("probe: done"), "{before}");
+    assert!(after.contains("probe: done"), "{after}");
+    assert!(after.contains(&tick_line(8)), "{after}");
+}

@@ -27,7 +27,7 @@ verbs:
   check             CI's checks beside fmt and clippy: cargo deny (licences, bans, sources),
                     cargo machete (unused dependencies), every fuzz target builds, cargo doc,
                     the Kubernetes manifests against pinned schemas (`check manifests`: only that)
-  bench [--quick] [--intercept-only|--scan-only] [egress|vmm|broker|k8s]
+  bench [--quick] [--intercept-only|--scan-only] [egress|vmm|broker|k8s|snapshot]
                     egress proxy beside direct loopback and squid, interception beside
                     mitmproxy, the netstack beside loopback TCP, then moat-vmm
                     (start-up, memory, vsock throughput); tables + JSON in bench-results/;
@@ -36,7 +36,10 @@ verbs:
                     and throughput through broker and tunnel beside direct ssh, 1000
                     sessions on one tunnel;
                     k8s (only when named; root, containerd): moat pods started at once
-                    through containerd, time to the agent's first output, idle memory
+                    through containerd, time to the agent's first output, idle memory;
+                    snapshot (only when named; root; inside L1 where /dev/kvm is not
+                    real KVM): cold boot against template restores and warm-pool
+                    claims, template size, memory of pooled and running forks
   fuzz [SECONDS]    run every fuzz target for SECONDS each (default 60)
   images [kernel|kernel-gpu|kernel-smp|initramfs|rootfs|all]
                     build the VM images (cached in target/moat-images by a hash of their
@@ -79,7 +82,11 @@ fn run() -> Result<()> {
         "bench" => {
             setup::ensure(&[setup::Job::Bench, setup::Job::Kernel, setup::Job::Initramfs])?;
             let only = |what: &str| rest.iter().any(|a| a == what);
-            let all = !only("egress") && !only("vmm") && !only("broker") && !only("k8s");
+            let all = !only("egress")
+                && !only("vmm")
+                && !only("broker")
+                && !only("k8s")
+                && !only("snapshot");
             if all || only("egress") {
                 bench::run(rest)?;
             }
@@ -92,6 +99,10 @@ fn run() -> Result<()> {
             // Only when named: it needs root and containerd.
             if only("k8s") {
                 bench::k8s()?;
+            }
+            // Only when named: minutes of VM boots, inside L1 on hosts without real KVM.
+            if only("snapshot") {
+                bench::snapshot()?;
             }
             Ok(())
         }

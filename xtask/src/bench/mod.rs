@@ -24,6 +24,7 @@ mod env;
 mod intercept;
 mod k8s;
 mod netstack;
+mod snapshot;
 mod workloads;
 
 use std::path::Path;
@@ -33,6 +34,7 @@ use anyhow::Result;
 use crate::{root, run_cmd};
 
 pub(crate) use k8s::run as k8s;
+pub(crate) use snapshot::run as snapshot;
 
 const HOST: &str = "bench.test";
 const REPS: usize = 5;
