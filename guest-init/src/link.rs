@@ -134,6 +134,11 @@ impl Link {
         }
     }
 
+    /// Whether the host is gone: the link's thread then stops the workspace and resets the VM.
+    pub(crate) fn host_gone(&self) -> bool {
+        matches!(*self.state(), State::Gone)
+    }
+
     /// Writes the outcome and waits (at most [`ACK_WITHIN`]) for the host to close the stream:
     /// its acknowledgement. A reattach under way is waited for first; a stream reset under
     /// the report (a snapshot as the agent ended) is reattached once and the outcome sent
@@ -195,36 +200,31 @@ fn read_signals(stream: &UnixStream, raise: &dyn Fn(control::VmSignal)) {
 /// How a report went.
 #[derive(Debug, PartialEq, Eq)]
 enum Delivery {
-    /// The host closed the stream after it (or did not within [`ACK_WITHIN`]: it goes on).
+    /// Written; the host closed the stream after it (or did not within [`ACK_WITHIN`]).
     Done,
-    /// The stream failed: the outcome may not have arrived.
+    /// The stream was reset before it could be written.
     Reset,
 }
 
 fn deliver(mut stream: UnixStream, outcome: &VmOutcome) -> Delivery {
     let sent = stream
         .write_all(&control::encode(outcome))
-        .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
-        .and_then(|()| stream.set_read_timeout(Some(ACK_WITHIN)));
+        .and_then(|()| stream.shutdown(std::net::Shutdown::Write));
     if sent.is_err() {
+        // The stream was reset before the outcome went (a snapshot as the agent ended).
         return Delivery::Reset;
     }
+    // The host's close ends the wait: as end of file, or as a reset once both sides are shut
+    // (how moat-vmm passes a close on). A snapshot that resets the stream in the moment after
+    // the write looks the same: that outcome is lost, and `moat run` says the VM stopped
+    // without one.
+    let _ = stream.set_read_timeout(Some(ACK_WITHIN));
     let mut sink = [0u8; 64];
     let deadline = Instant::now() + ACK_WITHIN;
     while Instant::now() < deadline {
         match stream.read(&mut sink) {
-            Ok(0) => return Delivery::Done,
+            Ok(0) | Err(_) => break,
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Delivery::Done;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Delivery::Reset,
         }
     }
     Delivery::Done

@@ -53,7 +53,15 @@ const NEW_ROOT: &str = "/mnt/root";
 /// Runs the workspace as PID 1 of the VM, then powers the VM off. Never returns.
 pub fn run_vm() -> ! {
     let mut control: Option<std::sync::Arc<Link>> = None;
-    let outcome = match init(&mut control) {
+    let ended = init(&mut control);
+    if control.as_ref().is_some_and(|c| c.host_gone()) {
+        // The link's thread is ending every process (the agent's end, or its wait's ECHILD,
+        // is what brought us here) and resets the VM: nothing to say, nobody to tell.
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    let outcome = match ended {
         Ok(code) => VmOutcome::Exited { code },
         Err(e) => {
             let error = error_chain(&e);
