@@ -1014,6 +1014,79 @@ mod tests {
         }
     }
 
+    /// After a snapshot reset the guest's vsock transport, the control stream ends without an
+    /// outcome: guest-init connects again and asks to reattach. Only that is answered; a signal
+    /// sent meanwhile, and the outcome, go on the new stream.
+    #[test]
+    fn a_guest_that_lost_its_control_stream_reattaches_and_nothing_else_does() {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(&path).unwrap()
+        };
+        let outcome = Arc::new(Mutex::new(None));
+        let (signals, signal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let workspace: VmWorkspace = control::parse(
+            br#"{"hostname":"w","command":["true"],"env":[],"ca_pem":"","interactive":false,"rows":0,"cols":0}"#,
+        )
+        .unwrap();
+        let task = rt.spawn(serve_control(
+            ControlSource::Listener {
+                listener,
+                restored: false,
+            },
+            workspace,
+            Arc::clone(&outcome),
+            signal_rx,
+        ));
+        let connect = || {
+            let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        let line = |s: &std::os::unix::net::UnixStream| {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(s).read_line(&mut line);
+            line
+        };
+        let first = connect();
+        assert!(line(&first).contains("\"hostname\":\"w\""));
+        // The snapshot: the stream ends, no outcome.
+        drop(first);
+        // Something else on the control port gets nothing and is closed.
+        let mut stranger = connect();
+        stranger.write_all(b"\"standing_by\"\n").unwrap();
+        assert_eq!(line(&stranger), "");
+        // guest-init asks; the signal sent while it was away comes after the answer.
+        signals.send(VmSignal::Terminate).unwrap();
+        let mut again = connect();
+        again
+            .write_all(&control::encode(&control::VmReattach::Reattach))
+            .unwrap();
+        let mut reader = std::io::BufReader::new(again.try_clone().unwrap());
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        assert_eq!(answer, "\"reattached\"\n");
+        let mut signal = String::new();
+        reader.read_line(&mut signal).unwrap();
+        assert_eq!(signal, "\"terminate\"\n");
+        again
+            .write_all(&control::encode(&VmOutcome::Exited { code: 56 }))
+            .unwrap();
+        rt.block_on(task).unwrap();
+        assert_eq!(
+            outcome.lock().unwrap().take(),
+            Some(VmOutcome::Exited { code: 56 })
+        );
+    }
+
     #[test]
     fn cmdline_is_quiet_unless_the_boot_log_is_wanted() {
         let plain = cmdline(false);
