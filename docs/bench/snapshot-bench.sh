@@ -62,17 +62,25 @@ sample pool_ready_ms $(( ($(now) - s) / 1000000 ))
 # The memory of a ready (paused, prepared) machine, before any claim.
 memory_of pooled $(pgrep -f "moat-vmm.*--restore $W/tpl")
 i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1)); run claim $MOAT run --backend vm --pool $W/pool.sock -- sh -c 'echo up'; done
+# Where a claim's time goes: the cost of starting the moat binary at all, and one more claim
+# with moat's debug log (its timestamps).
+i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1))
+  s=$(now); $MOAT --version >/dev/null; sample moat_exec_ms $(( ($(now) - s) / 1000000 ))
+done
+MOAT_LOG=debug $MOAT run --backend vm --pool $W/pool.sock -- sh -c 'echo up' 2>&1 | sed 's/^/trace /'
 kill $pool; wait $pool
 
 # moat-vmm alone: main() to the first vCPU entry (--stats), restore (paused) vs boot.
 truncate -s 64M $W/home.img
-ROOTFS=$(grep '^rootfs' $MOAT_IMAGES/current.toml | cut -d'"' -f2)
-KERNEL=$(grep '^kernel' $MOAT_IMAGES/current.toml | cut -d'"' -f2)
+ROOTFS=$(grep '^rootfs = ' $MOAT_IMAGES/current.toml | cut -d'"' -f2)
+KERNEL=$(grep '^kernel = ' $MOAT_IMAGES/current.toml | cut -d'"' -f2)
 i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1))
   $VMM --restore $W/tpl --mem 512 --vsock-uds $W/v$i --block-ro $ROOTFS --block $W/home.img --rng --start-paused --api-sock $W/api$i --serial-out $W/s$i --timeout 2 --stats 2>$W/stats$i >/dev/null
-  sample vmm_restore_to_kvm_run_us "$(grep -o 'main_to_first_kvm_run_us":[0-9]*' $W/stats$i | cut -d: -f2)"
+  v=$(grep -o 'main_to_first_kvm_run_us":[0-9]*' $W/stats$i | cut -d: -f2)
+  if [ -n "$v" ]; then sample vmm_restore_to_kvm_run_us "$v"; else echo "failed vmm_restore: $(tail -3 $W/stats$i)"; fi
   $VMM --kernel $KERNEL --mem 512 --vsock-uds $W/b$i --block-ro $ROOTFS --block $W/home.img --rng --serial-out $W/bs$i --timeout 2 --stats 2>$W/bstats$i >/dev/null
-  sample vmm_boot_to_kvm_run_us "$(grep -o 'main_to_first_kvm_run_us":[0-9]*' $W/bstats$i | cut -d: -f2)"
+  v=$(grep -o 'main_to_first_kvm_run_us":[0-9]*' $W/bstats$i | cut -d: -f2)
+  if [ -n "$v" ]; then sample vmm_boot_to_kvm_run_us "$v"; else echo "failed vmm_boot: $(tail -3 $W/bstats$i)"; fi
 done
 
 # Private memory of running forks against a booted VM (smaps_rollup of every moat-vmm).

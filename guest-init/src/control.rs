@@ -62,6 +62,10 @@ pub struct VmWorkspace {
     /// audit) afresh, and guest-init reseeded the kernel's RNG before reading it.
     #[serde(default)]
     pub generation: u64,
+    /// guest-init prints its steps after the workspace arrived, with their times, on the
+    /// console (`moat run --boot-log`).
+    #[serde(default)]
+    pub trace_steps: bool,
 }
 
 /// A name the VM's netstack answers with a service on loopback ([`moat_netstack::local`]).
@@ -261,6 +265,7 @@ mod tests {
                 service_port: 8000,
             }],
             generation: 3,
+            trace_steps: true,
         };
         let line = encode(&w);
         let mut r = io::BufReader::new(&line[..]);

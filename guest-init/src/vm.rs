@@ -222,6 +222,7 @@ fn receive_workspace() -> Result<Received, InitError> {
         stream.set_read_timeout(None).map_err(InitError::Control)?;
         if standby == control::VmStandby::Prepare {
             mount_disks(Path::new(NEW_ROOT))?;
+            warm_page_cache(Path::new(NEW_ROOT));
             (&stream)
                 .write_all(&control::encode(&control::VmStandingBy::Prepared))
                 .map_err(InitError::Control)?;
@@ -321,11 +322,19 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
     } = receive_workspace()?;
     let link = Link::new(stream);
     *control_out = Some(std::sync::Arc::clone(&link));
+    let steps = Steps::new(workspace.trace_steps);
+    steps.say(if disks_mounted {
+        "workspace received (disks mounted before the claim)"
+    } else {
+        "workspace received"
+    });
 
     if !disks_mounted {
         mount_disks(Path::new(NEW_ROOT))?;
+        steps.say("disks mounted");
     }
     enter_root(&workspace)?;
+    steps.say("root entered");
     crate::service::ServiceSpec::check_all(&workspace.services)?;
     lay_out_services(&workspace.services)?;
     if workspace.generation != 0 {
@@ -347,6 +356,7 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
         moat_netstack::LocalRoutes::new(workspace.local_routes.iter().map(Into::into).collect()),
     )
     .map_err(InitError::Network)?;
+    steps.say("netstack started");
     let _ = nix::unistd::sethostname(&workspace.hostname);
     // Nobody in the workspace may open PID 1's descriptors (the control stream) through /proc.
     let _ = nix::sys::prctl::set_dumpable(false);
@@ -402,6 +412,7 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
         start_sessions(service, &sandbox, &reporter)?;
     }
     sandbox.devices.push(CONSOLE.into());
+    steps.say("starting the agent");
     let status =
         run_agent(&agent, &sandbox, tty, &reporter, &mut services).map_err(InitError::Agent)?;
     services.stop(&reporter);
@@ -512,6 +523,45 @@ fn set_window_size(tty: &std::os::fd::OwnedFd, rows: u16, cols: u16) {
 }
 
 /// Mounts the disks and tmpfs, installs resolv.conf and the trust store, and switches root.
+/// guest-init's steps after the workspace arrived, printed with the milliseconds since then
+/// when the host asks (`moat run --boot-log`): where a start's time goes in the guest.
+struct Steps(Option<Instant>);
+
+impl Steps {
+    fn new(on: bool) -> Self {
+        Self(on.then(Instant::now))
+    }
+
+    fn say(&self, what: &str) {
+        if let Some(t0) = self.0 {
+            eprintln!("moat guest-init: +{} ms: {what}", t0.elapsed().as_millis());
+        }
+    }
+}
+
+/// Files of the root image every workspace's start reads: the system trust store (extended
+/// with the workspace CA) and the shell with what it loads. A restored machine has read none
+/// of its root disk; read here, before a pool's pause, they are in its page cache at the claim.
+const WARM_FILES: &[&str] = &[
+    "etc/ssl/certs/ca-certificates.crt",
+    "usr/bin/dash",
+    "usr/bin/bash",
+    "usr/bin/env",
+    "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    "usr/lib/x86_64-linux-gnu/libc.so.6",
+    "usr/lib/x86_64-linux-gnu/libtinfo.so.6",
+];
+
+/// Reads [`WARM_FILES`] under `root` once; a file the image lacks is skipped.
+fn warm_page_cache(root: &Path) {
+    let mut buf = vec![0u8; 64 * 1024];
+    for file in WARM_FILES {
+        if let Ok(mut f) = std::fs::File::open(root.join(file)) {
+            while matches!(std::io::Read::read(&mut f, &mut buf), Ok(n) if n > 0) {}
+        }
+    }
+}
+
 /// Mounts the root disk (read-only) at `root` and the home disk in it, with fresh /tmp and
 /// /run: nothing of a workspace yet, so a warm pool's machine does it before its claim.
 fn mount_disks(root: &Path) -> Result<(), InitError> {

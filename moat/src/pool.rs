@@ -77,6 +77,10 @@ pub(crate) enum ClaimReply {
 const CLAIM_WAIT: Duration = Duration::from_secs(300);
 /// How long a restored machine has to reseed, mount its disks and say so.
 const PREPARE_WITHIN: Duration = Duration::from_secs(300);
+/// How long after a claim the filler leaves the CPU to the claimed machine's start, while
+/// the pool still has a ready machine: restoring its replacement at once would compete with
+/// it (measured in L1: the claimed guest's own start took twice as long beside a restore).
+const REFILL_AFTER: Duration = Duration::from_secs(2);
 /// Longest claim request line.
 const MAX_REQUEST: u64 = 64;
 
@@ -105,6 +109,9 @@ struct Shared {
     ready: VecDeque<Member>,
     /// Claims served whose machines the filler must replace.
     wanted: usize,
+    /// When the last machine was claimed: its start in the guest goes first (see
+    /// [`REFILL_AFTER`]).
+    last_claim: Option<Instant>,
     stopping: bool,
 }
 
@@ -238,11 +245,31 @@ fn fill(recipe: &Recipe, state: &State) {
     loop {
         {
             let mut shared = lock(state);
-            while !shared.stopping && shared.wanted == 0 {
-                shared = state
-                    .1
-                    .wait(shared)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            loop {
+                if shared.stopping {
+                    break;
+                }
+                // A claim just made starts first, unless claims wait for a machine.
+                let settle = shared
+                    .last_claim
+                    .and_then(|t| (t + REFILL_AFTER).checked_duration_since(Instant::now()))
+                    .filter(|_| !shared.ready.is_empty());
+                match settle {
+                    Some(left) if shared.wanted > 0 => {
+                        shared = state
+                            .1
+                            .wait_timeout(shared, left)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .0;
+                    }
+                    _ if shared.wanted > 0 => break,
+                    _ => {
+                        shared = state
+                            .1
+                            .wait(shared)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                }
             }
             if shared.stopping {
                 for m in shared.ready.drain(..) {
@@ -426,6 +453,7 @@ fn take_ready(state: &State, within: Duration) -> Option<Member> {
         }
         if let Some(m) = shared.ready.pop_front() {
             shared.wanted += 1;
+            shared.last_claim = Some(Instant::now());
             state.1.notify_all();
             return Some(m);
         }

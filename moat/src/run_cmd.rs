@@ -65,7 +65,8 @@ pub(crate) struct RunArgs {
     /// repeatable (every member of its IOMMU group). Check the host with `moat doctor`.
     #[arg(long = "gpu", value_name = "PCI_ADDRESS")]
     gpu: Vec<String>,
-    /// vm backend: show the guest kernel's boot messages on the console.
+    /// vm backend: show the guest kernel's boot messages, and guest-init's steps with their
+    /// times, on the console.
     #[arg(long)]
     boot_log: bool,
     /// Reach this workspace through the trusted access broker: the enrolment directory
@@ -356,6 +357,7 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
 }
 
 pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
+    tracing::debug!("moat run: start");
     // The egress proxy runs in this process: it holds the secret values and the workspace
     // CA's key. `__guest-init` and the VMM are exec'd, so they start dumpable again.
     moat_broker_client::keep_memory_private()?;
@@ -373,6 +375,7 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         None => None,
     };
     let (mut backend, why) = choose_backend(&args.backend)?;
+    tracing::debug!("backend chosen");
     let services = workspace_services(&args)?;
     match &mut backend {
         Backend::Vm(images, _) => {
@@ -613,6 +616,7 @@ fn run_in(
                 c.vcpus,
                 socket.display()
             );
+            tracing::debug!("claimed");
             Some(Box::new(c))
         }
         _ => None,
@@ -719,7 +723,9 @@ fn run_in(
         config.corporate_uds = Some(corporate_uds.clone());
     }
     let rt = args.proxy.runtime()?;
+    tracing::debug!("policy loaded");
     let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
+    tracing::debug!("proxy started");
     // Process events from guest-init go to the same audit log, as OCSF Process Activity,
     // through the same writer: one chain per file.
     let process_audit = proxy.audit_handle();
@@ -822,6 +828,7 @@ fn run_in(
                         } else {
                             0
                         },
+                        trace_steps: args.boot_log,
                     },
                 },
             )?

@@ -406,6 +406,7 @@ async fn serve_control(
         tracing::warn!(error = %e, "cannot send the workspace to the guest");
         return;
     }
+    tracing::debug!("workspace sent to the guest");
     let mut reader = reader.take(control::MAX_LINE as u64 + 1);
     let mut line = Vec::new();
     // Whether `reader` and `write` are a live stream; signals wait in `held` while not.
@@ -760,6 +761,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         vmm_call(&claimed.api, "console\n", Some(&stdout))
             .and_then(|()| vmm_call(&claimed.api, "resume\n", None))
             .context("cannot take over the pool's machine")?;
+        tracing::debug!("the pool's machine resumed");
         return wait_for_vm(rt, Running::Claimed(claimed), control, &outcome, signal_tx);
     }
     let kernel = kernel_for(&run.images, &run.gpus)?;

@@ -1,7 +1,8 @@
 //! The node's configuration: what every pod on this node gets from the node, never from the
 //! pod spec (the moat binary, the default profile, the keys a pod's own profile must be
-//! signed with, where audit goes).
+//! signed with, where audit goes, the warm pools a pod may claim its VM from).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -53,6 +54,19 @@ pub struct NodeConfig {
     /// Static name resolution for the proxies (`--resolve host=addr`): development and tests.
     #[serde(default)]
     pub resolve: Vec<String>,
+    /// The warm pools this node keeps (each a `moat pool` the node runs), by the name a pod
+    /// asks for one with (`moat.dev/pool`): `[pools.NAME]`.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// One warm pool of the node: restored, paused VM workspaces made from one template, of
+/// which a pod claims one (`moat run --backend vm --pool SOCKET`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The socket the node's `moat pool --socket` serves claims on.
+    pub socket: PathBuf,
 }
 
 fn default_backend() -> String {
@@ -128,5 +142,29 @@ mod tests {
         assert_eq!(config.audit_dir, Path::new("/var/log/moat/pods"));
         assert_eq!(config.backend, "auto");
         assert!(config.trusted_keys.is_empty());
+        assert!(config.pools.is_empty());
+    }
+
+    #[test]
+    fn pools_are_read_by_name_with_their_sockets() {
+        let config: NodeConfig = toml::from_str(
+            "default_profile = \"/p\"\ndefault_pubkey = \"/k\"\n\
+             [pools.python]\nsocket = \"/run/moat/pools/python.sock\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.pools["python"].socket,
+            Path::new("/run/moat/pools/python.sock")
+        );
+    }
+
+    #[test]
+    fn a_pool_without_its_socket_or_with_an_unknown_key_is_refused() {
+        let base = "default_profile = \"/p\"\ndefault_pubkey = \"/k\"\n[pools.python]\n";
+        let missing = toml::from_str::<NodeConfig>(base).unwrap_err();
+        assert!(missing.to_string().contains("socket"), "{missing}");
+        let unknown = toml::from_str::<NodeConfig>(&format!("{base}socket = \"/s\"\nsize = 4\n"))
+            .unwrap_err();
+        assert!(unknown.to_string().contains("size"), "{unknown}");
     }
 }

@@ -1,7 +1,9 @@
 //! What the shim reads of a container's OCI bundle (`config.json`): which pod it belongs to,
-//! what it runs, and the pod's egress profile, verified before anything starts.
+//! what it runs, the pod's egress profile, verified before anything starts, and where its
+//! workspace comes from (its own root file system, or one of the node's warm pools).
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -12,6 +14,8 @@ use crate::node::NodeConfig;
 pub const PROFILE_ANNOTATION: &str = "moat.dev/profile";
 /// The pod annotation holding that profile's minisign signature.
 pub const SIGNATURE_ANNOTATION: &str = "moat.dev/profile.minisig";
+/// The pod annotation naming the node's warm pool the pod's workspace is claimed from.
+pub const POOL_ANNOTATION: &str = "moat.dev/pool";
 
 /// containerd's CRI: whether a container is a pod's sandbox or one of its containers.
 const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -52,6 +56,59 @@ pub enum PodError {
     /// The verified profile could not be kept for the proxy.
     #[error("cannot write the pod's profile under {}", .0.display())]
     Write(PathBuf, #[source] std::io::Error),
+    /// The pod names a pool the node does not keep.
+    #[error(
+        "pod {pod} asks for the pool {pool:?} ({POOL_ANNOTATION}), which this node does not \
+         keep; {}",
+        pool_list(.known)
+    )]
+    UnknownPool {
+        pod: String,
+        pool: String,
+        known: Vec<String>,
+    },
+    /// The pool is in the node configuration, but nothing serves its socket.
+    #[error(
+        "pod {pod} asks for the pool {pool:?}, whose socket {} is not there: is `moat pool \
+         --socket {}` running on this node?",
+        .socket.display(),
+        .socket.display()
+    )]
+    PoolNotServing {
+        pod: String,
+        pool: String,
+        socket: PathBuf,
+    },
+    /// A pooled VM starts its command in the agent's home: another working directory cannot
+    /// be honoured.
+    #[error(
+        "pod {pod} runs in a VM from the pool {pool:?}, which starts its command in the \
+         agent's home: the container's working directory {} cannot be honoured (leave the \
+         container's workingDir unset, or cd in its command)",
+        .workdir.display()
+    )]
+    PoolWorkdir {
+        pod: String,
+        pool: String,
+        workdir: PathBuf,
+    },
+    /// The node's backend is vm, which cannot boot a container's root file system.
+    #[error(
+        "pod {pod} names no pool ({POOL_ANNOTATION}), and this node's backend is vm, whose \
+         workspaces boot moat's root image, never a container's root file system: name one \
+         of the node's pools, or set the node's backend to namespace; {}",
+        pool_list(.known)
+    )]
+    VmNeedsPool { pod: String, known: Vec<String> },
+}
+
+/// "the node's pools: a, b", or that it has none.
+fn pool_list(known: &[String]) -> String {
+    if known.is_empty() {
+        "the node keeps no pools (pools in the node configuration)".to_owned()
+    } else {
+        format!("the node's pools: {}", known.join(", "))
+    }
 }
 
 /// The parts of an OCI runtime spec the shim uses.
@@ -214,6 +271,61 @@ pub fn choose_profile(
     Err(PodError::Refused(why.join("; ")))
 }
 
+/// Where a container's workspace comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Built for it by `moat run` on the node's backend, with the container's root file
+    /// system as the workspace's root.
+    Rootfs,
+    /// Claimed from one of the node's warm pools (`moat run --backend vm --pool SOCKET`): a
+    /// VM restored from the pool's template, whose root is the template's image, not the
+    /// container's.
+    Pool { name: String, socket: PathBuf },
+}
+
+/// Where the workspace of the container `spec` describes, in pod `pod` (named in errors),
+/// comes from: the pool its `moat.dev/pool` annotation names, which the node must keep and
+/// serve; or, without the annotation, its own root file system, which the vm backend cannot
+/// boot. A pod's sandbox carries the pod's annotations too: checked there, a pod naming a
+/// pool the node lacks fails at its first call (RunPodSandbox).
+pub fn placement(spec: &Spec, node: &NodeConfig, pod: &str) -> Result<Placement, PodError> {
+    let known = || node.pools.keys().cloned().collect::<Vec<_>>();
+    let runs_a_process = spec.kind() != Kind::Sandbox;
+    let Some(name) = spec.annotations.get(POOL_ANNOTATION) else {
+        if runs_a_process && node.backend == "vm" {
+            return Err(PodError::VmNeedsPool {
+                pod: pod.to_owned(),
+                known: known(),
+            });
+        }
+        return Ok(Placement::Rootfs);
+    };
+    let pool = node.pools.get(name).ok_or_else(|| PodError::UnknownPool {
+        pod: pod.to_owned(),
+        pool: name.clone(),
+        known: known(),
+    })?;
+    let serving = std::fs::metadata(&pool.socket).is_ok_and(|m| m.file_type().is_socket());
+    if !serving {
+        return Err(PodError::PoolNotServing {
+            pod: pod.to_owned(),
+            pool: name.clone(),
+            socket: pool.socket.clone(),
+        });
+    }
+    if runs_a_process && let Some(workdir) = spec.process.as_ref().and_then(Process::workdir) {
+        return Err(PodError::PoolWorkdir {
+            pod: pod.to_owned(),
+            pool: name.clone(),
+            workdir: workdir.to_owned(),
+        });
+    }
+    Ok(Placement::Pool {
+        name: name.clone(),
+        socket: pool.socket.clone(),
+    })
+}
+
 /// "outer: cause: root cause".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -297,6 +409,142 @@ mod tests {
         let node = node(dir.path(), vec![dir.path().join("team.pub")]);
         let err = choose_profile(&annotated(PROFILE, None), &node, dir.path()).unwrap_err();
         assert!(matches!(err, PodError::Unsigned), "{err}");
+    }
+
+    /// A node (backend `backend`) keeping the pool `python`, served on a real socket in
+    /// `dir`, and `idle`, whose socket nothing serves.
+    fn pool_node(dir: &Path, backend: &str) -> (NodeConfig, std::os::unix::net::UnixListener) {
+        let socket = dir.join("python.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let node = toml::from_str::<NodeConfig>(&format!(
+            "backend = \"{backend}\"\ndefault_profile = \"/p\"\ndefault_pubkey = \"/k\"\n\
+             [pools.python]\nsocket = \"{}\"\n[pools.idle]\nsocket = \"{}\"\n",
+            socket.display(),
+            dir.join("idle.sock").display()
+        ))
+        .unwrap();
+        (node, listener)
+    }
+
+    /// An application container of a pod, with `annotations` and working directory `cwd`.
+    fn app(annotations: &[(&str, &str)], cwd: &str) -> Spec {
+        let mut spec = Spec {
+            process: Some(Process {
+                args: vec!["python3".into()],
+                cwd: Some(cwd.into()),
+                ..Process::default()
+            }),
+            ..Spec::default()
+        };
+        spec.annotations
+            .insert(CONTAINER_TYPE.into(), "container".into());
+        for (k, v) in annotations {
+            spec.annotations.insert((*k).into(), (*v).into());
+        }
+        spec
+    }
+
+    #[test]
+    fn a_pod_naming_a_pool_the_node_keeps_is_placed_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _serving) = pool_node(dir.path(), "auto");
+        let placed = placement(&app(&[(POOL_ANNOTATION, "python")], "/"), &node, "ns/pod");
+        assert_eq!(
+            placed.unwrap(),
+            Placement::Pool {
+                name: "python".into(),
+                socket: dir.path().join("python.sock"),
+            }
+        );
+    }
+
+    #[test]
+    fn a_pod_naming_a_pool_the_node_lacks_is_refused_naming_the_pod_and_the_nodes_pools() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _serving) = pool_node(dir.path(), "auto");
+        let err = placement(
+            &app(&[(POOL_ANNOTATION, "ruby")], "/"),
+            &node,
+            "team-a/agent",
+        )
+        .unwrap_err();
+        assert!(matches!(err, PodError::UnknownPool { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("team-a/agent")
+                && text.contains("\"ruby\"")
+                && text.contains("the node's pools: idle, python"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_pod_naming_a_pool_on_a_node_without_pools_is_told_the_node_keeps_none() {
+        let node =
+            toml::from_str::<NodeConfig>("default_profile = \"/p\"\ndefault_pubkey = \"/k\"\n")
+                .unwrap();
+        let err =
+            placement(&app(&[(POOL_ANNOTATION, "python")], "/"), &node, "ns/pod").unwrap_err();
+        assert!(err.to_string().contains("the node keeps no pools"), "{err}");
+    }
+
+    #[test]
+    fn a_pod_sandbox_naming_a_pool_the_node_lacks_is_refused_already() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _serving) = pool_node(dir.path(), "auto");
+        let mut sandbox = app(&[(POOL_ANNOTATION, "ruby")], "/");
+        sandbox
+            .annotations
+            .insert(CONTAINER_TYPE.into(), "sandbox".into());
+        let err = placement(&sandbox, &node, "ns/pod").unwrap_err();
+        assert!(matches!(err, PodError::UnknownPool { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_pool_whose_socket_nothing_serves_is_refused_naming_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _serving) = pool_node(dir.path(), "auto");
+        let err = placement(&app(&[(POOL_ANNOTATION, "idle")], "/"), &node, "ns/pod").unwrap_err();
+        assert!(matches!(err, PodError::PoolNotServing { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&dir.path().join("idle.sock").display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_pooled_container_with_its_own_working_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _serving) = pool_node(dir.path(), "auto");
+        let err = placement(
+            &app(&[(POOL_ANNOTATION, "python")], "/app"),
+            &node,
+            "ns/pod",
+        )
+        .unwrap_err();
+        assert!(matches!(err, PodError::PoolWorkdir { .. }), "{err}");
+        assert!(err.to_string().contains("/app"), "{err}");
+    }
+
+    #[test]
+    fn a_pod_without_the_annotation_runs_on_its_own_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _serving) = pool_node(dir.path(), "namespace");
+        let placed = placement(&app(&[], "/app"), &node, "ns/pod").unwrap();
+        assert_eq!(placed, Placement::Rootfs);
+    }
+
+    #[test]
+    fn on_a_vm_node_a_pod_without_a_pool_is_refused_naming_the_nodes_pools() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _serving) = pool_node(dir.path(), "vm");
+        let err = placement(&app(&[], "/"), &node, "ns/pod").unwrap_err();
+        assert!(matches!(err, PodError::VmNeedsPool { .. }), "{err}");
+        assert!(
+            err.to_string().contains("the node's pools: idle, python"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,8 +8,12 @@
 //! - the pod's application container is the workspace's agent: `moat run` on the container's
 //!   root file system, with its args, environment and working directory, the pod's profile and
 //!   the node's keys, audit to the pod's own file; a second application container is refused;
+//! - a pod that names one of the node's warm pools (`moat.dev/pool`) is instead a VM claimed
+//!   from that pool (`moat run --backend vm --pool SOCKET`), whose root is the pool template's
+//!   image: the container's root file system is not even mounted;
 //! - an exec (`ctr task exec`, the CRI's ExecSync) is `moat __exec`: the command joins the
-//!   running workspace, confined like its agent.
+//!   running workspace, confined like its agent; a pooled pod's VM has no namespaces to join,
+//!   so an exec into it is refused.
 //!
 //! Exits come from the library's reaper (the shim is the subreaper of everything it starts)
 //! and are published to containerd as runc's shim publishes them.
@@ -80,6 +84,8 @@ struct Container {
     /// Named in audit records: `<namespace>/<pod>`.
     workspace: String,
     profile: pod::ProfileChoice,
+    /// Its own root file system, or a VM claimed from one of the node's pools.
+    placement: pod::Placement,
     /// Whether the shim mounted the root file system at `<bundle>/rootfs`.
     mounted: bool,
     init: Proc,
@@ -271,55 +277,8 @@ impl Service {
     /// Starts `moat run` for an application container (the workspace and its agent).
     fn spawn_workspace(container: &Container, node: &NodeConfig) -> std::io::Result<u32> {
         let streams = container.init.stdio.open()?;
-        let audit = node.audit_dir.join(format!(
-            "{}.audit.jsonl",
-            pod::file_name(&container.workspace)
-        ));
         create_private_dir(&node.audit_dir)?;
-        let mut cmd = Command::new(node.moat_binary());
-        cmd.env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .env("MOAT_LOG", "warn")
-            .args(["run", "--backend", &node.backend, "--rootfs"])
-            .arg(container.bundle.join("rootfs"))
-            .arg("--profile")
-            .arg(&container.profile.profile)
-            .arg("--pubkey")
-            .arg(&container.profile.pubkey)
-            .arg("--audit")
-            .arg(&audit)
-            .arg("--workspace")
-            .arg(&container.workspace);
-        if let Ok(tmp) = std::env::var("TMPDIR") {
-            cmd.env("TMPDIR", tmp);
-        }
-        for r in &node.resolve {
-            cmd.arg("--resolve").arg(r);
-        }
-        if let Some(ca) = &node.ca {
-            cmd.arg("--ca").arg(ca);
-        }
-        if let Some(ca) = &node.upstream_ca {
-            cmd.arg("--upstream-ca").arg(ca);
-        }
-        if let Some(endpoint) = &node.otlp_endpoint {
-            cmd.arg("--otlp-endpoint").arg(endpoint);
-        }
-        if let Some(key) = &node.audit_key {
-            cmd.arg("--audit-key").arg(key);
-        }
-        let process = &container.init.process;
-        for kv in process.env_args() {
-            cmd.arg("--env").arg(kv);
-        }
-        if let Some(dir) = process.workdir() {
-            cmd.arg("--workdir").arg(dir);
-        }
-        cmd.arg("--").args(&process.args);
-        let child = cmd
+        let child = workspace_command(container, node)
             .stdin(streams.stdin)
             .stdout(streams.stdout)
             .stderr(streams.stderr)
@@ -366,6 +325,70 @@ impl Service {
     }
 }
 
+/// The `moat run` of an application container: on the container's root file system with the
+/// node's backend, or a VM claimed from the pod's pool; then the pod's profile, audit file and
+/// identity, the node's keys, CAs and sink, the container's environment and args.
+fn workspace_command(container: &Container, node: &NodeConfig) -> Command {
+    let audit = node.audit_dir.join(format!(
+        "{}.audit.jsonl",
+        pod::file_name(&container.workspace)
+    ));
+    let mut cmd = Command::new(node.moat_binary());
+    cmd.env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("MOAT_LOG", "warn");
+    match &container.placement {
+        pod::Placement::Rootfs => cmd
+            .args(["run", "--backend", &node.backend, "--rootfs"])
+            .arg(container.bundle.join("rootfs")),
+        pod::Placement::Pool { socket, .. } => {
+            cmd.args(["run", "--backend", "vm", "--pool"]).arg(socket)
+        }
+    };
+    cmd.arg("--profile")
+        .arg(&container.profile.profile)
+        .arg("--pubkey")
+        .arg(&container.profile.pubkey)
+        .arg("--audit")
+        .arg(&audit)
+        .arg("--workspace")
+        .arg(&container.workspace);
+    if let Ok(tmp) = std::env::var("TMPDIR") {
+        cmd.env("TMPDIR", tmp);
+    }
+    for r in &node.resolve {
+        cmd.arg("--resolve").arg(r);
+    }
+    if let Some(ca) = &node.ca {
+        cmd.arg("--ca").arg(ca);
+    }
+    if let Some(ca) = &node.upstream_ca {
+        cmd.arg("--upstream-ca").arg(ca);
+    }
+    if let Some(endpoint) = &node.otlp_endpoint {
+        cmd.arg("--otlp-endpoint").arg(endpoint);
+    }
+    if let Some(key) = &node.audit_key {
+        cmd.arg("--audit-key").arg(key);
+    }
+    let process = &container.init.process;
+    for kv in process.env_args() {
+        cmd.arg("--env").arg(kv);
+    }
+    // A pooled VM starts in the agent's home: a pod asking for another working directory was
+    // refused at create (`pod::placement`).
+    if container.placement == pod::Placement::Rootfs
+        && let Some(dir) = process.workdir()
+    {
+        cmd.arg("--workdir").arg(dir);
+    }
+    cmd.arg("--").args(&process.args);
+    cmd
+}
+
 /// A directory only root reads (the audit logs).
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -380,6 +403,24 @@ fn status_of(state: State) -> api::Status {
         State::Created => api::Status::CREATED,
         State::Running => api::Status::RUNNING,
         State::Stopped => api::Status::STOPPED,
+    }
+}
+
+/// Whether an exec may join `container`'s workspace: not a pooled pod's, since `moat __exec`
+/// joins a namespace workspace's namespaces, and a VM has none on the host to join (what it
+/// would find under `moat run` is the proxy's or the VMM's jail, never the workspace).
+fn exec_allowed(container: &Container) -> TtrpcResult<()> {
+    match &container.placement {
+        pod::Placement::Rootfs => Ok(()),
+        pod::Placement::Pool { name, .. } => Err(error(
+            Code::UNIMPLEMENTED,
+            format!(
+                "pod {} runs in a VM from the pool {name:?}: moat cannot exec into a VM \
+                 workspace (kubectl exec, ctr task exec); run what you need as the pod's \
+                 command",
+                container.workspace
+            ),
+        )),
     }
 }
 
@@ -424,6 +465,10 @@ impl shim::Task for Service {
                 ));
             }
         }
+        // Where its workspace comes from, checked before anything is written: a pod naming a
+        // pool the node does not keep fails at its sandbox already.
+        let placement = pod::placement(&spec, &node, &workspace)
+            .map_err(|e| error(Code::FAILED_PRECONDITION, pod::error_chain(&e)))?;
         // The pod's own profile, verified before anything starts: a bad one fails the pod.
         let pod_dir = node
             .state_dir
@@ -431,7 +476,8 @@ impl shim::Task for Service {
         let profile = pod::choose_profile(&spec, &node, &pod_dir)
             .map_err(|e| error(Code::FAILED_PRECONDITION, pod::error_chain(&e)))?;
         let mut mounted = false;
-        if kind != Kind::Sandbox {
+        // A pooled VM's root is its template's image: the container's is never used.
+        if kind != Kind::Sandbox && placement == pod::Placement::Rootfs {
             let target = bundle.join("rootfs");
             for m in &req.rootfs {
                 shim::mount::mount_rootfs(
@@ -459,6 +505,7 @@ impl shim::Task for Service {
             kind,
             workspace,
             profile,
+            placement,
             mounted,
             init: Proc::new(spec.process.clone().unwrap_or_default(), stdio),
             execs: HashMap::new(),
@@ -626,6 +673,7 @@ impl shim::Task for Service {
         })?;
         let mut pods = self.lock();
         let container = pods.container_mut(&req.id)?;
+        exec_allowed(container)?;
         if container.execs.contains_key(&req.exec_id) {
             return Err(error(
                 Code::ALREADY_EXISTS,
@@ -774,5 +822,118 @@ impl shim::Task for Service {
             self.exit.signal();
         }
         Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn node() -> NodeConfig {
+        toml::from_str(
+            "moat = \"/usr/bin/moat\"\nbackend = \"auto\"\ndefault_profile = \"/p\"\n\
+             default_pubkey = \"/k\"\naudit_dir = \"/audit\"\n",
+        )
+        .unwrap()
+    }
+
+    /// The application container of pod `ns/agent`, placed as `placement`, running `python3
+    /// app.py` in `/srv` with `MODE=test`.
+    fn container(placement: pod::Placement) -> Container {
+        let process = Process {
+            args: vec!["python3".into(), "app.py".into()],
+            env: vec!["MODE=test".into(), "PATH=/usr/bin".into()],
+            cwd: Some("/srv".into()),
+            terminal: false,
+        };
+        Container {
+            bundle: PathBuf::from("/bundle"),
+            kind: Kind::App,
+            workspace: "ns/agent".into(),
+            profile: pod::ProfileChoice {
+                profile: "/p".into(),
+                pubkey: "/k".into(),
+            },
+            placement,
+            mounted: false,
+            init: Proc::new(process, StdioPaths::default()),
+            execs: HashMap::new(),
+        }
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn pooled() -> pod::Placement {
+        pod::Placement::Pool {
+            name: "python".into(),
+            socket: "/run/moat/pools/python.sock".into(),
+        }
+    }
+
+    #[test]
+    fn a_pooled_pod_is_claimed_from_its_pool_on_the_vm_backend_without_the_containers_root() {
+        let argv = args(&workspace_command(&container(pooled()), &node()));
+        assert_eq!(
+            argv[..5],
+            [
+                "run",
+                "--backend",
+                "vm",
+                "--pool",
+                "/run/moat/pools/python.sock"
+            ]
+        );
+        assert!(
+            !argv.iter().any(|a| a == "--rootfs" || a == "--workdir"),
+            "{argv:?}"
+        );
+        // The claim attaches the pod's own policy, identity and audit file.
+        let joined = argv.join(" ");
+        assert!(
+            joined.contains(
+                "--profile /p --pubkey /k --audit /audit/ns_agent.audit.jsonl \
+                             --workspace ns/agent"
+            ) && joined.ends_with("--env MODE=test -- python3 app.py"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn a_pod_without_a_pool_runs_on_its_root_with_the_nodes_backend_and_its_workdir() {
+        let argv = args(&workspace_command(
+            &container(pod::Placement::Rootfs),
+            &node(),
+        ));
+        assert_eq!(
+            argv[..5],
+            ["run", "--backend", "auto", "--rootfs", "/bundle/rootfs"]
+        );
+        assert!(
+            argv.join(" ").ends_with("--workdir /srv -- python3 app.py"),
+            "{argv:?}"
+        );
+    }
+
+    #[test]
+    fn an_exec_into_a_pooled_pod_is_refused_naming_the_pod_and_its_pool() {
+        let shim::protos::ttrpc::Error::RpcStatus(status) =
+            exec_allowed(&container(pooled())).unwrap_err()
+        else {
+            panic!("not an RPC status");
+        };
+        assert_eq!(status.code(), Code::UNIMPLEMENTED);
+        let text = status.message;
+        assert!(
+            text.contains("ns/agent")
+                && text.contains("\"python\"")
+                && text.contains("cannot exec into a VM"),
+            "{text}"
+        );
+        assert!(exec_allowed(&container(pod::Placement::Rootfs)).is_ok());
     }
 }

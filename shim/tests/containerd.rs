@@ -2,7 +2,9 @@
 //! sockets under a temporary directory, never the system's), the runtime registered as
 //! `io.containerd.moat.v2`, the project's root image imported from its OCI archive, and `ctr`
 //! driving it: run, exec, kill, and the refusals (a second application container in a pod, a
-//! profile no trusted key signed). And the kubelet's path: the same daemon with its CRI plugin,
+//! profile no trusted key signed, a pool the node does not keep). A pod claimed from a warm
+//! pool of VMs (`moat pool`), where KVM is real (inside L1 on our machines). And the kubelet's
+//! path: the same daemon with its CRI plugin,
 //! the runtime handler `moat`, a loopback-only CNI network, the project's own pause image, driven
 //! over the CRI socket by a real gRPC client (Python grpcio on the pinned CRI v1 proto).
 //!
@@ -397,6 +399,15 @@ impl Containerd {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// Adds `[pools.NAME]` to the node's configuration (the shim reads it at each call).
+    fn add_pool(&self, name: &str, socket: &Path) {
+        let mut node = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("node.toml"))
+            .unwrap();
+        writeln!(node, "[pools.{name}]\nsocket = \"{}\"", socket.display()).unwrap();
     }
 
     /// Waits until the task `id` is stopped (bounded).
@@ -963,4 +974,205 @@ fn pod_pss_by_name(dir: &Path, pods: usize) -> Value {
             .map(|(k, v)| (k, v / pods.max(1) as u64))
             .collect::<std::collections::BTreeMap<_, _>>()
     )
+}
+
+#[test]
+fn a_pod_naming_a_pool_the_node_does_not_keep_is_refused_at_create_naming_the_nodes_pools() {
+    let c = Containerd::start();
+    c.add_pool("python", &c.dir.path().join("python.sock"));
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.moat.v2",
+        "--annotation",
+        "moat.dev/pool=ruby",
+        IMAGE,
+        "ruby-pod",
+        "true",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pod moat-test/ruby-pod asks for the pool \"ruby\"")
+            && err.contains("the node's pools: python"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Why a pool's VMs cannot run here, if they cannot: hardware KVM (on kvm_pvm a guest's user
+/// space cannot run: `cargo xtask test` runs this inside L1), moat-vmm beside moat, and the VM
+/// images `cargo xtask images` built (found beside the target directory, as `moat run` finds
+/// them).
+fn pool_unavailable() -> Option<String> {
+    if !moat_host_probe::kvm_flavour().is_hardware() || !moat_host_probe::kvm_usable() {
+        return Some(format!(
+            "/dev/kvm cannot run a guest's user space here ({:?})",
+            moat_host_probe::kvm_flavour()
+        ));
+    }
+    if !moat_binary().with_file_name("moat-vmm").is_file() {
+        return Some("moat-vmm is not built beside moat (cargo build -p moat-vmm)".into());
+    }
+    let images = std::env::var_os("MOAT_IMAGES").map_or_else(
+        || {
+            shim_binary()
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .join("moat-images")
+        },
+        PathBuf::from,
+    );
+    if !images.join("current.toml").is_file() {
+        return Some(format!(
+            "no VM images in {} (cargo xtask images)",
+            images.display()
+        ));
+    }
+    None
+}
+
+/// The node's `moat pool`, stopped on drop.
+struct Pool(Child);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// A pod annotated `moat.dev/pool` is a VM claimed from the node's pool: its command runs in a
+/// restored VM (generation not 0), reaches the allowed host through the pod's own proxy and is
+/// refused the denied one, audited naming the pod; an exec into it is refused; a second pod
+/// claims the VM the pool made ready after the first claim.
+#[test]
+fn pooled_pod_runs_in_a_vm_claimed_from_the_nodes_pool_through_its_own_proxy() {
+    const NAME: &str = "pooled_pod_runs_in_a_vm_claimed_from_the_nodes_pool_through_its_own_proxy";
+    if let Some(why) = pool_unavailable() {
+        assert!(
+            std::env::var_os("MOAT_EXPECT_REAL_KVM").is_none(),
+            "{NAME}: this run expects real KVM and the images, but: {why}"
+        );
+        eprintln!("SKIPPED {NAME}: {why}");
+        return;
+    }
+    let c = Containerd::start();
+    let d = c.dir.path();
+    // The template: a VM snapshotted while guest-init stands by, before any workspace exists.
+    let template = d.join("template");
+    let made = Command::new(moat_binary())
+        .args(["run", "--backend", "vm", "--mem", "512", "--snapshot-to"])
+        .arg(&template)
+        .arg("--profile")
+        .arg(d.join("default.toml"))
+        .arg("--pubkey")
+        .arg(d.join("node.pub"))
+        .arg("--audit")
+        .arg(d.join("template.audit.jsonl"))
+        .arg("--audit-key")
+        .arg(d.join("audit.key"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made));
+    // The node's pool of one, as the node would run it.
+    let socket = d.join("python.sock");
+    let pool_log = std::fs::File::create(d.join("pool.log")).unwrap();
+    let _pool = Pool(
+        Command::new(moat_binary())
+            .args(["pool", "--size", "1", "--template"])
+            .arg(&template)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(pool_log.try_clone().unwrap())
+            .stderr(pool_log)
+            .spawn()
+            .unwrap(),
+    );
+    let pool_log = || std::fs::read_to_string(d.join("pool.log")).unwrap_or_default();
+    let mut tries = 0;
+    while !socket.exists() {
+        tries += 1;
+        assert!(
+            tries < 3000,
+            "the pool never served {}: {}",
+            socket.display(),
+            pool_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.add_pool("python", &socket);
+    let pooled = |detached: bool, id: &str, args: &[&str]| {
+        let mut argv = vec!["run"];
+        argv.extend(if detached {
+            ["-d", "--null-io"].as_slice()
+        } else {
+            ["--rm"].as_slice()
+        });
+        argv.extend([
+            "--runtime",
+            "io.containerd.moat.v2",
+            "--annotation",
+            "moat.dev/pool=python",
+            IMAGE,
+            id,
+        ]);
+        argv.extend(args);
+        c.ctr(&argv)
+    };
+
+    // The first claim: a pod that stays, and an exec into it, refused.
+    let held = pooled(true, "held", &["sleep", "600"]);
+    assert!(held.status.success(), "{}\n{}", text(&held), c.log());
+    let exec = c.ctr(&["task", "exec", "--exec-id", "probe", "held", "true"]);
+    assert!(!exec.status.success(), "{}", text(&exec));
+    assert!(
+        String::from_utf8_lossy(&exec.stderr).contains("cannot exec into a VM"),
+        "{}",
+        text(&exec)
+    );
+    let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", "held"]);
+    assert!(kill.status.success(), "{}", text(&kill));
+    c.wait_stopped("held");
+
+    // The second claim waits for the VM the pool restores after the first.
+    let script = format!(
+        "g=$(cat /run/moat/generation) && [ \"$g\" != 0 ] || exit 3; echo generation=$g; {}",
+        curl_script(c.upstream)
+    );
+    let out = pooled(false, "pooled", &["sh", "-c", &script]);
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{}\n{}\npool: {}",
+        text(&out),
+        c.log(),
+        pool_log()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("generation=") && stdout.contains("hello from upstream"),
+        "{}",
+        text(&out)
+    );
+    let records = c.audit("moat-test_pooled.audit.jsonl");
+    let denied: Vec<_> = records
+        .iter()
+        .filter(|r| r["dst_endpoint"]["hostname"] == "denied.test")
+        .collect();
+    assert!(!denied.is_empty(), "no record of denied.test: {records:?}");
+    assert!(
+        denied
+            .iter()
+            .all(|r| r["src_endpoint"]["uid"] == "moat-test/pooled" && r["action"] == "Denied"),
+        "{denied:?}"
+    );
 }

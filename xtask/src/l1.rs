@@ -50,7 +50,8 @@ const L1_KERNEL_PACKAGE: &str = "linux-image-6.1.0-57-amd64";
 /// (`apt-cache policy linux-image-amd64` names the current package).
 const L1_KERNEL_VERSION: &str = "6.1.192-3";
 /// The modules L1 loads, in this order after their dependencies (read from each module's
-/// `.modinfo`): KVM, the 9p file system over virtio, and VFIO for passthrough tests.
+/// `.modinfo`): KVM, the 9p file system over virtio, VFIO for passthrough tests, and overlayfs,
+/// which containerd's snapshots mount (the shim's pooled pod runs under a containerd in L1).
 const L1_MODULES: &[&str] = &[
     "virtio_pci",
     "9pnet_virtio",
@@ -58,6 +59,7 @@ const L1_MODULES: &[&str] = &[
     "kvm_amd",
     "vfio_iommu_type1",
     "vfio_pci",
+    "overlay",
 ];
 /// Bump when the pieces change in a way the key (kernel, modules, scripts, busybox) cannot see.
 const L1_RECIPE: &str = "l1 recipe 1: debian kernel + busybox initramfs, 9p root, switch_root";
@@ -745,7 +747,8 @@ pub(crate) fn kvm_is_real() -> bool {
     moat_host_probe::kvm_flavour().is_hardware() && moat_host_probe::kvm_usable()
 }
 
-/// The VM tests: every moat-vmm integration test, moat's vm_e2e and vm_snapshot. Where KVM is real they
+/// The VM tests: every moat-vmm integration test, moat's vm_e2e and vm_snapshot, the shim's
+/// pooled pod (containerd's `pooled_` tests) and the broker's VM session. Where KVM is real they
 /// already ran with the workspace's tests; elsewhere their executables (built here) run inside
 /// one L1, with `env` (what `cargo xtask test` gives every test) and the root image.
 pub(crate) fn run_vm_tests(env: &[(&str, PathBuf)]) -> Result<()> {
@@ -766,7 +769,10 @@ fn vm_tests_only() -> Result<()> {
     let gpu_kernel = crate::images::kernel_gpu()?;
     let initramfs = crate::images::initramfs()?;
     let oci = crate::images::oci()?;
+    // The shim's pooled pod starts its containerd with the node's OTLP sink.
+    let otlp_python = crate::setup::otlp_venv()?;
     run_vm_tests_in_l1(&[
+        ("MOAT_OTLP_PYTHON", otlp_python),
         ("MOAT_LINUX_KERNEL", kernel.vmlinux),
         ("MOAT_LINUX_BZIMAGE", kernel.bzimage),
         ("MOAT_LINUX_INITRAMFS", initramfs),
@@ -788,8 +794,9 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
         "--workspace",
         "--bins",
     ]))?;
-    // Integration tests only (vmm/tests/*.rs, moat's vm_e2e and vm_snapshot, and the broker's session into a
-    // VM workspace: broker_e2e's tests named vm_*): unit tests need no KVM and ran on the host.
+    // Integration tests only (vmm/tests/*.rs, moat's vm_e2e and vm_snapshot, the broker's session into a
+    // VM workspace: broker_e2e's tests named vm_*, and a pod claimed from a pool of VMs through
+    // containerd: the shim's tests named pooled_*): unit tests need no KVM and ran on the host.
     let tests: Vec<_> = test_executables(&["--workspace", "--tests"])?
         .into_iter()
         .filter_map(|(dir, name, exe)| {
@@ -797,6 +804,7 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
                 _ if dir.ends_with("vmm") => "",
                 "vm_e2e" | "vm_snapshot" => "",
                 "broker_e2e" => "vm_",
+                "containerd" => "pooled_",
                 _ => return None,
             };
             Some((dir, name, exe, filter))

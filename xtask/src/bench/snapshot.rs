@@ -19,7 +19,14 @@ const RUNS: u32 = 3;
 
 pub(crate) fn run() -> Result<()> {
     run_cmd(setup::cargo().current_dir(root()).args([
-        "build", "--locked", "-p", "moat", "-p", "moat-vmm", "--bins",
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "moat",
+        "-p",
+        "moat-vmm",
+        "--bins",
     ]))?;
     crate::images::run(&["all".to_owned()])?;
     let images = crate::images::cache_dir();
@@ -28,7 +35,8 @@ pub(crate) fn run() -> Result<()> {
     let raw = out_dir.join("snapshot-latest.txt");
     let _ = std::fs::remove_file(&raw);
     let script = root().join("docs/bench/snapshot-bench.sh");
-    let moat = root().join("target/debug/moat");
+    // Release builds, as a host runs them (the guest's init is always built for release).
+    let moat = root().join("target/release/moat");
     let command = format!(
         "MOAT={} MOAT_IMAGES={} RUNS={RUNS} sh {} > {} 2>&1",
         moat.display(),
@@ -61,6 +69,9 @@ pub(crate) fn run() -> Result<()> {
     let json = out_dir.join("snapshot-latest.json");
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
     print_table(&report);
+    for line in text.lines().filter_map(|l| l.strip_prefix("trace ")) {
+        println!("claim trace: {line}");
+    }
     eprintln!(
         "xtask bench snapshot: raw samples in {}, figures in {}",
         rel(&raw),
@@ -145,6 +156,10 @@ fn print_table(r: &serde_json::Value) {
         "| claim from the warm pool (`--pool`), goal 20x | {} | {} |",
         show(med("claim_first_line_ms"), "ms"),
         x(r["cold_boot_over_claim"].as_f64())
+    );
+    println!(
+        "| of which: starting the moat binary (`moat --version`) | {} | |",
+        show(med("moat_exec_ms"), "ms")
     );
     println!(
         "| making the template | {} | |",
