@@ -2,7 +2,9 @@
 //! `<uds>_1027`, served by `moat run`). Guest-init connects once at boot; the host writes one
 //! JSON line, the [`VmWorkspace`] to run, and later, when `moat run` gets SIGTERM or SIGHUP, a
 //! [`VmSignal`] line to pass on to the agent; when the agent is done guest-init writes one JSON
-//! line back, the [`VmOutcome`], and powers the VM off.
+//! line back, the [`VmOutcome`], and powers the VM off. If the stream ends before that (a
+//! snapshot resets the VM's vsock transport), guest-init connects again and asks to
+//! [`VmReattach`]; the same host answers [`VmReattached`] and the stream goes on there.
 //!
 //! The host is trusted here (it boots the VM); the guest's answer is only a status the host
 //! reports, never a path, port or identity it acts on.
@@ -130,6 +132,25 @@ pub enum VmRestored {
         /// Bytes of host entropy credited.
         bytes: u32,
     },
+}
+
+/// guest-init's first line on a control stream it connects again while the agent runs: the
+/// stream it had ended (a snapshot of the running VM resets the guest's vsock transport), and
+/// it asks its host to take it back ([`crate::link`]). A `moat run` still waiting for this VM's
+/// outcome answers [`VmReattached`]; any other answer, or none, means the host is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum VmReattach {
+    /// Take this VM back.
+    Reattach,
+}
+
+/// The host's answer to [`VmReattach`]: signals and the outcome go on on this stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum VmReattached {
+    /// Taken back.
+    Reattached,
 }
 
 fn flow_header_version_1() -> u8 {
@@ -282,6 +303,21 @@ mod tests {
         let restored = encode(&VmRestored::Reseeded { bytes: 64 });
         assert_eq!(restored, b"{\"reseeded\":{\"bytes\":64}}\n");
         assert!(parse::<VmOutcome>(&restored[..restored.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_reattach_is_neither_a_workspace_nor_an_outcome_and_only_reattached_answers_it() {
+        let line = encode(&VmReattach::Reattach);
+        assert_eq!(line, b"\"reattach\"\n");
+        let body = &line[..line.len() - 1];
+        assert!(parse::<VmOutcome>(body).is_err());
+        assert!(parse::<VmStandingBy>(body).is_err());
+        let answer = encode(&VmReattached::Reattached);
+        assert_eq!(answer, b"\"reattached\"\n");
+        assert!(parse::<VmReattached>(&answer[..answer.len() - 1]).is_ok());
+        // A new host's first line (a workspace, or standby) is not the answer.
+        assert!(parse::<VmReattached>(b"\"standby\"").is_err());
+        assert!(parse::<VmReattached>(br#"{"hostname":"w"}"#).is_err());
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!   the read-only root and pivot_root, the workspace's accounts, with [`ids`] (the host uid
 //!   leased to a workspace started by root).
 //! - [`vm`]: PID 1 of the VM (the `moat-guest-init` binary): disks, switch root, vsock; with
-//!   [`control`] (the workspace read from the host at boot).
+//!   [`control`] (the workspace read from the host at boot) and `link` (the control stream
+//!   while the agent runs: reattached after a snapshot, the workspace stopped if its host is
+//!   gone).
 //! - `rootfs`: what both backends mount in the workspace's root (tmpfs, the trust store,
 //!   resolv.conf, devpts, proc, sysfs, cgroup2), in steps each calls in its own order; its
 //!   docs say what each backend does differently, and why.
@@ -34,6 +36,7 @@ pub mod control;
 pub mod enter;
 pub mod ids;
 mod launch;
+mod link;
 mod namespace;
 pub mod program;
 mod report;

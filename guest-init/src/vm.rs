@@ -11,7 +11,9 @@
 //! 4. TUN up and the netstack started, its flows going to the host over vsock port 1025.
 //! 5. The agent started as uid 1000, confined by `moat-guest-sandbox` (as in the namespace
 //!    backend), with the serial console as its controlling terminal when interactive; PID 1
-//!    reaps every child until the agent exits.
+//!    reaps every child until the agent exits. Meanwhile the control stream carries the
+//!    host's signals; if it ends (a snapshot resets vsock), it is reattached, and if the host
+//!    is gone (a restore elsewhere) the workspace is stopped and the VM reset (`link.rs`).
 //! 6. The outcome written back on the control stream, file systems synced, and the VM reset
 //!    (`reboot=k` on the command line: the i8042 reset line, which moat-vmm treats as
 //!    shutdown).
@@ -28,6 +30,7 @@ use nix::mount::MsFlags;
 
 use crate::control::{self, VmOutcome, VmWorkspace};
 use crate::launch::{exit_code, run_agent};
+use crate::link::Link;
 use crate::report::{Reporter, Sink};
 use crate::rootfs::{self, AGENT_HOME, CA_BUNDLE, REPLACED, ca_env, mkdir, mount_or, under};
 use moat_log::error_chain;
@@ -49,8 +52,16 @@ const NEW_ROOT: &str = "/mnt/root";
 
 /// Runs the workspace as PID 1 of the VM, then powers the VM off. Never returns.
 pub fn run_vm() -> ! {
-    let mut control = None;
-    let outcome = match init(&mut control) {
+    let mut control: Option<std::sync::Arc<Link>> = None;
+    let ended = init(&mut control);
+    if control.as_ref().is_some_and(|c| c.host_gone()) {
+        // The link's thread is ending every process (the agent's end, or its wait's ECHILD,
+        // is what brought us here) and resets the VM: nothing to say, nobody to tell.
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    let outcome = match ended {
         Ok(code) => VmOutcome::Exited { code },
         Err(e) => {
             let error = error_chain(&e);
@@ -60,32 +71,15 @@ pub fn run_vm() -> ! {
     };
     stop_everything();
     if let Some(c) = control {
-        report(c, &outcome);
+        c.report(&outcome);
     }
     power_off()
 }
 
-/// Writes the outcome and waits (at most 3 s) for the host to close the stream: its
-/// acknowledgement. Without it the reset could overtake the bytes still queued in the guest's
-/// vsock transport or in the VMM.
-fn report(mut c: UnixStream, outcome: &VmOutcome) {
-    use std::io::Read;
-    let sent = c
-        .write_all(&control::encode(outcome))
-        .and_then(|()| c.shutdown(std::net::Shutdown::Write))
-        .and_then(|()| c.set_read_timeout(Some(Duration::from_secs(3))));
-    if let Err(e) = sent {
-        eprintln!("moat guest-init: cannot report to the host: {e}");
-        return;
-    }
-    let mut sink = [0u8; 64];
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        match c.read(&mut sink) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
+/// The host is gone ([`Link`]): nothing may go on in the workspace without it.
+fn host_gone() -> ! {
+    stop_everything();
+    power_off()
 }
 
 /// Ends every process but PID 1 (SIGTERM, a second's grace, then SIGKILL) and unmounts the
@@ -139,42 +133,30 @@ fn power_off() -> ! {
     }
 }
 
-/// Reads the [`control::VmSignal`]s the host sends after the workspace and raises each on this
-/// (the main) thread, where PID 1 waits for the agent: its handler passes the signal on to the
-/// agent as the namespace backend's PID 1 does (`signals.rs`). Ends at the end of the stream
-/// or at a line that is not a signal.
-fn listen_for_signals(stream: UnixStream) {
+/// What becomes of each [`control::VmSignal`] the host sends after the workspace: raised on
+/// this (the main) thread, where PID 1 waits for the agent, whose handler passes it on to the
+/// agent as the namespace backend's PID 1 does (`signals.rs`). The [`Link`]'s thread reads
+/// them.
+fn raise_on_this_thread() -> impl Fn(control::VmSignal) + Send + 'static {
     use nix::sys::signal::Signal;
     let (pid, main) = (nix::unistd::getpid(), nix::unistd::gettid());
-    let spawned = std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            let mut reader = BufReader::new(stream);
-            while let Ok(line) = control::read_line(&mut reader) {
-                let Ok(signal) = control::parse::<control::VmSignal>(&line) else {
-                    eprintln!("moat guest-init: the host sent a control line that is not a signal");
-                    return;
-                };
-                let sig = match signal {
-                    control::VmSignal::Terminate => Signal::SIGTERM,
-                    control::VmSignal::Hangup => Signal::SIGHUP,
-                };
-                // To the main thread itself (tgkill): a signal for the whole process could be
-                // taken by another thread and leave the main thread's wait uninterrupted.
-                // SAFETY: tgkill(2) takes three integers and touches no memory.
-                #[allow(unsafe_code)]
-                let _ = unsafe {
-                    libc::syscall(
-                        libc::SYS_tgkill,
-                        pid.as_raw(),
-                        main.as_raw(),
-                        sig as libc::c_int,
-                    )
-                };
-            }
-        });
-    if let Err(e) = spawned {
-        eprintln!("moat guest-init: cannot read signals from the host: {e}");
+    move |signal| {
+        let sig = match signal {
+            control::VmSignal::Terminate => Signal::SIGTERM,
+            control::VmSignal::Hangup => Signal::SIGHUP,
+        };
+        // To the main thread itself (tgkill): a signal for the whole process could be taken
+        // by another thread and leave the main thread's wait uninterrupted.
+        // SAFETY: tgkill(2) takes three integers and touches no memory.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                pid.as_raw(),
+                main.as_raw(),
+                sig as libc::c_int,
+            )
+        };
     }
 }
 
@@ -286,7 +268,7 @@ const RESEED_BYTES: usize = 64;
 /// the kernel's input pool, credited, and makes the kernel rekey its CRNG from it at once
 /// (RNDRESEEDCRNG): what every restore of one snapshot would otherwise share, /dev/urandom's
 /// and getrandom's stream, now differs between them.
-fn reseed_rng() -> std::io::Result<()> {
+pub(crate) fn reseed_rng() -> std::io::Result<()> {
     use std::io::Read;
     use std::os::fd::AsRawFd;
     #[repr(C)]
@@ -320,7 +302,7 @@ fn reseed_rng() -> std::io::Result<()> {
     Ok(())
 }
 
-fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
+fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError> {
     mount_or(
         "/dev",
         Some("devtmpfs"),
@@ -338,7 +320,8 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
         workspace,
         disks_mounted,
     } = receive_workspace()?;
-    *control_out = Some(stream.try_clone().map_err(InitError::Control)?);
+    let link = Link::new(stream);
+    *control_out = Some(std::sync::Arc::clone(&link));
     let steps = Steps::new(workspace.trace_steps);
     steps.say(if disks_mounted {
         "workspace received (disks mounted before the claim)"
@@ -378,9 +361,10 @@ fn init(control_out: &mut Option<UnixStream>) -> Result<i32, InitError> {
     // Nobody in the workspace may open PID 1's descriptors (the control stream) through /proc.
     let _ = nix::sys::prctl::set_dumpable(false);
     crate::signals::install();
-    // From now on the host may send signals for the agent; read them on a thread of their own.
-    stream.set_read_timeout(None).map_err(InitError::Control)?;
-    listen_for_signals(stream);
+    // From now on the host may send signals for the agent; read them on a thread of their own,
+    // which also notices the host going away.
+    link.listen(raise_on_this_thread(), host_gone)
+        .map_err(InitError::Control)?;
 
     let reporter = std::sync::Arc::new(Reporter::new(Sink::Vsock(control::AUDIT_VSOCK_PORT)));
     let mut agent = crate::AgentSpec {

@@ -112,6 +112,11 @@ pub(crate) struct RunArgs {
     /// (no interactive shell yet); the root image is the pool's.
     #[arg(long, value_name = "SOCKET", conflicts_with_all = ["from_snapshot", "snapshot_to", "home_disk", "image", "gpu"])]
     pool: Option<PathBuf>,
+    /// vm backend: moat-vmm's control socket for this workspace at PATH (owner-only), where
+    /// an operator pauses, resumes and snapshots the running VM (vmm/README.md). A snapshot
+    /// resets the VM's vsock connections: flows in progress fail, and the workspace goes on.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["snapshot_to", "pool"])]
+    api_sock: Option<PathBuf>,
     #[command(flatten)]
     proxy: ProxyOpts,
     /// Command to run in the workspace instead of an interactive shell.
@@ -411,14 +416,26 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
                 args.mem = t.mem_mib;
                 args.vcpus = t.vcpus;
             }
-            if (args.snapshot_to.is_some() || args.from_snapshot.is_some()) && !args.gpu.is_empty()
+            if (args.snapshot_to.is_some()
+                || args.from_snapshot.is_some()
+                || args.api_sock.is_some())
+                && !args.gpu.is_empty()
             {
                 bail!("a VM with a passed-through GPU cannot be snapshotted or restored");
+            }
+            if let Some(path) = &args.api_sock {
+                vm_backend::check_api_sock(path)?;
             }
         }
         Backend::Namespace(root) => {
             if args.snapshot_to.is_some() || args.from_snapshot.is_some() || args.pool.is_some() {
                 bail!("--snapshot-to, --from-snapshot and --pool need the vm backend ({why})");
+            }
+            if args.api_sock.is_some() {
+                bail!(
+                    "--api-sock is moat-vmm's control socket (pause, resume, snapshot): it needs \
+                     the vm backend ({why})"
+                );
             }
             if !args.gpu.is_empty() {
                 bail!("--gpu passes a device through to a VM: it needs the vm backend ({why})");
@@ -774,6 +791,7 @@ fn run_in(
                     vcpus: args.vcpus,
                     boot_log: args.boot_log,
                     gpus: args.gpu.clone(),
+                    api_sock: args.api_sock.clone(),
                     mode: match (&args.snapshot_to, &args.from_snapshot, claimed.take()) {
                         (_, _, Some(c)) => vm_backend::VmMode::Claim(c),
                         (Some(dir), _, None) => vm_backend::VmMode::Template(dir.clone()),

@@ -136,6 +136,8 @@ pub(crate) struct VmRun<'a> {
     pub(crate) gpus: Vec<String>,
     /// Boot, make a template, or start from one.
     pub(crate) mode: VmMode,
+    /// moat-vmm's control socket for this workspace (`--api-sock`): pause, resume, snapshot.
+    pub(crate) api_sock: Option<PathBuf>,
     pub(crate) workspace: VmWorkspace,
 }
 
@@ -342,13 +344,17 @@ enum ControlSource {
 
 /// Serves the control stream: the guest gets the workspace, then every signal from `signals`
 /// (SIGTERM, SIGHUP to `moat run`, for the agent); its one answer is the outcome. From a
-/// listener, later connections are closed unanswered.
+/// listener, a later connection that asks to reattach ([`control::VmReattach`]: guest-init,
+/// after a snapshot reset the VM's vsock transport) takes the stream's place, and signals sent
+/// meanwhile go on it; any other is closed unanswered. (A pool's machine has no listener here:
+/// its control socket is the pool's.)
 async fn serve_control(
     source: ControlSource,
     workspace: VmWorkspace,
     outcome: Arc<Mutex<Option<VmOutcome>>>,
     mut signals: tokio::sync::mpsc::UnboundedReceiver<VmSignal>,
 ) {
+    let (conn_tx, mut conns) = tokio::sync::mpsc::channel(1);
     let (stream, restored) = match source {
         ControlSource::Stream(s) => (s, false),
         ControlSource::Listener { listener, restored } => {
@@ -359,10 +365,9 @@ async fn serve_control(
                 loop {
                     match listener.accept().await {
                         Ok((s, _)) => {
-                            drop(s);
-                            tracing::warn!(
-                                "a second control connection from the guest was refused"
-                            );
+                            if conn_tx.send(s).await.is_err() {
+                                return;
+                            }
                         }
                         // Out of descriptors and the like: do not spin.
                         Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -402,33 +407,98 @@ async fn serve_control(
         return;
     }
     tracing::debug!("workspace sent to the guest");
-    let mut line = Vec::new();
     let mut reader = reader.take(control::MAX_LINE as u64 + 1);
-    let read = loop {
+    let mut line = Vec::new();
+    // Whether `reader` and `write` are a live stream; signals wait in `held` while not.
+    let mut live = true;
+    let mut held = Vec::new();
+    loop {
         tokio::select! {
-            read = reader.read_until(b'\n', &mut line) => break read,
-            Some(signal) = signals.recv() => {
-                if let Err(e) = write.write_all(&control::encode(&signal)).await {
-                    tracing::warn!(error = %e, "cannot pass a signal on to the guest");
+            read = reader.read_until(b'\n', &mut line), if live => match read {
+                Ok(_) if line.last() == Some(&b'\n') => {
+                    line.pop();
+                    match control::parse::<VmOutcome>(&line) {
+                        Ok(o) => {
+                            if let Ok(mut slot) = outcome.lock() {
+                                *slot = Some(o);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "the guest's outcome line is malformed"),
+                    }
+                    return;
                 }
-            }
-        }
-    };
-    match read {
-        Ok(_) if line.last() == Some(&b'\n') => {
-            line.pop();
-            match control::parse::<VmOutcome>(&line) {
-                Ok(o) => {
-                    if let Ok(mut slot) = outcome.lock() {
-                        *slot = Some(o);
+                // A snapshot resets the guest's vsock transport: guest-init reattaches.
+                Ok(_) => {
+                    tracing::info!("the control stream ended without an outcome");
+                    live = false;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "the control stream failed");
+                    live = false;
+                }
+            },
+            Some(conn) = conns.recv() => match reattached(conn).await {
+                Ok((r, w)) => {
+                    (reader, write, live) = (r, w, true);
+                    line.clear();
+                    eprintln!(
+                        "moat: the VM's control stream was reset (a snapshot) and guest-init \
+                         reattached it"
+                    );
+                    for signal in held.drain(..) {
+                        if let Err(e) = write.write_all(&control::encode(&signal)).await {
+                            tracing::warn!(error = %e, "cannot pass a signal on to the guest");
+                        }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "the guest's outcome line is malformed"),
+                Err(why) => tracing::warn!(%why, "a control connection from the guest was refused"),
+            },
+            Some(signal) = signals.recv() => {
+                if !live {
+                    held.push(signal);
+                } else if let Err(e) = write.write_all(&control::encode(&signal)).await {
+                    tracing::warn!(error = %e, "cannot pass a signal on to the guest");
+                    held.push(signal);
+                }
             }
+            else => return,
         }
-        Ok(_) => tracing::warn!("the guest closed the control stream without an outcome"),
-        Err(e) => tracing::warn!(error = %e, "the control stream failed"),
     }
+}
+
+/// The control stream's reading side: lines of at most [`control::MAX_LINE`] bytes.
+type ControlReader = tokio::io::Take<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>;
+
+fn control_reader(read: tokio::net::unix::OwnedReadHalf) -> ControlReader {
+    tokio::io::BufReader::new(read).take(control::MAX_LINE as u64 + 1)
+}
+
+/// A later guest connection, if it is guest-init asking to reattach (within 10 s): answered,
+/// and handed back as the control stream.
+async fn reattached(
+    conn: tokio::net::UnixStream,
+) -> Result<(ControlReader, tokio::net::unix::OwnedWriteHalf), String> {
+    let (read, mut write) = conn.into_split();
+    let mut reader = control_reader(read);
+    let mut line = Vec::new();
+    let asked = tokio::time::timeout(
+        Duration::from_secs(10),
+        (&mut reader).take(256).read_until(b'\n', &mut line),
+    )
+    .await;
+    match asked {
+        Ok(Ok(_)) if line.last() == Some(&b'\n') => {}
+        Ok(Ok(_)) => return Err("it closed before a line".to_owned()),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("it said nothing within 10 s".to_owned()),
+    }
+    control::parse::<control::VmReattach>(&line[..line.len() - 1])
+        .map_err(|_| "it did not ask to reattach".to_owned())?;
+    write
+        .write_all(&control::encode(&control::VmReattached::Reattached))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((reader, write))
 }
 
 /// Serves a template VM's control socket: tells guest-init to stand by and reports on `ready`
@@ -553,6 +623,38 @@ pub(crate) fn check_reseeded(reader: &mut impl std::io::BufRead) -> Result<()> {
                 .take(80)
                 .collect::<String>()
         ),
+    }
+}
+
+/// Checks where `--api-sock` will be bound before anything starts: a directory that exists,
+/// and nothing there but perhaps a stale socket (moat-vmm replaces one).
+pub(crate) fn check_api_sock(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--api-sock {}: {} is not a directory",
+            path.display(),
+            dir.display()
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => bail!(
+            "--api-sock {}: it exists and is not a socket (nothing is replaced but a stale socket)",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Removes the control socket moat-vmm left (if it is still a socket).
+fn remove_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -717,6 +819,14 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
     }
     if let VmMode::Template(_) = &run.mode {
         cmd.arg("--api-sock").arg(&api);
+    } else if let Some(path) = &run.api_sock {
+        // Bound by moat-vmm before it enters its jail, owner-only (0600): as root, the jailed
+        // VMM keeps the listening socket, and only root reaches it.
+        cmd.arg("--api-sock").arg(path);
+        eprintln!(
+            "moat: moat-vmm's control socket (pause, resume, snapshot): {}",
+            path.display()
+        );
     }
     cmd.arg("--mem")
         .arg(run.mem_mib.to_string())
@@ -748,7 +858,11 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         };
         return make_template(&mut vmm, &ready_rx, &api, dir, &template);
     }
-    wait_for_vm(rt, Running::Child(vmm), control, &outcome, signal_tx)
+    let code = wait_for_vm(rt, Running::Child(vmm), control, &outcome, signal_tx);
+    if let Some(path) = &run.api_sock {
+        remove_socket(path);
+    }
+    code
 }
 
 /// Waits for the running VM and says how the agent ended. SIGTERM to moat is passed on to
@@ -900,6 +1014,79 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    /// After a snapshot reset the guest's vsock transport, the control stream ends without an
+    /// outcome: guest-init connects again and asks to reattach. Only that is answered; a signal
+    /// sent meanwhile, and the outcome, go on the new stream.
+    #[test]
+    fn a_guest_that_lost_its_control_stream_reattaches_and_nothing_else_does() {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(&path).unwrap()
+        };
+        let outcome = Arc::new(Mutex::new(None));
+        let (signals, signal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let workspace: VmWorkspace = control::parse(
+            br#"{"hostname":"w","command":["true"],"env":[],"ca_pem":"","interactive":false,"rows":0,"cols":0}"#,
+        )
+        .unwrap();
+        let task = rt.spawn(serve_control(
+            ControlSource::Listener {
+                listener,
+                restored: false,
+            },
+            workspace,
+            Arc::clone(&outcome),
+            signal_rx,
+        ));
+        let connect = || {
+            let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        let line = |s: &std::os::unix::net::UnixStream| {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(s).read_line(&mut line);
+            line
+        };
+        let first = connect();
+        assert!(line(&first).contains("\"hostname\":\"w\""));
+        // The snapshot: the stream ends, no outcome.
+        drop(first);
+        // Something else on the control port gets nothing and is closed.
+        let mut stranger = connect();
+        stranger.write_all(b"\"standing_by\"\n").unwrap();
+        assert_eq!(line(&stranger), "");
+        // guest-init asks; the signal sent while it was away comes after the answer.
+        signals.send(VmSignal::Terminate).unwrap();
+        let mut again = connect();
+        again
+            .write_all(&control::encode(&control::VmReattach::Reattach))
+            .unwrap();
+        let mut reader = std::io::BufReader::new(again.try_clone().unwrap());
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        assert_eq!(answer, "\"reattached\"\n");
+        let mut signal = String::new();
+        reader.read_line(&mut signal).unwrap();
+        assert_eq!(signal, "\"terminate\"\n");
+        again
+            .write_all(&control::encode(&VmOutcome::Exited { code: 56 }))
+            .unwrap();
+        rt.block_on(task).unwrap();
+        assert_eq!(
+            outcome.lock().unwrap().take(),
+            Some(VmOutcome::Exited { code: 56 })
+        );
     }
 
     #[test]

@@ -75,26 +75,30 @@ fn on_nested_pvm_the_vm_backend_boots_our_kernel_and_initramfs_to_init() {
     )
     .unwrap();
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
-        .args([
-            "run",
-            "--backend",
-            "vm",
-            "--boot-log",
-            "--mem",
-            "256",
-            "--vcpus",
-            "1",
-        ])
-        .arg("--audit")
-        .arg(dir.path().join("audit.jsonl"))
-        .arg("--audit-key")
-        .arg(dir.path().join("audit.key"))
-        .args(["--", "true"])
-        .env("MOAT_IMAGES", dir.path())
-        .env("MOAT_LOG", "warn")
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+    cmd.args([
+        "run",
+        "--backend",
+        "vm",
+        "--boot-log",
+        "--mem",
+        "256",
+        "--vcpus",
+        "1",
+    ])
+    .arg("--audit")
+    .arg(dir.path().join("audit.jsonl"))
+    .arg("--audit-key")
+    .arg(dir.path().join("audit.key"))
+    .args(["--", "true"])
+    .env("MOAT_IMAGES", dir.path())
+    .env("MOAT_LOG", "warn");
+    let out = common::deadline::output_within(
+        &mut cmd,
+        "moat run --backend vm (boot to /init)",
+        common::deadline::RUN_DEADLINE,
+        &String::new,
+    );
     let (serial, stderr) = (text(&out.stdout), text(&out.stderr));
     let to_init = serial
         .lines()

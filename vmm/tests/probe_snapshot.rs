@@ -217,6 +217,10 @@ fn the_control_socket_answers_bad_requests_with_an_error_and_the_vm_goes_on() {
         .unwrap();
     let mut vmm = common::Live { child, serial };
     vmm.wait_for_line(&tick_line(1), 60);
+    // Owner-only from the start, whatever the umask: whoever reaches it can copy guest memory.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&api).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the control socket is owner-only");
     let mut client = vmm.ok("connect", Client::connect(&api));
     for bad in ["bogus", "snapshot", "x".repeat(200).as_str()] {
         let answer = client.request(bad);

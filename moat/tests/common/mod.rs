@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod broker;
+pub mod deadline;
 #[macro_use]
 pub mod scenarios;
 pub mod services;
@@ -351,9 +352,31 @@ impl Workspace {
             .collect()
     }
 
-    /// Runs `script` with sh inside the workspace.
+    /// Runs `script` with sh inside the workspace, within [`deadline::RUN_DEADLINE`]: a run
+    /// that hangs fails the test with what it printed so far, its processes and the audit log.
     pub fn run(&self, script: &str) -> Output {
-        self.command(script).output().unwrap()
+        self.output(
+            &mut self.command(script),
+            &format!("moat run -- sh -c {script:?}"),
+        )
+    }
+
+    /// Runs `cmd` (one of this workspace's `moat run`s) to its end within
+    /// [`deadline::RUN_DEADLINE`], as [`Workspace::run`] does.
+    pub fn output(&self, cmd: &mut Command, what: &str) -> Output {
+        deadline::output_within(cmd, what, deadline::RUN_DEADLINE, &|| self.audit_so_far())
+    }
+
+    /// The audit log as it stands, for a hang report: its last 30 records.
+    pub fn audit_so_far(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "--- the audit log so far (last {} of {} records) ---\n{}",
+            lines.len().min(30),
+            lines.len(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
     }
 
     /// The `moat run` command for `script`.

@@ -411,6 +411,11 @@ pub fn sigterm_reaches_the_agent_for_an_orderly_shutdown(ws: &Workspace) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let _watchdog = super::deadline::Watchdog::arm(
+        child.id(),
+        "moat run (SIGTERM scenario)",
+        super::deadline::RUN_DEADLINE,
+    );
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
