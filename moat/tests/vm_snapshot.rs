@@ -51,13 +51,8 @@ fn fork(ws: &Workspace, template: &Path, name: &str) -> String {
     stdout
 }
 
-#[test]
-fn two_forks_of_one_template_share_no_rng_stream_ca_or_placeholder() {
-    const NAME: &str = "two_forks_of_one_template_share_no_rng_stream_ca_or_placeholder";
-    let Some(images) = vm_images(NAME) else {
-        return;
-    };
-    let ws = Workspace::with_backend("vm", Some(images));
+/// `moat run --snapshot-to` into the workspace's directory: the template's path.
+fn make_template(ws: &Workspace) -> std::path::PathBuf {
     let template = ws.dir.path().join("template");
     let made = ws.output(
         ws.moat_run().arg("--snapshot-to").arg(&template),
@@ -67,6 +62,17 @@ fn two_forks_of_one_template_share_no_rng_stream_ca_or_placeholder() {
     for f in ["state", "memory", "moat-template.toml"] {
         assert!(template.join(f).is_file(), "the template has no {f}");
     }
+    template
+}
+
+#[test]
+fn two_forks_of_one_template_share_no_rng_stream_ca_or_placeholder() {
+    const NAME: &str = "two_forks_of_one_template_share_no_rng_stream_ca_or_placeholder";
+    let Some(images) = vm_images(NAME) else {
+        return;
+    };
+    let ws = Workspace::with_backend("vm", Some(images));
+    let template = make_template(&ws);
 
     let a = fork(&ws, &template, "fork-a");
     let b = fork(&ws, &template, "fork-b");
@@ -136,14 +142,7 @@ fn a_warm_pool_hands_each_concurrent_claim_a_workspace_of_its_own() {
     let claimants: Vec<Workspace> = (0..3)
         .map(|_| Workspace::with_backend("vm", Some(images.clone())))
         .collect();
-    let template = claimants[0].dir.path().join("template");
-    let made = claimants[0]
-        .moat_run()
-        .arg("--snapshot-to")
-        .arg(&template)
-        .output()
-        .unwrap();
-    assert_eq!(made.status.code(), Some(0), "{}", text(&made.stderr));
+    let template = make_template(&claimants[0]);
     let socket = claimants[0].dir.path().join("pool.sock");
     let pool_log = claimants[0].dir.path().join("pool.log");
     // Two machines for three claims at once: the third waits for the pool to refill.
@@ -158,36 +157,45 @@ fn a_warm_pool_hands_each_concurrent_claim_a_workspace_of_its_own() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let runs: Vec<std::process::Child> = claimants
-        .iter()
-        .enumerate()
-        .map(|(i, ws)| {
-            let script = format!(
-                "{}; curl -sS -o /dev/null -w 'allowed=%{{http_code}}\\n' {}; \
-                 curl -sS -o /dev/null {} ; echo denied=$?; exit {}",
-                fork_script(&format!("claim-{i}")),
-                ws.url("allowed.test", "/hello"),
-                ws.url("denied.test", "/hello"),
-                10 + i
-            );
-            ws.moat_run()
-                .arg("--pool")
-                .arg(&socket)
-                .args(["--", "sh", "-c", &script])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outs: Vec<std::process::Output> = runs
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    let pool_said = std::fs::read_to_string(&pool_log).unwrap_or_default();
+    let pool_said = || {
+        format!(
+            "--- the pool's log ---\n{}",
+            std::fs::read_to_string(&pool_log).unwrap_or_default()
+        )
+    };
+    // Each claim within the tests' deadline, or a report of where it hung.
+    let outs: Vec<std::process::Output> = std::thread::scope(|scope| {
+        let runs: Vec<_> = claimants
+            .iter()
+            .enumerate()
+            .map(|(i, ws)| {
+                let script = format!(
+                    "{}; curl -sS -o /dev/null -w 'allowed=%{{http_code}}\\n' {}; \
+                     curl -sS -o /dev/null {} ; echo denied=$?; exit {}",
+                    fork_script(&format!("claim-{i}")),
+                    ws.url("allowed.test", "/hello"),
+                    ws.url("denied.test", "/hello"),
+                    10 + i
+                );
+                let (socket, pool_said) = (&socket, &pool_said);
+                scope.spawn(move || {
+                    common::deadline::output_within(
+                        ws.moat_run()
+                            .arg("--pool")
+                            .arg(socket)
+                            .args(["--", "sh", "-c", &script]),
+                        &format!("claim {i}"),
+                        common::deadline::RUN_DEADLINE,
+                        pool_said,
+                    )
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
     for (i, out) in outs.iter().enumerate() {
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-        let context = format!("claim {i}:\n{stdout}\n{stderr}\npool:\n{pool_said}");
+        let context = format!("claim {i}:\n{stdout}\n{stderr}\n{}", pool_said());
         // The command's own status comes back through the claim.
         assert_eq!(
             out.status.code(),
@@ -223,7 +231,18 @@ fn a_warm_pool_hands_each_concurrent_claim_a_workspace_of_its_own() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = pool.wait().unwrap();
+    let stopping = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = pool.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopping.elapsed() < std::time::Duration::from_secs(60),
+            "the pool did not stop on SIGTERM\n{}",
+            pool_said()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     let pool_said = std::fs::read_to_string(&pool_log).unwrap_or_default();
     assert!(status.success(), "{pool_said}");
     assert!(!socket.exists(), "{pool_said}");

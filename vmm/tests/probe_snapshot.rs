@@ -198,10 +198,10 @@ fn corrupt_foreign_or_misfitting_snapshots_are_refused_before_the_guest_runs() {
     assert!(e.contains("does not fit this VM"), "{e}");
 }
 
-#[test]
-fn the_control_socket_answers_bad_requests_with_an_error_and_the_vm_goes_on() {
-    require_kvm!();
-    let dir = common::scratch("snap-api-errors");
+/// The probe counting 8 ticks with a control socket, past its first tick: its scratch
+/// directory, the socket, the running VMM.
+fn probe_with_control_socket(name: &str) -> (PathBuf, PathBuf, common::Live) {
+    let dir = common::scratch(name);
     let api = dir.join("api.sock");
     let serial = dir.join("serial.log");
     let child = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
@@ -217,6 +217,13 @@ fn the_control_socket_answers_bad_requests_with_an_error_and_the_vm_goes_on() {
         .unwrap();
     let mut vmm = common::Live { child, serial };
     vmm.wait_for_line(&tick_line(1), 60);
+    (dir, api, vmm)
+}
+
+#[test]
+fn the_control_socket_answers_bad_requests_with_an_error_and_the_vm_goes_on() {
+    require_kvm!();
+    let (dir, api, mut vmm) = probe_with_control_socket("snap-api-errors");
     // Owner-only from the start, whatever the umask: whoever reaches it can copy guest memory.
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&api).unwrap().permissions());
@@ -243,22 +250,7 @@ fn the_control_socket_answers_bad_requests_with_an_error_and_the_vm_goes_on() {
 #[test]
 fn a_console_attached_over_the_control_socket_gets_the_output_from_then_on() {
     require_kvm!();
-    let dir = common::scratch("snap-console");
-    let api = dir.join("api.sock");
-    let serial = dir.join("serial.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
-        .arg("--kernel")
-        .arg(common::probe_guest())
-        .args(["--mem", "64", "--rng", "--timeout", "120"])
-        .args(["--cmdline", "probe.ticks=8"])
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--serial-out")
-        .arg(&serial)
-        .spawn()
-        .unwrap();
-    let mut vmm = common::Live { child, serial };
-    vmm.wait_for_line(&tick_line(1), 60);
+    let (dir, api, mut vmm) = probe_with_control_socket("snap-console");
     let mut client = vmm.ok("connect", Client::connect(&api));
     vmm.ok("pause", client.pause());
     // Without a descriptor the request is refused and the old sink stays.
