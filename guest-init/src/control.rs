@@ -136,8 +136,9 @@ pub enum VmRestored {
 
 /// guest-init's first line on a control stream it connects again while the agent runs: the
 /// stream it had ended (a snapshot of the running VM resets the guest's vsock transport), and
-/// it asks its host to take it back ([`crate::link`]). A `moat run` still waiting for this VM's
-/// outcome answers [`VmReattached`]; any other answer, or none, means the host is gone.
+/// it asks its host to take it back (guest-init's `link.rs`). A `moat run` still waiting for
+/// this VM's outcome answers [`VmReattached`]; any other answer, or none, means the host is
+/// gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum VmReattach {
