@@ -215,7 +215,7 @@ pub(crate) fn run(args: PoolArgs) -> Result<std::process::ExitCode> {
 
 /// Binds `path` for the pool's owner alone (a stale socket there is replaced, nothing else).
 fn bind_private(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             bail!("{} exists and is not a socket", path.display());
@@ -225,17 +225,13 @@ fn bind_private(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("cannot replace {}", path.display()))?;
     }
-    // Bound under a umask that leaves nobody else a moment to connect.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // Owner-only from the first instant: whoever connects claims a machine.
+    moat_private_socket::bind_std(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))
 }
 
-/// SIGTERM or SIGINT stop the pool: its socket and directory are removed and the process
-/// exits, and with it (their parent-death signal) every machine, claimed ones too.
+/// SIGTERM or SIGINT stop the pool: every machine, claimed ones too, is killed, the socket and
+/// the pool's directory are removed, and the process exits.
 fn stop_on_signals(socket: &Path, dir: &Path) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();

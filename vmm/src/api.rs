@@ -231,7 +231,7 @@ fn write_memory(mem: &GuestMemoryMmap, out: &File) -> std::io::Result<Vec<Region
 /// directory (0700) beside `path`, made 0600 there and renamed into place. Whoever reaches it
 /// can pause the VM and copy its memory, so neither the umask nor the directory decides.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(std::io::Error::new(
@@ -241,31 +241,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         }
         let _ = std::fs::remove_file(path);
     }
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{} names no socket file", path.display()),
-        )
-    })?;
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let private = parent.join(format!(
-        ".{}.{}.binding",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
-    let inside = private.join("socket");
-    let bound = UnixListener::bind(&inside).and_then(|listener| {
-        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&inside, path)?;
-        Ok(listener)
-    });
-    let _ = std::fs::remove_file(&inside);
-    let _ = std::fs::remove_dir(&private);
-    bound
+    moat_private_socket::bind_std(path)
 }
 
 /// Starts the control socket's thread (confined by the `Api` filter when `confine`).
