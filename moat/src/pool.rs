@@ -127,6 +127,20 @@ fn kill_if_live(pid: nix::unistd::Pid) {
     }
 }
 
+/// Whether `pid` (a child) has exited, and its exit code (None inside when by a signal),
+/// without reaping it: it stays listed, and its pid its own, until [`forget`] and a wait.
+fn exited_unreaped(pid: nix::unistd::Pid) -> Option<Option<i32>> {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    match waitid(
+        Id::Pid(pid),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+    ) {
+        Ok(WaitStatus::Exited(_, code)) => Some(Some(code)),
+        Ok(WaitStatus::Signaled(..)) => Some(None),
+        _ => None,
+    }
+}
+
 /// Unlists `pid`, which its caller reaps next.
 fn forget(pid: nix::unistd::Pid) {
     live().retain(|p| *p != pid);
@@ -412,10 +426,10 @@ fn prepare(member: &mut Member, listener: &UnixListener) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e).context("cannot accept the guest's control stream"),
         }
-        if let Some(status) = member.vmm.try_wait()? {
+        if let Some(code) = exited_unreaped(pid_of(&member.vmm)) {
             bail!(
                 "moat-vmm stopped before the guest connected ({})",
-                vm_backend::vmm_exit_meaning(status.code())
+                vm_backend::vmm_exit_meaning(code)
             );
         }
         if Instant::now() >= deadline {
@@ -721,6 +735,23 @@ mod tests {
         let err = bind_private(&file).unwrap_err().to_string();
         assert!(err.contains("not a socket"), "{err}");
         assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    #[test]
+    fn an_exited_machine_is_seen_without_being_reaped() {
+        let mut child = Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
+        let pid = pid_of(&child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let code = loop {
+            if let Some(code) = exited_unreaped(pid) {
+                break code;
+            }
+            assert!(Instant::now() < deadline, "sh -c 'exit 3' never exited");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(code, Some(3));
+        // Still ours to reap: its pid cannot have gone to another process meanwhile.
+        assert_eq!(child.wait().unwrap().code(), Some(3));
     }
 
     #[test]
