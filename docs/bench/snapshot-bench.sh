@@ -13,21 +13,13 @@ export MOAT_IMAGES MOAT_LOG=error
 W=/tmp/snapbench; rm -rf $W; mkdir -p $W
 now() { date +%s%N; }
 sample() { echo "sample $1 $2"; }
-# label, args...: the time to the agent's first line ("up") and to the command's exit.
+FIRST_LINE="$(dirname "$0")/first-line.py"
+# label, args...: the time to the agent's first line ("up"), from the spawn and from moat's
+# main() (its first debug line), and to the command's exit: first-line.py reads the output
+# as it comes (a poll loop of short processes here would take the CPU the VM needs).
 run() {
   label=$1; shift
-  rm -f $W/out; s=$(now)
-  "$@" > $W/out 2>$W/err &
-  pid=$!; first=""
-  while kill -0 $pid 2>/dev/null; do
-    if [ -z "$first" ] && grep -q '^up' $W/out 2>/dev/null; then first=$(now); fi
-    sleep 0.01
-  done
-  wait $pid; rc=$?; e=$(now)
-  [ -z "$first" ] && grep -q '^up' $W/out && first=$e
-  if [ $rc -ne 0 ] || [ -z "$first" ]; then echo "failed $label rc=$rc"; tail -5 $W/err; return; fi
-  sample "${label}_first_line_ms" $(( (first - s) / 1000000 ))
-  sample "${label}_exit_ms" $(( (e - s) / 1000000 ))
+  MOAT_LOG=error,moat::run_cmd=debug python3 "$FIRST_LINE" "$label" $W/err "$@" || tail -5 $W/err
 }
 # smaps_rollup of each pid: Pss and Private_Dirty in KiB, as samples named LABEL_pss_kib...
 memory_of() {
@@ -61,13 +53,22 @@ done
 sample pool_ready_ms $(( ($(now) - s) / 1000000 ))
 # The memory of a ready (paused, prepared) machine, before any claim.
 memory_of pooled $(pgrep -f "moat-vmm.*--restore $W/tpl")
-i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1)); run claim $MOAT run --backend vm --pool $W/pool.sock -- sh -c 'echo up'; done
+# Each claim on a machine otherwise idle, as the cold boots were: the pool's refill of the
+# last claim's place (2 s after it, then a restore) done first.
+i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1)); sleep 6; run claim $MOAT run --backend vm --pool $W/pool.sock -- sh -c 'echo up'; done
 # Where a claim's time goes: the cost of starting the moat binary at all, and one more claim
 # with moat's debug log (its timestamps).
 i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1))
   s=$(now); $MOAT --version >/dev/null; sample moat_exec_ms $(( ($(now) - s) / 1000000 ))
 done
 MOAT_LOG=debug $MOAT run --backend vm --pool $W/pool.sock -- sh -c 'echo up' 2>&1 | sed 's/^/trace /'
+# And where a claim's time goes in the guest: guest-init's step times (`--boot-log`), and
+# when it said the workspace came.
+
+i=0; while [ $i -lt "$RUNS" ]; do i=$((i + 1))
+  sleep 6
+  run claim_steps $MOAT run --backend vm --pool $W/pool.sock --boot-log -- sh -c 'echo up'
+done
 kill $pool; wait $pool
 
 # moat-vmm alone: main() to the first vCPU entry (--stats), restore (paused) vs boot.
@@ -90,11 +91,11 @@ done
 n=0; while [ $n -lt 120 ]; do
   c=$(cat $W/f*.out 2>/dev/null | grep -c '^up'); [ "$c" -ge "$RUNS" ] && break; n=$((n + 1)); sleep 1
 done
-sleep 3
+
 memory_of fork $(pgrep -f "moat-vmm.*--restore $W/tpl")
 $MOAT run --backend vm --mem 512 -- sh -c 'echo up; sleep 25' > $W/cold.out 2>$W/cold.err &
 n=0; while [ $n -lt 120 ]; do grep -q '^up' $W/cold.out 2>/dev/null && break; n=$((n + 1)); sleep 1; done
-sleep 3
+
 memory_of cold $(pgrep -f 'moat-vmm.*--kernel')
 wait
 echo "done"

@@ -497,6 +497,7 @@ impl Proxy {
             .collect();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(event) = res
+                && changes_content(event.kind)
                 && event
                     .paths
                     .iter()
@@ -533,6 +534,19 @@ impl Proxy {
             }
         });
         Ok(())
+    }
+}
+
+/// Whether a watched file's event can mean new content: not an open or a read (every
+/// reload opens the profile, and so does any other reader: reloading on those would reload
+/// forever, an audit record each time).
+fn changes_content(kind: notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 

@@ -740,6 +740,39 @@ async fn reload_that_drops_a_host_cuts_its_live_flow_within_a_second() {
 }
 
 #[tokio::test]
+async fn reading_the_policy_files_does_not_reload_and_a_reload_does_not_set_off_another() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tp = TestProxy::start().await;
+    let applied = || tp.proxy.metrics().reloads_applied.load(Relaxed);
+    // Another reader (a second proxy, an editor, a backup) opens and reads the files.
+    for _ in 0..3 {
+        std::fs::read(&tp.profile).unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(applied(), 0, "reading the profile reloaded it");
+    // A real change reloads once; the reload's own reading of the files sets off no other.
+    let renamed = harness::profile_text(tp.tls.port(), tp.plain.port(), "")
+        .replace("name = \"test\"", "name = \"changed\"");
+    tp.rewrite_profile(&renamed);
+    for _ in 0..100 {
+        if tp.proxy.policy_name() == "changed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tp.proxy.policy_name(), "changed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let settled = applied();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        applied(),
+        settled,
+        "the proxy keeps reloading on its own reads"
+    );
+}
+
+#[tokio::test]
 async fn sighup_reloads_the_policy() {
     let tp = TestProxy::start_unwatched().await;
     let renamed = harness::profile_text(tp.tls.port(), tp.plain.port(), "")

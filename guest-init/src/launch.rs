@@ -39,13 +39,15 @@ fn pid_u32(pid: Pid) -> u32 {
 /// Starts the agent with a clean environment, confined by `sandbox`, and waits for it, reaping
 /// every other child that ends meanwhile (orphans re-parented to PID 1). With `tty`, the agent
 /// leads a new session with that terminal as its controlling terminal and standard streams.
-/// Returns the agent's exit status.
+/// `step` is told when the sandbox is prepared and when the agent has started (its exec
+/// done), for `--boot-log`'s step times. Returns the agent's exit status.
 pub(crate) fn run_agent(
     spec: &AgentSpec,
     sandbox: &moat_guest_sandbox::SandboxConfig,
     tty: Option<OwnedFd>,
     report: &Reporter,
     services: &mut crate::service::Services,
+    step: &dyn Fn(&'static str),
 ) -> std::io::Result<ExitStatus> {
     let argv: Vec<String> = if spec.command.is_empty() {
         vec!["/bin/bash".to_owned(), "-l".to_owned()]
@@ -75,6 +77,7 @@ pub(crate) fn run_agent(
     // seccomp filter) happens here, in PID 1; the child only applies it.
     let sandbox = moat_guest_sandbox::Sandbox::new(sandbox)
         .map_err(|e| std::io::Error::other(format!("cannot prepare the sandbox: {e}")))?;
+    step("sandbox prepared");
     let tty_fd = tty.as_ref().map(AsRawFd::as_raw_fd);
     // The sandbox stacks new mounts over the agent's paths: enter the working directory
     // again afterwards, or it would stay on the mount underneath.
@@ -134,6 +137,7 @@ pub(crate) fn run_agent(
             format!("cannot start the agent inside its sandbox: {e}"),
         )
     })?;
+    step("agent started");
     drop(tty);
     report.launch(child.id(), &argv);
     let agent = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));

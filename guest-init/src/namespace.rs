@@ -733,8 +733,8 @@ fn init(
             .spawn(move || session::serve_unix(listener, sessions))
             .map_err(session::SessionError::Service)?;
     }
-    let status =
-        run_agent(&agent, &sandbox, None, &reporter, &mut services).map_err(InitError::Agent)?;
+    let status = run_agent(&agent, &sandbox, None, &reporter, &mut services, &|_| {})
+        .map_err(InitError::Agent)?;
     services.stop(&reporter);
     Ok(exit_code(status))
 }

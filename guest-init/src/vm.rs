@@ -3,12 +3,16 @@
 //! Sequence ([`run_vm`]):
 //! 1. devtmpfs, proc and sysfs in the initramfs.
 //! 2. The control stream to the host (vsock port 1027): one line, the [`VmWorkspace`] to run.
-//! 3. The root disk (`/dev/vda`, the root image, ext4) mounted read-only at
-//!    `/mnt/root`; the home disk (`/dev/vdb`, ext4) read-write, nosuid, nodev at
-//!    `/home/agent` in it; fresh tmpfs on `/tmp` and `/run`; the virtual DNS over
-//!    `/etc/resolv.conf` and a trust store with the workspace CA over the system one; `/dev`,
-//!    `/proc` and `/sys` moved across; then the root switched to `/mnt/root`.
-//! 4. TUN up and the netstack started, its flows going to the host over vsock port 1025.
+//! 3. The machine made ready as far as no workspace is needed (a warm pool's machine does
+//!    this before its claim, on the host's `prepare`): the root disk (`/dev/vda`, the root
+//!    image, ext4) mounted read-only at `/mnt/root`; the home disk (`/dev/vdb`, ext4)
+//!    read-write, nosuid, nodev at `/home/agent` in it; fresh tmpfs on `/tmp` and `/run`; the
+//!    virtual DNS over `/etc/resolv.conf`; `/dev`, `/proc` and `/sys` moved across; the root
+//!    switched to `/mnt/root`; a copy of the system trust store and an /etc/hosts bound over
+//!    theirs, for the workspace's additions; the TUN device up.
+//! 4. The workspace's identity: its CA appended to the trust store bound over the system one,
+//!    its name to /etc/hosts; then the netstack started on the TUN device, its flows going to the host
+//!    over vsock port 1025.
 //! 5. The agent started as uid 1000, confined by `moat-guest-sandbox` (as in the namespace
 //!    backend), with the serial console as its controlling terminal when interactive; PID 1
 //!    reaps every child until the agent exits. Meanwhile the control stream carries the
@@ -173,12 +177,20 @@ fn connect_control() -> Result<UnixStream, InitError> {
     }
 }
 
-/// What the host's first lines gave: the control stream, the workspace, and whether the
-/// disks were mounted ahead of it (a warm pool's `prepare`).
+/// What the host's first lines gave: the control stream, the workspace, and the machine made
+/// ready ahead of it (a warm pool's `prepare`), if it was.
 struct Received {
     stream: UnixStream,
     workspace: VmWorkspace,
-    disks_mounted: bool,
+    prepared: Option<Prepared>,
+}
+
+/// What a machine sets up before it knows its workspace: nothing in it depends on the
+/// workspace, so a warm pool's machine does it before its claim ([`prepare_machine`]).
+struct Prepared {
+    /// The netstack's TUN device, up, addressed and routed; the netstack itself starts with
+    /// the workspace (its flow header version and local routes are the workspace's).
+    tun: moat_netstack::Tun,
 }
 
 /// Connects the control stream and reads the workspace. A template VM is told to stand by
@@ -187,8 +199,8 @@ struct Received {
 /// error: this machine is a new one whose RNG state every other restore shares, so the RNG is
 /// reseeded from the host (the rng device) before anything else, and the control stream
 /// connected again, to the new host, which is told so first ([`control::VmRestored`]) and then
-/// sends the workspace, or (a warm pool) `prepare`: the disks are mounted, and the workspace
-/// comes when the machine is claimed.
+/// sends the workspace, or (a warm pool) `prepare`: the machine is made ready as far as no
+/// workspace is needed ([`prepare_machine`]), and the workspace comes when it is claimed.
 fn receive_workspace() -> Result<Received, InitError> {
     let mut reseeded = None;
     loop {
@@ -216,13 +228,14 @@ fn receive_workspace() -> Result<Received, InitError> {
             return Ok(Received {
                 stream,
                 workspace,
-                disks_mounted: false,
+                prepared: None,
             });
         };
         stream.set_read_timeout(None).map_err(InitError::Control)?;
         if standby == control::VmStandby::Prepare {
-            mount_disks(Path::new(NEW_ROOT))?;
-            warm_page_cache(Path::new(NEW_ROOT));
+            let prepared = prepare_machine()?;
+            warm_page_cache(Path::new("/"));
+            warm_free_memory();
             (&stream)
                 .write_all(&control::encode(&control::VmStandingBy::Prepared))
                 .map_err(InitError::Control)?;
@@ -232,7 +245,7 @@ fn receive_workspace() -> Result<Received, InitError> {
             return Ok(Received {
                 stream,
                 workspace,
-                disks_mounted: true,
+                prepared: Some(prepared),
             });
         }
         (&stream)
@@ -245,7 +258,7 @@ fn receive_workspace() -> Result<Received, InitError> {
                 return Ok(Received {
                     stream,
                     workspace,
-                    disks_mounted: false,
+                    prepared: None,
                 });
             }
             Err(_) => {
@@ -318,23 +331,25 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
     let Received {
         stream,
         workspace,
-        disks_mounted,
+        prepared,
     } = receive_workspace()?;
     let link = Link::new(stream);
     *control_out = Some(std::sync::Arc::clone(&link));
     let steps = Steps::new(workspace.trace_steps);
-    steps.say(if disks_mounted {
-        "workspace received (disks mounted before the claim)"
-    } else {
-        "workspace received"
-    });
-
-    if !disks_mounted {
-        mount_disks(Path::new(NEW_ROOT))?;
-        steps.say("disks mounted");
-    }
-    enter_root(&workspace)?;
-    steps.say("root entered");
+    let prepared = match prepared {
+        Some(prepared) => {
+            steps.say("workspace received (disks, root and TUN made ready before the claim)");
+            prepared
+        }
+        None => {
+            steps.say("workspace received");
+            let prepared = prepare_machine()?;
+            steps.say("disks mounted, root entered, TUN up");
+            prepared
+        }
+    };
+    install_identity(&workspace)?;
+    steps.say("trust store and names installed");
     crate::service::ServiceSpec::check_all(&workspace.services)?;
     lay_out_services(&workspace.services)?;
     if workspace.generation != 0 {
@@ -345,7 +360,7 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
         );
     }
 
-    let tun = moat_netstack::setup_tun().map_err(InitError::Network)?;
+    let Prepared { tun } = prepared;
     let transport = moat_netstack::VsockTransport {
         port: control::EGRESS_VSOCK_PORT,
     };
@@ -367,6 +382,7 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
         .map_err(InitError::Control)?;
 
     let reporter = std::sync::Arc::new(Reporter::new(Sink::Vsock(control::AUDIT_VSOCK_PORT)));
+    steps.say("host signals and audit reporter set up");
     let mut agent = crate::AgentSpec {
         command: workspace.command.clone(),
         home: AGENT_HOME.into(),
@@ -413,8 +429,10 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
     }
     sandbox.devices.push(CONSOLE.into());
     steps.say("starting the agent");
-    let status =
-        run_agent(&agent, &sandbox, tty, &reporter, &mut services).map_err(InitError::Agent)?;
+    let status = run_agent(&agent, &sandbox, tty, &reporter, &mut services, &|what| {
+        steps.say(what);
+    })
+    .map_err(InitError::Agent)?;
     services.stop(&reporter);
     Ok(exit_code(status))
 }
@@ -522,19 +540,39 @@ fn set_window_size(tty: &std::os::fd::OwnedFd, rows: u16, cols: u16) {
     }
 }
 
-/// Mounts the disks and tmpfs, installs resolv.conf and the trust store, and switches root.
 /// guest-init's steps after the workspace arrived, printed with the milliseconds since then
 /// when the host asks (`moat run --boot-log`): where a start's time goes in the guest.
-struct Steps(Option<Instant>);
+///
+/// Kept in memory and printed when guest-init is done with them (dropped): each byte to the
+/// serial console is an exit to the VMM, and printing as they happen would slow the very
+/// steps they time.
+struct Steps(Option<(Instant, std::cell::RefCell<Vec<Step>>)>);
+
+/// One of [`Steps`]: how long after the workspace came, and what.
+type Step = (Duration, &'static str);
 
 impl Steps {
+    /// Says at once that the workspace came (one short line: when, the host can tell).
     fn new(on: bool) -> Self {
-        Self(on.then(Instant::now))
+        if on {
+            eprintln!("moat guest-init: workspace received");
+        }
+        Self(on.then(|| (Instant::now(), std::cell::RefCell::new(Vec::new()))))
     }
 
-    fn say(&self, what: &str) {
-        if let Some(t0) = self.0 {
-            eprintln!("moat guest-init: +{} ms: {what}", t0.elapsed().as_millis());
+    fn say(&self, what: &'static str) {
+        if let Some((t0, said)) = &self.0 {
+            said.borrow_mut().push((t0.elapsed(), what));
+        }
+    }
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        if let Some((_, said)) = &self.0 {
+            for (t, what) in said.borrow().iter() {
+                eprintln!("moat guest-init: +{} ms: {what}", t.as_millis());
+            }
         }
     }
 }
@@ -562,6 +600,25 @@ fn warm_page_cache(root: &Path) {
     }
 }
 
+/// Memory a warm pool's machine writes once before its pause ([`warm_free_memory`]).
+const WARM_MEMORY_BYTES: usize = 16 << 20;
+
+/// Writes [`WARM_MEMORY_BYTES`] of fresh memory once and frees it. A restored machine's memory
+/// is the template's, mapped copy-on-write: the first write to each page the guest never
+/// wrote before its snapshot costs the host a fault (and, nested, an exit), and a claim's
+/// allocations (the agent's process, its page tables, its threads) would pay them. Freed
+/// here, these pages are the guest kernel's next to hand out, already the machine's own; they
+/// stay private to it, a fixed cost per pooled machine.
+fn warm_free_memory() {
+    let mut pages = vec![0u8; WARM_MEMORY_BYTES];
+    for page in pages.chunks_mut(4096) {
+        if let Some(b) = page.first_mut() {
+            *b = 1;
+        }
+    }
+    std::hint::black_box(&pages);
+}
+
 /// Mounts the root disk (read-only) at `root` and the home disk in it, with fresh /tmp and
 /// /run: nothing of a workspace yet, so a warm pool's machine does it before its claim.
 fn mount_disks(root: &Path) -> Result<(), InitError> {
@@ -586,38 +643,69 @@ fn mount_disks(root: &Path) -> Result<(), InitError> {
     mkdir(&under(root, "/run/moat"))
 }
 
-/// Makes the mounted root the workspace's (its trust store, names, /etc/hosts) and switches
-/// into it.
-fn enter_root(workspace: &VmWorkspace) -> Result<(), InitError> {
-    let root = Path::new(NEW_ROOT);
-    let moat_dir = under(root, "/run/moat");
-    let resolv = moat_dir.join("resolv.conf");
-    std::fs::write(&resolv, rootfs::resolv_conf())
-        .map_err(|e| InitError::Write(resolv.clone(), e))?;
-    rootfs::bind_resolv_conf(root, &resolv)?;
-    let system_store = under(root, CA_BUNDLE);
-    let system = std::fs::read(&system_store).map_err(|e| {
+/// Makes the machine ready as far as no workspace is needed: the disks mounted
+/// ([`mount_disks`]), the root entered ([`enter_root`]), the trust store and /etc/hosts
+/// staged for the workspace's additions ([`stage_identity`]) and the netstack's TUN device
+/// up.
+fn prepare_machine() -> Result<Prepared, InitError> {
+    mount_disks(Path::new(NEW_ROOT))?;
+    enter_root()?;
+    stage_identity()?;
+    let tun = moat_netstack::setup_tun().map_err(InitError::Network)?;
+    Ok(Prepared { tun })
+}
+
+/// The workspace's trust store: the root image's, to which [`install_identity`] appends the
+/// workspace CA; bound over [`CA_BUNDLE`].
+const TRUST_STORE: &str = "/run/moat/ca-bundle.crt";
+/// The workspace's /etc/hosts, to which [`install_identity`] appends its own name.
+const HOSTS: &str = "/run/moat/hosts";
+
+/// Binds over the root's [`CA_BUNDLE`] a copy of it in /run (tmpfs, root's: the agent cannot
+/// write it) and over /etc/hosts one that keeps localhost on the loopback; the workspace's
+/// CA and name are appended when it comes ([`install_identity`]). Written before a warm
+/// pool's claim, the claim writes a few hundred bytes instead of the whole store.
+fn stage_identity() -> Result<(), InitError> {
+    let system = std::fs::read(CA_BUNDLE).map_err(|e| {
         InitError::Write(
-            system_store.clone(),
+            CA_BUNDLE.into(),
             std::io::Error::new(
                 e.kind(),
                 format!("the root image has no system trust store to extend: {e}"),
             ),
         )
     })?;
-    let bundle = moat_dir.join("ca-bundle.crt");
-    rootfs::write_trust_store(system, workspace.ca_pem.as_bytes(), &bundle)?;
-    rootfs::bind_trust_store(root, &bundle)?;
+    rootfs::write_trust_store(system, b"", Path::new(TRUST_STORE))?;
+    rootfs::bind_trust_store(Path::new("/"), Path::new(TRUST_STORE))?;
+    std::fs::write(HOSTS, "127.0.0.1\tlocalhost\n")
+        .map_err(|e| InitError::Write(HOSTS.into(), e))?;
+    rootfs::bind("/etc/hosts", Path::new(HOSTS), Path::new("/etc/hosts"))
+}
 
-    // /etc/hosts: localhost and the workspace's own name stay on the loopback (without it,
-    // they would go to the virtual DNS and out as egress flows).
-    let hosts = moat_dir.join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1\tlocalhost\n127.0.1.1\t{}\n", workspace.hostname),
-    )
-    .map_err(|e| InitError::Write(hosts.clone(), e))?;
-    rootfs::bind("/etc/hosts", &hosts, &under(root, "/etc/hosts"))?;
+/// Gives the entered root the workspace's identity: its CA appended to the trust store, and
+/// its own name to /etc/hosts on the loopback (without it, the name would go to the virtual
+/// DNS and out as an egress flow).
+fn install_identity(workspace: &VmWorkspace) -> Result<(), InitError> {
+    let append = |path: &str, text: &str| {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| InitError::Write(path.into(), e))
+    };
+    append(TRUST_STORE, &workspace.ca_pem)?;
+    append(HOSTS, &format!("127.0.1.1\t{}\n", workspace.hostname))
+}
+
+/// Switches into the mounted root with the virtual DNS over its resolv.conf, the kernel's file
+/// systems moved across, a devpts, /dev/shm and cgroup2 of its own. Nothing of a workspace.
+fn enter_root() -> Result<(), InitError> {
+    let root = Path::new(NEW_ROOT);
+    let moat_dir = under(root, "/run/moat");
+    let resolv = moat_dir.join("resolv.conf");
+    std::fs::write(&resolv, rootfs::resolv_conf())
+        .map_err(|e| InitError::Write(resolv.clone(), e))?;
+    rootfs::bind_resolv_conf(root, &resolv)?;
 
     for dir in REPLACED {
         mount_or(

@@ -72,6 +72,9 @@ pub(crate) fn run() -> Result<()> {
     for line in text.lines().filter_map(|l| l.strip_prefix("trace ")) {
         println!("claim trace: {line}");
     }
+    for line in text.lines().filter_map(|l| l.strip_prefix("step ")) {
+        println!("guest steps: {line}");
+    }
     eprintln!(
         "xtask bench snapshot: raw samples in {}, figures in {}",
         rel(&raw),
@@ -128,6 +131,9 @@ fn report(text: &str) -> Result<serde_json::Value> {
         "samples": all,
         "cold_boot_over_restore": ratio("restore_first_line_ms"),
         "cold_boot_over_claim": ratio("claim_first_line_ms"),
+        "cold_boot_over_claim_from_main": m("cold_boot_from_main_ms")
+            .zip(m("claim_from_main_ms"))
+            .map(|(c, v)| c / v),
         "goal_cold_boot_over_claim": 20.0,
         "pooled_private_share_of_guest": m("pooled_private_dirty_kib").map(|v| v / guest_kib),
         "fork_private_share_of_guest": m("fork_private_dirty_kib").map(|v| v / guest_kib),
@@ -158,8 +164,19 @@ fn print_table(r: &serde_json::Value) {
         x(r["cold_boot_over_claim"].as_f64())
     );
     println!(
+        "| the same from moat's main() (without starting the binary): cold boot / claim | {} / {} | {} |",
+        show(med("cold_boot_from_main_ms"), "ms"),
+        show(med("claim_from_main_ms"), "ms"),
+        x(r["cold_boot_over_claim_from_main"].as_f64())
+    );
+    println!(
         "| of which: starting the moat binary (`moat --version`) | {} | |",
         show(med("moat_exec_ms"), "ms")
+    );
+    println!(
+        "| a claim with `--boot-log`: guest-init says the workspace came / first line | {} / {} | |",
+        show(med("claim_steps_guest_received_ms"), "ms"),
+        show(med("claim_steps_first_line_ms"), "ms")
     );
     println!(
         "| making the template | {} | |",
