@@ -266,8 +266,21 @@ impl Proxy {
         resolver: Box<dyn Resolver>,
         audit: impl Into<Arc<Audit>>,
     ) -> Result<Arc<Proxy>, StartError> {
+        let loaded = config.source.load_attested().map_err(StartError::Policy)?;
+        Self::start_loaded(config, resolver, audit, loaded)
+    }
+
+    /// [`Proxy::start`] on a policy the caller has read and verified already, with
+    /// `config.source`'s [`PolicySource::load_attested`]: what the caller decided from it
+    /// (the workspace's local routes, the paths it must not expose) and what the proxy
+    /// enforces are one policy, read once, even if the file changes in between.
+    pub fn start_loaded(
+        config: Config,
+        resolver: Box<dyn Resolver>,
+        audit: impl Into<Arc<Audit>>,
+        (policy, attested): (moat_policy::Policy, serde_json::Value),
+    ) -> Result<Arc<Proxy>, StartError> {
         let audit = audit.into();
-        let (policy, attested) = config.source.load_attested().map_err(StartError::Policy)?;
         let placeholders = PlaceholderBook::default();
         let secrets =
             Secrets::load_with(&policy.secrets, &placeholders).map_err(StartError::Secrets)?;

@@ -66,6 +66,12 @@ pub struct VmWorkspace {
     /// console (`moat run --boot-log`).
     #[serde(default)]
     pub trace_steps: bool,
+    /// The host's wall clock when it sent this line (CLOCK_REALTIME, nanoseconds since the
+    /// epoch; 0: not given). A restored machine's clock goes on from its snapshot's time, as
+    /// far behind as the template is old; guest-init sets it to this before the agent starts
+    /// (TLS clients check certificates' validity against it).
+    #[serde(default)]
+    pub realtime_ns: u64,
 }
 
 /// A name the VM's netstack answers with a service on loopback ([`moat_netstack::local`]).
@@ -267,6 +273,7 @@ mod tests {
             }],
             generation: 3,
             trace_steps: true,
+            realtime_ns: 1_796_584_817_075_000_000,
         };
         let line = encode(&w);
         let mut r = io::BufReader::new(&line[..]);

@@ -94,6 +94,9 @@ pub enum InitError {
     /// random state every other restore of its snapshot shares.
     #[error("cannot reseed the RNG after a restore")]
     Reseed(#[source] std::io::Error),
+    /// The guest's wall clock could not be set to the host's.
+    #[error("cannot set the clock to the host's")]
+    Clock(#[source] nix::Error),
     /// The agent's home cannot be used (missing, or, when moat runs as root, not owned by the
     /// workspace's host id).
     #[error("cannot use {} as the agent's home", .0.display())]

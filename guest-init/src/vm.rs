@@ -270,6 +270,20 @@ fn receive_workspace() -> Result<Received, InitError> {
     }
 }
 
+/// Sets the wall clock to the host's `realtime_ns` (nothing when 0: a host that did not say).
+/// Only CLOCK_REALTIME moves: the monotonic clock, and every timer on it, goes on as it was.
+fn set_clock(realtime_ns: u64) -> Result<(), InitError> {
+    if realtime_ns == 0 {
+        return Ok(());
+    }
+    let ns = |v: u64| libc::c_long::try_from(v).unwrap_or(libc::c_long::MAX);
+    let now = nix::sys::time::TimeSpec::new(
+        ns(realtime_ns / 1_000_000_000),
+        ns(realtime_ns % 1_000_000_000),
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now).map_err(InitError::Clock)
+}
+
 /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
 /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
@@ -336,6 +350,7 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
     let link = Link::new(stream);
     *control_out = Some(std::sync::Arc::clone(&link));
     let steps = Steps::new(workspace.trace_steps);
+    set_clock(workspace.realtime_ns)?;
     let prepared = match prepared {
         Some(prepared) => {
             steps.say("workspace received (disks, root and TUN made ready before the claim)");

@@ -678,9 +678,11 @@ fn run_in(
             .collect::<Result<Vec<_>, _>>()?,
         None => Vec::new(),
     };
-    let policy = config.source.load()?;
+    // Read once: the routes and checks below and the proxy's enforcement see one policy.
+    let loaded = config.source.load_attested()?;
+    let policy = &loaded.0;
     // Chosen by the signed policy in force at start (a reload does not change them).
-    let routes = local_routes(&policy, services);
+    let routes = local_routes(policy, services);
     if let Backend::Namespace(root) = &backend {
         // Nothing the agent must not read may be in its view: refused before anything starts.
         let mut private: Vec<(String, PathBuf, bool)> = policy
@@ -724,7 +726,7 @@ fn run_in(
     }
     let rt = args.proxy.runtime()?;
     tracing::debug!("policy loaded");
-    let proxy = rt.block_on(async { Proxy::start(config, resolver, audit) })?;
+    let proxy = rt.block_on(async { Proxy::start_loaded(config, resolver, audit, loaded) })?;
     tracing::debug!("proxy started");
     // Process events from guest-init go to the same audit log, as OCSF Process Activity,
     // through the same writer: one chain per file.
@@ -829,6 +831,8 @@ fn run_in(
                             0
                         },
                         trace_steps: args.boot_log,
+                        // Stamped when the line is sent.
+                        realtime_ns: 0,
                     },
                 },
             )?

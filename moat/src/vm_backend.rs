@@ -348,6 +348,13 @@ enum ControlSource {
 /// after a snapshot reset the VM's vsock transport) takes the stream's place, and signals sent
 /// meanwhile go on it; any other is closed unanswered. (A pool's machine has no listener here:
 /// its control socket is the pool's.)
+/// This host's wall clock, for the guest to take ([`VmWorkspace::realtime_ns`]).
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 async fn serve_control(
     source: ControlSource,
     workspace: VmWorkspace,
@@ -402,6 +409,10 @@ async fn serve_control(
             return;
         }
     }
+    let workspace = VmWorkspace {
+        realtime_ns: realtime_ns(),
+        ..workspace
+    };
     if let Err(e) = write.write_all(&control::encode(&workspace)).await {
         tracing::warn!(error = %e, "cannot send the workspace to the guest");
         return;

@@ -15,13 +15,14 @@ use common::vm::vm_images;
 use common::{E2E_AUTO_ENV, Workspace, text};
 
 /// What a fork reports about itself: the command it ran, 32 bytes of /dev/urandom, a digest
-/// of the trust store it sees (the workspace CA included), its per-start placeholder and its
-/// generation.
+/// of the trust store it sees (the workspace CA included), its per-start placeholder, its
+/// generation and its wall clock.
 fn fork_script(name: &str) -> String {
     format!(
         "echo command={name}; echo urandom=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
          echo ca=$(sha256sum < /etc/ssl/certs/ca-certificates.crt | cut -c1-64); \
-         echo placeholder=${E2E_AUTO_ENV}; echo generation=$(cat /run/moat/generation)"
+         echo placeholder=${E2E_AUTO_ENV}; echo generation=$(cat /run/moat/generation); \
+         echo clock=$(date +%s)"
     )
 }
 
@@ -73,8 +74,12 @@ fn two_forks_of_one_template_share_no_rng_stream_ca_or_placeholder() {
     };
     let ws = Workspace::with_backend("vm", Some(images));
     let template = make_template(&ws);
+    // The template's clock stopped at its snapshot: let it fall well behind the host's.
+    std::thread::sleep(std::time::Duration::from_secs(CLOCK_BEHIND_SECS));
 
+    let before = unix_now();
     let a = fork(&ws, &template, "fork-a");
+    let after = unix_now();
     let b = fork(&ws, &template, "fork-b");
     // Different commands ran in each.
     assert_eq!(field(&a, "command"), "fork-a");
@@ -90,6 +95,23 @@ fn two_forks_of_one_template_share_no_rng_stream_ca_or_placeholder() {
     // Each knows it is a restore, and which.
     assert_ne!(field(&a, "generation"), "0");
     assert_ne!(field(&a, "generation"), field(&b, "generation"));
+    // Its wall clock is the host's, not the snapshot's (TLS checks certificates against it).
+    let clock: u64 = field(&a, "clock").parse().unwrap();
+    assert!(
+        (before - 2..=after + 2).contains(&clock),
+        "fork-a's clock says {clock}, the host's was {before}..{after}"
+    );
+}
+
+/// How long the fork test waits after making its template: a restore whose clock were the
+/// snapshot's would be this far behind.
+const CLOCK_BEHIND_SECS: u64 = 15;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 #[test]
