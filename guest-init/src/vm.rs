@@ -235,6 +235,7 @@ fn receive_workspace() -> Result<Received, InitError> {
         if standby == control::VmStandby::Prepare {
             let prepared = prepare_machine()?;
             warm_page_cache(Path::new("/"));
+            warm_agent_start();
             warm_free_memory();
             (&stream)
                 .write_all(&control::encode(&control::VmStandingBy::Prepared))
@@ -432,8 +433,7 @@ fn init(control_out: &mut Option<std::sync::Arc<Link>>) -> Result<i32, InitError
     } else {
         None
     };
-    let mut sandbox = moat_guest_sandbox::agent_config(Path::new(AGENT_HOME));
-    sandbox.uid_gid = Some((AGENT_ID, AGENT_ID));
+    let mut sandbox = agent_sandbox();
     // Started before the agent; their directory hidden from it and from SSH sessions.
     let mut services = crate::service::Services::start(&workspace.services, &reporter)?;
     if !workspace.services.is_empty() {
@@ -612,6 +612,53 @@ fn warm_page_cache(root: &Path) {
         if let Ok(mut f) = std::fs::File::open(root.join(file)) {
             while matches!(std::io::Read::read(&mut f, &mut buf), Ok(n) if n > 0) {}
         }
+    }
+}
+
+/// The agent's sandbox, before the workspace adds to it (its services' directory hidden, the
+/// console as its terminal).
+fn agent_sandbox() -> moat_guest_sandbox::SandboxConfig {
+    let mut sandbox = moat_guest_sandbox::agent_config(Path::new(AGENT_HOME));
+    sandbox.uid_gid = Some((AGENT_ID, AGENT_ID));
+    sandbox
+}
+
+/// Starts and reaps one process as the agent will be started (forked, confined by the
+/// agent's sandbox, `/bin/sh -c :` exec'd, as the agent's uid, in no workspace: before the
+/// claim, with nothing of one in the machine) and ignores how it went. A restored machine's
+/// memory is the template's, and each page the guest first touches costs the host a fault
+/// (nested, an exit): a claim's own start would otherwise pay for every page of the kernel's
+/// fork, exec, namespace, Landlock and seccomp paths and of the shell and libc that this
+/// touches first.
+fn warm_agent_start() {
+    use std::os::unix::process::CommandExt;
+    let mut config = agent_sandbox();
+    config.devices.push(CONSOLE.into());
+    let Ok(sandbox) = moat_guest_sandbox::Sandbox::new(&config) else {
+        return;
+    };
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.args(["-c", ":"])
+        .env_clear()
+        .current_dir(AGENT_HOME)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec; PID 1 has no other thread
+    // yet (before the claim: no netstack, no control-stream reader), and `Sandbox::apply`
+    // makes only system calls (as for the agent, crate::launch::run_agent).
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            crate::launch::close_on_exec_above_stderr()?;
+            sandbox
+                .apply()
+                .map(|_| ())
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::EPERM))
+        });
+    }
+    if let Ok(mut child) = cmd.spawn() {
+        let _ = child.wait();
     }
 }
 

@@ -617,6 +617,7 @@ fn run_in(
                 socket.display()
             );
             tracing::debug!("claimed");
+            vm_backend::take_over(&c)?;
             Some(Box::new(c))
         }
         _ => None,

@@ -746,6 +746,19 @@ impl Running {
     }
 }
 
+/// Takes over a machine claimed from a pool: its console goes to this process's standard
+/// output from now on (the agent's output is ours), and it runs again. Done as soon as it is
+/// claimed: the guest wakes while this process builds the workspace's proxy, and waits on its
+/// control stream for the workspace.
+pub(crate) fn take_over(claimed: &crate::pool::Claimed) -> Result<()> {
+    let stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+    vmm_call(&claimed.api, "console\n", Some(&stdout))
+        .and_then(|()| vmm_call(&claimed.api, "resume\n", None))
+        .context("cannot take over the pool's machine")?;
+    tracing::debug!("the pool's machine resumed");
+    Ok(())
+}
+
 /// Boots the workspace VM (or restores it, or claims it from a pool) and waits for it;
 /// returns the agent's exit code.
 pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
@@ -767,12 +780,6 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             Arc::clone(&outcome),
             signal_rx,
         ));
-        // The agent's output is this process's: the console goes to our stdout from now on.
-        let stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
-        vmm_call(&claimed.api, "console\n", Some(&stdout))
-            .and_then(|()| vmm_call(&claimed.api, "resume\n", None))
-            .context("cannot take over the pool's machine")?;
-        tracing::debug!("the pool's machine resumed");
         return wait_for_vm(rt, Running::Claimed(claimed), control, &outcome, signal_tx);
     }
     let kernel = kernel_for(&run.images, &run.gpus)?;
