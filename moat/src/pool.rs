@@ -1,5 +1,6 @@
 //! Warm pools of VM workspaces: `moat pool` keeps N machines restored from a template, their
-//! RNG reseeded and their disks mounted, paused; `moat run --backend vm --pool SOCK` claims one.
+//! RNG reseeded and made ready up to the workspace (guest-init's `prepare`), paused;
+//! `moat run --backend vm --pool SOCK` claims one.
 //!
 //! A pooled machine is nobody's workspace yet: it was restored from a template (taken while
 //! guest-init stood by, before anything of a workspace existed), guest-init reseeded its RNG
@@ -338,7 +339,8 @@ fn fill(recipe: &Recipe, state: &State) -> ! {
     }
 }
 
-/// Restores one machine from the template and prepares it: reseeded, disks mounted, paused.
+/// Restores one machine from the template and prepares it: reseeded, made ready (guest-init
+/// does all of a start that is no workspace's), paused.
 fn start_member(recipe: &Recipe, seq: u64) -> Result<Member> {
     let dir = recipe.dir.join(format!("m{seq}"));
     let sock_dir = dir.join("sock");

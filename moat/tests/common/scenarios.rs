@@ -53,7 +53,12 @@ pub fn curl_reaches_an_allowed_host_through_the_whole_path(ws: &Workspace) {
         "stderr: {}",
         text(&out.stderr)
     );
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{:?}; stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
     let open = ws
         .audit()
         .into_iter()
