@@ -342,12 +342,6 @@ enum ControlSource {
     Stream(tokio::net::UnixStream),
 }
 
-/// Serves the control stream: the guest gets the workspace, then every signal from `signals`
-/// (SIGTERM, SIGHUP to `moat run`, for the agent); its one answer is the outcome. From a
-/// listener, a later connection that asks to reattach ([`control::VmReattach`]: guest-init,
-/// after a snapshot reset the VM's vsock transport) takes the stream's place, and signals sent
-/// meanwhile go on it; any other is closed unanswered. (A pool's machine has no listener here:
-/// its control socket is the pool's.)
 /// This host's wall clock, for the guest to take ([`VmWorkspace::realtime_ns`]).
 fn realtime_ns() -> u64 {
     std::time::SystemTime::now()
@@ -355,6 +349,12 @@ fn realtime_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// Serves the control stream: the guest gets the workspace, then every signal from `signals`
+/// (SIGTERM, SIGHUP to `moat run`, for the agent); its one answer is the outcome. From a
+/// listener, a later connection that asks to reattach ([`control::VmReattach`]: guest-init,
+/// after a snapshot reset the VM's vsock transport) takes the stream's place, and signals sent
+/// meanwhile go on it; any other is closed unanswered. (A pool's machine has no listener here:
+/// its control socket is the pool's.)
 async fn serve_control(
     source: ControlSource,
     workspace: VmWorkspace,
