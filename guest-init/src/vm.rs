@@ -10,9 +10,9 @@
 //!    virtual DNS over `/etc/resolv.conf`; `/dev`, `/proc` and `/sys` moved across; the root
 //!    switched to `/mnt/root`; a copy of the system trust store and an /etc/hosts bound over
 //!    theirs, for the workspace's additions; the TUN device up.
-//! 4. The workspace's identity: its CA appended to the trust store bound over the system one,
-//!    its name to /etc/hosts; then the netstack started on the TUN device, its flows going to the host
-//!    over vsock port 1025.
+//! 4. The clock set to the host's; the workspace's identity: its CA appended to the trust
+//!    store bound over the system one, its name to /etc/hosts; then the netstack started on
+//!    the TUN device, its flows going to the host over vsock port 1025.
 //! 5. The agent started as uid 1000, confined by `moat-guest-sandbox` (as in the namespace
 //!    backend), with the serial console as its controlling terminal when interactive; PID 1
 //!    reaps every child until the agent exits. Meanwhile the control stream carries the
