@@ -196,6 +196,8 @@ fn corrupt_foreign_or_misfitting_snapshots_are_refused_before_the_guest_runs() {
 
     let e = refused(&copy_snapshot(&snap, "more-memory"), "128");
     assert!(e.contains("does not fit this VM"), "{e}");
+    // Six copies of guest memory: kept only while a failure may need them.
+    std::fs::remove_dir_all(snap.parent().unwrap()).unwrap();
 }
 
 /// The probe counting 8 ticks with a control socket, past its first tick: its scratch
