@@ -24,7 +24,9 @@ use moat_guest_init::RootFs;
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// Backend: auto, vm or namespace.
+    /// Backend: auto, vm or namespace. auto runs a VM where /dev/kvm has hardware
+    /// virtualization and the VM's images are found, unless an option only the namespace
+    /// backend takes is given (--rootfs, --host-root, --home, --workdir, --device).
     #[arg(long, default_value = "auto")]
     backend: String,
     /// The agent's home directory (default: a fresh one, removed at exit).
@@ -108,8 +110,9 @@ pub(crate) struct RunArgs {
     from_snapshot: Option<PathBuf>,
     /// vm backend: claim a machine from the warm pool on this socket (`moat pool`) instead of
     /// booting: restored from its template, RNG reseeded and disks mounted ahead; this run
-    /// attaches its own proxy, CA, placeholders and audit log, and the command. Commands only
-    /// (no interactive shell yet); the root image is the pool's.
+    /// attaches its own proxy, CA, placeholders and audit log, and the command (or, on a
+    /// terminal, an interactive shell: the terminal is handed to the machine's console); the
+    /// root image is the pool's.
     #[arg(long, value_name = "SOCKET", conflicts_with_all = ["from_snapshot", "snapshot_to", "home_disk", "image", "gpu"])]
     pool: Option<PathBuf>,
     /// vm backend: moat-vmm's control socket for this workspace at PATH (owner-only), where
@@ -302,8 +305,23 @@ enum Backend {
     Namespace(RootFs),
 }
 
+/// The first option given that only the namespace backend takes, if any: `auto` then chooses
+/// the namespace backend, whatever KVM could do (a pod with its container's root, say).
+fn namespace_only_option(args: &RunArgs) -> Option<&'static str> {
+    [
+        ("--rootfs", args.rootfs.is_some()),
+        ("--host-root", args.host_root),
+        ("--home", args.home.is_some()),
+        ("--workdir", args.workdir.is_some()),
+        ("--device", !args.device.is_empty()),
+    ]
+    .into_iter()
+    .find_map(|(name, given)| given.then_some(name))
+}
+
 /// The backend, and why; a namespace backend's root is chosen afterwards ([`namespace_root`]).
-fn choose_backend(requested: &str) -> Result<(Backend, String)> {
+/// `namespace_only` is an option given that only the namespace backend takes.
+fn choose_backend(requested: &str, namespace_only: Option<&str>) -> Result<(Backend, String)> {
     let kvm = moat_host_probe::kvm_usable();
     // Which KVM module provides /dev/kvm: kvm_intel/kvm_amd use hardware virtualization;
     // kvm_pvm is nested PVM, where a Linux guest's user space cannot run.
@@ -330,16 +348,22 @@ fn choose_backend(requested: &str) -> Result<(Backend, String)> {
             Backend::Namespace(RootFs::Host),
             "requested with --backend namespace".to_owned(),
         ),
-        "auto" if kvm && flavour.is_hardware() => match vm_parts() {
-            Ok((images, vmm)) => (
-                Backend::Vm(images, vmm),
-                "/dev/kvm has hardware virtualization".to_owned(),
-            ),
-            Err(why) => (
-                Backend::Namespace(RootFs::Host),
-                format!("/dev/kvm has hardware virtualization, but {why}"),
-            ),
-        },
+        "auto" if kvm && flavour.is_hardware() => {
+            let vm = match namespace_only {
+                Some(option) => Err(format!("{option} is the namespace backend's")),
+                None => vm_parts(),
+            };
+            match vm {
+                Ok((images, vmm)) => (
+                    Backend::Vm(images, vmm),
+                    "/dev/kvm has hardware virtualization".to_owned(),
+                ),
+                Err(why) => (
+                    Backend::Namespace(RootFs::Host),
+                    format!("/dev/kvm has hardware virtualization, but {why}"),
+                ),
+            }
+        }
         "auto" if kvm && pvm => (
             Backend::Namespace(RootFs::Host),
             "/dev/kvm is nested PVM, where a Linux guest's user space cannot run".to_owned(),
@@ -374,7 +398,7 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let (mut backend, why) = choose_backend(&args.backend)?;
+    let (mut backend, why) = choose_backend(&args.backend, namespace_only_option(&args))?;
     tracing::debug!("backend chosen");
     let services = workspace_services(&args)?;
     match &mut backend {
@@ -403,12 +427,6 @@ pub(crate) fn run(mut args: RunArgs) -> Result<ExitCode> {
             if let Some(image) = &args.image {
                 let unpacked = workspace_root::from_image(image)?;
                 images.rootfs = workspace_root::image_disk(&unpacked)?;
-            }
-            if args.pool.is_some() && args.command.is_empty() {
-                bail!(
-                    "--pool runs a command (moat run --pool SOCKET -- CMD...); an interactive \
-                     shell from a pool is not built yet: start one without --pool"
-                );
             }
             if let Some(dir) = &args.from_snapshot {
                 // The template's machine: its memory and vCPUs, whatever the defaults are.

@@ -759,6 +759,67 @@ pub(crate) fn take_over(claimed: &crate::pool::Claimed) -> Result<()> {
     Ok(())
 }
 
+/// The claimant's terminal in raw mode while it drives a pool machine's console (moat-vmm
+/// does this itself for a VM it starts, `vmm/src/terminal.rs`, with the same flags); put back
+/// exactly as it was when dropped: SIGTERM and SIGHUP to moat end the run normally
+/// ([`wait_for_vm`]), and with ISIG off no key sends a signal.
+pub(crate) struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    /// Raw input (no line editing, echo or signal keys; Enter as CR, as a serial terminal
+    /// sends it; each byte as it comes); output processing kept, so the guest's `\n` still
+    /// starts a new line.
+    fn enter() -> Result<Self> {
+        use nix::sys::termios::{
+            InputFlags, LocalFlags, SetArg, SpecialCharacterIndices, tcgetattr, tcsetattr,
+        };
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).context("cannot read the terminal's mode")?;
+        let mut raw = saved.clone();
+        raw.local_flags.remove(
+            LocalFlags::ICANON
+                | LocalFlags::ECHO
+                | LocalFlags::ECHONL
+                | LocalFlags::ISIG
+                | LocalFlags::IEXTEN,
+        );
+        raw.input_flags.remove(
+            InputFlags::IXON
+                | InputFlags::ICRNL
+                | InputFlags::INLCR
+                | InputFlags::IGNCR
+                | InputFlags::ISTRIP,
+        );
+        raw.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
+        raw.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).context("cannot put the terminal in raw mode")?;
+        Ok(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+/// Hands this process's terminal (stdin) to a claimed machine as its console input, in raw
+/// mode until the returned guard is dropped: the agent's interactive shell reads what is typed
+/// here. moat-vmm reads the terminal through its own descriptor; this process never does.
+fn hand_over_terminal(claimed: &crate::pool::Claimed) -> Result<RawTerminal> {
+    let stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    let raw = RawTerminal::enter()?;
+    vmm_call(&claimed.api, "console-input\n", Some(&stdin))
+        .context("cannot hand the terminal to the pool's machine")?;
+    Ok(raw)
+}
+
 /// Boots the workspace VM (or restores it, or claims it from a pool) and waits for it;
 /// returns the agent's exit code.
 pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
@@ -774,13 +835,21 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             let sockets = workspace_sockets(run.uds);
             hand_sockets_to_jail(run.uds, &[&sockets[0], &sockets[1]])?;
         }
+        // Before the workspace goes out: the agent's shell opens its terminal once it has it.
+        let terminal = if run.workspace.interactive {
+            Some(hand_over_terminal(&claimed)?)
+        } else {
+            None
+        };
         let control = rt.spawn(serve_control(
             ControlSource::Stream(stream),
             run.workspace.clone(),
             Arc::clone(&outcome),
             signal_rx,
         ));
-        return wait_for_vm(rt, Running::Claimed(claimed), control, &outcome, signal_tx);
+        let code = wait_for_vm(rt, Running::Claimed(claimed), control, &outcome, signal_tx);
+        drop(terminal);
+        return code;
     }
     let kernel = kernel_for(&run.images, &run.gpus)?;
     let home = match &run.home_disk {

@@ -183,6 +183,38 @@ fn full_path_through_the_vm_where_kvm_is_real() {
     );
 }
 
+/// `--backend auto` (the default) where KVM is real runs a VM, unless the run names an option
+/// only the namespace backend takes (a Kubernetes pod's own root is `--rootfs`): then the
+/// namespace backend, saying why, rather than a VM refusing the option.
+#[test]
+fn auto_runs_a_vm_where_kvm_is_real_unless_an_option_is_the_namespace_backends() {
+    const NAME: &str =
+        "auto_runs_a_vm_where_kvm_is_real_unless_an_option_is_the_namespace_backends";
+    let Some(images) = vm_images(NAME) else {
+        return;
+    };
+    let ws = Workspace::with_backend("auto", Some(images));
+    let out = ws.output(ws.moat_run().args(["--", "true"]), "moat run (auto)");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("moat: backend vm (/dev/kvm has hardware virtualization)"),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let out = ws.output(
+        ws.moat_run().arg("--host-root").args(["--", "true"]),
+        "moat run --host-root (auto)",
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(
+            "moat: backend namespace (/dev/kvm has hardware virtualization, but --host-root \
+             is the namespace backend's)"
+        ),
+        "{stderr}"
+    );
+}
+
 /// A VM workspace for scenario `name`, or `None` (after saying why) where the full path
 /// cannot run here; inside L1 (`MOAT_EXPECT_REAL_KVM`) that is a failure instead.
 fn vm_workspace(name: &str) -> Option<Workspace> {

@@ -246,6 +246,7 @@ fn a_warm_pool_hands_each_concurrent_claim_a_workspace_of_its_own() {
             }
         }
     }
+    interactive_claim(&claimants[1], &socket, &pool_said);
     // Stopped, the pool takes its machines with it and its socket is gone: a claim says how
     // to start one.
     nix::sys::signal::kill(
@@ -298,6 +299,89 @@ fn a_warm_pool_hands_each_concurrent_claim_a_workspace_of_its_own() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// An interactive claim: `moat run --pool` on a terminal (a pseudo-terminal here), no command.
+/// The agent's shell reads what is typed there (moat hands its terminal to the machine's
+/// console, `console-input`), its exit status is the run's, and the terminal's mode comes
+/// back as it was.
+fn interactive_claim(ws: &Workspace, socket: &Path, pool_said: &dyn Fn() -> String) {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let before = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    nix::fcntl::fcntl(
+        &master,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let mut typist = master.try_clone().unwrap();
+    let mut child = ws
+        .moat_run()
+        .arg("--pool")
+        .arg(socket)
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    // Hang guards, not timings.
+    let deadline = Instant::now() + common::deadline::RUN_DEADLINE;
+    // Reads what the terminal shows until `done` says so (or moat exits, when `exits`);
+    // fails with what it showed after the deadline.
+    let mut wait = |what: &str, seen: &mut Vec<u8>, done: &dyn Fn(&str) -> bool, exits: bool| {
+        loop {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = master.read(&mut chunk) {
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            let shown = String::from_utf8_lossy(seen).into_owned();
+            let status = child.try_wait().unwrap();
+            match status {
+                Some(s) if exits => return Some(s),
+                None if done(&shown) => return None,
+                Some(s) => panic!("moat exited ({s}) before {what}:\n{shown}\n{}", pool_said()),
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    panic!("no {what} within the deadline:\n{shown}\n{}", pool_said())
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    // The shell's prompt: its terminal is open, so what is typed from now on reaches it.
+    wait("prompt", &mut seen, &|t| t.contains("$ "), false);
+    // Raw meanwhile: keys go to the guest as typed, its terminal echoes and edits lines.
+    let during = nix::sys::termios::tcgetattr(&slave).unwrap();
+    use nix::sys::termios::LocalFlags;
+    assert!(
+        !during
+            .local_flags
+            .intersects(LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG),
+        "the terminal is not raw while the shell runs: {:?}",
+        during.local_flags
+    );
+    // Enter is CR on a raw terminal, as on a serial line; the guest's terminal makes it NL.
+    typist.write_all(b"echo typed-$((6*7))\r").unwrap();
+    wait(
+        "typed command's output",
+        &mut seen,
+        &|t| t.contains("typed-42"),
+        false,
+    );
+    typist.write_all(b"exit 7\r").unwrap();
+    let status = wait("exit", &mut seen, &|_| false, true).unwrap();
+    let shown = String::from_utf8_lossy(&seen).into_owned();
+    assert_eq!(status.code(), Some(7), "{shown}\n{}", pool_said());
+    assert!(shown.contains("claimed a"), "{shown}");
+    // Back as it was once moat is gone.
+    let after = nix::sys::termios::tcgetattr(&slave).unwrap();
+    assert_eq!(after.local_flags, before.local_flags, "{shown}");
+    assert_eq!(after.input_flags, before.input_flags, "{shown}");
+    assert_eq!(after.control_chars, before.control_chars, "{shown}");
 }
 
 /// The body the agent downloads: deterministic bytes, large enough that the download is under

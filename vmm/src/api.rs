@@ -7,6 +7,9 @@
 //! - `console`, carrying a descriptor: the serial console's output goes there from now on
 //!   (with the same cap as `--serial-out`). A warm pool's machine is claimed by a process that
 //!   did not start the VMM: the agent's output is then written to the claimant's stdout.
+//! - `console-input`, carrying a descriptor: the serial console's input is read from there
+//!   from now on (in place of stdin, if it was on). A warm pool's claimant hands over its
+//!   terminal, which it put in raw mode itself, for an interactive shell.
 //! - `resume`: devices stopped by a snapshot start again, then the vCPUs.
 //! - `snapshot`, carrying the state file's descriptor (SCM_RIGHTS), then `memory`, carrying
 //!   the memory file's: the paused machine is written to them ([`crate::snapshot`]). The
@@ -73,6 +76,8 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The console output's cap in bytes (`--serial-cap`), for a console attached later.
     pub console_cap: u64,
+    /// Where console input handed over later goes (the input thread takes it from there).
+    pub console_input: Option<Arc<crate::devices::serial::InputSlot>>,
     /// This host's CPU, for the snapshot's header.
     pub cpu: CpuIdentity,
     /// This host's XSAVE area in bytes.
@@ -139,6 +144,16 @@ impl Machine {
         let writer = serial.writer_mut();
         let _ = writer.flush();
         *writer = crate::devices::serial::CappedWriter::new(Box::new(out), self.console_cap);
+    }
+
+    /// Reads the serial console's input from `input` from now on.
+    pub fn attach_console_input(&self, input: File) -> Result<(), String> {
+        let slot = self
+            .console_input
+            .as_ref()
+            .ok_or("this VM takes no console input")?;
+        slot.attach(input)
+            .map_err(|e| format!("cannot hand the input over: {e}"))
     }
 
     /// Writes the paused machine: its state to `state`, its RAM to `memory`.
@@ -332,6 +347,12 @@ fn handle(
             machine.attach_console(out);
             Ok(())
         }
+        "console-input" => {
+            let input = fd
+                .take()
+                .ok_or("console-input needs the input's descriptor")?;
+            machine.attach_console_input(input)
+        }
         "snapshot" => {
             let mut state = fd
                 .take()
@@ -347,7 +368,7 @@ fn handle(
         }
         _ => {
             *fd = None;
-            Err("unknown request (pause, resume, console, snapshot)".to_owned())
+            Err("unknown request (pause, resume, console, console-input, snapshot)".to_owned())
         }
     }
 }
@@ -399,6 +420,17 @@ impl Client {
     pub fn attach_console(&mut self, out: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
         self.conn
             .send_with_fd(&b"console\n"[..], out.as_raw_fd())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        self.answer()
+    }
+
+    /// Reads the serial console's input from `input` from now on.
+    pub fn attach_console_input(
+        &mut self,
+        input: &impl std::os::fd::AsRawFd,
+    ) -> std::io::Result<()> {
+        self.conn
+            .send_with_fd(&b"console-input\n"[..], input.as_raw_fd())
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         self.answer()
     }

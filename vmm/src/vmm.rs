@@ -481,9 +481,17 @@ pub fn run_with(
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
         .map_err(Error::Kvm)?;
-    let input_ready = match console_in {
-        Some(_) => Some(serial::input_ready_eventfd().map_err(Error::ConsoleInput)?),
+    // With a control socket, console input may also be handed over later (`console-input`).
+    let input_slot = match api {
+        Some(_) => Some(Arc::new(
+            serial::InputSlot::new().map_err(Error::ConsoleInput)?,
+        )),
         None => None,
+    };
+    let input_ready = if console_in.is_some() || input_slot.is_some() {
+        Some(serial::input_ready_eventfd().map_err(Error::ConsoleInput)?)
+    } else {
+        None
     };
     let serial = Arc::new(Mutex::new(
         serial::serial_device(
@@ -494,9 +502,15 @@ pub fn run_with(
         )
         .map_err(Error::EventFd)?,
     ));
-    if let (Some(input), Some(ready)) = (console_in, input_ready) {
-        serial::spawn_input_thread(input, ready, serial.clone(), cfg.seccomp)
-            .map_err(|e| Error::Thread("serial-in".to_owned(), e))?;
+    if let Some(ready) = input_ready {
+        serial::spawn_input_thread(
+            console_in,
+            input_slot.clone(),
+            ready,
+            serial.clone(),
+            cfg.seccomp,
+        )
+        .map_err(|e| Error::Thread("serial-in".to_owned(), e))?;
     }
     let i8042 = I8042::new(ResetLine::new(exits.clone(), stop.clone()));
     let mut bus = Bus::new(serial.clone(), i8042);
@@ -595,6 +609,7 @@ pub fn run_with(
             transports,
             serial: serial.clone(),
             console_cap: cfg.serial_cap,
+            console_input: input_slot,
             cpu: vm.cpu_identity().map_err(Error::Kvm)?,
             xsave_size: vm.xsave_size(),
             passthrough: pci,

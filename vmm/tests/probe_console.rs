@@ -71,6 +71,41 @@ fn serial_input_with_a_console_file_is_a_config_error() {
     );
 }
 
+/// A VM started without console input takes it later, from a descriptor handed over its
+/// control socket (as a warm pool's claimant hands over its terminal): the probe echoes what
+/// was written there. Asked without a descriptor, the VMM refuses and goes on.
+#[test]
+fn console_input_handed_over_the_control_socket_reaches_the_guest() {
+    require_kvm!();
+    let dir = common::scratch("console-input-api");
+    let api = dir.join("api.sock");
+    let serial = dir.join("serial.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_moat-vmm"))
+        .arg("--kernel")
+        .arg(common::probe_guest())
+        .args(["--mem", "64", "--timeout", "60", "--serial-in", "off"])
+        .args(["--cmdline", "probe.serial_echo=1"])
+        .arg("--api-sock")
+        .arg(&api)
+        .arg("--serial-out")
+        .arg(&serial)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut vmm = common::Live { child, serial };
+    vmm.wait_for_line("probe: serial echo ready", 60);
+    let mut client = vmm.ok("connect", moat_vmm::api::Client::connect(&api));
+    let e = client.request("console-input").unwrap_err().to_string();
+    assert!(e.contains("descriptor"), "{e}");
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    vmm.ok("console-input", client.attach_console_input(&reader));
+    drop(reader);
+    writer.write_all(b"handed over\n").unwrap();
+    vmm.wait_for_line("probe: serial echo HANDED OVER", 60);
+    let status = vmm.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vmm.console());
+}
+
 /// Terminal modes (`stty -g`) around a VMM run on a pseudo-terminal: before, once the guest
 /// runs, after; and the VMM's exit code.
 struct TtyRun {

@@ -1,6 +1,8 @@
 //! The serial console: a 16550 (vm-superio) on COM1 whose output goes to stdout or a file,
 //! with a byte cap so a chatty or hostile guest cannot fill the host disk; and, for an
 //! interactive console, its input: a thread that feeds the VMM's stdin into the receive FIFO.
+//! With a control socket the input can also come later, from a descriptor handed over it
+//! ([`InputSlot`]: a warm pool's machine takes the input of whoever claims it).
 //!
 //! Input flow control: the thread reads stdin only while it holds no bytes the FIFO refused.
 //! When the FIFO (64 bytes) is full it stops watching stdin until the guest empties the FIFO,
@@ -151,13 +153,51 @@ pub fn serial_device(
     }
 }
 
+/// Console input handed over later (the control socket's `console-input`): the input thread
+/// reads from it from then on, in place of what it read before.
+#[derive(Debug)]
+pub struct InputSlot {
+    next: Mutex<Option<File>>,
+    attached: EventFd,
+}
+
+impl InputSlot {
+    /// An empty slot.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            next: Mutex::new(None),
+            attached: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Console input comes from `input` from now on.
+    pub fn attach(&self, input: File) -> io::Result<()> {
+        *self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(input);
+        self.attached.write(1)
+    }
+
+    fn take(&self) -> Option<File> {
+        let _ = self.attached.read();
+        self.next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
 /// Event data of the input thread's sources.
 const DATA_INPUT: u32 = 0;
 const DATA_READY: u32 = 1;
+const DATA_ATTACHED: u32 = 2;
 
 /// Feeds host input into COM1's receive FIFO, at the guest's pace.
 struct ConsoleInput {
-    input: File,
+    /// Where input comes from; none until a descriptor is handed over.
+    input: Option<File>,
+    slot: Option<Arc<InputSlot>>,
     ready: EventFd,
     serial: Arc<Mutex<SerialDevice>>,
     pending: Vec<u8>,
@@ -168,15 +208,23 @@ struct ConsoleInput {
 
 impl MutEventSubscriber for ConsoleInput {
     fn init(&mut self, ops: &mut EventOps<'_>) {
-        for ev in [
-            Events::with_data(&self.input, DATA_INPUT, EventSet::IN),
-            Events::with_data(&self.ready, DATA_READY, EventSet::IN),
-        ] {
+        let mut sources = vec![Events::with_data(&self.ready, DATA_READY, EventSet::IN)];
+        if let Some(slot) = &self.slot {
+            sources.push(Events::with_data(
+                &slot.attached,
+                DATA_ATTACHED,
+                EventSet::IN,
+            ));
+        }
+        if let Some(input) = &self.input {
+            sources.push(Events::with_data(input, DATA_INPUT, EventSet::IN));
+        }
+        for ev in sources {
             if let Err(e) = ops.add(ev) {
                 self.init_error.get_or_insert(e);
             }
         }
-        self.watching_input = self.init_error.is_none();
+        self.watching_input = self.input.is_some() && self.init_error.is_none();
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
@@ -185,28 +233,55 @@ impl MutEventSubscriber for ConsoleInput {
             DATA_READY => {
                 let _ = self.ready.read();
             }
+            DATA_ATTACHED => self.switch_input(ops),
             _ => {}
         }
         self.push();
-        // Watch stdin only while nothing waits for room in the FIFO.
-        let want = self.pending.is_empty() && !self.eof;
-        if want != self.watching_input {
-            let ev = Events::with_data(&self.input, DATA_INPUT, EventSet::IN);
-            let r = if want { ops.add(ev) } else { ops.remove(ev) };
-            match r {
-                Ok(()) => self.watching_input = want,
-                Err(e) => {
-                    tracing::warn!(error = %event_error(e), "console input: cannot (un)watch stdin")
-                }
-            }
-        }
+        self.watch(ops);
     }
 }
 
 impl ConsoleInput {
+    /// Watches the input only while nothing waits for room in the FIFO.
+    fn watch(&mut self, ops: &mut EventOps<'_>) {
+        let Some(input) = &self.input else {
+            return;
+        };
+        let want = self.pending.is_empty() && !self.eof;
+        if want == self.watching_input {
+            return;
+        }
+        let ev = Events::with_data(input, DATA_INPUT, EventSet::IN);
+        let r = if want { ops.add(ev) } else { ops.remove(ev) };
+        match r {
+            Ok(()) => self.watching_input = want,
+            Err(e) => {
+                tracing::warn!(error = %event_error(e), "console input: cannot (un)watch the input")
+            }
+        }
+    }
+
+    /// Takes the input handed over: the old one is no longer watched (and is closed).
+    fn switch_input(&mut self, ops: &mut EventOps<'_>) {
+        let Some(new) = self.slot.as_ref().and_then(|s| s.take()) else {
+            return;
+        };
+        if let Some(old) = &self.input
+            && self.watching_input
+        {
+            let _ = ops.remove(Events::with_data(old, DATA_INPUT, EventSet::IN));
+        }
+        self.watching_input = false;
+        self.input = Some(new);
+        self.eof = false;
+    }
+
     fn read_input(&mut self) {
+        let Some(input) = self.input.as_mut() else {
+            return;
+        };
         let mut buf = [0u8; INPUT_CHUNK];
-        match self.input.read(&mut buf) {
+        match input.read(&mut buf) {
             Ok(0) => self.eof = true,
             Ok(n) => self
                 .pending
@@ -247,9 +322,11 @@ impl ConsoleInput {
 }
 
 /// The console input thread, started before any seccomp filter exists (like device threads);
-/// it installs the [`Role::SerialIn`] filter first.
+/// it installs the [`Role::SerialIn`] filter first. It reads `input` (stdin) if any, and then
+/// whatever is handed over through `slot`, if any.
 pub fn spawn_input_thread(
-    input: File,
+    input: Option<File>,
+    slot: Option<Arc<InputSlot>>,
     ready: EventFd,
     serial: Arc<Mutex<SerialDevice>>,
     confine: bool,
@@ -261,17 +338,23 @@ pub fn spawn_input_thread(
                 tracing::error!(error = %e, "console input thread cannot confine itself; no input");
                 return;
             }
-            if let Err(e) = run_input(input, ready, serial) {
+            if let Err(e) = run_input(input, slot, ready, serial) {
                 tracing::warn!(error = %e, "console input stopped");
             }
         })
         .map(drop)
 }
 
-fn run_input(input: File, ready: EventFd, serial: Arc<Mutex<SerialDevice>>) -> io::Result<()> {
-    let mut em = EventManager::new_with_capacity(2).map_err(event_error)?;
+fn run_input(
+    input: Option<File>,
+    slot: Option<Arc<InputSlot>>,
+    ready: EventFd,
+    serial: Arc<Mutex<SerialDevice>>,
+) -> io::Result<()> {
+    let mut em = EventManager::new_with_capacity(3).map_err(event_error)?;
     let id = em.add_subscriber(ConsoleInput {
         input,
+        slot,
         ready,
         serial,
         pending: Vec::with_capacity(INPUT_CHUNK),
@@ -319,7 +402,8 @@ mod tests {
             serial_device(irq, Some(&ready), out, None).unwrap(),
         ));
         let input = ConsoleInput {
-            input: File::from(std::os::fd::OwnedFd::from(r)),
+            input: Some(File::from(std::os::fd::OwnedFd::from(r))),
+            slot: None,
             ready,
             serial: serial.clone(),
             pending: Vec::new(),
@@ -372,6 +456,37 @@ mod tests {
         input.read_input();
         input.push();
         assert!(input.pending.is_empty());
+    }
+
+    #[test]
+    fn console_input_handed_over_replaces_the_old_input() {
+        let (mut input, mut old, serial) = console_rig();
+        let slot = Arc::new(InputSlot::new().unwrap());
+        input.slot = Some(Arc::clone(&slot));
+        input.watching_input = false;
+        let mut em = EventManager::new_with_capacity(3).unwrap();
+        em.add_subscriber(input);
+        let (r, mut new) = std::io::pipe().unwrap();
+        slot.attach(File::from(std::os::fd::OwnedFd::from(r)))
+            .unwrap();
+        // The hand-over first: the old input is closed, the new one's bytes reach the guest.
+        em.run_with_timeout(1000).unwrap();
+        let e = old.write_all(b"old").unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe,
+            "the old input is closed"
+        );
+        new.write_all(b"new").unwrap();
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            em.run_with_timeout(100).unwrap();
+            got.extend(guest_reads(&serial));
+            if got.len() >= 3 {
+                break;
+            }
+        }
+        assert_eq!(got, b"new");
     }
 
     #[test]
