@@ -761,8 +761,9 @@ pub(crate) fn take_over(claimed: &crate::pool::Claimed) -> Result<()> {
 
 /// The claimant's terminal in raw mode while it drives a pool machine's console (moat-vmm
 /// does this itself for a VM it starts, `vmm/src/terminal.rs`, with the same flags); put back
-/// exactly as it was when dropped: SIGTERM and SIGHUP to moat end the run normally
-/// ([`wait_for_vm`]), and with ISIG off no key sends a signal.
+/// exactly as it was when dropped. Signals do not skip that: with ISIG off no key sends one,
+/// and SIGTERM, SIGHUP, SIGINT and SIGQUIT to moat are caught before raw mode starts
+/// ([`Signals::listen`]) and end the run normally.
 pub(crate) struct RawTerminal {
     saved: nix::sys::termios::Termios,
 }
@@ -835,6 +836,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             let sockets = workspace_sockets(run.uds);
             hand_sockets_to_jail(run.uds, &[&sockets[0], &sockets[1]])?;
         }
+        let signals = Signals::listen(rt, run.workspace.interactive)?;
         // Before the workspace goes out: the agent's shell opens its terminal once it has it.
         let terminal = if run.workspace.interactive {
             Some(hand_over_terminal(&claimed)?)
@@ -847,7 +849,13 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             Arc::clone(&outcome),
             signal_rx,
         ));
-        let code = wait_for_vm(rt, Running::Claimed(claimed), control, &outcome, signal_tx);
+        let code = wait_for_vm(
+            rt,
+            Running::Claimed(claimed),
+            control,
+            &outcome,
+            (signals, signal_tx),
+        );
         drop(terminal);
         return code;
     }
@@ -945,35 +953,77 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         };
         return make_template(&mut vmm, &ready_rx, &api, dir, &template);
     }
-    let code = wait_for_vm(rt, Running::Child(vmm), control, &outcome, signal_tx);
+    let signals = Signals::listen(rt, false)?;
+    let code = wait_for_vm(
+        rt,
+        Running::Child(vmm),
+        control,
+        &outcome,
+        (signals, signal_tx),
+    );
     if let Some(path) = &run.api_sock {
         remove_socket(path);
     }
     code
 }
 
-/// Waits for the running VM and says how the agent ended. SIGTERM to moat is passed on to
-/// the agent over the control stream, so that it can shut down in order and its exit status
-/// comes back; a VM still running after TERMINATE_GRACE is stopped. SIGHUP is passed on
-/// likewise, and nothing more.
+/// The signals a run acts on, caught from the moment this is made (before the claimant's
+/// terminal goes raw, so that none of them ends moat with it left raw).
+struct Signals {
+    /// SIGTERM, and for an interactive run SIGINT and SIGQUIT too (no key sends those while
+    /// the terminal is raw; a `kill` does, and it must not leave the terminal raw).
+    stop: Vec<tokio::signal::unix::Signal>,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen(rt: &tokio::runtime::Runtime, interactive: bool) -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _guard = rt.enter();
+        let mut kinds = vec![SignalKind::terminate()];
+        if interactive {
+            kinds.extend([SignalKind::interrupt(), SignalKind::quit()]);
+        }
+        let stop = kinds
+            .into_iter()
+            .map(signal)
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("cannot catch signals")?;
+        let hangup = signal(SignalKind::hangup()).context("cannot catch SIGHUP")?;
+        Ok(Self { stop, hangup })
+    }
+}
+
+/// Waits for the running VM and says how the agent ended. SIGTERM to moat (and, for an
+/// interactive run, SIGINT and SIGQUIT) is passed on to the agent over the control stream, so
+/// that it can shut down in order and its exit status comes back; a VM still running after
+/// TERMINATE_GRACE is stopped. SIGHUP is passed on likewise, and nothing more.
 fn wait_for_vm(
     rt: &tokio::runtime::Runtime,
     vm: Running,
     control: tokio::task::JoinHandle<()>,
     outcome: &Mutex<Option<VmOutcome>>,
-    signal_tx: tokio::sync::mpsc::UnboundedSender<VmSignal>,
+    (signals, signal_tx): (Signals, tokio::sync::mpsc::UnboundedSender<VmSignal>),
 ) -> Result<i32> {
     let stopper = vm.stopper()?;
     let terminated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        use tokio::signal::unix::{SignalKind, signal};
+        let Signals { stop, mut hangup } = signals;
         let terminated = Arc::clone(&terminated);
         let term_tx = signal_tx.clone();
+        // The first of them to come.
+        let (fired_tx, mut fired) = tokio::sync::mpsc::channel::<()>(1);
+        for mut signal in stop {
+            let fired_tx = fired_tx.clone();
+            rt.spawn(async move {
+                if signal.recv().await.is_some() {
+                    let _ = fired_tx.send(()).await;
+                }
+            });
+        }
+        drop(fired_tx);
         rt.spawn(async move {
-            let Ok(mut term) = signal(SignalKind::terminate()) else {
-                return;
-            };
-            if term.recv().await.is_some() {
+            if fired.recv().await.is_some() {
                 terminated.store(true, std::sync::atomic::Ordering::SeqCst);
                 let _ = term_tx.send(VmSignal::Terminate);
                 tokio::time::sleep(TERMINATE_GRACE).await;
@@ -981,10 +1031,7 @@ fn wait_for_vm(
             }
         });
         rt.spawn(async move {
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                return;
-            };
-            while hup.recv().await.is_some() {
+            while hangup.recv().await.is_some() {
                 let _ = signal_tx.send(VmSignal::Hangup);
             }
         });
@@ -994,7 +1041,7 @@ fn wait_for_vm(
     let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), control).await });
     let reported = outcome.lock().ok().and_then(|mut o| o.take());
     if reported.is_none() && terminated.load(std::sync::atomic::Ordering::SeqCst) {
-        eprintln!("moat: the workspace VM was stopped (SIGTERM)");
+        eprintln!("moat: the workspace VM was stopped (a signal to moat)");
         return Ok(143);
     }
     match reported {

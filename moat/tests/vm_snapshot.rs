@@ -318,15 +318,25 @@ fn interactive_claim(ws: &Workspace, socket: &Path, pool_said: &dyn Fn() -> Stri
     )
     .unwrap();
     let mut typist = master.try_clone().unwrap();
-    let mut child = ws
-        .moat_run()
-        .arg("--pool")
-        .arg(socket)
-        .stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave.try_clone().unwrap())
-        .spawn()
-        .unwrap();
+    // Killed if the test fails before it exits (its claim then ends with it).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut moat = KillOnDrop(
+        ws.moat_run()
+            .arg("--pool")
+            .arg(socket)
+            .stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave.try_clone().unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut moat.0;
     let mut seen = Vec::new();
     // Hang guards, not timings.
     let deadline = Instant::now() + common::deadline::RUN_DEADLINE;
@@ -345,7 +355,6 @@ fn interactive_claim(ws: &Workspace, socket: &Path, pool_said: &dyn Fn() -> Stri
                 None if done(&shown) => return None,
                 Some(s) => panic!("moat exited ({s}) before {what}:\n{shown}\n{}", pool_said()),
                 None if Instant::now() > deadline => {
-                    let _ = child.kill();
                     panic!("no {what} within the deadline:\n{shown}\n{}", pool_said())
                 }
                 None => std::thread::sleep(Duration::from_millis(20)),

@@ -130,7 +130,8 @@ pub enum Role {
     Block,
     /// The rng device thread: reads from the entropy file it was given.
     Rng,
-    /// The console input thread: reads stdin into COM1's receive FIFO.
+    /// The console input thread: reads stdin, or a descriptor handed over the control
+    /// socket, into COM1's receive FIFO.
     SerialIn,
     /// The control socket's thread: pause, resume, snapshot.
     Api,

@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz [SECONDS]`: runs every cargo-fuzz target for a bounded time each;
-//! `cargo xtask check` builds them all (`build`).
+//! `cargo xtask check` type-checks them all (`check`).
 //!
 //! The targets are the `[[bin]]`s of fuzz/Cargo.toml, the one list of them: the flow header,
 //! the TLS ClientHello/SNI reader, the HTTP request-head reader, the policy profile parser, the
@@ -9,7 +9,7 @@
 //! request head of plain-HTTP flows, the broker's ID token check and its SSH CA's public key
 //! reader, and the vsock `CONNECT <port>` handshake. Seeds live in `fuzz/seeds/<target>`.
 //! The pinned toolchain is stable; cargo-fuzz needs nightly flags, so this sets
-//! RUSTC_BOOTSTRAP=1 for the fuzz build only.
+//! RUSTC_BOOTSTRAP=1 for the fuzz builds only.
 
 use std::process::Command;
 

@@ -25,7 +25,7 @@ stops and prints the command to run as root): xtask/src/setup.rs lists it all.
 verbs:
   test              install what the tests need, build the guest images, run every test
   check             CI's checks beside fmt and clippy: cargo deny (licences, bans, sources),
-                    cargo machete (unused dependencies), every fuzz target builds, cargo doc,
+                    cargo machete (unused dependencies), every fuzz target compiles, cargo doc,
                     the Kubernetes manifests against pinned schemas (`check manifests`: only that)
   bench [--quick] [--intercept-only|--scan-only] [egress|vmm|broker|k8s|snapshot]
                     egress proxy beside direct loopback and squid, interception beside

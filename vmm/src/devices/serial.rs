@@ -272,8 +272,20 @@ impl ConsoleInput {
             let _ = ops.remove(Events::with_data(old, DATA_INPUT, EventSet::IN));
         }
         self.watching_input = false;
-        self.input = Some(new);
+        self.input = None;
         self.eof = false;
+        // Watched at once: a descriptor epoll refuses (a regular file, /dev/null) is dropped
+        // here rather than retried at every wake.
+        match ops.add(Events::with_data(&new, DATA_INPUT, EventSet::IN)) {
+            Ok(()) => {
+                self.input = Some(new);
+                self.watching_input = true;
+            }
+            Err(e) => tracing::warn!(
+                error = %event_error(e),
+                "console input: the descriptor handed over cannot be watched; no input"
+            ),
+        }
     }
 
     fn read_input(&mut self) {
@@ -487,6 +499,60 @@ mod tests {
             }
         }
         assert_eq!(got, b"new");
+    }
+
+    /// A slot's input thread as a pool's machine has it: no input until one is handed over.
+    fn slot_rig() -> (
+        EventManager<ConsoleInput>,
+        event_manager::SubscriberId,
+        Arc<InputSlot>,
+        Arc<Mutex<SerialDevice>>,
+    ) {
+        let (mut input, _, serial) = console_rig();
+        let slot = Arc::new(InputSlot::new().unwrap());
+        input.input = None;
+        input.watching_input = false;
+        input.slot = Some(Arc::clone(&slot));
+        let mut em = EventManager::new_with_capacity(3).unwrap();
+        let id = em.add_subscriber(input);
+        (em, id, slot, serial)
+    }
+
+    #[test]
+    fn console_input_starts_with_none_and_takes_what_is_handed_over() {
+        let (mut em, _, slot, serial) = slot_rig();
+        assert_eq!(em.run_with_timeout(10).unwrap(), 0, "nothing to read yet");
+        let (r, mut w) = std::io::pipe().unwrap();
+        slot.attach(File::from(std::os::fd::OwnedFd::from(r)))
+            .unwrap();
+        w.write_all(b"typed").unwrap();
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            em.run_with_timeout(100).unwrap();
+            got.extend(guest_reads(&serial));
+            if got.len() >= 5 {
+                break;
+            }
+        }
+        assert_eq!(got, b"typed");
+    }
+
+    #[test]
+    fn a_descriptor_epoll_refuses_is_dropped_and_the_thread_goes_on() {
+        let (mut em, id, slot, _serial) = slot_rig();
+        let file = tempfile_in_tmp();
+        slot.attach(file).unwrap();
+        em.run_with_timeout(1000).unwrap();
+        let input = em.subscriber_mut(id).unwrap();
+        assert!(input.input.is_none() && !input.watching_input);
+    }
+
+    /// A regular file (epoll refuses those), already unlinked.
+    fn tempfile_in_tmp() -> File {
+        let path = std::env::temp_dir().join(format!("moat-serial-{}", std::process::id()));
+        let f = File::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
     }
 
     #[test]
