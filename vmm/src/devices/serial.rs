@@ -490,15 +490,7 @@ mod tests {
             "the old input is closed"
         );
         new.write_all(b"new").unwrap();
-        let mut got = Vec::new();
-        for _ in 0..10 {
-            em.run_with_timeout(100).unwrap();
-            got.extend(guest_reads(&serial));
-            if got.len() >= 3 {
-                break;
-            }
-        }
-        assert_eq!(got, b"new");
+        assert_eq!(guest_gets(&mut em, &serial, 3), b"new");
     }
 
     /// A slot's input thread as a pool's machine has it: no input until one is handed over.
@@ -526,15 +518,25 @@ mod tests {
         slot.attach(File::from(std::os::fd::OwnedFd::from(r)))
             .unwrap();
         w.write_all(b"typed").unwrap();
+        assert_eq!(guest_gets(&mut em, &serial, 5), b"typed");
+    }
+
+    /// What the guest reads while the input thread's loop runs, once it has `n` bytes (or
+    /// after ten rounds).
+    fn guest_gets(
+        em: &mut EventManager<ConsoleInput>,
+        serial: &Arc<Mutex<SerialDevice>>,
+        n: usize,
+    ) -> Vec<u8> {
         let mut got = Vec::new();
         for _ in 0..10 {
             em.run_with_timeout(100).unwrap();
-            got.extend(guest_reads(&serial));
-            if got.len() >= 5 {
+            got.extend(guest_reads(serial));
+            if got.len() >= n {
                 break;
             }
         }
-        assert_eq!(got, b"typed");
+        got
     }
 
     #[test]
