@@ -29,12 +29,24 @@ pub const CLIENT_ID: &str = "moat-broker";
 /// every 2 s (the check starts half the interval before the confirmation runs out).
 pub const ENTITLEMENT_CHECK_SECS: u64 = 4;
 
+/// A loopback TCP port nothing listens on, for a broker the test starts later. Below the
+/// ephemeral range (32768-60999 by default): a port the kernel hands out for `127.0.0.1:0` may
+/// become another connection's source port before the broker binds it (CI, 2026-12-06: the
+/// broker's bind failed with "Address already in use"). Each call in this process gets a port
+/// of its own, from a start that differs between processes.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = (std::process::id() % 480) * 25;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + n) % SPAN).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
 }
 
 pub fn whoami() -> String {
