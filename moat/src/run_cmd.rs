@@ -109,7 +109,7 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "DIR")]
     from_snapshot: Option<PathBuf>,
     /// vm backend: claim a machine from the warm pool on this socket (`moat pool`) instead of
-    /// booting: restored from its template, RNG reseeded and disks mounted ahead; this run
+    /// booting: restored from its template, RNG reseeded and made ready up to the workspace; this run
     /// attaches its own proxy, CA, placeholders and audit log, and the command (or, on a
     /// terminal, an interactive shell: the terminal is handed to the machine's console); the
     /// root image is the pool's.

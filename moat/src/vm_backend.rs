@@ -764,7 +764,7 @@ pub(crate) fn take_over(claimed: &crate::pool::Claimed) -> Result<()> {
 /// exactly as it was when dropped. Signals do not skip that: with ISIG off no key sends one,
 /// and SIGTERM, SIGHUP, SIGINT and SIGQUIT to moat are caught before raw mode starts
 /// ([`Signals::listen`]) and end the run normally.
-pub(crate) struct RawTerminal {
+struct RawTerminal {
     saved: nix::sys::termios::Termios,
 }
 
@@ -854,7 +854,8 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
             Running::Claimed(claimed),
             control,
             &outcome,
-            (signals, signal_tx),
+            signals,
+            signal_tx,
         );
         drop(terminal);
         return code;
@@ -959,7 +960,8 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, run: VmRun<'_>) -> Result<i32> {
         Running::Child(vmm),
         control,
         &outcome,
-        (signals, signal_tx),
+        signals,
+        signal_tx,
     );
     if let Some(path) = &run.api_sock {
         remove_socket(path);
@@ -1003,7 +1005,8 @@ fn wait_for_vm(
     vm: Running,
     control: tokio::task::JoinHandle<()>,
     outcome: &Mutex<Option<VmOutcome>>,
-    (signals, signal_tx): (Signals, tokio::sync::mpsc::UnboundedSender<VmSignal>),
+    signals: Signals,
+    signal_tx: tokio::sync::mpsc::UnboundedSender<VmSignal>,
 ) -> Result<i32> {
     let stopper = vm.stopper()?;
     let terminated = Arc::new(std::sync::atomic::AtomicBool::new(false));
