@@ -76,8 +76,10 @@ pub(crate) enum ClaimReply {
 
 /// How long a claim waits for a machine before it is refused.
 const CLAIM_WAIT: Duration = Duration::from_secs(300);
-/// How long a restored machine has to reseed, mount its disks and say so.
-const PREPARE_WITHIN: Duration = Duration::from_secs(300);
+/// How long a restored machine has, in all, to connect, reseed, prepare and say so (about
+/// 4 s in L1, emulated): one that hangs is discarded, its console's end logged, and another
+/// restored in its place, rather than holding the pool's claims for minutes.
+const PREPARE_WITHIN: Duration = Duration::from_secs(120);
 /// How long after a claim the filler leaves the CPU to the claimed machine's start, while
 /// the pool still has a ready machine: restoring its replacement at once would compete with
 /// it (measured in L1: the claimed guest's own start took twice as long beside a restore).
@@ -440,10 +442,19 @@ fn prepare(member: &mut Member, listener: &UnixListener) -> Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     };
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(PREPARE_WITHIN))?;
+    // Each read gets what is left of the one deadline.
+    let left = || {
+        Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        )
+    };
+    stream.set_read_timeout(left())?;
     let mut reader = BufReader::new(stream.try_clone()?);
     vm_backend::check_reseeded(&mut reader)?;
     (&stream).write_all(&control::encode(&control::VmStandby::Prepare))?;
+    stream.set_read_timeout(left())?;
     let line = control::read_line(&mut reader).context("the guest did not prepare")?;
     if control::parse::<control::VmStandingBy>(&line).ok() != Some(control::VmStandingBy::Prepared)
     {
