@@ -170,17 +170,19 @@ impl Machine {
         if !self.paused() {
             return Err("pause the VM first".to_owned());
         }
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            vcpus.push(*v.gate.save(PAUSE_WITHIN)?);
-        }
-        // Devices stop before memory is read, so nothing writes it meanwhile; they start again
-        // on `resume`.
+        // Devices stop first, so nothing writes memory or raises an interrupt from here on:
+        // an interrupt raised after the vCPUs' local APICs were read, but before the device
+        // stopped, would be in neither the snapshot's APICs nor its devices' future. They start
+        // again on `resume`.
         let mut devices = Vec::with_capacity(self.transports.len());
         for t in &self.transports {
             let mut t = lock(t);
             t.pause_device();
             devices.push(t.state());
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(*v.gate.save(PAUSE_WITHIN)?);
         }
         let vm = VmState::save(&self.vm).map_err(|e| moat_log::error_chain(&e))?;
         let serial = lock(&self.serial).state().into();

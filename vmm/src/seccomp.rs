@@ -18,6 +18,8 @@ use seccompiler::{
 const KVM_RUN: u64 = 0xae80;
 /// `ioctl(vcpu, KVM_GET_REGS)`: `_IOR(KVMIO, 0x81, struct kvm_regs)` (144 bytes).
 const KVM_GET_REGS: u64 = 0x8090_ae81;
+/// `ioctl(vcpu, KVM_KVMCLOCK_CTRL)`: `_IO(KVMIO, 0xad)`.
+const KVM_KVMCLOCK_CTRL: u64 = 0xaead;
 /// `ioctl(fd, TCGETS)`: `tcgetattr`.
 const TCGETS: u64 = 0x5401;
 /// `ioctl(fd, TCSETS)`: `tcsetattr(TCSANOW)`.
@@ -42,8 +44,13 @@ const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
 const IOC_READ: u64 = 2;
 const IOC_READ_WRITE: u64 = 3;
 
-/// The vCPU ioctls a snapshot reads its state with (`KVM_GET_REGS` is allowed anyway).
-const KVM_VCPU_SNAPSHOT: [(u64, &str); 8] = [
+/// The vCPU ioctls a snapshot reads its state with (`KVM_GET_REGS` is allowed anyway), and
+/// the one a paused vCPU tells its guest with.
+const KVM_VCPU_SNAPSHOT: [(u64, &str); 9] = [
+    (
+        KVM_KVMCLOCK_CTRL,
+        "KVM_KVMCLOCK_CTRL: telling a paused guest's kvmclock the host stopped it",
+    ),
     (
         kvm_ioc(IOC_READ, 0x83, size_of::<kvm_bindings::kvm_sregs>()),
         "KVM_GET_SREGS: a snapshot's special registers",
@@ -595,6 +602,7 @@ mod tests {
         assert_eq!(
             vcpu,
             [
+                0xaead,      // KVM_KVMCLOCK_CTRL
                 0x8138_ae83, // KVM_GET_SREGS
                 0xc008_ae88, // KVM_GET_MSRS
                 0x8400_ae8e, // KVM_GET_LAPIC

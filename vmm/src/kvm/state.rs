@@ -7,6 +7,18 @@
 //! MSRs and XSAVE components exist), MP state, registers, special registers, XSAVE, XCRs,
 //! debug registers, LAPIC, MSRs, then the events (a pending exception or NMI refers to all
 //! of the above).
+//!
+//! The local APIC timer in TSC-deadline mode needs two things KVM does not do for us:
+//!
+//! - `IA32_TSC_DEADLINE` is written after `IA32_TSC`: KVM arms the timer by comparing the
+//!   deadline with the guest's TSC, so a deadline written first is compared with a TSC that is
+//!   not the guest's yet and the timer may never fire.
+//! - A deadline of 0 read from a paused vCPU is saved as the TSC instead: KVM clears the
+//!   deadline when the timer fires, but a vCPU that was paused before it entered the guest
+//!   again still holds that interrupt outside the LAPIC registers KVM_GET_LAPIC returns. Saved
+//!   as 0, the restored guest waits for a tick that never comes (and, tickless, sleeps
+//!   forever); saved as "now", the timer fires at once and the guest programs the next. An
+//!   extra timer interrupt is harmless: Linux re-reads its clock and reprograms.
 
 use kvm_bindings::{
     CpuId, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -77,6 +89,35 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
 }
 
+/// `IA32_TSC`: the guest's time-stamp counter.
+const MSR_IA32_TSC: u32 = 0x10;
+/// `IA32_TSC_DEADLINE`: when the LAPIC timer fires, in TSC-deadline mode.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// A saved deadline of 0 (a timer that fired while the vCPU was paused, its interrupt not yet
+/// in the LAPIC) becomes the TSC it was saved with, so the restored timer fires at once.
+fn arm_zero_deadline(msrs: &mut [kvm_msr_entry]) {
+    let Some(tsc) = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data)
+    else {
+        return;
+    };
+    for m in msrs.iter_mut() {
+        if m.index == MSR_IA32_TSC_DEADLINE && m.data == 0 {
+            m.data = tsc;
+        }
+    }
+}
+
+/// The MSRs in the order they are written back: all but `IA32_TSC_DEADLINE`, then it (KVM
+/// compares it with the guest's TSC, which must be restored first).
+fn restore_order(msrs: &[kvm_msr_entry]) -> [Vec<kvm_msr_entry>; 2] {
+    let (deadline, rest) = msrs.iter().partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+    [rest, deadline]
+}
+
 /// Reads every MSR of `indices` that KVM returns: KVM_GET_MSRS stops at the first it cannot
 /// read, so that one is skipped and the rest read again.
 fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Error> {
@@ -105,9 +146,11 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Error> 
 impl VcpuState {
     /// Reads `fd`'s state; `cpuid` is what it was given, `msr_indices` the host's MSR list.
     pub fn save(fd: &VcpuFd, cpuid: &CpuId, msr_indices: &[u32]) -> Result<Self, Error> {
+        let mut msrs = read_msrs(fd, msr_indices)?;
+        arm_zero_deadline(&mut msrs);
         Ok(Self {
             cpuid: cpuid.as_slice().to_vec(),
-            msrs: read_msrs(fd, msr_indices)?,
+            msrs,
             regs: fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
             xsave: fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?,
@@ -144,18 +187,23 @@ impl VcpuState {
         fd.set_debug_regs(&self.debugregs)
             .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&self.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| Error::Msr {
-            index: 0,
-            set: 0,
-            total: self.msrs.len(),
-        })?;
-        let set = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
-        if set != self.msrs.len() {
-            return Err(Error::Msr {
-                index: self.msrs.get(set).map_or(0, |e| e.index),
-                set,
-                total: self.msrs.len(),
-            });
+        for msrs in restore_order(&self.msrs) {
+            if msrs.is_empty() {
+                continue;
+            }
+            let entries = Msrs::from_entries(&msrs).map_err(|_| Error::Msr {
+                index: 0,
+                set: 0,
+                total: msrs.len(),
+            })?;
+            let set = fd.set_msrs(&entries).map_err(ioctl("KVM_SET_MSRS"))?;
+            if set != msrs.len() {
+                return Err(Error::Msr {
+                    index: msrs.get(set).map_or(0, |e| e.index),
+                    set,
+                    total: msrs.len(),
+                });
+            }
         }
         fd.set_vcpu_events(&self.events)
             .map_err(ioctl("KVM_SET_VCPU_EVENTS"))
@@ -210,5 +258,51 @@ impl VmState {
             vm.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msr(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_zero_deadline_is_saved_as_the_tsc_and_a_set_one_is_kept() {
+        let mut fired = [
+            msr(MSR_IA32_TSC, 5_000),
+            msr(0x1b, 7),
+            msr(MSR_IA32_TSC_DEADLINE, 0),
+        ];
+        arm_zero_deadline(&mut fired);
+        assert_eq!(fired.map(|m| m.data), [5_000, 7, 5_000]);
+        let mut armed = [msr(MSR_IA32_TSC_DEADLINE, 9_000), msr(MSR_IA32_TSC, 5_000)];
+        arm_zero_deadline(&mut armed);
+        assert_eq!(armed.map(|m| m.data), [9_000, 5_000]);
+        // Without a TSC there is nothing to arm it with.
+        let mut alone = [msr(MSR_IA32_TSC_DEADLINE, 0)];
+        arm_zero_deadline(&mut alone);
+        assert_eq!(alone[0].data, 0);
+    }
+
+    #[test]
+    fn the_deadline_is_restored_after_the_tsc_whatever_order_kvm_listed_them_in() {
+        let saved = [
+            msr(0x1b, 1),
+            msr(MSR_IA32_TSC_DEADLINE, 2),
+            msr(0xc000_0080, 3),
+            msr(MSR_IA32_TSC, 4),
+        ];
+        let [first, then] = restore_order(&saved);
+        let indices = |v: &[kvm_msr_entry]| v.iter().map(|m| m.index).collect::<Vec<_>>();
+        assert_eq!(indices(&first), [0x1b, 0xc000_0080, MSR_IA32_TSC]);
+        assert_eq!(indices(&then), [MSR_IA32_TSC_DEADLINE]);
+        assert_eq!(then[0].data, 2);
     }
 }

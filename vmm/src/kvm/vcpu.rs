@@ -143,6 +143,9 @@ impl Gate {
     }
 }
 
+/// Most pieces of one access a pause completes (an MMIO access KVM splits is at most two).
+const MAX_PENDING_PIECES: usize = 8;
+
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
@@ -212,12 +215,23 @@ impl Vcpu {
     }
 
     /// Waits at the gate while a pause is asked, answering save requests meanwhile. First
-    /// completes the I/O of the last exit (KVM_RUN with `immediate_exit` finishes a pending
-    /// port or MMIO read into the registers and returns at once), so the saved registers hold
-    /// its result.
-    fn park(&mut self, gate: &Gate) {
+    /// completes the I/O of the last exit, so the saved registers hold its result: KVM_RUN
+    /// with `immediate_exit` finishes a pending port or MMIO read into the registers and
+    /// returns at once, without entering the guest; an access KVM splits into pieces (MMIO
+    /// across a page boundary) exits again for the next piece, which is served on `bus` as
+    /// any exit is. Last, tells the guest's kvmclock it was stopped.
+    fn park(&mut self, gate: &Gate, bus: &dyn IoBus) {
         self.fd.set_kvm_immediate_exit(1);
-        let _ = self.fd.run();
+        for _ in 0..MAX_PENDING_PIECES {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+                // EINTR: nothing (more) pending.
+                _ => break,
+            }
+        }
         self.fd.set_kvm_immediate_exit(0);
         let mut g = gate.lock();
         g.paused = true;
@@ -240,6 +254,12 @@ impl Vcpu {
         }
         g.paused = false;
         gate.cond.notify_all();
+        drop(g);
+        // The guest's clock jumped by the pause: KVM_KVMCLOCK_CTRL tells it the host stopped
+        // it, so its soft-lockup watchdog does not take the gap for a hung CPU (a warm pool's
+        // machine may wait paused for hours). EINVAL when the guest has no kvmclock (the
+        // probe guest): nothing to tell.
+        let _ = self.fd.kvmclock_ctrl();
     }
 
     /// Runs the guest until it resets, crashes or `stop` is set; reports why on `exits`.
@@ -250,7 +270,7 @@ impl Vcpu {
             if let Some(g) = &gate
                 && g.pause_requested()
             {
-                self.park(g);
+                self.park(g, bus);
                 continue;
             }
             let outcome = match self.fd.run() {

@@ -222,12 +222,15 @@ impl MmioTransport {
         self.paused = true;
     }
 
-    /// Starts the device again after [`Self::pause_device`], from where its queues were.
+    /// Starts the device again after [`Self::pause_device`], from where its queues were, and
+    /// raises its interrupt again if the driver has not acknowledged it
+    /// ([`Interrupt::raise_pending`]).
     pub fn resume_device(&mut self) {
         if self.paused {
             self.paused = false;
             self.active = false;
             self.activate_with(true);
+            self.interrupt.raise_pending();
         }
     }
 
@@ -788,6 +791,27 @@ mod tests {
         let mut d = [0xffu8; 4];
         t.read(reg::CONFIG + 6, &mut d);
         assert_eq!(d, [7, 8, 0, 0]);
+    }
+
+    #[test]
+    fn a_resumed_device_raises_again_what_the_driver_has_not_acknowledged() {
+        for (unacknowledged, raised) in [(crate::devices::virtio::INT_USED_RING, true), (0, false)]
+        {
+            let (mut t, rec, mem) = transport();
+            negotiate(&mut t, 1);
+            setup_queues(&mut t, &mem);
+            w(&mut t, reg::STATUS, ALL_OK);
+            let mut state = t.state();
+            state.interrupt_status = unacknowledged;
+            t.restore(&state).unwrap();
+            let irq = t.interrupt.clone();
+            let line = irq.eventfd();
+            let _ = line.read();
+            t.resume_device();
+            assert_eq!(rec.lock().unwrap().activations, 2);
+            assert_eq!(line.read().is_ok(), raised, "status {unacknowledged}");
+            assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), unacknowledged);
+        }
     }
 
     #[test]

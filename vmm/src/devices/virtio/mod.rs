@@ -98,11 +98,24 @@ impl Interrupt {
         self.needs_reset.load(Ordering::Acquire)
     }
 
-    /// Sets the status word and needs-reset flag from a snapshot (the irqchip's own state
-    /// says whether the line is still pending).
+    /// Sets the status word and needs-reset flag from a snapshot.
     pub fn restore(&self, status: u32, needs_reset: bool) {
         self.status.store(status, Ordering::Release);
         self.needs_reset.store(needs_reset, Ordering::Release);
+    }
+
+    /// Raises the line again if the status word holds something the driver has not
+    /// acknowledged. A device resumed after a snapshot does this: KVM injects an irqfd's
+    /// interrupt into the IOAPIC from a kernel worker, after the write that raised it, so
+    /// one raised just before the device stopped may be in neither the saved irqchip nor
+    /// the saved local APIC. Raised twice, the driver reads the status word once and finds
+    /// nothing the second time: a spurious interrupt, which it ignores.
+    pub fn raise_pending(&self) {
+        if self.status() != 0
+            && let Err(e) = self.evt.write(1)
+        {
+            crate::guest_warn!("cannot raise interrupt: {e}");
+        }
     }
 
     fn clear(&self) {
