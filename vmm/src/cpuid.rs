@@ -1,13 +1,6 @@
 //! CPUID filtering: what the guest is told about its CPU, decided here on purpose.
 //!
-//! Always: the APIC id and the "running under a hypervisor" bit are set per vCPU, and KVM's
-//! asynchronous page faults are hidden (leaf 0x4000_0001): a guest restored from a snapshot
-//! reads its memory lazily from the snapshot's file, so host page faults are common, and an
-//! async page fault parks the faulting guest task until KVM says the page is ready. The
-//! notifications KVM owes a guest are not in any snapshot, and this is where peers saw
-//! restored guests hang or fault (Firecracker issues #3020, #4099, #5322; Cloud Hypervisor
-//! hides `ASYNC_PF_INT` for the same reason; libkrun boots with `no-kvmapf`). Without them
-//! the vCPU waits for the host's fault like any other, and the guest sees nothing.
+//! Always: the APIC id and the "running under a hypervisor" bit are set per vCPU.
 //! With the nested-PVM workarounds (see guest-kernel/NOTES.md): instructions that the PVM host
 //! cannot emulate at guest CPL0 are hidden, so a guest kernel never picks them:
 //! `cmpxchg16b` (CX16), `xsave`/`xrstor` (XSAVE, OSXSAVE and the AVX family that needs it,
@@ -60,13 +53,6 @@ mod leaf7_ecx {
     pub const AVX512_MASK: u32 = (1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14);
 }
 
-/// KVM's feature leaf (0x4000_0001) EAX bits: the asynchronous page fault protocol.
-mod kvm_features_eax {
-    pub const ASYNC_PF: u32 = 1 << 4;
-    pub const ASYNC_PF_VMEXIT: u32 = 1 << 10;
-    pub const ASYNC_PF_INT: u32 = 1 << 14;
-}
-
 /// "GenuineIntel" as leaf 0 returns it in EBX, EDX, ECX.
 const INTEL_VENDOR: (u32, u32, u32) = (0x756e_6547, 0x4965_6e69, 0x6c65_746e);
 
@@ -115,11 +101,6 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], policy: CpuidPolicy) {
             }
             0xb | 0x1f => {
                 e.edx = u32::from(policy.vcpu_index);
-            }
-            0x4000_0001 => {
-                e.eax &= !(kvm_features_eax::ASYNC_PF
-                    | kvm_features_eax::ASYNC_PF_VMEXIT
-                    | kvm_features_eax::ASYNC_PF_INT);
             }
             0xd if policy.pvm_workarounds => {
                 e.eax = 0;
@@ -201,19 +182,6 @@ mod tests {
         let mut e = [entry(1, 0, u32::MAX)];
         filter(&mut e, pvm(false));
         assert_ne!(e[0].ecx & leaf1_ecx::CX16, 0);
-    }
-
-    #[test]
-    fn async_page_faults_are_hidden_and_the_other_kvm_features_kept() {
-        for on in [false, true] {
-            let mut e = [entry(0x4000_0001, 0, u32::MAX)];
-            filter(&mut e, pvm(on));
-            assert_eq!(e[0].eax, !((1 << 4) | (1 << 10) | (1 << 14)));
-            assert_eq!(
-                (e[0].ebx, e[0].ecx, e[0].edx),
-                (u32::MAX, u32::MAX, u32::MAX)
-            );
-        }
     }
 
     #[test]
