@@ -880,7 +880,7 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
         }
         if matches!(outcome, Outcome::Exited(_)) {
             todo.retain(|i| status[*i].is_none());
-            // A guest that triple-faulted in a binary that failed: rerun once in a fresh L1.
+            // A binary that failed because a guest crashed or hung: once more in a fresh L1.
             let crashed = crash_reruns(&ran, &rerun_for_crash, |i| {
                 std::fs::read_to_string(output_path(&tmp, i)).unwrap_or_default()
             });
@@ -889,10 +889,10 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
             }
             let names: Vec<&str> = crashed.iter().map(|i| tests[*i].1.as_str()).collect();
             eprintln!(
-                "xtask l1: a guest triple-faulted in {} (\"{GUEST_TRIPLE_FAULT}\" above): the \
-                 emulated L1 has corrupted its own kernel's stacks in vCPU threads before \
-                 (docs/development.md), so a fresh L1 runs them once more and their second run \
-                 is the verdict",
+                "xtask l1: a guest crashed (\"{GUEST_TRIPLE_FAULT}\") or hung (a run killed at \
+                 its deadline) in {} above: the emulated L1 has corrupted its own kernel's \
+                 stacks in vCPU threads before (docs/development.md), so a fresh L1 runs them \
+                 once more and their second run is the verdict",
                 names.join(" ")
             );
             rerun_for_crash.extend(&crashed);
@@ -954,9 +954,19 @@ fn prepare_image_cache(archive: &Path, tmp: &Path) -> Result<()> {
 /// What moat-vmm reports when a guest's vCPU shut down (a triple fault), as a failed VM test
 /// prints it.
 const GUEST_TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+/// What a VM test prints when a run it started outlived its deadline and was killed
+/// (`moat/tests/common/deadline.rs`): a guest that hung.
+const RUN_KILLED_AT_DEADLINE: &str = " s, killed.";
 
-/// Which of the binaries that ran (`ran`: index, status) failed with a guest's triple fault in
-/// their output (`output(i)`) and were not rerun for one already.
+/// Whether a failed binary's output shows a guest that crashed or hung, the ways the emulated
+/// L1 has failed guests, rather than a wrong answer.
+fn guest_crashed_or_hung(output: &str) -> bool {
+    output.contains(GUEST_TRIPLE_FAULT)
+        || (output.contains("still running after") && output.contains(RUN_KILLED_AT_DEADLINE))
+}
+
+/// Which of the binaries that ran (`ran`: index, status) failed with a guest that crashed or
+/// hung in their output (`output(i)`) and were not rerun for one already.
 fn crash_reruns(
     ran: &[(usize, i32)],
     already: &[usize],
@@ -965,7 +975,7 @@ fn crash_reruns(
     ran.iter()
         .filter(|&&(i, code)| code != 0 && !already.contains(&i))
         .map(|&(i, _)| i)
-        .filter(|&i| output(i).contains(GUEST_TRIPLE_FAULT))
+        .filter(|&i| guest_crashed_or_hung(&output(i)))
         .collect()
 }
 
@@ -1071,15 +1081,17 @@ mod tests {
     }
 
     #[test]
-    fn only_a_failed_binary_whose_guest_triple_faulted_is_rerun_and_only_once() {
+    fn only_a_failed_binary_whose_guest_crashed_or_hung_is_rerun_and_only_once() {
         let output = |i: usize| match i {
             0 | 1 => format!("moat-vmm: GuestCrashed(\"vCPU 0: {GUEST_TRIPLE_FAULT}\")"),
-            _ => "assertion failed".to_owned(),
+            3 => "moat run -- true: still running after 182 s, killed.\n".to_owned(),
+            _ => "assertion `left == right` failed".to_owned(),
         };
-        // 0 failed with a triple fault; 1 printed one but passed; 2 failed otherwise.
-        let ran = [(0, 101), (1, 0), (2, 101)];
-        assert_eq!(crash_reruns(&ran, &[], output), vec![0]);
-        assert!(crash_reruns(&ran, &[0], output).is_empty());
+        // 0 failed with a triple fault; 1 printed one but passed; 2 failed with a wrong
+        // answer; 3 failed with a hung run.
+        let ran = [(0, 101), (1, 0), (2, 101), (3, 101)];
+        assert_eq!(crash_reruns(&ran, &[], output), vec![0, 3]);
+        assert!(crash_reruns(&ran, &[0, 3], output).is_empty());
     }
 
     #[test]

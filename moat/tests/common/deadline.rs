@@ -75,6 +75,8 @@ pub fn output_within(
         let _ = child.wait();
         // What the pipes still held (or what moat-vmm wrote as it died).
         std::thread::sleep(Duration::from_secs(1));
+        // `xtask l1` reads "still running after N s, killed." as a hung guest (and reruns the
+        // binary once in a fresh L1): keep the words.
         panic!(
             "{what}: still running after {:.0} s, killed.\n\
              --- its standard error so far ---\n{}\n\
