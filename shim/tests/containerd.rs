@@ -433,6 +433,9 @@ impl Drop for Containerd {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.daemon.wait();
+        // Shims outlive their containerd by design (a restarted containerd finds them again);
+        // ours must not outlive the test (one left holding the test run's descriptors was seen).
+        kill_shims_of(self.dir.path());
         // Snapshots mounted under the root must go before the directory can.
         let root = self.dir.path().join("root");
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -449,6 +452,38 @@ impl Drop for Containerd {
             .args(["link", "delete", &bridge_name(self.dir.path())])
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// Kills every shim process whose containerd address lies under `dir`.
+fn kill_shims_of(dir: &Path) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let dir = dir.to_string_lossy();
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_shim = args
+            .first()
+            .is_some_and(|a| a.ends_with("containerd-shim-moat-v2"));
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == "-address" && w[1].starts_with(&*dir));
+        if is_shim && ours {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
