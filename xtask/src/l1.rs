@@ -852,7 +852,7 @@ fn run_vm_tests_in_l1(env: &[(&str, PathBuf)]) -> Result<()> {
     // (a guest stalled for 30 s there, just before the panic) say nothing of our code.
     let mut status: Vec<Option<i32>> = vec![None; tests.len()];
     let mut todo: Vec<usize> = (0..tests.len()).collect();
-    // Binaries already rerun because a guest triple-faulted in them (once each).
+    // Binaries already rerun because a guest crashed or hung in them (once each).
     let mut rerun_for_crash: Vec<usize> = Vec::new();
     for boot_no in 1..=VM_TESTS_MAX_BOOTS {
         let mut script = String::new();
@@ -950,7 +950,6 @@ fn prepare_image_cache(archive: &Path, tmp: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `(index, exit status)` of every `done INDEX STATUS` line of the VM tests' progress file.
 /// What moat-vmm reports when a guest's vCPU shut down (a triple fault), as a failed VM test
 /// prints it.
 const GUEST_TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
@@ -984,6 +983,7 @@ fn output_path(tmp: &Path, i: usize) -> PathBuf {
     tmp.join(format!("l1-vm-tests.{i}.out"))
 }
 
+/// `(index, exit status)` of every `done INDEX STATUS` line of the VM tests' progress file.
 fn finished_binaries(progress: &str) -> Vec<(usize, i32)> {
     progress
         .lines()

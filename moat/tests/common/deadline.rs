@@ -224,6 +224,7 @@ impl Watchdog {
                 finished = cvar.wait_timeout(finished, left).unwrap().0;
             }
             if !*finished {
+                // `xtask l1` reads these words as a hung guest, as in `output_within`.
                 eprintln!(
                     "{what}: still running after {:.0} s, killed.\n--- its processes ---\n{}",
                     started.elapsed().as_secs_f64(),
